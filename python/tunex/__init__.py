@@ -1,0 +1,16 @@
+"""tunex: fine-tune large language models (full, LoRA, QLoRA) with Rust-accelerated hot paths."""
+from __future__ import annotations
+
+from tunex._native import __version__
+from tunex.config import Config, load_config
+from tunex.errors import ConfigError, DataError, FormatError, TunexError
+
+__all__ = [
+    "__version__",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "FormatError",
+    "TunexError",
+    "load_config",
+]

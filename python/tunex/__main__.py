@@ -1,0 +1,3 @@
+from tunex.cli import main
+
+main()

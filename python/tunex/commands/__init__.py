@@ -1,0 +1,1 @@
+"""tunex's subcommands, one module per concern; each defines ``register(cli, convert)``."""

@@ -1,0 +1,349 @@
+"""The TOML config schema of ``tunex train`` and its validator.
+
+A config has six sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]`` and
+``[save]``. Each section is a dataclass below; a field's metadata carries its check and its doc line,
+so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
+recipes (r=64, alpha=16, dropout 0.1, lr 2e-4, cosine with 3% warmup, batch 1 x accumulation 16,
+max_length 2048, packing on).
+
+Loading reports every problem at once, each naming its key path, what was expected and, for a
+misspelled key, the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tunex.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+REQUIRED: Any = object()
+
+
+class _Bad(Exception):
+    """A check's complaint: what was expected."""
+
+
+Check = Callable[[Any], Any]
+
+
+def _setting(default: Any, check: Check, doc: str) -> Any:
+    if default is REQUIRED:
+        return field(default=None, metadata={"check": check, "doc": doc, "required": True})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: list(default), metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# ---- checks: each returns the normalised value or raises _Bad("expected ...") -------------------
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad("a string")
+    return v
+
+
+def _nonempty_text(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad("a non-empty string")
+    return v
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad("true or false")
+    return v
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise _Bad("one of " + ", ".join(repr(c) for c in choices))
+        return v
+    return check
+
+
+def _integer(lo: int, hi: int | None = None) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise _Bad(f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        return v
+    return check
+
+
+def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def check(v: Any) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if ok:
+            ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            left = f"> {lo}" if lo_open else f">= {lo}"
+            right = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
+            raise _Bad(f"a number {left}{right}")
+        return float(v)
+    return check
+
+
+def _power_of_two(lo: int, hi: int) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > hi or v & (v - 1):
+            raise _Bad(f"a power of two from {lo} to {hi}")
+        return v
+    return check
+
+
+def _text_or_list(v: Any) -> str | list[str]:
+    if isinstance(v, str) and v.strip():
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
+        return list(v)
+    raise _Bad("a non-empty string or a non-empty list of strings")
+
+
+def _text_list(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _Bad("a list of strings")
+    return list(v)
+
+
+def _betas(v: Any) -> list[float]:
+    if (not isinstance(v, list) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v)):
+        raise _Bad("two numbers in [0, 1), e.g. [0.9, 0.999]")
+    return [float(x) for x in v]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot")
+XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+
+
+# ---- the schema -----------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    path: str = _setting(REQUIRED, _nonempty_text, "HF model folder, GGUF file, or a downloaded hub snapshot")
+    dtype: str = _setting("auto", _one_of(*DTYPES), "weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    tokenizer: str = _setting("", _text, "tokenizer folder; empty = the model's own")
+
+
+@dataclass
+class DataConfig:
+    path: str | list[str] = _setting(REQUIRED, _text_or_list, "data file(s) or folder(s)")
+    format: str = _setting("alpaca", _one_of(*DATA_FORMATS), "record format of the data files")
+    template: str = _setting("auto", _nonempty_text, "chat template: auto = the model's own, or a built-in name")
+    system: str = _setting("", _text, "system prompt put before every conversation")
+    max_length: int = _setting(2048, _integer(16), "tokens per sample (and per packed sequence)")
+    pack_to_max_length: bool = _setting(True, _flag, "concatenate samples into max_length sequences")
+    shuffle_before_pack: bool = _setting(True, _flag, "shuffle samples before packing")
+    num_workers: int = _setting(0, _integer(0, 256), "tokenizer worker processes; 0 = in process")
+    cache_dir: str = _setting("", _text, "tokenized-data cache; empty = <work_dir>/../.cache")
+
+
+@dataclass
+class MethodConfig:
+    kind: str = _setting("qlora", _one_of("full", "lora", "qlora"), "full fine-tune, LoRA or QLoRA")
+    r: int = _setting(64, _integer(1, 4096), "LoRA rank")
+    alpha: float = _setting(16.0, _number(0, lo_open=True), "LoRA alpha; scaling = alpha / r")
+    dropout: float = _setting(0.1, _number(0, 1, hi_open=True), "dropout on the LoRA input")
+    target_modules: str | list[str] = _setting("all-linear", _text_or_list,
+                                               "'all-linear', a list of module-name suffixes, or a regex")
+    use_rslora: bool = _setting(False, _flag, "rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = _setting(False, _flag, "weight-decomposed LoRA (magnitude vectors)")
+    quant_type: str = _setting("nf4", _one_of("nf4", "fp4"), "4-bit code of the QLoRA base")
+    blocksize: int = _setting(64, _power_of_two(32, 4096), "elements per absmax block")
+    double_quant: bool = _setting(True, _flag, "quantize the absmax statistics too (~0.37 bit/param saved)")
+    compute_dtype: str = _setting("auto", _one_of(*DTYPES), "dtype of the dequantized matmul")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _setting(1, _integer(1), "sequences per device per step")
+    grad_accum: int = _setting(16, _integer(1), "micro-batches accumulated per optimizer step")
+    epochs: int = _setting(3, _integer(1), "passes over the data (unless max_steps is set)")
+    max_steps: int = _setting(0, _integer(0), "optimizer steps; 0 = derived from epochs")
+    lr: float = _setting(2e-4, _number(0, lo_open=True), "peak learning rate")
+    betas: list[float] = _setting([0.9, 0.999], _betas, "AdamW betas")
+    weight_decay: float = _setting(0.0, _number(0), "AdamW weight decay")
+    max_norm: float = _setting(1.0, _number(0), "gradient clipping norm; 0 = off")
+    warmup_ratio: float = _setting(0.03, _number(0, 1, hi_open=True), "fraction of steps in linear warmup")
+    scheduler: str = _setting("cosine", _one_of("cosine", "linear", "constant"), "lr schedule after warmup")
+    seed: int = _setting(0, _integer(0), "random seed")
+    dtype: str = _setting("auto", _one_of(*DTYPES), "training precision; auto = bf16 on CUDA, fp32 on CPU")
+    gradient_checkpointing: bool = _setting(True, _flag, "recompute activations in backward")
+    log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = _setting(XTUNER_EVAL_PROMPTS, _text_list, "prompts answered by the eval hook")
+    every_n_steps: int = _setting(500, _integer(0), "run the eval hook every N steps; 0 = only at the end")
+    max_new_tokens: int = _setting(128, _integer(1), "tokens generated per eval prompt")
+    system: str = _setting("", _text, "system prompt for eval prompts")
+
+
+@dataclass
+class SaveConfig:
+    work_dir: str = _setting("", _text, "output folder; empty = work_dirs/<config name>")
+    save_steps: int = _setting(500, _integer(1), "write iter_N.pth every N steps")
+    save_total_limit: int = _setting(2, _integer(0), "checkpoints kept; 0 = keep all")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        """The config as TOML text that loads back to an equal config."""
+        lines: list[str] = []
+        for name, values in self.to_dict().items():
+            lines.append(f"[{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source != "<dict>" else "config"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "method": MethodConfig,
+    "train": TrainConfig, "eval": EvalConfig, "save": SaveConfig,
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: expected a table [{name}], got {type(raw).__name__}")
+        raw = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(f"{name}.{key}: unknown key{_did_you_mean(key, fields)} "
+                            f"(valid keys: {', '.join(fields)})")
+            continue
+        try:
+            values[key] = fields[key].metadata["check"](value)
+        except _Bad as bad:
+            problems.append(f"{name}.{key}: expected {bad}, got {value!r}")
+    for key, f in fields.items():
+        if f.metadata.get("required") and key not in raw:
+            problems.append(f"{name}.{key}: required key is missing ({f.metadata['doc']})")
+    return cls(**values)
+
+
+def _check_across(cfg: Config, problems: list[str]) -> None:
+    if cfg.method.kind == "qlora" and cfg.train.dtype == "float16" and cfg.method.compute_dtype == "bfloat16":
+        problems.append("method.compute_dtype: expected float16 or auto when train.dtype is float16, got 'bfloat16'")
+    if isinstance(cfg.method.target_modules, str) and cfg.method.target_modules != "all-linear":
+        import re
+        try:
+            re.compile(cfg.method.target_modules)
+        except re.error as e:
+            problems.append(f"method.target_modules: expected 'all-linear', a list or a valid regex, got "
+                            f"{cfg.method.target_modules!r} ({e})")
+
+
+def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"expected a TOML table at the top level, got {type(raw).__name__}"])
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section{_did_you_mean(key, SECTIONS)} "
+                            f"(valid sections: {', '.join(SECTIONS)})")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if name in ("model", "data") and name not in raw:
+            problems.append(f"{name}: required section [{name}] is missing")
+        sections[name] = _check_section(name, cls, raw.get(name, {}), problems)
+    cfg = Config(**sections, source=source)
+    _check_across(cfg, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4). The value is read as TOML, else as a string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("-o/--cfg-options", [f"{text!r}: expected KEY.PATH=VALUE, e.g. train.lr=1e-4"])
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("-o/--cfg-options", [f"{text!r}: {part} is not a table"])
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read, override and validate a TOML config.
+
+    Args:
+        path: a .toml file, or the name of a built-in config (see ``tunex list-cfg``).
+        overrides: ``KEY.PATH=VALUE`` strings applied before validation (XTuner's --cfg-options).
+
+    Raises:
+        ConfigError: listing every problem; FileNotFoundError when neither a file nor a built-in name.
+    """
+    from tunex.builtin_configs import resolve
+
+    file = resolve(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(file), [f"not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(file), [f"not UTF-8 text (byte {e.start})"]) from None
+    return validate(apply_overrides(raw, overrides), source=str(file))

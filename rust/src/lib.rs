@@ -1,0 +1,20 @@
+//! tunex's Rust core: bytes in, bytes out. Pure Rust modules first; the Python bindings live under
+//! `py/` and are compiled only with the `python` feature (maturin turns it on).
+
+pub mod error;
+pub mod units;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+/// The private native module, `tunex._native`. Only tunex's wrapper modules import it.
+#[cfg(feature = "python")]
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py::units::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Thin PyO3 bindings: extract arguments into owned Rust values, release the GIL for long work,
+//! call the core, convert the error once (errors.rs).
+
+pub mod errors;
+pub mod units;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv and run the whole test suite: Rust unit tests (no Python linked), then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+cargo test --locked --quiet
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no tests: that must fail loudly, never pass as green.
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
