@@ -243,6 +243,23 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
+def describe() -> str:
+    """Markdown reference of every section and key (docs/CONFIG.md is generated from this)."""
+    out = ["# Config reference", "",
+           "Generated from `tunex/config.py` by `python -m tunex.config > docs/CONFIG.md`.", ""]
+    for name, cls in SECTIONS.items():
+        out += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("required"):
+                default = "**required**"
+            else:
+                value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                default = f"`{_toml_value(value)}`"
+            out.append(f"| `{f.name}` | {default} | {f.metadata['doc']} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -347,3 +364,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(str(file), [f"not UTF-8 text (byte {e.start})"]) from None
     return validate(apply_overrides(raw, overrides), source=str(file))
+
+
+if __name__ == "__main__":
+    print(describe())
