@@ -1,0 +1,113 @@
+"""Writing LoRA adapters in PEFT's on-disk format.
+
+An adapter folder holds ``adapter_config.json`` (indent 2, sorted keys) and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r, in),
+``...lora_B.weight`` (out, r) and, for DoRA, ``...lora_magnitude_vector`` (out,). The adapter name
+("default") is not part of the saved keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from tunex.errors import FormatError
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+def adapter_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Module names that carry an adapter in a tunex state dict, in key order."""
+    seen: dict[str, None] = {}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            seen[key[: -len(".lora_A.weight")]] = None
+    return list(seen)
+
+
+def peft_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                 source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """tunex adapter tensors -> PEFT's key names, contiguous, cast to ``dtype`` when given.
+
+    Raises:
+        FormatError: when ``state`` holds no LoRA tensors or an A without its B.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(ADAPTER_SUFFIXES):
+            t = tensor.detach().to("cpu")
+            out[PEFT_PREFIX + key] = (t.to(dtype) if dtype is not None else t).contiguous()
+    modules = adapter_modules(state)
+    if not modules:
+        raise FormatError(f"{source}: holds no LoRA tensors (keys ending in .lora_A.weight); "
+                          "is it a checkpoint of a full fine-tune?")
+    missing = [m for m in modules if f"{m}.lora_B.weight" not in state]
+    if missing:
+        raise FormatError(f"{source}: LoRA A without its B for {', '.join(missing[:3])}")
+    return out
+
+
+def adapter_config(method: Any, modules: list[str], base_model: str, rank: int | None = None) -> dict:
+    """PEFT's ``adapter_config.json`` content for a tunex ``[method]`` section.
+
+    "all-linear" is written as the sorted set of adapted module suffixes, which loads the same
+    adapter on any model with those names; a list stays a list and a regex stays a regex.
+    """
+    target = method.target_modules
+    if target == "all-linear" or not isinstance(target, (str, list)):
+        target = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    elif isinstance(target, list):
+        target = sorted(set(target))
+    return {
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": float(method.alpha),
+        "lora_bias": False,
+        "lora_dropout": float(method.dropout),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": int(rank if rank is not None else method.r),
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": target,
+        "task_type": "CAUSAL_LM",
+        "use_dora": bool(method.use_dora),
+        "use_rslora": bool(method.use_rslora),
+    }
+
+
+def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict) -> Path:
+    """Write a PEFT adapter folder (created if missing); files are replaced atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "adapter_model.safetensors"
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, weights)
+    cfg_file = out / "adapter_config.json"
+    tmp = cfg_file.with_name(cfg_file.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, cfg_file)
+    return out
+
+
+def export_adapter(state: Mapping[str, torch.Tensor], method: Any, out_dir: str | os.PathLike,
+                   base_model: str = "", dtype: torch.dtype | None = torch.float16,
+                   source: str = "<state dict>") -> Path:
+    """tunex adapter state (module-named keys) -> PEFT adapter folder at ``out_dir``."""
+    tensors = peft_tensors(state, dtype, source)
+    modules = adapter_modules(state)
+    rank = int(state[f"{modules[0]}.lora_A.weight"].shape[0])
+    return write_adapter(out_dir, tensors, adapter_config(method, modules, base_model, rank))
