@@ -1,0 +1,1 @@
+"""The training loop and its parts: loss, optimizer/schedule, checkpoints, metrics, eval hook."""

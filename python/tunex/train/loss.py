@@ -1,0 +1,98 @@
+"""Cross-entropy over the vocabulary, chunked so full-vocabulary logits never exist for the whole batch.
+
+The output head and the loss are one autograd function: for each chunk of tokens the forward pass
+computes the chunk's fp32 logits, its loss and, while the logits are at hand, the gradients of the
+loss with respect to the chunk's hidden states (and the head weight when it trains). Backward only
+scales those by the incoming gradient. Peak extra memory is one chunk of logits instead of
+``tokens x vocab`` fp32 values (200 MB for 1024 tokens of a 49k vocabulary) and their softmax
+gradient; no logit is computed twice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Elements of fp32 logits per chunk: 16M = 64 MB, large enough for efficient matmuls.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted):
+        # hidden (N, H), weight (V, H), labels (N,)
+        need_h = grad_wanted and ctx.needs_input_grad[0]
+        need_w = grad_wanted and ctx.needs_input_grad[1]
+        need_b = grad_wanted and bias is not None and ctx.needs_input_grad[2]
+        rows = _chunk_rows(weight.shape[0], chunk_elements)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            y = labels[start:start + rows]
+            logits = F.linear(h, weight, bias).float()  # (c, V)
+            valid = y != IGNORE_INDEX
+            safe = torch.where(valid, y, torch.zeros_like(y))
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d loss / d logits = (softmax - onehot) / denom on valid rows; computed in place.
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, safe.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
+            g.mul_((valid.to(g.dtype) / denom).unsqueeze(1))
+            if need_h:
+                grad_h[start:start + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        out_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        out_b = (grad_b * grad_out).to(ctx.weight_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, denom: float | None = None,
+                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, chunked.
+
+    Args:
+        hidden: (..., H) final hidden states, already aligned with ``labels`` (no shift here).
+        weight: (V, H) output head weight.
+        labels: (...) target ids; ``-100`` positions are ignored.
+        bias: optional (V,) head bias.
+        denom: what the summed loss is divided by; default the number of non-ignored labels
+            (at least 1, so an all-ignored batch gives 0 rather than NaN).
+        chunk_elements: fp32 logit elements per chunk.
+
+    Returns:
+        A scalar fp32 loss, differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    if denom is None:
+        denom = float(max(int((y != IGNORE_INDEX).sum()), 1))
+    # Under no_grad (evaluation) the gradients are not computed at all.
+    grad_wanted = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h, weight, bias, y, float(denom), int(chunk_elements), grad_wanted)
+
+
+def shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align position t's hidden state with token t+1 (causal LM labels given at input positions)."""
+    return hidden[:, :-1], labels[:, 1:]

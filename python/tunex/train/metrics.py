@@ -1,0 +1,98 @@
+"""Where training numbers go: ``work_dir/metrics.jsonl`` (one JSON object per optimizer step),
+TensorBoard when it is installed, a rich progress line, and the loss-curve PNG at the end."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(work_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of ``work_dir/metrics.jsonl`` (empty list when there is none)."""
+    path = Path(work_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+    return records
+
+
+class MetricsWriter:
+    """Appends step records to metrics.jsonl; on resume first drops records past the resumed step,
+    so the file reads as if the run had never stopped."""
+
+    def __init__(self, work_dir: str | os.PathLike, resume_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(work_dir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(work_dir) if r.get("step", 0) <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            self._tb = SummaryWriter(str(Path(work_dir) / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_loss(work_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the loss curve of ``work_dir/metrics.jsonl`` to ``loss.png`` (or ``out``).
+
+    Uses matplotlib when installed, else tunex's own small rasteriser (axes and the curve only).
+
+    Raises:
+        FileNotFoundError: when the folder has no metrics.jsonl with loss values.
+    """
+    points = [(r["step"], r["loss"]) for r in read_metrics(work_dir)
+              if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not points:
+        raise FileNotFoundError(f"{Path(work_dir) / METRICS_FILE}: no loss values to plot "
+                                "(is this the work_dir of a `tunex train` run?)")
+    target = Path(out) if out else Path(work_dir) / "loss.png"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from tunex.train.png import line_plot_png
+
+        target.write_bytes(line_plot_png(points))
+        return target
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+    return target

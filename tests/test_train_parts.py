@@ -1,0 +1,130 @@
+"""The training loop's parts on their own: chunked cross-entropy, schedule, checkpoints, metrics, plot."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunex.errors import FormatError
+from tunex.train import checkpoint
+from tunex.train.loss import linear_cross_entropy
+from tunex.train.metrics import MetricsWriter, plot_loss, read_metrics
+from tunex.train.optim import build_optimizer, build_scheduler, lr_factor
+
+
+@pytest.mark.parametrize("chunk", [7 * 50, 1 << 20])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_cross_entropy_matches_full_logits(chunk, with_bias):
+    torch.manual_seed(0)
+    h = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, dtype=torch.float64, requires_grad=True) if with_bias else None
+    y = torch.randint(0, 50, (3, 11))
+    y[0, :4] = -100
+    ours = linear_cross_entropy(h, w, y, b, chunk_elements=chunk)
+    ours.mul(2.5).backward()
+    got = [h.grad.clone(), w.grad.clone()] + ([b.grad.clone()] if with_bias else [])
+    for t in [h, w] + ([b] if with_bias else []):
+        t.grad = None
+    ref = F.cross_entropy(F.linear(h, w, b).reshape(-1, 50), y.reshape(-1), ignore_index=-100)
+    ref.mul(2.5).backward()
+    want = [h.grad, w.grad] + ([b.grad] if with_bias else [])
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=1e-6)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_frozen_head_and_no_grad():
+    h = torch.randn(40, 8, requires_grad=True)
+    w = torch.randn(30, 8)
+    y = torch.randint(0, 30, (40,))
+    linear_cross_entropy(h, w, y, chunk_elements=30 * 6).backward()
+    ref_h = h.detach().clone().requires_grad_()
+    F.cross_entropy(ref_h @ w.t(), y).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    with torch.no_grad():
+        assert torch.isclose(linear_cross_entropy(h, w, y), F.cross_entropy(h @ w.t(), y))
+    all_ignored = torch.full((40,), -100)
+    assert linear_cross_entropy(h, w, all_ignored).item() == 0.0
+
+
+def test_schedule_shapes():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10, "constant") == 1.0
+    assert lr_factor(5, 100, 0, "linear") == pytest.approx(1 - 5 / 100)
+
+
+def test_optimizer_and_scheduler_state_round_trip(tmp_path):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = build_optimizer([p], 1e-2, (0.9, 0.99), 0.1)
+    sched = build_scheduler(opt, 20, 0.1, "cosine")
+    for _ in range(3):
+        p.grad = torch.randn(5)
+        opt.step()
+        sched.step()
+    path = checkpoint.save(tmp_path, 3, {"model": {"p": p.detach()}, "optimizer": opt.state_dict(),
+                                         "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
+                                         "config": {"train": {"lr": 0.01}}}, keep=2)
+    data = torch.load(path, weights_only=True)
+    q = torch.nn.Parameter(data["model"]["p"].clone())
+    opt2 = build_optimizer([q], 1e-2, (0.9, 0.99), 0.1)
+    sched2 = build_scheduler(opt2, 20, 0.1, "cosine")
+    opt2.load_state_dict(data["optimizer"])
+    sched2.load_state_dict(data["scheduler"])
+    g = torch.randn(5)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step(); sched.step(); opt2.step(); sched2.step()
+    assert torch.equal(p, q)
+    assert sched.get_last_lr() == sched2.get_last_lr()
+
+
+def test_rng_state_restores_every_generator():
+    state = checkpoint.rng_state()
+    a = (random.random(), torch.rand(3))
+    checkpoint.set_rng_state(state)
+    b = (random.random(), torch.rand(3))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_checkpoints_are_pruned_and_found(tmp_path):
+    for step in (5, 10, 15, 20):
+        checkpoint.save(tmp_path, step, {"model": {}}, keep=2)
+    assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [15, 20]
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "iter_20.pth"
+    assert checkpoint.resolve_resume("auto", tmp_path / "empty") is None
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="--resume auto"):
+        checkpoint.resolve_resume(str(tmp_path / "iter_99.pth"), tmp_path)
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.pth")
+    with pytest.raises(FormatError, match="not a tunex training checkpoint"):
+        checkpoint.load(tmp_path / "x.pth")
+    (tmp_path / "y.pth").write_bytes(b"garbage")
+    with pytest.raises(FormatError, match="y.pth"):
+        checkpoint.load(tmp_path / "y.pth")
+
+
+def test_metrics_resume_drops_later_records_and_plot(tmp_path):
+    w = MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        w.write({"step": step, "loss": 5.0 / step})
+    w.close()
+    w = MetricsWriter(tmp_path, resume_step=3)
+    w.write({"step": 4, "loss": 9.0})
+    w.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert read_metrics(tmp_path)[-1]["loss"] == 9.0
+    png = plot_loss(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    with pytest.raises(FileNotFoundError, match="no loss values"):
+        plot_loss(tmp_path)
