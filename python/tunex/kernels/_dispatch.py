@@ -1,0 +1,65 @@
+"""Choosing between a kernel's Triton path and its torch path.
+
+Every public kernel takes ``backend="auto" | "triton" | "torch"``. ``auto`` picks Triton for CUDA
+tensors when triton is importable and torch otherwise, so CPU training never touches triton.
+The environment variable ``TUNEX_KERNELS`` (``auto``/``triton``/``torch``) overrides ``auto``
+process-wide: ``torch`` is the escape hatch when a Triton build misbehaves on some GPU, and
+``triton`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors through
+triton's interpreter, which is how the tests check them without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(tensor: torch.Tensor, backend: str = "auto") -> bool:
+    """Decide whether a kernel call on ``tensor`` runs its Triton path.
+
+    Raises:
+        ValueError: ``backend`` is not one of BACKENDS, or Triton was asked for where it cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("TUNEX_KERNELS", "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"TUNEX_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; "
+                             "unset it or pick one of those")
+        if backend == "auto":
+            return tensor.is_cuda and triton_available()
+    if backend == "torch":
+        return False
+    if not triton_available():
+        raise ValueError("the Triton kernel backend was requested but triton is not installed; "
+                         "install triton or use backend='torch'")
+    if not tensor.is_cuda and not interpreting():
+        raise ValueError("the Triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 "
+                         "(set before the first kernel call) to run triton's interpreter on CPU")
+    return True
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View ``x`` as a 2-D (rows, last dim) tensor whose last dim is contiguous."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

@@ -1,0 +1,72 @@
+"""SwiGLU gating of the Llama MLP: ``y = silu(gate) * up``, math in fp32.
+
+Hand-derived backward (s = sigmoid(gate)):
+
+    d_up   = dy * gate * s
+    d_gate = dy * up * s * (1 + gate * (1 - s))
+
+Only gate and up are saved (plain autograd also keeps silu(gate)).
+"""
+from __future__ import annotations
+
+import torch
+
+from tunex.kernels._dispatch import use_triton
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Plain-autograd SwiGLU, the oracle the kernels are tested against."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu_reference(gate, up)
+
+
+def _backward_torch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    g, u, d = gate.float(), up.float(), dy.float()
+    s = torch.sigmoid(g)
+    d_up = d * g * s
+    d_gate = d * u * s * (1 + g * (1 - s))
+    return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, triton: bool):
+        gate, up = gate.contiguous(), up.contiguous()
+        if triton:
+            from tunex.kernels import swiglu_triton
+            y = swiglu_triton.forward(gate, up)
+        else:
+            y = _forward_torch(gate, up)
+        ctx.save_for_backward(gate, up)
+        ctx.triton = triton
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        if ctx.triton:
+            from tunex.kernels import swiglu_triton
+            d_gate, d_up = swiglu_triton.backward(dy, gate, up)
+        else:
+            d_gate, d_up = _backward_torch(dy, gate, up)
+        return d_gate, d_up, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` with a hand-written backward.
+
+    Args:
+        gate, up: tensors of the same shape and dtype, e.g. (B, T, intermediate).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        Tensor of gate's shape and dtype.
+    """
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
+                         f"{up.dtype} must have the same shape and dtype")
+    return SwiGLUFunction.apply(gate, up, use_triton(gate, backend))

@@ -1,0 +1,166 @@
+"""Every kernel's Triton path (through triton's CPU interpreter) and torch path vs its reference.
+
+fp32 must agree within 1e-5 and bf16 within 1e-2, relative to the largest reference value, for the
+forward output and every gradient, over odd shapes. Shapes stay tiny: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the *_triton modules
+
+import pytest
+import torch
+
+for _name in ("rmsnorm_triton", "rope_triton", "swiglu_triton", "cross_entropy_triton"):
+    # A module imported before the variable was set holds compiled-mode kernels: rebuild it.
+    if f"tunex.kernels.{_name}" in sys.modules:
+        importlib.reload(sys.modules[f"tunex.kernels.{_name}"])
+
+from tunex import kernels
+from tunex.kernels import _dispatch
+
+pytest.importorskip("triton")
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-6), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def leaves(*tensors):
+    """(leaf copies for the kernel, fp32 leaf copies of the same values for the reference)."""
+    mine = [t.detach().clone().requires_grad_() for t in tensors]
+    ref = [t.detach().float().clone().requires_grad_() for t in tensors]
+    return mine, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(backend, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 37, dtype=dtype)
+    w = torch.randn(37, dtype=dtype)
+    (xm, wm), (xr, wr) = leaves(x, w)
+    y = kernels.rms_norm(xm, wm, 1e-5, backend=backend)
+    yr = kernels.rms_norm_reference(xr, wr, 1e-5)
+    close(y, yr, dtype, "forward")
+    dy = torch.randn_like(yr)
+    y.backward(dy.to(dtype))
+    yr.backward(dy.to(dtype).float())
+    close(xm.grad, xr.grad, dtype, "dx")
+    close(wm.grad, wr.grad, dtype, "dw")
+    assert y.dtype == dtype and wm.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("table", ["TD", "BTD", "B1TD"])
+def test_rope(backend, dtype, table):
+    torch.manual_seed(1)
+    b, h, t, d = 2, 3, 19, 10
+    x = torch.randn(b, t, h, d, dtype=dtype).transpose(1, 2)  # (B, H, T, D), not contiguous
+    shape = {"TD": (t, d), "BTD": (b, t, d), "B1TD": (b, 1, t, d)}[table]
+    cos, sin = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    (xm,), (xr,) = leaves(x)
+    y = kernels.apply_rope(xm, cos, sin, backend=backend)
+    yr = kernels.rope_reference(xr, cos.float(), sin.float())
+    close(y, yr, dtype, "forward")
+    dy = torch.randn_like(yr).to(dtype)
+    y.backward(dy)
+    yr.backward(dy.float())
+    close(xm.grad, xr.grad, dtype, "dx")
+
+
+def test_rope_pair_and_shape_errors():
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+    qr, kr = kernels.rope(q, k, cos, sin, backend="torch")
+    assert qr.shape == q.shape and kr.shape == k.shape
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.apply_rope(q, torch.randn(6, 8), sin)
+    with pytest.raises(ValueError, match="even head dim"):
+        kernels.apply_rope(torch.randn(1, 1, 5, 7), cos, sin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu(backend, dtype):
+    torch.manual_seed(2)
+    gate, up = torch.randn(3, 7, 131, dtype=dtype) * 3, torch.randn(3, 7, 131, dtype=dtype)
+    (gm, um), (gr, ur) = leaves(gate, up)
+    y = kernels.swiglu(gm, um, backend=backend)
+    yr = kernels.swiglu_reference(gr, ur)
+    close(y, yr, dtype, "forward")
+    dy = torch.randn_like(yr).to(dtype)
+    y.backward(dy)
+    yr.backward(dy.float())
+    close(gm.grad, gr.grad, dtype, "d_gate")
+    close(um.grad, ur.grad, dtype, "d_up")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_cross_entropy(backend, dtype, monkeypatch):
+    if backend == "triton":  # several vocabulary blocks per row, as with a real vocabulary
+        monkeypatch.setattr(importlib.import_module("tunex.kernels.cross_entropy_triton"), "MAX_BLOCK_V", 32)
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 13, 24, dtype=dtype)
+    weight = torch.randn(131, 24, dtype=dtype) * 0.3
+    labels = torch.randint(0, 131, (3, 13))
+    labels[0, :5] = -100
+    (hm, wm), (hr, wr) = leaves(hidden, weight)
+    loss = kernels.chunked_cross_entropy(hm, wm, labels, chunk=16, backend=backend)
+    ref = kernels.cross_entropy_reference(hr, wr, labels)
+    close(loss, ref, dtype, "loss")
+    (2.0 * loss).backward()
+    (2.0 * ref).backward()
+    close(hm.grad, hr.grad, dtype, "d_hidden")
+    close(wm.grad, wr.grad, dtype, "d_weight")
+
+
+def test_cross_entropy_sum_frozen_head_and_all_ignored():
+    torch.manual_seed(4)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(11, 8)  # frozen head: no gradient buffer for it
+    labels = torch.randint(0, 11, (9,))
+    loss = kernels.chunked_cross_entropy(hidden, weight, labels, chunk=4, reduction="sum")
+    close(loss, kernels.cross_entropy_reference(hidden, weight, labels, reduction="sum"), torch.float32, "sum")
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    hidden.grad = None
+    empty = kernels.chunked_cross_entropy(hidden, weight, torch.full((9,), -100), chunk=4)
+    empty.backward()
+    assert empty.item() == 0.0 and hidden.grad.abs().sum().item() == 0.0
+
+
+def test_cross_entropy_rejects_bad_input():
+    hidden, weight = torch.randn(4, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.chunked_cross_entropy(hidden, weight, torch.tensor([0, 1, 11, -100]))
+    with pytest.raises(ValueError, match="chunk"):
+        kernels.chunked_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.long), chunk=0)
+    with pytest.raises(ValueError, match="labels"):
+        kernels.chunked_cross_entropy(hidden, weight, torch.zeros(5, dtype=torch.long))
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.zeros(2)
+    assert not _dispatch.use_triton(x, "auto")  # CPU tensors take the torch path
+    monkeypatch.setenv("TUNEX_KERNELS", "triton")
+    assert _dispatch.use_triton(x, "auto")  # interpreter on: the override reaches Triton
+    monkeypatch.setenv("TUNEX_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="TUNEX_KERNELS"):
+        _dispatch.use_triton(x, "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        _dispatch.use_triton(x, "triton")
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.use_triton(x, "cuda")

@@ -1,0 +1,125 @@
+"""The fused LoRA linear vs plain autograd, and what it keeps for backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tunex.kernels import lora_linear, lora_linear_reference
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def close(actual, expected, dtype, what):
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-6), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def make(dtype, bias=True):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 19, dtype=dtype)
+    w = torch.randn(23, 19, dtype=dtype)
+    a = torch.randn(4, 19) * 0.3  # fp32 adapter over a bf16 activation, as with AMP-style training
+    b = torch.randn(23, 4) * 0.3
+    bias_t = torch.randn(23) if bias else None
+    return x, w, a, b, bias_t
+
+
+def run(fn, x, base, a, b, bias, dropout, seed=7):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    bias_leaf = bias.detach().clone().requires_grad_() if bias is not None else None
+    torch.manual_seed(seed)
+    y = fn(leaves[0], base, leaves[1], leaves[2], 0.5, bias=bias_leaf, dropout=dropout)
+    torch.manual_seed(99)
+    y.backward(torch.randn_like(y))
+    grads = [t.grad for t in leaves] + ([bias_leaf.grad] if bias_leaf is not None else [])
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("callable_base", [False, True])
+def test_matches_autograd(dtype, dropout, callable_base):
+    x, w, a, b, bias = make(dtype)
+    base = (lambda: w) if callable_base else w
+    y, grads = run(lora_linear, x, base, a, b, bias, dropout)
+    yr, grads_r = run(lora_linear_reference, x, base, a, b, bias, dropout)
+    close(y, yr, dtype, "forward")
+    for name, g, gr in zip(("dx", "dA", "dB", "dbias"), grads, grads_r):
+        assert g.dtype == gr.dtype, name
+        close(g, gr, dtype, name)
+
+
+def test_dropout_differs_by_seed_and_only_in_training():
+    x, w, a, b, _ = make(torch.float32, bias=False)
+    y1, _ = run(lora_linear, x, w, a, b, None, 0.5, seed=1)
+    y2, _ = run(lora_linear, x, w, a, b, None, 0.5, seed=2)
+    assert not torch.allclose(y1, y2)
+    evals = [lora_linear(x, w, a, b, 0.5, dropout=0.5, training=False) for _ in range(2)]
+    assert torch.equal(evals[0], evals[1])
+    close(evals[0], lora_linear_reference(x, w, a, b, 0.5), torch.float32, "eval")
+
+
+def test_dequant_callable_is_recalled_in_backward_and_not_saved():
+    x, w, a, b, _ = make(torch.float32, bias=False)
+    calls = []
+
+    def dequant():
+        calls.append(1)
+        return w.clone()  # a fresh tensor, like a real dequantization
+
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x_leaf, a_leaf = x.clone().requires_grad_(), a.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x_leaf, dequant, a_leaf, b.requires_grad_(), 0.5, dropout=0.2)
+    assert len(calls) == 1
+    # Only x, A, B and the (tokens, r) product h are kept: no (out, in) weight, no dropped copy of x.
+    assert sorted(tuple(t.shape) for t in saved) == sorted([(10, 19), (4, 19), (23, 4), (10, 4)])
+    y.sum().backward()
+    assert len(calls) == 2 and x_leaf.grad is not None
+
+
+def test_frozen_x_skips_the_base_matmul_in_backward():
+    x, w, a, b, _ = make(torch.float32, bias=False)
+    calls = []
+
+    def dequant():
+        calls.append(1)
+        return w
+
+    a_leaf = a.clone().requires_grad_()
+    lora_linear(x, dequant, a_leaf, b, 0.5).sum().backward()
+    assert len(calls) == 1 and a_leaf.grad is not None
+
+
+def test_recomputation_under_checkpoint_reuses_the_dropout_mask():
+    x, w, a, b, _ = make(torch.float32, bias=False)
+
+    def layer(inp, a_, b_):
+        return lora_linear(inp, w, a_, b_, 0.5, dropout=0.4)
+
+    grads = []
+    for use_checkpoint in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        torch.manual_seed(5)
+        y = checkpoint(layer, *leaves, use_reentrant=False) if use_checkpoint else layer(*leaves)
+        y.pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g, gc in zip(*grads):
+        close(gc, g, torch.float32, "checkpointed grad")
+
+
+def test_rejects_bad_arguments():
+    x, w, a, b, _ = make(torch.float32, bias=False)
+    with pytest.raises(ValueError, match="dropout"):
+        lora_linear(x, w, a, b, 0.5, dropout=1.0)
+    with pytest.raises(ValueError, match="adapter shapes"):
+        lora_linear(x, w, a.T, b, 0.5)
+    with pytest.raises(ValueError, match="callable"):
+        lora_linear(x, "weights", a, b, 0.5)
