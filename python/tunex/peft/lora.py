@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunex.kernels import lora_linear
+
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
@@ -102,13 +104,19 @@ class LoRALinear(nn.Module):
         return self.bias if self.base_layer is None else getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude_vector is None:
+            # One autograd node for base + adapter (tunex.kernels): it keeps only x and the
+            # (tokens, r) projection for backward, not a dropped copy of x per adapted module,
+            # and re-dequantizes a 4-bit base in backward instead of holding the dense weight.
+            base = self.weight if self.base_layer is None else self.base_layer.dequantize
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return lora_linear(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               bias=self._base_bias(), dropout=p, training=self.training)
         out = self._base_forward(x)
         dropped = self.lora_dropout(x)
         a = self.lora_A.weight
         b = self.lora_B.weight
         lora = F.linear(F.linear(dropped.to(a.dtype), a), b) * self.scaling  # (..., out)
-        if self.lora_magnitude_vector is None:
-            return out + lora.to(out.dtype)
         return out + self._dora_term(x, dropped, out, lora).to(out.dtype)
 
     def _dora_term(self, x: torch.Tensor, dropped: torch.Tensor, out: torch.Tensor,

@@ -86,6 +86,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
+    if h.is_cuda and bias is None and denom is None:
+        # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
+        from tunex.kernels import chunked_cross_entropy
+
+        return chunked_cross_entropy(h, weight, y)
     if denom is None:
         denom = float(max(int((y != IGNORE_INDEX).sum()), 1))
     # Under no_grad (evaluation) the gradients are not computed at all.
