@@ -1,0 +1,54 @@
+"""``tunex estimate CFG``: predict peak GPU memory of a training config without loading weights."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def register(cli: click.Group, convert: click.Group) -> None:
+    cli.add_command(estimate)
+
+
+@click.command()
+@click.argument("config")
+@click.option("--model-config", default=None, metavar="CONFIG_JSON",
+              help="The model's config.json, for a model.path that is not on this machine.")
+@click.option("--preset", default=None, metavar="NAME",
+              help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, "
+                   "smollm2-135m.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default data.max_length).")
+@click.option("--batch-size", type=int, default=None, help="Sequences per step (default train.batch_size).")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Override train.gradient_checkpointing.")
+@click.option("--offload-checkpoints", is_flag=True, help="Assume checkpoints live in pinned CPU memory.")
+@click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. -o method.r=16 (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (bytes).")
+def estimate(config: str, model_config: str | None, preset: str | None, seq_len: int | None,
+             batch_size: int | None, checkpointing: bool | None, offload_checkpoints: bool,
+             overrides: tuple[str, ...], as_json: bool) -> None:
+    """Predict the peak GPU memory of training CONFIG (a .toml file or a built-in config name).
+
+    \b
+    The model's shape comes from model.path (an HF folder, config.json, GGUF file or a known hub
+    id) or from --model-config / --preset; no weights are read. The number predicts
+    torch.cuda.max_memory_allocated for tunex's training step in bf16 on a GPU.
+    """
+    from tunex.config import load_config
+    from tunex.estimate import estimate_memory, format_estimate, plan_from_config, resolve_shape
+
+    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
+    cfg = load_config(config, overrides)
+    shape = resolve_shape(cfg.model.path, model_config, preset)
+    plan = plan_from_config(cfg, seq_len=seq_len, batch=batch_size, checkpointing=checkpointing,
+                            offload_checkpoints=offload_checkpoints or None)
+    est = estimate_memory(shape, plan)
+    if as_json:
+        click.echo(json.dumps({"peak_bytes": est.peak, "peak_phase": est.peak_phase, "params": est.params,
+                               "trainable": est.trainable, "parts": est.parts, "phases": est.phases},
+                              indent=2))
+    else:
+        click.echo(format_estimate(est))

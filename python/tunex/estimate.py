@@ -1,0 +1,354 @@
+"""Predict the peak GPU memory of a training config before launching it; no weights are loaded.
+
+The prediction is arithmetic over the model's shape (from its config.json, its GGUF metadata, or a
+built-in preset for the shipped 7B configs) and the config's method/train settings. It models what
+``torch.cuda.max_memory_allocated`` reports for tunex's training step in its steady state (after the
+first optimizer step, inside gradient accumulation):
+
+* weights: NF4 (+ double quant, ~4.127 bits/param) for the decoder's linears under QLoRA, the
+  compute dtype for everything else;
+* adapter, its gradients and AdamW's two moments, all in the adapter's dtype (the compute dtype);
+  for a full fine-tune the same for every parameter;
+* activations: with gradient checkpointing one (tokens, hidden) checkpoint per layer plus one
+  recomputed layer; without it every layer's saved tensors (see ``_saved_per_token``);
+* the largest transient: either the chunked cross-entropy's logits at the end of forward, or the
+  gradients and the dequantized weight inside one layer's backward.
+
+It does not count the CUDA context or the caching allocator's slack (``memory_reserved`` is
+typically 5-15% above the allocated peak).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NF4_CODE_BYTES = 16 * 4
+NESTED_CODE_BYTES = 256 * 4
+NESTED_BLOCKSIZE = 256
+# fp32 logit elements per chunk of tunex.train.loss (its CHUNK_ELEMENTS), kept here so the
+# estimate needs no torch import.
+CE_CHUNK_ELEMENTS = 1 << 24
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a llama-family decoder that decide its memory."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    arch: str = "llama"  # "internlm2" fuses q/k/v into one wqkv projection
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(module name relative to a layer, in_features, out_features) of one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.arch == "internlm2":
+            return [("attention.wqkv", h, q + 2 * kv), ("attention.wo", q, h),
+                    ("feed_forward.w1", h, i), ("feed_forward.w3", h, i), ("feed_forward.w2", i, h)]
+        return [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
+                ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i),
+                ("mlp.down_proj", i, h)]
+
+    def head_names(self) -> tuple[str, str]:
+        """(embedding module, output head module) names."""
+        return ("model.tok_embeddings", "output") if self.arch == "internlm2" else ("model.embed_tokens", "lm_head")
+
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for _, i, o in self.linears())
+
+    def other_params(self) -> int:
+        """Embeddings, head, norms and biases: everything that is not a decoder linear weight."""
+        embed = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
+        norms = self.layers * 2 * self.hidden + self.hidden
+        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        return embed + norms + bias
+
+    def params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+
+# Shapes of the models behind the shipped 7B/8B configs (from their published config.json files).
+PRESETS: dict[str, ModelShape] = {
+    "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
+    "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
+    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544, arch="internlm2"),
+    "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
+    "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
+    "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
+}
+HUB_PRESETS = {
+    "meta-llama/llama-2-7b-hf": "llama2-7b", "meta-llama/llama-2-7b-chat-hf": "llama2-7b",
+    "meta-llama/meta-llama-3-8b": "llama3-8b", "meta-llama/meta-llama-3-8b-instruct": "llama3-8b",
+    "internlm/internlm2-7b": "internlm2-7b", "internlm/internlm2-chat-7b": "internlm2-7b",
+    "qwen/qwen2-7b": "qwen2-7b", "qwen/qwen2-7b-instruct": "qwen2-7b",
+    "mistralai/mistral-7b-v0.1": "mistral-7b", "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+}
+
+
+def shape_from_config_json(path: str | Path) -> ModelShape:
+    """Read a ModelShape from an HF config.json (a file, or a folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of model settings")
+
+    def need(key: str) -> int:
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: key {key!r} must be a positive integer, got {value!r}; "
+                             "is this an HF config.json of a decoder model?")
+        return value
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    head_dim = raw.get("head_dim") or hidden // heads
+    model_type = str(raw.get("model_type", "llama"))
+    return ModelShape(hidden=hidden, intermediate=need("intermediate_size"), layers=need("num_hidden_layers"),
+                      heads=heads, kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+                      vocab=need("vocab_size"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                      attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                      arch="internlm2" if model_type == "internlm2" else "llama")
+
+
+def shape_from_gguf(path: str | Path) -> ModelShape:
+    """Read a ModelShape from a GGUF file's metadata (the tensors are not read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            raise ValueError(f"{path}: GGUF metadata has no {key!r}; expected a llama-family model")
+        part = f.parts[f.data[0]]
+        return bytes(part).decode() if f.types and f.types[0].name == "STRING" else int(part[0])
+
+    arch = value("general.architecture")
+    heads = value(f"{arch}.attention.head_count")
+    hidden = value(f"{arch}.embedding_length")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size")
+    kv_key = f"{arch}.attention.head_count_kv"
+    return ModelShape(hidden=hidden, intermediate=value(f"{arch}.feed_forward_length"),
+                      layers=value(f"{arch}.block_count"), heads=heads,
+                      kv_heads=value(kv_key) if kv_key in reader.fields else heads,
+                      head_dim=hidden // heads, vocab=vocab,
+                      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+                      attention_bias=arch == "qwen2")
+
+
+def resolve_shape(model_path: str, model_config: str | None = None, preset: str | None = None) -> ModelShape:
+    """The shape of the model a config names, without loading weights.
+
+    Order: an explicit ``preset`` or ``model_config``; then model_path as a folder, config.json,
+    GGUF file or ``pkg://`` file; then a known hub id; then the local HF hub cache.
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[preset]
+    if model_config is not None:
+        return shape_from_config_json(model_config)
+    text = str(model_path)
+    path = Path(text).expanduser()
+    if text.startswith("pkg://"):
+        from tunex.models.hub import package_file
+
+        path = package_file(text)
+    if path.is_dir() or path.name == "config.json":
+        return shape_from_config_json(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return shape_from_gguf(path)
+    if text.lower() in HUB_PRESETS:
+        return PRESETS[HUB_PRESETS[text.lower()]]
+    snapshot = _cached_snapshot(text)
+    if snapshot is not None:
+        return shape_from_config_json(snapshot)
+    raise FileNotFoundError(f"cannot find the shape of model {text!r}: not a local folder, config.json or "
+                            f"GGUF file, not a known hub id, not in the HF cache; pass --model-config "
+                            f"path/to/config.json or --preset NAME ({', '.join(PRESETS)})")
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    try:
+        from tunex.models.hub import HUB_ID, _find_in_caches
+    except ImportError:
+        return None
+    if not HUB_ID.match(hub_id):
+        return None
+    found, _ = _find_in_caches(hub_id)
+    return found
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the estimate assumes about one training step (filled from a config by ``plan_from_config``)."""
+
+    kind: str = "qlora"  # full | lora | qlora
+    seq_len: int = 2048
+    batch: int = 1
+    dtype_bytes: int = 2  # compute dtype: bf16
+    r: int = 64
+    target_modules: str | list[str] = "all-linear"
+    dropout: float = 0.1
+    blocksize: int = 64
+    double_quant: bool = True
+    checkpointing: bool = True
+    offload_checkpoints: bool = False
+    fused_lora: bool = True  # tunex.kernels.lora_linear: no dropped copy of x is saved
+    dora: bool = False
+
+
+def plan_from_config(cfg, **overrides) -> Plan:
+    """A Plan from a tunex Config (train dtype "auto" means bf16: the estimate is for a GPU)."""
+    dtype = cfg.train.dtype if cfg.train.dtype != "auto" else "bfloat16"
+    values = dict(kind=cfg.method.kind, seq_len=cfg.data.max_length, batch=cfg.train.batch_size,
+                  dtype_bytes=DTYPE_BYTES[dtype], r=cfg.method.r, target_modules=cfg.method.target_modules,
+                  dropout=cfg.method.dropout, blocksize=cfg.method.blocksize,
+                  double_quant=cfg.method.double_quant, checkpointing=cfg.train.gradient_checkpointing,
+                  dora=cfg.method.use_dora)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Plan(**values)
+
+
+def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    """Bytes of one 4-bit weight: packed nibbles, absmax (8-bit + nested fp32 with double quant), codes."""
+    blocks = math.ceil(numel / blocksize)
+    packed = (numel + 1) // 2
+    if double_quant:
+        return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + NESTED_CODE_BYTES + 4 + NF4_CODE_BYTES
+    return packed + 4 * blocks + NF4_CODE_BYTES
+
+
+@dataclass
+class Estimate:
+    """Predicted peak GPU memory and its parts, in bytes."""
+
+    shape: ModelShape
+    plan: Plan
+    params: int
+    trainable: int
+    parts: dict[str, int] = field(default_factory=dict)  # static parts, always resident
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # transient parts per phase
+    peak_phase: str = ""
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values()) + sum(self.phases[self.peak_phase].values())
+
+
+def adapted_linears(shape: ModelShape, target: str | list[str]) -> list[tuple[str, int, int]]:
+    """The decoder linears (per layer) that get an adapter; the output head never does."""
+    if target == "all-linear":
+        return shape.linears()
+    from tunex.peft.targets import matches
+
+    return [(n, i, o) for n, i, o in shape.linears() if matches(f"model.layers.0.{n}", target)]
+
+
+def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> int:
+    """Bytes one token leaves saved for backward inside one decoder layer (its input excluded).
+
+    Saved tensors: the two norm outputs (shared by the projections that read them), rotated q and
+    k, v and the attention output (SDPA keeps them and an fp32 log-sum-exp per head), the residual
+    sum, gate, up and their SwiGLU product, one fp32 rstd per norm, and per adapted linear its
+    (tokens, r) product ``dropout(x) @ A.T``. Without the fused LoRA function, dropout also keeps a
+    dropped copy of the input (and a 1-byte mask) per adapted module.
+    """
+    c = plan.dtype_bytes
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    elems = 2 * h + 2 * q + 2 * kv + h + 3 * i  # n1, n2, q_rot, attn_out, k_rot, v, h1, gate/up/act
+    extra = 4 * (2 + shape.heads)
+    if plan.kind != "full":
+        elems += plan.r * len(adapted)
+        if not plan.fused_lora and plan.dropout > 0:
+            extra += sum(fan_in * (c + 1) for _, fan_in, _ in adapted)
+    return elems * c + extra
+
+
+def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
+    """Predict the peak of ``torch.cuda.max_memory_allocated`` for one training step of ``plan``."""
+    c, layers = plan.dtype_bytes, shape.layers
+    tokens = plan.seq_len * plan.batch
+    adapted = adapted_linears(shape, plan.target_modules) if plan.kind != "full" else []
+    if plan.kind != "full" and not adapted:
+        raise ValueError(f"method.target_modules {plan.target_modules!r} selects none of "
+                         f"{', '.join(n for n, _, _ in shape.linears())}")
+    params = shape.params()
+    if plan.kind == "full":
+        trainable = params
+    else:
+        trainable = layers * sum(plan.r * (i + o) + (o if plan.dora else 0) for _, i, o in adapted)
+    if plan.kind == "qlora":
+        weights = layers * sum(quantized_bytes(i * o, plan.blocksize, plan.double_quant)
+                               for _, i, o in shape.linears()) + shape.other_params() * c
+    else:
+        weights = params * c
+    est = Estimate(shape, plan, params, trainable)
+    est.parts = {"weights": weights}
+    if plan.kind != "full":  # a full fine-tune trains the weights themselves
+        est.parts["adapter"] = trainable * c
+    est.parts["gradients"] = trainable * c
+    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * c
+
+    h, vocab = shape.hidden, shape.vocab
+    checkpoint = tokens * h * c
+    per_layer = tokens * _saved_per_token(shape, plan, adapted)
+    if plan.checkpointing:
+        stored = 2 * checkpoint if plan.offload_checkpoints else layers * checkpoint
+        stored_name = "checkpoints (offloaded: 2 on GPU)" if plan.offload_checkpoints else "checkpoints"
+        layer_recompute = per_layer
+    else:
+        stored, stored_name, layer_recompute = layers * (per_layer + checkpoint), "activations", 0
+    dequant = max(i * o for _, i, o in shape.linears()) * c if plan.kind == "qlora" else 0
+    chunk_tokens = min(tokens, max(1, CE_CHUNK_ELEMENTS // vocab))
+    ce = {stored_name: stored, "final hidden + its gradient": 2 * tokens * h * c,
+          "logits chunk (bf16 + fp32)": chunk_tokens * vocab * (c + 4)}
+    if plan.kind == "full":
+        ce["head gradient (fp32)"] = vocab * h * 4
+    backward = {stored_name: stored, "hidden gradient": tokens * h * c,
+                "recomputed layer": layer_recompute,
+                "layer backward gradients": tokens * (3 * shape.intermediate + 2 * h) * c,
+                "dequantized weight": dequant}
+    est.phases = {"end of forward (loss)": ce, "backward of the last layer": backward}
+    est.peak_phase = max(est.phases, key=lambda k: sum(est.phases[k].values()))
+    return est
+
+
+def format_estimate(est: Estimate) -> str:
+    """A plain-text table of the estimate in GiB."""
+    def gib(n: int) -> str:
+        return f"{n / 2**30:8.3f} GiB"
+
+    s, p = est.shape, est.plan
+    lines = [f"model: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/"
+             f"{s.kv_heads}, vocab {s.vocab}; {est.params / 1e9:.3f} B params, "
+             f"{est.trainable / 1e6:.2f} M trainable",
+             f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
+             f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
+             + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else ""), ""]
+    for name, value in est.parts.items():
+        lines.append(f"  {name:<36}{gib(value)}")
+    for phase, items in est.phases.items():
+        mark = "  <- peak" if phase == est.peak_phase else ""
+        lines.append(f"  during {phase}:{mark}")
+        for name, value in items.items():
+            if value:
+                lines.append(f"    {name:<34}{gib(value)}")
+    lines += ["", f"  predicted peak (max_memory_allocated) {gib(est.peak)}",
+              "  (plus the CUDA context, ~0.3-0.5 GiB, and allocator slack)"]
+    return "\n".join(lines)

