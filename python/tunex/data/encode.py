@@ -1,0 +1,280 @@
+"""Samples -> token ids and a target mask (labels = ids where the mask is set, else -100).
+
+Pretraining: every token is a target; each document ends with EOS (and starts with BOS when the
+tokenizer adds one); documents longer than ``max_length`` are cut into ``max_length`` pieces so no
+text is lost.
+
+Chat: the template (:mod:`tunex.templates`) renders the conversation into (text, is_target)
+segments; the whole text is tokenized at once, exactly as it reads, and a token is a target when any
+of its characters lies in a target segment (each assistant reply plus its end-of-turn token).
+Tokenizing the whole text (not segment by segment) keeps ids identical to ``encode(render(...))``
+for every tokenizer, including SentencePiece ones that add a space before each separately encoded
+piece. Samples longer than ``max_length`` are cut at the end; a sample left without targets is
+dropped and counted.
+
+The first token's label is never a target: nothing precedes it, so no position predicts it. This
+makes the summed loss of a packed sequence equal the summed losses of its samples run one by one.
+
+Labels are aligned with ``input_ids`` (not shifted); the loss shifts them.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from tunex.data.formats import Conversation, Sample, with_system
+
+ENCODER_VERSION = "1"  # bump when the encoded output of the same inputs changes (invalidates caches)
+_VERIFY_FIRST = 32  # renders per conversation shape checked against the template's own output
+
+
+@dataclass
+class Encoded:
+    """Encoded samples of one batch, flat: ids/mask concatenated, lengths per sample."""
+
+    ids: np.ndarray  # int32 (N,)
+    mask: np.ndarray  # uint8 (N,) 1 = target
+    lengths: np.ndarray  # int64 (S,)
+    dropped: int = 0  # samples that ended up with no target
+    truncated: int = 0  # samples cut at max_length
+
+
+def backend_of(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a :class:`tunex.tokenizer.Tokenizer` (or itself)."""
+    return getattr(tokenizer, "backend", tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(backend_of(tokenizer).to_str().encode())
+    for name in ("bos_token", "eos_token", "pad_token", "chat_template"):
+        h.update(f"\0{name}={getattr(tokenizer, name, None)}".encode())
+    return h.hexdigest()
+
+
+# ---- rendering with a per-shape skeleton -----------------------------------------------------------
+
+_SENTINEL = " \n\x00tunex{}\x00 \n"  # leading/trailing whitespace: templates that trim are caught
+
+
+class _Skeleton:
+    """A template's rendering of one conversation shape with the contents left as holes.
+
+    ``parts`` alternates literal text and message indices; ``targets`` marks, per part, whether it
+    is inside a target segment. Filling the holes is plain string joining: no template call.
+    """
+
+    def __init__(self, parts: list[str | int], targets: list[bool]):
+        self.parts, self.targets = parts, targets
+
+    def fill(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        pieces: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for part, target in zip(self.parts, self.targets):
+            text = conv[part].content if isinstance(part, int) else part
+            end = pos + len(text)
+            if target and end > pos:
+                if spans and spans[-1][1] == pos:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((pos, end))
+            pieces.append(text)
+            pos = end
+        return "".join(pieces), spans
+
+
+class Renderer:
+    """Conversation -> (text, target char spans), through a :class:`tunex.templates.ChatTemplate`.
+
+    Rendering a jinja template costs several full renders per conversation (one per assistant turn
+    to find where each reply sits). Conversations of the same shape (roles and loss flags) render
+    to the same text around their contents, so the template is asked once per shape, with
+    placeholders as contents, and later conversations fill the placeholders in. The first renders of
+    each shape are checked against the template's own output; a template that treats contents
+    other than verbatim (trims them, branches on them) falls back to rendering every conversation.
+    """
+
+    def __init__(self, template: Any):
+        self.template = template
+        self._shapes: dict[tuple, _Skeleton | None] = {}
+        self._checked: dict[tuple, int] = {}
+
+    def __call__(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        key = tuple((m.role, m.loss) for m in conv)
+        if key not in self._shapes:
+            self._shapes[key] = self._skeleton(conv)
+        skeleton = self._shapes[key]
+        if skeleton is None:
+            return self._render(conv)
+        text, spans = skeleton.fill(conv)
+        seen = self._checked.get(key, 0)
+        if seen < _VERIFY_FIRST:
+            self._checked[key] = seen + 1
+            slow = self._render(conv)
+            if slow != (text, spans):
+                self._shapes[key] = None
+                return slow
+        return text, spans
+
+    def _render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        segments = self.template.segments([m.as_dict() for m in conv])
+        replies = [m for m in conv if m.role == "assistant"]
+        targets = [s for s in segments if s.is_target]
+        if len(targets) != len(replies):  # cannot tell replies apart: train them all
+            keep = [True] * len(targets)
+        else:
+            keep = [m.loss for m in replies]
+        pos, spans, k = 0, [], 0
+        for s in segments:
+            end = pos + len(s.text)
+            if s.is_target:
+                if keep[k]:
+                    spans.append((pos, end))
+                k += 1
+            pos = end
+        return "".join(s.text for s in segments), spans
+
+    def _skeleton(self, conv: Conversation) -> _Skeleton | None:
+        marks = [_SENTINEL.format(i) for i in range(len(conv))]
+        probe = [dict(m.as_dict(), content=marks[i]) for i, m in enumerate(conv)]
+        try:
+            segments = self.template.segments(probe)
+        except Exception:  # noqa: BLE001 - an odd template: the slow path reports real errors
+            return None
+        parts: list[str | int] = []
+        targets: list[bool] = []
+        found: list[int] = []
+        for s in segments:
+            # split on the sentinel's NULs: odd chunks are "tunex<i>", even ones literal text
+            chunks = s.text.split("\x00")
+            if len(chunks) % 2 == 0 or not all(c[:5] == "tunex" and c[5:].isdigit() for c in chunks[1::2]):
+                return None
+            holes = [int(c[5:]) for c in chunks[1::2]]
+            # a target segment is trained only if the replies it holds are (openai "loss": false)
+            target = s.is_target and all(conv[i].loss for i in holes if conv[i].role == "assistant")
+            for j, chunk in enumerate(chunks):
+                parts.append(holes[j // 2] if j % 2 else chunk)
+                targets.append(target)
+            found += holes
+        if sorted(found) != list(range(len(conv))):
+            return None
+        return self._strip_sentinel_space(parts, targets)
+
+    @staticmethod
+    def _strip_sentinel_space(parts: list[str | int], targets: list[bool]) -> _Skeleton | None:
+        # The whitespace around each NUL pair is part of the sentinel: it must be there, verbatim.
+        head, tail = _SENTINEL.split("\x00")[0], _SENTINEL.split("\x00")[-1]
+        for i, part in enumerate(parts):
+            if isinstance(part, int):
+                before, after = parts[i - 1], parts[i + 1]
+                if not (isinstance(before, str) and before.endswith(head)
+                        and isinstance(after, str) and after.startswith(tail)):
+                    return None
+                parts[i - 1], parts[i + 1] = before[: len(before) - len(head)], after[len(tail):]
+        return _Skeleton(parts, targets)
+
+
+# ---- tokenizing ------------------------------------------------------------------------------------
+
+class Encoder:
+    """Turns mapped samples into ids + target masks for one (tokenizer, template, max_length)."""
+
+    def __init__(self, tokenizer: Any, *, template: Any = None, system: str = "", max_length: int = 2048):
+        self.backend = backend_of(tokenizer)
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+        self.renderer = Renderer(template) if template is not None else None
+        self.system = system
+        self.max_length = max_length
+
+    def encode(self, samples: Sequence[Sample]) -> Encoded:
+        docs = [s for s in samples if isinstance(s, str)]
+        if docs and len(docs) == len(samples):
+            return self._pretrain(docs)
+        if docs:
+            raise TypeError("a batch mixes documents and conversations")
+        return self._chat(samples)
+
+    def _pretrain(self, docs: list[str]) -> Encoded:
+        eos = self.eos_id
+        ids_out, lengths = [], []
+        for enc in self.backend.encode_batch(docs, add_special_tokens=True):
+            ids = enc.ids
+            if eos is not None:
+                ids.append(eos)
+            for start in range(0, len(ids), self.max_length):
+                piece = ids[start:start + self.max_length]
+                if len(piece) > 1:  # one token alone has nothing to predict
+                    ids_out.extend(piece)
+                    lengths.append(len(piece))
+        ids = np.asarray(ids_out, dtype=np.int32)
+        lengths_arr = np.asarray(lengths, dtype=np.int64)
+        mask = np.ones(len(ids), dtype=np.uint8)
+        mask[_starts(lengths_arr)] = 0
+        dropped = sum(1 for d in docs if not d)
+        return Encoded(ids, mask, lengths_arr, dropped=dropped)
+
+    def _chat(self, convs: Sequence[Conversation]) -> Encoded:
+        if self.renderer is None:
+            raise ValueError("conversations need a chat template; pass template=")
+        texts, all_spans = [], []
+        dropped = 0
+        for conv in convs:
+            conv = with_system(conv, self.system)
+            if not any(m.loss for m in conv):
+                dropped += 1
+                continue
+            text, spans = self.renderer(conv)
+            if not spans:
+                dropped += 1
+                continue
+            texts.append(text)
+            all_spans.append(spans)
+        ids_out: list[int] = []
+        mask_parts: list[np.ndarray] = []
+        lengths: list[int] = []
+        truncated = 0
+        limit = self.max_length
+        for enc, spans in zip(self.backend.encode_batch(texts, add_special_tokens=False), all_spans):
+            ids = enc.ids
+            n = len(ids)
+            mask = np.zeros(n, dtype=np.uint8)
+            for lo, hi in _token_ranges(enc, spans):
+                mask[lo:hi] = 1
+            mask[0] = 0
+            if n > limit:
+                truncated += 1
+                ids, mask, n = ids[:limit], mask[:limit], limit
+            if not mask.any():
+                dropped += 1
+                continue
+            ids_out.extend(ids)
+            mask_parts.append(mask)
+            lengths.append(n)
+        return Encoded(np.asarray(ids_out, dtype=np.int32),
+                       np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8),
+                       np.asarray(lengths, dtype=np.int64), dropped=dropped, truncated=truncated)
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64) if len(lengths) else lengths
+
+
+def _token_ranges(enc: Any, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges [lo, hi) of the tokens overlapping each character span [start, end)."""
+    out = []
+    offsets = None
+    for start, end in spans:
+        lo, hi = enc.char_to_token(start), enc.char_to_token(end - 1)
+        if lo is None or hi is None:  # a character no token covers (normalized away): scan offsets
+            if offsets is None:
+                offsets = enc.offsets
+            lo = next((i for i, (a, b) in enumerate(offsets) if b > start and b > a), len(offsets))
+            hi = max((i for i, (a, b) in enumerate(offsets) if a < end and b > a), default=-1)
+            if hi < lo:
+                continue
+        out.append((lo, hi + 1))
+    return out

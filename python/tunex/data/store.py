@@ -1,0 +1,237 @@
+"""Tokenize a dataset once and keep the result on disk as flat numpy arrays.
+
+A store is a folder with ``ids.bin`` (int32 token ids of every sample back to back), ``mask.bin``
+(uint8, 1 where the token is a target), ``lengths.bin`` (int64 tokens per sample) and
+``meta.json`` (counts, and what the store was built from). The arrays are opened with
+``np.memmap``: a training run touches only the pages of the samples it reads, so memory stays flat
+however large the data is.
+
+The folder name is a hash of everything the encoded output depends on: the data files' contents,
+the tokenizer, the template and system prompt, the format and max_length, and the encoder version.
+Building writes into a temporary folder renamed into place at the end, so an interrupted build
+never leaves a half store that a later run would trust.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from tunex.data import formats as F
+from tunex.data import sources as S
+from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, tokenizer_fingerprint
+from tunex.errors import DataError, TunexError
+
+BATCH = 512  # samples per tokenizer call: enough for the Rust side to spread over threads
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the encoded output (picklable: sent to worker processes)."""
+
+    fmt: str
+    tokenizer: Any
+    template_name: str
+    system: str
+    max_length: int
+
+    def encoder(self) -> Encoder:
+        template = None
+        if self.fmt != "pretrain":
+            from tunex.templates import get_template
+
+            template = get_template(self.template_name, self.tokenizer, system=self.system)
+        return Encoder(self.tokenizer, template=template, system=self.system, max_length=self.max_length)
+
+    def fingerprint(self) -> str:
+        parts = [ENCODER_VERSION, self.fmt, str(self.max_length), tokenizer_fingerprint(self.tokenizer)]
+        if self.fmt != "pretrain":
+            from tunex.templates import get_template
+
+            t = get_template(self.template_name, self.tokenizer, system=self.system)
+            parts += [t.name, repr(t.builtin), t.jinja_source or "", str(t.bos_token), str(t.eos_token), self.system]
+        return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class Store:
+    """The memory-mapped arrays of one tokenized dataset."""
+
+    folder: Path
+    ids: np.ndarray  # int32 (N,)
+    mask: np.ndarray  # uint8 (N,)
+    lengths: np.ndarray  # int64 (S,)
+    offsets: np.ndarray  # int64 (S+1,) start of each sample in ids
+    meta: dict
+
+    @classmethod
+    def open(cls, folder: Path) -> "Store":
+        meta = json.loads((folder / "meta.json").read_text())
+        lengths = _memmap(folder / "lengths.bin", np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(folder, _memmap(folder / "ids.bin", np.int32), _memmap(folder / "mask.bin", np.uint8),
+                   lengths, offsets, meta)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.mask[a:b]
+
+
+def _memmap(path: Path, dtype: Any) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# ---- reading + encoding one chunk (runs in worker processes too) ----------------------------------
+
+def records(chunk: S.Chunk, fmt: str) -> Iterator[tuple[Any, Any, F.Sample]]:
+    """(location, raw record, mapped sample) for every record of ``chunk``; errors name the record."""
+    to_sample = F.mapper(fmt)
+    for where, record in S.read_chunk(chunk):
+        try:
+            yield where, record, to_sample(record)
+        except F.RecordError as e:
+            raise DataError(f"{locate(chunk, where)}: {e}") from None
+
+
+def locate(chunk: S.Chunk, where: Any) -> S.Where:
+    return where if isinstance(where, S.Where) else S.Where(chunk.file, line=where)
+
+
+def encode_chunk(chunk: S.Chunk, recipe: Recipe, encoder: Encoder | None = None) -> tuple[Encoded, int]:
+    """Encode every record of ``chunk``; returns (encoded samples, records read)."""
+    encoder = encoder or recipe.encoder()
+    parts: list[Encoded] = []
+    batch: list[F.Sample] = []
+    wheres: list[Any] = []
+    count = 0
+    for where, _, sample in records(chunk, recipe.fmt):
+        batch.append(sample)
+        wheres.append(where)
+        count += 1
+        if len(batch) == BATCH:
+            parts.append(_encode(encoder, batch, wheres, chunk))
+            batch, wheres = [], []
+    if batch:
+        parts.append(_encode(encoder, batch, wheres, chunk))
+    return _concat(parts), count
+
+
+def _encode(encoder: Encoder, batch: list, wheres: list, chunk: S.Chunk) -> Encoded:
+    try:
+        return encoder.encode(batch)
+    except TunexError:
+        # find the record the template rejected, to name it
+        for sample, where in zip(batch, wheres):
+            try:
+                encoder.encode([sample])
+            except TunexError as e:
+                raise type(e)(f"{locate(chunk, where)}: {e}") from None
+        raise
+
+
+def _concat(parts: Sequence[Encoded]) -> Encoded:
+    if not parts:
+        return Encoded(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
+    return Encoded(np.concatenate([p.ids for p in parts]), np.concatenate([p.mask for p in parts]),
+                   np.concatenate([p.lengths for p in parts]), sum(p.dropped for p in parts),
+                   sum(p.truncated for p in parts))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(recipe: Recipe) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER["recipe"], _WORKER["encoder"] = recipe, recipe.encoder()
+
+
+def _worker_encode(chunk: S.Chunk) -> tuple[Encoded, int]:
+    return encode_chunk(chunk, _WORKER["recipe"], _WORKER["encoder"])
+
+
+# ---- building a store -----------------------------------------------------------------------------
+
+def build(paths: str | Sequence[str], recipe: Recipe, cache_root: Path, *, num_workers: int = 0,
+          progress: Callable[[int, int], None] | None = None) -> Store:
+    """The store of ``paths`` encoded by ``recipe``: opened from the cache or built into it.
+
+    Raises:
+        DataError: a record is malformed (naming it), or no sample is left to train on.
+        FormatError: a file is not valid JSON / YAML / UTF-8 (naming file and line or byte).
+    """
+    F.mapper(recipe.fmt)  # unknown format -> the list of valid ones, before any reading
+    files = S.list_files(paths, recipe.fmt)
+    content, chunks = S.scan(files)
+    key = hashlib.blake2b(f"{content}\0{recipe.fingerprint()}".encode(), digest_size=16).hexdigest()
+    folder = cache_root / key
+    if (folder / "meta.json").is_file():
+        return Store.open(folder)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
+    try:
+        meta = _write(tmp, chunks, recipe, num_workers, progress)
+        meta.update(files=[str(f) for f in files], format=recipe.fmt, template=recipe.template_name,
+                    max_length=recipe.max_length)
+        if meta["samples"] == 0:
+            raise DataError(_empty_message(paths, meta))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same store first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Store.open(folder)
+
+
+def _write(tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int,
+           progress: Callable[[int, int], None] | None) -> dict:
+    totals = dict(records=0, dropped=0, truncated=0, samples=0, tokens=0, target_tokens=0)
+    with open(tmp / "ids.bin", "wb") as ids, open(tmp / "mask.bin", "wb") as mask, \
+            open(tmp / "lengths.bin", "wb") as lengths:
+        for done, (enc, count) in enumerate(_encoded_chunks(chunks, recipe, num_workers), 1):
+            ids.write(enc.ids.tobytes())
+            mask.write(enc.mask.tobytes())
+            lengths.write(enc.lengths.tobytes())
+            totals["records"] += count
+            totals["dropped"] += enc.dropped
+            totals["truncated"] += enc.truncated
+            totals["samples"] += len(enc.lengths)
+            totals["tokens"] += len(enc.ids)
+            totals["target_tokens"] += int(enc.mask.sum(dtype=np.int64))
+            if progress:
+                progress(done, len(chunks))
+    return totals
+
+
+def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> Iterator[tuple[Encoded, int]]:
+    if num_workers <= 0 or len(chunks) < 2:
+        encoder = recipe.encoder()
+        for chunk in chunks:
+            yield encode_chunk(chunk, recipe, encoder)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent's tokenizer thread pool does not survive a fork
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(num_workers, len(chunks)), initializer=_worker_init, initargs=(recipe,)) as pool:
+        yield from pool.imap(_worker_encode, chunks)
+
+
+def _empty_message(paths: Any, meta: dict) -> str:
+    shown = paths if isinstance(paths, str) else ", ".join(paths)
+    return (f"no sample left to train on in {shown}: {meta['records']} records read, {meta['dropped']} "
+            f"dropped without a target (no assistant reply to learn, an empty text, or a reply cut off by "
+            f"max_length={meta['max_length'] if 'max_length' in meta else '?'}); "
+            f"check data.format and data.max_length")
