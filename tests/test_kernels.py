@@ -136,6 +136,10 @@ def test_cross_entropy_sum_frozen_head_and_all_ignored():
     loss.backward()
     assert weight.grad is None and hidden.grad is not None
     hidden.grad = None
+    by_denom = kernels.chunked_cross_entropy(hidden, weight, labels, chunk=4, denom=4.0)
+    close(by_denom, loss / 4, torch.float32, "denom")
+    with torch.no_grad():  # evaluation: same loss, no gradient work
+        close(kernels.chunked_cross_entropy(hidden, weight, labels, chunk=4), loss / 9, torch.float32, "eval")
     empty = kernels.chunked_cross_entropy(hidden, weight, torch.full((9,), -100), chunk=4)
     empty.backward()
     assert empty.item() == 0.0 and hidden.grad.abs().sum().item() == 0.0

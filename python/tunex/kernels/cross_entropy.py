@@ -46,11 +46,12 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -
 class ChunkedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                ignore_index: int, reduction: str, triton: bool):
+                ignore_index: int, denom: float | None, grad_wanted: bool, triton: bool):
         h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
         lab = labels.reshape(-1)
         w = weight.to(h2.dtype)
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # grad mode is off inside forward; grad_wanted says whether the caller had it on
+        want_dh, want_dw = grad_wanted and ctx.needs_input_grad[0], grad_wanted and ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if want_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h2.device)
@@ -69,11 +70,11 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
             if dw is not None:
                 dw += (logits.T @ hc).float()
             del logits
-        if reduction == "mean":
+        if denom is None:
             # Mean over the tokens that count; a batch with none contributes a zero loss.
             scale = 1.0 / (lab != ignore_index).sum().clamp(min=1).float()
         else:
-            scale = torch.ones((), dtype=torch.float32, device=h2.device)
+            scale = torch.full((), 1.0 / denom, dtype=torch.float32, device=h2.device)
         if dh is not None:
             dh.mul_(scale.to(dh.dtype))
         if dw is not None:
@@ -88,12 +89,13 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         hidden_shape, weight_dtype = ctx.shapes
         d_hidden = (dh * grad.to(dh.dtype)).view(hidden_shape) if dh is not None else None
         d_weight = (dw * grad).to(weight_dtype) if dw is not None else None
-        return d_hidden, d_weight, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk: int = DEFAULT_CHUNK, *, ignore_index: int = IGNORE_INDEX,
-                          reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+                          reduction: str = "mean", denom: float | None = None,
+                          backend: str = "auto") -> torch.Tensor:
     """Token-level cross-entropy of ``hidden @ weight.T`` against ``labels``, chunk by chunk.
 
     Labels must already be shifted (label i is the target of position i).
@@ -105,6 +107,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         chunk: tokens per chunk; peak extra memory is about chunk * V * 2 bytes in bf16.
         ignore_index: label value that is skipped.
         reduction: "mean" over counted tokens (0 when there are none) or "sum".
+        denom: divide the summed loss by this instead (e.g. the token count of a whole
+            gradient-accumulation step); overrides ``reduction``.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
 
     Returns:
@@ -112,6 +116,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_cross_entropy: reduction {reduction!r} is not 'mean' or 'sum'")
+    if denom is not None and not denom > 0:
+        raise ValueError(f"chunked_cross_entropy: denom must be positive, got {denom!r}")
+    if denom is None and reduction == "sum":
+        denom = 1.0
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_cross_entropy: chunk must be a positive integer, got {chunk!r}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -125,5 +133,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if bool(bad.any()):
         raise ValueError(f"chunked_cross_entropy: a label is outside [0, {vocab}) and is not "
                          f"ignore_index={ignore_index}; first: {int(labels[bad][0])}")
-    return ChunkedCrossEntropyFunction.apply(hidden, weight, labels.long(), chunk, ignore_index, reduction,
-                                             use_triton(hidden, backend))
+    return ChunkedCrossEntropyFunction.apply(hidden, weight, labels.long(), chunk, ignore_index,
+                                             None if denom is None else float(denom),
+                                             torch.is_grad_enabled(), use_triton(hidden, backend))
