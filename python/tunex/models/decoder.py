@@ -1,0 +1,256 @@
+"""The llama-family decoder: one readable model for Llama 2/3, Mistral, Qwen2, InternLM2 and SmolLM2.
+
+Pre-norm transformer: RMSNorm -> attention with rotary positions (grouped-query heads) -> residual
+-> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm and the output head. Family differences are
+config values (biases, rope scaling, tied embeddings); see config.py.
+
+Module and parameter names are the HF Llama ones (``model.layers.0.self_attn.q_proj.weight``...),
+so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is a plain
+``nn.Linear`` that LoRA or NF4 layers can replace.
+
+Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
+attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
+the same logits as its documents run one by one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunex.kernels import rms_norm, rope, swiglu
+from tunex.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) for ``seq_len`` positions, and the cos/sin scale.
+
+    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length)
+    and ``llama3`` (Llama 3.1's frequency-band rescaling).
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
+        grow = factor * seq_len / cfg.max_position_embeddings - (factor - 1)
+        base = base * grow ** (dim / (dim - 2))
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (base ** (steps / dim))
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "llama3":
+        old_len = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind not in ("default", "linear", "dynamic"):
+        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported "
+                         "(expected linear, dynamic or llama3)")
+    return inv_freq, 1.0
+
+
+def rope_tables(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shape (B, T, D) for ``position_ids`` (B, T); computed in fp32."""
+    seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    inv_freq, scale = rope_inv_freq(cfg, seq_len, position_ids.device)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated for ``max_len`` tokens; one per generation."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, Hkv, T, D) keys/values; return all so far (B, Hkv, L+T, D)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        b, t, _ = x.shape
+        h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
+        causal = mask is None and t > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=h != kv)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, h * d))  # (B, T, H*D) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is right.
+
+    A position id that does not follow its left neighbour by +1 opens a new document.
+    """
+    if position_ids is not None and t > 1:
+        step = position_ids[:, 1:] - position_ids[:, :-1]
+        if bool((step != 1).any()):
+            starts = torch.ones_like(position_ids, dtype=torch.bool)
+            starts[:, 1:] = step != 1
+            doc = starts.cumsum(dim=1)  # (B, T): document index of each token
+            same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            mask = same & causal
+            if past:  # earlier positions belong to the first document
+                first = (doc == 1)[:, :, None].expand(-1, -1, past)
+                mask = torch.cat((first, mask), dim=2)
+            return mask[:, None]
+    if past and t > 1:
+        return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past)[None, None]
+    return None
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, the layer stack and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None):
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        given = position_ids
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)
+        cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
+        mask = attention_mask(given, t, past, input_ids.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += t
+        return self.norm(x)
+
+
+class TiedHead:
+    """The output head of a model whose head shares the input embedding (SmolLM2).
+
+    Not an nn.Module on purpose: the shared weight stays under one state-dict key
+    (``model.embed_tokens.weight``) as in HF checkpoints, and LoRA's "all-linear" skips it.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    bias = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.embedding.weight)
+
+
+class CausalLM(nn.Module):
+    """The decoder with its output head: ``model(input_ids, position_ids) -> logits (B, T, V)``.
+
+    ``hidden_states(...)`` returns the final-norm hidden states (B, T, C) so a trainer can apply
+    ``lm_head.weight`` chunk by chunk instead of materialising all logits.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        if cfg.tie_word_embeddings:
+            object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.model(input_ids, position_ids, cache)
+
+    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        h = self.hidden_states(input_ids, position_ids, cache)
+        if last_only:  # generation needs the next-token logits only
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.model.gradient_checkpointing = bool(on)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, p.dtype if p.is_floating_point() else torch.float32,
+                       p.device)

@@ -1,0 +1,202 @@
+"""Load HF checkpoints into the decoder: meta-device init, then weights filled in place.
+
+Safetensors files are memory-mapped (copy-on-write) and each tensor becomes a view of the map,
+so a checkpoint already in the model's dtype costs no copy at all: pages are read on first use
+and shared with the page cache. Other dtypes are converted tensor by tensor. The model is first
+built on the meta device, so no random initialisation runs and no second set of weights exists.
+
+``quantize`` (for QLoRA) is called on each decoder layer as soon as that layer's weights are
+loaded, so peak memory stays near the packed size plus one layer.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from tunex.errors import FormatError
+from tunex.models.config import ModelConfig, read_config, to_tunex_names
+from tunex.models.decoder import CausalLM
+from tunex.models.hub import resolve_model_path
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+MAX_HEADER = 100_000_000
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+# A quantize hook gets (module name, nn.Linear) and returns the module to put in its place.
+QuantizeHook = Callable[[str, nn.Linear], nn.Module]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file as views of a private memory map (nothing is read yet)."""
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        if size < 8:
+            raise FormatError(f"{path}: too short for a safetensors file ({size} bytes)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER or 8 + n > size:
+            raise FormatError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path}: header is not valid JSON: {exc}") from exc
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        shape = info["shape"]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = end - begin
+        numel = 1
+        for s in shape:
+            numel *= s
+        if count != numel * itemsize or 8 + n + end > size:
+            raise FormatError(f"{path}: tensor {name!r} offsets {begin}..{end} do not match "
+                              f"shape {shape} {info['dtype']} or the file size")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        offset = 8 + n + begin
+        if offset % itemsize:  # misaligned: copy instead of viewing
+            raw = bytearray(mm[offset:offset + count])
+            out[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
+    return out
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise FormatError(f"{index}: expected {{'weight_map': {{name: file}}}}: {exc}") from exc
+        return [folder / f for f in dict.fromkeys(weight_map.values())]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise FileNotFoundError(f"{folder} has no *.safetensors (or pytorch_model*.bin) weights")
+
+
+def read_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint in ``folder``, file by file."""
+    for file in checkpoint_files(folder):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in the index but missing")
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            state = read_safetensors(file)
+        yield from state.items()
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = module._parameters.get(attr)
+    if old is None:
+        raise KeyError(name)
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise FormatError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the config "
+                          f"implies {tuple(old.shape)}")
+    target = dtype if tensor.is_floating_point() else tensor.dtype
+    module._parameters[attr] = nn.Parameter(tensor.to(device=device, dtype=target), requires_grad=False)
+
+
+def _layer_linears(model: CausalLM, index: int) -> list[tuple[str, nn.Module]]:
+    layer = model.model.layers[index]
+    prefix = f"model.layers.{index}."
+    return [(prefix + n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner), attr, new)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(names)} or a torch.dtype")
+    return names[dtype]
+
+
+def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None) -> CausalLM:
+    """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
+
+    Args:
+        path: anything :func:`tunex.models.resolve_model_path` accepts.
+        dtype: floating dtype of the weights (torch.dtype or "float32"/"bfloat16"/"float16").
+        device: where the weights go.
+        quantize: optional hook ``(name, nn.Linear) -> nn.Module`` applied to every decoder linear
+            right after its layer is loaded (e.g. an NF4 packer for QLoRA). The output head and the
+            embeddings are never passed to it.
+
+    Returns:
+        A :class:`CausalLM` in eval mode; parameters have ``requires_grad=False`` (the trainer
+        decides what trains).
+    """
+    folder = resolve_model_path(path)
+    cfg: ModelConfig = read_config(folder)
+    dtype = _as_dtype(dtype)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    by_layer: dict[int, list[str]] = {}
+    unexpected, done_layers = [], set()
+
+    def finish_layer(index: int) -> None:
+        done_layers.add(index)
+        if quantize is None:
+            return
+        for name, linear in _layer_linears(model, index):
+            if linear.weight.is_meta:
+                return  # weights missing: reported below
+            _replace(model, name, quantize(name, linear))
+
+    expected_per_layer = {i: sum(1 for _ in model.model.layers[i].parameters()) for i in range(cfg.num_layers)}
+    for ckpt_name, tensor in read_checkpoint(folder):
+        for name, part in to_tunex_names(ckpt_name, tensor, cfg):
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # the head is the embedding
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed from the config
+            try:
+                _place(model, name, part, dtype, device)
+            except (KeyError, AttributeError):
+                unexpected.append(ckpt_name)
+                continue
+            m = LAYER.match(name)
+            if m:
+                i = int(m[1])
+                by_layer.setdefault(i, []).append(name)
+                if len(by_layer[i]) == expected_per_layer[i]:
+                    finish_layer(i)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:4])}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors the config does not use, e.g. {', '.join(unexpected[:4])}")
+        raise FormatError(f"{folder}: checkpoint does not match config.json ({cfg.family}, "
+                          f"{cfg.num_layers} layers): " + "; ".join(problems))
+    return model.eval()

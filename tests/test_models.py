@@ -1,0 +1,179 @@
+"""The decoder against transformers (test oracle): tiny random models of every family, fp32."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunex.errors import FormatError
+from tunex.models import generate, load_model, to_checkpoint_names
+
+TOL = 1e-4
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+}
+
+
+def make_hf(tmp_path_factory, family: str):
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # qwen2's zero-initialised biases would hide a bias bug
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path_factory.mktemp(family)
+    model.save_pretrained(out)
+    return out, model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    folder, hf = make_hf(tmp_path_factory, request.param)
+    return folder, hf, load_model(folder)
+
+
+def test_logits_match_transformers(pair):
+    folder, hf, ours = pair
+    ids = torch.randint(0, BASE["vocab_size"], (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+
+
+def test_packed_batch_matches_documents_one_by_one(pair):
+    _, hf, ours = pair
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in (7, 5, 1, 6)]
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed = ours(ids, position_ids=pos)[0]
+        expected = torch.cat([hf(d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(packed, expected, atol=TOL, rtol=TOL)
+
+
+def test_state_dict_keys_are_the_checkpoint_keys(pair):
+    folder, hf, ours = pair
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert set(ours.state_dict()) == keys
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert type(ours.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_kv_cache_greedy_matches_transformers_generate(pair):
+    _, hf, ours = pair
+    prompt = [3, 17, 42, 5, 9]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(ours, prompt, max_new_tokens=12) == expected
+
+
+def _internlm2_checkpoint(hf_state: dict, heads: int, kv: int, d: int) -> dict:
+    """Build InternLM2's fused layout from Llama weights, written from its published description:
+    wqkv rows are grouped per kv head as [q heads of the group..., k, v]."""
+    out = {}
+    per = heads // kv
+    for name, t in hf_state.items():
+        if ".self_attn.q_proj." in name:
+            q, k, v = (hf_state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj"))
+            rows = []
+            for g in range(kv):
+                for j in range(per):
+                    rows.append(q[(g * per + j) * d:(g * per + j + 1) * d])
+                rows.append(k[g * d:(g + 1) * d])
+                rows.append(v[g * d:(g + 1) * d])
+            out[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat(rows)
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            renamed = (name.replace("model.embed_tokens", "model.tok_embeddings")
+                       .replace("self_attn.o_proj", "attention.wo").replace("mlp.gate_proj", "feed_forward.w1")
+                       .replace("mlp.up_proj", "feed_forward.w3").replace("mlp.down_proj", "feed_forward.w2")
+                       .replace("input_layernorm", "attention_norm")
+                       .replace("post_attention_layernorm", "ffn_norm"))
+            out["output.weight" if name == "lm_head.weight" else renamed] = t
+    return out
+
+
+def test_internlm2_fused_layout_loads_as_llama_and_exports_back(tmp_path):
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(**{**BASE, "num_attention_heads": 8, "num_key_value_heads": 2},
+                                      rope_theta=10000.0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    ckpt = _internlm2_checkpoint({k: v.contiguous() for k, v in hf.state_dict().items()}, 8, 2, 8)
+    save_file(ckpt, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "vocab_size": 96,
+        "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "rms_norm_eps": config.rms_norm_eps, "rope_theta": 10000.0,
+        "bias": False, "max_position_embeddings": 256, "tie_word_embeddings": False}))
+    ours = load_model(tmp_path)
+    ids = torch.randint(0, 96, (1, 15), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=TOL, rtol=TOL)
+    back = to_checkpoint_names(ours.state_dict(), ours.config)
+    assert set(back) == set(ckpt)
+    for k, v in ckpt.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_quantize_hook_replaces_decoder_linears_layer_by_layer(tmp_path_factory):
+    folder, hf = make_hf(tmp_path_factory, "qwen2")
+    seen = []
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def hook(name, linear):
+        assert not linear.weight.is_meta
+        seen.append(name)
+        return Wrapped(linear)
+
+    ours = load_model(folder, quantize=hook)
+    assert len(seen) == 2 * 7 and "model.layers.1.mlp.down_proj" in seen
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, Wrapped)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=TOL, rtol=TOL)
+
+
+def test_dtype_and_mismatch_errors(tmp_path_factory, tmp_path):
+    folder, _ = make_hf(tmp_path_factory, "llama2")
+    assert load_model(folder, dtype="bfloat16").model.norm.weight.dtype == torch.bfloat16
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    with pytest.raises(FormatError, match="missing .* model.layers.2"):
+        load_model(tmp_path)
+    cfg["model_type"] = "gpt_neox"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="model_type 'gpt_neox' is not supported"):
+        load_model(tmp_path)
