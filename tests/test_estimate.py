@@ -44,22 +44,23 @@ def test_quantized_bytes_by_hand():
 
 def test_qlora_peak_by_hand(tiny_dir):
     shape = shape_from_config_json(tiny_dir)
-    plan = Plan(kind="qlora", seq_len=6, batch=1, dtype_bytes=2, r=2, checkpointing=True)
+    plan = Plan(kind="qlora", seq_len=6, batch=1, dtype_bytes=2, adapter_bytes=4, r=2, checkpointing=True)
     est = estimate_memory(shape, plan)
     # adapter: r * (in + out) per linear: 2*(16 + 12 + 12 + 16 + 24 + 24 + 24) = 256 per layer
     assert est.trainable == 512
     weights = 2 * sum(quantized_bytes(n, 64, True) for n in (64, 32, 32, 64, 128, 128, 128)) + 200 * 2
-    assert est.parts == {"weights": weights, "adapter": 1024, "gradients": 1024, "optimizer (AdamW m, v)": 2048}
+    # fp32 adapter, fp32 gradients, two fp32 AdamW moments
+    assert est.parts == {"weights": weights, "adapter": 2048, "gradients": 2048, "optimizer (AdamW m, v)": 4096}
     # saved per token in one layer: n1, n2, q, attn out (8 each), k, v (4 each), h1 (8),
     # gate/up/act (16 each), 7 adapter products of r=2 -> 110 bf16 values, plus 2 rstd and 2 lse in fp32
     per_token = 110 * 2 + 4 * 4
     backward = {"checkpoints": 2 * 6 * 8 * 2, "hidden gradient": 6 * 8 * 2, "recomputed layer": 6 * per_token,
                 "layer backward gradients": 6 * (3 * 16 + 2 * 8) * 2, "dequantized weight": 128 * 2}
     loss = {"checkpoints": 2 * 6 * 8 * 2, "final hidden + its gradient": 2 * 6 * 8 * 2,
-            "logits chunk (bf16 + fp32)": 6 * 10 * 6}
+            "logits chunk": 6 * 10 * 2}
     assert est.phases == {"end of forward (loss)": loss, "backward of the last layer": backward}
     assert est.peak_phase == "backward of the last layer"
-    assert est.peak == weights + 4096 + sum(backward.values())
+    assert est.peak == weights + 8192 + sum(backward.values())
 
 
 def test_targets_offload_and_no_checkpointing(tiny_dir):
@@ -86,7 +87,14 @@ def test_full_fine_tune_counts_every_parameter(tiny_dir):
     est = estimate_memory(shape_from_config_json(tiny_dir), Plan(kind="full", seq_len=4, dtype_bytes=4))
     assert est.trainable == 1352
     assert est.parts == {"weights": 1352 * 4, "gradients": 1352 * 4, "optimizer (AdamW m, v)": 2 * 1352 * 4}
-    assert est.phases["end of forward (loss)"]["head gradient (fp32)"] == 10 * 8 * 4
+    assert est.phases["end of forward (loss)"]["head gradient (fp32 + one product)"] == 10 * 8 * (4 + 4)
+
+
+def test_loss_chunk_matches_the_kernel_default():
+    from tunex.estimate import CE_CHUNK_TOKENS
+    from tunex.kernels.cross_entropy import DEFAULT_CHUNK
+
+    assert CE_CHUNK_TOKENS == DEFAULT_CHUNK
 
 
 def test_resolve_shape_sources(tiny_dir, tmp_path):
@@ -123,5 +131,9 @@ def test_cli_json_matches_the_library(tiny_dir):
     assert out["peak_bytes"] == expected.peak and out["trainable"] == 512
     text = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3"])
     assert text.exit_code == 0 and "predicted peak" in text.output
+    half = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--adapter-dtype", "bfloat16",
+                                    "--model-config", str(tiny_dir / "config.json"), "--seq-len", "6",
+                                    "-o", "method.r=2", "--json"])
+    assert json.loads(half.output)["parts"]["adapter"] == 512 * 2
     bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--seq-len", "0"])
     assert bad.exit_code == 2

@@ -7,8 +7,9 @@ first optimizer step, inside gradient accumulation):
 
 * weights: NF4 (+ double quant, ~4.127 bits/param) for the decoder's linears under QLoRA, the
   compute dtype for everything else;
-* adapter, its gradients and AdamW's two moments, all in the adapter's dtype (the compute dtype);
-  for a full fine-tune the same for every parameter;
+* adapter, its gradients and AdamW's two moments, all in the adapter's dtype (fp32, as
+  tunex.train keeps adapters); for a full fine-tune the same in the weights' dtype for every
+  parameter;
 * activations: with gradient checkpointing one (tokens, hidden) checkpoint per layer plus one
   recomputed layer; without it every layer's saved tensors (see ``_saved_per_token``);
 * the largest transient: either the chunked cross-entropy's logits at the end of forward, or the
@@ -27,9 +28,9 @@ from pathlib import Path
 NF4_CODE_BYTES = 16 * 4
 NESTED_CODE_BYTES = 256 * 4
 NESTED_BLOCKSIZE = 256
-# fp32 logit elements per chunk of tunex.train.loss (its CHUNK_ELEMENTS), kept here so the
-# estimate needs no torch import.
-CE_CHUNK_ELEMENTS = 1 << 24
+# Tokens per chunk of tunex.kernels.chunked_cross_entropy (its DEFAULT_CHUNK), the loss tunex
+# trains with on CUDA; repeated here so the estimate needs no torch import (a test keeps them equal).
+CE_CHUNK_TOKENS = 1024
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -46,21 +47,17 @@ class ModelShape:
     vocab: int
     tie_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
-    arch: str = "llama"  # "internlm2" fuses q/k/v into one wqkv projection
 
     def linears(self) -> list[tuple[str, int, int]]:
-        """(module name relative to a layer, in_features, out_features) of one decoder layer."""
+        """(module name relative to a layer, in_features, out_features) of one decoder layer.
+
+        Names are tunex's (HF Llama's); tunex.models splits InternLM2's fused wqkv into q/k/v and
+        renames its w1/w3/w2 to gate/up/down, so one layout serves every family.
+        """
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if self.arch == "internlm2":
-            return [("attention.wqkv", h, q + 2 * kv), ("attention.wo", q, h),
-                    ("feed_forward.w1", h, i), ("feed_forward.w3", h, i), ("feed_forward.w2", i, h)]
         return [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
                 ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i),
                 ("mlp.down_proj", i, h)]
-
-    def head_names(self) -> tuple[str, str]:
-        """(embedding module, output head module) names."""
-        return ("model.tok_embeddings", "output") if self.arch == "internlm2" else ("model.embed_tokens", "lm_head")
 
     def linear_params(self) -> int:
         return self.layers * sum(i * o for _, i, o in self.linears())
@@ -80,7 +77,7 @@ class ModelShape:
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
-    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544, arch="internlm2"),
+    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544),
     "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
     "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
@@ -119,8 +116,7 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
     return ModelShape(hidden=hidden, intermediate=need("intermediate_size"), layers=need("num_hidden_layers"),
                       heads=heads, kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(head_dim),
                       vocab=need("vocab_size"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                      attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-                      arch="internlm2" if model_type == "internlm2" else "llama")
+                      attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")))
 
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
@@ -201,6 +197,7 @@ class Plan:
     seq_len: int = 2048
     batch: int = 1
     dtype_bytes: int = 2  # compute dtype: bf16
+    adapter_bytes: int = 4  # tunex.train keeps adapters (and so their grads and AdamW moments) in fp32
     r: int = 64
     target_modules: str | list[str] = "all-linear"
     dropout: float = 0.1
@@ -300,10 +297,11 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
         weights = params * c
     est = Estimate(shape, plan, params, trainable)
     est.parts = {"weights": weights}
+    t = c if plan.kind == "full" else plan.adapter_bytes
     if plan.kind != "full":  # a full fine-tune trains the weights themselves
-        est.parts["adapter"] = trainable * c
-    est.parts["gradients"] = trainable * c
-    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * c
+        est.parts["adapter"] = trainable * t
+    est.parts["gradients"] = trainable * t
+    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * t
 
     h, vocab = shape.hidden, shape.vocab
     checkpoint = tokens * h * c
@@ -315,11 +313,11 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     else:
         stored, stored_name, layer_recompute = layers * (per_layer + checkpoint), "activations", 0
     dequant = max(i * o for _, i, o in shape.linears()) * c if plan.kind == "qlora" else 0
-    chunk_tokens = min(tokens, max(1, CE_CHUNK_ELEMENTS // vocab))
+    # The Triton loss overwrites one chunk of logits with its gradient in place: one buffer.
     ce = {stored_name: stored, "final hidden + its gradient": 2 * tokens * h * c,
-          "logits chunk (bf16 + fp32)": chunk_tokens * vocab * (c + 4)}
+          "logits chunk": min(tokens, CE_CHUNK_TOKENS) * vocab * c}
     if plan.kind == "full":
-        ce["head gradient (fp32)"] = vocab * h * 4
+        ce["head gradient (fp32 + one product)"] = vocab * h * (4 + c)
     backward = {stored_name: stored, "hidden gradient": tokens * h * c,
                 "recomputed layer": layer_recompute,
                 "layer backward gradients": tokens * (3 * shape.intermediate + 2 * h) * c,

@@ -22,12 +22,14 @@ def register(cli: click.Group, convert: click.Group) -> None:
 @click.option("--checkpointing/--no-checkpointing", default=None,
               help="Override train.gradient_checkpointing.")
 @click.option("--offload-checkpoints", is_flag=True, help="Assume checkpoints live in pinned CPU memory.")
+@click.option("--adapter-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="dtype of LoRA adapters, their gradients and AdamW moments (tunex trains float32).")
 @click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. -o method.r=16 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (bytes).")
 def estimate(config: str, model_config: str | None, preset: str | None, seq_len: int | None,
              batch_size: int | None, checkpointing: bool | None, offload_checkpoints: bool,
-             overrides: tuple[str, ...], as_json: bool) -> None:
+             adapter_dtype: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """Predict the peak GPU memory of training CONFIG (a .toml file or a built-in config name).
 
     \b
@@ -36,7 +38,7 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
     torch.cuda.max_memory_allocated for tunex's training step in bf16 on a GPU.
     """
     from tunex.config import load_config
-    from tunex.estimate import estimate_memory, format_estimate, plan_from_config, resolve_shape
+    from tunex.estimate import DTYPE_BYTES, estimate_memory, format_estimate, plan_from_config, resolve_shape
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
         if value is not None and value < 1:
@@ -44,7 +46,8 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
     cfg = load_config(config, overrides)
     shape = resolve_shape(cfg.model.path, model_config, preset)
     plan = plan_from_config(cfg, seq_len=seq_len, batch=batch_size, checkpointing=checkpointing,
-                            offload_checkpoints=offload_checkpoints or None)
+                            offload_checkpoints=offload_checkpoints or None,
+                            adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None)
     est = estimate_memory(shape, plan)
     if as_json:
         click.echo(json.dumps({"peak_bytes": est.peak, "peak_phase": est.peak_phase, "params": est.params,
