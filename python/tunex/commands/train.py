@@ -1,0 +1,51 @@
+"""``tunex train CFG`` and ``tunex plot WORK_DIR``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def register(cli: click.Group, convert: click.Group) -> None:
+    cli.add_command(train)
+    cli.add_command(plot)
+
+
+@click.command()
+@click.argument("config")
+@click.option("--work-dir", default=None, help="Output folder (default: save.work_dir, else work_dirs/<config name>).")
+@click.option("--seed", type=int, default=None, help="Random seed (overrides train.seed).")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue from a checkpoint: 'auto' = the newest iter_N.pth in the work dir.")
+@click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. -o train.lr=1e-4 (repeatable).")
+@click.option("--max-steps", type=int, default=None, hidden=True,
+              help="Stop after this many optimizer steps of the planned run (the schedule is "
+                   "unchanged); used to test resuming.")
+def train(config: str, work_dir: str | None, seed: int | None, resume: str | None,
+          overrides: tuple[str, ...], max_steps: int | None) -> None:
+    """Fine-tune a model as CONFIG says (a .toml file or a built-in config name).
+
+    \b
+    Writes to the work dir: the config used (config.toml), metrics.jsonl, iter_N.pth checkpoints,
+    eval outputs and loss.png. Convert a checkpoint with `tunex convert pth_to_hf`.
+    """
+    from tunex.config import load_config
+    from tunex.train.loop import train as run_training
+
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, work_dir=work_dir, seed=seed, resume=resume, stop_after=max_steps)
+    if result.is_main:
+        click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; "
+                   f"checkpoint {result.checkpoint}")
+
+
+@click.command()
+@click.argument("work_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="PNG file to write (default WORK_DIR/loss.png).")
+def plot(work_dir: Path, out: Path | None) -> None:
+    """Draw the loss curve of a training run (WORK_DIR/metrics.jsonl) as a PNG."""
+    from tunex.train.metrics import plot_loss
+
+    click.echo(f"wrote {plot_loss(work_dir, out)}")

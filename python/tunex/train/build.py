@@ -1,0 +1,116 @@
+"""Turning a config into the things the loop runs: the device, the model with its trainable part
+(full / LoRA / QLoRA), the forward to final hidden states, and greedy generation for the eval hook.
+
+This is the one module that knows how a tunex model is called, so the loop stays model-agnostic.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunex.peft import apply_lora
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def autocast(train_dtype: str, device: torch.device):
+    """bf16/fp16 autocast on CUDA; on the CPU training runs in the weights' dtype."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if train_dtype == "float16" else torch.bfloat16
+    if train_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def build_model(cfg: Any, device: torch.device) -> nn.Module:
+    """Load ``cfg.model`` and make exactly the part ``cfg.method`` trains require grad.
+
+    Full: every parameter. LoRA: adapters on the targets over the dense base. QLoRA: the base
+    linears are quantized to NF4/FP4 while loading, adapters on top. Adapters are kept in fp32
+    whatever the base dtype, so the optimizer's updates are not lost to bf16 rounding.
+    """
+    from tunex.models import load_model, resolve_model_path
+
+    method = cfg.method
+    path = resolve_model_path(cfg.model.path)
+    dtype = weights_dtype(cfg.model.dtype, device)
+    quantize = None
+    if method.kind == "qlora":
+        compute = weights_dtype(method.compute_dtype, device)
+        quantize = {"quant_type": method.quant_type, "blocksize": method.blocksize,
+                    "double_quant": method.double_quant, "compute_dtype": compute}
+    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    if method.kind == "full":
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, method.target_modules, method.r, method.alpha, method.dropout,
+                   method.use_rslora, method.use_dora)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (the model's own switch).
+
+    Dropout masks are reproduced in the recomputation (the RNG state is preserved), so results
+    equal a run without checkpointing.
+    """
+    model.gradient_checkpointing = True
+
+
+def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of a tunex causal LM."""
+    return model.hidden_states(input_ids, position_ids)
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (V, H), bias or None) of the output projection (tied to the embedding or not)."""
+    head = model.lm_head
+    weight = head.weight if hasattr(head, "weight") and head.weight is not None else head.dense_weight()
+    return weight, getattr(head, "bias", None)
+
+
+@torch.no_grad()
+def generate_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy continuation of ``prompt`` (token ids), stopping at a stop id (not returned)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    weight, bias = output_head(model)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+        last = forward_hidden(model, ids, positions)[:, -1]  # (1, H)
+        logits = torch.nn.functional.linear(last.to(weight.dtype), weight, bias)
+        token = int(logits.argmax(-1))
+        if token in stop_ids:
+            break
+        out.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    return out

@@ -1,0 +1,89 @@
+"""Training checkpoints -> HF formats: a PEFT adapter for LoRA/QLoRA, a HF model folder for a full
+fine-tune (written by the Rust shard writer, with the base model's config and tokenizer files)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunex.errors import FormatError
+from tunex.peft import export_adapter
+from tunex.train import checkpoint
+
+# Files of a HF model folder that describe it rather than hold weights.
+MODEL_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+                    "merges.txt", "added_tokens.json")
+
+
+def _method_of(state: dict[str, Any], cfg: Any, pth: Path) -> str:
+    kind = state.get("method", cfg.method.kind)
+    if kind != cfg.method.kind:
+        raise FormatError(f"{pth}: written by a {kind} run but the config says method.kind = "
+                          f"{cfg.method.kind!r}; pass the config the run used (work_dir/config.toml)")
+    return kind
+
+
+def convert_checkpoint(cfg: Any, pth: str | os.PathLike, out: str | os.PathLike, *, fp32: bool = False,
+                       max_shard_size: str | int = "2GB") -> str:
+    """Write checkpoint ``pth`` of a run of ``cfg`` to ``out``; returns what was written."""
+    pth = Path(pth)
+    state = checkpoint.load(pth)
+    kind = _method_of(state, cfg, pth)
+    dtype = torch.float32 if fp32 else torch.float16
+    if kind in ("lora", "qlora"):
+        export_adapter(state["model"], cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
+        return "a PEFT adapter"
+    write_full_model(cfg, state["model"], Path(out), dtype, max_shard_size)
+    return "a HF model"
+
+
+def write_full_model(cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype,
+                     max_shard_size: str | int) -> None:
+    """A full fine-tune's weights as a HF folder: shards + index, config.json, tokenizer files."""
+    from tunex import save_sharded
+    from tunex.models import resolve_model_path
+
+    base = Path(resolve_model_path(cfg.model.path))
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    tensors = {k: v.to(dtype).contiguous() for k, v in weights.items() if _is_weight(k)}
+    tied = config.get("tie_word_embeddings", False)
+    if tied or _shares_storage(tensors, "lm_head.weight", "model.embed_tokens.weight"):
+        tensors.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_sharded(tensors, out, max_shard_size=max_shard_size)
+    tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else base
+    for name in MODEL_SIDE_FILES:
+        source = (base if name in ("config.json", "generation_config.json") else tokenizer_dir) / name
+        if source.is_file() and name != "config.json":
+            shutil.copyfile(source, out / name)
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_weight(key: str) -> bool:
+    # rotary tables and other derived buffers are not part of a HF checkpoint
+    return not key.endswith(("rotary_emb.inv_freq", ".cos_cached", ".sin_cached"))
+
+
+def _shares_storage(tensors: dict[str, torch.Tensor], a: str, b: str) -> bool:
+    if a not in tensors or b not in tensors:
+        return False
+    return torch.equal(tensors[a], tensors[b])
+
+
+def checkpoint_as_adapter(cfg: Any, pth: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A LoRA/QLoRA checkpoint as a fp32 PEFT adapter folder (for ``convert merge``)."""
+    pth = Path(pth)
+    state = checkpoint.load(pth)
+    kind = _method_of(state, cfg, pth)
+    if kind == "full":
+        raise FormatError(f"{pth}: a full fine-tune has no adapter to merge; "
+                          "use `tunex convert pth_to_hf` to write the model")
+    return export_adapter(state["model"], cfg.method, out, base_model=cfg.model.path,
+                          dtype=torch.float32, source=str(pth))
