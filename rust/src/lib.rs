@@ -1,7 +1,10 @@
 //! tunex's Rust core: bytes in, bytes out. Pure Rust modules first; the Python bindings live under
 //! `py/` and are compiled only with the `python` feature (maturin turns it on).
 
+pub mod adapter;
 pub mod error;
+pub mod merge;
+pub mod safetensors;
 pub mod units;
 
 #[cfg(feature = "python")]

@@ -1,0 +1,211 @@
+//! Which adapter tensors change which base tensors: PEFT key names resolved against the base
+//! checkpoint's headers, with every shape checked before a byte of weight data is read.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::adapter::AdapterConfig;
+use crate::error::{Error, Result};
+use crate::merge::math::Layout;
+use crate::safetensors::TensorInfo;
+
+/// PEFT saves module paths under this prefix; XTuner's and tunex's adapters do too.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A low-rank update of one base weight.
+#[derive(Clone, Debug)]
+pub struct LoraUpdate {
+    pub module: String,
+    pub a: TensorInfo,
+    pub b: TensorInfo,
+    pub rank: usize,
+    pub scaling: f32,
+    pub layout: Layout,
+    pub magnitude: Option<TensorInfo>,
+}
+
+/// Everything that happens to one base tensor.
+#[derive(Clone, Debug, Default)]
+pub struct TensorEdit {
+    /// Adapter tensor whose bytes replace the base tensor (modules_to_save, saved base layers,
+    /// trained biases).
+    pub replace: Option<TensorInfo>,
+    pub lora: Option<LoraUpdate>,
+    /// `lora_B.bias` added to a bias with this scaling (lora_bias=True).
+    pub bias: Option<(TensorInfo, f32)>,
+}
+
+#[derive(Default)]
+struct ModuleParts {
+    a: Option<TensorInfo>,
+    b: Option<TensorInfo>,
+    embedding: bool,
+    b_bias: Option<TensorInfo>,
+    magnitude: Option<TensorInfo>,
+}
+
+fn shape_str(s: &[u64]) -> String {
+    format!("({})", s.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
+}
+
+/// Resolve the adapter's tensors against `base` (name -> header entry). Returns the edits keyed
+/// by base tensor name. Adapter entries that fit no base tensor are all listed in one error.
+pub fn resolve(
+    config: &AdapterConfig,
+    adapter: &[TensorInfo],
+    base: &HashMap<&str, &TensorInfo>,
+) -> Result<HashMap<String, TensorEdit>> {
+    let mut modules: BTreeMap<String, ModuleParts> = BTreeMap::new();
+    let mut edits: HashMap<String, TensorEdit> = HashMap::new();
+    let mut unmatched = Vec::new();
+    let mut unsupported = Vec::new();
+
+    for t in adapter {
+        let key = t.name.strip_prefix(PEFT_PREFIX).unwrap_or(&t.name);
+        let split = |suffix: &str| key.strip_suffix(suffix).map(str::to_string);
+        if let Some(m) = split(".lora_A.weight") {
+            modules.entry(m).or_default().a = Some(t.clone());
+        } else if let Some(m) = split(".lora_B.weight") {
+            modules.entry(m).or_default().b = Some(t.clone());
+        } else if let Some(m) = split(".lora_B.bias") {
+            modules.entry(m).or_default().b_bias = Some(t.clone());
+        } else if let Some(m) = split(".lora_embedding_A") {
+            let p = modules.entry(m).or_default();
+            p.a = Some(t.clone());
+            p.embedding = true;
+        } else if let Some(m) = split(".lora_embedding_B") {
+            let p = modules.entry(m).or_default();
+            p.b = Some(t.clone());
+            p.embedding = true;
+        } else if let Some(m) = split(".lora_magnitude_vector").or_else(|| split(".lora_magnitude_vector.weight")) {
+            modules.entry(m).or_default().magnitude = Some(t.clone());
+        } else if key.contains(".lora_") {
+            unsupported.push(t.name.clone());
+        } else {
+            // A full tensor: `X.base_layer.weight` is the saved base weight of a LoRA-wrapped layer
+            // (embeddings saved with save_embedding_layers); anything else is modules_to_save or a
+            // trained bias. Both replace the base tensor of the same name.
+            let target = key.replacen(".base_layer.", ".", 1);
+            match base.get(target.as_str()) {
+                Some(b) if b.shape == t.shape => edits.entry(target).or_default().replace = Some(t.clone()),
+                Some(b) => {
+                    return Err(Error::data(format!(
+                        "adapter tensor {} has shape {} but base tensor {target} has shape {}",
+                        t.name, shape_str(&t.shape), shape_str(&b.shape)
+                    )))
+                }
+                None => unmatched.push(t.name.clone()),
+            }
+        }
+    }
+    if !unsupported.is_empty() {
+        return Err(Error::data(format!(
+            "the adapter holds tensors of a LoRA variant tunex cannot merge: {}",
+            unsupported.join(", ")
+        )));
+    }
+
+    for (module, parts) in modules {
+        let weight_name = format!("{module}.weight");
+        let Some(w) = base.get(weight_name.as_str()) else {
+            unmatched.push(format!("{module} (no base tensor {weight_name})"));
+            continue;
+        };
+        let (Some(a), Some(b)) = (parts.a, parts.b) else {
+            return Err(Error::data(format!("adapter module {module} has only one of its two LoRA factors (A and B)")));
+        };
+        let lora = check_lora(config, &module, w, a, b, parts.embedding, parts.magnitude)?;
+        if let Some(bias) = parts.b_bias {
+            let bias_name = format!("{module}.bias");
+            let Some(base_bias) = base.get(bias_name.as_str()) else {
+                return Err(Error::data(format!(
+                    "adapter module {module} has a lora_B bias (lora_bias=True) but the base has no {bias_name} to add it to"
+                )));
+            };
+            if base_bias.shape != bias.shape {
+                return Err(Error::data(format!(
+                    "adapter tensor {} has shape {} but base tensor {bias_name} has shape {}",
+                    bias.name, shape_str(&bias.shape), shape_str(&base_bias.shape)
+                )));
+            }
+            edits.entry(bias_name).or_default().bias = Some((bias, lora.scaling));
+        }
+        edits.entry(weight_name).or_default().lora = Some(lora);
+    }
+    if !unmatched.is_empty() {
+        return Err(Error::data(format!(
+            "{} adapter entr{} match no tensor of the base model (is this the right base?): {}",
+            unmatched.len(),
+            if unmatched.len() == 1 { "y does" } else { "ies do" },
+            unmatched.join(", ")
+        )));
+    }
+    Ok(edits)
+}
+
+fn check_lora(
+    config: &AdapterConfig,
+    module: &str,
+    w: &TensorInfo,
+    a: TensorInfo,
+    b: TensorInfo,
+    embedding: bool,
+    magnitude: Option<TensorInfo>,
+) -> Result<LoraUpdate> {
+    if w.shape.len() != 2 || a.shape.len() != 2 || b.shape.len() != 2 {
+        return Err(Error::data(format!(
+            "adapter module {module}: only 2-D weights can be merged (base {}, lora_A {}, lora_B {}); \
+             convolution LoRA is not supported",
+            shape_str(&w.shape), shape_str(&a.shape), shape_str(&b.shape)
+        )));
+    }
+    let (r, a_cols, b_rows) = (a.shape[0], a.shape[1], b.shape[0]);
+    if b.shape[1] != r {
+        return Err(Error::data(format!(
+            "adapter module {module}: lora_A {} and lora_B {} disagree on the rank",
+            shape_str(&a.shape), shape_str(&b.shape)
+        )));
+    }
+    let (want_r, scaling) = config.scaling_for(module);
+    if want_r != r {
+        return Err(Error::data(format!(
+            "adapter module {module}: the factors have rank {r} but adapter_config.json gives r={want_r} \
+             for it (r / rank_pattern)"
+        )));
+    }
+    let layout = if embedding || config.fan_in_fan_out { Layout::Transposed } else { Layout::Normal };
+    let product = match layout {
+        Layout::Normal => vec![b_rows, a_cols],
+        Layout::Transposed => vec![a_cols, b_rows],
+    };
+    if w.shape != product {
+        return Err(Error::data(format!(
+            "adapter module {module}: lora_B {} @ lora_A {} gives a {} update{} but base tensor {} has shape {}",
+            shape_str(&b.shape), shape_str(&a.shape), shape_str(&product),
+            if layout == Layout::Transposed { " (transposed)" } else { "" },
+            w.name, shape_str(&w.shape)
+        )));
+    }
+    match (&magnitude, config.use_dora) {
+        (None, true) => {
+            return Err(Error::data(format!(
+                "adapter_config.json sets use_dora but module {module} has no lora_magnitude_vector"
+            )))
+        }
+        (Some(_), false) => {
+            return Err(Error::data(format!(
+                "module {module} has a DoRA lora_magnitude_vector but adapter_config.json does not set use_dora"
+            )))
+        }
+        (Some(_), true) if embedding => {
+            return Err(Error::data(format!("module {module}: DoRA on embedding layers is not supported by tunex merge")))
+        }
+        (Some(m), true) if m.shape != vec![b_rows] => {
+            return Err(Error::data(format!(
+                "module {module}: lora_magnitude_vector has shape {} but the layer has {b_rows} output features",
+                shape_str(&m.shape)
+            )))
+        }
+        _ => {}
+    }
+    Ok(LoraUpdate { module: module.to_string(), a, b, rank: r as usize, scaling: scaling as f32, layout, magnitude })
+}

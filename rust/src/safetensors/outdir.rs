@@ -1,0 +1,208 @@
+//! Atomic output folders: everything is written into a hidden temporary folder next to (or inside)
+//! the target and only moved into place once every file is complete and fsynced. A failed or killed
+//! write leaves no target that looks complete; a failed one also removes its temporary folder.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The whole folder appears at once (merge): the target must not exist unless overwriting.
+    NewFolder { overwrite: bool },
+    /// Weight files land in an existing or new folder that may hold other files (save_sharded,
+    /// next to a config.json written by the caller); each file appears by rename.
+    IntoFolder,
+}
+
+pub struct OutputDir {
+    target: PathBuf,
+    work: PathBuf,
+    mode: Mode,
+    files: Vec<String>,
+    committed: bool,
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Directory fsync makes the renames durable; some filesystems refuse to open a directory for
+    // it, and on those the rename is all we can do.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn name_of(path: &Path) -> Result<String> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::arg(format!("{} has no final component to write to", path.display())))
+}
+
+impl OutputDir {
+    /// Prepare to create `target` as a whole new folder. Refuses an existing target unless
+    /// `overwrite`; the old one is replaced only at commit.
+    pub fn new_folder(target: &Path, overwrite: bool) -> Result<OutputDir> {
+        if target.exists() && !overwrite {
+            return Err(Error::io(
+                target,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the output folder already exists; choose another path or pass --overwrite (overwrite=True)",
+                ),
+            ));
+        }
+        let name = name_of(target)?;
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).at(&parent)?;
+        let work = parent.join(format!(".{name}.tunex-partial-{}", std::process::id()));
+        Self::fresh(target, work, Mode::NewFolder { overwrite })
+    }
+
+    /// Prepare to add weight files to `target` (created if missing).
+    pub fn into_folder(target: &Path) -> Result<OutputDir> {
+        fs::create_dir_all(target).at(target)?;
+        let work = target.join(format!(".tunex-partial-{}", std::process::id()));
+        Self::fresh(target, work, Mode::IntoFolder)
+    }
+
+    fn fresh(target: &Path, work: PathBuf, mode: Mode) -> Result<OutputDir> {
+        if work.exists() {
+            fs::remove_dir_all(&work).at(&work)?;
+        }
+        fs::create_dir(&work).at(&work)?;
+        Ok(OutputDir { target: target.to_path_buf(), work, mode, files: Vec::new(), committed: false })
+    }
+
+    /// The final location.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Create `name` inside the temporary folder; it is moved into place at commit, in creation
+    /// order (so an index written last also appears last).
+    pub fn create(&mut self, name: &str) -> Result<(PathBuf, File)> {
+        let path = self.work.join(name);
+        let file = File::create(&path).at(&path)?;
+        self.files.push(name.to_string());
+        Ok((path, file))
+    }
+
+    /// Copy a non-weight file (config.json, tokenizer files) into the output under its own name.
+    pub fn copy_in(&mut self, src: &Path) -> Result<()> {
+        let name = name_of(src)?;
+        let (dst, _) = self.create(&name)?;
+        fs::copy(src, &dst).at(src)?;
+        File::open(&dst).and_then(|f| f.sync_all()).at(&dst)?;
+        Ok(())
+    }
+
+    /// Move everything into place. `stale_prefix` (IntoFolder only): previous weight files with this
+    /// prefix (`model.safetensors`, `model-000NN-of-000MM.safetensors`, the index) that the new
+    /// set does not overwrite are deleted, so a folder never mixes two checkpoints.
+    pub fn commit(mut self, stale_prefix: &str) -> Result<()> {
+        sync_dir(&self.work)?;
+        match self.mode {
+            Mode::NewFolder { overwrite } => {
+                let parent = self.work.parent().map(Path::to_path_buf).unwrap_or_default();
+                let mut old = None;
+                if overwrite && fs::symlink_metadata(&self.target).is_ok() {
+                    let aside = parent.join(format!(".{}.tunex-old-{}", name_of(&self.target)?, std::process::id()));
+                    fs::rename(&self.target, &aside).at(&self.target)?;
+                    old = Some(aside);
+                }
+                fs::rename(&self.work, &self.target).at(&self.target)?;
+                self.committed = true;
+                sync_dir(&parent)?;
+                if let Some(old) = old {
+                    let gone = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
+                    gone.at(&old)?;
+                }
+            }
+            Mode::IntoFolder => {
+                self.remove_stale(stale_prefix)?;
+                for name in &self.files {
+                    let (from, to) = (self.work.join(name), self.target.join(name));
+                    fs::rename(&from, &to).at(&to)?;
+                }
+                self.committed = true;
+                fs::remove_dir(&self.work).at(&self.work)?;
+                sync_dir(&self.target)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_stale(&self, prefix: &str) -> Result<()> {
+        let is_weight = |n: &str| {
+            n == format!("{prefix}.safetensors")
+                || n == format!("{prefix}.safetensors.index.json")
+                || (n.starts_with(&format!("{prefix}-")) && n.ends_with(".safetensors") && n.contains("-of-"))
+        };
+        for entry in fs::read_dir(&self.target).at(&self.target)? {
+            let entry = entry.at(&self.target)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_weight(&name) && !self.files.contains(&name) {
+                fs::remove_file(entry.path()).at(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutputDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_folder_appears_only_at_commit_and_failures_clean_up() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("out");
+        {
+            let mut out = OutputDir::new_folder(&target, false).unwrap();
+            out.create("a.txt").unwrap();
+            assert!(!target.exists());
+            // Dropped without commit: as after an error.
+        }
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0, "temporary folder left behind");
+        let mut out = OutputDir::new_folder(&target, false).unwrap();
+        out.create("a.txt").unwrap();
+        out.commit("model").unwrap();
+        assert!(target.join("a.txt").is_file());
+        let e = OutputDir::new_folder(&target, false).err().unwrap();
+        assert!(matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists));
+        assert!(e.to_string().contains("--overwrite"));
+        let mut out = OutputDir::new_folder(&target, true).unwrap();
+        out.create("b.txt").unwrap();
+        out.commit("model").unwrap();
+        assert!(target.join("b.txt").is_file() && !target.join("a.txt").exists());
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn into_folder_replaces_stale_shards_and_keeps_other_files() {
+        let root = tempfile::tempdir().unwrap();
+        for n in ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                  "model.safetensors.index.json"] {
+            fs::write(root.path().join(n), b"old").unwrap();
+        }
+        let mut out = OutputDir::into_folder(root.path()).unwrap();
+        out.create("model.safetensors").unwrap();
+        out.commit("model").unwrap();
+        let mut names: Vec<String> =
+            fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, vec!["config.json", "model.safetensors"]);
+    }
+}

@@ -1,0 +1,117 @@
+//! A memory-mapped safetensors file: parsed header plus borrowed views of each tensor's bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::header::{parse_header, Header, TensorInfo};
+use crate::error::{Error, IoContext, Result};
+
+/// An open safetensors file. Tensor bytes are read through the mapping, so opening costs only the
+/// header; the pages a caller touches can be handed back with [`SafeFile::release`].
+pub struct SafeFile {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+    by_name: HashMap<String, usize>,
+}
+
+impl SafeFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<SafeFile> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).at(&path)?;
+        let len = file.metadata().at(&path)?.len();
+        if len < 8 {
+            // Zero-length files cannot be mapped; let the parser report the short file.
+            let head = std::fs::read(&path).at(&path)?;
+            return Err(match parse_header(&path, &head) {
+                Err(e) => e,
+                Ok(_) => Error::format(&path, "is shorter than a safetensors header"),
+            });
+        }
+        // SAFETY: the mapping is read-only. Another process truncating the file while we read it
+        // would fault, as with every mmap-based reader (safetensors, numpy.memmap); tunex does not
+        // write to its inputs.
+        let map = unsafe { Mmap::map(&file) }.at(&path)?;
+        let header = parse_header(&path, &map)?;
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(SafeFile { path, map, header, by_name })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Tensors in data-offset order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.header.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    /// Look a tensor up, or fail naming the file.
+    pub fn require(&self, name: &str) -> Result<&TensorInfo> {
+        self.get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("has no tensor named {name:?}")))
+    }
+
+    /// The bytes of `info`, which must come from this file's header.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        let start = (self.header.data_start + info.begin) as usize;
+        let end = (self.header.data_start + info.end) as usize;
+        &self.map[start..end]
+    }
+
+    /// Drop this process's resident pages of `info` (they stay in the page cache). A streaming pass
+    /// over a model calls this after each tensor so its resident set stays at one tensor, not the
+    /// whole checkpoint.
+    pub fn release(&self, info: &TensorInfo) {
+        let start = (self.header.data_start + info.begin) as usize;
+        let len = info.nbytes() as usize;
+        if len == 0 {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only discards clean pages;
+        // a later read of the range faults them back in from the file. No Rust reference into the
+        // range is invalidated because the contents do not change.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors::dtype::Dtype;
+    use crate::safetensors::header::build_header;
+
+    #[test]
+    fn reads_back_bytes_and_reports_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let (mut bytes, _) = build_header(&[("w", Dtype::U8, &[3]), ("v", Dtype::U8, &[2])], &[]);
+        bytes.extend_from_slice(&[1, 2, 3, 4, 5]);
+        std::fs::write(&p, &bytes).unwrap();
+        let f = SafeFile::open(&p).unwrap();
+        assert_eq!(f.bytes(f.require("v").unwrap()), &[4, 5]);
+        f.release(f.get("w").unwrap());
+        assert_eq!(f.bytes(f.get("w").unwrap()), &[1, 2, 3]);
+        assert!(f.require("nope").unwrap_err().to_string().contains("\"nope\""));
+
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        let e = SafeFile::open(dir.path().join("empty")).err().unwrap().to_string();
+        assert!(e.contains("shorter"), "{e}");
+        let e = SafeFile::open(dir.path().join("missing")).err().unwrap();
+        assert!(matches!(e, Error::Io { .. }));
+    }
+}
