@@ -118,11 +118,12 @@ def kind_of(path: Path) -> str:
     return {".jsonl": "jsonl", ".txt": "txt", ".json": "json", ".yml": "yaml", ".yaml": "yaml"}[path.suffix.lower()]
 
 
-def scan(files: Sequence[Path], chunk_bytes: int = CHUNK_BYTES) -> tuple[str, list[Chunk]]:
-    """Hash the files' contents and split them into chunks, in one read of each file.
+def scan(files: Sequence[Path], chunk_bytes: int | None = None) -> tuple[str, list[Chunk]]:
+    """Hash the files' contents and split them into chunks (default CHUNK_BYTES), in one read of each.
 
     Returns (hex digest over every file's bytes and relative order, chunks).
     """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     total = hashlib.blake2b(digest_size=20)
     chunks: list[Chunk] = []
     for path in files:
