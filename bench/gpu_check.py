@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""The GPU device check: kernel correctness on CUDA, then 7B QLoRA tokens/s and peak memory.
+
+1. Every tunex kernel's Triton path against its torch reference on CUDA tensors at Llama-2-7B
+   sizes (fp32 within 1e-5 relative, bf16 within 1e-2), with forward+backward times of the Triton
+   and torch paths.
+2. A Llama-2-7B-shaped checkpoint with random bf16 weights is written to a temporary folder (no
+   download), then each contender loads it quantizing at load (NF4, double quant, blocksize 64) and
+   trains QLoRA r=64 alpha=16 dropout 0.1 on all linear layers, gradient checkpointing, seq 2048,
+   batch 1, bf16 compute, AdamW: tunex, and transformers+PEFT+bitsandbytes when importable. Each runs
+   in its own subprocess so ``torch.cuda.max_memory_allocated`` is its own. ``tunex estimate``'s
+   prediction for the same plan is printed next to tunex's measured peak.
+
+Prints one markdown table. Budget: under 8 minutes on one H200 (most of it writing and loading the
+13.5 GB checkpoint). ``--tiny`` runs the same code on a 2-layer model (CPU allowed, kernels through
+triton's interpreter) to check the script itself.
+
+Usage: python bench/gpu_check.py [--tiny] [--steps N] [--no-baseline] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LLAMA2_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+TINY = {**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 256}
+LORA = {"r": 64, "alpha": 16, "dropout": 0.1}
+WARMUP = 2
+
+
+# ---- 1. kernels -----------------------------------------------------------------------------------
+
+def _rel(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _timed(fn, device, repeat: int = 5) -> float:
+    import torch
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def kernel_rows(device, tiny: bool) -> list[list[str]]:
+    import torch
+
+    from tunex import kernels
+
+    n, h, i, v, heads = (64, 64, 160, 256, 4) if tiny else (2048, 4096, 11008, 32000, 32)
+    d = h // heads
+    rows = []
+
+    def case(name, dtype, make, run, ref):
+        torch.manual_seed(0)
+        inputs = make(dtype)
+        worst = 0.0
+        outs = {}
+        for backend in ("triton", "torch"):
+            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+            out = run(leaves, backend)
+            out.backward(torch.ones_like(out) if out.dim() else None)
+            outs[backend] = [out] + [t.grad for t in leaves if t.requires_grad]
+        leaves = [t.detach().float().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = ref(leaves)
+        out.backward(torch.ones_like(out) if out.dim() else None)
+        expected = [out] + [t.grad for t in leaves if t.requires_grad]
+        worst = max(_rel(a, b) for a, b in zip(outs["triton"], expected))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+
+        def step(backend):
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+            out = run(leaves, backend)
+            out.backward(torch.ones_like(out) if out.dim() else None)
+
+        t_triton = _timed(lambda: step("triton"), device)
+        t_torch = _timed(lambda: step("torch"), device)
+        rows.append([f"kernel {name} {str(dtype)[6:]}", "pass" if worst <= tol else "FAIL", f"{worst:.2e}",
+                     f"{t_triton:.3f} ms", f"{t_torch:.3f} ms", f"{t_torch / t_triton:.2f}x"])
+
+    for dtype in (torch.float32, torch.bfloat16):
+        case("rms_norm", dtype, lambda dt: [torch.randn(n, h, dtype=dt, device=device),
+                                            torch.randn(h, dtype=dt, device=device)],
+             lambda t, b: kernels.rms_norm(t[0], t[1], 1e-5, backend=b),
+             lambda t: kernels.rms_norm_reference(t[0], t[1], 1e-5))
+        cos, sin = torch.randn(n, d, dtype=dtype, device=device), torch.randn(n, d, dtype=dtype, device=device)
+        case("rope", dtype, lambda dt: [torch.randn(1, heads, n, d, dtype=dt, device=device)],
+             lambda t, b: kernels.apply_rope(t[0], cos, sin, backend=b),
+             lambda t: kernels.rope_reference(t[0], cos.float(), sin.float()))
+        case("swiglu", dtype, lambda dt: [torch.randn(n, i, dtype=dt, device=device),
+                                          torch.randn(n, i, dtype=dt, device=device)],
+             lambda t, b: kernels.swiglu(t[0], t[1], backend=b),
+             lambda t: kernels.swiglu_reference(t[0], t[1]))
+        labels = torch.randint(0, v, (n,), device=device)
+        case("cross_entropy", dtype, lambda dt: [torch.randn(n, h, dtype=dt, device=device),
+                                                 torch.randn(v, h, dtype=dt, device=device) * 0.02],
+             lambda t, b: kernels.chunked_cross_entropy(t[0], t[1], labels, backend=b),
+             lambda t: kernels.cross_entropy_reference(t[0], t[1], labels))
+    rows += lora_rows(device, n, h, i)
+    rows += nf4_rows(device, h, i)
+    return rows
+
+
+def lora_rows(device, n: int, h: int, i: int) -> list[list[str]]:
+    """The fused LoRA linear vs plain autograd (same dropout mask) over a base weight produced by a
+    callable that allocates a fresh tensor, as a 4-bit dequantization does: error, time, peak memory."""
+    import torch
+
+    from tunex.kernels import lora_linear, lora_linear_reference
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        x = torch.randn(n, h, dtype=dtype, device=device)
+        w = torch.randn(i, h, dtype=dtype, device=device) * 0.02
+        a = torch.randn(64, h, device=device) * 0.02
+        b = torch.randn(i, 64, device=device) * 0.02
+
+        def run(fn):
+            leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+            torch.manual_seed(1)
+            out = fn(leaves[0], lambda: w.clone(), leaves[1], leaves[2], 0.25, dropout=0.1)
+            out.backward(torch.ones_like(out))
+            return [out] + [t.grad for t in leaves]
+
+        err = max(_rel(p, q) for p, q in zip(run(lora_linear), run(lora_linear_reference)))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        peaks = []
+        for fn in (lora_linear, lora_linear_reference):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                run(fn)
+                peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        t_fused, t_ref = _timed(lambda: run(lora_linear), device), _timed(lambda: run(lora_linear_reference), device)
+        memory = f", peak {peaks[0]:.0f} vs {peaks[1]:.0f} MiB" if peaks else ""
+        rows.append([f"kernel lora_linear {str(dtype)[6:]} (fused vs autograd)", "pass" if err <= tol else "FAIL",
+                     f"{err:.2e}", f"{t_fused:.3f} ms", f"{t_ref:.3f} ms", f"{t_ref / t_fused:.2f}x{memory}"])
+    return rows
+
+
+def nf4_rows(device, h: int, i: int) -> list[list[str]]:
+    """The NF4 dequantization kernel (tunex.kernels.nf4_dequant, from the quantization work) vs
+    tunex.quant's torch dequantization of the same packed weight, when both are present."""
+    import torch
+
+    try:
+        from tunex import quant
+        from tunex.kernels import nf4_dequant
+    except ImportError as exc:
+        return [["kernel nf4_dequant", "skipped", f"({exc})", "", "", ""]]
+    w = torch.randn(i, h, dtype=torch.bfloat16, device=device)
+    packed = quant.quantize(w, quant_type="nf4", blocksize=64, double_quant=True)
+    ref = quant.dequantize(packed, backend="torch") if "backend" in quant.dequantize.__code__.co_varnames \
+        else quant.dequantize(packed)
+    got = nf4_dequant.dequantize(packed)
+    err = _rel(got, ref)
+    t_kernel = _timed(lambda: nf4_dequant.dequantize(packed), device)
+    return [["kernel nf4_dequant bf16", "pass" if err <= 1e-2 else "FAIL", f"{err:.2e}", f"{t_kernel:.3f} ms",
+             "", ""]]
+
+
+# ---- 2. training ----------------------------------------------------------------------------------
+
+def write_checkpoint(folder: Path, config: dict) -> None:
+    """Random bf16 weights (std 0.02, norms 1) in HF Llama names, one safetensors shard per layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    h, i, v, layers = (config[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+
+    weight_map = {}
+    shards = [{"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+               "lm_head.weight": rand(v, h)}]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shards.append({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
+                       p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
+                       p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+                       p + "mlp.down_proj.weight": rand(h, i),
+                       p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    total = 0
+    for k, shard in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _measure(step, device, seq: int, steps: int) -> dict:
+    import torch
+
+    for _ in range(WARMUP):  # allocator, optimizer state, Triton compilation
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    out = {"tokens_per_s": seq * steps / elapsed, "loss": float(loss)}
+    if device.type == "cuda":
+        out["peak_allocated"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
+    import torch
+
+    from tunex.config import validate
+    from tunex.train.build import build_model, enable_gradient_checkpointing
+    from tunex.train.loop import _micro_step
+    from tunex.train.optim import build_optimizer
+
+    device = torch.device(device_name)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    cfg = validate({
+        "model": {"path": folder, "dtype": dtype}, "data": {"path": "-", "max_length": seq},
+        "method": {"kind": "qlora", "target_modules": "all-linear", "quant_type": "nf4", "blocksize": 64,
+                   "double_quant": True, "compute_dtype": dtype, **LORA},
+        "train": {"dtype": dtype, "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 1},
+    })
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build_model(cfg, device)
+    load_s = time.perf_counter() - started
+    enable_gradient_checkpointing(model)
+    model.train()
+    opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
+    x = torch.randint(0, model.config.vocab_size, (1, seq))
+    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(seq)[None]}
+
+    def step():
+        loss, _ = _micro_step(model, batch, device, cfg, 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return {**_measure(step, device, seq, steps), "load_s": load_s}
+
+
+def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": device})
+    load_s = time.perf_counter() - started
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=2e-4, **fused)
+    x = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return {**_measure(step, device, seq, steps), "load_s": load_s}
+
+
+def run_child(which: str, folder: Path, seq: int, steps: int, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder), "--seq", str(seq),
+           "--steps", str(steps), "--device", device]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:]
+        return {"error": (" ".join(tail) or f"exit {done.returncode}").replace("|", "/")}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def estimate_row(config: dict, seq: int) -> int:
+    from tunex.estimate import Plan, estimate_memory, shape_from_config_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        shape = shape_from_config_json(tmp)
+    plan = Plan(kind="qlora", seq_len=seq, batch=1, r=LORA["r"], dropout=LORA["dropout"])
+    return estimate_memory(shape, plan).peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="2-layer model: check the script itself")
+    ap.add_argument("--steps", type=int, default=5, help="measured training steps (after 2 warm-up steps)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip transformers+PEFT+bitsandbytes")
+    ap.add_argument("--keep", type=Path, default=None, help="write the random checkpoint here and keep it")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--child", choices=["tunex", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        fn = child_tunex if args.child == "tunex" else child_hf
+        print(json.dumps(fn(args.folder, args.seq, args.steps, args.device)))
+        return
+
+    import torch
+
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cpu":
+        if not args.tiny:
+            raise SystemExit("error: no CUDA device; the full check needs a GPU (use --tiny to check the script)")
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first Triton kernel is imported
+    device = torch.device(device_name)
+    config = TINY if args.tiny else LLAMA2_7B
+    seq = 64 if args.tiny else 2048
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (triton interpreter)"
+    print(f"device: {gpu}; torch {torch.__version__}", file=sys.stderr)
+
+    rows = kernel_rows(device, args.tiny)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp) / "llama2-7b-random"
+        started = time.perf_counter()
+        write_checkpoint(folder, config)
+        print(f"random checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        results = {"tunex": run_child("tunex", folder, seq, args.steps, device_name)}
+        if not args.no_baseline:
+            results["transformers+PEFT+bnb"] = run_child("hf", folder, seq, args.steps, device_name)
+    predicted = estimate_row(config, seq)
+    base = results.get("transformers+PEFT+bnb", {})
+    print(f"GPU: {gpu}. Kernels: Triton vs torch path, forward+backward at Llama-2-7B sizes "
+          f"(2048 tokens). Training: {'tiny 2-layer' if args.tiny else 'Llama-2-7B-shaped'} random model, "
+          f"QLoRA NF4+double quant, r=64 all-linear, dropout 0.1, seq {seq}, batch 1, gradient "
+          f"checkpointing, {args.steps} steps after {WARMUP} warm-up.\n")
+    print("| check | result | max rel err / tokens/s | Triton / peak allocated | torch / peak reserved | ratio |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| train {name} | error | {r['error'][:120]} | | | |")
+            continue
+        ratio = ""
+        if name == "tunex" and "tokens_per_s" in base:
+            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s"
+            if "peak_allocated" in base:
+                ratio += f", {r['peak_allocated'] / base['peak_allocated']:.2f}x memory"
+        gib = (lambda k: f"{r[k] / 2**30:.2f} GiB" if k in r else "n/a")
+        print(f"| train {name} | loss {r['loss']:.3f}, load {r['load_s']:.0f} s | {r['tokens_per_s']:.0f} tok/s "
+              f"| {gib('peak_allocated')} | {gib('peak_reserved')} | {ratio} |")
+    measured = results["tunex"].get("peak_allocated")
+    vs = f" (measured {measured / 2**30:.2f} GiB, {measured / predicted:.2f}x)" if measured else ""
+    print(f"| tunex estimate | predicted peak | {predicted / 2**30:.2f} GiB{vs} | | | |")
+
+
+if __name__ == "__main__":
+    main()
