@@ -71,7 +71,8 @@ def make_data(folder: Path, kind: str) -> Path:
     return path
 
 
-def write_config(path: Path, model: Path, data: Path, kind: str, fmt: str, work_dir: Path, **train) -> Path:
+def write_config(path: Path, model: Path, data: Path, kind: str, fmt: str, work_dir: Path,
+                 save_steps: int = 4, **train) -> Path:
     """A TOML config for the tiny model; ``train`` overrides [train] keys."""
     settings = {"batch_size": 2, "grad_accum": 2, "max_steps": 12, "lr": 1e-2, "warmup_ratio": 0.1,
                 "dtype": "float32", "gradient_checkpointing": False, "log_steps": 4, "seed": 0}
@@ -88,7 +89,7 @@ def write_config(path: Path, model: Path, data: Path, kind: str, fmt: str, work_
         "method": method,
         "train": settings,
         "eval": {"prompts": [QA[0][0]], "every_n_steps": 6, "max_new_tokens": 8},
-        "save": {"work_dir": str(work_dir), "save_steps": 4, "save_total_limit": 2},
+        "save": {"work_dir": str(work_dir), "save_steps": save_steps, "save_total_limit": 2},
     }
 
     def value(v):

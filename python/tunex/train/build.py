@@ -1,5 +1,5 @@
 """Turning a config into the things the loop runs: the device, the model with its trainable part
-(full / LoRA / QLoRA), the forward to final hidden states, and greedy generation for the eval hook.
+(full / LoRA / QLoRA), the forward to final hidden states, and and the output head.
 
 This is the one module that knows how a tunex model is called, so the loop stays model-agnostic.
 """
@@ -95,22 +95,3 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.lm_head
     weight = head.weight if hasattr(head, "weight") and head.weight is not None else head.dense_weight()
     return weight, getattr(head, "bias", None)
-
-
-@torch.no_grad()
-def generate_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy continuation of ``prompt`` (token ids), stopping at a stop id (not returned)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    weight, bias = output_head(model)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-        last = forward_hidden(model, ids, positions)[:, -1]  # (1, H)
-        logits = torch.nn.functional.linear(last.to(weight.dtype), weight, bias)
-        token = int(logits.argmax(-1))
-        if token in stop_ids:
-            break
-        out.append(token)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-    return out

@@ -46,11 +46,13 @@ def write_full_model(cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtyp
                      max_shard_size: str | int) -> None:
     """A full fine-tune's weights as a HF folder: shards + index, config.json, tokenizer files."""
     from tunex import save_sharded
-    from tunex.models import resolve_model_path
+    from tunex.models import read_config, resolve_model_path, to_checkpoint_names
 
     base = Path(resolve_model_path(cfg.model.path))
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    tensors = {k: v.to(dtype).contiguous() for k, v in weights.items() if _is_weight(k)}
+    # tunex's module layout -> the family's own names (InternLM2's fused wqkv, ...)
+    named = to_checkpoint_names({k: v for k, v in weights.items() if _is_weight(k)}, read_config(base))
+    tensors = {k: v.to(dtype).contiguous() for k, v in named.items()}
     tied = config.get("tie_word_embeddings", False)
     if tied or _shares_storage(tensors, "lm_head.weight", "model.embed_tokens.weight"):
         tensors.pop("lm_head.weight", None)

@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import torch
 
-from tunex.train.build import generate_greedy
 
 
 class EvalChatHook:
@@ -51,6 +50,8 @@ class EvalChatHook:
         return ids
 
     def __call__(self, step: int) -> list[dict[str, Any]]:
+        from tunex.models import generate
+
         was_training = self.model.training
         self.model.eval()
         # Generation must not move the training RNG: a resumed run's dropout masks depend on it.
@@ -59,7 +60,8 @@ class EvalChatHook:
         try:
             stops = self.stop_ids()
             for prompt in self.cfg.prompts:
-                out = generate_greedy(self.model, self.prompt_ids(prompt), self.cfg.max_new_tokens, stops)
+                out = generate(self.model, self.prompt_ids(prompt), max_new_tokens=self.cfg.max_new_tokens,
+                               temperature=0.0, stop_token_ids=sorted(stops))
                 answer = self.tokenizer.decode(out, skip_special_tokens=True).strip()
                 records.append({"step": step, "prompt": prompt, "answer": answer})
                 self.echo(f"[eval step {step}] {prompt!r} -> {answer!r}")

@@ -1,0 +1,155 @@
+"""End to end on tiny random models: train, checkpoint, resume, convert, merge, for full / LoRA /
+QLoRA on pretraining text and on chat data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_train_helpers import QA, make_data, make_tiny_model, write_config
+from tunex.cli import cli
+from tunex.config import load_config
+from tunex.train import checkpoint
+from tunex.train.loop import TrainingDiverged, train
+from tunex.train.metrics import read_metrics
+
+pytest.importorskip("transformers")
+
+
+
+def _has_quant() -> bool:
+    try:
+        from tunex.quant import NF4Linear  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_QUANT = _has_quant()
+KINDS = ["full", "lora", pytest.param("qlora", marks=pytest.mark.skipif(not HAS_QUANT, reason="tunex.quant"))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: one thread avoids paying thread wake-ups on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"tied": make_tiny_model(root / "tied", tied=True), "untied": make_tiny_model(root / "untied", tied=False)}
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# lr per method: adapters on a frozen random base need a larger step than a full fine-tune
+LR = {"full": 3e-3, "lora": 2e-2, "qlora": 2e-2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("data", ["pretrain", "instruct"])
+def test_train_save_convert_merge(tmp_path, models, kind, data):
+    model = models["tied" if data == "instruct" else "untied"]
+    fmt = "pretrain" if data == "pretrain" else "openai"
+    work = tmp_path / "work"
+    cfg_path = write_config(tmp_path / "c.toml", model, make_data(tmp_path / "d", data), kind, fmt, work,
+                            lr=LR[kind], max_steps=16)
+    run_cli("train", str(cfg_path))
+    records = read_metrics(work)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert [s for s, _ in checkpoint.checkpoints(work)] == [12, 16]  # save_steps 4, keep 2
+    assert (work / "config.toml").is_file() and (work / "loss.png").is_file()
+    evals = [json.loads(line) for line in (work / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [6, 12, 16]
+    state = torch.load(work / "iter_16.pth", weights_only=True)
+    assert state["step"] == 16 and state["method"] == kind and "optimizer" in state
+
+    import tunex
+
+    if not hasattr(tunex, "save_sharded"):
+        pytest.skip("tunex.save_sharded / convert merge (issue 3) not in this tree yet")
+    out = tmp_path / "hf"
+    run_cli("convert", "pth_to_hf", str(cfg_path), str(work / "iter_16.pth"), str(out))
+    if kind == "full":
+        assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    else:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
+        merged = tmp_path / "merged"
+        # a .pth merges in one step when the config comes along
+        run_cli("convert", "merge", str(model), str(work / "iter_16.pth"), str(merged), "--config", str(cfg_path))
+        assert any(merged.glob("*.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path, models):
+    data = make_data(tmp_path / "d", "instruct")
+    full_cfg = write_config(tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a",
+                            max_steps=10, save_steps=3)
+    cfg_a = load_config(full_cfg)
+    train(cfg_a)
+    cut_cfg = write_config(tmp_path / "b.toml", models["tied"], data, "lora", "openai", tmp_path / "b",
+                           max_steps=10, save_steps=3)
+    train(load_config(cut_cfg), stop_after=5)  # stops after step 5; newest checkpoint is iter_5
+    assert checkpoint.latest(tmp_path / "b").name == "iter_5.pth"
+    # simulate a kill after step 6's work was lost: resume from iter_3 rather than the last one
+    train(load_config(cut_cfg), resume=str(tmp_path / "b" / "iter_3.pth"))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        assert (ra["loss"], ra["lr"], ra["grad_norm"]) == (rb["loss"], rb["lr"], rb["grad_norm"]), ra["step"]
+    wa = torch.load(tmp_path / "a" / "iter_10.pth", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "iter_10.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, models):
+    cfg = write_config(tmp_path / "c.toml", models["tied"], make_data(tmp_path / "d", "instruct"), "lora",
+                       "openai", tmp_path / "w", max_steps=2)
+    result = train(load_config(cfg), resume="auto")
+    assert result.steps == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, models):
+    cfg = write_config(tmp_path / "c.toml", models["untied"], make_data(tmp_path / "d", "pretrain"), "full",
+                       "pretrain", tmp_path / "w", max_steps=20, lr=1e30, save_steps=1, max_norm=0.0)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is .*iter_"):
+        train(load_config(cfg))
+    records = read_metrics(tmp_path / "w")
+    steps = [s for s, _ in checkpoint.checkpoints(tmp_path / "w")]
+    assert steps and steps[-1] == records[-1]["step"]
+    assert all(torch.isfinite(t).all() for t in
+               torch.load(checkpoint.latest(tmp_path / "w"), weights_only=True)["model"].values()
+               if t.is_floating_point())
+
+
+def test_train_command_reports_config_errors(tmp_path):
+    (tmp_path / "bad.toml").write_text("[model]\npath = 'x'\n[data]\npath = 'y'\n[train]\nlr = -1\n")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "bad.toml")])
+    assert result.exit_code == 1 and "train.lr" in result.output
+
+
+def test_plot_command(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\n"
+                                                    for i in range(1, 5)))
+    assert "loss.png" in run_cli("plot", str(tmp_path))
+
+
+def test_eval_hook_answers_with_the_template(tmp_path, models):
+    cfg = write_config(tmp_path / "c.toml", models["tied"], make_data(tmp_path / "d", "instruct"), "lora",
+                       "openai", tmp_path / "w", max_steps=1)
+    train(load_config(cfg))
+    record = json.loads((tmp_path / "w" / "eval.jsonl").read_text().splitlines()[0])
+    assert record["prompt"] == QA[0][0] and isinstance(record["answer"], str)
