@@ -61,9 +61,14 @@ def build_model(cfg: Any, device: torch.device) -> nn.Module:
     dtype = weights_dtype(cfg.model.dtype, device)
     quantize = None
     if method.kind == "qlora":
+        from tunex.quant import NF4Linear
+
         compute = weights_dtype(method.compute_dtype, device)
-        quantize = {"quant_type": method.quant_type, "blocksize": method.blocksize,
-                    "double_quant": method.double_quant, "compute_dtype": compute}
+
+        def quantize(name: str, linear: nn.Linear) -> nn.Module:
+            # called per decoder layer while loading, so the dense weights never all coexist
+            return NF4Linear.from_linear(linear, method.quant_type, method.blocksize,
+                                         method.double_quant, compute)
     model = load_model(path, dtype=dtype, device=device, quantize=quantize)
     if method.kind == "full":
         model.requires_grad_(True)
