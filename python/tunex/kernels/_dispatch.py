@@ -59,6 +59,18 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def warps_for(block: int) -> int:
+    """Warps for a program that reduces ``block`` elements: enough threads to keep each thread's
+    share of a row at a few registers' worth (a wider row with 4 warps would spill)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as a 2-D (rows, last dim) tensor whose last dim is contiguous."""
     rows = x.reshape(-1, x.shape[-1])

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunex.kernels._dispatch import next_power_of_two
+from tunex.kernels._dispatch import next_power_of_two, warps_for
 
 MAX_BLOCK_V = 4096
 _FLOOR = -1.0e30  # a finite "minus infinity", so exp(m_old - m_new) never sees inf - inf
@@ -48,6 +48,7 @@ def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         labels = labels.contiguous()
+        block = min(MAX_BLOCK_V, next_power_of_two(vocab))
         _ce_rows[(rows,)](logits, logits.stride(0), labels, loss, vocab, ignore_index,
-                          BLOCK_V=min(MAX_BLOCK_V, next_power_of_two(vocab)), FLOOR=_FLOOR)
+                          BLOCK_V=block, FLOOR=_FLOOR, num_warps=warps_for(block))
     return loss

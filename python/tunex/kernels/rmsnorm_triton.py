@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunex.kernels._dispatch import next_power_of_two
+from tunex.kernels._dispatch import next_power_of_two, warps_for
 
 
 @triton.jit
@@ -58,8 +58,9 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     y = torch.empty_like(x2)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2.device)
     if rows:
+        block = next_power_of_two(n)
         _rms_forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps,
-                              BLOCK=next_power_of_two(n))
+                              BLOCK=block, num_warps=warps_for(block))
     return y, rstd
 
 
@@ -75,7 +76,8 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
     programs = _programs(rows, x2.device)
     per_program = triton.cdiv(rows, programs) if rows else 0
     dw_part = torch.zeros(programs, n, dtype=torch.float32, device=x2.device)
+    block = next_power_of_two(n)
     if rows:
         _rms_backward[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                   dx.stride(0), n, rows, per_program, BLOCK=next_power_of_two(n))
+                                   dx.stride(0), n, rows, per_program, BLOCK=block, num_warps=warps_for(block))
     return dx, dw_part.sum(0)
