@@ -168,3 +168,19 @@ def test_dispatch_rules(monkeypatch):
         _dispatch.use_triton(x, "triton")
     with pytest.raises(ValueError, match="backend"):
         _dispatch.use_triton(x, "cuda")
+
+
+def test_cross_entropy_float32_hidden_under_bf16_autocast():
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    weight = torch.randn(33, 16) * 0.3
+    labels = torch.randint(0, 33, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kernels.chunked_cross_entropy(hidden, weight, labels, chunk=5)
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32
+    ref_h = hidden.detach().to(torch.bfloat16).float().requires_grad_()
+    ref = kernels.cross_entropy_reference(ref_h, weight.to(torch.bfloat16).float(), labels)
+    ref.backward()
+    close(loss, ref, torch.bfloat16, "loss")
+    close(hidden.grad, ref_h.grad, torch.bfloat16, "d_hidden")

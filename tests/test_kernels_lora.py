@@ -123,3 +123,19 @@ def test_rejects_bad_arguments():
         lora_linear(x, w, a.T, b, 0.5)
     with pytest.raises(ValueError, match="callable"):
         lora_linear(x, "weights", a, b, 0.5)
+
+
+def test_float32_activations_under_bf16_autocast():
+    x, w, a, b, bias = make(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias=bias)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32] * 3
+    ref = [t.to(torch.bfloat16).float().requires_grad_() for t in (x, a, b)]
+    yr = lora_linear_reference(ref[0], w.to(torch.bfloat16).float(), ref[1], ref[2], 0.5, bias=bias)
+    yr.sum().backward()
+    close(y, yr, torch.bfloat16, "forward")
+    for g, gr, name in zip((t.grad for t in leaves), (t.grad for t in ref), ("dx", "dA", "dB")):
+        close(g, gr, torch.bfloat16, name)

@@ -59,6 +59,21 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's when it is on for x's device, else x's own.
+
+    Functions that cast explicitly use this and then switch autocast off inside, so a float32
+    activation under bf16 autocast gets one consistent dtype instead of mixed ones.
+    """
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def warps_for(block: int) -> int:
     """Warps for a program that reduces ``block`` elements: enough threads to keep each thread's
     share of a row at a few registers' worth (a wider row with 4 warps would spill)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunex.kernels._dispatch import use_triton
+from tunex.kernels._dispatch import compute_dtype, no_autocast, use_triton
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 1024
@@ -47,9 +47,15 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
                 ignore_index: int, denom: float | None, grad_wanted: bool, triton: bool):
-        h2 = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+        with no_autocast(hidden):
+            return ChunkedCrossEntropyFunction._forward(ctx, hidden, weight, labels, chunk, ignore_index, denom,
+                                                        grad_wanted, triton, compute_dtype(hidden))
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, chunk, ignore_index, denom, grad_wanted, triton, dtype):
+        h2 = hidden.reshape(-1, hidden.shape[-1]).to(dtype)  # (N, H)
         lab = labels.reshape(-1)
-        w = weight.to(h2.dtype)
+        w = weight.to(dtype)
         # grad mode is off inside forward; grad_wanted says whether the caller had it on
         want_dh, want_dw = grad_wanted and ctx.needs_input_grad[0], grad_wanted and ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if want_dh else None
@@ -80,14 +86,14 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         if dw is not None:
             dw.mul_(scale)
         ctx.save_for_backward(dh, dw)
-        ctx.shapes = (hidden.shape, weight.dtype)
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         return loss_sum * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         dh, dw = ctx.saved_tensors
-        hidden_shape, weight_dtype = ctx.shapes
-        d_hidden = (dh * grad.to(dh.dtype)).view(hidden_shape) if dh is not None else None
+        hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        d_hidden = (dh * grad.to(dh.dtype)).view(hidden_shape).to(hidden_dtype) if dh is not None else None
         d_weight = (dw * grad).to(weight_dtype) if dw is not None else None
         return d_hidden, d_weight, None, None, None, None, None, None
 

@@ -23,6 +23,8 @@ from typing import Callable, Union
 
 import torch
 
+from tunex.kernels._dispatch import compute_dtype, no_autocast
+
 Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
@@ -60,9 +62,14 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float):
+        dtype = compute_dtype(x)
+        with no_autocast(x):
+            return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype):
         in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)  # (N, in)
-        dtype = x.dtype
+        x2 = x.reshape(-1, in_features).to(dtype)  # (N, in)
         w = _dense(base_fn if base_fn is not None else weight, dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
@@ -76,6 +83,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.base_fn, ctx.scaling, ctx.dropout, ctx.seed = base_fn, scaling, dropout, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype = x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -102,7 +110,7 @@ class LoRALinearFunction(torch.autograd.Function):
             d_lora = dh @ a  # (N, in)
             if mask is not None:
                 d_lora.mul_(mask)
-            d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape)
+            d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return d_x, None, d_a, d_b, d_bias, None, None, None
