@@ -4,6 +4,8 @@ from __future__ import annotations
 from tunex._native import __version__
 from tunex.config import Config, load_config
 from tunex.errors import ConfigError, DataError, FormatError, TunexError
+from tunex.io.sharded import save_sharded
+from tunex.merge import MergeReport, merge
 
 __all__ = [
     "__version__",
@@ -13,4 +15,7 @@ __all__ = [
     "FormatError",
     "TunexError",
     "load_config",
+    "merge",
+    "MergeReport",
+    "save_sharded",
 ]

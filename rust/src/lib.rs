@@ -19,5 +19,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     py::units::register(m)?;
+    py::safetensors::register(m)?;
+    py::merge::register(m)?;
     Ok(())
 }

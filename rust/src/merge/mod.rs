@@ -3,17 +3,17 @@
 //! whatever the model size: base pages are handed back to the page cache after each tensor.
 
 pub mod math;
+pub mod plan;
 pub mod targets;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::adapter::AdapterConfig;
 use crate::error::{Error, IoContext, Result};
-use crate::safetensors::{weight_files, Dtype, OutputDir, SafeFile, ShardedWriter, TensorInfo, TensorSpec};
+use crate::safetensors::{Dtype, OutputDir, SafeFile, ShardedWriter, TensorInfo};
 use math::{add_low_rank, dora_rescale, first_non_finite, from_f32, to_f32};
-use targets::{resolve, TensorEdit};
+pub use plan::MergePlan;
+use targets::TensorEdit;
 
 /// Elements converted per step when a tensor only changes dtype (bounds the scratch buffers).
 const CONVERT_STEP: usize = 1 << 22;
@@ -68,40 +68,29 @@ pub fn merge(
     progress: &mut dyn FnMut(&Progress) -> bool,
 ) -> Result<MergeReport> {
     let start = Instant::now();
-    let config_bytes = std::fs::read(adapter_config).at(adapter_config)?;
-    let config = AdapterConfig::parse(adapter_config, &config_bytes)?;
-    let adapter = SafeFile::open(adapter_weights)?;
-    let shards = open_base(base)?;
-    let order = base_order(base, &shards, opts.is_clip)?;
-    let by_name: HashMap<&str, &TensorInfo> = order.iter().map(|s| (s.info.name.as_str(), s.info)).collect();
-    let edits = resolve(&config, adapter.tensors(), &by_name)?;
-
-    let mut specs = Vec::with_capacity(order.len());
-    for s in &order {
-        let edit = edits.get(&s.info.name);
-        specs.push(TensorSpec { name: s.info.name.clone(), dtype: output_dtype(s.info, edit, opts.dtype)?, shape: s.info.shape.clone() });
-    }
-    let bytes_total = specs.iter().map(|s| s.nbytes()).sum::<Result<u64>>()?;
+    let plan = MergePlan::build(base, adapter_config, adapter_weights, opts)?;
+    let bytes_total = plan.specs.iter().map(|s| s.nbytes()).sum::<Result<u64>>()?;
     let dir = OutputDir::new_folder(out, opts.overwrite)?;
     let meta = vec![("format".to_string(), "pt".to_string())];
-    let mut writer = ShardedWriter::new(dir, specs.clone(), opts.max_shard_size, meta, "model")?;
+    let mut writer = ShardedWriter::new(dir, plan.specs.clone(), opts.max_shard_size, meta, "model")?;
 
     let mut report = MergeReport::default();
     let mut scratch = Scratch::default();
     let mut bytes_done = 0u64;
-    for (i, (s, spec)) in order.iter().zip(&specs).enumerate() {
-        let edit = edits.get(&s.info.name);
+    for (i, spec) in plan.specs.iter().enumerate() {
+        let (file, info) = plan.base(i);
+        let edit = plan.edits.get(&info.name);
         let src = match edit.and_then(|e| e.replace.as_ref()) {
             Some(r) => {
                 report.replaced += 1;
-                Source { file: &adapter, info: r }
+                Source { file: &plan.adapter, info: r }
             }
-            None => Source { file: s.file, info: s.info },
+            None => Source { file, info },
         };
         writer.begin(&spec.name)?;
         match edit.filter(|e| e.lora.is_some() || e.bias.is_some()) {
             Some(e) => {
-                merge_one(&mut writer, &src, e, &adapter, spec.dtype, &mut scratch)?;
+                merge_one(&mut writer, &src, e, &plan.adapter, spec.dtype, &mut scratch)?;
                 report.merged += 1;
             }
             None => pass_through(&mut writer, &src, spec.dtype, &mut scratch)?,
@@ -109,7 +98,7 @@ pub fn merge(
         writer.end()?;
         src.file.release(src.info);
         bytes_done += spec.nbytes()?;
-        let p = Progress { name: &spec.name, done: i + 1, total: specs.len(), bytes_done, bytes_total };
+        let p = Progress { name: &spec.name, done: i + 1, total: plan.specs.len(), bytes_done, bytes_total };
         if !progress(&p) {
             return Err(Error::arg("merge cancelled"));
         }
@@ -133,68 +122,8 @@ fn copy_extra(dir: &mut OutputDir, src: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn open_base(base: &Path) -> Result<Vec<SafeFile>> {
-    let (files, index) = weight_files(base)?;
-    let shards = files.iter().map(SafeFile::open).collect::<Result<Vec<_>>>()?;
-    if let Some(index) = index {
-        let names: HashMap<String, &SafeFile> =
-            shards.iter().map(|f| (f.path().file_name().unwrap_or_default().to_string_lossy().into_owned(), f)).collect();
-        let index_path = base.join(crate::safetensors::index::INDEX_FILE);
-        for (tensor, file) in &index.weight_map {
-            let f = names.get(file.as_str()).expect("index.files() listed every mapped file");
-            if f.get(tensor).is_none() {
-                return Err(Error::format(&index_path, format!("maps {tensor:?} to {file}, which has no such tensor")));
-            }
-        }
-    }
-    Ok(shards)
-}
 
-/// Base tensors in output order: shard by shard, each in on-disk order (sequential reads).
-fn base_order<'a>(base: &Path, shards: &'a [SafeFile], is_clip: bool) -> Result<Vec<Source<'a>>> {
-    let mut seen: HashMap<&str, &Path> = HashMap::new();
-    let mut order = Vec::new();
-    for file in shards {
-        for info in file.tensors() {
-            if let Some(other) = seen.insert(&info.name, file.path()) {
-                return Err(Error::format(file.path(), format!("tensor {:?} is also in {}", info.name, other.display())));
-            }
-            if !is_clip || info.name.starts_with("vision_model.") {
-                order.push(Source { file, info });
-            }
-        }
-    }
-    if is_clip && order.is_empty() {
-        return Err(Error::arg(format!(
-            "--is-clip: {} has no vision_model.* tensors; is it a CLIP checkpoint?",
-            base.display()
-        )));
-    }
-    Ok(order)
-}
 
-fn output_dtype(base: &TensorInfo, edit: Option<&TensorEdit>, want: Option<Dtype>) -> Result<Dtype> {
-    let float = base.dtype.is_mergeable_float();
-    let changes = edit.is_some_and(|e| e.lora.is_some() || e.bias.is_some());
-    if changes && !float {
-        return Err(Error::data(format!(
-            "base tensor {} is {}; LoRA can only be merged into F16, BF16 or F32 weights",
-            base.name, base.dtype.name()
-        )));
-    }
-    if let Some(r) = edit.and_then(|e| e.replace.as_ref()) {
-        if r.dtype != base.dtype && !(float && r.dtype.is_mergeable_float()) {
-            return Err(Error::data(format!(
-                "adapter tensor {} is {} but base tensor {} is {}",
-                r.name, r.dtype.name(), base.name, base.dtype.name()
-            )));
-        }
-    }
-    Ok(match want {
-        Some(d) if float => d,
-        _ => base.dtype,
-    })
-}
 
 /// Reusable buffers, grown to the largest merged tensor and kept.
 #[derive(Default)]

@@ -2,4 +2,6 @@
 //! call the core, convert the error once (errors.rs).
 
 pub mod errors;
+pub mod merge;
+pub mod safetensors;
 pub mod units;

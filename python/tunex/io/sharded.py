@@ -1,0 +1,77 @@
+"""``save_sharded``: torch tensors to HF-style safetensors shards through the Rust writer.
+
+Each tensor's bytes reach Rust as a uint8 numpy view of the tensor's own memory (bf16 included),
+so nothing is copied on the way; Rust writes them straight into the planned shard.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from tunex import _native
+from tunex.io.dtypes import to_safetensors
+from tunex.units import parse_size
+
+
+def byte_view(tensor: Any) -> Any:
+    """A contiguous CPU tensor's bytes as a 1-D uint8 numpy array sharing its memory."""
+    import torch
+
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.view(torch.uint8).numpy()
+
+
+def save_sharded(
+    state_dict: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    max_shard_size: str | int = "2GB",
+    metadata: Mapping[str, str] | None = None,
+    *,
+    prefix: str = "model",
+) -> dict:
+    """Write ``state_dict`` as HF safetensors shards into ``out_dir``.
+
+    One file ``{prefix}.safetensors`` when everything fits in ``max_shard_size``, otherwise
+    ``{prefix}-00001-of-0000N.safetensors`` ... plus ``{prefix}.safetensors.index.json``. Tensors
+    keep the mapping's order; shards split greedily. Files are written under a temporary name and
+    renamed into place, and shards of an older checkpoint with the same prefix are removed; other
+    files in ``out_dir`` are left alone.
+
+    Args:
+        state_dict: name -> torch.Tensor (any device; moved to CPU one at a time).
+        out_dir: folder, created when missing.
+        max_shard_size: bytes, or a string such as ``"2GB"`` (decimal) or ``"500MiB"``.
+        metadata: extra ``__metadata__`` strings; ``{"format": "pt"}`` is always included.
+        prefix: file name stem (``"adapter_model"`` for PEFT adapters).
+
+    Returns:
+        dict with ``files``, ``tensors``, ``data_bytes`` and ``file_bytes``.
+    """
+    import torch
+
+    limit = parse_size(max_shard_size)
+    specs = []
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict keys must be strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor")
+        specs.append((name, to_safetensors(tensor.dtype, f"state_dict[{name!r}]"), list(tensor.shape)))
+    meta = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
+        meta[key] = value
+    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into")
+    try:
+        for name, tensor in state_dict.items():
+            writer.write(name, byte_view(tensor))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
