@@ -51,9 +51,9 @@ def test_qlora_peak_by_hand(tiny_dir):
     weights = 2 * sum(quantized_bytes(n, 64, True) for n in (64, 32, 32, 64, 128, 128, 128)) + 200 * 2
     # fp32 adapter, fp32 gradients, two fp32 AdamW moments
     assert est.parts == {"weights": weights, "adapter": 2048, "gradients": 2048, "optimizer (AdamW m, v)": 4096}
-    # saved per token in one layer: n1, n2, q, attn out (8 each), k, v (4 each), h1 (8),
-    # gate/up/act (16 each), 7 adapter products of r=2 -> 110 bf16 values, plus 2 rstd and 2 lse in fp32
-    per_token = 110 * 2 + 4 * 4
+    # saved per token in one layer: n1, n2, h1, q, attn out, its copy (8 each), k, v (4 each),
+    # gate/up/act (16 each), 7 adapter products of r=2 -> 118 bf16 values, plus 2 rstd and 2 lse in fp32
+    per_token = 118 * 2 + 4 * 4
     backward = {"checkpoints": 2 * 6 * 8 * 2, "hidden gradient": 6 * 8 * 2, "recomputed layer": 6 * per_token,
                 "layer backward gradients": 6 * (3 * 16 + 2 * 8) * 2, "dequantized weight": 128 * 2}
     loss = {"checkpoints": 2 * 6 * 8 * 2, "final hidden + its gradient": 2 * 6 * 8 * 2,
@@ -137,3 +137,40 @@ def test_cli_json_matches_the_library(tiny_dir):
     assert json.loads(half.output)["parts"]["adapter"] == 512 * 2
     bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--seq-len", "0"])
     assert bad.exit_code == 2
+
+
+def test_saved_activations_match_a_real_decoder_layer(tmp_path):
+    """Count the bytes a tunex decoder layer with LoRA adapters saves for backward (each storage
+    once; parameters, the layer input and the rotary tables excluded) against the estimate."""
+    import torch
+
+    from tunex.estimate import _saved_per_token, adapted_linears
+    from tunex.models.config import config_from_hf
+    from tunex.models.decoder import CausalLM, rope_tables
+    from tunex.peft import apply_lora
+
+    raw = {**TINY, "hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = config_from_hf(raw)
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    apply_lora(model, "all-linear", 8, 16, 0.1)
+    model.train()
+    tokens = 32
+    x = torch.randn(1, tokens, 64, requires_grad=True)
+    cos, sin = rope_tables(cfg, torch.arange(tokens)[None], x.dtype)
+    skip = {t.untyped_storage().data_ptr() for t in (x, cos, sin, *model.parameters())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, cos, sin, None, None)
+    shape = shape_from_config_json(tmp_path)
+    plan = Plan(kind="lora", seq_len=tokens, r=8, dtype_bytes=4, dropout=0.1)
+    assert sum(saved.values()) == tokens * _saved_per_token(shape, plan, adapted_linears(shape, "all-linear"))

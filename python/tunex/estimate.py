@@ -260,15 +260,18 @@ def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int
     """Bytes one token leaves saved for backward inside one decoder layer (its input excluded).
 
     Saved tensors: the two norm outputs (shared by the projections that read them), rotated q and
-    k, v and the attention output (SDPA keeps them and an fp32 log-sum-exp per head), the residual
-    sum, gate, up and their SwiGLU product, one fp32 rstd per norm, and per adapted linear its
-    (tokens, r) product ``dropout(x) @ A.T``. Without the fused LoRA function, dropout also keeps a
-    dropped copy of the input (and a 1-byte mask) per adapted module.
+    k, v and the attention output (SDPA keeps them and an fp32 log-sum-exp per head), the
+    attention output again as the contiguous (tokens, heads * head_dim) copy o_proj reads, the
+    residual sum, gate, up and their SwiGLU product, one fp32 rstd per norm, and per adapted linear
+    its (tokens, r) product ``dropout(x) @ A.T``. Without the fused LoRA function, dropout also
+    keeps a dropped copy of the input (and a 1-byte mask) per adapted module. A test counts the
+    tensors a real tunex decoder layer saves and checks this sum.
     """
     c = plan.dtype_bytes
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    elems = 2 * h + 2 * q + 2 * kv + h + 3 * i  # n1, n2, q_rot, attn_out, k_rot, v, h1, gate/up/act
+    # n1, n2, h1 | q_rot, SDPA's output, o_proj's copy of it | k_rot, v | gate, up, act
+    elems = 3 * h + 3 * q + 2 * kv + 3 * i
     extra = 4 * (2 + shape.heads)
     if plan.kind != "full":
         elems += plan.r * len(adapted)
