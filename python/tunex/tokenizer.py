@@ -66,7 +66,6 @@ class Tokenizer:
             setattr(self, name, _token_text(config.get(name)))
         self.chat_template = chat_template
         self.model_max_length = config.get("model_max_length")
-        self._vocab = backend.get_vocab(with_added_tokens=True)
 
     # ---- ids of special tokens --------------------------------------------------------------------
 
@@ -92,7 +91,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._vocab)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     # ---- encode / decode --------------------------------------------------------------------------
 

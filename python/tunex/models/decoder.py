@@ -31,7 +31,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled():  # the kernel's backward keeps less memory
+            return rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inference RoPE in plain ops: x (B, H, T, D), cos/sin (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
@@ -84,6 +92,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
         self.max_len = max_len
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for all positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, Hkv, T, D) keys/values; return all so far (B, Hkv, L+T, D)."""
@@ -111,7 +120,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = rope(q, k, cos, sin)
+        if torch.is_grad_enabled():
+            q, k = rope(q, k, cos, sin)
+        else:  # fewer dispatches per decoded token than the autograd kernel
+            cos4, sin4 = cos[:, None], sin[:, None]  # (B, 1, T, D)
+            q, k = _rotate(q, cos4, sin4), _rotate(k, cos4, sin4)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
         causal = mask is None and t > 1
@@ -127,7 +140,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        if torch.is_grad_enabled():
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -166,6 +181,11 @@ def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device)
     return None
 
 
+def _static_rope(cfg: ModelConfig) -> bool:
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type")) != "dynamic"
+
+
 class DecoderModel(nn.Module):
     """Embeddings, the layer stack and the final norm (HF's ``model.`` prefix)."""
 
@@ -184,7 +204,13 @@ class DecoderModel(nn.Module):
         given = position_ids
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)
-        cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
+        if cache is not None and given is None and _static_rope(self.cfg):
+            if cache.rope is None:  # once per generation instead of once per token
+                every = torch.arange(cache.max_len, device=input_ids.device)[None]
+                cache.rope = rope_tables(self.cfg, every, x.dtype)
+            cos, sin = (table[:, past:past + t].expand(b, -1, -1) for table in cache.rope)
+        else:
+            cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
         mask = attention_mask(given, t, past, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

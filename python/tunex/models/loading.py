@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mmap
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -130,6 +131,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(owner), attr, new)
 
 
+@contextmanager
+def _no_init():
+    """Skip nn.Linear / nn.Embedding random init while building on the meta device.
+
+    Initialising meta tensors is pointless (they are replaced) and not free: the first call pulls
+    in torch's Python decompositions, seconds of imports.
+    """
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -158,7 +175,7 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
     folder = resolve_model_path(path)
     cfg: ModelConfig = read_config(folder)
     dtype = _as_dtype(dtype)
-    with torch.device("meta"):
+    with _no_init():
         model = CausalLM(cfg)
     by_layer: dict[int, list[str]] = {}
     unexpected, done_layers = [], set()

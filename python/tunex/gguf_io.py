@@ -1,0 +1,239 @@
+"""GGUF <-> HF folder conversion through the `gguf` package (llama.cpp's own reader/writer).
+
+``gguf_to_hf``: dequantize every tensor to fp32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and
+the other types `gguf` knows), undo llama.cpp's Q/K row permutation, rename to HF names, write
+config.json, the weights and a tokenizer rebuilt from the metadata.
+
+``hf_to_gguf``: the reverse for merged models (llama.cpp is where many fine-tunes end up):
+``f32``, ``f16`` or ``q8_0`` (1-D tensors stay f32, as llama.cpp's converter keeps them).
+
+llama.cpp permutes the rows of Q and K inside each head from HF's rotate-half layout to
+interleaved pairs: row ``(h, i, j)`` of shape (heads, 2, D/2) moves to ``(h, j, i)``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from tunex.errors import FormatError
+
+# GGUF tensor name (after "blk.N.") <-> HF name (after "model.layers.N.")
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2"}
+SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the config carries them
+
+
+def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp's interleaved rows (per head)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of :func:`permute_qk`."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    base, _, kind = gguf_name.rpartition(".")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m[2] in LAYER_NAMES:
+        return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{kind}"
+    if base in TOP_NAMES:
+        return f"{TOP_NAMES[base]}.{kind}"
+    return None
+
+
+def gguf_name(name: str) -> str:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        inverse = {v: k for k, v in LAYER_NAMES.items()}
+        return f"blk.{m[1]}.{inverse[m[2]]}.{m[3]}"
+    base, _, kind = name.rpartition(".")
+    inverse = {v: k for k, v in TOP_NAMES.items()}
+    return f"{inverse[base]}.{kind}"
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected llama or qwen2)")
+
+    def need(key: str):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise FormatError(f"{path}: metadata key {arch}.{key} is missing")
+        return value
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
+                   or hidden // heads)
+    config = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch, "hidden_act": "silu", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
+        "head_dim": head_dim, "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": tied, "torch_dtype": "float32",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    if arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        if kind != "linear":
+            raise FormatError(f"{path}: rope scaling {kind!r} is not supported")
+        config["rope_scaling"] = {"type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
+    """Write an HF weights folder: tunex's shard writer when present, else one safetensors file."""
+    try:
+        from tunex import save_sharded  # the Rust shard writer (tunex.io)
+    except ImportError:
+        save_sharded = None
+    if save_sharded is not None:
+        save_sharded(state, out_dir, max_shard_size=max_shard_size)
+        return
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer)."""
+    import gguf
+    import torch
+
+    from tunex.gguf_vocab import tokenizer_files_from_gguf
+
+    path, out = Path(gguf_path), Path(out_dir)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise FormatError(f"{path}: not a readable GGUF file: {exc}") from exc
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise FormatError(f"{path}: no token_embd.weight tensor; not a decoder GGUF")
+    config = _config_from_gguf(reader, path, "output.weight" not in names, int(embd.shape[-1]))
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    state = {}
+    for t in reader.tensors:
+        if t.name in SKIP:
+            continue
+        name = hf_name(t.name)
+        if name is None:
+            raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
+        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, heads)
+        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, kv)
+        state[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owns its memory
+    out.mkdir(parents=True, exist_ok=True)
+    files = tokenizer_files_from_gguf(reader, config.get("max_position_embeddings"))
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_weights(state, out)
+    return out
+
+
+OUTTYPES = ("f32", "f16", "q8_0")
+
+
+def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
+    """Write an HF folder (llama, mistral, qwen2, internlm2) as one GGUF file."""
+    import gguf
+    import torch
+
+    from tunex.gguf_vocab import add_tokenizer_to_gguf
+    from tunex.models.config import read_config, to_tunex_names
+    from tunex.models.hub import resolve_model_path
+    from tunex.models.loading import read_checkpoint
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+    folder = resolve_model_path(model_dir)
+    cfg = read_config(folder)
+    arch = ARCH_OF_FAMILY[cfg.family]
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(folder.name)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    writer.add_file_type(file_type)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "llama3":
+        from tunex.models.decoder import rope_inv_freq
+
+        scaled, _ = rope_inv_freq(cfg, 1)
+        plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+    elif kind not in (None, "default"):
+        raise FormatError(f"{folder}/config.json: rope scaling {kind!r} cannot be written to GGUF")
+    if (folder / "tokenizer.json").is_file():
+        add_tokenizer_to_gguf(writer, folder)
+    for ckpt_name, tensor in read_checkpoint(folder):
+        for name, t in to_tunex_names(ckpt_name, tensor, cfg):
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            w = t.float().numpy()
+            if arch == "llama" and name.endswith("q_proj.weight"):
+                w = permute_qk(w, cfg.num_heads)
+            elif arch == "llama" and name.endswith("k_proj.weight"):
+                w = permute_qk(w, cfg.num_kv_heads)
+            w = np.ascontiguousarray(w)
+            if w.ndim == 1 or outtype == "f32":
+                writer.add_tensor(gguf_name(name), w.astype(np.float32))
+            elif outtype == "f16" or w.shape[-1] % 32:
+                writer.add_tensor(gguf_name(name), w.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
