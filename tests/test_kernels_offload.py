@@ -59,3 +59,30 @@ def test_without_grad_it_is_a_plain_call():
     with torch.no_grad():
         out = offloaded_checkpoint(layer, x, 0.5)
     assert not out.requires_grad
+
+
+def test_decoder_model_with_offloaded_checkpoints_matches_plain_checkpointing():
+    from tunex.models.config import config_from_hf
+    from tunex.models.decoder import CausalLM
+    from tunex.peft import apply_lora
+
+    cfg = config_from_hf({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "vocab_size": 50})
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    apply_lora(model, "all-linear", 4, 8, 0.2)
+    nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight)  # B starts at zero
+    model.train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 50, (2, 9))
+    grads = []
+    for offload in (False, True):
+        model.model.offload_checkpoints = offload
+        torch.manual_seed(1)
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

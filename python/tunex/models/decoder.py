@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunex.kernels import rms_norm, rope, swiglu
+from tunex.kernels import offloaded_checkpoint, rms_norm, rope, swiglu
 from tunex.models.config import ModelConfig
 
 
@@ -196,6 +196,8 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        # with checkpointing on, keep each layer's input in pinned CPU memory until backward
+        self.offload_checkpoints = False
 
     def forward(self, input_ids, position_ids=None, cache: KVCache | None = None):
         b, t = input_ids.shape
@@ -214,7 +216,10 @@ class DecoderModel(nn.Module):
         mask = attention_mask(given, t, past, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                if self.offload_checkpoints:
+                    x = offloaded_checkpoint(layer, x, cos, sin, mask, cache)
+                else:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
