@@ -95,10 +95,6 @@ def test_checkpoint_as_adapter_is_fp32(tmp_path, trained):
 
 
 def test_full_checkpoint_becomes_a_transformers_model(tmp_path):
-    import tunex
-
-    if not hasattr(tunex, "save_sharded"):
-        pytest.skip("tunex.save_sharded (issue 3) not in this tree yet")
     model_dir = make_tiny_model(tmp_path / "m", tied=False)
     cfg = write_config(tmp_path / "c.toml", model_dir, make_data(tmp_path / "d", "pretrain"), "full",
                        "pretrain", tmp_path / "w", max_steps=3, lr=1e-3)
@@ -112,3 +108,20 @@ def test_full_checkpoint_becomes_a_transformers_model(tmp_path):
     ours.load_state_dict(torch.load(tmp_path / "w" / "iter_3.pth", weights_only=True)["model"])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_of_a_checkpoint_equals_the_adapted_model(tmp_path, trained):
+    cfg, pth, model_dir = trained
+    result = CliRunner().invoke(cli, ["convert", "merge", str(model_dir), str(pth), str(tmp_path / "m"),
+                                      "--config", str(cfg), "--dtype", "fp32", "-q"])
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(0, 200, (1, 11))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, tunex_logits(cfg, pth, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_of_a_checkpoint_needs_its_config(tmp_path, trained):
+    _, pth, model_dir = trained
+    result = CliRunner().invoke(cli, ["convert", "merge", str(model_dir), str(pth), str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--config" in result.output

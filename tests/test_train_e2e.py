@@ -76,10 +76,6 @@ def test_train_save_convert_merge(tmp_path, models, kind, data):
     state = torch.load(work / "iter_16.pth", weights_only=True)
     assert state["step"] == 16 and state["method"] == kind and "optimizer" in state
 
-    import tunex
-
-    if not hasattr(tunex, "save_sharded"):
-        pytest.skip("tunex.save_sharded / convert merge (issue 3) not in this tree yet")
     out = tmp_path / "hf"
     run_cli("convert", "pth_to_hf", str(cfg_path), str(work / "iter_16.pth"), str(out))
     if kind == "full":

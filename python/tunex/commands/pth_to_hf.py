@@ -2,6 +2,8 @@
 (LoRA / QLoRA) or a HF model folder (full fine-tune)."""
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 import click
@@ -9,6 +11,42 @@ import click
 
 def register(cli: click.Group, convert: click.Group) -> None:
     convert.add_command(pth_to_hf)
+    _accept_checkpoints_in_merge(convert)
+
+
+def _accept_checkpoints_in_merge(convert: click.Group) -> None:
+    """Give ``convert merge`` (commands/merge.py, registered before this module) a ``--config``
+    option: with it, ADAPTER may be a training checkpoint (iter_N.pth), turned into a temporary
+    fp32 PEFT adapter folder first, and BASE may be anything ``tunex train`` accepts as
+    ``model.path`` (a GGUF, ``pkg://``...)."""
+    cmd = convert.commands.get("merge")
+    if cmd is None:
+        return
+    cmd.params.append(click.Option(
+        ["--config"], default=None, metavar="CFG",
+        help="Config of the training run when ADAPTER is its iter_N.pth checkpoint."))
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def callback(*args, config: str | None = None, **kwargs):
+        adapter = Path(kwargs["adapter"])
+        if config is None:
+            if adapter.is_file():
+                raise click.UsageError(f"ADAPTER {adapter} is a file: a training checkpoint merges with "
+                                       "--config CFG (the config of its run, e.g. WORK_DIR/config.toml)")
+            return inner(*args, **kwargs)
+        from tunex.config import load_config
+        from tunex.models import resolve_model_path
+        from tunex.train.export import checkpoint_as_adapter
+
+        cfg = load_config(config)
+        if not Path(kwargs["base"]).is_dir():
+            kwargs["base"] = resolve_model_path(str(kwargs["base"]))
+        with tempfile.TemporaryDirectory(prefix="tunex-adapter-") as tmp:
+            kwargs["adapter"] = checkpoint_as_adapter(cfg, adapter, Path(tmp) / "adapter")
+            return inner(*args, **kwargs)
+
+    cmd.callback = callback
 
 
 @click.command("pth_to_hf")
