@@ -103,6 +103,7 @@ def merge(
     is_clip: bool = False,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    fsync: bool = True,
 ) -> MergeReport:
     """Merge the PEFT LoRA adapter folder ``adapter`` into the HF model folder ``base``, writing a
     sharded HF model to ``out``.
@@ -121,6 +122,8 @@ def merge(
         is_clip: the base is a CLIP model; keep its vision tower and preprocessor config.
         overwrite: replace an existing ``out``.
         progress: ``progress(name, done, total, bytes_done, bytes_total)`` after each tensor.
+        fsync: flush every file to disk before the final rename (power-loss safe). False skips it;
+            ``out`` still appears only when complete.
 
     Raises:
         FileNotFoundError: a folder or required file is missing (``filename`` is set).
@@ -153,12 +156,12 @@ def merge(
         extra = _extra_files(base_dir, is_clip, out_dtype, tmp)
         if dev == "cpu":
             r = _native.merge_lora(str(weights_dir), str(config), str(weights), str(out_dir), limit, out_dtype,
-                                   overwrite, is_clip, extra, progress)
+                                   overwrite, is_clip, extra, progress, fsync)
         else:
             from tunex.merge_torch import merge_on_device
 
             plan = _native.merge_plan(str(weights_dir), str(config), str(weights), out_dtype, is_clip)
-            r = merge_on_device(plan, str(weights), out_dir, limit, overwrite, extra, dev, progress)
+            r = merge_on_device(plan, str(weights), out_dir, limit, overwrite, extra, dev, progress, fsync)
     return MergeReport(out=str(out_dir), device=dev, tensors=r["tensors"], merged=r["merged"],
                        replaced=r["replaced"], bytes_written=r["bytes_written"],
                        seconds=time.perf_counter() - start, files=list(r["files"]))

@@ -39,13 +39,14 @@ def _merged(item: dict, source: Any, adapter: SafetensorsFile, device: str) -> A
 
 def merge_on_device(plan: list[dict], adapter_weights: str, out: Path, max_shard_size: int, overwrite: bool,
                     extra: list[tuple[str, str]], device: str,
-                    progress: Callable[[str, int, int, int, int], Any] | None) -> dict:
+                    progress: Callable[[str, int, int, int, int], Any] | None, fsync: bool = True) -> dict:
     """Execute ``plan`` (from ``_native.merge_plan``) with torch on ``device``."""
     adapter = SafetensorsFile(adapter_weights)
     readers: dict[str, SafetensorsFile] = {}
     specs = [(p["name"], p["dtype"], list(p["shape"])) for p in plan]
     total = sum(_nbytes(p) for p in plan)
-    writer = _native.ShardWriter(str(out), specs, max_shard_size, [("format", "pt")], "model", "new", overwrite)
+    writer = _native.ShardWriter(str(out), specs, max_shard_size, [("format", "pt")], "model", "new", overwrite,
+                                 fsync)
     merged = replaced = done = 0
     try:
         for i, item in enumerate(plan):

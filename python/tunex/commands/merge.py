@@ -30,9 +30,12 @@ def _size(n: float) -> str:
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Output dtype of floating tensors [default: the base's].")
 @click.option("--overwrite", is_flag=True, help="Replace SAVE_PATH if it exists.")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="Flush the output to disk before it appears (power-loss safe); --no-fsync leaves "
+                   "that to the OS, SAVE_PATH still appears only when complete.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, device: str, is_clip: bool,
-              dtype: str | None, overwrite: bool, quiet: bool) -> None:
+              dtype: str | None, overwrite: bool, fsync: bool, quiet: bool) -> None:
     """Merge the LoRA ADAPTER folder into the HF model BASE and save the result to SAVE_PATH.
 
     Streams tensor by tensor (memory about one tensor, whatever the model size) and writes
@@ -55,7 +58,7 @@ def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, d
             bar.update(task, completed=bytes_done, total=bytes_total, name=name)
 
         report = merge(base, adapter, save_path, max_shard_size=max_shard_size, dtype=dtype, device=device,
-                       is_clip=is_clip, overwrite=overwrite, progress=progress)
+                       is_clip=is_clip, overwrite=overwrite, progress=progress, fsync=fsync)
     click.echo(f"merged {report.merged} of {report.tensors} tensors ({report.replaced} replaced) on "
                f"{report.device} in {report.seconds:.1f}s: {len(report.files)} file(s), "
                f"{_size(report.bytes_written)} -> {save_path}")

@@ -33,6 +33,7 @@ def save_sharded(
     metadata: Mapping[str, str] | None = None,
     *,
     prefix: str = "model",
+    fsync: bool = True,
 ) -> dict:
     """Write ``state_dict`` as HF safetensors shards into ``out_dir``.
 
@@ -48,6 +49,7 @@ def save_sharded(
         max_shard_size: bytes, or a string such as ``"2GB"`` (decimal) or ``"500MiB"``.
         metadata: extra ``__metadata__`` strings; ``{"format": "pt"}`` is always included.
         prefix: file name stem (``"adapter_model"`` for PEFT adapters).
+        fsync: flush each file to disk before renaming it into place.
 
     Returns:
         dict with ``files``, ``tensors``, ``data_bytes`` and ``file_bytes``.
@@ -67,7 +69,8 @@ def save_sharded(
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
         meta[key] = value
-    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into")
+    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into",
+                                 False, fsync)
     try:
         for name, tensor in state_dict.items():
             writer.write(name, byte_view(tensor))

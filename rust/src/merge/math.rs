@@ -36,18 +36,22 @@ pub fn to_f32(src: &[u8], dtype: Dtype, dst: &mut [f32]) -> Result<()> {
 }
 
 /// Round `src` into `dst` (little-endian `dtype` bytes, `src.len() * size` long), nearest-even.
-pub fn from_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) -> Result<()> {
+/// Returns whether every value was finite (checked while the data is hot in cache).
+pub fn from_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) -> Result<bool> {
     let size = dtype.size();
     if dst.len() != src.len() * size || !dtype.is_mergeable_float() {
         return Err(Error::data(format!("cannot round {} values into {} {} bytes", src.len(), dst.len(), dtype.name())));
     }
-    let narrow = |(s, d): (&[f32], &mut [u8])| match dtype {
-        Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes())),
-        Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
-        _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+    let narrow = |(s, d): (&[f32], &mut [u8])| {
+        match dtype {
+            Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes())),
+            Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
+            _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+        }
+        // Branch-free: the exponent of inf/NaN is all ones.
+        s.iter().fold(true, |ok, x| ok & x.is_finite())
     };
-    src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK * size)).for_each(narrow);
-    Ok(())
+    Ok(src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK * size)).map(narrow).reduce(|| true, |a, b| a & b))
 }
 
 /// How the low-rank product lands on the stored weight.
@@ -125,9 +129,9 @@ pub fn dora_rescale(w: &mut [f32], rows: usize, cols: usize, magnitude: &[f32], 
     }
 }
 
-/// Index of the first NaN or infinity, if any.
+/// Index of the first NaN or infinity, if any (for error messages).
 pub fn first_non_finite(w: &[f32]) -> Option<usize> {
-    w.par_iter().position_first(|x| !x.is_finite())
+    w.iter().position(|x| !x.is_finite())
 }
 
 #[cfg(test)]
@@ -169,7 +173,8 @@ mod tests {
         // 1 + 2^-8 is halfway between two bf16 neighbours: ties go to the even mantissa (1.0).
         let x = [1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), -0.0, f32::INFINITY];
         let mut out = vec![0u8; 8];
-        from_f32(&x, Dtype::BF16, &mut out).unwrap();
+        assert!(!from_f32(&x, Dtype::BF16, &mut out).unwrap(), "infinity is reported");
+        assert!(from_f32(&x[..3], Dtype::BF16, &mut out[..6]).unwrap());
         let back: Vec<u16> = out.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(back, vec![0x3f80, 0x3f82, 0x8000, 0x7f80]);
         let mut wide = vec![0f32; 4];

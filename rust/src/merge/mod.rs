@@ -7,6 +7,7 @@ pub mod plan;
 pub mod targets;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
@@ -31,6 +32,8 @@ pub struct MergeOptions {
     pub is_clip: bool,
     /// Non-weight files to place in the output: (source path, file name in the output).
     pub extra_files: Vec<(PathBuf, String)>,
+    /// fsync every file before the final rename (see `OutputDir::set_durable`).
+    pub fsync: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -59,6 +62,9 @@ struct Source<'a> {
 
 /// Merge the LoRA adapter (`adapter_config`, `adapter_weights`: a .safetensors file) into the HF
 /// model folder `base`, writing a sharded HF checkpoint to `out` atomically.
+///
+/// Two threads of work overlap: this thread computes tensor i+1 (its rayon pool doing the GEMM and
+/// conversions) while a writer thread hands tensor i to the kernel.
 pub fn merge(
     base: &Path,
     adapter_config: &Path,
@@ -70,39 +76,25 @@ pub fn merge(
     let start = Instant::now();
     let plan = MergePlan::build(base, adapter_config, adapter_weights, opts)?;
     let bytes_total = plan.specs.iter().map(|s| s.nbytes()).sum::<Result<u64>>()?;
-    let dir = OutputDir::new_folder(out, opts.overwrite)?;
+    let mut dir = OutputDir::new_folder(out, opts.overwrite)?;
+    dir.set_durable(opts.fsync);
     let meta = vec![("format".to_string(), "pt".to_string())];
-    let mut writer = ShardedWriter::new(dir, plan.specs.clone(), opts.max_shard_size, meta, "model")?;
+    let writer = ShardedWriter::new(dir, plan.specs.clone(), opts.max_shard_size, meta, "model")?;
 
     let mut report = MergeReport::default();
-    let mut scratch = Scratch::default();
-    let mut bytes_done = 0u64;
-    for (i, spec) in plan.specs.iter().enumerate() {
-        let (file, info) = plan.base(i);
-        let edit = plan.edits.get(&info.name);
-        let src = match edit.and_then(|e| e.replace.as_ref()) {
-            Some(r) => {
-                report.replaced += 1;
-                Source { file: &plan.adapter, info: r }
-            }
-            None => Source { file, info },
-        };
-        writer.begin(&spec.name)?;
-        match edit.filter(|e| e.lora.is_some() || e.bias.is_some()) {
-            Some(e) => {
-                merge_one(&mut writer, &src, e, &plan.adapter, spec.dtype, &mut scratch)?;
-                report.merged += 1;
-            }
-            None => pass_through(&mut writer, &src, spec.dtype, &mut scratch)?,
-        }
-        writer.end()?;
-        src.file.release(src.info);
-        bytes_done += spec.nbytes()?;
-        let p = Progress { name: &spec.name, done: i + 1, total: plan.specs.len(), bytes_done, bytes_total };
-        if !progress(&p) {
-            return Err(Error::arg("merge cancelled"));
-        }
-    }
+    let (tx, rx) = mpsc::sync_channel::<Msg>(2);
+    let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
+    let (computed, writer) = std::thread::scope(|scope| {
+        let handle = scope.spawn(move || write_loop(writer, rx, recycle_tx));
+        let mut sink = Sink { tx, recycle: recycle_rx };
+        let computed = compute_loop(&plan, &mut sink, &mut report, bytes_total, progress);
+        drop(sink);
+        let written = handle.join().unwrap_or_else(|_| Err(Error::data("the merge writer thread panicked")));
+        (computed, written)
+    });
+    // A writer failure (disk full, ...) is the root cause of a closed channel: report it first.
+    let writer = writer?;
+    computed?;
     let (mut dir, summary) = writer.finish()?;
     for (src, name) in &opts.extra_files {
         copy_extra(&mut dir, src, name)?;
@@ -115,11 +107,95 @@ pub fn merge(
     Ok(report)
 }
 
+/// What the compute side sends the writer thread.
+enum Msg<'a> {
+    Begin(&'a str),
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+    /// The tensor is complete; its source pages may be dropped once written.
+    End(Option<(&'a SafeFile, &'a TensorInfo)>),
+}
+
+struct Sink<'a> {
+    tx: mpsc::SyncSender<Msg<'a>>,
+    recycle: mpsc::Receiver<Vec<u8>>,
+}
+
+impl<'a> Sink<'a> {
+    fn send(&self, msg: Msg<'a>) -> Result<()> {
+        // A closed channel means the writer failed; merge() reports the writer's own error.
+        self.tx.send(msg).map_err(|_| Error::data("the merge writer stopped"))
+    }
+
+    /// An output buffer of `len` bytes, reusing one the writer has finished with.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut v = self.recycle.try_recv().unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+}
+
+fn write_loop(mut writer: ShardedWriter, rx: mpsc::Receiver<Msg>, recycle: mpsc::Sender<Vec<u8>>) -> Result<ShardedWriter> {
+    for msg in rx {
+        match msg {
+            Msg::Begin(name) => writer.begin(name)?,
+            Msg::Borrowed(bytes) => writer.write(bytes)?,
+            Msg::Owned(buf) => {
+                writer.write(&buf)?;
+                let _ = recycle.send(buf);
+            }
+            Msg::End(release) => {
+                writer.end()?;
+                if let Some((file, info)) = release {
+                    file.release(info);
+                }
+            }
+        }
+    }
+    Ok(writer)
+}
+
+fn compute_loop<'a>(
+    plan: &'a MergePlan,
+    sink: &mut Sink<'a>,
+    report: &mut MergeReport,
+    bytes_total: u64,
+    progress: &mut dyn FnMut(&Progress) -> bool,
+) -> Result<()> {
+    let mut scratch = Scratch::default();
+    let mut bytes_done = 0u64;
+    for (i, spec) in plan.specs.iter().enumerate() {
+        let (file, info) = plan.base(i);
+        let edit = plan.edits.get(&info.name);
+        let src = match edit.and_then(|e| e.replace.as_ref()) {
+            Some(r) => {
+                report.replaced += 1;
+                Source { file: &plan.adapter, info: r }
+            }
+            None => Source { file, info },
+        };
+        sink.send(Msg::Begin(&spec.name))?;
+        match edit.filter(|e| e.lora.is_some() || e.bias.is_some()) {
+            Some(e) => {
+                merge_one(sink, &src, e, &plan.adapter, spec.dtype, &mut scratch)?;
+                report.merged += 1;
+            }
+            None => pass_through(sink, &src, spec.dtype, &mut scratch)?,
+        }
+        sink.send(Msg::End(Some((src.file, src.info))))?;
+        bytes_done += spec.nbytes()?;
+        let p = Progress { name: &spec.name, done: i + 1, total: plan.specs.len(), bytes_done, bytes_total };
+        if !progress(&p) {
+            return Err(Error::arg("merge cancelled"));
+        }
+    }
+    Ok(())
+}
+
 fn copy_extra(dir: &mut OutputDir, src: &Path, name: &str) -> Result<()> {
     let (dst, _) = dir.create(name)?;
     std::fs::copy(src, &dst).at(src)?;
-    std::fs::File::open(&dst).and_then(|f| f.sync_all()).at(&dst)?;
-    Ok(())
+    dir.sync_file(&dst)
 }
 
 
@@ -132,17 +208,16 @@ struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     extra: Vec<f32>,
-    out: Vec<u8>,
 }
 
 fn widen_into(buf: &mut Vec<f32>, file: &SafeFile, info: &TensorInfo) -> Result<()> {
-    buf.clear();
+    // Every element is overwritten, so only growth needs initialising.
     buf.resize(info.numel() as usize, 0.0);
     to_f32(file.bytes(info), info.dtype, buf).map_err(|e| Error::data(format!("{}: {e}", info.name)))
 }
 
-fn merge_one(
-    writer: &mut ShardedWriter,
+fn merge_one<'a>(
+    sink: &Sink<'a>,
     src: &Source,
     edit: &TensorEdit,
     adapter: &SafeFile,
@@ -164,37 +239,34 @@ fn merge_one(
         widen_into(&mut s.extra, adapter, bias)?;
         s.w.iter_mut().zip(&s.extra).for_each(|(w, b)| *w += scaling * b);
     }
-    if let Some(i) = first_non_finite(&s.w) {
+    let mut out = sink.buffer(s.w.len() * out_dtype.size());
+    if !from_f32(&s.w, out_dtype, &mut out)? {
+        let i = first_non_finite(&s.w).unwrap_or(0);
         return Err(Error::data(format!(
             "merging into {} produced a non-finite value (element {i}): the adapter or the base holds NaN or infinity",
             src.info.name
         )));
     }
-    s.out.clear();
-    s.out.resize(s.w.len() * out_dtype.size(), 0);
-    from_f32(&s.w, out_dtype, &mut s.out)?;
-    writer.write(&s.out)
+    sink.send(Msg::Owned(out))
 }
 
 /// A tensor without an update: copied byte for byte, or converted in bounded steps.
-fn pass_through(writer: &mut ShardedWriter, src: &Source, out_dtype: Dtype, s: &mut Scratch) -> Result<()> {
+fn pass_through<'a>(sink: &Sink<'a>, src: &Source<'a>, out_dtype: Dtype, s: &mut Scratch) -> Result<()> {
     let bytes = src.file.bytes(src.info);
     if src.info.dtype == out_dtype {
         for piece in bytes.chunks(COPY_STEP) {
-            writer.write(piece)?;
+            sink.send(Msg::Borrowed(piece))?;
         }
         return Ok(());
     }
     let in_size = src.info.dtype.size();
     for piece in bytes.chunks(CONVERT_STEP * in_size) {
         let n = piece.len() / in_size;
-        s.extra.clear();
         s.extra.resize(n, 0.0);
         to_f32(piece, src.info.dtype, &mut s.extra)?;
-        s.out.clear();
-        s.out.resize(n * out_dtype.size(), 0);
-        from_f32(&s.extra, out_dtype, &mut s.out)?;
-        writer.write(&s.out)?;
+        let mut out = sink.buffer(n * out_dtype.size());
+        from_f32(&s.extra, out_dtype, &mut out)?;
+        sink.send(Msg::Owned(out))?;
     }
     Ok(())
 }

@@ -10,8 +10,9 @@ use crate::merge::math::Layout;
 use crate::merge::{merge, MergeOptions, MergePlan, Progress};
 use crate::safetensors::Dtype;
 
-fn options(max_shard_size: u64, dtype: Option<&str>, overwrite: bool, is_clip: bool, extra_files: Vec<(PathBuf, String)>) -> PyResult<MergeOptions> {
+fn options(max_shard_size: u64, dtype: Option<&str>, overwrite: bool, is_clip: bool, extra_files: Vec<(PathBuf, String)>, fsync: bool) -> PyResult<MergeOptions> {
     Ok(MergeOptions {
+        fsync,
         max_shard_size,
         dtype: dtype.map(Dtype::from_user).transpose()?,
         overwrite,
@@ -23,7 +24,7 @@ fn options(max_shard_size: u64, dtype: Option<&str>, overwrite: bool, is_clip: b
 /// Merge a LoRA adapter into a HF model folder; returns tensors, merged, replaced, bytes_written,
 /// files, seconds. `progress(name, done, total, bytes_done, bytes_total)` is called per tensor.
 #[pyfunction]
-#[pyo3(signature = (base, adapter_config, adapter_weights, out, max_shard_size, dtype=None, overwrite=false, is_clip=false, extra_files=Vec::new(), progress=None))]
+#[pyo3(signature = (base, adapter_config, adapter_weights, out, max_shard_size, dtype=None, overwrite=false, is_clip=false, extra_files=Vec::new(), progress=None, fsync=true))]
 #[allow(clippy::too_many_arguments)]
 fn merge_lora<'py>(
     py: Python<'py>,
@@ -37,8 +38,9 @@ fn merge_lora<'py>(
     is_clip: bool,
     extra_files: Vec<(PathBuf, String)>,
     progress: Option<Py<PyAny>>,
+    fsync: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(max_shard_size, dtype, overwrite, is_clip, extra_files)?;
+    let opts = options(max_shard_size, dtype, overwrite, is_clip, extra_files, fsync)?;
     let mut failure: Option<PyErr> = None;
     let result = py.detach(|| {
         let mut report = |p: &Progress| -> bool {
@@ -86,7 +88,7 @@ fn merge_plan<'py>(
     dtype: Option<&str>,
     is_clip: bool,
 ) -> PyResult<Bound<'py, PyList>> {
-    let opts = options(1, dtype, false, is_clip, Vec::new())?;
+    let opts = options(1, dtype, false, is_clip, Vec::new(), true)?;
     let plan = py.detach(|| MergePlan::build(&base, &adapter_config, &adapter_weights, &opts))?;
     let out = PyList::empty(py);
     for (i, spec) in plan.specs.iter().enumerate() {

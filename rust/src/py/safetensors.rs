@@ -37,7 +37,7 @@ pub struct ShardWriter {
 #[pymethods]
 impl ShardWriter {
     #[new]
-    #[pyo3(signature = (out_dir, tensors, max_shard_size, metadata, prefix="model", mode="into", overwrite=false))]
+    #[pyo3(signature = (out_dir, tensors, max_shard_size, metadata, prefix="model", mode="into", overwrite=false, fsync=true))]
     fn new(
         out_dir: std::path::PathBuf,
         tensors: Vec<(String, String, Vec<u64>)>,
@@ -46,6 +46,7 @@ impl ShardWriter {
         prefix: &str,
         mode: &str,
         overwrite: bool,
+        fsync: bool,
     ) -> PyResult<ShardWriter> {
         if prefix.is_empty() || prefix.contains(['/', '\\']) {
             return Err(PyValueError::new_err(format!("bad file prefix {prefix:?}: expected a plain name such as \"model\"")));
@@ -54,11 +55,12 @@ impl ShardWriter {
             .into_iter()
             .map(|(name, dtype, shape)| Ok(TensorSpec { name, dtype: dtype_of(&dtype)?, shape }))
             .collect::<PyResult<Vec<_>>>()?;
-        let dir = match mode {
+        let mut dir = match mode {
             "into" => OutputDir::into_folder(&out_dir)?,
             "new" => OutputDir::new_folder(&out_dir, overwrite)?,
             _ => return Err(PyValueError::new_err(format!("mode must be \"into\" or \"new\", not {mode:?}"))),
         };
+        dir.set_durable(fsync);
         let inner = ShardedWriter::new(dir, specs, max_shard_size, metadata, prefix)?;
         Ok(ShardWriter { inner: Some(inner), prefix: prefix.to_string() })
     }
@@ -84,6 +86,7 @@ impl ShardWriter {
             for (src, name) in &extra_files {
                 let (dst, _) = dir.create(name)?;
                 std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+                dir.sync_file(&dst)?;
             }
             dir.commit(&prefix)?;
             Ok(summary)

@@ -22,6 +22,7 @@ pub struct OutputDir {
     mode: Mode,
     files: Vec<String>,
     committed: bool,
+    durable: bool,
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -74,7 +75,18 @@ impl OutputDir {
             fs::remove_dir_all(&work).at(&work)?;
         }
         fs::create_dir(&work).at(&work)?;
-        Ok(OutputDir { target: target.to_path_buf(), work, mode, files: Vec::new(), committed: false })
+        Ok(OutputDir { target: target.to_path_buf(), work, mode, files: Vec::new(), committed: false, durable: true })
+    }
+
+    /// Whether files are fsynced before they are moved into place (default true). Without it the
+    /// rename still makes the output appear whole to other processes and after a crash of this
+    /// one, but a power loss may leave truncated files behind the rename.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
+    }
+
+    pub fn durable(&self) -> bool {
+        self.durable
     }
 
     /// The final location.
@@ -96,7 +108,14 @@ impl OutputDir {
         let name = name_of(src)?;
         let (dst, _) = self.create(&name)?;
         fs::copy(src, &dst).at(src)?;
-        File::open(&dst).and_then(|f| f.sync_all()).at(&dst)?;
+        self.sync_file(&dst)
+    }
+
+    /// fsync a file written into the temporary folder (a no-op when not durable).
+    pub fn sync_file(&self, path: &Path) -> Result<()> {
+        if self.durable {
+            File::open(path).and_then(|f| f.sync_all()).at(path)?;
+        }
         Ok(())
     }
 
@@ -104,7 +123,9 @@ impl OutputDir {
     /// prefix (`model.safetensors`, `model-000NN-of-000MM.safetensors`, the index) that the new
     /// set does not overwrite are deleted, so a folder never mixes two checkpoints.
     pub fn commit(mut self, stale_prefix: &str) -> Result<()> {
-        sync_dir(&self.work)?;
+        if self.durable {
+            sync_dir(&self.work)?;
+        }
         match self.mode {
             Mode::NewFolder { overwrite } => {
                 let parent = self.work.parent().map(Path::to_path_buf).unwrap_or_default();

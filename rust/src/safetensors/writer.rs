@@ -125,7 +125,9 @@ impl ShardedWriter {
     fn close_shard(&mut self) -> Result<()> {
         if let Some((path, w)) = self.file.take() {
             let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
-            file.sync_all().at(&path)?;
+            if self.out.durable() {
+                file.sync_all().at(&path)?;
+            }
             self.summary.files.push(self.names[self.shard].clone());
         }
         self.shard += 1;
@@ -222,7 +224,8 @@ impl ShardedWriter {
             let name = index_file_name(&self.prefix);
             let (path, mut file) = self.out.create(&name)?;
             file.write_all(index_json(&weight_map, self.summary.data_bytes).as_bytes()).at(&path)?;
-            file.sync_all().at(&path)?;
+            drop(file);
+            self.out.sync_file(&path)?;
         }
         Ok((self.out, self.summary))
     }
