@@ -42,6 +42,8 @@ class SafetensorsFile:
 
         dtype, shape = self.info(name)
         raw = torch.from_numpy(self._reader.read(name))
+        if raw.numel() == 0:  # an empty array's stride cannot be reinterpreted
+            return torch.empty(shape, dtype=to_torch(dtype))
         return raw.view(to_torch(dtype)).reshape(shape)
 
     def __contains__(self, name: object) -> bool:
