@@ -143,7 +143,7 @@ def test_alpaca_nooutput_rows_have_nothing_to_learn():
 
 @pytest.mark.parametrize("fmt,record,message", [
     ("alpaca", {"instruction": "x"}, "missing field 'output' (fields present: instruction)"),
-    ("alpaca", {"instruction": 3, "output": "y"}, "field 'instruction': expected a string, got a int"),
+    ("alpaca", {"instruction": 3, "output": "y"}, "field 'instruction': expected a string, got a number"),
     ("alpaca", ["x"], "expected a JSON object with field 'instruction', got a list"),
     ("openai", {"msgs": []}, "missing field 'messages'"),
     ("openai", [{"role": "bot", "content": "x"}], "messages[0].role: expected one of system, user, assistant, got 'bot'"),

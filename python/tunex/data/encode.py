@@ -42,6 +42,15 @@ class Encoded:
     truncated: int = 0  # samples cut at max_length
 
 
+@dataclass
+class Prepared:
+    """Texts ready for the tokenizer: documents (spans None) or rendered chats with target spans."""
+
+    texts: list[str]
+    spans: list[list[tuple[int, int]]] | None
+    dropped: int = 0
+
+
 def backend_of(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a :class:`tunex.tokenizer.Tokenizer` (or itself)."""
     return getattr(tokenizer, "backend", tokenizer)
@@ -191,14 +200,39 @@ class Encoder:
         self.max_length = max_length
 
     def encode(self, samples: Sequence[Sample]) -> Encoded:
+        return self.tokenize(self.prepare(samples))
+
+    def prepare(self, samples: Sequence[Sample]) -> Prepared:
+        """The Python half: render conversations to text + target spans (no tokenizer call)."""
         docs = [s for s in samples if isinstance(s, str)]
         if docs and len(docs) == len(samples):
-            return self._pretrain(docs)
+            return Prepared(docs, None, sum(1 for d in docs if not d))
         if docs:
             raise TypeError("a batch mixes documents and conversations")
-        return self._chat(samples)
+        if self.renderer is None:
+            raise ValueError("conversations need a chat template; pass template=")
+        texts, all_spans = [], []
+        dropped = 0
+        for conv in samples:
+            conv = with_system(conv, self.system)
+            if not any(m.loss for m in conv):
+                dropped += 1
+                continue
+            text, spans = self.renderer(conv)
+            if not spans:
+                dropped += 1
+                continue
+            texts.append(text)
+            all_spans.append(spans)
+        return Prepared(texts, all_spans, dropped)
 
-    def _pretrain(self, docs: list[str]) -> Encoded:
+    def tokenize(self, prepared: Prepared) -> Encoded:
+        """The Rust half: tokenize (the GIL is released meanwhile) and lay out ids and masks."""
+        if prepared.spans is None:
+            return self._pretrain(prepared.texts, prepared.dropped)
+        return self._chat(prepared.texts, prepared.spans, prepared.dropped)
+
+    def _pretrain(self, docs: list[str], dropped: int) -> Encoded:
         eos = self.eos_id
         ids_out, lengths = [], []
         for enc in self.backend.encode_batch(docs, add_special_tokens=True):
@@ -214,49 +248,38 @@ class Encoder:
         lengths_arr = np.asarray(lengths, dtype=np.int64)
         mask = np.ones(len(ids), dtype=np.uint8)
         mask[_starts(lengths_arr)] = 0
-        dropped = sum(1 for d in docs if not d)
         return Encoded(ids, mask, lengths_arr, dropped=dropped)
 
-    def _chat(self, convs: Sequence[Conversation]) -> Encoded:
-        if self.renderer is None:
-            raise ValueError("conversations need a chat template; pass template=")
-        texts, all_spans = [], []
-        dropped = 0
-        for conv in convs:
-            conv = with_system(conv, self.system)
-            if not any(m.loss for m in conv):
-                dropped += 1
-                continue
-            text, spans = self.renderer(conv)
-            if not spans:
-                dropped += 1
-                continue
-            texts.append(text)
-            all_spans.append(spans)
+    def _chat(self, texts: list[str], all_spans: list[list[tuple[int, int]]], dropped: int) -> Encoded:
         ids_out: list[int] = []
-        mask_parts: list[np.ndarray] = []
         lengths: list[int] = []
+        begins: list[int] = []  # target token ranges, as positions in ids_out
+        ends: list[int] = []
         truncated = 0
         limit = self.max_length
         for enc, spans in zip(self.backend.encode_batch(texts, add_special_tokens=False), all_spans):
             ids = enc.ids
             n = len(ids)
-            mask = np.zeros(n, dtype=np.uint8)
-            for lo, hi in _token_ranges(enc, spans):
-                mask[lo:hi] = 1
-            mask[0] = 0
             if n > limit:
                 truncated += 1
-                ids, mask, n = ids[:limit], mask[:limit], limit
-            if not mask.any():
+                ids, n = ids[:limit], limit
+            # position 0 is never a target (nothing predicts it); ranges past the cut are gone
+            ranges = [(max(lo, 1), min(hi, n)) for lo, hi in _token_ranges(enc, spans)]
+            ranges = [(lo, hi) for lo, hi in ranges if lo < hi]
+            if not ranges:
                 dropped += 1
                 continue
+            base = len(ids_out)
+            begins += [base + lo for lo, _ in ranges]
+            ends += [base + hi for _, hi in ranges]
             ids_out.extend(ids)
-            mask_parts.append(mask)
             lengths.append(n)
-        return Encoded(np.asarray(ids_out, dtype=np.int32),
-                       np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8),
-                       np.asarray(lengths, dtype=np.int64), dropped=dropped, truncated=truncated)
+        edges = np.zeros(len(ids_out) + 1, dtype=np.int32)
+        np.add.at(edges, np.asarray(begins, dtype=np.int64), 1)
+        np.add.at(edges, np.asarray(ends, dtype=np.int64), -1)
+        mask = (np.cumsum(edges[:-1]) > 0).astype(np.uint8)
+        return Encoded(np.asarray(ids_out, dtype=np.int32), mask, np.asarray(lengths, dtype=np.int64),
+                       dropped=dropped, truncated=truncated)
 
 
 def _starts(lengths: np.ndarray) -> np.ndarray:

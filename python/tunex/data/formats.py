@@ -66,8 +66,8 @@ def _list_field(record: Any, name: str) -> list:
 
 
 def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(v), f"a {type(v).__name__}")
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), f"a {type(v).__name__}")
 
 
 def _user(text: str) -> Message:

@@ -34,27 +34,35 @@ def pack(lengths: np.ndarray, max_length: int, order: np.ndarray | None = None,
     order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, dtype=np.int64)
     if n and int(lengths.max()) > max_length:
         raise ValueError(f"a sample has {int(lengths.max())} tokens, more than max_length={max_length}")
-    sizes = lengths[order].tolist()
-    ids = order.tolist()
+    members = np.empty(n, dtype=np.int64)
+    counts: list[int] = []  # samples per closed sequence
+    filled = 0
     room: list[int] = []
     bins: list[list[int]] = []
-    done: list[list[int]] = []
-    for sample, size in zip(ids, sizes):
-        for j, r in enumerate(room):
-            if r >= size:
-                room[j] = r - size
-                bins[j].append(sample)
-                break
-        else:
-            if len(bins) == open_bins:
-                done.append(bins.pop(0))
-                room.pop(0)
-            bins.append([sample])
-            room.append(max_length - size)
-    done.extend(bins)
-    members = np.fromiter((s for b in done for s in b), dtype=np.int64, count=n)
-    starts = np.zeros(len(done) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in done], out=starts[1:])
+    block = 1 << 16  # samples converted to Python ints at a time: memory stays flat
+    for at in range(0, n, block):
+        ids = order[at:at + block]
+        for sample, size in zip(ids.tolist(), lengths[ids].tolist()):
+            for j, r in enumerate(room):
+                if r >= size:
+                    room[j] = r - size
+                    bins[j].append(sample)
+                    break
+            else:
+                if len(bins) == open_bins:
+                    closed = bins.pop(0)
+                    room.pop(0)
+                    members[filled:filled + len(closed)] = closed
+                    filled += len(closed)
+                    counts.append(len(closed))
+                bins.append([sample])
+                room.append(max_length - size)
+    for closed in bins:
+        members[filled:filled + len(closed)] = closed
+        filled += len(closed)
+        counts.append(len(closed))
+    starts = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
     return members, starts
 
 

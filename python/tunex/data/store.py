@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,7 +28,7 @@ import numpy as np
 
 from tunex.data import formats as F
 from tunex.data import sources as S
-from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, tokenizer_fingerprint
+from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, Prepared, tokenizer_fingerprint
 from tunex.errors import DataError, TunexError
 
 BATCH = 512  # samples per tokenizer call: enough for the Rust side to spread over threads
@@ -108,35 +110,83 @@ def locate(chunk: S.Chunk, where: Any) -> S.Where:
 
 
 def encode_chunk(chunk: S.Chunk, recipe: Recipe, encoder: Encoder | None = None) -> tuple[Encoded, int]:
-    """Encode every record of ``chunk``; returns (encoded samples, records read)."""
+    """Encode every record of ``chunk``; returns (encoded samples, records read).
+
+    Reading, mapping and rendering (Python) run in a helper thread one batch ahead of the
+    tokenizer, which releases the GIL: the two halves overlap.
+    """
     encoder = encoder or recipe.encoder()
-    parts: list[Encoded] = []
+    counter = [0]
+    parts = [encoder.tokenize(p) for p in _ahead(_prepared(chunk, recipe, encoder, counter))]
+    return _concat(parts), counter[0]
+
+
+def _prepared(chunk: S.Chunk, recipe: Recipe, encoder: Encoder, counter: list[int]) -> Iterator[Prepared]:
     batch: list[F.Sample] = []
     wheres: list[Any] = []
-    count = 0
     for where, _, sample in records(chunk, recipe.fmt):
         batch.append(sample)
         wheres.append(where)
-        count += 1
+        counter[0] += 1
         if len(batch) == BATCH:
-            parts.append(_encode(encoder, batch, wheres, chunk))
+            yield _prepare(encoder, batch, wheres, chunk)
             batch, wheres = [], []
     if batch:
-        parts.append(_encode(encoder, batch, wheres, chunk))
-    return _concat(parts), count
+        yield _prepare(encoder, batch, wheres, chunk)
 
 
-def _encode(encoder: Encoder, batch: list, wheres: list, chunk: S.Chunk) -> Encoded:
+def _prepare(encoder: Encoder, batch: list, wheres: list, chunk: S.Chunk) -> Prepared:
     try:
-        return encoder.encode(batch)
+        return encoder.prepare(batch)
     except TunexError:
         # find the record the template rejected, to name it
         for sample, where in zip(batch, wheres):
             try:
-                encoder.encode([sample])
+                encoder.prepare([sample])
             except TunexError as e:
                 raise type(e)(f"{locate(chunk, where)}: {e}") from None
         raise
+
+
+_DONE = object()
+
+
+def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run the iterator ``items`` in a thread, up to ``depth`` items ahead of the consumer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():  # the consumer may have gone: never block forever
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            offer((_DONE, e))
+
+    worker = threading.Thread(target=produce, name="tunex-data-prepare", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _concat(parts: Sequence[Encoded]) -> Encoded:
@@ -232,6 +282,5 @@ def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> 
 def _empty_message(paths: Any, meta: dict) -> str:
     shown = paths if isinstance(paths, str) else ", ".join(paths)
     return (f"no sample left to train on in {shown}: {meta['records']} records read, {meta['dropped']} "
-            f"dropped without a target (no assistant reply to learn, an empty text, or a reply cut off by "
-            f"max_length={meta['max_length'] if 'max_length' in meta else '?'}); "
-            f"check data.format and data.max_length")
+            f"dropped without a target (no assistant reply to learn, an empty text, or a reply cut off "
+            f"by max_length={meta['max_length']}); check data.format and data.max_length")
