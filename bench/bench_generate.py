@@ -73,7 +73,8 @@ def main() -> None:
 
     def run_hf(n: int) -> list[int]:
         with torch.inference_mode():
-            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=2)
         return out[0, len(ids):].tolist()
 
     def run_ours(n: int) -> list[int]:

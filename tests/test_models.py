@@ -82,7 +82,8 @@ def test_kv_cache_greedy_matches_transformers_generate(pair):
     _, hf, ours = pair
     prompt = [3, 17, 42, 5, 9]
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+        ids = torch.tensor([prompt])
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert generate(ours, prompt, max_new_tokens=12) == expected
 

