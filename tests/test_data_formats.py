@@ -198,3 +198,43 @@ def test_real_smollm2_tokenizer_matches_transformers_apply_chat_template(tmp_pat
         assert targets == "".join(m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant")
         start += n
     assert np.all(enc.mask[np.cumsum(enc.lengths) - enc.lengths] == 0)
+
+
+class _TrimmingTemplate:
+    """A template that strips contents (like llama3's jinja): the placeholder fast path must not apply."""
+
+    def segments(self, messages):
+        from tunex.templates import Segment
+
+        out = []
+        for m in messages:
+            if m["role"] == "assistant":
+                out += [Segment(m["content"].strip() + "</s>", True), Segment("\n", False)]
+            else:
+                out.append(Segment(f"[{m['role']}] {m['content'].strip()}\n", False))
+        return out
+
+
+def test_renderer_falls_back_when_a_template_rewrites_contents():
+    from tunex.data.encode import Renderer
+
+    r = Renderer(_TrimmingTemplate())
+    conv = F.openai([{"role": "user", "content": "  q  "}, {"role": "assistant", "content": " a "}])
+    assert r(conv) == ("[user] q\na</s>\n", [(9, 14)])
+    assert r._shapes[(("user", False, False), ("assistant", True, False))] is None
+
+
+def test_renderer_fast_path_equals_template_for_many_conversations():
+    from tunex.data.encode import Renderer
+
+    tok = chatml_tokenizer()
+    tpl = get_template("auto", tok)
+    r = Renderer(tpl)
+    for i in range(100):
+        conv = F.openai([{"role": "user", "content": f" u{i}\n"}, {"role": "assistant", "content": f"a {i}"},
+                         {"role": "user", "content": ""}, {"role": "assistant", "content": "x" * i}])
+        text, spans = r(conv)
+        segments = tpl.segments([m.as_dict() for m in conv])
+        assert text == "".join(s.text for s in segments)
+        assert [text[a:b] for a, b in spans] == [s.text for s in segments if s.is_target]
+    assert any(v is not None for v in r._shapes.values())

@@ -100,11 +100,12 @@ class Renderer:
     """Conversation -> (text, target char spans), through a :class:`tunex.templates.ChatTemplate`.
 
     Rendering a jinja template costs several full renders per conversation (one per assistant turn
-    to find where each reply sits). Conversations of the same shape (roles and loss flags) render
-    to the same text around their contents, so the template is asked once per shape, with
-    placeholders as contents, and later conversations fill the placeholders in. The first renders of
-    each shape are checked against the template's own output; a template that treats contents
-    other than verbatim (trims them, branches on them) falls back to rendering every conversation.
+    to find where each reply sits). Conversations of the same shape (roles, loss flags, which
+    contents are empty) render to the same text around their contents, so the template is asked
+    once per shape, with placeholders as contents, and later conversations fill the placeholders
+    in. The first renders of each shape are checked against the template's own output; a template
+    that treats contents other than verbatim (trims them, branches on them) falls back to rendering
+    every conversation.
     """
 
     def __init__(self, template: Any):
@@ -113,7 +114,8 @@ class Renderer:
         self._checked: dict[tuple, int] = {}
 
     def __call__(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        key = tuple((m.role, m.loss) for m in conv)
+        # empty contents get shapes of their own: templates commonly skip an empty system prompt
+        key = tuple((m.role, m.loss, not m.content) for m in conv)
         if key not in self._shapes:
             self._shapes[key] = self._skeleton(conv)
         skeleton = self._shapes[key]
