@@ -22,8 +22,15 @@ def register(cli: click.Group, convert: click.Group) -> None:
 @click.option("--max-steps", type=int, default=None, hidden=True,
               help="Stop after this many optimizer steps of the planned run (the schedule is "
                    "unchanged); used to test resuming.")
+@click.option("--nproc-per-node", type=int, default=None, metavar="N",
+              help="Train on N processes of this node (one per GPU) under torchrun "
+                   "(default: $NPROC_PER_NODE, else 1).")
+@click.option("--nnodes", type=int, default=None, metavar="N",
+              help="Nodes in the job (default: $NNODES, else 1); each node also needs NODE_RANK, "
+                   "ADDR and PORT in its environment. See docs/SCALING.md.")
 def train(config: str, work_dir: str | None, seed: int | None, resume: str | None,
-          overrides: tuple[str, ...], max_steps: int | None) -> None:
+          overrides: tuple[str, ...], max_steps: int | None, nproc_per_node: int | None,
+          nnodes: int | None) -> None:
     """Fine-tune a model as CONFIG says (a .toml file or a built-in config name).
 
     \b
@@ -31,13 +38,36 @@ def train(config: str, work_dir: str | None, seed: int | None, resume: str | Non
     eval outputs and loss.png. Convert a checkpoint with `tunex convert pth_to_hf`.
     """
     from tunex.config import load_config
+    from tunex.dist.launch import plan_launch, relaunch
+
+    cfg = load_config(config, overrides)  # a bad config fails here, before any process starts
+    plan = plan_launch(nproc_per_node, nnodes)
+    if plan is not None:
+        relaunch(plan, _own_args(config, work_dir, seed, resume, overrides, max_steps))
+
+    from tunex.dist.env import shutdown
     from tunex.train.loop import train as run_training
 
-    cfg = load_config(config, overrides)
-    result = run_training(cfg, work_dir=work_dir, seed=seed, resume=resume, stop_after=max_steps)
+    try:
+        result = run_training(cfg, work_dir=work_dir, seed=seed, resume=resume, stop_after=max_steps)
+    finally:
+        shutdown()
     if result.is_main:
         click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; "
                    f"checkpoint {result.checkpoint}")
+
+
+def _own_args(config: str, work_dir: str | None, seed: int | None, resume: str | None,
+              overrides: tuple[str, ...], max_steps: int | None) -> list[str]:
+    """This command's arguments for the workers (without the launcher options)."""
+    args = ["train", config]
+    for flag, value in (("--work-dir", work_dir), ("--seed", seed), ("--resume", resume),
+                        ("--max-steps", max_steps)):
+        if value is not None:
+            args += [flag, str(value)]
+    for item in overrides:
+        args += ["-o", item]
+    return args
 
 
 @click.command()

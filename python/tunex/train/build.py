@@ -6,7 +6,6 @@ This is the one module that knows how a tunex model is called, so the loop stays
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
@@ -15,12 +14,6 @@ from torch import nn
 from tunex.peft import apply_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def distributed_rank() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
 def pick_device(local_rank: int) -> torch.device:

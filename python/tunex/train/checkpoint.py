@@ -20,7 +20,8 @@ from tunex.errors import FormatError
 
 FORMAT = "tunex-train-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^iter_(\d+)\.pth$")
+# iter_N.pth files; iter_N.dcp folders are the sharded checkpoints of FSDP runs (tunex.dist.ckpt)
+_NAME = re.compile(r"^iter_(\d+)\.(pth|dcp)$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -44,13 +45,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every ``iter_N.pth`` in ``work_dir``, oldest first."""
+    """(step, path) of every ``iter_N.pth`` file and ``iter_N.dcp`` folder in ``work_dir``, oldest first."""
     found = []
     folder = Path(work_dir)
     if folder.is_dir():
         for p in folder.iterdir():
             m = _NAME.match(p.name)
-            if m and p.is_file():
+            if m and (p.is_file() if m.group(2) == "pth" else p.is_dir()):
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -76,9 +77,19 @@ def save(work_dir: str | os.PathLike, step: int, payload: dict[str, Any], keep: 
         os.fsync(f.fileno())
     os.replace(tmp, target)
     if keep > 0:
-        for _, old in checkpoints(folder)[:-keep]:
-            old.unlink(missing_ok=True)
+        prune(folder, keep)
     return target
+
+
+def prune(work_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (files or sharded folders)."""
+    import shutil
+
+    for _, old in checkpoints(work_dir)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -89,6 +100,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         FormatError: not a tunex training checkpoint, or an unsupported version.
     """
     p = Path(path)
+    if p.is_dir():
+        from tunex.dist.ckpt import load_consolidated
+
+        return load_consolidated(p)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such checkpoint file")
     try:
@@ -111,7 +126,7 @@ def resolve_resume(resume: str | None, work_dir: str | os.PathLike) -> Path | No
     if resume == "auto":
         return latest(work_dir)
     p = Path(resume)
-    if not p.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file "
+    if not (p.is_file() or p.is_dir()):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or iter_N.dcp folder "
                                 f"(use --resume auto to take the newest one in {work_dir})")
     return p

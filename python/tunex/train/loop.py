@@ -17,12 +17,15 @@ from typing import Any, Iterator
 
 import torch
 
+from tunex.dist import ckpt as dist_ckpt
+from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
+from tunex.dist.metrics import reduce_step
+from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
+from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, wrap_for_training
 from tunex.errors import TunexError
 from tunex.train import checkpoint
-from tunex.train.build import (autocast, build_model, distributed_rank, enable_gradient_checkpointing,
-                               forward_hidden, output_head, pick_device)
+from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device
 from tunex.train.hooks import EvalChatHook
-from tunex.train.loss import linear_cross_entropy, shifted
 from tunex.train.metrics import MetricsWriter, plot_loss
 from tunex.train.optim import build_optimizer, build_scheduler
 from tunex.train.progress import TrainProgress
@@ -67,29 +70,24 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=False)
 
 
-def _batches(dataset: Any, cfg: Any, consumed: int, per_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches from position ``consumed`` on, epoch after epoch (each epoch reshuffled)."""
-    from tunex.data import make_loader
-
-    epoch, start = divmod(consumed, per_epoch)
-    while True:
-        loader = make_loader(dataset, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             shuffle=True, start_batch=start)
-        yield from loader
-        epoch, start = epoch + 1, 0
+def _batches(dataset: Any, cfg: Any, consumed: int, per_epoch: int, rank: int = 0,
+             world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches from global position ``consumed`` on, epoch after epoch (each
+    epoch reshuffled; every rank computes the same order and takes its slice of it)."""
+    return rank_micro_batches(dataset, cfg.train.batch_size, cfg.train.seed, consumed, per_epoch, rank, world)
 
 
-def _micro_step(model, batch, device, cfg, accum: int) -> tuple[torch.Tensor, int]:
+def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True) -> tuple[torch.Tensor, int]:
+    """Forward and backward of one micro-batch through the loss module (DDP/FSDP-wrapped or not);
+    gradients are reduced across ranks only on the step's ``last`` micro-batch."""
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     positions = batch.get("position_ids")
     positions = positions.to(device) if positions is not None else None
-    with autocast(cfg.train.dtype, device):
-        hidden = forward_hidden(model, input_ids, positions)
-        weight, bias = output_head(model)
-        h, y = shifted(hidden, labels)
-        loss = linear_cross_entropy(h, weight, y, bias)
-    (loss / accum).backward()
+    with gradient_sync(step_module, last):
+        with autocast(cfg.train.dtype, device):
+            loss = step_module(input_ids, labels, positions)
+        (loss / accum).backward()
     return loss.detach(), int(input_ids.numel())
 
 
@@ -112,40 +110,58 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     from tunex.templates import get_template
     from tunex.tokenizer import load_tokenizer
 
-    rank, local_rank, _ = distributed_rank()
-    is_main = rank == 0
+    env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
+    is_main = env.is_main
+    world = env.world_size
     if seed is not None:
         cfg.train.seed = seed
-    device = pick_device(local_rank)
+    device = pick_device(env.local_rank)
     work = resolve_work_dir(cfg, work_dir)
-    resume_from = checkpoint.resolve_resume(resume, work)
-    state = checkpoint.load(resume_from) if resume_from else None
+    # rank 0 picks the checkpoint (--resume auto), so every rank resumes from the same one
+    resume_from = dist_ckpt.share_path(env, checkpoint.resolve_resume(resume, work) if is_main else None)
+    if resume_from is None:
+        state = None
+    else:  # a sharded folder's tensors are read into the sharded model later, shard by shard
+        state = dist_ckpt.read_meta(resume_from) if resume_from.is_dir() else checkpoint.load(resume_from)
     seed_everything(cfg.train.seed)
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
     # The tokenized-data cache sits next to the work dirs, so runs of one config share it.
     cache = cfg.data.cache_dir or str(work.parent / ".cache")
+    if not is_main:  # rank 0 tokenizes into the shared cache first; the others then read it
+        barrier(env)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+    if is_main:
+        barrier(env)
     per_epoch = _batches_per_epoch(dataset, cfg)
     accum = cfg.train.grad_accum
-    total = cfg.train.max_steps or cfg.train.epochs * math.ceil(per_epoch / accum)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(per_epoch, accum, world)
     last = min(total, stop_after) if stop_after else total
 
     model = build_model(cfg, device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
+    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
+    sharded = is_sharded(step_module)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
 
     step, consumed = 0, 0
     if state is not None:
-        load_trainable(model, state["model"], resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded or resume_from.is_dir():
+            dist_ckpt.restore(resume_from, None if resume_from.is_dir() else state, model, optimizer,
+                              cfg.method.kind)
+        else:
+            load_trainable(model, state["model"], resume_from)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
         step, consumed = int(state["step"]), int(state["data"]["micro_batches"])
+        dist_ckpt.restore_rng(state, env, cfg.train.seed, step)
+    elif env.rank > 0:  # own dropout masks per rank; rank 0 keeps the lone run's stream
+        seed_all(rank_seed(cfg.train.seed, env.rank))
 
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
@@ -157,12 +173,13 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     if is_main:
         trainable = sum(p.numel() for p in params)
         progress.echo(f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
-                      f"{accum} x {cfg.train.batch_size} sequences; work dir {work}"
+                      f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
+                      f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
                       + (f"; resumed from {resume_from} at step {step}" if state else ""))
 
     saved: Path | None = resume_from
     loss_value = float("nan")
-    batches = _batches(dataset, cfg, consumed, per_epoch)
+    batches = _batches(dataset, cfg, consumed, per_epoch, env.rank, world)
     model.train()
     try:
         while step < last:
@@ -171,22 +188,22 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             tokens = 0
-            for _ in range(accum):
-                loss, n = _micro_step(model, next(batches), device, cfg, accum)
+            for micro in range(accum):
+                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1)
                 loss_sum += loss
                 tokens += n
-            loss_value = float(loss_sum) / accum
+            # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
+            loss_value, tokens = reduce_step(env, loss_sum, accum, tokens)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; stopped before applying it ({where}). "
                     "Lower train.lr or raise train.warmup_ratio, then --resume auto")
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.train.max_norm) if cfg.train.max_norm > 0
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = clip_gradients(params, cfg.train.max_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            consumed += accum
+            consumed += accum * world  # counted in global micro-batches: resumable on any world size
             elapsed = time.perf_counter() - started
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                       "epoch": consumed / per_epoch, "tokens": tokens, "tokens_per_s": tokens / elapsed,
@@ -194,14 +211,22 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
             if step % cfg.save.save_steps == 0 or step == last:
-                if is_main:
-                    saved = checkpoint.save(work, step, {
-                        "model": trainable_state(model, cfg.method.kind),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": checkpoint.rng_state(), "data": {"micro_batches": consumed},
-                        "config": cfg.to_dict(), "method": cfg.method.kind}, cfg.save.save_total_limit)
-            if hook.due(step, total) or (step == last and cfg.eval.prompts):
+                meta = {"scheduler": scheduler.state_dict(), "data": {"micro_batches": consumed},
+                        "config": cfg.to_dict(), "method": cfg.method.kind}
+                if sharded:  # every rank writes its shards
+                    saved = dist_ckpt.save_sharded(work, step, model, optimizer, meta,
+                                                   cfg.save.save_total_limit, env)
+                else:  # replicated state: rank 0 writes it, with every rank's RNG
+                    rng = dist_ckpt.rng_payload(env) if env.enabled else {"rng": checkpoint.rng_state()}
+                    saved = work / f"iter_{step}.pth"
+                    if is_main:
+                        saved = checkpoint.save(work, step, {
+                            "model": trainable_state(model, cfg.method.kind),
+                            "optimizer": optimizer.state_dict(), **meta, **rng}, cfg.save.save_total_limit)
+            # FSDP2 ranks generate together (each forward gathers shards); DDP's rank 0 alone
+            if (hook.due(step, total) or (step == last and cfg.eval.prompts)) and (is_main or sharded):
                 hook(step)
+                after_eval(step_module)
     finally:
         progress.close()
         metrics.close()

@@ -1,0 +1,167 @@
+"""Wrapping a built model for data-parallel training.
+
+The loop trains through a :class:`LossModule`: a module whose forward returns the loss, because
+DDP and FSDP2 act when a module's forward runs (DDP prepares its gradient reducer, FSDP2 gathers
+parameter shards), and the loss needs the output head, which lives outside the decoder's forward.
+
+- Alone: the plain LossModule.
+- LoRA / QLoRA: DDP over the trainable parameters only. The frozen base (dense or NF4) is listed
+  in ``_ddp_params_and_buffers_to_ignore``: DDP builds no gradient buckets for it and does not
+  broadcast it at start-up (every rank loaded the same weights from the same files).
+- Full fine-tune: FSDP2 (``fully_shard``) on each decoder layer, then on the model as root:
+  parameters, gradients and AdamW state are sharded across ranks (ZeRO-3-like). On CUDA a
+  MixedPrecisionPolicy gathers parameters in the compute dtype and reduces gradients in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from tunex.dist.env import DistEnv
+
+
+class LossModule(nn.Module):
+    """``forward(input_ids, labels, position_ids) -> mean token loss`` of a tunex causal LM."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None) -> torch.Tensor:
+        from tunex.train.build import forward_hidden, output_head
+        from tunex.train.loss import linear_cross_entropy, shifted
+
+        hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T, H)
+        weight, bias = output_head(self.lm)
+        h, y = shifted(hidden, labels)
+        return linear_cross_entropy(h, weight, y, bias)
+
+
+def strategy(kind: str, env: DistEnv) -> str:
+    """"single", "ddp" (adapters) or "fsdp" (full fine-tune)."""
+    if not env.enabled:
+        return "single"
+    return "fsdp" if kind == "full" else "ddp"
+
+
+def _frozen_names(module: nn.Module) -> list[str]:
+    names = [n for n, p in module.named_parameters() if not p.requires_grad]
+    return names + [n for n, _ in module.named_buffers()]
+
+
+def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    inner = getattr(lm, "model", lm)
+    return list(getattr(inner, "layers", []))
+
+
+def mixed_precision(train_dtype: str, device: torch.device):
+    """FSDP2's policy on CUDA: gather params in the compute dtype, reduce grads in fp32; None on CPU
+    or for fp32 training (the sharded parameters keep the weights' dtype)."""
+    if device.type != "cuda" or train_dtype == "float32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = torch.float16 if train_dtype == "float16" else torch.bfloat16
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str) -> nn.Module:
+    """FSDP2 on every decoder layer, then the root; ``hidden_states`` counts as a forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (env.world_size,))
+    options: dict[str, Any] = {"mesh": mesh}
+    policy = mixed_precision(train_dtype, device)
+    if policy is not None:
+        options["mp_policy"] = policy
+    layers = _decoder_layers(lm)
+    for i, layer in enumerate(layers):
+        # the last layer's shards would be gathered again at once by backward: keep them
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **options)
+    fully_shard(lm, **options)
+    # the loop calls lm.hidden_states, not lm.forward: it must gather the root's shards too
+    register_fsdp_forward_method(lm, "hidden_states")
+    # FSDP2 warns that the root returns a view (in-place ops on it would skip its backward hook);
+    # the loss only slices and reads the hidden states, and generation runs without autograd.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return lm
+
+
+def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
+                      train_dtype: str = "float32") -> nn.Module:
+    """The module the loop calls for a micro-batch's loss (see the module docstring).
+
+    Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
+    sharded ones.
+    """
+    how = strategy(kind, env)
+    if how == "fsdp":
+        return LossModule(shard_full_model(lm, env, device, train_dtype))
+    loss = LossModule(lm)
+    if how == "single":
+        return loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        loss, _frozen_names(loss))
+    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return DistributedDataParallel(loss, device_ids=ids, broadcast_buffers=False,
+                                   find_unused_parameters=False)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(module, "lm", module)
+    return isinstance(inner, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, last: bool) -> Iterator[None]:
+    """Around one micro-batch's forward+backward: reduce gradients across ranks only on ``last``.
+
+    DDP skips the all-reduce (``no_sync``) on all but the last micro-batch of a step. FSDP2
+    reduce-scatters every micro-batch: holding unsharded gradients until the last one would cost
+    a full model of gradient memory per rank, which sharding exists to avoid.
+    """
+    if isinstance(module, nn.parallel.DistributedDataParallel) and not last:
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a plain tensor is its own shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a plain tensor as it is)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Total gradient 2-norm (before clipping) over all ranks' shards; clips when ``max_norm`` > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return float(full_value(norm))
+
+
+def after_eval(module: nn.Module) -> None:
+    """Free the gathered parameters that an eval forward (no backward to reshard them) left behind."""
+    if is_sharded(module):
+        from torch.distributed.fsdp import FSDPModule
+
+        for sub in module.lm.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
