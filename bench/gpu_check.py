@@ -198,20 +198,24 @@ def write_checkpoint(folder: Path, config: dict) -> None:
     def rand(*shape):
         return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
 
-    weight_map = {}
-    shards = [{"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-               "lm_head.weight": rand(v, h)}]
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shards.append({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
-                       p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
-                       p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
-                       p + "mlp.down_proj.weight": rand(h, i),
-                       p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                       p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
-    total = 0
-    for k, shard in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+
+    def ones():
+        return torch.ones(h, dtype=torch.bfloat16)
+
+    def shards():  # made one at a time, so host memory holds one layer
+        yield {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones(), "lm_head.weight": rand(v, h)}
+        for n in range(layers):
+            p = f"model.layers.{n}."
+            yield {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                   p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+                   p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+                   p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": ones(),
+                   p + "post_attention_layernorm.weight": ones()}
+
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards()):
+        name = f"model-{k + 1:05d}-of-{layers + 1:05d}.safetensors"
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update({t: name for t in shard})
         total += sum(t.numel() * t.element_size() for t in shard.values())
@@ -249,8 +253,8 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
     import torch
 
     from tunex.config import validate
-    from tunex.train.build import build_model, enable_gradient_checkpointing
-    from tunex.train.loop import _micro_step
+    from tunex.train.build import autocast, build_model, enable_gradient_checkpointing
+    from tunex.train.loss import linear_cross_entropy, shifted
     from tunex.train.optim import build_optimizer
 
     device = torch.device(device_name)
@@ -268,11 +272,14 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
     enable_gradient_checkpointing(model)
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
-    x = torch.randint(0, model.config.vocab_size, (1, seq))
-    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(seq)[None]}
+    x = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
+    positions = torch.arange(seq, device=device)[None]
 
-    def step():
-        loss, _ = _micro_step(model, batch, device, cfg, 1)
+    def step():  # what the trainer's micro-step does, without its data and distributed plumbing
+        with autocast(cfg.train.dtype, device):
+            hidden, labels = shifted(model.hidden_states(x, positions), x)
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, labels)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
