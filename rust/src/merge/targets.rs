@@ -133,9 +133,9 @@ pub fn resolve(
     }
     if !unmatched.is_empty() {
         return Err(Error::data(format!(
-            "{} adapter entr{} match no tensor of the base model (is this the right base?): {}",
+            "{} adapter {} no tensor of the base model (is this the right base?): {}",
             unmatched.len(),
-            if unmatched.len() == 1 { "y does" } else { "ies do" },
+            if unmatched.len() == 1 { "entry matches" } else { "entries match" },
             unmatched.join(", ")
         )));
     }
