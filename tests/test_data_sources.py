@@ -154,3 +154,27 @@ def test_unknown_template_lists_valid_ones(tmp_path):
     tok.chat_template = None
     with pytest.raises(DataError, match="has no chat template.*name a built-in template instead"):
         build_dataset(cfg(tmp_path / "d.jsonl", template="auto"), tok, seed=0, cache_dir=tmp_path / "c2")
+
+
+def test_minified_json_array_keeps_a_bounded_buffer_and_exact_columns(tmp_path):
+    records = [{"instruction": f"q{i}", "output": "a" * (i % 50)} for i in range(2000)]
+    f = tmp_path / "d.json"
+    text = json.dumps(records)  # one long line
+    f.write_text(text)
+    stream = S._JsonStream(f, block=256)
+    seen = []
+
+    class Spy:  # records how much text each decode is handed
+        def raw_decode(self, s, idx):
+            seen.append(len(s))
+            return json.JSONDecoder().raw_decode(s, idx)
+
+    stream.decoder = Spy()
+    assert [value for _, value in stream] == records
+    assert len(text) > 100_000 and max(seen) < 2_000  # never the whole file
+    bad = text[:-1] + ', {"instruction": "x" "output": "y"}]'
+    f.write_text(bad)
+    with pytest.raises(FormatError) as err:
+        list(S._JsonStream(f, block=256))
+    column = bad.index('"output": "y"') + 1
+    assert str(err.value).endswith(f"line 1: not valid JSON: Expecting ',' delimiter at column {column}")

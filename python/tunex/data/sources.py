@@ -262,13 +262,15 @@ class _JsonStream:
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         utf8 = codecs.getincrementaldecoder("utf-8")()
         buf, pos, line, consumed_bytes, eof = "", 0, 1, 0, False
+        shift = 0  # columns of buf's first line already dropped (a long minified line)
+        read_size = self.block  # grows while one element spans many reads, reset after it
         array: bool | None = None
         with open(self.path, "rb") as f:
             def more() -> bool:
-                nonlocal buf, pos, line, consumed_bytes, eof
+                nonlocal buf, pos, line, consumed_bytes, eof, shift, read_size
                 if eof:
                     return False
-                raw = f.read(self.block)
+                raw = f.read(read_size)
                 pending = len(utf8.getstate()[0])
                 try:
                     text = utf8.decode(raw, final=not raw)
@@ -277,8 +279,12 @@ class _JsonStream:
                                       f"({e.reason}); re-save the file as UTF-8") from None
                 consumed_bytes += len(raw)
                 eof = not raw
-                cut = buf.rfind("\n", 0, pos) + 1  # keep whole lines so error columns stay right
+                # drop what was decoded; keep the current line's start for error columns unless the
+                # line is very long (minified JSON is one line), then remember the dropped width
+                newline = buf.rfind("\n", 0, pos)
+                cut = newline + 1 if pos - newline - 1 <= self.block else pos
                 line += buf.count("\n", 0, cut)
+                shift = (cut - newline - 1) if newline >= 0 else shift + cut
                 buf, pos = buf[cut:] + text, pos - cut
                 return True
 
@@ -321,9 +327,9 @@ class _JsonStream:
                     except json.JSONDecodeError as e:
                         if not more():
                             raise FormatError(f"{self.path}, line {e.lineno + line - 1}: not valid JSON: {e.msg} "
-                                              f"at column {e.colno}") from None
-                        self.block = min(self.block * 2, 1 << 28)
-                pos = end
+                                              f"at column {e.colno + (shift if e.lineno == 1 else 0)}") from None
+                        read_size = min(read_size * 2, 1 << 28)
+                pos, read_size = end, self.block
                 yield start_line, value
                 if array:
                     if not skip_ws():
