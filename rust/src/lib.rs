@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod error;
 pub mod merge;
+pub mod quant;
 pub mod safetensors;
 pub mod units;
 
@@ -21,5 +22,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::units::register(m)?;
     py::safetensors::register(m)?;
     py::merge::register(m)?;
+    py::quant::register(m)?;
     Ok(())
 }

@@ -3,5 +3,6 @@
 
 pub mod errors;
 pub mod merge;
+pub mod quant;
 pub mod safetensors;
 pub mod units;

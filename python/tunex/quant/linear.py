@@ -1,0 +1,169 @@
+"""``NF4Linear``: the frozen 4-bit base layer of QLoRA.
+
+The weight is held packed (about 0.516 bytes per parameter with double quant at blocksize 64) and
+dequantized on every forward into the compute dtype; the backward dequantizes again instead of
+keeping the dense weight alive between forward and backward. Gradients flow to the input (and to
+the bias, if someone unfroze it), never to the packed weight. LoRA adapters wrap this layer
+(``tunex.peft.LoRALinear`` keeps it as ``base_layer``).
+
+The state dict is bitsandbytes' ``Linear4bit`` layout (``weight``, ``bias``, ``weight.absmax``, ...;
+see ``tunex.quant.serialize``), so either library loads the other's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunex.quant.serialize import STATE_SUFFIXES, from_state_dict, quant_state_key, to_state_dict
+from tunex.quant.weight import NestedAbsmax, QuantizedWeight, dequantize, quantize
+
+# Buffers that hold the quantization state; they follow device moves but never dtype casts.
+_STATE_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x @ dequant(W)^T + b; the backward dequantizes W again rather than saving it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: NF4Linear, dtype: torch.dtype):
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, layer.dequantize(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.layer.dequantize(ctx.dtype)  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
+class NF4Linear(nn.Module):
+    """A linear layer whose weight is stored in 4 bits (NF4 or FP4) and frozen.
+
+    Args:
+        qweight: the quantized (out_features, in_features) weight.
+        bias: optional (out_features,) bias, kept frozen.
+        compute_dtype: dtype of the matmul; None means bfloat16 on CUDA and float32 elsewhere.
+            The output is returned in the input's dtype.
+    """
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape {tuple(qweight.shape)}")
+        self.out_features, self.in_features = (int(d) for d in qweight.shape)
+        self.compute_dtype = compute_dtype
+        self._set_weight(qweight)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                    name: str = "weight") -> NF4Linear:
+        """Quantize a dense ``nn.Linear`` (its weight dtype becomes the layer's ``weight_dtype``)."""
+        qweight = quantize(linear.weight.detach(), quant_type, blocksize, double_quant, name=name)
+        return cls(qweight, linear.bias, compute_dtype)
+
+    # -- the quantized weight, kept as buffers so .to(device) and buffers() see it -------------
+    def _set_weight(self, qw: QuantizedWeight) -> None:
+        self.quant_type, self.blocksize, self.weight_dtype = qw.quant_type, qw.blocksize, qw.dtype
+        self.register_buffer("weight", qw.packed, persistent=True)
+        self.register_buffer("absmax", qw.absmax, persistent=False)
+        self.register_buffer("quant_map", qw.code, persistent=False)
+        nested = qw.nested
+        self.register_buffer("nested_absmax", None if nested is None else nested.absmax, persistent=False)
+        self.register_buffer("nested_quant_map", None if nested is None else nested.code, persistent=False)
+        self.nested_offset = None if nested is None else nested.offset
+        self.nested_blocksize = None if nested is None else nested.blocksize
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        nested = None
+        if self.nested_absmax is not None:
+            nested = NestedAbsmax(absmax=self.nested_absmax, code=self.nested_quant_map,
+                                  offset=self.nested_offset, blocksize=self.nested_blocksize)
+        return QuantizedWeight(packed=self.weight, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                               dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize,
+                               code=self.quant_map, nested=nested)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() would cast the float32 absmax and codebooks and corrupt them;
+        # the quantization state only follows the device that `fn` moves tensors to.
+        state = {name: self._buffers.pop(name) for name in _STATE_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+            device = fn(torch.empty(0, dtype=torch.uint8, device=state["weight"].device)).device
+        finally:
+            for name, tensor in state.items():
+                self._buffers[name] = tensor
+        for name, tensor in state.items():
+            if tensor is not None:
+                self._buffers[name] = tensor.to(device)
+        return self
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if self.weight.is_cuda else torch.float32
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out_features, in_features) weight in ``dtype`` (default: the compute dtype)."""
+        return dequantize(self.qweight, dtype or self.resolved_compute_dtype())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.resolved_compute_dtype()
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _DequantLinear.apply(x.to(dtype), bias, self, dtype).to(x.dtype)
+
+    # -- bitsandbytes' state-dict layout ------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # bitsandbytes' order: weight, bias, then the quantization state of the weight.
+        entries = to_state_dict(self.qweight, prefix + "weight")
+        destination[prefix + "weight"] = entries.pop(prefix + "weight")
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+        destination.update(entries)
+        if not keep_vars:
+            for key in (prefix + "weight", prefix + "bias", *entries):
+                if key in destination:
+                    destination[key] = destination[key].detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight_prefix = prefix + "weight"
+        if quant_state_key(state_dict, weight_prefix) is None:
+            missing_keys.append(weight_prefix + ".quant_state.bitsandbytes__" + self.quant_type)
+            return
+        keys = [k for k in state_dict if k == weight_prefix or k.startswith(weight_prefix + ".")]
+        try:
+            qw = from_state_dict({k: state_dict[k] for k in keys}, weight_prefix, source="state dict")
+        except ValueError as exc:
+            error_msgs.append(str(exc))
+            return
+        if tuple(qw.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{weight_prefix}: shape {tuple(qw.shape)} in the checkpoint, "
+                              f"expected {(self.out_features, self.in_features)} for this layer")
+            return
+        self._set_weight(qw.to(self.weight.device))
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+            else:
+                missing_keys.append(bias_key)
+        elif bias_key in state_dict:
+            unexpected_keys.append(bias_key)
+        known = {weight_prefix, bias_key, *(f"{weight_prefix}.{s}" for s in STATE_SUFFIXES),
+                 quant_state_key(state_dict, weight_prefix)}
+        unexpected_keys.extend(k for k in keys if k not in known)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}")

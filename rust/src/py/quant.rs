@@ -1,0 +1,105 @@
+//! Bindings for `crate::quant`: numpy arrays in (torch tensors viewed through `.numpy()`, so no
+//! copy), caller-allocated numpy arrays out, the GIL released while the cores work.
+
+use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::quant::{self, FloatDtype, QuantType};
+
+fn contiguous<'a, T>(what: &str, slice: Result<&'a [T], numpy::NonContiguousError>) -> PyResult<&'a [T]> {
+    slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
+}
+
+fn contiguous_mut<'a, T>(what: &str, slice: Result<&'a mut [T], numpy::NonContiguousError>) -> PyResult<&'a mut [T]> {
+    slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
+}
+
+/// Quantize the raw bytes of a float tensor to 4 bits into `packed` and `absmax`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn quantize_4bit(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, u8>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+    name: &str,
+    mut packed: PyReadwriteArray1<'_, u8>,
+    mut absmax: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let dtype = FloatDtype::parse(dtype)?;
+    let quant_type = QuantType::parse(quant_type)?;
+    let src = contiguous("src", src.as_slice())?;
+    let packed = contiguous_mut("packed", packed.as_slice_mut())?;
+    let absmax = contiguous_mut("absmax", absmax.as_slice_mut())?;
+    py.detach(|| quant::quantize_4bit(src, dtype, quant_type, blocksize, name, packed, absmax))?;
+    Ok(())
+}
+
+/// Dequantize `n` 4-bit codes into `out`, the raw bytes of an `n`-element `dtype` tensor.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_4bit(
+    py: Python<'_>,
+    packed: PyReadonlyArray1<'_, u8>,
+    absmax: PyReadonlyArray1<'_, f32>,
+    quant_type: &str,
+    blocksize: usize,
+    n: usize,
+    dtype: &str,
+    mut out: PyReadwriteArray1<'_, u8>,
+) -> PyResult<()> {
+    let dtype = FloatDtype::parse(dtype)?;
+    let quant_type = QuantType::parse(quant_type)?;
+    let packed = contiguous("packed", packed.as_slice())?;
+    let absmax = contiguous("absmax", absmax.as_slice())?;
+    let out = contiguous_mut("out", out.as_slice_mut())?;
+    py.detach(|| quant::dequantize_4bit(packed, absmax, quant_type, blocksize, n, dtype, out))?;
+    Ok(())
+}
+
+/// 8-bit blockwise quantization of f32 values with a 256-entry codebook (double quant).
+#[pyfunction]
+fn quantize_blockwise_8bit(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, f32>,
+    code: PyReadonlyArray1<'_, f32>,
+    blocksize: usize,
+    mut out: PyReadwriteArray1<'_, u8>,
+    mut absmax: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let src = contiguous("src", src.as_slice())?;
+    let code = contiguous("code", code.as_slice())?;
+    let out = contiguous_mut("out", out.as_slice_mut())?;
+    let absmax = contiguous_mut("absmax", absmax.as_slice_mut())?;
+    py.detach(|| quant::quantize_blockwise_8bit(src, code, blocksize, out, absmax))?;
+    Ok(())
+}
+
+/// `out = code[q] * absmax[block] + offset` (restores a double-quantized absmax).
+#[pyfunction]
+fn dequantize_blockwise_8bit(
+    py: Python<'_>,
+    q: PyReadonlyArray1<'_, u8>,
+    absmax: PyReadonlyArray1<'_, f32>,
+    code: PyReadonlyArray1<'_, f32>,
+    blocksize: usize,
+    offset: f32,
+    mut out: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let q = contiguous("q", q.as_slice())?;
+    let absmax = contiguous("absmax", absmax.as_slice())?;
+    let code = contiguous("code", code.as_slice())?;
+    let out = contiguous_mut("out", out.as_slice_mut())?;
+    py.detach(|| quant::dequantize_blockwise_8bit(q, absmax, code, blocksize, offset, out))?;
+    Ok(())
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
+    Ok(())
+}

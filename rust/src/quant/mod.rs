@@ -1,0 +1,50 @@
+//! 4-bit (NF4 / FP4) block quantization, byte-identical to bitsandbytes, and the 8-bit "dynamic"
+//! blockwise quantization bitsandbytes uses to compress the 4-bit absmax ("double quant").
+//!
+//! Everything here works on flat slices owned by the caller: the Python wrapper allocates the
+//! output tensors and lends their bytes, so nothing is copied on the way in or out.
+//! The exact rules (tie breaking, clamping, padding) are in `shared/design/FORMATS.md` and in
+//! `docs/QUANT.md`; the tests compare against bitsandbytes itself.
+
+mod blockwise8;
+mod codebook;
+mod elem;
+mod fourbit;
+mod simd;
+
+pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
+pub use codebook::QuantType;
+pub use elem::FloatDtype;
+pub use fourbit::{dequantize_4bit, quantize_4bit};
+
+use crate::error::{Error, Result};
+
+/// Block sizes bitsandbytes accepts for 4-bit quantization.
+pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Largest block: per-block scratch buffers are sized by it.
+pub(crate) const MAX_BLOCKSIZE: usize = 4096;
+
+pub(crate) fn check_blocksize(blocksize: usize) -> Result<()> {
+    if BLOCKSIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(Error::arg(format!(
+            "blocksize {blocksize} is not supported; use a power of two from 32 to 4096 \
+             (32, 64, 128, ..., 4096); 64 is the QLoRA default"
+        )))
+    }
+}
+
+pub(crate) fn num_blocks(n: usize, blocksize: usize) -> usize {
+    n.div_ceil(blocksize)
+}
+
+/// `what` has `got` entries where `expected` were needed: a caller sized a buffer wrongly.
+pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::arg(format!("{what} has {got} entries, expected {expected}")))
+    }
+}

@@ -1,0 +1,43 @@
+//! Compile hot loops several times, for AVX2 and for the baseline x86-64 target, and pick one at
+//! run time. The loops are written as plain Rust over slices; LLVM vectorizes them once the wider
+//! instruction set is allowed. Rust never fuses a multiply and an add on its own, so every version
+//! rounds exactly like the scalar code (and like bitsandbytes).
+
+/// Declare `fn NAME(args) -> R { body }` compiled for AVX2+FMA and for the baseline target,
+/// dispatched on the CPU it runs on.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if $crate::quant::simd::has_avx2() {
+                    // SAFETY: the CPU reports every feature `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Whether this CPU runs the AVX2 versions (checked once; `is_x86_feature_detected` caches).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("bmi1")
+        && std::is_x86_feature_detected!("bmi2")
+        && std::is_x86_feature_detected!("lzcnt")
+        && std::is_x86_feature_detected!("popcnt")
+        && std::is_x86_feature_detected!("f16c")
+}
