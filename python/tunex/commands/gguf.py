@@ -1,0 +1,45 @@
+"""``tunex convert gguf_to_hf`` and ``tunex convert hf_to_gguf``: llama.cpp's format in and out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def register(cli: click.Group, convert: click.Group) -> None:
+    convert.add_command(gguf_to_hf_cmd)
+    convert.add_command(hf_to_gguf_cmd)
+
+
+@click.command("gguf_to_hf")
+@click.argument("gguf_file")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Write into OUT_DIR even if it is not empty.")
+def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
+    """Convert GGUF_FILE (or pkg://PACKAGE/FILE) to an fp32 HF folder OUT_DIR."""
+    from tunex.gguf_io import gguf_to_hf
+    from tunex.models.hub import package_file
+
+    source = package_file(gguf_file) if gguf_file.startswith("pkg://") else Path(gguf_file)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass --overwrite or choose another folder")
+    gguf_to_hf(source, out_dir)
+    click.echo(f"wrote {out_dir}")
+
+
+@click.command("hf_to_gguf")
+@click.argument("model_dir")
+@click.argument("out_file", type=click.Path(path_type=Path))
+@click.option("--outtype", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
+              help="Tensor type of the 2-D weights (1-D tensors stay f32).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
+def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool) -> None:
+    """Write the HF model MODEL_DIR (e.g. a merged fine-tune) as the GGUF file OUT_FILE."""
+    from tunex.gguf_io import hf_to_gguf
+
+    if out_file.exists() and not overwrite:
+        raise FileExistsError(f"{out_file} exists; pass --overwrite to replace it")
+    path = hf_to_gguf(model_dir, out_file, outtype)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {outtype})")
