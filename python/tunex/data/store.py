@@ -58,7 +58,15 @@ class Recipe:
             from tunex.templates import get_template
 
             t = get_template(self.template_name, self.tokenizer, system=self.system)
-            parts += [t.name, repr(t.builtin), t.jinja_source or "", str(t.bos_token), str(t.eos_token), self.system]
+            # how the template renders a probe: changes to the template code invalidate caches too
+            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"},
+                     {"role": "assistant", "content": "b"}]
+            try:
+                rendered = repr([(x.text, x.is_target) for x in t.segments(probe)])
+            except TunexError:  # templates without a system role
+                rendered = repr([(x.text, x.is_target) for x in t.segments(probe[1:])])
+            parts += [t.name, t.jinja_source or "", rendered, self.system]
         return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
 
 
