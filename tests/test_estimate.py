@@ -174,3 +174,23 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
     shape = shape_from_config_json(tmp_path)
     plan = Plan(kind="lora", seq_len=tokens, r=8, dtype_bytes=4, dropout=0.1)
     assert sum(saved.values()) == tokens * _saved_per_token(shape, plan, adapted_linears(shape, "all-linear"))
+
+
+def test_budget_advice_reestimates_each_change(tiny_dir):
+    from tunex.estimate import advise, device_need
+
+    shape = shape_from_config_json(tiny_dir)
+    plan = Plan(seq_len=512, r=16, checkpointing=False)
+    need = device_need(estimate_memory(shape, plan))
+    assert advise(shape, plan, need)[0].startswith("fits")
+    lines = advise(shape, plan, need - 1)
+    assert lines[0].startswith("does not fit")
+    texts = " ".join(lines[1:])
+    for change in ("gradient checkpointing on", "bf16 adapters", "rank 8", "256 tokens"):
+        assert change in texts
+    on = device_need(estimate_memory(shape, Plan(seq_len=512, r=16, checkpointing=True)))
+    assert f"{on / 2**30:.2f} GiB" in lines[1]
+    result = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--budget", "1TB", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["fits"] is True
+    bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--budget", "six"])
+    assert bad.exit_code == 2 and "--budget" in bad.output

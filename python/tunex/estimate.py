@@ -353,3 +353,49 @@ def format_estimate(est: Estimate) -> str:
     lines += ["", f"  predicted peak (max_memory_allocated) {gib(est.peak)}",
               "  (plus the CUDA context, ~0.3-0.5 GiB, and allocator slack)"]
     return "\n".join(lines)
+
+
+# What a device needs beyond the allocated peak: the CUDA context and the caching allocator's slack.
+CONTEXT_BYTES = 512 * 2**20
+SLACK = 0.10
+
+
+def device_need(est: Estimate) -> int:
+    """Device memory to plan for: the allocated peak plus allocator slack and the CUDA context."""
+    return int(est.peak * (1 + SLACK)) + CONTEXT_BYTES
+
+
+def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
+    """Lines saying whether ``plan`` fits a device of ``budget`` bytes and, if not, which single
+    changes would (each re-estimated, not guessed)."""
+    from dataclasses import replace
+
+    est = estimate_memory(shape, plan)
+    need = device_need(est)
+    gib = 2**30
+    if need <= budget:
+        return [f"fits: needs about {need / gib:.2f} GiB of the {budget / gib:.2f} GiB budget"]
+    lines = [f"does not fit: needs about {need / gib:.2f} GiB, the budget is {budget / gib:.2f} GiB"]
+    options = []
+    if not plan.checkpointing:
+        options.append(("gradient checkpointing on (train.gradient_checkpointing = true)",
+                        replace(plan, checkpointing=True)))
+    elif not plan.offload_checkpoints:
+        options.append(("checkpoints offloaded to CPU memory", replace(plan, offload_checkpoints=True)))
+    if plan.kind != "full" and plan.adapter_bytes > 2:
+        options.append(("bf16 adapters and optimizer state", replace(plan, adapter_bytes=2)))
+    if plan.kind == "lora":
+        options.append(("QLoRA (method.kind = \"qlora\")", replace(plan, kind="qlora")))
+    if plan.kind != "full" and plan.r > 8:
+        options.append((f"rank {plan.r // 2} (method.r)", replace(plan, r=plan.r // 2)))
+    if plan.seq_len > 256:
+        options.append((f"{plan.seq_len // 2} tokens per sequence (data.max_length)",
+                        replace(plan, seq_len=plan.seq_len // 2)))
+    if plan.batch > 1:
+        options.append((f"batch {plan.batch // 2} (train.batch_size; raise train.grad_accum)",
+                        replace(plan, batch=plan.batch // 2)))
+    for text, changed in options:
+        alt = device_need(estimate_memory(shape, changed))
+        mark = "fits" if alt <= budget else "still over"
+        lines.append(f"  with {text}: about {alt / gib:.2f} GiB ({mark})")
+    return lines

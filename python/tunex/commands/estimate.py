@@ -26,10 +26,12 @@ def register(cli: click.Group, convert: click.Group) -> None:
               help="dtype of LoRA adapters, their gradients and AdamW moments (tunex trains float32).")
 @click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. -o method.r=16 (repeatable).")
+@click.option("--budget", default=None, metavar="SIZE",
+              help="Device memory to check against, e.g. 8GB or 24GiB; suggests changes that fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (bytes).")
 def estimate(config: str, model_config: str | None, preset: str | None, seq_len: int | None,
              batch_size: int | None, checkpointing: bool | None, offload_checkpoints: bool,
-             adapter_dtype: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+             adapter_dtype: str | None, overrides: tuple[str, ...], budget: str | None, as_json: bool) -> None:
     """Predict the peak GPU memory of training CONFIG (a .toml file or a built-in config name).
 
     \b
@@ -38,11 +40,17 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
     torch.cuda.max_memory_allocated for tunex's training step in bf16 on a GPU.
     """
     from tunex.config import load_config
-    from tunex.estimate import DTYPE_BYTES, estimate_memory, format_estimate, plan_from_config, resolve_shape
+    from tunex.estimate import (DTYPE_BYTES, advise, device_need, estimate_memory, format_estimate,
+                                plan_from_config, resolve_shape)
+    from tunex.units import parse_size
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
+    try:
+        budget_bytes = parse_size(budget) if budget is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--budget") from None
     cfg = load_config(config, overrides)
     shape = resolve_shape(cfg.model.path, model_config, preset)
     plan = plan_from_config(cfg, seq_len=seq_len, batch=batch_size, checkpointing=checkpointing,
@@ -50,8 +58,13 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
                             adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None)
     est = estimate_memory(shape, plan)
     if as_json:
-        click.echo(json.dumps({"peak_bytes": est.peak, "peak_phase": est.peak_phase, "params": est.params,
-                               "trainable": est.trainable, "parts": est.parts, "phases": est.phases},
-                              indent=2))
-    else:
-        click.echo(format_estimate(est))
+        out = {"peak_bytes": est.peak, "device_bytes": device_need(est), "peak_phase": est.peak_phase,
+               "params": est.params, "trainable": est.trainable, "parts": est.parts, "phases": est.phases}
+        if budget_bytes is not None:
+            out["fits"] = device_need(est) <= budget_bytes
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(format_estimate(est))
+    if budget_bytes is not None:
+        click.echo("")
+        click.echo("\n".join(advise(shape, plan, budget_bytes)))
