@@ -102,7 +102,8 @@ def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path):
     f = chat_file(tmp_path, n=30)
     cache = tmp_path / "c"
     first = build_dataset(config(f), tok, seed=0, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 1
+    stores = lambda: [p for p in cache.iterdir() if p.name != "content" and not p.name.startswith(".")]  # noqa: E731
+    assert len(stores()) == 1
     again = build_dataset(config(f), tok, seed=0, cache_dir=cache)
     assert again.store.folder == first.store.folder and isinstance(again.store.ids, np.memmap)
     build_dataset(config(f, max_length=64), tok, seed=0, cache_dir=cache)
@@ -111,7 +112,22 @@ def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path):
         out.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
     grown = build_dataset(config(f), tok, seed=0, cache_dir=cache)
     assert grown.stats["records"] == 31
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 4
+    assert len(stores()) == 4
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    from tunex.data import sources
+
+    tok = chatml_tokenizer()
+    f = chat_file(tmp_path, n=20)
+    first = build_dataset(config(f), tok, seed=0, cache_dir=tmp_path / "c")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data files were read again")
+
+    monkeypatch.setattr(sources, "scan", no_reading)
+    again = build_dataset(config(f), tok, seed=0, cache_dir=tmp_path / "c")
+    assert again.store.folder == first.store.folder
 
 
 def test_worker_processes_build_the_same_store(tmp_path, monkeypatch):

@@ -144,6 +144,16 @@ def scan(files: Sequence[Path], chunk_bytes: int | None = None) -> tuple[str, li
     return total.hexdigest(), chunks
 
 
+def stamp(files: Sequence[Path]) -> str:
+    """A cheap identity of the files (path, size, mtime): :func:`scan`'s digest is remembered under it."""
+    h = hashlib.blake2b(digest_size=20)
+    for path in files:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _hash_file(path: Path, h: Any) -> None:
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):

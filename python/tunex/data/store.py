@@ -229,8 +229,18 @@ def build(paths: str | Sequence[str], recipe: Recipe, cache_root: Path, *, num_w
     """
     F.mapper(recipe.fmt)  # unknown format -> the list of valid ones, before any reading
     files = S.list_files(paths, recipe.fmt)
-    content, chunks = S.scan(files)
-    key = hashlib.blake2b(f"{content}\0{recipe.fingerprint()}".encode(), digest_size=16).hexdigest()
+    recipe_id = recipe.fingerprint()
+    # Hashing the contents reads every byte; the digest is remembered under the files' (path, size,
+    # mtime) so an unchanged dataset is recognised without reading it again.
+    remembered = cache_root / "content" / S.stamp(files)
+    content = remembered.read_text().strip() if remembered.is_file() else ""
+    if content:
+        folder = cache_root / _store_name(content, recipe_id)
+        if (folder / "meta.json").is_file():
+            return Store.open(folder)
+    content, chunks = S.scan(files)  # the bytes themselves decide
+    _write_text_atomic(remembered, content)
+    key = _store_name(content, recipe_id)
     folder = cache_root / key
     if (folder / "meta.json").is_file():
         return Store.open(folder)
@@ -271,6 +281,17 @@ def _write(tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int,
             if progress:
                 progress(done, len(chunks))
     return totals
+
+
+def _store_name(content: str, recipe_id: str) -> str:
+    return hashlib.blake2b(f"{content}\0{recipe_id}".encode(), digest_size=16).hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> Iterator[tuple[Encoded, int]]:
