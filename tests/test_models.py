@@ -178,3 +178,24 @@ def test_dtype_and_mismatch_errors(tmp_path_factory, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="model_type 'gpt_neox' is not supported"):
         load_model(tmp_path)
+
+
+def test_prequantized_folder_loads_directly(tmp_path_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tunex.quant import NF4Linear
+
+    folder, _ = make_hf(tmp_path_factory, "qwen2")
+    packed = load_model(folder, quantize=lambda name, linear: NF4Linear.from_linear(linear))
+    state = {k: v.contiguous() for k, v in packed.state_dict().items()}
+    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    again = load_model(tmp_path)
+    assert isinstance(again.model.layers[1].self_attn.k_proj, NF4Linear)
+    assert again.model.layers[1].self_attn.k_proj.bias is not None
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        assert torch.equal(again(ids), packed(ids))

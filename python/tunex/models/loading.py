@@ -147,6 +147,32 @@ def _no_init():
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def _load_prequantized(model: nn.Module, state: dict, dtype, device, folder: Path) -> None:
+    """Put NF4/FP4 layers (bitsandbytes' serialized keys, as `tunex quantize` writes) in place.
+
+    Consumes their keys from ``state``.
+    """
+    prefixes = sorted({k.split(QUANT_STATE)[0] for k in state if QUANT_STATE in k})
+    if not prefixes:
+        return
+    from tunex.quant import NF4Linear, from_state_dict
+
+    for prefix in prefixes:
+        keys = [k for k in state if k == prefix + ".bias" or k.startswith(prefix + ".weight")]
+        part = {k: state.pop(k) for k in keys}
+        try:
+            model.get_submodule(prefix)
+        except AttributeError:
+            raise FormatError(f"{folder}: quantized tensor {prefix}.weight has no place in this model") from None
+        qweight = from_state_dict(part, prefix + ".weight", source=str(folder))
+        bias = part.get(prefix + ".bias")
+        layer = NF4Linear(qweight, None if bias is None else bias.to(dtype), compute_dtype=dtype).to(device)
+        _replace(model, prefix, layer)
+
+
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -177,11 +203,9 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
     dtype = _as_dtype(dtype)
     with _no_init():
         model = CausalLM(cfg)
-    by_layer: dict[int, list[str]] = {}
-    unexpected, done_layers = [], set()
+    unexpected: list[str] = []
 
     def finish_layer(index: int) -> None:
-        done_layers.add(index)
         if quantize is None:
             return
         for name, linear in _layer_linears(model, index):
@@ -189,8 +213,10 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
                 return  # weights missing: reported below
             _replace(model, name, quantize(name, linear))
 
-    expected_per_layer = {i: sum(1 for _ in model.model.layers[i].parameters()) for i in range(cfg.num_layers)}
-    for ckpt_name, tensor in read_checkpoint(folder):
+    state = dict(read_checkpoint(folder))  # views of memory maps: nothing is read yet
+    _load_prequantized(model, state, dtype, device, folder)
+    meta_left = {i: sum(p.is_meta for p in model.model.layers[i].parameters()) for i in range(cfg.num_layers)}
+    for ckpt_name, tensor in state.items():
         for name, part in to_tunex_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # the head is the embedding
@@ -204,8 +230,8 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
             m = LAYER.match(name)
             if m:
                 i = int(m[1])
-                by_layer.setdefault(i, []).append(name)
-                if len(by_layer[i]) == expected_per_layer[i]:
+                meta_left[i] -= 1
+                if meta_left[i] == 0:
                     finish_layer(i)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing or unexpected:
