@@ -168,15 +168,19 @@ def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, NestedAbsmax]:
 
 def restore_absmax(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Tensor:
     """Float32 absmax from its double-quantized form (two roundings: scale, then add the offset)."""
-    if codes.device.type == "cpu":
-        out = torch.empty(codes.numel(), dtype=torch.float32)
-        _native.dequantize_blockwise_8bit(codes.contiguous().view(-1).numpy(), nested.absmax.contiguous().numpy(),
-                                          nested.code.contiguous().numpy(), nested.blocksize, nested.offset,
-                                          out.numpy())
-        return out
+    if codes.device.type != "cpu":
+        return restore_absmax_torch(codes, nested)
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    _native.dequantize_blockwise_8bit(codes.contiguous().view(-1).numpy(), nested.absmax.contiguous().numpy(),
+                                      nested.code.contiguous().numpy(), nested.blocksize, nested.offset, out.numpy())
+    return out
+
+
+def restore_absmax_torch(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Tensor:
+    """``restore_absmax`` in torch ops, for CUDA (and any other device); same bits as the Rust path."""
     n = codes.numel()
     groups = nested.absmax.numel()
-    values = nested.code[codes.view(-1).long()]  # (n,)
+    values = nested.code[codes.reshape(-1).long()]  # (n,)
     padded = torch.nn.functional.pad(values, (0, groups * nested.blocksize - n)).view(groups, nested.blocksize)
     scaled = (padded * nested.absmax.view(-1, 1)).view(-1)[:n]
     return scaled + torch.tensor(nested.offset, dtype=torch.float32, device=codes.device)
