@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_data_helpers import chatml_tokenizer, llama_tokenizer, runs
 
 from tunex.data import formats as F
@@ -238,3 +240,32 @@ def test_renderer_fast_path_equals_template_for_many_conversations():
         assert text == "".join(s.text for s in segments)
         assert [text[a:b] for a, b in spans] == [s.text for s in segments if s.is_target]
     assert any(v is not None for v in r._shapes.values())
+
+
+_TEXT = st.text(alphabet="ab \n\t{}<>#:é", min_size=0, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.lists(st.tuples(_TEXT, _TEXT, st.booleans()), min_size=1, max_size=4),
+       system=st.one_of(st.none(), _TEXT), template=st.sampled_from(["auto", "chatml", "alpaca", "llama2_chat"]))
+def test_masks_cover_exactly_the_trained_replies(turns, system, template):
+    """Random conversations: ids are the rendered text's tokens; targets are the trained replies + end marker."""
+    tok = chatml_tokenizer() if template in ("auto", "chatml") else llama_tokenizer()
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for question, answer, trained in turns:
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": answer, "loss": trained}]
+    conv = F.openai(messages)
+    tpl = get_template(template, tok)
+    encoder = Encoder(tok, template=tpl, max_length=4096)
+    for _ in range(2):  # the second pass takes the per-shape fast path
+        enc = encoder.encode([conv])
+        segments = tpl.segments([m.as_dict() for m in conv])
+        text = "".join(s.text for s in segments)
+        if not any(trained for _, _, trained in turns):
+            assert len(enc.lengths) == 0 and enc.dropped == 1
+            continue
+        assert enc.ids.tolist() == tok.encode(text, add_special_tokens=False)
+        replies = iter(trained for _, _, trained in turns)
+        wanted = "".join(s.text for s in segments if s.is_target and next(replies))
+        assert "".join(t for t, target in runs(tok, enc.ids, enc.mask) if target) == wanted
