@@ -22,9 +22,15 @@ def _load(config: str, overrides: tuple[str, ...]):
 
 
 def _build(cfg, tokenizer, cache_dir: str | None):
+    import sys
+
     from tunex.data import build_dataset
 
-    return build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir or None)
+    def progress(done: int, total: int) -> None:  # on a terminal only: logs stay clean
+        click.echo(f"\rtokenizing: {done}/{total} chunks", nl=done == total, err=True)
+
+    shown = progress if sys.stderr.isatty() else None
+    return build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir or None, progress=shown)
 
 
 def _section(title: str, body: str) -> None:
