@@ -194,3 +194,32 @@ def test_budget_advice_reestimates_each_change(tiny_dir):
     assert result.exit_code == 0 and json.loads(result.output)["fits"] is True
     bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--budget", "six"])
     assert bad.exit_code == 2 and "--budget" in bad.output
+
+
+def test_weights_and_adapter_match_a_real_qlora_model(tmp_path):
+    """Bytes of every parameter and buffer of a tiny tunex model whose decoder linears are NF4
+    (double quant) with LoRA on all of them, against the estimate's weights and adapter."""
+    import torch
+
+    from tunex.models.config import config_from_hf
+    from tunex.models.decoder import CausalLM
+    from tunex.peft import apply_lora
+    from tunex.quant import NF4Linear
+
+    raw = {**TINY, "hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    torch.manual_seed(0)
+    model = CausalLM(config_from_hf(raw)).to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, NF4Linear.from_linear(child, "nf4", 64, True, torch.bfloat16))
+    apply_lora(model, "all-linear", 8, 16, 0.1)
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*frozen, *model.buffers()])
+    est = estimate_memory(shape_from_config_json(tmp_path), Plan(kind="qlora", r=8, dtype_bytes=2, seq_len=4))
+    assert est.trainable == sum(p.numel() for p in adapter)
+    # the estimate also counts the double-quant offset (one float the layer keeps as a Python number)
+    assert est.parts["weights"] == weight_bytes + 4 * 7 * 2
