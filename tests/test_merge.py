@@ -186,3 +186,20 @@ def test_legacy_bin_base_and_adapter(tmp_path):
     ref = reference(base, adapter, lambda m: 8 / R)
     for name in MODULES:
         assert_within_one_rounding(got[f"{name}.weight"], ref[f"{name}.weight"])
+
+
+def test_adapter_written_by_tunex_export_merges(tmp_path):
+    from types import SimpleNamespace
+
+    from tunex.peft.export import export_adapter
+
+    base = write_base(tmp_path / "base", torch.bfloat16)
+    adapter = standard_adapter()
+    method = SimpleNamespace(target_modules="all-linear", alpha=8, dropout=0.0, r=R, use_dora=False, use_rslora=False)
+    export_adapter(adapter, method, tmp_path / "adapter", base_model=str(tmp_path / "base"), dtype=torch.float16)
+    tunex.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    f16 = {k: v.half() for k, v in adapter.items()}
+    ref = reference(base, f16, lambda m: 8 / R)
+    for name in MODULES:
+        assert_within_one_rounding(got[f"{name}.weight"], ref[f"{name}.weight"])

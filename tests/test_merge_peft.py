@@ -91,3 +91,33 @@ def test_bf16_merge_is_within_a_rounding_step_of_peft_and_shards_load(tmp_path):
         logits = merged(IDS).logits.float()
     # bf16 activations: agreement to bf16 precision, far tighter than the adapter's effect
     torch.testing.assert_close(logits, peft_logits, rtol=0.05, atol=0.05)
+
+
+def test_is_clip_merges_the_vision_tower(tmp_path):
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    cfg = transformers.CLIPConfig(text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                                  vision_config=vision, projection_dim=16)
+    transformers.CLIPModel(cfg).eval().save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "preprocessor_config.json").write_text('{"crop_size": 32, "image_processor_type": "CLIPImageProcessor"}')
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")  # the text tower's; must not be copied
+    vision_model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "base").eval()
+    pm = peft.get_peft_model(vision_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = pm(pixel_values=pixels).last_hidden_state
+
+    tunex.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu", is_clip=True)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert all(k.startswith("vision_model.") for k in load_state_dict(tmp_path / "out"))
+    merged = transformers.CLIPVisionModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=pixels).last_hidden_state, want, rtol=1e-4, atol=1e-4)

@@ -30,7 +30,8 @@ impl MergePlan {
         let order = base_order(base, &shards, opts.is_clip)?;
         let info = |&(f, t): &(usize, usize)| &shards[f].tensors()[t];
         let by_name: HashMap<&str, &TensorInfo> = order.iter().map(|o| (info(o).name.as_str(), info(o))).collect();
-        let edits = resolve(&config, adapter.tensors(), &by_name)?;
+        let prefixes: &[&str] = if opts.is_clip { &["", "vision_model."] } else { &[""] };
+        let edits = resolve(&config, adapter.tensors(), &by_name, prefixes)?;
         let specs = order
             .iter()
             .map(|o| {

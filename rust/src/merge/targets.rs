@@ -49,11 +49,22 @@ fn shape_str(s: &[u64]) -> String {
 
 /// Resolve the adapter's tensors against `base` (name -> header entry). Returns the edits keyed
 /// by base tensor name. Adapter entries that fit no base tensor are all listed in one error.
+///
+/// `prefixes` are tried in order in front of adapter module paths (`""` first): a CLIP vision tower
+/// adapted as a bare CLIPVisionModel names `encoder.layers...` what the checkpoint calls
+/// `vision_model.encoder.layers...`.
 pub fn resolve(
     config: &AdapterConfig,
     adapter: &[TensorInfo],
     base: &HashMap<&str, &TensorInfo>,
+    prefixes: &[&str],
 ) -> Result<HashMap<String, TensorEdit>> {
+    let find = |name: &str| -> Option<(String, &TensorInfo)> {
+        prefixes.iter().find_map(|p| {
+            let full = format!("{p}{name}");
+            base.get(full.as_str()).map(|t| (full, *t))
+        })
+    };
     let mut modules: BTreeMap<String, ModuleParts> = BTreeMap::new();
     let mut edits: HashMap<String, TensorEdit> = HashMap::new();
     let mut unmatched = Vec::new();
@@ -85,9 +96,9 @@ pub fn resolve(
             // (embeddings saved with save_embedding_layers); anything else is modules_to_save or a
             // trained bias. Both replace the base tensor of the same name.
             let target = key.replacen(".base_layer.", ".", 1);
-            match base.get(target.as_str()) {
-                Some(b) if b.shape == t.shape => edits.entry(target).or_default().replace = Some(t.clone()),
-                Some(b) => {
+            match find(&target) {
+                Some((target, b)) if b.shape == t.shape => edits.entry(target).or_default().replace = Some(t.clone()),
+                Some((target, b)) => {
                     return Err(Error::data(format!(
                         "adapter tensor {} has shape {} but base tensor {target} has shape {}",
                         t.name, shape_str(&t.shape), shape_str(&b.shape)
@@ -105,9 +116,8 @@ pub fn resolve(
     }
 
     for (module, parts) in modules {
-        let weight_name = format!("{module}.weight");
-        let Some(w) = base.get(weight_name.as_str()) else {
-            unmatched.push(format!("{module} (no base tensor {weight_name})"));
+        let Some((weight_name, w)) = find(&format!("{module}.weight")) else {
+            unmatched.push(format!("{module} (no base tensor {module}.weight)"));
             continue;
         };
         let (Some(a), Some(b)) = (parts.a, parts.b) else {
@@ -115,7 +125,7 @@ pub fn resolve(
         };
         let lora = check_lora(config, &module, w, a, b, parts.embedding, parts.magnitude)?;
         if let Some(bias) = parts.b_bias {
-            let bias_name = format!("{module}.bias");
+            let bias_name = format!("{}.bias", weight_name.strip_suffix(".weight").unwrap_or(&weight_name));
             let Some(base_bias) = base.get(bias_name.as_str()) else {
                 return Err(Error::data(format!(
                     "adapter module {module} has a lora_B bias (lora_bias=True) but the base has no {bias_name} to add it to"
