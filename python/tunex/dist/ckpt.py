@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,11 @@ def restore(path: Path, state: dict[str, Any] | None, lm: nn.Module, optimizer: 
             raise FormatError(f"{path}: written by a {meta.get('method')} run but the config says "
                               f"method.kind = {kind!r}; resume with the config that wrote it")
         model_sd, optim_sd = get_state_dict(lm, optimizer)
-        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+        alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        with warnings.catch_warnings():
+            # loading alone is intended (resuming a sharded run on one process); DCP warns anyway
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path), no_dist=alone)
         set_state_dict(lm, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         return
     full = StateDictOptions(full_state_dict=True, strict=kind == "full")

@@ -111,8 +111,8 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         loss, _frozen_names(loss))
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return DistributedDataParallel(loss, device_ids=ids, broadcast_buffers=False,
-                                   find_unused_parameters=False)
+    # every buffer is in the ignore list too, so DDP has no buffers to sync before forward
+    return DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -1,0 +1,191 @@
+"""Multi-process training on the CPU (gloo, 2 processes started by torchrun) on a tiny random model:
+the 2-process loss curve equals the 1-process one with the same global batch, checkpoints resume
+across world sizes, and a killed rank fails the job."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_helpers import make_data, make_tiny_model, write_config
+from tunex.config import load_config
+from tunex.train import checkpoint
+from tunex.train.loop import train
+from tunex.train.metrics import read_metrics
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+
+# 2 processes x accumulation 2 x batch 1 == 1 process x accumulation 4 x batch 1
+TWO = ["-o", "train.grad_accum=2"]
+ONE = ["train.grad_accum=4"]
+NO_DROPOUT = "method.dropout=0.0"  # per-rank dropout masks differ from a lone run's by design
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = make_tiny_model(root / "model", tied=False)
+    data = make_data(root / "data", "pretrain")
+    cfgs = {kind: write_config(root / f"{kind}.toml", model, data, kind, "pretrain", root / f"unused_{kind}",
+                               save_steps=3, max_steps=6, batch_size=1, grad_accum=2,
+                               lr=3e-3 if kind == "full" else 2e-2)
+            for kind in ("full", "lora")}
+    return root, cfgs
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TUNEX_DIST_TIMEOUT="60", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NPROC_PER_NODE", "NNODES", "PORT"):
+        env.pop(var, None)
+    return env
+
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tunex", "train", *args]
+    result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def lone(cfg_path: Path, work: Path, **kwargs):
+    return train(load_config(cfg_path, [*ONE, NO_DROPOUT]), work_dir=str(work), **kwargs)
+
+
+def assert_same_curve(a: list[dict], b: list[dict], steps: list[int]) -> None:
+    by_a, by_b = {r["step"]: r for r in a}, {r["step"]: r for r in b}
+    assert sorted(by_b) == steps, sorted(by_b)
+    for s in steps:
+        for key in ("loss", "grad_norm", "lr"):
+            assert abs(by_a[s][key] - by_b[s][key]) <= TOL * max(1.0, abs(by_a[s][key])), (s, key, by_a[s], by_b[s])
+        assert by_a[s]["tokens"] == by_b[s]["tokens"]
+
+
+def test_full_fsdp_equals_one_process_and_resumes_across_world_sizes(setup):
+    root, cfgs = setup
+    ref, two, back = root / "full_ref", root / "full_two", root / "full_back"
+    lone(cfgs["full"], ref)  # 6 steps, iter_3.pth and iter_6.pth
+    # 2 processes (FSDP2) for 3 steps: a sharded checkpoint, each rank's part in its own file
+    torchrun(str(cfgs["full"]), "--work-dir", str(two), "--max-steps", "3", *TWO, "-o", NO_DROPOUT)
+    sharded = two / "iter_3.dcp"
+    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # ... resumed by one process without a process group: the curve continues as if never split
+    lone(cfgs["full"], two, resume=str(sharded))
+    assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
+    # the other way: a lone run's iter_3.pth resumed by 2 processes
+    torchrun(str(cfgs["full"]), "--work-dir", str(back), "--resume", str(ref / "iter_3.pth"), *TWO,
+             "-o", NO_DROPOUT)
+    assert_same_curve(read_metrics(ref), read_metrics(back), [4, 5, 6])
+    # a sharded checkpoint reads as the same dict as a .pth (what `tunex convert` needs)
+    full = checkpoint.load(back / "iter_6.dcp")
+    want = torch.load(ref / "iter_6.pth", weights_only=True)
+    assert full["step"] == 6 and full["method"] == "full" and full["world_size"] == 2
+    assert set(full["model"]) == set(want["model"])
+    for k, v in want["model"].items():
+        torch.testing.assert_close(full["model"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_ddp_equals_one_process_and_resumes_on_one(setup):
+    root, cfgs = setup
+    ref, two = root / "lora_ref", root / "lora_two"
+    lone(cfgs["lora"], ref)
+    # through tunex's own launcher: `tunex train CFG --nproc-per-node 2` re-executes under torchrun
+    cmd = [sys.executable, "-m", "tunex", "train", str(cfgs["lora"]), "--nproc-per-node", "2",
+           "--work-dir", str(two), *TWO, "-o", NO_DROPOUT]
+    result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "x 2 processes = global batch 4" in " ".join((result.stdout + result.stderr).split())
+    assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
+    saved = torch.load(two / "iter_3.pth", weights_only=True)
+    assert saved["world_size"] == 2 and len(saved["rng_ranks"]) == 2
+    assert all(".lora_" in k for k in saved["model"])  # adapters only: the frozen base stays out
+    # rank 0's replicated checkpoint resumed by one process continues the curve
+    again = root / "lora_again"
+    lone(cfgs["lora"], again, resume=str(two / "iter_3.pth"))
+    assert_same_curve(read_metrics(ref), read_metrics(again), [4, 5, 6])
+    # rank 0 alone wrote the run's files
+    assert (two / "loss.png").is_file() and len((two / "eval.jsonl").read_text().splitlines()) == 1
+
+
+def test_torchrun_world_size_one_is_the_plain_run(setup, monkeypatch):
+    root, cfgs = setup
+    plain, one = root / "plain", root / "one"
+    cfg = [*ONE, NO_DROPOUT, "train.max_steps=2"]
+    train(load_config(cfgs["lora"], cfg), work_dir=str(plain))
+    for var, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(var, value)
+    train(load_config(cfgs["lora"], cfg), work_dir=str(one))
+    assert not torch.distributed.is_initialized()
+    assert [r["loss"] for r in read_metrics(plain)] == [r["loss"] for r in read_metrics(one)]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return item[5:].decode()
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the rank")
+def test_killed_rank_fails_the_job(setup):
+    root, cfgs = setup
+    work = root / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tunex", "train", str(cfgs["lora"]), "--work-dir", str(work),
+           "-o", "train.max_steps=100000", "-o", "save.save_steps=100000", "-o", "eval.prompts=[]"]
+    proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        victim = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if read_metrics(work):  # training is under way on both ranks
+                victim = next((p for p in _descendants(proc.pid) if _rank_of(p) == "1"), None)
+                if victim is not None:
+                    break
+            time.sleep(0.5)
+        assert victim is not None, "the job did not start training"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode != 0
+        assert time.monotonic() - killed_at < 90
+        assert "SIGKILL" in err or "exitcode" in err or "Signal 9" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -1,0 +1,139 @@
+"""The distributed pieces that need no second process: launch planning, environment reading,
+rank slices of the batch stream, checkpoint listing with sharded folders."""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+
+from tunex.dist.env import DistEnv, pick_backend, rank_seed, read_env, timeout
+from tunex.dist.launch import LaunchPlan, plan_launch, torchrun_argv
+from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
+from tunex.errors import TunexError
+from tunex.train import checkpoint
+
+
+class Items:
+    """A 10-item dataset whose item k is the one token k (so a batch shows its item indices)."""
+
+    lengths = None
+    packed = True
+    pad_id = 0
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        t = torch.tensor([k])
+        return {"input_ids": t, "labels": t, "position_ids": torch.zeros(1, dtype=torch.long)}
+
+
+def take(stream, n: int) -> list[list[int]]:
+    return [next(stream)["input_ids"][:, 0].tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_split_the_lone_stream_into_equal_global_steps(world):
+    ds, per_epoch, accum = Items(), 5, 2  # batch 2 -> 5 micro-batches per epoch
+    lone = take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch), 4 * world * accum)
+    per_rank = [take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch, rank=r, world_size=world),
+                     4 * accum) for r in range(world)]
+    for step in range(4):
+        global_step = lone[step * world * accum:(step + 1) * world * accum]
+        mine = [mb for r in range(world) for mb in per_rank[r][step * accum:(step + 1) * accum]]
+        assert sorted(map(tuple, mine)) == sorted(map(tuple, global_step))
+    # epochs are reshuffled, and every rank sees the same order
+    assert lone[:5] != lone[5:10] and sorted(sum(lone[:5], [])) == list(range(10))
+
+
+def test_resume_by_global_micro_batch_on_another_world_size():
+    ds = Items()
+    lone = take(rank_micro_batches(ds, 2, seed=0, consumed=0, per_epoch=5), 12)
+    # 2 ranks resuming after 6 global micro-batches (e.g. 3 steps of a lone run with accumulation 2)
+    r0 = take(rank_micro_batches(ds, 2, seed=0, consumed=6, per_epoch=5, rank=0, world_size=2), 3)
+    r1 = take(rank_micro_batches(ds, 2, seed=0, consumed=6, per_epoch=5, rank=1, world_size=2), 3)
+    assert r0 == lone[6::2] and r1 == lone[7::2]
+    with pytest.raises(ValueError, match="outside world size"):
+        next(rank_micro_batches(ds, 2, seed=0, consumed=0, per_epoch=5, rank=2, world_size=2))
+
+
+def test_global_batch_and_steps():
+    assert global_batch(1, 16, 8) == 128
+    assert steps_per_epoch(10, 2, 2) == 3 and steps_per_epoch(8, 2, 2) == 2
+
+
+def test_read_env(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert read_env() == DistEnv(0, 0, 1) and not read_env().enabled and read_env().is_main
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    env = read_env()
+    assert (env.rank, env.local_rank, env.world_size, env.enabled, env.is_main) == (3, 1, 4, True, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(TunexError, match="RANK=4 WORLD_SIZE=4"):
+        read_env()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(TunexError, match="RANK='x'"):
+        read_env()
+
+
+def test_timeout_and_backend(monkeypatch):
+    monkeypatch.delenv("TUNEX_DIST_TIMEOUT", raising=False)
+    assert timeout() == datetime.timedelta(seconds=600)
+    monkeypatch.setenv("TUNEX_DIST_TIMEOUT", "30")
+    assert timeout() == datetime.timedelta(seconds=30)
+    monkeypatch.setenv("TUNEX_DIST_TIMEOUT", "0")
+    with pytest.raises(TunexError, match="TUNEX_DIST_TIMEOUT"):
+        timeout()
+    assert pick_backend(use_cuda=False) == "gloo"
+    assert rank_seed(7, 0) == 7 and len({rank_seed(7, r) for r in range(8)}) == 8
+
+
+def test_launch_plan_from_flags_and_xtuner_variables():
+    assert plan_launch(None, None, {}) is None  # one process: no launcher
+    assert plan_launch(1, 1, {}) is None
+    assert plan_launch(4, None, {"LOCAL_RANK": "0", "NPROC_PER_NODE": "4"}) is None  # already a worker
+    assert plan_launch(None, None, {"NPROC_PER_NODE": "8"}) == LaunchPlan(8)
+    assert plan_launch(2, None, {"NPROC_PER_NODE": "8"}) == LaunchPlan(2)  # the flag wins
+    env = {"NPROC_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "ADDR": "10.0.0.1", "PORT": "29600"}
+    plan = plan_launch(None, None, env)
+    assert plan == LaunchPlan(8, 2, 1, "10.0.0.1", 29600) and plan.world_size == 16
+    for bad, message in [({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0'"),
+                         ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two'"),
+                         ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2"),
+                         ({"NNODES": "2", "PORT": "70000"}, "PORT=70000")]:
+        with pytest.raises(TunexError, match=message):
+            plan_launch(None, None, bad)
+
+
+def test_torchrun_command_line():
+    one_node = torchrun_argv(LaunchPlan(2), ["train", "c.toml", "-o", "train.lr=1"], python="py")
+    assert one_node == ["py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        "-m", "tunex", "train", "c.toml", "-o", "train.lr=1"]
+    nodes = torchrun_argv(LaunchPlan(8, 2, 1, "10.0.0.1", None), ["train", "c.toml"], python="py")
+    assert nodes[3:] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                         "10.0.0.1", "--master-port", "29500", "-m", "tunex", "train", "c.toml"]
+
+
+def test_checkpoint_listing_includes_sharded_folders(tmp_path):
+    checkpoint.save(tmp_path, 2, {"x": torch.zeros(1)}, keep=0)
+    (tmp_path / "iter_4.dcp").mkdir()
+    (tmp_path / "iter_4.dcp" / ".metadata").write_bytes(b"")
+    (tmp_path / "iter_6.dcp").write_text("a file, not a checkpoint folder")
+    assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [2, 4]
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "iter_4.dcp"
+    checkpoint.prune(tmp_path, 1)
+    assert [p.name for _, p in checkpoint.checkpoints(tmp_path)] == ["iter_4.dcp"]
+
+
+def test_unfinished_sharded_checkpoint_is_named(tmp_path):
+    from tunex.errors import FormatError
+
+    folder = tmp_path / "iter_4.dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    with pytest.raises(FormatError, match="iter_4.dcp: a checkpoint folder without meta.pt"):
+        checkpoint.load(folder)
