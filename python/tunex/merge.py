@@ -48,11 +48,17 @@ def _dtype_name(dtype: Any) -> str | None:
     return _DTYPES[key]
 
 
+def _may_have_cuda() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg"))
+
+
 def _resolve_device(device: str) -> str:
     if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda' (optionally 'cuda:N'), not {device!r}")
     if device == "cpu":
         return "cpu"
+    if device == "auto" and not _may_have_cuda():
+        return "cpu"  # skips importing torch (a second or two) on machines without an NVIDIA driver
     import torch
 
     if torch.cuda.is_available():
