@@ -176,8 +176,18 @@ def nf4_rows(device, h: int, i: int) -> list[list[str]]:
         got = quant.dequantize(on_device, torch.bfloat16).cpu()
         exact = torch.equal(got, expected)
         t = _timed(lambda: quant.dequantize(on_device, torch.bfloat16), device)
+        t_torch = ratio = ""
+        try:  # the same dequantization through the kernel module's torch path
+            from tunex.kernels.nf4_dequant import dequantize_4bit
+
+            absmax = on_device.absmax_f32()
+            ms = _timed(lambda: dequantize_4bit(on_device.packed, absmax, quant_type, 64, on_device.shape,
+                                                torch.bfloat16, backend="torch"), device)
+            t_torch, ratio = f"{ms:.3f} ms", f"{ms / t:.2f}x"
+        except ImportError:
+            pass
         rows.append([f"kernel {quant_type} dequantize bf16 ({i}x{h}, double quant)", "pass" if exact else "FAIL",
-                     "bit-exact" if exact else f"{_rel(got, expected):.2e}", f"{t:.3f} ms", "", ""])
+                     "bit-exact" if exact else f"{_rel(got, expected):.2e}", f"{t:.3f} ms", t_torch, ratio])
     return rows
 
 
