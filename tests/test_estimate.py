@@ -106,9 +106,38 @@ def test_resolve_shape_sources(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_shape("x", preset="gpt-5")
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**TINY, "hidden_size": "8"}))
+    bad.write_text(json.dumps({k: v for k, v in TINY.items() if k != "hidden_size"}))
     with pytest.raises(ValueError, match="'hidden_size'"):
         shape_from_config_json(bad)
+    bad.write_text(json.dumps({**TINY, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="not supported"):
+        shape_from_config_json(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="line 1"):
+        shape_from_config_json(bad)
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"model_type": "qwen2"},  # q/k/v biases
+    {"model_type": "internlm2", "bias": True},  # biases on q/k/v/o
+    {"mlp_bias": True, "tie_word_embeddings": True},
+])
+def test_parameter_count_matches_the_model_built_on_meta(tmp_path, extra):
+    import torch
+
+    from tunex.models.config import config_from_hf
+    from tunex.models.decoder import CausalLM
+
+    raw = {**TINY, **extra}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with torch.device("meta"):
+        model = CausalLM(config_from_hf(raw))
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    shape = shape_from_config_json(tmp_path)
+    assert shape.linear_params() == linear
+    assert shape.params() == sum(p.numel() for p in model.parameters())
 
 
 def test_gguf_metadata_of_the_shipped_smollm2():

@@ -47,6 +47,8 @@ class ModelShape:
     vocab: int
     tie_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
+    o_bias: bool = False  # output-projection bias (InternLM2's and Llama's bias switches)
+    mlp_bias: bool = False
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(module name relative to a layer, in_features, out_features) of one decoder layer.
@@ -66,8 +68,10 @@ class ModelShape:
         """Embeddings, head, norms and biases: everything that is not a decoder linear weight."""
         embed = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
         norms = self.layers * 2 * self.hidden + self.hidden
-        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
-        return embed + norms + bias
+        per_layer = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
+        per_layer += self.hidden if self.o_bias else 0
+        per_layer += 2 * self.intermediate + self.hidden if self.mlp_bias else 0
+        return embed + norms + self.layers * per_layer
 
     def params(self) -> int:
         return self.linear_params() + self.other_params()
@@ -92,7 +96,10 @@ HUB_PRESETS = {
 
 
 def shape_from_config_json(path: str | Path) -> ModelShape:
-    """Read a ModelShape from an HF config.json (a file, or a folder holding one)."""
+    """Read a ModelShape from an HF config.json (a file, or a folder holding one), interpreted by
+    tunex.models' own config reader, so the estimate sees the model the loader would build."""
+    from tunex.models.config import config_from_hf
+
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -102,21 +109,11 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
         raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of model settings")
-
-    def need(key: str) -> int:
-        value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{path}: key {key!r} must be a positive integer, got {value!r}; "
-                             "is this an HF config.json of a decoder model?")
-        return value
-
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    head_dim = raw.get("head_dim") or hidden // heads
-    model_type = str(raw.get("model_type", "llama"))
-    return ModelShape(hidden=hidden, intermediate=need("intermediate_size"), layers=need("num_hidden_layers"),
-                      heads=heads, kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-                      vocab=need("vocab_size"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                      attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")))
+    cfg = config_from_hf(raw, str(path))
+    return ModelShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
+                      heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                      vocab=cfg.vocab_size, tie_embeddings=cfg.tie_word_embeddings,
+                      attention_bias=cfg.qkv_bias, o_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
 
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
