@@ -269,3 +269,13 @@ def test_masks_cover_exactly_the_trained_replies(turns, system, template):
         replies = iter(trained for _, _, trained in turns)
         wanted = "".join(s.text for s in segments if s.is_target and next(replies))
         assert "".join(t for t, target in runs(tok, enc.ids, enc.mask) if target) == wanted
+
+
+def test_truncation_and_padding_set_in_tokenizer_json_are_ignored():
+    tok = chatml_tokenizer()
+    tok.backend.enable_truncation(8)
+    tok.backend.enable_padding(length=600)
+    enc = encode(tok, "chatml", [F.openai([{"role": "user", "content": "q" * 20},
+                                           {"role": "assistant", "content": "a"}])])
+    assert enc.lengths.tolist() == [42]
+    assert tok.backend.truncation is not None  # the caller's tokenizer is left as it was

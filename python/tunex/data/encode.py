@@ -196,6 +196,13 @@ class Encoder:
 
     def __init__(self, tokenizer: Any, *, template: Any = None, system: str = "", max_length: int = 2048):
         self.backend = backend_of(tokenizer)
+        if self.backend.truncation is not None or self.backend.padding is not None:
+            # some tokenizer.json files switch these on; here max_length and packing decide lengths
+            from tokenizers import Tokenizer as Backend
+
+            self.backend = Backend.from_str(self.backend.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
         self.renderer = Renderer(template) if template is not None else None
         self.system = system
