@@ -246,7 +246,7 @@ class Encoder:
         ids_out, lengths = [], []
         for enc in self.backend.encode_batch(docs, add_special_tokens=True):
             ids = enc.ids
-            if eos is not None:
+            if eos is not None and (not ids or ids[-1] != eos):  # some post-processors add it already
                 ids.append(eos)
             for start in range(0, len(ids), self.max_length):
                 piece = ids[start:start + self.max_length]
