@@ -29,21 +29,22 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in FLOAT_DTYPES.items()}
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def quant_state_payload(quant_type: str, blocksize: int, dtype: torch.dtype, shape, nested: NestedAbsmax | None) -> bytes:
+    """The JSON bytes of ``P.quant_state.bitsandbytes__<type>``, written as bitsandbytes writes them."""
+    info = {"quant_type": quant_type, "blocksize": blocksize, "dtype": FLOAT_DTYPES[dtype], "shape": list(shape)}
+    if nested is not None:
+        info.update(nested_blocksize=nested.blocksize, nested_dtype="float32", nested_offset=nested.offset)
+    return json.dumps(info).encode("utf-8")
+
+
 def to_state_dict(qw: QuantizedWeight, prefix: str = "weight") -> dict[str, torch.Tensor]:
     """State-dict entries for ``qw`` saved as ``prefix`` (see the module docstring)."""
-    info = {
-        "quant_type": qw.quant_type,
-        "blocksize": qw.blocksize,
-        "dtype": FLOAT_DTYPES[qw.dtype],
-        "shape": list(qw.shape),
-    }
     out = {prefix: qw.packed, f"{prefix}.absmax": qw.absmax, f"{prefix}.quant_map": qw.code}
     if qw.nested is not None:
         out[f"{prefix}.nested_absmax"] = qw.nested.absmax
         out[f"{prefix}.nested_quant_map"] = qw.nested.code.clone()
-        info.update(nested_blocksize=qw.nested.blocksize, nested_dtype="float32", nested_offset=qw.nested.offset)
-    payload = json.dumps(info).encode("utf-8")
-    out[f"{prefix}.quant_state.bitsandbytes__{qw.quant_type}"] = torch.tensor(list(payload), dtype=torch.uint8)
+    payload = quant_state_payload(qw.quant_type, qw.blocksize, qw.dtype, qw.shape, qw.nested)
+    out[f"{prefix}.quant_state.bitsandbytes__{qw.quant_type}"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     return out
 
 

@@ -186,19 +186,32 @@ def restore_absmax_torch(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Ten
     return scaled + torch.tensor(nested.offset, dtype=torch.float32, device=codes.device)
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float tensor ``qw`` stands for, as bitsandbytes' ``dequantize_4bit`` computes it:
     ``code[nibble] * absmax[block]`` in float32, rounded to ``dtype`` (default: the original dtype).
 
     Runs on ``qw``'s device: the Rust core on the CPU, Triton (or torch) on CUDA.
+
+    Args:
+        out: optional contiguous CPU tensor of ``qw.shape`` to write into (its dtype is used);
+            reusing one buffer across calls saves the page faults of a fresh allocation, which on
+            a CPU cost more than the dequantization itself.
     """
+    if out is not None:
+        dtype = out.dtype
     dtype = qw.dtype if dtype is None else dtype
     dtype_name = _float_dtype_name(dtype, "the requested output")
     absmax = qw.absmax_f32()
     if qw.device.type != "cpu":
+        if out is not None:
+            raise ValueError("out= is supported for CPU weights only")
         from tunex.kernels.nf4_dequant import dequantize_4bit
         return dequantize_4bit(qw.packed, absmax, qw.quant_type, qw.blocksize, qw.shape, dtype)
-    out = torch.empty(qw.shape, dtype=dtype)
+    if out is None:
+        out = torch.empty(qw.shape, dtype=dtype)
+    elif out.shape != qw.shape or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CPU tensor of shape {tuple(qw.shape)}, "
+                         f"got {tuple(out.shape)} on {out.device}")
     _native.dequantize_4bit(qw.packed.contiguous().view(-1).numpy(), absmax.contiguous().numpy(), qw.quant_type,
                             qw.blocksize, qw.numel, dtype_name, _as_bytes(out))
     return out
