@@ -7,6 +7,15 @@ from tunex.errors import ConfigError, DataError, FormatError, TunexError
 from tunex.io.sharded import save_sharded
 from tunex.merge import MergeReport, merge
 
+
+def __getattr__(name: str):
+    # ``tunex.quant`` imports torch; load it on first use so ``import tunex`` (and the CLI) stay light.
+    if name == "quant":
+        import importlib
+        return importlib.import_module("tunex.quant")
+    raise AttributeError(f"module 'tunex' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "Config",
@@ -17,5 +26,6 @@ __all__ = [
     "load_config",
     "merge",
     "MergeReport",
+    "quant",
     "save_sharded",
 ]
