@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the *_t
 import pytest
 import torch
 
-for _name in ("rmsnorm_triton", "rope_triton", "swiglu_triton", "cross_entropy_triton"):
+for _name in ("rmsnorm_triton", "rope_triton", "swiglu_triton", "cross_entropy_triton", "lora_triton"):
     # A module imported before the variable was set holds compiled-mode kernels: rebuild it.
     if f"tunex.kernels.{_name}" in sys.modules:
         importlib.reload(sys.modules[f"tunex.kernels.{_name}"])
@@ -185,3 +185,30 @@ def test_cross_entropy_float32_hidden_under_bf16_autocast():
     ref.backward()
     close(loss, ref, torch.bfloat16, "loss")
     close(hidden.grad, ref_h.grad, torch.bfloat16, "d_hidden")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_triton_dropout(dtype):
+    """The Triton dropout path against plain autograd with the same counter-based mask."""
+    from tunex.kernels import lora_triton
+    from tunex.kernels.lora import _draw_seed
+
+    torch.manual_seed(6)
+    x = torch.randn(3, 7, 19, dtype=dtype)
+    w = torch.randn(23, 19, dtype=dtype) * 0.3
+    a, b = torch.randn(4, 19) * 0.3, torch.randn(23, 4) * 0.3
+    (xm, am, bm), (xr, ar, br) = leaves(x, a, b)
+    torch.manual_seed(7)
+    y = kernels.lora_linear(xm, lambda: w, am, bm, 0.5, dropout=0.3, backend="triton")
+    torch.manual_seed(7)
+    seed = _draw_seed()
+    keep = lora_triton.dropout(torch.ones(21, 19), 0.3, seed).view(3, 7, 19)  # 0 or 1/(1-p)
+    assert 0.1 < (keep == 0).float().mean() < 0.5
+    yr = xr @ w.float().T + 0.5 * ((xr * keep) @ ar.T) @ br.T
+    close(y, yr, dtype, "forward")
+    dy = torch.randn_like(yr).to(dtype)
+    y.backward(dy)
+    yr.backward(dy.float())
+    for name, got, want in (("dx", xm.grad, xr.grad), ("dA", am.grad, ar.grad), ("dB", bm.grad, br.grad)):
+        close(got, want, dtype, name)

@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from tunex.kernels import cross_entropy_triton as C, rmsnorm_triton as R, rope_triton as P, swiglu_triton as S
+    from tunex.kernels import cross_entropy_triton as C, lora_triton as L, rmsnorm_triton as R, rope_triton as P
+    from tunex.kernels import swiglu_triton as S
     from tunex.kernels._dispatch import warps_for
 
     def build(fn, sig, const, cc, warps=4):
@@ -48,6 +49,7 @@ SCRIPT = textwrap.dedent("""
         build(C._ce_rows, {"LOGITS": p(), "stride": "i32", "LABELS": "*i64", "LOSS": "*fp32", "V": "i32",
                            "ignore_index": "i32"}, {"BLOCK_V": C.MAX_BLOCK_V, "FLOOR": C._FLOOR}, cc,
               warps_for(C.MAX_BLOCK_V))
+        build(L._dropout, {"X": p(), "Y": p(), "n": "i32", "p": "fp32", "seed": "i64"}, {"BLOCK": L.BLOCK}, cc)
     print("compiled")
 """)
 

@@ -15,7 +15,9 @@ With g = dy (tokens, out):
     dA = dh.T @ dropout(x)      dx = g @ W + dropout_backward(dh @ A)
 
 The matmuls run on cuBLAS (CUDA) or torch's CPU kernels; on CUDA the 4-bit dequantization inside
-the base callable is the Triton kernel of tunex.kernels.nf4_dequant.
+the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
+kernel of lora_triton.py, whose counter-based mask never exists as a tensor (the torch path draws a
+bernoulli mask from a generator seeded the same way).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, no_autocast
+from tunex.kernels._dispatch import compute_dtype, no_autocast, use_triton
 
 Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
@@ -34,6 +36,15 @@ def _keep_mask(shape: torch.Size, p: float, seed: int, like: torch.Tensor) -> to
     gen.manual_seed(seed)
     mask = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
     return mask.div_(1.0 - p)
+
+
+def _dropped(x2: torch.Tensor, p: float, seed: int, triton: bool, inplace: bool = False) -> torch.Tensor:
+    """Dropout of a contiguous (N, in) tensor with the mask of ``seed`` (same mask every call)."""
+    if triton:
+        from tunex.kernels import lora_triton
+        return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
+    mask = _keep_mask(x2.shape, p, seed, x2)
+    return x2.mul_(mask) if inplace else x2 * mask
 
 
 def _draw_seed() -> int:
@@ -61,21 +72,22 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool):
         dtype = compute_dtype(x)
+        ctx.triton = triton
         with no_autocast(x):
             return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype)
 
     @staticmethod
     def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype):
         in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features).to(dtype)  # (N, in)
+        x2 = x.reshape(-1, in_features).to(dtype).contiguous()  # (N, in)
         w = _dense(base_fn if base_fn is not None else weight, dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
         seed = _draw_seed() if dropout > 0 else 0
-        xd = x2 * _keep_mask(x2.shape, dropout, seed, x2) if dropout > 0 else x2
+        xd = _dropped(x2, dropout, seed, ctx.triton) if dropout > 0 else x2
         h = xd @ a.T  # (N, r)
         del xd
         y.addmm_(h, b.T, alpha=scaling)
@@ -98,26 +110,25 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             d_b = (g.T @ h).mul_(s).to(lora_b.dtype)  # (out, r)
         dh = (g @ b).mul_(s) if (need_a or need_x) else None  # (N, r)
-        mask = None
-        if ctx.dropout > 0 and (need_a or need_x):
-            mask = _keep_mask(x2.shape, ctx.dropout, ctx.seed, x2)
+        p = ctx.dropout
         if need_a:
-            xd = x2 * mask if mask is not None else x2
+            xd = _dropped(x2, p, ctx.seed, ctx.triton) if p > 0 else x2
             d_a = (dh.T @ xd).to(lora_a.dtype)  # (r, in)
             del xd
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
             d_lora = dh @ a  # (N, in)
-            if mask is not None:
-                d_lora.mul_(mask)
+            if p > 0:  # dropout's backward is the same masked scaling
+                _dropped(d_lora, p, ctx.seed, ctx.triton, inplace=True)
             d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
-        return d_x, None, d_a, d_b, d_bias, None, None, None
+        return d_x, None, d_a, d_b, d_bias, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                *, bias: torch.Tensor | None = None, dropout: float = 0.0, training: bool = True) -> torch.Tensor:
+                *, bias: torch.Tensor | None = None, dropout: float = 0.0, training: bool = True,
+                backend: str = "auto") -> torch.Tensor:
     """LoRA linear with a memory-lean hand-written backward; the base weight stays frozen.
 
     Args:
@@ -130,6 +141,7 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
         bias: optional (out,) bias.
         dropout: probability of dropping an element of the adapter's input.
         training: dropout is applied only when True.
+        backend: dropout through Triton ("auto": on CUDA) or torch; the matmuls are the same.
 
     Returns:
         (..., out) tensor in x's dtype. Gradients flow to x, lora_a, lora_b and bias, never to base.
@@ -145,5 +157,6 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
         raise ValueError(f"lora_linear: base must be a tensor or a callable returning one, "
                          f"got {type(base).__name__}")
     p = float(dropout) if training else 0.0
+    triton = use_triton(x, backend) and p > 0
     return LoRALinearFunction.apply(x, base.detach() if is_tensor else None, lora_a, lora_b, bias,
-                                    None if is_tensor else base, float(scaling), p)
+                                    None if is_tensor else base, float(scaling), p, triton)
