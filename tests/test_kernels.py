@@ -212,3 +212,25 @@ def test_lora_linear_triton_dropout(dtype):
     yr.backward(dy.float())
     for name, got, want in (("dx", xm.grad, xr.grad), ("dA", am.grad, ar.grad), ("dB", bm.grad, br.grad)):
         close(got, want, dtype, name)
+
+
+@needs_triton
+def test_lora_triton_dropout_survives_checkpoint_recomputation():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(8)
+    x, w = torch.randn(2, 5, 12), torch.randn(10, 12)
+    a, b = torch.randn(3, 12), torch.randn(10, 3)
+
+    def layer(inp, a_, b_):
+        return kernels.lora_linear(inp, w, a_, b_, 0.5, dropout=0.4, backend="triton")
+
+    grads = []
+    for use_checkpoint in (False, True):
+        leaf = [t.clone().requires_grad_() for t in (x, a, b)]
+        torch.manual_seed(5)
+        y = checkpoint(layer, *leaf, use_reentrant=False) if use_checkpoint else layer(*leaf)
+        y.pow(2).sum().backward()
+        grads.append([t.grad for t in leaf])
+    for g, gc in zip(*grads):
+        close(gc, g, torch.float32, "checkpointed grad")
