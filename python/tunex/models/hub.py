@@ -77,19 +77,22 @@ def _find_in_caches(hub_id: str) -> tuple[Path | None, list[Path]]:
     return None, looked
 
 
+WANTED = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
 def _download(hub_id: str) -> Path | None:
-    """Download with huggingface_hub when it is installed and the hub is not switched offline."""
+    """Download with huggingface_hub (or modelscope) when installed and not switched offline."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         return None
-    if importlib.util.find_spec("huggingface_hub") is None:
-        return None
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                              "tokenizer.model", "*.txt"]))
-    except Exception:  # noqa: BLE001 - offline or unknown id: reported below with the places looked at
-        return None
+    for package in ("huggingface_hub", "modelscope"):
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            snapshot_download = importlib.import_module(package).snapshot_download
+            return Path(snapshot_download(hub_id, allow_patterns=WANTED))
+        except Exception:  # noqa: BLE001 - offline or unknown id: reported with the places looked at
+            continue
+    return None
 
 
 def gguf_cache_dir(gguf_path: Path) -> Path:
