@@ -41,7 +41,8 @@ def chat_file(tmp_path, n=200, seed=0):
     with open(f, "w") as out:
         for i in range(n):
             q = "q" * int(rng.integers(1, 30))
-            turns = [{"role": "user", "content": f"{i}{q}"}, {"role": "assistant", "content": "a" * int(rng.integers(1, 40))}]
+            reply = "a" * int(rng.integers(1, 40))
+            turns = [{"role": "user", "content": f"{i}{q}"}, {"role": "assistant", "content": reply}]
             if i % 3 == 0:
                 turns += [{"role": "user", "content": "more"}, {"role": "assistant", "content": f"r{i}"}]
             out.write(json.dumps({"messages": turns}) + "\n")
@@ -109,7 +110,8 @@ def test_cache_is_reused_and_keyed_by_content_and_settings(tmp_path):
     build_dataset(config(f, max_length=64), tok, seed=0, cache_dir=cache)
     build_dataset(config(f, template="auto"), tok, seed=0, cache_dir=cache)
     with open(f, "a") as out:
-        out.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+        extra = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        out.write(json.dumps({"messages": extra}) + "\n")
     grown = build_dataset(config(f), tok, seed=0, cache_dir=cache)
     assert grown.stats["records"] == 31
     assert len(stores()) == 4
