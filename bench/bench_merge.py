@@ -97,17 +97,20 @@ m.save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
 """
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command. /usr/bin/time measures the RSS: Linux carries a
-    parent's high-water mark into a forked child, so this (large) process cannot read it itself."""
+def run(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user+sys, peak RSS MB) of one command. /usr/bin/time measures:
+    Linux carries a parent's RSS high-water mark into a forked child, so this (large) process
+    cannot read the child's itself. Dirty pages are flushed first so no run pays for the previous
+    one's writeback."""
+    os.sync()
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "TUNEX_MAXRSS_KB %M", *cmd], stdout=subprocess.DEVNULL,
+    proc = subprocess.run(["/usr/bin/time", "-f", "TUNEX_TIME %M %U %S", *cmd], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    kb = [line for line in proc.stderr.splitlines() if line.startswith("TUNEX_MAXRSS_KB")][-1].split()[1]
-    return wall, int(kb) / 1024
+    kb, user, sys_ = [line for line in proc.stderr.splitlines() if line.startswith("TUNEX_TIME")][-1].split()[1:]
+    return wall, float(user) + float(sys_), int(kb) / 1024
 
 
 def gemm_seconds(adapter: Path) -> float:
@@ -147,44 +150,49 @@ def bench_size(root: Path, layers: int, skip_peft: bool) -> list[dict]:
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    wall, rss = run(["cp", "-r", str(base), str(fresh())])
-    rows.append({"tool": "cp -r base", "wall": wall, "rss": rss})
-    wall, rss = run(["sh", "-c", f"cp -r '{base}' '{fresh()}' && sync '{out}'/*"])
-    rows.append({"tool": "cp -r base && sync (disk floor)", "wall": wall, "rss": rss})
+    wall, cpu, rss = run(["cp", "-r", str(base), str(fresh())])
+    rows.append({"tool": "cp -r base", "wall": wall, "cpu": cpu, "rss": rss})
+    wall, cpu, rss = run(["sh", "-c", f"cp -r '{base}' '{fresh()}' && sync '{out}'/*"])
+    rows.append({"tool": "cp -r base && sync (disk floor)", "wall": wall, "cpu": cpu, "rss": rss})
     merge_cmd = [sys.executable, "-m", "tunex", "convert", "merge", str(base), str(adapter), str(fresh()),
                  "--device", "cpu", "--max-shard-size", "2GB", "-q"]
-    wall, rss = run(merge_cmd)
-    rows.append({"tool": "tunex convert merge --device cpu (fsync, default)", "wall": wall, "rss": rss})
+    wall, cpu, rss = run(merge_cmd)
+    rows.append({"tool": "tunex convert merge --device cpu (fsync, default)", "wall": wall, "cpu": cpu, "rss": rss})
     fresh()
-    wall, rss = run(merge_cmd + ["--no-fsync"])
-    rows.append({"tool": TUNEX, "wall": wall, "rss": rss})
+    wall, cpu, rss = run(merge_cmd + ["--no-fsync"])
+    rows.append({"tool": TUNEX, "wall": wall, "cpu": cpu, "rss": rss})
     if not skip_peft:
         tunex_out = root / "out_tunex"
         shutil.rmtree(tunex_out, ignore_errors=True)
         out.rename(tunex_out)
-        wall, rss = run([sys.executable, "-c", PEFT_CHILD, str(base), str(adapter), str(fresh())])
-        rows.append({"tool": "PEFT merge_and_unload + save_pretrained", "wall": wall, "rss": rss})
+        wall, cpu, rss = run([sys.executable, "-c", PEFT_CHILD, str(base), str(adapter), str(fresh())])
+        rows.append({"tool": "PEFT merge_and_unload + save_pretrained", "wall": wall, "cpu": cpu, "rss": rss})
         checked = [n for n, _ in shapes(layers) if n.endswith(("q_proj.weight", "down_proj.weight"))][:4]
         rows.append({"note": f"max bf16 ulp difference tunex vs PEFT on {len(checked)} merged tensors: "
                              f"{max_ulp_diff(tunex_out, out, checked)}"})
         shutil.rmtree(tunex_out, ignore_errors=True)
-    rows.append({"tool": "GEMM floor (torch fp32 B@A, in-process)", "wall": gemm_seconds(adapter), "rss": None})
+    rows.append({"tool": "GEMM floor (torch fp32 B@A, in-process)", "wall": gemm_seconds(adapter), "cpu": None,
+                 "rss": None})
     shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
 def table(results: dict[int, list[dict]]) -> str:
-    lines = ["| layers | tool | wall s | peak RSS MB | PEFT / tool |", "|---|---|---|---|---|"]
+    lines = ["| layers | tool | wall s | CPU s (user+sys) | peak RSS MB | PEFT / tool (wall) | PEFT / tool (CPU) |",
+             "|---|---|---|---|---|---|---|"]
     notes = []
     for layers, rows in results.items():
-        peft = next((r["wall"] for r in rows if r.get("tool", "").startswith("PEFT")), None)
+        peft = next((r for r in rows if r.get("tool", "").startswith("PEFT")), None)
         for r in rows:
             if "note" in r:
                 notes.append(f"- {layers} layers: {r['note']}")
                 continue
-            ratio = f"{peft / r['wall']:.1f}x" if peft and not r["tool"].startswith("GEMM") else ""
+            timed = peft is not None and r["cpu"] is not None
+            ratio = f"{peft['wall'] / r['wall']:.1f}x" if timed else ""
+            cpu_ratio = f"{peft['cpu'] / max(r['cpu'], 0.01):.1f}x" if timed else ""
             rss = f"{r['rss']:.0f}" if r["rss"] is not None else ""
-            lines.append(f"| {layers} | {r['tool']} | {r['wall']:.2f} | {rss} | {ratio} |")
+            cpu = f"{r['cpu']:.2f}" if r["cpu"] is not None else ""
+            lines.append(f"| {layers} | {r['tool']} | {r['wall']:.2f} | {cpu} | {rss} | {ratio} | {cpu_ratio} |")
         t = {r["tool"]: r["wall"] for r in rows if "tool" in r}
         floor = t["cp -r base"] + t["GEMM floor (torch fp32 B@A, in-process)"]
         notes.append(f"- {layers} layers: tunex --no-fsync / (cp + GEMM) = {t[TUNEX] / floor:.2f}")

@@ -14,44 +14,59 @@ fn u16s(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
     bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))
 }
 
-/// Widen `src` (little-endian elements of `dtype`) into `dst`, which must hold exactly its elements.
-pub fn to_f32(src: &[u8], dtype: Dtype, dst: &mut [f32]) -> Result<()> {
-    let size = dtype.size();
-    if src.len() != dst.len() * size {
-        return Err(Error::data(format!("{} bytes do not hold {} {} values", src.len(), dst.len(), dtype.name())));
-    }
-    let widen = |(s, d): (&[u8], &mut [f32])| match dtype {
+fn widen_seq(s: &[u8], dtype: Dtype, d: &mut [f32]) {
+    match dtype {
         Dtype::BF16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = f32::from_bits((b as u32) << 16)),
         Dtype::F16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = f16::from_bits(b).to_f32()),
         _ => d
             .iter_mut()
             .zip(s.chunks_exact(4))
             .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    };
-    if !dtype.is_mergeable_float() {
-        return Err(Error::data(format!("cannot merge into a {} tensor; expected F16, BF16 or F32", dtype.name())));
     }
-    src.par_chunks(CHUNK * size).zip(dst.par_chunks_mut(CHUNK)).for_each(widen);
+}
+
+/// Round into `d`; returns whether every value was finite (checked while the data is in cache).
+fn narrow_seq(s: &[f32], dtype: Dtype, d: &mut [u8]) -> bool {
+    match dtype {
+        Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes())),
+        Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
+        _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+    }
+    s.iter().fold(true, |ok, x| ok & x.is_finite())
+}
+
+fn check_float(dtype: Dtype) -> Result<()> {
+    if dtype.is_mergeable_float() {
+        Ok(())
+    } else {
+        Err(Error::data(format!("cannot merge into a {} tensor; expected F16, BF16 or F32", dtype.name())))
+    }
+}
+
+/// Widen `src` (little-endian elements of `dtype`) into `dst`, which must hold exactly its elements.
+pub fn to_f32(src: &[u8], dtype: Dtype, dst: &mut [f32]) -> Result<()> {
+    check_float(dtype)?;
+    let size = dtype.size();
+    if src.len() != dst.len() * size {
+        return Err(Error::data(format!("{} bytes do not hold {} {} values", src.len(), dst.len(), dtype.name())));
+    }
+    src.par_chunks(CHUNK * size).zip(dst.par_chunks_mut(CHUNK)).for_each(|(s, d)| widen_seq(s, dtype, d));
     Ok(())
 }
 
 /// Round `src` into `dst` (little-endian `dtype` bytes, `src.len() * size` long), nearest-even.
-/// Returns whether every value was finite (checked while the data is hot in cache).
+/// Returns whether every value was finite.
 pub fn from_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) -> Result<bool> {
+    check_float(dtype)?;
     let size = dtype.size();
-    if dst.len() != src.len() * size || !dtype.is_mergeable_float() {
+    if dst.len() != src.len() * size {
         return Err(Error::data(format!("cannot round {} values into {} {} bytes", src.len(), dst.len(), dtype.name())));
     }
-    let narrow = |(s, d): (&[f32], &mut [u8])| {
-        match dtype {
-            Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes())),
-            Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
-            _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
-        }
-        // Branch-free: the exponent of inf/NaN is all ones.
-        s.iter().fold(true, |ok, x| ok & x.is_finite())
-    };
-    Ok(src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK * size)).map(narrow).reduce(|| true, |a, b| a & b))
+    Ok(src
+        .par_chunks(CHUNK)
+        .zip(dst.par_chunks_mut(CHUNK * size))
+        .map(|(s, d)| narrow_seq(s, dtype, d))
+        .reduce(|| true, |a, b| a & b))
 }
 
 /// How the low-rank product lands on the stored weight.
@@ -64,45 +79,125 @@ pub enum Layout {
     Transposed,
 }
 
-/// `w += scaling * product(B, A)` in f32. `a` is (r, a_cols) and `b` is (b_rows, r), row-major;
-/// `w` is (b_rows, a_cols) for Normal and (a_cols, b_rows) for Transposed.
-pub fn add_low_rank(w: &mut [f32], a: &[f32], b: &[f32], r: usize, layout: Layout, scaling: f32) {
-    let a_cols = if r == 0 { 0 } else { a.len() / r };
-    let b_rows = if r == 0 { 0 } else { b.len() / r };
-    let (rows, cols) = match layout {
-        Layout::Normal => (b_rows, a_cols),
-        Layout::Transposed => (a_cols, b_rows),
-    };
-    assert_eq!(w.len(), rows * cols, "caller checked shapes");
-    assert_eq!(a.len(), r * a_cols);
-    assert_eq!(b.len(), r * b_rows);
-    if rows == 0 || cols == 0 || r == 0 {
-        return;
+/// The factors of one update, widened to f32: `a` is (r, a_cols) and `b` is (b_rows, r),
+/// row-major; the stored weight is (b_rows, a_cols) for Normal and (a_cols, b_rows) for Transposed.
+#[derive(Clone, Copy)]
+pub struct LowRank<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub layout: Layout,
+    pub scaling: f32,
+}
+
+impl LowRank<'_> {
+    /// (rows, cols) of the stored weight.
+    pub fn weight_shape(&self) -> (usize, usize) {
+        let (a_cols, b_rows) = if self.rank == 0 { (0, 0) } else { (self.a.len() / self.rank, self.b.len() / self.rank) };
+        match self.layout {
+            Layout::Normal => (b_rows, a_cols),
+            Layout::Transposed => (a_cols, b_rows),
+        }
     }
-    // Rows of W are independent, so split them across threads; each block is one sgemm.
-    let block = (rows / (4 * rayon::current_num_threads())).clamp(16, 1024);
-    w.par_chunks_mut(block * cols).enumerate().for_each(|(i, chunk)| {
-        let row0 = i * block;
-        let m = chunk.len() / cols;
-        // Left factor rows [row0, row0+m) and its strides; the right factor is shared.
-        let (lhs, rsl, csl, rhs, rsr, csr) = match layout {
+
+    /// `block += scaling * product` for the stored rows `[row0, row0 + block.len() / cols)`.
+    fn add_to_rows(&self, block: &mut [f32], row0: usize) {
+        let (rows, cols) = self.weight_shape();
+        let (r, m) = (self.rank, block.len() / cols.max(1));
+        if m == 0 || cols == 0 || r == 0 {
+            return;
+        }
+        assert!(row0 + m <= rows, "caller passes blocks inside the weight");
+        // Left factor rows [row0, row0+m) with its strides; the right factor is shared.
+        let (lhs, rsl, csl, rhs, rsr, csr) = match self.layout {
             // C = B @ A: B (rows, r) row-major, A (r, cols) row-major.
-            Layout::Normal => (&b[row0 * r..], r as isize, 1, a, cols as isize, 1),
+            Layout::Normal => (&self.b[row0 * r..], r as isize, 1, self.a, cols as isize, 1),
             // C = A^T @ B^T: A^T[i][k] = A[k][i], B^T[k][j] = B[j][k].
-            Layout::Transposed => (&a[row0..], 1, rows as isize, b, 1, r as isize),
+            Layout::Transposed => (&self.a[row0..], 1, rows as isize, self.b, 1, r as isize),
         };
-        // SAFETY: the strides describe in-bounds (m x r) and (r x cols) views: for Normal the left
-        // view spans rows row0..row0+m of B, for Transposed columns row0..row0+m of A; `chunk`
-        // is an exclusive (m x cols) row-major block of W.
+        // SAFETY: the strides describe in-bounds (m x r) and (r x cols) views (rows row0..row0+m
+        // of B for Normal, columns row0..row0+m of A for Transposed), and `block` is an
+        // exclusive (m x cols) row-major slab of W.
         unsafe {
             matrixmultiply::sgemm(
-                m, r, cols, scaling,
+                m, r, cols, self.scaling,
                 lhs.as_ptr(), rsl, csl,
                 rhs.as_ptr(), rsr, csr,
-                1.0, chunk.as_mut_ptr(), cols as isize, 1,
+                1.0, block.as_mut_ptr(), cols as isize, 1,
             );
         }
-    });
+    }
+}
+
+fn rows_per_block(rows: usize, cols: usize) -> usize {
+    // About 1 MiB of f32 per block: widen, GEMM and round all happen while it sits in cache.
+    (BLOCK_ELEMS / cols.max(1)).clamp(8, 1024).min(rows.max(1))
+}
+
+/// Elements of f32 scratch per fused block.
+const BLOCK_ELEMS: usize = 1 << 18;
+
+thread_local! {
+    static BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The fused merge of one weight: `out = round(src + scaling * product)`, with DoRA's per-row
+/// rescale when `magnitude` is given (Normal layout only). Runs block by block of rows so each
+/// block is widened, updated and rounded while in cache. Returns whether all values were finite.
+pub fn merge_rows(src: &[u8], in_dtype: Dtype, out: &mut [u8], out_dtype: Dtype, lr: &LowRank, magnitude: Option<&[f32]>) -> Result<bool> {
+    check_float(in_dtype)?;
+    check_float(out_dtype)?;
+    let (rows, cols) = lr.weight_shape();
+    let (isz, osz) = (in_dtype.size(), out_dtype.size());
+    if src.len() != rows * cols * isz || out.len() != rows * cols * osz {
+        return Err(Error::data(format!("a {rows}x{cols} weight does not fit {} input / {} output bytes", src.len(), out.len())));
+    }
+    if magnitude.is_some_and(|m| m.len() != rows || lr.layout != Layout::Normal) {
+        return Err(Error::data("DoRA magnitudes must match the rows of a Normal-layout weight"));
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(true);
+    }
+    let block = rows_per_block(rows, cols);
+    let finite = src
+        .par_chunks(block * cols * isz)
+        .zip(out.par_chunks_mut(block * cols * osz))
+        .enumerate()
+        .map(|(i, (s, o))| {
+            BLOCK.with(|buf| {
+                let mut w = buf.borrow_mut();
+                w.resize(s.len() / isz, 0.0);
+                widen_seq(s, in_dtype, &mut w);
+                lr.add_to_rows(&mut w, i * block);
+                if let Some(m) = magnitude {
+                    let m = &m[i * block..];
+                    for (row, &mag) in w.chunks_mut(cols).zip(m) {
+                        scale_to_norm(row, mag);
+                    }
+                }
+                narrow_seq(&w, out_dtype, o)
+            })
+        })
+        .reduce(|| true, |a, b| a & b);
+    Ok(finite)
+}
+
+fn scale_to_norm(row: &mut [f32], magnitude: f32) {
+    let norm = row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+    let f = magnitude / norm;
+    row.iter_mut().for_each(|x| *x *= f);
+}
+
+/// `w += scaling * product` over a whole f32 weight (the unfused path: DoRA on transposed
+/// layouts needs every row before any can be rescaled).
+pub fn add_low_rank(w: &mut [f32], lr: &LowRank) {
+    let (rows, cols) = lr.weight_shape();
+    assert_eq!(w.len(), rows * cols, "caller checked shapes");
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let block = rows_per_block(rows, cols);
+    w.par_chunks_mut(block * cols).enumerate().for_each(|(i, chunk)| lr.add_to_rows(chunk, i * block));
 }
 
 /// DoRA: scale each output feature of `w` to the learned magnitude, `w *= m / ||w||` with the norm
@@ -111,11 +206,7 @@ pub fn dora_rescale(w: &mut [f32], rows: usize, cols: usize, magnitude: &[f32], 
     match layout {
         Layout::Normal => {
             assert_eq!(magnitude.len(), rows);
-            w.par_chunks_mut(cols.max(1)).zip(magnitude.par_iter()).for_each(|(row, &m)| {
-                let norm = row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
-                let f = m / norm;
-                row.iter_mut().for_each(|x| *x *= f);
-            });
+            w.par_chunks_mut(cols.max(1)).zip(magnitude.par_iter()).for_each(|(row, &m)| scale_to_norm(row, m));
         }
         Layout::Transposed => {
             assert_eq!(magnitude.len(), cols);
@@ -155,16 +246,44 @@ mod tests {
         let b: Vec<f32> = (0..rows * r).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
         let want = naive(&a, &b, r, rows, cols);
         let mut w = vec![1.0f32; rows * cols];
-        add_low_rank(&mut w, &a, &b, r, Layout::Normal, 2.0);
+        add_low_rank(&mut w, &LowRank { a: &a, b: &b, rank: r, layout: Layout::Normal, scaling: 2.0 });
         for (x, y) in w.iter().zip(&want) {
             assert!((x - (1.0 + 2.0 * y)).abs() < 1e-5);
         }
         let mut wt = vec![0.0f32; rows * cols];
-        add_low_rank(&mut wt, &a, &b, r, Layout::Transposed, 1.0);
+        add_low_rank(&mut wt, &LowRank { a: &a, b: &b, rank: r, layout: Layout::Transposed, scaling: 1.0 });
         for i in 0..rows {
             for j in 0..cols {
                 assert!((wt[j * rows + i] - want[i * cols + j]).abs() < 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn fused_rows_equal_the_unfused_path() {
+        // Enough rows for several blocks and a ragged last one.
+        let (rows, cols, r) = (700, 513, 3);
+        let a: Vec<f32> = (0..r * cols).map(|i| ((i * 7 % 11) as f32 - 5.0) / 64.0).collect();
+        let b: Vec<f32> = (0..rows * r).map(|i| ((i * 5 % 13) as f32 - 6.0) / 64.0).collect();
+        let base: Vec<f32> = (0..rows * cols).map(|i| ((i * 3 % 17) as f32 - 8.0) / 16.0).collect();
+        let mut src = vec![0u8; rows * cols * 2];
+        from_f32(&base, Dtype::BF16, &mut src).unwrap();
+        let mag: Vec<f32> = (0..rows).map(|i| 1.0 + i as f32 / 100.0).collect();
+        for (layout, dora) in [(Layout::Normal, false), (Layout::Normal, true), (Layout::Transposed, false)] {
+            let (a, b) = if layout == Layout::Normal { (&a, &b) } else { (&b, &a) };
+            let lr = LowRank { a: a.as_slice(), b: b.as_slice(), rank: r, layout, scaling: 0.5 };
+            let mut w = vec![0f32; rows * cols];
+            to_f32(&src, Dtype::BF16, &mut w).unwrap();
+            add_low_rank(&mut w, &lr);
+            let m = dora.then_some(mag.as_slice());
+            if let Some(m) = m {
+                dora_rescale(&mut w, rows, cols, m, layout);
+            }
+            let mut want = vec![0u8; rows * cols * 2];
+            from_f32(&w, Dtype::BF16, &mut want).unwrap();
+            let mut got = vec![0u8; rows * cols * 2];
+            assert!(merge_rows(&src, Dtype::BF16, &mut got, Dtype::BF16, &lr, m).unwrap());
+            assert!(got == want, "{layout:?} dora={dora}");
         }
     }
 

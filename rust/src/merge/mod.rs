@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
 use crate::safetensors::{Dtype, OutputDir, SafeFile, ShardedWriter, TensorInfo};
-use math::{add_low_rank, dora_rescale, first_non_finite, from_f32, to_f32};
+use math::{add_low_rank, dora_rescale, from_f32, merge_rows, to_f32, Layout, LowRank};
 pub use plan::MergePlan;
 use targets::TensorEdit;
 
@@ -224,28 +224,46 @@ fn merge_one<'a>(
     out_dtype: Dtype,
     s: &mut Scratch,
 ) -> Result<()> {
-    widen_into(&mut s.w, src.file, src.info)?;
+    let numel = src.info.numel() as usize;
+    let mut out = sink.buffer(numel * out_dtype.size());
+    let non_finite = || {
+        Error::data(format!(
+            "merging into {} produced a non-finite value: the adapter or the base holds NaN or infinity",
+            src.info.name
+        ))
+    };
     if let Some(l) = &edit.lora {
         widen_into(&mut s.a, adapter, &l.a)?;
         widen_into(&mut s.b, adapter, &l.b)?;
-        add_low_rank(&mut s.w, &s.a, &s.b, l.rank, l.layout, l.scaling);
-        if let Some(m) = &l.magnitude {
-            widen_into(&mut s.extra, adapter, m)?;
-            let (rows, cols) = (src.info.shape[0] as usize, src.info.shape[1] as usize);
-            dora_rescale(&mut s.w, rows, cols, &s.extra, l.layout);
+        let lr = LowRank { a: &s.a, b: &s.b, rank: l.rank, layout: l.layout, scaling: l.scaling };
+        let magnitude = match &l.magnitude {
+            Some(m) => {
+                widen_into(&mut s.extra, adapter, m)?;
+                Some(s.extra.as_slice())
+            }
+            None => None,
+        };
+        if l.layout == Layout::Normal || magnitude.is_none() {
+            // The common case, fused block by block in cache.
+            if !merge_rows(src.file.bytes(src.info), src.info.dtype, &mut out, out_dtype, &lr, magnitude)? {
+                return Err(non_finite());
+            }
+            return sink.send(Msg::Owned(out));
         }
+        // DoRA on a transposed weight: column norms need the whole matrix first.
+        widen_into(&mut s.w, src.file, src.info)?;
+        add_low_rank(&mut s.w, &lr);
+        let (rows, cols) = lr.weight_shape();
+        dora_rescale(&mut s.w, rows, cols, magnitude.unwrap_or_default(), l.layout);
+    } else {
+        widen_into(&mut s.w, src.file, src.info)?;
     }
     if let Some((bias, scaling)) = &edit.bias {
         widen_into(&mut s.extra, adapter, bias)?;
         s.w.iter_mut().zip(&s.extra).for_each(|(w, b)| *w += scaling * b);
     }
-    let mut out = sink.buffer(s.w.len() * out_dtype.size());
     if !from_f32(&s.w, out_dtype, &mut out)? {
-        let i = first_non_finite(&s.w).unwrap_or(0);
-        return Err(Error::data(format!(
-            "merging into {} produced a non-finite value (element {i}): the adapter or the base holds NaN or infinity",
-            src.info.name
-        )));
+        return Err(non_finite());
     }
     sink.send(Msg::Owned(out))
 }
