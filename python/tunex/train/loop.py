@@ -129,10 +129,12 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
     # The tokenized-data cache sits next to the work dirs, so runs of one config share it.
     cache = cfg.data.cache_dir or str(work.parent / ".cache")
-    if not is_main:  # rank 0 tokenizes into the shared cache first; the others then read it
+    # one process per node tokenizes into the cache first (its writes are atomic renames, so
+    # nodes sharing a file system may race safely); the node's other ranks then read the cache
+    if env.local_rank != 0:
         barrier(env)
     dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
-    if is_main:
+    if env.local_rank == 0:
         barrier(env)
     per_epoch = _batches_per_epoch(dataset, cfg)
     accum = cfg.train.grad_accum
