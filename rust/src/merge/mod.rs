@@ -213,7 +213,10 @@ struct Scratch {
 fn widen_into(buf: &mut Vec<f32>, file: &SafeFile, info: &TensorInfo) -> Result<()> {
     // Every element is overwritten, so only growth needs initialising.
     buf.resize(info.numel() as usize, 0.0);
-    to_f32(file.bytes(info), info.dtype, buf).map_err(|e| Error::data(format!("{}: {e}", info.name)))
+    to_f32(file.bytes(info), info.dtype, buf).map_err(|e| Error::data(format!("{}: {e}", info.name)))?;
+    // Each factor is read once: drop its pages so the adapter never becomes resident as a whole.
+    file.release(info);
+    Ok(())
 }
 
 fn merge_one<'a>(
