@@ -40,7 +40,7 @@ def autocast(train_dtype: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def build_model(cfg: Any, device: torch.device) -> nn.Module:
+def build_model(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     """Load ``cfg.model`` and make exactly the part ``cfg.method`` trains require grad.
 
     Full: every parameter. LoRA: adapters on the targets over the dense base. QLoRA: the base
@@ -62,7 +62,9 @@ def build_model(cfg: Any, device: torch.device) -> nn.Module:
             # called per decoder layer while loading, so the dense weights never all coexist
             return NF4Linear.from_linear(linear, method.quant_type, method.blocksize,
                                          method.double_quant, compute)
-    model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
+    # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
+    model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize)
     if method.kind == "full":
         model.requires_grad_(True)
     else:

@@ -21,7 +21,7 @@ from tunex.dist import ckpt as dist_ckpt
 from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
 from tunex.dist.metrics import reduce_step
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
-from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, wrap_for_training
+from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.train import checkpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device
@@ -141,7 +141,9 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(per_epoch, accum, world)
     last = min(total, stop_after) if stop_after else total
 
-    model = build_model(cfg, device)
+    # FSDP2 takes the model from the CPU layer by layer: no rank ever holds all of it on its GPU
+    on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env) == "fsdp" else None
+    model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
