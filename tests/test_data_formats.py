@@ -280,3 +280,34 @@ def test_truncation_and_padding_set_in_tokenizer_json_are_ignored():
                                            {"role": "assistant", "content": "a"}])])
     assert enc.lengths.tolist() == [42]
     assert tok.backend.truncation is not None  # the caller's tokenizer is left as it was
+
+
+def test_fixed_prefix_is_tokenized_once_only_where_the_tokenizer_splits_there():
+    """A position-dependent pre-tokenizer (SentencePiece-style 'prepend to the first piece') must not
+    take the prefix shortcut: the check against whole-text tokenization turns it off."""
+    from tokenizers import pre_tokenizers
+
+    from tunex.data.encode import _MIN_PREFIX
+    from test_data_helpers import CHATML_JINJA, backend
+
+    plain = chatml_tokenizer()
+    conv = F.openai([{"role": "user", "content": "q a"}, {"role": "assistant", "content": "b c"}])
+    enc = Encoder(plain, template=get_template("auto", plain), max_length=512)
+    for _ in range(40):
+        enc.encode([conv])
+    assert enc._prefix_ids and all(v is not None for v in enc._prefix_ids.values())
+    assert len(next(iter(enc._prefix_ids))) >= _MIN_PREFIX
+
+    from tunex.tokenizer import Tokenizer
+
+    sp = backend(["<|im_start|>", "<|im_end|>"])
+    sp.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"), sp.pre_tokenizer])
+    tok = Tokenizer(sp, {"eos_token": "<|im_end|>"}, None, CHATML_JINJA)
+    enc = Encoder(tok, template=get_template("auto", tok), max_length=512)
+    for _ in range(3):
+        out = enc.encode([conv])
+        text = "".join(s.text for s in get_template("auto", tok).segments([m.as_dict() for m in conv]))
+        assert out.ids.tolist() == tok.encode(text, add_special_tokens=False)
+    assert list(enc._prefix_ids.values()) == [None]
+    assert runs(tok, out.ids, out.mask)[-2:] == [("b[UNK]c<|im_end|>", True), ("\n", False)]  # [UNK]: the space

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from tunex.data.formats import Conversation, Sample, with_system
 
-ENCODER_VERSION = "1"  # bump when the encoded output of the same inputs changes (invalidates caches)
-_VERIFY_FIRST = 32  # renders per conversation shape checked against the template's own output
+ENCODER_VERSION = "2"  # bump when the encoded output of the same inputs changes (invalidates caches)
+_VERIFY_FIRST = 32  # renders (and prefix splits) per shape checked against the slow, sure way
+_MIN_PREFIX = 32  # chars of fixed prefix worth tokenizing once (a bare <|im_start|> is not)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Prepared:
     texts: list[str]
     spans: list[list[tuple[int, int]]] | None
     dropped: int = 0
+    prefixes: list[int] | None = None  # per chat text: chars of a fixed prefix ending at a special token
 
 
 def backend_of(tokenizer: Any) -> Any:
@@ -78,6 +80,7 @@ class _Skeleton:
 
     def __init__(self, parts: list[str | int], targets: list[bool]):
         self.parts, self.targets = parts, targets
+        self.prefix: int | None = None  # see Renderer._fixed_prefix
 
     def fill(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         pieces: list[str] = []
@@ -108,19 +111,25 @@ class Renderer:
     every conversation.
     """
 
-    def __init__(self, template: Any):
+    def __init__(self, template: Any, special_tokens: Sequence[str] = ()):
         self.template = template
+        self.special_tokens = [t for t in special_tokens if t]
         self._shapes: dict[tuple, _Skeleton | None] = {}
         self._checked: dict[tuple, int] = {}
 
     def __call__(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        text, spans, _ = self.render(conv)
+        return text, spans
+
+    def render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]], int]:
+        """(text, target spans, length of the shape's fixed prefix ending at a special token, or 0)."""
         # empty contents get shapes of their own: templates commonly skip an empty system prompt
         key = tuple((m.role, m.loss, not m.content) for m in conv)
         if key not in self._shapes:
             self._shapes[key] = self._skeleton(conv)
         skeleton = self._shapes[key]
         if skeleton is None:
-            return self._render(conv)
+            return (*self._render(conv), 0)
         text, spans = skeleton.fill(conv)
         seen = self._checked.get(key, 0)
         if seen < _VERIFY_FIRST:
@@ -128,8 +137,16 @@ class Renderer:
             slow = self._render(conv)
             if slow != (text, spans):
                 self._shapes[key] = None
-                return slow
-        return text, spans
+                return (*slow, 0)
+        return text, spans, self._fixed_prefix(skeleton)
+
+    def _fixed_prefix(self, skeleton: _Skeleton) -> int:
+        """Chars of the text before the first content that end with a special token (cached)."""
+        if skeleton.prefix is None:
+            head = skeleton.parts[0] if skeleton.parts and isinstance(skeleton.parts[0], str) else ""
+            ends = [head.rfind(t) + len(t) for t in self.special_tokens if head.rfind(t) >= 0]
+            skeleton.prefix = max(ends, default=0)
+        return skeleton.prefix
 
     def _render(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         segments = self.template.segments([m.as_dict() for m in conv])
@@ -204,7 +221,9 @@ class Encoder:
             self.backend.no_truncation()
             self.backend.no_padding()
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
-        self.renderer = Renderer(template) if template is not None else None
+        self.renderer = Renderer(template, _split_tokens(self.backend)) if template is not None else None
+        self._prefix_ids: dict[str, list[int] | None] = {}  # None: this prefix does not split cleanly
+        self._prefix_checked: dict[str, int] = {}
         self.system = system
         self.max_length = max_length
 
@@ -220,26 +239,27 @@ class Encoder:
             raise TypeError("a batch mixes documents and conversations")
         if self.renderer is None:
             raise ValueError("conversations need a chat template; pass template=")
-        texts, all_spans = [], []
+        texts, all_spans, prefixes = [], [], []
         dropped = 0
         for conv in samples:
             conv = with_system(conv, self.system)
             if not any(m.loss for m in conv):
                 dropped += 1
                 continue
-            text, spans = self.renderer(conv)
+            text, spans, prefix = self.renderer.render(conv)
             if not spans:
                 dropped += 1
                 continue
             texts.append(text)
             all_spans.append(spans)
-        return Prepared(texts, all_spans, dropped)
+            prefixes.append(prefix)
+        return Prepared(texts, all_spans, dropped, prefixes)
 
     def tokenize(self, prepared: Prepared) -> Encoded:
         """The Rust half: tokenize (the GIL is released meanwhile) and lay out ids and masks."""
         if prepared.spans is None:
             return self._pretrain(prepared.texts, prepared.dropped)
-        return self._chat(prepared.texts, prepared.spans, prepared.dropped)
+        return self._chat(prepared.texts, prepared.spans, prepared.dropped, prepared.prefixes)
 
     def _pretrain(self, docs: list[str], dropped: int) -> Encoded:
         eos = self.eos_id
@@ -259,21 +279,21 @@ class Encoder:
         mask[_starts(lengths_arr)] = 0
         return Encoded(ids, mask, lengths_arr, dropped=dropped)
 
-    def _chat(self, texts: list[str], all_spans: list[list[tuple[int, int]]], dropped: int) -> Encoded:
+    def _chat(self, texts: list[str], all_spans: list[list[tuple[int, int]]], dropped: int,
+              prefixes: list[int] | None = None) -> Encoded:
         ids_out: list[int] = []
         lengths: list[int] = []
         begins: list[int] = []  # target token ranges, as positions in ids_out
         ends: list[int] = []
         truncated = 0
         limit = self.max_length
-        for enc, spans in zip(self.backend.encode_batch(texts, add_special_tokens=False), all_spans):
-            ids = enc.ids
+        for ids, ranges in self._tokenized(texts, all_spans, prefixes or [0] * len(texts)):
             n = len(ids)
             if n > limit:
                 truncated += 1
                 ids, n = ids[:limit], limit
             # position 0 is never a target (nothing predicts it); ranges past the cut are gone
-            ranges = [(max(lo, 1), min(hi, n)) for lo, hi in _token_ranges(enc, spans)]
+            ranges = [(max(lo, 1), min(hi, n)) for lo, hi in ranges]
             ranges = [(lo, hi) for lo, hi in ranges if lo < hi]
             if not ranges:
                 dropped += 1
@@ -289,6 +309,59 @@ class Encoder:
         mask = (np.cumsum(edges[:-1]) > 0).astype(np.uint8)
         return Encoded(np.asarray(ids_out, dtype=np.int32), mask, np.asarray(lengths, dtype=np.int64),
                        dropped=dropped, truncated=truncated)
+
+
+    def _tokenized(self, texts: list[str], all_spans: list[list[tuple[int, int]]],
+                   prefixes: list[int]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, target token ranges) per text.
+
+        The tokenizer splits its input at special tokens and tokenizes the pieces independently, so
+        a template's fixed opening (a system prompt, say) that ends with a special token tokenizes
+        the same on its own: it is tokenized once and only the rest of each text is sent to the
+        tokenizer. The first uses of each prefix are checked against tokenizing the whole text; a
+        tokenizer that does not split that way (whitespace-stripping or position-dependent
+        pre-tokenizers) keeps the whole-text path.
+        """
+        cuts = [cut if cut >= _MIN_PREFIX and spans[0][0] >= cut
+                and self._prefix_ids.get(text[:cut], ()) is not None else 0
+                for text, spans, cut in zip(texts, all_spans, prefixes)]
+        rests = [text[cut:] for text, cut in zip(texts, cuts)]
+        for text, spans, cut, enc in zip(texts, all_spans, cuts,
+                                         self.backend.encode_batch(rests, add_special_tokens=False)):
+            if not cut:
+                yield enc.ids, _token_ranges(enc, spans)
+                continue
+            prefix = text[:cut]
+            ids = self._prefix(prefix) + enc.ids
+            checked = self._prefix_checked.get(prefix, 0)
+            if checked < _VERIFY_FIRST:
+                whole = self.backend.encode(text, add_special_tokens=False)
+                if whole.ids != ids:
+                    self._prefix_ids[prefix] = None  # this tokenizer does not split here: never again
+                    yield whole.ids, _token_ranges(whole, spans)
+                    continue
+                self._prefix_checked[prefix] = checked + 1
+            shift = len(ids) - len(enc.ids)
+            local = [(a - cut, b - cut) for a, b in spans]
+            yield ids, [(lo + shift, hi + shift) for lo, hi in _token_ranges(enc, local)]
+
+    def _prefix(self, prefix: str) -> list[int]:
+        ids = self._prefix_ids.get(prefix)
+        if ids is None:
+            if len(self._prefix_ids) > 4096:  # shapes are few; bound the memo regardless
+                self._prefix_ids.clear()
+            ids = self._prefix_ids[prefix] = self.backend.encode(prefix, add_special_tokens=False).ids
+        return ids
+
+
+def _split_tokens(backend: Any) -> list[str]:
+    """Special tokens the tokenizer splits its input at, unchanged (no stripping of neighbours)."""
+    try:
+        added = backend.get_added_tokens_decoder().values()
+    except AttributeError:  # tokenizers older than 0.19
+        return []
+    return [t.content for t in added
+            if t.special and not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
 
 
 def _starts(lengths: np.ndarray) -> np.ndarray:
