@@ -189,3 +189,21 @@ def test_killed_rank_fails_the_job(setup):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_hung_rank_times_out_instead_of_waiting_forever(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, torch, torch.distributed as dist\n"
+        "from tunex.dist.env import init_distributed\n"
+        "env = init_distributed()\n"
+        "if env.rank == 1:\n"
+        "    time.sleep(300)  # alive but never joins the collective\n"
+        "dist.all_reduce(torch.ones(1))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    started = time.monotonic()
+    result = subprocess.run(cmd, env=dict(worker_env(), TUNEX_DIST_TIMEOUT="3"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 100
+    assert "rank      : 0" in result.stderr or "local_rank: 0" in result.stderr, result.stderr[-3000:]

@@ -16,7 +16,8 @@ def register(cli: click.Group, convert: click.Group) -> None:
 @click.option("--work-dir", default=None, help="Output folder (default: save.work_dir, else work_dirs/<config name>).")
 @click.option("--seed", type=int, default=None, help="Random seed (overrides train.seed).")
 @click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue from a checkpoint: 'auto' = the newest iter_N.pth in the work dir.")
+              help="Continue from a checkpoint (iter_N.pth or iter_N.dcp): 'auto' = the newest one in "
+                   "the work dir.")
 @click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. -o train.lr=1e-4 (repeatable).")
 @click.option("--max-steps", type=int, default=None, hidden=True,

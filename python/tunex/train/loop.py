@@ -5,6 +5,9 @@ One optimizer step = ``grad_accum`` micro-batches; each micro-batch's mean token
 ``save_steps`` (and at the end), and the eval hook answers its prompts every ``every_n_steps``.
 A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches, dropout masks
 and optimizer state as the uninterrupted run, so its metrics are the same.
+
+Under torchrun the same loop runs on every rank (tunex.dist): each rank trains on its slice of
+every global batch through DDP (adapters) or FSDP2 (full fine-tune); docs/SCALING.md.
 """
 from __future__ import annotations
 
