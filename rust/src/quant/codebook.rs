@@ -89,14 +89,14 @@ impl Boundaries {
     /// Rank of `x` among the sorted codes: the number of midpoints strictly below it, so a value
     /// exactly on a midpoint takes the lower code (torch.bucketize with right=False).
     #[inline(always)]
-    pub fn rank(&self, x: f32) -> u8 {
-        // Counted in 32-bit lanes, the width of the f32 comparison masks, so the loop over a
-        // block vectorizes without repacking every comparison to bytes.
+    pub fn rank(&self, x: f32) -> u32 {
+        // Counted (and returned) in 32-bit lanes, the width of the f32 comparison masks, so a loop
+        // over a block vectorizes without repacking every comparison to bytes.
         let mut rank = 0u32;
         for &m in &self.midpoints {
             rank += (m < x) as u32;
         }
-        rank as u8
+        rank
     }
 }
 

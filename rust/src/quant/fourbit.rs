@@ -88,7 +88,7 @@ multiversion! {
         absmax: &mut [f32],
     ) -> bool {
         let mut scaled = [0f32; MAX_BLOCKSIZE];
-        let mut ranks = [0u8; MAX_BLOCKSIZE + 1];
+        let mut ranks = [0u32; MAX_BLOCKSIZE + 1];
         for (b, (packed, absmax)) in packed.chunks_mut(blocksize / 2).zip(absmax.iter_mut()).enumerate() {
             let start = b * blocksize;
             let end = (start + blocksize).min(x.len());
@@ -113,7 +113,7 @@ fn quantize_block(
     short: bool,
     bounds: &Boundaries,
     scaled: &mut [f32],
-    ranks: &mut [u8],
+    ranks: &mut [u32],
     packed: &mut [u8],
 ) -> Option<f32> {
     let len = block.len();
@@ -158,7 +158,7 @@ fn widen(block: Elems, out: &mut [f32]) -> u32 {
 }
 
 #[inline(always)]
-fn rank_block(x: &[f32], bounds: &Boundaries, scale: Scale, ranks: &mut [u8]) {
+fn rank_block(x: &[f32], bounds: &Boundaries, scale: Scale, ranks: &mut [u32]) {
     match scale {
         Scale::Multiply(inv) => {
             for (r, &v) in ranks.iter_mut().zip(x) {
@@ -174,9 +174,9 @@ fn rank_block(x: &[f32], bounds: &Boundaries, scale: Scale, ranks: &mut [u8]) {
 }
 
 #[inline(always)]
-fn pack_pairs(ranks: &[u8], packed: &mut [u8]) {
+fn pack_pairs(ranks: &[u32], packed: &mut [u8]) {
     for (byte, pair) in packed.iter_mut().zip(ranks.chunks_exact(2)) {
-        *byte = (pair[0] << 4) | pair[1];
+        *byte = ((pair[0] << 4) | pair[1]) as u8;
     }
 }
 
