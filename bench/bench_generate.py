@@ -11,6 +11,7 @@ Usage: python bench/bench_generate.py [--rounds N] [--threads N]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -92,8 +93,10 @@ def main() -> None:
 
     lt, lh = statistics.median(loads["tunex"]), statistics.median(loads["transformers"])
     gt, gh = max(speed["tunex"]), max(speed["transformers"])
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"SmolLM2-135M-Instruct fp32, CPU, torch threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds; greedy outputs identical: {'yes' if same else 'NO'}\n")
+          f"{args.rounds} rounds; greedy outputs identical: {'yes' if same else 'NO'}; "
+          f"machine load average {load} (other jobs share these cores: compare ratios)\n")
     print("| metric | tunex | transformers | tunex advantage |")
     print("|---|---|---|---|")
     print(f"| import + load tokenizer and model (s, median) | {lt:.2f} | {lh:.2f} | {lh / lt:.1f}x |")
