@@ -3,7 +3,6 @@ the 2-process loss curve equals the 1-process one with the same global batch, ch
 across world sizes, and a killed rank fails the job."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

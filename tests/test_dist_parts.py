@@ -44,7 +44,7 @@ def test_ranks_split_the_lone_stream_into_equal_global_steps(world):
         mine = [mb for r in range(world) for mb in per_rank[r][step * accum:(step + 1) * accum]]
         assert sorted(map(tuple, mine)) == sorted(map(tuple, global_step))
     # epochs are reshuffled, and every rank sees the same order
-    assert lone[:5] != lone[5:10] and sorted(sum(lone[:5], [])) == list(range(10))
+    assert lone[:5] != lone[5:10] and sorted(i for mb in lone[:5] for i in mb) == list(range(10))
 
 
 def test_resume_by_global_micro_batch_on_another_world_size():

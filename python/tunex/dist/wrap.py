@@ -42,6 +42,17 @@ class LossModule(nn.Module):
         return linear_cross_entropy(h, weight, y, bias)
 
 
+def _fsdp():
+    """FSDP2's public home (torch >= 2.6), else where torch 2.4-2.5 kept it."""
+    try:
+        from torch.distributed import fsdp as api
+
+        api.fully_shard  # noqa: B018 - the attribute decides which home this torch has
+    except (ImportError, AttributeError):
+        from torch.distributed._composable import fsdp as api
+    return api
+
+
 def strategy(kind: str, env: DistEnv) -> str:
     """"single", "ddp" (adapters) or "fsdp" (full fine-tune)."""
     if not env.enabled:
@@ -64,17 +75,15 @@ def mixed_precision(train_dtype: str, device: torch.device):
     or for fp32 training (the sharded parameters keep the weights' dtype)."""
     if device.type != "cuda" or train_dtype == "float32":
         return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     compute = torch.float16 if train_dtype == "float16" else torch.bfloat16
-    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    return _fsdp().MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
 def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str) -> nn.Module:
     """FSDP2 on every decoder layer, then the root; ``hidden_states`` counts as a forward."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    api = _fsdp()
     mesh = init_device_mesh(device.type, (env.world_size,))
     options: dict[str, Any] = {"mesh": mesh}
     policy = mixed_precision(train_dtype, device)
@@ -83,10 +92,10 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
     layers = _decoder_layers(lm)
     for i, layer in enumerate(layers):
         # the last layer's shards would be gathered again at once by backward: keep them
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **options)
-    fully_shard(lm, **options)
+        api.fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **options)
+    api.fully_shard(lm, **options)
     # the loop calls lm.hidden_states, not lm.forward: it must gather the root's shards too
-    register_fsdp_forward_method(lm, "hidden_states")
+    api.register_fsdp_forward_method(lm, "hidden_states")
     # FSDP2 warns that the root returns a view (in-place ops on it would skip its backward hook);
     # the loss only slices and reads the hidden states, and generation runs without autograd.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -116,10 +125,11 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
 
 
 def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    """Whether ``module`` (a wrap_for_training result) trains FSDP2-sharded."""
+    if not torch.distributed.is_available():
+        return False
     inner = getattr(module, "lm", module)
-    return isinstance(inner, FSDPModule)
+    return isinstance(inner, _fsdp().FSDPModule)
 
 
 @contextlib.contextmanager
@@ -152,16 +162,18 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    elif not grads:
+        norm = torch.zeros(())
+    elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6; sharded gradients too
+        norm = torch.nn.utils.get_total_norm(grads)
     else:
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
     return float(full_value(norm))
 
 
 def after_eval(module: nn.Module) -> None:
     """Free the gathered parameters that an eval forward (no backward to reshard them) left behind."""
     if is_sharded(module):
-        from torch.distributed.fsdp import FSDPModule
-
         for sub in module.lm.modules():
-            if isinstance(sub, FSDPModule):
+            if isinstance(sub, _fsdp().FSDPModule):
                 sub.reshard()
