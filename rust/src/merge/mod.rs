@@ -155,6 +155,25 @@ fn write_loop(mut writer: ShardedWriter, rx: mpsc::Receiver<Msg>, recycle: mpsc:
     Ok(writer)
 }
 
+/// Where output tensor `i` comes from: the base, or the adapter tensor replacing it.
+fn plan_source(plan: &MergePlan, i: usize) -> Source<'_> {
+    let (file, info) = plan.base(i);
+    match plan.edits.get(&info.name).and_then(|e| e.replace.as_ref()) {
+        Some(r) => Source { file: &plan.adapter, info: r },
+        None => Source { file, info },
+    }
+}
+
+/// Start reading tensor `i` (and its LoRA factors) while the current one is computed and written.
+fn prefetch(plan: &MergePlan, i: usize) {
+    let src = plan_source(plan, i);
+    src.file.prefetch(src.info);
+    if let Some(l) = plan.edits.get(&plan.base(i).1.name).and_then(|e| e.lora.as_ref()) {
+        plan.adapter.prefetch(&l.a);
+        plan.adapter.prefetch(&l.b);
+    }
+}
+
 fn compute_loop<'a>(
     plan: &'a MergePlan,
     sink: &mut Sink<'a>,
@@ -165,15 +184,14 @@ fn compute_loop<'a>(
     let mut scratch = Scratch::default();
     let mut bytes_done = 0u64;
     for (i, spec) in plan.specs.iter().enumerate() {
-        let (file, info) = plan.base(i);
-        let edit = plan.edits.get(&info.name);
-        let src = match edit.and_then(|e| e.replace.as_ref()) {
-            Some(r) => {
-                report.replaced += 1;
-                Source { file: &plan.adapter, info: r }
-            }
-            None => Source { file, info },
-        };
+        let src = plan_source(plan, i);
+        let edit = plan.edits.get(&plan.base(i).1.name);
+        if edit.is_some_and(|e| e.replace.is_some()) {
+            report.replaced += 1;
+        }
+        if i + 1 < plan.specs.len() {
+            prefetch(plan, i + 1);
+        }
         sink.send(Msg::Begin(&spec.name))?;
         match edit.filter(|e| e.lora.is_some() || e.bias.is_some()) {
             Some(e) => {

@@ -70,6 +70,15 @@ impl SafeFile {
         &self.map[start..end]
     }
 
+    /// Ask the kernel to start reading `info`'s pages now (asynchronous readahead), so a streaming
+    /// pass finds them in memory instead of stalling on the disk when it gets there.
+    pub fn prefetch(&self, info: &TensorInfo) {
+        let start = (self.header.data_start + info.begin) as usize;
+        if info.nbytes() > 0 {
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, start, info.nbytes() as usize);
+        }
+    }
+
     /// Drop this process's resident pages of `info` (they stay in the page cache). A streaming pass
     /// over a model calls this after each tensor so its resident set stays at one tensor, not the
     /// whole checkpoint.
