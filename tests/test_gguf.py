@@ -47,10 +47,11 @@ def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (kind == "tied")
 
 
-def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path, kind):
     import transformers
 
-    folder, hf = tiny(tmp_path_factory, "llama")
+    folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
                                                                dtype=torch.float32).eval()
