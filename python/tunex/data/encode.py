@@ -310,7 +310,6 @@ class Encoder:
         return Encoded(np.asarray(ids_out, dtype=np.int32), mask, np.asarray(lengths, dtype=np.int64),
                        dropped=dropped, truncated=truncated)
 
-
     def _tokenized(self, texts: list[str], all_spans: list[list[tuple[int, int]]],
                    prefixes: list[int]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, target token ranges) per text.
