@@ -6,6 +6,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use super::dtype::Dtype;
 use super::header::build_header;
@@ -28,6 +30,46 @@ impl TensorSpec {
             .iter()
             .try_fold(self.dtype.size() as u64, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| Error::arg(format!("tensor {:?}: shape {:?} is too large", self.name, self.shape)))
+    }
+}
+
+/// Bytes written between background flushes of a durable write.
+const SYNC_EVERY: u64 = 256 << 20;
+
+/// fsyncs files on a background thread, so the disk writes back while the writer keeps producing
+/// and the final fsync at the end has little left to wait for.
+struct Syncer {
+    tx: Option<mpsc::Sender<(PathBuf, File)>>,
+    handle: Option<JoinHandle<Result<()>>>,
+}
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (tx, rx) = mpsc::channel::<(PathBuf, File)>();
+        let handle = std::thread::spawn(move || {
+            for (path, file) in rx {
+                file.sync_data().at(&path)?;
+            }
+            Ok(())
+        });
+        Syncer { tx: Some(tx), handle: Some(handle) }
+    }
+
+    fn send(&self, path: &PathBuf, file: File) -> Result<()> {
+        match &self.tx {
+            Some(tx) if tx.send((path.clone(), file)).is_ok() => Ok(()),
+            // The thread stopped on an error; finish() reports it.
+            _ => Ok(()),
+        }
+    }
+
+    /// Wait until everything sent is on disk.
+    fn finish(&mut self) -> Result<()> {
+        self.tx = None;
+        match self.handle.take() {
+            Some(h) => h.join().unwrap_or_else(|_| Err(Error::data("the fsync thread panicked"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -55,6 +97,8 @@ pub struct ShardedWriter {
     file: Option<(PathBuf, BufWriter<File>)>,
     remaining: Option<u64>,
     summary: WriteSummary,
+    syncer: Option<Syncer>,
+    unsynced: u64,
 }
 
 impl ShardedWriter {
@@ -94,6 +138,8 @@ impl ShardedWriter {
             file: None,
             remaining: None,
             summary: WriteSummary::default(),
+            syncer: None,
+            unsynced: 0,
         })
     }
 
@@ -126,8 +172,9 @@ impl ShardedWriter {
         if let Some((path, w)) = self.file.take() {
             let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
             if self.out.durable() {
-                file.sync_all().at(&path)?;
+                self.syncer.get_or_insert_with(Syncer::start).send(&path, file)?;
             }
+            self.unsynced = 0;
             self.summary.files.push(self.names[self.shard].clone());
         }
         self.shard += 1;
@@ -166,6 +213,14 @@ impl ShardedWriter {
         let (path, w) = self.file.as_mut().expect("begin() opened the shard");
         w.write_all(bytes).at(&*path)?;
         self.remaining = Some(left - bytes.len() as u64);
+        self.unsynced += bytes.len() as u64;
+        if self.unsynced >= SYNC_EVERY && self.out.durable() {
+            // Start writeback of what is written so far on a second descriptor of the same file.
+            w.flush().at(&*path)?;
+            let clone = w.get_ref().try_clone().at(&*path)?;
+            self.syncer.get_or_insert_with(Syncer::start).send(path, clone)?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 
@@ -226,6 +281,9 @@ impl ShardedWriter {
             file.write_all(index_json(&weight_map, self.summary.data_bytes).as_bytes()).at(&path)?;
             drop(file);
             self.out.sync_file(&path)?;
+        }
+        if let Some(syncer) = self.syncer.as_mut() {
+            syncer.finish()?;
         }
         Ok((self.out, self.summary))
     }
