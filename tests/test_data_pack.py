@@ -192,3 +192,30 @@ def test_loader_rejects_bad_arguments(tmp_path):
         make_loader(ds, 0, seed=0)
     with pytest.raises(IndexError, match="out of range"):
         ds[len(ds)]
+
+
+def test_concurrent_builders_tokenize_once(tmp_path, monkeypatch):
+    """Several ranks sharing a cache: one tokenizes, the others wait and open its store."""
+    import threading
+
+    from tunex.data import store
+
+    calls = []
+    real_write = store._write
+
+    def counting_write(*args, **kwargs):
+        calls.append(1)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_write", counting_write)
+    tok = chatml_tokenizer()
+    f = chat_file(tmp_path, n=300)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        build_dataset(config(f), tok, seed=0, cache_dir=tmp_path / "c"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len({r.store.folder for r in results}) == 1
+    assert len(calls) == 1

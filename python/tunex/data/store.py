@@ -13,6 +13,7 @@ never leaves a half store that a later run would trust.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -244,7 +245,15 @@ def build(paths: str | Sequence[str], recipe: Recipe, cache_root: Path, *, num_w
     folder = cache_root / key
     if (folder / "meta.json").is_file():
         return Store.open(folder)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache_root / f".{key}.lock"):  # several ranks, one tokenizes; the rest wait and open
+        if (folder / "meta.json").is_file():
+            return Store.open(folder)
+        return _build_into(folder, key, paths, files, chunks, recipe, num_workers, progress)
+
+
+def _build_into(folder: Path, key: str, paths: Any, files: list[Path], chunks: list[S.Chunk], recipe: Recipe,
+                num_workers: int, progress: Callable[[int, int], None] | None) -> Store:
+    cache_root = folder.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
     try:
         meta = _write(tmp, chunks, recipe, num_workers, progress)
@@ -281,6 +290,21 @@ def _write(tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int,
             if progress:
                 progress(done, len(chunks))
     return totals
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builders each write, the rename keeps one
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _store_name(content: str, recipe_id: str) -> str:
