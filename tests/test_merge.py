@@ -203,3 +203,15 @@ def test_adapter_written_by_tunex_export_merges(tmp_path):
     ref = reference(base, f16, lambda m: 8 / R)
     for name in MODULES:
         assert_within_one_rounding(got[f"{name}.weight"], ref[f"{name}.weight"])
+
+
+def test_auto_device_merges_and_reports_where(tmp_path):
+    base = write_base(tmp_path / "base", torch.bfloat16)
+    adapter = standard_adapter()
+    write_adapter(tmp_path / "adapter", {}, adapter)
+    report = tunex.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert report.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref = reference(base, adapter, lambda m: 8 / R)
+    for name in MODULES:
+        assert_within_one_rounding(got[f"{name}.weight"], ref[f"{name}.weight"])

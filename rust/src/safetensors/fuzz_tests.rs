@@ -12,8 +12,10 @@ use super::index::parse_index;
 use super::Dtype;
 use crate::adapter::AdapterConfig;
 
+/// 512 cases per property by default (a few seconds); CI or a long local run sets PROPTEST_CASES.
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 /// A valid file image to mutate: a few tensors with real data.
