@@ -111,3 +111,38 @@ def test_hub_snapshot_folder_is_found(tmp_path, monkeypatch, tmp_path_factory):
     snap.symlink_to(folder, target_is_directory=True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_model_path("org/tiny") == snap
+
+
+SPM_TEXTS = ["Hello world, the theory of everything.", "  two leading spaces and trailing  ",
+             "bytes for unseen: 你好 🤖 ñ", "<s> inline special </s> tokens", "line\nbreaks\n\nand\ttabs", ""]
+
+
+def test_sentencepiece_vocabulary_round_trips_like_transformers(tmp_path):
+    """A Llama-2-style tokenizer (▁ spaces, <0xNN> byte fallback) goes into GGUF as scores and comes
+    back as tokenizer.json; transformers' GGUF loader, reading the same file, is the oracle."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = ["the theory of everything is the thing", "hello world, hello there", "they then thought"] * 20
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=330, special_tokens=specials))
+    spec = json.loads(trained.to_str())["model"]
+    original = transformers.LlamaTokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]])
+    folder = tmp_path / "model"
+    original.save_pretrained(folder)
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": len(spec["vocab"])}, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+
+    hf_to_gguf(folder, tmp_path / "spm.gguf", "f32")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    from tunex.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(gguf_to_hf(tmp_path / "spm.gguf", tmp_path / "back"))
+    for text in SPM_TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text), text
+        assert ids == original.encode(text), text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<s>", "</s>", "<unk>")
