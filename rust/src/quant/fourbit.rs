@@ -198,6 +198,7 @@ pub fn dequantize_4bit(
     if n == 0 {
         return Ok(()); // an empty numpy buffer may have an unaligned dangling pointer
     }
+    super::pages::advise_huge_pages(out);
     let code = quant_type.code();
     let misfit = |_| Error::arg("output buffer is not aligned to its element size; pass a fresh tensor");
     let blocks_per_task = (TASK_ELEMS / blocksize).max(1);

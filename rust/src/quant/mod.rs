@@ -10,6 +10,7 @@ mod blockwise8;
 mod codebook;
 mod elem;
 mod fourbit;
+mod pages;
 mod simd;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
