@@ -146,3 +146,19 @@ def test_sentencepiece_vocabulary_round_trips_like_transformers(tmp_path):
         assert ids == original.encode(text), text
         assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
     assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<s>", "</s>", "<unk>")
+
+
+def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(**{**BASE, "rope_theta": 500000.0, "max_position_embeddings": 16384},
+                                      rope_scaling=dict(scaling))  # transformers edits it in place
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    back = gguf_to_hf(hf_to_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"), tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["rope_scaling"] == scaling
+    ids = torch.arange(40)[None] % 96
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m")(ids), load_model(back)(ids))

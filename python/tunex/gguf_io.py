@@ -29,6 +29,12 @@ LAYER_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2"}
 SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the config carries them
+# Llama 3.1 / 3.2 rope scaling; GGUF keeps only the resulting per-frequency factors, so the
+# parameters are recovered by matching those factors against the published settings.
+LLAMA3_ROPE_PRESETS = [
+    {"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0, 4.0)
+]
 
 
 def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -105,6 +111,26 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
     return {k: v for k, v in config.items() if v is not None}
 
 
+def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
+    import gguf
+    import torch
+
+    from tunex.models.config import config_from_hf
+    from tunex.models.decoder import rope_inv_freq
+
+    t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if t is None:
+        return None
+    factors = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).flatten()
+    plain, _ = rope_inv_freq(config_from_hf({**config, "rope_scaling": None}), 1)
+    for preset in LLAMA3_ROPE_PRESETS:
+        scaled, _ = rope_inv_freq(config_from_hf({**config, "rope_scaling": preset}), 1)
+        if factors.shape == scaled.shape and torch.allclose(plain / scaled, factors, rtol=1e-4):
+            return preset
+    raise FormatError(f"{path}: rope_freqs.weight holds rope factors that match no known Llama 3 rope "
+                      "scaling (factor 4/8/16/32, low 1, high 4, original length 8192)")
+
+
 def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
     """Write an HF weights folder: tunex's shard writer when present, else one safetensors file."""
     try:
@@ -156,6 +182,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if embd is None:
         raise FormatError(f"{path}: no token_embd.weight tensor; not a decoder GGUF")
     config = _config_from_gguf(reader, path, "output.weight" not in names, int(embd.shape[-1]))
+    scaling = _llama3_scaling(reader, config, path)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     state = {}
     for t in reader.tensors:
