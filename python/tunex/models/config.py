@@ -46,6 +46,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    sliding_window: int | None = None
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
@@ -102,6 +103,9 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
+        # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
+        # released models set use_sliding_window false)
+        sliding_window=raw.get("sliding_window") if family == "mistral" else None,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )

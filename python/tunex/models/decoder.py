@@ -163,11 +163,23 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, past+T) mask, or None when plain causal attention is right.
+def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device,
+                   window: int | None = None) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, past+T) mask, or None when plain causal attention is right.
 
-    A position id that does not follow its left neighbour by +1 opens a new document.
+    A position id that does not follow its left neighbour by +1 opens a new document. ``window``
+    (Mistral's sliding window) lets a query see only the ``window`` latest keys, itself included.
     """
+    mask = _document_mask(position_ids, t, past, device)
+    if window is None or past + t <= window:
+        return mask
+    q = torch.arange(past, past + t, device=device)[:, None]
+    k = torch.arange(past + t, device=device)[None]
+    band = (k <= q) & (q - k < window)  # (T, past+T)
+    return band[None, None] if mask is None else mask & band
+
+
+def _document_mask(position_ids: torch.Tensor | None, t: int, past: int, device) -> torch.Tensor | None:
     if position_ids is not None and t > 1:
         step = position_ids[:, 1:] - position_ids[:, :-1]
         if bool((step != 1).any()):
@@ -218,7 +230,7 @@ class DecoderModel(nn.Module):
             cos, sin = (table[:, past:past + t].expand(b, -1, -1) for table in cache.rope)
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
-        mask = attention_mask(given, t, past, input_ids.device)
+        mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 if self.offload_checkpoints:
