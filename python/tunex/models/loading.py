@@ -86,7 +86,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise FormatError(f"{index}: expected {{'weight_map': {{name: file}}}}: {exc}") from exc
         return [folder / f for f in dict.fromkeys(weight_map.values())]
-    files = sorted(folder.glob("*.safetensors"))
+    # "model*.safetensors" first: Mistral repos also ship consolidated.safetensors (other names)
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
         return files
     bins = sorted(folder.glob("pytorch_model*.bin"))
