@@ -37,6 +37,8 @@ def child_tunex(kind: str, steps: int) -> dict:
     import torch
 
     from tunex.config import validate
+    from tunex.dist.env import init_distributed
+    from tunex.dist.wrap import wrap_for_training
     from tunex.train.build import build_model
     from tunex.train.loop import _micro_step
     from tunex.train.optim import build_optimizer
@@ -48,13 +50,14 @@ def child_tunex(kind: str, steps: int) -> dict:
         "train": {"dtype": "float32", "gradient_checkpointing": False, "batch_size": B, "grad_accum": 1},
     })
     model = build_model(cfg, torch.device("cpu"))
+    step_module = wrap_for_training(model, kind, init_distributed(), torch.device("cpu"), "float32")
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
     x = torch.randint(0, VOCAB, (B, T))
     batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(T).expand(B, T)}
 
     def step():
-        loss, _ = _micro_step(model, batch, torch.device("cpu"), cfg, 1)
+        loss, _ = _micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)

