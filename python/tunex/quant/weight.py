@@ -156,14 +156,14 @@ def quantize(t: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
 
 def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, NestedAbsmax]:
     """Double quantization of a float32 absmax: (uint8 codes, nested state)."""
-    offset = absmax.mean()
-    centred = absmax - offset
-    groups = -(-centred.numel() // NESTED_BLOCKSIZE)
-    codes = torch.empty(centred.numel(), dtype=torch.uint8)
+    offset = absmax.mean().item()  # torch's own float32 summation: the offset must match bit for bit
+    groups = -(-absmax.numel() // NESTED_BLOCKSIZE)
+    codes = torch.empty(absmax.numel(), dtype=torch.uint8)
     scales = torch.empty(groups, dtype=torch.float32)
     dmap = dynamic_map()
-    _native.quantize_blockwise_8bit(centred.numpy(), dmap.numpy(), NESTED_BLOCKSIZE, codes.numpy(), scales.numpy())
-    return codes, NestedAbsmax(absmax=scales, code=dmap, offset=offset.item())
+    _native.quantize_blockwise_8bit(absmax.numpy(), offset, dmap.numpy(), NESTED_BLOCKSIZE, codes.numpy(),
+                                    scales.numpy())
+    return codes, NestedAbsmax(absmax=scales, code=dmap, offset=offset)
 
 
 def restore_absmax(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Tensor:

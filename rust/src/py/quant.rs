@@ -59,11 +59,13 @@ fn dequantize_4bit(
     Ok(())
 }
 
-/// 8-bit blockwise quantization of f32 values with a 256-entry codebook (double quant).
+/// 8-bit blockwise quantization of `src - offset` with a 256-entry codebook (double quant).
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 fn quantize_blockwise_8bit(
     py: Python<'_>,
     src: PyReadonlyArray1<'_, f32>,
+    offset: f32,
     code: PyReadonlyArray1<'_, f32>,
     blocksize: usize,
     mut out: PyReadwriteArray1<'_, u8>,
@@ -73,7 +75,7 @@ fn quantize_blockwise_8bit(
     let code = contiguous("code", code.as_slice())?;
     let out = contiguous_mut("out", out.as_slice_mut())?;
     let absmax = contiguous_mut("absmax", absmax.as_slice_mut())?;
-    py.detach(|| quant::quantize_blockwise_8bit(src, code, blocksize, out, absmax))?;
+    py.detach(|| quant::quantize_blockwise_8bit(src, offset, code, blocksize, out, absmax))?;
     Ok(())
 }
 

@@ -18,10 +18,12 @@ pub const DYNAMIC_CODE_LEN: usize = 256;
 /// Bins of the value -> code table over [-1, 1].
 const BINS: usize = 65536;
 
-/// Quantize `input` in blocks of `blocksize`: `absmax` gets each block's max |x| (0 for a zero
-/// block, whose codes are all 0), `out` the code index nearest to `x / absmax` through the bin table.
+/// Quantize `x = input - offset` (one f32 subtraction, as torch's `absmax - mean`) in blocks of
+/// `blocksize`: `absmax` gets each block's max |x| (0 for a zero block, whose codes are all 0),
+/// `out` the code index nearest to `x / absmax` through the bin table.
 pub fn quantize_blockwise_8bit(
     input: &[f32],
+    offset: f32,
     code: &[f32],
     blocksize: usize,
     out: &mut [u8],
@@ -43,20 +45,20 @@ pub fn quantize_blockwise_8bit(
     out.par_chunks_mut(blocksize)
         .zip(input.par_chunks(blocksize))
         .zip(absmax.par_iter_mut())
-        .for_each(|((out, x), absmax)| *absmax = quantize_block(x, &table, out));
+        .for_each(|((out, x), absmax)| *absmax = quantize_block(x, offset, &table, out));
     Ok(())
 }
 
 multiversion! {
-    fn quantize_block(x: &[f32], table: &[u8], out: &mut [u8]) -> f32 {
-        let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    fn quantize_block(x: &[f32], offset: f32, table: &[u8], out: &mut [u8]) -> f32 {
+        let absmax = x.iter().fold(0f32, |m, v| m.max((v - offset).abs()));
         if absmax == 0.0 {
             out.fill(0);
             return 0.0;
         }
         let inverse = 1.0 / absmax;
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = table[bin_of(v * inverse)];
+            *o = table[bin_of((v - offset) * inverse)];
         }
         absmax
     }
@@ -133,7 +135,7 @@ mod tests {
         let x: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
         let mut q = vec![0u8; 300];
         let mut absmax = vec![0f32; 2];
-        quantize_blockwise_8bit(&x, &code, 256, &mut q, &mut absmax).unwrap();
+        quantize_blockwise_8bit(&x, 0.0, &code, 256, &mut q, &mut absmax).unwrap();
         let mut back = vec![0f32; 300];
         dequantize_blockwise_8bit(&q, &absmax, &code, 256, 0.0, &mut back).unwrap();
         for (a, b) in x.iter().zip(&back) {
@@ -146,12 +148,12 @@ mod tests {
         let code = linear_code();
         let mut q = vec![9u8; 4];
         let mut absmax = vec![1f32; 1];
-        quantize_blockwise_8bit(&[0.0; 4], &code, 256, &mut q, &mut absmax).unwrap();
+        quantize_blockwise_8bit(&[0.5; 4], 0.5, &code, 256, &mut q, &mut absmax).unwrap();
         assert_eq!((q, absmax), (vec![0; 4], vec![0.0]));
         let mut q = vec![0u8; 2];
         let mut absmax = vec![0f32; 1];
-        assert!(quantize_blockwise_8bit(&[1.0, f32::NAN], &code, 256, &mut q, &mut absmax).is_err());
+        assert!(quantize_blockwise_8bit(&[1.0, f32::NAN], 0.0, &code, 256, &mut q, &mut absmax).is_err());
         let unsorted: Vec<f32> = linear_code().into_iter().rev().collect();
-        assert!(quantize_blockwise_8bit(&[1.0, 0.5], &unsorted, 256, &mut q, &mut absmax).is_err());
+        assert!(quantize_blockwise_8bit(&[1.0, 0.5], 0.0, &unsorted, 256, &mut q, &mut absmax).is_err());
     }
 }
