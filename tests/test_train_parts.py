@@ -128,3 +128,16 @@ def test_metrics_resume_drops_later_records_and_plot(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     with pytest.raises(FileNotFoundError, match="no loss values"):
         plot_loss(tmp_path)
+
+
+def test_loss_scaling_only_for_fp16_on_cuda():
+    from types import SimpleNamespace
+
+    from tunex.train.loop import grad_scaler
+
+    def cfg(dtype):
+        return SimpleNamespace(train=SimpleNamespace(dtype=dtype))
+
+    assert grad_scaler(cfg("float16"), torch.device("cpu")) is None
+    assert grad_scaler(cfg("bfloat16"), torch.device("cuda")) is None
+    assert isinstance(grad_scaler(cfg("float16"), torch.device("cuda")), torch.amp.GradScaler)

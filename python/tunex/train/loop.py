@@ -80,7 +80,15 @@ def _batches(dataset: Any, cfg: Any, consumed: int, per_epoch: int, rank: int = 
     return rank_micro_batches(dataset, cfg.train.batch_size, cfg.train.seed, consumed, per_epoch, rank, world)
 
 
-def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True) -> tuple[torch.Tensor, int]:
+def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 autocast needs loss scaling (its range underflows small gradients); bf16 and fp32 do not."""
+    if device.type == "cuda" and cfg.train.dtype == "float16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch through the loss module (DDP/FSDP-wrapped or not);
     gradients are reduced across ranks only on the step's ``last`` micro-batch."""
     input_ids = batch["input_ids"].to(device)
@@ -90,7 +98,7 @@ def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True) 
     with gradient_sync(step_module, last):
         with autocast(cfg.train.dtype, device):
             loss = step_module(input_ids, labels, positions)
-        (loss / accum).backward()
+        (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
     return loss.detach(), int(input_ids.numel())
 
 
@@ -155,6 +163,7 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
+    scaler = grad_scaler(cfg, device)
 
     step, consumed = 0, 0
     if state is not None:
@@ -165,6 +174,8 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             load_trainable(model, state["model"], resume_from)
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         step, consumed = int(state["step"]), int(state["data"]["micro_batches"])
         dist_ckpt.restore_rng(state, env, cfg.train.seed, step)
     elif env.rank > 0:  # own dropout masks per rank; rank 0 keeps the lone run's stream
@@ -196,7 +207,8 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             for micro in range(accum):
-                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1)
+                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1,
+                                      scaler)
                 loss_sum += loss
                 tokens += n
             # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
@@ -206,8 +218,14 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; stopped before applying it ({where}). "
                     "Lower train.lr or raise train.warmup_ratio, then --resume auto")
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = clip_gradients(params, cfg.train.max_norm)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:  # skips the step when fp16 gradients overflowed, and adapts the scale
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             consumed += accum * world  # counted in global micro-batches: resumable on any world size
@@ -220,6 +238,8 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             if step % cfg.save.save_steps == 0 or step == last:
                 meta = {"scheduler": scheduler.state_dict(), "data": {"micro_batches": consumed},
                         "config": cfg.to_dict(), "method": cfg.method.kind}
+                if scaler is not None:
+                    meta["scaler"] = scaler.state_dict()
                 if sharded:  # every rank writes its shards
                     saved = dist_ckpt.save_sharded(work, step, model, optimizer, meta,
                                                    cfg.save.save_total_limit, env)
