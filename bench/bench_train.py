@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def timed(step, steps: int) -> tuple[float, float]:
 
 
 def child_tunex(kind: str, steps: int) -> dict:
+    """kind: lora, qlora, or lora-ckpt (LoRA with gradient checkpointing)."""
     import torch
 
     from tunex.config import validate
@@ -44,12 +46,16 @@ def child_tunex(kind: str, steps: int) -> dict:
     from tunex.train.optim import build_optimizer
 
     torch.manual_seed(0)
+    checkpointing = kind.endswith("-ckpt")
+    kind = kind.removesuffix("-ckpt")
     cfg = validate({
         "model": {"path": MODEL, "dtype": "float32"}, "data": {"path": "-"},
         "method": {"kind": kind, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "train": {"dtype": "float32", "gradient_checkpointing": False, "batch_size": B, "grad_accum": 1},
+        "train": {"dtype": "float32", "gradient_checkpointing": checkpointing, "batch_size": B,
+                  "grad_accum": 1},
     })
     model = build_model(cfg, torch.device("cpu"))
+    model.gradient_checkpointing = checkpointing
     step_module = wrap_for_training(model, kind, init_distributed(), torch.device("cpu"), "float32")
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
@@ -118,12 +124,19 @@ def main() -> None:
     folder = str(resolve_model_path(MODEL))  # the GGUF as an fp32 HF folder, cached
     rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
             "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
-    for kind, label in (("lora", "LoRA (transformers+PEFT)"), ("qlora", "QLoRA (transformers+PEFT+bitsandbytes)")):
+    load_before = os.getloadavg()[0]
+    baseline = {}
+    for kind, label in (("lora", "LoRA vs transformers+PEFT"), ("qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
+                        ("lora-ckpt", "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)")):
         ours = run_child(["tunex", kind, "--steps", str(args.steps)])
-        theirs = run_child(["hf", kind, folder, "--steps", str(args.steps)])
-        rows.append(_row(label, ours, theirs))
+        base_kind = kind.removesuffix("-ckpt")
+        if base_kind not in baseline:
+            baseline[base_kind] = run_child(["hf", base_kind, folder, "--steps", str(args.steps)])
+        rows.append(_row(label, ours, baseline[base_kind]))
     print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, batch {B} x {T} on the CPU, "
-          f"{args.steps} timed steps after one warm-up; each contender in its own process.\n")
+          f"{args.steps} timed steps after one warm-up; each contender in its own process. Machine load "
+          f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared with other "
+          "jobs: tokens/s are only comparable within one run).\n")
     print("\n".join(rows))
 
 
