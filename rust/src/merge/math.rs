@@ -1,7 +1,7 @@
 //! The arithmetic of a merge: widen to f32, add the low-rank product with a GEMM, apply DoRA's
 //! row renormalisation, round once to the output dtype (round-to-nearest-even). Parallel over rows.
 
-use half::{bf16, f16};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -14,9 +14,33 @@ fn u16s(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
     bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))
 }
 
+/// bf16 bits -> f32: the bf16 is the f32's upper half.
+#[inline]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 -> bf16 bits, round-to-nearest-even, NaN kept quiet (the same bits as half::bf16::from_f32
+/// and torch). Branch-free so the loops over it vectorize.
+#[inline]
+fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    (if x.is_nan() { quiet_nan } else { rounded }) as u16
+}
+
 fn widen_seq(s: &[u8], dtype: Dtype, d: &mut [f32]) {
+    // Fast path: aligned little-endian u16 data (every real checkpoint) as a plain slice.
+    #[cfg(target_endian = "little")]
+    if dtype == Dtype::BF16 {
+        if let Ok(w) = bytemuck::try_cast_slice::<u8, u16>(s) {
+            d.iter_mut().zip(w).for_each(|(o, &b)| *o = bf16_to_f32(b));
+            return;
+        }
+    }
     match dtype {
-        Dtype::BF16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = f32::from_bits((b as u32) << 16)),
+        Dtype::BF16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = bf16_to_f32(b)),
         Dtype::F16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = f16::from_bits(b).to_f32()),
         _ => d
             .iter_mut()
@@ -27,10 +51,19 @@ fn widen_seq(s: &[u8], dtype: Dtype, d: &mut [f32]) {
 
 /// Round into `d`; returns whether every value was finite (checked while the data is in cache).
 fn narrow_seq(s: &[f32], dtype: Dtype, d: &mut [u8]) -> bool {
-    match dtype {
-        Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes())),
-        Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
-        _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+    #[cfg(target_endian = "little")]
+    let fast = dtype == Dtype::BF16 && bytemuck::try_cast_slice_mut::<u8, u16>(d).is_ok();
+    #[cfg(not(target_endian = "little"))]
+    let fast = false;
+    if fast {
+        let out = bytemuck::cast_slice_mut::<u8, u16>(d);
+        out.iter_mut().zip(s).for_each(|(o, &x)| *o = f32_to_bf16(x));
+    } else {
+        match dtype {
+            Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f32_to_bf16(*x).to_le_bytes())),
+            Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
+            _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+        }
     }
     s.iter().fold(true, |ok, x| ok & x.is_finite())
 }
@@ -284,6 +317,21 @@ mod tests {
             let mut got = vec![0u8; rows * cols * 2];
             assert!(merge_rows(&src, Dtype::BF16, &mut got, Dtype::BF16, &lr, m).unwrap());
             assert!(got == want, "{layout:?} dora={dora}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half_bit_for_bit() {
+        let mut x = 0x0123_4567u32;
+        let specials = [0.0f32, -0.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, f32::INFINITY,
+                        f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), 1.0 + 2f32.powi(-8)];
+        for i in 0..200_000u32 {
+            // xorshift over all bit patterns, plus the edge cases
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = if (i as usize) < specials.len() { specials[i as usize] } else { f32::from_bits(x) };
+            assert_eq!(f32_to_bf16(v), half::bf16::from_f32(v).to_bits(), "{v:e} ({:#x})", v.to_bits());
         }
     }
 
