@@ -200,3 +200,20 @@ def test_prequantized_folder_loads_directly(tmp_path_factory, tmp_path):
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
         assert torch.equal(again(ids), packed(ids))
+
+
+def test_tunex_quantize_output_loads_directly(tmp_path_factory, tmp_path):
+    from click.testing import CliRunner
+
+    from tunex.cli import cli
+    from tunex.quant import NF4Linear
+
+    folder, _ = make_hf(tmp_path_factory, "llama2")
+    result = CliRunner().invoke(cli, ["quantize", str(folder), str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(tmp_path / "q")
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, NF4Linear)
+    packed = load_model(folder, quantize=lambda name, linear: NF4Linear.from_linear(linear))
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), packed(ids))
