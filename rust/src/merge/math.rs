@@ -126,7 +126,8 @@ pub struct LowRank<'a> {
 impl LowRank<'_> {
     /// (rows, cols) of the stored weight.
     pub fn weight_shape(&self) -> (usize, usize) {
-        let (a_cols, b_rows) = if self.rank == 0 { (0, 0) } else { (self.a.len() / self.rank, self.b.len() / self.rank) };
+        let per_rank = |n: usize| n.checked_div(self.rank).unwrap_or(0);
+        let (a_cols, b_rows) = (per_rank(self.a.len()), per_rank(self.b.len()));
         match self.layout {
             Layout::Normal => (b_rows, a_cols),
             Layout::Transposed => (a_cols, b_rows),

@@ -38,6 +38,7 @@ pub struct ShardWriter {
 impl ShardWriter {
     #[new]
     #[pyo3(signature = (out_dir, tensors, max_shard_size, metadata, prefix="model", mode="into", overwrite=false, fsync=true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         out_dir: std::path::PathBuf,
         tensors: Vec<(String, String, Vec<u64>)>,

@@ -135,7 +135,7 @@ pub fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
         tensors.push(check_entry(name, raw).map_err(bad)?);
     }
 
-    tensors.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    tensors.sort_by_key(|t| (t.begin, t.end));
     let mut expected = 0u64;
     for t in &tensors {
         if t.begin != expected {

@@ -55,9 +55,9 @@ impl Syncer {
         Syncer { tx: Some(tx), handle: Some(handle) }
     }
 
-    fn send(&self, path: &PathBuf, file: File) -> Result<()> {
+    fn send(&self, path: &std::path::Path, file: File) -> Result<()> {
         match &self.tx {
-            Some(tx) if tx.send((path.clone(), file)).is_ok() => Ok(()),
+            Some(tx) if tx.send((path.to_path_buf(), file)).is_ok() => Ok(()),
             // The thread stopped on an error; finish() reports it.
             _ => Ok(()),
         }
