@@ -212,7 +212,10 @@ def main() -> None:
         if layers > 0:
             print(f"benchmarking {layers} layers ...", file=sys.stderr)
             results[layers] = bench_size(args.workdir, layers, args.skip_peft)
+    load = os.getloadavg()[0]
     print(table(results))
+    print(f"- load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores: other jobs shared the "
+          "machine, so compare rows within one run (the CPU-time column is the steadier one)")
 
 
 if __name__ == "__main__":

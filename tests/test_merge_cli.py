@@ -115,6 +115,8 @@ def test_bad_options_are_usage_errors(tmp_path):
     assert r.exit_code == 1 and "bad size" in r.output
     r = CliRunner().invoke(cli, ["convert", "merge", str(base), str(ad), str(tmp_path / "o"), "--dtype", "int8"])
     assert r.exit_code == 2
+    r = invoke(str(base), str(ad), str(tmp_path / "o"), "--no-safe-serialization")
+    assert r.exit_code == 2 and "safetensors only" in r.output
     with pytest.raises(ValueError, match="device"):
         tunex.merge(base, ad, tmp_path / "o", device="tpu")
     with pytest.raises(ValueError, match="dtype"):

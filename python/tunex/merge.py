@@ -151,7 +151,10 @@ def merge(
     limit = parse_size(max_shard_size)
     out_dtype = _dtype_name(dtype)
     dev = _resolve_device(device)
-    with tempfile.TemporaryDirectory(prefix="tunex-merge-") as scratch:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Scratch (a converted legacy .bin base can be as large as the model) lives next to the output,
+    # on the filesystem that must have room for the result anyway.
+    with tempfile.TemporaryDirectory(prefix=".tunex-merge-", dir=out_dir.parent) as scratch:
         tmp = Path(scratch)
         weights = _adapter_weights(adapter_dir, tmp)
         if weight_format(base_dir) == "bin":

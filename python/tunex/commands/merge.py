@@ -33,9 +33,11 @@ def _size(n: float) -> str:
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="Flush the output to disk before it appears (power-loss safe); --no-fsync leaves "
                    "that to the OS, SAVE_PATH still appears only when complete.")
+@click.option("--safe-serialization/--no-safe-serialization", default=True, hidden=True,
+              help="Accepted for XTuner compatibility; tunex always writes safetensors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, device: str, is_clip: bool,
-              dtype: str | None, overwrite: bool, fsync: bool, quiet: bool) -> None:
+              dtype: str | None, overwrite: bool, fsync: bool, safe_serialization: bool, quiet: bool) -> None:
     """Merge the LoRA ADAPTER folder into the HF model BASE and save the result to SAVE_PATH.
 
     Streams tensor by tensor (memory about one tensor, whatever the model size) and writes
@@ -45,6 +47,8 @@ def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, d
     Example:
       tunex convert merge ./Llama-2-7b-hf ./work_dirs/adapter ./merged --max-shard-size 2GB
     """
+    if not safe_serialization:
+        raise click.UsageError("tunex writes safetensors only; drop --no-safe-serialization")
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tunex.merge import merge
