@@ -144,6 +144,17 @@ def test_save_load_round_trip_and_dtype_casts():
     torch.testing.assert_close(layer(x), before, rtol=1e-2, atol=1e-2)
 
 
+def test_from_state_dict_rebuilds_the_layer():
+    layer = tq.NF4Linear.from_linear(make_linear(), "fp4", 128, True)
+    sd = {f"model.layers.0.mlp.up_proj.{k}": v for k, v in layer.state_dict().items()}
+    rebuilt = tq.NF4Linear.from_state_dict(sd, "model.layers.0.mlp.up_proj.")
+    x = torch.randn(3, 128)
+    assert torch.equal(rebuilt(x), layer(x)) and rebuilt.blocksize == 128 and rebuilt.quant_type == "fp4"
+    del sd["model.layers.0.mlp.up_proj.weight.nested_absmax"]
+    with pytest.raises(ValueError, match=r"ckpt\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight\.nested_absmax: missing"):
+        tq.NF4Linear.from_state_dict(sd, "model.layers.0.mlp.up_proj.", source="ckpt.safetensors")
+
+
 def test_load_errors_name_the_key():
     layer = tq.NF4Linear.from_linear(make_linear())
     wrong = tq.NF4Linear.from_linear(make_linear(64, 48)).state_dict()

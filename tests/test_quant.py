@@ -133,6 +133,28 @@ def test_random_tensors_match_bitsandbytes(data, dtype, blocksize, quant_type, d
     check_against_bnb(x.to(dtype), quant_type, blocksize, double_quant)
 
 
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 3000),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_dequantize_arbitrary_bytes_matches_bitsandbytes(seed, n, blocksize, quant_type, dtype):
+    # Any packed bytes and scales, not only what the quantizer produces.
+    from _bnb_oracle import bnb_functional
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=gen, dtype=torch.uint8)
+    blocks = -(-n // blocksize)
+    absmax = torch.exp(torch.randn(blocks, generator=gen) * 10).float()  # wide range of scales
+    qw = tq.QuantizedWeight(packed=packed, absmax=absmax, shape=torch.Size([n]), dtype=dtype, quant_type=quant_type,
+                            blocksize=blocksize, code=tq.code(quant_type))
+    state = bnb_functional.QuantState(absmax=absmax, shape=torch.Size([n]), code=tq.code(quant_type),
+                                      blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+    assert_same_values(tq.dequantize(qw), bnb_dequantize(packed, state), "dequantize of random bytes")
+
+
 def test_nan_and_inf_name_the_tensor():
     x = torch.randn(1000)
     x[777] = float("nan")

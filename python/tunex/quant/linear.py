@@ -70,6 +70,17 @@ class NF4Linear(nn.Module):
         qweight = quantize(linear.weight.detach(), quant_type, blocksize, double_quant, name=name)
         return cls(qweight, linear.bias, compute_dtype)
 
+    @classmethod
+    def from_state_dict(cls, state_dict, prefix: str = "", compute_dtype: torch.dtype | None = None, *,
+                        source: str = "state dict") -> NF4Linear:
+        """Build the layer saved under ``prefix`` (``prefix + "weight"``, ``prefix + "weight.absmax"``,
+        ..., optional ``prefix + "bias"``) in bitsandbytes' layout, e.g. from a ``tunex quantize``
+        checkpoint. ``source`` names the file in errors."""
+        weight = prefix + "weight"
+        keys = {k: v for k, v in state_dict.items() if k == weight or k.startswith(weight + ".")}
+        qweight = from_state_dict(keys, weight, source=source)
+        return cls(qweight, state_dict.get(prefix + "bias"), compute_dtype)
+
     # -- the quantized weight, kept as buffers so .to(device) and buffers() see it -------------
     def _set_weight(self, qw: QuantizedWeight) -> None:
         self.quant_type, self.blocksize, self.weight_dtype = qw.quant_type, qw.blocksize, qw.dtype

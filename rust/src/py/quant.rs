@@ -7,11 +7,11 @@ use pyo3::prelude::*;
 
 use crate::quant::{self, FloatDtype, QuantType};
 
-fn contiguous<'a, T>(what: &str, slice: Result<&'a [T], numpy::NonContiguousError>) -> PyResult<&'a [T]> {
+fn contiguous<'a, T>(what: &str, slice: Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
     slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
 }
 
-fn contiguous_mut<'a, T>(what: &str, slice: Result<&'a mut [T], numpy::NonContiguousError>) -> PyResult<&'a mut [T]> {
+fn contiguous_mut<'a, T>(what: &str, slice: Result<&'a mut [T], numpy::AsSliceError>) -> PyResult<&'a mut [T]> {
     slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
 }
 

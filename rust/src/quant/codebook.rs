@@ -3,6 +3,8 @@
 use crate::error::{Error, Result};
 
 /// NormalFloat4: quantiles of N(0, 1) scaled to [-1, 1], index order (already sorted).
+/// Written with bitsandbytes' published digits; each rounds to the float32 it stores.
+#[allow(clippy::excessive_precision)]
 const NF4: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
