@@ -52,6 +52,7 @@ VARIANTS = {
     "rslora_patterns": dict(target_modules="all-linear", use_rslora=True,
                             rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3}),
     "dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "dora_embedding": dict(target_modules=["embed_tokens", "o_proj"], use_dora=True),
     "embedding_and_modules_to_save": dict(target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
 }
 

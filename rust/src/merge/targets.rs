@@ -206,9 +206,8 @@ fn check_lora(
                 "module {module} has a DoRA lora_magnitude_vector but adapter_config.json does not set use_dora"
             )))
         }
-        (Some(_), true) if embedding => {
-            return Err(Error::data(format!("module {module}: DoRA on embedding layers is not supported by tunex merge")))
-        }
+        // One magnitude per output feature: rows of a Linear, the embedding dim (columns) of an
+        // Embedding; both are lora_B's rows.
         (Some(m), true) if m.shape != vec![b_rows] => {
             return Err(Error::data(format!(
                 "module {module}: lora_magnitude_vector has shape {} but the layer has {b_rows} output features",
