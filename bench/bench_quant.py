@@ -101,6 +101,11 @@ def main() -> None:
     for label, op, dq, ours, theirs, same in rows:
         print(f"| {label} | {op} | {'yes' if dq else 'no'} | {ours:.0f} | {theirs:.1f} | {ours / theirs:.1f}x "
               f"| {100 * ours / bound:.0f}% | {'yes' if same else '**NO**'} |")
+    print("\nQuantize is compute-bound, not memory-bound: every element is widened, scaled, clamped and "
+          "compared with 15 code midpoints (AVX2, 8 lanes), about 1.2 G elements/s per core when the core "
+          "is free. Dequantize with a fresh output is bounded by the kernel zeroing the new pages (both "
+          "libraries pay it); into a reused buffer it is two table lookups per byte. These 2-core "
+          "machines are shared, so absolute rates swing between runs; the ratios are measured interleaved.")
 
 
 if __name__ == "__main__":

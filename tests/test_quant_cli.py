@@ -80,6 +80,20 @@ def test_fp4_sharded_without_double_quant(tiny_llama, tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, src.model.embed_tokens.weight)
 
 
+def test_legacy_bin_checkpoint(tiny_llama, tmp_path):
+    import shutil
+    src = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    (tmp_path / "bin").mkdir()
+    torch.save(src.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    shutil.copy(tiny_llama / "config.json", tmp_path / "bin" / "config.json")
+    code, text = run(tmp_path / "bin", tmp_path / "out")
+    assert code == 0, text
+    model = load_4bit(tmp_path / "out")
+    layer = model.model.layers[1].self_attn.o_proj
+    want = tq.quantize(src.model.layers[1].self_attn.o_proj.weight, "nf4", 64, True)
+    assert torch.equal(layer.weight.data.view(-1), want.packed.view(-1))
+
+
 def test_errors_are_one_line(tiny_llama, tmp_path):
     code, text = run(tmp_path / "missing", tmp_path / "out")
     assert code == 1 and "model folder not found" in text
