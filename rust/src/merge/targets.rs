@@ -218,3 +218,58 @@ fn check_lora(
     }
     Ok(LoraUpdate { module: module.to_string(), a, b, rank: r as usize, scaling: scaling as f32, layout, magnitude })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::safetensors::Dtype;
+    use std::path::Path;
+
+    fn t(name: &str, shape: &[u64]) -> TensorInfo {
+        TensorInfo { name: name.into(), dtype: Dtype::F32, shape: shape.to_vec(), begin: 0, end: 0 }
+    }
+
+    fn config(json: &str) -> AdapterConfig {
+        AdapterConfig::parse(Path::new("adapter_config.json"), json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn resolves_lora_dora_bias_and_replacements() {
+        let base = [t("m.q.weight", &[6, 4]), t("m.q.bias", &[6]), t("emb.weight", &[10, 4]), t("head.weight", &[10, 4])];
+        let map: HashMap<&str, &TensorInfo> = base.iter().map(|b| (b.name.as_str(), b)).collect();
+        let adapter = [
+            t("base_model.model.m.q.lora_A.weight", &[2, 4]),
+            t("base_model.model.m.q.lora_B.weight", &[6, 2]),
+            t("base_model.model.m.q.lora_B.bias", &[6]),
+            t("base_model.model.emb.lora_embedding_A", &[2, 10]),
+            t("base_model.model.emb.lora_embedding_B", &[4, 2]),
+            t("base_model.model.head.weight", &[10, 4]),
+        ];
+        let edits = resolve(&config(r#"{"r":2,"lora_alpha":4}"#), &adapter, &map, &[""]).unwrap();
+        let q = edits["m.q.weight"].lora.as_ref().unwrap();
+        assert_eq!((q.rank, q.scaling, q.layout), (2, 2.0, Layout::Normal));
+        assert_eq!(edits["m.q.bias"].bias.as_ref().unwrap().1, 2.0);
+        assert_eq!(edits["emb.weight"].lora.as_ref().unwrap().layout, Layout::Transposed);
+        assert!(edits["head.weight"].replace.is_some());
+    }
+
+    #[test]
+    fn problems_are_reported_with_names_and_shapes() {
+        let base = [t("m.q.weight", &[6, 4])];
+        let map: HashMap<&str, &TensorInfo> = base.iter().map(|b| (b.name.as_str(), b)).collect();
+        let cfg = config(r#"{"r":2}"#);
+        let err = |adapter: &[TensorInfo]| resolve(&cfg, adapter, &map, &[""]).unwrap_err().to_string();
+        let e = err(&[t("x.lora_A.weight", &[2, 4]), t("x.lora_B.weight", &[6, 2]), t("y.lora_A.weight", &[2, 4])]);
+        assert!(e.contains("2 adapter entries match no tensor") && e.contains("x (no base") && e.contains("y (no base"), "{e}");
+        let e = err(&[t("m.q.lora_A.weight", &[2, 5]), t("m.q.lora_B.weight", &[6, 2])]);
+        assert!(e.contains("(6, 5)") && e.contains("(6, 4)"), "{e}");
+        let e = err(&[t("m.q.lora_A.weight", &[2, 4])]);
+        assert!(e.contains("only one of its two LoRA factors"), "{e}");
+        let e = err(&[t("m.q.lora_A.weight", &[3, 4]), t("m.q.lora_B.weight", &[6, 3])]);
+        assert!(e.contains("rank 3") && e.contains("r=2"), "{e}");
+        let e = err(&[t("m.q.lora_E", &[2])]);
+        assert!(e.contains("LoRA variant"), "{e}");
+        let e = err(&[t("m.q.lora_A.weight", &[2, 4]), t("m.q.lora_B.weight", &[6, 2]), t("m.q.lora_magnitude_vector", &[6])]);
+        assert!(e.contains("does not set use_dora"), "{e}");
+    }
+}
