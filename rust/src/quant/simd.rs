@@ -29,15 +29,20 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Whether this CPU runs the AVX2 versions (checked once; `is_x86_feature_detected` caches).
+/// Whether this CPU runs the AVX2 versions (decided once per process). `TUNEX_SIMD=portable`
+/// forces the baseline versions, so tests can check that both give the same bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("bmi1")
-        && std::is_x86_feature_detected!("bmi2")
-        && std::is_x86_feature_detected!("lzcnt")
-        && std::is_x86_feature_detected!("popcnt")
-        && std::is_x86_feature_detected!("f16c")
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        std::env::var("TUNEX_SIMD").map_or(true, |v| v != "portable")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("bmi1")
+            && std::is_x86_feature_detected!("bmi2")
+            && std::is_x86_feature_detected!("lzcnt")
+            && std::is_x86_feature_detected!("popcnt")
+            && std::is_x86_feature_detected!("f16c")
+    })
 }
