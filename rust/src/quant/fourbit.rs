@@ -213,15 +213,27 @@ pub fn dequantize_4bit(
         }
         FloatDtype::BF16 => {
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            out.par_chunks_mut(task_elems)
-                .zip(tasks)
-                .for_each(|(out, (packed, absmax))| expand_bf16(&code, blocksize, packed, absmax, out));
+            out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::has_avx2() {
+                    let table = |s: f32| code.map(|c| f32_to_bf16(c * s));
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                }
+                expand_bf16(&code, blocksize, packed, absmax, out)
+            });
         }
         FloatDtype::F16 => {
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            out.par_chunks_mut(task_elems)
-                .zip(tasks)
-                .for_each(|(out, (packed, absmax))| expand_f16(&code, blocksize, packed, absmax, out));
+            out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::has_avx2() {
+                    let table = |s: f32| code.map(|c| f32_to_f16(c * s));
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                }
+                expand_f16(&code, blocksize, packed, absmax, out)
+            });
         }
     }
     Ok(())
@@ -307,6 +319,47 @@ mod tests {
         assert!(err.contains("'w'") && err.contains("130"), "{err}");
         x[130] = f32::NEG_INFINITY;
         assert!(quantize_f32(&x, QuantType::Fp4, 64).is_err());
+    }
+
+    #[test]
+    fn dequantize_matches_the_formula_for_every_dtype_and_blocksize() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let code = qt.code();
+            for blocksize in crate::quant::BLOCKSIZES {
+                for n in [1, 31, 32, 33, blocksize * 3 + 17, 5000] {
+                    let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| next() as u8).collect();
+                    let absmax: Vec<f32> =
+                        (0..num_blocks(n, blocksize)).map(|_| (next() % 1000) as f32 / 7.0 - 50.0).collect();
+                    let want = |i: usize| {
+                        let byte = packed[i / 2];
+                        code[if i % 2 == 0 { byte >> 4 } else { byte & 15 } as usize] * absmax[i / blocksize]
+                    };
+                    for dtype in [FloatDtype::F32, FloatDtype::BF16, FloatDtype::F16] {
+                        let mut out = vec![0u8; n * dtype.size()];
+                        dequantize_4bit(&packed, &absmax, qt, blocksize, n, dtype, &mut out).unwrap();
+                        for i in 0..n {
+                            let got = match dtype {
+                                FloatDtype::F32 => u32::from_le_bytes(out[4 * i..4 * i + 4].try_into().unwrap()),
+                                _ => u16::from_le_bytes([out[2 * i], out[2 * i + 1]]) as u32,
+                            };
+                            let expected = match dtype {
+                                FloatDtype::F32 => want(i).to_bits(),
+                                FloatDtype::BF16 => f32_to_bf16(want(i)) as u32,
+                                FloatDtype::F16 => f32_to_f16(want(i)) as u32,
+                            };
+                            assert_eq!(got, expected, "{qt:?} bs={blocksize} n={n} {dtype:?} i={i}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 mod blockwise8;
 mod codebook;
 mod elem;
+#[cfg(target_arch = "x86_64")]
+mod expand_x86;
 mod fourbit;
 mod pages;
 mod simd;

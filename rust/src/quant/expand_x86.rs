@@ -1,0 +1,66 @@
+//! AVX2 expansion of packed 4-bit codes into 16-bit outputs (bf16 / f16): 32 outputs per step
+//! from 16 packed bytes with two byte shuffles (`vpshufb`) against the block's 16-entry table,
+//! instead of 32 scalar table lookups. The table holds already-rounded outputs, so the result is
+//! the same bits as the scalar path (a test compares both builds).
+
+use std::arch::x86_64::*;
+
+/// Expand every block of `packed` into `out` with the per-block table `table(absmax)`.
+/// The caller checks that the CPU has AVX2 (`simd::has_avx2`).
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn expand_u16_blocks(
+    blocksize: usize,
+    packed: &[u8],
+    absmax: &[f32],
+    out: &mut [u16],
+    table: impl Fn(f32) -> [u16; 16],
+) {
+    for ((out, packed), &scale) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
+        let values = table(scale);
+        let steps = (out.len() / 32).min(packed.len() / 16);
+        // SAFETY: AVX2 is enabled for this function; every load reads 16 bytes at 16 * i with
+        // i < steps <= packed.len() / 16, every store writes 32 u16 at 32 * i < out.len() - 31.
+        unsafe { expand_steps(&values, &packed[..steps * 16], &mut out[..steps * 32]) };
+        let (done_in, done_out) = (steps * 16, steps * 32);
+        let rest = &mut out[done_out..];
+        let mut pairs = rest.chunks_exact_mut(2);
+        for (pair, &byte) in (&mut pairs).zip(&packed[done_in..]) {
+            pair[0] = values[(byte >> 4) as usize];
+            pair[1] = values[(byte & 15) as usize];
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = values[(packed[packed.len() - 1] >> 4) as usize];
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
+    let lo_bytes: [u8; 16] = std::array::from_fn(|k| values[k] as u8);
+    let hi_bytes: [u8; 16] = std::array::from_fn(|k| (values[k] >> 8) as u8);
+    // SAFETY (whole body): AVX2 is enabled; loads and stores stay inside the slices, whose lengths
+    // are 16 * steps and 32 * steps (unaligned loads/stores are used throughout).
+    unsafe {
+        let lo_table = _mm256_broadcastsi128_si256(_mm_loadu_si128(lo_bytes.as_ptr().cast()));
+        let hi_table = _mm256_broadcastsi128_si256(_mm_loadu_si128(hi_bytes.as_ptr().cast()));
+        let nibble = _mm_set1_epi8(0x0f);
+        for (i, chunk) in packed.chunks_exact(16).enumerate() {
+            let bytes = _mm_loadu_si128(chunk.as_ptr().cast());
+            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble); // even elements
+            let low = _mm_and_si128(bytes, nibble); // odd elements
+            let first = _mm_unpacklo_epi8(high, low); // elements 0..16 in order
+            let second = _mm_unpackhi_epi8(high, low); // elements 16..32
+            let index = _mm256_inserti128_si256(_mm256_castsi128_si256(first), second, 1);
+            let lo = _mm256_shuffle_epi8(lo_table, index);
+            let hi = _mm256_shuffle_epi8(hi_table, index);
+            let a = _mm256_unpacklo_epi8(lo, hi); // elements 0..8 | 16..24
+            let b = _mm256_unpackhi_epi8(lo, hi); // elements 8..16 | 24..32
+            let dst = out.as_mut_ptr().add(i * 32);
+            _mm256_storeu_si256(dst.cast(), _mm256_permute2x128_si256(a, b, 0x20));
+            _mm256_storeu_si256(dst.add(16).cast(), _mm256_permute2x128_si256(a, b, 0x31));
+        }
+    }
+}
