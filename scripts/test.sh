@@ -6,7 +6,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 cargo test --locked --quiet
 set +e
-python -m pytest -q "$@"
+TUNEX_REQUIRE_ORACLES=1 python -m pytest -q "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that must fail loudly, never pass as green.
