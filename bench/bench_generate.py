@@ -54,7 +54,7 @@ def load_seconds(code: str, folder: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for generation (0 = torch's default). One by default: on shared "
                          "cores, several threads mostly wait on each other and the timings turn to noise")
@@ -95,8 +95,10 @@ def main() -> None:
     speed = {"tunex": [], "transformers": []}
     cpu = {"tunex": [], "transformers": []}
     tokens = {}
+    order = [("tunex", run_ours), ("transformers", run_hf)]
     for _ in range(args.rounds):
-        for name, fn in (("tunex", run_ours), ("transformers", run_hf)):
+        order.reverse()  # alternate who goes first: load from other jobs drifts within a round
+        for name, fn in order:
             t, c = time.perf_counter(), time.process_time()
             tokens[name] = fn(NEW)
             speed[name].append(NEW / (time.perf_counter() - t))
