@@ -55,7 +55,7 @@ def test_folders_pkg_paths_and_extensions(tmp_path):
     assert S.list_files(str(tmp_path), "alpaca") == [tmp_path / "b.jsonl", tmp_path / "sub" / "a.json"]
     english = S.list_files("pkg://chatterbot_corpus/data/english", "chatterbot")
     assert english and all(p.suffix == ".yml" for p in english)
-    with pytest.raises(FileNotFoundError, match="no installed Python package named 'nopkg_xyz'"):
+    with pytest.raises(FileNotFoundError, match="Python package 'nopkg_xyz' is not installed"):
         S.resolve_path("pkg://nopkg_xyz/data")
     with pytest.raises(DataError, match="format 'alpaca' reads .jsonl, .json files, not .md"):
         S.list_files(str(tmp_path / "notes.md"), "alpaca")

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunex.pkgpath import local_path
+
 NF4_CODE_BYTES = 16 * 4
 NESTED_CODE_BYTES = 256 * 4
 NESTED_BLOCKSIZE = 256
@@ -156,11 +158,7 @@ def resolve_shape(model_path: str, model_config: str | None = None, preset: str 
     if model_config is not None:
         return shape_from_config_json(model_config)
     text = str(model_path)
-    path = Path(text).expanduser()
-    if text.startswith("pkg://"):
-        from tunex.models.hub import package_file
-
-        path = package_file(text)
+    path = local_path(text)
     if path.is_dir() or path.name == "config.json":
         return shape_from_config_json(path)
     if path.is_file() and path.suffix.lower() == ".gguf":

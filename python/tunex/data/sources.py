@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tunex.errors import DataError, FormatError
+from tunex.pkgpath import local_path
 
 # Extensions each format reads; files with other extensions inside a folder are skipped.
 SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -39,17 +39,7 @@ def suffixes_for(fmt: str) -> tuple[str, ...]:
 
 def resolve_path(path: str) -> Path:
     """``pkg://PACKAGE/sub/path`` -> the path inside the installed package; other paths unchanged."""
-    if not path.startswith("pkg://"):
-        return Path(path).expanduser()
-    package, _, sub = path[len("pkg://"):].partition("/")
-    try:
-        spec = importlib.util.find_spec(package) if package else None
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{path}: no installed Python package named {package!r} "
-                                f"(install it, e.g. `pip install --no-deps {package.replace('_', '-')}`)")
-    return Path(list(spec.submodule_search_locations)[0]) / sub
+    return local_path(path)
 
 
 def is_hf_dataset_dir(folder: Path) -> bool:

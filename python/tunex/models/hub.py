@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunex.pkgpath import local_path, package_file  # noqa: F401 (package_file: re-exported)
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DONE_MARK = ".tunex-complete"
 
@@ -32,25 +34,6 @@ def cache_root() -> Path:
         return Path(os.environ["TUNEX_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tunex"
-
-
-def package_file(spec: str) -> Path:
-    """``pkg://PACKAGE/FILE`` -> the file's path inside the installed package (not imported)."""
-    rest = spec[len("pkg://"):]
-    package, _, inner = rest.partition("/")
-    if not package:
-        raise ValueError(f"{spec!r}: expected pkg://PACKAGE/FILE")
-    try:
-        found = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{spec!r}: Python package {package!r} is not installed; install it "
-                                f"(e.g. pip install --no-deps {package.replace('_', '-')}) and retry")
-    path = Path(list(found.submodule_search_locations)[0]) / inner
-    if not path.exists():
-        raise FileNotFoundError(f"{spec!r}: package {package!r} has no {inner!r} (looked at {path})")
-    return path
 
 
 def _hub_cache_candidates(hub_id: str) -> list[Path]:
@@ -126,7 +109,7 @@ def _gguf_folder(gguf_path: Path) -> Path:
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """Resolve a model reference to an HF folder holding config.json (see the module docstring)."""
     text = os.fspath(path)
-    p = package_file(text) if text.startswith("pkg://") else Path(text).expanduser()
+    p = local_path(text)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} has no config.json; expected an HF model folder "
