@@ -79,8 +79,11 @@ def test_dequant_callable_is_recalled_in_backward_and_not_saved():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = lora_linear(x_leaf, dequant, a_leaf, b.requires_grad_(), 0.5, dropout=0.2)
     assert len(calls) == 1
-    # Only x, A, B and the (tokens, r) product h are kept: no (out, in) weight, no dropped copy of x.
-    assert sorted(tuple(t.shape) for t in saved) == sorted([(10, 19), (4, 19), (23, 4), (10, 4)])
+    # Only x, A, B, the (tokens, r) product h and the bool dropout mask (drawn once, a quarter of
+    # x's bytes) are kept: no (out, in) weight, no dropped float copy of x.
+    assert sorted(((tuple(t.shape), t.dtype) for t in saved), key=str) == sorted(
+        [((10, 19), torch.float32), ((4, 19), torch.float32), ((23, 4), torch.float32),
+         ((10, 4), torch.float32), ((10, 19), torch.bool)], key=str)
     y.sum().backward()
     assert len(calls) == 2 and x_leaf.grad is not None
 

@@ -6,7 +6,8 @@ per adapted module. This function saves only
 
 * x (usually shared with the sibling q/k/v or gate/up projections, so no extra memory),
 * h = dropout(x) @ A.T, a (tokens, r) tensor,
-* a 63-bit seed from which the dropout mask is regenerated in backward,
+* with dropout: on Triton a 63-bit seed from which the mask is regenerated in backward; on the
+  torch path (CPU) the bool keep mask, drawn once (regenerating it cost a third of a CPU step),
 
 and re-obtains W in backward (for a 4-bit base: dequantizes it again through the callable).
 With g = dy (tokens, out):
@@ -17,7 +18,7 @@ With g = dy (tokens, out):
 The matmuls run on cuBLAS (CUDA) or torch's CPU kernels; on CUDA the 4-bit dequantization inside
 the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
 kernel of lora_triton.py, whose counter-based mask never exists as a tensor (the torch path draws a
-bernoulli mask from a generator seeded the same way).
+bool bernoulli mask from torch's global generator and keeps it).
 """
 from __future__ import annotations
 
@@ -30,21 +31,27 @@ from tunex.kernels._dispatch import compute_dtype, no_autocast, use_triton
 Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
-def _keep_mask(shape: torch.Size, p: float, seed: int, like: torch.Tensor) -> torch.Tensor:
-    """The dropout keep mask for ``seed``, scaled by 1/(1-p), in like's dtype and device."""
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    mask = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
-    return mask.div_(1.0 - p)
+def _keep_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool keep mask drawn once from torch's global generator (the torch path).
+
+    Why not regenerate it in backward from a seed: on the CPU, seeding a fresh generator and drawing
+    again cost about a third of a LoRA training step; a bool mask costs a quarter of x's memory.
+    torch.manual_seed and activation checkpointing (which restores the RNG state before
+    recomputing) still reproduce the same mask.
+    """
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
 
 
-def _dropped(x2: torch.Tensor, p: float, seed: int, triton: bool, inplace: bool = False) -> torch.Tensor:
-    """Dropout of a contiguous (N, in) tensor with the mask of ``seed`` (same mask every call)."""
-    if triton:
-        from tunex.kernels import lora_triton
-        return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
-    mask = _keep_mask(x2.shape, p, seed, x2)
-    return x2.mul_(mask) if inplace else x2 * mask
+def _apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """t * keep / (1 - p): dropout's forward and, applied to the gradient, its backward."""
+    out = t.mul_(keep) if inplace else t * keep
+    return out.mul_(1.0 / (1.0 - p))
+
+
+def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False) -> torch.Tensor:
+    """Triton dropout of a contiguous (N, in) tensor with the counter-based mask of ``seed``."""
+    from tunex.kernels import lora_triton
+    return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
 
 
 def _draw_seed() -> int:
@@ -66,7 +73,7 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
     y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     xd = x
     if dropout > 0 and training:
-        xd = x * _keep_mask(x.shape, dropout, _draw_seed(), x)
+        xd = _apply_mask(x, _keep_mask(x, dropout), dropout)
     return y + scaling * ((xd @ lora_a.to(x.dtype).T) @ lora_b.to(x.dtype).T)
 
 
@@ -86,12 +93,17 @@ class LoRALinearFunction(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
-        seed = _draw_seed() if dropout > 0 else 0
-        xd = _dropped(x2, dropout, seed, ctx.triton) if dropout > 0 else x2
+        seed, keep, xd = 0, None, x2
+        if dropout > 0 and ctx.triton:
+            seed = _draw_seed()
+            xd = _dropped_triton(x2, dropout, seed)
+        elif dropout > 0:
+            keep = _keep_mask(x2, dropout)
+            xd = _apply_mask(x2, keep, dropout)
         h = xd @ a.T  # (N, r)
         del xd
         y.addmm_(h, b.T, alpha=scaling)
-        ctx.save_for_backward(x2, weight if base_fn is None else None, lora_a, lora_b, h)
+        ctx.save_for_backward(x2, weight if base_fn is None else None, lora_a, lora_b, h, keep)
         ctx.base_fn, ctx.scaling, ctx.dropout, ctx.seed = base_fn, scaling, dropout, seed
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -100,7 +112,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dtype = x2.dtype
         s = ctx.scaling
@@ -112,14 +124,18 @@ class LoRALinearFunction(torch.autograd.Function):
         dh = (g @ b).mul_(s) if (need_a or need_x) else None  # (N, r)
         p = ctx.dropout
         if need_a:
-            xd = _dropped(x2, p, ctx.seed, ctx.triton) if p > 0 else x2
+            xd = x2 if p == 0 else (_dropped_triton(x2, p, ctx.seed) if ctx.triton
+                                    else _apply_mask(x2, keep, p))
             d_a = (dh.T @ xd).to(lora_a.dtype)  # (r, in)
             del xd
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
             d_lora = dh @ a  # (N, in)
             if p > 0:  # dropout's backward is the same masked scaling
-                _dropped(d_lora, p, ctx.seed, ctx.triton, inplace=True)
+                if ctx.triton:
+                    _dropped_triton(d_lora, p, ctx.seed, inplace=True)
+                else:
+                    _apply_mask(d_lora, keep, p, inplace=True)
             d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
