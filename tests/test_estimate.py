@@ -194,7 +194,9 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
+        # The CPU path keeps each LoRA dropout mask as bools; the CUDA path the estimate models
+        # regenerates the mask from a seed in backward and saves none.
+        if storage.data_ptr() not in skip and t.dtype != torch.bool:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 

@@ -100,18 +100,9 @@ HUB_PRESETS = {
 def shape_from_config_json(path: str | Path) -> ModelShape:
     """Read a ModelShape from an HF config.json (a file, or a folder holding one), interpreted by
     tunex.models' own config reader, so the estimate sees the model the loader would build."""
-    from tunex.models.config import config_from_hf
+    from tunex.models.config import read_config
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object of model settings")
-    cfg = config_from_hf(raw, str(path))
+    cfg = read_config(Path(path))
     return ModelShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
                       heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                       vocab=cfg.vocab_size, tie_embeddings=cfg.tie_word_embeddings,

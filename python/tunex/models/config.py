@@ -112,7 +112,9 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
 
 
 def read_config(folder: Path) -> ModelConfig:
-    path = folder / "config.json"
+    """The model config of an HF folder, or of a config.json-style file given directly."""
+    folder = Path(folder)
+    path = folder / "config.json" if folder.is_dir() else folder
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
