@@ -94,7 +94,7 @@ def list_cfg(pattern: str | None) -> None:
 def copy_cfg(name: str, save_path: Path, force: bool) -> None:
     """Copy built-in config NAME into directory SAVE_PATH (or to the file SAVE_PATH)."""
     source = builtin_configs.path_of(name)
-    if save_path.is_dir() or str(save_path).endswith(os.sep) or save_path.suffix != ".toml":
+    if save_path.is_dir() or save_path.suffix != ".toml":
         target = save_path / f"{source.stem}_copy.toml"
     else:
         target = save_path
