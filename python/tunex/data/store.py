@@ -313,9 +313,16 @@ def _store_name(content: str, recipe_id: str) -> str:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # unique per writer (threads share a pid): mkstemp, then rename over the target
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
 
 
 def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> Iterator[tuple[Encoded, int]]:
