@@ -55,9 +55,9 @@ def load_seconds(code: str, folder: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for generation (0 = torch's default). One by default: on shared "
-                         "cores, several threads mostly wait on each other and the timings turn to noise")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for generation (0 = torch's default, every core). tunex decodes "
+                         "with one torch thread plus its own GEMV threads whatever this says")
     args = ap.parse_args()
 
     import torch

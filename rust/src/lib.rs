@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod error;
+pub mod infer;
 pub mod merge;
 pub mod quant;
 pub mod safetensors;
@@ -23,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::safetensors::register(m)?;
     py::merge::register(m)?;
     py::quant::register(m)?;
+    py::infer::register(m)?;
     Ok(())
 }

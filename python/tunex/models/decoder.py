@@ -5,8 +5,9 @@ Pre-norm transformer: RMSNorm -> attention with rotary positions (grouped-query 
 config values (biases, rope scaling, tied embeddings); see config.py.
 
 Module and parameter names are the HF Llama ones (``model.layers.0.self_attn.q_proj.weight``...),
-so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is a plain
-``nn.Linear`` that LoRA or NF4 layers can replace.
+so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is an
+``nn.Linear`` (tunex.kernels.gemv.Linear: decoding one token on the CPU runs a multi-core Rust
+GEMV) that LoRA or NF4 layers can replace.
 
 Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
 attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunex.kernels import offloaded_checkpoint, rms_norm, rope, swiglu
+from tunex.kernels.gemv import Linear, linear, linear_many, rms_norm_row
 from tunex.models.config import ModelConfig
 
 
@@ -33,6 +35,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # the kernel's backward keeps less memory
             return rms_norm(x, self.weight, self.eps)
+        one_row = rms_norm_row(x, self.weight, self.eps)  # decoding on the CPU: one native call
+        if one_row is not None:
+            return one_row
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -109,17 +114,18 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = linear_many(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         if torch.is_grad_enabled():
             q, k = rope(q, k, cos, sin)
         else:  # fewer dispatches per decoded token than the autograd kernel
@@ -140,14 +146,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if torch.is_grad_enabled():
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_many(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -261,7 +268,7 @@ class TiedHead:
     bias = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.embedding.weight)
+        return linear(x, self.embedding.weight)
 
 
 class CausalLM(nn.Module):
@@ -278,7 +285,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, cache)

@@ -5,10 +5,13 @@ top-p, so greedy decoding (``temperature=0``) reproduces its tokens exactly.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+
+from tunex.kernels.gemv import enabled as gemv_enabled
 
 
 @dataclass
@@ -62,6 +65,25 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConf
     return logits
 
 
+@contextlib.contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """One torch thread while decoding on the CPU.
+
+    A decode step is ~200 matrix-vector products, which the Rust GEMV spreads over every core
+    itself, and ~500 tiny torch ops, for which torch's thread pool only adds hand-off latency and
+    competes with the GEMV's threads for the cores.
+    """
+    if device.type != "cpu" or not gemv_enabled():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate(model, input_ids: Sequence[int] | torch.Tensor, config: GenerationConfig | None = None, *,
              tokenizer=None, streamer: Callable[[int], None] | None = None, **settings) -> list[int]:
@@ -91,24 +113,25 @@ def generate(model, input_ids: Sequence[int] | torch.Tensor, config: GenerationC
     cache = model.new_cache(1, ids.numel() + cfg.max_new_tokens)
     logits = model(ids[None], cache=cache, last_only=True)[0, -1].float()  # (V,)
     seen, out = ids, []
-    for step in range(cfg.max_new_tokens):
-        scores = process_logits(logits.clone(), seen, cfg)
-        if cfg.temperature == 0:
-            token = scores.argmax()
-        else:
-            token = torch.multinomial(scores.softmax(-1), 1, generator=gen)[0]
-        t = int(token)
-        if t in stop_ids:
-            break
-        out.append(t)
-        if streamer is not None:
-            streamer(t)
-        if cfg.stop_words and _ends_with_stop_word(tokenizer, out, cfg.stop_words):
-            break
-        if step + 1 == cfg.max_new_tokens:
-            break
-        seen = torch.cat((seen, token.view(1)))
-        logits = model(token.view(1, 1), cache=cache, last_only=True)[0, -1].float()
+    with decode_threads(device):
+        for step in range(cfg.max_new_tokens):
+            scores = process_logits(logits.clone(), seen, cfg)
+            if cfg.temperature == 0:
+                token = scores.argmax()
+            else:
+                token = torch.multinomial(scores.softmax(-1), 1, generator=gen)[0]
+            t = int(token)
+            if t in stop_ids:
+                break
+            out.append(t)
+            if streamer is not None:
+                streamer(t)
+            if cfg.stop_words and _ends_with_stop_word(tokenizer, out, cfg.stop_words):
+                break
+            if step + 1 == cfg.max_new_tokens:
+                break
+            seen = torch.cat((seen, token.view(1)))
+            logits = model(token.view(1, 1), cache=cache, last_only=True)[0, -1].float()
     return out
 
 

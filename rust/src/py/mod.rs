@@ -2,6 +2,7 @@
 //! call the core, convert the error once (errors.rs).
 
 pub mod errors;
+pub mod infer;
 pub mod merge;
 pub mod quant;
 pub mod safetensors;

@@ -1,0 +1,84 @@
+"""One-token linear layers on the CPU through Rust (``tunex._native.gemv_f32``).
+
+Decoding feeds one token at a time, so every projection is a matrix-vector product that reads its
+whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core
+at about half of what the memory delivers; the Rust GEMV splits the rows across all cores.
+
+``linear`` takes that path only where it is exact in kind (float32 on the CPU, no autograd, one row
+of input, contiguous weight) and calls ``F.linear`` everywhere else; the results agree with
+``F.linear`` to float32 rounding (the sums are split into lanes in a different order).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from tunex._native import gemv_f32 as _gemv
+    from tunex._native import rms_norm_f32 as _rms_norm
+except ImportError:  # an extension built before the kernels existed
+    _gemv = _rms_norm = None
+
+_ENABLED = _gemv is not None and os.environ.get("TUNEX_GEMV", "1") != "0"
+
+
+def enabled() -> bool:
+    """Whether the Rust GEMV is in use (``TUNEX_GEMV=0`` turns it off)."""
+    return _ENABLED
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` runs the Rust GEMV (else ``F.linear``)."""
+    return (_ENABLED and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.dim() == 2 and x.numel() == weight.shape[1] and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _bias_ok(bias: torch.Tensor | None) -> bool:
+    return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
+
+
+def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` for plain linear layers sharing one input (q/k/v,
+    gate/up): one multi-core pass when ``x`` is a single float32 row on the CPU."""
+    if not all(type(m) is Linear and gemv_applies(x, m.weight) and _bias_ok(m.bias) for m in layers):
+        return [m(x) for m in layers]
+    outs = [torch.empty(*x.shape[:-1], m.weight.shape[0], dtype=torch.float32) for m in layers]
+    _gemv(x.detach().contiguous().view(-1).numpy(),
+          [(m.weight.detach().view(-1).numpy(), None if m.bias is None else m.bias.detach().contiguous().numpy(),
+            o.view(-1).numpy()) for m, o in zip(layers, outs)])
+    return outs
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the multi-core Rust GEMV when ``x`` is one float32 row."""
+    if not (gemv_applies(x, weight) and _bias_ok(bias)):
+        return F.linear(x, weight, bias)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    _gemv(x.detach().contiguous().view(-1).numpy(),
+          [(weight.detach().view(-1).numpy(), None if bias is None else bias.detach().contiguous().numpy(),
+            out.view(-1).numpy())])
+    return out
+
+
+def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of one float32 CPU row in one native call (a dozen torch ops' dispatch otherwise),
+    or None where that does not apply."""
+    if not (_ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.shape[-1] == x.numel() and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _rms_norm(x.detach().contiguous().view(-1).numpy(), weight.detach().contiguous().numpy(), eps,
+              out.view(-1).numpy())
+    return out
+
+
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` whose one-token CPU forward runs the Rust GEMV (training is unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

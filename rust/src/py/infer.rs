@@ -1,0 +1,67 @@
+//! Bindings for `crate::infer`: numpy views of torch tensors in and out, the GIL released.
+
+use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::infer::{self, Gemv};
+
+fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
+    s.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous float32 array")))
+}
+
+type Product<'py> = (
+    PyReadonlyArray1<'py, f32>,
+    Option<PyReadonlyArray1<'py, f32>>,
+    PyReadwriteArray1<'py, f32>,
+);
+
+/// `out = weight @ x (+ bias)` for each `(weight, bias, out)` in `products`, all of the same `x`;
+/// each weight is the flat row-major (len(out), len(x)) matrix.
+#[pyfunction]
+fn gemv_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    mut products: Vec<Product<'_>>,
+) -> PyResult<()> {
+    let x = slice("x", x.as_slice())?;
+    let mut batch = Vec::with_capacity(products.len());
+    for (w, b, out) in products.iter_mut() {
+        let w = slice("weight", w.as_slice())?;
+        let bias = match b {
+            Some(b) => Some(slice("bias", b.as_slice())?),
+            None => None,
+        };
+        let y = out
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("gemv: out must be a contiguous float32 array"))?;
+        batch.push(Gemv { w, bias, y });
+    }
+    py.detach(|| infer::gemv_f32(x, &mut batch))?;
+    Ok(())
+}
+
+/// `out = x / sqrt(mean(x^2) + eps) * weight` over rows of `len(weight)` values.
+#[pyfunction]
+fn rms_norm_f32(
+    x: PyReadonlyArray1<'_, f32>,
+    weight: PyReadonlyArray1<'_, f32>,
+    eps: f32,
+    mut out: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let y = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("rms_norm: out must be a contiguous float32 array"))?;
+    Ok(infer::rms_norm_f32(
+        slice("x", x.as_slice())?,
+        slice("weight", weight.as_slice())?,
+        eps,
+        y,
+    )?)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
+    Ok(())
+}

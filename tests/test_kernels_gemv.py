@@ -1,0 +1,135 @@
+"""The decode kernels (tunex.kernels.gemv, Rust): one-row linear layers and RMSNorm on the CPU."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunex import _native
+from tunex.kernels import gemv
+from tunex.models.config import config_from_hf
+from tunex.models.decoder import CausalLM
+from tunex.models.generate import decode_threads, generate
+
+TINY = dict(model_type="llama", vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+            tie_word_embeddings=True)
+
+
+def tiny_model(**extra) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(config_from_hf({**TINY, **extra})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("rows,cols,bias", [(1, 1, False), (7, 33, True), (576, 576, False), (4099, 513, True),
+                                            (3000, 40, False)])
+def test_linear_matches_torch(rows, cols, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, cols, generator=g)
+    b = torch.randn(rows, generator=g) if bias else None
+    x = torch.randn(1, 1, cols, generator=g)
+    with torch.inference_mode():
+        got = gemv.linear(x, w, b)
+    assert got.shape == (1, 1, rows)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * cols ** 0.5)
+
+
+def test_linear_many_matches_each_layer():
+    layers = [gemv.Linear(80, n, bias=n == 16) for n in (64, 16, 16)]
+    x = torch.randn(1, 1, 80)
+    with torch.inference_mode():
+        outs = gemv.linear_many(x, layers)
+        for out, layer in zip(outs, layers):
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_gemv_is_used_only_where_it_applies():
+    w = torch.randn(8, 4)
+    assert gemv.gemv_applies(torch.randn(1, 4), w)
+    assert not gemv.gemv_applies(torch.randn(2, 4), w)  # several rows: torch's GEMM
+    assert not gemv.gemv_applies(torch.randn(1, 4, dtype=torch.float64), w.double())
+    assert not gemv.gemv_applies(torch.randn(1, 8), w.t())  # not contiguous
+    x = torch.randn(1, 4, requires_grad=True)
+    y = gemv.linear(x, w)  # autograd needs torch's op
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0, keepdim=True))
+
+
+def test_rms_norm_row_matches_the_formula():
+    x, w = torch.randn(1, 1, 576), torch.randn(576)
+    with torch.inference_mode():
+        got = gemv.rms_norm_row(x, w, 1e-5)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert gemv.rms_norm_row(torch.randn(2, 576), w, 1e-5) is None  # several rows: torch
+
+
+def test_bad_arrays_get_errors_that_name_them():
+    x = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"weight 0 has 12 elements, expected 2 x 4 = 8"):
+        _native.gemv_f32(x, [(np.ones(12, np.float32), None, np.empty(2, np.float32))])
+    with pytest.raises(ValueError, match="bias 0 has 3 elements, expected 2"):
+        _native.gemv_f32(x, [(np.ones(8, np.float32), np.ones(3, np.float32), np.empty(2, np.float32))])
+    with pytest.raises(ValueError, match="x must be a contiguous float32 array"):
+        _native.gemv_f32(np.ones(8, np.float32)[::2], [(np.ones(8, np.float32), None, np.empty(2, np.float32))])
+    with pytest.raises(ValueError, match="whole rows"):
+        _native.rms_norm_f32(np.ones(5, np.float32), np.ones(2, np.float32), 1e-5, np.empty(5, np.float32))
+    with pytest.raises(TypeError):
+        _native.gemv_f32(x.astype(np.float64), [])
+
+
+def test_concurrent_callers_each_get_their_own_answer():
+    # one caller holds the pool; the others run alone on their threads, and all stay right
+    w = [torch.randn(2048, 256) for _ in range(4)]
+    xs = [torch.randn(1, 256) for _ in range(4)]
+    want = [F.linear(x, m) for x, m in zip(xs, w)]
+    errors = []
+
+    def worker(i):
+        with torch.inference_mode():
+            for _ in range(50):
+                got = gemv.linear(xs[i], w[i])
+                if not torch.allclose(got, want[i], rtol=1e-4, atol=1e-4):
+                    errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_bias": True, "model_type": "qwen2", "tie_word_embeddings": False}])
+def test_generation_is_the_same_with_and_without_the_native_kernels(monkeypatch, extra):
+    model = tiny_model(**extra)
+    prompt = [5, 17, 42, 99, 3]
+    fast = generate(model, prompt, max_new_tokens=24)
+    monkeypatch.setattr(gemv, "_ENABLED", False)
+    slow = generate(model, prompt, max_new_tokens=24)
+    assert fast == slow
+    with torch.no_grad():  # and the last step's logits agree with a full forward pass
+        ids = torch.tensor([prompt + fast[:-1]])
+        full = model(ids)[0, -1]
+    monkeypatch.setattr(gemv, "_ENABLED", True)
+    cache = model.new_cache(1, len(prompt) + len(fast))
+    with torch.inference_mode():
+        model(torch.tensor([prompt + fast[:-2]]), cache=cache)
+        step = model(torch.tensor([[fast[-2]]]), cache=cache)[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_threads_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with decode_threads(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with decode_threads(torch.device("cpu")):
+            raise RuntimeError("a streamer failed")
+    assert torch.get_num_threads() == before
