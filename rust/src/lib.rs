@@ -2,6 +2,7 @@
 //! `py/` and are compiled only with the `python` feature (maturin turns it on).
 
 pub mod adapter;
+pub mod dropout;
 pub mod error;
 pub mod infer;
 pub mod merge;
@@ -24,6 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::safetensors::register(m)?;
     py::merge::register(m)?;
     py::quant::register(m)?;
-    py::infer::register(m)?;
+    py::kernels::register(m)?;
     Ok(())
 }

@@ -6,8 +6,9 @@ per adapted module. This function saves only
 
 * x (usually shared with the sibling q/k/v or gate/up projections, so no extra memory),
 * h = dropout(x) @ A.T, a (tokens, r) tensor,
-* with dropout: on Triton a 63-bit seed from which the mask is regenerated in backward; on the
-  torch path (CPU) the bool keep mask, drawn once (regenerating it cost a third of a CPU step),
+* with dropout: a 62-bit seed from which the mask is regenerated in backward (Triton on CUDA,
+  tunex's Rust kernel for float32 on the CPU; both hash (seed, element index)); only other CPU
+  dtypes keep a bool mask drawn once by torch,
 
 and re-obtains W in backward (for a 4-bit base: dequantizes it again through the callable).
 With g = dy (tokens, out):
@@ -17,8 +18,8 @@ With g = dy (tokens, out):
 
 The matmuls run on cuBLAS (CUDA) or torch's CPU kernels; on CUDA the 4-bit dequantization inside
 the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
-kernel of lora_triton.py, whose counter-based mask never exists as a tensor (the torch path draws a
-bool bernoulli mask from torch's global generator and keeps it).
+kernel of lora_triton.py, whose counter-based mask never exists as a tensor; on the CPU the Rust
+kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch's bernoulli_.
 """
 from __future__ import annotations
 
@@ -28,18 +29,57 @@ import torch
 
 from tunex.kernels._dispatch import compute_dtype, no_autocast, use_triton
 
+try:
+    from tunex._native import dropout_f32 as _native_dropout
+    from tunex._native import dropout_inplace_f32 as _native_dropout_inplace
+except ImportError:  # an extension built before the kernel existed
+    _native_dropout = _native_dropout_inplace = None
+
 Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def _keep_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool keep mask drawn once from torch's global generator (the torch path).
+    """A bool keep mask drawn once from torch's global generator (CPU dtypes other than float32).
 
-    Why not regenerate it in backward from a seed: on the CPU, seeding a fresh generator and drawing
-    again cost about a third of a LoRA training step; a bool mask costs a quarter of x's memory.
     torch.manual_seed and activation checkpointing (which restores the RNG state before
-    recomputing) still reproduce the same mask.
+    recomputing) reproduce the same mask.
     """
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+
+
+def _native_applies(t: torch.Tensor) -> bool:
+    return _native_dropout is not None and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+class _Dropout:
+    """The dropout of one LoRA call, replayable in backward.
+
+    Seeded kinds (Triton, native) keep a seed and regenerate the mask; the torch kind keeps the mask.
+    """
+
+    def __init__(self, x2: torch.Tensor, p: float, triton: bool):
+        self.p, self.keep, self.seed = p, None, 0
+        self.kind = "none" if p == 0 else "triton" if triton else "native" if _native_applies(x2) else "torch"
+        if self.kind in ("triton", "native"):
+            self.seed = _draw_seed()
+        elif self.kind == "torch":
+            self.keep = _keep_mask(x2, p)
+
+    def __call__(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """dropout(t) with this call's mask: the forward on x, the backward on a gradient."""
+        if self.kind == "none":
+            return t
+        if self.kind == "triton":
+            return _dropped_triton(t, self.p, self.seed, inplace)
+        if self.kind == "native":
+            t = t.detach().contiguous()
+            if inplace:
+                _native_dropout_inplace(t.view(-1).numpy(), self.seed, self.p)
+                return t
+            out = torch.empty_like(t)
+            _native_dropout(t.view(-1).numpy(), out.view(-1).numpy(), self.seed, self.p)
+            return out
+        return _apply_mask(t, self.keep, self.p, inplace)
 
 
 def _apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
@@ -73,7 +113,9 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
     y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     xd = x
     if dropout > 0 and training:
-        xd = _apply_mask(x, _keep_mask(x, dropout), dropout)
+        # the kernels' mask, as a differentiable factor: 0 or 1 / (1 - p) per element
+        factor = _Dropout(x, dropout, use_triton(x))(torch.ones(x.shape, dtype=x.dtype, device=x.device))
+        xd = x * factor
     return y + scaling * ((xd @ lora_a.to(x.dtype).T) @ lora_b.to(x.dtype).T)
 
 
@@ -93,18 +135,14 @@ class LoRALinearFunction(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
-        seed, keep, xd = 0, None, x2
-        if dropout > 0 and ctx.triton:
-            seed = _draw_seed()
-            xd = _dropped_triton(x2, dropout, seed)
-        elif dropout > 0:
-            keep = _keep_mask(x2, dropout)
-            xd = _apply_mask(x2, keep, dropout)
+        drop = _Dropout(x2, dropout, ctx.triton)
+        xd = drop(x2)
         h = xd @ a.T  # (N, r)
         del xd
         y.addmm_(h, b.T, alpha=scaling)
-        ctx.save_for_backward(x2, weight if base_fn is None else None, lora_a, lora_b, h, keep)
-        ctx.base_fn, ctx.scaling, ctx.dropout, ctx.seed = base_fn, scaling, dropout, seed
+        ctx.save_for_backward(x2, weight if base_fn is None else None, lora_a, lora_b, h, drop.keep)
+        drop.keep = None  # saved above (autograd guards it); the replay gets it back in backward
+        ctx.base_fn, ctx.scaling, ctx.drop = base_fn, scaling, drop
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
@@ -113,6 +151,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
+        drop = ctx.drop
+        drop.keep = keep
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dtype = x2.dtype
         s = ctx.scaling
@@ -122,20 +162,13 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_b:
             d_b = (g.T @ h).mul_(s).to(lora_b.dtype)  # (out, r)
         dh = (g @ b).mul_(s) if (need_a or need_x) else None  # (N, r)
-        p = ctx.dropout
         if need_a:
-            xd = x2 if p == 0 else (_dropped_triton(x2, p, ctx.seed) if ctx.triton
-                                    else _apply_mask(x2, keep, p))
+            xd = drop(x2)
             d_a = (dh.T @ xd).to(lora_a.dtype)  # (r, in)
             del xd
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
-            d_lora = dh @ a  # (N, in)
-            if p > 0:  # dropout's backward is the same masked scaling
-                if ctx.triton:
-                    _dropped_triton(d_lora, p, ctx.seed, inplace=True)
-                else:
-                    _apply_mask(d_lora, keep, p, inplace=True)
+            d_lora = drop(dh @ a, inplace=True)  # (N, in); dropout's backward is the same masked scaling
             d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)

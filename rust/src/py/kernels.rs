@@ -1,9 +1,11 @@
-//! Bindings for `crate::infer`: numpy views of torch tensors in and out, the GIL released.
+//! Bindings for the compute kernels (`crate::infer` decode kernels, `crate::dropout`): numpy views
+//! of torch tensors in and out, the GIL released for the long ones.
 
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::dropout;
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
@@ -60,8 +62,27 @@ fn rms_norm_f32(
     )?)
 }
 
+/// `out = dropout(x)` with the counter-based mask of `seed` (drop probability `p`).
+#[pyfunction]
+fn dropout_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut out: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
+    let x = slice("x", x.as_slice())?;
+    let y = out.as_slice_mut().map_err(|_| PyValueError::new_err("dropout: out must be a contiguous float32 array"))?;
+    py.detach(|| dropout::dropout_f32(x, y, seed, p))?;
+    Ok(())
+}
+
+/// `x = dropout(x)` in place, the mask of `seed`.
+#[pyfunction]
+fn dropout_inplace_f32(py: Python<'_>, mut x: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
+    let x = x.as_slice_mut().map_err(|_| PyValueError::new_err("dropout: x must be a contiguous float32 array"))?;
+    py.detach(|| dropout::dropout_inplace_f32(x, seed, p))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     Ok(())
 }
