@@ -8,6 +8,7 @@ pub mod infer;
 pub mod merge;
 pub mod quant;
 pub mod safetensors;
+pub mod swiglu;
 pub mod units;
 
 #[cfg(feature = "python")]

@@ -5,7 +5,7 @@ use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::dropout;
+use crate::{dropout, swiglu};
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
@@ -79,10 +79,34 @@ fn dropout_inplace_f32(py: Python<'_>, mut x: PyReadwriteArray1<'_, f32>, seed: 
     Ok(())
 }
 
+/// `y = silu(gate) * up`.
+#[pyfunction]
+fn swiglu_forward_f32(py: Python<'_>, gate: PyReadonlyArray1<'_, f32>, up: PyReadonlyArray1<'_, f32>,
+                      mut y: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+    let (g, u) = (slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
+    let y = y.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: y must be a contiguous float32 array"))?;
+    py.detach(|| swiglu::forward(g, u, y))?;
+    Ok(())
+}
+
+/// The gradients of `silu(gate) * up` for the upstream gradient `dy`, into `d_gate` and `d_up`.
+#[pyfunction]
+fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyReadonlyArray1<'_, f32>,
+                       up: PyReadonlyArray1<'_, f32>, mut d_gate: PyReadwriteArray1<'_, f32>,
+                       mut d_up: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+    let (d, g, u) = (slice("dy", dy.as_slice())?, slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
+    let dg = d_gate.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: d_gate must be a contiguous float32 array"))?;
+    let du = d_up.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: d_up must be a contiguous float32 array"))?;
+    py.detach(|| swiglu::backward(d, g, u, dg, du))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     Ok(())
 }
