@@ -159,3 +159,47 @@ def test_float32_activations_under_bf16_autocast():
     close(y, yr, torch.bfloat16, "forward")
     for g, gr, name in zip((t.grad for t in leaves), (t.grad for t in ref), ("dx", "dA", "dB")):
         close(g, gr, torch.bfloat16, name)
+
+
+def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_memory(monkeypatch):
+    """Training layers do not save the normed residuals, the attention output copy or the SwiGLU
+    product for the adapters: backward rebuilds them bit for bit."""
+    from tunex.models import decoder
+    from tunex.models.config import config_from_hf
+    from tunex.peft import apply_lora
+
+    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = decoder.CausalLM(cfg)
+    apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    ids = torch.randint(0, 64, (2, 12))
+
+    def run():
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes())
+            return t
+
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids).logsumexp(-1).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+    lean, lean_bytes = run()
+    plain_forward = decoder.DecoderLayer.forward
+    monkeypatch.setattr(decoder.DecoderLayer, "forward",
+                        lambda self, *a, lean=False: plain_forward(self, *a, lean=False))
+    plain, plain_bytes = run()
+    assert lean.keys() == plain.keys() and len(lean) == 2 * 7 * 2
+    for name in lean:
+        torch.testing.assert_close(lean[name], plain[name], rtol=0, atol=0, msg=name)
+    assert lean_bytes < plain_bytes

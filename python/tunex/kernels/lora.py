@@ -121,9 +121,11 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool,
+                x_recompute=None):
         dtype = compute_dtype(x)
         ctx.triton = triton
+        ctx.x_recompute = x_recompute
         with no_autocast(x):
             return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype)
 
@@ -140,12 +142,13 @@ class LoRALinearFunction(torch.autograd.Function):
         h = xd @ a.T  # (N, r)
         del xd
         y.addmm_(h, b.T, alpha=scaling)
-        ctx.save_for_backward(x2, weight if base_fn is None else None, lora_a, lora_b, h, drop.keep)
+        keep_x = None if ctx.x_recompute is not None else x2
+        ctx.save_for_backward(keep_x, weight if base_fn is None else None, lora_a, lora_b, h, drop.keep)
         drop.keep = None  # saved above (autograd guards it); the replay gets it back in backward
         ctx.base_fn, ctx.scaling, ctx.drop = base_fn, scaling, drop
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.dtype = x.dtype, dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -154,7 +157,7 @@ class LoRALinearFunction(torch.autograd.Function):
         drop = ctx.drop
         drop.keep = keep
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dtype = x2.dtype
+        dtype = ctx.dtype
         s = ctx.scaling
         g = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, out)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -163,6 +166,8 @@ class LoRALinearFunction(torch.autograd.Function):
             d_b = (g.T @ h).mul_(s).to(lora_b.dtype)  # (out, r)
         dh = (g @ b).mul_(s) if (need_a or need_x) else None  # (N, r)
         if need_a:
+            if x2 is None:  # not saved: rebuilt from tensors other nodes keep anyway
+                x2 = ctx.x_recompute().reshape(-1, ctx.x_shape[-1]).to(dtype).contiguous()
             xd = drop(x2)
             d_a = (dh.T @ xd).to(lora_a.dtype)  # (r, in)
             del xd
@@ -172,12 +177,12 @@ class LoRALinearFunction(torch.autograd.Function):
             d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
-        return d_x, None, d_a, d_b, d_bias, None, None, None, None
+        return d_x, None, d_a, d_b, d_bias, None, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 *, bias: torch.Tensor | None = None, dropout: float = 0.0, training: bool = True,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", x_recompute: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """LoRA linear with a memory-lean hand-written backward; the base weight stays frozen.
 
     Args:
@@ -191,6 +196,9 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
         dropout: probability of dropping an element of the adapter's input.
         training: dropout is applied only when True.
         backend: dropout through Triton ("auto": on CUDA) or torch; the matmuls are the same.
+        x_recompute: a zero-argument callable returning x again, bit for bit (e.g. RMSNorm of a
+            residual that its own node keeps anyway): then x is not saved, and backward calls it
+            once for the adapter's gradient. Saves one activation per adapted projection.
 
     Returns:
         (..., out) tensor in x's dtype. Gradients flow to x, lora_a, lora_b and bias, never to base.
@@ -208,4 +216,4 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
     p = float(dropout) if training else 0.0
     triton = use_triton(x, backend) and p > 0
     return LoRALinearFunction.apply(x, base.detach() if is_tensor else None, lora_a, lora_b, bias,
-                                    None if is_tensor else base, float(scaling), p, triton)
+                                    None if is_tensor else base, float(scaling), p, triton, x_recompute)

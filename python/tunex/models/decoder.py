@@ -119,10 +119,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None):
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = linear_many(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, again)
         q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
@@ -140,7 +140,11 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, h * d))  # (B, T, H*D) -> (B, T, C)
+        merged = y.transpose(1, 2).reshape(b, t, h * d)  # (B, H, T, D) -> (B, T, C): a copy
+        if again is not None:  # attention keeps y for its backward; the copy need not be kept too
+            (out,) = _project((self.o_proj,), merged, _Again(lambda: y.detach().transpose(1, 2).reshape(b, t, h * d), 1))
+            return out
+        return self.o_proj(merged)
 
 
 class MLP(nn.Module):
@@ -150,9 +154,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
+    def forward(self, x, again=None):
         if torch.is_grad_enabled():
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            gate, up = _project((self.gate_proj, self.up_proj), x, again)
+            hidden = swiglu(gate, up)
+            if again is None:
+                return self.down_proj(hidden)
+            # SwiGLU keeps gate and up for its backward: rebuild the product from them
+            (out,) = _project((self.down_proj,), hidden, _Again(lambda: _no_grad(swiglu, gate, up), 1))
+            return out
         gate, up = linear_many(x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate) * up)
 
@@ -165,9 +175,43 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, lean: bool = False):
+        """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
+        keep anyway (normed residuals, attention output, SwiGLU product) instead of saving them."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
+                               again=_renorm(self.input_layernorm, x, 3) if lean else None)
+        return x + self.mlp(self.post_attention_layernorm(x),
+                            again=_renorm(self.post_attention_layernorm, x, 2) if lean else None)
+
+
+class _Again:
+    """An input rebuilt in backward for ``uses`` adapted projections: built once, dropped after the last."""
+
+    def __init__(self, build, uses: int):
+        self.build, self.uses, self.value = build, uses, None
+
+    def __call__(self) -> torch.Tensor:
+        value = self.value if self.value is not None else self.build()
+        self.uses -= 1
+        self.value = value if self.uses > 0 else None
+        return value
+
+
+def _no_grad(fn, *tensors):
+    with torch.no_grad():
+        return fn(*(t.detach() for t in tensors))
+
+
+def _renorm(norm: RMSNorm, x: torch.Tensor, uses: int) -> _Again:
+    # the same kernel as the forward, so the same bits
+    return _Again(lambda: _no_grad(lambda t, w: rms_norm(t, w, norm.eps), x, norm.weight), uses)
+
+
+def _project(modules, x, again: _Again | None):
+    """``[m(x) for m in modules]``; adapted layers get ``again`` and then do not save x."""
+    if again is not None and all(getattr(m, "recomputes_input", False) for m in modules):
+        return [m(x, x_recompute=again) for m in modules]
+    return linear_many(x, modules)
 
 
 def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device,
@@ -245,7 +289,7 @@ class DecoderModel(nn.Module):
                 else:
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, lean=self.training and torch.is_grad_enabled())
         if cache is not None:
             cache.length += t
         return self.norm(x)

@@ -103,7 +103,10 @@ class LoRALinear(nn.Module):
     def _base_bias(self) -> torch.Tensor | None:
         return self.bias if self.base_layer is None else getattr(self.base_layer, "bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # the decoder may pass ``x_recompute`` (see tunex.kernels.lora_linear) to save memory
+    recomputes_input = True
+
+    def forward(self, x: torch.Tensor, x_recompute=None) -> torch.Tensor:
         if self.lora_magnitude_vector is None:
             # One autograd node for base + adapter (tunex.kernels): it keeps only x and the
             # (tokens, r) projection for backward, not a dropped copy of x per adapted module,
@@ -111,7 +114,8 @@ class LoRALinear(nn.Module):
             base = self.weight if self.base_layer is None else self.base_layer.dequantize
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
             return lora_linear(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                               bias=self._base_bias(), dropout=p, training=self.training)
+                               bias=self._base_bias(), dropout=p, training=self.training,
+                               x_recompute=x_recompute)
         out = self._base_forward(x)
         dropped = self.lora_dropout(x)
         a = self.lora_A.weight
