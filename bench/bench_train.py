@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # TUNEX_BENCH_SHAPE=1x16 shrinks the batch for a quick smoke run of this script
 B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
@@ -128,6 +129,35 @@ def child_speed(kinds: list[str], folder: str, steps: int) -> dict:
     return {spec: B * T * steps / seconds for spec, seconds in spent.items()}
 
 
+def matmul_floor(folder: str, rounds: int = 3) -> float:
+    """tokens/s if a LoRA step did nothing but its frozen-weight matmuls, timed here with torch.
+
+    A LoRA step multiplies by every frozen weight twice per token (forward, and the input gradient in
+    backward), including the tied output head; no weight gradient. Neither contender can beat this
+    on fp32 CPU matmuls, so it bounds the reachable speed-up: read the ratios against it.
+    """
+    import torch
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    c, i, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = c // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    n = B * T
+    shapes = [(c, c), (kv, c), (kv, c), (c, c), (i, c), (i, c), (c, i)] * layers + [(v, c)]
+    best = float("inf")
+    weights = {shape: torch.randn(shape) for shape in set(shapes)}
+    x = {width: torch.randn(n, width) for width in (c, i)}
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for out_f, in_f in shapes:
+            w = weights[(out_f, in_f)]
+            y = x[in_f] @ w.T  # forward
+            if (out_f, in_f) == (v, c):  # the head: its input gradient comes chunk by chunk, same FLOPs
+                y = torch.randn(n, v)
+            _ = y @ w  # backward: the input gradient
+        best = min(best, time.perf_counter() - started)
+    return n / best
+
+
 def run_child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -144,6 +174,8 @@ def main() -> None:
         mode = args.child[0]
         if mode == "rss":
             result = child_rss(args.child[1], args.child[2], args.child[3])
+        elif mode == "floor":
+            result = {"tokens_per_s": matmul_floor(args.child[1])}
         else:
             result = child_speed(args.child[2:], args.child[1], args.steps)
         print(json.dumps(result))
@@ -156,6 +188,7 @@ def main() -> None:
            for spec in ("tunex:lora", "hf:lora", "tunex:qlora", "hf:qlora", "tunex:lora-ckpt")}
     speed = run_child(["speed", folder, "tunex:lora", "tunex:lora-ckpt", "hf:lora", "--steps", str(args.steps)])
     speed.update(run_child(["speed", folder, "tunex:qlora", "hf:qlora", "--steps", str(max(1, args.steps - 1))]))
+    floor = run_child(["floor", folder]).get("tokens_per_s")
     rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
             "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
     for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA vs transformers+PEFT"),
@@ -169,6 +202,12 @@ def main() -> None:
           f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
           "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
     print("\n".join(rows))
+    if floor and "tunex:lora" in speed and "hf:lora" in speed:
+        ours, theirs = speed["tunex:lora"], speed["hf:lora"]
+        print(f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, timed "
+              f"with torch in this run): {floor:.0f} tokens/s. tunex LoRA runs at {ours / floor:.0%} of it, "
+              f"the baseline at {theirs / floor:.0%}; the floor is {floor / theirs:.2f}x the baseline, "
+              "so that is the largest speed-up any fp32 implementation could show here.")
 
 
 def _tps(speed: dict, spec: str) -> dict:
