@@ -133,3 +133,16 @@ def test_decode_threads_restores_the_thread_count():
         with decode_threads(torch.device("cpu")):
             raise RuntimeError("a streamer failed")
     assert torch.get_num_threads() == before
+
+
+def test_the_native_kernels_leave_storages_resizable():
+    # FSDP2 frees unsharded parameters by resizing their storage to zero; Tensor.numpy() would
+    # forbid that for good, so inputs and parameters reach Rust through DLPack views
+    layer = gemv.Linear(32, 16, bias=True)
+    x, w = torch.randn(1, 32), torch.randn(32)
+    with torch.inference_mode():
+        gemv.linear(x, layer.weight, layer.bias)
+        gemv.linear_many(x, [layer])
+        gemv.rms_norm_row(x, w, 1e-5)
+    for t in (layer.weight, layer.bias, x, w):
+        t.detach().untyped_storage().resize_(0)

@@ -90,3 +90,15 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as a 2-D (rows, last dim) tensor whose last dim is contiguous."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def host_array(t: torch.Tensor):
+    """A numpy view of a CPU tensor's data for tunex's native kernels, leaving its storage resizable.
+
+    ``Tensor.numpy()`` marks the storage non-resizable for good, and FSDP2 frees unsharded
+    parameters by resizing their storage to zero; DLPack shares the memory without that mark.
+    Pass tensors this view has to write into contiguous (``.view(-1)`` of a contiguous tensor).
+    """
+    import numpy as np
+
+    return np.from_dlpack(t.detach())

@@ -4,6 +4,9 @@ Decoding feeds one token at a time, so every projection is a matrix-vector produ
 whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core
 at about half of what the memory delivers; the Rust GEMV splits the rows across all cores.
 
+Fresh outputs are handed to Rust as ``.numpy()`` views; inputs and parameters as DLPack views
+(``host_array``), which leave their storages resizable (FSDP2 resizes parameter storages).
+
 ``linear`` takes that path only where it is exact in kind (float32 on the CPU, no autograd, one row
 of input, contiguous weight) and calls ``F.linear`` everywhere else; the results agree with
 ``F.linear`` to float32 rounding (the sums are split into lanes in a different order).
@@ -14,6 +17,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from tunex.kernels._dispatch import host_array
 
 try:
     from tunex._native import gemv_f32 as _gemv
@@ -47,8 +52,8 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     if not all(type(m) is Linear and gemv_applies(x, m.weight) and _bias_ok(m.bias) for m in layers):
         return [m(x) for m in layers]
     outs = [torch.empty(*x.shape[:-1], m.weight.shape[0], dtype=torch.float32) for m in layers]
-    _gemv(x.detach().contiguous().view(-1).numpy(),
-          [(m.weight.detach().view(-1).numpy(), None if m.bias is None else m.bias.detach().contiguous().numpy(),
+    _gemv(host_array(x.contiguous().view(-1)),
+          [(host_array(m.weight.view(-1)), None if m.bias is None else host_array(m.bias.contiguous()),
             o.view(-1).numpy()) for m, o in zip(layers, outs)])
     return outs
 
@@ -58,8 +63,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not (gemv_applies(x, weight) and _bias_ok(bias)):
         return F.linear(x, weight, bias)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-    _gemv(x.detach().contiguous().view(-1).numpy(),
-          [(weight.detach().view(-1).numpy(), None if bias is None else bias.detach().contiguous().numpy(),
+    _gemv(host_array(x.contiguous().view(-1)),
+          [(host_array(weight.view(-1)), None if bias is None else host_array(bias.contiguous()),
             out.view(-1).numpy())])
     return out
 
@@ -72,8 +77,7 @@ def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _rms_norm(x.detach().contiguous().view(-1).numpy(), weight.detach().contiguous().numpy(), eps,
-              out.view(-1).numpy())
+    _rms_norm(host_array(x.contiguous().view(-1)), host_array(weight.contiguous()), eps, out.view(-1).numpy())
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, no_autocast, use_triton
+from tunex.kernels._dispatch import compute_dtype, host_array, no_autocast, use_triton
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
@@ -74,10 +74,10 @@ class _Dropout:
         if self.kind == "native":
             t = t.detach().contiguous()
             if inplace:
-                _native_dropout_inplace(t.view(-1).numpy(), self.seed, self.p)
+                _native_dropout_inplace(host_array(t.view(-1)), self.seed, self.p)
                 return t
             out = torch.empty_like(t)
-            _native_dropout(t.view(-1).numpy(), out.view(-1).numpy(), self.seed, self.p)
+            _native_dropout(host_array(t.view(-1)), out.view(-1).numpy(), self.seed, self.p)
             return out
         return _apply_mask(t, self.keep, self.p, inplace)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import use_triton
+from tunex.kernels._dispatch import host_array, use_triton
 
 try:
     from tunex._native import swiglu_backward_f32 as _native_backward
@@ -26,7 +26,7 @@ def _native_applies(t: torch.Tensor) -> bool:
 
 
 def _flat(t: torch.Tensor):
-    return t.detach().view(-1).numpy()
+    return host_array(t.view(-1))
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
