@@ -34,16 +34,30 @@ def enabled() -> bool:
     return _ENABLED
 
 
-def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear(x, weight)`` runs the Rust GEMV (else ``F.linear``)."""
+def _host_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 CPU tensors that autograd does not need to see."""
     return (_ENABLED and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and x.numel() == weight.shape[1] and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` runs the Rust GEMV (else ``F.linear``)."""
+    return (_host_ready(x, weight) and weight.dim() == 2 and x.numel() == weight.shape[1]
+            and weight.is_contiguous())
 
 
 def _bias_ok(bias: torch.Tensor | None) -> bool:
     return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
+
+
+def _gemv_many(x: torch.Tensor, products) -> list[torch.Tensor]:
+    """``[F.linear(x, w, b) for w, b in products]`` in one native call (checked by the caller)."""
+    outs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32) for w, _ in products]
+    _gemv(host_array(x.contiguous().view(-1)),
+          [(host_array(w.view(-1)), None if b is None else host_array(b.contiguous()), o.view(-1).numpy())
+           for (w, b), o in zip(products, outs)])
+    return outs
 
 
 def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
@@ -51,30 +65,20 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     gate/up): one multi-core pass when ``x`` is a single float32 row on the CPU."""
     if not all(type(m) is Linear and gemv_applies(x, m.weight) and _bias_ok(m.bias) for m in layers):
         return [m(x) for m in layers]
-    outs = [torch.empty(*x.shape[:-1], m.weight.shape[0], dtype=torch.float32) for m in layers]
-    _gemv(host_array(x.contiguous().view(-1)),
-          [(host_array(m.weight.view(-1)), None if m.bias is None else host_array(m.bias.contiguous()),
-            o.view(-1).numpy()) for m, o in zip(layers, outs)])
-    return outs
+    return _gemv_many(x, [(m.weight, m.bias) for m in layers])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the multi-core Rust GEMV when ``x`` is one float32 row."""
     if not (gemv_applies(x, weight) and _bias_ok(bias)):
         return F.linear(x, weight, bias)
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-    _gemv(host_array(x.contiguous().view(-1)),
-          [(host_array(weight.view(-1)), None if bias is None else host_array(bias.contiguous()),
-            out.view(-1).numpy())])
-    return out
+    return _gemv_many(x, [(weight, bias)])[0]
 
 
 def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of one float32 CPU row in one native call (a dozen torch ops' dispatch otherwise),
     or None where that does not apply."""
-    if not (_ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.shape[-1] == x.numel() and weight.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if not (_host_ready(x, weight) and x.shape[-1] == x.numel()):
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _rms_norm(host_array(x.contiguous().view(-1)), host_array(weight.contiguous()), eps, out.view(-1).numpy())

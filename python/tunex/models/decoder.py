@@ -140,11 +140,13 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        merged = y.transpose(1, 2).reshape(b, t, h * d)  # (B, H, T, D) -> (B, T, C): a copy
+        def merge_heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, T, C): a copy
+            return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
+
         if again is not None:  # attention keeps y for its backward; the copy need not be kept too
-            (out,) = _project((self.o_proj,), merged, _Again(lambda: y.detach().transpose(1, 2).reshape(b, t, h * d), 1))
+            (out,) = _project((self.o_proj,), merge_heads(y), _Again(lambda: _no_grad(merge_heads, y), 1))
             return out
-        return self.o_proj(merged)
+        return self.o_proj(merge_heads(y))
 
 
 class MLP(nn.Module):
@@ -197,14 +199,14 @@ class _Again:
         return value
 
 
-def _no_grad(fn, *tensors):
+def _no_grad(fn, *tensors, **kwargs):
     with torch.no_grad():
-        return fn(*(t.detach() for t in tensors))
+        return fn(*(t.detach() for t in tensors), **kwargs)
 
 
 def _renorm(norm: RMSNorm, x: torch.Tensor, uses: int) -> _Again:
     # the same kernel as the forward, so the same bits
-    return _Again(lambda: _no_grad(lambda t, w: rms_norm(t, w, norm.eps), x, norm.weight), uses)
+    return _Again(lambda: _no_grad(rms_norm, x, norm.weight, eps=norm.eps), uses)
 
 
 def _project(modules, x, again: _Again | None):
