@@ -146,3 +146,21 @@ def test_the_native_kernels_leave_storages_resizable():
         gemv.rms_norm_row(x, w, 1e-5)
     for t in (layer.weight, layer.bias, x, w):
         t.detach().untyped_storage().resize_(0)
+
+
+def test_a_forked_child_runs_the_kernels_alone():
+    # the helper threads do not survive fork(); the child must not wait for them
+    import multiprocessing
+
+    w, x = torch.randn(3000, 256), torch.randn(1, 256)
+    with torch.inference_mode():
+        gemv.linear(x, w)  # start the pool in the parent
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_linear_in_child, (x, w)).get(timeout=60)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def _linear_in_child(x, w):
+    with torch.inference_mode():
+        return gemv.linear(x, w).clone()

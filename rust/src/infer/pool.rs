@@ -36,6 +36,8 @@ struct Shared {
     wake: Condvar,
     submit: Mutex<()>,
     helpers: usize,
+    /// The process that started the helpers: a forked child has none of them.
+    pid: u32,
 }
 
 impl Shared {
@@ -125,6 +127,7 @@ fn idle() -> Shared {
         wake: Condvar::new(),
         submit: Mutex::new(()),
         helpers: 0,
+        pid: std::process::id(),
     }
 }
 
@@ -142,7 +145,7 @@ pub fn run(parts: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
             catch_unwind(AssertUnwindSafe(|| task(i))).is_ok() && ok
         })
     };
-    if pool.helpers == 0 || parts < 2 {
+    if pool.helpers == 0 || parts < 2 || pool.pid != std::process::id() {
         return alone();
     }
     let Ok(_turn) = pool.submit.try_lock() else {
