@@ -1,6 +1,7 @@
 //! safetensors reading, shard planning and atomic sharded writing. Pure Rust: the Python bindings
 //! live in `py::safetensors`.
 
+pub mod direct;
 pub mod dtype;
 pub mod header;
 pub mod index;

@@ -3,12 +3,13 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use super::direct::DirectFile;
 use super::dtype::Dtype;
 use super::header::build_header;
 use super::index::index_json;
@@ -94,7 +95,7 @@ pub struct ShardedWriter {
     metadata: Vec<(String, String)>,
     next: usize,
     shard: usize,
-    file: Option<(PathBuf, BufWriter<File>)>,
+    file: Option<(PathBuf, DirectFile)>,
     remaining: Option<u64>,
     summary: WriteSummary,
     syncer: Option<Syncer>,
@@ -161,7 +162,7 @@ impl ShardedWriter {
             .collect();
         let (header, _) = build_header(&entries, &self.metadata);
         let (path, file) = self.out.create(&self.names[self.shard])?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = DirectFile::new(file);
         w.write_all(&header).at(&path)?;
         self.summary.file_bytes += header.len() as u64;
         self.file = Some((path, w));
@@ -170,7 +171,7 @@ impl ShardedWriter {
 
     fn close_shard(&mut self) -> Result<()> {
         if let Some((path, w)) = self.file.take() {
-            let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
+            let file = w.finish().at(&path)?;
             if self.out.durable() {
                 self.syncer.get_or_insert_with(Syncer::start).send(&path, file)?;
             }
@@ -214,8 +215,9 @@ impl ShardedWriter {
         w.write_all(bytes).at(&*path)?;
         self.remaining = Some(left - bytes.len() as u64);
         self.unsynced += bytes.len() as u64;
-        if self.unsynced >= SYNC_EVERY && self.out.durable() {
-            // Start writeback of what is written so far on a second descriptor of the same file.
+        if self.unsynced >= SYNC_EVERY && self.out.durable() && !w.is_direct() {
+            // Start writeback of what is written so far on a second descriptor of the same file
+            // (direct writes are on the device already).
             w.flush().at(&*path)?;
             let clone = w.get_ref().try_clone().at(&*path)?;
             self.syncer.get_or_insert_with(Syncer::start).send(path, clone)?;
