@@ -82,7 +82,7 @@ pub fn merge(
     let writer = ShardedWriter::new(dir, plan.specs.clone(), opts.max_shard_size, meta, "model")?;
 
     let mut report = MergeReport::default();
-    let (tx, rx) = mpsc::sync_channel::<Msg>(2);
+    let (tx, rx) = mpsc::sync_channel::<Msg>(6);
     let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
     let (computed, writer) = std::thread::scope(|scope| {
         let handle = scope.spawn(move || write_loop(writer, rx, recycle_tx));

@@ -4,12 +4,16 @@
 //! checkpoint that copy was the largest single cost of a merge (~40% of its CPU time), and on a
 //! machine whose memory is full of cache each new page also waits for reclaim. O_DIRECT hands the
 //! disk our own (4 KiB-aligned) buffer instead: no kernel copy, no cache pressure, and the bytes
-//! are already on the device when the file is fsynced. Filesystems without O_DIRECT (tmpfs, some
-//! overlays) refuse it with EINVAL; the file then continues as an ordinary buffered write.
-//! The unaligned tail of the file is written after O_DIRECT is switched off.
+//! are already on the device when the file is fsynced. Direct writes block until the device has
+//! the data, so they run on a thread of their own while the caller fills the next buffer (two
+//! buffers in flight). Filesystems without O_DIRECT (tmpfs, some overlays) refuse it with EINVAL;
+//! the file then continues as an ordinary buffered write. The unaligned tail of the file is
+//! written after O_DIRECT is switched off.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::{mpsc, Mutex};
+use std::thread::JoinHandle;
 
 /// Alignment of buffer addresses, lengths and file offsets for O_DIRECT (covers 512 B and 4 KiB
 /// logical blocks).
@@ -17,13 +21,55 @@ const ALIGN: usize = 4096;
 /// Bytes gathered before each write: large enough that the per-write latency amortizes.
 const CHUNK: usize = 16 << 20;
 
-pub struct DirectFile {
-    file: File,
+/// A CHUNK-sized window at an aligned address inside its own allocation.
+struct Block {
     buf: Vec<u8>,
-    /// Offset of the aligned window inside `buf`.
     start: usize,
+}
+
+impl Block {
+    fn new() -> Block {
+        let buf = vec![0u8; CHUNK + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN);
+        Block { buf, start }
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        &self.buf[self.start..self.start + len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + CHUNK]
+    }
+}
+
+/// The thread doing the blocking direct writes, and the blocks it hands back.
+struct Io {
+    tx: mpsc::SyncSender<(Block, usize)>,
+    // a Mutex only to make the writer Sync (Python owns writers); one thread uses it
+    back: Mutex<mpsc::Receiver<Block>>,
+    handle: JoinHandle<io::Result<File>>,
+}
+
+pub struct DirectFile {
+    block: Block,
     filled: usize,
-    direct: bool,
+    /// Direct mode: the file lives on the I/O thread. Buffered mode: it is here.
+    io: Option<Io>,
+    file: Option<File>,
+}
+
+/// Write `bytes` at the current offset; if O_DIRECT is refused after all (an odd block size, a
+/// filesystem that accepts the flag but not the I/O), nothing landed: go on buffered.
+fn write_block(file: &mut File, bytes: &[u8], direct: &mut bool) -> io::Result<()> {
+    match file.write_all(bytes) {
+        Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            *direct = false;
+            set_direct(file, false);
+            file.write_all(bytes)
+        }
+        other => other,
+    }
 }
 
 impl DirectFile {
@@ -31,57 +77,81 @@ impl DirectFile {
     /// `TUNEX_DIRECT_IO=0` keeps ordinary buffered writes.
     pub fn new(file: File) -> DirectFile {
         let wanted = std::env::var("TUNEX_DIRECT_IO").map_or(true, |v| v != "0");
-        let direct = wanted && set_direct(&file, true);
-        let buf = vec![0u8; CHUNK + ALIGN];
-        let start = buf.as_ptr().align_offset(ALIGN);
-        DirectFile { file, buf, start, filled: 0, direct }
+        if !(wanted && set_direct(&file, true)) {
+            return DirectFile { block: Block::new(), filled: 0, io: None, file: Some(file) };
+        }
+        let (tx, rx) = mpsc::sync_channel::<(Block, usize)>(1);
+        let (back_tx, back) = mpsc::channel::<Block>();
+        let handle = std::thread::spawn(move || {
+            let mut file = file;
+            let mut direct = true;
+            for (block, len) in rx {
+                write_block(&mut file, block.bytes(len), &mut direct)?;
+                let _ = back_tx.send(block);
+            }
+            Ok(file)
+        });
+        DirectFile { block: Block::new(), filled: 0, io: Some(Io { tx, back: Mutex::new(back), handle }), file: None }
     }
 
     /// Whether writes bypass the page cache (for tests and reports).
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.io.is_some()
     }
 
-    /// The underlying file (for a second descriptor to sync in the background).
-    pub fn get_ref(&self) -> &File {
-        &self.file
+    /// The underlying file in buffered mode (for a second descriptor to sync in the background).
+    pub fn buffered_file(&self) -> Option<&File> {
+        self.file.as_ref()
     }
 
+    /// Stop the I/O thread and take the file back (or the thread's error).
+    fn join(&mut self) -> io::Result<File> {
+        let io = self.io.take().expect("direct mode");
+        drop(io.tx);
+        io.handle.join().unwrap_or_else(|_| Err(io::Error::other("the direct-I/O thread panicked")))
+    }
+
+    /// Hand `len` gathered bytes to the file.
     fn write_out(&mut self, len: usize) -> io::Result<()> {
-        let window = self.start..self.start + len;
-        match self.file.write_all(&self.buf[window.clone()]) {
-            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                // Refused after all (an odd block size, a filesystem that accepts the flag but
-                // not the I/O): nothing of this write landed; go on buffered.
-                self.direct = false;
-                set_direct(&self.file, false);
-                self.file.write_all(&self.buf[window])
-            }
-            other => other,
+        if let Some(file) = self.file.as_mut() {
+            let mut direct = false;
+            return write_block(file, self.block.bytes(len), &mut direct);
         }
+        let io = self.io.as_ref().expect("direct mode");
+        let reused = io.back.lock().ok().and_then(|rx| rx.try_recv().ok());
+        let next = reused.unwrap_or_else(Block::new);
+        let full = std::mem::replace(&mut self.block, next);
+        if io.tx.send((full, len)).is_err() {
+            // the thread stopped on an error: report it
+            return Err(self.join().err().unwrap_or_else(|| io::Error::other("the direct-I/O thread stopped")));
+        }
+        Ok(())
     }
 
     /// Write what is gathered and give the file back (still open, O_DIRECT off).
     pub fn finish(mut self) -> io::Result<File> {
-        let aligned = if self.direct { self.filled / ALIGN * ALIGN } else { 0 };
+        let aligned = if self.io.is_some() { self.filled / ALIGN * ALIGN } else { 0 };
+        let tail = self.block.bytes(self.filled)[aligned..].to_vec();
         if aligned > 0 {
             self.write_out(aligned)?;
         }
-        if self.direct {
-            set_direct(&self.file, false);
-            self.direct = false;
-        }
-        let (tail_from, tail_to) = (self.start + aligned, self.start + self.filled);
-        self.file.write_all(&self.buf[tail_from..tail_to])?;
-        Ok(self.file)
+        let mut file = match self.file.take() {
+            Some(f) => f,
+            None => {
+                let f = self.join()?;
+                set_direct(&f, false);
+                f
+            }
+        };
+        file.write_all(&tail)?;
+        Ok(file)
     }
 }
 
 impl Write for DirectFile {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         let n = bytes.len().min(CHUNK - self.filled);
-        let at = self.start + self.filled;
-        self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+        self.block.bytes_mut()[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
         self.filled += n;
         if self.filled == CHUNK {
             self.write_out(CHUNK)?;
@@ -90,9 +160,10 @@ impl Write for DirectFile {
         Ok(n)
     }
 
-    /// Hand the whole chunks to the file; a partial chunk waits (O_DIRECT needs whole blocks).
+    /// Buffered mode: hand over what is gathered. Direct mode: whole chunks only (O_DIRECT needs
+    /// whole blocks), so this is a no-op there.
     fn flush(&mut self) -> io::Result<()> {
-        if !self.direct && self.filled > 0 {
+        if self.file.is_some() && self.filled > 0 {
             self.write_out(self.filled)?;
             self.filled = 0;
         }
@@ -128,11 +199,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.bin");
         let mut want = Vec::new();
-        let mut f = DirectFile::new(File::create(&path).unwrap());
-        if env_off {
-            f.direct = false;
-            set_direct(&f.file, false);
-        }
+        let file = File::create(&path).unwrap();
+        let mut f = if env_off {
+            DirectFile { block: Block::new(), filled: 0, io: None, file: Some(file) }
+        } else {
+            DirectFile::new(file)
+        };
         for (i, &n) in sizes.iter().enumerate() {
             let chunk: Vec<u8> = (0..n).map(|j| (i * 31 + j * 7) as u8).collect();
             f.write_all(&chunk).unwrap();

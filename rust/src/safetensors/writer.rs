@@ -219,7 +219,7 @@ impl ShardedWriter {
             // Start writeback of what is written so far on a second descriptor of the same file
             // (direct writes are on the device already).
             w.flush().at(&*path)?;
-            let clone = w.get_ref().try_clone().at(&*path)?;
+            let clone = w.buffered_file().expect("buffered mode").try_clone().at(&*path)?;
             self.syncer.get_or_insert_with(Syncer::start).send(path, clone)?;
             self.unsynced = 0;
         }
