@@ -59,6 +59,11 @@ pub struct DirectFile {
     file: Option<File>,
 }
 
+/// A write after the file already failed (its error was reported then).
+fn failed_before() -> io::Error {
+    io::Error::other("an earlier write to this file failed")
+}
+
 /// Write `bytes` at the current offset; if O_DIRECT is refused after all (an odd block size, a
 /// filesystem that accepts the flag but not the I/O), nothing landed: go on buffered.
 fn write_block(file: &mut File, bytes: &[u8], direct: &mut bool) -> io::Result<()> {
@@ -106,7 +111,7 @@ impl DirectFile {
 
     /// Stop the I/O thread and take the file back (or the thread's error).
     fn join(&mut self) -> io::Result<File> {
-        let io = self.io.take().expect("direct mode");
+        let io = self.io.take().ok_or_else(failed_before)?;
         drop(io.tx);
         io.handle.join().unwrap_or_else(|_| Err(io::Error::other("the direct-I/O thread panicked")))
     }
@@ -117,7 +122,7 @@ impl DirectFile {
             let mut direct = false;
             return write_block(file, self.block.bytes(len), &mut direct);
         }
-        let io = self.io.as_ref().expect("direct mode");
+        let io = self.io.as_ref().ok_or_else(failed_before)?;
         let reused = io.back.lock().ok().and_then(|rx| rx.try_recv().ok());
         let next = reused.unwrap_or_else(Block::new);
         let full = std::mem::replace(&mut self.block, next);
@@ -224,5 +229,18 @@ mod tests {
             roundtrip(&[8, 4095, 1, CHUNK - 4104, 3], env_off); // crosses one chunk exactly
             roundtrip(&[CHUNK + 17, 2 * CHUNK, 5], env_off);
         }
+    }
+
+    #[test]
+    fn a_failing_disk_write_is_reported_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ro.bin");
+        std::fs::write(&path, b"").unwrap();
+        // a read-only descriptor: every write fails (EBADF), on the I/O thread or inline
+        let mut f = DirectFile::new(File::open(&path).unwrap());
+        let chunk = vec![7u8; CHUNK];
+        let failures = (0..4).filter(|_| f.write_all(&chunk).is_err()).count();
+        // once failed, it stays failed (no panic on a write after the error)
+        assert!(failures >= 2 || f.finish().is_err());
     }
 }
