@@ -12,6 +12,10 @@ fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<
     s.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous float32 array")))
 }
 
+fn slice_mut<'a>(what: &str, s: Result<&'a mut [f32], numpy::AsSliceError>) -> PyResult<&'a mut [f32]> {
+    s.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous float32 array")))
+}
+
 type Product<'py> = (
     PyReadonlyArray1<'py, f32>,
     Option<PyReadonlyArray1<'py, f32>>,
@@ -34,9 +38,7 @@ fn gemv_f32(
             Some(b) => Some(slice("bias", b.as_slice())?),
             None => None,
         };
-        let y = out
-            .as_slice_mut()
-            .map_err(|_| PyValueError::new_err("gemv: out must be a contiguous float32 array"))?;
+        let y = slice_mut("out", out.as_slice_mut())?;
         batch.push(Gemv { w, bias, y });
     }
     py.detach(|| infer::gemv_f32(x, &mut batch))?;
@@ -51,9 +53,7 @@ fn rms_norm_f32(
     eps: f32,
     mut out: PyReadwriteArray1<'_, f32>,
 ) -> PyResult<()> {
-    let y = out
-        .as_slice_mut()
-        .map_err(|_| PyValueError::new_err("rms_norm: out must be a contiguous float32 array"))?;
+    let y = slice_mut("out", out.as_slice_mut())?;
     Ok(infer::rms_norm_f32(
         slice("x", x.as_slice())?,
         slice("weight", weight.as_slice())?,
@@ -66,7 +66,7 @@ fn rms_norm_f32(
 #[pyfunction]
 fn dropout_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut out: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
     let x = slice("x", x.as_slice())?;
-    let y = out.as_slice_mut().map_err(|_| PyValueError::new_err("dropout: out must be a contiguous float32 array"))?;
+    let y = slice_mut("out", out.as_slice_mut())?;
     py.detach(|| dropout::dropout_f32(x, y, seed, p))?;
     Ok(())
 }
@@ -74,7 +74,7 @@ fn dropout_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut out: PyReadwrit
 /// `x = dropout(x)` in place, the mask of `seed`.
 #[pyfunction]
 fn dropout_inplace_f32(py: Python<'_>, mut x: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
-    let x = x.as_slice_mut().map_err(|_| PyValueError::new_err("dropout: x must be a contiguous float32 array"))?;
+    let x = slice_mut("x", x.as_slice_mut())?;
     py.detach(|| dropout::dropout_inplace_f32(x, seed, p))?;
     Ok(())
 }
@@ -84,7 +84,7 @@ fn dropout_inplace_f32(py: Python<'_>, mut x: PyReadwriteArray1<'_, f32>, seed: 
 fn swiglu_forward_f32(py: Python<'_>, gate: PyReadonlyArray1<'_, f32>, up: PyReadonlyArray1<'_, f32>,
                       mut y: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
     let (g, u) = (slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
-    let y = y.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: y must be a contiguous float32 array"))?;
+    let y = slice_mut("y", y.as_slice_mut())?;
     py.detach(|| swiglu::forward(g, u, y))?;
     Ok(())
 }
@@ -95,8 +95,8 @@ fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyRe
                        up: PyReadonlyArray1<'_, f32>, mut d_gate: PyReadwriteArray1<'_, f32>,
                        mut d_up: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
     let (d, g, u) = (slice("dy", dy.as_slice())?, slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
-    let dg = d_gate.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: d_gate must be a contiguous float32 array"))?;
-    let du = d_up.as_slice_mut().map_err(|_| PyValueError::new_err("swiglu: d_up must be a contiguous float32 array"))?;
+    let dg = slice_mut("d_gate", d_gate.as_slice_mut())?;
+    let du = slice_mut("d_up", d_up.as_slice_mut())?;
     py.detach(|| swiglu::backward(d, g, u, dg, du))?;
     Ok(())
 }
