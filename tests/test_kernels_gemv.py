@@ -164,3 +164,19 @@ def test_a_forked_child_runs_the_kernels_alone():
 def _linear_in_child(x, w):
     with torch.inference_mode():
         return gemv.linear(x, w).clone()
+
+
+def test_an_unmerged_adapter_decodes_through_the_gemv_with_the_same_output(monkeypatch):
+    from tunex.peft import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(gemv.Linear(96, 200, bias=True), r=8, alpha=16.0, dropout=0.1).eval()
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    x = torch.randn(1, 1, 96)
+    with torch.inference_mode():
+        fast = layer(x)
+        monkeypatch.setattr(gemv, "_ENABLED", False)
+        slow = layer(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    want = F.linear(x, layer.weight, layer.bias) + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-5)

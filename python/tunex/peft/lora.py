@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunex.kernels import lora_linear
+from tunex.kernels.gemv import gemv_applies, linear
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -107,6 +108,12 @@ class LoRALinear(nn.Module):
     recomputes_input = True
 
     def forward(self, x: torch.Tensor, x_recompute=None) -> torch.Tensor:
+        if (not self.training and self.lora_magnitude_vector is None and self.base_layer is None
+                and gemv_applies(x, self.weight) and not torch.is_grad_enabled()):
+            # Decoding one token on the CPU with the adapter unmerged (chat --adapter, the eval
+            # hook): the multi-core GEMV for the base, two small products for the adapter.
+            lora = linear(linear(x, self.lora_A.weight), self.lora_B.weight)
+            return linear(x, self.weight, self.bias).add_(lora, alpha=self.scaling)
         if self.lora_magnitude_vector is None:
             # One autograd node for base + adapter (tunex.kernels): it keeps only x and the
             # (tokens, r) projection for backward, not a dropped copy of x per adapted module,
