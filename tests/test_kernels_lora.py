@@ -168,6 +168,8 @@ def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_mem
     from tunex.models.config import config_from_hf
     from tunex.peft import apply_lora
 
+    # saved bytes are counted by storage: arena tensors share one block (tests/test_arena.py)
+    monkeypatch.setenv("TUNEX_ARENA", "0")
     cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))

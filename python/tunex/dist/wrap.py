@@ -109,6 +109,10 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
     Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
     sharded ones.
     """
+    if device.type == "cpu":  # the heap is kept mapped between steps instead of faulted in again
+        from tunex.kernels.arena import tune_malloc
+
+        tune_malloc()
     how = strategy(kind, env)
     if how == "fsdp":
         return LossModule(shard_full_model(lm, env, device, train_dtype))

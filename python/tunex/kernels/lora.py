@@ -28,6 +28,7 @@ from typing import Callable, Union
 import torch
 
 from tunex.kernels._dispatch import compute_dtype, host_array, no_autocast, use_triton
+from tunex.kernels.arena import kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
@@ -122,24 +123,32 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool,
-                x_recompute=None):
+                x_recompute=None, kept: bool = False):
         dtype = compute_dtype(x)
         ctx.triton = triton
         ctx.x_recompute = x_recompute
         with no_autocast(x):
-            return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype)
+            return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout,
+                                               dtype, kept)
 
     @staticmethod
-    def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype):
+    def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype, kept):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features).to(dtype).contiguous()  # (N, in)
         w = _dense(base_fn if base_fn is not None else weight, dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
+        if kept:  # the output lives until backward (v, gate, up): arena memory when there is one
+            y = kept_empty((x2.shape[0], w.shape[0]), dtype, x2.device)
+            if bias is None:
+                torch.mm(x2, w.t(), out=y)
+            else:
+                torch.addmm(bias.to(dtype), x2, w.t(), out=y)
+        else:
+            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
         drop = _Dropout(x2, dropout, ctx.triton)
         xd = drop(x2)
-        h = xd @ a.T  # (N, r)
+        h = torch.mm(xd, a.T, out=kept_empty((xd.shape[0], a.shape[0]), dtype, xd.device))  # (N, r), saved
         del xd
         y.addmm_(h, b.T, alpha=scaling)
         keep_x = None if ctx.x_recompute is not None else x2
@@ -177,12 +186,13 @@ class LoRALinearFunction(torch.autograd.Function):
             d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
-        return d_x, None, d_a, d_b, d_bias, None, None, None, None, None
+        return d_x, None, d_a, d_b, d_bias, None, None, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 *, bias: torch.Tensor | None = None, dropout: float = 0.0, training: bool = True,
-                backend: str = "auto", x_recompute: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                backend: str = "auto", x_recompute: Callable[[], torch.Tensor] | None = None,
+                kept: bool = False) -> torch.Tensor:
     """LoRA linear with a memory-lean hand-written backward; the base weight stays frozen.
 
     Args:
@@ -199,6 +209,8 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
         x_recompute: a zero-argument callable returning x again, bit for bit (e.g. RMSNorm of a
             residual that its own node keeps anyway): then x is not saved, and backward calls it
             once for the adapter's gradient. Saves one activation per adapted projection.
+        kept: the caller keeps the output until backward (tunex.kernels.arena): it is made with
+            ``kept_empty``, so during CPU training it lives in the model's activation arena.
 
     Returns:
         (..., out) tensor in x's dtype. Gradients flow to x, lora_a, lora_b and bias, never to base.
@@ -216,4 +228,4 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
     p = float(dropout) if training else 0.0
     triton = use_triton(x, backend) and p > 0
     return LoRALinearFunction.apply(x, base.detach() if is_tensor else None, lora_a, lora_b, bias,
-                                    None if is_tensor else base, float(scaling), p, triton, x_recompute)
+                                    None if is_tensor else base, float(scaling), p, triton, x_recompute, kept)

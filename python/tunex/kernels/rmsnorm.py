@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import as_rows, use_triton
+from tunex.kernels.arena import kept_empty
 
 # One Triton program holds a whole row in registers; wider rows use the torch path.
 MAX_TRITON_COLS = 65536
@@ -37,7 +38,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 def _forward_torch(x2: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x2.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)  # (R,)
+    mean_sq = xf.pow(2).mean(-1).add_(eps)
+    rstd = torch.rsqrt(mean_sq, out=kept_empty(mean_sq.shape, mean_sq.dtype, mean_sq.device))  # (R,), saved
     return (xf * rstd[:, None] * w.float()).to(x2.dtype), rstd
 
 

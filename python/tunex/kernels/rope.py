@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import use_triton
+from tunex.kernels.arena import kept_empty
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,10 +50,13 @@ def _rotate_torch(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backw
     c1, c2 = cos4.float().chunk(2, dim=-1)
     s1, s2 = sin4.float().chunk(2, dim=-1)
     if backward:
-        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+        halves = (x1 * c1 + x2 * s2, x2 * c2 - x1 * s1)
     else:
-        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
-    return y.to(x.dtype)
+        halves = (x1 * c1 - x2 * s1, x2 * c2 + x1 * s2)
+    if x.dtype == torch.float32 and not backward:  # attention keeps the rotated heads for backward
+        shape = (*halves[0].shape[:-1], x.shape[-1])
+        return torch.cat(halves, dim=-1, out=kept_empty(shape, x.dtype, x.device))
+    return torch.cat(halves, dim=-1).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: bool, triton: bool):

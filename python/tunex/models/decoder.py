@@ -16,12 +16,14 @@ the same logits as its documents run one by one.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunex.kernels import offloaded_checkpoint, rms_norm, rope, swiglu
+from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention
 from tunex.kernels.gemv import Linear, linear, linear_many, rms_norm_row
 from tunex.models.config import ModelConfig
 
@@ -122,7 +124,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None):
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, again)
+        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
         q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
@@ -139,7 +141,9 @@ class Attention(nn.Module):
             # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
             gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = kept_causal_attention(q, k, v) if causal and q.shape[2] == k.shape[2] else None
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         def merge_heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, T, C): a copy
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
@@ -158,7 +162,7 @@ class MLP(nn.Module):
 
     def forward(self, x, again=None):
         if torch.is_grad_enabled():
-            gate, up = _project((self.gate_proj, self.up_proj), x, again)
+            gate, up = _project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
             hidden = swiglu(gate, up)
             if again is None:
                 return self.down_proj(hidden)
@@ -180,10 +184,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, lean: bool = False):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
         keep anyway (normed residuals, attention output, SwiGLU product) instead of saving them."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
-                               again=_renorm(self.input_layernorm, x, 3) if lean else None)
-        return x + self.mlp(self.post_attention_layernorm(x),
-                            again=_renorm(self.post_attention_layernorm, x, 2) if lean else None)
+        x = kept_add(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
+                                       again=_renorm(self.input_layernorm, x, 3) if lean else None))
+        return kept_add(x, self.mlp(self.post_attention_layernorm(x),
+                                    again=_renorm(self.post_attention_layernorm, x, 2) if lean else None))
 
 
 class _Again:
@@ -209,10 +213,11 @@ def _renorm(norm: RMSNorm, x: torch.Tensor, uses: int) -> _Again:
     return _Again(lambda: _no_grad(rms_norm, x, norm.weight, eps=norm.eps), uses)
 
 
-def _project(modules, x, again: _Again | None):
-    """``[m(x) for m in modules]``; adapted layers get ``again`` and then do not save x."""
+def _project(modules, x, again: _Again | None, kept: tuple[bool, ...] | None = None):
+    """``[m(x) for m in modules]``; adapted layers get ``again`` and then do not save x, and make
+    the outputs marked ``kept`` (kept for backward by the next node) in the activation arena."""
     if again is not None and all(getattr(m, "recomputes_input", False) for m in modules):
-        return [m(x, x_recompute=again) for m in modules]
+        return [m(x, x_recompute=again, kept=k) for m, k in zip(modules, kept or (False,) * len(modules))]
     return linear_many(x, modules)
 
 
@@ -284,17 +289,32 @@ class DecoderModel(nn.Module):
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
         mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                if self.offload_checkpoints:
-                    x = offloaded_checkpoint(layer, x, cos, sin, mask, cache)
+        training = self.training and torch.is_grad_enabled()
+        checkpointing = self.gradient_checkpointing and training
+        with keeping(self._activation_arena(x) if training and not checkpointing else None):
+            for layer in self.layers:
+                if checkpointing:
+                    if self.offload_checkpoints:
+                        x = offloaded_checkpoint(layer, x, cos, sin, mask, cache)
+                    else:
+                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
+                                                              use_reentrant=False)
                 else:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, lean=self.training and torch.is_grad_enabled())
+                    x = layer(x, cos, sin, mask, cache, lean=training)
         if cache is not None:
             cache.length += t
         return self.norm(x)
+
+    def _activation_arena(self, x: torch.Tensor) -> ActivationArena | None:
+        """The arena for this training forward's kept CPU tensors (see tunex.kernels.arena), begun;
+        None on other devices or with ``TUNEX_ARENA=0``."""
+        if x.device.type != "cpu" or os.environ.get("TUNEX_ARENA", "1") == "0":
+            return None
+        arena = self.__dict__.get("_arena")
+        if arena is None:
+            arena = self.__dict__["_arena"] = ActivationArena(x.device)
+        arena.begin()
+        return arena
 
 
 class TiedHead:

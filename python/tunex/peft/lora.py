@@ -104,10 +104,10 @@ class LoRALinear(nn.Module):
     def _base_bias(self) -> torch.Tensor | None:
         return self.bias if self.base_layer is None else getattr(self.base_layer, "bias", None)
 
-    # the decoder may pass ``x_recompute`` (see tunex.kernels.lora_linear) to save memory
+    # the decoder may pass ``x_recompute`` and ``kept`` (see tunex.kernels.lora_linear) to save memory
     recomputes_input = True
 
-    def forward(self, x: torch.Tensor, x_recompute=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_recompute=None, kept: bool = False) -> torch.Tensor:
         if (not self.training and self.lora_magnitude_vector is None and self.base_layer is None
                 and gemv_applies(x, self.weight) and not torch.is_grad_enabled()):
             # Decoding one token on the CPU with the adapter unmerged (chat --adapter, the eval
@@ -122,7 +122,7 @@ class LoRALinear(nn.Module):
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
             return lora_linear(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                bias=self._base_bias(), dropout=p, training=self.training,
-                               x_recompute=x_recompute)
+                               x_recompute=x_recompute, kept=kept)
         out = self._base_forward(x)
         dropped = self.lora_dropout(x)
         a = self.lora_A.weight

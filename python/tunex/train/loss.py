@@ -9,6 +9,8 @@ gradient; no logit is computed twice.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,24 @@ CHUNK_ELEMENTS = 1 << 24
 
 def _chunk_rows(vocab: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(vocab, 1))
+
+
+_scratch = threading.local()
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """fp32 logits of one chunk. On the CPU in float32 they go into one buffer per thread, reused
+    by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time."""
+    if not (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32):
+        return F.linear(h, weight, bias).float()
+    shape = (rows, weight.shape[0])
+    buf = getattr(_scratch, "logits", None)
+    if buf is None or buf.shape != shape:
+        buf = _scratch.logits = torch.empty(shape)
+    out = buf[:h.shape[0]]
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias.float(), h, weight.t(), out=out)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -36,18 +56,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
             y = labels[start:start + rows]
-            logits = F.linear(h, weight, bias).float()  # (c, V)
+            logits = _chunk_logits(h, weight, bias, rows)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
-            safe = torch.where(valid, y, torch.zeros_like(y))
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1)
+            picked = logits.gather(1, safe).squeeze(1)
+            # log-sum-exp and softmax in place: no temporary of the chunk's size
+            top = logits.amax(dim=1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(l - max)
+            lse = (top + sums.log()).squeeze(1)  # (c,)
             total += ((lse - picked) * valid).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d loss / d logits = (softmax - onehot) / denom on valid rows; computed in place.
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, safe.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
-            g.mul_((valid.to(g.dtype) / denom).unsqueeze(1))
+            weight_row = (valid.to(logits.dtype) / denom).unsqueeze(1)
+            g = logits.mul_(weight_row / sums)
+            g.scatter_add_(1, safe, -weight_row)
             if need_h:
                 grad_h[start:start + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:

@@ -1,0 +1,211 @@
+"""Host memory for CPU training: an activation arena and glibc malloc settings.
+
+Why: a training step on the CPU allocates the tensors it keeps for backward (residuals, rotated
+queries/keys, the MLP's gate and up: ~20 MB per layer of SmolLM2 at 1024 tokens) interleaved with
+short-lived temporaries of the same sizes. glibc's heap places the kept ones wherever a hole fits,
+the temporaries fill the rest, and by the backward the heap holds the kept tensors plus as much
+again in holes it cannot reuse: measured, a 0.9 GB peak of live memory cost a 1.8 GB heap.
+
+:class:`ActivationArena` takes the kept tensors out of the heap. One model owns one arena; its
+forward calls :meth:`ActivationArena.begin`, then every tensor made through :func:`kept_empty` inside
+:func:`keeping` lies in one preallocated block, bump-allocated in forward order (a tensor of its
+own over the block's storage, not a view: autograd gives each its own version counter). The next
+forward starts again at offset 0 only when no view of the block is alive any more (its storage's
+use count is back to the block's own), so a tensor someone still holds is never overwritten: the
+arena then gives up the block (it is freed when its last view goes) and starts a new one. After the
+first step the block is one piece sized to the step, so no page is faulted in again.
+
+:func:`tune_malloc` makes glibc keep freed heap memory instead of returning it to the kernel and
+faulting it in again next step (~200k page faults per SmolLM2 step otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import math
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+_ALIGN = 64  # bytes: a cache line, and enough for any dtype's view
+_local = threading.local()
+
+
+def _use_count(block: torch.Tensor) -> int | None:
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    if counter is None:  # a torch without the (private) counter: never reuse a block
+        return None
+    return int(counter(block.untyped_storage()._cdata))
+
+
+class ActivationArena:
+    """A step-scoped bump allocator for CPU tensors that live from forward to backward.
+
+    Args:
+        device: where its blocks live (the arena serves CPU tensors only; see :func:`kept_empty`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._blocks: list[tuple[torch.Tensor, int | None]] = []  # (uint8 block, its idle use count)
+        self._block = 0  # index of the block being filled
+        self._offset = 0  # bytes used in it
+        self._used = 0  # bytes handed out since begin()
+        self.last_step_bytes = 0
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(block.numel() for block, _ in self._blocks)
+
+    def _idle(self) -> bool:
+        for block, idle in self._blocks:
+            if idle is None or _use_count(block) != idle:
+                return False
+        return True
+
+    def begin(self) -> None:
+        """Start a step: reuse the blocks if nothing of the last step is alive, else let them go."""
+        self.last_step_bytes = max(self.last_step_bytes, self._used)
+        if not self._idle():
+            self._blocks = []  # still referenced: freed by whoever holds the last view
+        elif len(self._blocks) > 1 or (self._blocks and self._blocks[0][0].numel() < self.last_step_bytes):
+            # the last step spilled over several blocks: one block of its size from now on
+            self._blocks = []
+        if not self._blocks and self.last_step_bytes:
+            self._new_block(self.last_step_bytes)
+        self._block, self._offset, self._used = 0, 0, 0
+
+    def _new_block(self, nbytes: int) -> None:
+        nbytes = max(nbytes, 64 << 20)
+        nbytes = -(-nbytes // (1 << 20)) << 20  # whole MiB
+        block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._blocks.append((block, _use_count(block)))
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor carved from the arena."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        padded = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        while True:
+            if self._block < len(self._blocks):
+                block = self._blocks[self._block][0]
+                if self._offset + padded <= block.numel():
+                    break
+                self._block += 1
+                self._offset = 0
+            else:
+                self._new_block(padded)
+        # set_ rather than a view: autograd must see an ordinary tensor with its own version
+        # counter (views of one base share theirs, and every write would bump it for all)
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        out = torch.empty(0, dtype=dtype, device=self.device)
+        out.set_(block.untyped_storage(), self._offset // dtype.itemsize, shape, strides)
+        self._offset += padded
+        self._used += padded
+        return out
+
+
+@contextlib.contextmanager
+def keeping(arena: ActivationArena | None) -> Iterator[None]:
+    """Within the block, :func:`kept_empty` takes CPU tensors from ``arena`` (None: no arena)."""
+    before = getattr(_local, "arena", None)
+    _local.arena = arena
+    try:
+        yield
+    finally:
+        _local.arena = before
+
+
+def kept_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for a tensor that will be kept for backward: from the active arena when
+    there is one and the tensor is on its device, else a plain allocation."""
+    arena = getattr(_local, "arena", None)
+    if arena is None or torch.device(device) != arena.device:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return arena.empty(tuple(shape), dtype)
+
+
+class _KeptAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.add(a, b, out=kept_empty(a.shape, a.dtype, a.device))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad
+
+
+def kept_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` (same shape and dtype) into arena memory when an arena is active."""
+    if getattr(_local, "arena", None) is None or a.shape != b.shape or a.dtype != b.dtype:
+        return a + b
+    return _KeptAdd.apply(a, b)
+
+
+class _KeptAttention(torch.autograd.Function):
+    """torch's CPU flash attention, keeping its output and log-sum-exp in the arena (torch's own
+    autograd would keep them in the heap, pinned between temporaries). Same ops, same bits."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        kept_out = _kept_like(out)
+        kept_lse = _kept_like(lse)
+        ctx.save_for_backward(q, k, v, kept_out, kept_lse)
+        return kept_out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(), q, k, v, out, lse, 0.0, True)
+
+
+def _kept_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in arena memory with ``t``'s strides (``t`` dense, any dimension order)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost dimension first
+    dense = kept_empty(tuple(t.shape[d] for d in order), t.dtype, t.device)
+    view = dense.permute(*[order.index(d) for d in range(t.dim())])
+    return view.copy_(t)
+
+
+def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values with its saved
+    tensors in the active arena; None where that does not apply (no arena, not a float32 CPU
+    tensor, a torch without the op): then the caller runs scaled_dot_product_attention."""
+    if (getattr(_local, "arena", None) is None or q.device.type != "cpu" or q.dtype != torch.float32
+            or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
+        return None
+    return _KeptAttention.apply(q, k, v)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed heap memory for reuse in this process (glibc only; once per process).
+
+    glibc's defaults return the top of the heap to the kernel whenever 64 MB or more are free there
+    and map every block over 32 MB fresh; a training step frees and reallocates its activations
+    each step, so each step faulted in ~0.8 GB of zeroed pages again. With a fixed mmap threshold
+    of 32 MB and a 1 GB trim threshold the heap stays mapped. The peak is unchanged (it is the same
+    heap at its largest). ``TUNEX_MALLOC_TUNE=0`` leaves glibc alone. Returns whether it applied.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    if os.environ.get("TUNEX_MALLOC_TUNE", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _tuned

@@ -1,0 +1,122 @@
+"""The activation arena of CPU training (tunex.kernels.arena): same gradients, reused memory,
+never an overwritten tensor that someone still holds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunex.kernels.arena import ActivationArena, kept_add, kept_causal_attention, kept_empty, keeping, tune_malloc
+
+
+def _tiny_lora_model():
+    from tunex.models import decoder
+    from tunex.models.config import config_from_hf
+    from tunex.peft import apply_lora
+
+    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = decoder.CausalLM(cfg)
+    apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def _grads(model, ids, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model(ids).logsumexp(-1).mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_training_with_the_arena_gives_the_same_gradients_bit_for_bit(monkeypatch):
+    model = _tiny_lora_model()
+    ids = torch.randint(0, 64, (2, 12))
+    with_arena = [_grads(model, ids), _grads(model, ids)]  # the second step reuses the block
+    arena = model.model.__dict__["_arena"]
+    assert arena.reserved_bytes > 0 and arena.last_step_bytes > 0
+    monkeypatch.setenv("TUNEX_ARENA", "0")
+    plain = _grads(model, ids)
+    assert len(plain) == 2 * 7 * 2
+    for grads in with_arena:
+        assert grads.keys() == plain.keys()
+        for name in plain:
+            torch.testing.assert_close(grads[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_block_is_reused_once_free_and_never_while_a_tensor_lives():
+    arena = ActivationArena()
+    arena.begin()
+    with keeping(arena):
+        a = kept_empty((1000,), torch.float32, torch.device("cpu"))
+        b = kept_empty((3, 5), torch.float64, torch.device("cpu"))
+    assert b.data_ptr() - a.data_ptr() == 4000 + 32  # bump order, 64-byte aligned
+    assert a._base is None and a.is_contiguous() and b.shape == (3, 5)
+    first = a.data_ptr()
+    del a, b
+    arena.begin()  # nothing alive: the same memory again
+    with keeping(arena):
+        c = kept_empty((1000,), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() == first
+    c.fill_(7.0)
+    arena.begin()  # c is still held: a new block, c untouched
+    with keeping(arena):
+        d = kept_empty((1000,), torch.float32, torch.device("cpu"))
+        d.fill_(-1.0)
+    assert d.data_ptr() != c.data_ptr()
+    assert torch.equal(c, torch.full((1000,), 7.0))
+
+
+def test_spilled_blocks_are_merged_into_one_of_the_steps_size():
+    arena = ActivationArena()
+    arena.begin()
+    with keeping(arena):
+        kept = [kept_empty((20 << 20,), torch.float32, torch.device("cpu")) for _ in range(4)]  # 320 MB
+    assert len(arena._blocks) == 4
+    del kept
+    arena.begin()
+    assert len(arena._blocks) == 1 and arena.reserved_bytes >= 4 * (80 << 20)
+
+
+def test_without_an_active_arena_plain_allocations_and_autograd():
+    t = kept_empty((4,), torch.float32, torch.device("cpu"))
+    assert t.untyped_storage().nbytes() == 16
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with keeping(ActivationArena()):
+        out = kept_add(a, b)
+    out.sum().backward()
+    assert torch.equal(a.grad, torch.ones(3)) and torch.equal(b.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_kept_attention_matches_sdpa_bit_for_bit(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k = torch.randn(2, kv_heads, 16, 8, requires_grad=True)
+    v = torch.randn(2, 16, kv_heads, 8).transpose(1, 2).requires_grad_()
+    grad = torch.randn(2, 4, 16, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    assert kept_causal_attention(q, k, v) is None  # no arena active
+    with keeping(ActivationArena()):
+        out = kept_causal_attention(q, k, v)
+    assert out is not None
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
+    import tunex.kernels.arena as arena_mod
+
+    monkeypatch.setattr(arena_mod, "_tuned", False)
+    monkeypatch.setenv("TUNEX_MALLOC_TUNE", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("TUNEX_MALLOC_TUNE")
+    assert tune_malloc() is True  # glibc on these machines
+    assert tune_malloc() is True
