@@ -2,18 +2,17 @@
 //! of torch tensors in and out, the GIL released for the long ones.
 
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::{dropout, swiglu};
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
-    s.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous float32 array")))
+    super::contiguous(what, "float32 array", s)
 }
 
 fn slice_mut<'a>(what: &str, s: Result<&'a mut [f32], numpy::AsSliceError>) -> PyResult<&'a mut [f32]> {
-    s.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous float32 array")))
+    super::contiguous_mut(what, "float32 array", s)
 }
 
 type Product<'py> = (

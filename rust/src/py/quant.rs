@@ -2,17 +2,16 @@
 //! copy), caller-allocated numpy arrays out, the GIL released while the cores work.
 
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::quant::{self, FloatDtype, QuantType};
 
-fn contiguous<'a, T>(what: &str, slice: Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
-    slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
+fn contiguous<'a, T>(what: &str, data: Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
+    super::contiguous(what, "array", data)
 }
 
-fn contiguous_mut<'a, T>(what: &str, slice: Result<&'a mut [T], numpy::AsSliceError>) -> PyResult<&'a mut [T]> {
-    slice.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous array")))
+fn contiguous_mut<'a, T>(what: &str, data: Result<&'a mut [T], numpy::AsSliceError>) -> PyResult<&'a mut [T]> {
+    super::contiguous_mut(what, "array", data)
 }
 
 /// Quantize the raw bytes of a float tensor to 4 bits into `packed` and `absmax`.
