@@ -7,6 +7,7 @@ pub mod error;
 pub mod infer;
 pub mod merge;
 pub mod quant;
+pub mod rmsnorm;
 pub mod safetensors;
 pub mod swiglu;
 pub mod units;

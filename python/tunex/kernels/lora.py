@@ -183,7 +183,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
             d_lora = drop(dh @ a, inplace=True)  # (N, in); dropout's backward is the same masked scaling
-            d_x = torch.addmm(d_lora, g, w).view(ctx.x_shape).to(ctx.x_dtype)
+            d_x = d_lora.addmm_(g, w).view(ctx.x_shape).to(ctx.x_dtype)  # in place: d_lora is ours
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return d_x, None, d_a, d_b, d_bias, None, None, None, None, None, None

@@ -7,13 +7,14 @@ plain autograd keeps), and its backward is derived by hand:
     dx = rstd * (w * dy - x_hat * mean(x_hat * w * dy))
     dw = sum over rows of dy * x_hat
 
-Both the Triton path (rmsnorm_triton.py) and the torch path use these formulas.
+Both the Triton path (rmsnorm_triton.py) and the torch path use these formulas; float32 on the CPU
+runs them as tunex's Rust kernels (tunex._native.rms_norm_*_f32, one pass per row each way).
 """
 from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import as_rows, use_triton
+from tunex.kernels._dispatch import as_rows, host_array, use_triton
 from tunex.kernels.arena import kept_empty
 
 # One Triton program holds a whole row in registers; wider rows use the torch path.
@@ -36,14 +37,40 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return (xf * rstd * weight.float()).to(x.dtype)
 
 
+try:
+    from tunex._native import rms_norm_backward_f32 as _native_backward
+    from tunex._native import rms_norm_forward_f32 as _native_forward
+except ImportError:  # an extension built before the kernels existed
+    _native_forward = _native_backward = None
+
+
+def _native_applies(*tensors: torch.Tensor) -> bool:
+    return _native_forward is not None and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                               for t in tensors)
+
+
 def _forward_torch(x2: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _native_applies(x2, w):  # one Rust pass per row (torch: six passes)
+        x2, w = x2.contiguous(), w.detach().contiguous()
+        y = torch.empty_like(x2)
+        rstd = kept_empty((x2.shape[0],), torch.float32, x2.device)  # saved for backward
+        _native_forward(host_array(x2.view(-1)), host_array(w), eps, host_array(y.view(-1)), host_array(rstd))
+        return y, rstd
     xf = x2.float()
     mean_sq = xf.pow(2).mean(-1).add_(eps)
     rstd = torch.rsqrt(mean_sq, out=kept_empty(mean_sq.shape, mean_sq.dtype, mean_sq.device))  # (R,), saved
     return (xf * rstd[:, None] * w.float()).to(x2.dtype), rstd
 
 
-def _backward_torch(dy: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
+def _backward_torch(dy: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                    need_dw: bool = True):
+    if _native_applies(dy, x2, w, rstd):
+        dy, x2, w = dy.contiguous(), x2.contiguous(), w.detach().contiguous()
+        dx = torch.empty_like(x2)
+        dw = torch.zeros_like(w) if need_dw else None
+        _native_backward(host_array(dy.view(-1)), host_array(x2.view(-1)), host_array(w), host_array(rstd),
+                         host_array(dx.view(-1)), None if dw is None else host_array(dw))
+        return dx, dw
     x_hat = x2.float() * rstd[:, None]  # (R, N)
     wdy = w.float() * dy.float()
     mean = (x_hat * wdy).mean(-1, keepdim=True)
@@ -73,7 +100,7 @@ class RMSNormFunction(torch.autograd.Function):
             from tunex.kernels import rmsnorm_triton
             dx, dw = rmsnorm_triton.backward(dy2, x2, weight, rstd)
         else:
-            dx, dw = _backward_torch(dy2, x2, weight, rstd)
+            dx, dw = _backward_torch(dy2, x2, weight, rstd, ctx.needs_input_grad[1])
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(dy.shape), dw, None, None
 

@@ -4,7 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
-use crate::{dropout, swiglu};
+use crate::{dropout, rmsnorm, swiglu};
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
@@ -61,6 +61,45 @@ fn rms_norm_f32(
     )?)
 }
 
+/// Training RMSNorm forward: `out = x * rstd * weight`, `rstd` (one per row) kept for backward.
+#[pyfunction]
+fn rms_norm_forward_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    weight: PyReadonlyArray1<'_, f32>,
+    eps: f32,
+    mut out: PyReadwriteArray1<'_, f32>,
+    mut rstd: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let (x, weight) = (slice("x", x.as_slice())?, slice("weight", weight.as_slice())?);
+    let (out, rstd) = (slice_mut("out", out.as_slice_mut())?, slice_mut("rstd", rstd.as_slice_mut())?);
+    py.detach(|| rmsnorm::forward_f32(x, weight, eps, out, rstd))?;
+    Ok(())
+}
+
+/// Training RMSNorm backward: `dx`, and the weight's gradient added into `dw` when given.
+#[pyfunction]
+#[pyo3(signature = (dy, x, weight, rstd, dx, dw=None))]
+fn rms_norm_backward_f32(
+    py: Python<'_>,
+    dy: PyReadonlyArray1<'_, f32>,
+    x: PyReadonlyArray1<'_, f32>,
+    weight: PyReadonlyArray1<'_, f32>,
+    rstd: PyReadonlyArray1<'_, f32>,
+    mut dx: PyReadwriteArray1<'_, f32>,
+    mut dw: Option<PyReadwriteArray1<'_, f32>>,
+) -> PyResult<()> {
+    let (dy, x) = (slice("dy", dy.as_slice())?, slice("x", x.as_slice())?);
+    let (weight, rstd) = (slice("weight", weight.as_slice())?, slice("rstd", rstd.as_slice())?);
+    let dx = slice_mut("dx", dx.as_slice_mut())?;
+    let dw = match dw.as_mut() {
+        Some(d) => Some(slice_mut("dw", d.as_slice_mut())?),
+        None => None,
+    };
+    py.detach(|| rmsnorm::backward_f32(dy, x, weight, rstd, dx, dw))?;
+    Ok(())
+}
+
 /// `out = dropout(x)` with the counter-based mask of `seed` (drop probability `p`).
 #[pyfunction]
 fn dropout_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut out: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
@@ -103,6 +142,8 @@ fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyRe
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(rms_norm_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
