@@ -23,7 +23,10 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n without a float-to-int conversion (Rust's saturating `as` kept LLVM from vectorizing
+    // the loop): n + 127 is a whole number in 1..=254, and adding 2^23 puts it in the mantissa bits
+    let biased = (n + 127.0 + 8_388_608.0).to_bits() & 0x7f_ffff;
+    e * f32::from_bits(biased << 23)
 }
 
 #[inline(always)]
