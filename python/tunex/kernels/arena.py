@@ -70,7 +70,7 @@ class ActivationArena:
         """Start a step: reuse the blocks if nothing of the last step is alive, else let them go."""
         self.last_step_bytes = max(self.last_step_bytes, self._used)
         if not self._idle():
-            self._blocks = []  # still referenced: freed by whoever holds the last view
+            self._blocks = []  # still referenced: freed with the last tensor that uses it
         elif len(self._blocks) > 1 or (self._blocks and self._blocks[0][0].numel() < self.last_step_bytes):
             # the last step spilled over several blocks: one block of its size from now on
             self._blocks = []
