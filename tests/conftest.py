@@ -36,3 +36,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_lora_model():
+    """A 2-layer llama (hidden 48, GQA 4/2 heads, tied head) with LoRA r=4 alpha=8 dropout 0.1 on
+    every linear, B initialised nonzero so the adapters matter; in training mode."""
+    import torch
+
+    from tunex.models import decoder
+    from tunex.models.config import config_from_hf
+    from tunex.peft import apply_lora
+
+    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = decoder.CausalLM(cfg)
+    apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()

@@ -8,23 +8,6 @@ import torch
 from tunex.kernels.arena import ActivationArena, kept_add, kept_causal_attention, kept_empty, keeping, tune_malloc
 
 
-def _tiny_lora_model():
-    from tunex.models import decoder
-    from tunex.models.config import config_from_hf
-    from tunex.peft import apply_lora
-
-    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
-    torch.manual_seed(0)
-    model = decoder.CausalLM(cfg)
-    apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    return model.train()
-
-
 def _grads(model, ids, seed=5):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -33,8 +16,8 @@ def _grads(model, ids, seed=5):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_training_with_the_arena_gives_the_same_gradients_bit_for_bit(monkeypatch):
-    model = _tiny_lora_model()
+def test_training_with_the_arena_gives_the_same_gradients_bit_for_bit(monkeypatch, tiny_lora_model):
+    model = tiny_lora_model
     ids = torch.randint(0, 64, (2, 12))
     with_arena = [_grads(model, ids), _grads(model, ids)]  # the second step reuses the block
     arena = model.model.__dict__["_arena"]

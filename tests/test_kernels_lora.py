@@ -161,25 +161,14 @@ def test_float32_activations_under_bf16_autocast():
         close(g, gr, torch.bfloat16, name)
 
 
-def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_memory(monkeypatch):
+def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_memory(monkeypatch, tiny_lora_model):
     """Training layers do not save the normed residuals, the attention output copy or the SwiGLU
     product for the adapters: backward rebuilds them bit for bit."""
     from tunex.models import decoder
-    from tunex.models.config import config_from_hf
-    from tunex.peft import apply_lora
 
     # saved bytes are counted by storage: arena tensors share one block (tests/test_arena.py)
     monkeypatch.setenv("TUNEX_ARENA", "0")
-    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
-    torch.manual_seed(0)
-    model = decoder.CausalLM(cfg)
-    apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    model.train()
+    model = tiny_lora_model
     ids = torch.randint(0, 64, (2, 12))
 
     def run():
