@@ -6,6 +6,7 @@
 //! so the loop vectorizes (8 elements per AVX2 instruction).
 
 use crate::error::{Error, Result};
+use crate::swiglu::{Shared, PART};
 use crate::quant::simd::multiversion;
 
 #[inline(always)]
@@ -61,15 +62,27 @@ pub fn dropout_f32(src: &[f32], dst: &mut [f32], seed: u64, p: f32) -> Result<()
             dst.len()
         )));
     }
-    let cut = threshold(p)?;
-    apply(src, dst, seed, 0, cut, (1.0 / (1.0 - p as f64)) as f32);
+    let (cut, scale) = (threshold(p)?, (1.0 / (1.0 - p as f64)) as f32);
+    let n = dst.len();
+    let out = Shared::new(dst);
+    crate::omp::run(n.div_ceil(PART), &|i| {
+        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
+        // SAFETY: part i writes only a..b.
+        apply(&src[a..b], unsafe { out.range(a, b) }, seed, a as u64, cut, scale);
+    });
     Ok(())
 }
 
 /// `x = dropout(x)` in place (dropout's backward applied to a gradient, with the forward's seed).
 pub fn dropout_inplace_f32(x: &mut [f32], seed: u64, p: f32) -> Result<()> {
-    let cut = threshold(p)?;
-    apply_inplace(x, seed, 0, cut, (1.0 / (1.0 - p as f64)) as f32);
+    let (cut, scale) = (threshold(p)?, (1.0 / (1.0 - p as f64)) as f32);
+    let n = x.len();
+    let data = Shared::new(x);
+    crate::omp::run(n.div_ceil(PART), &|i| {
+        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
+        // SAFETY: part i touches only a..b.
+        apply_inplace(unsafe { data.range(a, b) }, seed, a as u64, cut, scale);
+    });
     Ok(())
 }
 

@@ -6,6 +6,7 @@ pub mod dropout;
 pub mod error;
 pub mod infer;
 pub mod merge;
+pub mod omp;
 pub mod quant;
 pub mod rmsnorm;
 pub mod safetensors;

@@ -61,6 +61,12 @@ fn rms_norm_f32(
     )?)
 }
 
+/// Whether the training kernels split their work over the process's OpenMP team (tests, A/B).
+#[pyfunction]
+fn set_omp_kernels(on: bool) {
+    crate::omp::ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Training RMSNorm forward: `out = x * rstd * weight`, `rstd` (one per row) kept for backward.
 #[pyfunction]
 fn rms_norm_forward_f32(
@@ -143,6 +149,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(set_omp_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;

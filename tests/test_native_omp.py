@@ -1,0 +1,62 @@
+"""The training kernels split over torch's OpenMP team (rust/src/omp.rs) give the same bytes as
+one thread: element i's dropout draw depends on (seed, i) only, SwiGLU is elementwise."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+native = pytest.importorskip("tunex._native")
+
+
+@pytest.fixture
+def both_ways():
+    def run(fn):
+        outs = []
+        for on in (False, True):
+            native.set_omp_kernels(on)
+            outs.append(fn())
+        native.set_omp_kernels(True)
+        return outs
+    return run
+
+
+N = 300_001  # several 64K-element parts and a ragged last one
+
+
+def test_dropout_same_mask_with_and_without_the_team(both_ways):
+    x = torch.randn(N)
+
+    def forward():
+        out = torch.empty(N)
+        native.dropout_f32(x.numpy(), out.numpy(), 1234, 0.1)
+        return out
+
+    def inplace():
+        y = x.clone()
+        native.dropout_inplace_f32(y.numpy(), 1234, 0.1)
+        return y
+
+    serial, team = both_ways(forward)
+    assert torch.equal(serial, team)
+    assert 0.09 < float((team == 0).float().mean()) < 0.11
+    a, b = both_ways(inplace)
+    assert torch.equal(a, b) and torch.equal(a, team)
+
+
+def test_swiglu_same_bytes_with_and_without_the_team(both_ways):
+    g, u, dy = torch.randn(N), torch.randn(N), torch.randn(N)
+
+    def forward():
+        y = torch.empty(N)
+        native.swiglu_forward_f32(g.numpy(), u.numpy(), y.numpy())
+        return y
+
+    def backward():
+        dg, du = torch.empty(N), torch.empty(N)
+        native.swiglu_backward_f32(dy.numpy(), g.numpy(), u.numpy(), dg.numpy(), du.numpy())
+        return torch.cat([dg, du])
+
+    for fn in (forward, backward):
+        serial, team = both_ways(fn)
+        assert torch.equal(serial, team)
+    torch.testing.assert_close(forward(), torch.nn.functional.silu(g) * u, rtol=1e-6, atol=1e-6)
