@@ -6,7 +6,7 @@
 //! so the loop vectorizes (8 elements per AVX2 instruction).
 
 use crate::error::{Error, Result};
-use crate::swiglu::{Shared, PART};
+use crate::omp::{self, Shared};
 use crate::quant::simd::multiversion;
 
 #[inline(always)]
@@ -63,13 +63,9 @@ pub fn dropout_f32(src: &[f32], dst: &mut [f32], seed: u64, p: f32) -> Result<()
         )));
     }
     let (cut, scale) = (threshold(p)?, (1.0 / (1.0 - p as f64)) as f32);
-    let n = dst.len();
     let out = Shared::new(dst);
-    crate::omp::run(n.div_ceil(PART), &|i| {
-        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
-        // SAFETY: part i writes only a..b.
-        apply(&src[a..b], unsafe { out.range(a, b) }, seed, a as u64, cut, scale);
-    });
+    // SAFETY: each range a..b is written by one part only.
+    omp::for_ranges(src.len(), &|a, b| apply(&src[a..b], unsafe { out.range(a, b) }, seed, a as u64, cut, scale));
     Ok(())
 }
 
@@ -78,11 +74,8 @@ pub fn dropout_inplace_f32(x: &mut [f32], seed: u64, p: f32) -> Result<()> {
     let (cut, scale) = (threshold(p)?, (1.0 / (1.0 - p as f64)) as f32);
     let n = x.len();
     let data = Shared::new(x);
-    crate::omp::run(n.div_ceil(PART), &|i| {
-        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
-        // SAFETY: part i touches only a..b.
-        apply_inplace(unsafe { data.range(a, b) }, seed, a as u64, cut, scale);
-    });
+    // SAFETY: each range a..b is touched by one part only.
+    omp::for_ranges(n, &|a, b| apply_inplace(unsafe { data.range(a, b) }, seed, a as u64, cut, scale));
     Ok(())
 }
 

@@ -73,3 +73,32 @@ pub fn run(parts: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
         _ => (0..parts).map(|i| catch_unwind(AssertUnwindSafe(|| task(i))).is_ok()).fold(true, |a, b| a & b),
     }
 }
+
+/// Elements per part when a kernel's elementwise work is split with [`for_ranges`].
+pub(crate) const PART: usize = 1 << 16;
+
+/// `task(a, b)` for consecutive ranges `a..b` of `0..n`, [`PART`] elements each (the last one
+/// shorter), through [`run`]. A part's panic is raised again here once every part has run.
+pub(crate) fn for_ranges(n: usize, task: &(dyn Fn(usize, usize) + Sync)) {
+    let ok = run(n.div_ceil(PART), &|i| task(i * PART, ((i + 1) * PART).min(n)));
+    assert!(ok, "a part of a parallel kernel panicked");
+}
+
+/// A mutable slice shared by parts that write disjoint ranges of it.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared(*mut f32, usize);
+// SAFETY: parts only take disjoint ranges (see `range`), so no element is shared between threads.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    pub(crate) fn new(s: &mut [f32]) -> Self {
+        Shared(s.as_mut_ptr(), s.len())
+    }
+
+    /// SAFETY: callers hand each part a range no other part touches.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), end.min(self.1) - start)
+    }
+}

@@ -5,6 +5,7 @@
 //! polynomial, within 2 ulp over the float range) because the libm call does not vectorize.
 
 use crate::error::{Error, Result};
+use crate::omp::{self, Shared};
 use crate::quant::simd::multiversion;
 
 /// e^x for float32, 2-ulp accurate, branch-free (so loops over it vectorize).
@@ -60,47 +61,22 @@ fn same_len(what: &str, lens: &[usize]) -> Result<()> {
     }
 }
 
-/// Elements per part when a kernel is split over the OpenMP team (crate::omp).
-pub(crate) const PART: usize = 1 << 16;
-
-/// A mutable slice shared by parts that write disjoint ranges of it.
-#[derive(Clone, Copy)]
-pub(crate) struct Shared(*mut f32, usize);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-impl Shared {
-    pub(crate) fn new(s: &mut [f32]) -> Self {
-        Shared(s.as_mut_ptr(), s.len())
-    }
-    /// SAFETY: callers hand each part a range no other part touches.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(start), end.min(self.1) - start)
-    }
-}
-
 /// `y = silu(gate) * up`.
 pub fn forward(gate: &[f32], up: &[f32], y: &mut [f32]) -> Result<()> {
     same_len("forward (gate, up, y)", &[gate.len(), up.len(), y.len()])?;
-    let n = y.len();
     let out = Shared::new(y);
-    crate::omp::run(n.div_ceil(PART), &|i| {
-        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
-        // SAFETY: part i writes only a..b.
-        forward_seq(&gate[a..b], &up[a..b], unsafe { out.range(a, b) });
-    });
+    // SAFETY: each range a..b is written by one part only.
+    omp::for_ranges(gate.len(), &|a, b| forward_seq(&gate[a..b], &up[a..b], unsafe { out.range(a, b) }));
     Ok(())
 }
 
 /// With s = sigmoid(gate): `d_up = dy * gate * s`, `d_gate = dy * up * s * (1 + gate * (1 - s))`.
 pub fn backward(dy: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) -> Result<()> {
     same_len("backward (dy, gate, up, d_gate, d_up)", &[dy.len(), gate.len(), up.len(), d_gate.len(), d_up.len()])?;
-    let n = dy.len();
     let (dg, du) = (Shared::new(d_gate), Shared::new(d_up));
-    crate::omp::run(n.div_ceil(PART), &|i| {
-        let (a, b) = (i * PART, ((i + 1) * PART).min(n));
-        // SAFETY: part i writes only a..b of each output.
-        backward_seq(&dy[a..b], &gate[a..b], &up[a..b], unsafe { dg.range(a, b) }, unsafe { du.range(a, b) });
+    // SAFETY: each range a..b of each output is written by one part only.
+    omp::for_ranges(dy.len(), &|a, b| {
+        backward_seq(&dy[a..b], &gate[a..b], &up[a..b], unsafe { dg.range(a, b) }, unsafe { du.range(a, b) })
     });
     Ok(())
 }

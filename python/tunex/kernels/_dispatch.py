@@ -92,6 +92,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def native_f32(kernel, *tensors: torch.Tensor) -> bool:
+    """Whether a tunex native CPU kernel (None when the built extension lacks it) takes these
+    tensors: all float32 and on the CPU."""
+    return kernel is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def host_array(t: torch.Tensor):
     """A numpy view of a CPU tensor's data for tunex's native kernels, leaving its storage resizable.
 

@@ -98,12 +98,10 @@ class ActivationArena:
             else:
                 self._new_block(padded)
         # set_ rather than a view: autograd must see an ordinary tensor with its own version
-        # counter (views of one base share theirs, and every write would bump it for all)
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
+        # counter (views of one base share theirs, and every write would bump it for all);
+        # without strides set_ lays the tensor out contiguously
         out = torch.empty(0, dtype=dtype, device=self.device)
-        out.set_(block.untyped_storage(), self._offset // dtype.itemsize, shape, strides)
+        out.set_(block.untyped_storage(), self._offset // dtype.itemsize, shape)
         self._offset += padded
         self._used += padded
         return out

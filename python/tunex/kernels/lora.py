@@ -27,7 +27,7 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, host_array, no_autocast, use_triton
+from tunex.kernels._dispatch import compute_dtype, host_array, native_f32, no_autocast, use_triton
 from tunex.kernels.arena import kept_empty
 
 try:
@@ -48,10 +48,6 @@ def _keep_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
 
 
-def _native_applies(t: torch.Tensor) -> bool:
-    return _native_dropout is not None and t.device.type == "cpu" and t.dtype == torch.float32
-
-
 class _Dropout:
     """The dropout of one LoRA call, replayable in backward.
 
@@ -60,7 +56,7 @@ class _Dropout:
 
     def __init__(self, x2: torch.Tensor, p: float, triton: bool):
         self.p, self.keep, self.seed = p, None, 0
-        self.kind = "none" if p == 0 else "triton" if triton else "native" if _native_applies(x2) else "torch"
+        self.kind = "none" if p == 0 else "triton" if triton else "native" if native_f32(_native_dropout, x2) else "torch"
         if self.kind in ("triton", "native"):
             self.seed = _draw_seed()
         elif self.kind == "torch":
@@ -78,7 +74,7 @@ class _Dropout:
                 _native_dropout_inplace(host_array(t.view(-1)), self.seed, self.p)
                 return t
             out = torch.empty_like(t)
-            _native_dropout(host_array(t.view(-1)), out.view(-1).numpy(), self.seed, self.p)
+            _native_dropout(host_array(t.view(-1)), host_array(out.view(-1)), self.seed, self.p)
             return out
         return _apply_mask(t, self.keep, self.p, inplace)
 

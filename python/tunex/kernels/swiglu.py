@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import host_array, use_triton
+from tunex.kernels._dispatch import host_array, native_f32, use_triton
 
 try:
     from tunex._native import swiglu_backward_f32 as _native_backward
     from tunex._native import swiglu_forward_f32 as _native_forward
 except ImportError:  # an extension built before the kernels existed
     _native_forward = _native_backward = None
-
-
-def _native_applies(t: torch.Tensor) -> bool:
-    return _native_forward is not None and t.device.type == "cpu" and t.dtype == torch.float32
 
 
 def _flat(t: torch.Tensor):
@@ -35,7 +31,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _native_applies(gate):
+    if native_f32(_native_forward, gate):
         y = torch.empty_like(gate)
         _native_forward(_flat(gate), _flat(up), _flat(y))
         return y
@@ -43,7 +39,7 @@ def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_torch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    if _native_applies(gate) and dy.dtype == torch.float32:
+    if native_f32(_native_backward, gate, dy):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         _native_backward(_flat(dy), _flat(gate), _flat(up), _flat(d_gate), _flat(d_up))
         return d_gate, d_up

@@ -14,6 +14,7 @@ the NF4 layers no longer need).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import re
@@ -125,11 +126,20 @@ def _release(tensor: torch.Tensor) -> None:
         inside = any(lo <= first and last <= hi and _alive(ref) for lo, hi, ref in _maps)
     if not inside:
         return
+    madvise = _madvise()
+    if madvise is not None:
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc's madvise, looked up once; None where the process has none (not POSIX)."""
     try:
-        libc = ctypes.CDLL(None)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
+        fn = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
-        pass
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -149,8 +149,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_forward_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(set_omp_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(set_omp_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
