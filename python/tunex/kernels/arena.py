@@ -127,6 +127,15 @@ def kept_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return arena.empty(tuple(shape), dtype)
 
 
+def kept_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` moved into arena memory when an arena is active on its device (a copy; ``t`` is
+    then the caller's to drop), else ``t`` itself. For results that an op can only return fresh."""
+    arena = getattr(_local, "arena", None)
+    if arena is None or t.device != arena.device:
+        return t
+    return arena.empty(tuple(t.shape), t.dtype).copy_(t)
+
+
 class _KeptAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

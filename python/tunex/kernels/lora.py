@@ -27,8 +27,8 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, host_array, native_f32, no_autocast, use_triton
-from tunex.kernels.arena import kept_empty
+from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, native_f32, no_autocast, use_triton
+from tunex.kernels.arena import kept_copy
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
@@ -133,20 +133,16 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features).to(dtype).contiguous()  # (N, in)
         w = _dense(base_fn if base_fn is not None else weight, dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
-        if kept:  # the output lives until backward (v, gate, up): arena memory when there is one
-            y = kept_empty((x2.shape[0], w.shape[0]), dtype, x2.device)
-            if bias is None:
-                torch.mm(x2, w.t(), out=y)
-            else:
-                torch.addmm(bias.to(dtype), x2, w.t(), out=y)
-        else:
-            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
+        y = matmul_nt(x2, w, bias=None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
         drop = _Dropout(x2, dropout, ctx.triton)
         xd = drop(x2)
-        h = torch.mm(xd, a.T, out=kept_empty((xd.shape[0], a.shape[0]), dtype, xd.device))  # (N, r), saved
+        h = matmul_nt(xd, a)  # (N, r), saved
         del xd
         y.addmm_(h, b.T, alpha=scaling)
+        if kept:  # the output lives until backward (v, gate, up): arena memory when there is one
+            y = kept_copy(y)
+        h = kept_copy(h)
         keep_x = None if ctx.x_recompute is not None else x2
         ctx.save_for_backward(keep_x, weight if base_fn is None else None, lora_a, lora_b, h, drop.keep)
         drop.keep = None  # saved above (autograd guards it); the replay gets it back in backward
@@ -167,19 +163,19 @@ class LoRALinearFunction(torch.autograd.Function):
         g = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (N, out)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         d_a = d_b = d_x = d_bias = None
-        if need_b:
-            d_b = (g.T @ h).mul_(s).to(lora_b.dtype)  # (out, r)
-        dh = (g @ b).mul_(s) if (need_a or need_x) else None  # (N, r)
+        if need_b:  # (out, r); as (h.T @ g).T, the faster order for oneDNN
+            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().contiguous().to(lora_b.dtype)
+        dh = matmul_nt(g, b.t()).mul_(s) if (need_a or need_x) else None  # (N, r)
         if need_a:
             if x2 is None:  # not saved: rebuilt from tensors other nodes keep anyway
                 x2 = ctx.x_recompute().reshape(-1, ctx.x_shape[-1]).to(dtype).contiguous()
             xd = drop(x2)
-            d_a = (dh.T @ xd).to(lora_a.dtype)  # (r, in)
+            d_a = matmul_nt(dh.t(), xd.t()).to(lora_a.dtype)  # (r, in)
             del xd
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
-            d_lora = drop(dh @ a, inplace=True)  # (N, in); dropout's backward is the same masked scaling
-            d_x = d_lora.addmm_(g, w).view(ctx.x_shape).to(ctx.x_dtype)  # in place: d_lora is ours
+            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)  # (N, in); dropout's backward is the same masked scaling
+            d_x = matmul_nt(g, w.t(), add=d_lora).view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return d_x, None, d_a, d_b, d_bias, None, None, None, None, None, None

@@ -14,9 +14,15 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from tunex.kernels import _dispatch
+
 IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk: 16M = 64 MB, large enough for efficient matmuls.
 CHUNK_ELEMENTS = 1 << 24
+# With oneDNN's matmul on the CPU (which can only return a fresh tensor) chunks stay under 28 MB:
+# below glibc's 32 MB mmap cutoff the next chunk reuses the heap block the last one freed,
+# instead of mapping and faulting in 7k fresh pages. oneDNN keeps its rate at ~150 rows.
+ONEDNN_CHUNK_ELEMENTS = 7 << 20
 
 
 def _chunk_rows(vocab: int, chunk_elements: int) -> int:
@@ -31,6 +37,8 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time."""
     if not (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32):
         return F.linear(h, weight, bias).float()
+    if _dispatch.onednn_takes(h, weight):
+        return _dispatch.matmul_nt(h, weight, bias=None if bias is None else bias.float())
     shape = (rows, weight.shape[0])
     buf = getattr(_scratch, "logits", None)
     if buf is None or buf.shape != shape:
@@ -48,6 +56,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h = grad_wanted and ctx.needs_input_grad[0]
         need_w = grad_wanted and ctx.needs_input_grad[1]
         need_b = grad_wanted and bias is not None and ctx.needs_input_grad[2]
+        if _dispatch.onednn_takes(hidden, weight):
+            chunk_elements = min(chunk_elements, ONEDNN_CHUNK_ELEMENTS)
         rows = _chunk_rows(weight.shape[0], chunk_elements)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -72,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = logits.mul_(weight_row / sums)
             g.scatter_add_(1, safe, -weight_row)
             if need_h:
-                grad_h[start:start + rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(weight.dtype), weight.t()).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
             if need_b:

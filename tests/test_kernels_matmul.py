@@ -1,0 +1,88 @@
+"""tunex.kernels._dispatch.matmul_nt: the float32 CPU products of LoRA and the loss through oneDNN,
+with torch's own matmul as the fallback; both must give the same numbers to float32 rounding."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunex.kernels import _dispatch
+from tunex.kernels.lora import lora_linear
+from tunex.train import loss
+
+needs_onednn = pytest.mark.skipif(_dispatch._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+
+
+@pytest.fixture(params=[True, False], ids=["onednn", "torch"])
+def engine(request, monkeypatch):
+    monkeypatch.setattr(_dispatch, "onednn_enabled", request.param)
+    return request.param
+
+
+def _operands():
+    torch.manual_seed(0)
+    x, w = torch.randn(37, 24), torch.randn(19, 24)
+    return {
+        "plain": (x, w),
+        "x transposed view": (torch.randn(24, 37).t(), w),
+        "w transposed view": (x, torch.randn(24, 19).t()),
+        "both views": (torch.randn(24, 37).t(), torch.randn(24, 19).t()),
+    }
+
+
+@pytest.mark.parametrize("case", list(_operands()))
+def test_matmul_nt_matches_torch(engine, case):
+    x, w = _operands()[case]
+    bias, add = torch.randn(19), torch.randn(37, 19)
+    with torch.no_grad():
+        torch.testing.assert_close(_dispatch.matmul_nt(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_dispatch.matmul_nt(x, w, bias=bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+        want = x @ w.T + add
+        torch.testing.assert_close(_dispatch.matmul_nt(x, w, add=add.clone()), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_takes_only_float32_cpu_matrices_outside_autograd(monkeypatch):
+    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
+    m = torch.zeros(4, 4)
+    with torch.no_grad():
+        assert _dispatch.onednn_takes(m, m)
+        assert not _dispatch.onednn_takes(m.double(), m.double())
+        assert not _dispatch.onednn_takes(m.bfloat16(), m.bfloat16())
+        assert not _dispatch.onednn_takes(m[None], m)
+    assert not _dispatch.onednn_takes(m, m)  # grad mode on: the op has no derivative
+    monkeypatch.setattr(_dispatch, "onednn_enabled", False)
+    with torch.no_grad():
+        assert not _dispatch.onednn_takes(m, m)
+
+
+def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch):
+    monkeypatch.setattr(loss, "ONEDNN_CHUNK_ELEMENTS", 50 * 7)  # several chunks of 7 rows on oneDNN
+    torch.manual_seed(1)
+    h = torch.randn(3, 11, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    y = torch.randint(0, 50, (3, 11))
+    y[1, :5] = -100
+    ours = loss.linear_cross_entropy(h, w, y)
+    ours.backward()
+    ref_h = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy((ref_h @ w.T).reshape(-1, 50), y.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_gradients_agree_between_engines(monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(2, 9, 32)
+    w, a, b, bias = torch.randn(48, 32), torch.randn(8, 32) * 0.1, torch.randn(48, 8) * 0.1, torch.randn(48)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(_dispatch, "onednn_enabled", on)
+        leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+        torch.manual_seed(3)  # the same dropout mask on both sides
+        y = lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, bias=leaves[3], dropout=0.25)
+        (y * torch.linspace(-1, 1, 48)).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
