@@ -86,3 +86,24 @@ def test_lora_gradients_agree_between_engines(monkeypatch):
         results.append([y.detach()] + [t.grad for t in leaves])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "full"])
+def test_linear_layers_match_torch_with_gradients(engine, trainable):
+    from tunex.kernels.gemv import linear
+    torch.manual_seed(4)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=trainable)
+    bias = torch.randn(24, requires_grad=trainable)
+    probe = torch.randn(3, 10, 24)
+    (linear(x, w, bias) * probe).sum().backward()
+    got = [t.grad for t in (x, w, bias)]
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, bias)]
+    (F.linear(*ref) * probe).sum().backward()
+    for g, t in zip(got, ref):
+        if t.grad is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # prefill: several rows, no autograd
+        torch.testing.assert_close(linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)

@@ -8,8 +8,9 @@ Fresh outputs are handed to Rust as ``.numpy()`` views; inputs and parameters as
 (``host_array``), which leave their storages resizable (FSDP2 resizes parameter storages).
 
 ``linear`` takes that path only where it is exact in kind (float32 on the CPU, no autograd, one row
-of input, contiguous weight) and calls ``F.linear`` everywhere else; the results agree with
-``F.linear`` to float32 rounding (the sums are split into lanes in a different order).
+of input, contiguous weight). Several float32 CPU rows (prefill, training) go through oneDNN's
+matmul (``_dispatch.matmul_nt``; with autograd, in a Function whose input gradient runs there too),
+and everything else through ``F.linear``; the results agree with ``F.linear`` to float32 rounding.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tunex.kernels._dispatch import host_array
+from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, onednn_takes
 
 try:
     from tunex._native import gemv_f32 as _gemv
@@ -68,11 +69,51 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     return _gemv_many(x, [(m.weight, m.bias) for m in layers])
 
 
+# Below this many rows oneDNN's per-call cost (~15 us through torch.ops) outweighs its faster GEMM.
+DENSE_MIN_ROWS = 8
+
+
+class _DenseLinear(torch.autograd.Function):
+    """``F.linear`` with the forward and the input gradient through ``matmul_nt`` (oneDNN); the
+    weight gradient (full fine-tuning) stays on torch.mm, which is as fast for that shape."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
+        ctx.x_shape = x.shape
+        return matmul_nt(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        g = dy.reshape(-1, dy.shape[-1])
+        dx = matmul_nt(g, weight.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(g.t(), x2) if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``linear`` runs a multi-row float32 CPU product through oneDNN."""
+    if x.dim() < 2 or x.numel() < DENSE_MIN_ROWS * x.shape[-1] or weight.dim() != 2 \
+            or (bias is not None and bias.dtype != torch.float32) or compute_dtype(x) != torch.float32:
+        return False
+    with torch.no_grad():  # onednn_takes refuses grad mode, which _DenseLinear handles
+        return onednn_takes(x.reshape(-1, x.shape[-1]), weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the multi-core Rust GEMV when ``x`` is one float32 row."""
-    if not (gemv_applies(x, weight) and _bias_ok(bias)):
-        return F.linear(x, weight, bias)
-    return _gemv_many(x, [(weight, bias)])[0]
+    """``F.linear(x, weight, bias)``: through the multi-core Rust GEMV when ``x`` is one float32 row,
+    through oneDNN when it is several float32 CPU rows, else torch's own."""
+    if gemv_applies(x, weight) and _bias_ok(bias):
+        return _gemv_many(x, [(weight, bias)])[0]
+    if dense_applies(x, weight, bias):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _DenseLinear.apply(x, weight, bias)
+        return matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
