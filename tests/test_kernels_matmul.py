@@ -16,6 +16,7 @@ needs_onednn = pytest.mark.skipif(_dispatch._ONEDNN_LINEAR is None, reason="torc
 @pytest.fixture(params=[True, False], ids=["onednn", "torch"])
 def engine(request, monkeypatch):
     monkeypatch.setattr(_dispatch, "onednn_enabled", request.param)
+    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)  # these products are small
     return request.param
 
 
@@ -39,6 +40,19 @@ def test_matmul_nt_matches_torch(engine, case):
         torch.testing.assert_close(_dispatch.matmul_nt(x, w, bias=bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
         want = x @ w.T + add
         torch.testing.assert_close(_dispatch.matmul_nt(x, w, add=add.clone()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_small_products_stay_on_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *args: calls.append(args))
+    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
+    with torch.no_grad():
+        x, w = torch.randn(16, 64), torch.randn(64, 64)
+        torch.testing.assert_close(_dispatch.matmul_nt(x, w), x @ w.T)
+        assert not calls
+        monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 16 * 64 * 64)
+        _dispatch.matmul_nt(x, w)
+        assert len(calls) == 1
 
 
 @needs_onednn
@@ -73,6 +87,7 @@ def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch):
 
 
 def test_lora_gradients_agree_between_engines(monkeypatch):
+    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
     torch.manual_seed(2)
     x = torch.randn(2, 9, 32)
     w, a, b, bias = torch.randn(48, 32), torch.randn(8, 32) * 0.1, torch.randn(48, 8) * 0.1, torch.randn(48)

@@ -119,6 +119,9 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 # Switched off with TUNEX_ONEDNN=0 (an escape hatch, and how A/B runs compare the two); tests
 # flip this attribute.
 onednn_enabled = os.environ.get("TUNEX_ONEDNN", "1") != "0"
+# Products below this many multiply-adds stay on torch.mm: a call through torch.ops costs ~15 us,
+# more than oneDNN's faster kernel saves on a small product (16 x 64 x 64 takes ~1 us).
+ONEDNN_MIN_MACS = 1 << 21
 
 
 def onednn_takes(*tensors: torch.Tensor) -> bool:
@@ -136,7 +139,7 @@ def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = N
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
     the caller's to give up: the torch path accumulates into it and returns it.
     """
-    if onednn_takes(x, w) and (bias is None or bias.dtype == torch.float32) \
+    if onednn_takes(x, w) and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS and (bias is None or bias.dtype == torch.float32) \
             and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0]))):
         if add is None:
             return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
