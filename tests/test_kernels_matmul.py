@@ -122,3 +122,16 @@ def test_linear_layers_match_torch_with_gradients(engine, trainable):
             torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # prefill: several rows, no autograd
         torch.testing.assert_close(linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_onednn_falls_back_to_torch_once(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", broken)
+    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
+    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="oneDNN matmul failed"):
+        torch.testing.assert_close(_dispatch.matmul_nt(x, w), x @ w.T)
+    assert _dispatch.onednn_enabled is False

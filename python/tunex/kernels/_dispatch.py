@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -139,11 +140,18 @@ def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = N
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
     the caller's to give up: the torch path accumulates into it and returns it.
     """
-    if onednn_takes(x, w) and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS and (bias is None or bias.dtype == torch.float32) \
+    global onednn_enabled
+    if onednn_takes(x, w) and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS \
+            and x.shape[1] == w.shape[1] and (bias is None or bias.dtype == torch.float32) \
             and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0]))):
-        if add is None:
-            return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
-        return _ONEDNN_LINEAR.binary(x, add.contiguous(), w, bias, "add")
+        try:
+            if add is None:
+                return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
+            return _ONEDNN_LINEAR.binary(x, add.contiguous(), w, bias, "add")
+        except RuntimeError as e:  # a oneDNN build that cannot run here: torch's matmul from now on
+            onednn_enabled = False
+            warnings.warn(f"tunex: oneDNN matmul failed ({e}); using torch.mm from now on "
+                          "(set TUNEX_ONEDNN=0 to skip the attempt)", RuntimeWarning, stacklevel=2)
     if add is None:
         return torch.nn.functional.linear(x, w, bias)
     add.addmm_(x, w.t())
