@@ -58,16 +58,23 @@ def test_small_products_stay_on_torch(monkeypatch):
 @needs_onednn
 def test_onednn_takes_only_float32_cpu_matrices_outside_autograd(monkeypatch):
     monkeypatch.setattr(_dispatch, "onednn_enabled", True)
+    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
     m = torch.zeros(4, 4)
+    assert _dispatch.onednn_fits(m, m)
+    assert not _dispatch.onednn_fits(m.double(), m.double())
+    assert not _dispatch.onednn_fits(m.bfloat16(), m.bfloat16())
+    assert not _dispatch.onednn_fits(m[None], m)
+    assert not _dispatch.onednn_fits(m, torch.zeros(4, 5))  # inner dims differ: torch reports it
+    calls = []
+    real = _dispatch._ONEDNN_LINEAR
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or real(*args))
+    _dispatch.matmul_nt(m, m)  # grad mode on: the op has no derivative, so torch runs it
+    assert not calls
     with torch.no_grad():
-        assert _dispatch.onednn_takes(m, m)
-        assert not _dispatch.onednn_takes(m.double(), m.double())
-        assert not _dispatch.onednn_takes(m.bfloat16(), m.bfloat16())
-        assert not _dispatch.onednn_takes(m[None], m)
-    assert not _dispatch.onednn_takes(m, m)  # grad mode on: the op has no derivative
+        _dispatch.matmul_nt(m, m)
+    assert calls == [1]
     monkeypatch.setattr(_dispatch, "onednn_enabled", False)
-    with torch.no_grad():
-        assert not _dispatch.onednn_takes(m, m)
+    assert not _dispatch.onednn_fits(m, m)
 
 
 def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch):

@@ -125,11 +125,12 @@ onednn_enabled = os.environ.get("TUNEX_ONEDNN", "1") != "0"
 ONEDNN_MIN_MACS = 1 << 21
 
 
-def onednn_takes(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`matmul_nt` runs these operands through oneDNN (float32, 2-D, on the CPU,
-    outside autograd, oneDNN present and not switched off)."""
-    return onednn_enabled and _ONEDNN_LINEAR is not None and not torch.is_grad_enabled() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 for t in tensors)
+def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x @ w.T`` is a product for oneDNN: both float32 2-D CPU tensors that fit, of at
+    least ONEDNN_MIN_MACS multiply-adds, oneDNN present and not switched off."""
+    return (onednn_enabled and _ONEDNN_LINEAR is not None and x.dim() == 2 and w.dim() == 2
+            and x.shape[1] == w.shape[1] and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w)))
 
 
 def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -141,8 +142,7 @@ def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = N
     the caller's to give up: the torch path accumulates into it and returns it.
     """
     global onednn_enabled
-    if onednn_takes(x, w) and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS \
-            and x.shape[1] == w.shape[1] and (bias is None or bias.dtype == torch.float32) \
+    if not torch.is_grad_enabled() and onednn_fits(x, w) and (bias is None or bias.dtype == torch.float32) \
             and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0]))):
         try:
             if add is None:

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, onednn_takes
+from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, onednn_fits
 
 try:
     from tunex._native import gemv_f32 as _gemv
@@ -69,10 +69,6 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     return _gemv_many(x, [(m.weight, m.bias) for m in layers])
 
 
-# Below this many rows oneDNN's per-call cost (~15 us through torch.ops) outweighs its faster GEMM.
-DENSE_MIN_ROWS = 8
-
-
 class _DenseLinear(torch.autograd.Function):
     """``F.linear`` with the forward and the input gradient through ``matmul_nt`` (oneDNN); the
     weight gradient (full fine-tuning) stays on torch.mm, which is as fast for that shape."""
@@ -96,11 +92,8 @@ class _DenseLinear(torch.autograd.Function):
 
 def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether ``linear`` runs a multi-row float32 CPU product through oneDNN."""
-    if x.dim() < 2 or x.numel() < DENSE_MIN_ROWS * x.shape[-1] or weight.dim() != 2 \
-            or (bias is not None and bias.dtype != torch.float32) or compute_dtype(x) != torch.float32:
-        return False
-    with torch.no_grad():  # onednn_takes refuses grad mode, which _DenseLinear handles
-        return onednn_takes(x.reshape(-1, x.shape[-1]), weight)
+    return (x.dim() >= 2 and (bias is None or bias.dtype == torch.float32) and compute_dtype(x) == torch.float32
+            and onednn_fits(x.reshape(-1, x.shape[-1]), weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

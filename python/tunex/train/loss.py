@@ -37,7 +37,7 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time."""
     if not (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32):
         return F.linear(h, weight, bias).float()
-    if _dispatch.onednn_takes(h, weight):
+    if _dispatch.onednn_fits(h, weight):
         return _dispatch.matmul_nt(h, weight, bias=None if bias is None else bias.float())
     shape = (rows, weight.shape[0])
     buf = getattr(_scratch, "logits", None)
@@ -56,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h = grad_wanted and ctx.needs_input_grad[0]
         need_w = grad_wanted and ctx.needs_input_grad[1]
         need_b = grad_wanted and bias is not None and ctx.needs_input_grad[2]
-        if _dispatch.onednn_takes(hidden, weight):
+        if _dispatch.onednn_fits(hidden, weight):
             chunk_elements = min(chunk_elements, ONEDNN_CHUNK_ELEMENTS)
         rows = _chunk_rows(weight.shape[0], chunk_elements)
         total = hidden.new_zeros((), dtype=torch.float32)
