@@ -101,11 +101,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     through oneDNN when it is several float32 CPU rows, else torch's own."""
     if gemv_applies(x, weight) and _bias_ok(bias):
         return _gemv_many(x, [(weight, bias)])[0]
-    if dense_applies(x, weight, bias):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _DenseLinear.apply(x, weight, bias)
-        return matmul_nt(x.reshape(-1, x.shape[-1]), weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+    if dense_applies(x, weight, bias):  # without autograd (prefill) the Function only runs forward
+        return _DenseLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
