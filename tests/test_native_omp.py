@@ -60,3 +60,36 @@ def test_swiglu_same_bytes_with_and_without_the_team(both_ways):
         serial, team = both_ways(fn)
         assert torch.equal(serial, team)
     torch.testing.assert_close(forward(), torch.nn.functional.silu(g) * u, rtol=1e-6, atol=1e-6)
+
+
+TIERS = """
+import hashlib, torch, tunex._native as native
+gen = torch.Generator().manual_seed(5)
+n = 300_001
+g, u, dy = (torch.randn(n, generator=gen) * 6 for _ in range(3))
+g[:8] = torch.tensor([0.0, -0.0, 88.0, -88.0, 100.0, -100.0, float("inf"), -float("inf")])
+y, dg, du, dr = (torch.empty(n) for _ in range(4))
+native.swiglu_forward_f32(g.numpy(), u.numpy(), y.numpy())
+native.swiglu_backward_f32(dy.numpy(), g.numpy(), u.numpy(), dg.numpy(), du.numpy())
+native.dropout_f32(dy.numpy(), dr.numpy(), 77, 0.1)
+native.dropout_inplace_f32(dy.numpy(), 77, 0.1)
+h = hashlib.sha256()
+for t in (y, dg, du, dr, dy):
+    h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_dropout_and_swiglu_same_bytes_on_every_instruction_set_tier():
+    # Compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time; TUNEX_SIMD caps the
+    # tier (avx2: no AVX-512; portable: neither), so one machine checks all three give the same bytes.
+    import os
+    import subprocess
+    import sys
+    digests = set()
+    for simd in ("auto", "avx2", "portable"):
+        done = subprocess.run([sys.executable, "-c", TIERS], env={**os.environ, "TUNEX_SIMD": simd},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion;
+use crate::quant::simd::multiversion512;
 
 /// e^x for float32, 2-ulp accurate, branch-free (so loops over it vectorize).
 #[inline(always)]
@@ -35,7 +35,7 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-multiversion! {
+multiversion512! {
     fn forward_seq(gate: &[f32], up: &[f32], y: &mut [f32]) {
         for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
             *o = g * sigmoid(g) * u;
@@ -43,7 +43,7 @@ multiversion! {
     }
 }
 
-multiversion! {
+multiversion512! {
     fn backward_seq(dy: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
         for ((((dg, du), &d), &g), &u) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(dy).zip(gate).zip(up) {
             let s = sigmoid(g);

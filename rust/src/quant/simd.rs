@@ -65,12 +65,14 @@ macro_rules! multiversion512 {
 pub(crate) use multiversion512;
 
 /// Whether this CPU runs the AVX-512 versions of [`multiversion512!`] (AVX2 ones too).
+/// `TUNEX_SIMD=avx2` stops at AVX2, so tests can check that tier on an AVX-512 machine.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX512.get_or_init(|| {
         has_avx2()
+            && std::env::var("TUNEX_SIMD").map_or(true, |v| v != "avx2")
             && std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
