@@ -60,6 +60,11 @@ extern "C" fn trampoline(data: *mut c_void) {
     }
 }
 
+/// Whether [`run`] spreads parts over an OpenMP team (else they run in turn on the caller).
+pub fn available() -> bool {
+    omp().is_some() && ENABLED.load(Ordering::Relaxed)
+}
+
 /// `task(i)` for every `i` in `0..parts`, on the OpenMP team when the process has one (torch's),
 /// else on the calling thread. Returns false if a part panicked (the others still ran).
 pub fn run(parts: usize, task: &(dyn Fn(usize) + Sync)) -> bool {

@@ -64,3 +64,46 @@ unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
         }
     }
 }
+
+/// AVX-512 expansion of packed 4-bit codes into f32: the block's 16 values (`code[k] * absmax`,
+/// the same single rounding as the scalar path) sit in one register and each group of 16 codes
+/// is one `vpermps` lookup.
+///
+/// # Safety
+/// AVX-512 F/BW/VL must be available (`simd::has_avx512`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn expand_f32_blocks_avx512(code: &[f32; 16], blocksize: usize, packed: &[u8], absmax: &[f32],
+                                              out: &mut [f32]) {
+    // SAFETY (whole body): AVX-512 is enabled; every load reads 16 bytes at 16 * i with
+    // i < steps <= packed.len() / 16 and every store writes 32 f32 at 32 * i < out.len() - 31.
+    unsafe {
+        let codes = _mm512_loadu_ps(code.as_ptr());
+        let nibble = _mm_set1_epi8(0x0f);
+        for ((out, packed), &scale) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
+            let table = _mm512_mul_ps(codes, _mm512_set1_ps(scale));
+            let steps = (out.len() / 32).min(packed.len() / 16);
+            for i in 0..steps {
+                let bytes = _mm_loadu_si128(packed.as_ptr().add(i * 16).cast());
+                let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble); // even elements
+                let low = _mm_and_si128(bytes, nibble); // odd elements
+                let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)); // elements 0..16
+                let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low)); // elements 16..32
+                let dst = out.as_mut_ptr().add(i * 32);
+                _mm512_storeu_ps(dst, _mm512_permutexvar_ps(first, table));
+                _mm512_storeu_ps(dst.add(16), _mm512_permutexvar_ps(second, table));
+            }
+            let mut values = [0f32; 16];
+            _mm512_storeu_ps(values.as_mut_ptr(), table);
+            let (done_in, done_out) = (steps * 16, steps * 32);
+            let rest = &mut out[done_out..];
+            let mut pairs = rest.chunks_exact_mut(2);
+            for (pair, &byte) in (&mut pairs).zip(&packed[done_in..]) {
+                pair[0] = values[(byte >> 4) as usize];
+                pair[1] = values[(byte & 15) as usize];
+            }
+            if let [last] = pairs.into_remainder() {
+                *last = values[(packed[packed.len() - 1] >> 4) as usize];
+            }
+        }
+    }
+}

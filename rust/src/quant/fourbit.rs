@@ -13,6 +13,7 @@ use super::elem::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Elems, Float
 use super::simd::multiversion;
 use super::{check_blocksize, check_len, num_blocks, MAX_BLOCKSIZE};
 use crate::error::{Error, Result};
+use crate::omp::{self, Shared};
 
 /// Elements one rayon task handles: large enough to amortize scheduling, small enough to balance.
 const TASK_ELEMS: usize = 1 << 16;
@@ -207,9 +208,30 @@ pub fn dequantize_4bit(
     match dtype {
         FloatDtype::F32 => {
             let out: &mut [f32] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            out.par_chunks_mut(task_elems)
-                .zip(tasks)
-                .for_each(|(out, (packed, absmax))| expand_f32(&code, blocksize, packed, absmax, out));
+            let expand = |out: &mut [f32], packed: &[u8], absmax: &[f32]| {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::has_avx512() {
+                    // SAFETY: the CPU has AVX-512 F/BW/VL (checked just above).
+                    return unsafe { super::expand_x86::expand_f32_blocks_avx512(&code, blocksize, packed, absmax, out) };
+                }
+                expand_f32(&code, blocksize, packed, absmax, out)
+            };
+            if omp::available() {
+                // Training dequantizes every weight twice a step, between two oneDNN products on
+                // torch's OpenMP team: the same team does this too, so no second pool wakes up.
+                let shared = Shared::new(out);
+                let ok = omp::run(absmax.len().div_ceil(blocks_per_task), &|t| {
+                    let (b0, b1) = (t * blocks_per_task, ((t + 1) * blocks_per_task).min(absmax.len()));
+                    let (e0, e1) = (b0 * blocksize, (b1 * blocksize).min(n));
+                    // SAFETY: part t alone writes elements e0..e1.
+                    expand(unsafe { shared.range(e0, e1) }, &packed[e0 / 2..e1.div_ceil(2)], &absmax[b0..b1]);
+                });
+                assert!(ok, "a part of the 4-bit dequantization panicked");
+            } else {
+                out.par_chunks_mut(task_elems)
+                    .zip(tasks)
+                    .for_each(|(out, (packed, absmax))| expand(out, packed, absmax));
+            }
         }
         FloatDtype::BF16 => {
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
