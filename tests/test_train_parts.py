@@ -51,6 +51,40 @@ def test_chunked_cross_entropy_frozen_head_and_no_grad():
     assert linear_cross_entropy(h, w, all_ignored).item() == 0.0
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_float32_loss_native_and_torch_softmax_agree_with_full_logits(native, monkeypatch):
+    # float32 CPU chunks go through the Rust kernel (tunex._native.cross_entropy_f32) unless it is
+    # missing; both ways must give F.cross_entropy's loss and gradients, ignored labels included.
+    from tunex.train import loss as loss_mod
+    if native and loss_mod._native_xent is None:
+        pytest.skip("the extension has no cross-entropy kernel")
+    if not native:
+        monkeypatch.setattr(loss_mod, "_native_xent", None)
+    torch.manual_seed(1)
+    h = torch.randn(2, 37, 24, requires_grad=True)
+    w = (torch.randn(1000, 24) * 0.5).requires_grad_()
+    b = torch.randn(1000, requires_grad=True)
+    y = torch.randint(0, 1000, (2, 37))
+    y[1, 5:9] = -100
+    ours = linear_cross_entropy(h, w, y, b, chunk_elements=1000 * 16)
+    ours.backward()
+    got = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    ref = F.cross_entropy(F.linear(h, w, b).reshape(-1, 1000), y.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for g, t in zip(got, (h, w, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_float32_loss_rejects_a_label_outside_the_vocabulary():
+    h, w = torch.randn(6, 8), torch.randn(30, 8)
+    y = torch.tensor([1, 2, 3, 30, 4, 5])
+    with pytest.raises((ValueError, IndexError, RuntimeError), match="30"):
+        linear_cross_entropy(h, w, y)
+
+
 def test_schedule_shapes():
     assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)

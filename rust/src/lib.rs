@@ -11,6 +11,7 @@ pub mod quant;
 pub mod rmsnorm;
 pub mod safetensors;
 pub mod swiglu;
+pub mod xent;
 pub mod units;
 
 #[cfg(feature = "python")]

@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from tunex.kernels import _dispatch
+from tunex.kernels._dispatch import native_f32 as _native_f32
+
+try:
+    from tunex._native import cross_entropy_f32 as _native_xent
+except ImportError:  # an extension built before the kernel existed
+    _native_xent = None
 
 IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk: 16M = 64 MB, large enough for efficient matmuls.
@@ -49,6 +55,24 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias.float(), h, weight.t(), out=out)
 
 
+def _softmax_grad_torch(logits: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, weight_row: torch.Tensor,
+                        want_grad: bool, total: torch.Tensor) -> torch.Tensor | None:
+    """Adds the chunk's summed loss to ``total``; returns d loss / d logits = (softmax - onehot) *
+    weight_row, computed in place over the logits (None when no gradient is wanted)."""
+    safe = safe.unsqueeze(1)
+    picked = logits.gather(1, safe).squeeze(1)
+    # log-sum-exp and softmax in place: no temporary of the chunk's size
+    top = logits.amax(dim=1, keepdim=True)
+    sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(l - max)
+    lse = (top + sums.log()).squeeze(1)  # (c,)
+    total += ((lse - picked) * valid).sum()
+    if not want_grad:
+        return None
+    weight_row = weight_row.unsqueeze(1)
+    g = logits.mul_(weight_row / sums)
+    return g.scatter_add_(1, safe, -weight_row)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted):
@@ -68,19 +92,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = labels[start:start + rows]
             logits = _chunk_logits(h, weight, bias, rows)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
-            safe = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1)
-            picked = logits.gather(1, safe).squeeze(1)
-            # log-sum-exp and softmax in place: no temporary of the chunk's size
-            top = logits.amax(dim=1, keepdim=True)
-            sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(l - max)
-            lse = (top + sums.log()).squeeze(1)  # (c,)
-            total += ((lse - picked) * valid).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # d loss / d logits = (softmax - onehot) / denom on valid rows; computed in place.
-            weight_row = (valid.to(logits.dtype) / denom).unsqueeze(1)
-            g = logits.mul_(weight_row / sums)
-            g.scatter_add_(1, safe, -weight_row)
+            safe = torch.where(valid, y, torch.zeros_like(y))
+            want_grad = need_h or need_w or need_b
+            weight_row = valid.to(logits.dtype) / denom
+            if _native_f32(_native_xent, logits) and logits.is_contiguous():
+                # one Rust pass set per row: log-sum-exp, the label's logit and, in place, the gradient
+                lse, picked = torch.empty(len(y)), torch.empty(len(y))
+                _native_xent(_dispatch.host_array(logits.view(-1)), logits.shape[1], _dispatch.host_array(safe.to(torch.int64)),
+                             _dispatch.host_array(weight_row), want_grad, _dispatch.host_array(lse),
+                             _dispatch.host_array(picked))
+                total += ((lse - picked) * valid).sum()
+                if not want_grad:
+                    continue
+                g = logits
+            else:
+                g = _softmax_grad_torch(logits, safe, valid, weight_row, want_grad, total)
+                if g is None:
+                    continue
             if need_h:
                 grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(weight.dtype), weight.t()).to(hidden.dtype)
             if need_w:
@@ -119,6 +147,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
+    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= weight.shape[0]))
+    if bool(bad.any()):
+        at = int(bad.nonzero()[0, 0])
+        raise ValueError(f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
+                         f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target")
     if h.is_cuda and bias is None and denom is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
         from tunex.kernels import chunked_cross_entropy

@@ -4,7 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
-use crate::{dropout, rmsnorm, swiglu};
+use crate::{dropout, rmsnorm, swiglu, xent};
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
@@ -145,6 +145,21 @@ fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyRe
     Ok(())
 }
 
+/// Cross-entropy of a chunk of float32 logits (rows x vocab, flat), in place: `lse` and `picked`
+/// per row; with `grad`, the logits become `(softmax - onehot(label)) * weight` per row.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_f32(py: Python<'_>, mut logits: PyReadwriteArray1<'_, f32>, vocab: usize,
+                     labels: PyReadonlyArray1<'_, i64>, weight: PyReadonlyArray1<'_, f32>, grad: bool,
+                     mut lse: PyReadwriteArray1<'_, f32>, mut picked: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+    let logits = slice_mut("logits", logits.as_slice_mut())?;
+    let labels = super::contiguous("labels", "int64 array", labels.as_slice())?;
+    let weight = slice("weight", weight.as_slice())?;
+    let (lse, picked) = (slice_mut("lse", lse.as_slice_mut())?, slice_mut("picked", picked.as_slice_mut())?);
+    py.detach(|| xent::forward_backward(logits, vocab, labels, weight, grad, lse, picked))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
@@ -155,5 +170,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
     Ok(())
 }
