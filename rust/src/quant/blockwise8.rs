@@ -110,16 +110,23 @@ pub fn dequantize_blockwise_8bit(
     }
     check_len("dequantized output", out.len(), q.len())?;
     check_len("8-bit absmax", absmax.len(), q.len().div_ceil(blocksize))?;
-    out.par_chunks_mut(blocksize)
-        .zip(q.par_chunks(blocksize))
-        .zip(absmax.par_iter())
-        .for_each(|((out, q), &scale)| {
-            for (o, &k) in out.iter_mut().zip(q) {
-                *o = code[k as usize] * scale + offset;
-            }
-        });
+    let block = |((out, q), &scale): ((&mut [f32], &[u8]), &f32)| {
+        for (o, &k) in out.iter_mut().zip(q) {
+            *o = code[k as usize] * scale + offset;
+        }
+    };
+    if out.len() <= SERIAL_MAX {
+        // The double-quantized absmax of one weight (numel / 64 values) is decoded before each of
+        // its 4-bit dequantizations: waking a thread pool for ~14k values cost 10x the work.
+        out.chunks_mut(blocksize).zip(q.chunks(blocksize)).zip(absmax).for_each(block);
+    } else {
+        out.par_chunks_mut(blocksize).zip(q.par_chunks(blocksize)).zip(absmax.par_iter()).for_each(block);
+    }
     Ok(())
 }
+
+/// Up to this many values the 8-bit dequantization runs on the calling thread.
+const SERIAL_MAX: usize = 1 << 18;
 
 #[cfg(test)]
 mod tests {
