@@ -93,3 +93,26 @@ def test_dropout_and_swiglu_same_bytes_on_every_instruction_set_tier():
         assert done.returncode == 0, done.stderr[-2000:]
         digests.add(done.stdout.strip())
     assert len(digests) == 1
+
+
+def test_rmsnorm_same_bytes_with_and_without_the_team(both_ways):
+    rows, n = 1000, 576  # several parts of 113 rows and a ragged last one
+    x, dy, w = torch.randn(rows, n), torch.randn(rows, n), torch.randn(n)
+
+    def forward():
+        y, rstd = torch.empty(rows, n), torch.empty(rows)
+        native.rms_norm_forward_f32(x.view(-1).numpy(), w.numpy(), 1e-5, y.view(-1).numpy(), rstd.numpy())
+        return torch.cat([y.view(-1), rstd])
+
+    def backward():
+        rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
+        dx = torch.empty(rows, n)
+        native.rms_norm_backward_f32(dy.view(-1).numpy(), x.view(-1).numpy(), w.numpy(), rstd.numpy(),
+                                     dx.view(-1).numpy(), None)
+        return dx
+
+    for fn in (forward, backward):
+        serial, team = both_ways(fn)
+        assert torch.equal(serial, team)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(forward()[:rows * n].view(rows, n), ref, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@
 //! `dw = sum over rows of dy * x_hat`.
 
 use crate::error::{Error, Result};
+use crate::omp::{self, Shared};
 use crate::quant::simd::multiversion;
 
 const LANES: usize = 16;
@@ -76,8 +77,22 @@ fn rows(what: &str, n: usize, lens: &[(&str, usize)], rstd: usize) -> Result<()>
 /// `out = x * rstd * weight` row by row, `rstd` (one per row) written for the backward.
 pub fn forward_f32(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) -> Result<()> {
     rows("forward", weight.len(), &[("x", x.len()), ("out", out.len())], rstd.len())?;
-    forward_rows(x, weight, eps, out, rstd);
+    let n = weight.len();
+    let (out, rstd_out) = (Shared::new(out), Shared::new(rstd));
+    by_rows(x.len() / n, n, &|a, b| {
+        // SAFETY: rows a..b of out and rstd are this part's alone.
+        let (o, r) = unsafe { (out.range(a * n, b * n), rstd_out.range(a, b)) };
+        forward_rows(&x[a * n..b * n], weight, eps, o, r)
+    });
     Ok(())
+}
+
+/// `task(a, b)` for consecutive row ranges covering `0..rows`, ~64K values each, on torch's
+/// OpenMP team (rows are independent, so the bytes do not depend on the split).
+fn by_rows(rows: usize, n: usize, task: &(dyn Fn(usize, usize) + Sync)) {
+    let per = (omp::PART / n.max(1)).max(1);
+    let ok = omp::run(rows.div_ceil(per), &|i| task(i * per, ((i + 1) * per).min(rows)));
+    assert!(ok, "a part of an RMSNorm kernel panicked");
 }
 
 /// `dx` of RMSNorm given `dy`, the forward's `x` and `rstd`; `dw` (zeroed by the caller) gets the
@@ -97,7 +112,17 @@ pub fn backward_f32(
             return Err(Error::InvalidArgument(format!("rms_norm backward: dw has {} values, expected {n}", dw.len())));
         }
     }
-    backward_rows(dy, x, weight, rstd, dx, dw);
+    if dw.is_some() {
+        // the weight's gradient sums over all rows: one pass keeps that sum's order fixed
+        backward_rows(dy, x, weight, rstd, dx, dw);
+        return Ok(());
+    }
+    let out = Shared::new(dx);
+    by_rows(rstd.len(), n, &|a, b| {
+        // SAFETY: rows a..b of dx are this part's alone.
+        let d = unsafe { out.range(a * n, b * n) };
+        backward_rows(&dy[a * n..b * n], &x[a * n..b * n], weight, &rstd[a..b], d, None)
+    });
     Ok(())
 }
 
