@@ -262,6 +262,9 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             plot_loss(work)
         except FileNotFoundError:
             pass
+    # Leave together: a rank that left the process group (and exited) while rank 0 still ran the
+    # last evaluation aborted at exit now and then ("terminate called without an active exception")
+    barrier(env)
     return TrainResult(steps=step, last_loss=loss_value, checkpoint=saved, work_dir=work, is_main=is_main)
 
 
