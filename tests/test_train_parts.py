@@ -175,3 +175,20 @@ def test_loss_scaling_only_for_fp16_on_cuda():
     assert grad_scaler(cfg("float16"), torch.device("cpu")) is None
     assert grad_scaler(cfg("bfloat16"), torch.device("cuda")) is None
     assert isinstance(grad_scaler(cfg("float16"), torch.device("cuda")), torch.amp.GradScaler)
+
+
+def test_optimizer_takes_the_fused_kernel_on_the_cpu_with_the_same_step():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, r in zip(ps, ref):
+        p.grad = torch.randn_like(p)
+        r.grad = p.grad.clone()
+    opt = build_optimizer(ps, 1e-2, (0.9, 0.999), 0.1)
+    assert opt.defaults["fused"] is True
+    plain = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        opt.step()
+        plain.step()
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
