@@ -1,6 +1,7 @@
 """``tunex train CFG`` and ``tunex plot WORK_DIR``."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import click
@@ -52,6 +53,10 @@ def train(config: str, work_dir: str | None, seed: int | None, resume: str | Non
     try:
         result = run_training(cfg, work_dir=work_dir, seed=seed, resume=resume, stop_after=max_steps)
     finally:
+        # The model, its DDP wrapper and the optimizer are garbage now, some of them in reference
+        # cycles: free them while their process group still exists (left to the interpreter's
+        # exit, a DDP rank aborted there now and then: "terminate called without an active exception")
+        gc.collect()
         shutdown()
     if result.is_main:
         click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; "
