@@ -24,16 +24,7 @@ pub(crate) unsafe fn expand_u16_blocks(
         // SAFETY: AVX2 is enabled for this function; every load reads 16 bytes at 16 * i with
         // i < steps <= packed.len() / 16, every store writes 32 u16 at 32 * i < out.len() - 31.
         unsafe { expand_steps(&values, &packed[..steps * 16], &mut out[..steps * 32]) };
-        let (done_in, done_out) = (steps * 16, steps * 32);
-        let rest = &mut out[done_out..];
-        let mut pairs = rest.chunks_exact_mut(2);
-        for (pair, &byte) in (&mut pairs).zip(&packed[done_in..]) {
-            pair[0] = values[(byte >> 4) as usize];
-            pair[1] = values[(byte & 15) as usize];
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = values[(packed[packed.len() - 1] >> 4) as usize];
-        }
+        super::fourbit::expand_pairs(&values, &packed[steps * 16..], &mut out[steps * 32..]);
     }
 }
 
@@ -94,16 +85,7 @@ pub(crate) unsafe fn expand_f32_blocks_avx512(code: &[f32; 16], blocksize: usize
             }
             let mut values = [0f32; 16];
             _mm512_storeu_ps(values.as_mut_ptr(), table);
-            let (done_in, done_out) = (steps * 16, steps * 32);
-            let rest = &mut out[done_out..];
-            let mut pairs = rest.chunks_exact_mut(2);
-            for (pair, &byte) in (&mut pairs).zip(&packed[done_in..]) {
-                pair[0] = values[(byte >> 4) as usize];
-                pair[1] = values[(byte & 15) as usize];
-            }
-            if let [last] = pairs.into_remainder() {
-                *last = values[(packed[packed.len() - 1] >> 4) as usize];
-            }
+            super::fourbit::expand_pairs(&values, &packed[steps * 16..], &mut out[steps * 32..]);
         }
     }
 }

@@ -286,14 +286,21 @@ fn expand_blocks<T: Copy>(blocksize: usize, packed: &[u8], absmax: &[f32], out: 
     for ((out, packed), &scale) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
         // Built as plain arrays so the 16 products and conversions vectorize.
         let table: [T; 16] = std::array::from_fn(|k| value(k, scale));
-        let mut pairs = out.chunks_exact_mut(2);
-        for (pair, &byte) in (&mut pairs).zip(packed) {
-            pair[0] = table[(byte >> 4) as usize];
-            pair[1] = table[(byte & 15) as usize];
-        }
-        if let [last] = pairs.into_remainder() {
-            *last = table[(packed[packed.len() - 1] >> 4) as usize];
-        }
+        expand_pairs(&table, packed, out);
+    }
+}
+
+/// Two table lookups per packed byte (high nibble first); an odd `out` takes the last byte's high
+/// nibble alone.
+#[inline(always)]
+pub(crate) fn expand_pairs<T: Copy>(table: &[T; 16], packed: &[u8], out: &mut [T]) {
+    let mut pairs = out.chunks_exact_mut(2);
+    for (pair, &byte) in (&mut pairs).zip(packed) {
+        pair[0] = table[(byte >> 4) as usize];
+        pair[1] = table[(byte & 15) as usize];
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = table[(packed[packed.len() - 1] >> 4) as usize];
     }
 }
 

@@ -6,34 +6,21 @@
 /// Declare `fn NAME(args) -> R { body }` compiled for AVX2+FMA and for the baseline target,
 /// dispatched on the CPU it runs on.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn portable($($arg: $ty),*) $(-> $ret)? $body
-
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    portable($($arg),*)
-                }
-                if $crate::quant::simd::has_avx2() {
-                    // SAFETY: the CPU reports every feature `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            portable($($arg),*)
-        }
-    };
+    ($($item:tt)*) => { $crate::quant::simd::multiversion_tiers! { false; $($item)* } };
 }
 pub(crate) use multiversion;
 
 /// Like [`multiversion!`], with an AVX-512 version tried first. For integer-heavy loops (the
-/// dropout hash: 32-bit multiplies), where 16 lanes beat 8 even on cores that split 512-bit
-/// instructions in two; `TUNEX_SIMD=portable` still forces the baseline.
+/// dropout hash: 32-bit multiplies) and the exp polynomial, where 16 lanes beat 8 even on cores
+/// that split 512-bit instructions in two; `TUNEX_SIMD=portable` still forces the baseline.
 macro_rules! multiversion512 {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($($item:tt)*) => { $crate::quant::simd::multiversion_tiers! { true; $($item)* } };
+}
+pub(crate) use multiversion512;
+
+/// The body of both: `$wide` says whether the AVX-512 version is tried.
+macro_rules! multiversion_tiers {
+    ($wide:literal; $(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
@@ -49,7 +36,7 @@ macro_rules! multiversion512 {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if $crate::quant::simd::has_avx512() {
+                if $wide && $crate::quant::simd::has_avx512() {
                     // SAFETY: the CPU reports every feature `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
@@ -62,7 +49,7 @@ macro_rules! multiversion512 {
         }
     };
 }
-pub(crate) use multiversion512;
+pub(crate) use multiversion_tiers;
 
 /// Whether this CPU runs the AVX-512 versions of [`multiversion512!`] (AVX2 ones too).
 /// `TUNEX_SIMD=avx2` stops at AVX2, so tests can check that tier on an AVX-512 machine.
