@@ -29,7 +29,14 @@ fn key(seed: u64, i_hi: u32) -> u32 {
 /// under the key of its high half and the seed.
 #[inline(always)]
 pub fn draw(seed: u64, i: u64) -> u32 {
-    mix((i as u32) ^ key(seed, (i >> 32) as u32))
+    draw_keyed(key(seed, (i >> 32) as u32), i as u32)
+}
+
+/// The draw of the element whose index has the low half `i_lo`, under its block's key: the one
+/// formula the kernels' loops and `draw` share.
+#[inline(always)]
+fn draw_keyed(k: u32, i_lo: u32) -> u32 {
+    mix(i_lo ^ k)
 }
 
 /// Keep an element when its draw is at or above this: a drop probability of `p` to 2^-32.
@@ -45,7 +52,7 @@ multiversion512! {
         // the key is constant in the block (see `blocks`): 32-bit lanes only, so it vectorizes fully
         let (k, lo) = (key(seed, (offset >> 32) as u32), offset as u32);
         for (j, (o, v)) in dst.iter_mut().zip(src).enumerate() {
-            let keep = mix(lo.wrapping_add(j as u32) ^ k) >= cut;
+            let keep = draw_keyed(k, lo.wrapping_add(j as u32)) >= cut;
             *o = if keep { v * scale } else { 0.0 };
         }
     }
@@ -55,7 +62,7 @@ multiversion512! {
     fn apply_inplace_block(x: &mut [f32], seed: u64, offset: u64, cut: u32, scale: f32) {
         let (k, lo) = (key(seed, (offset >> 32) as u32), offset as u32);
         for (j, v) in x.iter_mut().enumerate() {
-            let keep = mix(lo.wrapping_add(j as u32) ^ k) >= cut;
+            let keep = draw_keyed(k, lo.wrapping_add(j as u32)) >= cut;
             *v = if keep { *v * scale } else { 0.0 };
         }
     }

@@ -98,9 +98,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if _native_f32(_native_xent, logits) and logits.is_contiguous():
                 # one Rust pass set per row: log-sum-exp, the label's logit and, in place, the gradient
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))
-                _native_xent(_dispatch.host_array(logits.view(-1)), logits.shape[1], _dispatch.host_array(safe.to(torch.int64)),
-                             _dispatch.host_array(weight_row), want_grad, _dispatch.host_array(lse),
-                             _dispatch.host_array(picked))
+                _native_xent(_dispatch.host_array(logits.view(-1)), logits.shape[1],
+                             _dispatch.host_array(safe.to(torch.int64)), _dispatch.host_array(weight_row),
+                             want_grad, _dispatch.host_array(lse), _dispatch.host_array(picked))
                 total += ((lse - picked) * valid).sum()
                 if not want_grad:
                     continue
