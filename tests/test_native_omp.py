@@ -73,14 +73,17 @@ native.swiglu_forward_f32(g.numpy(), u.numpy(), y.numpy())
 native.swiglu_backward_f32(dy.numpy(), g.numpy(), u.numpy(), dg.numpy(), du.numpy())
 native.dropout_f32(dy.numpy(), dr.numpy(), 77, 0.1)
 native.dropout_inplace_f32(dy.numpy(), 77, 0.1)
+rot = torch.empty(2 * 5 * 3000 * 10)
+native.rope_f32(g[:rot.numel()].numpy(), (150000, 30000, 10), rot.numpy(), (150000, 10, 50), u[:30000].numpy(),
+                dy[:30000].numpy(), 0, (2, 5, 3000, 10), False)
 h = hashlib.sha256()
-for t in (y, dg, du, dr, dy):
+for t in (y, dg, du, dr, dy, rot):
     h.update(t.numpy().tobytes())
 print(h.hexdigest())
 """
 
 
-def test_dropout_and_swiglu_same_bytes_on_every_instruction_set_tier():
+def test_kernels_same_bytes_on_every_instruction_set_tier():
     # Compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time; TUNEX_SIMD caps the
     # tier (avx2: no AVX-512; portable: neither), so one machine checks all three give the same bytes.
     import os
@@ -116,3 +119,35 @@ def test_rmsnorm_same_bytes_with_and_without_the_team(both_ways):
         assert torch.equal(serial, team)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     torch.testing.assert_close(forward()[:rows * n].view(rows, n), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("table", ["TD", "BTD"])
+def test_rope_same_bytes_as_the_torch_ops_and_lands_in_the_projection_layout(both_ways, table):
+    import importlib
+    rope = importlib.import_module("tunex.kernels.rope")
+    b, t, h, d = 3, 50, 5, 16  # 150 rows: several parts of a 64K-element split
+    x = torch.randn(b, t, h * d).view(b, t, h, d).transpose(1, 2)  # a projection's output as heads
+    shape = (1, 1, t, d) if table == "TD" else (b, 1, t, d)
+    cos, sin = torch.randn(shape), torch.randn(shape)
+    for backward in (False, True):
+        want = rope._rotate_torch(x, cos, sin, backward)
+        serial, team = both_ways(lambda: rope._rotate_native(x, cos, sin, backward))
+        assert torch.equal(serial, team) and torch.equal(team, want)
+        # forward: the (B, H, T, D) heads attention keeps; backward: the projection's (B, T, H, D)
+        assert team.transpose(1, 2).is_contiguous() if backward else team.is_contiguous()
+    grad = torch.randn(b, h, t, d)
+    assert torch.equal(rope._rotate_native(grad, cos, sin, True), rope._rotate_torch(grad, cos, sin, True))
+    assert rope._rotate_native(torch.randn(b, h, 0, d), cos[:, :, :0], sin[:, :, :0], False).numel() == 0
+
+
+def test_rope_native_rejects_what_would_write_out_of_bounds():
+    x, cos = torch.randn(24), torch.randn(12)
+    with pytest.raises(ValueError, match="rope: x holds 23 values"):
+        native.rope_f32(x[:23].numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 12, 4), cos.numpy(),
+                        cos.numpy(), 0, (1, 2, 3, 4), False)
+    with pytest.raises(ValueError, match="each element its own slot"):
+        native.rope_f32(x.numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 4, 4), cos.numpy(), cos.numpy(),
+                        0, (1, 2, 3, 4), False)
+    with pytest.raises(ValueError, match="positive even"):
+        native.rope_f32(x.numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 12, 4), cos.numpy(), cos.numpy(),
+                        0, (1, 2, 3, 3), False)

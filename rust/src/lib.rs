@@ -9,6 +9,7 @@ pub mod merge;
 pub mod omp;
 pub mod quant;
 pub mod rmsnorm;
+pub mod rope;
 pub mod safetensors;
 pub mod swiglu;
 pub mod xent;

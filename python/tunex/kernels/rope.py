@@ -7,13 +7,23 @@ The map is linear in x, so the backward needs only cos and sin (no activation is
 
     dx1 = dy1 * cos1 + dy2 * sin2
     dx2 = dy2 * cos2 - dy1 * sin1
+
+float32 on the CPU runs tunex's Rust kernel (tunex._native.rope_f32, one pass, the same bytes as
+the torch ops): the forward reads the heads in the projection's (B, T, H, D) layout where they lie
+and writes the (B, H, T, D) tensor attention keeps; the backward writes the gradient back in the
+(B, T, H, D) layout, so the projection's backward gets it without a transposing copy.
 """
 from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import use_triton
+from tunex.kernels._dispatch import host_array, native_f32, use_triton
 from tunex.kernels.arena import kept_empty
+
+try:
+    from tunex._native import rope_f32 as _native_rope
+except ImportError:  # an extension built before the kernel existed
+    _native_rope = None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +69,35 @@ def _rotate_torch(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backw
     return torch.cat(halves, dim=-1).to(x.dtype)
 
 
+def _span(t: torch.Tensor):
+    """A flat host view of the storage a tensor (non-negative strides) covers, from its first element."""
+    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return host_array(t.as_strided((n,), (1,)))
+
+
+def _rotate_native(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: bool) -> torch.Tensor:
+    b, h, t, d = x.shape
+    x = x.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if backward:  # (B, T, H, D) underneath: the projection's layout, so its reshape is a view
+        out = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    else:  # attention keeps the rotated heads for backward
+        out = kept_empty((b, h, t, d), x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    cos, sin = (table[:, 0].contiguous().view(-1) for table in (cos4, sin4))  # (B or 1) x (T, D)
+    _native_rope(_span(x), x.stride()[:3], _span(out), out.stride()[:3], host_array(cos), host_array(sin),
+                 t * d if cos4.shape[0] > 1 else 0, (b, h, t, d), backward)
+    return out
+
+
 def _rotate(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: bool, triton: bool):
     if triton:
         from tunex.kernels import rope_triton
         return rope_triton.rotate(x, cos4[:, 0], sin4[:, 0], backward)
+    if native_f32(_native_rope, x, cos4, sin4):
+        return _rotate_native(x, cos4, sin4, backward)
     return _rotate_torch(x, cos4, sin4, backward)
 
 

@@ -4,6 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
+use crate::rope::{self, Shape, Strides};
 use crate::{dropout, rmsnorm, swiglu, xent};
 use crate::infer::{self, Gemv};
 
@@ -160,6 +161,24 @@ fn cross_entropy_f32(py: Python<'_>, mut logits: PyReadwriteArray1<'_, f32>, voc
     Ok(())
 }
 
+/// RoPE (or, with `backward`, its transpose) of the (B, H, T, D) tensor `x` into `out`; both are
+/// flat spans with element strides (batch, head, pos) and a contiguous head dim; `cos`/`sin` are
+/// (T, D) tables per batch row, `table_batch` values apart (0: shared).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn rope_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, x_strides: (usize, usize, usize),
+            mut out: PyReadwriteArray1<'_, f32>, out_strides: (usize, usize, usize), cos: PyReadonlyArray1<'_, f32>,
+            sin: PyReadonlyArray1<'_, f32>, table_batch: usize, shape: (usize, usize, usize, usize),
+            backward: bool) -> PyResult<()> {
+    let (x, c, s) = (slice("x", x.as_slice())?, slice("cos", cos.as_slice())?, slice("sin", sin.as_slice())?);
+    let o = slice_mut("out", out.as_slice_mut())?;
+    let strides = |(batch, head, pos)| Strides { batch, head, pos };
+    let (batch, heads, seq, dim) = shape;
+    py.detach(|| rope::rotate(x, strides(x_strides), o, strides(out_strides), c, s, table_batch,
+                              Shape { batch, heads, seq, dim }, backward))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
@@ -171,5 +190,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(rope_f32, m)?)?;
     Ok(())
 }
