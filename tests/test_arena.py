@@ -90,7 +90,15 @@ def test_kept_attention_matches_sdpa_bit_for_bit(kv_heads):
         out = kept_causal_attention(q, k, v)
     assert out is not None
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+    # kept in (B, T, H, D) order: merging the heads for the output projection is a view
+    assert out.transpose(1, 2).is_contiguous()
+    merged = out.transpose(1, 2).reshape(2, 16, 32)
+    assert merged.data_ptr() == out.data_ptr()
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the gradient as the projection gives it back: (B, T, H * D) underneath
+    strided = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), strided), ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

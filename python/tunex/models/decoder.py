@@ -144,7 +144,9 @@ class Attention(nn.Module):
         y = kept_causal_attention(q, k, v) if causal and q.shape[2] == k.shape[2] else None
         if y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        def merge_heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, T, C): a copy
+        def merge_heads(t: torch.Tensor) -> torch.Tensor:
+            # (B, H, T, D) -> (B, T, C): a view when y lies in (B, T, H, D) order (the training
+            # kernel's kept output), else a copy
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
         if again is not None:  # attention keeps y for its backward; the copy need not be kept too
