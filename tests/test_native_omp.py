@@ -76,8 +76,14 @@ native.dropout_inplace_f32(dy.numpy(), 77, 0.1)
 rot = torch.empty(2 * 5 * 3000 * 10)
 native.rope_f32(g[:rot.numel()].numpy(), (150000, 30000, 10), rot.numpy(), (150000, 10, 50), u[:30000].numpy(),
                 dy[:30000].numpy(), 0, (2, 5, 3000, 10), False)
+m, c, r = 300, 77, 16  # the fused LoRA kernels: AVX-512 intrinsics vs the portable order
+lx, la, ldh = g[8:8 + m * c].clone(), u[:r * c].clone(), dy[:m * r].clone()  # g[:8] holds infinities
+down, grad_a, up = torch.empty(m * r), torch.empty(r * c), dy[:m * c].clone()
+native.lora_down_f32(lx.numpy(), c, la.numpy(), 9, 0.1, down.numpy())
+native.lora_grad_a_f32(ldh.numpy(), lx.numpy(), c, 9, 0.1, grad_a.numpy())
+native.lora_add_up_f32(up.numpy(), ldh.numpy(), la.numpy(), c, 9, 0.1)
 h = hashlib.sha256()
-for t in (y, dg, du, dr, dy, rot):
+for t in (y, dg, du, dr, dy, rot, down, grad_a, up):
     h.update(t.numpy().tobytes())
 print(h.hexdigest())
 """

@@ -11,7 +11,7 @@ use crate::omp::{self, Shared};
 use crate::quant::simd::multiversion512;
 
 #[inline(always)]
-fn mix(mut x: u32) -> u32 {
+pub(crate) fn mix(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
@@ -21,7 +21,7 @@ fn mix(mut x: u32) -> u32 {
 
 /// The key of the 2^32 elements whose index has the high half `i_hi`: the whole seed, mixed.
 #[inline(always)]
-fn key(seed: u64, i_hi: u32) -> u32 {
+pub(crate) fn key(seed: u64, i_hi: u32) -> u32 {
     mix(mix(((seed >> 32) as u32) ^ i_hi.wrapping_mul(0x9e37_79b9)) ^ seed as u32)
 }
 
@@ -40,7 +40,7 @@ fn draw_keyed(k: u32, i_lo: u32) -> u32 {
 }
 
 /// Keep an element when its draw is at or above this: a drop probability of `p` to 2^-32.
-fn threshold(p: f32) -> Result<u32> {
+pub(crate) fn threshold(p: f32) -> Result<u32> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::InvalidArgument(format!("dropout: probability {p} is outside [0, 1)")));
     }

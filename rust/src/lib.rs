@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod dropout;
 pub mod error;
 pub mod infer;
+pub mod lora;
 pub mod merge;
 pub mod omp;
 pub mod quant;

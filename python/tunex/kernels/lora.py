@@ -24,18 +24,25 @@ kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch'
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Union
 
 import torch
 
 from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, native_f32, no_autocast, use_triton
-from tunex.kernels.arena import kept_copy
+from tunex.kernels.arena import kept_copy, kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
     from tunex._native import dropout_inplace_f32 as _native_dropout_inplace
 except ImportError:  # an extension built before the kernel existed
     _native_dropout = _native_dropout_inplace = None
+try:
+    from tunex._native import lora_add_up_f32 as _native_add_up
+    from tunex._native import lora_down_f32 as _native_down
+    from tunex._native import lora_grad_a_f32 as _native_grad_a
+except ImportError:
+    _native_down = _native_grad_a = _native_add_up = None
 
 Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
@@ -62,6 +69,8 @@ class _Dropout:
             self.seed = _draw_seed()
         elif self.kind == "torch":
             self.keep = _keep_mask(x2, p)
+        # the adapter products with this mask fused in (tunex._native.lora_*_f32): float32 CPU only
+        self.fused = fused_enabled and self.kind in ("none", "native") and native_f32(_native_down, x2)
 
     def __call__(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """dropout(t) with this call's mask: the forward on x, the backward on a gradient."""
@@ -90,6 +99,14 @@ def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False
     """Triton dropout of a contiguous (N, in) tensor with the counter-based mask of ``seed``."""
     from tunex.kernels import lora_triton
     return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
+
+
+# Switched off with TUNEX_FUSED_LORA=0 (an escape hatch, and how A/B runs compare); tests flip it.
+fused_enabled = os.environ.get("TUNEX_FUSED_LORA", "1") != "0"
+
+
+def _flat(t: torch.Tensor):
+    return host_array(t.view(-1))
 
 
 def _draw_seed() -> int:
@@ -137,13 +154,17 @@ class LoRALinearFunction(torch.autograd.Function):
         y = matmul_nt(x2, w, bias=None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
         drop = _Dropout(x2, dropout, ctx.triton)
-        xd = drop(x2)
-        h = matmul_nt(xd, a)  # (N, r), saved
-        del xd
+        if drop.fused:  # h = dropout(x) @ A.T in one pass over x, straight into arena memory
+            a = a.contiguous()
+            h = kept_empty((x2.shape[0], a.shape[0]), dtype, x2.device)
+            _native_down(_flat(x2), in_features, _flat(a), drop.seed, drop.p, _flat(h))
+        else:
+            xd = drop(x2)
+            h = kept_copy(matmul_nt(xd, a))  # (N, r), saved
+            del xd
         y.addmm_(h, b.T, alpha=scaling)
         if kept:  # the output lives until backward (v, gate, up): arena memory when there is one
             y = kept_copy(y)
-        h = kept_copy(h)
         keep_x = None if ctx.x_recompute is not None else x2
         ctx.save_for_backward(keep_x, weight if base_fn is None else None, lora_a, lora_b, h, drop.keep)
         drop.keep = None  # saved above (autograd guards it); the replay gets it back in backward
@@ -170,13 +191,23 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_a:
             if x2 is None:  # not saved: rebuilt from tensors other nodes keep anyway
                 x2 = ctx.x_recompute().reshape(-1, ctx.x_shape[-1]).to(dtype).contiguous()
-            xd = drop(x2)
-            d_a = matmul_nt(dh.t(), xd.t()).to(lora_a.dtype)  # (r, in)
-            del xd
+            if drop.fused:  # dh.T @ dropout(x) in one pass over x
+                d_a = torch.empty(a.shape, dtype=dtype, device=a.device)
+                _native_grad_a(_flat(dh), _flat(x2), x2.shape[1], drop.seed, drop.p, _flat(d_a))
+            else:
+                xd = drop(x2)
+                d_a = matmul_nt(dh.t(), xd.t())  # (r, in)
+                del xd
+            d_a = d_a.to(lora_a.dtype)
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
-            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)  # (N, in); dropout's backward is the same masked scaling
-            d_x = matmul_nt(g, w.t(), add=d_lora).view(ctx.x_shape).to(ctx.x_dtype)
+            if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
+                d_x = matmul_nt(g, w.t())
+                _native_add_up(_flat(d_x), _flat(dh), _flat(a.contiguous()), d_x.shape[1], drop.seed, drop.p)
+            else:
+                d_lora = drop(matmul_nt(dh, a.t()), inplace=True)  # (N, in); dropout's backward is the same masked scaling
+                d_x = matmul_nt(g, w.t(), add=d_lora)
+            d_x = d_x.view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return d_x, None, d_a, d_b, d_bias, None, None, None, None, None, None

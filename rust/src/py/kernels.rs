@@ -5,7 +5,7 @@ use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
 use crate::rope::{self, Shape, Strides};
-use crate::{dropout, rmsnorm, swiglu, xent};
+use crate::{dropout, lora, rmsnorm, swiglu, xent};
 use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
@@ -179,6 +179,40 @@ fn rope_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, x_strides: (usize, usi
     Ok(())
 }
 
+/// LoRA's adapter side with its dropout (drop probability `p`, mask of `seed`) fused in:
+/// `h = dropout(x) @ a^T` for x (rows, cols), a (r, cols), h (rows, r), all flat.
+#[pyfunction]
+fn lora_down_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, cols: usize, a: PyReadonlyArray1<'_, f32>, seed: u64,
+                 p: f32, mut h: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+    let (x, a) = (slice("x", x.as_slice())?, slice("a", a.as_slice())?);
+    let h = slice_mut("h", h.as_slice_mut())?;
+    let mask = lora::Mask::new(seed, p)?;
+    py.detach(|| lora::down(x, cols, a, mask, h))?;
+    Ok(())
+}
+
+/// `d_a = dh^T @ dropout(x)` for dh (rows, r), x (rows, cols), d_a (r, cols).
+#[pyfunction]
+fn lora_grad_a_f32(py: Python<'_>, dh: PyReadonlyArray1<'_, f32>, x: PyReadonlyArray1<'_, f32>, cols: usize,
+                   seed: u64, p: f32, mut d_a: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+    let (dh, x) = (slice("dh", dh.as_slice())?, slice("x", x.as_slice())?);
+    let d_a = slice_mut("d_a", d_a.as_slice_mut())?;
+    let mask = lora::Mask::new(seed, p)?;
+    py.detach(|| lora::grad_a(dh, x, cols, mask, d_a))?;
+    Ok(())
+}
+
+/// `dx += dropout(dh @ a)` in place for dx (rows, cols), dh (rows, r), a (r, cols).
+#[pyfunction]
+fn lora_add_up_f32(py: Python<'_>, mut dx: PyReadwriteArray1<'_, f32>, dh: PyReadonlyArray1<'_, f32>,
+                   a: PyReadonlyArray1<'_, f32>, cols: usize, seed: u64, p: f32) -> PyResult<()> {
+    let (dh, a) = (slice("dh", dh.as_slice())?, slice("a", a.as_slice())?);
+    let dx = slice_mut("dx", dx.as_slice_mut())?;
+    let mask = lora::Mask::new(seed, p)?;
+    py.detach(|| lora::add_up(dx, dh, a, cols, mask))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
@@ -191,5 +225,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rope_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_down_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_grad_a_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_add_up_f32, m)?)?;
     Ok(())
 }
