@@ -1,8 +1,10 @@
 //! The adapter side of a LoRA linear on float32 CPU tensors, with the adapter's dropout fused in:
 //!
-//!     down     h   = dropout(x) @ A^T          (rows, r)
-//!     grad_a   dA  = dh^T @ dropout(x)         (r, cols)
-//!     add_up   dx += dropout(dh @ A)           (rows, cols), in place
+//! ```text
+//! down     h   = dropout(x) @ A^T          (rows, r)
+//! grad_a   dA  = dh^T @ dropout(x)         (r, cols)
+//! add_up   dx += dropout(dh @ A)           (rows, cols), in place
+//! ```
 //!
 //! for x (rows, cols), A (r, cols), dh (rows, r). The mask is `crate::dropout`'s for the same seed
 //! (element (n, j) has index n * cols + j), regenerated where it is needed: dropout(x) is never
@@ -86,6 +88,7 @@ fn mismatch(what: &str, detail: String) -> Error {
 // ---- portable versions (and the AVX2 tier, by auto-vectorization): the reference order ----
 
 multiversion512! {
+    #[allow(clippy::needless_range_loop)] // lane-parallel loops: the index is the lane
     fn down_rows_portable(x: &[f32], a: &[f32], cols: usize, mask: Mask, first_row: usize, h: &mut [f32]) {
         let r = a.len() / cols;
         let padded = cols.div_ceil(LANES) * LANES;
@@ -217,6 +220,7 @@ mod x86 {
 
     /// h[., q0..q0+QB] of ROWS rows whose dropped values are in `xd` (ROWS padded rows of `stride`).
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     unsafe fn down_block<const ROWS: usize, const QB: usize>(xd: &[f32], stride: usize, a: &[f32], cols: usize,
                                                             q0: usize, r: usize, out: &mut [f32]) {
         let mut acc = [[_mm512_setzero_ps(); QB]; ROWS];
@@ -279,6 +283,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn grad_a_block<const QB: usize>(dh: &[f32], x: &[f32], cols: usize, r: usize, q0: usize, mask: &Mask,
                                             key: __m512i, j: usize, d_a: &Shared) {
         let rows = x.len() / cols;

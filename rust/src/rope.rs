@@ -6,8 +6,10 @@
 //! output in place and writes the (B, H, T, D) heads attention wants, and the backward writes its
 //! gradient straight back in the projection's layout (no transposing copy on either side).
 //!
-//!     forward   y1 = x1 * cos1 - x2 * sin1      y2 = x2 * cos2 + x1 * sin2
-//!     backward  x1 = y1 * cos1 + y2 * sin2      x2 = y2 * cos2 - y1 * sin1
+//! ```text
+//! forward   y1 = x1 * cos1 - x2 * sin1      y2 = x2 * cos2 + x1 * sin2
+//! backward  x1 = y1 * cos1 + y2 * sin2      x2 = y2 * cos2 - y1 * sin1
+//! ```
 //!
 //! (x1, x2 the halves of the head dim). Each product is rounded on its own and never fused into a
 //! multiply-add, so the bytes equal torch's elementwise version.
