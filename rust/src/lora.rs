@@ -63,22 +63,22 @@ fn tree(mut s: [f32; LANES]) -> f32 {
     s[0]
 }
 
-fn shapes(what: &str, rows_of: &[(&str, usize)], cols: usize) -> Result<Vec<usize>> {
+/// (rows, r) of a kernel's three operands: `big` (rows, cols), `adapter` (r, cols), `small` (rows, r).
+fn dims(what: &str, big: (&str, usize), adapter: (&str, usize), small: (&str, usize), cols: usize)
+        -> Result<(usize, usize)> {
     if cols == 0 {
-        return Err(Error::InvalidArgument(format!("lora {what}: rows of 0 values")));
+        return Err(mismatch(what, "rows of 0 values".into()));
     }
-    rows_of
-        .iter()
-        .map(|&(name, len)| {
-            if len % cols == 0 {
-                Ok(len / cols)
-            } else {
-                Err(Error::InvalidArgument(format!(
-                    "lora {what}: {name} holds {len} values, not a whole number of rows of {cols}"
-                )))
-            }
-        })
-        .collect()
+    for (name, len) in [big, adapter] {
+        if len % cols != 0 {
+            return Err(mismatch(what, format!("{name} holds {len} values, not a whole number of rows of {cols}")));
+        }
+    }
+    let (rows, r) = (big.1 / cols, adapter.1 / cols);
+    if small.1 != rows * r {
+        return Err(mismatch(what, format!("{} holds {} values; expected rows x r = {rows} x {r}", small.0, small.1)));
+    }
+    Ok((rows, r))
 }
 
 fn mismatch(what: &str, detail: String) -> Error {
@@ -410,19 +410,13 @@ fn parts_ok(ok: bool, what: &str) -> Result<()> {
 
 /// `h = dropout(x) @ a^T` for x (rows, cols), a (r, cols), h (rows, r).
 pub fn down(x: &[f32], cols: usize, a: &[f32], mask: Mask, h: &mut [f32]) -> Result<()> {
-    let dims = shapes("down", &[("x", x.len()), ("a", a.len())], cols)?;
-    let (rows, r) = (dims[0], dims[1]);
-    if h.len() != rows * r {
-        return Err(mismatch("down", format!("h holds {} values; expected rows x r = {rows} x {r}", h.len())));
-    }
+    let (rows, r) = dims("down", ("x", x.len()), ("a", a.len()), ("h", h.len()), cols)?;
     if rows == 0 || r == 0 {
         return Ok(());
     }
-    let per = (omp::PART / cols).max(1);
     let out = Shared::new(h);
     let fast = wide(x.len());
-    let ok = omp::run(rows.div_ceil(per), &|part| {
-        let (lo, hi) = (part * per, ((part + 1) * per).min(rows));
+    let ok = omp::by_rows(rows, cols, &|lo, hi| {
         let xs = &x[lo * cols..hi * cols];
         // SAFETY: rows lo..hi of h are this part's alone.
         let hs = unsafe { out.range(lo * r, hi * r) };
@@ -439,11 +433,7 @@ pub fn down(x: &[f32], cols: usize, a: &[f32], mask: Mask, h: &mut [f32]) -> Res
 
 /// `d_a = dh^T @ dropout(x)` for dh (rows, r), x (rows, cols), d_a (r, cols).
 pub fn grad_a(dh: &[f32], x: &[f32], cols: usize, mask: Mask, d_a: &mut [f32]) -> Result<()> {
-    let dims = shapes("grad_a", &[("x", x.len()), ("d_a", d_a.len())], cols)?;
-    let (rows, r) = (dims[0], dims[1]);
-    if dh.len() != rows * r {
-        return Err(mismatch("grad_a", format!("dh holds {} values; expected rows x r = {rows} x {r}", dh.len())));
-    }
+    let (rows, _) = dims("grad_a", ("x", x.len()), ("d_a", d_a.len()), ("dh", dh.len()), cols)?;
     if rows == 0 {
         d_a.fill(0.0);
         return Ok(());
@@ -466,19 +456,13 @@ pub fn grad_a(dh: &[f32], x: &[f32], cols: usize, mask: Mask, d_a: &mut [f32]) -
 
 /// `dx += dropout(dh @ a)` for dx (rows, cols), dh (rows, r), a (r, cols).
 pub fn add_up(dx: &mut [f32], dh: &[f32], a: &[f32], cols: usize, mask: Mask) -> Result<()> {
-    let dims = shapes("add_up", &[("dx", dx.len()), ("a", a.len())], cols)?;
-    let (rows, r) = (dims[0], dims[1]);
-    if dh.len() != rows * r {
-        return Err(mismatch("add_up", format!("dh holds {} values; expected rows x r = {rows} x {r}", dh.len())));
-    }
+    let (rows, r) = dims("add_up", ("dx", dx.len()), ("a", a.len()), ("dh", dh.len()), cols)?;
     if rows == 0 || r == 0 {
         return Ok(());
     }
-    let per = (omp::PART / cols).max(1);
     let fast = wide(dx.len());
     let out = Shared::new(dx);
-    let ok = omp::run(rows.div_ceil(per), &|part| {
-        let (lo, hi) = (part * per, ((part + 1) * per).min(rows));
+    let ok = omp::by_rows(rows, cols, &|lo, hi| {
         // SAFETY: rows lo..hi of dx are this part's alone.
         let rows_out = unsafe { out.range(lo * cols, hi * cols) };
         let d = &dh[lo * r..hi * r];

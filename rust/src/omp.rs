@@ -89,6 +89,13 @@ pub(crate) fn for_ranges(n: usize, task: &(dyn Fn(usize, usize) + Sync)) {
     assert!(ok, "a part of a parallel kernel panicked");
 }
 
+/// `task(a, b)` for consecutive row ranges covering `0..rows`, ~[`PART`] values each (rows of
+/// `width` values), through [`run`]. Returns false if a part panicked.
+pub(crate) fn by_rows(rows: usize, width: usize, task: &(dyn Fn(usize, usize) + Sync)) -> bool {
+    let per = (PART / width.max(1)).max(1);
+    run(rows.div_ceil(per), &|i| task(i * per, ((i + 1) * per).min(rows)))
+}
+
 /// A mutable slice shared by parts that write disjoint ranges of it.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared(*mut f32, usize);

@@ -87,12 +87,10 @@ pub fn forward_f32(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rstd: &
     Ok(())
 }
 
-/// `task(a, b)` for consecutive row ranges covering `0..rows`, ~64K values each, on torch's
-/// OpenMP team (rows are independent, so the bytes do not depend on the split).
+/// `task(a, b)` over row ranges on torch's OpenMP team (rows are independent, so the bytes do not
+/// depend on the split).
 fn by_rows(rows: usize, n: usize, task: &(dyn Fn(usize, usize) + Sync)) {
-    let per = (omp::PART / n.max(1)).max(1);
-    let ok = omp::run(rows.div_ceil(per), &|i| task(i * per, ((i + 1) * per).min(rows)));
-    assert!(ok, "a part of an RMSNorm kernel panicked");
+    assert!(omp::by_rows(rows, n, task), "a part of an RMSNorm kernel panicked");
 }
 
 /// `dx` of RMSNorm given `dy`, the forward's `x` and `rstd`; `dw` (zeroed by the caller) gets the

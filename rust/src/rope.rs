@@ -104,11 +104,10 @@ pub fn rotate(x: &[f32], xs: Strides, out: &mut [f32], os: Strides, cos: &[f32],
         return bad(format!("cos/sin hold {} and {} values; expected {table} ((T, D) = ({seq}, {dim}) per \
                             batch row, {table_batch} apart)", cos.len(), sin.len()));
     }
-    let rows = batch * seq; // one part handles whole (batch, position) rows: all heads of them
-    let per = (omp::PART / (heads * dim)).max(1);
     let dst = Shared::new(out);
-    let ok = omp::run(rows.div_ceil(per), &|part| {
-        for row in part * per..((part + 1) * per).min(rows) {
+    // one part handles whole (batch, position) rows: all heads of them
+    let ok = omp::by_rows(batch * seq, heads * dim, &|lo, hi| {
+        for row in lo..hi {
             let (b, t) = (row / seq, row % seq);
             let at = b * table_batch + t * dim;
             let (c, s) = (&cos[at..at + dim], &sin[at..at + dim]);
