@@ -342,17 +342,37 @@ mod x86 {
         while j < cols {
             let t = tail_mask(cols - j);
             let w: [__m512; R] = std::array::from_fn(|q| _mm512_maskz_loadu_ps(t, a.as_ptr().add(q * cols + j)));
-            for n in 0..rows {
-                let d = dh.as_ptr().add(n * R);
-                let mut acc = _mm512_setzero_ps();
-                for (q, w) in w.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*d.add(q)), *w, acc);
-                }
-                let p = dx.as_mut_ptr().add(n * cols + j);
-                let v = _mm512_add_ps(_mm512_maskz_loadu_ps(t, p), dropped(mask, key, (first_row + n) * cols + j, t, acc));
-                _mm512_mask_storeu_ps(p, t, v);
+            // four rows at a time: four independent chains of multiply-adds keep the FMA units
+            // busy (one row's chain of R is latency-bound)
+            let mut n = 0;
+            while n + 4 <= rows {
+                add_up_chunk::<R, 4>(dx, dh, &w, cols, mask, key, first_row, n, j, t);
+                n += 4;
+            }
+            while n < rows {
+                add_up_chunk::<R, 1>(dx, dh, &w, cols, mask, key, first_row, n, j, t);
+                n += 1;
             }
             j += LANES;
+        }
+    }
+
+    /// Rows n..n+ROWS of one 16-column chunk of add_up, A's chunk in `w`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_up_chunk<const R: usize, const ROWS: usize>(dx: &mut [f32], dh: &[f32], w: &[__m512; R], cols: usize,
+                                                            mask: &Mask, key: __m512i, first_row: usize, n: usize,
+                                                            j: usize, t: __mmask16) {
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        for (q, w) in w.iter().enumerate() {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*dh.as_ptr().add((n + k) * R + q)), *w, *acc);
+            }
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            let p = dx.as_mut_ptr().add((n + k) * cols + j);
+            let v = _mm512_add_ps(_mm512_maskz_loadu_ps(t, p), dropped(mask, key, (first_row + n + k) * cols + j, t, *acc));
+            _mm512_mask_storeu_ps(p, t, v);
         }
     }
 
