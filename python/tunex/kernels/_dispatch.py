@@ -111,6 +111,11 @@ def host_array(t: torch.Tensor):
     return np.from_dlpack(t.detach())
 
 
+def host_flat(t: torch.Tensor):
+    """:func:`host_array` of a contiguous tensor as one flat array (what the native kernels take)."""
+    return host_array(t.view(-1))
+
+
 # oneDNN's matmul as torch ships it (the op torch.compile's CPU backend emits for linear layers).
 # For float32 on the CPU it runs the training shapes 8-30% faster than the MKL sgemm behind
 # torch.mm on the machines we measured (AMD EPYC, AVX-512), the skinny LoRA products and the

@@ -29,7 +29,7 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, native_f32, no_autocast, use_triton
+from tunex.kernels._dispatch import compute_dtype, host_flat, matmul_nt, native_f32, no_autocast, use_triton
 from tunex.kernels.arena import kept_copy, kept_empty
 
 try:
@@ -81,10 +81,10 @@ class _Dropout:
         if self.kind == "native":
             t = t.detach().contiguous()
             if inplace:
-                _native_dropout_inplace(host_array(t.view(-1)), self.seed, self.p)
+                _native_dropout_inplace(host_flat(t), self.seed, self.p)
                 return t
             out = torch.empty_like(t)
-            _native_dropout(host_array(t.view(-1)), host_array(out.view(-1)), self.seed, self.p)
+            _native_dropout(host_flat(t), host_flat(out), self.seed, self.p)
             return out
         return _apply_mask(t, self.keep, self.p, inplace)
 
@@ -103,10 +103,6 @@ def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False
 
 # Switched off with TUNEX_FUSED_LORA=0 (an escape hatch, and how A/B runs compare); tests flip it.
 fused_enabled = os.environ.get("TUNEX_FUSED_LORA", "1") != "0"
-
-
-def _flat(t: torch.Tensor):
-    return host_array(t.view(-1))
 
 
 def _draw_seed() -> int:
@@ -157,7 +153,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if drop.fused:  # h = dropout(x) @ A.T in one pass over x, straight into arena memory
             a = a.contiguous()
             h = kept_empty((x2.shape[0], a.shape[0]), dtype, x2.device)
-            _native_down(_flat(x2), in_features, _flat(a), drop.seed, drop.p, _flat(h))
+            _native_down(host_flat(x2), in_features, host_flat(a), drop.seed, drop.p, host_flat(h))
         else:
             xd = drop(x2)
             h = kept_copy(matmul_nt(xd, a))  # (N, r), saved
@@ -193,7 +189,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 x2 = ctx.x_recompute().reshape(-1, ctx.x_shape[-1]).to(dtype).contiguous()
             if drop.fused:  # dh.T @ dropout(x) in one pass over x
                 d_a = torch.empty(a.shape, dtype=dtype, device=a.device)
-                _native_grad_a(_flat(dh), _flat(x2), x2.shape[1], drop.seed, drop.p, _flat(d_a))
+                _native_grad_a(host_flat(dh), host_flat(x2), x2.shape[1], drop.seed, drop.p, host_flat(d_a))
             else:
                 xd = drop(x2)
                 d_a = matmul_nt(dh.t(), xd.t())  # (r, in)
@@ -203,7 +199,7 @@ class LoRALinearFunction(torch.autograd.Function):
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
             if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
                 d_x = matmul_nt(g, w.t())
-                _native_add_up(_flat(d_x), _flat(dh), _flat(a.contiguous()), d_x.shape[1], drop.seed, drop.p)
+                _native_add_up(host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed, drop.p)
             else:
                 d_lora = drop(matmul_nt(dh, a.t()), inplace=True)  # (N, in); dropout's backward is the same masked scaling
                 d_x = matmul_nt(g, w.t(), add=d_lora)

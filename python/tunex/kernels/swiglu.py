@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import host_array, native_f32, use_triton
+from tunex.kernels._dispatch import host_flat, native_f32, use_triton
 
 try:
     from tunex._native import swiglu_backward_f32 as _native_backward
     from tunex._native import swiglu_forward_f32 as _native_forward
 except ImportError:  # an extension built before the kernels existed
     _native_forward = _native_backward = None
-
-
-def _flat(t: torch.Tensor):
-    return host_array(t.view(-1))
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,7 +29,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if native_f32(_native_forward, gate):
         y = torch.empty_like(gate)
-        _native_forward(_flat(gate), _flat(up), _flat(y))
+        _native_forward(host_flat(gate), host_flat(up), host_flat(y))
         return y
     return swiglu_reference(gate, up)
 
@@ -41,7 +37,7 @@ def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _backward_torch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     if native_f32(_native_backward, gate, dy):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-        _native_backward(_flat(dy), _flat(gate), _flat(up), _flat(d_gate), _flat(d_up))
+        _native_backward(host_flat(dy), host_flat(gate), host_flat(up), host_flat(d_gate), host_flat(d_up))
         return d_gate, d_up
     g, u, d = gate.float(), up.float(), dy.float()
     s = torch.sigmoid(g)
