@@ -199,9 +199,11 @@ class LoRALinearFunction(torch.autograd.Function):
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
             if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
                 d_x = matmul_nt(g, w.t())
-                _native_add_up(host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed, drop.p)
+                _native_add_up(host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed,
+                               drop.p)
             else:
-                d_lora = drop(matmul_nt(dh, a.t()), inplace=True)  # (N, in); dropout's backward is the same masked scaling
+                # (N, in); dropout's backward is the same masked scaling
+                d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
                 d_x = matmul_nt(g, w.t(), add=d_lora)
             d_x = d_x.view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
