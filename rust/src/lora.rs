@@ -420,6 +420,19 @@ fn wide(elements: usize) -> bool {
     }
 }
 
+/// `$wide(args)` (the AVX-512 version) when `$fast`, else `$portable(args)`, as a part's body.
+macro_rules! tiered {
+    ($fast:expr, $wide:path, $portable:path, ($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if $fast {
+            // SAFETY: `wide` checked the CPU and the index range; the part's output is its own.
+            return unsafe { $wide($($arg),*) };
+        }
+        let _ = $fast;
+        $portable($($arg),*)
+    }};
+}
+
 fn parts_ok(ok: bool, what: &str) -> Result<()> {
     if ok {
         Ok(())
@@ -440,13 +453,7 @@ pub fn down(x: &[f32], cols: usize, a: &[f32], mask: Mask, h: &mut [f32]) -> Res
         let xs = &x[lo * cols..hi * cols];
         // SAFETY: rows lo..hi of h are this part's alone.
         let hs = unsafe { out.range(lo * r, hi * r) };
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `wide` checked the CPU and the index range.
-            return unsafe { x86::down_rows(xs, a, cols, mask, lo, hs) };
-        }
-        let _ = fast;
-        down_rows_portable(xs, a, cols, mask, lo, hs)
+        tiered!(fast, x86::down_rows, down_rows_portable, (xs, a, cols, mask, lo, hs))
     });
     parts_ok(ok, "down")
 }
@@ -462,14 +469,8 @@ pub fn grad_a(dh: &[f32], x: &[f32], cols: usize, mask: Mask, d_a: &mut [f32]) -
     let fast = wide(x.len());
     let chunks = cols.div_ceil(LANES);
     let ok = omp::run(chunks, &|c| {
-        let (j0, j1) = (c * LANES, ((c + 1) * LANES).min(cols));
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `wide` checked the CPU and the index range; columns j0..j1 are this part's.
-            return unsafe { x86::grad_a_cols(dh, x, cols, mask, j0, j1, &out) };
-        }
-        let _ = fast;
-        grad_a_cols_portable(dh, x, cols, mask, j0, j1, &out)
+        let (j0, j1) = (c * LANES, ((c + 1) * LANES).min(cols)); // columns j0..j1 are this part's
+        tiered!(fast, x86::grad_a_cols, grad_a_cols_portable, (dh, x, cols, mask, j0, j1, &out))
     });
     parts_ok(ok, "grad_a")
 }
@@ -486,13 +487,7 @@ pub fn add_up(dx: &mut [f32], dh: &[f32], a: &[f32], cols: usize, mask: Mask) ->
         // SAFETY: rows lo..hi of dx are this part's alone.
         let rows_out = unsafe { out.range(lo * cols, hi * cols) };
         let d = &dh[lo * r..hi * r];
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `wide` checked the CPU and the index range.
-            return unsafe { x86::add_up_rows(rows_out, d, a, cols, mask, lo) };
-        }
-        let _ = fast;
-        add_up_rows_portable(rows_out, d, a, cols, mask, lo)
+        tiered!(fast, x86::add_up_rows, add_up_rows_portable, (rows_out, d, a, cols, mask, lo))
     });
     parts_ok(ok, "add_up")
 }
