@@ -111,3 +111,54 @@ def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
     monkeypatch.delenv("TUNEX_MALLOC_TUNE")
     assert tune_malloc() is True  # glibc on these machines
     assert tune_malloc() is True
+
+
+@pytest.mark.parametrize("kv_heads,t,d", [(3, 37, 32), (6, 5, 16), (1, 70, 80)])
+def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_heads, t, d):
+    from tunex.kernels import attention
+    if attention._native_forward is None:
+        pytest.skip("extension built without the attention kernel")
+    torch.manual_seed(1)
+    q = torch.randn(2, 6, t, d, requires_grad=True)
+    k = torch.randn(2, kv_heads, t, d, requires_grad=True)
+    v = torch.randn(2, t, kv_heads, d).transpose(1, 2).requires_grad_()  # the projection's layout
+    grad = torch.randn(2, t, 6, d).transpose(1, 2)  # as o_proj's backward hands it over
+    assert attention.applies(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 6)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    with keeping(ActivationArena()):
+        out = kept_causal_attention(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"d{name}")
+    dq, _, dv = grads  # in the projections' (B, T, heads, D) layouts: their reshapes are views
+    assert dq.transpose(1, 2).is_contiguous() and dv.transpose(1, 2).is_contiguous()
+    # switched off: torch's flash attention again, bit for bit
+    monkeypatch.setattr(attention, "enabled", False)
+    with keeping(ActivationArena()):
+        out = kept_causal_attention(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_native_attention_rejects_what_would_read_or_write_out_of_bounds():
+    native = pytest.importorskip("tunex._native")
+    if not hasattr(native, "attention_forward_f32"):
+        pytest.skip("extension built without the attention kernel")
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 1, 4, 16)
+    out, lse = torch.zeros(1, 2, 4, 16), torch.zeros(8)
+    dense = (128, 64, 16)
+    with pytest.raises(ValueError, match=r"attention: q holds 127 values"):
+        native.attention_forward_f32((q.view(-1)[:127].numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
+                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), dense),
+                                     lse.numpy(), (1, 2, 1, 4, 16), 0.25)
+    with pytest.raises(ValueError, match=r"attention: out holds 128 values with strides"):
+        native.attention_forward_f32((q.view(-1).numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
+                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), (128, 0, 16)),
+                                     lse.numpy(), (1, 2, 1, 4, 16), 0.25)
+    with pytest.raises(ValueError, match=r"head dim 12; expected a positive multiple of 16"):
+        native.attention_forward_f32((q.view(-1).numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
+                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), dense),
+                                     lse.numpy(), (1, 2, 1, 4, 12), 0.25)
+    assert not out.any()

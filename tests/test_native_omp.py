@@ -82,8 +82,19 @@ down, grad_a, up = torch.empty(m * r), torch.empty(r * c), dy[:m * c].clone()
 native.lora_down_f32(lx.numpy(), c, la.numpy(), 9, 0.1, down.numpy())
 native.lora_grad_a_f32(ldh.numpy(), lx.numpy(), c, 9, 0.1, grad_a.numpy())
 native.lora_add_up_f32(up.numpy(), ldh.numpy(), la.numpy(), c, 9, 0.1)
+B, H, KV, T, D = 2, 6, 3, 29, 32  # causal attention: AVX-512 register tiles vs the portable order
+aq, ak, av, ado = (t[:B * H * T * D].clone() / 3 for t in (g[8:], u, dy, u.flip(0)))
+aq[:8] = 0.5  # g[:8] holds infinities
+att_out, att_lse = torch.empty(B * H * T * D), torch.empty(B * H * T)
+att_dq, att_dk, att_dv = torch.empty(B * H * T * D), torch.empty(B * KV * T * D), torch.empty(B * KV * T * D)
+qs, kvs = (H * T * D, T * D, D), (KV * T * D, T * D, D)
+native.attention_forward_f32((aq.numpy(), qs), (ak.numpy(), kvs), (av.numpy(), kvs), (att_out.numpy(), qs),
+                             att_lse.numpy(), (B, H, KV, T, D), 0.125)
+native.attention_backward_f32((ado.numpy(), qs), (aq.numpy(), qs), (ak.numpy(), kvs), (av.numpy(), kvs),
+                              (att_out.numpy(), qs), att_lse.numpy(), (att_dq.numpy(), qs), (att_dk.numpy(), kvs),
+                              (att_dv.numpy(), kvs), (B, H, KV, T, D), 0.125)
 h = hashlib.sha256()
-for t in (y, dg, du, dr, dy, rot, down, grad_a, up):
+for t in (y, dg, du, dr, dy, rot, down, grad_a, up, att_out, att_lse, att_dq, att_dk, att_dv):
     h.update(t.numpy().tobytes())
 print(h.hexdigest())
 """

@@ -2,6 +2,7 @@
 //! `py/` and are compiled only with the `python` feature (maturin turns it on).
 
 pub mod adapter;
+pub mod attention;
 pub mod dropout;
 pub mod error;
 pub mod infer;

@@ -113,4 +113,12 @@ impl Shared {
     pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), end.min(self.1) - start)
     }
+
+    /// A pointer to element `start`, for kernels that write strided rows of it.
+    ///
+    /// SAFETY: as [`Shared::range`], for every element written through it; `start` within the slice.
+    pub(crate) unsafe fn ptr(&self, start: usize) -> *mut f32 {
+        debug_assert!(start < self.1);
+        self.0.add(start)
+    }
 }

@@ -37,12 +37,12 @@ pub struct Shape {
 
 impl Shape {
     /// One past the largest index a tensor of this shape with strides `s` touches.
-    fn span(&self, s: Strides) -> usize {
+    pub(crate) fn span(&self, s: Strides) -> usize {
         (self.batch - 1) * s.batch + (self.heads - 1) * s.head + (self.seq - 1) * s.pos + self.dim
     }
 
     /// Whether strides `s` give every element its own slot (so parts writing rows never collide).
-    fn dense(&self, s: Strides) -> bool {
+    pub(crate) fn dense(&self, s: Strides) -> bool {
         let mut axes = [(s.batch, self.batch), (s.head, self.heads), (s.pos, self.seq)];
         axes.sort_unstable();
         let mut need = self.dim;

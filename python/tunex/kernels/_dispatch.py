@@ -111,6 +111,13 @@ def host_array(t: torch.Tensor):
     return np.from_dlpack(t.detach())
 
 
+def host_span(t: torch.Tensor):
+    """:func:`host_array` of the storage a tensor with non-negative strides covers, flat, from its
+    first element: with ``t.stride()`` it is what the native kernels that take strided tensors read."""
+    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return host_array(t.as_strided((n,), (1,)))
+
+
 def host_flat(t: torch.Tensor):
     """:func:`host_array` of a contiguous tensor as one flat array (what the native kernels take)."""
     return host_array(t.view(-1))

@@ -154,26 +154,39 @@ def kept_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _KeptAttention(torch.autograd.Function):
-    """torch's CPU flash attention, keeping its output and log-sum-exp in the arena (torch's own
-    autograd would keep them in the heap, pinned between temporaries). Same ops, same bits.
+    """Causal attention keeping its output and log-sum-exp in the arena (torch's own autograd would
+    keep them in the heap, pinned between temporaries). float32 runs tunex's Rust kernel
+    (:mod:`tunex.kernels.attention`) where it applies, else torch's CPU flash attention.
 
     The kept output lies in (B, T, H, D) order under its (B, H, T, D) shape: merging the heads for
     the output projection is then a view instead of a copy (in forward and again when backward
     rebuilds the projection's input), and the gradient coming back from that projection is
-    already in the order the kernel reads (it takes strided outputs and gradients)."""
+    already in the order the kernels read (both take strided outputs and gradients)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-        b, h, t, d = out.shape
-        kept_out = kept_empty((b, t, h, d), out.dtype, out.device).transpose(1, 2).copy_(out)
-        kept_lse = _kept_like(lse)
+        from tunex.kernels import attention
+
+        b, h, t, d = q.shape
+        kept_out = kept_empty((b, t, h, d), q.dtype, q.device).transpose(1, 2)
+        ctx.native = attention.applies(q, k, v)
+        if ctx.native:
+            kept_lse = kept_empty((b, h, t), torch.float32, q.device)
+            attention.forward(q, k, v, kept_out, kept_lse)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+            kept_out.copy_(out)
+            kept_lse = _kept_like(lse)
         ctx.save_for_backward(q, k, v, kept_out, kept_lse)
         return kept_out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
+        if ctx.native:
+            from tunex.kernels import attention
+
+            return attention.backward(grad, q, k, v, out, lse)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True)
 

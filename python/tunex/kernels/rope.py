@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from tunex.kernels._dispatch import host_array, native_f32, use_triton
+from tunex.kernels._dispatch import host_array, host_span, native_f32, use_triton
 from tunex.kernels.arena import kept_empty
 
 try:
@@ -69,12 +69,6 @@ def _rotate_torch(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backw
     return torch.cat(halves, dim=-1).to(x.dtype)
 
 
-def _span(t: torch.Tensor):
-    """A flat host view of the storage a tensor (non-negative strides) covers, from its first element."""
-    n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return host_array(t.as_strided((n,), (1,)))
-
-
 def _rotate_native(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: bool) -> torch.Tensor:
     b, h, t, d = x.shape
     x = x.detach()
@@ -87,7 +81,7 @@ def _rotate_native(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, back
     if out.numel() == 0:
         return out
     cos, sin = (table[:, 0].contiguous().view(-1) for table in (cos4, sin4))  # (B or 1) x (T, D)
-    _native_rope(_span(x), x.stride()[:3], _span(out), out.stride()[:3], host_array(cos), host_array(sin),
+    _native_rope(host_span(x), x.stride()[:3], host_span(out), out.stride()[:3], host_array(cos), host_array(sin),
                  t * d if cos4.shape[0] > 1 else 0, (b, h, t, d), backward)
     return out
 

@@ -4,6 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
+use crate::attention::{self, Dims, Input, Output};
 use crate::rope::{self, Shape, Strides};
 use crate::{dropout, lora, rmsnorm, swiglu, xent};
 use crate::infer::{self, Gemv};
@@ -172,7 +173,6 @@ fn rope_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, x_strides: (usize, usi
             backward: bool) -> PyResult<()> {
     let (x, c, s) = (slice("x", x.as_slice())?, slice("cos", cos.as_slice())?, slice("sin", sin.as_slice())?);
     let o = slice_mut("out", out.as_slice_mut())?;
-    let strides = |(batch, head, pos)| Strides { batch, head, pos };
     let (batch, heads, seq, dim) = shape;
     py.detach(|| rope::rotate(x, strides(x_strides), o, strides(out_strides), c, s, table_batch,
                               Shape { batch, heads, seq, dim }, backward))?;
@@ -213,6 +213,55 @@ fn lora_add_up_f32(py: Python<'_>, mut dx: PyReadwriteArray1<'_, f32>, dh: PyRea
     Ok(())
 }
 
+type Strided<'py> = (PyReadonlyArray1<'py, f32>, (usize, usize, usize));
+type StridedMut<'py> = (PyReadwriteArray1<'py, f32>, (usize, usize, usize));
+
+fn strides((batch, head, pos): (usize, usize, usize)) -> Strides {
+    Strides { batch, head, pos }
+}
+
+fn dims((batch, heads, kv_heads, seq, dim): (usize, usize, usize, usize, usize)) -> Dims {
+    Dims { batch, heads, kv_heads, seq, dim }
+}
+
+fn input<'a>(what: &str, t: &'a Strided<'_>) -> PyResult<Input<'a>> {
+    Ok(Input { data: slice(what, t.0.as_slice())?, strides: strides(t.1) })
+}
+
+fn output<'a>(what: &str, t: &'a mut StridedMut<'_>) -> PyResult<Output<'a>> {
+    let s = strides(t.1);
+    Ok(Output { data: slice_mut(what, t.0.as_slice_mut())?, strides: s })
+}
+
+/// Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) into `out` (B, H, T, D), each a
+/// flat span with the element strides of its (batch, head, pos) axes; `lse` (B, H, T) contiguous
+/// gets the rows' log-sum-exp. `shape` is (B, H, Hkv, T, D).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_f32(py: Python<'_>, q: Strided<'_>, k: Strided<'_>, v: Strided<'_>, mut out: StridedMut<'_>,
+                         mut lse: PyReadwriteArray1<'_, f32>, shape: (usize, usize, usize, usize, usize), scale: f32)
+                         -> PyResult<()> {
+    let (q, k, v) = (input("q", &q)?, input("k", &k)?, input("v", &v)?);
+    let out = output("out", &mut out)?;
+    let lse = slice_mut("lse", lse.as_slice_mut())?;
+    py.detach(|| attention::forward(q, k, v, out, lse, dims(shape), scale))?;
+    Ok(())
+}
+
+/// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_f32(py: Python<'_>, dout: Strided<'_>, q: Strided<'_>, k: Strided<'_>, v: Strided<'_>,
+                          out: Strided<'_>, lse: PyReadonlyArray1<'_, f32>, mut dq: StridedMut<'_>,
+                          mut dk: StridedMut<'_>, mut dv: StridedMut<'_>, shape: (usize, usize, usize, usize, usize),
+                          scale: f32) -> PyResult<()> {
+    let (dout, q, k) = (input("dout", &dout)?, input("q", &q)?, input("k", &k)?);
+    let (v, out, lse) = (input("v", &v)?, input("out", &out)?, slice("lse", lse.as_slice())?);
+    let (dq, dk, dv) = (output("dq", &mut dq)?, output("dk", &mut dk)?, output("dv", &mut dv)?);
+    py.detach(|| attention::backward(dout, q, k, v, out, lse, dq, dk, dv, dims(shape), scale))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
@@ -225,6 +274,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rope_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(lora_down_f32, m)?)?;
     m.add_function(wrap_pyfunction!(lora_grad_a_f32, m)?)?;
     m.add_function(wrap_pyfunction!(lora_add_up_f32, m)?)?;
