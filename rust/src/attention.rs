@@ -268,13 +268,20 @@ fn tree(mut s: [f32; LANES]) -> f32 {
     s[0]
 }
 
+/// The largest value of a row (a NaN never wins a comparison: its exponential makes the row NaN).
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
-    for (j, &v) in row.iter().enumerate() {
-        m[j % LANES] = m[j % LANES].max(v);
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for l in 0..LANES {
+            m[l] = if chunk[l] > m[l] { chunk[l] } else { m[l] };
+        }
     }
-    m.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        m[l] = if v > m[l] { v } else { m[l] };
+    }
+    m.into_iter().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
 }
 
 /// `row[j] = exp(row[j] * scale - shift)` for j < n, zero for n <= j < row.len(); the sum of the
