@@ -278,28 +278,45 @@ fn row_max(row: &[f32]) -> f32 {
             m[l] = if chunk[l] > m[l] { chunk[l] } else { m[l] };
         }
     }
-    for (l, &v) in chunks.remainder().iter().enumerate() {
-        m[l] = if v > m[l] { v } else { m[l] };
+    // the rest as one padded chunk: every lane index stays a constant, so `m` stays in a register
+    let mut rest = [f32::NEG_INFINITY; LANES];
+    rest[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    for l in 0..LANES {
+        m[l] = if rest[l] > m[l] { rest[l] } else { m[l] };
     }
     m.into_iter().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
 }
 
+/// One chunk of [`exp_row`]: lanes from `j0` on, kept below `n`.
+#[inline(always)]
+fn exp_chunk(chunk: &mut [f32; LANES], j0: usize, n: usize, scale: f32, shift: f32, sum: &mut [f32; LANES]) {
+    for l in 0..LANES {
+        let e = exp_f32(chunk[l].mul_add(scale, -shift));
+        chunk[l] = if j0 + l < n { e } else { 0.0 };
+        sum[l] += chunk[l];
+    }
+}
+
 /// `row[j] = exp(row[j] * scale - shift)` for j < n, zero for n <= j < row.len(); the sum of the
-/// exponentials.
+/// exponentials. Whole 16-lane chunks: lanes past n are computed and then cleared, so the row must
+/// hold finite values up to n rounded up to 16 (or end there).
 #[inline(always)]
 fn exp_row(row: &mut [f32], n: usize, scale: f32, shift: f32) -> f32 {
     let mut sum = [0f32; LANES];
-    let (live, dead) = row.split_at_mut(n);
-    let mut chunks = live.chunks_exact_mut(LANES);
+    let live = n.div_ceil(LANES) * LANES;
+    let (head, dead) = row.split_at_mut(live.min(row.len()));
+    let mut chunks = head.chunks_exact_mut(LANES);
+    let mut j0 = 0;
     for chunk in &mut chunks {
-        for l in 0..LANES {
-            chunk[l] = exp_f32(chunk[l].mul_add(scale, -shift));
-            sum[l] += chunk[l];
-        }
+        exp_chunk(chunk.try_into().unwrap(), j0, n, scale, shift, &mut sum);
+        j0 += LANES;
     }
-    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
-        *v = exp_f32(v.mul_add(scale, -shift));
-        sum[l] += *v;
+    let rest = chunks.into_remainder();
+    if !rest.is_empty() {
+        let mut tmp = [0f32; LANES];
+        tmp[..rest.len()].copy_from_slice(rest);
+        exp_chunk(&mut tmp, j0, n, scale, shift, &mut sum);
+        rest.copy_from_slice(&tmp[..rest.len()]);
     }
     dead.fill(0.0);
     tree(sum)
@@ -367,7 +384,7 @@ multiversion512! {
             }
             for r in 0..m {
                 let i = i0 + r;
-                let row = &mut s[r * tp..r * tp + last];
+                let row = &mut s[r * tp..r * tp + last.max((i + 1).div_ceil(LANES) * LANES)];
                 let top = row_max(&row[..=i]) * scale;
                 l[r] = exp_row(row, i + 1, scale, top);
                 let li = (b * d.heads + h) * t + i;
@@ -467,13 +484,14 @@ multiversion512! {
                 }
                 for r in 0..m {
                     let i = i0 + r;
-                    let pr = &mut p[r0 + r * tp..r0 + r * tp + end];
+                    let width = end.max((i + 1).div_ceil(LANES) * LANES); // <= n: computed columns
+                    let pr = &mut p[r0 + r * tp..r0 + r * tp + width];
                     exp_row(pr, i + 1, scale, lse[i]);
-                    let dr = &mut ds[r0 + r * tp..r0 + r * tp + end];
-                    for (g, &pv) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                        *g = pv * (*g - delta[i]) * scale;
+                    let dr = &mut ds[r0 + r * tp..r0 + r * tp + width];
+                    // P is zero past the diagonal, so dS is too (dP there is finite: computed)
+                    for (g, &pv) in dr.iter_mut().zip(pr.iter()) {
+                        *g = if pv == 0.0 { 0.0 } else { pv * (*g - delta[i]) * scale };
                     }
-                    dr[i + 1..].fill(0.0);
                 }
                 let dst = at(dqs, b, h, i0);
                 // SAFETY: dq's layout is dense (checked): its rows (b, h, i0..last) are this part's.
