@@ -135,6 +135,11 @@ def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_he
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"d{name}")
     dq, _, dv = grads  # in the projections' (B, T, heads, D) layouts: their reshapes are views
     assert dq.transpose(1, 2).is_contiguous() and dv.transpose(1, 2).is_contiguous()
+    # no arena (gradient checkpointing): still the kernel while autograd is on; inference keeps SDPA
+    plain = kept_causal_attention(q, k, v)
+    torch.testing.assert_close(plain, out, rtol=0, atol=0)
+    with torch.no_grad():
+        assert kept_causal_attention(q, k, v) is None
     # switched off: torch's flash attention again, bit for bit
     monkeypatch.setattr(attention, "enabled", False)
     with keeping(ActivationArena()):

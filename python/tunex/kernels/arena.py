@@ -200,10 +200,17 @@ def _kept_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values with its saved
-    tensors in the active arena; None where that does not apply (no arena, not a float32 CPU
-    tensor, a torch without the op): then the caller runs scaled_dot_product_attention."""
-    if (getattr(_local, "arena", None) is None or q.device.type != "cpu" or q.dtype != torch.float32
+    """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values for training, with
+    its saved tensors in the active arena (if any). None where it does not apply: then the caller
+    runs scaled_dot_product_attention. It applies to float32 CPU tensors, with autograd on, when
+    tunex's Rust kernel takes the shapes (also without an arena, as under gradient checkpointing),
+    or when an arena is active and torch has its CPU flash attention op."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or not torch.is_grad_enabled():
+        return None
+    from tunex.kernels import attention
+
+    if not attention.applies(q, k, v) and (
+            getattr(_local, "arena", None) is None
             or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
         return None
     return _KeptAttention.apply(q, k, v)
