@@ -200,11 +200,27 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, cos, sin, None, None)
+    from tunex.kernels import attention
+
+    def count(native: bool) -> int:
+        saved.clear()
+        enabled = attention.enabled
+        attention.enabled = native
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model.model.layers[0](x, cos, sin, None, None)
+        finally:
+            attention.enabled = enabled
+        return sum(saved.values())
+
     shape = shape_from_config_json(tmp_path)
     plan = Plan(kind="lora", seq_len=tokens, r=8, dtype_bytes=4, dropout=0.1)
-    assert sum(saved.values()) == tokens * _saved_per_token(shape, plan, adapted_linears(shape, "all-linear"))
+    # the estimate models CUDA's path: SDPA keeps its output, o_proj saves a contiguous copy of it
+    assert count(False) == tokens * _saved_per_token(shape, plan, adapted_linears(shape, "all-linear"))
+    if attention._native_forward is not None:
+        # the CPU kernel keeps its output in the layout o_proj reads: one (tokens, heads * head_dim)
+        # tensor less
+        assert count(True) == count(False) - tokens * 4 * 16 * 4
 
 
 def test_budget_advice_reestimates_each_change(tiny_dir):
