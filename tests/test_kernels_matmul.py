@@ -77,8 +77,12 @@ def test_onednn_takes_only_float32_cpu_matrices_outside_autograd(monkeypatch):
     assert not _dispatch.onednn_fits(m, m)
 
 
-def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch):
+@pytest.mark.parametrize("grad_chunks", [1, 2, 3])
+def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch, grad_chunks):
     monkeypatch.setattr(loss, "ONEDNN_CHUNK_ELEMENTS", 50 * 7)  # several chunks of 7 rows on oneDNN
+    # 33 rows: the gradients of 2 or 3 chunks per hidden-state product, and a shorter last group
+    monkeypatch.setattr(loss, "GRAD_CHUNKS", grad_chunks)
+    monkeypatch.setattr(loss._scratch, "grads", None, raising=False)
     torch.manual_seed(1)
     h = torch.randn(3, 11, 16, requires_grad=True)
     w = torch.randn(50, 16)

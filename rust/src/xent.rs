@@ -1,5 +1,6 @@
-//! Cross-entropy over one chunk of float32 logits, in place: per row the log-sum-exp, the label's
-//! logit and, when asked, the gradient `(softmax - onehot) * weight` written over the logits.
+//! Cross-entropy over one chunk of float32 logits: per row the log-sum-exp, the label's logit and,
+//! when asked, the gradient `(softmax - onehot) * weight`, written over the logits or into a
+//! buffer of its own.
 //!
 //! torch spends five passes over the chunk on this (max, subtract, exp, sum, scale), each a full
 //! read (and three a write) of tens of MB. Here a row (one vocabulary's worth, ~200 KB) is read
@@ -31,31 +32,65 @@ multiversion512! {
 }
 
 multiversion512! {
-    /// Sum of exp(row - top); with `write`, the row becomes exp(row - top).
-    fn exp_sum(row: &mut [f32], top: f32, write: bool) -> f32 {
+    /// Sum of exp(row - top).
+    fn exp_total(row: &[f32], top: f32) -> f32 {
         let mut acc = [0f32; LANES];
         let main = row.len() - row.len() % LANES;
-        if write {
-            for chunk in row[..main].chunks_exact_mut(LANES) {
-                for j in 0..LANES {
-                    let e = exp_f32(chunk[j] - top);
-                    chunk[j] = e;
-                    acc[j] += e;
-                }
+        for chunk in row[..main].chunks_exact(LANES) {
+            for j in 0..LANES {
+                acc[j] += exp_f32(chunk[j] - top);
             }
-        } else {
-            for chunk in row[..main].chunks_exact(LANES) {
-                for j in 0..LANES {
-                    acc[j] += exp_f32(chunk[j] - top);
-                }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for v in &row[main..] {
+            s += exp_f32(*v - top);
+        }
+        s
+    }
+}
+
+multiversion512! {
+    /// Sum of exp(row - top); with `write`, the row becomes exp(row - top).
+    fn exp_sum(row: &mut [f32], top: f32, write: bool) -> f32 {
+        if !write {
+            return exp_total(row, top);
+        }
+        let mut acc = [0f32; LANES];
+        let main = row.len() - row.len() % LANES;
+        for chunk in row[..main].chunks_exact_mut(LANES) {
+            for j in 0..LANES {
+                let e = exp_f32(chunk[j] - top);
+                chunk[j] = e;
+                acc[j] += e;
             }
         }
         let mut s: f32 = acc.iter().sum();
         for v in &mut row[main..] {
             let e = exp_f32(*v - top);
-            if write {
-                *v = e;
+            *v = e;
+            s += e;
+        }
+        s
+    }
+}
+
+multiversion512! {
+    /// [`exp_sum`] with `write`, writing exp(src - top) into `dst` instead of over `src`: the same
+    /// operations in the same order, so the same bytes.
+    fn exp_sum_to(src: &[f32], top: f32, dst: &mut [f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        let main = src.len() - src.len() % LANES;
+        for (chunk, out) in src[..main].chunks_exact(LANES).zip(dst[..main].chunks_exact_mut(LANES)) {
+            for j in 0..LANES {
+                let e = exp_f32(chunk[j] - top);
+                out[j] = e;
+                acc[j] += e;
             }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (v, o) in src[main..].iter().zip(&mut dst[main..]) {
+            let e = exp_f32(*v - top);
+            *o = e;
             s += e;
         }
         s
@@ -76,12 +111,39 @@ multiversion512! {
 /// A label outside `0..vocab` is an error (nothing is written then).
 pub fn forward_backward(logits: &mut [f32], vocab: usize, labels: &[i64], weight: &[f32], grad: bool,
                         lse: &mut [f32], picked: &mut [f32]) -> Result<()> {
+    run(Rows::InPlace(logits), vocab, labels, weight, grad, lse, picked)
+}
+
+/// [`forward_backward`] with the gradient written into `grad_out` (rows x vocab) instead of over
+/// the logits, which stay as they are: the same bytes. The loss gathers the gradients of several
+/// logit chunks in one buffer this way, for one product with more rows.
+pub fn forward_backward_to(logits: &[f32], vocab: usize, labels: &[i64], weight: &[f32], grad_out: &mut [f32],
+                           lse: &mut [f32], picked: &mut [f32]) -> Result<()> {
+    if grad_out.len() != logits.len() {
+        return Err(Error::InvalidArgument(format!(
+            "cross-entropy: grad_out holds {} values; expected as many as the logits ({})", grad_out.len(), logits.len())));
+    }
+    run(Rows::To(logits, grad_out), vocab, labels, weight, true, lse, picked)
+}
+
+/// Where the gradient rows go.
+enum Rows<'a> {
+    InPlace(&'a mut [f32]),
+    To(&'a [f32], &'a mut [f32]),
+}
+
+fn run(rows_of: Rows<'_>, vocab: usize, labels: &[i64], weight: &[f32], grad: bool, lse: &mut [f32],
+       picked: &mut [f32]) -> Result<()> {
     let rows = labels.len();
-    if vocab == 0 || logits.len() != rows * vocab || weight.len() != rows || lse.len() != rows || picked.len() != rows {
+    let n_logits = match &rows_of {
+        Rows::InPlace(l) => l.len(),
+        Rows::To(l, _) => l.len(),
+    };
+    if vocab == 0 || n_logits != rows * vocab || weight.len() != rows || lse.len() != rows || picked.len() != rows {
         return Err(Error::InvalidArgument(format!(
             "cross-entropy: {} logits, {} labels, {} weights, {} lse and {} picked slots for vocab {vocab}; \
              expected rows x vocab logits and one of each per row",
-            logits.len(), rows, weight.len(), lse.len(), picked.len()
+            n_logits, rows, weight.len(), lse.len(), picked.len()
         )));
     }
     if let Some((r, &bad)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= vocab as u64) {
@@ -90,15 +152,27 @@ pub fn forward_backward(logits: &mut [f32], vocab: usize, labels: &[i64], weight
              mask ignored positions with -100 before the loss"
         )));
     }
-    let (out, lse_out, picked_out) = (Shared::new(logits), Shared::new(lse), Shared::new(picked));
+    let (src, out) = match rows_of {
+        Rows::InPlace(l) => (None, Shared::new(l)),
+        Rows::To(l, g) => (Some(l), Shared::new(g)),
+    };
+    let (lse_out, picked_out) = (Shared::new(lse), Shared::new(picked));
     let ok = omp::run(rows, &|r| {
-        // SAFETY: part r alone touches row r of the logits and slot r of lse and picked.
+        // SAFETY: part r alone touches row r of the output and slot r of lse and picked.
         let row = unsafe { out.range(r * vocab, (r + 1) * vocab) };
         let label = labels[r] as usize;
-        let at_label = row[label];
-        let top = row_max(row);
         let write = grad && weight[r] != 0.0;
-        let sum = exp_sum(row, top, write);
+        let (top, at_label, sum) = match src {
+            None => {
+                let (at_label, top) = (row[label], row_max(row));
+                (top, at_label, exp_sum(row, top, write))
+            }
+            Some(l) => {
+                let src = &l[r * vocab..(r + 1) * vocab];
+                let top = row_max(src);
+                (top, src[label], if write { exp_sum_to(src, top, row) } else { exp_total(src, top) })
+            }
+        };
         // SAFETY: slot r of lse and picked belongs to part r alone.
         let (lse_r, picked_r) = unsafe { (lse_out.range(r, r + 1), picked_out.range(r, r + 1)) };
         lse_r[0] = top + sum.ln();
@@ -147,6 +221,12 @@ mod tests {
                 assert!((got as f64 - want).abs() < 1e-6, "row {r} col {i}: {got} vs {want}");
             }
         }
+        // into a separate buffer: the same bytes, the logits untouched
+        let mut to = vec![f32::NAN; rows * vocab];
+        let (mut lse2, mut picked2) = (vec![0f32; rows], vec![0f32; rows]);
+        forward_backward_to(&logits, vocab, &labels, &weight, &mut to, &mut lse2, &mut picked2).unwrap();
+        assert_eq!((&to, &lse2, &picked2), (&g, &lse, &picked));
+        assert!(forward_backward_to(&logits, vocab, &labels, &weight, &mut to[1..], &mut lse2, &mut picked2).is_err());
         // without the gradient the logits stay as they were
         let mut same = logits.clone();
         forward_backward(&mut same, vocab, &labels, &weight, false, &mut lse, &mut picked).unwrap();

@@ -148,17 +148,29 @@ fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyRe
 }
 
 /// Cross-entropy of a chunk of float32 logits (rows x vocab, flat), in place: `lse` and `picked`
-/// per row; with `grad`, the logits become `(softmax - onehot(label)) * weight` per row.
+/// per row; with `grad`, the logits become `(softmax - onehot(label)) * weight` per row (with
+/// `grad_out`, that buffer does and the logits stay).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (logits, vocab, labels, weight, grad, lse, picked, grad_out=None))]
 fn cross_entropy_f32(py: Python<'_>, mut logits: PyReadwriteArray1<'_, f32>, vocab: usize,
                      labels: PyReadonlyArray1<'_, i64>, weight: PyReadonlyArray1<'_, f32>, grad: bool,
-                     mut lse: PyReadwriteArray1<'_, f32>, mut picked: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
-    let logits = slice_mut("logits", logits.as_slice_mut())?;
+                     mut lse: PyReadwriteArray1<'_, f32>, mut picked: PyReadwriteArray1<'_, f32>,
+                     grad_out: Option<PyReadwriteArray1<'_, f32>>) -> PyResult<()> {
     let labels = super::contiguous("labels", "int64 array", labels.as_slice())?;
     let weight = slice("weight", weight.as_slice())?;
     let (lse, picked) = (slice_mut("lse", lse.as_slice_mut())?, slice_mut("picked", picked.as_slice_mut())?);
-    py.detach(|| xent::forward_backward(logits, vocab, labels, weight, grad, lse, picked))?;
+    match grad_out {
+        Some(mut out) if grad => {
+            let logits = slice("logits", logits.as_slice())?;
+            let out = slice_mut("grad_out", out.as_slice_mut())?;
+            py.detach(|| xent::forward_backward_to(logits, vocab, labels, weight, out, lse, picked))?;
+        }
+        _ => {
+            let logits = slice_mut("logits", logits.as_slice_mut())?;
+            py.detach(|| xent::forward_backward(logits, vocab, labels, weight, grad, lse, picked))?;
+        }
+    }
     Ok(())
 }
 
