@@ -20,6 +20,7 @@
 //! so the bytes depend neither on the CPU's vector width nor on the number of threads.
 
 use crate::error::{Error, Result};
+use crate::lora::tree;
 use crate::omp::{self, Shared};
 use crate::quant::simd::multiversion512;
 use crate::rope::{Shape, Strides};
@@ -103,6 +104,13 @@ fn check_out(name: &str, t: &Output<'_>, shape: Shape) -> Result<()> {
     if shape.span(t.strides) > t.data.len() || !shape.dense(t.strides) {
         return Err(bad(format!("{name} holds {} values with strides {:?}; expected a layout of shape {shape:?} \
                                 that gives each element its own slot within them", t.data.len(), t.strides)));
+    }
+    Ok(())
+}
+
+fn check_lse(len: usize, d: &Dims) -> Result<()> {
+    if len != d.batch * d.heads * d.seq {
+        return Err(bad(format!("lse holds {len} values; expected B x H x T = {} x {} x {}", d.batch, d.heads, d.seq)));
     }
     Ok(())
 }
@@ -258,16 +266,6 @@ fn wide_tiles() -> bool {
 
 // ---- row helpers (16 lanes, one fixed pairing) ----
 
-#[inline(always)]
-fn tree(mut s: [f32; LANES]) -> f32 {
-    for width in [8, 4, 2, 1] {
-        for l in 0..width {
-            s[l] += s[l + width];
-        }
-    }
-    s[0]
-}
-
 /// The largest value of a row (a NaN never wins a comparison: its exponential makes the row NaN).
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
@@ -420,10 +418,7 @@ pub fn forward(q: Input<'_>, k: Input<'_>, v: Input<'_>, out: Output<'_>, lse: &
     check_in("k", &k, d.kv())?;
     check_in("v", &v, d.kv())?;
     check_out("out", &out, d.q())?;
-    if lse.len() != d.batch * d.heads * d.seq {
-        return Err(bad(format!("lse holds {} values; expected B x H x T = {} x {} x {}", lse.len(), d.batch,
-                               d.heads, d.seq)));
-    }
+    check_lse(lse.len(), &d)?;
     let mut kt = vec![0f32; d.batch * d.kv_heads * d.dim * d.padded()];
     pack_transposed(&k, &d, &mut kt)?;
     let (os, dst, lse) = (out.strides, Shared::new(out.data), Shared::new(lse));
@@ -534,10 +529,7 @@ pub fn backward(dout: Input<'_>, q: Input<'_>, k: Input<'_>, v: Input<'_>, out: 
     check_out("dq", &dq, d.q())?;
     check_out("dk", &dk, d.kv())?;
     check_out("dv", &dv, d.kv())?;
-    if lse.len() != d.batch * d.heads * d.seq {
-        return Err(bad(format!("lse holds {} values; expected B x H x T = {} x {} x {}", lse.len(), d.batch,
-                               d.heads, d.seq)));
-    }
+    check_lse(lse.len(), &d)?;
     let block = d.dim * d.padded();
     let mut kt = vec![0f32; d.batch * d.kv_heads * block];
     let mut vt = vec![0f32; d.batch * d.kv_heads * block];

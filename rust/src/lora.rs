@@ -52,9 +52,10 @@ impl Mask {
     }
 }
 
-/// The sum of 16 lanes, paired (l, l + 8), then (l, l + 4), (l, l + 2), (l, l + 1).
+/// The sum of 16 lanes, paired (l, l + 8), then (l, l + 4), (l, l + 2), (l, l + 1) (also the
+/// attention kernel's row sums).
 #[inline(always)]
-fn tree(mut s: [f32; LANES]) -> f32 {
+pub(crate) fn tree(mut s: [f32; LANES]) -> f32 {
     for width in [8, 4, 2, 1] {
         for l in 0..width {
             s[l] += s[l + width];
