@@ -164,13 +164,13 @@ class _KeptAttention(torch.autograd.Function):
     already in the order the kernels read (both take strided outputs and gradients)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from tunex.kernels import attention
-
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool) -> torch.Tensor:
         b, h, t, d = q.shape
         kept_out = kept_empty((b, t, h, d), q.dtype, q.device).transpose(1, 2)
-        ctx.native = attention.applies(q, k, v)
-        if ctx.native:
+        ctx.native = native
+        if native:  # tunex.kernels.attention.applies said so
+            from tunex.kernels import attention
+
             kept_lse = kept_empty((b, h, t), torch.float32, q.device)
             attention.forward(q, k, v, kept_out, kept_lse)
         else:
@@ -186,9 +186,9 @@ class _KeptAttention(torch.autograd.Function):
         if ctx.native:
             from tunex.kernels import attention
 
-            return attention.backward(grad, q, k, v, out, lse)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True)
+            return (*attention.backward(grad, q, k, v, out, lse), None)
+        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True), None)
 
 
 def _kept_like(t: torch.Tensor) -> torch.Tensor:
@@ -209,11 +209,11 @@ def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         return None
     from tunex.kernels import attention
 
-    if not attention.applies(q, k, v) and (
-            getattr(_local, "arena", None) is None
-            or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
+    native = attention.applies(q, k, v)
+    if not native and (getattr(_local, "arena", None) is None
+                       or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
         return None
-    return _KeptAttention.apply(q, k, v)
+    return _KeptAttention.apply(q, k, v, native)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -50,23 +50,19 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return F.linear(h, weight, bias).float()
     if _dispatch.onednn_fits(h, weight):
         return _dispatch.matmul_nt(h, weight, bias=None if bias is None else bias.float())
-    shape = (rows, weight.shape[0])
-    buf = getattr(_scratch, "logits", None)
-    if buf is None or buf.shape != shape:
-        buf = _scratch.logits = torch.empty(shape)
-    out = buf[:h.shape[0]]
+    out = _reused("logits", (rows, weight.shape[0]))[:h.shape[0]]
     if bias is None:
         return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias.float(), h, weight.t(), out=out)
 
 
-def _grad_buffer(rows: int, vocab: int) -> torch.Tensor:
-    """The (GRAD_CHUNKS * rows, vocab) float32 buffer the chunks' gradients are gathered in: one per
-    thread, reused by every step (a fresh one would be mapped and faulted in each time)."""
-    shape = (GRAD_CHUNKS * rows, vocab)
-    buf = getattr(_scratch, "grads", None)
+def _reused(name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 CPU buffer of ``shape``, one per thread and name, reused by every chunk and step
+    (a fresh one of tens of MB would be mapped and faulted in each time)."""
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.shape != shape:
-        buf = _scratch.grads = torch.empty(shape)
+        buf = torch.empty(shape)
+        setattr(_scratch, name, buf)
     return buf
 
 
@@ -103,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         # gradients of several chunks gathered for one hidden-state product (native kernel, oneDNN)
-        grads = _grad_buffer(rows, weight.shape[0]) if (
+        grads = _reused("grads", (GRAD_CHUNKS * rows, weight.shape[0])) if (
             need_h and GRAD_CHUNKS > 1 and hidden.shape[0] > rows and _dispatch.onednn_fits(hidden, weight)
             and _native_f32(_native_xent, hidden)) else None
         first, filled = 0, 0  # rows of `grads` in use, for hidden rows first..first+filled
@@ -120,10 +116,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # place, or into the gathering buffer)
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))
                 g = logits if grads is None else grads[filled:filled + len(y)]
-                _native_xent(_dispatch.host_array(logits.view(-1)), logits.shape[1],
+                _native_xent(_dispatch.host_flat(logits), logits.shape[1],
                              _dispatch.host_array(safe.to(torch.int64)), _dispatch.host_array(weight_row),
                              want_grad, _dispatch.host_array(lse), _dispatch.host_array(picked),
-                             None if grads is None else _dispatch.host_array(g.view(-1)))
+                             None if grads is None else _dispatch.host_flat(g))
                 total += ((lse - picked) * valid).sum()
                 if not want_grad:
                     continue
