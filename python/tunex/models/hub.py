@@ -160,11 +160,12 @@ def _prune(root: Path, keep: Path, moved: str) -> None:
             _write_mark(entry, {**mark, "sources": live})
 
 
-def gguf_cache_dir(gguf_path: Path) -> Path:
+def gguf_cache_dir(gguf_path: Path, revision: str | None = None) -> Path:
     """The cache folder for one GGUF file: keyed by its content (so copies of one file, such as the
     same package installed in several environments, share a folder) and the converter's revision."""
+    revision = revision or _converter_revision()
     return cache_root() / "gguf" / hashlib.sha256(
-        f"{_converter_revision()}|{_content_hash(gguf_path)}".encode()).hexdigest()[:16]
+        f"{revision}|{_content_hash(gguf_path)}".encode()).hexdigest()[:16]
 
 
 def _gguf_folder(gguf_path: Path) -> Path:
@@ -181,7 +182,7 @@ def _gguf_folder(gguf_path: Path) -> Path:
             mark = _read_mark(entry) if "." not in entry.name else None
             if mark and mark["converter"] == revision and stamp in mark["sources"]:
                 return entry
-    out = gguf_cache_dir(gguf_path)
+    out = gguf_cache_dir(gguf_path, revision)
     mark = _read_mark(out)
     if mark is not None:  # the same bytes, converted for another copy of the file
         _write_mark(out, {**mark, "sources": [*mark["sources"], stamp]})
