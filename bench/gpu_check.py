@@ -146,7 +146,7 @@ def lora_rows(device, n: int, h: int, i: int) -> list[list[str]]:
             leaves = [t.clone().requires_grad_() for t in (x, a, b)]
             torch.manual_seed(1)
             extra = {} if backend is None else {"backend": backend}
-            out = fn(leaves[0], lambda: w.clone(), leaves[1], leaves[2], s, dropout=p, **extra)
+            out = fn(leaves[0], lambda dtype: w.clone(), leaves[1], leaves[2], s, dropout=p, **extra)
             out.backward(torch.ones_like(out))
             return [out] + [t.grad for t in leaves]
 

@@ -200,7 +200,7 @@ def test_lora_linear_triton_dropout(dtype):
     a, b = torch.randn(4, 19) * 0.3, torch.randn(23, 4) * 0.3
     (xm, am, bm), (xr, ar, br) = leaves(x, a, b)
     torch.manual_seed(7)
-    y = kernels.lora_linear(xm, lambda: w, am, bm, 0.5, dropout=0.3, backend="triton")
+    y = kernels.lora_linear(xm, lambda dtype: w, am, bm, 0.5, dropout=0.3, backend="triton")
     torch.manual_seed(7)
     seed = _draw_seed()
     keep = lora_triton.dropout(torch.ones(21, 19), 0.3, seed).view(3, 7, 19)  # 0 or 1/(1-p)

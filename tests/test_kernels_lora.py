@@ -42,7 +42,7 @@ def run(fn, x, base, a, b, bias, dropout, seed=7):
 @pytest.mark.parametrize("callable_base", [False, True])
 def test_matches_autograd(dtype, dropout, callable_base):
     x, w, a, b, bias = make(dtype)
-    base = (lambda: w) if callable_base else w
+    base = (lambda dtype: w) if callable_base else w
     y, grads = run(lora_linear, x, base, a, b, bias, dropout)
     yr, grads_r = run(lora_linear_reference, x, base, a, b, bias, dropout)
     close(y, yr, dtype, "forward")
@@ -92,9 +92,9 @@ def test_dequant_callable_is_recalled_in_backward_and_not_saved():
     x, w, a, b, _ = make(torch.float32, bias=False)
     calls = []
 
-    def dequant():
-        calls.append(1)
-        return w.clone()  # a fresh tensor, like a real dequantization
+    def dequant(dtype):
+        calls.append(dtype)
+        return w.to(dtype, copy=True)  # a fresh tensor, like a real dequantization
 
     saved = []
 
@@ -112,7 +112,7 @@ def test_dequant_callable_is_recalled_in_backward_and_not_saved():
         [((10, 19), torch.float32), ((4, 19), torch.float32), ((23, 4), torch.float32),
          ((10, 4), torch.float32)], key=str)
     y.sum().backward()
-    assert len(calls) == 2 and x_leaf.grad is not None
+    assert calls == [torch.float32] * 2 and x_leaf.grad is not None
 
 
 def test_native_dropout_drops_the_asked_fraction_reproducibly():
@@ -136,8 +136,8 @@ def test_frozen_x_skips_the_base_matmul_in_backward():
     x, w, a, b, _ = make(torch.float32, bias=False)
     calls = []
 
-    def dequant():
-        calls.append(1)
+    def dequant(dtype):
+        calls.append(dtype)
         return w
 
     a_leaf = a.clone().requires_grad_()
@@ -172,20 +172,32 @@ def test_rejects_bad_arguments():
         lora_linear(x, "weights", a, b, 0.5)
 
 
-def test_float32_activations_under_bf16_autocast():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("callable_base", [False, True])
+def test_cpu_autocast_runs_only_the_frozen_base_product_in_bf16(dropout, callable_base):
+    """Under CPU bf16 autocast (train.dtype = "bfloat16" on the CPU) a float32 activation stays
+    float32: the base products x @ W^T and g @ W run in bf16 and are rounded to it, as autocast's
+    would be; the adapter, its dropout, the bias and the output are float32."""
+    import torch.nn.functional as F
+
     x, w, a, b, bias = make(torch.float32)
-    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    base = (lambda dtype: w) if callable_base else w
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = lora_linear(leaves[0], w, leaves[1], leaves[2], 0.5, bias=bias)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert [t.grad.dtype for t in leaves] == [torch.float32] * 3
-    ref = [t.to(torch.bfloat16).float().requires_grad_() for t in (x, a, b)]
-    yr = lora_linear_reference(ref[0], w.to(torch.bfloat16).float(), ref[1], ref[2], 0.5, bias=bias)
-    yr.sum().backward()
-    close(y, yr, torch.bfloat16, "forward")
-    for g, gr, name in zip((t.grad for t in leaves), (t.grad for t in ref), ("dx", "dA", "dB")):
-        close(g, gr, torch.bfloat16, name)
+        y, grads = run(lora_linear, x, base, a, b, bias, dropout)
+    assert y.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+
+    def reference(x, base, a, b, scaling, bias, dropout):
+        frozen = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()  # bf16 both ways
+        adapter = lora_linear_reference(x, torch.zeros_like(w), a, b, scaling, dropout=dropout)
+        return frozen + adapter + bias
+
+    yr, grads_r = run(reference, x, base, a, b, bias, dropout)
+    close(y, yr, torch.float32, "forward")
+    for name, g, gr in zip(("dx", "dA", "dB", "dbias"), grads, grads_r):
+        close(g, gr, torch.float32, name)
+    y32, grads32 = run(lora_linear, x, base, a, b, bias, dropout)  # and bf16's error, not more
+    close(y, y32, torch.bfloat16, "forward vs float32")
+    assert not torch.equal(y, y32)
 
 
 def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_memory(monkeypatch, tiny_lora_model):

@@ -78,6 +78,38 @@ def test_float32_loss_native_and_torch_softmax_agree_with_full_logits(native, mo
         torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad_chunks", [1, 2])
+def test_cpu_autocast_loss_runs_the_frozen_head_products_in_bf16(grad_chunks, monkeypatch):
+    """train.dtype = "bfloat16" on the CPU: the logits and the hidden-state gradient are products with
+    the bf16 head (rounded to bf16, as autocast's would be); softmax, loss and gradients stay fp32.
+    A head that trains keeps float32 products."""
+    from tunex.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "GRAD_CHUNKS", grad_chunks)
+    torch.manual_seed(2)
+    h = torch.randn(2, 300, 24, requires_grad=True)
+    w = torch.randn(1000, 24) * 0.3
+    y = torch.randint(0, 1000, (2, 300))
+    y[0, :7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, y, chunk_elements=1000 * 64)
+    ours.backward()
+    assert ours.dtype == h.grad.dtype == torch.float32
+    ref_h = h.detach().clone().requires_grad_()
+    logits = F.linear(ref_h.to(torch.bfloat16), w.to(torch.bfloat16)).float()
+    ref = F.cross_entropy(logits.reshape(-1, 1000), y.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-2, atol=1e-5)  # g @ W in bf16 on both sides
+    exact = F.cross_entropy(F.linear(h.detach(), w).reshape(-1, 1000), y.reshape(-1), ignore_index=-100)
+    assert ours.item() != exact.item() and abs(ours.item() - exact.item()) < 1e-2
+
+    trained = w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = linear_cross_entropy(h.detach(), trained, y, chunk_elements=1000 * 64)
+    torch.testing.assert_close(full, exact, rtol=1e-5, atol=1e-5)
+
+
 def test_float32_loss_rejects_a_label_outside_the_vocabulary():
     h, w = torch.randn(6, 8), torch.randn(30, 8)
     y = torch.tensor([1, 2, 3, 30, 4, 5])

@@ -75,6 +75,29 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def frozen_product_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype of the frozen-weight products under CPU autocast (``train.dtype = "bfloat16"`` on
+    the CPU) for a float32 activation ``x``; None when that mode is off.
+
+    On the CPU tunex's own layers (LoRA/QLoRA bases, the loss head) run only their products with a
+    frozen weight in autocast's dtype (bf16: twice the float32 rate with avx512_bf16 or AMX) and
+    keep the activations, the adapters and everything element-wise in float32, where the native
+    kernels are; on CUDA autocast applies as usual.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        return None if dtype == torch.float32 else dtype
+    return None
+
+
+def matmul_nt_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x @ w.T`` computed in ``dtype`` (``w`` already in it; None: in x's dtype), returned in x's
+    dtype; outside autograd, as ``matmul_nt``."""
+    if dtype is None or dtype == x.dtype:
+        return matmul_nt(x, w)
+    return matmul_nt(x.to(dtype), w).to(x.dtype)
+
+
 def warps_for(block: int) -> int:
     """Warps for a program that reduces ``block`` elements: enough threads to keep each thread's
     share of a row at a few registers' worth (a wider row with 4 warps would spill)."""

@@ -29,7 +29,8 @@ from typing import Callable, Union
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, host_flat, matmul_nt, native_f32, no_autocast, use_triton
+from tunex.kernels._dispatch import (compute_dtype, frozen_product_dtype, host_flat, matmul_nt, matmul_nt_in,
+                                     native_f32, no_autocast, use_triton)
 from tunex.kernels.arena import kept_copy, kept_empty
 
 try:
@@ -44,7 +45,7 @@ try:
 except ImportError:
     _native_down = _native_grad_a = _native_add_up = None
 
-Base = Union[torch.Tensor, Callable[[], torch.Tensor]]
+Base = Union[torch.Tensor, Callable[[torch.dtype], torch.Tensor]]
 
 
 def _keep_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
@@ -112,7 +113,7 @@ def _draw_seed() -> int:
 
 
 def _dense(base: Base, dtype: torch.dtype) -> torch.Tensor:
-    weight = base() if callable(base) and not isinstance(base, torch.Tensor) else base
+    weight = base(dtype) if callable(base) and not isinstance(base, torch.Tensor) else base
     return weight.to(dtype)
 
 
@@ -135,6 +136,10 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool,
                 x_recompute=None, kept: bool = False):
         dtype = compute_dtype(x)
+        # CPU autocast: the frozen base's products in bf16, all else in x's float32 (see the helper)
+        ctx.base_dtype = frozen_product_dtype(x)
+        if ctx.base_dtype is not None:
+            dtype = x.dtype
         ctx.triton = triton
         ctx.x_recompute = x_recompute
         with no_autocast(x):
@@ -145,9 +150,14 @@ class LoRALinearFunction(torch.autograd.Function):
     def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype, kept):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features).to(dtype).contiguous()  # (N, in)
-        w = _dense(base_fn if base_fn is not None else weight, dtype)  # (out, in)
+        w = _dense(base_fn if base_fn is not None else weight, ctx.base_dtype or dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
-        y = matmul_nt(x2, w, bias=None if bias is None else bias.to(dtype))  # (N, out)
+        if ctx.base_dtype is None:
+            y = matmul_nt(x2, w, bias=None if bias is None else bias.to(dtype))  # (N, out)
+        else:
+            y = matmul_nt_in(x2, w, ctx.base_dtype)
+            if bias is not None:
+                y.add_(bias.to(dtype))
         del w  # a dequantized base is freed here, not kept for backward
         drop = _Dropout(x2, dropout, ctx.triton)
         if drop.fused:  # h = dropout(x) @ A.T in one pass over x, straight into arena memory
@@ -172,6 +182,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with no_autocast(dy):  # as in forward: every product says its dtype (a backward may run under autocast)
+            return LoRALinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
         drop = ctx.drop
         drop.keep = keep
@@ -196,15 +211,18 @@ class LoRALinearFunction(torch.autograd.Function):
                 del xd
             d_a = d_a.to(lora_a.dtype)
         if need_x:
-            w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, dtype)
+            w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, ctx.base_dtype or dtype)
             if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
-                d_x = matmul_nt(g, w.t())
+                d_x = matmul_nt_in(g, w.t(), ctx.base_dtype)
                 _native_add_up(host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed,
                                drop.p)
             else:
                 # (N, in); dropout's backward is the same masked scaling
                 d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
-                d_x = matmul_nt(g, w.t(), add=d_lora)
+                if ctx.base_dtype is None:
+                    d_x = matmul_nt(g, w.t(), add=d_lora)
+                else:
+                    d_x = matmul_nt_in(g, w.t(), ctx.base_dtype).add_(d_lora)
             d_x = d_x.view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)
@@ -219,8 +237,9 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
 
     Args:
         x: (..., in) activations; the computation runs in x's dtype.
-        base: the frozen (out, in) weight, or a zero-argument callable returning it (e.g. the
-            dequantization of an NF4 weight); a callable is called again in backward.
+        base: the frozen (out, in) weight, or a callable returning it in the dtype it is given
+            (e.g. ``NF4Linear.dequantize``: a 4-bit base dequantized straight into the product's
+            dtype); a callable is called again in backward.
         lora_a: (r, in) adapter down-projection.
         lora_b: (out, r) adapter up-projection.
         scaling: alpha / r (or alpha / sqrt(r) for rsLoRA).

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunex.kernels._dispatch import frozen_product_dtype, no_autocast
 from tunex.quant.serialize import STATE_SUFFIXES, from_state_dict, quant_state_key, to_state_dict
 from tunex.quant.weight import NestedAbsmax, QuantizedWeight, dequantize, quantize
 
@@ -28,7 +29,8 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: NF4Linear, dtype: torch.dtype):
         ctx.layer, ctx.dtype = layer, dtype
-        return F.linear(x, layer.dequantize(dtype), bias)
+        with no_autocast(x):  # x is in dtype already; the backward then gets gradients in it too
+            return F.linear(x, layer.dequantize(dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -128,7 +130,8 @@ class NF4Linear(nn.Module):
         return dequantize(self.qweight, dtype or self.resolved_compute_dtype())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.resolved_compute_dtype()
+        # under CPU autocast the product runs in bf16, the output returns to x's float32
+        dtype = frozen_product_dtype(x) or self.resolved_compute_dtype()
         bias = None if self.bias is None else self.bias.to(dtype)
         return _DequantLinear.apply(x.to(dtype), bias, self, dtype).to(x.dtype)
 

@@ -24,15 +24,20 @@ def pick_device(local_rank: int) -> torch.device:
 
 
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` = bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+    """``auto`` = bfloat16 on CUDA, float32 on CPU (where bf16 element-wise work is slow; for bf16
+    matmuls on the CPU, ``train.dtype = "bfloat16"`` keeps float32 weights, see ``autocast``)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
 
 
 def autocast(train_dtype: str, device: torch.device):
-    """bf16/fp16 autocast on CUDA; on the CPU training runs in the weights' dtype."""
+    """bf16/fp16 autocast on CUDA. On the CPU, ``bfloat16`` turns on CPU autocast, under which
+    tunex's layers run their frozen-weight products in bf16 and everything else in float32
+    (``tunex.kernels._dispatch.frozen_product_dtype``); otherwise the CPU trains in the weights' dtype."""
     if device.type != "cuda":
+        if device.type == "cpu" and train_dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
     dtype = torch.float16 if train_dtype == "float16" else torch.bfloat16
     if train_dtype == "float32":

@@ -43,11 +43,17 @@ def _chunk_rows(vocab: int, chunk_elements: int) -> int:
 _scratch = threading.local()
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                  low: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits of one chunk. On the CPU in float32 they go into one buffer per thread, reused
-    by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time."""
+    by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time.
+    ``low``: the head weight in CPU autocast's dtype, for the product (see frozen_product_dtype)."""
     if not (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32):
         return F.linear(h, weight, bias).float()
+    if low is not None:
+        out = _reused("logits", (rows, weight.shape[0]))[:h.shape[0]]
+        out.copy_(_dispatch.matmul_nt(h.to(low.dtype), low))
+        return out if bias is None else out.add_(bias.float())
     if _dispatch.onednn_fits(h, weight):
         return _dispatch.matmul_nt(h, weight, bias=None if bias is None else bias.float())
     out = _reused("logits", (rows, weight.shape[0]))[:h.shape[0]]
@@ -88,12 +94,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted):
         # hidden (N, H), weight (V, H), labels (N,)
+        need_w = grad_wanted and ctx.needs_input_grad[1]
+        low_dtype = None if need_w else _dispatch.frozen_product_dtype(hidden)  # a trained head stays fp32
+        with _dispatch.no_autocast(hidden):  # every product below says its dtype
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, denom, chunk_elements,
+                                                grad_wanted, low_dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted, low_dtype):
         need_h = grad_wanted and ctx.needs_input_grad[0]
         need_w = grad_wanted and ctx.needs_input_grad[1]
         need_b = grad_wanted and bias is not None and ctx.needs_input_grad[2]
         if _dispatch.onednn_fits(hidden, weight):
             chunk_elements = min(chunk_elements, ONEDNN_CHUNK_ELEMENTS)
         rows = _chunk_rows(weight.shape[0], chunk_elements)
+        low = None if low_dtype is None else weight.to(low_dtype)  # the head in CPU autocast's dtype
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -106,7 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
             y = labels[start:start + rows]
-            logits = _chunk_logits(h, weight, bias, rows)  # (c, V) fp32, may be a reused buffer
+            logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
             want_grad = need_h or need_w or need_b
@@ -132,10 +147,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h and grads is not None:
                 filled += len(y)
                 if filled + rows > grads.shape[0] or start + rows >= hidden.shape[0]:
-                    grad_h[first:first + filled] = _dispatch.matmul_nt(grads[:filled], weight.t())
+                    grad_h[first:first + filled] = _dispatch.matmul_nt_in(
+                        grads[:filled], weight.t() if low is None else low.t(), low_dtype)
                     first, filled = first + filled, 0
             elif need_h:
-                grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(weight.dtype), weight.t()).to(hidden.dtype)
+                head = weight if low is None else low
+                grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(head.dtype), head.t()).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
             if need_b:
