@@ -178,7 +178,8 @@ class TrainConfig:
     warmup_ratio: float = _setting(0.03, _number(0, 1, hi_open=True), "fraction of steps in linear warmup")
     scheduler: str = _setting("cosine", _one_of("cosine", "linear", "constant"), "lr schedule after warmup")
     seed: int = _setting(0, _integer(0), "random seed")
-    dtype: str = _setting("auto", _one_of(*DTYPES), "training precision; auto = bf16 on CUDA, fp32 on CPU")
+    dtype: str = _setting("auto", _one_of(*DTYPES), "training precision; auto = bf16 on CUDA, fp32 on CPU; "
+                          "bfloat16 on the CPU = bf16 products with frozen weights, fp32 elsewhere")
     gradient_checkpointing: bool = _setting(True, _flag, "recompute activations in backward")
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
