@@ -90,12 +90,16 @@ def frozen_product_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def matmul_nt_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``x @ w.T`` computed in ``dtype`` (``w`` already in it; None: in x's dtype), returned in x's
-    dtype; outside autograd, as ``matmul_nt``."""
+def matmul_nt_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None, *, bias: torch.Tensor | None = None,
+                 add: torch.Tensor | None = None) -> torch.Tensor:
+    """``matmul_nt`` with the product computed in ``dtype`` (``w`` already in it; None: x's dtype)
+    and rounded to it, the result (and ``bias``, ``add``) in x's dtype."""
     if dtype is None or dtype == x.dtype:
-        return matmul_nt(x, w)
-    return matmul_nt(x.to(dtype), w).to(x.dtype)
+        return matmul_nt(x, w, bias=bias, add=add)
+    y = matmul_nt(x.to(dtype), w).to(x.dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y if add is None else y.add_(add)
 
 
 def warps_for(block: int) -> int:

@@ -152,12 +152,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_features).to(dtype).contiguous()  # (N, in)
         w = _dense(base_fn if base_fn is not None else weight, ctx.base_dtype or dtype)  # (out, in)
         a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
-        if ctx.base_dtype is None:
-            y = matmul_nt(x2, w, bias=None if bias is None else bias.to(dtype))  # (N, out)
-        else:
-            y = matmul_nt_in(x2, w, ctx.base_dtype)
-            if bias is not None:
-                y.add_(bias.to(dtype))
+        y = matmul_nt_in(x2, w, ctx.base_dtype, bias=None if bias is None else bias.to(dtype))  # (N, out)
         del w  # a dequantized base is freed here, not kept for backward
         drop = _Dropout(x2, dropout, ctx.triton)
         if drop.fused:  # h = dropout(x) @ A.T in one pass over x, straight into arena memory
@@ -219,10 +214,7 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 # (N, in); dropout's backward is the same masked scaling
                 d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
-                if ctx.base_dtype is None:
-                    d_x = matmul_nt(g, w.t(), add=d_lora)
-                else:
-                    d_x = matmul_nt_in(g, w.t(), ctx.base_dtype).add_(d_lora)
+                d_x = matmul_nt_in(g, w.t(), ctx.base_dtype, add=d_lora)
             d_x = d_x.view(ctx.x_shape).to(ctx.x_dtype)
         if need_bias and ctx.has_bias:
             d_bias = g.sum(0).to(ctx.bias_dtype)

@@ -109,6 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_elements = min(chunk_elements, ONEDNN_CHUNK_ELEMENTS)
         rows = _chunk_rows(weight.shape[0], chunk_elements)
         low = None if low_dtype is None else weight.to(low_dtype)  # the head in CPU autocast's dtype
+        head = weight if low is None else low  # what the hidden-state gradient's product uses
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -147,11 +148,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h and grads is not None:
                 filled += len(y)
                 if filled + rows > grads.shape[0] or start + rows >= hidden.shape[0]:
-                    grad_h[first:first + filled] = _dispatch.matmul_nt_in(
-                        grads[:filled], weight.t() if low is None else low.t(), low_dtype)
+                    grad_h[first:first + filled] = _dispatch.matmul_nt_in(grads[:filled], head.t(), low_dtype)
                     first, filled = first + filled, 0
             elif need_h:
-                head = weight if low is None else low
                 grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(head.dtype), head.t()).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
