@@ -139,6 +139,33 @@ def test_gguf_cache_is_shared_by_copies_and_pruned_of_what_no_file_needs(tmp_pat
     assert sorted(p.name for p in root.iterdir()) == sorted([again.name, other.name])
 
 
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path_factory, tmp_path, monkeypatch):
+    """Two processes converting the same new GGUF: the second to finish uses the first one's folder
+    (which the first may be reading) instead of deleting it, and leaves no temporary folder."""
+    import shutil
+
+    import tunex.gguf_io
+    import tunex.models.hub as hub
+
+    folder, _ = tiny(tmp_path_factory, "llama")
+    gguf_file = hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    monkeypatch.setenv("TUNEX_CACHE", str(tmp_path / "cache"))
+    out = hub.gguf_cache_dir(gguf_file)
+    real_convert = tunex.gguf_io.gguf_to_hf
+
+    def convert_while_another_process_finishes(src, dst):
+        real_convert(src, dst)
+        shutil.copytree(dst, out)  # the other process's finished folder, marked, in place
+        (out / "theirs").write_text("")
+        hub._write_mark(out, {"converter": hub._converter_revision(), "sources": ["/elsewhere/m.gguf|1|1"]})
+
+    monkeypatch.setattr(tunex.gguf_io, "gguf_to_hf", convert_while_another_process_finishes)
+    assert resolve_model_path(gguf_file) == out and (out / "theirs").is_file()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    sources = json.loads((out / hub.DONE_MARK).read_text())["sources"]
+    assert sources[-1].startswith(str(gguf_file.resolve()) + "|")
+
+
 def test_resolution_errors_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="(?s)download it first.*Looked in:.*models--nobody--nothing"):

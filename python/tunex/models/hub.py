@@ -196,9 +196,13 @@ def _gguf_folder(gguf_path: Path) -> Path:
     try:
         gguf_to_hf(gguf_path, tmp)
         _write_mark(tmp, {"converter": revision, "sources": [stamp]})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        finished = _read_mark(out)
+        if finished is not None:  # another process converted the same bytes meanwhile: use its folder
+            _write_mark(out, {**finished, "sources": [*finished["sources"], stamp]})
+        else:
+            if out.exists():  # a folder without a mark: never finished
+                shutil.rmtree(out)
+            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
