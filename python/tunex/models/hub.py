@@ -183,31 +183,35 @@ def _gguf_folder(gguf_path: Path) -> Path:
             if mark and mark["converter"] == revision and stamp in mark["sources"]:
                 return entry
     out = gguf_cache_dir(gguf_path, revision)
-    mark = _read_mark(out)
-    if mark is not None:  # the same bytes, converted for another copy of the file
+    # None: not converted yet; else the same bytes were converted for another copy of the file
+    mark = _read_mark(out) or _convert(gguf_path, out, {"converter": revision, "sources": [stamp]})
+    if stamp not in mark["sources"]:
         _write_mark(out, {**mark, "sources": [*mark["sources"], stamp]})
-        _prune(root, out, stamp)
-        return out
+    _prune(root, out, stamp)
+    return out
+
+
+def _convert(gguf_path: Path, out: Path, mark: dict) -> dict:
+    """Convert into ``out`` with ``mark``; returns the mark ``out`` ends up with (another process's,
+    when it finished the same conversion meanwhile: its folder is kept, as it may be reading it)."""
     from tunex.gguf_io import gguf_to_hf
 
-    root.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # convert into a temporary sibling and rename: a crash never leaves a half folder in the cache
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         gguf_to_hf(gguf_path, tmp)
-        _write_mark(tmp, {"converter": revision, "sources": [stamp]})
+        _write_mark(tmp, mark)
         finished = _read_mark(out)
-        if finished is not None:  # another process converted the same bytes meanwhile: use its folder
-            _write_mark(out, {**finished, "sources": [*finished["sources"], stamp]})
-        else:
-            if out.exists():  # a folder without a mark: never finished
-                shutil.rmtree(out)
-            tmp.rename(out)
+        if finished is not None:
+            return finished
+        if out.exists():  # a folder without a mark: never finished
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return mark
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _prune(root, out, stamp)
-    return out
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
