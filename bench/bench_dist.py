@@ -15,6 +15,7 @@ not meaningful, so no timings.
 
 Usage: python bench/bench_dist.py [--tokens T]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,6 @@ def tensor_bytes(t) -> int:
 def child(mode: str, tokens: int, out: str) -> None:
     import torch
     from torch import nn
-
     from tunex.config import validate
     from tunex.dist.env import init_distributed, shutdown
     from tunex.dist.wrap import LossModule, wrap_for_training
@@ -49,9 +49,14 @@ def child(mode: str, tokens: int, out: str) -> None:
     env = init_distributed()
     device = torch.device("cpu")
     torch.manual_seed(0)
-    cfg = validate({"model": {"path": MODEL, "dtype": "float32"}, "data": {"path": "-"},
-                    "method": {"kind": "full"},
-                    "train": {"dtype": "float32", "gradient_checkpointing": False, "batch_size": 1}})
+    cfg = validate(
+        {
+            "model": {"path": MODEL, "dtype": "float32"},
+            "data": {"path": "-"},
+            "method": {"kind": "full"},
+            "train": {"dtype": "float32", "gradient_checkpointing": False, "batch_size": 1},
+        }
+    )
     model = build_model(cfg, device)
     if mode == "ddp":
         step_module = nn.parallel.DistributedDataParallel(LossModule(model))
@@ -69,17 +74,37 @@ def child(mode: str, tokens: int, out: str) -> None:
     grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
     opt.zero_grad(set_to_none=True)
     state = sum(tensor_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    record = {"mode": mode, "world": env.world_size, "rank": env.rank,
-              "params": sum(tensor_bytes(p) for p in params), "grads": grads, "optimizer": state,
-              "n_params": sum(p.numel() for p in model.parameters()), "loss": float(loss),
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    record = {
+        "mode": mode,
+        "world": env.world_size,
+        "rank": env.rank,
+        "params": sum(tensor_bytes(p) for p in params),
+        "grads": grads,
+        "optimizer": state,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "loss": float(loss),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     Path(out, f"{mode}_{env.world_size}_{env.rank}.json").write_text(json.dumps(record))
     shutdown()
 
 
 def launch(mode: str, world: int, tokens: int, out: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           __file__, "--child", mode, "--tokens", str(tokens), "--out", out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(world),
+        __file__,
+        "--child",
+        mode,
+        "--tokens",
+        str(tokens),
+        "--out",
+        out,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -98,30 +123,40 @@ def main() -> None:
     from tunex.models import resolve_model_path
 
     resolve_model_path(MODEL)  # convert the GGUF once, before the ranks race for the cache
-    setups = [("fsdp", 1, "1 process (no sharding)"), ("ddp", 2, "2 processes, DDP (replicated baseline)"),
-              ("fsdp", 2, "2 processes, tunex FSDP2 (sharded)")]
+    setups = [
+        ("fsdp", 1, "1 process (no sharding)"),
+        ("ddp", 2, "2 processes, DDP (replicated baseline)"),
+        ("fsdp", 2, "2 processes, tunex FSDP2 (sharded)"),
+    ]
     with tempfile.TemporaryDirectory() as out:
         for mode, world, _ in setups:
             launch(mode, world, args.tokens, out)
         records = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*.json"))]
     base = None
-    rows = ["| setup | params MB/rank | grads MB/rank | AdamW state MB/rank | training state MB/rank | "
-            "vs 1 process | peak RSS MB/rank |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| setup | params MB/rank | grads MB/rank | AdamW state MB/rank | training state MB/rank | "
+        "vs 1 process | peak RSS MB/rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode, world, label in setups:
         ranks = [r for r in records if r["mode"] == mode and r["world"] == world]
         worst = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
         total = worst["params"] + worst["grads"] + worst["optimizer"]
         base = base or total
-        rows.append(f"| {label} | {worst['params'] / MB:,.0f} | {worst['grads'] / MB:,.0f} | "
-                     f"{worst['optimizer'] / MB:,.0f} | {total / MB:,.0f} | {total / base:.2f}x | "
-                     f"{max(r['peak_rss'] for r in ranks) / MB:,.0f} |")
+        rows.append(
+            f"| {label} | {worst['params'] / MB:,.0f} | {worst['grads'] / MB:,.0f} | "
+            f"{worst['optimizer'] / MB:,.0f} | {total / MB:,.0f} | {total / base:.2f}x | "
+            f"{max(r['peak_rss'] for r in ranks) / MB:,.0f} |"
+        )
     n = records[0]["n_params"]
     print("\n".join(rows))
-    print(f"\nSmolLM2-135M-Instruct ({n / 1e6:.1f}M parameters), full fine-tune in fp32, AdamW, "
-          f"{args.tokens} tokens per rank per step, CPU/gloo. Per-rank bytes are summed from the tensors "
-          "each rank holds after step 2 (largest rank shown); the gradient column is measured before "
-          "zero_grad. Peak RSS includes torch and the whole model each rank loads before "
-          "`fully_shard` splits it. No GPU was lent to this run, so no tokens/s row at world size 1 on CUDA.")
+    print(
+        f"\nSmolLM2-135M-Instruct ({n / 1e6:.1f}M parameters), full fine-tune in fp32, AdamW, "
+        f"{args.tokens} tokens per rank per step, CPU/gloo. Per-rank bytes are summed from the tensors "
+        "each rank holds after step 2 (largest rank shown); the gradient column is measured before "
+        "zero_grad. Peak RSS includes torch and the whole model each rank loads before "
+        "`fully_shard` splits it. No GPU was lent to this run, so no tokens/s row at world size 1 on CUDA."
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ prompt; the best of the rounds counts, and the two outputs are checked for ident
 
 Usage: python bench/bench_generate.py [--rounds N] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ print(t2 - t0, t2 - t1)
 
 
 def load_seconds(code: str, folder: str) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", code, folder], check=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, folder], check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ).stdout
     total, after_torch = out.strip().splitlines()[-1].split()
     return float(total), float(after_torch)
 
@@ -55,9 +57,13 @@ def load_seconds(code: str, folder: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for generation (0 = torch's default, every core). tunex decodes "
-                         "with one torch thread plus its own GEMV threads whatever this says")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for generation (0 = torch's default, every core). tunex decodes "
+        "with one torch thread plus its own GEMV threads whatever this says",
+    )
     args = ap.parse_args()
 
     import torch
@@ -84,9 +90,15 @@ def main() -> None:
 
     def run_hf(n: int) -> list[int]:
         with torch.inference_mode():
-            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=2)
-        return out[0, len(ids):].tolist()
+            out = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=2,
+            )
+        return out[0, len(ids) :].tolist()
 
     def run_ours(n: int) -> list[int]:
         return generate(ours, ids, max_new_tokens=n)
@@ -109,15 +121,20 @@ def main() -> None:
     gt, gh = max(speed["tunex"]), max(speed["transformers"])
     ct, ch = min(cpu["tunex"]), min(cpu["transformers"])
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"SmolLM2-135M-Instruct fp32, CPU, torch threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds; greedy outputs identical: {'yes' if same else 'NO'}; "
-          f"machine load average {load} (other jobs share these cores: compare ratios)\n")
+    print(
+        f"SmolLM2-135M-Instruct fp32, CPU, torch threads {torch.get_num_threads()}, "
+        f"{args.rounds} rounds; greedy outputs identical: {'yes' if same else 'NO'}; "
+        f"machine load average {load} (other jobs share these cores: compare ratios)\n"
+    )
     print("| metric | tunex | transformers | tunex advantage |")
     print("|---|---|---|---|")
-    print(f"| import + load tokenizer and model, from a fresh interpreter (s, median) | {lt:.2f} | {lh:.2f} "
-          f"| {lh / lt:.1f}x |")
-    print(f"| the same after `import torch` (the part each library controls) | {lt2:.2f} | {lh2:.2f} "
-          f"| {lh2 / lt2:.1f}x |")
+    print(
+        f"| import + load tokenizer and model, from a fresh interpreter (s, median) | {lt:.2f} | {lh:.2f} "
+        f"| {lh / lt:.1f}x |"
+    )
+    print(
+        f"| the same after `import torch` (the part each library controls) | {lt2:.2f} | {lh2:.2f} | {lh2 / lt2:.1f}x |"
+    )
     print(f"| greedy generation, {NEW} new tokens (tokens/s, best) | {gt:.1f} | {gh:.1f} | {gt / gh:.2f}x |")
     print(f"| CPU time per generated token (ms, best) | {ct:.0f} | {ch:.0f} | {ch / ct:.2f}x |")
 

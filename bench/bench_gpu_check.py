@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """``python bench/run.py gpu_check`` entry: runs bench/gpu_check.py (the device check) unchanged."""
+
 import runpy
 from pathlib import Path
 

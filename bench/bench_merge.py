@@ -17,6 +17,7 @@ needs for all B @ A products in fp32 on this machine: the compute floor of any m
 Usage: python bench/bench_merge.py [--layers 22] [--small-layers 6] [--workdir DIR] [--skip-peft]
 Needs: torch; transformers + peft for the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,23 @@ def shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)), (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
-                (p + "self_attn.v_proj.weight", (kv, HIDDEN)), (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-                (p + "mlp.gate_proj.weight", (INTER, HIDDEN)), (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-                (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
-                (p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
 
 
 def make_fixture(root: Path, layers: int) -> tuple[Path, Path]:
     """Base + adapter folders under root (reused when already there)."""
     import torch
-
     from tunex import save_sharded
 
     base, adapter = root / "base", root / "adapter"
@@ -61,11 +67,24 @@ def make_fixture(root: Path, layers: int) -> tuple[Path, Path]:
     for name, shape in shapes(layers):
         state[name] = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape) * 0.02).to(torch.bfloat16)
     save_sharded(state, base, max_shard_size="2GB")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (base / "config.json").write_text(json.dumps(config, indent=2))
     (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     lora = {}
@@ -73,13 +92,29 @@ def make_fixture(root: Path, layers: int) -> tuple[Path, Path]:
         module = name[: -len(".weight")]
         if module.rsplit(".", 1)[-1] in LINEARS and module.startswith("model.layers."):
             out_f, in_f = shape
-            lora[f"base_model.model.{module}.lora_A.weight"] = ((torch.rand(RANK, in_f) - 0.5) / in_f ** 0.5).to(torch.bfloat16)
+            lora[f"base_model.model.{module}.lora_A.weight"] = ((torch.rand(RANK, in_f) - 0.5) / in_f**0.5).to(
+                torch.bfloat16
+            )
             lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_f, RANK) * 0.02).to(torch.bfloat16)
     save_sharded(lora, adapter, max_shard_size=2**62, prefix="adapter_model")
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
-           "target_modules": list(LINEARS), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-           "use_dora": False, "inference_mode": True, "modules_to_save": None, "rank_pattern": {},
-           "alpha_pattern": {}, "base_model_name_or_path": str(base), "init_lora_weights": True}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": list(LINEARS),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": str(base),
+        "init_lora_weights": True,
+    }
     (adapter / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return base, adapter
 
@@ -104,8 +139,12 @@ def run(cmd: list[str]) -> tuple[float, float, float]:
     one's writeback."""
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "TUNEX_TIME %M %U %S", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "TUNEX_TIME %M %U %S", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -116,7 +155,6 @@ def run(cmd: list[str]) -> tuple[float, float, float]:
 def gemm_seconds(adapter: Path) -> float:
     """fp32 B @ A for every module of the adapter, with torch: the merge's compute floor."""
     import torch
-
     from tunex.io import SafetensorsFile
 
     f = SafetensorsFile(adapter / "adapter_model.safetensors")
@@ -132,8 +170,14 @@ def max_ulp_diff(a_dir: Path, b_dir: Path, names: list[str]) -> int:
     from tunex.io import load_state_dict
 
     a, b = load_state_dict(a_dir), load_state_dict(b_dir)
-    return max(int((a[n].view(dtype=__import__("torch").int16).int() - b[n].view(
-        dtype=__import__("torch").int16).int()).abs().max()) for n in names)
+    return max(
+        int(
+            (a[n].view(dtype=__import__("torch").int16).int() - b[n].view(dtype=__import__("torch").int16).int())
+            .abs()
+            .max()
+        )
+        for n in names
+    )
 
 
 def bench_size(root: Path, layers: int, skip_peft: bool) -> list[dict]:
@@ -154,8 +198,21 @@ def bench_size(root: Path, layers: int, skip_peft: bool) -> list[dict]:
     rows.append({"tool": "cp -r base", "wall": wall, "cpu": cpu, "rss": rss})
     wall, cpu, rss = run(["sh", "-c", f"cp -r '{base}' '{fresh()}' && sync '{out}'/*"])
     rows.append({"tool": "cp -r base && sync (disk floor)", "wall": wall, "cpu": cpu, "rss": rss})
-    merge_cmd = [sys.executable, "-m", "tunex", "convert", "merge", str(base), str(adapter), str(fresh()),
-                 "--device", "cpu", "--max-shard-size", "2GB", "-q"]
+    merge_cmd = [
+        sys.executable,
+        "-m",
+        "tunex",
+        "convert",
+        "merge",
+        str(base),
+        str(adapter),
+        str(fresh()),
+        "--device",
+        "cpu",
+        "--max-shard-size",
+        "2GB",
+        "-q",
+    ]
     wall, cpu, rss = run(merge_cmd)
     rows.append({"tool": "tunex convert merge --device cpu (fsync, default)", "wall": wall, "cpu": cpu, "rss": rss})
     fresh()
@@ -168,18 +225,25 @@ def bench_size(root: Path, layers: int, skip_peft: bool) -> list[dict]:
         wall, cpu, rss = run([sys.executable, "-c", PEFT_CHILD, str(base), str(adapter), str(fresh())])
         rows.append({"tool": "PEFT merge_and_unload + save_pretrained", "wall": wall, "cpu": cpu, "rss": rss})
         checked = [n for n, _ in shapes(layers) if n.endswith(("q_proj.weight", "down_proj.weight"))][:4]
-        rows.append({"note": f"max bf16 ulp difference tunex vs PEFT on {len(checked)} merged tensors: "
-                             f"{max_ulp_diff(tunex_out, out, checked)}"})
+        rows.append(
+            {
+                "note": f"max bf16 ulp difference tunex vs PEFT on {len(checked)} merged tensors: "
+                f"{max_ulp_diff(tunex_out, out, checked)}"
+            }
+        )
         shutil.rmtree(tunex_out, ignore_errors=True)
-    rows.append({"tool": "GEMM floor (torch fp32 B@A, in-process)", "wall": gemm_seconds(adapter), "cpu": None,
-                 "rss": None})
+    rows.append(
+        {"tool": "GEMM floor (torch fp32 B@A, in-process)", "wall": gemm_seconds(adapter), "cpu": None, "rss": None}
+    )
     shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
 def table(results: dict[int, list[dict]]) -> str:
-    lines = ["| layers | tool | wall s | CPU s (user+sys) | peak RSS MB | PEFT / tool (wall) | PEFT / tool (CPU) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layers | tool | wall s | CPU s (user+sys) | peak RSS MB | PEFT / tool (wall) | PEFT / tool (CPU) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for layers, rows in results.items():
         peft = next((r for r in rows if r.get("tool", "").startswith("PEFT")), None)
@@ -214,8 +278,10 @@ def main() -> None:
             results[layers] = bench_size(args.workdir, layers, args.skip_peft)
     load = os.getloadavg()[0]
     print(table(results))
-    print(f"- load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores: other jobs shared the "
-          "machine, so compare rows within one run (the CPU-time column is the steadier one)")
+    print(
+        f"- load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cores: other jobs shared the "
+        "machine, so compare rows within one run (the CPU-time column is the steadier one)"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ reused-buffer rows can pass 100%.
 Usage: python bench/bench_quant.py [--repeats 5] [--small]   (--small: 1024x1024 only, a smoke run)
 Needs: torch, bitsandbytes (the baseline).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,13 +82,18 @@ def main() -> None:
             theirs, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
             same = torch.equal(raw(ours.packed), raw(theirs)) and torch.equal(raw(ours.absmax), raw(state.absmax))
             if dq:
-                same = same and torch.equal(raw(ours.nested.absmax), raw(state.state2.absmax)) \
+                same = (
+                    same
+                    and torch.equal(raw(ours.nested.absmax), raw(state.state2.absmax))
                     and ours.nested.offset == state.offset.item()
+                )
             t_ours = t_theirs = float("inf")
             for _ in range(args.repeats):  # interleaved
                 t_ours = min(t_ours, best_time(lambda: tq.quantize(w, "nf4", 64, dq), 1))
-                t_theirs = min(t_theirs, best_time(
-                    lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq), 1))
+                t_theirs = min(
+                    t_theirs,
+                    best_time(lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq), 1),
+                )
             rows.append((label, "quantize", dq, n / t_ours / 1e6, n / t_theirs / 1e6, same))
 
             d_ours, d_theirs = tq.dequantize(ours), bnb.dequantize_4bit(theirs, state)
@@ -106,20 +112,28 @@ def main() -> None:
     bandwidth = copy.best
     bytes_per_elem = 2 + 0.5 + 4 / 64
     bound = bandwidth / bytes_per_elem / 1e6  # M elements/s
-    print(f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); at {bytes_per_elem:.4g} bytes per element "
-          f"moved, the memory-bandwidth bound is **{bound:.0f} M elements/s** for both directions.\n")
-    print("| tensor (bf16, NF4, bs 64) | op | double quant | tunex M elem/s | bitsandbytes M elem/s | ratio "
-          "| % of bound (tunex) | identical |")
+    print(
+        f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); at {bytes_per_elem:.4g} bytes per element "
+        f"moved, the memory-bandwidth bound is **{bound:.0f} M elements/s** for both directions.\n"
+    )
+    print(
+        "| tensor (bf16, NF4, bs 64) | op | double quant | tunex M elem/s | bitsandbytes M elem/s | ratio "
+        "| % of bound (tunex) | identical |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---|")
     for label, op, dq, ours, theirs, same in rows:
-        print(f"| {label} | {op} | {'yes' if dq else 'no'} | {ours:.0f} | {theirs:.1f} | {ours / theirs:.1f}x "
-              f"| {100 * ours / bound:.0f}% | {'yes' if same else '**NO**'} |")
-    print("\nQuantize is compute-bound, not memory-bound: every element is widened, scaled, clamped and "
-          "compared with 15 code midpoints (AVX2, 8 lanes), about 1.2 G elements/s per core when the core "
-          "is free; double quant adds torch's own mean of the absmax (kept in torch so the offset matches to the "
-          "last bit; on a loaded machine its OpenMP wake-up costs as much as the packing). Dequantize with a fresh output is bounded by the kernel zeroing the new pages (both "
-          "libraries pay it); into a reused buffer it is two table lookups per byte. These 2-core "
-          "machines are shared, so absolute rates swing between runs; the ratios are measured interleaved.")
+        print(
+            f"| {label} | {op} | {'yes' if dq else 'no'} | {ours:.0f} | {theirs:.1f} | {ours / theirs:.1f}x "
+            f"| {100 * ours / bound:.0f}% | {'yes' if same else '**NO**'} |"
+        )
+    print(
+        "\nQuantize is compute-bound, not memory-bound: every element is widened, scaled, clamped and "
+        "compared with 15 code midpoints (AVX2, 8 lanes), about 1.2 G elements/s per core when the core "
+        "is free; double quant adds torch's own mean of the absmax (kept in torch so the offset matches to the "
+        "last bit; on a loaded machine its OpenMP wake-up costs as much as the packing). Dequantize with a fresh output is bounded by the kernel zeroing the new pages (both "
+        "libraries pay it); into a reused buffer it is two table lookups per byte. These 2-core "
+        "machines are shared, so absolute rates swing between runs; the ratios are measured interleaved."
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ give each its own peak RSS.
 
 Usage: python bench/bench_train.py [--steps N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,6 @@ def build_tunex(kind: str):
     """kind: lora, qlora, lora-ckpt (LoRA with gradient checkpointing) or lora-bf16 (train.dtype =
     bfloat16: CPU autocast, frozen-weight products in bf16)."""
     import torch
-
     from tunex.config import validate
     from tunex.dist.env import init_distributed
     from tunex.dist.wrap import wrap_for_training
@@ -60,12 +60,14 @@ def build_tunex(kind: str):
     checkpointing = kind.endswith("-ckpt")
     train_dtype = "bfloat16" if kind.endswith("-bf16") else "float32"
     kind = kind.removesuffix("-ckpt").removesuffix("-bf16")
-    cfg = validate({
-        "model": {"path": MODEL, "dtype": "float32"}, "data": {"path": "-"},
-        "method": {"kind": kind, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "train": {"dtype": train_dtype, "gradient_checkpointing": checkpointing, "batch_size": B,
-                  "grad_accum": 1},
-    })
+    cfg = validate(
+        {
+            "model": {"path": MODEL, "dtype": "float32"},
+            "data": {"path": "-"},
+            "method": {"kind": kind, "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            "train": {"dtype": train_dtype, "gradient_checkpointing": checkpointing, "batch_size": B, "grad_accum": 1},
+        }
+    )
     model = build_model(cfg, torch.device("cpu"))
     model.gradient_checkpointing = checkpointing
     step_module = wrap_for_training(model, kind, init_distributed(), torch.device("cpu"), "float32")
@@ -97,11 +99,15 @@ def build_hf(kind: str, folder: str):
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
-    m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05,
-                                     task_type="CAUSAL_LM"))
+    m = get_peft_model(
+        m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
+    )
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
     x = torch.randint(0, VOCAB, (B, T))
 
@@ -138,8 +144,13 @@ def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
     try:
         for spec in specs:  # one at a time, so that no build overlaps another's steps
             errors = tempfile.TemporaryFile("w+")  # a pipe could fill up with warnings and stall the worker
-            proc = subprocess.Popen([sys.executable, __file__, "--child", "worker", *spec.split(":"), folder],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", "worker", *spec.split(":"), folder],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
             proc.errors = errors
             if proc.stdout.readline().strip() != "ready":
                 results[spec] = {"error": _last_error(proc)}
@@ -184,7 +195,6 @@ def matmul_floor(folder: str, rounds: int = 3) -> float:
     on fp32 CPU matmuls, so it bounds the reachable speed-up: read the ratios against it.
     """
     import torch
-
     from tunex.kernels import _dispatch
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
@@ -237,42 +247,60 @@ def main() -> None:
     result.update(run_interleaved(["tunex:qlora", "hf:qlora"], folder, max(1, args.steps - 1)))
     result.update(run_interleaved(["tunex:lora-bf16", "hf:lora-bf16"], folder, max(1, args.steps - 1)))
     floor = run_child(["floor", folder]).get("tokens_per_s")
-    rows = ["| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
-            "baseline peak RSS MB | RSS ratio |", "|---|---|---|---|---|---|---|"]
-    for ours, theirs, label in (("tunex:lora", "hf:lora", "LoRA vs transformers+PEFT"),
-                                ("tunex:qlora", "hf:qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
-                                ("tunex:lora-ckpt", "hf:lora",
-                                 "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)"),
-                                ("tunex:lora-bf16", "hf:lora-bf16",
-                                 "LoRA, bf16 autocast (train.dtype = bfloat16) vs transformers+PEFT under "
-                                 "CPU autocast")):
+    rows = [
+        "| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
+        "baseline peak RSS MB | RSS ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ours, theirs, label in (
+        ("tunex:lora", "hf:lora", "LoRA vs transformers+PEFT"),
+        ("tunex:qlora", "hf:qlora", "QLoRA vs transformers+PEFT+bitsandbytes"),
+        ("tunex:lora-ckpt", "hf:lora", "LoRA + gradient checkpointing vs transformers+PEFT (no checkpointing)"),
+        (
+            "tunex:lora-bf16",
+            "hf:lora-bf16",
+            "LoRA, bf16 autocast (train.dtype = bfloat16) vs transformers+PEFT under CPU autocast",
+        ),
+    ):
         rows.append(_row(label, result.get(ours, {}), result.get(theirs, {})))
-    print(f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32 (last row: bf16 autocast), "
-          f"batch {B} x {T} on the CPU. "
-          f"Each contender in its own process; after a warm-up step, {args.steps} steps each "
-          f"(QLoRA and bf16: {max(1, args.steps - 1)}), alternating round by round so that only one process "
-          "computes at a time and all see the same machine load. Peak RSS: each process's own. "
-          f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
-          "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n")
+    print(
+        f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32 (last row: bf16 autocast), "
+        f"batch {B} x {T} on the CPU. "
+        f"Each contender in its own process; after a warm-up step, {args.steps} steps each "
+        f"(QLoRA and bf16: {max(1, args.steps - 1)}), alternating round by round so that only one process "
+        "computes at a time and all see the same machine load. Peak RSS: each process's own. "
+        f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
+        "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n"
+    )
     print("\n".join(rows))
     if floor and "tokens_per_s" in result.get("tunex:lora", {}) and "tokens_per_s" in result.get("hf:lora", {}):
         ours, theirs = result["tunex:lora"]["tokens_per_s"], result["hf:lora"]["tokens_per_s"]
-        print(f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, each "
-              f"shape on the faster of MKL and oneDNN in this run): {floor:.0f} tokens/s. tunex LoRA runs at {ours / floor:.0%} of it, "
-              f"the baseline at {theirs / floor:.0%}; the floor is {floor / theirs:.2f}x the baseline, "
-              "so that is the largest speed-up any fp32 implementation could show here.")
+        print(
+            f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, each "
+            f"shape on the faster of MKL and oneDNN in this run): {floor:.0f} tokens/s. tunex LoRA runs at {ours / floor:.0%} of it, "
+            f"the baseline at {theirs / floor:.0%}; the floor is {floor / theirs:.2f}x the baseline, "
+            "so that is the largest speed-up any fp32 implementation could show here."
+        )
 
 
 def _row(label: str, ours: dict, theirs: dict) -> str:
     def cell(d: dict, key: str) -> str:
         return f"{d[key]:.0f}" if key in d else f"n/a ({d.get('error', '?')})"
 
-    speed = (f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-             if "tokens_per_s" in ours and "tokens_per_s" in theirs else "n/a")
-    rss = (f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}"
-           if "peak_rss_mb" in ours and "peak_rss_mb" in theirs else "n/a")
-    return (f"| {label} | {cell(ours, 'tokens_per_s')} | {cell(theirs, 'tokens_per_s')} | {speed} | "
-            f"{cell(ours, 'peak_rss_mb')} | {cell(theirs, 'peak_rss_mb')} | {rss} |")
+    speed = (
+        f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+        if "tokens_per_s" in ours and "tokens_per_s" in theirs
+        else "n/a"
+    )
+    rss = (
+        f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}"
+        if "peak_rss_mb" in ours and "peak_rss_mb" in theirs
+        else "n/a"
+    )
+    return (
+        f"| {label} | {cell(ours, 'tokens_per_s')} | {cell(theirs, 'tokens_per_s')} | {speed} | "
+        f"{cell(ours, 'peak_rss_mb')} | {cell(theirs, 'peak_rss_mb')} | {rss} |"
+    )
 
 
 if __name__ == "__main__":

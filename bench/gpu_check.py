@@ -17,6 +17,7 @@ triton's interpreter) to check the script itself.
 
 Usage: python bench/gpu_check.py [--tiny] [--steps N] [--no-baseline] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,18 +29,38 @@ import tempfile
 import time
 from pathlib import Path
 
-LLAMA2_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
-             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
-             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
-TINY = {**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 256}
+LLAMA2_7B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+TINY = {
+    **LLAMA2_7B,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 256,
+}
 LORA = {"r": 64, "alpha": 16, "dropout": 0.1}
 WARMUP = 2
 
 
 # ---- 1. kernels -----------------------------------------------------------------------------------
+
 
 def _rel(a, b) -> float:
     a, b = a.detach().float(), b.detach().float()
@@ -62,7 +83,6 @@ def _timed(fn, device, repeat: int = 5) -> float:
 
 def kernel_rows(device, tiny: bool) -> list[list[str]]:
     import torch
-
     from tunex import kernels
 
     n, h, i, v, heads = (64, 64, 160, 256, 4) if tiny else (2048, 4096, 11008, 32000, 32)
@@ -93,27 +113,48 @@ def kernel_rows(device, tiny: bool) -> list[list[str]]:
 
         t_triton = _timed(lambda: step("triton"), device)
         t_torch = _timed(lambda: step("torch"), device)
-        rows.append([f"kernel {name} {str(dtype)[6:]}", "pass" if worst <= tol else "FAIL", f"{worst:.2e}",
-                     f"{t_triton:.3f} ms", f"{t_torch:.3f} ms", f"{t_torch / t_triton:.2f}x"])
+        rows.append(
+            [
+                f"kernel {name} {str(dtype)[6:]}",
+                "pass" if worst <= tol else "FAIL",
+                f"{worst:.2e}",
+                f"{t_triton:.3f} ms",
+                f"{t_torch:.3f} ms",
+                f"{t_torch / t_triton:.2f}x",
+            ]
+        )
 
     for dtype in (torch.float32, torch.bfloat16):
-        case("rms_norm", dtype, lambda dt: [torch.randn(n, h, dtype=dt, device=device),
-                                            torch.randn(h, dtype=dt, device=device)],
-             lambda t, b: kernels.rms_norm(t[0], t[1], 1e-5, backend=b),
-             lambda t: kernels.rms_norm_reference(t[0], t[1], 1e-5))
+        case(
+            "rms_norm",
+            dtype,
+            lambda dt: [torch.randn(n, h, dtype=dt, device=device), torch.randn(h, dtype=dt, device=device)],
+            lambda t, b: kernels.rms_norm(t[0], t[1], 1e-5, backend=b),
+            lambda t: kernels.rms_norm_reference(t[0], t[1], 1e-5),
+        )
         cos, sin = torch.randn(n, d, dtype=dtype, device=device), torch.randn(n, d, dtype=dtype, device=device)
-        case("rope", dtype, lambda dt: [torch.randn(1, heads, n, d, dtype=dt, device=device)],
-             lambda t, b: kernels.apply_rope(t[0], cos, sin, backend=b),
-             lambda t: kernels.rope_reference(t[0], cos.float(), sin.float()))
-        case("swiglu", dtype, lambda dt: [torch.randn(n, i, dtype=dt, device=device),
-                                          torch.randn(n, i, dtype=dt, device=device)],
-             lambda t, b: kernels.swiglu(t[0], t[1], backend=b),
-             lambda t: kernels.swiglu_reference(t[0], t[1]))
+        case(
+            "rope",
+            dtype,
+            lambda dt: [torch.randn(1, heads, n, d, dtype=dt, device=device)],
+            lambda t, b: kernels.apply_rope(t[0], cos, sin, backend=b),
+            lambda t: kernels.rope_reference(t[0], cos.float(), sin.float()),
+        )
+        case(
+            "swiglu",
+            dtype,
+            lambda dt: [torch.randn(n, i, dtype=dt, device=device), torch.randn(n, i, dtype=dt, device=device)],
+            lambda t, b: kernels.swiglu(t[0], t[1], backend=b),
+            lambda t: kernels.swiglu_reference(t[0], t[1]),
+        )
         labels = torch.randint(0, v, (n,), device=device)
-        case("cross_entropy", dtype, lambda dt: [torch.randn(n, h, dtype=dt, device=device),
-                                                 torch.randn(v, h, dtype=dt, device=device) * 0.02],
-             lambda t, b: kernels.chunked_cross_entropy(t[0], t[1], labels, backend=b),
-             lambda t: kernels.cross_entropy_reference(t[0], t[1], labels))
+        case(
+            "cross_entropy",
+            dtype,
+            lambda dt: [torch.randn(n, h, dtype=dt, device=device), torch.randn(v, h, dtype=dt, device=device) * 0.02],
+            lambda t, b: kernels.chunked_cross_entropy(t[0], t[1], labels, backend=b),
+            lambda t: kernels.cross_entropy_reference(t[0], t[1], labels),
+        )
     rows += lora_rows(device, n, h, i)
     rows += nf4_rows(device, h, i)
     return rows
@@ -124,7 +165,6 @@ def lora_rows(device, n: int, h: int, i: int) -> list[list[str]]:
     produced by a callable that allocates a fresh tensor, as a 4-bit dequantization does: error of
     the torch-dropout and the Triton-dropout paths, time and peak memory of the default path."""
     import torch
-
     from tunex.kernels import lora_linear, lora_linear_reference, lora_triton
     from tunex.kernels.lora import _draw_seed
 
@@ -164,9 +204,16 @@ def lora_rows(device, n: int, h: int, i: int) -> list[list[str]]:
         t_fused, t_ref = _timed(lambda: run(lora_linear), device), _timed(lambda: run(lora_linear_reference), device)
         memory = f", peak {peaks[0]:.0f} vs {peaks[1]:.0f} MiB" if peaks else ""
         ok = err_torch <= tol and err_triton <= tol
-        rows.append([f"kernel lora_linear {str(dtype)[6:]} (fused vs autograd)", "pass" if ok else "FAIL",
-                     f"{max(err_torch, err_triton):.2e}", f"{t_fused:.3f} ms", f"{t_ref:.3f} ms",
-                     f"{t_ref / t_fused:.2f}x{memory}"])
+        rows.append(
+            [
+                f"kernel lora_linear {str(dtype)[6:]} (fused vs autograd)",
+                "pass" if ok else "FAIL",
+                f"{max(err_torch, err_triton):.2e}",
+                f"{t_fused:.3f} ms",
+                f"{t_ref:.3f} ms",
+                f"{t_ref / t_fused:.2f}x{memory}",
+            ]
+        )
     return rows
 
 
@@ -193,17 +240,30 @@ def nf4_rows(device, h: int, i: int) -> list[list[str]]:
             from tunex.kernels.nf4_dequant import dequantize_4bit
 
             absmax = on_device.absmax_f32()
-            ms = _timed(lambda: dequantize_4bit(on_device.packed, absmax, quant_type, 64, on_device.shape,
-                                                torch.bfloat16, backend="torch"), device)
+            ms = _timed(
+                lambda: dequantize_4bit(
+                    on_device.packed, absmax, quant_type, 64, on_device.shape, torch.bfloat16, backend="torch"
+                ),
+                device,
+            )
             t_torch, ratio = f"{ms:.3f} ms", f"{ms / t:.2f}x"
         except ImportError:
             pass
-        rows.append([f"kernel {quant_type} dequantize bf16 ({i}x{h}, double quant)", "pass" if exact else "FAIL",
-                     "bit-exact" if exact else f"{_rel(got, expected):.2e}", f"{t:.3f} ms", t_torch, ratio])
+        rows.append(
+            [
+                f"kernel {quant_type} dequantize bf16 ({i}x{h}, double quant)",
+                "pass" if exact else "FAIL",
+                "bit-exact" if exact else f"{_rel(got, expected):.2e}",
+                f"{t:.3f} ms",
+                t_torch,
+                ratio,
+            ]
+        )
     return rows
 
 
 # ---- 2. training ----------------------------------------------------------------------------------
+
 
 def write_checkpoint(folder: Path, config: dict) -> None:
     """Random bf16 weights (std 0.02, norms 1) in HF Llama names, one safetensors shard per layer."""
@@ -229,11 +289,17 @@ def write_checkpoint(folder: Path, config: dict) -> None:
         yield {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones(), "lm_head.weight": rand(v, h)}
         for n in range(layers):
             p = f"model.layers.{n}."
-            yield {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-                   p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-                   p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
-                   p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": ones(),
-                   p + "post_attention_layernorm.weight": ones()}
+            yield {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(i, h),
+                p + "mlp.up_proj.weight": rand(i, h),
+                p + "mlp.down_proj.weight": rand(h, i),
+                p + "input_layernorm.weight": ones(),
+                p + "post_attention_layernorm.weight": ones(),
+            }
 
     weight_map, total = {}, 0
     for k, shard in enumerate(shards()):
@@ -273,7 +339,6 @@ def _measure(step, device, seq: int, steps: int) -> dict:
 
 def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
     import torch
-
     from tunex.config import validate
     from tunex.train.build import autocast, build_model, enable_gradient_checkpointing
     from tunex.train.loss import linear_cross_entropy, shifted
@@ -281,12 +346,22 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
 
     device = torch.device(device_name)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    cfg = validate({
-        "model": {"path": folder, "dtype": dtype}, "data": {"path": "-", "max_length": seq},
-        "method": {"kind": "qlora", "target_modules": "all-linear", "quant_type": "nf4", "blocksize": 64,
-                   "double_quant": True, "compute_dtype": dtype, **LORA},
-        "train": {"dtype": dtype, "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 1},
-    })
+    cfg = validate(
+        {
+            "model": {"path": folder, "dtype": dtype},
+            "data": {"path": "-", "max_length": seq},
+            "method": {
+                "kind": "qlora",
+                "target_modules": "all-linear",
+                "quant_type": "nf4",
+                "blocksize": 64,
+                "double_quant": True,
+                "compute_dtype": dtype,
+                **LORA,
+            },
+            "train": {"dtype": dtype, "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 1},
+        }
+    )
     torch.manual_seed(0)
     started = time.perf_counter()
     model = build_model(cfg, device)
@@ -321,21 +396,33 @@ def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device})
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=quant, device_map={"": device}
+    )
     load_s = time.perf_counter() - started
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=2e-4, **fused)
     x = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step():
         with amp:
@@ -349,9 +436,21 @@ def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
 
 
 def run_child(which: str, folder: Path, seq: int, steps: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, "--folder", str(folder), "--seq", str(seq),
-           "--steps", str(steps), "--device", device]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--folder",
+        str(folder),
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:]
         return {"error": (" ".join(tail) or f"exit {done.returncode}").replace("|", "/")}
@@ -364,8 +463,7 @@ def estimate_peak(config: dict, seq: int, offload: bool) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         shape = shape_from_config_json(tmp)
-    plan = Plan(kind="qlora", seq_len=seq, batch=1, r=LORA["r"], dropout=LORA["dropout"],
-                offload_checkpoints=offload)
+    plan = Plan(kind="qlora", seq_len=seq, batch=1, r=LORA["r"], dropout=LORA["dropout"], offload_checkpoints=offload)
     return estimate_memory(shape, plan).peak
 
 
@@ -392,10 +490,12 @@ def main() -> None:
         if not args.tiny:
             # Recorded by `python bench/run.py gpu_check` on a machine without a GPU, so
             # BENCHMARKS.md says plainly that the GPU table is still to be made.
-            print("No GPU on the machine that ran this, so no GPU table yet. The device check is ready: "
-                  "`python bench/gpu_check.py` on a CUDA machine (under 8 minutes on one H200; see "
-                  "docs/GPU.md for running it through the device tool). `--tiny` runs the same code on a "
-                  "2-layer model on the CPU.")
+            print(
+                "No GPU on the machine that ran this, so no GPU table yet. The device check is ready: "
+                "`python bench/gpu_check.py` on a CUDA machine (under 8 minutes on one H200; see "
+                "docs/GPU.md for running it through the device tool). `--tiny` runs the same code on a "
+                "2-layer model on the CPU."
+            )
             return
         os.environ["TRITON_INTERPRET"] = "1"  # before the first Triton kernel is imported
     device = torch.device(device_name)
@@ -416,10 +516,12 @@ def main() -> None:
         if not args.no_baseline:
             results["transformers+PEFT+bnb"] = run_child("hf", folder, seq, args.steps, device_name)
     base = results.get("transformers+PEFT+bnb", {})
-    print(f"GPU: {gpu}. Kernels: Triton vs torch path, forward+backward at Llama-2-7B sizes "
-          f"(2048 tokens). Training: {'tiny 2-layer' if args.tiny else 'Llama-2-7B-shaped'} random model, "
-          f"QLoRA NF4+double quant, r=64 all-linear, dropout 0.1, seq {seq}, batch 1, gradient "
-          f"checkpointing, {args.steps} steps after {WARMUP} warm-up.\n")
+    print(
+        f"GPU: {gpu}. Kernels: Triton vs torch path, forward+backward at Llama-2-7B sizes "
+        f"(2048 tokens). Training: {'tiny 2-layer' if args.tiny else 'Llama-2-7B-shaped'} random model, "
+        f"QLoRA NF4+double quant, r=64 all-linear, dropout 0.1, seq {seq}, batch 1, gradient "
+        f"checkpointing, {args.steps} steps after {WARMUP} warm-up.\n"
+    )
     print("| check | result | max rel err / tokens/s | Triton / peak allocated | torch / peak reserved | ratio |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -433,10 +535,12 @@ def main() -> None:
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s"
             if "peak_allocated" in base:
                 ratio += f", {r['peak_allocated'] / base['peak_allocated']:.2f}x memory"
-        gib = (lambda k: f"{r[k] / 2**30:.2f} GiB" if k in r else "n/a")
+        gib = lambda k: f"{r[k] / 2**30:.2f} GiB" if k in r else "n/a"
         load = f", load peak {r['load_peak'] / 2**30:.2f} GiB" if r.get("load_peak") else ""
-        print(f"| train {name} | loss {r['loss']:.3f}, load {r['load_s']:.0f} s{load} | {r['tokens_per_s']:.0f} tok/s "
-              f"| {gib('peak_allocated')} | {gib('peak_reserved')} | {ratio} |")
+        print(
+            f"| train {name} | loss {r['loss']:.3f}, load {r['load_s']:.0f} s{load} | {r['tokens_per_s']:.0f} tok/s "
+            f"| {gib('peak_allocated')} | {gib('peak_reserved')} | {ratio} |"
+        )
     for name, offload in (("tunex", False), ("tunex, offloaded checkpoints", True)):
         predicted = estimate_peak(config, seq, offload)
         measured = results[name].get("peak_allocated")

@@ -8,6 +8,7 @@ table to stdout. This runner replaces the section ``## NAME`` of BENCHMARKS.md w
 command that produced it, the date and the machine, and leaves the other sections as they were.
 Timings are never pass/fail: these machines are noisy, so read the ratios.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -43,7 +44,7 @@ def machine() -> str:
 def run_one(name: str, args: list[str]) -> str:
     script = BENCH / f"bench_{name}.py"
     if not script.is_file():
-        known = sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))
+        known = sorted(p.stem[len("bench_") :] for p in BENCH.glob("bench_*.py"))
         raise SystemExit(f"error: no benchmark {name!r} (bench/bench_{name}.py); known: {', '.join(known)}")
     command = [sys.executable, str(script.relative_to(BENCH.parent)), *args]
     print(f"$ {' '.join(command)}", file=sys.stderr)
@@ -52,8 +53,7 @@ def run_one(name: str, args: list[str]) -> str:
         raise SystemExit(f"error: bench/bench_{name}.py exited with {result.returncode}")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     shown = " ".join(["python", "bench/run.py", name, *args])
-    return (f"## {name}\n\nCommand: `{shown}` — {when}, {machine()}\n\n"
-            f"{result.stdout.strip()}\n")
+    return f"## {name}\n\nCommand: `{shown}` — {when}, {machine()}\n\n{result.stdout.strip()}\n"
 
 
 def record(name: str, section: str) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     names = [a for a in argv if not a.startswith("-")]
     extra = [a for a in argv if a.startswith("-")]
     if not names:
-        names = sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))
+        names = sorted(p.stem[len("bench_") :] for p in BENCH.glob("bench_*.py"))
     for name in names:
         section = run_one(name, extra)
         print(section)

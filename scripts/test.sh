@@ -4,6 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# the project's habits: one format and lint for Python (pyproject.toml's [tool.ruff]) and Rust
+ruff check python tests bench scripts
+ruff format --check python tests bench scripts
+cargo fmt --check
 cargo test --locked --quiet
 set +e
 TUNEX_REQUIRE_ORACLES=1 python -m pytest -q "$@"

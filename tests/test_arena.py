@@ -1,11 +1,11 @@
 """The activation arena of CPU training (tunex.kernels.arena): same gradients, reused memory,
 never an overwritten tensor that someone still holds."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from tunex.kernels.arena import ActivationArena, kept_add, kept_causal_attention, kept_empty, keeping, tune_malloc
+from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty, tune_malloc
 
 
 def _grads(model, ids, seed=5):
@@ -116,6 +116,7 @@ def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
 @pytest.mark.parametrize("kv_heads,t,d", [(3, 37, 32), (6, 5, 16), (1, 70, 80)])
 def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_heads, t, d):
     from tunex.kernels import attention
+
     if attention._native_forward is None:
         pytest.skip("extension built without the attention kernel")
     torch.manual_seed(1)
@@ -155,15 +156,33 @@ def test_native_attention_rejects_what_would_read_or_write_out_of_bounds():
     out, lse = torch.zeros(1, 2, 4, 16), torch.zeros(8)
     dense = (128, 64, 16)
     with pytest.raises(ValueError, match=r"attention: q holds 127 values"):
-        native.attention_forward_f32((q.view(-1)[:127].numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
-                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), dense),
-                                     lse.numpy(), (1, 2, 1, 4, 16), 0.25)
+        native.attention_forward_f32(
+            (q.view(-1)[:127].numpy(), dense),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (out.view(-1).numpy(), dense),
+            lse.numpy(),
+            (1, 2, 1, 4, 16),
+            0.25,
+        )
     with pytest.raises(ValueError, match=r"attention: out holds 128 values with strides"):
-        native.attention_forward_f32((q.view(-1).numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
-                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), (128, 0, 16)),
-                                     lse.numpy(), (1, 2, 1, 4, 16), 0.25)
+        native.attention_forward_f32(
+            (q.view(-1).numpy(), dense),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (out.view(-1).numpy(), (128, 0, 16)),
+            lse.numpy(),
+            (1, 2, 1, 4, 16),
+            0.25,
+        )
     with pytest.raises(ValueError, match=r"head dim 12; expected a positive multiple of 16"):
-        native.attention_forward_f32((q.view(-1).numpy(), dense), (k.view(-1).numpy(), (64, 64, 16)),
-                                     (k.view(-1).numpy(), (64, 64, 16)), (out.view(-1).numpy(), dense),
-                                     lse.numpy(), (1, 2, 1, 4, 12), 0.25)
+        native.attention_forward_f32(
+            (q.view(-1).numpy(), dense),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (k.view(-1).numpy(), (64, 64, 16)),
+            (out.view(-1).numpy(), dense),
+            lse.numpy(),
+            (1, 2, 1, 4, 12),
+            0.25,
+        )
     assert not out.any()

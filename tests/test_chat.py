@@ -1,11 +1,11 @@
 """`tunex chat` and the `convert gguf_to_hf` / `hf_to_gguf` commands, on a tiny random model that
 uses SmolLM2's real tokenizer and chat template."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from click.testing import CliRunner
-
 from tunex.cli import cli
 from tunex.gguf_io import gguf_tokenizer_to_hf
 from tunex.models import generate_text, load_model
@@ -22,9 +22,17 @@ def model_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_chat")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(out)
     gguf_tokenizer_to_hf(package_file(GGUF), out)
     return out
@@ -60,15 +68,38 @@ def test_streaming_prints_the_same_text(model_dir):
 
 
 def test_sampling_is_reproducible_with_a_seed(model_dir):
-    args = ["chat", model_dir, "--prompt", "Hi", "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9",
-            "--repetition-penalty", "1.2", "--max-new-tokens", "8", "--no-streamer"]
+    args = [
+        "chat",
+        model_dir,
+        "--prompt",
+        "Hi",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--max-new-tokens",
+        "8",
+        "--no-streamer",
+    ]
     a, b = run(*args, "--seed", "7"), run(*args, "--seed", "7")
     assert a.exit_code == 0 and a.output == b.output
 
 
 def test_interactive_session_reads_stdin(model_dir):
-    result = run("chat", model_dir, "--prompt-template", "chatml", "--system", "Be nice.", *GREEDY,
-                 input="hello\n\nRESET\nhi\nEXIT\n")
+    result = run(
+        "chat",
+        model_dir,
+        "--prompt-template",
+        "chatml",
+        "--system",
+        "Be nice.",
+        *GREEDY,
+        input="hello\n\nRESET\nhi\nEXIT\n",
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count(">>> ") == 5 and "(conversation cleared)" in result.output
 

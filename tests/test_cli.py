@@ -1,4 +1,5 @@
 """The CLI through click's CliRunner and through a real `tunex` subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 import tunex
+from click.testing import CliRunner
 from tunex import builtin_configs
 from tunex.cli import cli
 
@@ -122,8 +122,11 @@ def _tunex_exe() -> list[str]:
 def test_real_subprocess_roundtrip(tmp_path):
     out = subprocess.run([*_tunex_exe(), "list-cfg", "-p", "qlora"], capture_output=True, text=True, check=True)
     assert "smollm2_135m_instruct_qlora_chatterbot" in out.stdout
-    out = subprocess.run([*_tunex_exe(), "copy-cfg", "smollm2_135m_instruct_qlora_chatterbot", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*_tunex_exe(), "copy-cfg", "smollm2_135m_instruct_qlora_chatterbot", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "smollm2_135m_instruct_qlora_chatterbot_copy.toml").is_file()
 
@@ -131,8 +134,9 @@ def test_real_subprocess_roundtrip(tmp_path):
 def test_real_subprocess_error_is_one_line_without_traceback(tmp_path):
     (tmp_path / "x_copy.toml").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "TUNEX_DEBUG"}
-    out = subprocess.run([*_tunex_exe(), "copy-cfg", "nonexistent_cfg", str(tmp_path)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [*_tunex_exe(), "copy-cfg", "nonexistent_cfg", str(tmp_path)], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("error: no built-in config named 'nonexistent_cfg'")
     assert "Traceback" not in out.stderr
@@ -141,7 +145,8 @@ def test_real_subprocess_error_is_one_line_without_traceback(tmp_path):
 
 def test_debug_env_shows_traceback(tmp_path):
     env = dict(os.environ, TUNEX_DEBUG="1")
-    out = subprocess.run([*_tunex_exe(), "copy-cfg", "nonexistent_cfg", str(tmp_path)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [*_tunex_exe(), "copy-cfg", "nonexistent_cfg", str(tmp_path)], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 1
     assert "Traceback" in out.stderr

@@ -1,8 +1,8 @@
 """Config validation: every class of error names its key, and every shipped config validates."""
+
 from __future__ import annotations
 
 import pytest
-
 import tunex
 from tunex import builtin_configs
 from tunex.config import validate
@@ -34,8 +34,14 @@ def test_defaults_follow_xtuner_qlora_recipe(tmp_path):
     cfg = tunex.load_config(write(tmp_path, MINIMAL))
     m, t, d = cfg.method, cfg.train, cfg.data
     assert (m.kind, m.r, m.alpha, m.dropout) == ("qlora", 64, 16.0, 0.1)
-    assert (t.lr, t.betas, t.weight_decay, t.max_norm, t.warmup_ratio, t.scheduler) == \
-        (2e-4, [0.9, 0.999], 0.0, 1.0, 0.03, "cosine")
+    assert (t.lr, t.betas, t.weight_decay, t.max_norm, t.warmup_ratio, t.scheduler) == (
+        2e-4,
+        [0.9, 0.999],
+        0.0,
+        1.0,
+        0.03,
+        "cosine",
+    )
     assert (t.batch_size, t.grad_accum, d.max_length, d.pack_to_max_length) == (1, 16, 2048, True)
 
 
@@ -47,8 +53,9 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 
 def test_unknown_section_suggests_the_closest(tmp_path):
     problems = problems_of(tmp_path, MINIMAL + "[trian]\nlr = 1.0\n")
-    assert problems == ["trian: unknown section; did you mean 'train'? "
-                        "(valid sections: model, data, method, train, eval, save)"]
+    assert problems == [
+        "trian: unknown section; did you mean 'train'? (valid sections: model, data, method, train, eval, save)"
+    ]
 
 
 def test_wrong_type_names_key_and_expectation(tmp_path):
@@ -96,10 +103,11 @@ def test_section_must_be_a_table(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    problems = problems_of(tmp_path, '[model]\n[data]\npath = 3\n[method]\nr = -1\n[save]\nsave_stepz = 1\n')
+    problems = problems_of(tmp_path, "[model]\n[data]\npath = 3\n[method]\nr = -1\n[save]\nsave_stepz = 1\n")
     keys = [p.split(":")[0] for p in problems]
-    assert keys == ["data.path", "model.path", "method.r", "save.save_stepz"] or \
-        sorted(keys) == sorted(["data.path", "model.path", "method.r", "save.save_stepz"])
+    assert keys == ["data.path", "model.path", "method.r", "save.save_stepz"] or sorted(keys) == sorted(
+        ["data.path", "model.path", "method.r", "save.save_stepz"]
+    )
     assert len(problems) == 4
 
 
@@ -114,8 +122,10 @@ def test_not_utf8(tmp_path):
 
 
 def test_overrides_apply_and_validate(tmp_path):
-    cfg = tunex.load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "method.kind=lora",
-                                                       "eval.prompts=['hi', 'there']", "save.work_dir=out/x"])
+    cfg = tunex.load_config(
+        write(tmp_path, MINIMAL),
+        ["train.lr=1e-4", "method.kind=lora", "eval.prompts=['hi', 'there']", "save.work_dir=out/x"],
+    )
     assert cfg.train.lr == 1e-4 and cfg.method.kind == "lora"
     assert cfg.eval.prompts == ["hi", "there"] and cfg.save.work_dir == "out/x"
     problems = problems_of(tmp_path, MINIMAL, ["train.lr=-3", "trainn.seed=1"])
@@ -160,5 +170,6 @@ def test_docs_config_reference_is_current():
     from pathlib import Path
 
     from tunex.config import describe
+
     doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
     assert doc.read_text().strip() == describe().strip(), "regenerate: python -m tunex.config > docs/CONFIG.md"

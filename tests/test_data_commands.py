@@ -1,4 +1,5 @@
 """``tunex check-custom-dataset`` and ``tunex log-dataset`` on configs made in the test."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import json
 import pytest
 from click.testing import CliRunner
 from test_data_helpers import chatml_tokenizer, save_tokenizer
-
 from tunex.cli import cli
 
 
@@ -17,8 +17,10 @@ def project(tmp_path):
     rows = [{"instruction": "Add 1 2", "output": "3"}, {"instruction": "Say hi", "input": "now", "output": "hi"}]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "{tok_dir}"\n[data]\npath = "{data}"\nformat = "alpaca"\n'
-                   f'template = "chatml"\nmax_length = 128\n')
+    cfg.write_text(
+        f'[model]\npath = "{tok_dir}"\n[data]\npath = "{data}"\nformat = "alpaca"\n'
+        f'template = "chatml"\nmax_length = 128\n'
+    )
     return cfg, data
 
 
@@ -31,8 +33,14 @@ def test_check_custom_dataset_shows_every_stage_and_totals(project):
     result = run("check-custom-dataset", str(cfg))
     assert result.exit_code == 0, result.output
     out = result.output
-    for title in ("1. raw record", "2. after format mapping (alpaca)", "3. after the template",
-                  "4. token ids", "5. first packed sequence", "totals"):
+    for title in (
+        "1. raw record",
+        "2. after format mapping (alpaca)",
+        "3. after the template",
+        "4. token ids",
+        "5. first packed sequence",
+        "totals",
+    ):
         assert f"== {title}" in out
     assert "data.jsonl, line 1" in out
     assert '{"role": "assistant", "content": "3", "loss": true}' in out
@@ -52,8 +60,7 @@ def test_check_custom_dataset_reports_the_bad_record(project):
 
 def test_log_dataset_masked_text_and_ids(project):
     cfg, _ = project
-    result = run("log-dataset", str(cfg), "-o", "data.pack_to_max_length=false", "--show", "masked_text",
-                 "-n", "5")
+    result = run("log-dataset", str(cfg), "-o", "data.pack_to_max_length=false", "--show", "masked_text", "-n", "5")
     assert result.exit_code == 0, result.output
     assert "== item 0 of 2" in result.output and "== item 1 of 2" in result.output
     # 26 prompt tokens (one per character, specials whole) of 'Add 1 2' then the reply, then the trailing newline

@@ -3,6 +3,7 @@
 The character tokenizer of test_data_helpers makes a mask readable: ``runs`` decodes each run of
 target / non-target tokens, so an expected mask is written as exact strings.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_data_helpers import chatml_tokenizer, llama_tokenizer, runs
-
 from tunex.data import formats as F
 from tunex.data.encode import Encoder
 from tunex.errors import DataError
@@ -19,26 +19,43 @@ from tunex.templates import get_template
 # The same exchange in every chat format; alpaca joins instruction and input with a newline.
 RECORDS = {
     "alpaca": ({"instruction": "Add", "input": "1 2", "output": "3"}, "Add\n1 2"),
-    "openai": ({"messages": [{"role": "user", "content": "Add 1 2"}, {"role": "assistant", "content": "3"}]},
-               "Add 1 2"),
-    "sharegpt": ({"conversations": [{"from": "human", "value": "Add 1 2"}, {"from": "gpt", "value": "3"}]},
-                 "Add 1 2"),
+    "openai": (
+        {"messages": [{"role": "user", "content": "Add 1 2"}, {"role": "assistant", "content": "3"}]},
+        "Add 1 2",
+    ),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "Add 1 2"}, {"from": "gpt", "value": "3"}]}, "Add 1 2"),
     "conversation": ({"conversation": [{"input": "Add 1 2", "output": "3"}]}, "Add 1 2"),
     "chatterbot": (["Add 1 2", "3"], "Add 1 2"),
 }
-ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n")
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+)
 # template -> (tokenizer, expected runs with {q} for the user text)
 GOLDEN = {
-    "auto": (chatml_tokenizer, [
-        ("<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
-         "<|im_start|>assistant\n", False), ("3<|im_end|>", True), ("\n", False)]),
-    "chatml": (chatml_tokenizer, [
-        ("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", False), ("3<|im_end|>", True),
-        ("\n", False)]),
-    "alpaca": (llama_tokenizer, [
-        ("<s>" + ALPACA_SYSTEM + "\n### Instruction:\n{q}\n\n### Response:\n", False), ("3</s>", True),
-        ("\n\n", False)]),
+    "auto": (
+        chatml_tokenizer,
+        [
+            (
+                "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+                "<|im_start|>assistant\n",
+                False,
+            ),
+            ("3<|im_end|>", True),
+            ("\n", False),
+        ],
+    ),
+    "chatml": (
+        chatml_tokenizer,
+        [("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", False), ("3<|im_end|>", True), ("\n", False)],
+    ),
+    "alpaca": (
+        llama_tokenizer,
+        [
+            ("<s>" + ALPACA_SYSTEM + "\n### Instruction:\n{q}\n\n### Response:\n", False),
+            ("3</s>", True),
+            ("\n\n", False),
+        ],
+    ),
     "llama2_chat": (llama_tokenizer, [("<s>[INST] {q} [/INST]", False), ("3</s>", True), ("\n", False)]),
     "default": (llama_tokenizer, [("<s><|User|>:{q}\n<|Bot|>:", False), ("3</s>", True), ("\n", False)]),
 }
@@ -65,30 +82,55 @@ def test_golden_rendering_and_mask(fmt, template):
 
 def test_multi_turn_trains_every_reply_and_respects_openai_loss_flag():
     tok = chatml_tokenizer()
-    record = {"messages": [
-        {"role": "system", "content": "Be brief"},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "loss": False},
-        {"role": "user", "content": "Sum 1 2"}, {"role": "assistant", "content": "3"},
-        {"role": "user", "content": "And 2 2"}, {"role": "assistant", "content": "4"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello", "loss": False},
+            {"role": "user", "content": "Sum 1 2"},
+            {"role": "assistant", "content": "3"},
+            {"role": "user", "content": "And 2 2"},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
     for template in ("auto", "chatml"):
         enc = encode(tok, template, [F.openai(record)])
         assert runs(tok, enc.ids, enc.mask) == [
-            ("<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-             "Hello<|im_end|>\n<|im_start|>user\nSum 1 2<|im_end|>\n<|im_start|>assistant\n", False),
+            (
+                "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+                "Hello<|im_end|>\n<|im_start|>user\nSum 1 2<|im_end|>\n<|im_start|>assistant\n",
+                False,
+            ),
             ("3<|im_end|>", True),
             ("\n<|im_start|>user\nAnd 2 2<|im_end|>\n<|im_start|>assistant\n", False),
-            ("4<|im_end|>", True), ("\n", False)]
+            ("4<|im_end|>", True),
+            ("\n", False),
+        ]
 
 
-@pytest.mark.parametrize("fmt,record", [
-    ("sharegpt", {"system": "Sys", "conversations": [
-        {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
-        {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}),
-    ("conversation", {"conversation": [{"system": "Sys", "input": "a", "output": "b"},
-                                       {"input": "c", "output": "d"}]}),
-    ("alpaca", {"system": "Sys", "history": [["a", "b"]], "instruction": "c", "output": "d"}),
-    ("chatterbot", ["a", "b", "c", "d", "e"]),  # the unanswered 'e' is left out
-])
+@pytest.mark.parametrize(
+    "fmt,record",
+    [
+        (
+            "sharegpt",
+            {
+                "system": "Sys",
+                "conversations": [
+                    {"from": "human", "value": "a"},
+                    {"from": "gpt", "value": "b"},
+                    {"from": "human", "value": "c"},
+                    {"from": "gpt", "value": "d"},
+                ],
+            },
+        ),
+        (
+            "conversation",
+            {"conversation": [{"system": "Sys", "input": "a", "output": "b"}, {"input": "c", "output": "d"}]},
+        ),
+        ("alpaca", {"system": "Sys", "history": [["a", "b"]], "instruction": "c", "output": "d"}),
+        ("chatterbot", ["a", "b", "c", "d", "e"]),  # the unanswered 'e' is left out
+    ],
+)
 def test_multi_turn_formats(fmt, record):
     tok = llama_tokenizer()
     enc = encode(tok, "llama2_chat", [F.mapper(fmt)(record)], system="Sys")
@@ -101,12 +143,13 @@ def test_multi_turn_formats(fmt, record):
 
 def test_config_system_prompt_is_used_unless_the_record_has_one():
     tok = chatml_tokenizer()
-    with_own = F.openai([{"role": "system", "content": "Own"}, {"role": "user", "content": "q"},
-                         {"role": "assistant", "content": "a"}])
+    with_own = F.openai(
+        [{"role": "system", "content": "Own"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    )
     without = F.openai([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
     enc = encode(tok, "auto", [with_own, without], system="Cfg")
-    first = tok.decode(enc.ids[:enc.lengths[0]].tolist())
-    second = tok.decode(enc.ids[enc.lengths[0]:].tolist())
+    first = tok.decode(enc.ids[: enc.lengths[0]].tolist())
+    second = tok.decode(enc.ids[enc.lengths[0] :].tolist())
     assert first.startswith("<|im_start|>system\nOwn<|im_end|>")
     assert second.startswith("<|im_start|>system\nCfg<|im_end|>")
 
@@ -143,22 +186,28 @@ def test_alpaca_nooutput_rows_have_nothing_to_learn():
     assert not F.has_target(F.alpaca({"instruction": "x", "output": "<nooutput>"}))
 
 
-@pytest.mark.parametrize("fmt,record,message", [
-    ("alpaca", {"instruction": "x"}, "missing field 'output' (fields present: instruction)"),
-    ("alpaca", {"instruction": 3, "output": "y"}, "field 'instruction': expected a string, got a number"),
-    ("alpaca", ["x"], "expected a JSON object with field 'instruction', got a list"),
-    ("openai", {"msgs": []}, "missing field 'messages'"),
-    ("openai", [{"role": "bot", "content": "x"}],
-     "messages[0].role: expected one of system, user, assistant, got 'bot'"),
-    ("openai", [{"role": "user"}], "messages[0]: missing field 'content'"),
-    ("openai", [{"role": "user", "content": "x", "loss": True}], "messages[0].loss: only assistant turns"),
-    ("openai", [{"role": "assistant", "content": "x", "loss": "no"}], "messages[0].loss: expected true or false"),
-    ("sharegpt", {"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from: expected one of"),
-    ("sharegpt", {"conversations": [{"from": "gpt"}]}, "conversations[0]: missing field 'value'"),
-    ("conversation", {"conversation": [{"input": "x"}]}, "conversation[0]: missing field 'output'"),
-    ("pretrain", {"txt": "x"}, "missing field 'text'"),
-    ("chatterbot", {"q": "x"}, "expected a list of strings"),
-])
+@pytest.mark.parametrize(
+    "fmt,record,message",
+    [
+        ("alpaca", {"instruction": "x"}, "missing field 'output' (fields present: instruction)"),
+        ("alpaca", {"instruction": 3, "output": "y"}, "field 'instruction': expected a string, got a number"),
+        ("alpaca", ["x"], "expected a JSON object with field 'instruction', got a list"),
+        ("openai", {"msgs": []}, "missing field 'messages'"),
+        (
+            "openai",
+            [{"role": "bot", "content": "x"}],
+            "messages[0].role: expected one of system, user, assistant, got 'bot'",
+        ),
+        ("openai", [{"role": "user"}], "messages[0]: missing field 'content'"),
+        ("openai", [{"role": "user", "content": "x", "loss": True}], "messages[0].loss: only assistant turns"),
+        ("openai", [{"role": "assistant", "content": "x", "loss": "no"}], "messages[0].loss: expected true or false"),
+        ("sharegpt", {"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from: expected one of"),
+        ("sharegpt", {"conversations": [{"from": "gpt"}]}, "conversations[0]: missing field 'value'"),
+        ("conversation", {"conversation": [{"input": "x"}]}, "conversation[0]: missing field 'output'"),
+        ("pretrain", {"txt": "x"}, "missing field 'text'"),
+        ("chatterbot", {"q": "x"}, "expected a list of strings"),
+    ],
+)
 def test_record_errors_name_the_field(fmt, record, message):
     with pytest.raises(F.RecordError) as err:
         F.mapper(fmt)(record)
@@ -186,18 +235,23 @@ def test_real_smollm2_tokenizer_matches_transformers_apply_chat_template(tmp_pat
     hf = transformers.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     hf.save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)
-    convs = [[{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "A field of science."}],
-             [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Héllo  there"},
-              {"role": "assistant", "content": " Hi!\n"}, {"role": "user", "content": "2+2?"},
-              {"role": "assistant", "content": "4"}]]
-    enc = Encoder(tok, template=get_template("auto", tok), max_length=512).encode(
-        [F.openai(c) for c in convs])
+    convs = [
+        [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "A field of science."}],
+        [
+            {"role": "system", "content": "Be short."},
+            {"role": "user", "content": "Héllo  there"},
+            {"role": "assistant", "content": " Hi!\n"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+    ]
+    enc = Encoder(tok, template=get_template("auto", tok), max_length=512).encode([F.openai(c) for c in convs])
     start = 0
     for conv, n in zip(convs, enc.lengths.tolist()):
         want = hf.apply_chat_template(conv, tokenize=True)
         want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
-        assert enc.ids[start:start + n].tolist() == list(want)
-        targets = tok.decode(enc.ids[start:start + n][enc.mask[start:start + n] == 1].tolist())
+        assert enc.ids[start : start + n].tolist() == list(want)
+        targets = tok.decode(enc.ids[start : start + n][enc.mask[start : start + n] == 1].tolist())
         assert targets == "".join(m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant")
         start += n
     assert np.all(enc.mask[np.cumsum(enc.lengths) - enc.lengths] == 0)
@@ -234,8 +288,14 @@ def test_renderer_fast_path_equals_template_for_many_conversations():
     tpl = get_template("auto", tok)
     r = Renderer(tpl)
     for i in range(100):
-        conv = F.openai([{"role": "user", "content": f" u{i}\n"}, {"role": "assistant", "content": f"a {i}"},
-                         {"role": "user", "content": ""}, {"role": "assistant", "content": "x" * i}])
+        conv = F.openai(
+            [
+                {"role": "user", "content": f" u{i}\n"},
+                {"role": "assistant", "content": f"a {i}"},
+                {"role": "user", "content": ""},
+                {"role": "assistant", "content": "x" * i},
+            ]
+        )
         text, spans = r(conv)
         segments = tpl.segments([m.as_dict() for m in conv])
         assert text == "".join(s.text for s in segments)
@@ -247,15 +307,17 @@ _TEXT = st.text(alphabet="ab \n\t{}<>#:é", min_size=0, max_size=12)
 
 
 @settings(max_examples=60, deadline=None)
-@given(turns=st.lists(st.tuples(_TEXT, _TEXT, st.booleans()), min_size=1, max_size=4),
-       system=st.one_of(st.none(), _TEXT), template=st.sampled_from(["auto", "chatml", "alpaca", "llama2_chat"]))
+@given(
+    turns=st.lists(st.tuples(_TEXT, _TEXT, st.booleans()), min_size=1, max_size=4),
+    system=st.one_of(st.none(), _TEXT),
+    template=st.sampled_from(["auto", "chatml", "alpaca", "llama2_chat"]),
+)
 def test_masks_cover_exactly_the_trained_replies(turns, system, template):
     """Random conversations: ids are the rendered text's tokens; targets are the trained replies + end marker."""
     tok = chatml_tokenizer() if template in ("auto", "chatml") else llama_tokenizer()
     messages = [{"role": "system", "content": system}] if system is not None else []
     for question, answer, trained in turns:
-        messages += [{"role": "user", "content": question},
-                     {"role": "assistant", "content": answer, "loss": trained}]
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "loss": trained}]
     conv = F.openai(messages)
     tpl = get_template(template, tok)
     encoder = Encoder(tok, template=tpl, max_length=4096)
@@ -276,8 +338,9 @@ def test_truncation_and_padding_set_in_tokenizer_json_are_ignored():
     tok = chatml_tokenizer()
     tok.backend.enable_truncation(8)
     tok.backend.enable_padding(length=600)
-    enc = encode(tok, "chatml", [F.openai([{"role": "user", "content": "q" * 20},
-                                           {"role": "assistant", "content": "a"}])])
+    enc = encode(
+        tok, "chatml", [F.openai([{"role": "user", "content": "q" * 20}, {"role": "assistant", "content": "a"}])]
+    )
     assert enc.lengths.tolist() == [42]
     assert tok.backend.truncation is not None  # the caller's tokenizer is left as it was
 
@@ -285,10 +348,9 @@ def test_truncation_and_padding_set_in_tokenizer_json_are_ignored():
 def test_fixed_prefix_is_tokenized_once_only_where_the_tokenizer_splits_there():
     """A position-dependent pre-tokenizer (SentencePiece-style 'prepend to the first piece') must not
     take the prefix shortcut: the check against whole-text tokenization turns it off."""
-    from tokenizers import pre_tokenizers
-
-    from tunex.data.encode import _MIN_PREFIX
     from test_data_helpers import CHATML_JINJA, backend
+    from tokenizers import pre_tokenizers
+    from tunex.data.encode import _MIN_PREFIX
 
     plain = chatml_tokenizer()
     conv = F.openai([{"role": "user", "content": "q a"}, {"role": "assistant", "content": "b c"}])
@@ -301,8 +363,9 @@ def test_fixed_prefix_is_tokenized_once_only_where_the_tokenizer_splits_there():
     from tunex.tokenizer import Tokenizer
 
     sp = backend(["<|im_start|>", "<|im_end|>"])
-    sp.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"), sp.pre_tokenizer])
+    sp.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"), sp.pre_tokenizer]
+    )
     tok = Tokenizer(sp, {"eos_token": "<|im_end|>"}, None, CHATML_JINJA)
     enc = Encoder(tok, template=get_template("auto", tok), max_length=512)
     for _ in range(3):

@@ -3,6 +3,7 @@
 ``char_tokenizer`` maps every character to its own token (special tokens stay whole), so a label
 mask can be read back as text: the runs of target and non-target tokens decode to exact strings.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from pathlib import Path
 from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import WordLevel
-
 from tunex.tokenizer import Tokenizer
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t", "é", "ü"]
@@ -22,7 +22,8 @@ CHATML_JINJA = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def backend(specials: list[str]) -> Backend:
@@ -36,8 +37,9 @@ def backend(specials: list[str]) -> Backend:
 
 def chatml_tokenizer() -> Tokenizer:
     """eos <|im_end|>, no bos, a jinja chat template (like SmolLM2-Instruct)."""
-    return Tokenizer(backend(CHATML_SPECIALS), {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-                     None, CHATML_JINJA)
+    return Tokenizer(
+        backend(CHATML_SPECIALS), {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, None, CHATML_JINJA
+    )
 
 
 def llama_tokenizer() -> Tokenizer:

@@ -1,4 +1,5 @@
 """Packing, position ids, the token cache, and deterministic resumable batches."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_data_helpers import chatml_tokenizer
-
 from tunex.config import DataConfig
 from tunex.data import build_dataset, collate, make_loader
 from tunex.data.pack import batch_order, cu_seqlens, pack, position_ids
@@ -166,9 +166,14 @@ def test_same_seed_same_batches_and_resume_lands_on_the_same_batch(tmp_path):
 
 
 def test_collate_pads_with_own_positions_and_ignored_labels():
-    items = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),
-              "position_ids": torch.tensor([0, 1, 0])},
-             {"input_ids": torch.tensor([9]), "labels": torch.tensor([-100]), "position_ids": torch.tensor([0])}]
+    items = [
+        {
+            "input_ids": torch.tensor([5, 6, 7]),
+            "labels": torch.tensor([-100, 6, 7]),
+            "position_ids": torch.tensor([0, 1, 0]),
+        },
+        {"input_ids": torch.tensor([9]), "labels": torch.tensor([-100]), "position_ids": torch.tensor([0])},
+    ]
     out = collate(items, pad_id=2)
     assert out["input_ids"].tolist() == [[5, 6, 7], [9, 2, 2]]
     assert out["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
@@ -211,8 +216,10 @@ def test_concurrent_builders_tokenize_once(tmp_path, monkeypatch):
     tok = chatml_tokenizer()
     f = chat_file(tmp_path, n=300)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        build_dataset(config(f), tok, seed=0, cache_dir=tmp_path / "c"))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(build_dataset(config(f), tok, seed=0, cache_dir=tmp_path / "c")))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,4 +1,5 @@
 """Reading data files: chunking, streaming JSON, folders, pkg:// paths, and every bad-input message."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import random
 
 import pytest
 from test_data_helpers import chatml_tokenizer, llama_tokenizer
-
 from tunex.config import DataConfig
 from tunex.data import build_dataset
 from tunex.data import sources as S
@@ -68,8 +68,9 @@ def test_folders_pkg_paths_and_extensions(tmp_path):
 def test_txt_files_are_pretraining_documents_one_per_line(tmp_path):
     f = tmp_path / "book.txt"
     f.write_text("first line\n\n  \nsecond line\r\n")
-    ds = build_dataset(cfg(f, format="pretrain", pack_to_max_length=False), llama_tokenizer(), seed=0,
-                       cache_dir=tmp_path / "c")
+    ds = build_dataset(
+        cfg(f, format="pretrain", pack_to_max_length=False), llama_tokenizer(), seed=0, cache_dir=tmp_path / "c"
+    )
     assert ds.stats["records"] == 2 and len(ds) == 2
     assert llama_tokenizer().decode(ds[1]["input_ids"].tolist()) == "second line</s>"
 
@@ -82,6 +83,7 @@ def test_hf_save_to_disk_folder(tmp_path):
 
 
 # ---- bad input: each class of mistake names where and what ------------------------------------------
+
 
 def build(tmp_path, name: str, content: str | bytes, **kw):
     f = tmp_path / name
@@ -105,20 +107,22 @@ def test_malformed_json_array_names_line(tmp_path):
 def test_missing_field_names_file_record_and_field(tmp_path):
     with pytest.raises(DataError) as err:
         build(tmp_path, "d.jsonl", alpaca_line(0) + "\n" + json.dumps({"instruction": "q"}) + "\n")
-    assert str(err.value) == (f"{tmp_path / 'd.jsonl'}, line 2: missing field 'output' "
-                              f"(fields present: instruction)")
+    assert str(err.value) == (f"{tmp_path / 'd.jsonl'}, line 2: missing field 'output' (fields present: instruction)")
     with pytest.raises(DataError) as err:
         build(tmp_path, "d.json", json.dumps([json.loads(alpaca_line(0)), {"output": "a"}]))
-    assert str(err.value) == (f"{tmp_path / 'd.json'}, line 1, record 1: missing field 'instruction' "
-                              f"(fields present: output)")
+    assert str(err.value) == (
+        f"{tmp_path / 'd.json'}, line 1, record 1: missing field 'instruction' (fields present: output)"
+    )
 
 
 def test_template_rejection_names_the_record(tmp_path):
-    bad = [{"role": "user", "content": "q"}, {"role": "system", "content": "late"},
-           {"role": "assistant", "content": "a"}]
+    bad = [
+        {"role": "user", "content": "q"},
+        {"role": "system", "content": "late"},
+        {"role": "assistant", "content": "a"},
+    ]
     with pytest.raises(DataError, match=r"d.jsonl, line 2: message 1 is a system message"):
-        build(tmp_path, "d.jsonl", json.dumps(bad[:1] + bad[2:]) + "\n" + json.dumps(bad) + "\n",
-              format="openai")
+        build(tmp_path, "d.jsonl", json.dumps(bad[:1] + bad[2:]) + "\n" + json.dumps(bad) + "\n", format="openai")
 
 
 def test_empty_dataset_after_filtering_reports_counts(tmp_path):

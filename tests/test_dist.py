@@ -1,6 +1,7 @@
 """Multi-process training on the CPU (gloo, 2 processes started by torchrun) on a tiny random model:
 the 2-process loss curve equals the 1-process one with the same global batch, checkpoints resume
 across world sizes, and a killed rank fails the job."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train_helpers import make_data, make_tiny_model, write_config
 from tunex.config import load_config
 from tunex.train import checkpoint
@@ -20,8 +20,10 @@ from tunex.train.loop import train
 from tunex.train.metrics import read_metrics
 
 pytest.importorskip("transformers")
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # 2 processes x accumulation 2 x batch 1 == 1 process x accumulation 4 x batch 1
 TWO = ["-o", "train.grad_accum=2"]
@@ -35,10 +37,22 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = make_tiny_model(root / "model", tied=False)
     data = make_data(root / "data", "pretrain")
-    cfgs = {kind: write_config(root / f"{kind}.toml", model, data, kind, "pretrain", root / f"unused_{kind}",
-                               save_steps=3, max_steps=6, batch_size=1, grad_accum=2,
-                               lr=3e-3 if kind == "full" else 2e-2)
-            for kind in ("full", "lora")}
+    cfgs = {
+        kind: write_config(
+            root / f"{kind}.toml",
+            model,
+            data,
+            kind,
+            "pretrain",
+            root / f"unused_{kind}",
+            save_steps=3,
+            max_steps=6,
+            batch_size=1,
+            grad_accum=2,
+            lr=3e-3 if kind == "full" else 2e-2,
+        )
+        for kind in ("full", "lora")
+    }
     return root, cfgs
 
 
@@ -50,8 +64,18 @@ def worker_env() -> dict[str, str]:
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tunex", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tunex",
+        "train",
+        *args,
+    ]
     result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -82,8 +106,7 @@ def test_full_fsdp_equals_one_process_and_resumes_across_world_sizes(setup):
     lone(cfgs["full"], two, resume=str(sharded))
     assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
     # the other way: a lone run's iter_3.pth resumed by 2 processes
-    torchrun(str(cfgs["full"]), "--work-dir", str(back), "--resume", str(ref / "iter_3.pth"), *TWO,
-             "-o", NO_DROPOUT)
+    torchrun(str(cfgs["full"]), "--work-dir", str(back), "--resume", str(ref / "iter_3.pth"), *TWO, "-o", NO_DROPOUT)
     assert_same_curve(read_metrics(ref), read_metrics(back), [4, 5, 6])
     # a sharded checkpoint reads as the same dict as a .pth (what `tunex convert` needs)
     full = checkpoint.load(back / "iter_6.dcp")
@@ -99,8 +122,20 @@ def test_lora_ddp_equals_one_process_and_resumes_on_one(setup):
     ref, two = root / "lora_ref", root / "lora_two"
     lone(cfgs["lora"], ref)
     # through tunex's own launcher: `tunex train CFG --nproc-per-node 2` re-executes under torchrun
-    cmd = [sys.executable, "-m", "tunex", "train", str(cfgs["lora"]), "--nproc-per-node", "2",
-           "--work-dir", str(two), *TWO, "-o", NO_DROPOUT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunex",
+        "train",
+        str(cfgs["lora"]),
+        "--nproc-per-node",
+        "2",
+        "--work-dir",
+        str(two),
+        *TWO,
+        "-o",
+        NO_DROPOUT,
+    ]
     result = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "x 2 processes = global batch 4" in " ".join((result.stdout + result.stderr).split())
@@ -157,9 +192,26 @@ def _rank_of(pid: int) -> str | None:
 def test_killed_rank_fails_the_job(setup):
     root, cfgs = setup
     work = root / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tunex", "train", str(cfgs["lora"]), "--work-dir", str(work),
-           "-o", "train.max_steps=100000", "-o", "save.save_steps=100000", "-o", "eval.prompts=[]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tunex",
+        "train",
+        str(cfgs["lora"]),
+        "--work-dir",
+        str(work),
+        "-o",
+        "train.max_steps=100000",
+        "-o",
+        "save.save_steps=100000",
+        "-o",
+        "eval.prompts=[]",
+    ]
     proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 150
@@ -191,11 +243,13 @@ def test_hung_rank_times_out_instead_of_waiting_forever(tmp_path):
         "env = init_distributed()\n"
         "if env.rank == 1:\n"
         "    time.sleep(300)  # alive but never joins the collective\n"
-        "dist.all_reduce(torch.ones(1))\n")
+        "dist.all_reduce(torch.ones(1))\n"
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     started = time.monotonic()
-    result = subprocess.run(cmd, env=dict(worker_env(), TUNEX_DIST_TIMEOUT="3"), capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        cmd, env=dict(worker_env(), TUNEX_DIST_TIMEOUT="3"), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert time.monotonic() - started < 100
     assert "rank      : 0" in result.stderr or "local_rank: 0" in result.stderr, result.stderr[-3000:]

@@ -1,12 +1,12 @@
 """The distributed pieces that need no second process: launch planning, environment reading,
 rank slices of the batch stream, checkpoint listing with sharded folders."""
+
 from __future__ import annotations
 
 import datetime
 
 import pytest
 import torch
-
 from tunex.dist.env import DistEnv, pick_backend, rank_seed, read_env, timeout
 from tunex.dist.launch import LaunchPlan, plan_launch, torchrun_argv
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
@@ -37,11 +37,13 @@ def take(stream, n: int) -> list[list[int]]:
 def test_ranks_split_the_lone_stream_into_equal_global_steps(world):
     ds, per_epoch, accum = Items(), 5, 2  # batch 2 -> 5 micro-batches per epoch
     lone = take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch), 4 * world * accum)
-    per_rank = [take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch, rank=r, world_size=world),
-                     4 * accum) for r in range(world)]
+    per_rank = [
+        take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch, rank=r, world_size=world), 4 * accum)
+        for r in range(world)
+    ]
     for step in range(4):
-        global_step = lone[step * world * accum:(step + 1) * world * accum]
-        mine = [mb for r in range(world) for mb in per_rank[r][step * accum:(step + 1) * accum]]
+        global_step = lone[step * world * accum : (step + 1) * world * accum]
+        mine = [mb for r in range(world) for mb in per_rank[r][step * accum : (step + 1) * accum]]
         assert sorted(map(tuple, mine)) == sorted(map(tuple, global_step))
     # epochs are reshuffled, and every rank sees the same order
     assert lone[:5] != lone[5:10] and sorted(i for mb in lone[:5] for i in mb) == list(range(10))
@@ -101,21 +103,49 @@ def test_launch_plan_from_flags_and_xtuner_variables():
     env = {"NPROC_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "ADDR": "10.0.0.1", "PORT": "29600"}
     plan = plan_launch(None, None, env)
     assert plan == LaunchPlan(8, 2, 1, "10.0.0.1", 29600) and plan.world_size == 16
-    for bad, message in [({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0'"),
-                         ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two'"),
-                         ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2"),
-                         ({"NNODES": "2", "PORT": "70000"}, "PORT=70000")]:
+    for bad, message in [
+        ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0'"),
+        ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two'"),
+        ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2"),
+        ({"NNODES": "2", "PORT": "70000"}, "PORT=70000"),
+    ]:
         with pytest.raises(TunexError, match=message):
             plan_launch(None, None, bad)
 
 
 def test_torchrun_command_line():
     one_node = torchrun_argv(LaunchPlan(2), ["train", "c.toml", "-o", "train.lr=1"], python="py")
-    assert one_node == ["py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                        "-m", "tunex", "train", "c.toml", "-o", "train.lr=1"]
+    assert one_node == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "-m",
+        "tunex",
+        "train",
+        "c.toml",
+        "-o",
+        "train.lr=1",
+    ]
     nodes = torchrun_argv(LaunchPlan(8, 2, 1, "10.0.0.1", None), ["train", "c.toml"], python="py")
-    assert nodes[3:] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr",
-                         "10.0.0.1", "--master-port", "29500", "-m", "tunex", "train", "c.toml"]
+    assert nodes[3:] == [
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "29500",
+        "-m",
+        "tunex",
+        "train",
+        "c.toml",
+    ]
 
 
 def test_checkpoint_listing_includes_sharded_folders(tmp_path):

@@ -1,4 +1,5 @@
 """``tunex estimate`` against hand counts on a tiny llama-shaped config."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,13 +8,26 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from tunex.cli import cli
-from tunex.estimate import (ModelShape, Plan, estimate_memory, quantized_bytes, resolve_shape,
-                            shape_from_config_json, shape_from_gguf)
+from tunex.estimate import (
+    ModelShape,
+    Plan,
+    estimate_memory,
+    quantized_bytes,
+    resolve_shape,
+    shape_from_config_json,
+    shape_from_gguf,
+)
 
-TINY = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 10,
+}
 
 
 @pytest.fixture
@@ -54,10 +68,14 @@ def test_qlora_peak_by_hand(tiny_dir):
     # saved per token in one layer: n1, n2, h1, q, attn out, its copy (8 each), k, v (4 each),
     # gate/up/act (16 each), 7 adapter products of r=2 -> 118 bf16 values, plus 2 rstd and 2 lse in fp32
     per_token = 118 * 2 + 4 * 4
-    backward = {"checkpoints": 2 * 6 * 8 * 2, "hidden gradient": 6 * 8 * 2, "recomputed layer": 6 * per_token,
-                "layer backward gradients": 6 * (3 * 16 + 2 * 8) * 2, "dequantized weight": 128 * 2}
-    loss = {"checkpoints": 2 * 6 * 8 * 2, "final hidden + its gradient": 2 * 6 * 8 * 2,
-            "logits chunk": 6 * 10 * 2}
+    backward = {
+        "checkpoints": 2 * 6 * 8 * 2,
+        "hidden gradient": 6 * 8 * 2,
+        "recomputed layer": 6 * per_token,
+        "layer backward gradients": 6 * (3 * 16 + 2 * 8) * 2,
+        "dequantized weight": 128 * 2,
+    }
+    loss = {"checkpoints": 2 * 6 * 8 * 2, "final hidden + its gradient": 2 * 6 * 8 * 2, "logits chunk": 6 * 10 * 2}
     assert est.phases == {"end of forward (loss)": loss, "backward of the last layer": backward}
     assert est.peak_phase == "backward of the last layer"
     assert est.peak == weights + 8192 + sum(backward.values())
@@ -72,13 +90,16 @@ def test_targets_offload_and_no_checkpointing(tiny_dir):
     off = estimate_memory(shape, Plan(seq_len=4, r=2, offload_checkpoints=True))
     assert off.phases["end of forward (loss)"]["checkpoints (offloaded: 2 on GPU)"] == 2 * 4 * 8 * 2
     none = estimate_memory(shape, Plan(seq_len=4, r=2, checkpointing=False))
-    assert none.phases["backward of the last layer"]["activations"] == \
-        2 * (on.phases["backward of the last layer"]["recomputed layer"] + 4 * 8 * 2)
+    assert none.phases["backward of the last layer"]["activations"] == 2 * (
+        on.phases["backward of the last layer"]["recomputed layer"] + 4 * 8 * 2
+    )
     unfused = estimate_memory(shape, Plan(seq_len=4, r=2, fused_lora=False, dropout=0.1))
     # each of the 7 adapted modules keeps a dropped bf16 copy of its input and a 1-byte mask
     extra = 4 * 3 * (8 * 6 + 16)  # six modules read 8 features, down_proj reads 16
-    assert unfused.phases["backward of the last layer"]["recomputed layer"] == \
-        on.phases["backward of the last layer"]["recomputed layer"] + extra
+    assert (
+        unfused.phases["backward of the last layer"]["recomputed layer"]
+        == on.phases["backward of the last layer"]["recomputed layer"] + extra
+    )
     with pytest.raises(ValueError, match="selects none"):
         estimate_memory(shape, Plan(target_modules=["nothing"]))
 
@@ -117,15 +138,17 @@ def test_resolve_shape_sources(tiny_dir, tmp_path):
         shape_from_config_json(bad)
 
 
-@pytest.mark.parametrize("extra", [
-    {},
-    {"model_type": "qwen2"},  # q/k/v biases
-    {"model_type": "internlm2", "bias": True},  # biases on q/k/v/o
-    {"mlp_bias": True, "tie_word_embeddings": True},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"model_type": "qwen2"},  # q/k/v biases
+        {"model_type": "internlm2", "bias": True},  # biases on q/k/v/o
+        {"mlp_bias": True, "tie_word_embeddings": True},
+    ],
+)
 def test_parameter_count_matches_the_model_built_on_meta(tmp_path, extra):
     import torch
-
     from tunex.models.config import config_from_hf
     from tunex.models.decoder import CausalLM
 
@@ -133,8 +156,11 @@ def test_parameter_count_matches_the_model_built_on_meta(tmp_path, extra):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with torch.device("meta"):
         model = CausalLM(config_from_hf(raw))
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n.startswith("model.layers."))
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
+    )
     shape = shape_from_config_json(tmp_path)
     assert shape.linear_params() == linear
     assert shape.params() == sum(p.numel() for p in model.parameters())
@@ -151,18 +177,42 @@ def test_gguf_metadata_of_the_shipped_smollm2():
 
 
 def test_cli_json_matches_the_library(tiny_dir):
-    result = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--model-config",
-                                      str(tiny_dir / "config.json"), "--seq-len", "6", "--json",
-                                      "-o", "method.r=2"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "estimate",
+            "llama2_7b_qlora_alpaca_e3",
+            "--model-config",
+            str(tiny_dir / "config.json"),
+            "--seq-len",
+            "6",
+            "--json",
+            "-o",
+            "method.r=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     expected = estimate_memory(shape_from_config_json(tiny_dir), Plan(seq_len=6, r=2))
     assert out["peak_bytes"] == expected.peak and out["trainable"] == 512
     text = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3"])
     assert text.exit_code == 0 and "predicted peak" in text.output
-    half = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--adapter-dtype", "bfloat16",
-                                    "--model-config", str(tiny_dir / "config.json"), "--seq-len", "6",
-                                    "-o", "method.r=2", "--json"])
+    half = CliRunner().invoke(
+        cli,
+        [
+            "estimate",
+            "llama2_7b_qlora_alpaca_e3",
+            "--adapter-dtype",
+            "bfloat16",
+            "--model-config",
+            str(tiny_dir / "config.json"),
+            "--seq-len",
+            "6",
+            "-o",
+            "method.r=2",
+            "--json",
+        ],
+    )
     assert json.loads(half.output)["parts"]["adapter"] == 512 * 2
     bad = CliRunner().invoke(cli, ["estimate", "llama2_7b_qlora_alpaca_e3", "--seq-len", "0"])
     assert bad.exit_code == 2
@@ -172,14 +222,19 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
     """Count the bytes a tunex decoder layer with LoRA adapters saves for backward (each storage
     once; parameters, the layer input and the rotary tables excluded) against the estimate."""
     import torch
-
     from tunex.estimate import _saved_per_token, adapted_linears
     from tunex.models.config import config_from_hf
     from tunex.models.decoder import CausalLM, rope_tables
     from tunex.peft import apply_lora
 
-    raw = {**TINY, "hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "vocab_size": 100}
+    raw = {
+        **TINY,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = config_from_hf(raw)
     torch.manual_seed(0)
@@ -247,14 +302,19 @@ def test_weights_and_adapter_match_a_real_qlora_model(tmp_path):
     """Bytes of every parameter and buffer of a tiny tunex model whose decoder linears are NF4
     (double quant) with LoRA on all of them, against the estimate's weights and adapter."""
     import torch
-
     from tunex.models.config import config_from_hf
     from tunex.models.decoder import CausalLM
     from tunex.peft import apply_lora
     from tunex.quant import NF4Linear
 
-    raw = {**TINY, "hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "vocab_size": 100}
+    raw = {
+        **TINY,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     torch.manual_seed(0)
     model = CausalLM(config_from_hf(raw)).to(torch.bfloat16)

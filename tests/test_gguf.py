@@ -1,17 +1,25 @@
 """GGUF export/import on tiny random models; transformers' GGUF loader is the oracle for the layout."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from tunex.errors import FormatError
 from tunex.gguf_io import gguf_to_hf, hf_to_gguf, permute_qk, unpermute_qk
 from tunex.models import load_model, resolve_model_path
 
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
 
 
 def tiny(tmp_path_factory, kind: str):
@@ -25,8 +33,9 @@ def tiny(tmp_path_factory, kind: str):
                 if n.endswith("bias"):
                     p.normal_()
     else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **BASE, tie_word_embeddings=kind == "tied")).eval()
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**BASE, tie_word_embeddings=kind == "tied")
+        ).eval()
     out = tmp_path_factory.mktemp(kind)
     model.save_pretrained(out)
     return out, model
@@ -53,8 +62,7 @@ def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_pat
 
     folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(IDS).logits, hf(IDS).logits, atol=1e-4, rtol=1e-4)
 
@@ -89,8 +97,7 @@ def test_gguf_path_is_converted_once_into_the_cache(tmp_path_factory, tmp_path, 
     assert resolve_model_path(str(gguf_file)) == first
 
 
-def test_gguf_cache_is_shared_by_copies_and_pruned_of_what_no_file_needs(tmp_path_factory, tmp_path,
-                                                                         monkeypatch):
+def test_gguf_cache_is_shared_by_copies_and_pruned_of_what_no_file_needs(tmp_path_factory, tmp_path, monkeypatch):
     """Copies of one GGUF (the same package in several venvs) share one folder; a folder whose files
     are all gone, a folder of the old path-keyed layout and one made by an older converter from the
     same file are removed when the cache changes, so repeated clean installs never pile up copies."""
@@ -129,8 +136,9 @@ def test_gguf_cache_is_shared_by_copies_and_pruned_of_what_no_file_needs(tmp_pat
     monkeypatch.setattr(tunex.gguf_io, "gguf_to_hf", real_convert)
     other = resolve_model_path(other_file)
     assert sorted(p.name for p in root.iterdir()) == sorted([first.name, other.name])
-    assert [m.rsplit("|", 2)[0] for m in json.loads((first / hub.DONE_MARK).read_text())["sources"]] \
-        == [str(copy.resolve())]
+    assert [m.rsplit("|", 2)[0] for m in json.loads((first / hub.DONE_MARK).read_text())["sources"]] == [
+        str(copy.resolve())
+    ]
 
     # a changed converter converts again and its folder replaces the old one for that file
     monkeypatch.setattr(hub, "_converter_revision", lambda: "next-converter")
@@ -190,8 +198,14 @@ def test_hub_snapshot_folder_is_found(tmp_path, monkeypatch, tmp_path_factory):
     assert resolve_model_path("org/tiny") == snap
 
 
-SPM_TEXTS = ["Hello world, the theory of everything.", "  two leading spaces and trailing  ",
-             "bytes for unseen: 你好 🤖 ñ", "<s> inline special </s> tokens", "line\nbreaks\n\nand\ttabs", ""]
+SPM_TEXTS = [
+    "Hello world, the theory of everything.",
+    "  two leading spaces and trailing  ",
+    "bytes for unseen: 你好 🤖 ñ",
+    "<s> inline special </s> tokens",
+    "line\nbreaks\n\nand\ttabs",
+    "",
+]
 
 
 def test_sentencepiece_vocabulary_round_trips_like_transformers(tmp_path):
@@ -229,10 +243,16 @@ def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):
     import transformers
 
     torch.manual_seed(0)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    config = transformers.LlamaConfig(**{**BASE, "rope_theta": 500000.0, "max_position_embeddings": 16384},
-                                      rope_scaling=dict(scaling))  # transformers edits it in place
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = transformers.LlamaConfig(
+        **{**BASE, "rope_theta": 500000.0, "max_position_embeddings": 16384}, rope_scaling=dict(scaling)
+    )  # transformers edits it in place
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
     back = gguf_to_hf(hf_to_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"), tmp_path / "back")
     assert json.loads((back / "config.json").read_text())["rope_scaling"] == scaling

@@ -3,6 +3,7 @@
 fp32 must agree within 1e-5 and bf16 within 1e-2, relative to the largest reference value, for the
 forward output and every gradient, over odd shapes. Shapes stay tiny: the interpreter is slow.
 """
+
 from __future__ import annotations
 
 import importlib

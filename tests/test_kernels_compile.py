@@ -5,6 +5,7 @@ The interpreter tests check the arithmetic; this checks what only the compiler r
 loop-carried values, constexpr use, pointer arithmetic). It runs in a subprocess because the test
 session sets TRITON_INTERPRET=1, which turns kernels into interpreted functions at import.
 """
+
 from __future__ import annotations
 
 import os

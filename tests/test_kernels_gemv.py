@@ -1,4 +1,5 @@
 """The decode kernels (tunex.kernels.gemv, Rust): one-row linear layers and RMSNorm on the CPU."""
+
 from __future__ import annotations
 
 import threading
@@ -7,16 +8,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tunex import _native
 from tunex.kernels import gemv
 from tunex.models.config import config_from_hf
 from tunex.models.decoder import CausalLM
 from tunex.models.generate import decode_threads, generate
 
-TINY = dict(model_type="llama", vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-            tie_word_embeddings=True)
+TINY = dict(
+    model_type="llama",
+    vocab_size=300,
+    hidden_size=96,
+    intermediate_size=200,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_model(**extra) -> CausalLM:
@@ -28,8 +37,9 @@ def tiny_model(**extra) -> CausalLM:
     return model
 
 
-@pytest.mark.parametrize("rows,cols,bias", [(1, 1, False), (7, 33, True), (576, 576, False), (4099, 513, True),
-                                            (3000, 40, False)])
+@pytest.mark.parametrize(
+    "rows,cols,bias", [(1, 1, False), (7, 33, True), (576, 576, False), (4099, 513, True), (3000, 40, False)]
+)
 def test_linear_matches_torch(rows, cols, bias):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(rows, cols, generator=g)
@@ -38,7 +48,7 @@ def test_linear_matches_torch(rows, cols, bias):
     with torch.inference_mode():
         got = gemv.linear(x, w, b)
     assert got.shape == (1, 1, rows)
-    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * cols ** 0.5)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * cols**0.5)
 
 
 def test_linear_many_matches_each_layer():

@@ -1,10 +1,10 @@
 """The fused LoRA linear vs plain autograd, and what it keeps for backward."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
-
 from tunex.kernels import lora_linear, lora_linear_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -57,6 +57,7 @@ def test_fused_adapter_kernels_match_the_unfused_products(monkeypatch, dropout, 
     # float32 on the CPU runs h = dropout(x) @ A.T, dA and dx's adapter term as Rust kernels with
     # the mask fused in; the same mask through dropout + BLAS must give the same numbers
     import importlib
+
     lora = importlib.import_module("tunex.kernels.lora")
     if lora._native_down is None:
         pytest.skip("the native extension predates the fused LoRA kernels")
@@ -109,8 +110,9 @@ def test_dequant_callable_is_recalled_in_backward_and_not_saved():
     # Only x, A, B and the (tokens, r) product h are kept: no (out, in) weight, no dropped copy of
     # x, no mask (float32 on the CPU: the Rust kernel regenerates it from a seed in backward).
     assert sorted(((tuple(t.shape), t.dtype) for t in saved), key=str) == sorted(
-        [((10, 19), torch.float32), ((4, 19), torch.float32), ((23, 4), torch.float32),
-         ((10, 4), torch.float32)], key=str)
+        [((10, 19), torch.float32), ((4, 19), torch.float32), ((23, 4), torch.float32), ((10, 4), torch.float32)],
+        key=str,
+    )
     y.sum().backward()
     assert calls == [torch.float32] * 2 and x_leaf.grad is not None
 
@@ -226,8 +228,9 @@ def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_mem
 
     lean, lean_bytes = run()
     plain_forward = decoder.DecoderLayer.forward
-    monkeypatch.setattr(decoder.DecoderLayer, "forward",
-                        lambda self, *a, lean=False: plain_forward(self, *a, lean=False))
+    monkeypatch.setattr(
+        decoder.DecoderLayer, "forward", lambda self, *a, lean=False: plain_forward(self, *a, lean=False)
+    )
     plain, plain_bytes = run()
     assert lean.keys() == plain.keys() and len(lean) == 2 * 7 * 2
     for name in lean:

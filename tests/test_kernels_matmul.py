@@ -1,11 +1,11 @@
 """tunex.kernels._dispatch.matmul_nt: the float32 CPU products of LoRA and the loss through oneDNN,
 with torch's own matmul as the fallback; both must give the same numbers to float32 rounding."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tunex.kernels import _dispatch
 from tunex.kernels.lora import lora_linear
 from tunex.train import loss
@@ -117,6 +117,7 @@ def test_lora_gradients_agree_between_engines(monkeypatch):
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "full"])
 def test_linear_layers_match_torch_with_gradients(engine, trainable):
     from tunex.kernels.gemv import linear
+
     torch.manual_seed(4)
     x = torch.randn(3, 10, 16, requires_grad=True)
     w = torch.randn(24, 16, requires_grad=trainable)

@@ -1,10 +1,10 @@
 """Checkpointing with CPU-offloaded layer inputs gives the gradients of an uncheckpointed run."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-
 from tunex.kernels import lora_linear, rms_norm
 from tunex.kernels.offload import offloaded_checkpoint
 
@@ -66,9 +66,17 @@ def test_decoder_model_with_offloaded_checkpoints_matches_plain_checkpointing():
     from tunex.models.decoder import CausalLM
     from tunex.peft import apply_lora
 
-    cfg = config_from_hf({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                          "vocab_size": 50})
+    cfg = config_from_hf(
+        {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 50,
+        }
+    )
     torch.manual_seed(0)
     model = CausalLM(cfg)
     apply_lora(model, "all-linear", 4, 8, 0.2)

@@ -1,5 +1,6 @@
 """Pages of a checkpoint map that were read only to be converted or quantized go back to the OS
 (tunex.models.loading._release); nothing else is ever dropped."""
+
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tunex.models.loading import _release, read_safetensors
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -52,14 +52,24 @@ def test_loading_with_conversion_and_quantization_keeps_the_weights(tmp_path, dt
     """A bf16 checkpoint loaded as fp32 (converted, source released) or as bf16 (views of the map),
     and a quantize hook that reads each linear (its pages released after): the loaded model is the
     checkpoint's, bit for bit."""
+    import json
+
     from tunex.models import load_model
     from tunex.models.config import config_from_hf
     from tunex.models.decoder import CausalLM
-    import json
 
-    raw = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    raw = dict(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     ref = CausalLM(config_from_hf(raw))
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()}

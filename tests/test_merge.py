@@ -1,5 +1,6 @@
 """tunex.merge against a float64 torch reference on synthetic checkpoints (no transformers needed):
 every LoRA variant, several dtypes and odd sizes; the torch (GPU) path against the Rust path."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 import tunex
+from safetensors.torch import load_file, save_file
 from tunex.io import load_state_dict
 
 OUT, IN, R = 37, 29, 5  # odd sizes on purpose
@@ -54,8 +54,9 @@ def write_adapter(folder: Path, config: dict, tensors: dict) -> None:
     folder.mkdir(parents=True)
     cfg = {"peft_type": "LORA", "r": R, "lora_alpha": 8, **config}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
+    )
 
 
 def lora_pair(out: int, inp: int, r: int = R, dtype=torch.float32, seed: int = 1):
@@ -118,8 +119,13 @@ def test_fan_in_fan_out_dora_bias_embedding_and_modules_to_save(tmp_path):
     ea, eb = torch.randn(R, 11), torch.randn(IN, R)
     new_head = torch.randn(11, IN)
     bias = torch.randn(OUT)
-    adapter = {f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b, f"{q}.lora_magnitude_vector": mag,
-               f"{q}.lora_B.bias": bias, "lm_head.weight": new_head}
+    adapter = {
+        f"{q}.lora_A.weight": a,
+        f"{q}.lora_B.weight": b,
+        f"{q}.lora_magnitude_vector": mag,
+        f"{q}.lora_B.bias": bias,
+        "lm_head.weight": new_head,
+    }
     write_adapter(tmp_path / "adapter", {"use_dora": True, "modules_to_save": ["lm_head"]}, adapter)
     tunex.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", device="cpu")
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -133,13 +139,21 @@ def test_fan_in_fan_out_dora_bias_embedding_and_modules_to_save(tmp_path):
 
     # fan_in_fan_out (GPT-2 Conv1D): the stored weight is (in, out) and gets (B @ A)^T; embedding
     # LoRA stores A (r, num_embeddings), B (dim, r) and also lands transposed.
-    write_adapter(tmp_path / "a2", {"fan_in_fan_out": True},
-                  {"conv.c_attn.lora_A.weight": a, "conv.c_attn.lora_B.weight": b,
-                   "model.embed_tokens.lora_embedding_A": ea, "model.embed_tokens.lora_embedding_B": eb})
+    write_adapter(
+        tmp_path / "a2",
+        {"fan_in_fan_out": True},
+        {
+            "conv.c_attn.lora_A.weight": a,
+            "conv.c_attn.lora_B.weight": b,
+            "model.embed_tokens.lora_embedding_A": ea,
+            "model.embed_tokens.lora_embedding_B": eb,
+        },
+    )
     tunex.merge(tmp_path / "base", tmp_path / "a2", tmp_path / "out2", device="cpu")
     got = load_file(str(tmp_path / "out2" / "model.safetensors"))
-    assert_within_one_rounding(got["conv.c_attn.weight"],
-                               base["conv.c_attn.weight"].double() + s * (b.double() @ a.double()).T)
+    assert_within_one_rounding(
+        got["conv.c_attn.weight"], base["conv.c_attn.weight"].double() + s * (b.double() @ a.double()).T
+    )
     emb = base["model.embed_tokens.weight"].double() + s * (eb.double() @ ea.double()).T
     assert_within_one_rounding(got["model.embed_tokens.weight"], emb)
 
@@ -148,8 +162,9 @@ def test_dtype_override_shards_and_torch_path_agree(tmp_path):
     base = write_base(tmp_path / "base", torch.float32)
     adapter = standard_adapter()
     write_adapter(tmp_path / "adapter", {}, adapter)
-    report = tunex.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype="bf16",
-                         max_shard_size="4KB", device="cpu")
+    report = tunex.merge(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype="bf16", max_shard_size="4KB", device="cpu"
+    )
     assert len(report.files) > 1
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(base)
@@ -161,10 +176,16 @@ def test_dtype_override_shards_and_torch_path_agree(tmp_path):
     from tunex import _native
     from tunex.merge_torch import merge_on_device
 
-    plan = _native.merge_plan(str(tmp_path / "base"), str(tmp_path / "adapter" / "adapter_config.json"),
-                              str(tmp_path / "adapter" / "adapter_model.safetensors"), "bf16", False)
-    merge_on_device(plan, str(tmp_path / "adapter" / "adapter_model.safetensors"), tmp_path / "out_t",
-                    4000, False, [], "cpu", None)
+    plan = _native.merge_plan(
+        str(tmp_path / "base"),
+        str(tmp_path / "adapter" / "adapter_config.json"),
+        str(tmp_path / "adapter" / "adapter_model.safetensors"),
+        "bf16",
+        False,
+    )
+    merge_on_device(
+        plan, str(tmp_path / "adapter" / "adapter_model.safetensors"), tmp_path / "out_t", 4000, False, [], "cpu", None
+    )
     torch_path = load_state_dict(tmp_path / "out_t")
     for name, t in rust.items():
         if t.is_floating_point():

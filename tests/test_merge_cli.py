@@ -1,5 +1,6 @@
 """``tunex convert merge`` end to end, and every user error it must explain (missing files,
 unmatched adapter modules, shape mismatches, existing output, failures mid-write)."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import tunex
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-
-import tunex
 from tunex.cli import cli
 from tunex.errors import DataError, FormatError
 
@@ -21,8 +21,11 @@ def make_pair(root: Path, adapter: dict | None = None, config: dict | None = Non
     torch.manual_seed(0)
     base = root / "base"
     base.mkdir(parents=True)
-    state = {f"model.layers.{i}.self_attn.{p}.weight": torch.randn(HIDDEN, HIDDEN).to(torch.bfloat16)
-             for i in range(3) for p in ("q_proj", "v_proj")}
+    state = {
+        f"model.layers.{i}.self_attn.{p}.weight": torch.randn(HIDDEN, HIDDEN).to(torch.bfloat16)
+        for i in range(3)
+        for p in ("q_proj", "v_proj")
+    }
     state["model.embed_tokens.weight"] = torch.randn(50, HIDDEN).to(torch.bfloat16)
     save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
     (base / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
@@ -36,7 +39,9 @@ def make_pair(root: Path, adapter: dict | None = None, config: dict | None = Non
             adapter[f"{m}.lora_A.weight"] = torch.randn(4, HIDDEN)
             adapter[f"{m}.lora_B.weight"] = torch.randn(HIDDEN, 4)
     save_file({f"base_model.model.{k}": v for k, v in adapter.items()}, str(ad / "adapter_model.safetensors"))
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **(config or {})}))
+    (ad / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **(config or {})})
+    )
     return base, ad
 
 
@@ -98,11 +103,12 @@ def test_unmatched_modules_are_all_listed(tmp_path):
 
 def test_shape_mismatch_names_both_shapes(tmp_path):
     m = "model.layers.0.self_attn.q_proj"
-    base, ad = make_pair(tmp_path, {f"{m}.lora_A.weight": torch.randn(4, HIDDEN + 1),
-                                    f"{m}.lora_B.weight": torch.randn(HIDDEN, 4)})
+    base, ad = make_pair(
+        tmp_path, {f"{m}.lora_A.weight": torch.randn(4, HIDDEN + 1), f"{m}.lora_B.weight": torch.randn(HIDDEN, 4)}
+    )
     r = invoke(str(base), str(ad), str(tmp_path / "o"))
     assert r.exit_code == 1
-    assert f"(24, 25)" in r.output and "(24, 24)" in r.output and m in r.output
+    assert "(24, 25)" in r.output and "(24, 24)" in r.output and m in r.output
     # rank disagreeing with adapter_config.json
     base2, ad2 = make_pair(tmp_path / "r", config={"r": 8})
     with pytest.raises(DataError, match="rank 4 but adapter_config.json gives r=8"):

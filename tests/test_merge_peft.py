@@ -1,11 +1,11 @@
 """tunex.merge against PEFT's merge_and_unload on tiny random Llama models made here, and
 transformers loading the merged folder with the PEFT model's logits. (transformers and peft are
 test oracles only.)"""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 import tunex
 from tunex.io import load_state_dict
 
@@ -17,9 +17,16 @@ IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 12]])
 
 def tiny_llama(dtype: torch.dtype):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=67,
-                                   max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=67,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -49,8 +56,12 @@ def merged_reference(pm) -> dict[str, torch.Tensor]:
 
 VARIANTS = {
     "lora": dict(target_modules="all-linear"),
-    "rslora_patterns": dict(target_modules="all-linear", use_rslora=True,
-                            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3}),
+    "rslora_patterns": dict(
+        target_modules="all-linear",
+        use_rslora=True,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+        alpha_pattern={"v_proj": 3},
+    ),
     "dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
     "dora_embedding": dict(target_modules=["embed_tokens", "o_proj"], use_dora=True),
     "embedding_and_modules_to_save": dict(target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
@@ -97,12 +108,18 @@ def test_bf16_merge_is_within_a_rounding_step_of_peft_and_shards_load(tmp_path):
 def test_is_clip_merges_the_vision_tower(tmp_path):
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8)
-    cfg = transformers.CLIPConfig(text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                                  vision_config=vision, projection_dim=16)
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    cfg = transformers.CLIPConfig(
+        text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config=vision,
+        projection_dim=16,
+    )
     transformers.CLIPModel(cfg).eval().save_pretrained(tmp_path / "base")
-    (tmp_path / "base" / "preprocessor_config.json").write_text('{"crop_size": 32, "image_processor_type": "CLIPImageProcessor"}')
+    (tmp_path / "base" / "preprocessor_config.json").write_text(
+        '{"crop_size": 32, "image_processor_type": "CLIPImageProcessor"}'
+    )
     (tmp_path / "base" / "tokenizer.json").write_text("{}")  # the text tower's; must not be copied
     vision_model = transformers.CLIPVisionModel.from_pretrained(tmp_path / "base").eval()
     pm = peft.get_peft_model(vision_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"]))

@@ -1,22 +1,40 @@
 """The decoder against transformers (test oracle): tiny random models of every family, fp32."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from tunex.errors import FormatError
 from tunex.models import generate, load_model, to_checkpoint_names
 
 TOL = 1e-4
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 FAMILIES = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32})),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
@@ -84,8 +102,14 @@ def test_kv_cache_greedy_matches_transformers_generate(pair):
     prompt = [3, 17, 42, 5, 9]
     with torch.no_grad():
         ids = torch.tensor([prompt])
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     assert generate(ours, prompt, max_new_tokens=12) == expected
 
 
@@ -100,18 +124,22 @@ def _internlm2_checkpoint(hf_state: dict, heads: int, kv: int, d: int) -> dict:
             rows = []
             for g in range(kv):
                 for j in range(per):
-                    rows.append(q[(g * per + j) * d:(g * per + j + 1) * d])
-                rows.append(k[g * d:(g + 1) * d])
-                rows.append(v[g * d:(g + 1) * d])
+                    rows.append(q[(g * per + j) * d : (g * per + j + 1) * d])
+                rows.append(k[g * d : (g + 1) * d])
+                rows.append(v[g * d : (g + 1) * d])
             out[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat(rows)
         elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
             continue
         else:
-            renamed = (name.replace("model.embed_tokens", "model.tok_embeddings")
-                       .replace("self_attn.o_proj", "attention.wo").replace("mlp.gate_proj", "feed_forward.w1")
-                       .replace("mlp.up_proj", "feed_forward.w3").replace("mlp.down_proj", "feed_forward.w2")
-                       .replace("input_layernorm", "attention_norm")
-                       .replace("post_attention_layernorm", "ffn_norm"))
+            renamed = (
+                name.replace("model.embed_tokens", "model.tok_embeddings")
+                .replace("self_attn.o_proj", "attention.wo")
+                .replace("mlp.gate_proj", "feed_forward.w1")
+                .replace("mlp.up_proj", "feed_forward.w3")
+                .replace("mlp.down_proj", "feed_forward.w2")
+                .replace("input_layernorm", "attention_norm")
+                .replace("post_attention_layernorm", "ffn_norm")
+            )
             out["output.weight" if name == "lm_head.weight" else renamed] = t
     return out
 
@@ -121,16 +149,31 @@ def test_internlm2_fused_layout_loads_as_llama_and_exports_back(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(3)
-    config = transformers.LlamaConfig(**{**BASE, "num_attention_heads": 8, "num_key_value_heads": 2},
-                                      rope_theta=10000.0)
+    config = transformers.LlamaConfig(
+        **{**BASE, "num_attention_heads": 8, "num_key_value_heads": 2}, rope_theta=10000.0
+    )
     hf = transformers.LlamaForCausalLM(config).eval()
     ckpt = _internlm2_checkpoint({k: v.contiguous() for k, v in hf.state_dict().items()}, 8, 2, 8)
     save_file(ckpt, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "vocab_size": 96,
-        "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 8,
-        "num_key_value_heads": 2, "rms_norm_eps": config.rms_norm_eps, "rope_theta": 10000.0,
-        "bias": False, "max_position_embeddings": 256, "tie_word_embeddings": False}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "internlm2",
+                "architectures": ["InternLM2ForCausalLM"],
+                "vocab_size": 96,
+                "hidden_size": 64,
+                "intermediate_size": 112,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+                "rms_norm_eps": config.rms_norm_eps,
+                "rope_theta": 10000.0,
+                "bias": False,
+                "max_position_embeddings": 256,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     ours = load_model(tmp_path)
     ids = torch.randint(0, 96, (1, 15), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -185,7 +228,6 @@ def test_prequantized_folder_loads_directly(tmp_path_factory, tmp_path):
     import shutil
 
     from safetensors.torch import save_file
-
     from tunex.quant import NF4Linear
 
     folder, _ = make_hf(tmp_path_factory, "qwen2")
@@ -204,7 +246,6 @@ def test_prequantized_folder_loads_directly(tmp_path_factory, tmp_path):
 
 def test_tunex_quantize_output_loads_directly(tmp_path_factory, tmp_path):
     from click.testing import CliRunner
-
     from tunex.cli import cli
     from tunex.quant import NF4Linear
 

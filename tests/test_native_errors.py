@@ -1,5 +1,6 @@
 """Errors crossing the Rust boundary: missing files -> FileNotFoundError with filename, corrupt
 files -> FormatError naming the file and the problem, bad arguments -> ValueError."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tunex import _native
 from tunex.errors import DataError, FormatError, TunexError
 from tunex.io import SafetensorsFile
@@ -27,15 +27,24 @@ def test_missing_file_is_file_not_found_with_filename(tmp_path):
     assert e.value.filename == str(missing)
 
 
-@pytest.mark.parametrize("header, data, problem", [
-    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
-    (b"not json at all", b"", "does not start with"),
-    (b"{\"a\": 1", b"", "header JSON"),
-    ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-      "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"\0" * 3, "overlaps"),
-    ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]}}, b"", "overflows"),
-    ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unsupported dtype"),
-])
+@pytest.mark.parametrize(
+    "header, data, problem",
+    [
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
+        (b"not json at all", b"", "does not start with"),
+        (b'{"a": 1', b"", "header JSON"),
+        (
+            {
+                "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]},
+            },
+            b"\0" * 3,
+            "overlaps",
+        ),
+        ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]}}, b"", "overflows"),
+        ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "unsupported dtype"),
+    ],
+)
 def test_corrupt_files_are_format_errors(tmp_path, header, data, problem):
     path = raw_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(FormatError) as e:
@@ -71,7 +80,7 @@ def test_bad_arguments_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         _native.ShardWriter(str(tmp_path / "o"), [], 10, [], "model", "sideways")
     w = _native.ShardWriter(str(tmp_path / "o"), [("a", "F32", [2])], 10, [])
-    with pytest.raises(ValueError, match="expected tensor \"a\" next"):
+    with pytest.raises(ValueError, match='expected tensor "a" next'):
         w.write("b", torch.zeros(8, dtype=torch.uint8).numpy())
     with pytest.raises(DataError, match="more bytes"):
         w.write("a", torch.zeros(9, dtype=torch.uint8).numpy())

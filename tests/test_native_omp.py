@@ -1,5 +1,6 @@
 """The training kernels split over torch's OpenMP team (rust/src/omp.rs) give the same bytes as
 one thread: element i's dropout draw depends on (seed, i) only, SwiGLU is elementwise."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ def both_ways():
             outs.append(fn())
         native.set_omp_kernels(True)
         return outs
+
     return run
 
 
@@ -106,10 +108,16 @@ def test_kernels_same_bytes_on_every_instruction_set_tier():
     import os
     import subprocess
     import sys
+
     digests = set()
     for simd in ("auto", "avx2", "portable"):
-        done = subprocess.run([sys.executable, "-c", TIERS], env={**os.environ, "TUNEX_SIMD": simd},
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", TIERS],
+            env={**os.environ, "TUNEX_SIMD": simd},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         digests.add(done.stdout.strip())
     assert len(digests) == 1
@@ -127,20 +135,22 @@ def test_rmsnorm_same_bytes_with_and_without_the_team(both_ways):
     def backward():
         rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
         dx = torch.empty(rows, n)
-        native.rms_norm_backward_f32(dy.view(-1).numpy(), x.view(-1).numpy(), w.numpy(), rstd.numpy(),
-                                     dx.view(-1).numpy(), None)
+        native.rms_norm_backward_f32(
+            dy.view(-1).numpy(), x.view(-1).numpy(), w.numpy(), rstd.numpy(), dx.view(-1).numpy(), None
+        )
         return dx
 
     for fn in (forward, backward):
         serial, team = both_ways(fn)
         assert torch.equal(serial, team)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
-    torch.testing.assert_close(forward()[:rows * n].view(rows, n), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward()[: rows * n].view(rows, n), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("table", ["TD", "BTD"])
 def test_rope_same_bytes_as_the_torch_ops_and_lands_in_the_projection_layout(both_ways, table):
     import importlib
+
     rope = importlib.import_module("tunex.kernels.rope")
     b, t, h, d = 3, 50, 5, 16  # 150 rows: several parts of a 64K-element split
     x = torch.randn(b, t, h * d).view(b, t, h, d).transpose(1, 2)  # a projection's output as heads
@@ -160,11 +170,38 @@ def test_rope_same_bytes_as_the_torch_ops_and_lands_in_the_projection_layout(bot
 def test_rope_native_rejects_what_would_write_out_of_bounds():
     x, cos = torch.randn(24), torch.randn(12)
     with pytest.raises(ValueError, match="rope: x holds 23 values"):
-        native.rope_f32(x[:23].numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 12, 4), cos.numpy(),
-                        cos.numpy(), 0, (1, 2, 3, 4), False)
+        native.rope_f32(
+            x[:23].numpy(),
+            (24, 12, 4),
+            torch.empty(24).numpy(),
+            (24, 12, 4),
+            cos.numpy(),
+            cos.numpy(),
+            0,
+            (1, 2, 3, 4),
+            False,
+        )
     with pytest.raises(ValueError, match="each element its own slot"):
-        native.rope_f32(x.numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 4, 4), cos.numpy(), cos.numpy(),
-                        0, (1, 2, 3, 4), False)
+        native.rope_f32(
+            x.numpy(),
+            (24, 12, 4),
+            torch.empty(24).numpy(),
+            (24, 4, 4),
+            cos.numpy(),
+            cos.numpy(),
+            0,
+            (1, 2, 3, 4),
+            False,
+        )
     with pytest.raises(ValueError, match="positive even"):
-        native.rope_f32(x.numpy(), (24, 12, 4), torch.empty(24).numpy(), (24, 12, 4), cos.numpy(), cos.numpy(),
-                        0, (1, 2, 3, 3), False)
+        native.rope_f32(
+            x.numpy(),
+            (24, 12, 4),
+            torch.empty(24).numpy(),
+            (24, 12, 4),
+            cos.numpy(),
+            cos.numpy(),
+            0,
+            (1, 2, 3, 3),
+            False,
+        )

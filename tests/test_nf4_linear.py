@@ -1,17 +1,16 @@
 """NF4Linear, the QLoRA base layer: forward/backward against a dense reference, LoRA on top, and
 state dicts exchanged with bitsandbytes' Linear4bit in both directions."""
+
 from __future__ import annotations
 
 import io
 
 import pytest
 import torch
-from torch import nn
-
 import tunex.quant as tq
-from tunex.peft.lora import LoRALinear
-
 from _bnb_oracle import _eager_bitsandbytes, bits  # noqa: F401
+from torch import nn
+from tunex.peft.lora import LoRALinear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -84,12 +83,20 @@ def test_lora_on_top_matches_a_dense_base():
 
 
 def bnb_layer(in_features, out_features, bias, quant_type, double_quant):
-    return bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
-                             quant_type=quant_type, compress_statistics=double_quant)
+    return bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=torch.float32,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+    )
 
 
-@pytest.mark.parametrize("quant_type,double_quant,dtype", [("nf4", True, torch.float32), ("fp4", False, torch.float32),
-                                                          ("nf4", True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "quant_type,double_quant,dtype",
+    [("nf4", True, torch.float32), ("fp4", False, torch.float32), ("nf4", True, torch.bfloat16)],
+)
 def test_state_dict_is_bitsandbytes_layout(quant_type, double_quant, dtype):
     linear = make_linear(dtype=dtype)
     theirs = bnb_layer(128, 48, True, quant_type, double_quant).to(dtype)
@@ -151,7 +158,9 @@ def test_from_state_dict_rebuilds_the_layer():
     x = torch.randn(3, 128)
     assert torch.equal(rebuilt(x), layer(x)) and rebuilt.blocksize == 128 and rebuilt.quant_type == "fp4"
     del sd["model.layers.0.mlp.up_proj.weight.nested_absmax"]
-    with pytest.raises(ValueError, match=r"ckpt\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight\.nested_absmax: missing"):
+    with pytest.raises(
+        ValueError, match=r"ckpt\.safetensors: model\.layers\.0\.mlp\.up_proj\.weight\.nested_absmax: missing"
+    ):
         tq.NF4Linear.from_state_dict(sd, "model.layers.0.mlp.up_proj.", source="ckpt.safetensors")
 
 

@@ -1,4 +1,5 @@
 """LoRA layers and PEFT export against PEFT itself (a test oracle) on a tiny random transformers Llama."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-
 from tunex.errors import ConfigError, FormatError
 from tunex.peft import LoRALinear, apply_lora, export_adapter, select_targets, trainable_state_dict
 
@@ -17,9 +17,16 @@ peft = pytest.importorskip("peft")
 
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                                   max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -37,10 +44,16 @@ def randomise_adapters(model: nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"use_rslora": True}, {"use_dora": True},
-    {"target_modules": ["q_proj", "v_proj"]}, {"target_modules": r".*\.mlp\.(up|down)_proj"},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"use_rslora": True},
+        {"use_dora": True},
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": r".*\.mlp\.(up|down)_proj"},
+    ],
+)
 def test_exported_adapter_loads_in_peft_with_equal_logits(tmp_path, kw):
     m = method(**kw)
     model = tiny_llama()
@@ -100,16 +113,21 @@ def test_forward_matches_peft_in_training_mode_without_dropout():
     with torch.no_grad():
         for name, p in theirs.items():
             p.copy_(ours[name.replace("base_model.model.", "").replace(".default", "")])
-    model.train(); ref.train()
+    model.train()
+    ref.train()
     ids = torch.randint(0, 97, (2, 9))
     l1 = model(input_ids=ids, labels=ids).loss
     l2 = ref(input_ids=ids, labels=ids).loss
-    l1.backward(); l2.backward()
+    l1.backward()
+    l2.backward()
     torch.testing.assert_close(l1, l2)
     for name, p in theirs.items():
         torch.testing.assert_close(
             dict(model.named_parameters())[name.replace("base_model.model.", "").replace(".default", "")].grad,
-            p.grad, rtol=1e-4, atol=1e-5)
+            p.grad,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_dropout_is_active_only_in_training():

@@ -1,5 +1,6 @@
 """convert pth_to_hf: the adapter of a LoRA/QLoRA run loads in PEFT (test oracle) and its logits
 match tunex's own model; a full run becomes a HF folder transformers loads."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from test_train_helpers import make_data, make_tiny_model, write_config
 from tunex.cli import cli
 from tunex.config import load_config
@@ -28,8 +28,9 @@ def trained(tmp_path_factory, one_thread):
     """A LoRA (DoRA off) run of 6 steps on the tiny tied model; (config path, checkpoint, model dir)."""
     root = tmp_path_factory.mktemp("p2h")
     model = make_tiny_model(root / "m")
-    cfg = write_config(root / "c.toml", model, make_data(root / "d", "instruct"), "lora", "openai",
-                       root / "w", max_steps=6, lr=2e-2)
+    cfg = write_config(
+        root / "c.toml", model, make_data(root / "d", "instruct"), "lora", "openai", root / "w", max_steps=6, lr=2e-2
+    )
     train(load_config(cfg))
     return cfg, root / "w" / "iter_6.pth", model
 
@@ -89,11 +90,20 @@ def test_checkpoint_as_adapter_is_fp32(tmp_path, trained):
 
 def test_full_checkpoint_becomes_a_transformers_model(tmp_path):
     model_dir = make_tiny_model(tmp_path / "m", tied=False)
-    cfg = write_config(tmp_path / "c.toml", model_dir, make_data(tmp_path / "d", "pretrain"), "full",
-                       "pretrain", tmp_path / "w", max_steps=3, lr=1e-3)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        model_dir,
+        make_data(tmp_path / "d", "pretrain"),
+        "full",
+        "pretrain",
+        tmp_path / "w",
+        max_steps=3,
+        lr=1e-3,
+    )
     train(load_config(cfg))
-    convert_checkpoint(load_config(cfg), tmp_path / "w" / "iter_3.pth", tmp_path / "hf", fp32=True,
-                       max_shard_size="20KB")
+    convert_checkpoint(
+        load_config(cfg), tmp_path / "w" / "iter_3.pth", tmp_path / "hf", fp32=True, max_shard_size="20KB"
+    )
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # 20KB forces shards
     ids = torch.randint(0, 200, (1, 9))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
@@ -105,8 +115,21 @@ def test_full_checkpoint_becomes_a_transformers_model(tmp_path):
 
 def test_merge_of_a_checkpoint_equals_the_adapted_model(tmp_path, trained):
     cfg, pth, model_dir = trained
-    result = CliRunner().invoke(cli, ["convert", "merge", str(model_dir), str(pth), str(tmp_path / "m"),
-                                      "--config", str(cfg), "--dtype", "fp32", "-q"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            "merge",
+            str(model_dir),
+            str(pth),
+            str(tmp_path / "m"),
+            "--config",
+            str(cfg),
+            "--dtype",
+            "fp32",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ids = torch.randint(0, 200, (1, 11))
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)

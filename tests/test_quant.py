@@ -1,4 +1,5 @@
 """tunex.quant.quantize / dequantize are byte-identical to bitsandbytes' quantize_4bit / dequantize_4bit."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,11 +7,9 @@ import math
 
 import pytest
 import torch
-
 import tunex.quant as tq
-from tunex.errors import DataError
-
 from _bnb_oracle import _eager_bitsandbytes, assert_same_bits, assert_same_values, bnb_dequantize, bnb_quantize  # noqa: F401
+from tunex.errors import DataError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -125,8 +124,9 @@ st = pytest.importorskip("hypothesis.strategies")
 )
 def test_random_tensors_match_bitsandbytes(data, dtype, blocksize, quant_type, double_quant):
     width = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 32}[dtype]
-    values = data.draw(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=width), min_size=1,
-                                max_size=3 * blocksize + 5))
+    values = data.draw(
+        st.lists(st.floats(allow_nan=False, allow_infinity=False, width=width), min_size=1, max_size=3 * blocksize + 5)
+    )
     x = torch.tensor(values, dtype=torch.float32)
     if dtype == torch.bfloat16:
         x = x.clamp(-3.3e38, 3.3e38)
@@ -144,14 +144,28 @@ def test_random_tensors_match_bitsandbytes(data, dtype, blocksize, quant_type, d
 def test_dequantize_arbitrary_bytes_matches_bitsandbytes(seed, n, blocksize, quant_type, dtype):
     # Any packed bytes and scales, not only what the quantizer produces.
     from _bnb_oracle import bnb_functional
+
     gen = torch.Generator().manual_seed(seed)
     packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=gen, dtype=torch.uint8)
     blocks = -(-n // blocksize)
     absmax = torch.exp(torch.randn(blocks, generator=gen) * 10).float()  # wide range of scales
-    qw = tq.QuantizedWeight(packed=packed, absmax=absmax, shape=torch.Size([n]), dtype=dtype, quant_type=quant_type,
-                            blocksize=blocksize, code=tq.code(quant_type))
-    state = bnb_functional.QuantState(absmax=absmax, shape=torch.Size([n]), code=tq.code(quant_type),
-                                      blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+    qw = tq.QuantizedWeight(
+        packed=packed,
+        absmax=absmax,
+        shape=torch.Size([n]),
+        dtype=dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        code=tq.code(quant_type),
+    )
+    state = bnb_functional.QuantState(
+        absmax=absmax,
+        shape=torch.Size([n]),
+        code=tq.code(quant_type),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=dtype,
+    )
     assert_same_values(tq.dequantize(qw), bnb_dequantize(packed, state), "dequantize of random bytes")
 
 
@@ -184,6 +198,7 @@ def test_bytes_per_parameter_with_double_quant():
 
 def test_dynamic_map_matches_bitsandbytes():
     from _bnb_oracle import bnb_functional
+
     assert_same_bits(tq.dynamic_map(), bnb_functional.create_dynamic_map(), "dynamic map")
     for quant_type in ("nf4", "fp4"):
         assert_same_bits(tq.code(quant_type), bnb_functional.get_4bit_type(quant_type, device="cpu"), quant_type)
@@ -217,6 +232,7 @@ def test_portable_and_simd_builds_agree():
     import os
     import subprocess
     import sys
+
     digests = []
     for simd in ("auto", "avx2", "portable"):  # avx2: no AVX-512 even where the CPU has it
         env = {**os.environ, "TUNEX_SIMD": simd}

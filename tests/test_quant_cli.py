@@ -1,14 +1,14 @@
 """``tunex quantize``: the pre-quantized checkpoint loads in transformers (bitsandbytes 4-bit on the
 CPU) and equals, byte for byte and in logits, the same model quantized by transformers itself."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-
 import tunex.quant as tq
+from click.testing import CliRunner
 from tunex.cli import cli
 
 transformers = pytest.importorskip("transformers")
@@ -20,8 +20,15 @@ from _bnb_oracle import _eager_bitsandbytes, bits  # noqa: E402,F401
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     path = tmp_path_factory.mktemp("tiny") / "src"
     model.save_pretrained(path)
@@ -47,8 +54,12 @@ def test_checkpoint_equals_transformers_own_quantization(tiny_llama, tmp_path):
     assert (out / "generation_config.json").is_file()
 
     ours = load_4bit(out)
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     theirs = load_4bit(tiny_llama, quantization_config=bnb_config)
     assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -62,13 +73,15 @@ def test_checkpoint_equals_transformers_own_quantization(tiny_llama, tmp_path):
 
 def test_fp4_sharded_without_double_quant(tiny_llama, tmp_path):
     out = tmp_path / "fp4"
-    code, text = run(tiny_llama, out, "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant",
-                     "--max-shard-size", "60KB")
+    code, text = run(
+        tiny_llama, out, "--quant-type", "fp4", "--blocksize", "128", "--no-double-quant", "--max-shard-size", "60KB"
+    )
     assert code == 0, text
     assert (out / "model.safetensors.index.json").is_file()
     model = load_4bit(out)
     src = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     import bitsandbytes.functional as F
+
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
         layer = model.get_submodule(name)
         weight = src.get_submodule(name).weight
@@ -82,6 +95,7 @@ def test_fp4_sharded_without_double_quant(tiny_llama, tmp_path):
 
 def test_legacy_bin_checkpoint(tiny_llama, tmp_path):
     import shutil
+
     src = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     (tmp_path / "bin").mkdir()
     torch.save(src.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
@@ -110,8 +124,14 @@ def test_errors_are_one_line(tiny_llama, tmp_path):
 
 def test_nan_weight_is_named(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.weight[3, 5] = float("nan")

@@ -1,5 +1,6 @@
 """The off-CPU dequantization paths (torch fallback, Triton kernel through triton's CPU interpreter)
 give exactly the bytes of the Rust CPU path, and the Triton kernel compiles for Hopper and Ampere."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """save_sharded and SafetensorsFile against safetensors' own Python loader and writer."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
 from tunex import save_sharded
 from tunex.io import SafetensorsFile, load_state_dict
 

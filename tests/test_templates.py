@@ -1,38 +1,53 @@
 """Chat templates: jinja rendering matches transformers, built-ins follow XTuner, segments mark replies."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-
 from tunex.errors import DataError
 from tunex.templates import get_template, names
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}{% set content = '<|start_header_id|>' + "
-          "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
-          "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
 # exercises the sandbox extras transformers provides: tojson, raise_exception, namespace, loop controls
-FANCY = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'tool' %}"
-         "{{ raise_exception('no tools') }}{% endif %}{% set ns.n = ns.n + 1 %}"
-         "[{{ ns.n }}]{{ m | tojson }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-         "{% endfor %}{% if add_generation_prompt %}>>> {% endif %}")
+FANCY = (
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "{{ raise_exception('no tools') }}{% endif %}{% set ns.n = ns.n + 1 %}"
+    "[{{ ns.n }}]{{ m | tojson }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}>>> {% endif %}"
+)
 
 CONVS = [
     [{"role": "user", "content": "Hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "What is 2+2? «ünïcode» 你好"}, {"role": "assistant", "content": " 4 "}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "What is 2+2? «ünïcode» 你好"},
+        {"role": "assistant", "content": " 4 "},
+    ],
 ]
 
 
 def fake_tokenizer(template: str | None, bos="<s>", eos="</s>"):
-    return SimpleNamespace(chat_template=template, bos_token=bos, eos_token=eos,
-                           special_tokens_map={"bos_token": bos, "eos_token": eos}, path="fake")
+    return SimpleNamespace(
+        chat_template=template,
+        bos_token=bos,
+        eos_token=eos,
+        special_tokens_map={"bos_token": bos, "eos_token": eos},
+        path="fake",
+    )
 
 
 @pytest.mark.parametrize("source", [CHATML, LLAMA3, FANCY], ids=["chatml", "llama3", "fancy"])
@@ -42,8 +57,9 @@ def test_jinja_render_matches_transformers(source, conv, gen):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     tok = fake_tokenizer(source, bos="<|begin_of_text|>", eos="<|eot_id|>")
-    expected = render_jinja_template([conv], chat_template=source, add_generation_prompt=gen,
-                                     bos_token=tok.bos_token, eos_token=tok.eos_token)[0][0]
+    expected = render_jinja_template(
+        [conv], chat_template=source, add_generation_prompt=gen, bos_token=tok.bos_token, eos_token=tok.eos_token
+    )[0][0]
     assert get_template("auto", tok).render(conv, add_generation_prompt=gen) == expected
 
 
@@ -72,16 +88,23 @@ def test_builtin_internlm2_follows_xtuner():
     tpl = get_template("internlm2_chat", fake_tokenizer(None, bos="<s>", eos="</s>"))
     segs = tpl.segments(CONVS[1])
     assert [s.is_target for s in segs] == [False, True, False, True, False]
-    assert segs[0].text == ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                            "<|im_start|>assistant\n")
+    assert segs[0].text == (
+        "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert segs[1].text == "Hello! How can I help?<|im_end|>"  # suffix is the eos: no </s>
     assert tpl.stop_words == ["<|im_end|>", "</s>"]
 
 
 def test_builtin_default_appends_eos_and_restarts_with_bos():
     tpl = get_template("default", fake_tokenizer(None), system="SYS")
-    segs = tpl.segments(CONVS[0] + [{"role": "assistant", "content": "yo"},
-                                    {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}])
+    segs = tpl.segments(
+        CONVS[0]
+        + [
+            {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    )
     assert segs[0].text == "<s><|System|>:SYS\n<|User|>:Hi there\n<|Bot|>:"
     assert segs[1] == type(segs[1])("yo</s>", True)
     assert segs[2].text == "\n<s><|User|>:again\n<|Bot|>:"

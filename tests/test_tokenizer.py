@@ -1,11 +1,11 @@
 """Tokenizer folders: special tokens and chat templates as transformers reads them; streaming decode."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-
 from tunex.errors import FormatError
 from tunex.gguf_io import gguf_tokenizer_to_hf
 from tunex.models.hub import package_file

@@ -1,5 +1,6 @@
 """End to end on tiny random models: train, checkpoint, resume, convert, merge, for full / LoRA /
 QLoRA on pretraining text and on chat data."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from test_train_helpers import QA, make_data, make_tiny_model, write_config
 from tunex.cli import cli
 from tunex.config import load_config
@@ -54,8 +54,9 @@ def test_train_save_convert_merge(tmp_path, models, kind, data):
     model = models["tied" if data == "instruct" else "untied"]
     fmt = "pretrain" if data == "pretrain" else "openai"
     work = tmp_path / "work"
-    cfg_path = write_config(tmp_path / "c.toml", model, make_data(tmp_path / "d", data), kind, fmt, work,
-                            lr=LR[kind], max_steps=16)
+    cfg_path = write_config(
+        tmp_path / "c.toml", model, make_data(tmp_path / "d", data), kind, fmt, work, lr=LR[kind], max_steps=16
+    )
     run_cli("train", str(cfg_path))
     records = read_metrics(work)
     assert [r["step"] for r in records] == list(range(1, 17))
@@ -82,16 +83,27 @@ def test_train_save_convert_merge(tmp_path, models, kind, data):
         assert any(merged.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("kind,ckpt", [("lora", False), ("lora", True), ("full", False),
-                                       pytest.param("qlora", False, marks=KINDS[2].marks)])
+@pytest.mark.parametrize(
+    "kind,ckpt", [("lora", False), ("lora", True), ("full", False), pytest.param("qlora", False, marks=KINDS[2].marks)]
+)
 def test_cpu_bf16_training_follows_the_float32_run(tmp_path, models, kind, ckpt):
     """train.dtype = "bfloat16" on the CPU (autocast: frozen-weight products in bf16, the rest in
     float32) learns like the float32 run, within bf16's rounding, and is not silently float32."""
     data = make_data(tmp_path / "d", "instruct")
     curves = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = write_config(tmp_path / f"{dtype}.toml", models["tied"], data, kind, "openai", tmp_path / dtype,
-                           lr=LR[kind], max_steps=8, dtype=dtype, gradient_checkpointing=ckpt)
+        cfg = write_config(
+            tmp_path / f"{dtype}.toml",
+            models["tied"],
+            data,
+            kind,
+            "openai",
+            tmp_path / dtype,
+            lr=LR[kind],
+            max_steps=8,
+            dtype=dtype,
+            gradient_checkpointing=ckpt,
+        )
         train(load_config(cfg))
         curves[dtype] = [r["loss"] for r in read_metrics(tmp_path / dtype)]
     ours, exact = curves["bfloat16"], curves["float32"]
@@ -102,12 +114,14 @@ def test_cpu_bf16_training_follows_the_float32_run(tmp_path, models, kind, ckpt)
 
 def test_resume_continues_exactly(tmp_path, models):
     data = make_data(tmp_path / "d", "instruct")
-    full_cfg = write_config(tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a",
-                            max_steps=10, save_steps=3)
+    full_cfg = write_config(
+        tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a", max_steps=10, save_steps=3
+    )
     cfg_a = load_config(full_cfg)
     train(cfg_a)
-    cut_cfg = write_config(tmp_path / "b.toml", models["tied"], data, "lora", "openai", tmp_path / "b",
-                           max_steps=10, save_steps=3)
+    cut_cfg = write_config(
+        tmp_path / "b.toml", models["tied"], data, "lora", "openai", tmp_path / "b", max_steps=10, save_steps=3
+    )
     train(load_config(cut_cfg), stop_after=5)  # stops after step 5; newest checkpoint is iter_5
     assert checkpoint.latest(tmp_path / "b").name == "iter_5.pth"
     # simulate a kill after step 6's work was lost: resume from iter_3 rather than the last one
@@ -122,23 +136,42 @@ def test_resume_continues_exactly(tmp_path, models):
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, models):
-    cfg = write_config(tmp_path / "c.toml", models["tied"], make_data(tmp_path / "d", "instruct"), "lora",
-                       "openai", tmp_path / "w", max_steps=2)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        models["tied"],
+        make_data(tmp_path / "d", "instruct"),
+        "lora",
+        "openai",
+        tmp_path / "w",
+        max_steps=2,
+    )
     result = train(load_config(cfg), resume="auto")
     assert result.steps == 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, models):
-    cfg = write_config(tmp_path / "c.toml", models["untied"], make_data(tmp_path / "d", "pretrain"), "full",
-                       "pretrain", tmp_path / "w", max_steps=20, lr=1e30, save_steps=1, max_norm=0.0)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        models["untied"],
+        make_data(tmp_path / "d", "pretrain"),
+        "full",
+        "pretrain",
+        tmp_path / "w",
+        max_steps=20,
+        lr=1e30,
+        save_steps=1,
+        max_norm=0.0,
+    )
     with pytest.raises(TrainingDiverged, match="last good checkpoint is .*iter_"):
         train(load_config(cfg))
     records = read_metrics(tmp_path / "w")
     steps = [s for s, _ in checkpoint.checkpoints(tmp_path / "w")]
     assert steps and steps[-1] == records[-1]["step"]
-    assert all(torch.isfinite(t).all() for t in
-               torch.load(checkpoint.latest(tmp_path / "w"), weights_only=True)["model"].values()
-               if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all()
+        for t in torch.load(checkpoint.latest(tmp_path / "w"), weights_only=True)["model"].values()
+        if t.is_floating_point()
+    )
 
 
 def test_train_command_reports_config_errors(tmp_path):
@@ -148,14 +181,20 @@ def test_train_command_reports_config_errors(tmp_path):
 
 
 def test_plot_command(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\n"
-                                                    for i in range(1, 5)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\n" for i in range(1, 5)))
     assert "loss.png" in run_cli("plot", str(tmp_path))
 
 
 def test_eval_hook_answers_with_the_template(tmp_path, models):
-    cfg = write_config(tmp_path / "c.toml", models["tied"], make_data(tmp_path / "d", "instruct"), "lora",
-                       "openai", tmp_path / "w", max_steps=1)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        models["tied"],
+        make_data(tmp_path / "d", "instruct"),
+        "lora",
+        "openai",
+        tmp_path / "w",
+        max_steps=1,
+    )
     train(load_config(cfg))
     record = json.loads((tmp_path / "w" / "eval.jsonl").read_text().splitlines()[0])
     assert record["prompt"] == QA[0][0] and isinstance(record["answer"], str)

@@ -1,4 +1,5 @@
 """The training loop's parts on their own: chunked cross-entropy, schedule, checkpoints, metrics, plot."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tunex.errors import FormatError
 from tunex.train import checkpoint
 from tunex.train.loss import linear_cross_entropy
@@ -56,6 +56,7 @@ def test_float32_loss_native_and_torch_softmax_agree_with_full_logits(native, mo
     # float32 CPU chunks go through the Rust kernel (tunex._native.cross_entropy_f32) unless it is
     # missing; both ways must give F.cross_entropy's loss and gradients, ignored labels included.
     from tunex.train import loss as loss_mod
+
     if native and loss_mod._native_xent is None:
         pytest.skip("the extension has no cross-entropy kernel")
     if not native:
@@ -135,9 +136,18 @@ def test_optimizer_and_scheduler_state_round_trip(tmp_path):
         p.grad = torch.randn(5)
         opt.step()
         sched.step()
-    path = checkpoint.save(tmp_path, 3, {"model": {"p": p.detach()}, "optimizer": opt.state_dict(),
-                                         "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
-                                         "config": {"train": {"lr": 0.01}}}, keep=2)
+    path = checkpoint.save(
+        tmp_path,
+        3,
+        {
+            "model": {"p": p.detach()},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "config": {"train": {"lr": 0.01}},
+        },
+        keep=2,
+    )
     data = torch.load(path, weights_only=True)
     q = torch.nn.Parameter(data["model"]["p"].clone())
     opt2 = build_optimizer([q], 1e-2, (0.9, 0.99), 0.1)
@@ -146,7 +156,10 @@ def test_optimizer_and_scheduler_state_round_trip(tmp_path):
     sched2.load_state_dict(data["scheduler"])
     g = torch.randn(5)
     p.grad, q.grad = g.clone(), g.clone()
-    opt.step(); sched.step(); opt2.step(); sched2.step()
+    opt.step()
+    sched.step()
+    opt2.step()
+    sched2.step()
     assert torch.equal(p, q)
     assert sched.get_last_lr() == sched2.get_last_lr()
 

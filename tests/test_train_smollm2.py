@@ -1,12 +1,12 @@
 """The real-model path: a few LoRA steps of the built-in SmolLM2 chatterbot config (the quick start's),
 then its adapter in PEFT on transformers' SmolLM2 gives tunex's logits. CI runs it (about a minute)."""
+
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
 import torch
-
 from tunex.config import load_config
 from tunex.models import load_model, resolve_model_path
 from tunex.peft import apply_lora
@@ -25,10 +25,19 @@ def test_smollm2_lora_steps_and_peft_parity(tmp_path):
     import peft
     import transformers
 
-    cfg = load_config("smollm2_135m_instruct_lora_chatterbot", [
-        "data.path=pkg://chatterbot_corpus/data/english/ai.yml", "data.max_length=96",
-        "train.batch_size=2", "train.max_steps=2", "train.log_steps=1", "eval.max_new_tokens=4",
-        'eval.prompts=["What is AI?"]', f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        "smollm2_135m_instruct_lora_chatterbot",
+        [
+            "data.path=pkg://chatterbot_corpus/data/english/ai.yml",
+            "data.max_length=96",
+            "train.batch_size=2",
+            "train.max_steps=2",
+            "train.log_steps=1",
+            "eval.max_new_tokens=4",
+            'eval.prompts=["What is AI?"]',
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     result = train(cfg, work_dir=str(tmp_path / "w"))
     records = read_metrics(tmp_path / "w")
     assert [r["step"] for r in records] == [1, 2]

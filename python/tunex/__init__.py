@@ -1,4 +1,5 @@
 """tunex: fine-tune large language models (full, LoRA, QLoRA) with Rust-accelerated hot paths."""
+
 from __future__ import annotations
 
 from tunex._native import __version__
@@ -12,6 +13,7 @@ def __getattr__(name: str):
     # ``tunex.quant`` imports torch; load it on first use so ``import tunex`` (and the CLI) stay light.
     if name == "quant":
         import importlib
+
         return importlib.import_module("tunex.quant")
     raise AttributeError(f"module 'tunex' has no attribute {name!r}")
 

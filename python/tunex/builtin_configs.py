@@ -1,4 +1,5 @@
 """The built-in configs shipped in ``configs/`` (found in the installed package, editable or not)."""
+
 from __future__ import annotations
 
 import difflib

@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 usage errors (click's own), 1 any other failure, report
 
 Command modules import torch and friends inside their functions, so ``tunex --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import click
 
-from tunex import __version__
-from tunex import builtin_configs
+from tunex import __version__, builtin_configs
 
 
 class TunexGroup(click.Group):

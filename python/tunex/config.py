@@ -9,15 +9,17 @@ max_length 2048, packing on).
 Loading reports every problem at once, each naming its key path, what was expected and, for a
 misspelled key, the closest valid one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tunex.errors import ConfigError
 
@@ -46,6 +48,7 @@ def _setting(default: Any, check: Check, doc: str) -> Any:
 
 # ---- checks: each returns the normalised value or raises _Bad("expected ...") -------------------
 
+
 def _text(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad("a string")
@@ -69,6 +72,7 @@ def _one_of(*choices: str) -> Check:
         if v not in choices:
             raise _Bad("one of " + ", ".join(repr(c) for c in choices))
         return v
+
     return check
 
 
@@ -77,6 +81,7 @@ def _integer(lo: int, hi: int | None = None) -> Check:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
             raise _Bad(f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
         return v
+
     return check
 
 
@@ -90,6 +95,7 @@ def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_ope
             right = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
             raise _Bad(f"a number {left}{right}")
         return float(v)
+
     return check
 
 
@@ -98,6 +104,7 @@ def _power_of_two(lo: int, hi: int) -> Check:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > hi or v & (v - 1):
             raise _Bad(f"a power of two from {lo} to {hi}")
         return v
+
     return check
 
 
@@ -116,8 +123,11 @@ def _text_list(v: Any) -> list[str]:
 
 
 def _betas(v: Any) -> list[float]:
-    if (not isinstance(v, list) or len(v) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v)):
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v)
+    ):
         raise _Bad("two numbers in [0, 1), e.g. [0.9, 0.999]")
     return [float(x) for x in v]
 
@@ -128,6 +138,7 @@ XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me f
 
 
 # ---- the schema -----------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelConfig:
@@ -155,8 +166,9 @@ class MethodConfig:
     r: int = _setting(64, _integer(1, 4096), "LoRA rank")
     alpha: float = _setting(16.0, _number(0, lo_open=True), "LoRA alpha; scaling = alpha / r")
     dropout: float = _setting(0.1, _number(0, 1, hi_open=True), "dropout on the LoRA input")
-    target_modules: str | list[str] = _setting("all-linear", _text_or_list,
-                                               "'all-linear', a list of module-name suffixes, or a regex")
+    target_modules: str | list[str] = _setting(
+        "all-linear", _text_or_list, "'all-linear', a list of module-name suffixes, or a regex"
+    )
     use_rslora: bool = _setting(False, _flag, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _setting(False, _flag, "weight-decomposed LoRA (magnitude vectors)")
     quant_type: str = _setting("nf4", _one_of("nf4", "fp4"), "4-bit code of the QLoRA base")
@@ -178,8 +190,12 @@ class TrainConfig:
     warmup_ratio: float = _setting(0.03, _number(0, 1, hi_open=True), "fraction of steps in linear warmup")
     scheduler: str = _setting("cosine", _one_of("cosine", "linear", "constant"), "lr schedule after warmup")
     seed: int = _setting(0, _integer(0), "random seed")
-    dtype: str = _setting("auto", _one_of(*DTYPES), "training precision; auto = bf16 on CUDA, fp32 on CPU; "
-                          "bfloat16 on the CPU = bf16 products with frozen weights, fp32 elsewhere")
+    dtype: str = _setting(
+        "auto",
+        _one_of(*DTYPES),
+        "training precision; auto = bf16 on CUDA, fp32 on CPU; "
+        "bfloat16 on the CPU = bf16 products with frozen weights, fp32 elsewhere",
+    )
     gradient_checkpointing: bool = _setting(True, _flag, "recompute activations in backward")
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
@@ -227,8 +243,12 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "data": DataConfig, "method": MethodConfig,
-    "train": TrainConfig, "eval": EvalConfig, "save": SaveConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "save": SaveConfig,
 }
 
 
@@ -246,8 +266,12 @@ def _toml_value(v: Any) -> str:
 
 def describe() -> str:
     """Markdown reference of every section and key (docs/CONFIG.md is generated from this)."""
-    out = ["# Config reference", "",
-           "Generated from `tunex/config.py` by `python -m tunex.config > docs/CONFIG.md`.", ""]
+    out = [
+        "# Config reference",
+        "",
+        "Generated from `tunex/config.py` by `python -m tunex.config > docs/CONFIG.md`.",
+        "",
+    ]
     for name, cls in SECTIONS.items():
         out += [f"## [{name}]", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -274,8 +298,7 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append(f"{name}.{key}: unknown key{_did_you_mean(key, fields)} "
-                            f"(valid keys: {', '.join(fields)})")
+            problems.append(f"{name}.{key}: unknown key{_did_you_mean(key, fields)} (valid keys: {', '.join(fields)})")
             continue
         try:
             values[key] = fields[key].metadata["check"](value)
@@ -292,11 +315,14 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
         problems.append("method.compute_dtype: expected float16 or auto when train.dtype is float16, got 'bfloat16'")
     if isinstance(cfg.method.target_modules, str) and cfg.method.target_modules != "all-linear":
         import re
+
         try:
             re.compile(cfg.method.target_modules)
         except re.error as e:
-            problems.append(f"method.target_modules: expected 'all-linear', a list or a valid regex, got "
-                            f"{cfg.method.target_modules!r} ({e})")
+            problems.append(
+                f"method.target_modules: expected 'all-linear', a list or a valid regex, got "
+                f"{cfg.method.target_modules!r} ({e})"
+            )
 
 
 def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -306,8 +332,9 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(source, [f"expected a TOML table at the top level, got {type(raw).__name__}"])
     for key in raw:
         if key not in SECTIONS:
-            problems.append(f"{key}: unknown section{_did_you_mean(key, SECTIONS)} "
-                            f"(valid sections: {', '.join(SECTIONS)})")
+            problems.append(
+                f"{key}: unknown section{_did_you_mean(key, SECTIONS)} (valid sections: {', '.join(SECTIONS)})"
+            )
     sections = {}
     for name, cls in SECTIONS.items():
         if name in ("model", "data") and name not in raw:

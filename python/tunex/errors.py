@@ -4,6 +4,7 @@ Every failure tunex itself detects derives from :class:`TunexError`. Problems wi
 from ``ValueError`` so generic callers can catch them the usual way; I/O failures stay in Python's
 ``OSError`` family (``FileNotFoundError`` and friends), raised by the Rust core too.
 """
+
 from __future__ import annotations
 
 

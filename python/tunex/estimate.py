@@ -18,9 +18,9 @@ first optimizer step, inside gradient accumulation):
 It does not count the CUDA context or the caching allocator's slack (``memory_reserved`` is
 typically 5-15% above the allocated peak).
 """
+
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +59,15 @@ class ModelShape:
         renames its w1/w3/w2 to gate/up/down, so one layout serves every family.
         """
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
-                ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i),
-                ("mlp.down_proj", i, h)]
+        return [
+            ("self_attn.q_proj", h, q),
+            ("self_attn.k_proj", h, kv),
+            ("self_attn.v_proj", h, kv),
+            ("self_attn.o_proj", q, h),
+            ("mlp.gate_proj", h, i),
+            ("mlp.up_proj", h, i),
+            ("mlp.down_proj", i, h),
+        ]
 
     def linear_params(self) -> int:
         return self.layers * sum(i * o for _, i, o in self.linears())
@@ -89,11 +95,16 @@ PRESETS: dict[str, ModelShape] = {
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
 }
 HUB_PRESETS = {
-    "meta-llama/llama-2-7b-hf": "llama2-7b", "meta-llama/llama-2-7b-chat-hf": "llama2-7b",
-    "meta-llama/meta-llama-3-8b": "llama3-8b", "meta-llama/meta-llama-3-8b-instruct": "llama3-8b",
-    "internlm/internlm2-7b": "internlm2-7b", "internlm/internlm2-chat-7b": "internlm2-7b",
-    "qwen/qwen2-7b": "qwen2-7b", "qwen/qwen2-7b-instruct": "qwen2-7b",
-    "mistralai/mistral-7b-v0.1": "mistral-7b", "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+    "meta-llama/llama-2-7b-hf": "llama2-7b",
+    "meta-llama/llama-2-7b-chat-hf": "llama2-7b",
+    "meta-llama/meta-llama-3-8b": "llama3-8b",
+    "meta-llama/meta-llama-3-8b-instruct": "llama3-8b",
+    "internlm/internlm2-7b": "internlm2-7b",
+    "internlm/internlm2-chat-7b": "internlm2-7b",
+    "qwen/qwen2-7b": "qwen2-7b",
+    "qwen/qwen2-7b-instruct": "qwen2-7b",
+    "mistralai/mistral-7b-v0.1": "mistral-7b",
+    "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
 }
 
 
@@ -103,10 +114,19 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
     from tunex.models.config import read_config
 
     cfg = read_config(Path(path))
-    return ModelShape(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
-                      heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                      vocab=cfg.vocab_size, tie_embeddings=cfg.tie_word_embeddings,
-                      attention_bias=cfg.qkv_bias, o_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    return ModelShape(
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        layers=cfg.num_layers,
+        heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        vocab=cfg.vocab_size,
+        tie_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.qkv_bias,
+        o_bias=cfg.o_bias,
+        mlp_bias=cfg.mlp_bias,
+    )
 
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
@@ -128,12 +148,17 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size")
     kv_key = f"{arch}.attention.head_count_kv"
-    return ModelShape(hidden=hidden, intermediate=value(f"{arch}.feed_forward_length"),
-                      layers=value(f"{arch}.block_count"), heads=heads,
-                      kv_heads=value(kv_key) if kv_key in reader.fields else heads,
-                      head_dim=hidden // heads, vocab=vocab,
-                      tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-                      attention_bias=arch == "qwen2")
+    return ModelShape(
+        hidden=hidden,
+        intermediate=value(f"{arch}.feed_forward_length"),
+        layers=value(f"{arch}.block_count"),
+        heads=heads,
+        kv_heads=value(kv_key) if kv_key in reader.fields else heads,
+        head_dim=hidden // heads,
+        vocab=vocab,
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        attention_bias=arch == "qwen2",
+    )
 
 
 def resolve_shape(model_path: str, model_config: str | None = None, preset: str | None = None) -> ModelShape:
@@ -159,9 +184,11 @@ def resolve_shape(model_path: str, model_config: str | None = None, preset: str 
     snapshot = _cached_snapshot(text)
     if snapshot is not None:
         return shape_from_config_json(snapshot)
-    raise FileNotFoundError(f"cannot find the shape of model {text!r}: not a local folder, config.json or "
-                            f"GGUF file, not a known hub id, not in the HF cache; pass --model-config "
-                            f"path/to/config.json or --preset NAME ({', '.join(PRESETS)})")
+    raise FileNotFoundError(
+        f"cannot find the shape of model {text!r}: not a local folder, config.json or "
+        f"GGUF file, not a known hub id, not in the HF cache; pass --model-config "
+        f"path/to/config.json or --preset NAME ({', '.join(PRESETS)})"
+    )
 
 
 def _cached_snapshot(hub_id: str) -> Path | None:
@@ -198,11 +225,19 @@ class Plan:
 def plan_from_config(cfg, **overrides) -> Plan:
     """A Plan from a tunex Config (train dtype "auto" means bf16: the estimate is for a GPU)."""
     dtype = cfg.train.dtype if cfg.train.dtype != "auto" else "bfloat16"
-    values = dict(kind=cfg.method.kind, seq_len=cfg.data.max_length, batch=cfg.train.batch_size,
-                  dtype_bytes=DTYPE_BYTES[dtype], r=cfg.method.r, target_modules=cfg.method.target_modules,
-                  dropout=cfg.method.dropout, blocksize=cfg.method.blocksize,
-                  double_quant=cfg.method.double_quant, checkpointing=cfg.train.gradient_checkpointing,
-                  dora=cfg.method.use_dora)
+    values = dict(
+        kind=cfg.method.kind,
+        seq_len=cfg.data.max_length,
+        batch=cfg.train.batch_size,
+        dtype_bytes=DTYPE_BYTES[dtype],
+        r=cfg.method.r,
+        target_modules=cfg.method.target_modules,
+        dropout=cfg.method.dropout,
+        blocksize=cfg.method.blocksize,
+        double_quant=cfg.method.double_quant,
+        checkpointing=cfg.train.gradient_checkpointing,
+        dora=cfg.method.use_dora,
+    )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Plan(**values)
 
@@ -272,16 +307,20 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     tokens = plan.seq_len * plan.batch
     adapted = adapted_linears(shape, plan.target_modules) if plan.kind != "full" else []
     if plan.kind != "full" and not adapted:
-        raise ValueError(f"method.target_modules {plan.target_modules!r} selects none of "
-                         f"{', '.join(n for n, _, _ in shape.linears())}")
+        raise ValueError(
+            f"method.target_modules {plan.target_modules!r} selects none of "
+            f"{', '.join(n for n, _, _ in shape.linears())}"
+        )
     params = shape.params()
     if plan.kind == "full":
         trainable = params
     else:
         trainable = layers * sum(plan.r * (i + o) + (o if plan.dora else 0) for _, i, o in adapted)
     if plan.kind == "qlora":
-        weights = layers * sum(quantized_bytes(i * o, plan.blocksize, plan.double_quant)
-                               for _, i, o in shape.linears()) + shape.other_params() * c
+        weights = (
+            layers * sum(quantized_bytes(i * o, plan.blocksize, plan.double_quant) for _, i, o in shape.linears())
+            + shape.other_params() * c
+        )
     else:
         weights = params * c
     est = Estimate(shape, plan, params, trainable)
@@ -303,14 +342,20 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
         stored, stored_name, layer_recompute = layers * (per_layer + checkpoint), "activations", 0
     dequant = max(i * o for _, i, o in shape.linears()) * c if plan.kind == "qlora" else 0
     # The Triton loss overwrites one chunk of logits with its gradient in place: one buffer.
-    ce = {stored_name: stored, "final hidden + its gradient": 2 * tokens * h * c,
-          "logits chunk": min(tokens, CE_CHUNK_TOKENS) * vocab * c}
+    ce = {
+        stored_name: stored,
+        "final hidden + its gradient": 2 * tokens * h * c,
+        "logits chunk": min(tokens, CE_CHUNK_TOKENS) * vocab * c,
+    }
     if plan.kind == "full":
         ce["head gradient (fp32 + one product)"] = vocab * h * (4 + c)
-    backward = {stored_name: stored, "hidden gradient": tokens * h * c,
-                "recomputed layer": layer_recompute,
-                "layer backward gradients": tokens * (3 * shape.intermediate + 2 * h) * c,
-                "dequantized weight": dequant}
+    backward = {
+        stored_name: stored,
+        "hidden gradient": tokens * h * c,
+        "recomputed layer": layer_recompute,
+        "layer backward gradients": tokens * (3 * shape.intermediate + 2 * h) * c,
+        "dequantized weight": dequant,
+    }
     est.phases = {"end of forward (loss)": ce, "backward of the last layer": backward}
     est.peak_phase = max(est.phases, key=lambda k: sum(est.phases[k].values()))
     return est
@@ -318,16 +363,20 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
 
 def format_estimate(est: Estimate) -> str:
     """A plain-text table of the estimate in GiB."""
+
     def gib(n: int) -> str:
         return f"{n / 2**30:8.3f} GiB"
 
     s, p = est.shape, est.plan
-    lines = [f"model: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/"
-             f"{s.kv_heads}, vocab {s.vocab}; {est.params / 1e9:.3f} B params, "
-             f"{est.trainable / 1e6:.2f} M trainable",
-             f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
-             f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
-             + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else ""), ""]
+    lines = [
+        f"model: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/"
+        f"{s.kv_heads}, vocab {s.vocab}; {est.params / 1e9:.3f} B params, "
+        f"{est.trainable / 1e6:.2f} M trainable",
+        f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
+        f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
+        + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else ""),
+        "",
+    ]
     for name, value in est.parts.items():
         lines.append(f"  {name:<36}{gib(value)}")
     for phase, items in est.phases.items():
@@ -336,8 +385,11 @@ def format_estimate(est: Estimate) -> str:
         for name, value in items.items():
             if value:
                 lines.append(f"    {name:<34}{gib(value)}")
-    lines += ["", f"  predicted peak (max_memory_allocated) {gib(est.peak)}",
-              "  (plus the CUDA context, ~0.3-0.5 GiB, and allocator slack)"]
+    lines += [
+        "",
+        f"  predicted peak (max_memory_allocated) {gib(est.peak)}",
+        "  (plus the CUDA context, ~0.3-0.5 GiB, and allocator slack)",
+    ]
     return "\n".join(lines)
 
 
@@ -364,22 +416,28 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
     lines = [f"does not fit: needs about {need / gib:.2f} GiB, the budget is {budget / gib:.2f} GiB"]
     options = []
     if not plan.checkpointing:
-        options.append(("gradient checkpointing on (train.gradient_checkpointing = true)",
-                        replace(plan, checkpointing=True)))
+        options.append(
+            ("gradient checkpointing on (train.gradient_checkpointing = true)", replace(plan, checkpointing=True))
+        )
     elif not plan.offload_checkpoints:
         options.append(("checkpoints offloaded to CPU memory", replace(plan, offload_checkpoints=True)))
     if plan.kind != "full" and plan.adapter_bytes > 2:
         options.append(("bf16 adapters and optimizer state", replace(plan, adapter_bytes=2)))
     if plan.kind == "lora":
-        options.append(("QLoRA (method.kind = \"qlora\")", replace(plan, kind="qlora")))
+        options.append(('QLoRA (method.kind = "qlora")', replace(plan, kind="qlora")))
     if plan.kind != "full" and plan.r > 8:
         options.append((f"rank {plan.r // 2} (method.r)", replace(plan, r=plan.r // 2)))
     if plan.seq_len > 256:
-        options.append((f"{plan.seq_len // 2} tokens per sequence (data.max_length)",
-                        replace(plan, seq_len=plan.seq_len // 2)))
+        options.append(
+            (f"{plan.seq_len // 2} tokens per sequence (data.max_length)", replace(plan, seq_len=plan.seq_len // 2))
+        )
     if plan.batch > 1:
-        options.append((f"batch {plan.batch // 2} (train.batch_size; raise train.grad_accum)",
-                        replace(plan, batch=plan.batch // 2)))
+        options.append(
+            (
+                f"batch {plan.batch // 2} (train.batch_size; raise train.grad_accum)",
+                replace(plan, batch=plan.batch // 2),
+            )
+        )
     for text, changed in options:
         alt = device_need(estimate_memory(shape, changed))
         mark = "fits" if alt <= budget else "still over"

@@ -10,6 +10,7 @@ config.json, the weights and a tokenizer rebuilt from the metadata.
 llama.cpp permutes the rows of Q and K inside each head from HF's rotate-half layout to
 interleaved pairs: row ``(h, i, j)`` of shape (heads, 2, D/2) moves to ``(h, j, i)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,15 @@ from tunex.errors import FormatError
 
 # GGUF tensor name (after "blk.N.") <-> HF name (after "model.layers.N.")
 LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2"}
@@ -32,8 +39,14 @@ SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the conf
 # Llama 3.1 / 3.2 rope scaling; GGUF keeps only the resulting per-frequency factors, so the
 # parameters are recovered by matching those factors against the published settings.
 LLAMA3_ROPE_PRESETS = [
-    {"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0, 4.0)
+    {
+        "rope_type": "llama3",
+        "factor": f,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    for f in (8.0, 32.0, 16.0, 4.0)
 ]
 
 
@@ -85,18 +98,27 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
-                   or hidden // heads)
+    head_dim = int(
+        _field(reader, f"{arch}.attention.key_length")
+        or _field(reader, f"{arch}.rope.dimension_count")
+        or hidden // heads
+    )
     config = {
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "model_type": arch, "hidden_act": "silu", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
+        "model_type": arch,
+        "hidden_act": "silu",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
-        "head_dim": head_dim, "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "tie_word_embeddings": tied, "torch_dtype": "float32",
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
@@ -127,8 +149,10 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
         scaled, _ = rope_inv_freq(config_from_hf({**config, "rope_scaling": preset}), 1)
         if factors.shape == scaled.shape and torch.allclose(plain / scaled, factors, rtol=1e-4):
             return preset
-    raise FormatError(f"{path}: rope_freqs.weight holds rope factors that match no known Llama 3 rope "
-                      "scaling (factor 4/8/16/32, low 1, high 4, original length 8192)")
+    raise FormatError(
+        f"{path}: rope_freqs.weight holds rope factors that match no known Llama 3 rope "
+        "scaling (factor 4/8/16/32, low 1, high 4, original length 8192)"
+    )
 
 
 def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
@@ -142,8 +166,9 @@ def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB")
         return
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def _open(path: Path):
@@ -244,8 +269,11 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
     writer.add_file_type(file_type)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))

@@ -4,15 +4,17 @@ The CPU path is Rust end to end (mmap read, f32 GEMM, round once, sharded atomic
 GIL released. The CUDA path uses the same Rust plan, reader and writer and runs only the arithmetic
 in torch on the GPU. Either way memory holds about one tensor, not the model.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunex import _native
 from tunex.errors import DataError
@@ -20,8 +22,16 @@ from tunex.io.hf import bin_to_safetensors, missing, non_weight_files, require_d
 from tunex.units import parse_size
 
 ProgressFn = Callable[[str, int, int, int, int], Any]
-_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-           "fp32": "fp32", "float32": "fp32", "float": "fp32"}
+_DTYPES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+}
 _CONFIG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -146,8 +156,9 @@ def merge(
         raise missing(config, "adapter_config.json (is this a PEFT adapter folder?)")
     out_dir = Path(out)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(17, f"output folder {out_dir} already exists; pass --overwrite (overwrite=True) "
-                                  "to replace it", str(out_dir))
+        raise FileExistsError(
+            17, f"output folder {out_dir} already exists; pass --overwrite (overwrite=True) to replace it", str(out_dir)
+        )
     limit = parse_size(max_shard_size)
     out_dtype = _dtype_name(dtype)
     dev = _resolve_device(device)
@@ -164,16 +175,34 @@ def merge(
             weights_dir = base_dir
         extra = _extra_files(base_dir, is_clip, out_dtype, tmp)
         if dev == "cpu":
-            r = _native.merge_lora(str(weights_dir), str(config), str(weights), str(out_dir), limit, out_dtype,
-                                   overwrite, is_clip, extra, progress, fsync)
+            r = _native.merge_lora(
+                str(weights_dir),
+                str(config),
+                str(weights),
+                str(out_dir),
+                limit,
+                out_dtype,
+                overwrite,
+                is_clip,
+                extra,
+                progress,
+                fsync,
+            )
         else:
             from tunex.merge_torch import merge_on_device
 
             plan = _native.merge_plan(str(weights_dir), str(config), str(weights), out_dtype, is_clip)
             r = merge_on_device(plan, str(weights), out_dir, limit, overwrite, extra, dev, progress, fsync)
-    return MergeReport(out=str(out_dir), device=dev, tensors=r["tensors"], merged=r["merged"],
-                       replaced=r["replaced"], bytes_written=r["bytes_written"],
-                       seconds=time.perf_counter() - start, files=list(r["files"]))
+    return MergeReport(
+        out=str(out_dir),
+        device=dev,
+        tensors=r["tensors"],
+        merged=r["merged"],
+        replaced=r["replaced"],
+        bytes_written=r["bytes_written"],
+        seconds=time.perf_counter() - start,
+        files=list(r["files"]),
+    )
 
 
 __all__ = ["MergeReport", "merge", "DataError"]

@@ -1,9 +1,11 @@
 """The merge arithmetic in torch (for ``device="cuda"``), driven by the Rust merge plan and written
 through the Rust shard writer, so planning, checks and output are the same as on the CPU path."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tunex import _native
 from tunex.errors import DataError
@@ -32,21 +34,29 @@ def _merged(item: dict, source: Any, adapter: SafetensorsFile, device: str) -> A
         name, scaling = item["bias"]
         w.add_(adapter.get(name).to(device=device, dtype=torch.float32), alpha=scaling)
     if not torch.isfinite(w).all():
-        raise DataError(f"merging into {item['name']} produced NaN or infinity: the adapter or the base holds "
-                        "non-finite values")
+        raise DataError(
+            f"merging into {item['name']} produced NaN or infinity: the adapter or the base holds non-finite values"
+        )
     return w
 
 
-def merge_on_device(plan: list[dict], adapter_weights: str, out: Path, max_shard_size: int, overwrite: bool,
-                    extra: list[tuple[str, str]], device: str,
-                    progress: Callable[[str, int, int, int, int], Any] | None, fsync: bool = True) -> dict:
+def merge_on_device(
+    plan: list[dict],
+    adapter_weights: str,
+    out: Path,
+    max_shard_size: int,
+    overwrite: bool,
+    extra: list[tuple[str, str]],
+    device: str,
+    progress: Callable[[str, int, int, int, int], Any] | None,
+    fsync: bool = True,
+) -> dict:
     """Execute ``plan`` (from ``_native.merge_plan``) with torch on ``device``."""
     adapter = SafetensorsFile(adapter_weights)
     readers: dict[str, SafetensorsFile] = {}
     specs = [(p["name"], p["dtype"], list(p["shape"])) for p in plan]
     total = sum(_nbytes(p) for p in plan)
-    writer = _native.ShardWriter(str(out), specs, max_shard_size, [("format", "pt")], "model", "new", overwrite,
-                                 fsync)
+    writer = _native.ShardWriter(str(out), specs, max_shard_size, [("format", "pt")], "model", "new", overwrite, fsync)
     merged = replaced = done = 0
     try:
         for i, item in enumerate(plan):
@@ -70,13 +80,19 @@ def merge_on_device(plan: list[dict], adapter_weights: str, out: Path, max_shard
     except BaseException:
         writer.abort()
         raise
-    return {"tensors": summary["tensors"], "merged": merged, "replaced": replaced,
-            "bytes_written": summary["file_bytes"], "files": summary["files"]}
+    return {
+        "tensors": summary["tensors"],
+        "merged": merged,
+        "replaced": replaced,
+        "bytes_written": summary["file_bytes"],
+        "files": summary["files"],
+    }
 
 
 def _nbytes(item: dict) -> int:
-    n = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
-         "I16": 2, "U16": 2}.get(item["dtype"], 1)
+    n = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}.get(
+        item["dtype"], 1
+    )
     for d in item["shape"]:
         n *= d
     return n

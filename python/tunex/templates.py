@@ -35,20 +35,30 @@ rewrite earlier turns when later ones are added (not prefix-stable) raise :class
 For generation: ``render(messages, add_generation_prompt=True)`` is the prompt and
 ``stop_words`` the strings that end a reply.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tunex.errors import DataError
 
 Message = Mapping[str, Any]
 
 # End-of-turn markers of the common chat formats; used to find where a jinja-rendered reply ends.
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                       "<|end_of_text|>", "</s>", "<eoa>")
+END_OF_TURN_MARKERS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eoa>",
+)
 
 
 @dataclass(frozen=True)
@@ -81,43 +91,81 @@ _IM = "<|im_start|>{role}\n{text}<|im_end|>\n"
 _CHATML = dict(
     system=_IM.format(role="system", text="{system}"),
     instruction=_IM.format(role="user", text="{input}") + "<|im_start|>assistant\n",
-    suffix="<|im_end|>", suffix_as_eos=True, sep="\n",
+    suffix="<|im_end|>",
+    suffix_as_eos=True,
+    sep="\n",
 )
-_LLAMA2_SYS = ("[INST] <<SYS>>\n You are a helpful, respectful and honest assistant. Always answer as "
-               "helpfully as possible, while being safe. Your answers should not include any harmful, "
-               "unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your "
-               "responses are socially unbiased and positive in nature.\n{system}\n<</SYS>>\n [/INST] ")
-_VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-               "gives helpful, detailed, and polite answers to the user's questions. {system}\n ")
-ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.\n")
+_LLAMA2_SYS = (
+    "[INST] <<SYS>>\n You are a helpful, respectful and honest assistant. Always answer as "
+    "helpfully as possible, while being safe. Your answers should not include any harmful, "
+    "unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your "
+    "responses are socially unbiased and positive in nature.\n{system}\n<</SYS>>\n [/INST] "
+)
+_VICUNA_SYS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. {system}\n "
+)
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+)
 
-BUILTIN: dict[str, BuiltinTemplate] = {t.name: t for t in [
-    BuiltinTemplate("default", "<|System|>:{system}\n", "<|User|>:{input}\n<|Bot|>:", sep="\n"),
-    BuiltinTemplate("alpaca", "{system}\n", "### Instruction:\n{input}\n\n### Response:\n", sep="\n\n",
-                    default_system=ALPACA_SYSTEM),
-    BuiltinTemplate("zephyr", "<|system|>\n{system}\n", "<|user|>\n{input}\n<|assistant|>\n", sep="\n"),
-    BuiltinTemplate("internlm_chat", "<|System|>:{system}\n", "<|User|>:{input}<eoh>\n<|Bot|>:",
-                    suffix="<eoa>", suffix_as_eos=True, sep="\n", stop_words=("<eoa>",)),
-    BuiltinTemplate("internlm2_chat", **_CHATML, stop_words=("<|im_end|>",)),
-    BuiltinTemplate("qwen_chat", **_CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
-    BuiltinTemplate("chatml", **_CHATML, stop_words=("<|im_end|>",)),
-    BuiltinTemplate("llama2_chat", _LLAMA2_SYS, "[INST] {input} [/INST]", sep="\n"),
-    BuiltinTemplate("code_llama_chat", "{system}\n", "[INST] {input} [/INST]"),
-    BuiltinTemplate("mistral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
-    BuiltinTemplate("mixtral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
-    BuiltinTemplate("vicuna", _VICUNA_SYS, "USER: {input} ASSISTANT:", sep="\n"),
-    BuiltinTemplate("llama3_chat", "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-                    "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                    suffix="<|eot_id|>", suffix_as_eos=True, stop_words=("<|eot_id|>",)),
-    BuiltinTemplate("gemma", "<start_of_turn>system\n{system}<end_of_turn>\n",
-                    "<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
-                    suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",)),
-    BuiltinTemplate("phi3_chat", "<|system|>\n{system}<|end|>\n",
-                    "<|user|>\n{input}<|end|>\n<|assistant|>\n", suffix="<|end|>", suffix_as_eos=True,
-                    sep="\n", stop_words=("<|end|>",)),
-]}
+BUILTIN: dict[str, BuiltinTemplate] = {
+    t.name: t
+    for t in [
+        BuiltinTemplate("default", "<|System|>:{system}\n", "<|User|>:{input}\n<|Bot|>:", sep="\n"),
+        BuiltinTemplate(
+            "alpaca",
+            "{system}\n",
+            "### Instruction:\n{input}\n\n### Response:\n",
+            sep="\n\n",
+            default_system=ALPACA_SYSTEM,
+        ),
+        BuiltinTemplate("zephyr", "<|system|>\n{system}\n", "<|user|>\n{input}\n<|assistant|>\n", sep="\n"),
+        BuiltinTemplate(
+            "internlm_chat",
+            "<|System|>:{system}\n",
+            "<|User|>:{input}<eoh>\n<|Bot|>:",
+            suffix="<eoa>",
+            suffix_as_eos=True,
+            sep="\n",
+            stop_words=("<eoa>",),
+        ),
+        BuiltinTemplate("internlm2_chat", **_CHATML, stop_words=("<|im_end|>",)),
+        BuiltinTemplate("qwen_chat", **_CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
+        BuiltinTemplate("chatml", **_CHATML, stop_words=("<|im_end|>",)),
+        BuiltinTemplate("llama2_chat", _LLAMA2_SYS, "[INST] {input} [/INST]", sep="\n"),
+        BuiltinTemplate("code_llama_chat", "{system}\n", "[INST] {input} [/INST]"),
+        BuiltinTemplate("mistral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
+        BuiltinTemplate("mixtral", "[INST] {system} [/INST]\n", "[INST] {input} [/INST]", sep="\n"),
+        BuiltinTemplate("vicuna", _VICUNA_SYS, "USER: {input} ASSISTANT:", sep="\n"),
+        BuiltinTemplate(
+            "llama3_chat",
+            "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+            "<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            suffix="<|eot_id|>",
+            suffix_as_eos=True,
+            stop_words=("<|eot_id|>",),
+        ),
+        BuiltinTemplate(
+            "gemma",
+            "<start_of_turn>system\n{system}<end_of_turn>\n",
+            "<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+            suffix="<end_of_turn>",
+            sep="\n",
+            stop_words=("<end_of_turn>",),
+        ),
+        BuiltinTemplate(
+            "phi3_chat",
+            "<|system|>\n{system}<|end|>\n",
+            "<|user|>\n{input}<|end|>\n<|assistant|>\n",
+            suffix="<|end|>",
+            suffix_as_eos=True,
+            sep="\n",
+            stop_words=("<|end|>",),
+        ),
+    ]
+}
 
 
 def _split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
@@ -217,9 +265,13 @@ class ChatTemplate:
         if self._compiled is None:
             self._compiled = compile_jinja(self.jinja_source or "")
         try:
-            return self._compiled.render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special_tokens)
+            return self._compiled.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
         except jinja2.TemplateError as exc:
             raise DataError(f"chat template {self.name!r} failed to render: {exc}") from exc
 
@@ -230,7 +282,7 @@ class ChatTemplate:
             if m["role"] != "assistant":
                 continue
             before = self._render_jinja(messages[:i], True) if i else ""
-            after = self._render_jinja(messages[:i + 1], False)
+            after = self._render_jinja(messages[: i + 1], False)
             if i and not after.startswith(before):
                 # the generation cue differs from how a finished turn opens: diff from the plain prefix
                 before = self._render_jinja(messages[:i], False)
@@ -238,17 +290,17 @@ class ChatTemplate:
                 raise DataError(
                     f"chat template {self.name!r} is not prefix-stable (rendering turn {i} changes the text "
                     "of earlier turns), so assistant replies cannot be located; use a built-in template "
-                    "(data.template = 'chatml', 'llama3_chat', ...) instead")
-            out.append(Segment(before[len(done):], False))
-            added = after[len(before):]
+                    "(data.template = 'chatml', 'llama3_chat', ...) instead"
+                )
+            out.append(Segment(before[len(done) :], False))
+            added = after[len(before) :]
             start, end = _locate_reply(added, str(m.get("content") or ""), self.stop_words)
-            out += [Segment(added[:start], False), Segment(added[start:end], True),
-                    Segment(added[end:], False)]
+            out += [Segment(added[:start], False), Segment(added[start:end], True), Segment(added[end:], False)]
             done = after
         full = self._render_jinja(messages, False)
         if not full.startswith(done):
             raise DataError(f"chat template {self.name!r} is not prefix-stable; use a built-in template")
-        out.append(Segment(full[len(done):], False))
+        out.append(Segment(full[len(done) :], False))
         return out
 
 
@@ -303,11 +355,11 @@ def compile_jinja(source: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # jinja's own tojson escapes HTML characters; templates expect plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -340,13 +392,13 @@ def get_template(name: str = "auto", tokenizer: Any = None, *, system: str = "")
         source = getattr(tokenizer, "chat_template", None)
         if not source:
             where = getattr(tokenizer, "path", "the tokenizer")
-            raise DataError(f"{where} has no chat template (tokenizer_config.json 'chat_template' or "
-                            f"chat_template.jinja); name a built-in template instead: {', '.join(names())}")
-        return ChatTemplate("auto", jinja_source=source, bos_token=bos, eos_token=eos,
-                            special_tokens=specials)
+            raise DataError(
+                f"{where} has no chat template (tokenizer_config.json 'chat_template' or "
+                f"chat_template.jinja); name a built-in template instead: {', '.join(names())}"
+            )
+        return ChatTemplate("auto", jinja_source=source, bos_token=bos, eos_token=eos, special_tokens=specials)
     if name not in BUILTIN:
         raise DataError(f"unknown chat template {name!r}; expected 'auto' or one of: {', '.join(names())}")
     t = BUILTIN[name]
     # XTuner adds the bos token before each conversation for built-ins whose eos is the tokenizer's
-    return ChatTemplate(name, builtin=t, bos_token=bos, eos_token=eos, special_tokens=specials,
-                        default_system=system)
+    return ChatTemplate(name, builtin=t, bos_token=bos, eos_token=eos, special_tokens=specials, default_system=system)

@@ -4,11 +4,13 @@ Special tokens and the chat template come from tokenizer_config.json (and specia
 chat_template.jinja when present), the way transformers' fast tokenizers read them, so ids and
 rendered prompts agree with transformers token for token.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from tunex.errors import FormatError
 
@@ -57,8 +59,9 @@ class Tokenizer:
         chat_template: the model's jinja chat template, or None.
     """
 
-    def __init__(self, backend: Any, config: dict | None = None, path: Path | None = None,
-                 chat_template: str | None = None):
+    def __init__(
+        self, backend: Any, config: dict | None = None, path: Path | None = None, chat_template: str | None = None
+    ):
         self.backend = backend
         self.path = path
         config = config or {}
@@ -125,7 +128,7 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
         if text.endswith("\ufffd"):  # a multi-byte character is still being spelled out
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
+        piece, self.emitted = text[self.emitted :], len(text)
         return piece
 
 
@@ -142,7 +145,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         raise FileNotFoundError(
             f"{folder} has no tokenizer.json; tunex reads fast tokenizers only (convert a slow "
-            "tokenizer once with transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
+            "tokenizer once with transformers: AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
+        )
     try:
         backend = Backend.from_file(str(file))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files

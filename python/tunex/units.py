@@ -1,4 +1,5 @@
 """Size strings for --max-shard-size and friends (parsed by the Rust core)."""
+
 from __future__ import annotations
 
 from tunex import _native

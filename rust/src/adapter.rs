@@ -103,9 +103,9 @@ impl AdapterConfig {
 }
 
 fn positive_int(v: &Value) -> Option<u64> {
-    v.as_u64().filter(|&n| n > 0).or_else(|| {
-        v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < 1e15).map(|f| f as u64)
-    })
+    v.as_u64()
+        .filter(|&n| n > 0)
+        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < 1e15).map(|f| f as u64))
 }
 
 fn finite(v: &Value) -> Option<f64> {
@@ -114,16 +114,20 @@ fn finite(v: &Value) -> Option<f64> {
 
 /// PEFT matches each pattern key as the regex `(.*\.)?(KEY)$` anchored at the start of the module
 /// name; the first key (in file order) that matches wins.
-fn patterns<T>(path: &Path, obj: &Map<String, Value>, name: &str, value: fn(&Value) -> Option<T>) -> Result<Vec<Pattern<T>>> {
+fn patterns<T>(
+    path: &Path,
+    obj: &Map<String, Value>,
+    name: &str,
+    value: fn(&Value) -> Option<T>,
+) -> Result<Vec<Pattern<T>>> {
     let Some(v) = field(obj, name) else { return Ok(Vec::new()) };
     let Value::Object(map) = v else {
         return Err(Error::format(path, format!("\"{name}\" is {v}; expected an object of module pattern -> value")));
     };
     let mut out = Vec::with_capacity(map.len());
     for (key, v) in map {
-        let value = value(v).ok_or_else(|| {
-            Error::format(path, format!("\"{name}\"[{key:?}] is {v}; expected a positive number"))
-        })?;
+        let value = value(v)
+            .ok_or_else(|| Error::format(path, format!("\"{name}\"[{key:?}] is {v}; expected a positive number")))?;
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
             Error::format(path, format!("\"{name}\" key {key:?} is not a valid regular expression: {e}"))
         })?;
@@ -146,8 +150,11 @@ mod tests {
 
     #[test]
     fn scaling_rules() {
-        let c = parse(r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"rank_pattern":{"q_proj":4},
-                          "alpha_pattern":{"layers\\.1\\.mlp\\.down_proj":2}}"#).unwrap();
+        let c = parse(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"rank_pattern":{"q_proj":4},
+                          "alpha_pattern":{"layers\\.1\\.mlp\\.down_proj":2}}"#,
+        )
+        .unwrap();
         assert_eq!(c.scaling_for("model.layers.0.self_attn.q_proj"), (4, 4.0));
         assert_eq!(c.scaling_for("model.layers.0.self_attn.k_proj"), (8, 2.0));
         assert_eq!(c.scaling_for("model.layers.1.mlp.down_proj"), (8, 0.25));

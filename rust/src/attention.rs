@@ -86,24 +86,35 @@ fn check_dims(d: &Dims) -> Result<()> {
         return Err(bad(format!("head dim {}; expected a positive multiple of {LANES}", d.dim)));
     }
     if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
-        return Err(bad(format!("{} query heads over {} key/value heads; expected a whole number of query \
-                                heads per key/value head", d.heads, d.kv_heads)));
+        return Err(bad(format!(
+            "{} query heads over {} key/value heads; expected a whole number of query \
+                                heads per key/value head",
+            d.heads, d.kv_heads
+        )));
     }
     Ok(())
 }
 
 fn check_in(name: &str, t: &Input<'_>, shape: Shape) -> Result<()> {
     if shape.span(t.strides) > t.data.len() {
-        return Err(bad(format!("{name} holds {} values; its strides {:?} for shape {shape:?} reach {}",
-                               t.data.len(), t.strides, shape.span(t.strides))));
+        return Err(bad(format!(
+            "{name} holds {} values; its strides {:?} for shape {shape:?} reach {}",
+            t.data.len(),
+            t.strides,
+            shape.span(t.strides)
+        )));
     }
     Ok(())
 }
 
 fn check_out(name: &str, t: &Output<'_>, shape: Shape) -> Result<()> {
     if shape.span(t.strides) > t.data.len() || !shape.dense(t.strides) {
-        return Err(bad(format!("{name} holds {} values with strides {:?}; expected a layout of shape {shape:?} \
-                                that gives each element its own slot within them", t.data.len(), t.strides)));
+        return Err(bad(format!(
+            "{name} holds {} values with strides {:?}; expected a layout of shape {shape:?} \
+                                that gives each element its own slot within them",
+            t.data.len(),
+            t.strides
+        )));
     }
     Ok(())
 }
@@ -127,8 +138,17 @@ fn at(s: Strides, b: usize, h: usize, t: usize) -> usize {
 /// SAFETY: every index named above is inside its allocation.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-unsafe fn tile<const M: usize, const W: usize>(kd: usize, a: *const f32, ars: usize, acs: usize, b: *const f32,
-                                               brs: usize, c: *mut f32, crs: usize, accumulate: bool) {
+unsafe fn tile<const M: usize, const W: usize>(
+    kd: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    brs: usize,
+    c: *mut f32,
+    crs: usize,
+    accumulate: bool,
+) {
     let mut acc = [[[0f32; LANES]; W]; M];
     if accumulate {
         for i in 0..M {
@@ -176,9 +196,17 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    pub(super) unsafe fn tile<const M: usize, const W: usize>(kd: usize, a: *const f32, ars: usize, acs: usize,
-                                                              b: *const f32, brs: usize, c: *mut f32, crs: usize,
-                                                              accumulate: bool) {
+    pub(super) unsafe fn tile<const M: usize, const W: usize>(
+        kd: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        brs: usize,
+        c: *mut f32,
+        crs: usize,
+        accumulate: bool,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); W]; M];
         if accumulate {
             for i in 0..M {
@@ -212,8 +240,20 @@ mod x86 {
 /// [`tile`] for `m` (1..=MR) rows of `w` (1..=NV) vectors; `wide`: on AVX-512 registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_mw(wide: bool, m: usize, w: usize, kd: usize, a: *const f32, ars: usize, acs: usize, b: *const f32,
-                  brs: usize, c: *mut f32, crs: usize, acc: bool) {
+unsafe fn tile_mw(
+    wide: bool,
+    m: usize,
+    w: usize,
+    kd: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    brs: usize,
+    c: *mut f32,
+    crs: usize,
+    acc: bool,
+) {
     macro_rules! one {
         ($m:literal, $w:literal) => {{
             #[cfg(target_arch = "x86_64")]
@@ -248,8 +288,20 @@ unsafe fn tile_mw(wide: bool, m: usize, w: usize, kd: usize, a: *const f32, ars:
 /// SAFETY: as [`tile`], for every column below `n`; `wide` only where the CPU has AVX-512F.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows(wide: bool, m: usize, n: usize, kd: usize, a: *const f32, ars: usize, acs: usize, b: *const f32,
-               brs: usize, c: *mut f32, crs: usize, acc: bool) {
+unsafe fn rows(
+    wide: bool,
+    m: usize,
+    n: usize,
+    kd: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    brs: usize,
+    c: *mut f32,
+    crs: usize,
+    acc: bool,
+) {
     for j in (0..n).step_by(NV * LANES) {
         let w = ((n - j) / LANES).min(NV);
         tile_mw(wide, m, w, kd, a, ars, acs, b.add(j), brs, c.add(j), crs, acc);
@@ -408,8 +460,15 @@ multiversion512! {
 
 /// `out` = causal attention of `q` over `k`, `v`; `lse` (B, H, T) contiguous gets each row's
 /// log-sum-exp of the scaled scores (what [`backward`] needs besides the inputs and `out`).
-pub fn forward(q: Input<'_>, k: Input<'_>, v: Input<'_>, out: Output<'_>, lse: &mut [f32], d: Dims, scale: f32)
-               -> Result<()> {
+pub fn forward(
+    q: Input<'_>,
+    k: Input<'_>,
+    v: Input<'_>,
+    out: Output<'_>,
+    lse: &mut [f32],
+    d: Dims,
+    scale: f32,
+) -> Result<()> {
     check_dims(&d)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
@@ -515,8 +574,19 @@ multiversion512! {
 /// The gradients of [`forward`]: `dq` (B, H, T, D), `dk` and `dv` (B, Hkv, T, D), overwritten.
 /// `out` and `lse` are what the forward wrote for the same `q`, `k`, `v`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(dout: Input<'_>, q: Input<'_>, k: Input<'_>, v: Input<'_>, out: Input<'_>, lse: &[f32],
-                dq: Output<'_>, dk: Output<'_>, dv: Output<'_>, d: Dims, scale: f32) -> Result<()> {
+pub fn backward(
+    dout: Input<'_>,
+    q: Input<'_>,
+    k: Input<'_>,
+    v: Input<'_>,
+    out: Input<'_>,
+    lse: &[f32],
+    dq: Output<'_>,
+    dk: Output<'_>,
+    dv: Output<'_>,
+    d: Dims,
+    scale: f32,
+) -> Result<()> {
     check_dims(&d)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
@@ -547,7 +617,8 @@ pub fn backward(dout: Input<'_>, q: Input<'_>, k: Input<'_>, v: Input<'_>, out: 
         let packed = (b * d.kv_heads + kvh) * block;
         let saved = Saved { q, k, out, dout, lse, kt: &kt[packed..][..block], vt: &vt[packed..][..block] };
         // SAFETY: part `part` owns head (b, h) of the per-head sums.
-        let (dk, dv) = unsafe { (dks.range(part * head, (part + 1) * head), dvs.range(part * head, (part + 1) * head)) };
+        let (dk, dv) =
+            unsafe { (dks.range(part * head, (part + 1) * head), dvs.range(part * head, (part + 1) * head)) };
         backward_head(saved, &dq, dqs, dk, dv, d, b, h, scale);
     });
     if !ok {
@@ -592,12 +663,20 @@ mod tests {
 
     /// Plain f64 attention for one (b, h): (out, lse, dq, dk, dv) with dk, dv for this head only.
     #[allow(clippy::type_complexity)]
-    fn reference(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], t: usize, d: usize, scale: f64)
-                 -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    fn reference(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        dout: &[f64],
+        t: usize,
+        d: usize,
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut p = vec![0f64; t * t];
         let mut lse = vec![0f64; t];
         for i in 0..t {
-            let s: Vec<f64> = (0..=i).map(|j| (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale).collect();
+            let s: Vec<f64> =
+                (0..=i).map(|j| (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale).collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             lse[i] = m + z.ln();
@@ -646,13 +725,31 @@ mod tests {
             let (kvs, qs) = (dense(hkv, t, dim), dense(h, t, dim));
             let mut out = vec![f32::NAN; q.len()];
             let mut lse = vec![f32::NAN; b * h * t];
-            forward(Input { data: &q, strides: bthd }, Input { data: &k, strides: kvs }, Input { data: &v, strides: kvs },
-                    Output { data: &mut out, strides: bthd }, &mut lse, dims, scale).unwrap();
+            forward(
+                Input { data: &q, strides: bthd },
+                Input { data: &k, strides: kvs },
+                Input { data: &v, strides: kvs },
+                Output { data: &mut out, strides: bthd },
+                &mut lse,
+                dims,
+                scale,
+            )
+            .unwrap();
             let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
-            backward(Input { data: &dout, strides: bthd }, Input { data: &q, strides: bthd },
-                     Input { data: &k, strides: kvs }, Input { data: &v, strides: kvs },
-                     Input { data: &out, strides: bthd }, &lse, Output { data: &mut dq, strides: qs },
-                     Output { data: &mut dk, strides: kvs }, Output { data: &mut dv, strides: kvs }, dims, scale).unwrap();
+            backward(
+                Input { data: &dout, strides: bthd },
+                Input { data: &q, strides: bthd },
+                Input { data: &k, strides: kvs },
+                Input { data: &v, strides: kvs },
+                Input { data: &out, strides: bthd },
+                &lse,
+                Output { data: &mut dq, strides: qs },
+                Output { data: &mut dk, strides: kvs },
+                Output { data: &mut dv, strides: kvs },
+                dims,
+                scale,
+            )
+            .unwrap();
             let mut dk_want = vec![0f64; k.len()];
             let mut dv_want = vec![0f64; v.len()];
             for bi in 0..b {
@@ -661,8 +758,15 @@ mod tests {
                     let head = |x: &[f32], s: Strides, hh: usize| -> Vec<f64> {
                         (0..t).flat_map(|i| x[at(s, bi, hh, i)..][..dim].iter().map(|&y| y as f64)).collect()
                     };
-                    let (o, l, gq, gk, gv) = reference(&head(&q, bthd, hi), &head(&k, kvs, kvh), &head(&v, kvs, kvh),
-                                                       &head(&dout, bthd, hi), t, dim, scale as f64);
+                    let (o, l, gq, gk, gv) = reference(
+                        &head(&q, bthd, hi),
+                        &head(&k, kvs, kvh),
+                        &head(&v, kvs, kvh),
+                        &head(&dout, bthd, hi),
+                        t,
+                        dim,
+                        scale as f64,
+                    );
                     for i in 0..t {
                         close(lse[(bi * h + hi) * t + i], l[i], "lse");
                         for x in 0..dim {
@@ -692,8 +796,15 @@ mod tests {
         let dims = Dims { batch: 1, heads: 2, kv_heads: 1, seq: 4, dim: 16 };
         let kv = dense(1, 4, 16);
         let call = |dims: Dims, q: &[f32], out: &mut [f32], lse: &mut [f32]| {
-            forward(Input { data: q, strides: s }, Input { data: &x[..64], strides: kv },
-                    Input { data: &x[..64], strides: kv }, Output { data: out, strides: s }, lse, dims, 0.25)
+            forward(
+                Input { data: q, strides: s },
+                Input { data: &x[..64], strides: kv },
+                Input { data: &x[..64], strides: kv },
+                Output { data: out, strides: s },
+                lse,
+                dims,
+                0.25,
+            )
         };
         assert!(call(Dims { dim: 12, ..dims }, &x, &mut out, &mut lse).is_err());
         assert!(call(Dims { kv_heads: 3, ..dims }, &x, &mut out, &mut lse).is_err());

@@ -14,8 +14,8 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod safetensors;
 pub mod swiglu;
-pub mod xent;
 pub mod units;
+pub mod xent;
 
 #[cfg(feature = "python")]
 mod py;

@@ -65,8 +65,13 @@ pub(crate) fn tree(mut s: [f32; LANES]) -> f32 {
 }
 
 /// (rows, r) of a kernel's three operands: `big` (rows, cols), `adapter` (r, cols), `small` (rows, r).
-fn dims(what: &str, big: (&str, usize), adapter: (&str, usize), small: (&str, usize), cols: usize)
-        -> Result<(usize, usize)> {
+fn dims(
+    what: &str,
+    big: (&str, usize),
+    adapter: (&str, usize),
+    small: (&str, usize),
+    cols: usize,
+) -> Result<(usize, usize)> {
     if cols == 0 {
         return Err(mismatch(what, "rows of 0 values".into()));
     }
@@ -188,7 +193,11 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn tail_mask(left: usize) -> __mmask16 {
-        if left >= LANES { 0xffff } else { ((1u32 << left) - 1) as __mmask16 }
+        if left >= LANES {
+            0xffff
+        } else {
+            ((1u32 << left) - 1) as __mmask16
+        }
     }
 
     /// `super::tree` on a register: the same pairing.
@@ -222,8 +231,15 @@ mod x86 {
     /// h[., q0..q0+QB] of ROWS rows whose dropped values are in `xd` (ROWS padded rows of `stride`).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn down_block<const ROWS: usize, const QB: usize>(xd: &[f32], stride: usize, a: &[f32], cols: usize,
-                                                            q0: usize, r: usize, out: &mut [f32]) {
+    unsafe fn down_block<const ROWS: usize, const QB: usize>(
+        xd: &[f32],
+        stride: usize,
+        a: &[f32],
+        cols: usize,
+        q0: usize,
+        r: usize,
+        out: &mut [f32],
+    ) {
         let mut acc = [[_mm512_setzero_ps(); QB]; ROWS];
         let mut j = 0;
         while j < cols {
@@ -245,7 +261,14 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn down_rank<const ROWS: usize>(xd: &[f32], stride: usize, a: &[f32], cols: usize, r: usize, out: &mut [f32]) {
+    unsafe fn down_rank<const ROWS: usize>(
+        xd: &[f32],
+        stride: usize,
+        a: &[f32],
+        cols: usize,
+        r: usize,
+        out: &mut [f32],
+    ) {
         let mut q = 0;
         while q + 8 <= r {
             down_block::<ROWS, 8>(xd, stride, a, cols, q, r, out);
@@ -285,8 +308,17 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn grad_a_block<const QB: usize>(dh: &[f32], x: &[f32], cols: usize, r: usize, q0: usize, mask: &Mask,
-                                            key: __m512i, j: usize, d_a: &Shared) {
+    unsafe fn grad_a_block<const QB: usize>(
+        dh: &[f32],
+        x: &[f32],
+        cols: usize,
+        r: usize,
+        q0: usize,
+        mask: &Mask,
+        key: __m512i,
+        j: usize,
+        d_a: &Shared,
+    ) {
         let rows = x.len() / cols;
         let t = tail_mask(cols - j);
         let mut acc = [_mm512_setzero_ps(); QB];
@@ -309,8 +341,15 @@ mod x86 {
     /// # Safety
     /// As [`down_rows`]; columns j0..j1 of `d_a` (r, cols) are this caller's alone.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) unsafe fn grad_a_cols(dh: &[f32], x: &[f32], cols: usize, mask: Mask, j0: usize, j1: usize,
-                                     d_a: &Shared) {
+    pub(super) unsafe fn grad_a_cols(
+        dh: &[f32],
+        x: &[f32],
+        cols: usize,
+        mask: Mask,
+        j0: usize,
+        j1: usize,
+        d_a: &Shared,
+    ) {
         let rows = x.len() / cols;
         let r = dh.len() / rows.max(1);
         let key = key0(&mask);
@@ -336,8 +375,15 @@ mod x86 {
     /// add_up for rank R: per 16-column chunk the chunk of every A row sits in a register while
     /// the rows go by (the same operations per element as the row-wise loop).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn add_up_held<const R: usize>(dx: &mut [f32], dh: &[f32], a: &[f32], cols: usize, mask: &Mask,
-                                         key: __m512i, first_row: usize) {
+    unsafe fn add_up_held<const R: usize>(
+        dx: &mut [f32],
+        dh: &[f32],
+        a: &[f32],
+        cols: usize,
+        mask: &Mask,
+        key: __m512i,
+        first_row: usize,
+    ) {
         let rows = dx.len() / cols;
         let mut j = 0;
         while j < cols {
@@ -361,9 +407,18 @@ mod x86 {
     /// Rows n..n+ROWS of one 16-column chunk of add_up, A's chunk in `w`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn add_up_chunk<const R: usize, const ROWS: usize>(dx: &mut [f32], dh: &[f32], w: &[__m512; R], cols: usize,
-                                                            mask: &Mask, key: __m512i, first_row: usize, n: usize,
-                                                            j: usize, t: __mmask16) {
+    unsafe fn add_up_chunk<const R: usize, const ROWS: usize>(
+        dx: &mut [f32],
+        dh: &[f32],
+        w: &[__m512; R],
+        cols: usize,
+        mask: &Mask,
+        key: __m512i,
+        first_row: usize,
+        n: usize,
+        j: usize,
+        t: __mmask16,
+    ) {
         let mut acc = [_mm512_setzero_ps(); ROWS];
         for (q, w) in w.iter().enumerate() {
             for (k, acc) in acc.iter_mut().enumerate() {
@@ -372,7 +427,8 @@ mod x86 {
         }
         for (k, acc) in acc.iter().enumerate() {
             let p = dx.as_mut_ptr().add((n + k) * cols + j);
-            let v = _mm512_add_ps(_mm512_maskz_loadu_ps(t, p), dropped(mask, key, (first_row + n + k) * cols + j, t, *acc));
+            let v =
+                _mm512_add_ps(_mm512_maskz_loadu_ps(t, p), dropped(mask, key, (first_row + n + k) * cols + j, t, *acc));
             _mm512_mask_storeu_ps(p, t, v);
         }
     }
@@ -396,7 +452,11 @@ mod x86 {
                 let t = tail_mask(cols - j);
                 let mut acc = _mm512_setzero_ps();
                 for (q, &dq) in d.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(dq), _mm512_maskz_loadu_ps(t, a.as_ptr().add(q * cols + j)), acc);
+                    acc = _mm512_fmadd_ps(
+                        _mm512_set1_ps(dq),
+                        _mm512_maskz_loadu_ps(t, a.as_ptr().add(q * cols + j)),
+                        acc,
+                    );
                 }
                 let p = row.as_mut_ptr().add(j);
                 let v = _mm512_add_ps(_mm512_maskz_loadu_ps(t, p), dropped(&mask, key, base + j, t, acc));

@@ -82,8 +82,17 @@ multiversion! {
 /// `out` = RoPE of `x` (`backward`: its transpose, for a gradient) with `cos`/`sin` tables of
 /// (T, D) per batch row, `table_batch` values apart (0: one table for all rows).
 #[allow(clippy::too_many_arguments)]
-pub fn rotate(x: &[f32], xs: Strides, out: &mut [f32], os: Strides, cos: &[f32], sin: &[f32], table_batch: usize,
-              shape: Shape, backward: bool) -> Result<()> {
+pub fn rotate(
+    x: &[f32],
+    xs: Strides,
+    out: &mut [f32],
+    os: Strides,
+    cos: &[f32],
+    sin: &[f32],
+    table_batch: usize,
+    shape: Shape,
+    backward: bool,
+) -> Result<()> {
     let Shape { batch, heads, seq, dim } = shape;
     let bad = |why: String| Err(Error::InvalidArgument(format!("rope: {why}")));
     if batch == 0 || heads == 0 || seq == 0 {
@@ -93,16 +102,27 @@ pub fn rotate(x: &[f32], xs: Strides, out: &mut [f32], os: Strides, cos: &[f32],
         return bad(format!("head dim {dim}; expected a positive even number"));
     }
     if shape.span(xs) > x.len() {
-        return bad(format!("x holds {} values, its strides {xs:?} for shape {shape:?} reach {}", x.len(), shape.span(xs)));
+        return bad(format!(
+            "x holds {} values, its strides {xs:?} for shape {shape:?} reach {}",
+            x.len(),
+            shape.span(xs)
+        ));
     }
     if shape.span(os) > out.len() || !shape.dense(os) {
-        return bad(format!("out holds {} values with strides {os:?}; expected a layout of shape {shape:?} \
-                            that gives each element its own slot within them", out.len()));
+        return bad(format!(
+            "out holds {} values with strides {os:?}; expected a layout of shape {shape:?} \
+                            that gives each element its own slot within them",
+            out.len()
+        ));
     }
     let table = (batch - 1) * table_batch + seq * dim;
     if cos.len() < table || sin.len() != cos.len() {
-        return bad(format!("cos/sin hold {} and {} values; expected {table} ((T, D) = ({seq}, {dim}) per \
-                            batch row, {table_batch} apart)", cos.len(), sin.len()));
+        return bad(format!(
+            "cos/sin hold {} and {} values; expected {table} ((T, D) = ({seq}, {dim}) per \
+                            batch row, {table_batch} apart)",
+            cos.len(),
+            sin.len()
+        ));
     }
     let dst = Shared::new(out);
     // one part handles whole (batch, position) rows: all heads of them
@@ -144,13 +164,19 @@ mod tests {
         for backward in [false, true] {
             let mut out = vec![f32::NAN; x.len()];
             rotate(&x, bthd, &mut out, bhtd, &cos, &sin, t * d, shape, backward).unwrap();
-            for (bi, hi, ti, i) in (0..b).flat_map(|bi| (0..h).flat_map(move |hi| (0..t).flat_map(move |ti| (0..d / 2).map(move |i| (bi, hi, ti, i))))) {
+            for (bi, hi, ti, i) in (0..b).flat_map(|bi| {
+                (0..h).flat_map(move |hi| (0..t).flat_map(move |ti| (0..d / 2).map(move |i| (bi, hi, ti, i))))
+            }) {
                 let xi = |j: usize| x[bi * bthd.batch + hi * bthd.head + ti * bthd.pos + j];
                 let tab = |v: &Vec<f32>, j: usize| v[bi * t * d + ti * d + j];
                 let o = |j: usize| out[bi * bhtd.batch + hi * bhtd.head + ti * bhtd.pos + j];
                 let (x1, x2) = (xi(i), xi(i + d / 2));
                 let (c1, c2, s1, s2) = (tab(&cos, i), tab(&cos, i + d / 2), tab(&sin, i), tab(&sin, i + d / 2));
-                let want = if backward { (x1 * c1 + x2 * s2, x2 * c2 - x1 * s1) } else { (x1 * c1 - x2 * s1, x2 * c2 + x1 * s2) };
+                let want = if backward {
+                    (x1 * c1 + x2 * s2, x2 * c2 - x1 * s1)
+                } else {
+                    (x1 * c1 - x2 * s1, x2 * c2 + x1 * s2)
+                };
                 assert_eq!((o(i), o(i + d / 2)), want, "({bi},{hi},{ti},{i}) backward={backward}");
             }
         }

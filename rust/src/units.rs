@@ -20,9 +20,7 @@ const UNITS: &[(&str, f64)] = &[
 /// Parse `"2GB"`, `"1.5 GiB"`, `"500MB"` or `"1048576"` into bytes.
 pub fn parse_size(text: &str) -> Result<u64> {
     let s = text.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = (s[..split].trim(), s[split..].trim());
     let bad = |why: &str| {
         Error::arg(format!(

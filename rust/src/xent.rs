@@ -109,19 +109,36 @@ multiversion512! {
 /// `picked[r]` = the logit at `labels[r]`. With `grad`, row r is overwritten with
 /// `(softmax(row) - onehot(labels[r])) * weight[r]`; rows of weight 0 become zeros.
 /// A label outside `0..vocab` is an error (nothing is written then).
-pub fn forward_backward(logits: &mut [f32], vocab: usize, labels: &[i64], weight: &[f32], grad: bool,
-                        lse: &mut [f32], picked: &mut [f32]) -> Result<()> {
+pub fn forward_backward(
+    logits: &mut [f32],
+    vocab: usize,
+    labels: &[i64],
+    weight: &[f32],
+    grad: bool,
+    lse: &mut [f32],
+    picked: &mut [f32],
+) -> Result<()> {
     run(Rows::InPlace(logits), vocab, labels, weight, grad, lse, picked)
 }
 
 /// [`forward_backward`] with the gradient written into `grad_out` (rows x vocab) instead of over
 /// the logits, which stay as they are: the same bytes. The loss gathers the gradients of several
 /// logit chunks in one buffer this way, for one product with more rows.
-pub fn forward_backward_to(logits: &[f32], vocab: usize, labels: &[i64], weight: &[f32], grad_out: &mut [f32],
-                           lse: &mut [f32], picked: &mut [f32]) -> Result<()> {
+pub fn forward_backward_to(
+    logits: &[f32],
+    vocab: usize,
+    labels: &[i64],
+    weight: &[f32],
+    grad_out: &mut [f32],
+    lse: &mut [f32],
+    picked: &mut [f32],
+) -> Result<()> {
     if grad_out.len() != logits.len() {
         return Err(Error::InvalidArgument(format!(
-            "cross-entropy: grad_out holds {} values; expected as many as the logits ({})", grad_out.len(), logits.len())));
+            "cross-entropy: grad_out holds {} values; expected as many as the logits ({})",
+            grad_out.len(),
+            logits.len()
+        )));
     }
     run(Rows::To(logits, grad_out), vocab, labels, weight, true, lse, picked)
 }
@@ -132,8 +149,15 @@ enum Rows<'a> {
     To(&'a [f32], &'a mut [f32]),
 }
 
-fn run(rows_of: Rows<'_>, vocab: usize, labels: &[i64], weight: &[f32], grad: bool, lse: &mut [f32],
-       picked: &mut [f32]) -> Result<()> {
+fn run(
+    rows_of: Rows<'_>,
+    vocab: usize,
+    labels: &[i64],
+    weight: &[f32],
+    grad: bool,
+    lse: &mut [f32],
+    picked: &mut [f32],
+) -> Result<()> {
     let rows = labels.len();
     let n_logits = match &rows_of {
         Rows::InPlace(l) => l.len(),
@@ -143,7 +167,11 @@ fn run(rows_of: Rows<'_>, vocab: usize, labels: &[i64], weight: &[f32], grad: bo
         return Err(Error::InvalidArgument(format!(
             "cross-entropy: {} logits, {} labels, {} weights, {} lse and {} picked slots for vocab {vocab}; \
              expected rows x vocab logits and one of each per row",
-            n_logits, rows, weight.len(), lse.len(), picked.len()
+            n_logits,
+            rows,
+            weight.len(),
+            lse.len(),
+            picked.len()
         )));
     }
     if let Some((r, &bad)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as u64 >= vocab as u64) {
@@ -197,7 +225,9 @@ mod tests {
     fn reference(row: &[f32], label: usize, w: f32) -> (f64, Vec<f64>) {
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
-        let grad = row.iter().enumerate()
+        let grad = row
+            .iter()
+            .enumerate()
             .map(|(i, &v)| ((v as f64 - m).exp() / s - if i == label { 1.0 } else { 0.0 }) * w as f64)
             .collect();
         (m + s.ln(), grad)
@@ -239,7 +269,8 @@ mod tests {
         let (mut lse, mut picked) = (vec![0f32; 2], vec![0f32; 2]);
         for bad in [-100i64, 10, i64::MAX] {
             let err = forward_backward(&mut logits, 10, &[1, bad], &[1.0, 1.0], true, &mut lse, &mut picked)
-                .unwrap_err().to_string();
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("label {bad} at row 1")), "{err}");
         }
         assert!(logits.iter().all(|&v| v == 1.0));

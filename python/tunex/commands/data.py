@@ -1,4 +1,5 @@
 """``tunex check-custom-dataset CFG`` and ``tunex log-dataset CFG``: see what the model trains on."""
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,20 @@ def _section(title: str, body: str) -> None:
 
 _OPTIONS = [
     click.argument("config"),
-    click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
-                 help="Override a config key, e.g. -o data.max_length=512 (repeatable)."),
-    click.option("--cache-dir", default=None, metavar="DIR",
-                 help="Reuse/write the tokenized cache here (default: a temporary folder)."),
+    click.option(
+        "-o",
+        "--cfg-options",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. -o data.max_length=512 (repeatable).",
+    ),
+    click.option(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="Reuse/write the tokenized cache here (default: a temporary folder).",
+    ),
 ]
 
 
@@ -68,8 +79,10 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
 
     cfg, tokenizer = _load(config, overrides)
     data = cfg.data
-    click.echo(f"data: {data.path}  format: {data.format}  template: "
-               f"{'-' if data.format == 'pretrain' else data.template}  max_length: {data.max_length}\n")
+    click.echo(
+        f"data: {data.path}  format: {data.format}  template: "
+        f"{'-' if data.format == 'pretrain' else data.template}  max_length: {data.max_length}\n"
+    )
     stages = first_stages(data, tokenizer)
     ds = _build(cfg, tokenizer, cache_dir)  # reads, maps and encodes every record
     if stages is not None:
@@ -78,18 +91,21 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
         if stages.rendered is not None:
             _section("3. after the template ([[target]])", marked_text(stages.rendered, stages.spans))
         else:
-            _section("3. no template (pretraining: every token is a target, EOS ends each document)",
-                     tokenizer.decode(stages.ids.tolist()))
+            _section(
+                "3. no template (pretraining: every token is a target, EOS ends each document)",
+                tokenizer.decode(stages.ids.tolist()),
+            )
         labels = [int(i) if m else -100 for i, m in zip(stages.ids.tolist(), stages.mask.tolist())]
-        _section(f"4. token ids ({len(labels)} tokens, {sum(stages.mask.tolist())} targets)",
-                 f"input_ids: {stages.ids.tolist()}\nlabels:    {labels}")
+        _section(
+            f"4. token ids ({len(labels)} tokens, {sum(stages.mask.tolist())} targets)",
+            f"input_ids: {stages.ids.tolist()}\nlabels:    {labels}",
+        )
     first = ds.arrays(0)
     ids, pos = first[0], first[2]
     bounds = [int(i) for i in (pos == 0).nonzero()[0]] + [len(ids)]
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     kind = "packed sequence" if ds.packed else "sequence (packing off)"
-    _section(f"5. first {kind}: {len(ids)} tokens, samples of {lengths} tokens",
-             f"position_ids: {pos.tolist()}")
+    _section(f"5. first {kind}: {len(ids)} tokens, samples of {lengths} tokens", f"position_ids: {pos.tolist()}")
     rows = totals_table(ds.stats, data.max_length)
     width = max(len(k) for k, _ in rows)
     _section("totals", "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
@@ -98,12 +114,12 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
 
 @click.command("log-dataset")
 @_with_options
-@click.option("--show", type=click.Choice(SHOW), default="all", show_default=True,
-              help="What to print of each item.")
+@click.option("--show", type=click.Choice(SHOW), default="all", show_default=True, help="What to print of each item.")
 @click.option("-n", "--num", type=int, default=1, show_default=True, help="Items to print.")
 @click.option("--start", type=int, default=0, show_default=True, help="Index of the first item.")
-def log_dataset(config: str, overrides: tuple[str, ...], cache_dir: str | None, show: str, num: int,
-                start: int) -> None:
+def log_dataset(
+    config: str, overrides: tuple[str, ...], cache_dir: str | None, show: str, num: int, start: int
+) -> None:
     """Print training items of CONFIG exactly as the model receives them.
 
     \b

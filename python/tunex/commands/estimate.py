@@ -1,4 +1,5 @@
 """``tunex estimate CFG``: predict peak GPU memory of a training config without loading weights."""
+
 from __future__ import annotations
 
 import json
@@ -12,26 +13,56 @@ def register(cli: click.Group, convert: click.Group) -> None:
 
 @click.command()
 @click.argument("config")
-@click.option("--model-config", default=None, metavar="CONFIG_JSON",
-              help="The model's config.json, for a model.path that is not on this machine.")
-@click.option("--preset", default=None, metavar="NAME",
-              help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, "
-                   "smollm2-135m.")
+@click.option(
+    "--model-config",
+    default=None,
+    metavar="CONFIG_JSON",
+    help="The model's config.json, for a model.path that is not on this machine.",
+)
+@click.option(
+    "--preset",
+    default=None,
+    metavar="NAME",
+    help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, smollm2-135m.",
+)
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default data.max_length).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (default train.batch_size).")
-@click.option("--checkpointing/--no-checkpointing", default=None,
-              help="Override train.gradient_checkpointing.")
+@click.option("--checkpointing/--no-checkpointing", default=None, help="Override train.gradient_checkpointing.")
 @click.option("--offload-checkpoints", is_flag=True, help="Assume checkpoints live in pinned CPU memory.")
-@click.option("--adapter-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="dtype of LoRA adapters, their gradients and AdamW moments (tunex trains float32).")
-@click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. -o method.r=16 (repeatable).")
-@click.option("--budget", default=None, metavar="SIZE",
-              help="Device memory to check against, e.g. 8GB or 24GiB; suggests changes that fit.")
+@click.option(
+    "--adapter-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default=None,
+    help="dtype of LoRA adapters, their gradients and AdamW moments (tunex trains float32).",
+)
+@click.option(
+    "-o",
+    "--cfg-options",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. -o method.r=16 (repeatable).",
+)
+@click.option(
+    "--budget",
+    default=None,
+    metavar="SIZE",
+    help="Device memory to check against, e.g. 8GB or 24GiB; suggests changes that fit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (bytes).")
-def estimate(config: str, model_config: str | None, preset: str | None, seq_len: int | None,
-             batch_size: int | None, checkpointing: bool | None, offload_checkpoints: bool,
-             adapter_dtype: str | None, overrides: tuple[str, ...], budget: str | None, as_json: bool) -> None:
+def estimate(
+    config: str,
+    model_config: str | None,
+    preset: str | None,
+    seq_len: int | None,
+    batch_size: int | None,
+    checkpointing: bool | None,
+    offload_checkpoints: bool,
+    adapter_dtype: str | None,
+    overrides: tuple[str, ...],
+    budget: str | None,
+    as_json: bool,
+) -> None:
     """Predict the peak GPU memory of training CONFIG (a .toml file or a built-in config name).
 
     \b
@@ -40,8 +71,15 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
     torch.cuda.max_memory_allocated for tunex's training step in bf16 on a GPU.
     """
     from tunex.config import load_config
-    from tunex.estimate import (DTYPE_BYTES, advise, device_need, estimate_memory, format_estimate,
-                                plan_from_config, resolve_shape)
+    from tunex.estimate import (
+        DTYPE_BYTES,
+        advise,
+        device_need,
+        estimate_memory,
+        format_estimate,
+        plan_from_config,
+        resolve_shape,
+    )
     from tunex.units import parse_size
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
@@ -53,13 +91,25 @@ def estimate(config: str, model_config: str | None, preset: str | None, seq_len:
         raise click.BadParameter(str(exc), param_hint="--budget") from None
     cfg = load_config(config, overrides)
     shape = resolve_shape(cfg.model.path, model_config, preset)
-    plan = plan_from_config(cfg, seq_len=seq_len, batch=batch_size, checkpointing=checkpointing,
-                            offload_checkpoints=offload_checkpoints or None,
-                            adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None)
+    plan = plan_from_config(
+        cfg,
+        seq_len=seq_len,
+        batch=batch_size,
+        checkpointing=checkpointing,
+        offload_checkpoints=offload_checkpoints or None,
+        adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None,
+    )
     est = estimate_memory(shape, plan)
     if as_json:
-        out = {"peak_bytes": est.peak, "device_bytes": device_need(est), "peak_phase": est.peak_phase,
-               "params": est.params, "trainable": est.trainable, "parts": est.parts, "phases": est.phases}
+        out = {
+            "peak_bytes": est.peak,
+            "device_bytes": device_need(est),
+            "peak_phase": est.peak_phase,
+            "params": est.params,
+            "trainable": est.trainable,
+            "parts": est.parts,
+            "phases": est.phases,
+        }
         if budget_bytes is not None:
             out["fits"] = device_need(est) <= budget_bytes
         click.echo(json.dumps(out, indent=2))

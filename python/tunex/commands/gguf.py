@@ -1,4 +1,5 @@
 """``tunex convert gguf_to_hf`` and ``tunex convert hf_to_gguf``: llama.cpp's format in and out."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,13 @@ def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
 @click.command("hf_to_gguf")
 @click.argument("model_dir")
 @click.argument("out_file", type=click.Path(path_type=Path))
-@click.option("--outtype", type=click.Choice(["f16", "f32", "q8_0"]), default="f16", show_default=True,
-              help="Tensor type of the 2-D weights (1-D tensors stay f32).")
+@click.option(
+    "--outtype",
+    type=click.Choice(["f16", "f32", "q8_0"]),
+    default="f16",
+    show_default=True,
+    help="Tensor type of the 2-D weights (1-D tensors stay f32).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
 def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool) -> None:
     """Write the HF model MODEL_DIR (e.g. a merged fine-tune) as the GGUF file OUT_FILE."""

@@ -1,4 +1,5 @@
 """``tunex convert merge BASE ADAPTER SAVE_PATH``: fold a LoRA adapter into its base model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,22 +23,54 @@ def _size(n: float) -> str:
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.argument("save_path", type=click.Path(path_type=Path))
-@click.option("--max-shard-size", default="2GB", show_default=True,
-              help="Largest output shard (KB/MB/GB decimal as HF, KiB/MiB/GiB binary).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the low-rank products run: cpu (Rust) or cuda (torch); auto picks cuda when available.")
+@click.option(
+    "--max-shard-size",
+    default="2GB",
+    show_default=True,
+    help="Largest output shard (KB/MB/GB decimal as HF, KiB/MiB/GiB binary).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the low-rank products run: cpu (Rust) or cuda (torch); auto picks cuda when available.",
+)
 @click.option("--is-clip", is_flag=True, help="BASE is a CLIP model: merge into its vision tower.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="Output dtype of floating tensors [default: the base's].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default=None,
+    help="Output dtype of floating tensors [default: the base's].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace SAVE_PATH if it exists.")
-@click.option("--fsync/--no-fsync", default=True, show_default=True,
-              help="Flush the output to disk before it appears (power-loss safe); --no-fsync leaves "
-                   "that to the OS, SAVE_PATH still appears only when complete.")
-@click.option("--safe-serialization/--no-safe-serialization", default=True, hidden=True,
-              help="Accepted for XTuner compatibility; tunex always writes safetensors.")
+@click.option(
+    "--fsync/--no-fsync",
+    default=True,
+    show_default=True,
+    help="Flush the output to disk before it appears (power-loss safe); --no-fsync leaves "
+    "that to the OS, SAVE_PATH still appears only when complete.",
+)
+@click.option(
+    "--safe-serialization/--no-safe-serialization",
+    default=True,
+    hidden=True,
+    help="Accepted for XTuner compatibility; tunex always writes safetensors.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, device: str, is_clip: bool,
-              dtype: str | None, overwrite: bool, fsync: bool, safe_serialization: bool, quiet: bool) -> None:
+def merge_cmd(
+    base: Path,
+    adapter: Path,
+    save_path: Path,
+    max_shard_size: str,
+    device: str,
+    is_clip: bool,
+    dtype: str | None,
+    overwrite: bool,
+    fsync: bool,
+    safe_serialization: bool,
+    quiet: bool,
+) -> None:
     """Merge the LoRA ADAPTER folder into the HF model BASE and save the result to SAVE_PATH.
 
     Streams tensor by tensor (memory about one tensor, whatever the model size) and writes
@@ -53,16 +86,33 @@ def merge_cmd(base: Path, adapter: Path, save_path: Path, max_shard_size: str, d
 
     from tunex.merge import merge
 
-    columns = (TextColumn("[bold]merge"), BarColumn(), DownloadColumn(binary_units=False),
-               TimeRemainingColumn(), TextColumn("{task.fields[name]}"))
+    columns = (
+        TextColumn("[bold]merge"),
+        BarColumn(),
+        DownloadColumn(binary_units=False),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[name]}"),
+    )
     with Progress(*columns, transient=True, disable=quiet) as bar:
         task = bar.add_task("merge", total=None, name="")
 
         def progress(name: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
             bar.update(task, completed=bytes_done, total=bytes_total, name=name)
 
-        report = merge(base, adapter, save_path, max_shard_size=max_shard_size, dtype=dtype, device=device,
-                       is_clip=is_clip, overwrite=overwrite, progress=progress, fsync=fsync)
-    click.echo(f"merged {report.merged} of {report.tensors} tensors ({report.replaced} replaced) on "
-               f"{report.device} in {report.seconds:.1f}s: {len(report.files)} file(s), "
-               f"{_size(report.bytes_written)} -> {save_path}")
+        report = merge(
+            base,
+            adapter,
+            save_path,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            device=device,
+            is_clip=is_clip,
+            overwrite=overwrite,
+            progress=progress,
+            fsync=fsync,
+        )
+    click.echo(
+        f"merged {report.merged} of {report.tensors} tensors ({report.replaced} replaced) on "
+        f"{report.device} in {report.seconds:.1f}s: {len(report.files)} file(s), "
+        f"{_size(report.bytes_written)} -> {save_path}"
+    )

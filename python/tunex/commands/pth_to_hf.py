@@ -1,5 +1,6 @@
 """``tunex convert pth_to_hf CFG PTH SAVE_PATH``: a training checkpoint -> a PEFT adapter folder
 (LoRA / QLoRA) or a HF model folder (full fine-tune)."""
+
 from __future__ import annotations
 
 import functools
@@ -22,9 +23,14 @@ def _accept_checkpoints_in_merge(convert: click.Group) -> None:
     cmd = convert.commands.get("merge")
     if cmd is None:
         return
-    cmd.params.append(click.Option(
-        ["--config"], default=None, metavar="CFG",
-        help="Config of the training run when ADAPTER is its iter_N.pth checkpoint."))
+    cmd.params.append(
+        click.Option(
+            ["--config"],
+            default=None,
+            metavar="CFG",
+            help="Config of the training run when ADAPTER is its iter_N.pth checkpoint.",
+        )
+    )
     inner = cmd.callback
 
     @functools.wraps(inner)
@@ -32,8 +38,10 @@ def _accept_checkpoints_in_merge(convert: click.Group) -> None:
         adapter = Path(kwargs["adapter"])
         if config is None:
             if adapter.is_file():
-                raise click.UsageError(f"ADAPTER {adapter} is a file: a training checkpoint merges with "
-                                       "--config CFG (the config of its run, e.g. WORK_DIR/config.toml)")
+                raise click.UsageError(
+                    f"ADAPTER {adapter} is a file: a training checkpoint merges with "
+                    "--config CFG (the config of its run, e.g. WORK_DIR/config.toml)"
+                )
             return inner(*args, **kwargs)
         from tunex.config import load_config
         from tunex.models import resolve_model_path
@@ -54,8 +62,12 @@ def _accept_checkpoints_in_merge(convert: click.Group) -> None:
 @click.argument("pth", type=click.Path(path_type=Path))
 @click.argument("save_path", type=click.Path(path_type=Path))
 @click.option("--fp32", is_flag=True, help="Save float32 tensors (default float16, as XTuner).")
-@click.option("--max-shard-size", default="2GB", show_default=True,
-              help="Largest shard of a full model (KB/MB/GB decimal, KiB/MiB/GiB binary).")
+@click.option(
+    "--max-shard-size",
+    default="2GB",
+    show_default=True,
+    help="Largest shard of a full model (KB/MB/GB decimal, KiB/MiB/GiB binary).",
+)
 def pth_to_hf(config: str, pth: Path, save_path: Path, fp32: bool, max_shard_size: str) -> None:
     """Convert training checkpoint PTH (iter_N.pth) of CONFIG to HF format in SAVE_PATH.
 

@@ -1,4 +1,5 @@
 """``tunex train CFG`` and ``tunex plot WORK_DIR``."""
+
 from __future__ import annotations
 
 import gc
@@ -16,23 +17,52 @@ def register(cli: click.Group, convert: click.Group) -> None:
 @click.argument("config")
 @click.option("--work-dir", default=None, help="Output folder (default: save.work_dir, else work_dirs/<config name>).")
 @click.option("--seed", type=int, default=None, help="Random seed (overrides train.seed).")
-@click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue from a checkpoint (iter_N.pth or iter_N.dcp): 'auto' = the newest one in "
-                   "the work dir.")
-@click.option("-o", "--cfg-options", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. -o train.lr=1e-4 (repeatable).")
-@click.option("--max-steps", type=int, default=None, hidden=True,
-              help="Stop after this many optimizer steps of the planned run (the schedule is "
-                   "unchanged); used to test resuming.")
-@click.option("--nproc-per-node", type=int, default=None, metavar="N",
-              help="Train on N processes of this node (one per GPU) under torchrun "
-                   "(default: $NPROC_PER_NODE, else 1).")
-@click.option("--nnodes", type=int, default=None, metavar="N",
-              help="Nodes in the job (default: $NNODES, else 1); each node also needs NODE_RANK, "
-                   "ADDR and PORT in its environment. See docs/SCALING.md.")
-def train(config: str, work_dir: str | None, seed: int | None, resume: str | None,
-          overrides: tuple[str, ...], max_steps: int | None, nproc_per_node: int | None,
-          nnodes: int | None) -> None:
+@click.option(
+    "--resume",
+    default=None,
+    metavar="auto|PATH",
+    help="Continue from a checkpoint (iter_N.pth or iter_N.dcp): 'auto' = the newest one in the work dir.",
+)
+@click.option(
+    "-o",
+    "--cfg-options",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. -o train.lr=1e-4 (repeatable).",
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Stop after this many optimizer steps of the planned run (the schedule is unchanged); used to test resuming.",
+)
+@click.option(
+    "--nproc-per-node",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Train on N processes of this node (one per GPU) under torchrun (default: $NPROC_PER_NODE, else 1).",
+)
+@click.option(
+    "--nnodes",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Nodes in the job (default: $NNODES, else 1); each node also needs NODE_RANK, "
+    "ADDR and PORT in its environment. See docs/SCALING.md.",
+)
+def train(
+    config: str,
+    work_dir: str | None,
+    seed: int | None,
+    resume: str | None,
+    overrides: tuple[str, ...],
+    max_steps: int | None,
+    nproc_per_node: int | None,
+    nnodes: int | None,
+) -> None:
     """Fine-tune a model as CONFIG says (a .toml file or a built-in config name).
 
     \b
@@ -59,16 +89,20 @@ def train(config: str, work_dir: str | None, seed: int | None, resume: str | Non
         gc.collect()
         shutdown()
     if result.is_main:
-        click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; "
-                   f"checkpoint {result.checkpoint}")
+        click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
 
 
-def _own_args(config: str, work_dir: str | None, seed: int | None, resume: str | None,
-              overrides: tuple[str, ...], max_steps: int | None) -> list[str]:
+def _own_args(
+    config: str,
+    work_dir: str | None,
+    seed: int | None,
+    resume: str | None,
+    overrides: tuple[str, ...],
+    max_steps: int | None,
+) -> list[str]:
     """This command's arguments for the workers (without the launcher options)."""
     args = ["train", config]
-    for flag, value in (("--work-dir", work_dir), ("--seed", seed), ("--resume", resume),
-                        ("--max-steps", max_steps)):
+    for flag, value in (("--work-dir", work_dir), ("--seed", seed), ("--resume", resume), ("--max-steps", max_steps)):
         if value is not None:
             args += [flag, str(value)]
     for item in overrides:
@@ -78,8 +112,9 @@ def _own_args(config: str, work_dir: str | None, seed: int | None, resume: str |
 
 @click.command()
 @click.argument("work_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="PNG file to write (default WORK_DIR/loss.png).")
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), default=None, help="PNG file to write (default WORK_DIR/loss.png)."
+)
 def plot(work_dir: Path, out: Path | None) -> None:
     """Draw the loss curve of a training run (WORK_DIR/metrics.jsonl) as a PNG."""
     from tunex.train.metrics import plot_loss

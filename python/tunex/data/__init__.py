@@ -11,6 +11,7 @@ The stages, one module each::
 
 The trainer calls :func:`build_dataset`, :func:`make_loader` and :func:`collate`.
 """
+
 from __future__ import annotations
 
 from tunex.data.dataset import BatchLoader, TokenDataset, build_dataset, collate, make_loader

@@ -5,14 +5,16 @@ An item is one packed sequence (or one sample when packing is off) as 1-D LongTe
 sample inside a packed sequence). Batches are deterministic functions of (seed, epoch), so resuming
 at batch N computes the same order and starts there: nothing is re-read or re-tokenized.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +33,7 @@ class TokenDataset:
         pad_id: the id :func:`collate` pads ``input_ids`` with.
     """
 
-    def __init__(self, store: Store, members: np.ndarray, starts: np.ndarray, *, packed: bool,
-                 pad_id: int = 0):
+    def __init__(self, store: Store, members: np.ndarray, starts: np.ndarray, *, packed: bool, pad_id: int = 0):
         self.store, self.members, self.starts = store, members, starts
         self.packed, self.pad_id = packed, pad_id
         per_sample = store.lengths[members]
@@ -52,7 +53,7 @@ class TokenDataset:
             raise IndexError(f"item {index} out of range for a dataset of {len(self)} items")
         index %= len(self)
         ids_parts, mask_parts = [], []
-        samples = self.members[self.starts[index]:self.starts[index + 1]]
+        samples = self.members[self.starts[index] : self.starts[index + 1]]
         for s in samples:
             ids, mask = self.store.sample(int(s))
             ids_parts.append(ids)
@@ -66,12 +67,16 @@ class TokenDataset:
         import torch
 
         ids, labels, pos = self.arrays(index)
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(pos)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos),
+        }
 
 
-def build_dataset(data_cfg: Any, tokenizer: Any, *, seed: int, cache_dir: str | os.PathLike | None = None,
-                  progress: Any = None) -> TokenDataset:
+def build_dataset(
+    data_cfg: Any, tokenizer: Any, *, seed: int, cache_dir: str | os.PathLike | None = None, progress: Any = None
+) -> TokenDataset:
     """Tokenize (or load from cache), then pack, the data that ``data_cfg`` describes.
 
     Args:
@@ -101,8 +106,9 @@ def build_dataset(data_cfg: Any, tokenizer: Any, *, seed: int, cache_dir: str | 
         members, starts = pack(store.lengths, data_cfg.max_length, order)
         ds = TokenDataset(store, members, starts, packed=True, pad_id=pad_id)
     else:
-        ds = TokenDataset(store, np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64),
-                          packed=False, pad_id=pad_id)
+        ds = TokenDataset(
+            store, np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64), packed=False, pad_id=pad_id
+        )
     if tmp is not None:
         import shutil
 
@@ -119,9 +125,11 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     import torch
 
     width = max(int(item["input_ids"].shape[0]) for item in batch)
-    out = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),  # (B, T)
-           "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
-           "position_ids": torch.arange(width, dtype=torch.long).repeat(len(batch), 1)}
+    out = {
+        "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),  # (B, T)
+        "labels": torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.arange(width, dtype=torch.long).repeat(len(batch), 1),
+    }
     for row, item in enumerate(batch):
         n = int(item["input_ids"].shape[0])
         for key in out:
@@ -146,12 +154,21 @@ class BatchLoader:
         return max(0, len(self.batches) - self.start_batch)
 
     def __iter__(self):
-        for indices in self.batches[self.start_batch:]:
+        for indices in self.batches[self.start_batch :]:
             yield self.collate([self.dataset[int(i)] for i in indices])
 
 
-def make_loader(dataset: Any, batch_size: int, *, seed: int, shuffle: bool = True, start_batch: int = 0,
-                epoch: int = 0, group_by_length: bool | None = None, drop_last: bool = False) -> BatchLoader:
+def make_loader(
+    dataset: Any,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    start_batch: int = 0,
+    epoch: int = 0,
+    group_by_length: bool | None = None,
+    drop_last: bool = False,
+) -> BatchLoader:
     """Batches of ``dataset`` for one epoch, starting at batch ``start_batch``.
 
     Args:

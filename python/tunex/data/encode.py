@@ -17,11 +17,13 @@ makes the summed loss of a packed sequence equal the summed losses of its sample
 
 Labels are aligned with ``input_ids`` (not shifted); the loss shifts them.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -199,14 +201,19 @@ class Renderer:
         for i, part in enumerate(parts):
             if isinstance(part, int):
                 before, after = parts[i - 1], parts[i + 1]
-                if not (isinstance(before, str) and before.endswith(head)
-                        and isinstance(after, str) and after.startswith(tail)):
+                if not (
+                    isinstance(before, str)
+                    and before.endswith(head)
+                    and isinstance(after, str)
+                    and after.startswith(tail)
+                ):
                     return None
-                parts[i - 1], parts[i + 1] = before[: len(before) - len(head)], after[len(tail):]
+                parts[i - 1], parts[i + 1] = before[: len(before) - len(head)], after[len(tail) :]
         return _Skeleton(parts, targets)
 
 
 # ---- tokenizing ------------------------------------------------------------------------------------
+
 
 class Encoder:
     """Turns mapped samples into ids + target masks for one (tokenizer, template, max_length)."""
@@ -269,7 +276,7 @@ class Encoder:
             if eos is not None and (not ids or ids[-1] != eos):  # some post-processors add it already
                 ids.append(eos)
             for start in range(0, len(ids), self.max_length):
-                piece = ids[start:start + self.max_length]
+                piece = ids[start : start + self.max_length]
                 if len(piece) > 1:  # one token alone has nothing to predict
                     ids_out.extend(piece)
                     lengths.append(len(piece))
@@ -279,8 +286,9 @@ class Encoder:
         mask[_starts(lengths_arr)] = 0
         return Encoded(ids, mask, lengths_arr, dropped=dropped)
 
-    def _chat(self, texts: list[str], all_spans: list[list[tuple[int, int]]], dropped: int,
-              prefixes: list[int] | None = None) -> Encoded:
+    def _chat(
+        self, texts: list[str], all_spans: list[list[tuple[int, int]]], dropped: int, prefixes: list[int] | None = None
+    ) -> Encoded:
         ids_out: list[int] = []
         lengths: list[int] = []
         begins: list[int] = []  # target token ranges, as positions in ids_out
@@ -307,11 +315,17 @@ class Encoder:
         np.add.at(edges, np.asarray(begins, dtype=np.int64), 1)
         np.add.at(edges, np.asarray(ends, dtype=np.int64), -1)
         mask = (np.cumsum(edges[:-1]) > 0).astype(np.uint8)
-        return Encoded(np.asarray(ids_out, dtype=np.int32), mask, np.asarray(lengths, dtype=np.int64),
-                       dropped=dropped, truncated=truncated)
+        return Encoded(
+            np.asarray(ids_out, dtype=np.int32),
+            mask,
+            np.asarray(lengths, dtype=np.int64),
+            dropped=dropped,
+            truncated=truncated,
+        )
 
-    def _tokenized(self, texts: list[str], all_spans: list[list[tuple[int, int]]],
-                   prefixes: list[int]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+    def _tokenized(
+        self, texts: list[str], all_spans: list[list[tuple[int, int]]], prefixes: list[int]
+    ) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, target token ranges) per text.
 
         The tokenizer splits its input at special tokens and tokenizes the pieces independently, so
@@ -321,12 +335,14 @@ class Encoder:
         tokenizer that does not split that way (whitespace-stripping or position-dependent
         pre-tokenizers) keeps the whole-text path.
         """
-        cuts = [cut if cut >= _MIN_PREFIX and spans[0][0] >= cut
-                and self._prefix_ids.get(text[:cut], ()) is not None else 0
-                for text, spans, cut in zip(texts, all_spans, prefixes)]
+        cuts = [
+            cut if cut >= _MIN_PREFIX and spans[0][0] >= cut and self._prefix_ids.get(text[:cut], ()) is not None else 0
+            for text, spans, cut in zip(texts, all_spans, prefixes)
+        ]
         rests = [text[cut:] for text, cut in zip(texts, cuts)]
-        for text, spans, cut, enc in zip(texts, all_spans, cuts,
-                                         self.backend.encode_batch(rests, add_special_tokens=False)):
+        for text, spans, cut, enc in zip(
+            texts, all_spans, cuts, self.backend.encode_batch(rests, add_special_tokens=False)
+        ):
             if not cut:
                 yield enc.ids, _token_ranges(enc, spans)
                 continue
@@ -359,8 +375,7 @@ def _split_tokens(backend: Any) -> list[str]:
         added = backend.get_added_tokens_decoder().values()
     except AttributeError:  # tokenizers older than 0.19
         return []
-    return [t.content for t in added
-            if t.special and not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
+    return [t.content for t in added if t.special and not (t.lstrip or t.rstrip or t.single_word or t.normalized)]
 
 
 def _starts(lengths: np.ndarray) -> np.ndarray:

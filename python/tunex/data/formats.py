@@ -15,10 +15,12 @@ Formats (config ``data.format``):
     pretrain      {"text": ...} (or a line of a .txt file)
     chatterbot    chatterbot-corpus: [q, a, (more turns...)] alternating user/assistant
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -34,7 +36,7 @@ class Message:
 
 
 Conversation = tuple[Message, ...]
-Sample = Union[Conversation, str]
+Sample = Conversation | str
 
 
 class RecordError(ValueError):
@@ -66,8 +68,15 @@ def _list_field(record: Any, name: str) -> list:
 
 
 def _kind(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(v), f"a {type(v).__name__}")
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(v), f"a {type(v).__name__}")
 
 
 def _user(text: str) -> Message:
@@ -109,8 +118,11 @@ def openai(record: Any) -> Conversation:
             raise RecordError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
         content = m.get("content")
         if not isinstance(content, str):
-            raise RecordError(f"{where}.content: expected a string, got {_kind(content)}"
-                              if "content" in m else f"{where}: missing field 'content'")
+            raise RecordError(
+                f"{where}.content: expected a string, got {_kind(content)}"
+                if "content" in m
+                else f"{where}: missing field 'content'"
+            )
         loss = m.get("loss", role == "assistant")
         if not isinstance(loss, bool):
             raise RecordError(f"{where}.loss: expected true or false, got {loss!r}")
@@ -120,9 +132,17 @@ def openai(record: Any) -> Conversation:
     return tuple(turns)
 
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
-                   "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                   "bard": "assistant", "bing": "assistant", "model": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
 
 
 def sharegpt(record: Any) -> Conversation:
@@ -137,8 +157,11 @@ def sharegpt(record: Any) -> Conversation:
             raise RecordError(f"{where}.from: expected one of {', '.join(_SHAREGPT_ROLES)}, got {who!r}")
         value = m.get("value")
         if not isinstance(value, str):
-            raise RecordError(f"{where}.value: expected a string, got {_kind(value)}"
-                              if "value" in m else f"{where}: missing field 'value'")
+            raise RecordError(
+                f"{where}.value: expected a string, got {_kind(value)}"
+                if "value" in m
+                else f"{where}: missing field 'value'"
+            )
         role = _SHAREGPT_ROLES[who]
         turns.append(Message(role, value, role == "assistant"))
     return tuple(turns)
@@ -165,8 +188,7 @@ def chatterbot(record: Any) -> Conversation:
         raise RecordError(f"expected a list of strings (question, answer, ...), got {_kind(record)}")
     # A trailing question has no answer to learn; keep only complete user/assistant pairs.
     usable = record[: len(record) - len(record) % 2]
-    return tuple(Message("user" if i % 2 == 0 else "assistant", text, i % 2 == 1)
-                 for i, text in enumerate(usable))
+    return tuple(Message("user" if i % 2 == 0 else "assistant", text, i % 2 == 1) for i, text in enumerate(usable))
 
 
 def pretrain(record: Any) -> str:
@@ -176,8 +198,12 @@ def pretrain(record: Any) -> str:
 
 
 FORMATS: dict[str, Callable[[Any], Sample]] = {
-    "alpaca": alpaca, "openai": openai, "sharegpt": sharegpt,
-    "conversation": conversation, "pretrain": pretrain, "chatterbot": chatterbot,
+    "alpaca": alpaca,
+    "openai": openai,
+    "sharegpt": sharegpt,
+    "conversation": conversation,
+    "pretrain": pretrain,
+    "chatterbot": chatterbot,
 }
 
 

@@ -10,6 +10,7 @@ shuffled, order) goes into the first open sequence with room, and the oldest ope
 closed when the window is full. This fills sequences nearly as well as sorting by length would
 (short samples fill the gaps long ones leave) while keeping the shuffled order's mixing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,9 @@ import numpy as np
 OPEN_BINS = 32
 
 
-def pack(lengths: np.ndarray, max_length: int, order: np.ndarray | None = None,
-         open_bins: int = OPEN_BINS) -> tuple[np.ndarray, np.ndarray]:
+def pack(
+    lengths: np.ndarray, max_length: int, order: np.ndarray | None = None, open_bins: int = OPEN_BINS
+) -> tuple[np.ndarray, np.ndarray]:
     """Group samples into sequences of at most ``max_length`` tokens.
 
     Args:
@@ -41,7 +43,7 @@ def pack(lengths: np.ndarray, max_length: int, order: np.ndarray | None = None,
     bins: list[list[int]] = []
     block = 1 << 16  # samples converted to Python ints at a time: memory stays flat
     for at in range(0, n, block):
-        ids = order[at:at + block]
+        ids = order[at : at + block]
         for sample, size in zip(ids.tolist(), lengths[ids].tolist()):
             for j, r in enumerate(room):
                 if r >= size:
@@ -52,13 +54,13 @@ def pack(lengths: np.ndarray, max_length: int, order: np.ndarray | None = None,
                 if len(bins) == open_bins:
                     closed = bins.pop(0)
                     room.pop(0)
-                    members[filled:filled + len(closed)] = closed
+                    members[filled : filled + len(closed)] = closed
                     filled += len(closed)
                     counts.append(len(closed))
                 bins.append([sample])
                 room.append(max_length - size)
     for closed in bins:
-        members[filled:filled + len(closed)] = closed
+        members[filled : filled + len(closed)] = closed
         filled += len(closed)
         counts.append(len(closed))
     starts = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -83,9 +85,15 @@ def cu_seqlens(position_ids: np.ndarray) -> np.ndarray:
     return np.concatenate((begins, [len(pos)])).astype(np.int64)
 
 
-def batch_order(n_items: int, batch_size: int, rng: np.random.Generator | None,
-                lengths: np.ndarray | None = None, group_by_length: bool = False,
-                drop_last: bool = False, megabatch: int = 50) -> list[np.ndarray]:
+def batch_order(
+    n_items: int,
+    batch_size: int,
+    rng: np.random.Generator | None,
+    lengths: np.ndarray | None = None,
+    group_by_length: bool = False,
+    drop_last: bool = False,
+    megabatch: int = 50,
+) -> list[np.ndarray]:
     """Item indices for each batch of one epoch.
 
     With ``group_by_length``, items are shuffled, cut into megabatches of ``megabatch`` batches,
@@ -96,9 +104,9 @@ def batch_order(n_items: int, batch_size: int, rng: np.random.Generator | None,
     idx = rng.permutation(n_items) if rng is not None else np.arange(n_items)
     if group_by_length and lengths is not None and n_items:
         span = batch_size * megabatch
-        groups = [idx[i:i + span] for i in range(0, n_items, span)]
+        groups = [idx[i : i + span] for i in range(0, n_items, span)]
         idx = np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
-    batches = [idx[i:i + batch_size] for i in range(0, n_items, batch_size)]
+    batches = [idx[i : i + batch_size] for i in range(0, n_items, batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if group_by_length and rng is not None and len(batches) > 1:

@@ -1,4 +1,5 @@
 """Human-readable views of the data at each stage (for check-custom-dataset and log-dataset)."""
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,14 @@ def masked_text(tokenizer: Any, ids: np.ndarray, labels: np.ndarray) -> str:
 
 
 def totals_table(stats: dict, max_length: int) -> list[tuple[str, str]]:
-    rows = [("records", stats["records"]), ("dropped (no target)", stats["dropped"]),
-            ("truncated at max_length", stats["truncated"]), ("samples", stats["samples"]),
-            ("tokens", stats["tokens"]), ("target tokens", stats["target_tokens"])]
+    rows = [
+        ("records", stats["records"]),
+        ("dropped (no target)", stats["dropped"]),
+        ("truncated at max_length", stats["truncated"]),
+        ("samples", stats["samples"]),
+        ("tokens", stats["tokens"]),
+        ("target tokens", stats["target_tokens"]),
+    ]
     seqs = stats["sequences"]
     if stats.get("packed"):
         fill = stats["tokens"] / max(1, seqs * max_length)

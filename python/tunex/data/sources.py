@@ -10,15 +10,17 @@ Nothing here loads a whole file into a Python list: JSON Lines and text files ar
 ranges (:class:`Chunk`) at line boundaries so that worker processes can read them independently,
 and a JSON array is decoded one element at a time.
 """
+
 from __future__ import annotations
 
 import codecs
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tunex.errors import DataError, FormatError
 from tunex.pkgpath import local_path
@@ -60,8 +62,10 @@ def list_files(paths: str | Sequence[str], fmt: str) -> list[Path]:
         if p.is_file():
             if p.suffix.lower() not in wanted:
                 hint = "; .txt files need format = 'pretrain'" if p.suffix == ".txt" else ""
-                raise DataError(f"{p}: format {fmt!r} reads {', '.join(wanted)} files, "
-                                f"not {p.suffix or 'a file without extension'}{hint}")
+                raise DataError(
+                    f"{p}: format {fmt!r} reads {', '.join(wanted)} files, "
+                    f"not {p.suffix or 'a file without extension'}{hint}"
+                )
             found.append(p)
         elif p.is_dir():
             found.extend(_walk(p, wanted, fmt))
@@ -89,12 +93,14 @@ def _walk(folder: Path, wanted: tuple[str, ...], fmt: str) -> list[Path]:
 
 # ---- chunks: units of reading work -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Chunk:
     """A byte range [start, end) of one file starting at line ``first_line`` (1-based).
 
     Whole-file kinds (json, yaml, hf) always cover the entire file.
     """
+
     file: str
     kind: str  # "jsonl" | "txt" | "json" | "yaml" | "hf"
     start: int = 0
@@ -175,9 +181,11 @@ def _split_lines(path: Path, kind: str, chunk_bytes: int, h: Any) -> list[Chunk]
 
 # ---- reading one chunk ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Where:
     """A record's location for error messages."""
+
     file: str
     index: int | None = None  # record index in the file (0-based) where it is known
     line: int | None = None
@@ -220,8 +228,10 @@ def _lines(chunk: Chunk) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise FormatError(f"{chunk.file}, line {line_no}: invalid UTF-8 at byte offset {offset + e.start} "
-                                  f"({e.reason}); re-save the file as UTF-8") from None
+                raise FormatError(
+                    f"{chunk.file}, line {line_no}: invalid UTF-8 at byte offset {offset + e.start} "
+                    f"({e.reason}); re-save the file as UTF-8"
+                ) from None
             yield line_no, text
             offset += len(raw)
             line_no += 1
@@ -266,6 +276,7 @@ class _JsonStream:
         read_size = self.block  # grows while one element spans many reads, reset after it
         array: bool | None = None
         with open(self.path, "rb") as f:
+
             def more() -> bool:
                 nonlocal buf, pos, line, consumed_bytes, eof, shift, read_size
                 if eof:
@@ -275,8 +286,10 @@ class _JsonStream:
                 try:
                     text = utf8.decode(raw, final=not raw)
                 except UnicodeDecodeError as e:
-                    raise FormatError(f"{self.path}: invalid UTF-8 at byte offset {consumed_bytes - pending + e.start} "
-                                      f"({e.reason}); re-save the file as UTF-8") from None
+                    raise FormatError(
+                        f"{self.path}: invalid UTF-8 at byte offset {consumed_bytes - pending + e.start} "
+                        f"({e.reason}); re-save the file as UTF-8"
+                    ) from None
                 consumed_bytes += len(raw)
                 eof = not raw
                 # drop what was decoded; keep the current line's start for error columns unless the
@@ -304,8 +317,9 @@ class _JsonStream:
             while True:
                 if not skip_ws():
                     if array:
-                        raise FormatError(f"{where()}: not valid JSON: the file ends inside the top-level array "
-                                          f"(missing ']')")
+                        raise FormatError(
+                            f"{where()}: not valid JSON: the file ends inside the top-level array (missing ']')"
+                        )
                     return
                 if array is None:
                     array = buf[pos] == "["
@@ -326,8 +340,10 @@ class _JsonStream:
                         break
                     except json.JSONDecodeError as e:
                         if not more():
-                            raise FormatError(f"{self.path}, line {e.lineno + line - 1}: not valid JSON: {e.msg} "
-                                              f"at column {e.colno + (shift if e.lineno == 1 else 0)}") from None
+                            raise FormatError(
+                                f"{self.path}, line {e.lineno + line - 1}: not valid JSON: {e.msg} "
+                                f"at column {e.colno + (shift if e.lineno == 1 else 0)}"
+                            ) from None
                         read_size = min(read_size * 2, 1 << 28)
                 pos, read_size = end, self.block
                 yield start_line, value
@@ -350,8 +366,9 @@ def _read_yaml(path: Path) -> Iterator[tuple[Where, Any]]:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise FormatError(f"{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}); "
-                              f"re-save the file as UTF-8") from None
+            raise FormatError(
+                f"{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}); re-save the file as UTF-8"
+            ) from None
         doc = yaml.load(raw, Loader=loader)  # noqa: S506 - BaseLoader builds only str/list/dict
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -367,8 +384,10 @@ def _read_hf(path: Path) -> Iterator[tuple[Where, Any]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: this folder was written by `datasets` (save_to_disk); "
-                        f"`pip install datasets` to read it, or export it to JSON Lines") from None
+        raise DataError(
+            f"{path}: this folder was written by `datasets` (save_to_disk); "
+            f"`pip install datasets` to read it, or export it to JSON Lines"
+        ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:

@@ -11,6 +11,7 @@ the tokenizer, the template and system prompt, the format and max_length, and th
 Building writes into a temporary folder renamed into place at the end, so an interrupted build
 never leaves a half store that a later run would trust.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,10 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +62,13 @@ class Recipe:
 
             t = get_template(self.template_name, self.tokenizer, system=self.system)
             # how the template renders a probe: changes to the template code invalidate caches too
-            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"},
-                     {"role": "assistant", "content": "b"}]
+            probe = [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "v"},
+                {"role": "assistant", "content": "b"},
+            ]
             try:
                 rendered = repr([(x.text, x.is_target) for x in t.segments(probe)])
             except TunexError:  # templates without a system role
@@ -83,13 +89,19 @@ class Store:
     meta: dict
 
     @classmethod
-    def open(cls, folder: Path) -> "Store":
+    def open(cls, folder: Path) -> Store:
         meta = json.loads((folder / "meta.json").read_text())
         lengths = _memmap(folder / "lengths.bin", np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return cls(folder, _memmap(folder / "ids.bin", np.int32), _memmap(folder / "mask.bin", np.uint8),
-                   lengths, offsets, meta)
+        return cls(
+            folder,
+            _memmap(folder / "ids.bin", np.int32),
+            _memmap(folder / "mask.bin", np.uint8),
+            lengths,
+            offsets,
+            meta,
+        )
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -103,6 +115,7 @@ def _memmap(path: Path, dtype: Any) -> np.ndarray:
 
 
 # ---- reading + encoding one chunk (runs in worker processes too) ----------------------------------
+
 
 def records(chunk: S.Chunk, fmt: str) -> Iterator[tuple[Any, Any, F.Sample]]:
     """(location, raw record, mapped sample) for every record of ``chunk``; errors name the record."""
@@ -201,9 +214,13 @@ def _ahead(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 def _concat(parts: Sequence[Encoded]) -> Encoded:
     if not parts:
         return Encoded(np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
-    return Encoded(np.concatenate([p.ids for p in parts]), np.concatenate([p.mask for p in parts]),
-                   np.concatenate([p.lengths for p in parts]), sum(p.dropped for p in parts),
-                   sum(p.truncated for p in parts))
+    return Encoded(
+        np.concatenate([p.ids for p in parts]),
+        np.concatenate([p.mask for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        sum(p.dropped for p in parts),
+        sum(p.truncated for p in parts),
+    )
 
 
 _WORKER: dict[str, Any] = {}
@@ -220,8 +237,15 @@ def _worker_encode(chunk: S.Chunk) -> tuple[Encoded, int]:
 
 # ---- building a store -----------------------------------------------------------------------------
 
-def build(paths: str | Sequence[str], recipe: Recipe, cache_root: Path, *, num_workers: int = 0,
-          progress: Callable[[int, int], None] | None = None) -> Store:
+
+def build(
+    paths: str | Sequence[str],
+    recipe: Recipe,
+    cache_root: Path,
+    *,
+    num_workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Store:
     """The store of ``paths`` encoded by ``recipe``: opened from the cache or built into it.
 
     Raises:
@@ -251,14 +275,26 @@ def build(paths: str | Sequence[str], recipe: Recipe, cache_root: Path, *, num_w
         return _build_into(folder, key, paths, files, chunks, recipe, num_workers, progress)
 
 
-def _build_into(folder: Path, key: str, paths: Any, files: list[Path], chunks: list[S.Chunk], recipe: Recipe,
-                num_workers: int, progress: Callable[[int, int], None] | None) -> Store:
+def _build_into(
+    folder: Path,
+    key: str,
+    paths: Any,
+    files: list[Path],
+    chunks: list[S.Chunk],
+    recipe: Recipe,
+    num_workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> Store:
     cache_root = folder.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
     try:
         meta = _write(tmp, chunks, recipe, num_workers, progress)
-        meta.update(files=[str(f) for f in files], format=recipe.fmt, template=recipe.template_name,
-                    max_length=recipe.max_length)
+        meta.update(
+            files=[str(f) for f in files],
+            format=recipe.fmt,
+            template=recipe.template_name,
+            max_length=recipe.max_length,
+        )
         if meta["samples"] == 0:
             raise DataError(_empty_message(paths, meta))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -272,11 +308,15 @@ def _build_into(folder: Path, key: str, paths: Any, files: list[Path], chunks: l
     return Store.open(folder)
 
 
-def _write(tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int,
-           progress: Callable[[int, int], None] | None) -> dict:
+def _write(
+    tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int, progress: Callable[[int, int], None] | None
+) -> dict:
     totals = dict(records=0, dropped=0, truncated=0, samples=0, tokens=0, target_tokens=0)
-    with open(tmp / "ids.bin", "wb") as ids, open(tmp / "mask.bin", "wb") as mask, \
-            open(tmp / "lengths.bin", "wb") as lengths:
+    with (
+        open(tmp / "ids.bin", "wb") as ids,
+        open(tmp / "mask.bin", "wb") as mask,
+        open(tmp / "lengths.bin", "wb") as lengths,
+    ):
         for done, (enc, count) in enumerate(_encoded_chunks(chunks, recipe, num_workers), 1):
             ids.write(enc.ids.tobytes())
             mask.write(enc.mask.tobytes())
@@ -341,6 +381,8 @@ def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> 
 
 def _empty_message(paths: Any, meta: dict) -> str:
     shown = paths if isinstance(paths, str) else ", ".join(paths)
-    return (f"no sample left to train on in {shown}: {meta['records']} records read, {meta['dropped']} "
-            f"dropped without a target (no assistant reply to learn, an empty text, or a reply cut off "
-            f"by max_length={meta['max_length']}); check data.format and data.max_length")
+    return (
+        f"no sample left to train on in {shown}: {meta['records']} records read, {meta['dropped']} "
+        f"dropped without a target (no assistant reply to learn, an empty text, or a reply cut off "
+        f"by max_length={meta['max_length']}); check data.format and data.max_length"
+    )

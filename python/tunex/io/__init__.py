@@ -3,6 +3,7 @@ folders, and legacy ``pytorch_model.bin`` checkpoints (read with ``torch.load(we
 
 torch is imported inside the functions, so importing this package stays cheap.
 """
+
 from __future__ import annotations
 
 from tunex.io.hf import load_state_dict, non_weight_files, weight_format

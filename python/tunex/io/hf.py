@@ -1,6 +1,7 @@
 """HF model folders: which weight format a folder holds, its non-weight files, and loading its
 tensors (safetensors via Rust; legacy ``pytorch_model*.bin`` only via ``torch.load(weights_only=True)``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -81,8 +82,11 @@ def load_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
             state.update(load_bin(f))
         return state
     index = p / SAFETENSORS_INDEX
-    files = ([p / n for n in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
-             if index.is_file() else [p / "model.safetensors"])
+    files = (
+        [p / n for n in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+        if index.is_file()
+        else [p / "model.safetensors"]
+    )
     state = {}
     for f in files:
         reader = SafetensorsFile(f)
@@ -116,8 +120,10 @@ def non_weight_files(folder: str | os.PathLike, is_clip: bool = False) -> list[P
     if is_clip:
         return [p / n for n in _CLIP_FILES if (p / n).is_file()]
     return sorted(
-        f for f in p.iterdir()
-        if f.is_file() and not f.name.startswith(".")
+        f
+        for f in p.iterdir()
+        if f.is_file()
+        and not f.name.startswith(".")
         and not f.name.endswith(_WEIGHT_SUFFIXES)
         and f.name not in (SAFETENSORS_INDEX, BIN_INDEX)
     )

@@ -1,4 +1,5 @@
 """Reading safetensors files through tunex's Rust reader (mmap, defensive header checks)."""
+
 from __future__ import annotations
 
 import os

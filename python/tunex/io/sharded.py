@@ -3,10 +3,12 @@
 Each tensor's bytes reach Rust as a uint8 numpy view of the tensor's own memory (bf16 included),
 so nothing is copied on the way; Rust writes them straight into the planned shard.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tunex import _native
 from tunex.io.dtypes import to_safetensors
@@ -69,8 +71,7 @@ def save_sharded(
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
         meta[key] = value
-    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into",
-                                 False, fsync)
+    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into", False, fsync)
     try:
         for name, tensor in state_dict.items():
             writer.write(name, byte_view(tensor))

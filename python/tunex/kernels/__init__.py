@@ -5,6 +5,7 @@ the LoRA linear, whose matmuls belong to cuBLAS) a Triton implementation. Calls 
 tensors and torch elsewhere; ``backend=`` or ``TUNEX_KERNELS`` override that (see _dispatch.py).
 Triton is imported only when a Triton path actually runs.
 """
+
 from __future__ import annotations
 
 from tunex.kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference

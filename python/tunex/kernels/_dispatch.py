@@ -7,6 +7,7 @@ process-wide: ``torch`` is the escape hatch when a Triton build misbehaves on so
 ``triton`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors through
 triton's interpreter, which is how the tests check them without a GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,18 +42,22 @@ def use_triton(tensor: torch.Tensor, backend: str = "auto") -> bool:
     if backend == "auto":
         backend = os.environ.get("TUNEX_KERNELS", "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"TUNEX_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; "
-                             "unset it or pick one of those")
+            raise ValueError(
+                f"TUNEX_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; unset it or pick one of those"
+            )
         if backend == "auto":
             return tensor.is_cuda and triton_available()
     if backend == "torch":
         return False
     if not triton_available():
-        raise ValueError("the Triton kernel backend was requested but triton is not installed; "
-                         "install triton or use backend='torch'")
+        raise ValueError(
+            "the Triton kernel backend was requested but triton is not installed; install triton or use backend='torch'"
+        )
     if not tensor.is_cuda and not interpreting():
-        raise ValueError("the Triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 "
-                         "(set before the first kernel call) to run triton's interpreter on CPU")
+        raise ValueError(
+            "the Triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 "
+            "(set before the first kernel call) to run triton's interpreter on CPU"
+        )
     return True
 
 
@@ -90,8 +95,14 @@ def frozen_product_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def matmul_nt_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None, *, bias: torch.Tensor | None = None,
-                 add: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_nt_in(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    dtype: torch.dtype | None,
+    *,
+    bias: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``matmul_nt`` with the product computed in ``dtype`` (``w`` already in it; None: x's dtype)
     and rounded to it, the result (and ``bias``, ``add``) in x's dtype."""
     if dtype is None or dtype == x.dtype:
@@ -154,8 +165,11 @@ def host_flat(t: torch.Tensor):
 # For float32 on the CPU it runs the training shapes 8-30% faster than the MKL sgemm behind
 # torch.mm on the machines we measured (AMD EPYC, AVX-512), the skinny LoRA products and the
 # vocabulary head most. None where torch was built without oneDNN.
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) \
-    if torch.backends.mkldnn.is_available() else None
+_ONEDNN_LINEAR = (
+    getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
 # Switched off with TUNEX_ONEDNN=0 (an escape hatch, and how A/B runs compare the two); tests
 # flip this attribute.
 onednn_enabled = os.environ.get("TUNEX_ONEDNN", "1") != "0"
@@ -167,13 +181,20 @@ ONEDNN_MIN_MACS = 1 << 21
 def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x @ w.T`` is a product for oneDNN: both float32 2-D CPU tensors that fit, of at
     least ONEDNN_MIN_MACS multiply-adds, oneDNN present and not switched off."""
-    return (onednn_enabled and _ONEDNN_LINEAR is not None and x.dim() == 2 and w.dim() == 2
-            and x.shape[1] == w.shape[1] and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w)))
+    return (
+        onednn_enabled
+        and _ONEDNN_LINEAR is not None
+        and x.dim() == 2
+        and w.dim() == 2
+        and x.shape[1] == w.shape[1]
+        and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
+    )
 
 
-def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
-              add: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_nt(
+    x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd.
 
     float32 CPU tensors (any strides) go through oneDNN when torch has it, else torch; only for
@@ -181,16 +202,24 @@ def matmul_nt(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = N
     the caller's to give up: the torch path accumulates into it and returns it.
     """
     global onednn_enabled
-    if not torch.is_grad_enabled() and onednn_fits(x, w) and (bias is None or bias.dtype == torch.float32) \
-            and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0]))):
+    if (
+        not torch.is_grad_enabled()
+        and onednn_fits(x, w)
+        and (bias is None or bias.dtype == torch.float32)
+        and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0])))
+    ):
         try:
             if add is None:
                 return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
             return _ONEDNN_LINEAR.binary(x, add.contiguous(), w, bias, "add")
         except RuntimeError as e:  # a oneDNN build that cannot run here: torch's matmul from now on
             onednn_enabled = False
-            warnings.warn(f"tunex: oneDNN matmul failed ({e}); using torch.mm from now on "
-                          "(set TUNEX_ONEDNN=0 to skip the attempt)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tunex: oneDNN matmul failed ({e}); using torch.mm from now on "
+                "(set TUNEX_ONEDNN=0 to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if add is None:
         return torch.nn.functional.linear(x, w, bias)
     add.addmm_(x, w.t())

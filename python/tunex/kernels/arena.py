@@ -18,6 +18,7 @@ first step the block is one piece sized to the step, so no page is faulted in ag
 :func:`tune_malloc` makes glibc keep freed heap memory instead of returning it to the kernel and
 faulting it in again next step (~200k page faults per SmolLM2 step otherwise).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ import ctypes.util
 import math
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -187,8 +188,12 @@ class _KeptAttention(torch.autograd.Function):
             from tunex.kernels import attention
 
             return (*attention.backward(grad, q, k, v, out, lse), None)
-        return (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True), None)
+        return (
+            *torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True
+            ),
+            None,
+        )
 
 
 def _kept_like(t: torch.Tensor) -> torch.Tensor:
@@ -210,8 +215,10 @@ def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     from tunex.kernels import attention
 
     native = attention.applies(q, k, v)
-    if not native and (getattr(_local, "arena", None) is None
-                       or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
+    if not native and (
+        getattr(_local, "arena", None) is None
+        or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    ):
         return None
     return _KeptAttention.apply(q, k, v, native)
 

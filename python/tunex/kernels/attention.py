@@ -11,6 +11,7 @@ the projection's (B, T, Hkv, D) layout and writes its output in (B, T, H, D) ord
 backward writes the query and value gradients in the projections' layouts, so no transposing copy
 follows on either side. ``TUNEX_NATIVE_ATTENTION=0`` falls back to torch's flash attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,17 @@ enabled = os.environ.get("TUNEX_NATIVE_ATTENTION", "1") != "0"
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the native kernel takes these (B, H, T, D) / (B, Hkv, T, D) tensors: float32 on the
     CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head."""
-    return (enabled and _native_forward is not None
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
-            and q.shape[-1] % 16 == 0 and k.shape == v.shape and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
-            and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:])
+    return (
+        enabled
+        and _native_forward is not None
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
+        and q.shape[-1] % 16 == 0
+        and k.shape == v.shape
+        and k.shape[1] > 0
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[0] == k.shape[0]
+        and q.shape[2:] == k.shape[2:]
+    )
 
 
 def _strided(t: torch.Tensor):
@@ -60,12 +68,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     q, k, v = (_dense_last(t.detach()) for t in (q, k, v))
     if out.numel() == 0:
         return
-    _native_forward(_strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k),
-                    1.0 / math.sqrt(q.shape[-1]))
+    _native_forward(
+        _strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), 1.0 / math.sqrt(q.shape[-1])
+    )
 
 
-def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of :func:`forward`, given what it wrote (``out``, ``lse``) for the same q, k, v.
     dq and dv come in (B, T, heads, D) order under their (B, heads, T, D) shapes: the layouts of
     the projections they flow back into."""
@@ -75,6 +85,17 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dk = torch.empty(b, hkv, t, d, dtype=k.dtype)
     dv = torch.empty(b, t, hkv, d, dtype=v.dtype).transpose(1, 2)
     if q.numel():
-        _native_backward(_strided(dout), _strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse),
-                         _strided(dq), _strided(dk), _strided(dv), (b, h, hkv, t, d), 1.0 / math.sqrt(d))
+        _native_backward(
+            _strided(dout),
+            _strided(q),
+            _strided(k),
+            _strided(v),
+            _strided(out),
+            host_flat(lse),
+            _strided(dq),
+            _strided(dk),
+            _strided(dv),
+            (b, h, hkv, t, d),
+            1.0 / math.sqrt(d),
+        )
     return dq, dk, dv

@@ -11,6 +11,7 @@ The Triton path (cross_entropy_triton.py) does the per-row loss and gradient in 
 logits buffer; the torch path does the same arithmetic with torch ops. Matmuls are cuBLAS/torch on
 every path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,13 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK = 1024
 
 
-def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Plain autograd: full fp32 logits, then ``F.cross_entropy`` (the oracle of the tests)."""
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
     return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
@@ -45,11 +51,21 @@ def _rows_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -
 
 class ChunkedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                ignore_index: int, denom: float | None, grad_wanted: bool, triton: bool):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk: int,
+        ignore_index: int,
+        denom: float | None,
+        grad_wanted: bool,
+        triton: bool,
+    ):
         with no_autocast(hidden):
-            return ChunkedCrossEntropyFunction._forward(ctx, hidden, weight, labels, chunk, ignore_index, denom,
-                                                        grad_wanted, triton, compute_dtype(hidden))
+            return ChunkedCrossEntropyFunction._forward(
+                ctx, hidden, weight, labels, chunk, ignore_index, denom, grad_wanted, triton, compute_dtype(hidden)
+            )
 
     @staticmethod
     def _forward(ctx, hidden, weight, labels, chunk, ignore_index, denom, grad_wanted, triton, dtype):
@@ -64,7 +80,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         if triton:
             from tunex.kernels import cross_entropy_triton
         for start in range(0, h2.shape[0], chunk):
-            hc, lc = h2[start:start + chunk], lab[start:start + chunk]
+            hc, lc = h2[start : start + chunk], lab[start : start + chunk]
             logits = hc @ w.T  # (c, V)
             if triton:
                 rows = cross_entropy_triton.loss_and_grad(logits, lc, ignore_index)
@@ -72,7 +88,7 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
                 rows = _rows_torch(logits, lc, ignore_index)
             loss_sum += rows.sum()
             if dh is not None:
-                torch.matmul(logits, w, out=dh[start:start + chunk])
+                torch.matmul(logits, w, out=dh[start : start + chunk])
             if dw is not None:
                 dw += (logits.T @ hc).float()
             del logits
@@ -98,10 +114,17 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk: int = DEFAULT_CHUNK, *, ignore_index: int = IGNORE_INDEX,
-                          reduction: str = "mean", denom: float | None = None,
-                          backend: str = "auto") -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    denom: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Token-level cross-entropy of ``hidden @ weight.T`` against ``labels``, chunk by chunk.
 
     Labels must already be shifted (label i is the target of position i).
@@ -129,16 +152,29 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_cross_entropy: chunk must be a positive integer, got {chunk!r}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"chunked_cross_entropy: weight {tuple(weight.shape)} does not fit hidden "
-                         f"{tuple(hidden.shape)}; expected (V, {hidden.shape[-1]})")
+        raise ValueError(
+            f"chunked_cross_entropy: weight {tuple(weight.shape)} does not fit hidden "
+            f"{tuple(hidden.shape)}; expected (V, {hidden.shape[-1]})"
+        )
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"chunked_cross_entropy: labels {tuple(labels.shape)} must match hidden's "
-                         f"leading dims {tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"chunked_cross_entropy: labels {tuple(labels.shape)} must match hidden's "
+            f"leading dims {tuple(hidden.shape[:-1])}"
+        )
     vocab = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
-        raise ValueError(f"chunked_cross_entropy: a label is outside [0, {vocab}) and is not "
-                         f"ignore_index={ignore_index}; first: {int(labels[bad][0])}")
-    return ChunkedCrossEntropyFunction.apply(hidden, weight, labels.long(), chunk, ignore_index,
-                                             None if denom is None else float(denom),
-                                             torch.is_grad_enabled(), use_triton(hidden, backend))
+        raise ValueError(
+            f"chunked_cross_entropy: a label is outside [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}; first: {int(labels[bad][0])}"
+        )
+    return ChunkedCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        labels.long(),
+        chunk,
+        ignore_index,
+        None if denom is None else float(denom),
+        torch.is_grad_enabled(),
+        use_triton(hidden, backend),
+    )

@@ -1,4 +1,5 @@
 """Triton kernel of the chunked cross-entropy (imported only on the Triton path)."""
+
 from __future__ import annotations
 
 import torch
@@ -49,6 +50,15 @@ def loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     if rows:
         labels = labels.contiguous()
         block = min(MAX_BLOCK_V, next_power_of_two(vocab))
-        _ce_rows[(rows,)](logits, logits.stride(0), labels, loss, vocab, ignore_index,
-                          BLOCK_V=block, FLOOR=_FLOOR, num_warps=warps_for(block))
+        _ce_rows[(rows,)](
+            logits,
+            logits.stride(0),
+            labels,
+            loss,
+            vocab,
+            ignore_index,
+            BLOCK_V=block,
+            FLOOR=_FLOOR,
+            num_warps=warps_for(block),
+        )
     return loss

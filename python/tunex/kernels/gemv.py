@@ -12,6 +12,7 @@ of input, contiguous weight). Several float32 CPU rows (prefill, training) go th
 matmul (``_dispatch.matmul_nt``; with autograd, in a Function whose input gradient runs there too),
 and everything else through ``F.linear``; the results agree with ``F.linear`` to float32 rounding.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,15 +38,19 @@ def enabled() -> bool:
 
 def _host_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """float32 CPU tensors that autograd does not need to see."""
-    return (_ENABLED and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    return (
+        _ENABLED
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` runs the Rust GEMV (else ``F.linear``)."""
-    return (_host_ready(x, weight) and weight.dim() == 2 and x.numel() == weight.shape[1]
-            and weight.is_contiguous())
+    return _host_ready(x, weight) and weight.dim() == 2 and x.numel() == weight.shape[1] and weight.is_contiguous()
 
 
 def _bias_ok(bias: torch.Tensor | None) -> bool:
@@ -55,9 +60,13 @@ def _bias_ok(bias: torch.Tensor | None) -> bool:
 def _gemv_many(x: torch.Tensor, products) -> list[torch.Tensor]:
     """``[F.linear(x, w, b) for w, b in products]`` in one native call (checked by the caller)."""
     outs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32) for w, _ in products]
-    _gemv(host_array(x.contiguous().view(-1)),
-          [(host_array(w.view(-1)), None if b is None else host_array(b.contiguous()), o.view(-1).numpy())
-           for (w, b), o in zip(products, outs)])
+    _gemv(
+        host_array(x.contiguous().view(-1)),
+        [
+            (host_array(w.view(-1)), None if b is None else host_array(b.contiguous()), o.view(-1).numpy())
+            for (w, b), o in zip(products, outs)
+        ],
+    )
     return outs
 
 
@@ -92,8 +101,12 @@ class _DenseLinear(torch.autograd.Function):
 
 def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether ``linear`` runs a multi-row float32 CPU product through oneDNN."""
-    return (x.dim() >= 2 and (bias is None or bias.dtype == torch.float32) and compute_dtype(x) == torch.float32
-            and onednn_fits(x.reshape(-1, x.shape[-1]), weight))
+    return (
+        x.dim() >= 2
+        and (bias is None or bias.dtype == torch.float32)
+        and compute_dtype(x) == torch.float32
+        and onednn_fits(x.reshape(-1, x.shape[-1]), weight)
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,15 +22,24 @@ the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dro
 kernel of lora_triton.py, whose counter-based mask never exists as a tensor; on the CPU the Rust
 kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch's bernoulli_.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 
-from tunex.kernels._dispatch import (compute_dtype, frozen_product_dtype, host_flat, matmul_nt, matmul_nt_in,
-                                     native_f32, no_autocast, use_triton)
+from tunex.kernels._dispatch import (
+    compute_dtype,
+    frozen_product_dtype,
+    host_flat,
+    matmul_nt,
+    matmul_nt_in,
+    native_f32,
+    no_autocast,
+    use_triton,
+)
 from tunex.kernels.arena import kept_copy, kept_empty
 
 try:
@@ -45,7 +54,7 @@ try:
 except ImportError:
     _native_down = _native_grad_a = _native_add_up = None
 
-Base = Union[torch.Tensor, Callable[[torch.dtype], torch.Tensor]]
+Base = torch.Tensor | Callable[[torch.dtype], torch.Tensor]
 
 
 def _keep_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
@@ -65,7 +74,9 @@ class _Dropout:
 
     def __init__(self, x2: torch.Tensor, p: float, triton: bool):
         self.p, self.keep, self.seed = p, None, 0
-        self.kind = "none" if p == 0 else "triton" if triton else "native" if native_f32(_native_dropout, x2) else "torch"
+        self.kind = (
+            "none" if p == 0 else "triton" if triton else "native" if native_f32(_native_dropout, x2) else "torch"
+        )
         if self.kind in ("triton", "native"):
             self.seed = _draw_seed()
         elif self.kind == "torch":
@@ -99,6 +110,7 @@ def _apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, inplace: bool = F
 def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False) -> torch.Tensor:
     """Triton dropout of a contiguous (N, in) tensor with the counter-based mask of ``seed``."""
     from tunex.kernels import lora_triton
+
     return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
 
 
@@ -117,9 +129,16 @@ def _dense(base: Base, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                          scaling: float, bias: torch.Tensor | None = None, dropout: float = 0.0,
-                          training: bool = True) -> torch.Tensor:
+def lora_linear_reference(
+    x: torch.Tensor,
+    base: Base,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
     """Plain-autograd LoRA linear (same dropout mask as lora_linear for the same RNG state)."""
     w = _dense(base, x.dtype)
     y = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -133,8 +152,20 @@ def lora_linear_reference(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lor
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling: float, dropout: float, triton: bool,
-                x_recompute=None, kept: bool = False):
+    def forward(
+        ctx,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        bias,
+        base_fn,
+        scaling: float,
+        dropout: float,
+        triton: bool,
+        x_recompute=None,
+        kept: bool = False,
+    ):
         dtype = compute_dtype(x)
         # CPU autocast: the frozen base's products in bf16, all else in x's float32 (see the helper)
         ctx.base_dtype = frozen_product_dtype(x)
@@ -143,8 +174,9 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.triton = triton
         ctx.x_recompute = x_recompute
         with no_autocast(x):
-            return LoRALinearFunction._forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout,
-                                               dtype, kept)
+            return LoRALinearFunction._forward(
+                ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype, kept
+            )
 
     @staticmethod
     def _forward(ctx, x, weight, lora_a, lora_b, bias, base_fn, scaling, dropout, dtype, kept):
@@ -209,8 +241,9 @@ class LoRALinearFunction(torch.autograd.Function):
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, ctx.base_dtype or dtype)
             if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
                 d_x = matmul_nt_in(g, w.t(), ctx.base_dtype)
-                _native_add_up(host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed,
-                               drop.p)
+                _native_add_up(
+                    host_flat(d_x), host_flat(dh), host_flat(a.contiguous()), d_x.shape[1], drop.seed, drop.p
+                )
             else:
                 # (N, in); dropout's backward is the same masked scaling
                 d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
@@ -221,10 +254,20 @@ class LoRALinearFunction(torch.autograd.Function):
         return d_x, None, d_a, d_b, d_bias, None, None, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                *, bias: torch.Tensor | None = None, dropout: float = 0.0, training: bool = True,
-                backend: str = "auto", x_recompute: Callable[[], torch.Tensor] | None = None,
-                kept: bool = False) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    base: Base,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+    x_recompute: Callable[[], torch.Tensor] | None = None,
+    kept: bool = False,
+) -> torch.Tensor:
     """LoRA linear with a memory-lean hand-written backward; the base weight stays frozen.
 
     Args:
@@ -250,15 +293,26 @@ def lora_linear(x: torch.Tensor, base: Base, lora_a: torch.Tensor, lora_b: torch
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
-    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != x.shape[-1] \
-            or lora_b.shape[1] != lora_a.shape[0]:
-        raise ValueError(f"lora_linear: adapter shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} "
-                         f"do not fit x {tuple(x.shape)}; expected A (r, {x.shape[-1]}) and B (out, r)")
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != x.shape[-1] or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"lora_linear: adapter shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} "
+            f"do not fit x {tuple(x.shape)}; expected A (r, {x.shape[-1]}) and B (out, r)"
+        )
     is_tensor = isinstance(base, torch.Tensor)
     if not is_tensor and not callable(base):
-        raise ValueError(f"lora_linear: base must be a tensor or a callable returning one, "
-                         f"got {type(base).__name__}")
+        raise ValueError(f"lora_linear: base must be a tensor or a callable returning one, got {type(base).__name__}")
     p = float(dropout) if training else 0.0
     triton = use_triton(x, backend) and p > 0
-    return LoRALinearFunction.apply(x, base.detach() if is_tensor else None, lora_a, lora_b, bias,
-                                    None if is_tensor else base, float(scaling), p, triton, x_recompute, kept)
+    return LoRALinearFunction.apply(
+        x,
+        base.detach() if is_tensor else None,
+        lora_a,
+        lora_b,
+        bias,
+        None if is_tensor else base,
+        float(scaling),
+        p,
+        triton,
+        x_recompute,
+        kept,
+    )

@@ -3,6 +3,7 @@
 The keep mask is ``tl.rand(seed, flat index) >= p``: a counter-based draw, so backward regenerates
 exactly the forward's mask from the seed alone and no mask tensor is ever stored or allocated.
 """
+
 from __future__ import annotations
 
 import torch

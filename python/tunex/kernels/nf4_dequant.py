@@ -6,10 +6,11 @@ once to the output dtype, so they agree bit for bit with the Rust CPU path and w
 rounding.) CPU tensors normally go to the Rust core through ``tunex.quant.dequantize``; the torch
 path here is the fallback for other devices and the reference the Triton kernel is tested against.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,8 +18,9 @@ from tunex.kernels._dispatch import use_triton
 from tunex.quant.codebooks import code as codebook
 
 
-def dequantize_4bit_reference(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                              n: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_reference(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Torch dequantization of ``n`` codes, flat; runs on any device.
 
     Args:
@@ -34,8 +36,15 @@ def dequantize_4bit_reference(packed: torch.Tensor, absmax: torch.Tensor, code: 
     return (values * absmax.view(-1, 1)).view(-1)[:n].to(dtype)
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
-                    shape: Sequence[int], dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Dequantize on ``packed``'s device into a new ``shape`` tensor of ``dtype``.
 
     ``backend`` is "auto" (Triton on CUDA when available), "triton" or "torch"; see _dispatch.py.
@@ -45,6 +54,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
     absmax = absmax.to(torch.float32).contiguous()
     if n and use_triton(packed, backend):
         from tunex.kernels import nf4_dequant_triton
+
         out = torch.empty(n, dtype=dtype, device=packed.device)
         nf4_dequant_triton.dequantize(packed.contiguous().view(-1), absmax, code, blocksize, out)
         return out.view(shape)

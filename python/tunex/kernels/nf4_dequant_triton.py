@@ -1,4 +1,5 @@
 """Triton kernel of 4-bit dequantization (imported only when the Triton path runs; see nf4_dequant.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,11 @@ def _dequant_4bit(PACKED, ABSMAX, CODE, OUT, n, blocksize, BLOCK: tl.constexpr, 
         tl.store(OUT + offs, product.to(OUT.dtype.element_ty), mask=mask)
 
 
-def dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-               out: torch.Tensor) -> None:
+def dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, out: torch.Tensor
+) -> None:
     """Fill the flat ``out`` with ``code[nibble] * absmax[block]`` rounded to ``out.dtype``."""
     n = out.numel()
-    _dequant_4bit[(triton.cdiv(n, BLOCK),)](packed, absmax, code, out, n, blocksize, BLOCK=BLOCK,
-                                            OUT_BF16=out.dtype == torch.bfloat16)
+    _dequant_4bit[(triton.cdiv(n, BLOCK),)](
+        packed, absmax, code, out, n, blocksize, BLOCK=BLOCK, OUT_BF16=out.dtype == torch.bfloat16
+    )

@@ -11,9 +11,11 @@ It works when the layer input does not require grad (the first layer over a froz
 LoRA training): a zero-size anchor that requires grad makes the output part of the graph, so the
 adapters inside still receive gradients.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -10,6 +10,7 @@ plain autograd keeps), and its backward is derived by hand:
 Both the Triton path (rmsnorm_triton.py) and the torch path use these formulas; float32 on the CPU
 runs them as tunex's Rust kernels (tunex._native.rms_norm_*_f32, one pass per row each way).
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,14 +58,19 @@ def _forward_torch(x2: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch
     return (xf * rstd[:, None] * w.float()).to(x2.dtype), rstd
 
 
-def _backward_torch(dy: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                    need_dw: bool = True):
+def _backward_torch(dy: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, need_dw: bool = True):
     if native_f32(_native_backward, dy, x2, w, rstd):
         dy, x2, w = dy.contiguous(), x2.contiguous(), w.detach().contiguous()
         dx = torch.empty_like(x2)
         dw = torch.zeros_like(w) if need_dw else None
-        _native_backward(host_array(dy.view(-1)), host_array(x2.view(-1)), host_array(w), host_array(rstd),
-                         host_array(dx.view(-1)), None if dw is None else host_array(dw))
+        _native_backward(
+            host_array(dy.view(-1)),
+            host_array(x2.view(-1)),
+            host_array(w),
+            host_array(rstd),
+            host_array(dx.view(-1)),
+            None if dw is None else host_array(dw),
+        )
         return dx, dw
     x_hat = x2.float() * rstd[:, None]  # (R, N)
     wdy = w.float() * dy.float()
@@ -80,6 +86,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2 = as_rows(x)  # (R, N)
         if triton:
             from tunex.kernels import rmsnorm_triton
+
             y, rstd = rmsnorm_triton.forward(x2, weight, eps)
         else:
             y, rstd = _forward_torch(x2, weight, eps)
@@ -93,6 +100,7 @@ class RMSNormFunction(torch.autograd.Function):
         dy2 = as_rows(dy)
         if ctx.triton:
             from tunex.kernels import rmsnorm_triton
+
             dx, dw = rmsnorm_triton.backward(dy2, x2, weight, rstd)
         else:
             dx, dw = _backward_torch(dy2, x2, weight, rstd, ctx.needs_input_grad[1])
@@ -113,7 +121,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         (..., N) tensor in x's dtype.
     """
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected "
-                         f"({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}")
+        raise ValueError(
+            f"rms_norm: weight has shape {tuple(weight.shape)}, expected "
+            f"({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}"
+        )
     triton = use_triton(x, backend) and x.shape[-1] <= MAX_TRITON_COLS
     return RMSNormFunction.apply(x, weight, float(eps), triton)

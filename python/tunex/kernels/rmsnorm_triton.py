@@ -1,4 +1,5 @@
 """Triton kernels of RMSNorm (imported only when the Triton path runs; see rmsnorm.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def _rms_forward(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _rms_backward(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, rows, rows_per_program,
-                  BLOCK: tl.constexpr):
+def _rms_backward(
+    DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, N, rows, rows_per_program, BLOCK: tl.constexpr
+):
     # Each program walks a contiguous run of rows and keeps its share of dw in registers, so dw
     # needs one (programs, N) fp32 buffer instead of atomics.
     pid = tl.program_id(0)
@@ -59,8 +61,9 @@ def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     rstd = torch.empty(rows, dtype=torch.float32, device=x2.device)
     if rows:
         block = next_power_of_two(n)
-        _rms_forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps,
-                              BLOCK=block, num_warps=warps_for(block))
+        _rms_forward[(rows,)](
+            x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK=block, num_warps=warps_for(block)
+        )
     return y, rstd
 
 
@@ -78,6 +81,20 @@ def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: to
     dw_part = torch.zeros(programs, n, dtype=torch.float32, device=x2.device)
     block = next_power_of_two(n)
     if rows:
-        _rms_backward[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
-                                   dx.stride(0), n, rows, per_program, BLOCK=block, num_warps=warps_for(block))
+        _rms_backward[(programs,)](
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_part,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            n,
+            rows,
+            per_program,
+            BLOCK=block,
+            num_warps=warps_for(block),
+        )
     return dx, dw_part.sum(0)

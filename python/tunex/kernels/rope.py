@@ -13,6 +13,7 @@ the torch ops): the forward reads the heads in the projection's (B, T, H, D) lay
 and writes the (B, H, T, D) tensor attention keeps; the backward writes the gradient back in the
 (B, T, H, D) layout, so the projection's backward gets it without a transposing copy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,11 @@ def _as_bhtd(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"rope: a 4-D cos/sin table must be (B, 1, T, D), got {tuple(table.shape)}")
         table = table[:, 0]
     if table.dim() != 3 or table.shape[1:] != (t, d) or table.shape[0] not in (1, b):
-        raise ValueError(f"rope: cos/sin of shape {tuple(table.shape)} do not fit x of shape "
-                         f"{tuple(x.shape)}; expected (T, D), (B, T, D) or (B, 1, T, D) "
-                         f"with T={t}, D={d}, B=1 or {b}")
+        raise ValueError(
+            f"rope: cos/sin of shape {tuple(table.shape)} do not fit x of shape "
+            f"{tuple(x.shape)}; expected (T, D), (B, T, D) or (B, 1, T, D) "
+            f"with T={t}, D={d}, B=1 or {b}"
+        )
     return table[:, None]
 
 
@@ -81,14 +84,24 @@ def _rotate_native(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, back
     if out.numel() == 0:
         return out
     cos, sin = (table[:, 0].contiguous().view(-1) for table in (cos4, sin4))  # (B or 1) x (T, D)
-    _native_rope(host_span(x), x.stride()[:3], host_span(out), out.stride()[:3], host_array(cos), host_array(sin),
-                 t * d if cos4.shape[0] > 1 else 0, (b, h, t, d), backward)
+    _native_rope(
+        host_span(x),
+        x.stride()[:3],
+        host_span(out),
+        out.stride()[:3],
+        host_array(cos),
+        host_array(sin),
+        t * d if cos4.shape[0] > 1 else 0,
+        (b, h, t, d),
+        backward,
+    )
     return out
 
 
 def _rotate(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: bool, triton: bool):
     if triton:
         from tunex.kernels import rope_triton
+
         return rope_triton.rotate(x, cos4[:, 0], sin4[:, 0], backward)
     if native_f32(_native_rope, x, cos4, sin4):
         return _rotate_native(x, cos4, sin4, backward)
@@ -127,7 +140,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend
     return RopeFunction.apply(x, cos4.detach(), sin4.detach(), use_triton(x, backend))
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries (B, Hq, T, D) and keys (B, Hkv, T, D) with the same cos/sin; see apply_rope."""
     return apply_rope(q, cos, sin, backend=backend), apply_rope(k, cos, sin, backend=backend)

@@ -1,4 +1,5 @@
 """Triton kernel of RoPE (imported only when the Triton path runs; see rope.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,9 +12,28 @@ BLOCK_T = 16
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, H, T, HALF,
-                 sxb, sxh, sxt, syb, syh, syt, scb, sct, ssb, sst,
-                 BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(
+    X,
+    COS,
+    SIN,
+    Y,
+    H,
+    T,
+    HALF,
+    sxb,
+    sxh,
+    sxt,
+    syb,
+    syh,
+    syt,
+    scb,
+    sct,
+    ssb,
+    sst,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # One program: BLOCK_T positions of one (batch, head); both halves of the head dim at once.
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -55,8 +75,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     scb = cos.stride(0) if cos.shape[0] > 1 else 0
     ssb = sin.stride(0) if sin.shape[0] > 1 else 0
     grid = (b * h, triton.cdiv(t, BLOCK_T))
-    _rope_kernel[grid](x, cos, sin, y, h, t, d // 2,
-                       x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                       scb, cos.stride(1), ssb, sin.stride(1),
-                       BACKWARD=backward, BLOCK_T=BLOCK_T, BLOCK_D=next_power_of_two(d // 2))
+    _rope_kernel[grid](
+        x,
+        cos,
+        sin,
+        y,
+        h,
+        t,
+        d // 2,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        scb,
+        cos.stride(1),
+        ssb,
+        sin.stride(1),
+        BACKWARD=backward,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=next_power_of_two(d // 2),
+    )
     return y

@@ -8,6 +8,7 @@ Hand-derived backward (s = sigmoid(gate)):
 Only gate and up are saved (plain autograd also keeps silu(gate)). float32 on the CPU runs tunex's
 Rust kernels (one pass each way; torch's backward is ~10 passes), CUDA runs Triton.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,6 +53,7 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         if triton:
             from tunex.kernels import swiglu_triton
+
             y = swiglu_triton.forward(gate, up)
         else:
             y = _forward_torch(gate, up)
@@ -65,6 +67,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dy = dy.contiguous()
         if ctx.triton:
             from tunex.kernels import swiglu_triton
+
             d_gate, d_up = swiglu_triton.backward(dy, gate, up)
         else:
             d_gate, d_up = _backward_torch(dy, gate, up)
@@ -82,6 +85,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
         Tensor of gate's shape and dtype.
     """
     if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
-                         f"{up.dtype} must have the same shape and dtype")
+        raise ValueError(
+            f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
+            f"{up.dtype} must have the same shape and dtype"
+        )
     return SwiGLUFunction.apply(gate, up, use_triton(gate, backend))

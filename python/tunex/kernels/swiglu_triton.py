@@ -1,4 +1,5 @@
 """Triton kernels of SwiGLU (imported only when the Triton path runs; see swiglu.py)."""
+
 from __future__ import annotations
 
 import torch

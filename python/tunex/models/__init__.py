@@ -1,10 +1,11 @@
 """tunex's own decoder models (llama family), their loading, and text generation.
 
-    model = load_model("path/to/hf_folder_or.gguf", dtype=torch.float32)
-    logits = model(input_ids)                      # (B, T, V)
-    h = model.hidden_states(input_ids, position_ids)  # (B, T, C); model.lm_head.weight is (V, C)
-    new_ids = generate(model, prompt_ids, max_new_tokens=64)
+model = load_model("path/to/hf_folder_or.gguf", dtype=torch.float32)
+logits = model(input_ids)                      # (B, T, V)
+h = model.hidden_states(input_ids, position_ids)  # (B, T, C); model.lm_head.weight is (V, C)
+new_ids = generate(model, prompt_ids, max_new_tokens=64)
 """
+
 from __future__ import annotations
 
 from tunex.models.config import ModelConfig, config_from_hf, read_config, to_checkpoint_names

@@ -5,6 +5,7 @@ with ``weights_only=True``). Ranks come from the tensors themselves, alphas from
 ``alpha_pattern``; ``use_rslora``/``use_dora`` as saved. ``modules_to_save`` tensors replace the
 base's. The base may be NF4-quantized (chat --bits 4).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,7 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = _LORA_KEY.match(name)
         if m:
             module = m[1] or m[3]
@@ -74,16 +75,19 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     for module in names:
         p = parts[module]
         if module not in known or "lora_A" not in p or "lora_B" not in p:
-            raise FormatError(f"{folder}: adapter tensors for {module!r} do not fit this model "
-                              f"(module {'missing' if module not in known else 'lacks lora_A/lora_B'})")
+            raise FormatError(
+                f"{folder}: adapter tensors for {module!r} do not fit this model "
+                f"(module {'missing' if module not in known else 'lacks lora_A/lora_B'})"
+            )
         a, b = p["lora_A"], p["lora_B"]
         r = a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
-        layer = LoRALinear(known[module], r, float(alpha), 0.0, bool(config.get("use_rslora", False)),
-                           "magnitude" in p)
+        layer = LoRALinear(known[module], r, float(alpha), 0.0, bool(config.get("use_rslora", False)), "magnitude" in p)
         if tuple(layer.lora_A.weight.shape) != tuple(a.shape) or tuple(layer.lora_B.weight.shape) != tuple(b.shape):
-            raise FormatError(f"{folder}: {module} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                              f"fit a ({layer.out_features} x {layer.in_features}) layer")
+            raise FormatError(
+                f"{folder}: {module} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                f"fit a ({layer.out_features} x {layer.in_features}) layer"
+            )
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)

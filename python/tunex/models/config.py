@@ -5,6 +5,7 @@ how config.json spells the sizes, which projections carry a bias, and how checkp
 (and InternLM2's fused ``wqkv`` layout) map to tunex's module names, which are the HF Llama names
 (``model.layers.0.self_attn.q_proj``...) for every family.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,10 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     """Map an HF config.json dict to a :class:`ModelConfig`."""
     family = raw.get("model_type")
     if family not in FAMILIES:
-        raise FormatError(f"{source}: model_type {family!r} is not supported; tunex loads "
-                          f"{', '.join(FAMILIES)} (SmolLM2 and TinyLlama are llama)")
+        raise FormatError(
+            f"{source}: model_type {family!r} is not supported; tunex loads "
+            f"{', '.join(FAMILIES)} (SmolLM2 and TinyLlama are llama)"
+        )
     heads = int(_need(raw, "num_attention_heads", source))
     hidden = int(_need(raw, "hidden_size", source))
     scaling = raw.get("rope_scaling") or None
@@ -146,7 +149,7 @@ def _rename(name: str, reverse: bool) -> str:
         if old.startswith("."):
             name = name.replace(old, new)
         elif name.startswith(old):
-            name = new + name[len(old):]
+            name = new + name[len(old) :]
     return name
 
 

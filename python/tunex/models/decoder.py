@@ -13,6 +13,7 @@ Packed sequences: ``position_ids`` that restart (any step other than +1) start a
 attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
 the same logits as its documents run one by one.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,9 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind not in ("default", "linear", "dynamic"):
-        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported "
-                         "(expected linear, dynamic or llama3)")
+        raise ValueError(
+            f"config.json: rope_scaling type {kind!r} is not supported (expected linear, dynamic or llama3)"
+        )
     return inv_freq, 1.0
 
 
@@ -106,8 +108,8 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -144,6 +146,7 @@ class Attention(nn.Module):
         y = kept_causal_attention(q, k, v) if causal and q.shape[2] == k.shape[2] else None
         if y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
         def merge_heads(t: torch.Tensor) -> torch.Tensor:
             # (B, H, T, D) -> (B, T, C): a view when y lies in (B, T, H, D) order (the training
             # kernel's kept output), else a copy
@@ -186,10 +189,23 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, lean: bool = False):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
         keep anyway (normed residuals, attention output, SwiGLU product) instead of saving them."""
-        x = kept_add(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache,
-                                       again=_renorm(self.input_layernorm, x, 3) if lean else None))
-        return kept_add(x, self.mlp(self.post_attention_layernorm(x),
-                                    again=_renorm(self.post_attention_layernorm, x, 2) if lean else None))
+        x = kept_add(
+            x,
+            self.self_attn(
+                self.input_layernorm(x),
+                cos,
+                sin,
+                mask,
+                cache,
+                again=_renorm(self.input_layernorm, x, 3) if lean else None,
+            ),
+        )
+        return kept_add(
+            x,
+            self.mlp(
+                self.post_attention_layernorm(x), again=_renorm(self.post_attention_layernorm, x, 2) if lean else None
+            ),
+        )
 
 
 class _Again:
@@ -223,8 +239,9 @@ def _project(modules, x, again: _Again | None, kept: tuple[bool, ...] | None = N
     return linear_many(x, modules)
 
 
-def attention_mask(position_ids: torch.Tensor | None, t: int, past: int, device,
-                   window: int | None = None) -> torch.Tensor | None:
+def attention_mask(
+    position_ids: torch.Tensor | None, t: int, past: int, device, window: int | None = None
+) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, past+T) mask, or None when plain causal attention is right.
 
     A position id that does not follow its left neighbour by +1 opens a new document. ``window``
@@ -287,7 +304,7 @@ class DecoderModel(nn.Module):
             if cache.rope is None:  # once per generation instead of once per token
                 every = torch.arange(cache.max_len, device=input_ids.device)[None]
                 cache.rope = rope_tables(self.cfg, every, x.dtype)
-            cos, sin = (table[:, past:past + t].expand(b, -1, -1) for table in cache.rope)
+            cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in cache.rope)
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
         mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
@@ -299,8 +316,7 @@ class DecoderModel(nn.Module):
                     if self.offload_checkpoints:
                         x = offloaded_checkpoint(layer, x, cos, sin, mask, cache)
                     else:
-                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
-                                                              use_reentrant=False)
+                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
                 else:
                     x = layer(x, cos, sin, mask, cache, lean=training)
         if cache is not None:
@@ -358,8 +374,9 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, cache)
 
-    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids, position_ids=None, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         h = self.hidden_states(input_ids, position_ids, cache)
         if last_only:  # generation needs the next-token logits only
             h = h[:, -1:]
@@ -375,5 +392,4 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, p.dtype if p.is_floating_point() else torch.float32,
-                       p.device)
+        return KVCache(self.config, batch, max_len, p.dtype if p.is_floating_point() else torch.float32, p.device)

@@ -3,11 +3,12 @@
 Processing order follows transformers' generate: repetition penalty, then temperature, top-k and
 top-p, so greedy decoding (``temperature=0``) reproduces its tokens exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -85,8 +86,15 @@ def decode_threads(device: torch.device) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def generate(model, input_ids: Sequence[int] | torch.Tensor, config: GenerationConfig | None = None, *,
-             tokenizer=None, streamer: Callable[[int], None] | None = None, **settings) -> list[int]:
+def generate(
+    model,
+    input_ids: Sequence[int] | torch.Tensor,
+    config: GenerationConfig | None = None,
+    *,
+    tokenizer=None,
+    streamer: Callable[[int], None] | None = None,
+    **settings,
+) -> list[int]:
     """Continue one prompt; return the new token ids (a final stop token is not included).
 
     Args:
@@ -154,8 +162,15 @@ def stop_settings(tokenizer, words: Sequence[str], eos_ids: Sequence[int] = ()) 
     return sorted(set(ids)), texts
 
 
-def generate_text(model, tokenizer, prompt: str, config: GenerationConfig | None = None, *,
-                  streamer: Callable[[str], None] | None = None, **settings) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    config: GenerationConfig | None = None,
+    *,
+    streamer: Callable[[str], None] | None = None,
+    **settings,
+) -> str:
     """Generate from a rendered prompt string; return the reply text without stop words."""
     from tunex.tokenizer import StreamDecoder
 
@@ -165,10 +180,12 @@ def generate_text(model, tokenizer, prompt: str, config: GenerationConfig | None
     decoder = StreamDecoder(tokenizer)
     emit = None
     if streamer is not None:
+
         def emit(token: int) -> None:
             piece = decoder.push(token)
             if piece:
                 streamer(piece)
+
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     new = generate(model, prompt_ids, cfg, tokenizer=tokenizer, streamer=emit)
     text = tokenizer.decode(new, skip_special_tokens=True)

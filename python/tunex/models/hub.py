@@ -14,6 +14,7 @@ Accepted forms:
   online and ``huggingface_hub`` is installed it is downloaded; otherwise a clear error lists where
   tunex looked.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -164,8 +165,7 @@ def gguf_cache_dir(gguf_path: Path, revision: str | None = None) -> Path:
     """The cache folder for one GGUF file: keyed by its content (so copies of one file, such as the
     same package installed in several environments, share a folder) and the converter's revision."""
     revision = revision or _converter_revision()
-    return cache_root() / "gguf" / hashlib.sha256(
-        f"{revision}|{_content_hash(gguf_path)}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / hashlib.sha256(f"{revision}|{_content_hash(gguf_path)}".encode()).hexdigest()[:16]
 
 
 def _gguf_folder(gguf_path: Path) -> Path:
@@ -220,8 +220,9 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     p = local_path(text)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p} has no config.json; expected an HF model folder "
-                                    "(config.json + *.safetensors) or a .gguf file")
+            raise FileNotFoundError(
+                f"{p} has no config.json; expected an HF model folder (config.json + *.safetensors) or a .gguf file"
+            )
         return p
     if p.is_file():
         if p.suffix.lower() == ".gguf":
@@ -239,5 +240,6 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"model {text!r} is not on this machine; download it first, e.g. "
             f"`huggingface-cli download {text}` or `modelscope download {text}`, then pass the folder. "
-            f"Looked in:\n{places}")
+            f"Looked in:\n{places}"
+        )
     raise FileNotFoundError(f"model path {text!r} does not exist")

@@ -11,6 +11,7 @@ only to be converted or quantized are then given back (``madvise(MADV_DONTNEED)`
 the page cache but no longer count in the process's RSS (for SmolLM2 QLoRA: ~370 MB of fp32 weights
 the NF4 layers no longer need).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,9 +21,9 @@ import mmap
 import re
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,9 +33,18 @@ from tunex.models.config import ModelConfig, read_config, to_tunex_names
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 MAX_HEADER = 100_000_000
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -73,14 +83,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         for s in shape:
             numel *= s
         if count != numel * itemsize or 8 + n + end > size:
-            raise FormatError(f"{path}: tensor {name!r} offsets {begin}..{end} do not match "
-                              f"shape {shape} {info['dtype']} or the file size")
+            raise FormatError(
+                f"{path}: tensor {name!r} offsets {begin}..{end} do not match "
+                f"shape {shape} {info['dtype']} or the file size"
+            )
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         offset = 8 + n + begin
         if offset % itemsize:  # misaligned: copy instead of viewing
-            raw = bytearray(mm[offset:offset + count])
+            raw = bytearray(mm[offset : offset + count])
             out[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
         else:
             out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
@@ -179,8 +191,9 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device) -> 
     if old is None:
         raise KeyError(name)
     if tuple(old.shape) != tuple(tensor.shape):
-        raise FormatError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the config "
-                          f"implies {tuple(old.shape)}")
+        raise FormatError(
+            f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the config implies {tuple(old.shape)}"
+        )
     target = dtype if tensor.is_floating_point() else tensor.dtype
     placed = tensor.to(device=device, dtype=target)
     if placed.data_ptr() != tensor.data_ptr():  # converted or moved: the map's copy is not needed
@@ -244,8 +257,14 @@ def _load_prequantized(model: nn.Module, state: dict, dtype, device, folder: Pat
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(names)} or a torch.dtype")
     return names[dtype]
@@ -309,6 +328,8 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
             problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:4])}")
         if unexpected:
             problems.append(f"{len(unexpected)} tensors the config does not use, e.g. {', '.join(unexpected[:4])}")
-        raise FormatError(f"{folder}: checkpoint does not match config.json ({cfg.family}, "
-                          f"{cfg.num_layers} layers): " + "; ".join(problems))
+        raise FormatError(
+            f"{folder}: checkpoint does not match config.json ({cfg.family}, "
+            f"{cfg.num_layers} layers): " + "; ".join(problems)
+        )
     return model.eval()

@@ -5,12 +5,14 @@ An adapter folder holds ``adapter_config.json`` (indent 2, sorted keys) and
 ``...lora_B.weight`` (out, r) and, for DoRA, ``...lora_magnitude_vector`` (out,). The adapter name
 ("default") is not part of the saved keys.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -29,8 +31,9 @@ def adapter_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
     return list(seen)
 
 
-def peft_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                 source: str = "<state dict>") -> dict[str, torch.Tensor]:
+def peft_tensors(
+    state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, source: str = "<state dict>"
+) -> dict[str, torch.Tensor]:
     """tunex adapter tensors -> PEFT's key names, contiguous, cast to ``dtype`` when given.
 
     Raises:
@@ -43,8 +46,9 @@ def peft_tensors(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = 
             out[PEFT_PREFIX + key] = (t.to(dtype) if dtype is not None else t).contiguous()
     modules = adapter_modules(state)
     if not modules:
-        raise FormatError(f"{source}: holds no LoRA tensors (keys ending in .lora_A.weight); "
-                          "is it a checkpoint of a full fine-tune?")
+        raise FormatError(
+            f"{source}: holds no LoRA tensors (keys ending in .lora_A.weight); is it a checkpoint of a full fine-tune?"
+        )
     missing = [m for m in modules if f"{m}.lora_B.weight" not in state]
     if missing:
         raise FormatError(f"{source}: LoRA A without its B for {', '.join(missing[:3])}")
@@ -103,9 +107,14 @@ def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     return out
 
 
-def export_adapter(state: Mapping[str, torch.Tensor], method: Any, out_dir: str | os.PathLike,
-                   base_model: str = "", dtype: torch.dtype | None = torch.float16,
-                   source: str = "<state dict>") -> Path:
+def export_adapter(
+    state: Mapping[str, torch.Tensor],
+    method: Any,
+    out_dir: str | os.PathLike,
+    base_model: str = "",
+    dtype: torch.dtype | None = torch.float16,
+    source: str = "<state dict>",
+) -> Path:
     """tunex adapter state (module-named keys) -> PEFT adapter folder at ``out_dir``."""
     tensors = peft_tensors(state, dtype, source)
     modules = adapter_modules(state)

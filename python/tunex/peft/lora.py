@@ -11,6 +11,7 @@ checkpoint shares, so that layer is kept whole as the child ``base_layer``.
 Adapter tensor names (``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r),
 ``lora_magnitude_vector`` (out,)) are PEFT's, so exporting an adapter is a key prefix away.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,15 @@ class LoRALinear(nn.Module):
         use_dora: learn a per-output-row magnitude (DoRA); initialised to the base weight's row norms.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features = int(base.in_features)
         self.out_features = int(base.out_features)
@@ -108,8 +116,13 @@ class LoRALinear(nn.Module):
     recomputes_input = True
 
     def forward(self, x: torch.Tensor, x_recompute=None, kept: bool = False) -> torch.Tensor:
-        if (not self.training and self.lora_magnitude_vector is None and self.base_layer is None
-                and gemv_applies(x, self.weight) and not torch.is_grad_enabled()):
+        if (
+            not self.training
+            and self.lora_magnitude_vector is None
+            and self.base_layer is None
+            and gemv_applies(x, self.weight)
+            and not torch.is_grad_enabled()
+        ):
             # Decoding one token on the CPU with the adapter unmerged (chat --adapter, the eval
             # hook): the multi-core GEMV for the base, two small products for the adapter.
             lora = linear(linear(x, self.lora_A.weight), self.lora_B.weight)
@@ -120,9 +133,18 @@ class LoRALinear(nn.Module):
             # and re-dequantizes a 4-bit base in backward instead of holding the dense weight.
             base = self.weight if self.base_layer is None else self.base_layer.dequantize
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            return lora_linear(x, base, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                               bias=self._base_bias(), dropout=p, training=self.training,
-                               x_recompute=x_recompute, kept=kept)
+            return lora_linear(
+                x,
+                base,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scaling,
+                bias=self._base_bias(),
+                dropout=p,
+                training=self.training,
+                x_recompute=x_recompute,
+                kept=kept,
+            )
         out = self._base_forward(x)
         dropped = self.lora_dropout(x)
         a = self.lora_A.weight
@@ -130,8 +152,7 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(dropped.to(a.dtype), a), b) * self.scaling  # (..., out)
         return out + self._dora_term(x, dropped, out, lora).to(out.dtype)
 
-    def _dora_term(self, x: torch.Tensor, dropped: torch.Tensor, out: torch.Tensor,
-                   lora: torch.Tensor) -> torch.Tensor:
+    def _dora_term(self, x: torch.Tensor, dropped: torch.Tensor, out: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """DoRA's correction on top of the base output, as PEFT computes it.
 
         The row norm of ``W + dW`` is treated as a constant (detached), as in the DoRA paper
@@ -149,5 +170,7 @@ class LoRALinear(nn.Module):
         return (scale - 1) * base + scale * lora
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, dora={self.use_dora}, quantized={self.base_layer is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, dora={self.use_dora}, quantized={self.base_layer is not None}"
+        )

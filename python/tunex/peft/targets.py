@@ -4,10 +4,11 @@
 or ends with ``.<entry>``; a string other than ``"all-linear"`` is a regex that must match the whole
 module name; ``"all-linear"`` is every linear layer except the output head.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -54,14 +55,25 @@ def select_targets(model: nn.Module, target: str | list[str]) -> list[str]:
         chosen = [n for n, _ in linears if matches(n, target)]
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-        raise ConfigError("method.target_modules", [
-            f"{target!r} selects no linear layer of the model; its linear layers end in: "
-            f"{', '.join(suffixes) or '(none)'}; use 'all-linear' or some of those names"])
+        raise ConfigError(
+            "method.target_modules",
+            [
+                f"{target!r} selects no linear layer of the model; its linear layers end in: "
+                f"{', '.join(suffixes) or '(none)'}; use 'all-linear' or some of those names"
+            ],
+        )
     return chosen
 
 
-def apply_lora(model: nn.Module, target: str | list[str], r: int, alpha: float, dropout: float = 0.0,
-               use_rslora: bool = False, use_dora: bool = False) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    target: str | list[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> list[str]:
     """Freeze ``model`` and replace each selected linear with a ``LoRALinear`` in place.
 
     Returns the adapted module names; afterwards only adapter tensors require grad.

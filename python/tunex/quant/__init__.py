@@ -8,6 +8,7 @@ State dicts use bitsandbytes' serialized keys (``weight``, ``weight.absmax``, ``
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so
 bitsandbytes' Linear4bit and transformers load them and tunex loads theirs. See docs/QUANT.md.
 """
+
 from __future__ import annotations
 
 from tunex.quant.codebooks import code, dynamic_map

@@ -12,14 +12,15 @@ the absmax), whose printed length is only known after quantizing, so with double
 is quantized twice: once to size it, once to write it (quantization runs at hundreds of millions
 of elements per second; reading the model dominates).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,8 +39,7 @@ _DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 def is_quantized_weight(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     """A decoder-layer linear weight: 2-D ``.weight`` under ``layers.N.`` in a float dtype."""
-    return name.endswith(".weight") and bool(_DECODER_LAYER.search(name)) and len(shape) == 2 \
-        and dtype in FLOAT_DTYPES
+    return name.endswith(".weight") and bool(_DECODER_LAYER.search(name)) and len(shape) == 2 and dtype in FLOAT_DTYPES
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str = "bfloat16") -> dict:
@@ -70,8 +70,11 @@ class _Source:
         self.meta: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         if weight_format(folder) == "safetensors":
             index = folder / SAFETENSORS_INDEX
-            names = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-                     if index.is_file() else ["model.safetensors"])
+            names = (
+                sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                if index.is_file()
+                else ["model.safetensors"]
+            )
             for file_name in names:
                 reader = SafetensorsFile(folder / file_name)
                 for name in reader.keys():
@@ -93,22 +96,36 @@ class _Source:
         return where.get(name) if isinstance(where, SafetensorsFile) else where
 
 
-def _quantized_specs(name: str, shape: tuple[int, ...], quant_type: str, blocksize: int, payload: bytes,
-                     double_quant: bool) -> list[tuple[str, str, list[int]]]:
+def _quantized_specs(
+    name: str, shape: tuple[int, ...], quant_type: str, blocksize: int, payload: bytes, double_quant: bool
+) -> list[tuple[str, str, list[int]]]:
     n = shape[0] * shape[1]
     blocks = -(-n // blocksize)
-    specs = [(name, "U8", [(n + 1) // 2, 1]), (f"{name}.absmax", "U8" if double_quant else "F32", [blocks]),
-             (f"{name}.quant_map", "F32", [16])]
+    specs = [
+        (name, "U8", [(n + 1) // 2, 1]),
+        (f"{name}.absmax", "U8" if double_quant else "F32", [blocks]),
+        (f"{name}.quant_map", "F32", [16]),
+    ]
     if double_quant:
-        specs += [(f"{name}.nested_absmax", "F32", [-(-blocks // NESTED_BLOCKSIZE)]),
-                  (f"{name}.nested_quant_map", "F32", [256])]
+        specs += [
+            (f"{name}.nested_absmax", "F32", [-(-blocks // NESTED_BLOCKSIZE)]),
+            (f"{name}.nested_quant_map", "F32", [256]),
+        ]
     return specs + [(f"{name}.quant_state.bitsandbytes__{quant_type}", "U8", [len(payload)])]
 
 
-def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quant_type: str = "nf4",
-                        blocksize: int = 64, double_quant: bool = True, max_shard_size: str | int = "2GB",
-                        compute_dtype: str = "bfloat16", overwrite: bool = False,
-                        progress: Callable[[str, int, int], None] | None = None) -> dict:
+def quantize_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    max_shard_size: str | int = "2GB",
+    compute_dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Write the 4-bit version of the HF model in ``model_dir`` to the new folder ``out_dir``.
 
     Returns:
@@ -128,8 +145,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise FileNotFoundError(f"{config_path} not found: a HF model folder needs its config.json")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if "quantization_config" in config:
-        raise ValueError(f"{config_path} already has a quantization_config "
-                         f"({config['quantization_config'].get('quant_method', '?')}); quantize the original model")
+        raise ValueError(
+            f"{config_path} already has a quantization_config "
+            f"({config['quantization_config'].get('quant_method', '?')}); quantize the original model"
+        )
     source = _Source(folder)
 
     def quantized(name: str) -> dict[str, torch.Tensor]:
@@ -140,14 +159,18 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         if is_quantized_weight(name, dtype, shape):
             targets.add(name)
             entries = quantized(name) if double_quant else None
-            payload = (bytes(entries[f"{name}.quant_state.bitsandbytes__{quant_type}"].numpy()) if entries
-                       else quant_state_payload(quant_type, blocksize, dtype, shape, None))
+            payload = (
+                bytes(entries[f"{name}.quant_state.bitsandbytes__{quant_type}"].numpy())
+                if entries
+                else quant_state_payload(quant_type, blocksize, dtype, shape, None)
+            )
             specs += _quantized_specs(name, shape, quant_type, blocksize, payload, double_quant)
         else:
             specs.append((name, to_safetensors(dtype, name), list(shape)))
     if not targets:
-        raise ValueError(f"{folder}: no decoder-layer linear weights (names with 'layers.N.' ending in '.weight') "
-                         "to quantize")
+        raise ValueError(
+            f"{folder}: no decoder-layer linear weights (names with 'layers.N.' ending in '.weight') to quantize"
+        )
 
     config["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype)
     with tempfile.TemporaryDirectory(prefix="tunex-quantize-") as tmp:
@@ -155,8 +178,9 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         new_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         extra = [(str(new_config), "config.json")]
         extra += [(str(p), p.name) for p in non_weight_files(folder) if p.name != "config.json"]
-        writer = _native.ShardWriter(os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")],
-                                     "model", "new", overwrite)
+        writer = _native.ShardWriter(
+            os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], "model", "new", overwrite
+        )
         try:
             for i, (name, _dtype, _shape) in enumerate(source.meta):
                 for key, tensor in (quantized(name) if name in targets else {name: source.get(name)}).items():
@@ -167,5 +191,9 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         except BaseException:
             writer.abort()
             raise
-    return {"quantized": len(targets), "kept": len(source.meta) - len(targets), "files": summary["files"],
-            "file_bytes": summary["file_bytes"]}
+    return {
+        "quantized": len(targets),
+        "kept": len(source.meta) - len(targets),
+        "files": summary["files"],
+        "file_bytes": summary["file_bytes"],
+    }

@@ -3,6 +3,7 @@
 The values must equal bitsandbytes' float32 tensors bit for bit: checkpoints store them
 (``weight.quant_map``, ``weight.nested_quant_map``) and the quantized bytes depend on them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,10 +14,22 @@ QUANT_TYPES = ("nf4", "fp4")
 
 # NormalFloat4 (QLoRA): equal-mass quantiles of N(0, 1) scaled to [-1, 1], in nibble order.
 _NF4 = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 # FP4 (e2m1 with bitsandbytes' bias) in bit-pattern order; bit 3 is the sign. Index 8 holds +0.0,

@@ -9,6 +9,7 @@ the bias, if someone unfroze it), never to the packed weight. LoRA adapters wrap
 The state dict is bitsandbytes' ``Linear4bit`` layout (``weight``, ``bias``, ``weight.absmax``, ...;
 see ``tunex.quant.serialize``), so either library loads the other's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,11 +53,14 @@ class NF4Linear(nn.Module):
             The output is returned in the input's dtype.
     """
 
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         if len(qweight.shape) != 2:
-            raise ValueError(f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape {tuple(qweight.shape)}")
+            raise ValueError(
+                f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape {tuple(qweight.shape)}"
+            )
         self.out_features, self.in_features = (int(d) for d in qweight.shape)
         self.compute_dtype = compute_dtype
         self._set_weight(qweight)
@@ -65,16 +69,23 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                    name: str = "weight") -> NF4Linear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        name: str = "weight",
+    ) -> NF4Linear:
         """Quantize a dense ``nn.Linear`` (its weight dtype becomes the layer's ``weight_dtype``)."""
         qweight = quantize(linear.weight.detach(), quant_type, blocksize, double_quant, name=name)
         return cls(qweight, linear.bias, compute_dtype)
 
     @classmethod
-    def from_state_dict(cls, state_dict, prefix: str = "", compute_dtype: torch.dtype | None = None, *,
-                        source: str = "state dict") -> NF4Linear:
+    def from_state_dict(
+        cls, state_dict, prefix: str = "", compute_dtype: torch.dtype | None = None, *, source: str = "state dict"
+    ) -> NF4Linear:
         """Build the layer saved under ``prefix`` (``prefix + "weight"``, ``prefix + "weight.absmax"``,
         ..., optional ``prefix + "bias"``) in bitsandbytes' layout, e.g. from a ``tunex quantize``
         checkpoint. ``source`` names the file in errors."""
@@ -99,11 +110,22 @@ class NF4Linear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         nested = None
         if self.nested_absmax is not None:
-            nested = NestedAbsmax(absmax=self.nested_absmax, code=self.nested_quant_map,
-                                  offset=self.nested_offset, blocksize=self.nested_blocksize)
-        return QuantizedWeight(packed=self.weight, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                               dtype=self.weight_dtype, quant_type=self.quant_type, blocksize=self.blocksize,
-                               code=self.quant_map, nested=nested)
+            nested = NestedAbsmax(
+                absmax=self.nested_absmax,
+                code=self.nested_quant_map,
+                offset=self.nested_offset,
+                blocksize=self.nested_blocksize,
+            )
+        return QuantizedWeight(
+            packed=self.weight,
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            code=self.quant_map,
+            nested=nested,
+        )
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would cast the float32 absmax and codebooks and corrupt them;
@@ -148,8 +170,9 @@ class NF4Linear(nn.Module):
                 if key in destination:
                     destination[key] = destination[key].detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_prefix = prefix + "weight"
         if quant_state_key(state_dict, weight_prefix) is None:
             missing_keys.append(weight_prefix + ".quant_state.bitsandbytes__" + self.quant_type)
@@ -161,8 +184,10 @@ class NF4Linear(nn.Module):
             error_msgs.append(str(exc))
             return
         if tuple(qw.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{weight_prefix}: shape {tuple(qw.shape)} in the checkpoint, "
-                              f"expected {(self.out_features, self.in_features)} for this layer")
+            error_msgs.append(
+                f"{weight_prefix}: shape {tuple(qw.shape)} in the checkpoint, "
+                f"expected {(self.out_features, self.in_features)} for this layer"
+            )
             return
         self._set_weight(qw.to(self.weight.device))
         bias_key = prefix + "bias"
@@ -174,10 +199,16 @@ class NF4Linear(nn.Module):
                 missing_keys.append(bias_key)
         elif bias_key in state_dict:
             unexpected_keys.append(bias_key)
-        known = {weight_prefix, bias_key, *(f"{weight_prefix}.{s}" for s in STATE_SUFFIXES),
-                 quant_state_key(state_dict, weight_prefix)}
+        known = {
+            weight_prefix,
+            bias_key,
+            *(f"{weight_prefix}.{s}" for s in STATE_SUFFIXES),
+            quant_state_key(state_dict, weight_prefix),
+        }
         unexpected_keys.extend(k for k in keys if k not in known)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}"
+        )

@@ -14,6 +14,7 @@ This is what bitsandbytes' ``Linear4bit`` writes and what transformers reads for
 ``load_in_4bit`` checkpoints; the JSON is written the same way (``json.dumps`` defaults, same key
 order) so tunex's files are byte-identical to bitsandbytes' for the same weight.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in FLOAT_DTYPES.items()}
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-def quant_state_payload(quant_type: str, blocksize: int, dtype: torch.dtype, shape, nested: NestedAbsmax | None) -> bytes:
+def quant_state_payload(
+    quant_type: str, blocksize: int, dtype: torch.dtype, shape, nested: NestedAbsmax | None
+) -> bytes:
     """The JSON bytes of ``P.quant_state.bitsandbytes__<type>``, written as bitsandbytes writes them."""
     info = {"quant_type": quant_type, "blocksize": blocksize, "dtype": FLOAT_DTYPES[dtype], "shape": list(shape)}
     if nested is not None:
@@ -57,29 +60,36 @@ def quant_state_key(state_dict: dict[str, torch.Tensor], prefix: str = "weight")
     return None
 
 
-def from_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight", *,
-                    source: str = "state dict") -> QuantizedWeight:
+def from_state_dict(
+    state_dict: dict[str, torch.Tensor], prefix: str = "weight", *, source: str = "state dict"
+) -> QuantizedWeight:
     """Rebuild the weight saved under ``prefix``; ``source`` names the file in error messages.
 
     Raises:
         tunex.errors.FormatError: a key is missing, the JSON is unreadable, or sizes disagree
             (the message names the key, what was expected and what was found).
     """
+
     def fail(key: str, why: str) -> FormatError:
         return FormatError(f"{source}: {key}: {why}")
 
     state_key = quant_state_key(state_dict, prefix)
     if state_key is None:
-        raise fail(f"{prefix}.quant_state.bitsandbytes__nf4",
-                   "missing; a 4-bit weight needs its quant_state entry (bitsandbytes layout)")
+        raise fail(
+            f"{prefix}.quant_state.bitsandbytes__nf4",
+            "missing; a 4-bit weight needs its quant_state entry (bitsandbytes layout)",
+        )
     try:
         info = json.loads(bytes(state_dict[state_key].cpu().numpy()).decode("utf-8"))
         quant_type, blocksize = info["quant_type"], int(info["blocksize"])
         shape = torch.Size(int(d) for d in info["shape"])
         dtype = _DTYPES_BY_NAME[info["dtype"]]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise fail(state_key, f"unreadable quant state ({type(exc).__name__}: {exc}); expected JSON with "
-                              "quant_type, blocksize, dtype (float32/float16/bfloat16) and shape") from exc
+        raise fail(
+            state_key,
+            f"unreadable quant state ({type(exc).__name__}: {exc}); expected JSON with "
+            "quant_type, blocksize, dtype (float32/float16/bfloat16) and shape",
+        ) from exc
     if quant_type not in QUANT_TYPES or not state_key.endswith(quant_type):
         raise fail(state_key, f"quant_type {quant_type!r} does not match the key; expected nf4 or fp4")
     if blocksize not in BLOCKSIZES:
@@ -96,16 +106,25 @@ def from_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "weight",
         absmax = _take(state_dict, f"{prefix}.absmax", fail, numel=blocks, dtype=torch.uint8)
         nested_blocksize = int(info.get("nested_blocksize", 256))
         nested = NestedAbsmax(
-            absmax=_take(state_dict, f"{prefix}.nested_absmax", fail, numel=-(-blocks // nested_blocksize),
-                         dtype=torch.float32),
+            absmax=_take(
+                state_dict, f"{prefix}.nested_absmax", fail, numel=-(-blocks // nested_blocksize), dtype=torch.float32
+            ),
             code=_take(state_dict, f"{prefix}.nested_quant_map", fail, numel=256, dtype=torch.float32),
             offset=float(torch.tensor(float(info["nested_offset"]), dtype=torch.float32)),
             blocksize=nested_blocksize,
         )
     else:
         absmax = _take(state_dict, f"{prefix}.absmax", fail, numel=blocks, dtype=torch.float32)
-    return QuantizedWeight(packed=packed, absmax=absmax.reshape(-1), shape=shape, dtype=dtype, quant_type=quant_type,
-                           blocksize=blocksize, code=quant_map, nested=nested)
+    return QuantizedWeight(
+        packed=packed,
+        absmax=absmax.reshape(-1),
+        shape=shape,
+        dtype=dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        code=quant_map,
+        nested=nested,
+    )
 
 
 def _take(state_dict, key: str, fail, *, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -8,6 +8,7 @@ dequantization runs there too for CPU tensors and in torch or Triton for CUDA te
 itself: bitsandbytes uses ``absmax.mean()`` and torch's float32 summation order is what the stored
 offset must reproduce, to the last bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,10 +84,12 @@ class QuantizedWeight:
         """The same weight with every tensor on ``device`` (dtypes never change)."""
         nested = None
         if self.nested is not None:
-            nested = dataclasses.replace(self.nested, absmax=self.nested.absmax.to(device),
-                                         code=self.nested.code.to(device))
-        return dataclasses.replace(self, packed=self.packed.to(device), absmax=self.absmax.to(device),
-                                   code=self.code.to(device), nested=nested)
+            nested = dataclasses.replace(
+                self.nested, absmax=self.nested.absmax.to(device), code=self.nested.code.to(device)
+            )
+        return dataclasses.replace(
+            self, packed=self.packed.to(device), absmax=self.absmax.to(device), code=self.code.to(device), nested=nested
+        )
 
     def absmax_f32(self) -> torch.Tensor:
         """The per-block scales as float32, restoring them from the double-quantized form if needed."""
@@ -100,8 +103,10 @@ class QuantizedWeight:
 
 def check_blocksize(blocksize: int) -> int:
     if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize {blocksize!r} is not supported; use one of {', '.join(map(str, BLOCKSIZES))} "
-                         "(64 is the QLoRA default)")
+        raise ValueError(
+            f"blocksize {blocksize!r} is not supported; use one of {', '.join(map(str, BLOCKSIZES))} "
+            "(64 is the QLoRA default)"
+        )
     return int(blocksize)
 
 
@@ -117,8 +122,9 @@ def _as_bytes(t: torch.Tensor):
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def quantize(t: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-             *, name: str = "tensor") -> QuantizedWeight:
+def quantize(
+    t: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, *, name: str = "tensor"
+) -> QuantizedWeight:
     """Quantize ``t`` to 4 bits exactly as bitsandbytes' ``quantize_4bit`` does.
 
     Args:
@@ -144,13 +150,22 @@ def quantize(t: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, doub
     blocks = -(-n // blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(blocks, dtype=torch.float32)
-    _native.quantize_4bit(_as_bytes(src), dtype_name, quant_type, blocksize, name,
-                          packed.view(-1).numpy(), absmax.numpy())
+    _native.quantize_4bit(
+        _as_bytes(src), dtype_name, quant_type, blocksize, name, packed.view(-1).numpy(), absmax.numpy()
+    )
     nested = None
     if double_quant and blocks > 0:
         absmax, nested = compress_absmax(absmax)
-    qw = QuantizedWeight(packed=packed, absmax=absmax, shape=t.shape, dtype=t.dtype, quant_type=quant_type,
-                         blocksize=blocksize, code=code(quant_type), nested=nested)
+    qw = QuantizedWeight(
+        packed=packed,
+        absmax=absmax,
+        shape=t.shape,
+        dtype=t.dtype,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        code=code(quant_type),
+        nested=nested,
+    )
     return qw if device.type == "cpu" else qw.to(device)
 
 
@@ -161,8 +176,9 @@ def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, NestedAbsmax]:
     codes = torch.empty(absmax.numel(), dtype=torch.uint8)
     scales = torch.empty(groups, dtype=torch.float32)
     dmap = dynamic_map()
-    _native.quantize_blockwise_8bit(absmax.numpy(), offset, dmap.numpy(), NESTED_BLOCKSIZE, codes.numpy(),
-                                    scales.numpy())
+    _native.quantize_blockwise_8bit(
+        absmax.numpy(), offset, dmap.numpy(), NESTED_BLOCKSIZE, codes.numpy(), scales.numpy()
+    )
     return codes, NestedAbsmax(absmax=scales, code=dmap, offset=offset)
 
 
@@ -171,8 +187,14 @@ def restore_absmax(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Tensor:
     if codes.device.type != "cpu":
         return restore_absmax_torch(codes, nested)
     out = torch.empty(codes.numel(), dtype=torch.float32)
-    _native.dequantize_blockwise_8bit(codes.contiguous().view(-1).numpy(), nested.absmax.contiguous().numpy(),
-                                      nested.code.contiguous().numpy(), nested.blocksize, nested.offset, out.numpy())
+    _native.dequantize_blockwise_8bit(
+        codes.contiguous().view(-1).numpy(),
+        nested.absmax.contiguous().numpy(),
+        nested.code.contiguous().numpy(),
+        nested.blocksize,
+        nested.offset,
+        out.numpy(),
+    )
     return out
 
 
@@ -186,7 +208,9 @@ def restore_absmax_torch(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Ten
     return scaled + torch.tensor(nested.offset, dtype=torch.float32, device=codes.device)
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The float tensor ``qw`` stands for, as bitsandbytes' ``dequantize_4bit`` computes it:
     ``code[nibble] * absmax[block]`` in float32, rounded to ``dtype`` (default: the original dtype).
 
@@ -206,12 +230,21 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: to
         if out is not None:
             raise ValueError("out= is supported for CPU weights only")
         from tunex.kernels.nf4_dequant import dequantize_4bit
+
         return dequantize_4bit(qw.packed, absmax, qw.quant_type, qw.blocksize, qw.shape, dtype)
     if out is None:
         out = torch.empty(qw.shape, dtype=dtype)
     elif out.shape != qw.shape or out.device.type != "cpu" or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous CPU tensor of shape {tuple(qw.shape)}, "
-                         f"got {tuple(out.shape)} on {out.device}")
-    _native.dequantize_4bit(qw.packed.contiguous().view(-1).numpy(), absmax.contiguous().numpy(), qw.quant_type,
-                            qw.blocksize, qw.numel, dtype_name, _as_bytes(out))
+        raise ValueError(
+            f"out must be a contiguous CPU tensor of shape {tuple(qw.shape)}, got {tuple(out.shape)} on {out.device}"
+        )
+    _native.dequantize_4bit(
+        qw.packed.contiguous().view(-1).numpy(),
+        absmax.contiguous().numpy(),
+        qw.quant_type,
+        qw.blocksize,
+        qw.numel,
+        dtype_name,
+        _as_bytes(out),
+    )
     return out

@@ -3,6 +3,7 @@
 
 This is the one module that knows how a tunex model is called, so the loop stays model-agnostic.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,16 +66,17 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
 
         def quantize(name: str, linear: nn.Linear) -> nn.Module:
             # called per decoder layer while loading, so the dense weights never all coexist
-            return NF4Linear.from_linear(linear, method.quant_type, method.blocksize,
-                                         method.double_quant, compute)
+            return NF4Linear.from_linear(linear, method.quant_type, method.blocksize, method.double_quant, compute)
+
     # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
     # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
     model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize)
     if method.kind == "full":
         model.requires_grad_(True)
     else:
-        apply_lora(model, method.target_modules, method.r, method.alpha, method.dropout,
-                   method.use_rslora, method.use_dora)
+        apply_lora(
+            model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
+        )
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()

@@ -6,6 +6,7 @@ the trainable weights (adapters, or the whole model for a full fine-tune) by the
 optimizer and scheduler states, every RNG state, the data position and the config. Only plain
 containers, numbers, strings and tensors go in, so no code runs on load.
 """
+
 from __future__ import annotations
 
 import os
@@ -111,8 +112,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign pickle: say which file
         raise FormatError(f"{p}: not a loadable training checkpoint ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise FormatError(f"{p}: not a tunex training checkpoint (expected a dict with "
-                          f"format={FORMAT!r}; write one with `tunex train`)")
+        raise FormatError(
+            f"{p}: not a tunex training checkpoint (expected a dict with "
+            f"format={FORMAT!r}; write one with `tunex train`)"
+        )
     if data.get("version") != VERSION:
         raise FormatError(f"{p}: checkpoint version {data.get('version')!r}, this tunex reads {VERSION}")
     return data
@@ -127,6 +130,8 @@ def resolve_resume(resume: str | None, work_dir: str | os.PathLike) -> Path | No
         return latest(work_dir)
     p = Path(resume)
     if not (p.is_file() or p.is_dir()):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or iter_N.dcp folder "
-                                f"(use --resume auto to take the newest one in {work_dir})")
+        raise FileNotFoundError(
+            f"--resume {resume}: no such checkpoint file or iter_N.dcp folder "
+            f"(use --resume auto to take the newest one in {work_dir})"
+        )
     return p

@@ -1,5 +1,6 @@
 """Training checkpoints -> HF formats: a PEFT adapter for LoRA/QLoRA, a HF model folder for a full
 fine-tune (written by the Rust shard writer, with the base model's config and tokenizer files)."""
+
 from __future__ import annotations
 
 import json
@@ -15,21 +16,33 @@ from tunex.peft import export_adapter
 from tunex.train import checkpoint
 
 # Files of a HF model folder that describe it rather than hold weights.
-MODEL_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
-                    "merges.txt", "added_tokens.json")
+MODEL_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def _method_of(state: dict[str, Any], cfg: Any, pth: Path) -> str:
     kind = state.get("method", cfg.method.kind)
     if kind != cfg.method.kind:
-        raise FormatError(f"{pth}: written by a {kind} run but the config says method.kind = "
-                          f"{cfg.method.kind!r}; pass the config the run used (work_dir/config.toml)")
+        raise FormatError(
+            f"{pth}: written by a {kind} run but the config says method.kind = "
+            f"{cfg.method.kind!r}; pass the config the run used (work_dir/config.toml)"
+        )
     return kind
 
 
-def convert_checkpoint(cfg: Any, pth: str | os.PathLike, out: str | os.PathLike, *, fp32: bool = False,
-                       max_shard_size: str | int = "2GB") -> str:
+def convert_checkpoint(
+    cfg: Any, pth: str | os.PathLike, out: str | os.PathLike, *, fp32: bool = False, max_shard_size: str | int = "2GB"
+) -> str:
     """Write checkpoint ``pth`` of a run of ``cfg`` to ``out``; returns what was written."""
     pth = Path(pth)
     state = checkpoint.load(pth)
@@ -42,8 +55,9 @@ def convert_checkpoint(cfg: Any, pth: str | os.PathLike, out: str | os.PathLike,
     return "a HF model"
 
 
-def write_full_model(cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype,
-                     max_shard_size: str | int) -> None:
+def write_full_model(
+    cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_size: str | int
+) -> None:
     """A full fine-tune's weights as a HF folder: shards + index, config.json, tokenizer files."""
     from tunex import save_sharded
     from tunex.models import read_config, resolve_model_path, to_checkpoint_names
@@ -85,7 +99,9 @@ def checkpoint_as_adapter(cfg: Any, pth: str | os.PathLike, out: str | os.PathLi
     state = checkpoint.load(pth)
     kind = _method_of(state, cfg, pth)
     if kind == "full":
-        raise FormatError(f"{pth}: a full fine-tune has no adapter to merge; "
-                          "use `tunex convert pth_to_hf` to write the model")
-    return export_adapter(state["model"], cfg.method, out, base_model=cfg.model.path,
-                          dtype=torch.float32, source=str(pth))
+        raise FormatError(
+            f"{pth}: a full fine-tune has no adapter to merge; use `tunex convert pth_to_hf` to write the model"
+        )
+    return export_adapter(
+        state["model"], cfg.method, out, base_model=cfg.model.path, dtype=torch.float32, source=str(pth)
+    )

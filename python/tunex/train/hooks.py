@@ -1,13 +1,14 @@
 """The evaluation hook (XTuner's EvaluateChatHook): answer the configured prompts with the
 configured chat template every N steps and at the end, and log the answers."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 
 
 class EvalChatHook:
@@ -22,8 +23,15 @@ class EvalChatHook:
         echo: prints one line per answer.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, template: Any, eval_cfg: Any,
-                 work_dir: Path | None, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        template: Any,
+        eval_cfg: Any,
+        work_dir: Path | None,
+        echo: Callable[[str], None],
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -36,7 +44,7 @@ class EvalChatHook:
         return bool(self.cfg.prompts) and (step == last_step or (every > 0 and step % every == 0))
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        messages = ([{"role": "system", "content": self.cfg.system}] if self.cfg.system else [])
+        messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
         messages.append({"role": "user", "content": prompt})
         text = self.template.render(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -60,8 +68,13 @@ class EvalChatHook:
         try:
             stops = self.stop_ids()
             for prompt in self.cfg.prompts:
-                out = generate(self.model, self.prompt_ids(prompt), max_new_tokens=self.cfg.max_new_tokens,
-                               temperature=0.0, stop_token_ids=sorted(stops))
+                out = generate(
+                    self.model,
+                    self.prompt_ids(prompt),
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    temperature=0.0,
+                    stop_token_ids=sorted(stops),
+                )
                 answer = self.tokenizer.decode(out, skip_special_tokens=True).strip()
                 records.append({"step": step, "prompt": prompt, "answer": answer})
                 self.echo(f"[eval step {step}] {prompt!r} -> {answer!r}")

@@ -9,14 +9,16 @@ and optimizer state as the uninterrupted run, so its metrics are the same.
 Under torchrun the same loop runs on every rank (tunex.dist): each rank trains on its slice of
 every global batch through DDP (adapters) or FSDP2 (full fine-tune); docs/SCALING.md.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -68,13 +70,16 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
-        raise TunexError(f"{source}: does not fit this config's model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); resume with the config that wrote it")
+        raise TunexError(
+            f"{source}: does not fit this config's model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); resume with the config that wrote it"
+        )
     model.load_state_dict(state, strict=False)
 
 
-def _batches(dataset: Any, cfg: Any, consumed: int, per_epoch: int, rank: int = 0,
-             world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    dataset: Any, cfg: Any, consumed: int, per_epoch: int, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches from global position ``consumed`` on, epoch after epoch (each
     epoch reshuffled; every rank computes the same order and takes its slice of it)."""
     return rank_micro_batches(dataset, cfg.train.batch_size, cfg.train.seed, consumed, per_epoch, rank, world)
@@ -87,8 +92,9 @@ def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
     return None
 
 
-def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True,
-                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, int]:
+def _micro_step(
+    step_module, batch, device, cfg, accum: int, last: bool = True, scaler: torch.amp.GradScaler | None = None
+) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch through the loss module (DDP/FSDP-wrapped or not);
     gradients are reduced across ranks only on the step's ``last`` micro-batch."""
     input_ids = batch["input_ids"].to(device)
@@ -102,8 +108,13 @@ def _micro_step(step_module, batch, device, cfg, accum: int, last: bool = True,
     return loss.detach(), int(input_ids.numel())
 
 
-def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume: str | None = None,
-          stop_after: int | None = None) -> TrainResult:
+def train(
+    cfg: Any,
+    work_dir: str | None = None,
+    seed: int | None = None,
+    resume: str | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
     """Run training as ``cfg`` says.
 
     Args:
@@ -168,8 +179,7 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     step, consumed = 0, 0
     if state is not None:
         if sharded or resume_from.is_dir():
-            dist_ckpt.restore(resume_from, None if resume_from.is_dir() else state, model, optimizer,
-                              cfg.method.kind)
+            dist_ckpt.restore(resume_from, None if resume_from.is_dir() else state, model, optimizer, cfg.method.kind)
         else:
             load_trainable(model, state["model"], resume_from)
             optimizer.load_state_dict(state["optimizer"])
@@ -190,10 +200,12 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
     hook = EvalChatHook(model, tokenizer, template, cfg.eval, work if is_main else None, progress.echo)
     if is_main:
         trainable = sum(p.numel() for p in params)
-        progress.echo(f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
-                      f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
-                      f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
-                      + (f"; resumed from {resume_from} at step {step}" if state else ""))
+        progress.echo(
+            f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
+            f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
+            f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
+            + (f"; resumed from {resume_from} at step {step}" if state else "")
+        )
 
     saved: Path | None = resume_from
     loss_value = float("nan")
@@ -207,8 +219,7 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             for micro in range(accum):
-                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1,
-                                      scaler)
+                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
                 loss_sum += loss
                 tokens += n
             # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
@@ -217,7 +228,8 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
                 where = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
                 raise TrainingDiverged(
                     f"loss became {loss_value} at step {step}; stopped before applying it ({where}). "
-                    "Lower train.lr or raise train.warmup_ratio, then --resume auto")
+                    "Lower train.lr or raise train.warmup_ratio, then --resume auto"
+                )
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = clip_gradients(params, cfg.train.max_norm)
@@ -230,26 +242,44 @@ def train(cfg: Any, work_dir: str | None = None, seed: int | None = None, resume
             optimizer.zero_grad(set_to_none=True)
             consumed += accum * world  # counted in global micro-batches: resumable on any world size
             elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "epoch": consumed / per_epoch, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                      "time_s": elapsed}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "epoch": consumed / per_epoch,
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed,
+                "time_s": elapsed,
+            }
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
             if step % cfg.save.save_steps == 0 or step == last:
-                meta = {"scheduler": scheduler.state_dict(), "data": {"micro_batches": consumed},
-                        "config": cfg.to_dict(), "method": cfg.method.kind}
+                meta = {
+                    "scheduler": scheduler.state_dict(),
+                    "data": {"micro_batches": consumed},
+                    "config": cfg.to_dict(),
+                    "method": cfg.method.kind,
+                }
                 if scaler is not None:
                     meta["scaler"] = scaler.state_dict()
                 if sharded:  # every rank writes its shards
-                    saved = dist_ckpt.save_sharded(work, step, model, optimizer, meta,
-                                                   cfg.save.save_total_limit, env)
+                    saved = dist_ckpt.save_sharded(work, step, model, optimizer, meta, cfg.save.save_total_limit, env)
                 else:  # replicated state: rank 0 writes it, with every rank's RNG
                     rng = dist_ckpt.rng_payload(env) if env.enabled else {"rng": checkpoint.rng_state()}
                     saved = work / f"iter_{step}.pth"
                     if is_main:
-                        saved = checkpoint.save(work, step, {
-                            "model": trainable_state(model, cfg.method.kind),
-                            "optimizer": optimizer.state_dict(), **meta, **rng}, cfg.save.save_total_limit)
+                        saved = checkpoint.save(
+                            work,
+                            step,
+                            {
+                                "model": trainable_state(model, cfg.method.kind),
+                                "optimizer": optimizer.state_dict(),
+                                **meta,
+                                **rng,
+                            },
+                            cfg.save.save_total_limit,
+                        )
             # FSDP2 ranks generate together (each forward gathers shards); DDP's rank 0 alone
             if (hook.due(step, total) or (step == last and cfg.eval.prompts)) and (is_main or sharded):
                 hook(step)

@@ -7,6 +7,7 @@ scales those by the incoming gradient. Peak extra memory is one chunk of logits 
 ``tokens x vocab`` fp32 values (200 MB for 1024 tokens of a 49k vocabulary) and their softmax
 gradient; no logit is computed twice.
 """
+
 from __future__ import annotations
 
 import threading
@@ -43,20 +44,21 @@ def _chunk_rows(vocab: int, chunk_elements: int) -> int:
 _scratch = threading.local()
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
-                  low: torch.Tensor | None = None) -> torch.Tensor:
+def _chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, low: torch.Tensor | None = None
+) -> torch.Tensor:
     """fp32 logits of one chunk. On the CPU in float32 they go into one buffer per thread, reused
     by every chunk and step: a fresh 64 MB chunk would be mapped and faulted in (16k pages) each time.
     ``low``: the head weight in CPU autocast's dtype, for the product (see frozen_product_dtype)."""
     if not (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32):
         return F.linear(h, weight, bias).float()
     if low is not None:
-        out = _reused("logits", (rows, weight.shape[0]))[:h.shape[0]]
+        out = _reused("logits", (rows, weight.shape[0]))[: h.shape[0]]
         out.copy_(_dispatch.matmul_nt(h.to(low.dtype), low))
         return out if bias is None else out.add_(bias.float())
     if _dispatch.onednn_fits(h, weight):
         return _dispatch.matmul_nt(h, weight, bias=None if bias is None else bias.float())
-    out = _reused("logits", (rows, weight.shape[0]))[:h.shape[0]]
+    out = _reused("logits", (rows, weight.shape[0]))[: h.shape[0]]
     if bias is None:
         return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias.float(), h, weight.t(), out=out)
@@ -72,8 +74,14 @@ def _reused(name: str, shape: tuple[int, int]) -> torch.Tensor:
     return buf
 
 
-def _softmax_grad_torch(logits: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, weight_row: torch.Tensor,
-                        want_grad: bool, total: torch.Tensor) -> torch.Tensor | None:
+def _softmax_grad_torch(
+    logits: torch.Tensor,
+    safe: torch.Tensor,
+    valid: torch.Tensor,
+    weight_row: torch.Tensor,
+    want_grad: bool,
+    total: torch.Tensor,
+) -> torch.Tensor | None:
     """Adds the chunk's summed loss to ``total``; returns d loss / d logits = (softmax - onehot) *
     weight_row, computed in place over the logits (None when no gradient is wanted)."""
     safe = safe.unsqueeze(1)
@@ -97,8 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_w = grad_wanted and ctx.needs_input_grad[1]
         low_dtype = None if need_w else _dispatch.frozen_product_dtype(hidden)  # a trained head stays fp32
         with _dispatch.no_autocast(hidden):  # every product below says its dtype
-            return _LinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, denom, chunk_elements,
-                                                grad_wanted, low_dtype)
+            return _LinearCrossEntropy._forward(
+                ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted, low_dtype
+            )
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, labels, denom, chunk_elements, grad_wanted, low_dtype):
@@ -115,13 +124,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         # gradients of several chunks gathered for one hidden-state product (native kernel, oneDNN)
-        grads = _reused("grads", (GRAD_CHUNKS * rows, weight.shape[0])) if (
-            need_h and GRAD_CHUNKS > 1 and hidden.shape[0] > rows and _dispatch.onednn_fits(hidden, weight)
-            and _native_f32(_native_xent, hidden)) else None
+        grads = (
+            _reused("grads", (GRAD_CHUNKS * rows, weight.shape[0]))
+            if (
+                need_h
+                and GRAD_CHUNKS > 1
+                and hidden.shape[0] > rows
+                and _dispatch.onednn_fits(hidden, weight)
+                and _native_f32(_native_xent, hidden)
+            )
+            else None
+        )
         first, filled = 0, 0  # rows of `grads` in use, for hidden rows first..first+filled
         for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows]
-            y = labels[start:start + rows]
+            h = hidden[start : start + rows]
+            y = labels[start : start + rows]
             logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
@@ -131,11 +148,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # one Rust pass set per row: log-sum-exp, the label's logit and the gradient (in
                 # place, or into the gathering buffer)
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))
-                g = logits if grads is None else grads[filled:filled + len(y)]
-                _native_xent(_dispatch.host_flat(logits), logits.shape[1],
-                             _dispatch.host_array(safe.to(torch.int64)), _dispatch.host_array(weight_row),
-                             want_grad, _dispatch.host_array(lse), _dispatch.host_array(picked),
-                             None if grads is None else _dispatch.host_flat(g))
+                g = logits if grads is None else grads[filled : filled + len(y)]
+                _native_xent(
+                    _dispatch.host_flat(logits),
+                    logits.shape[1],
+                    _dispatch.host_array(safe.to(torch.int64)),
+                    _dispatch.host_array(weight_row),
+                    want_grad,
+                    _dispatch.host_array(lse),
+                    _dispatch.host_array(picked),
+                    None if grads is None else _dispatch.host_flat(g),
+                )
                 total += ((lse - picked) * valid).sum()
                 if not want_grad:
                     continue
@@ -144,14 +167,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g is None:
                     continue
                 if grads is not None:
-                    g = grads[filled:filled + len(y)].copy_(g)
+                    g = grads[filled : filled + len(y)].copy_(g)
             if need_h and grads is not None:
                 filled += len(y)
                 if filled + rows > grads.shape[0] or start + rows >= hidden.shape[0]:
-                    grad_h[first:first + filled] = _dispatch.matmul_nt_in(grads[:filled], head.t(), low_dtype)
+                    grad_h[first : first + filled] = _dispatch.matmul_nt_in(grads[:filled], head.t(), low_dtype)
                     first, filled = first + filled, 0
             elif need_h:
-                grad_h[start:start + rows] = _dispatch.matmul_nt(g.to(head.dtype), head.t()).to(hidden.dtype)
+                grad_h[start : start + rows] = _dispatch.matmul_nt(g.to(head.dtype), head.t()).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
             if need_b:
@@ -169,9 +192,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out_h, out_w, out_b, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, *, denom: float | None = None,
-                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    denom: float | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, chunked.
 
     Args:
@@ -191,8 +220,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= weight.shape[0]))
     if bool(bad.any()):
         at = int(bad.nonzero()[0, 0])
-        raise ValueError(f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
-                         f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target")
+        raise ValueError(
+            f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
+            f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target"
+        )
     if h.is_cuda and bias is None and denom is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
         from tunex.kernels import chunked_cross_entropy

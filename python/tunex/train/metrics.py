@@ -1,5 +1,6 @@
 """Where training numbers go: ``work_dir/metrics.jsonl`` (one JSON object per optimizer step),
 TensorBoard when it is installed, a rich progress line, and the loss-curve PNG at the end."""
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
             self._tb = SummaryWriter(str(Path(work_dir) / "tensorboard"))
         except Exception:  # noqa: BLE001 - TensorBoard is optional
             self._tb = None
@@ -72,14 +74,19 @@ def plot_loss(work_dir: str | os.PathLike, out: str | os.PathLike | None = None)
     Raises:
         FileNotFoundError: when the folder has no metrics.jsonl with loss values.
     """
-    points = [(r["step"], r["loss"]) for r in read_metrics(work_dir)
-              if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    points = [
+        (r["step"], r["loss"])
+        for r in read_metrics(work_dir)
+        if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+    ]
     if not points:
-        raise FileNotFoundError(f"{Path(work_dir) / METRICS_FILE}: no loss values to plot "
-                                "(is this the work_dir of a `tunex train` run?)")
+        raise FileNotFoundError(
+            f"{Path(work_dir) / METRICS_FILE}: no loss values to plot (is this the work_dir of a `tunex train` run?)"
+        )
     target = Path(out) if out else Path(work_dir) / "loss.png"
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -1,15 +1,17 @@
 """AdamW and the learning-rate schedule: linear warmup, then cosine, linear or constant (XTuner's
 default is 3% warmup then cosine to zero)."""
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float],
-                    weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.AdamW:
     """AdamW over ``params``, using torch's fused kernel where it takes them (plain tensors all on
     CUDA or all on the CPU; on the CPU it steps SmolLM2's LoRA adapters in 5.5 ms instead of 20)
     and the multi-tensor (foreach) path elsewhere (sharded parameters): both are mathematically
@@ -40,12 +42,12 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
-                    kind: str) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, kind: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following ``lr_factor``; its state_dict is plain numbers (checkpoint-safe)."""
     warmup = int(round(total_steps * warmup_ratio))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _Schedule(total_steps, warmup, kind))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(total_steps, warmup, kind))
 
 
 class _Schedule:

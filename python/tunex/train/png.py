@@ -2,6 +2,7 @@
 
 Draws a white canvas, the two axes and the curve (no text); that is enough to see a loss fall.
 """
+
 from __future__ import annotations
 
 import struct
@@ -19,8 +20,9 @@ def encode_png(pixels: list[bytearray], width: int, height: int) -> bytes:
     """RGB rows (``3 * width`` bytes each) -> PNG file bytes."""
     raw = b"".join(b"\x00" + bytes(row) for row in pixels)  # filter type 0 per row
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+    )
 
 
 def line_plot_png(points: list[tuple[float, float]]) -> bytes:
@@ -29,7 +31,7 @@ def line_plot_png(points: list[tuple[float, float]]) -> bytes:
 
     def put(x: int, y: int, rgb: tuple[int, int, int]) -> None:
         if 0 <= x < WIDTH and 0 <= y < HEIGHT:
-            rows[y][3 * x:3 * x + 3] = bytes(rgb)
+            rows[y][3 * x : 3 * x + 3] = bytes(rgb)
 
     for x in range(MARGIN, WIDTH - MARGIN // 2):
         put(x, HEIGHT - MARGIN, (0, 0, 0))

@@ -1,5 +1,6 @@
 """The console side of training: a rich progress bar (step, loss, lr, tokens/s, ETA) and a log line
 every ``log_steps`` steps, so the loss is readable in a terminal and in a captured log alike."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,12 +17,18 @@ class TrainProgress:
         if not enabled:
             return
         self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-            console=self.console, transient=True, disable=not self.console.is_terminal)
-        self._task = self._progress.add_task("train", total=total, completed=start,
-                                             loss="-", lr="-", tps="-")
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
         self._progress.start()
 
     def echo(self, text: str) -> None:
@@ -31,11 +38,18 @@ class TrainProgress:
     def update(self, record: dict[str, Any], total: int, log: bool) -> None:
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                              lr=f"{record['lr']:.2e}", tps=f"{record['tokens_per_s']:.0f}")
+        self._progress.update(
+            self._task,
+            completed=record["step"],
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            tps=f"{record['tokens_per_s']:.0f}",
+        )
         if log:
-            self.echo(f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                      f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s")
+            self.echo(
+                f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s"
+            )
 
     def close(self) -> None:
         if self._progress is not None:

@@ -77,18 +77,12 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     let rows: usize = batch.iter().map(|g| g.y.len()).sum();
     if cols == 0 {
         for g in batch.iter_mut() {
-            g.y.iter_mut()
-                .enumerate()
-                .for_each(|(r, o)| *o = g.bias.map_or(0.0, |b| b[r]));
+            g.y.iter_mut().enumerate().for_each(|(r, o)| *o = g.bias.map_or(0.0, |b| b[r]));
         }
         return Ok(());
     }
     let threads = pool::threads();
-    let parts = if rows * cols * 4 < SPLIT_BYTES || threads == 1 {
-        1
-    } else {
-        (threads * 4).min(rows)
-    };
+    let parts = if rows * cols * 4 < SPLIT_BYTES || threads == 1 { 1 } else { (threads * 4).min(rows) };
     if parts == 1 {
         for g in batch.iter_mut() {
             rows_dot(g.w, x, g.bias, g.y);
@@ -126,9 +120,7 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidData(
-            "gemv: a worker thread panicked (a tunex bug: please report it)".into(),
-        ))
+        Err(Error::InvalidData("gemv: a worker thread panicked (a tunex bug: please report it)".into()))
     }
 }
 
@@ -181,11 +173,8 @@ mod tests {
     fn reference(w: &[f32], x: &[f32], bias: Option<&[f32]>, rows: usize) -> Vec<f64> {
         (0..rows)
             .map(|r| {
-                let dot: f64 = w[r * x.len()..(r + 1) * x.len()]
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum();
+                let dot: f64 =
+                    w[r * x.len()..(r + 1) * x.len()].iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
                 dot + bias.map_or(0.0, |b| b[r] as f64)
             })
             .collect()
@@ -193,49 +182,20 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_for_awkward_shapes() {
-        for &(rows, cols) in &[
-            (1, 1),
-            (3, 31),
-            (7, 32),
-            (65, 33),
-            (576, 576),
-            (130, 1537),
-            (5, 0),
-            (4099, 513),
-        ] {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-                .collect();
-            let x: Vec<f32> = (0..cols)
-                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
-                .collect();
+        for &(rows, cols) in &[(1, 1), (3, 31), (7, 32), (65, 33), (576, 576), (130, 1537), (5, 0), (4099, 513)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
             let b: Vec<f32> = (0..rows).map(|i| i as f32 / 3.0).collect();
             for bias in [None, Some(b.as_slice())] {
                 let mut y = vec![f32::NAN; rows];
                 let mut y2 = vec![f32::NAN; 3];
                 let w2 = vec![0.5f32; 3 * cols];
-                let mut batch = [
-                    Gemv {
-                        w: &w,
-                        bias,
-                        y: &mut y,
-                    },
-                    Gemv {
-                        w: &w2,
-                        bias: None,
-                        y: &mut y2,
-                    },
-                ];
+                let mut batch = [Gemv { w: &w, bias, y: &mut y }, Gemv { w: &w2, bias: None, y: &mut y2 }];
                 gemv_f32(&x, &mut batch).unwrap();
                 let sum: f32 = x.iter().sum();
-                assert!(y2
-                    .iter()
-                    .all(|v| (v - 0.5 * sum).abs() <= 1e-3 * (1.0 + sum.abs())));
+                assert!(y2.iter().all(|v| (v - 0.5 * sum).abs() <= 1e-3 * (1.0 + sum.abs())));
                 for (got, want) in y.iter().zip(reference(&w, &x, bias, rows)) {
-                    assert!(
-                        (*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{rows}x{cols}: {got} vs {want}"
-                    );
+                    assert!((*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "{rows}x{cols}: {got} vs {want}");
                 }
             }
         }
@@ -261,23 +221,7 @@ mod tests {
     #[test]
     fn wrong_shapes_are_errors_not_panics() {
         let mut y = vec![0.0; 3];
-        assert!(gemv_f32(
-            &[0.0; 2],
-            &mut [Gemv {
-                w: &[0.0; 5],
-                bias: None,
-                y: &mut y
-            }]
-        )
-        .is_err());
-        assert!(gemv_f32(
-            &[0.0; 2],
-            &mut [Gemv {
-                w: &[0.0; 6],
-                bias: Some(&[0.0; 2]),
-                y: &mut y
-            }]
-        )
-        .is_err());
+        assert!(gemv_f32(&[0.0; 2], &mut [Gemv { w: &[0.0; 5], bias: None, y: &mut y }]).is_err());
+        assert!(gemv_f32(&[0.0; 2], &mut [Gemv { w: &[0.0; 6], bias: Some(&[0.0; 2]), y: &mut y }]).is_err());
     }
 }

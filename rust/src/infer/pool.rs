@@ -94,14 +94,9 @@ fn shared() -> &'static Shared {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let shared: &'static Shared = Box::leak(Box::new(Shared {
-            helpers: threads - 1,
-            ..idle()
-        }));
+        let shared: &'static Shared = Box::leak(Box::new(Shared { helpers: threads - 1, ..idle() }));
         for i in 0..shared.helpers {
-            let spawned = std::thread::Builder::new()
-                .name(format!("tunex-decode-{i}"))
-                .spawn(move || shared.helper());
+            let spawned = std::thread::Builder::new().name(format!("tunex-decode-{i}")).spawn(move || shared.helper());
             if spawned.is_err() {
                 // no helper thread (a sandbox limit): the caller does every part itself
                 return Box::leak(Box::new(idle()));
@@ -152,8 +147,7 @@ pub fn run(parts: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
         return alone(); // another thread holds the pool
     };
     let task_ref: Task<'_> = task;
-    pool.task
-        .store(&task_ref as *const Task<'_> as *mut (), SeqCst);
+    pool.task.store(&task_ref as *const Task<'_> as *mut (), SeqCst);
     pool.parts.store(parts, SeqCst);
     pool.next.store(0, SeqCst);
     pool.done.store(0, SeqCst);
@@ -186,8 +180,7 @@ mod tests {
             .map(|_| {
                 std::thread::spawn(|| {
                     for parts in 0..200usize {
-                        let hits: Vec<AtomicUsize> =
-                            (0..parts).map(|_| AtomicUsize::new(0)).collect();
+                        let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
                         assert!(run(parts, &|i| {
                             hits[i].fetch_add(1, SeqCst);
                         }));

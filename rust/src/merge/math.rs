@@ -42,10 +42,7 @@ fn widen_seq(s: &[u8], dtype: Dtype, d: &mut [f32]) {
     match dtype {
         Dtype::BF16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = bf16_to_f32(b)),
         Dtype::F16 => d.iter_mut().zip(u16s(s)).for_each(|(o, b)| *o = f16::from_bits(b).to_f32()),
-        _ => d
-            .iter_mut()
-            .zip(s.chunks_exact(4))
-            .for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        _ => d.iter_mut().zip(s.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
     }
 }
 
@@ -60,8 +57,13 @@ fn narrow_seq(s: &[f32], dtype: Dtype, d: &mut [u8]) -> bool {
         out.iter_mut().zip(s).for_each(|(o, &x)| *o = f32_to_bf16(x));
     } else {
         match dtype {
-            Dtype::BF16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f32_to_bf16(*x).to_le_bytes())),
-            Dtype::F16 => s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
+            Dtype::BF16 => {
+                s.iter().zip(d.chunks_exact_mut(2)).for_each(|(x, o)| o.copy_from_slice(&f32_to_bf16(*x).to_le_bytes()))
+            }
+            Dtype::F16 => s
+                .iter()
+                .zip(d.chunks_exact_mut(2))
+                .for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes())),
             _ => s.iter().zip(d.chunks_exact_mut(4)).for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
         }
     }
@@ -93,7 +95,12 @@ pub fn from_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) -> Result<bool> {
     check_float(dtype)?;
     let size = dtype.size();
     if dst.len() != src.len() * size {
-        return Err(Error::data(format!("cannot round {} values into {} {} bytes", src.len(), dst.len(), dtype.name())));
+        return Err(Error::data(format!(
+            "cannot round {} values into {} {} bytes",
+            src.len(),
+            dst.len(),
+            dtype.name()
+        )));
     }
     Ok(src
         .par_chunks(CHUNK)
@@ -154,10 +161,20 @@ impl LowRank<'_> {
         // exclusive (m x cols) row-major slab of W.
         unsafe {
             matrixmultiply::sgemm(
-                m, r, cols, self.scaling,
-                lhs.as_ptr(), rsl, csl,
-                rhs.as_ptr(), rsr, csr,
-                1.0, block.as_mut_ptr(), cols as isize, 1,
+                m,
+                r,
+                cols,
+                self.scaling,
+                lhs.as_ptr(),
+                rsl,
+                csl,
+                rhs.as_ptr(),
+                rsr,
+                csr,
+                1.0,
+                block.as_mut_ptr(),
+                cols as isize,
+                1,
             );
         }
     }
@@ -178,13 +195,24 @@ thread_local! {
 /// The fused merge of one weight: `out = round(src + scaling * product)`, with DoRA's per-row
 /// rescale when `magnitude` is given (Normal layout only). Runs block by block of rows so each
 /// block is widened, updated and rounded while in cache. Returns whether all values were finite.
-pub fn merge_rows(src: &[u8], in_dtype: Dtype, out: &mut [u8], out_dtype: Dtype, lr: &LowRank, magnitude: Option<&[f32]>) -> Result<bool> {
+pub fn merge_rows(
+    src: &[u8],
+    in_dtype: Dtype,
+    out: &mut [u8],
+    out_dtype: Dtype,
+    lr: &LowRank,
+    magnitude: Option<&[f32]>,
+) -> Result<bool> {
     check_float(in_dtype)?;
     check_float(out_dtype)?;
     let (rows, cols) = lr.weight_shape();
     let (isz, osz) = (in_dtype.size(), out_dtype.size());
     if src.len() != rows * cols * isz || out.len() != rows * cols * osz {
-        return Err(Error::data(format!("a {rows}x{cols} weight does not fit {} input / {} output bytes", src.len(), out.len())));
+        return Err(Error::data(format!(
+            "a {rows}x{cols} weight does not fit {} input / {} output bytes",
+            src.len(),
+            out.len()
+        )));
     }
     if magnitude.is_some_and(|m| m.len() != rows || lr.layout != Layout::Normal) {
         return Err(Error::data("DoRA magnitudes must match the rows of a Normal-layout weight"));
@@ -324,8 +352,20 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_half_bit_for_bit() {
         let mut x = 0x0123_4567u32;
-        let specials = [0.0f32, -0.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, f32::INFINITY,
-                        f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), 1.0 + 2f32.powi(-8)];
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-45,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            1.0 + 2f32.powi(-8),
+        ];
         for i in 0..200_000u32 {
             // xorshift over all bit patterns, plus the edge cases
             x ^= x << 13;

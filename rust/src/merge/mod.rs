@@ -135,7 +135,11 @@ impl<'a> Sink<'a> {
     }
 }
 
-fn write_loop(mut writer: ShardedWriter, rx: mpsc::Receiver<Msg>, recycle: mpsc::Sender<Vec<u8>>) -> Result<ShardedWriter> {
+fn write_loop(
+    mut writer: ShardedWriter,
+    rx: mpsc::Receiver<Msg>,
+    recycle: mpsc::Sender<Vec<u8>>,
+) -> Result<ShardedWriter> {
     for msg in rx {
         match msg {
             Msg::Begin(name) => writer.begin(name)?,
@@ -215,9 +219,6 @@ fn copy_extra(dir: &mut OutputDir, src: &Path, name: &str) -> Result<()> {
     std::fs::copy(src, &dst).at(src)?;
     dir.sync_file(&dst)
 }
-
-
-
 
 /// Reusable buffers, grown to the largest merged tensor and kept.
 #[derive(Default)]

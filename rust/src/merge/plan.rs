@@ -54,8 +54,10 @@ fn open_base(base: &Path) -> Result<Vec<SafeFile>> {
     let (files, index) = weight_files(base)?;
     let shards = files.iter().map(SafeFile::open).collect::<Result<Vec<_>>>()?;
     if let Some(index) = index {
-        let names: HashMap<String, &SafeFile> =
-            shards.iter().map(|f| (f.path().file_name().unwrap_or_default().to_string_lossy().into_owned(), f)).collect();
+        let names: HashMap<String, &SafeFile> = shards
+            .iter()
+            .map(|f| (f.path().file_name().unwrap_or_default().to_string_lossy().into_owned(), f))
+            .collect();
         let index_path = base.join(crate::safetensors::index::INDEX_FILE);
         for (tensor, file) in &index.weight_map {
             let f = names.get(file.as_str()).expect("index.files() listed every mapped file");
@@ -74,7 +76,10 @@ fn base_order(base: &Path, shards: &[SafeFile], is_clip: bool) -> Result<Vec<(us
     for (fi, file) in shards.iter().enumerate() {
         for (ti, info) in file.tensors().iter().enumerate() {
             if let Some(other) = seen.insert(&info.name, file.path()) {
-                return Err(Error::format(file.path(), format!("tensor {:?} is also in {}", info.name, other.display())));
+                return Err(Error::format(
+                    file.path(),
+                    format!("tensor {:?} is also in {}", info.name, other.display()),
+                ));
             }
             if !is_clip || info.name.starts_with("vision_model.") {
                 order.push((fi, ti));
@@ -96,14 +101,18 @@ fn output_dtype(base: &TensorInfo, edit: Option<&TensorEdit>, want: Option<Dtype
     if changes && !float {
         return Err(Error::data(format!(
             "base tensor {} is {}; LoRA can only be merged into F16, BF16 or F32 weights",
-            base.name, base.dtype.name()
+            base.name,
+            base.dtype.name()
         )));
     }
     if let Some(r) = edit.and_then(|e| e.replace.as_ref()) {
         if r.dtype != base.dtype && !(float && r.dtype.is_mergeable_float()) {
             return Err(Error::data(format!(
                 "adapter tensor {} is {} but base tensor {} is {}",
-                r.name, r.dtype.name(), base.name, base.dtype.name()
+                r.name,
+                r.dtype.name(),
+                base.name,
+                base.dtype.name()
             )));
         }
     }

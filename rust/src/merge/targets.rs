@@ -101,7 +101,9 @@ pub fn resolve(
                 Some((target, b)) => {
                     return Err(Error::data(format!(
                         "adapter tensor {} has shape {} but base tensor {target} has shape {}",
-                        t.name, shape_str(&t.shape), shape_str(&b.shape)
+                        t.name,
+                        shape_str(&t.shape),
+                        shape_str(&b.shape)
                     )))
                 }
                 None => unmatched.push(t.name.clone()),
@@ -134,7 +136,9 @@ pub fn resolve(
             if base_bias.shape != bias.shape {
                 return Err(Error::data(format!(
                     "adapter tensor {} has shape {} but base tensor {bias_name} has shape {}",
-                    bias.name, shape_str(&bias.shape), shape_str(&base_bias.shape)
+                    bias.name,
+                    shape_str(&bias.shape),
+                    shape_str(&base_bias.shape)
                 )));
             }
             edits.entry(bias_name).or_default().bias = Some((bias, lora.scaling));
@@ -165,14 +169,17 @@ fn check_lora(
         return Err(Error::data(format!(
             "adapter module {module}: only 2-D weights can be merged (base {}, lora_A {}, lora_B {}); \
              convolution LoRA is not supported",
-            shape_str(&w.shape), shape_str(&a.shape), shape_str(&b.shape)
+            shape_str(&w.shape),
+            shape_str(&a.shape),
+            shape_str(&b.shape)
         )));
     }
     let (r, a_cols, b_rows) = (a.shape[0], a.shape[1], b.shape[0]);
     if b.shape[1] != r {
         return Err(Error::data(format!(
             "adapter module {module}: lora_A {} and lora_B {} disagree on the rank",
-            shape_str(&a.shape), shape_str(&b.shape)
+            shape_str(&a.shape),
+            shape_str(&b.shape)
         )));
     }
     let (want_r, scaling) = config.scaling_for(module);
@@ -190,9 +197,12 @@ fn check_lora(
     if w.shape != product {
         return Err(Error::data(format!(
             "adapter module {module}: lora_B {} @ lora_A {} gives a {} update{} but base tensor {} has shape {}",
-            shape_str(&b.shape), shape_str(&a.shape), shape_str(&product),
+            shape_str(&b.shape),
+            shape_str(&a.shape),
+            shape_str(&product),
             if layout == Layout::Transposed { " (transposed)" } else { "" },
-            w.name, shape_str(&w.shape)
+            w.name,
+            shape_str(&w.shape)
         )));
     }
     match (&magnitude, config.use_dora) {
@@ -235,7 +245,8 @@ mod tests {
 
     #[test]
     fn resolves_lora_dora_bias_and_replacements() {
-        let base = [t("m.q.weight", &[6, 4]), t("m.q.bias", &[6]), t("emb.weight", &[10, 4]), t("head.weight", &[10, 4])];
+        let base =
+            [t("m.q.weight", &[6, 4]), t("m.q.bias", &[6]), t("emb.weight", &[10, 4]), t("head.weight", &[10, 4])];
         let map: HashMap<&str, &TensorInfo> = base.iter().map(|b| (b.name.as_str(), b)).collect();
         let adapter = [
             t("base_model.model.m.q.lora_A.weight", &[2, 4]),
@@ -260,7 +271,10 @@ mod tests {
         let cfg = config(r#"{"r":2}"#);
         let err = |adapter: &[TensorInfo]| resolve(&cfg, adapter, &map, &[""]).unwrap_err().to_string();
         let e = err(&[t("x.lora_A.weight", &[2, 4]), t("x.lora_B.weight", &[6, 2]), t("y.lora_A.weight", &[2, 4])]);
-        assert!(e.contains("2 adapter entries match no tensor") && e.contains("x (no base") && e.contains("y (no base"), "{e}");
+        assert!(
+            e.contains("2 adapter entries match no tensor") && e.contains("x (no base") && e.contains("y (no base"),
+            "{e}"
+        );
         let e = err(&[t("m.q.lora_A.weight", &[2, 5]), t("m.q.lora_B.weight", &[6, 2])]);
         assert!(e.contains("(6, 5)") && e.contains("(6, 4)"), "{e}");
         let e = err(&[t("m.q.lora_A.weight", &[2, 4])]);
@@ -269,7 +283,11 @@ mod tests {
         assert!(e.contains("rank 3") && e.contains("r=2"), "{e}");
         let e = err(&[t("m.q.lora_E", &[2])]);
         assert!(e.contains("LoRA variant"), "{e}");
-        let e = err(&[t("m.q.lora_A.weight", &[2, 4]), t("m.q.lora_B.weight", &[6, 2]), t("m.q.lora_magnitude_vector", &[6])]);
+        let e = err(&[
+            t("m.q.lora_A.weight", &[2, 4]),
+            t("m.q.lora_B.weight", &[6, 2]),
+            t("m.q.lora_magnitude_vector", &[6]),
+        ]);
         assert!(e.contains("does not set use_dora"), "{e}");
     }
 }

@@ -4,8 +4,9 @@
 //! `filename` set; bad arguments become ValueError; format and data problems become tunex's own
 //! classes from `tunex.errors` (subclasses of both `TunexError` and `ValueError`).
 
-use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyOSError,
-                       PyPermissionError, PyValueError};
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 

@@ -5,9 +5,9 @@ use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
 use crate::attention::{self, Dims, Input, Output};
+use crate::infer::{self, Gemv};
 use crate::rope::{self, Shape, Strides};
 use crate::{dropout, lora, rmsnorm, swiglu, xent};
-use crate::infer::{self, Gemv};
 
 fn slice<'a>(what: &str, s: Result<&'a [f32], numpy::AsSliceError>) -> PyResult<&'a [f32]> {
     super::contiguous(what, "float32 array", s)
@@ -17,20 +17,12 @@ fn slice_mut<'a>(what: &str, s: Result<&'a mut [f32], numpy::AsSliceError>) -> P
     super::contiguous_mut(what, "float32 array", s)
 }
 
-type Product<'py> = (
-    PyReadonlyArray1<'py, f32>,
-    Option<PyReadonlyArray1<'py, f32>>,
-    PyReadwriteArray1<'py, f32>,
-);
+type Product<'py> = (PyReadonlyArray1<'py, f32>, Option<PyReadonlyArray1<'py, f32>>, PyReadwriteArray1<'py, f32>);
 
 /// `out = weight @ x (+ bias)` for each `(weight, bias, out)` in `products`, all of the same `x`;
 /// each weight is the flat row-major (len(out), len(x)) matrix.
 #[pyfunction]
-fn gemv_f32(
-    py: Python<'_>,
-    x: PyReadonlyArray1<'_, f32>,
-    mut products: Vec<Product<'_>>,
-) -> PyResult<()> {
+fn gemv_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut products: Vec<Product<'_>>) -> PyResult<()> {
     let x = slice("x", x.as_slice())?;
     let mut batch = Vec::with_capacity(products.len());
     for (w, b, out) in products.iter_mut() {
@@ -55,12 +47,7 @@ fn rms_norm_f32(
     mut out: PyReadwriteArray1<'_, f32>,
 ) -> PyResult<()> {
     let y = slice_mut("out", out.as_slice_mut())?;
-    Ok(infer::rms_norm_f32(
-        slice("x", x.as_slice())?,
-        slice("weight", weight.as_slice())?,
-        eps,
-        y,
-    )?)
+    Ok(infer::rms_norm_f32(slice("x", x.as_slice())?, slice("weight", weight.as_slice())?, eps, y)?)
 }
 
 /// Whether the training kernels split their work over the process's OpenMP team (tests, A/B).
@@ -110,7 +97,13 @@ fn rms_norm_backward_f32(
 
 /// `out = dropout(x)` with the counter-based mask of `seed` (drop probability `p`).
 #[pyfunction]
-fn dropout_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut out: PyReadwriteArray1<'_, f32>, seed: u64, p: f32) -> PyResult<()> {
+fn dropout_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    mut out: PyReadwriteArray1<'_, f32>,
+    seed: u64,
+    p: f32,
+) -> PyResult<()> {
     let x = slice("x", x.as_slice())?;
     let y = slice_mut("out", out.as_slice_mut())?;
     py.detach(|| dropout::dropout_f32(x, y, seed, p))?;
@@ -127,8 +120,12 @@ fn dropout_inplace_f32(py: Python<'_>, mut x: PyReadwriteArray1<'_, f32>, seed: 
 
 /// `y = silu(gate) * up`.
 #[pyfunction]
-fn swiglu_forward_f32(py: Python<'_>, gate: PyReadonlyArray1<'_, f32>, up: PyReadonlyArray1<'_, f32>,
-                      mut y: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+fn swiglu_forward_f32(
+    py: Python<'_>,
+    gate: PyReadonlyArray1<'_, f32>,
+    up: PyReadonlyArray1<'_, f32>,
+    mut y: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
     let (g, u) = (slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
     let y = slice_mut("y", y.as_slice_mut())?;
     py.detach(|| swiglu::forward(g, u, y))?;
@@ -137,9 +134,14 @@ fn swiglu_forward_f32(py: Python<'_>, gate: PyReadonlyArray1<'_, f32>, up: PyRea
 
 /// The gradients of `silu(gate) * up` for the upstream gradient `dy`, into `d_gate` and `d_up`.
 #[pyfunction]
-fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyReadonlyArray1<'_, f32>,
-                       up: PyReadonlyArray1<'_, f32>, mut d_gate: PyReadwriteArray1<'_, f32>,
-                       mut d_up: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+fn swiglu_backward_f32(
+    py: Python<'_>,
+    dy: PyReadonlyArray1<'_, f32>,
+    gate: PyReadonlyArray1<'_, f32>,
+    up: PyReadonlyArray1<'_, f32>,
+    mut d_gate: PyReadwriteArray1<'_, f32>,
+    mut d_up: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
     let (d, g, u) = (slice("dy", dy.as_slice())?, slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
     let dg = slice_mut("d_gate", d_gate.as_slice_mut())?;
     let du = slice_mut("d_up", d_up.as_slice_mut())?;
@@ -153,10 +155,17 @@ fn swiglu_backward_f32(py: Python<'_>, dy: PyReadonlyArray1<'_, f32>, gate: PyRe
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (logits, vocab, labels, weight, grad, lse, picked, grad_out=None))]
-fn cross_entropy_f32(py: Python<'_>, mut logits: PyReadwriteArray1<'_, f32>, vocab: usize,
-                     labels: PyReadonlyArray1<'_, i64>, weight: PyReadonlyArray1<'_, f32>, grad: bool,
-                     mut lse: PyReadwriteArray1<'_, f32>, mut picked: PyReadwriteArray1<'_, f32>,
-                     grad_out: Option<PyReadwriteArray1<'_, f32>>) -> PyResult<()> {
+fn cross_entropy_f32(
+    py: Python<'_>,
+    mut logits: PyReadwriteArray1<'_, f32>,
+    vocab: usize,
+    labels: PyReadonlyArray1<'_, i64>,
+    weight: PyReadonlyArray1<'_, f32>,
+    grad: bool,
+    mut lse: PyReadwriteArray1<'_, f32>,
+    mut picked: PyReadwriteArray1<'_, f32>,
+    grad_out: Option<PyReadwriteArray1<'_, f32>>,
+) -> PyResult<()> {
     let labels = super::contiguous("labels", "int64 array", labels.as_slice())?;
     let weight = slice("weight", weight.as_slice())?;
     let (lse, picked) = (slice_mut("lse", lse.as_slice_mut())?, slice_mut("picked", picked.as_slice_mut())?);
@@ -179,23 +188,49 @@ fn cross_entropy_f32(py: Python<'_>, mut logits: PyReadwriteArray1<'_, f32>, voc
 /// (T, D) tables per batch row, `table_batch` values apart (0: shared).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn rope_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, x_strides: (usize, usize, usize),
-            mut out: PyReadwriteArray1<'_, f32>, out_strides: (usize, usize, usize), cos: PyReadonlyArray1<'_, f32>,
-            sin: PyReadonlyArray1<'_, f32>, table_batch: usize, shape: (usize, usize, usize, usize),
-            backward: bool) -> PyResult<()> {
+fn rope_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    x_strides: (usize, usize, usize),
+    mut out: PyReadwriteArray1<'_, f32>,
+    out_strides: (usize, usize, usize),
+    cos: PyReadonlyArray1<'_, f32>,
+    sin: PyReadonlyArray1<'_, f32>,
+    table_batch: usize,
+    shape: (usize, usize, usize, usize),
+    backward: bool,
+) -> PyResult<()> {
     let (x, c, s) = (slice("x", x.as_slice())?, slice("cos", cos.as_slice())?, slice("sin", sin.as_slice())?);
     let o = slice_mut("out", out.as_slice_mut())?;
     let (batch, heads, seq, dim) = shape;
-    py.detach(|| rope::rotate(x, strides(x_strides), o, strides(out_strides), c, s, table_batch,
-                              Shape { batch, heads, seq, dim }, backward))?;
+    py.detach(|| {
+        rope::rotate(
+            x,
+            strides(x_strides),
+            o,
+            strides(out_strides),
+            c,
+            s,
+            table_batch,
+            Shape { batch, heads, seq, dim },
+            backward,
+        )
+    })?;
     Ok(())
 }
 
 /// LoRA's adapter side with its dropout (drop probability `p`, mask of `seed`) fused in:
 /// `h = dropout(x) @ a^T` for x (rows, cols), a (r, cols), h (rows, r), all flat.
 #[pyfunction]
-fn lora_down_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, cols: usize, a: PyReadonlyArray1<'_, f32>, seed: u64,
-                 p: f32, mut h: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+fn lora_down_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    cols: usize,
+    a: PyReadonlyArray1<'_, f32>,
+    seed: u64,
+    p: f32,
+    mut h: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
     let (x, a) = (slice("x", x.as_slice())?, slice("a", a.as_slice())?);
     let h = slice_mut("h", h.as_slice_mut())?;
     let mask = lora::Mask::new(seed, p)?;
@@ -205,8 +240,15 @@ fn lora_down_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, cols: usize, a: P
 
 /// `d_a = dh^T @ dropout(x)` for dh (rows, r), x (rows, cols), d_a (r, cols).
 #[pyfunction]
-fn lora_grad_a_f32(py: Python<'_>, dh: PyReadonlyArray1<'_, f32>, x: PyReadonlyArray1<'_, f32>, cols: usize,
-                   seed: u64, p: f32, mut d_a: PyReadwriteArray1<'_, f32>) -> PyResult<()> {
+fn lora_grad_a_f32(
+    py: Python<'_>,
+    dh: PyReadonlyArray1<'_, f32>,
+    x: PyReadonlyArray1<'_, f32>,
+    cols: usize,
+    seed: u64,
+    p: f32,
+    mut d_a: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
     let (dh, x) = (slice("dh", dh.as_slice())?, slice("x", x.as_slice())?);
     let d_a = slice_mut("d_a", d_a.as_slice_mut())?;
     let mask = lora::Mask::new(seed, p)?;
@@ -216,8 +258,15 @@ fn lora_grad_a_f32(py: Python<'_>, dh: PyReadonlyArray1<'_, f32>, x: PyReadonlyA
 
 /// `dx += dropout(dh @ a)` in place for dx (rows, cols), dh (rows, r), a (r, cols).
 #[pyfunction]
-fn lora_add_up_f32(py: Python<'_>, mut dx: PyReadwriteArray1<'_, f32>, dh: PyReadonlyArray1<'_, f32>,
-                   a: PyReadonlyArray1<'_, f32>, cols: usize, seed: u64, p: f32) -> PyResult<()> {
+fn lora_add_up_f32(
+    py: Python<'_>,
+    mut dx: PyReadwriteArray1<'_, f32>,
+    dh: PyReadonlyArray1<'_, f32>,
+    a: PyReadonlyArray1<'_, f32>,
+    cols: usize,
+    seed: u64,
+    p: f32,
+) -> PyResult<()> {
     let (dh, a) = (slice("dh", dh.as_slice())?, slice("a", a.as_slice())?);
     let dx = slice_mut("dx", dx.as_slice_mut())?;
     let mask = lora::Mask::new(seed, p)?;
@@ -250,9 +299,16 @@ fn output<'a>(what: &str, t: &'a mut StridedMut<'_>) -> PyResult<Output<'a>> {
 /// gets the rows' log-sum-exp. `shape` is (B, H, Hkv, T, D).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn attention_forward_f32(py: Python<'_>, q: Strided<'_>, k: Strided<'_>, v: Strided<'_>, mut out: StridedMut<'_>,
-                         mut lse: PyReadwriteArray1<'_, f32>, shape: (usize, usize, usize, usize, usize), scale: f32)
-                         -> PyResult<()> {
+fn attention_forward_f32(
+    py: Python<'_>,
+    q: Strided<'_>,
+    k: Strided<'_>,
+    v: Strided<'_>,
+    mut out: StridedMut<'_>,
+    mut lse: PyReadwriteArray1<'_, f32>,
+    shape: (usize, usize, usize, usize, usize),
+    scale: f32,
+) -> PyResult<()> {
     let (q, k, v) = (input("q", &q)?, input("k", &k)?, input("v", &v)?);
     let out = output("out", &mut out)?;
     let lse = slice_mut("lse", lse.as_slice_mut())?;
@@ -263,10 +319,20 @@ fn attention_forward_f32(py: Python<'_>, q: Strided<'_>, k: Strided<'_>, v: Stri
 /// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_f32(py: Python<'_>, dout: Strided<'_>, q: Strided<'_>, k: Strided<'_>, v: Strided<'_>,
-                          out: Strided<'_>, lse: PyReadonlyArray1<'_, f32>, mut dq: StridedMut<'_>,
-                          mut dk: StridedMut<'_>, mut dv: StridedMut<'_>, shape: (usize, usize, usize, usize, usize),
-                          scale: f32) -> PyResult<()> {
+fn attention_backward_f32(
+    py: Python<'_>,
+    dout: Strided<'_>,
+    q: Strided<'_>,
+    k: Strided<'_>,
+    v: Strided<'_>,
+    out: Strided<'_>,
+    lse: PyReadonlyArray1<'_, f32>,
+    mut dq: StridedMut<'_>,
+    mut dk: StridedMut<'_>,
+    mut dv: StridedMut<'_>,
+    shape: (usize, usize, usize, usize, usize),
+    scale: f32,
+) -> PyResult<()> {
     let (dout, q, k) = (input("dout", &dout)?, input("q", &q)?, input("k", &k)?);
     let (v, out, lse) = (input("v", &v)?, input("out", &out)?, slice("lse", lse.as_slice())?);
     let (dq, dk, dv) = (output("dq", &mut dq)?, output("dk", &mut dk)?, output("dv", &mut dv)?);

@@ -10,7 +10,14 @@ use crate::merge::math::Layout;
 use crate::merge::{merge, MergeOptions, MergePlan, Progress};
 use crate::safetensors::Dtype;
 
-fn options(max_shard_size: u64, dtype: Option<&str>, overwrite: bool, is_clip: bool, extra_files: Vec<(PathBuf, String)>, fsync: bool) -> PyResult<MergeOptions> {
+fn options(
+    max_shard_size: u64,
+    dtype: Option<&str>,
+    overwrite: bool,
+    is_clip: bool,
+    extra_files: Vec<(PathBuf, String)>,
+    fsync: bool,
+) -> PyResult<MergeOptions> {
     Ok(MergeOptions {
         fsync,
         max_shard_size,

@@ -13,7 +13,11 @@ use pyo3::PyResult;
 
 /// A numpy array's data, or a ValueError naming the argument and the layout it needs
 /// (`kind`: "array", "float32 array").
-pub(crate) fn contiguous<'a, T>(what: &str, kind: &str, data: Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(
+    what: &str,
+    kind: &str,
+    data: Result<&'a [T], numpy::AsSliceError>,
+) -> PyResult<&'a [T]> {
     data.map_err(|_| PyValueError::new_err(format!("{what} must be a contiguous {kind}")))
 }
 

@@ -50,7 +50,9 @@ impl ShardWriter {
         fsync: bool,
     ) -> PyResult<ShardWriter> {
         if prefix.is_empty() || prefix.contains(['/', '\\']) {
-            return Err(PyValueError::new_err(format!("bad file prefix {prefix:?}: expected a plain name such as \"model\"")));
+            return Err(PyValueError::new_err(format!(
+                "bad file prefix {prefix:?}: expected a plain name such as \"model\""
+            )));
         }
         let specs = tensors
             .into_iter()
@@ -79,7 +81,11 @@ impl ShardWriter {
     /// Close the last shard, write the index, copy `extra_files` ((source, name) pairs) and move
     /// everything into place. Returns files, tensors, data_bytes, file_bytes.
     #[pyo3(signature = (extra_files=Vec::new()))]
-    fn finish<'py>(&mut self, py: Python<'py>, extra_files: Vec<(std::path::PathBuf, String)>) -> PyResult<Bound<'py, PyDict>> {
+    fn finish<'py>(
+        &mut self,
+        py: Python<'py>,
+        extra_files: Vec<(std::path::PathBuf, String)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let w = self.inner.take().ok_or_else(|| PyValueError::new_err("the writer is already finished"))?;
         let prefix = self.prefix.clone();
         let summary = py.detach(move || -> Result<WriteSummary, Error> {

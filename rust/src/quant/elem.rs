@@ -115,7 +115,11 @@ pub(crate) fn f32_to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let nan = ((b >> 16) as u16) | 0x0040;
-    if x.is_nan() { nan } else { rounded }
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
 }
 
 /// f32 -> f16 rounding to nearest, ties to even, with subnormals, overflow to inf and NaN kept.
@@ -132,11 +136,7 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let mag = bits & 0x7fff_ffff;
     let special = if mag > F32_INF { 0x7e00u32 } else { 0x7c00 };
     let subnormal = (f32::from_bits(mag) + f32::from_bits(SUBNORMAL_MAGIC)).to_bits().wrapping_sub(SUBNORMAL_MAGIC);
-    let normal = mag
-        .wrapping_add(((15i32 - 127) << 23) as u32)
-        .wrapping_add(0xfff)
-        .wrapping_add((mag >> 13) & 1)
-        >> 13;
+    let normal = mag.wrapping_add(((15i32 - 127) << 23) as u32).wrapping_add(0xfff).wrapping_add((mag >> 13) & 1) >> 13;
     let out = if mag >= F16_OVERFLOW {
         special
     } else if mag < SUBNORMAL_LIMIT {

@@ -63,8 +63,13 @@ unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
 /// # Safety
 /// AVX-512 F/BW/VL must be available (`simd::has_avx512`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn expand_f32_blocks_avx512(code: &[f32; 16], blocksize: usize, packed: &[u8], absmax: &[f32],
-                                              out: &mut [f32]) {
+pub(crate) unsafe fn expand_f32_blocks_avx512(
+    code: &[f32; 16],
+    blocksize: usize,
+    packed: &[u8],
+    absmax: &[f32],
+    out: &mut [f32],
+) {
     // SAFETY (whole body): AVX-512 is enabled; every load reads 16 bytes at 16 * i with
     // i < steps <= packed.len() / 16 and every store writes 32 f32 at 32 * i < out.len() - 31.
     unsafe {

@@ -212,7 +212,9 @@ pub fn dequantize_4bit(
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512 F/BW/VL (checked just above).
-                    return unsafe { super::expand_x86::expand_f32_blocks_avx512(&code, blocksize, packed, absmax, out) };
+                    return unsafe {
+                        super::expand_x86::expand_f32_blocks_avx512(&code, blocksize, packed, absmax, out)
+                    };
                 }
                 expand_f32(&code, blocksize, packed, absmax, out)
             };
@@ -282,7 +284,13 @@ multiversion! {
 /// Each block builds its 16 output values once (`value(nibble, absmax)`), then every byte is two
 /// table lookups.
 #[inline(always)]
-fn expand_blocks<T: Copy>(blocksize: usize, packed: &[u8], absmax: &[f32], out: &mut [T], value: impl Fn(usize, f32) -> T) {
+fn expand_blocks<T: Copy>(
+    blocksize: usize,
+    packed: &[u8],
+    absmax: &[f32],
+    out: &mut [T],
+    value: impl Fn(usize, f32) -> T,
+) {
     for ((out, packed), &scale) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
         // Built as plain arrays so the 16 products and conversions vectorize.
         let table: [T; 16] = std::array::from_fn(|k| value(k, scale));
@@ -397,7 +405,8 @@ mod tests {
         let mut packed = vec![0u8; 4];
         let mut absmax = vec![0f32; 1];
         let x = [1f32; 10];
-        let r = quantize_4bit(bytemuck::cast_slice(&x), FloatDtype::F32, QuantType::Nf4, 64, "w", &mut packed, &mut absmax);
+        let r =
+            quantize_4bit(bytemuck::cast_slice(&x), FloatDtype::F32, QuantType::Nf4, 64, "w", &mut packed, &mut absmax);
         assert!(r.is_err());
     }
 }

@@ -60,9 +60,7 @@ impl Dtype {
             "f16" | "fp16" | "float16" | "half" => Dtype::F16,
             "f32" | "fp32" | "float32" | "float" => Dtype::F32,
             _ => {
-                return Err(Error::arg(format!(
-                    "unsupported output dtype {text:?}; expected one of bf16, fp16, fp32"
-                )))
+                return Err(Error::arg(format!("unsupported output dtype {text:?}; expected one of bf16, fp16, fp32")))
             }
         };
         Ok(d)

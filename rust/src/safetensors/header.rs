@@ -102,16 +102,13 @@ pub fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
         return Err(bad(format!("header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit")));
     }
     if 8 + n > file_len {
-        return Err(bad(format!(
-            "header length {n} runs past the end of the {file_len}-byte file (truncated?)"
-        )));
+        return Err(bad(format!("header length {n} runs past the end of the {file_len}-byte file (truncated?)")));
     }
     let json = &file[8..8 + n as usize];
     if json.first() != Some(&b'{') {
         return Err(bad("the header does not start with '{'".into()));
     }
-    let entries: Entries =
-        serde_json::from_slice(json).map_err(|e| bad(format!("header JSON: {e}")))?;
+    let entries: Entries = serde_json::from_slice(json).map_err(|e| bad(format!("header JSON: {e}")))?;
     let data_start = 8 + n;
     let data_len = file_len - data_start;
 
@@ -157,8 +154,8 @@ pub fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
 }
 
 fn check_entry(name: String, raw: RawEntry) -> std::result::Result<TensorInfo, String> {
-    let dtype = Dtype::from_name(&raw.dtype)
-        .ok_or_else(|| format!("tensor {name:?} has unsupported dtype {:?}", raw.dtype))?;
+    let dtype =
+        Dtype::from_name(&raw.dtype).ok_or_else(|| format!("tensor {name:?} has unsupported dtype {:?}", raw.dtype))?;
     let numel = raw
         .shape
         .iter()
@@ -181,14 +178,10 @@ fn check_entry(name: String, raw: RawEntry) -> std::result::Result<TensorInfo, S
 
 /// Serialize a header for tensors laid out back to back in the given order: the 8-byte length,
 /// the JSON (metadata first) and the space padding. Returns the bytes and the data length.
-pub fn build_header(
-    tensors: &[(&str, Dtype, &[u64])],
-    metadata: &[(String, String)],
-) -> (Vec<u8>, u64) {
+pub fn build_header(tensors: &[(&str, Dtype, &[u64])], metadata: &[(String, String)]) -> (Vec<u8>, u64) {
     let mut obj = Map::new();
     if !metadata.is_empty() {
-        let meta: Map<String, Value> =
-            metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let meta: Map<String, Value> = metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         obj.insert("__metadata__".into(), Value::Object(meta));
     }
     let mut offset = 0u64;

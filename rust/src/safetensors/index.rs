@@ -36,8 +36,11 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
     let Value::Object(root) = root else { return Err(bad("the top level is not an object".into())) };
     let total_size = match root.get("metadata").and_then(|m| m.get("total_size")) {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-            .ok_or_else(|| bad(format!("metadata.total_size is {v}, not a byte count")))?),
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .ok_or_else(|| bad(format!("metadata.total_size is {v}, not a byte count")))?,
+        ),
     };
     let Some(Value::Object(map)) = root.get("weight_map") else {
         return Err(bad("no \"weight_map\" object mapping tensor names to shard files".into()));
@@ -48,9 +51,7 @@ pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
             return Err(bad(format!("weight_map[{name:?}] is {file}, not a file name")));
         };
         if !is_plain_file_name(file) {
-            return Err(bad(format!(
-                "weight_map[{name:?}] = {file:?} is not a plain file name in the index's folder"
-            )));
+            return Err(bad(format!("weight_map[{name:?}] = {file:?} is not a plain file name in the index's folder")));
         }
         weight_map.push((name.clone(), file.clone()));
     }
@@ -113,7 +114,8 @@ mod tests {
 
     #[test]
     fn index_round_trip_and_refusals() {
-        let wm = vec![("b".to_string(), "m-2.safetensors".to_string()), ("a".to_string(), "m-1.safetensors".to_string())];
+        let wm =
+            vec![("b".to_string(), "m-2.safetensors".to_string()), ("a".to_string(), "m-1.safetensors".to_string())];
         let text = index_json(&wm, 42);
         assert!(text.starts_with("{\n  \"metadata\": {\n    \"total_size\": 42\n  },"));
         assert!(text.ends_with("}\n"));

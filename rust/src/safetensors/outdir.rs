@@ -214,8 +214,12 @@ mod tests {
     #[test]
     fn into_folder_replaces_stale_shards_and_keeps_other_files() {
         let root = tempfile::tempdir().unwrap();
-        for n in ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                  "model.safetensors.index.json"] {
+        for n in [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+        ] {
             fs::write(root.path().join(n), b"old").unwrap();
         }
         let mut out = OutputDir::into_folder(root.path()).unwrap();

@@ -59,8 +59,7 @@ impl SafeFile {
 
     /// Look a tensor up, or fail naming the file.
     pub fn require(&self, name: &str) -> Result<&TensorInfo> {
-        self.get(name)
-            .ok_or_else(|| Error::format(&self.path, format!("has no tensor named {name:?}")))
+        self.get(name).ok_or_else(|| Error::format(&self.path, format!("has no tensor named {name:?}")))
     }
 
     /// The bytes of `info`, which must come from this file's header.

@@ -156,10 +156,8 @@ impl ShardedWriter {
 
     fn open_shard(&mut self) -> Result<()> {
         let range = self.shards[self.shard].clone();
-        let entries: Vec<(&str, Dtype, &[u64])> = self.specs[range]
-            .iter()
-            .map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice()))
-            .collect();
+        let entries: Vec<(&str, Dtype, &[u64])> =
+            self.specs[range].iter().map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice())).collect();
         let (header, _) = build_header(&entries, &self.metadata);
         let (path, file) = self.out.create(&self.names[self.shard])?;
         let mut w = DirectFile::new(file);
@@ -189,7 +187,10 @@ impl ShardedWriter {
             return Err(Error::data(format!("tensor {cur:?} is still missing {left} bytes; cannot start {name:?}")));
         }
         let Some(spec) = self.specs.get(self.next) else {
-            return Err(Error::arg(format!("tensor {name:?} was not in the planned list (all {} written)", self.specs.len())));
+            return Err(Error::arg(format!(
+                "tensor {name:?} was not in the planned list (all {} written)",
+                self.specs.len()
+            )));
         };
         if spec.name != name {
             return Err(Error::arg(format!("expected tensor {:?} next, got {name:?}", spec.name)));
@@ -208,7 +209,10 @@ impl ShardedWriter {
             let s = &self.specs[self.next];
             return Err(Error::data(format!(
                 "tensor {:?}: got more bytes than {} {:?} holds ({})",
-                s.name, s.dtype.name(), s.shape, self.sizes[self.next]
+                s.name,
+                s.dtype.name(),
+                s.shape,
+                self.sizes[self.next]
             )));
         }
         let (path, w) = self.file.as_mut().expect("begin() opened the shard");
