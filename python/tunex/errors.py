@@ -28,3 +28,7 @@ class ConfigError(TunexError, ValueError):
         self.problems = list(problems)
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         super().__init__(f"{source}: {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class SettingError(TunexError, ValueError):
+    """A ``TUNEX_*`` environment switch holds a value it does not accept (see tunex.settings)."""
