@@ -22,8 +22,8 @@
 use crate::error::{Error, Result};
 use crate::lora::tree;
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion512;
 use crate::rope::{Shape, Strides};
+use crate::simd::multiversion512;
 use crate::swiglu::exp_f32;
 
 const LANES: usize = 16;
@@ -311,7 +311,7 @@ unsafe fn rows(
 /// Whether the tiles run on AVX-512 registers (the CPU has it and `TUNEX_SIMD` allows it).
 fn wide_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return crate::quant::simd::has_avx512();
+    return crate::simd::has_avx512();
     #[allow(unreachable_code)]
     false
 }

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion512;
+use crate::simd::multiversion512;
 
 #[inline(always)]
 pub(crate) fn mix(mut x: u32) -> u32 {

@@ -13,6 +13,8 @@ pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
 pub mod safetensors;
+pub(crate) mod settings;
+pub(crate) mod simd;
 pub mod swiglu;
 pub mod units;
 pub mod xent;

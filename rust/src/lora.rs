@@ -19,7 +19,7 @@
 use crate::dropout;
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion512;
+use crate::simd::multiversion512;
 
 const LANES: usize = 16;
 
@@ -472,7 +472,7 @@ mod x86 {
 fn wide(elements: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::quant::simd::has_avx512() && (elements as u64) < (1u64 << 32)
+        crate::simd::has_avx512() && (elements as u64) < (1u64 << 32)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -21,7 +21,7 @@ struct Omp {
 fn omp() -> Option<&'static Omp> {
     static OMP: OnceLock<Option<Omp>> = OnceLock::new();
     OMP.get_or_init(|| {
-        if std::env::var("TUNEX_OMP_KERNELS").is_ok_and(|v| v == "0") {
+        if !crate::settings::omp_kernels() {
             return None;
         }
         // SAFETY: dlsym with RTLD_DEFAULT looks symbols up in what the process already loaded.

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion;
+use crate::simd::multiversion;
 
 const LANES: usize = 16;
 

@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion;
+use crate::simd::multiversion;
 
 /// Element strides of a (B, H, T, D) tensor's first three axes (D is contiguous).
 #[derive(Clone, Copy, Debug)]

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion512;
+use crate::simd::multiversion512;
 
 /// e^x for float32, 2-ulp accurate, branch-free (so loops over it vectorize).
 #[inline(always)]

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
-use crate::quant::simd::multiversion512;
+use crate::simd::multiversion512;
 use crate::swiglu::exp_f32;
 
 const LANES: usize = 16;

@@ -4,7 +4,7 @@
 //! accumulators, so the cores together approach the bandwidth.
 
 use crate::error::{Error, Result};
-use crate::quant::simd::multiversion;
+use crate::simd::multiversion;
 
 pub mod pool;
 

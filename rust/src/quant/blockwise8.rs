@@ -9,8 +9,8 @@
 use rayon::prelude::*;
 
 use super::check_len;
-use super::simd::multiversion;
 use crate::error::{Error, Result};
+use crate::simd::multiversion;
 
 /// Entries in the dynamic map (and any 8-bit codebook).
 pub const DYNAMIC_CODE_LEN: usize = 256;

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 /// Expand every block of `packed` into `out` with the per-block table `table(absmax)`.
-/// The caller checks that the CPU has AVX2 (`simd::has_avx2`).
+/// The caller checks that the CPU has AVX2 (`crate::simd::has_avx2`).
 ///
 /// # Safety
 /// AVX2 must be available.
@@ -61,7 +61,7 @@ unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
 /// is one `vpermps` lookup.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL must be available (`simd::has_avx512`).
+/// AVX-512 F/BW/VL must be available (`crate::simd::has_avx512`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn expand_f32_blocks_avx512(
     code: &[f32; 16],

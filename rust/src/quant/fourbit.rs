@@ -10,10 +10,10 @@ use rayon::prelude::*;
 
 use super::codebook::{Boundaries, QuantType};
 use super::elem::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Elems, FloatDtype};
-use super::simd::multiversion;
 use super::{check_blocksize, check_len, num_blocks, MAX_BLOCKSIZE};
 use crate::error::{Error, Result};
 use crate::omp::{self, Shared};
+use crate::simd::multiversion;
 
 /// Elements one rayon task handles: large enough to amortize scheduling, small enough to balance.
 const TASK_ELEMS: usize = 1 << 16;
@@ -210,7 +210,7 @@ pub fn dequantize_4bit(
             let out: &mut [f32] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
             let expand = |out: &mut [f32], packed: &[u8], absmax: &[f32]| {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::has_avx512() {
+                if crate::simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512 F/BW/VL (checked just above).
                     return unsafe {
                         super::expand_x86::expand_f32_blocks_avx512(&code, blocksize, packed, absmax, out)
@@ -239,7 +239,7 @@ pub fn dequantize_4bit(
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
             out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::has_avx2() {
+                if crate::simd::has_avx2() {
                     let table = |s: f32| code.map(|c| f32_to_bf16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
                     return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
@@ -251,7 +251,7 @@ pub fn dequantize_4bit(
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
             out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::has_avx2() {
+                if crate::simd::has_avx2() {
                     let table = |s: f32| code.map(|c| f32_to_f16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
                     return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };

@@ -13,7 +13,6 @@ mod elem;
 mod expand_x86;
 mod fourbit;
 mod pages;
-pub(crate) mod simd;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
 pub use codebook::QuantType;

@@ -81,8 +81,7 @@ impl DirectFile {
     /// Wrap a freshly created, empty file opened for writing; turn O_DIRECT on if allowed.
     /// `TUNEX_DIRECT_IO=0` keeps ordinary buffered writes.
     pub fn new(file: File) -> DirectFile {
-        let wanted = std::env::var("TUNEX_DIRECT_IO").map_or(true, |v| v != "0");
-        if !(wanted && set_direct(&file, true)) {
+        if !(crate::settings::direct_io() && set_direct(&file, true)) {
             return DirectFile { block: Block::new(), filled: 0, io: None, file: Some(file) };
         }
         let (tx, rx) = mpsc::sync_channel::<(Block, usize)>(1);

@@ -1,12 +1,21 @@
-//! Compile hot loops several times, for AVX2 and for the baseline x86-64 target, and pick one at
-//! run time. The loops are written as plain Rust over slices; LLVM vectorizes them once the wider
-//! instruction set is allowed. Rust never fuses a multiply and an add on its own, so every version
-//! rounds exactly like the scalar code (and like bitsandbytes).
+//! SIMD dispatch for every CPU kernel of the crate (quantization, decode GEMV, attention, LoRA,
+//! SwiGLU, RMSNorm, RoPE, cross-entropy, dropout): compile hot loops several times, for AVX-512,
+//! AVX2 and the baseline x86-64 target, and pick one at run time. The loops are written as plain
+//! Rust over slices; LLVM vectorizes them once the wider instruction set is allowed. Rust never
+//! fuses a multiply and an add on its own, so every version rounds exactly like the scalar code
+//! (and like bitsandbytes); kernels that use `mul_add` do so in every version alike.
+//!
+//! The tier is decided once per process, from the CPU and `TUNEX_SIMD`
+//! ([`crate::settings::simd_cap`]); kernels with hand-written intrinsics (attention's tiles,
+//! LoRA's AVX-512 loops, the 4-bit expansion) ask [`has_avx512`] / [`has_avx2`] directly.
+
+#[cfg(target_arch = "x86_64")]
+use crate::settings::SimdCap;
 
 /// Declare `fn NAME(args) -> R { body }` compiled for AVX2+FMA and for the baseline target,
 /// dispatched on the CPU it runs on.
 macro_rules! multiversion {
-    ($($item:tt)*) => { $crate::quant::simd::multiversion_tiers! { false; $($item)* } };
+    ($($item:tt)*) => { $crate::simd::multiversion_tiers! { false; $($item)* } };
 }
 pub(crate) use multiversion;
 
@@ -14,7 +23,7 @@ pub(crate) use multiversion;
 /// dropout hash: 32-bit multiplies) and the exp polynomial, where 16 lanes beat 8 even on cores
 /// that split 512-bit instructions in two; `TUNEX_SIMD=portable` still forces the baseline.
 macro_rules! multiversion512 {
-    ($($item:tt)*) => { $crate::quant::simd::multiversion_tiers! { true; $($item)* } };
+    ($($item:tt)*) => { $crate::simd::multiversion_tiers! { true; $($item)* } };
 }
 pub(crate) use multiversion512;
 
@@ -36,11 +45,11 @@ macro_rules! multiversion_tiers {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
-                if $wide && $crate::quant::simd::has_avx512() {
+                if $wide && $crate::simd::has_avx512() {
                     // SAFETY: the CPU reports every feature `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if $crate::quant::simd::has_avx2() {
+                if $crate::simd::has_avx2() {
                     // SAFETY: the CPU reports every feature `avx2` was compiled for.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -59,7 +68,7 @@ pub(crate) fn has_avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX512.get_or_init(|| {
         has_avx2()
-            && std::env::var("TUNEX_SIMD").map_or(true, |v| v != "avx2")
+            && crate::settings::simd_cap() != SimdCap::Avx2
             && std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
@@ -73,7 +82,7 @@ pub(crate) fn has_avx512() -> bool {
 pub(crate) fn has_avx2() -> bool {
     static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVX2.get_or_init(|| {
-        std::env::var("TUNEX_SIMD").map_or(true, |v| v != "portable")
+        crate::settings::simd_cap() != SimdCap::Portable
             && std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("bmi1")
