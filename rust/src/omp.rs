@@ -3,12 +3,19 @@
 //! instead of a second pool competing with them for the same cores. (A rayon version of the
 //! training kernels made the LoRA step 6% slower in an interleaved A/B; this one 3-4% faster.)
 //! Without GNU OpenMP in the process (`cargo test`, or `TUNEX_OMP_KERNELS=0`) parts run in turn
-//! on the calling thread. Parts are claimed from a counter, so any team size works.
+//! on the calling thread. Parts are claimed from a counter, so any team size works. (Why this
+//! runtime beside rayon and the decode pool: see the crate's docs, `lib.rs`.)
+//!
+//! The job reaches the team as a pointer to a `Job` on the caller's stack. `GOMP_parallel` returns
+//! only once every thread of the team has finished the callback, and a part's panic stops inside
+//! the callback (`part::run`; unwinding out of an `extern "C"` function would abort), so the
+//! pointer is never used after [`run`] returns.
 
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
+
+use crate::part;
 
 /// libgomp's entry for `#pragma omp parallel`: runs `fn(data)` on every thread of a team, the
 /// caller included, and returns when all are done.
@@ -24,7 +31,10 @@ fn omp() -> Option<&'static Omp> {
         if !crate::settings::omp_kernels() {
             return None;
         }
-        // SAFETY: dlsym with RTLD_DEFAULT looks symbols up in what the process already loaded.
+        // SAFETY: dlsym with RTLD_DEFAULT only looks a NUL-terminated name up among the objects
+        // the process already loaded. A non-null result is libgomp's `GOMP_parallel`, whose C
+        // signature `void (void (*)(void *), void *, unsigned, unsigned)` is `Parallel`'s; libgomp
+        // is never unloaded once loaded (torch links it), so the pointer stays valid.
         unsafe {
             let p = libc::dlsym(libc::RTLD_DEFAULT, c"GOMP_parallel".as_ptr());
             if p.is_null() {
@@ -47,14 +57,16 @@ struct Job<'a> {
 }
 
 extern "C" fn trampoline(data: *mut c_void) {
-    // SAFETY: `data` is the `Job` that `run` keeps alive until GOMP_parallel returns.
+    // SAFETY: `data` is the address of the `Job` that `run` passed to GOMP_parallel and keeps
+    // alive (a local of its frame) until GOMP_parallel returns, which is after every thread of the
+    // team has returned from this function. Threads only read it (its counters are atomics).
     let job = unsafe { &*(data as *const Job<'_>) };
     loop {
         let i = job.next.fetch_add(1, Ordering::Relaxed);
         if i >= job.parts {
             return;
         }
-        if catch_unwind(AssertUnwindSafe(|| (job.task)(i))).is_err() {
+        if !part::run(|| (job.task)(i)) {
             job.panicked.store(true, Ordering::Relaxed);
         }
     }
@@ -71,11 +83,14 @@ pub fn run(parts: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
     match omp() {
         Some(omp) if parts > 1 && ENABLED.load(Ordering::Relaxed) => {
             let job = Job { task, parts, next: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
-            // SAFETY: the trampoline only reads `job`, which outlives the call.
+            // SAFETY: `omp.parallel` is GOMP_parallel (see `omp`); it runs the trampoline on every
+            // thread of a team (0: the default team size, 0: no flags) and returns when all are done,
+            // so `job` outlives every use of the pointer. The trampoline never unwinds.
             unsafe { (omp.parallel)(trampoline, &job as *const Job<'_> as *mut c_void, 0, 0) };
+            // GOMP_parallel's end joins the team (a barrier), so the parts' stores are visible here
             !job.panicked.load(Ordering::Relaxed)
         }
-        _ => (0..parts).map(|i| catch_unwind(AssertUnwindSafe(|| task(i))).is_ok()).fold(true, |a, b| a & b),
+        _ => (0..parts).map(|i| part::run(|| task(i))).fold(true, |a, b| a & b),
     }
 }
 
@@ -96,10 +111,13 @@ pub(crate) fn by_rows(rows: usize, width: usize, task: &(dyn Fn(usize, usize) + 
     run(rows.div_ceil(per), &|i| task(i * per, ((i + 1) * per).min(rows)))
 }
 
-/// A mutable slice shared by parts that write disjoint ranges of it.
+/// A mutable slice shared by parts that write disjoint ranges of it. Each kernel makes it from a
+/// `&mut` slice that it does not touch again until its parts are joined, so the memory outlives
+/// the parts and nothing but them touches it meanwhile.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared(*mut f32, usize);
-// SAFETY: parts only take disjoint ranges (see `range`), so no element is shared between threads.
+// SAFETY: a `Shared` only hands out elements through `range` and `ptr`, whose callers promise that
+// no two parts touch one element, so sending or sharing it between threads races on nothing.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
@@ -108,17 +126,28 @@ impl Shared {
         Shared(s.as_mut_ptr(), s.len())
     }
 
-    /// SAFETY: callers hand each part a range no other part touches.
+    /// Elements `start..end` as a slice of their own. A range outside the slice is a tunex bug:
+    /// it panics (the part's runtime reports a failed kernel) instead of reaching other memory.
+    ///
+    /// # Safety
+    /// While the returned slice lives, no other part reads or writes any element of `start..end`.
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(start), end.min(self.1) - start)
+        assert!(start <= end && end <= self.1, "part range {start}..{end} is outside a slice of {}", self.1);
+        // SAFETY: `start..end` lies inside the slice (checked just above), which outlives the
+        // parts (see the type's doc); the caller promises this part alone touches it.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), end - start) }
     }
 
-    /// A pointer to element `start`, for kernels that write strided rows of it.
+    /// A pointer to element `start`, for kernels that write strided rows of it. A `start` outside
+    /// the slice panics, as in [`Shared::range`].
     ///
-    /// SAFETY: as [`Shared::range`], for every element written through it; `start` within the slice.
+    /// # Safety
+    /// Every element written through the pointer lies inside the slice, and no other part touches
+    /// it meanwhile.
     pub(crate) unsafe fn ptr(&self, start: usize) -> *mut f32 {
-        debug_assert!(start < self.1);
-        self.0.add(start)
+        assert!(start < self.1, "part offset {start} is outside a slice of {}", self.1);
+        // SAFETY: `start` is inside the slice (checked just above).
+        unsafe { self.0.add(start) }
     }
 }
