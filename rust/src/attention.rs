@@ -92,23 +92,19 @@ fn check_dims(d: &Dims) -> Result<()> {
             d.heads, d.kv_heads
         )));
     }
+    // The largest buffer a call sizes from the shape (kv_heads <= heads, T <= padded T): once this
+    // fits, so does every size and index the kernels compute from it.
+    let padded = d.seq.checked_next_multiple_of(LANES).unwrap_or(usize::MAX);
+    crate::error::product("attention: shape B x H x T (padded) x D", &[d.batch, d.heads, padded, d.dim])?;
     Ok(())
 }
 
 fn check_in(name: &str, t: &Input<'_>, shape: Shape) -> Result<()> {
-    if shape.span(t.strides) > t.data.len() {
-        return Err(bad(format!(
-            "{name} holds {} values; its strides {:?} for shape {shape:?} reach {}",
-            t.data.len(),
-            t.strides,
-            shape.span(t.strides)
-        )));
-    }
-    Ok(())
+    shape.check_within("attention", name, t.data.len(), t.strides)
 }
 
 fn check_out(name: &str, t: &Output<'_>, shape: Shape) -> Result<()> {
-    if shape.span(t.strides) > t.data.len() || !shape.dense(t.strides) {
+    if shape.span(t.strides).is_none_or(|span| span > t.data.len()) || !shape.dense(t.strides) {
         return Err(bad(format!(
             "{name} holds {} values with strides {:?}; expected a layout of shape {shape:?} \
                                 that gives each element its own slot within them",
@@ -785,6 +781,32 @@ mod tests {
                 close(g, w, &format!("dv[{i}] of {b}x{h}x{hkv}x{t}x{dim}"));
             }
         }
+    }
+
+    #[test]
+    fn shapes_that_overflow_are_errors_not_wrapped() {
+        let s = dense(1, 1, 16);
+        let x = vec![1f32; 16];
+        let (mut out, mut lse) = (vec![0f32; 16], vec![0f32; 1]);
+        let call = |dims: Dims, qs: Strides, out: &mut [f32], lse: &mut [f32]| {
+            let input = Input { data: &x, strides: qs };
+            forward(input, input, input, Output { data: out, strides: s }, lse, dims, 0.25)
+        };
+        let message = |r: Result<()>| match r {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        let one = Dims { batch: 1, heads: 1, kv_heads: 1, seq: 1, dim: 16 };
+        // B x H x T x D = 2^62 x 2 x 16 x 16 wraps to 0
+        let m = message(call(Dims { batch: 1 << 62, heads: 2, kv_heads: 1, ..one }, s, &mut out, &mut lse));
+        assert!(m.starts_with("attention: shape B x H x T (padded) x D") && m.contains("does not fit"), "{m}");
+        // a T whose padding to 16 overflows
+        assert!(call(Dims { seq: usize::MAX - 3, ..one }, s, &mut out, &mut lse).is_err());
+        // q's strides reach past usize::MAX
+        let big = Dims { seq: 3, ..one };
+        let m = message(call(big, Strides { pos: usize::MAX / 2 + 1, ..s }, &mut out, &mut lse));
+        assert!(m.starts_with("attention: q holds 16 values") && m.contains("past the largest usize"), "{m}");
+        assert!(out.iter().all(|&v| v == 0.0));
     }
 
     #[test]

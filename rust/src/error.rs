@@ -45,6 +45,17 @@ impl Error {
     }
 }
 
+/// The product of `factors`, or an [`Error::InvalidArgument`] naming `what` (a caller's argument
+/// or a size computed from its shape) when it does not fit in a `usize`. Every size that a bounds
+/// check in front of unsafe code relies on is computed this way, so a huge shape is refused
+/// instead of wrapping around to a small number that passes the check.
+pub(crate) fn product(what: &str, factors: &[usize]) -> Result<usize> {
+    factors.iter().try_fold(1usize, |acc, &f| acc.checked_mul(f)).ok_or_else(|| {
+        let sizes: Vec<String> = factors.iter().map(|f| f.to_string()).collect();
+        Error::arg(format!("{what} = {} does not fit in a usize; check the shape", sizes.join(" x ")))
+    })
+}
+
 /// Attach a path to a bare `std::io::Result`.
 pub trait IoContext<T> {
     fn at(self, path: impl AsRef<Path>) -> Result<T>;
@@ -53,5 +64,22 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_refuses_an_overflow_naming_what() {
+        assert_eq!(product("n", &[3, 5, 7]).unwrap(), 105);
+        assert_eq!(product("n", &[usize::MAX, 0]).unwrap(), 0);
+        let err = product("rope: x's span", &[1 << 40, 1 << 30]).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)));
+        assert_eq!(
+            err.to_string(),
+            "rope: x's span = 1099511627776 x 1073741824 does not fit in a usize; check the shape"
+        );
     }
 }

@@ -81,7 +81,7 @@ fn dims(
         }
     }
     let (rows, r) = (big.1 / cols, adapter.1 / cols);
-    if small.1 != rows * r {
+    if rows.checked_mul(r) != Some(small.1) {
         return Err(mismatch(what, format!("{} holds {} values; expected rows x r = {rows} x {r}", small.0, small.1)));
     }
     Ok((rows, r))

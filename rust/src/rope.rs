@@ -36,12 +36,21 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// One past the largest index a tensor of this shape with strides `s` touches.
-    pub(crate) fn span(&self, s: Strides) -> usize {
-        (self.batch - 1) * s.batch + (self.heads - 1) * s.head + (self.seq - 1) * s.pos + self.dim
+    /// One past the largest index a tensor of this shape with strides `s` touches (0 when it has
+    /// no elements), or None when that index does not fit in a `usize`.
+    pub(crate) fn span(&self, s: Strides) -> Option<usize> {
+        if self.batch == 0 || self.heads == 0 || self.seq == 0 || self.dim == 0 {
+            return Some(0);
+        }
+        let last = |size: usize, stride: usize| (size - 1).checked_mul(stride);
+        last(self.batch, s.batch)?
+            .checked_add(last(self.heads, s.head)?)?
+            .checked_add(last(self.seq, s.pos)?)?
+            .checked_add(self.dim)
     }
 
     /// Whether strides `s` give every element its own slot (so parts writing rows never collide).
+    /// A layout whose extent overflows a `usize` is not dense (no buffer could hold it).
     pub(crate) fn dense(&self, s: Strides) -> bool {
         let mut axes = [(s.batch, self.batch), (s.head, self.heads), (s.pos, self.seq)];
         axes.sort_unstable();
@@ -51,10 +60,25 @@ impl Shape {
                 if stride < need {
                     return false;
                 }
-                need = stride * size;
+                match stride.checked_mul(size) {
+                    Some(n) => need = n,
+                    None => return false,
+                }
             }
         }
         true
+    }
+
+    /// Whether a tensor of this shape with strides `s` lies inside `len` values; else an error
+    /// (of `what`, the kernel) naming the argument `name` and how far its strides reach.
+    pub(crate) fn check_within(&self, what: &str, name: &str, len: usize, s: Strides) -> Result<()> {
+        match self.span(s) {
+            Some(span) if span <= len => Ok(()),
+            span => Err(Error::InvalidArgument(format!(
+                "{what}: {name} holds {len} values; its strides {s:?} for shape {self:?} reach {}",
+                span.map_or("past the largest usize".to_string(), |n| n.to_string())
+            ))),
+        }
     }
 }
 
@@ -101,21 +125,20 @@ pub fn rotate(
     if dim == 0 || dim % 2 != 0 {
         return bad(format!("head dim {dim}; expected a positive even number"));
     }
-    if shape.span(xs) > x.len() {
-        return bad(format!(
-            "x holds {} values, its strides {xs:?} for shape {shape:?} reach {}",
-            x.len(),
-            shape.span(xs)
-        ));
-    }
-    if shape.span(os) > out.len() || !shape.dense(os) {
+    shape.check_within("rope", "x", x.len(), xs)?;
+    if shape.span(os).is_none_or(|span| span > out.len()) || !shape.dense(os) {
         return bad(format!(
             "out holds {} values with strides {os:?}; expected a layout of shape {shape:?} \
                             that gives each element its own slot within them",
             out.len()
         ));
     }
-    let table = (batch - 1) * table_batch + seq * dim;
+    let table = (batch - 1).checked_mul(table_batch).and_then(|n| n.checked_add(seq.checked_mul(dim)?));
+    let Some(table) = table else {
+        return bad(format!(
+            "table_batch {table_batch} and (T, D) = ({seq}, {dim}) put the cos/sin tables past the largest usize"
+        ));
+    };
     if cos.len() < table || sin.len() != cos.len() {
         return bad(format!(
             "cos/sin hold {} and {} values; expected {table} ((T, D) = ({seq}, {dim}) per \
@@ -125,7 +148,8 @@ pub fn rotate(
         ));
     }
     let dst = Shared::new(out);
-    // one part handles whole (batch, position) rows: all heads of them
+    // Every index below is under a span checked above (x's, out's, the tables'), so no product or
+    // sum of them overflows. One part handles whole (batch, position) rows: all heads of them.
     let ok = omp::by_rows(batch * seq, heads * dim, &|lo, hi| {
         for row in lo..hi {
             let (b, t) = (row / seq, row % seq);
@@ -186,6 +210,34 @@ mod tests {
         let mut first = vec![0f32; x.len()];
         rotate(&x, bthd, &mut first, bhtd, &cos, &sin, t * d, shape, false).unwrap();
         assert_eq!(shared[..h * t * d], first[..h * t * d]);
+    }
+
+    #[test]
+    fn shapes_and_strides_that_overflow_are_errors_not_wrapped() {
+        let shape = Shape { batch: 3, heads: 1, seq: 2, dim: 2 };
+        let dense = Strides { batch: 4, head: 4, pos: 2 };
+        let (x, cos, sin) = (vec![1f32; 12], vec![1f32; 4], vec![0f32; 4]);
+        let mut out = vec![0f32; 12];
+        let message = |r: Result<()>| match r {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        // x's strides reach past usize::MAX: (3 - 1) * 2^63 wraps to 0, which would pass
+        let huge = Strides { batch: 1 << 63, ..dense };
+        let m = message(rotate(&x, huge, &mut out, dense, &cos, &sin, 0, shape, false));
+        assert!(m.starts_with("rope: x holds 12 values") && m.contains("past the largest usize"), "{m}");
+        // so do out's
+        let m = message(rotate(&x, dense, &mut out, huge, &cos, &sin, 0, shape, false));
+        assert!(m.starts_with("rope: out holds 12 values"), "{m}");
+        // the tables': (3 - 1) * 2^63 + 4 wraps to 4, which the 4-value tables would satisfy
+        let m = message(rotate(&x, dense, &mut out, dense, &cos, &sin, 1 << 63, shape, false));
+        assert!(m.contains("table_batch") && m.contains("past the largest usize"), "{m}");
+        // batch and head on one stride of 2^63: 2 x 2^63 wrapped to 0 made them look disjoint
+        let two = Shape { batch: 2, heads: 2, seq: 1, dim: 2 };
+        let same = Strides { batch: 1 << 63, head: 1 << 63, pos: 0 };
+        assert!(!two.dense(same));
+        assert_eq!(two.span(same), None);
+        assert!(out.iter().all(|&v| v == 0.0));
     }
 
     #[test]

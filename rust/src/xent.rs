@@ -163,7 +163,8 @@ fn run(
         Rows::InPlace(l) => l.len(),
         Rows::To(l, _) => l.len(),
     };
-    if vocab == 0 || n_logits != rows * vocab || weight.len() != rows || lse.len() != rows || picked.len() != rows {
+    crate::error::product("cross-entropy: labels x vocab (the logits' size)", &[rows, vocab])?;
+    if vocab == 0 || rows * vocab != n_logits || weight.len() != rows || lse.len() != rows || picked.len() != rows {
         return Err(Error::InvalidArgument(format!(
             "cross-entropy: {} logits, {} labels, {} weights, {} lse and {} picked slots for vocab {vocab}; \
              expected rows x vocab logits and one of each per row",
@@ -221,6 +222,17 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vocab_whose_logits_overflow_is_refused() {
+        // 2 rows x 2^63 wraps to 0 logits: it must not pass as "no logits", nor reach the rows
+        let (mut lse, mut picked) = ([0f32; 2], [0f32; 2]);
+        let err = forward_backward(&mut [], 1 << 63, &[0, 1], &[1.0, 1.0], true, &mut lse, &mut picked).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("vocab") && err.to_string().contains("does not fit in a usize"), "{err}");
+        let mut g: [f32; 0] = [];
+        assert!(forward_backward_to(&[], 1 << 63, &[0, 1], &[1.0, 1.0], &mut g, &mut lse, &mut picked).is_err());
+    }
 
     fn reference(row: &[f32], label: usize, w: f32) -> (f64, Vec<f64>) {
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -58,11 +58,14 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     let cols = x.len();
     for (i, g) in batch.iter().enumerate() {
         let rows = g.y.len();
-        if g.w.len() != rows * cols {
+        let want = crate::error::product(
+            &format!("gemv: weight {i}'s size (rows of its output x length of x)"),
+            &[rows, cols],
+        )?;
+        if g.w.len() != want {
             return Err(Error::InvalidArgument(format!(
-                "gemv: weight {i} has {} elements, expected {rows} x {cols} = {} (rows of its output x length of the input)",
+                "gemv: weight {i} has {} elements, expected {rows} x {cols} = {want} (rows of its output x length of the input)",
                 g.w.len(),
-                rows * cols
             )));
         }
         if let Some(b) = g.bias {
@@ -82,7 +85,12 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
         return Ok(());
     }
     let threads = pool::threads();
-    let parts = if rows * cols * 4 < SPLIT_BYTES || threads == 1 { 1 } else { (threads * 4).min(rows) };
+    // saturating: products may share one weight, so this total need not fit in memory (or a usize)
+    let parts = if rows.saturating_mul(cols).saturating_mul(4) < SPLIT_BYTES || threads == 1 {
+        1
+    } else {
+        (threads * 4).min(rows)
+    };
     if parts == 1 {
         for g in batch.iter_mut() {
             rows_dot(g.w, x, g.bias, g.y);

@@ -82,7 +82,7 @@ fn check_float(dtype: Dtype) -> Result<()> {
 pub fn to_f32(src: &[u8], dtype: Dtype, dst: &mut [f32]) -> Result<()> {
     check_float(dtype)?;
     let size = dtype.size();
-    if src.len() != dst.len() * size {
+    if dst.len().checked_mul(size) != Some(src.len()) {
         return Err(Error::data(format!("{} bytes do not hold {} {} values", src.len(), dst.len(), dtype.name())));
     }
     src.par_chunks(CHUNK * size).zip(dst.par_chunks_mut(CHUNK)).for_each(|(s, d)| widen_seq(s, dtype, d));
@@ -94,7 +94,7 @@ pub fn to_f32(src: &[u8], dtype: Dtype, dst: &mut [f32]) -> Result<()> {
 pub fn from_f32(src: &[f32], dtype: Dtype, dst: &mut [u8]) -> Result<bool> {
     check_float(dtype)?;
     let size = dtype.size();
-    if dst.len() != src.len() * size {
+    if src.len().checked_mul(size) != Some(dst.len()) {
         return Err(Error::data(format!(
             "cannot round {} values into {} {} bytes",
             src.len(),
@@ -207,7 +207,8 @@ pub fn merge_rows(
     check_float(out_dtype)?;
     let (rows, cols) = lr.weight_shape();
     let (isz, osz) = (in_dtype.size(), out_dtype.size());
-    if src.len() != rows * cols * isz || out.len() != rows * cols * osz {
+    let bytes = |size: usize| rows.checked_mul(cols).and_then(|n| n.checked_mul(size));
+    if bytes(isz) != Some(src.len()) || bytes(osz) != Some(out.len()) {
         return Err(Error::data(format!(
             "a {rows}x{cols} weight does not fit {} input / {} output bytes",
             src.len(),
@@ -254,7 +255,7 @@ fn scale_to_norm(row: &mut [f32], magnitude: f32) {
 /// layouts needs every row before any can be rescaled).
 pub fn add_low_rank(w: &mut [f32], lr: &LowRank) {
     let (rows, cols) = lr.weight_shape();
-    assert_eq!(w.len(), rows * cols, "caller checked shapes");
+    assert_eq!(rows.checked_mul(cols), Some(w.len()), "caller checked shapes");
     if rows == 0 || cols == 0 {
         return;
     }

@@ -195,7 +195,11 @@ pub fn dequantize_4bit(
     check_blocksize(blocksize)?;
     check_len("packed input", packed.len(), n.div_ceil(2))?;
     check_len("absmax", absmax.len(), num_blocks(n, blocksize))?;
-    check_len("output bytes", out.len(), n * dtype.size())?;
+    check_len(
+        "output bytes",
+        out.len(),
+        crate::error::product("dequantize_4bit: n x element size", &[n, dtype.size()])?,
+    )?;
     if n == 0 {
         return Ok(()); // an empty numpy buffer may have an unaligned dangling pointer
     }
