@@ -8,6 +8,9 @@ bash scripts/setup.sh
 ruff check python tests bench scripts
 ruff format --check python tests bench scripts
 cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+# the bindings too (checked, not linked: no libpython needed)
+cargo clippy --locked --all-targets --features python -- -D warnings
 cargo test --locked --quiet
 set +e
 TUNEX_REQUIRE_ORACLES=1 python -m pytest -q "$@"

@@ -47,7 +47,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
             .ok_or_else(|| bad(&format!("unknown unit {unit:?}")))?
     };
     let bytes = value * factor;
-    if !(bytes >= 1.0) || !bytes.is_finite() || bytes > u64::MAX as f64 {
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
         return Err(bad("the size must be at least one byte"));
     }
     Ok(bytes.round() as u64)

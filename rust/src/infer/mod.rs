@@ -99,7 +99,7 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     }
     // Part p covers global rows [p*rows/parts, (p+1)*rows/parts); each product's output rows are
     // handed out as raw pointers because parts write disjoint ranges of them.
-    let outs: Vec<(usize, usize, &[f32], Option<&[f32]>, SendPtr)> = {
+    let outs: Vec<OutRows<'_>> = {
         let mut first = 0;
         batch
             .iter_mut()
@@ -132,6 +132,10 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     }
 }
 
+/// One product of a split batch: its first row among all products' rows, its row count, its
+/// weight, its bias and its output.
+type OutRows<'a> = (usize, usize, &'a [f32], Option<&'a [f32]>, SendPtr);
+
 struct SendPtr(*mut f32);
 // SAFETY: see the use in `gemv_f32`: disjoint writes, joined before the borrow ends.
 unsafe impl Sync for SendPtr {}
@@ -163,7 +167,7 @@ multiversion! {
 /// RMSNorm over rows of `weight.len()` values (`x` and `out` hold whole rows).
 pub fn rms_norm_f32(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let n = weight.len();
-    if n == 0 || x.len() % n != 0 || out.len() != x.len() {
+    if n == 0 || !x.len().is_multiple_of(n) || out.len() != x.len() {
         return Err(Error::InvalidArgument(format!(
             "rms_norm: input of {} and output of {} values do not hold whole rows of the weight's {n}",
             x.len(),

@@ -380,7 +380,7 @@ mod tests {
                         (0..num_blocks(n, blocksize)).map(|_| (next() % 1000) as f32 / 7.0 - 50.0).collect();
                     let want = |i: usize| {
                         let byte = packed[i / 2];
-                        code[if i % 2 == 0 { byte >> 4 } else { byte & 15 } as usize] * absmax[i / blocksize]
+                        code[if i.is_multiple_of(2) { byte >> 4 } else { byte & 15 } as usize] * absmax[i / blocksize]
                     };
                     for dtype in [FloatDtype::F32, FloatDtype::BF16, FloatDtype::F16] {
                         let mut out = vec![0u8; n * dtype.size()];

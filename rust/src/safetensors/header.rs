@@ -195,7 +195,7 @@ pub fn build_header(tensors: &[(&str, Dtype, &[u64])], metadata: &[(String, Stri
         offset += nbytes;
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("a JSON map always serializes");
-    while (8 + json.len()) % HEADER_ALIGN != 0 {
+    while !(8 + json.len()).is_multiple_of(HEADER_ALIGN) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());
