@@ -234,6 +234,8 @@ mod x86 {
 }
 
 /// [`tile`] for `m` (1..=MR) rows of `w` (1..=NV) vectors; `wide`: on AVX-512 registers.
+///
+/// SAFETY: as [`tile`]; `wide` only where the CPU has AVX-512F.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_mw(

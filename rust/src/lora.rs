@@ -160,6 +160,11 @@ multiversion512! {
 
 // ---- AVX-512 versions: the same operations, 16 lanes at a time ----
 
+/// The AVX-512 kernels. Every function here is `unsafe` for the same two reasons, stated once:
+/// the CPU must have AVX-512 F/BW/VL (the callers go through `tiered!`, after `wide` checked it),
+/// and loads and stores use raw pointers at offsets computed from shapes that `dims` checked:
+/// rows of `cols` values (or `r` for `dh` and `h`), each row's last chunk masked by `tail_mask`,
+/// so no lane touches memory past its row.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Mask, Shared, LANES};
@@ -210,8 +215,10 @@ mod x86 {
         _mm512_cvtss_f32(v)
     }
 
-    pub(super) fn key0(mask: &Mask) -> __m512i {
-        // SAFETY: plain register setup (AVX-512 is present whenever this module's kernels run).
+    /// # Safety
+    /// The CPU has AVX-512F.
+    pub(super) unsafe fn key0(mask: &Mask) -> __m512i {
+        // SAFETY: a register broadcast; the caller promises AVX-512F.
         unsafe { _mm512_set1_epi32(dropout::key(mask.seed, 0) as i32) }
     }
 

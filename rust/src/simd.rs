@@ -37,10 +37,14 @@ macro_rules! multiversion_tiers {
 
             #[cfg(target_arch = "x86_64")]
             {
+                /// # Safety
+                /// The CPU has every feature enabled here (`has_avx512` checks them all).
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)
                 }
+                /// # Safety
+                /// The CPU has every feature enabled here (`has_avx2` checks them all).
                 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt,f16c")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     portable($($arg),*)

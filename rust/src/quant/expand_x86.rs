@@ -28,6 +28,8 @@ pub(crate) unsafe fn expand_u16_blocks(
     }
 }
 
+/// # Safety
+/// AVX2 must be available, `packed` must hold whole 16-byte steps and `out` 32 values per step.
 #[target_feature(enable = "avx2")]
 unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
     let lo_bytes: [u8; 16] = std::array::from_fn(|k| values[k] as u8);

@@ -31,9 +31,10 @@ impl SafeFile {
                 Ok(_) => Error::format(&path, "is shorter than a safetensors header"),
             });
         }
-        // SAFETY: the mapping is read-only. Another process truncating the file while we read it
-        // would fault, as with every mmap-based reader (safetensors, numpy.memmap); tunex does not
-        // write to its inputs.
+        // SAFETY: the mapping is read-only and shared (memmap2's `Mmap::map`: PROT_READ, MAP_SHARED),
+        // so the bytes behind `&[u8]`s into it are the file's: another process writing the file
+        // would change them under us, and truncating it would make a read fault (SIGBUS), as with
+        // every mmap-based reader (safetensors, numpy.memmap). tunex never writes to its inputs.
         let map = unsafe { Mmap::map(&file) }.at(&path)?;
         let header = parse_header(&path, &map)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -88,9 +89,12 @@ impl SafeFile {
             return;
         }
         #[cfg(unix)]
-        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only discards clean pages;
-        // a later read of the range faults them back in from the file. No Rust reference into the
-        // range is invalidated because the contents do not change.
+        // SAFETY: the mapping is shared and read-only (see `open`) and nothing in this process writes
+        // it, so its pages are clean page-cache pages: MADV_DONTNEED only drops this process's
+        // mappings of them, and a later read of the range faults the same bytes back in from the
+        // page cache (or the file). References into the range stay valid: their contents do not
+        // change (a shared mapping of a file that another process writes changes with or without
+        // this call).
         unsafe {
             let _ = self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
         }
