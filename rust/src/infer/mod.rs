@@ -58,11 +58,9 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     let cols = x.len();
     for (i, g) in batch.iter().enumerate() {
         let rows = g.y.len();
-        let want = crate::error::product(
-            &format!("gemv: weight {i}'s size (rows of its output x length of x)"),
-            &[rows, cols],
-        )?;
-        if g.w.len() != want {
+        // checked: a wrapped product must not match the weight's length
+        if rows.checked_mul(cols) != Some(g.w.len()) {
+            let want = rows.checked_mul(cols).map_or("more than fit in a usize".to_string(), |n| n.to_string());
             return Err(Error::InvalidArgument(format!(
                 "gemv: weight {i} has {} elements, expected {rows} x {cols} = {want} (rows of its output x length of the input)",
                 g.w.len(),
