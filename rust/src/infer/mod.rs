@@ -1,7 +1,7 @@
 //! Inference kernels for decoding on the CPU: one token at a time, so every linear layer is a
 //! matrix-vector product that reads each weight once. torch runs those on one core at about half
-//! the memory bandwidth; these split the rows across the rayon pool and stream them with wide
-//! accumulators, so the cores together approach the bandwidth.
+//! the memory bandwidth; these split the rows across the decode pool ([`pool`]) and stream them
+//! with wide accumulators, so the cores together approach the bandwidth.
 
 use crate::error::{Error, Result};
 use crate::simd::multiversion;
