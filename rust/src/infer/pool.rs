@@ -95,12 +95,13 @@ impl Shared {
             self.inside.fetch_add(1, SeqCst);
             let _inside = Inside(&self.inside);
             if self.active.load(SeqCst) && self.epoch.load(SeqCst) == seen {
-                // SAFETY: we are counted in `inside` and saw `active` set after the caller of job
-                // `seen` published its task (it stores the pointer before it sets `active`, all
-                // SeqCst). That caller's `Published` guard clears `active`, then waits for `inside`
-                // to drain before its frame (holding the `Task` the pointer names) can end, and no
-                // other job can be published before then (`submit` is held). So the pointer is
-                // non-null and the `Task` and everything it borrows live until `_inside` drops.
+                // SAFETY: we joined `inside` before we saw `active` set, so a caller has published
+                // a job (`Published::new` stores the pointer and counters before it sets `active`,
+                // all SeqCst) and its `Published` guard has not yet seen `inside` drain: it clears
+                // `active` first and then waits for us, before its frame (which holds the `Task`
+                // the pointer names) can end, and no other job can be published meanwhile
+                // (`submit` is held). So the pointer is that job's, non-null, and the `Task` and
+                // everything it borrows live until `_inside` drops.
                 let task: Task<'_> = unsafe { *(self.task.load(SeqCst) as *const Task<'_>) };
                 self.work(task);
             }
