@@ -10,7 +10,7 @@ ruff format --check python tests bench scripts
 cargo fmt --check
 cargo test --locked --quiet
 set +e
-TUNEX_REQUIRE_ORACLES=1 python -m pytest -q "$@"
+TUNEX_REQUIRE_ORACLES=1 TUNEX_REQUIRE_NATIVE=1 python -m pytest -q "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that must fail loudly, never pass as green.
