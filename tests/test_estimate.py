@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import has_native
 from tunex.cli import cli
 from tunex.estimate import (
     ModelShape,
@@ -272,7 +273,7 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
     plan = Plan(kind="lora", seq_len=tokens, r=8, dtype_bytes=4, dropout=0.1)
     # the estimate models CUDA's path: SDPA keeps its output, o_proj saves a contiguous copy of it
     assert count(False) == tokens * _saved_per_token(shape, plan, adapted_linears(shape, "all-linear"))
-    if attention._native_forward is not None:
+    if has_native("attention_forward_f32"):
         # the CPU kernel keeps its output in the layout o_proj reads: one (tokens, heads * head_dim)
         # tensor less
         assert count(True) == count(False) - tokens * 4 * 16 * 4

@@ -5,8 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_native
 
-native = pytest.importorskip("tunex._native")
+native = require_native(
+    "set_omp_kernels",
+    "dropout_f32",
+    "dropout_inplace_f32",
+    "swiglu_forward_f32",
+    "swiglu_backward_f32",
+    "rms_norm_forward_f32",
+    "rms_norm_backward_f32",
+    "rope_f32",
+    "attention_forward_f32",
+    "attention_backward_f32",
+    "lora_down_f32",
+    "lora_grad_a_f32",
+    "lora_add_up_f32",
+    allow_module_level=True,
+)
 
 
 @pytest.fixture

@@ -1,16 +1,38 @@
-"""Type stub for tunex's private native module (Rust, built by maturin)."""
+"""Type stub for tunex's private native module (Rust, built by maturin; bindings in rust/src/py/).
 
-__version__: str
+Every public export of ``tunex._native`` is declared here; tests/test_native_stub.py checks the names
+and the parameter names against the built module. Arrays are 1-D numpy arrays (flat views of torch
+tensors); the kernels write their outputs in place into the arrays passed for them. A path parameter
+takes a ``str`` or any ``os.PathLike``.
+"""
 
-def parse_size(text: str) -> int: ...
+import os
+from collections.abc import Callable
+from typing import Any
 
-# safetensors (rust/src/py/safetensors.rs)
 import numpy as _np
 
+_Path = str | os.PathLike[str]
+_F32 = _np.ndarray  # a contiguous float32 array
+_U8 = _np.ndarray  # a contiguous uint8 array (raw bytes)
+_I64 = _np.ndarray  # a contiguous int64 array
+_Strides = tuple[int, int, int]  # element strides of the (batch, head, pos) axes; the last axis is contiguous
+_Strided = tuple[_F32, _Strides]
+
+__version__: str
+__all__: list[str]
+
+# units (rust/src/py/units.rs)
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "2GB", "500MiB" or "1048576"; ValueError naming the text otherwise."""
+
+# safetensors (rust/src/py/safetensors.rs)
 class ShardWriter:
+    """Streams tensors, in the order given, into HF-style shards under ``out_dir``."""
+
     def __init__(
         self,
-        out_dir: str,
+        out_dir: _Path,
         tensors: list[tuple[str, str, list[int]]],
         max_shard_size: int,
         metadata: list[tuple[str, str]],
@@ -19,44 +41,113 @@ class ShardWriter:
         overwrite: bool = False,
         fsync: bool = True,
     ) -> None: ...
-    def write(self, name: str, data: _np.ndarray) -> None: ...
-    def finish(self, extra_files: list[tuple[str, str]] = ...) -> dict: ...
+    def write(self, name: str, data: _U8) -> None: ...
+    def finish(self, extra_files: list[tuple[_Path, str]] = ...) -> dict[str, Any]:
+        """Keys: files, tensors, data_bytes, file_bytes."""
     def abort(self) -> None: ...
 
 class SafeReader:
-    def __init__(self, path: str) -> None: ...
+    """An open (memory-mapped) safetensors file."""
+
+    def __init__(self, path: _Path) -> None: ...
     def tensors(self) -> list[tuple[str, str, list[int]]]: ...
     def metadata(self) -> list[tuple[str, str]]: ...
-    def read(self, name: str) -> _np.ndarray: ...
+    def read(self, name: str) -> _U8: ...
 
 # merge (rust/src/py/merge.rs)
 def merge_lora(
-    base: str,
-    adapter_config: str,
-    adapter_weights: str,
-    out: str,
+    base: _Path,
+    adapter_config: _Path,
+    adapter_weights: _Path,
+    out: _Path,
     max_shard_size: int,
     dtype: str | None = None,
     overwrite: bool = False,
     is_clip: bool = False,
-    extra_files: list[tuple[str, str]] = ...,
-    progress: object | None = None,
+    extra_files: list[tuple[_Path, str]] = ...,
+    progress: Callable[[str, int, int, int, int], object] | None = None,
     fsync: bool = True,
-) -> dict: ...
-def merge_plan(
-    base: str, adapter_config: str, adapter_weights: str, dtype: str | None = None, is_clip: bool = False
-) -> list[dict]: ...
+) -> dict[str, Any]:
+    """Keys: tensors, merged, replaced, bytes_written, files, seconds. ``progress(name, done, total,
+    bytes_done, bytes_total)`` is called per tensor; an exception it raises stops the merge."""
 
-# 4-bit quantization (rust/src/py/quant.rs); arrays are borrowed, outputs written in place
+def merge_plan(
+    base: _Path, adapter_config: _Path, adapter_weights: _Path, dtype: str | None = None, is_clip: bool = False
+) -> list[dict[str, Any]]: ...
+
+# 4-bit quantization (rust/src/py/quant.rs)
 def quantize_4bit(
-    src: _np.ndarray, dtype: str, quant_type: str, blocksize: int, name: str, packed: _np.ndarray, absmax: _np.ndarray
+    src: _U8, dtype: str, quant_type: str, blocksize: int, name: str, packed: _U8, absmax: _F32
 ) -> None: ...
 def dequantize_4bit(
-    packed: _np.ndarray, absmax: _np.ndarray, quant_type: str, blocksize: int, n: int, dtype: str, out: _np.ndarray
+    packed: _U8, absmax: _F32, quant_type: str, blocksize: int, n: int, dtype: str, out: _U8
 ) -> None: ...
-def quantize_blockwise_8bit(
-    src: _np.ndarray, offset: float, code: _np.ndarray, blocksize: int, out: _np.ndarray, absmax: _np.ndarray
+def quantize_blockwise_8bit(src: _F32, offset: float, code: _F32, blocksize: int, out: _U8, absmax: _F32) -> None: ...
+def dequantize_blockwise_8bit(q: _U8, absmax: _F32, code: _F32, blocksize: int, offset: float, out: _F32) -> None: ...
+
+# compute kernels (rust/src/py/kernels.rs); float32 only
+def gemv_f32(x: _F32, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:
+    """``out = weight @ x (+ bias)`` for each ``(weight, bias, out)``; weight is flat row-major."""
+
+def rms_norm_f32(x: _F32, weight: _F32, eps: float, out: _F32) -> None: ...
+def rms_norm_forward_f32(x: _F32, weight: _F32, eps: float, out: _F32, rstd: _F32) -> None: ...
+def rms_norm_backward_f32(dy: _F32, x: _F32, weight: _F32, rstd: _F32, dx: _F32, dw: _F32 | None = None) -> None: ...
+def set_omp_kernels(on: bool) -> None:
+    """Whether the training kernels split their work over the process's OpenMP team."""
+
+def dropout_f32(x: _F32, out: _F32, seed: int, p: float) -> None: ...
+def dropout_inplace_f32(x: _F32, seed: int, p: float) -> None: ...
+def swiglu_forward_f32(gate: _F32, up: _F32, y: _F32) -> None: ...
+def swiglu_backward_f32(dy: _F32, gate: _F32, up: _F32, d_gate: _F32, d_up: _F32) -> None: ...
+def cross_entropy_f32(
+    logits: _F32,
+    vocab: int,
+    labels: _I64,
+    weight: _F32,
+    grad: bool,
+    lse: _F32,
+    picked: _F32,
+    grad_out: _F32 | None = None,
 ) -> None: ...
-def dequantize_blockwise_8bit(
-    q: _np.ndarray, absmax: _np.ndarray, code: _np.ndarray, blocksize: int, offset: float, out: _np.ndarray
+def rope_f32(
+    x: _F32,
+    x_strides: _Strides,
+    out: _F32,
+    out_strides: _Strides,
+    cos: _F32,
+    sin: _F32,
+    table_batch: int,
+    shape: tuple[int, int, int, int],
+    backward: bool,
+) -> None:
+    """RoPE (or its transpose) of the (B, H, T, D) tensor ``x`` into ``out``; ``shape`` is (B, H, T, D)."""
+
+def attention_forward_f32(
+    q: _Strided,
+    k: _Strided,
+    v: _Strided,
+    out: _Strided,
+    lse: _F32,
+    shape: tuple[int, int, int, int, int],
+    scale: float,
+) -> None:
+    """Causal attention; ``shape`` is (B, H, Hkv, T, D); ``lse`` (B, H, T) gets the rows' log-sum-exp."""
+
+def attention_backward_f32(
+    dout: _Strided,
+    q: _Strided,
+    k: _Strided,
+    v: _Strided,
+    out: _Strided,
+    lse: _F32,
+    dq: _Strided,
+    dk: _Strided,
+    dv: _Strided,
+    shape: tuple[int, int, int, int, int],
+    scale: float,
 ) -> None: ...
+def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
+    """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""
+
+def lora_grad_a_f32(dh: _F32, x: _F32, cols: int, seed: int, p: float, d_a: _F32) -> None: ...
+def lora_add_up_f32(dx: _F32, dh: _F32, a: _F32, cols: int, seed: int, p: float) -> None: ...

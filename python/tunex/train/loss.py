@@ -31,9 +31,8 @@ CHUNK_ELEMENTS = 1 << 24
 # instead of mapping and faulting in 7k fresh pages. oneDNN keeps its rate at ~150 rows.
 ONEDNN_CHUNK_ELEMENTS = 7 << 20
 # ... but oneDNN's product for the hidden-state gradient (rows x vocab) @ (vocab x hidden) runs
-# ~25% faster at twice those rows (135 -> 168 GFLOP/s at 149 -> 298 rows for SmolLM2's head on
-# two Zen 4 cores): the native loss kernel writes the gradients of this many chunks into one
-# reused buffer, and one product serves them all. 1 turns that off.
+# faster at twice those rows: the native loss kernel writes the gradients of this many chunks into
+# one reused buffer, and one product serves them all. 1 turns that off.
 GRAD_CHUNKS = 2
 
 

@@ -13,9 +13,8 @@ def build_optimizer(
     params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
 ) -> torch.optim.AdamW:
     """AdamW over ``params``, using torch's fused kernel where it takes them (plain tensors all on
-    CUDA or all on the CPU; on the CPU it steps SmolLM2's LoRA adapters in 5.5 ms instead of 20)
-    and the multi-tensor (foreach) path elsewhere (sharded parameters): both are mathematically
-    the plain AdamW step, only faster."""
+    CUDA or all on the CPU; on the CPU too it is the faster step) and the multi-tensor (foreach)
+    path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: method.kind selects nothing to train")
