@@ -180,7 +180,7 @@ def lora_rows(device, n: int, h: int, i: int) -> list[list[str]]:
         def triton_mask_reference(x_, base, a_, b_, scale, dropout):
             torch.manual_seed(1)  # the seed the fused call drew
             keep = lora_triton.dropout(torch.ones_like(x_.detach()), dropout, _draw_seed())
-            return x_ @ base().T + scale * ((x_ * keep) @ a_.to(dtype).T) @ b_.to(dtype).T
+            return x_ @ base(x_.dtype).T + scale * ((x_ * keep) @ a_.to(dtype).T) @ b_.to(dtype).T
 
         def run(fn, backend=None):
             leaves = [t.clone().requires_grad_() for t in (x, a, b)]
@@ -435,7 +435,7 @@ def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
     return {**_measure(step, device, seq, steps), "load_s": load_s}
 
 
-def run_child(which: str, folder: Path, seq: int, steps: int, device: str) -> dict:
+def run_child(which: str, folder: Path, seq: int, steps: int, device: str, timeout: float) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -450,7 +450,11 @@ def run_child(which: str, folder: Path, seq: int, steps: int, device: str) -> di
         "--device",
         device,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    sys.stderr.write(done.stderr[-4000:])
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:]
         return {"error": (" ".join(tail) or f"exit {done.returncode}").replace("|", "/")}
@@ -474,6 +478,10 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers+PEFT+bitsandbytes")
     ap.add_argument("--keep", type=Path, default=None, help="write the random checkpoint here and keep it")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the table here, after each section")
+    ap.add_argument(
+        "--budget", type=float, default=420.0, help="seconds; a training run that would start later is skipped"
+    )
     ap.add_argument("--child", choices=["tunex", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
@@ -504,48 +512,84 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (triton interpreter)"
     print(f"device: {gpu}; torch {torch.__version__}", file=sys.stderr)
 
-    rows = kernel_rows(device, args.tiny)
+    deadline = time.monotonic() + args.budget
+    header = (
+        f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}. Kernels: Triton vs torch path, "
+        f"forward+backward at Llama-2-7B sizes (2048 tokens). Training: "
+        f"{'tiny 2-layer' if args.tiny else 'Llama-2-7B-shaped'} random model, QLoRA NF4+double quant, r=64 "
+        f"all-linear, dropout 0.1, seq {seq}, batch 1, gradient checkpointing, {args.steps} steps after "
+        f"{WARMUP} warm-up.\n"
+    )
+    rows: list[list[str]] = []
+    results: dict[str, dict] = {}
+
+    def report() -> None:
+        """Print the table so far (and write it to --out): a time-out or crash later keeps what ran."""
+        text = table(header, rows, results, config, seq)
+        if args.out is not None:
+            args.out.write_text(text)
+        print(text, file=sys.stderr)
+
+    try:
+        rows += kernel_rows(device, args.tiny)
+    except Exception as exc:  # a failing kernel section must not cost the training rows
+        rows.append(["kernel section", "error", f"{type(exc).__name__}: {exc}"[:160].replace("|", "/"), "", "", ""])
+    report()
     torch.cuda.empty_cache() if device.type == "cuda" else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "llama2-7b-random"
         started = time.perf_counter()
         write_checkpoint(folder, config)
         print(f"random checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        ours = run_child("tunex", folder, seq, args.steps, device_name)
-        results = {"tunex": ours.get("plain", ours), "tunex, offloaded checkpoints": ours.get("offloaded", ours)}
-        if not args.no_baseline:
-            results["transformers+PEFT+bnb"] = run_child("hf", folder, seq, args.steps, device_name)
+        children = [("tunex", "tunex")] + ([] if args.no_baseline else [("hf", "transformers+PEFT+bnb")])
+        for which, name in children:
+            left = deadline - time.monotonic()
+            if left < 30:
+                results[name] = {"error": f"skipped: the {args.budget:.0f} s budget was spent"}
+                continue
+            got = run_child(which, folder, seq, args.steps, device_name, timeout=left)
+            if which == "tunex":
+                results["tunex"] = got.get("plain", got)
+                results["tunex, offloaded checkpoints"] = got.get("offloaded", got)
+            else:
+                results[name] = got
+            report()
+    print(table(header, rows, results, config, seq))
+
+
+def table(header: str, rows: list[list[str]], results: dict[str, dict], config: dict, seq: int) -> str:
     base = results.get("transformers+PEFT+bnb", {})
-    print(
-        f"GPU: {gpu}. Kernels: Triton vs torch path, forward+backward at Llama-2-7B sizes "
-        f"(2048 tokens). Training: {'tiny 2-layer' if args.tiny else 'Llama-2-7B-shaped'} random model, "
-        f"QLoRA NF4+double quant, r=64 all-linear, dropout 0.1, seq {seq}, batch 1, gradient "
-        f"checkpointing, {args.steps} steps after {WARMUP} warm-up.\n"
-    )
-    print("| check | result | max rel err / tokens/s | Triton / peak allocated | torch / peak reserved | ratio |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    lines = [
+        header,
+        "| check | result | max rel err / tokens/s | Triton / peak allocated | torch / peak reserved | ratio |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     for name, r in results.items():
         if "error" in r:
-            print(f"| train {name} | error | {r['error'][:120]} | | | |")
+            lines.append(f"| train {name} | error | {r['error'][:160]} | | | |")
             continue
         ratio = ""
         if name.startswith("tunex") and "tokens_per_s" in base:
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s"
-            if "peak_allocated" in base:
+            if "peak_allocated" in base and "peak_allocated" in r:
                 ratio += f", {r['peak_allocated'] / base['peak_allocated']:.2f}x memory"
         gib = lambda k: f"{r[k] / 2**30:.2f} GiB" if k in r else "n/a"
         load = f", load peak {r['load_peak'] / 2**30:.2f} GiB" if r.get("load_peak") else ""
-        print(
+        lines.append(
             f"| train {name} | loss {r['loss']:.3f}, load {r['load_s']:.0f} s{load} | {r['tokens_per_s']:.0f} tok/s "
             f"| {gib('peak_allocated')} | {gib('peak_reserved')} | {ratio} |"
         )
     for name, offload in (("tunex", False), ("tunex, offloaded checkpoints", True)):
-        predicted = estimate_peak(config, seq, offload)
-        measured = results[name].get("peak_allocated")
+        try:
+            predicted = estimate_peak(config, seq, offload)
+        except Exception as exc:
+            lines.append(f"| tunex estimate, {name} | error | {type(exc).__name__}: {exc} | | | |")
+            continue
+        measured = results.get(name, {}).get("peak_allocated")
         vs = f" (measured {measured / 2**30:.2f} GiB: {measured / predicted:.2f}x)" if measured else ""
-        print(f"| tunex estimate, {name} | predicted peak | {predicted / 2**30:.2f} GiB{vs} | | | |")
+        lines.append(f"| tunex estimate, {name} | predicted peak | {predicted / 2**30:.2f} GiB{vs} | | | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
