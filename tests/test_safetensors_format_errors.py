@@ -5,6 +5,7 @@ as KeyError / TypeError or a crash."""
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 from pathlib import Path
@@ -160,6 +161,9 @@ def test_views_share_the_map_and_writes_stay_private(tmp_path):
     assert state["b"].data_ptr() - state["a"].data_ptr() == 24
     state["a"].add_(1)  # an in-place op on a loaded weight changes a private page, not the file
     assert path.read_bytes() == before
+    kept = state["a"]
     del state
+    gc.collect()  # the view alone keeps the map alive
+    assert torch.equal(kept, torch.arange(6.0).reshape(2, 3) + 1)
     again = read_safetensors(path)
     assert torch.equal(again["a"], torch.arange(6.0).reshape(2, 3))
