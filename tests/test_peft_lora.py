@@ -78,6 +78,30 @@ def test_exported_adapter_loads_in_peft_with_equal_logits(tmp_path, kw):
     assert (plain - ours).abs().max() > 1e-2
 
 
+def test_exported_adapter_loads_in_transformers_with_format_metadata(tmp_path):
+    """The Rust writer's adapter_model.safetensors: one file, {"format": "pt"}, no temporary left,
+    and transformers' own load_adapter gives PEFT's logits."""
+    from safetensors import safe_open
+
+    m = method(target_modules=["q_proj", "v_proj"])
+    model = tiny_llama()
+    apply_lora(model, m.target_modules, m.r, m.alpha)
+    randomise_adapters(model)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    out = tmp_path / "adapter"
+    export_adapter(trainable_state_dict(model), m, out, base_model="tiny", dtype=None)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    theirs_model = tiny_llama()
+    theirs_model.load_adapter(str(out))
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_key_names_and_shapes(tmp_path):
     from safetensors.torch import load_file
 

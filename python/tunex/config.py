@@ -167,7 +167,9 @@ class MethodConfig:
     alpha: float = _setting(16.0, _number(0, lo_open=True), "LoRA alpha; scaling = alpha / r")
     dropout: float = _setting(0.1, _number(0, 1, hi_open=True), "dropout on the LoRA input")
     target_modules: str | list[str] = _setting(
-        "all-linear", _text_or_list, "'all-linear', a list of module-name suffixes, or a regex"
+        "all-linear",
+        _text_or_list,
+        "'all-linear', a list of module-name suffixes, or a regex matching whole names (Rust syntax)",
     )
     use_rslora: bool = _setting(False, _flag, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _setting(False, _flag, "weight-decomposed LoRA (magnitude vectors)")
@@ -314,11 +316,11 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
     if cfg.method.kind == "qlora" and cfg.train.dtype == "float16" and cfg.method.compute_dtype == "bfloat16":
         problems.append("method.compute_dtype: expected float16 or auto when train.dtype is float16, got 'bfloat16'")
     if isinstance(cfg.method.target_modules, str) and cfg.method.target_modules != "all-linear":
-        import re
+        from tunex.peft.targets import select
 
         try:
-            re.compile(cfg.method.target_modules)
-        except re.error as e:
+            select([], cfg.method.target_modules)  # compiled by the regex engine that applies it
+        except ValueError as e:
             problems.append(
                 f"method.target_modules: expected 'all-linear', a list or a valid regex, got "
                 f"{cfg.method.target_modules!r} ({e})"

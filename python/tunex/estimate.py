@@ -272,9 +272,11 @@ def adapted_linears(shape: ModelShape, target: str | list[str]) -> list[tuple[st
     """The decoder linears (per layer) that get an adapter; the output head never does."""
     if target == "all-linear":
         return shape.linears()
-    from tunex.peft.targets import matches
+    from tunex.peft.targets import select
 
-    return [(n, i, o) for n, i, o in shape.linears() if matches(f"model.layers.0.{n}", target)]
+    linears = shape.linears()
+    hits = select([f"model.layers.0.{n}" for n, _, _ in linears], target)
+    return [row for row, hit in zip(linears, hits) if hit]
 
 
 def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> int:

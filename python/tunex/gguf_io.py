@@ -156,19 +156,10 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
 
 
 def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
-    """Write an HF weights folder: tunex's shard writer when present, else one safetensors file."""
-    try:
-        from tunex import save_sharded  # the Rust shard writer (tunex.io)
-    except ImportError:
-        save_sharded = None
-    if save_sharded is not None:
-        save_sharded(state, out_dir, max_shard_size=max_shard_size)
-        return
-    from safetensors.torch import save_file
+    """Write an HF weights folder through tunex's Rust shard writer (``{"format": "pt"}`` metadata)."""
+    from tunex.io.sharded import save_sharded
 
-    save_file(
-        {k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"}
-    )
+    save_sharded(state, out_dir, max_shard_size=max_shard_size)
 
 
 def _open(path: Path):

@@ -1,5 +1,6 @@
 //! PEFT LoRA adapter configs (`adapter_config.json`): the fields that change merged weights, with
-//! PEFT's per-module rank/alpha pattern rules.
+//! PEFT's per-module rank/alpha pattern rules and its `target_modules` rules. These rules live only
+//! here; Python calls them through `tunex._native.peft_pattern_keys` / `peft_targets`.
 //!
 //! Fields that only matter for training (target_modules, dropout, init) are ignored: a merge applies
 //! exactly the factors present in the adapter file.
@@ -128,12 +129,67 @@ fn patterns<T>(
     for (key, v) in map {
         let value = value(v)
             .ok_or_else(|| Error::format(path, format!("\"{name}\"[{key:?}] is {v}; expected a positive number")))?;
-        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-            Error::format(path, format!("\"{name}\" key {key:?} is not a valid regular expression: {e}"))
+        let re = pattern_regex(key).map_err(|e| {
+            Error::format(path, format!("\"{name}\" key {key:?} is not a valid regular expression: {}", reason(&e)))
         })?;
         out.push(Pattern { value, re });
     }
     Ok(out)
+}
+
+/// A regex error on one line: the crate's syntax errors draw the pattern and a caret over several
+/// lines; the last line says what is wrong.
+fn reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    last.trim().trim_start_matches("error: ").to_string()
+}
+
+/// PEFT's rule for a `rank_pattern` / `alpha_pattern` key (peft's `get_pattern_key`): the key is a
+/// regex that must match a whole number of trailing dotted components of the module name, i.e.
+/// `(.*\.)?(KEY)$` matched from the start of the name.
+pub fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+}
+
+/// For each module, the index of the first key (in the order given) whose pattern matches it.
+/// A key that is not a valid regex is an error naming it.
+pub fn first_pattern_keys(keys: &[String], modules: &[String]) -> Result<Vec<Option<usize>>> {
+    let res = keys
+        .iter()
+        .map(|k| {
+            pattern_regex(k)
+                .map_err(|e| Error::arg(format!("pattern key {k:?} is not a valid regular expression: {}", reason(&e))))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(modules.iter().map(|m| res.iter().position(|re| re.is_match(m))).collect())
+}
+
+/// PEFT's `target_modules`: a string is a regex that must match the whole module name; a list
+/// selects a module whose name equals an entry or ends with `.` + an entry.
+pub enum Targets {
+    Regex(Regex),
+    Names(Vec<String>),
+}
+
+impl Targets {
+    pub fn regex(pattern: &str) -> Result<Targets> {
+        Regex::new(&format!("^(?:{pattern})$")).map(Targets::Regex).map_err(|e| {
+            Error::arg(format!("target_modules {pattern:?} is not a valid regular expression: {}", reason(&e)))
+        })
+    }
+
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            Targets::Regex(re) => re.is_match(module),
+            Targets::Names(names) => names.iter().any(|n| {
+                module == n
+                    || (module.len() > n.len()
+                        && module.ends_with(n.as_str())
+                        && module.as_bytes()[module.len() - n.len() - 1] == b'.')
+            }),
+        }
+    }
 }
 
 fn first_match<T: Copy>(patterns: &[Pattern<T>], module: &str) -> Option<T> {
@@ -164,6 +220,23 @@ mod tests {
         let c = parse(r#"{"r":16,"lora_alpha":8,"use_rslora":true,"modules_to_save":null}"#).unwrap();
         assert_eq!(c.scaling_for("a").1, 2.0);
         assert!(c.modules_to_save.is_empty());
+    }
+
+    #[test]
+    fn pattern_and_target_rules() {
+        let keys = vec!["q_proj".to_string(), r"layers\.1\..*".to_string()];
+        let mods: Vec<String> =
+            ["a.q_proj", "xq_proj", "q_proj", "model.layers.1.mlp", "model.layers.11.mlp"].map(String::from).into();
+        assert_eq!(first_pattern_keys(&keys, &mods).unwrap(), vec![Some(0), None, Some(0), Some(1), None]);
+        assert!(first_pattern_keys(&["(".to_string()], &mods).unwrap_err().to_string().contains("\"(\""));
+        let t = Targets::Names(vec!["q_proj".into(), "mlp.up_proj".into()]);
+        assert!(t.matches("q_proj") && t.matches("m.q_proj") && t.matches("l.mlp.up_proj"));
+        assert!(!t.matches("m.xq_proj") && !t.matches("m.q_proj.lora") && !t.matches("xmlp.up_proj"));
+        let t = Targets::regex(r".*\.(q|v)_proj").unwrap();
+        assert!(t.matches("m.q_proj") && !t.matches("m.q_proj2") && !t.matches("q_proj"));
+        assert!(Targets::regex("a|b").unwrap().matches("b") && !Targets::regex("a|b").unwrap().matches("ab"));
+        let e = Targets::regex("q_proj([").err().unwrap().to_string();
+        assert!(!e.contains('\n') && e.contains("q_proj(["), "{e}");
     }
 
     #[test]

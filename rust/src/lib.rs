@@ -67,6 +67,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::units::register(m)?;
     py::safetensors::register(m)?;
     py::merge::register(m)?;
+    py::peft::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;
     Ok(())

@@ -22,11 +22,15 @@ _LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$|^(.+)\.lora
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    # PEFT matches pattern keys as regexes against the end of the module name
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """PEFT's rank/alpha pattern rule (the first key matching the module's trailing components),
+    resolved by the same Rust code the merge uses."""
+    from tunex import _native
+
+    if not patterns:
+        return default
+    keys = list(patterns)
+    (index,) = _native.peft_pattern_keys(keys, [module])
+    return default if index is None else patterns[keys[index]]
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -81,7 +85,10 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             )
         a, b = p["lora_A"], p["lora_B"]
         r = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+        try:
+            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+        except ValueError as exc:
+            raise FormatError(f"{Path(folder) / 'adapter_config.json'}: alpha_pattern {exc}") from None
         layer = LoRALinear(known[module], r, float(alpha), 0.0, bool(config.get("use_rslora", False)), "magnitude" in p)
         if tuple(layer.lora_A.weight.shape) != tuple(a.shape) or tuple(layer.lora_B.weight.shape) != tuple(b.shape):
             raise FormatError(

@@ -45,7 +45,6 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-MAX_HEADER = 100_000_000
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 # A quantize hook gets (module name, nn.Linear) and returns the module to put in its place.
@@ -53,49 +52,32 @@ QuantizeHook = Callable[[str, nn.Linear], nn.Module]
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file as views of a private memory map (nothing is read yet)."""
-    with open(path, "rb") as f:
-        size = path.stat().st_size
-        if size < 8:
-            raise FormatError(f"{path}: too short for a safetensors file ({size} bytes)")
-        n = int.from_bytes(f.read(8), "little")
-        if n > MAX_HEADER or 8 + n > size:
-            raise FormatError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path}: header is not valid JSON: {exc}") from exc
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-    if mm:
-        _register_map(mm)
+    """All tensors of one .safetensors file as views of a private memory map (nothing is read yet).
+
+    The file is opened and its header checked by tunex's Rust reader (``_native.SafeMap``: offsets
+    in range, back to back and without overlaps, no duplicate keys, dtype/shape/length agreement);
+    a corrupt file raises ``tunex.FormatError`` naming the file and the tensor. Each tensor views the
+    copy-on-write map (an in-place op on a weight never reaches the file) and keeps it alive.
+    """
+    from tunex import _native
+
+    smap = _native.SafeMap(str(path))
+    tensors = smap.tensors()
+    data = torch.from_numpy(smap.data()) if any(end > begin for *_, begin, end in tensors) else None
+    if data is not None:
+        _register_map(smap)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = DTYPES.get(info.get("dtype"))
+    for name, dtype_name, shape, begin, end in tensors:
+        dtype = DTYPES.get(dtype_name)
         if dtype is None:
-            raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        begin, end = info["data_offsets"]
-        shape = info["shape"]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = end - begin
-        numel = 1
-        for s in shape:
-            numel *= s
-        if count != numel * itemsize or 8 + n + end > size:
-            raise FormatError(
-                f"{path}: tensor {name!r} offsets {begin}..{end} do not match "
-                f"shape {shape} {info['dtype']} or the file size"
-            )
-        if numel == 0:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {dtype_name}, which tunex cannot load into torch")
+        if end == begin or data is None:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        offset = 8 + n + begin
-        if offset % itemsize:  # misaligned: copy instead of viewing
-            raw = bytearray(mm[offset : offset + count])
-            out[name] = torch.frombuffer(raw, dtype=dtype).view(shape)
-        else:
-            out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # misaligned: copy instead of viewing
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(shape)
     return out
 
 
@@ -107,16 +89,15 @@ _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def _register_map(mm: mmap.mmap) -> None:
-    start = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+def _register_map(smap) -> None:
+    start, length = smap.address()
     with _maps_lock:
         _maps[:] = [entry for entry in _maps if _alive(entry[2])]
-        _maps.append((start, start + len(mm), weakref.ref(mm)))
+        _maps.append((start, start + length, weakref.ref(smap)))
 
 
 def _alive(ref: weakref.ref) -> bool:
-    mm = ref()
-    return mm is not None and not mm.closed
+    return ref() is not None
 
 
 def _release(tensor: torch.Tensor) -> None:

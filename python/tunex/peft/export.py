@@ -90,16 +90,21 @@ def adapter_config(method: Any, modules: list[str], base_model: str, rank: int |
     }
 
 
+# A shard limit no adapter reaches: PEFT reads exactly one adapter_model.safetensors.
+ONE_FILE = 1 << 62
+
+
 def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict) -> Path:
-    """Write a PEFT adapter folder (created if missing); files are replaced atomically."""
-    from safetensors.torch import save_file
+    """Write a PEFT adapter folder (created if missing); files are replaced atomically.
+
+    ``adapter_model.safetensors`` (one file, ``{"format": "pt"}`` metadata) goes through tunex's
+    Rust shard writer, which writes it under a temporary name and renames it into place.
+    """
+    from tunex.io.sharded import save_sharded
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / "adapter_model.safetensors"
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)
+    save_sharded(dict(tensors), out, max_shard_size=ONE_FILE, prefix="adapter_model")
     cfg_file = out / "adapter_config.json"
     tmp = cfg_file.with_name(cfg_file.name + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

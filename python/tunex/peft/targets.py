@@ -7,7 +7,6 @@ module name; ``"all-linear"`` is every linear layer except the output head.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from torch import nn
@@ -35,11 +34,20 @@ def _is_output_head(name: str, module: nn.Module, model: nn.Module) -> bool:
     return callable(get_head) and get_head() is module
 
 
+def select(names: list[str], target: str | list[str]) -> list[bool]:
+    """Whether each module name is selected by ``target`` (a list of suffixes or a full-match regex).
+
+    PEFT's rule, resolved in Rust (``_native.peft_targets``, the merge's regex engine); a bad regex
+    raises ValueError naming it.
+    """
+    from tunex import _native
+
+    return _native.peft_targets(target if isinstance(target, str) else list(target), list(names))
+
+
 def matches(name: str, target: str | list[str]) -> bool:
     """Whether module ``name`` is selected by ``target`` (a list of suffixes or a full-match regex)."""
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+    return select([name], target)[0]
 
 
 def select_targets(model: nn.Module, target: str | list[str]) -> list[str]:
@@ -52,7 +60,7 @@ def select_targets(model: nn.Module, target: str | list[str]) -> list[str]:
     if target == "all-linear":
         chosen = [n for n, m in linears if not _is_output_head(n, m, model)]
     else:
-        chosen = [n for n, _ in linears if matches(n, target)]
+        chosen = [n for (n, _), hit in zip(linears, select([n for n, _ in linears], target)) if hit]
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
         raise ConfigError(

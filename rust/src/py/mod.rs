@@ -4,6 +4,7 @@
 pub mod errors;
 pub mod kernels;
 pub mod merge;
+pub mod peft;
 pub mod quant;
 pub mod safetensors;
 pub mod units;

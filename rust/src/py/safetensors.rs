@@ -7,7 +7,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::Error;
-use crate::safetensors::{Dtype, OutputDir, SafeFile, ShardedWriter, TensorInfo, TensorSpec, WriteSummary};
+use crate::safetensors::reader::PrivateMap;
+use crate::safetensors::{Dtype, Header, OutputDir, SafeFile, ShardedWriter, TensorInfo, TensorSpec, WriteSummary};
 
 pub(crate) fn dtype_of(name: &str) -> PyResult<Dtype> {
     Dtype::from_name(name).ok_or_else(|| {
@@ -142,8 +143,70 @@ impl SafeReader {
     }
 }
 
+/// A safetensors file mapped copy-on-write, its header checked as `SafeReader` checks it (offsets
+/// in range, begin <= end, no overlaps or holes, no duplicate keys, dtype/shape/length agreement).
+/// `data()` is the whole file as a writable uint8 numpy array over the mapping: no copy, and every
+/// array (and torch tensor) made from it keeps the mapping alive. Writes land in private pages.
+#[pyclass(module = "tunex._native", frozen, weakref)]
+pub struct SafeMap {
+    path: std::path::PathBuf,
+    header: Header,
+    /// Start and length of the mapping, taken from `&mut` before the map was stored.
+    addr: usize,
+    len: usize,
+    _map: memmap2::MmapMut,
+}
+
+#[pymethods]
+impl SafeMap {
+    #[new]
+    fn new(path: std::path::PathBuf) -> PyResult<SafeMap> {
+        let PrivateMap { path, header, mut map } = PrivateMap::open(path)?;
+        let (addr, len) = (map.as_mut_ptr() as usize, map.len());
+        Ok(SafeMap { path, header, addr, len, _map: map })
+    }
+
+    /// (name, dtype, shape, begin, end) of every tensor in data-offset order; begin/end are
+    /// absolute file offsets (checked: inside the file, back to back).
+    fn tensors(&self) -> Vec<(String, &'static str, Vec<u64>, u64, u64)> {
+        let base = self.header.data_start;
+        self.header
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), base + t.begin, base + t.end))
+            .collect()
+    }
+
+    fn metadata(&self) -> Vec<(String, String)> {
+        self.header.metadata.clone()
+    }
+
+    /// (address, length) of the mapping, for page-release bookkeeping.
+    fn address(&self) -> (usize, usize) {
+        (self.addr, self.len)
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.path.clone()
+    }
+
+    /// The whole file as a writable uint8 array viewing the mapping (no copy).
+    fn data<'py>(slf: Bound<'py, Self>) -> Bound<'py, PyArray1<u8>> {
+        let me = slf.get();
+        // SAFETY: addr/len describe the live private mapping owned by `me`; it is never remapped
+        // or unmapped while `me` lives, and the array below holds `slf` as its base object, so the
+        // mapping outlives every array and tensor made from it. Rust holds no reference into the
+        // mapping after `new`, so writes from Python alias nothing on this side.
+        unsafe {
+            let view = numpy::ndarray::ArrayView1::from_shape_ptr(me.len, me.addr as *const u8);
+            PyArray1::borrow_from_array(&view, slf.clone().into_any())
+        }
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardWriter>()?;
     m.add_class::<SafeReader>()?;
+    m.add_class::<SafeMap>()?;
     Ok(())
 }

@@ -145,9 +145,13 @@ pub fn parse_header(path: &Path, file: &[u8]) -> Result<Header> {
         expected = t.end;
     }
     if expected != data_len {
+        // Name the first tensor whose bytes are missing, so a truncated file says what it lost.
+        let cut = match tensors.iter().find(|t| t.end > data_len) {
+            Some(t) => format!("; tensor {:?} ends at data offset {} (truncated?)", t.name, t.end),
+            None => String::new(),
+        };
         return Err(bad(format!(
-            "the tensors cover {expected} data bytes but the file holds {data_len} after the header{}",
-            if expected > data_len { " (truncated?)" } else { "" }
+            "the tensors cover {expected} data bytes but the file holds {data_len} after the header{cut}"
         )));
     }
     Ok(Header { metadata, tensors, data_start })

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use super::header::{parse_header, Header, TensorInfo};
 use crate::error::{Error, IoContext, Result};
@@ -24,17 +24,13 @@ impl SafeFile {
         let file = File::open(&path).at(&path)?;
         let len = file.metadata().at(&path)?.len();
         if len < 8 {
-            // Zero-length files cannot be mapped; let the parser report the short file.
-            let head = std::fs::read(&path).at(&path)?;
-            return Err(match parse_header(&path, &head) {
-                Err(e) => e,
-                Ok(_) => Error::format(&path, "is shorter than a safetensors header"),
-            });
+            return Err(short_file(&path));
         }
-        // SAFETY: the mapping is read-only and shared (memmap2's `Mmap::map`: PROT_READ, MAP_SHARED),
-        // so the bytes behind `&[u8]`s into it are the file's: another process writing the file
-        // would change them under us, and truncating it would make a read fault (SIGBUS), as with
-        // every mmap-based reader (safetensors, numpy.memmap). tunex never writes to its inputs.
+        // SAFETY: the mapping is read-only and SHARED (MAP_SHARED): it shows the file's current
+        // bytes, so another process writing or truncating the file while we read it would change
+        // what we see or fault, as with every mmap-based reader (safetensors, numpy.memmap). tunex
+        // never writes to its inputs, and every range handed out was checked against the length
+        // mapped here.
         let map = unsafe { Mmap::map(&file) }.at(&path)?;
         let header = parse_header(&path, &map)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -101,6 +97,45 @@ impl SafeFile {
     }
 }
 
+fn short_file(path: &Path) -> Error {
+    // Zero-length files cannot be mapped; let the parser report the short file.
+    match std::fs::read(path).at(path) {
+        Err(e) => e,
+        Ok(head) => match parse_header(path, &head) {
+            Err(e) => e,
+            Ok(_) => Error::format(path, "is shorter than a safetensors header"),
+        },
+    }
+}
+
+/// A safetensors file mapped copy-on-write (MAP_PRIVATE, readable and writable) with its header
+/// checked exactly as [`SafeFile::open`] checks it. Python's loader hands out tensors that view
+/// this mapping: a write to such a tensor (an in-place op on a loaded weight) changes a private
+/// copy of the page, never the file.
+pub struct PrivateMap {
+    pub path: PathBuf,
+    pub header: Header,
+    pub map: MmapMut,
+}
+
+impl PrivateMap {
+    pub fn open(path: impl AsRef<Path>) -> Result<PrivateMap> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).at(&path)?;
+        let len = file.metadata().at(&path)?.len();
+        if len < 8 {
+            return Err(short_file(&path));
+        }
+        // SAFETY: a private (copy-on-write) mapping: writes through it go to this process's own
+        // copies of the pages and never reach the file. Pages not yet written still show the
+        // file's bytes, so another process truncating the file would fault a later read, as with
+        // every mmap-based reader; tunex never writes to its inputs.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.at(&path)?;
+        let header = parse_header(&path, &map)?;
+        Ok(PrivateMap { path, header, map })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +160,13 @@ mod tests {
         assert!(e.contains("shorter"), "{e}");
         let e = SafeFile::open(dir.path().join("missing")).err().unwrap();
         assert!(matches!(e, Error::Io { .. }));
+
+        let mut m = PrivateMap::open(&p).unwrap();
+        assert_eq!(m.header.tensors.len(), 2);
+        let start = m.header.data_start as usize;
+        m.map[start] = 9; // a private copy: the file keeps its byte
+        assert_eq!(std::fs::read(&p).unwrap()[start], 1);
+        let e = PrivateMap::open(dir.path().join("empty")).err().unwrap().to_string();
+        assert!(e.contains("shorter"), "{e}");
     }
 }
