@@ -28,18 +28,20 @@ class BF16AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (the torch AdamW step) over bf16 parameters with float32 moments
     and stochastic rounding of the updated weight. State per parameter: ``step`` (float32 scalar
     tensor), ``exp_avg`` and ``exp_avg_sq`` (float32), so ``state_dict`` round-trips through a
-    checkpoint like torch's AdamW."""
+    checkpoint like torch's AdamW. The rounding noise of parameter ``i`` at step ``t`` is drawn from a
+    generator seeded with (``torch.initial_seed()``, ``t``, ``i``), so a run resumed from a checkpoint
+    (with the same seed) rounds exactly as the uninterrupted one."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
         if device not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(torch.initial_seed() % (1 << 63))
-            self._generators[device] = g
-        return self._generators[device]
+            self._generators[device] = torch.Generator(device=device)
+        g = self._generators[device]
+        g.manual_seed((torch.initial_seed() * 1_000_003 + step * 65_537 + index) % (1 << 63))
+        return g
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating state to the parameter's dtype; the moments stay float32."""
@@ -57,10 +59,12 @@ class BF16AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = -1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -80,7 +84,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     w.mul_(1 - lr * wd)
                 w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
                 if p.dtype == torch.bfloat16:
-                    p.copy_(stochastic_round_bf16(w, self._generator(p.device)))
+                    p.copy_(stochastic_round_bf16(w, self._generator(p.device, int(t), index)))
                 else:
                     p.copy_(w)
         return loss
