@@ -359,7 +359,7 @@ def profile_step(step, device, title: str) -> None:
     print(f"--- profile of one step, {title} ---\n{table}", file=sys.stderr)
 
 
-def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
+def child_tunex(folder: str, seq: int, steps: int, device_name: str, adapter_dtype: str = "float32") -> dict:
     import torch
     from tunex.config import validate
     from tunex.train.build import autocast, build_model, enable_gradient_checkpointing
@@ -381,7 +381,13 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
                 "compute_dtype": dtype,
                 **LORA,
             },
-            "train": {"dtype": dtype, "gradient_checkpointing": True, "batch_size": 1, "grad_accum": 1},
+            "train": {
+                "dtype": dtype,
+                "gradient_checkpointing": True,
+                "batch_size": 1,
+                "grad_accum": 1,
+                "adapter_dtype": adapter_dtype,
+            },
         }
     )
     torch.manual_seed(0)
@@ -390,7 +396,8 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str) -> dict:
     load_s = time.perf_counter() - started
     enable_gradient_checkpointing(model)
     model.train()
-    opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
+    bf16 = adapter_dtype == "bfloat16"
+    opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0, bf16_adapters=bf16)
     x = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
     positions = torch.arange(seq, device=device)[None]
 
@@ -462,7 +469,9 @@ def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
     return {**_measure(step, device, seq, steps), "load_s": load_s}
 
 
-def run_child(which: str, folder: Path, seq: int, steps: int, device: str, timeout: float) -> dict:
+def run_child(
+    which: str, folder: Path, seq: int, steps: int, device: str, timeout: float, adapter_dtype: str = "float32"
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -476,6 +485,8 @@ def run_child(which: str, folder: Path, seq: int, steps: int, device: str, timeo
         str(steps),
         "--device",
         device,
+        "--adapter-dtype",
+        adapter_dtype,
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -509,13 +520,23 @@ def main() -> None:
     ap.add_argument(
         "--budget", type=float, default=420.0, help="seconds; a training run that would start later is skipped"
     )
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel rows")
+    ap.add_argument(
+        "--adapter-dtypes",
+        default="float32",
+        help="comma-separated train.adapter_dtype values, one tunex run each (float32, bfloat16)",
+    )
+    ap.add_argument("--adapter-dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["tunex", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = child_tunex if args.child == "tunex" else child_hf
-        print(json.dumps(fn(args.folder, args.seq, args.steps, args.device)))
+        if args.child == "tunex":
+            got = child_tunex(args.folder, args.seq, args.steps, args.device, args.adapter_dtype)
+        else:
+            got = child_hf(args.folder, args.seq, args.steps, args.device)
+        print(json.dumps(got))
         return
 
     import torch
@@ -558,7 +579,7 @@ def main() -> None:
         print(text, file=sys.stderr)
 
     try:
-        rows += kernel_rows(device, args.tiny)
+        rows += [] if args.no_kernels else kernel_rows(device, args.tiny)
     except Exception as exc:  # a failing kernel section must not cost the training rows
         rows.append(["kernel section", "error", f"{type(exc).__name__}: {exc}"[:160].replace("|", "/"), "", "", ""])
     report()
@@ -568,18 +589,20 @@ def main() -> None:
         started = time.perf_counter()
         write_checkpoint(folder, config)
         print(f"random checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        children = [("tunex", "tunex")] + ([] if args.no_baseline else [("hf", "transformers+PEFT+bnb")])
-        for which, name in children:
+        children = [("tunex", "tunex", a) for a in args.adapter_dtypes.split(",")]
+        children += [] if args.no_baseline else [("hf", "transformers+PEFT+bnb", "float32")]
+        for which, name, adapter_dtype in children:
             left = deadline - time.monotonic()
             if left < 30:
                 results[name] = {"error": f"skipped: the {args.budget:.0f} s budget was spent"}
                 continue
-            got = run_child(which, folder, seq, args.steps, device_name, timeout=left)
+            got = run_child(which, folder, seq, args.steps, device_name, timeout=left, adapter_dtype=adapter_dtype)
             if which == "tunex":
-                results["tunex"] = got.get("plain", got)
-                results["tunex, offloaded checkpoints"] = got.get("offloaded", got)
+                tag = "" if adapter_dtype == "float32" else f", {adapter_dtype} adapters"
+                results["tunex" + tag] = got.get("plain", got)
+                results[f"tunex{tag}, offloaded checkpoints"] = got.get("offloaded", got)
                 if "again" in got:
-                    results["tunex (plain, measured again after the offloaded run)"] = got["again"]
+                    results[f"tunex{tag} (plain, measured again after the offloaded run)"] = got["again"]
             else:
                 results[name] = got
             report()

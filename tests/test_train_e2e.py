@@ -112,16 +112,14 @@ def test_cpu_bf16_training_follows_the_float32_run(tmp_path, models, kind, ckpt)
     assert sum(ours[-2:]) < 0.9 * sum(ours[:2])
 
 
-def test_resume_continues_exactly(tmp_path, models):
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_resume_continues_exactly(tmp_path, models, adapter_dtype):
     data = make_data(tmp_path / "d", "instruct")
-    full_cfg = write_config(
-        tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a", max_steps=10, save_steps=3
-    )
+    extra = {"max_steps": 10, "save_steps": 3, "adapter_dtype": adapter_dtype}
+    full_cfg = write_config(tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a", **extra)
     cfg_a = load_config(full_cfg)
     train(cfg_a)
-    cut_cfg = write_config(
-        tmp_path / "b.toml", models["tied"], data, "lora", "openai", tmp_path / "b", max_steps=10, save_steps=3
-    )
+    cut_cfg = write_config(tmp_path / "b.toml", models["tied"], data, "lora", "openai", tmp_path / "b", **extra)
     train(load_config(cut_cfg), stop_after=5)  # stops after step 5; newest checkpoint is iter_5
     assert checkpoint.latest(tmp_path / "b").name == "iter_5.pth"
     # simulate a kill after step 6's work was lost: resume from iter_3 rather than the last one

@@ -199,6 +199,12 @@ class TrainConfig:
         "bfloat16 on the CPU = bf16 products with frozen weights, fp32 elsewhere",
     )
     gradient_checkpointing: bool = _setting(True, _flag, "recompute activations in backward")
+    adapter_dtype: str = _setting(
+        "float32",
+        _one_of("float32", "bfloat16"),
+        "LoRA/QLoRA adapter weights and gradients; bfloat16 halves them, AdamW keeps float32 moments "
+        "and rounds the weight stochastically",
+    )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
 

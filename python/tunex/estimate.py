@@ -7,9 +7,9 @@ first optimizer step, inside gradient accumulation):
 
 * weights: NF4 (+ double quant, ~4.127 bits/param) for the decoder's linears under QLoRA, the
   compute dtype for everything else;
-* adapter, its gradients and AdamW's two moments, all in the adapter's dtype (fp32, as
-  tunex.train keeps adapters); for a full fine-tune the same in the weights' dtype for every
-  parameter;
+* adapter and its gradients in the adapter's dtype (``train.adapter_dtype``: fp32 by default,
+  or bf16), AdamW's two moments in fp32 (bf16 adapters are stepped by BF16AdamW, which keeps
+  fp32 moments); for a full fine-tune all four in the weights' dtype for every parameter;
 * activations: with gradient checkpointing one (tokens, hidden) checkpoint per layer plus one
   recomputed layer; without it every layer's saved tensors (see ``_saved_per_token``);
 * the largest transient: either the chunked cross-entropy's logits at the end of forward, or the
@@ -210,7 +210,7 @@ class Plan:
     seq_len: int = 2048
     batch: int = 1
     dtype_bytes: int = 2  # compute dtype: bf16
-    adapter_bytes: int = 4  # tunex.train keeps adapters (and so their grads and AdamW moments) in fp32
+    adapter_bytes: int = 4  # train.adapter_dtype: adapter weights and grads (AdamW's moments stay fp32)
     r: int = 64
     target_modules: str | list[str] = "all-linear"
     dropout: float = 0.1
@@ -230,6 +230,7 @@ def plan_from_config(cfg, **overrides) -> Plan:
         seq_len=cfg.data.max_length,
         batch=cfg.train.batch_size,
         dtype_bytes=DTYPE_BYTES[dtype],
+        adapter_bytes=DTYPE_BYTES[cfg.train.adapter_dtype],
         r=cfg.method.r,
         target_modules=cfg.method.target_modules,
         dropout=cfg.method.dropout,
@@ -331,7 +332,7 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     if plan.kind != "full":  # a full fine-tune trains the weights themselves
         est.parts["adapter"] = trainable * t
     est.parts["gradients"] = trainable * t
-    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * t
+    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * (c if plan.kind == "full" else 4)
 
     h, vocab = shape.hidden, shape.vocab
     checkpoint = tokens * h * c
@@ -424,7 +425,7 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
     elif not plan.offload_checkpoints:
         options.append(("checkpoints offloaded to CPU memory", replace(plan, offload_checkpoints=True)))
     if plan.kind != "full" and plan.adapter_bytes > 2:
-        options.append(("bf16 adapters and optimizer state", replace(plan, adapter_bytes=2)))
+        options.append(('bf16 adapters (train.adapter_dtype = "bfloat16")', replace(plan, adapter_bytes=2)))
     if plan.kind == "lora":
         options.append(('QLoRA (method.kind = "qlora")', replace(plan, kind="qlora")))
     if plan.kind != "full" and plan.r > 8:

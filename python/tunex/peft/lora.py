@@ -125,7 +125,8 @@ class LoRALinear(nn.Module):
         ):
             # Decoding one token on the CPU with the adapter unmerged (chat --adapter, the eval
             # hook): the multi-core GEMV for the base, two small products for the adapter.
-            lora = linear(linear(x, self.lora_A.weight), self.lora_B.weight)
+            # (bf16 adapters, train.adapter_dtype, are cast to x's dtype; a no-op otherwise)
+            lora = linear(linear(x, self.lora_A.weight.to(x.dtype)), self.lora_B.weight.to(x.dtype))
             return linear(x, self.weight, self.bias).add_(lora, alpha=self.scaling)
         if self.lora_magnitude_vector is None:
             # One autograd node for base + adapter (tunex.kernels): it keeps only x and the

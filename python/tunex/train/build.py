@@ -77,9 +77,11 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
         apply_lora(
             model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
         )
+        # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW)
+        adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+            if p.requires_grad and p.dtype != adapter:
+                p.data = p.data.to(adapter)
     return model
 
 

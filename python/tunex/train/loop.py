@@ -172,7 +172,8 @@ def train(
     step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
-    optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
+    optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay, bf16_adapters=bf16)
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
     scaler = grad_scaler(cfg, device)
 

@@ -10,14 +10,24 @@ import torch
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
-) -> torch.optim.AdamW:
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    bf16_adapters: bool = False,
+) -> torch.optim.Optimizer:
     """AdamW over ``params``, using torch's fused kernel where it takes them (plain tensors all on
     CUDA or all on the CPU; on the CPU too it is the faster step) and the multi-tensor (foreach)
-    path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster."""
+    path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster.
+    ``bf16_adapters``: bf16 parameters, stepped by ``BF16AdamW`` (float32 moments, stochastic
+    rounding of the weight)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: method.kind selects nothing to train")
+    if bf16_adapters:  # train.adapter_dtype = "bfloat16": float32 moments, stochastic rounding
+        from tunex.train.bf16_adamw import BF16AdamW
+
+        return BF16AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor shards (FSDP2)
     one_device = all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params)
     if plain and one_device:
