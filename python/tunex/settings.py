@@ -161,7 +161,9 @@ def get(name: str) -> str:
     if switch.choices is not None:
         value = value.lower()
         if value not in switch.choices:
-            raise SettingError(f"{name}={raw!r} is not one of {', '.join(switch.choices)}; unset it or pick one of those")
+            raise SettingError(
+                f"{name}={raw!r} is not one of {', '.join(switch.choices)}; unset it or pick one of those"
+            )
     return value
 
 

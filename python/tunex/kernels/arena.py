@@ -25,11 +25,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
-import os
 import threading
 from collections.abc import Iterator
 
 import torch
+
+from tunex import settings
 
 _ALIGN = 64  # bytes: a cache line, and enough for any dtype's view
 _local = threading.local()
@@ -239,7 +240,7 @@ def tune_malloc() -> bool:
     global _tuned
     if _tuned:
         return True
-    if os.environ.get("TUNEX_MALLOC_TUNE", "1") == "0":
+    if not settings.on("TUNEX_MALLOC_TUNE"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

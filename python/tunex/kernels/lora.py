@@ -25,11 +25,11 @@ kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch'
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from tunex.kernels import registry
 from tunex.kernels._dispatch import (
     compute_dtype,
     frozen_product_dtype,
@@ -75,14 +75,20 @@ class _Dropout:
     def __init__(self, x2: torch.Tensor, p: float, triton: bool):
         self.p, self.keep, self.seed = p, None, 0
         self.kind = (
-            "none" if p == 0 else "triton" if triton else "native" if native_f32(_native_dropout, x2) else "torch"
+            "none"
+            if p == 0
+            else "triton"
+            if triton
+            else "native"
+            if native_f32("dropout", _native_dropout, x2)
+            else "torch"
         )
         if self.kind in ("triton", "native"):
             self.seed = _draw_seed()
         elif self.kind == "torch":
             self.keep = _keep_mask(x2, p)
         # the adapter products with this mask fused in (tunex._native.lora_*_f32): float32 CPU only
-        self.fused = fused_enabled and self.kind in ("none", "native") and native_f32(_native_down, x2)
+        self.fused = self.kind in ("none", "native") and registry.choose("lora_linear", _facts(x2)) == "fused-native"
 
     def __call__(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """dropout(t) with this call's mask: the forward on x, the backward on a gradient."""
@@ -114,8 +120,9 @@ def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False
     return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
 
 
-# Switched off with TUNEX_FUSED_LORA=0 (an escape hatch, and how A/B runs compare); tests flip it.
-fused_enabled = os.environ.get("TUNEX_FUSED_LORA", "1") != "0"
+def _facts(x2: torch.Tensor) -> registry.Facts:
+    # the fused kernels do not use Triton: a CPU call with backend "torch" keeps the Triton row out
+    return registry.Facts(x2.device.type, x2.dtype, grad=torch.is_grad_enabled(), backend="torch")
 
 
 def _draw_seed() -> int:

@@ -17,12 +17,12 @@ the same logits as its documents run one by one.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunex import settings
 from tunex.kernels import offloaded_checkpoint, rms_norm, rope, swiglu
 from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention
 from tunex.kernels.gemv import Linear, linear, linear_many, rms_norm_row
@@ -326,7 +326,7 @@ class DecoderModel(nn.Module):
     def _activation_arena(self, x: torch.Tensor) -> ActivationArena | None:
         """The arena for this training forward's kept CPU tensors (see tunex.kernels.arena), begun;
         None on other devices or with ``TUNEX_ARENA=0``."""
-        if x.device.type != "cpu" or os.environ.get("TUNEX_ARENA", "1") == "0":
+        if x.device.type != "cpu" or not settings.on("TUNEX_ARENA"):
             return None
         arena = self.__dict__.get("_arena")
         if arena is None:
