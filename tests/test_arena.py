@@ -1,11 +1,12 @@
-"""The activation arena of CPU training (tunex.kernels.arena): same gradients, reused memory,
+"""The activation arena of CPU training (tunex.runtime.arena): same gradients, reused memory,
 never an overwritten tensor that someone still holds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty, tune_malloc
+from tunex.runtime.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty
+from tunex.runtime.malloc import tune_malloc
 
 
 def _grads(model, ids, seed=5):
@@ -103,7 +104,7 @@ def test_kept_attention_matches_sdpa_bit_for_bit(kv_heads):
 
 
 def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
-    import tunex.kernels.arena as arena_mod
+    import tunex.runtime.malloc as arena_mod
 
     monkeypatch.setattr(arena_mod, "_tuned", False)
     monkeypatch.setenv("TUNEX_MALLOC_TUNE", "0")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tunex import settings
 from tunex.kernels import attention, registry, rmsnorm
-from tunex.kernels.arena import kept_causal_attention
+from tunex.runtime.arena import kept_causal_attention
 
 PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
 

@@ -229,7 +229,7 @@ def test_lean_layers_rebuild_adapter_inputs_with_the_same_gradients_and_less_mem
     lean, lean_bytes = run()
     plain_forward = decoder.DecoderLayer.forward
     monkeypatch.setattr(
-        decoder.DecoderLayer, "forward", lambda self, *a, lean=False: plain_forward(self, *a, lean=False)
+        decoder.DecoderLayer, "forward", lambda self, *a, lean=False, **kw: plain_forward(self, *a, lean=False, **kw)
     )
     plain, plain_bytes = run()
     assert lean.keys() == plain.keys() and len(lean) == 2 * 7 * 2

@@ -71,3 +71,41 @@ def test_settings_doc_lists_every_switch_once():
     assert table == settings.markdown_table(), "docs/SETTINGS.md is stale: regenerate its table (see the doc)"
     for name in settings.SWITCHES:
         assert doc.count(f"`{name}`") == 1, name
+
+
+MACHINERY = (
+    "tunex.runtime.arena",
+    "tunex.runtime.offload",
+    "tunex.runtime.rebuild",
+    "tunex.runtime.malloc",
+    "tunex.runtime.decode",
+    "tunex.runtime.compose",
+    "tunex.kernels.gemv.linear_many",
+    "tunex.kernels.gemv.rms_norm_row",
+)
+
+
+def _imports(tree: ast.AST) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_model_files_import_no_memory_or_decode_machinery():
+    """models/ holds the math; the arena, rebuilds, offload and decode path come through tunex.runtime's hooks."""
+    offenders = []
+    for path in sorted((PACKAGE / "models").rglob("*.py")):
+        for name in _imports(ast.parse(path.read_text(), str(path))):
+            if any(name == m or name.startswith(m + ".") for m in MACHINERY):
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not offenders, "; ".join(offenders)
+    src = "from tunex.runtime.arena import kept_add\nimport tunex.runtime.offload\nfrom tunex import runtime\n"
+    assert sorted(n for n in _imports(ast.parse(src)) if any(n.startswith(m) for m in MACHINERY)) == [
+        "tunex.runtime.arena",
+        "tunex.runtime.arena.kept_add",
+        "tunex.runtime.offload",
+    ]

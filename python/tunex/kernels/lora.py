@@ -40,7 +40,7 @@ from tunex.kernels._dispatch import (
     no_autocast,
     use_triton,
 )
-from tunex.kernels.arena import kept_copy, kept_empty
+from tunex.runtime.arena import kept_copy, kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
@@ -292,7 +292,7 @@ def lora_linear(
         x_recompute: a zero-argument callable returning x again, bit for bit (e.g. RMSNorm of a
             residual that its own node keeps anyway): then x is not saved, and backward calls it
             once for the adapter's gradient. Saves one activation per adapted projection.
-        kept: the caller keeps the output until backward (tunex.kernels.arena): it is made with
+        kept: the caller keeps the output until backward (tunex.runtime.arena): it is made with
             ``kept_empty``, so during CPU training it lives in the model's activation arena.
 
     Returns:
