@@ -262,11 +262,15 @@ OPS: dict[str, tuple[Impl, ...]] = {
 
 def onednn_applies(f: Facts) -> bool:
     """oneDNN's matmul is present, has not failed here, is switched on, and the product is big enough."""
+    return f.shape_ok and onednn_allows(f.macs)
+
+
+def onednn_allows(macs: int | None) -> bool:
+    """:func:`onednn_applies` for a product of ``macs`` multiply-adds (the per-call form, no Facts)."""
     return (
         ONEDNN_LINEAR is not None
         and not _onednn_broken
-        and f.shape_ok
-        and _ok(f.macs, lambda m: m >= ONEDNN_MIN_MACS)
+        and (macs is None or macs >= ONEDNN_MIN_MACS)
         and settings.on("TUNEX_ONEDNN")
     )
 
