@@ -1,8 +1,8 @@
 """One-token linear layers on the CPU through Rust (``tunex._native.gemv_f32``).
 
 Decoding feeds one token at a time, so every projection is a matrix-vector product that reads its
-whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core
-at about half of what the memory delivers; the Rust GEMV splits the rows across all cores.
+whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core,
+short of what the memory delivers; the Rust GEMV splits the rows across all cores.
 
 Fresh outputs are handed to Rust as ``.numpy()`` views; inputs and parameters as DLPack views
 (``host_array``), which leave their storages resizable (FSDP2 resizes parameter storages).

@@ -20,7 +20,7 @@ The matmuls run on cuBLAS (CUDA) or, for float32 on the CPU, oneDNN (``_dispatch
 8-25% faster than the MKL sgemm behind torch.mm on these shapes); on CUDA the 4-bit dequantization inside
 the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
 kernel of lora_triton.py, whose counter-based mask never exists as a tensor; on the CPU the Rust
-kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch's bernoulli_.
+kernel (tunex._native.dropout_f32) plays that part, faster than torch's bernoulli_.
 """
 
 from __future__ import annotations
