@@ -78,6 +78,11 @@ def test_the_op_table_names_what_runs(monkeypatch):
     assert rep["versions"]["torch"] == torch.__version__
     assert rep["native"]["available"] == (registry._native_module() is not None)
     assert rep["disk"]["work"]["free_bytes"] > 0 and rep["disk"]["cache"]["free_bytes"] > 0
+    native = registry._native_module()
+    if native is not None and hasattr(native, "build_info"):
+        assert rep["native"]["version"] == native.__version__
+        assert rep["native"]["simd_tier"] in rep["native"]["simd_compiled"]
+        assert rep["native"]["simd_tier"] in ("portable", "avx2", "avx512")
 
 
 @pytest.mark.skipif(attention._native_forward is None, reason="extension built without the attention kernel")

@@ -33,5 +33,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::merge::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;
+    py::info::register(m)?;
     Ok(())
 }
