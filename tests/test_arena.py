@@ -1,4 +1,4 @@
-"""The activation arena of CPU training (tunex.kernels.arena): same gradients, reused memory,
+"""The activation arena of CPU training (tunex.runtime.arena): same gradients, reused memory,
 never an overwritten tensor that someone still holds."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import require_native
-from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty, tune_malloc
+from tunex.runtime.arena import ActivationArena, keeping, kept_add, kept_causal_attention, kept_empty
+from tunex.runtime.malloc import tune_malloc
 
 
 def _grads(model, ids, seed=5):
@@ -104,7 +105,7 @@ def test_kept_attention_matches_sdpa_bit_for_bit(kv_heads):
 
 
 def test_tune_malloc_applies_once_and_can_be_declined(monkeypatch):
-    import tunex.kernels.arena as arena_mod
+    import tunex.runtime.malloc as arena_mod
 
     monkeypatch.setattr(arena_mod, "_tuned", False)
     monkeypatch.setenv("TUNEX_MALLOC_TUNE", "0")
@@ -142,7 +143,7 @@ def test_native_attention_matches_torch_flash_within_rounding(monkeypatch, kv_he
     with torch.no_grad():
         assert kept_causal_attention(q, k, v) is None
     # switched off: torch's flash attention again, bit for bit
-    monkeypatch.setattr(attention, "enabled", False)
+    monkeypatch.setenv("TUNEX_NATIVE_ATTENTION", "0")
     with keeping(ActivationArena()):
         out = kept_causal_attention(q, k, v)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -256,17 +256,14 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    from tunex import settings
     from tunex.kernels import attention
 
     def count(native: bool) -> int:
         saved.clear()
-        enabled = attention.enabled
-        attention.enabled = native
-        try:
+        with settings.override(TUNEX_NATIVE_ATTENTION="1" if native else "0"):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model.model.layers[0](x, cos, sin, None, None)
-        finally:
-            attention.enabled = enabled
         return sum(saved.values())
 
     shape = shape_from_config_json(tmp_path)

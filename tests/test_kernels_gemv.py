@@ -120,13 +120,13 @@ def test_generation_is_the_same_with_and_without_the_native_kernels(monkeypatch,
     model = tiny_model(**extra)
     prompt = [5, 17, 42, 99, 3]
     fast = generate(model, prompt, max_new_tokens=24)
-    monkeypatch.setattr(gemv, "_ENABLED", False)
+    monkeypatch.setenv("TUNEX_GEMV", "0")
     slow = generate(model, prompt, max_new_tokens=24)
     assert fast == slow
     with torch.no_grad():  # and the last step's logits agree with a full forward pass
         ids = torch.tensor([prompt + fast[:-1]])
         full = model(ids)[0, -1]
-    monkeypatch.setattr(gemv, "_ENABLED", True)
+    monkeypatch.setenv("TUNEX_GEMV", "1")
     cache = model.new_cache(1, len(prompt) + len(fast))
     with torch.inference_mode():
         model(torch.tensor([prompt + fast[:-2]]), cache=cache)
@@ -185,7 +185,7 @@ def test_an_unmerged_adapter_decodes_through_the_gemv_with_the_same_output(monke
     x = torch.randn(1, 1, 96)
     with torch.inference_mode():
         fast = layer(x)
-        monkeypatch.setattr(gemv, "_ENABLED", False)
+        monkeypatch.setenv("TUNEX_GEMV", "0")
         slow = layer(x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     want = F.linear(x, layer.weight, layer.bias) + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tunex.kernels import _dispatch
+from tunex.kernels import _dispatch, registry
 from tunex.kernels.lora import lora_linear
 from tunex.train import loss
 
@@ -15,8 +15,8 @@ needs_onednn = pytest.mark.skipif(_dispatch._ONEDNN_LINEAR is None, reason="torc
 
 @pytest.fixture(params=[True, False], ids=["onednn", "torch"])
 def engine(request, monkeypatch):
-    monkeypatch.setattr(_dispatch, "onednn_enabled", request.param)
-    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)  # these products are small
+    monkeypatch.setenv("TUNEX_ONEDNN", "1" if request.param else "0")
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)  # these products are small
     return request.param
 
 
@@ -45,20 +45,20 @@ def test_matmul_nt_matches_torch(engine, case):
 def test_small_products_stay_on_torch(monkeypatch):
     calls = []
     monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *args: calls.append(args))
-    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
+    monkeypatch.setenv("TUNEX_ONEDNN", "1")
     with torch.no_grad():
         x, w = torch.randn(16, 64), torch.randn(64, 64)
         torch.testing.assert_close(_dispatch.matmul_nt(x, w), x @ w.T)
         assert not calls
-        monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 16 * 64 * 64)
+        monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 16 * 64 * 64)
         _dispatch.matmul_nt(x, w)
         assert len(calls) == 1
 
 
 @needs_onednn
 def test_onednn_takes_only_float32_cpu_matrices_outside_autograd(monkeypatch):
-    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
-    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setenv("TUNEX_ONEDNN", "1")
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)
     m = torch.zeros(4, 4)
     assert _dispatch.onednn_fits(m, m)
     assert not _dispatch.onednn_fits(m.double(), m.double())
@@ -73,7 +73,7 @@ def test_onednn_takes_only_float32_cpu_matrices_outside_autograd(monkeypatch):
     with torch.no_grad():
         _dispatch.matmul_nt(m, m)
     assert calls == [1]
-    monkeypatch.setattr(_dispatch, "onednn_enabled", False)
+    monkeypatch.setenv("TUNEX_ONEDNN", "0")
     assert not _dispatch.onednn_fits(m, m)
 
 
@@ -98,13 +98,13 @@ def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch, grad_chu
 
 
 def test_lora_gradients_agree_between_engines(monkeypatch):
-    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)
     torch.manual_seed(2)
     x = torch.randn(2, 9, 32)
     w, a, b, bias = torch.randn(48, 32), torch.randn(8, 32) * 0.1, torch.randn(48, 8) * 0.1, torch.randn(48)
     results = []
     for on in (True, False):
-        monkeypatch.setattr(_dispatch, "onednn_enabled", on)
+        monkeypatch.setenv("TUNEX_ONEDNN", "1" if on else "0")
         leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
         torch.manual_seed(3)  # the same dropout mask on both sides
         y = lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, bias=leaves[3], dropout=0.25)
@@ -141,9 +141,10 @@ def test_a_failing_onednn_falls_back_to_torch_once(monkeypatch):
         raise RuntimeError("could not create a primitive")
 
     monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", broken)
-    monkeypatch.setattr(_dispatch, "onednn_enabled", True)
-    monkeypatch.setattr(_dispatch, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(registry, "_onednn_broken", False)  # restored after the test
+    monkeypatch.setenv("TUNEX_ONEDNN", "1")
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="oneDNN matmul failed"):
         torch.testing.assert_close(_dispatch.matmul_nt(x, w), x @ w.T)
-    assert _dispatch.onednn_enabled is False
+    assert not _dispatch.onednn_fits(x, w)  # oneDNN is off from now on

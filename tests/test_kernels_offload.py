@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 from tunex.kernels import lora_linear, rms_norm
-from tunex.kernels.offload import offloaded_checkpoint
+from tunex.runtime.offload import offloaded_checkpoint
 
 
 class Layer(nn.Module):

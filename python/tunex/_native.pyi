@@ -22,6 +22,10 @@ _Strided = tuple[_F32, _Strides]
 __version__: str
 __all__: list[str]
 
+# build (rust/src/py/info.rs)
+def build_info() -> dict[str, Any]:
+    """Keys: version, features, target_arch, target_os, simd_compiled, simd_tier, debug_build."""
+
 # units (rust/src/py/units.rs)
 def parse_size(text: str) -> int:
     """Bytes in a size such as "2GB", "500MiB" or "1048576"; ValueError naming the text otherwise."""

@@ -8,7 +8,6 @@ Command modules import torch and friends inside their functions, so ``tunex --he
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,11 +29,21 @@ class TunexGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the CLI's one reporting boundary
-            if os.environ.get("TUNEX_DEBUG") == "1":
+            if _debug():
                 raise
             message = str(exc) or type(exc).__name__
             click.echo(f"error: {message}", err=True)
             sys.exit(1)
+
+
+def _debug() -> bool:
+    """TUNEX_DEBUG=1; a bad value of it must not hide the error being reported."""
+    from tunex import settings
+
+    try:
+        return settings.on("TUNEX_DEBUG")
+    except Exception:  # noqa: BLE001 - SettingError: report the original error in one line
+        return False
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -202,3 +202,13 @@ def override(**values: str | None) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def markdown_table() -> str:
+    """The switches as the Markdown table docs/SETTINGS.md holds (a test keeps the two equal)."""
+    rows = ["| Switch | Default | Values | Read by | Effect |", "|---|---|---|---|---|"]
+    for s in SWITCHES.values():
+        values = " / ".join(f"`{c}`" for c in s.choices) if s.choices else "free text"
+        default = f"`{s.default}`" if s.default else "(empty)"
+        rows.append(f"| `{s.name}` | {default} | {values} | {s.read_by} | {s.effect.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -70,5 +70,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::peft::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;
+    py::info::register(m)?;
     Ok(())
 }

@@ -78,7 +78,13 @@ def read_env() -> DistEnv:
 
 def timeout() -> datetime.timedelta:
     """How long a collective may wait for a peer: ``TUNEX_DIST_TIMEOUT`` seconds (default 600)."""
-    seconds = _int_var(TIMEOUT_VAR, DEFAULT_TIMEOUT_S)
+    from tunex import settings
+
+    raw = settings.get(TIMEOUT_VAR)
+    try:
+        seconds = int(raw)
+    except ValueError:
+        raise TunexError(f"environment variable {TIMEOUT_VAR}={raw!r}: expected an integer number of seconds") from None
     if seconds < 1:
         raise TunexError(f"environment variable {TIMEOUT_VAR}={seconds}: expected seconds >= 1")
     return datetime.timedelta(seconds=seconds)

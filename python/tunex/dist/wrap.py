@@ -110,7 +110,7 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
     sharded ones.
     """
     if device.type == "cpu":  # the heap is kept mapped between steps instead of faulted in again
-        from tunex.kernels.arena import tune_malloc
+        from tunex.runtime.malloc import tune_malloc
 
         tune_malloc()
     how = strategy(kind, env)

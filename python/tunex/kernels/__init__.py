@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from tunex.kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
 from tunex.kernels.lora import lora_linear, lora_linear_reference
-from tunex.kernels.offload import offloaded_checkpoint
 from tunex.kernels.rmsnorm import rms_norm, rms_norm_reference
 from tunex.kernels.rope import apply_rope, rope, rope_reference
 from tunex.kernels.swiglu import swiglu, swiglu_reference
@@ -21,7 +20,6 @@ __all__ = [
     "cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
-    "offloaded_checkpoint",
     "rms_norm",
     "rms_norm_reference",
     "rope",

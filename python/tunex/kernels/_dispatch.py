@@ -10,55 +10,26 @@ triton's interpreter, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from tunex.kernels import registry
+
+BACKENDS = registry.BACKENDS
 
 
-@functools.cache
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    """True when triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+triton_available = registry.triton_available
+interpreting = registry.interpreting
 
 
 def use_triton(tensor: torch.Tensor, backend: str = "auto") -> bool:
-    """Decide whether a kernel call on ``tensor`` runs its Triton path.
+    """Whether a kernel call on ``tensor`` runs its Triton path (the registry's triton condition).
 
     Raises:
         ValueError: ``backend`` is not one of BACKENDS, or Triton was asked for where it cannot run.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = os.environ.get("TUNEX_KERNELS", "auto").strip().lower() or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"TUNEX_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}; unset it or pick one of those"
-            )
-        if backend == "auto":
-            return tensor.is_cuda and triton_available()
-    if backend == "torch":
-        return False
-    if not triton_available():
-        raise ValueError(
-            "the Triton kernel backend was requested but triton is not installed; install triton or use backend='torch'"
-        )
-    if not tensor.is_cuda and not interpreting():
-        raise ValueError(
-            "the Triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 "
-            "(set before the first kernel call) to run triton's interpreter on CPU"
-        )
-    return True
+    return registry.triton_wanted(registry.Facts(tensor.device.type, tensor.dtype, backend=backend))
 
 
 def next_power_of_two(n: int) -> int:
@@ -131,10 +102,18 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def native_f32(kernel, *tensors: torch.Tensor) -> bool:
-    """Whether a tunex native CPU kernel (None when the built extension lacks it) takes these
-    tensors: all float32 and on the CPU."""
-    return kernel is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+_CPU_F32 = registry.Facts("cpu", torch.float32, backend="torch")  # past the Triton row: the CPU paths
+
+
+def native_f32(op: str, kernel, *tensors: torch.Tensor) -> bool:
+    """Whether ``op``'s tunex native CPU kernel ``kernel`` (None when the built extension lacks
+    it) runs on these tensors: all float32 on the CPU and the registry choosing the native row
+    (which, with TUNEX_REQUIRE_NATIVE=1, raises when the export is missing)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and registry.choose(op, _CPU_F32) == "native"
+        and kernel is not None
+    )
 
 
 def host_array(t: torch.Tensor):
@@ -161,34 +140,19 @@ def host_flat(t: torch.Tensor):
     return host_array(t.view(-1))
 
 
-# oneDNN's matmul as torch ships it (the op torch.compile's CPU backend emits for linear layers).
-# For float32 on the CPU it runs the training shapes 8-30% faster than the MKL sgemm behind
-# torch.mm on the machines we measured (AMD EPYC, AVX-512), the skinny LoRA products and the
-# vocabulary head most. None where torch was built without oneDNN.
-_ONEDNN_LINEAR = (
-    getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if torch.backends.mkldnn.is_available()
-    else None
-)
-# Switched off with TUNEX_ONEDNN=0 (an escape hatch, and how A/B runs compare the two); tests
-# flip this attribute.
-onednn_enabled = os.environ.get("TUNEX_ONEDNN", "1") != "0"
-# Products below this many multiply-adds stay on torch.mm: a call through torch.ops costs ~15 us,
-# more than oneDNN's faster kernel saves on a small product (16 x 64 x 64 takes ~1 us).
-ONEDNN_MIN_MACS = 1 << 21
+_ONEDNN_LINEAR = registry.ONEDNN_LINEAR
 
 
 def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x @ w.T`` is a product for oneDNN: both float32 2-D CPU tensors that fit, of at
-    least ONEDNN_MIN_MACS multiply-adds, oneDNN present and not switched off."""
+    least registry.ONEDNN_MIN_MACS multiply-adds, oneDNN present and not switched off (``TUNEX_ONEDNN``)."""
     return (
-        onednn_enabled
-        and _ONEDNN_LINEAR is not None
-        and x.dim() == 2
+        x.dim() == 2
         and w.dim() == 2
         and x.shape[1] == w.shape[1]
-        and x.shape[0] * x.shape[1] * w.shape[0] >= ONEDNN_MIN_MACS
+        and x.shape[0] * x.shape[1] * w.shape[0] >= registry.ONEDNN_MIN_MACS  # cheapest test first
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
+        and registry.onednn_allows(None)
     )
 
 
@@ -197,11 +161,10 @@ def matmul_nt(
 ) -> torch.Tensor:
     """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd.
 
-    float32 CPU tensors (any strides) go through oneDNN when torch has it, else torch; only for
+    float32 CPU tensors (any strides) go through oneDNN when the registry's matmul_f32 row chooses it, else torch; only for
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
     the caller's to give up: the torch path accumulates into it and returns it.
     """
-    global onednn_enabled
     if (
         not torch.is_grad_enabled()
         and onednn_fits(x, w)
@@ -213,7 +176,7 @@ def matmul_nt(
                 return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
             return _ONEDNN_LINEAR.binary(x, add.contiguous(), w, bias, "add")
         except RuntimeError as e:  # a oneDNN build that cannot run here: torch's matmul from now on
-            onednn_enabled = False
+            registry.onednn_failed()
             warnings.warn(
                 f"tunex: oneDNN matmul failed ({e}); using torch.mm from now on "
                 "(set TUNEX_ONEDNN=0 to skip the attempt)",

@@ -2,9 +2,9 @@
 
 torch's CPU flash attention walks small tiles of scores and probabilities through memory between
 GEMM calls; the Rust kernel keeps a 6-query tile's scores in L1 and the packed keys and values in
-L2, and runs every product on one AVX-512 register tile. For a SmolLM2 layer at batch 4 x 256 it
-takes 2.1 ms forward and 5.4-5.7 ms backward where torch takes 4.0 and 9.6-9.8 (2-core Zen 4). The results
-agree with torch's within float32 rounding (different summation order), not bit for bit.
+L2, and runs every product on one AVX-512 register tile, which is faster than torch's path (see
+BENCHMARKS.md). The results agree with torch's within float32 rounding (different summation
+order), not bit for bit. Whether it runs is the kernel registry's choice (op "attention").
 
 The tensors may lie in any layout with a contiguous head dim: the forward reads the value heads in
 the projection's (B, T, Hkv, D) layout and writes its output in (B, T, H, D) order, and the
@@ -15,10 +15,10 @@ follows on either side. ``TUNEX_NATIVE_ATTENTION=0`` falls back to torch's flash
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from tunex.kernels import registry
 from tunex.kernels._dispatch import host_flat, host_span
 
 try:
@@ -27,24 +27,21 @@ try:
 except ImportError:  # an extension built before the kernel existed
     _native_forward = _native_backward = None
 
-# Switched off with TUNEX_NATIVE_ATTENTION=0 (an escape hatch, and how A/B runs compare); tests flip it.
-enabled = os.environ.get("TUNEX_NATIVE_ATTENTION", "1") != "0"
-
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the native kernel takes these (B, H, T, D) / (B, Hkv, T, D) tensors: float32 on the
-    CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head."""
-    return (
-        enabled
-        and _native_forward is not None
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
-        and q.shape[-1] % 16 == 0
+    CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head, and
+    the registry's choice for the call (``TUNEX_NATIVE_ATTENTION``, grad mode)."""
+    shape_ok = (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
         and k.shape == v.shape
         and k.shape[1] > 0
         and q.shape[1] % k.shape[1] == 0
         and q.shape[0] == k.shape[0]
         and q.shape[2:] == k.shape[2:]
     )
+    facts = registry.Facts.of(q, head_dim=q.shape[-1], shape_ok=shape_ok)
+    return registry.choose("attention", facts) == "native"
 
 
 def _strided(t: torch.Tensor):

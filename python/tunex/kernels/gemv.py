@@ -1,8 +1,8 @@
 """One-token linear layers on the CPU through Rust (``tunex._native.gemv_f32``).
 
 Decoding feeds one token at a time, so every projection is a matrix-vector product that reads its
-whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core
-at about half of what the memory delivers; the Rust GEMV splits the rows across all cores.
+whole weight once: the step is bound by memory bandwidth. torch runs a float32 GEMV on a single core,
+short of what the memory delivers; the Rust GEMV splits the rows across all cores.
 
 Fresh outputs are handed to Rust as ``.numpy()`` views; inputs and parameters as DLPack views
 (``host_array``), which leave their storages resizable (FSDP2 resizes parameter storages).
@@ -15,11 +15,11 @@ and everything else through ``F.linear``; the results agree with ``F.linear`` to
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from tunex import settings
+from tunex.kernels import registry
 from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, onednn_fits
 
 try:
@@ -28,23 +28,21 @@ try:
 except ImportError:  # an extension built before the kernels existed
     _gemv = _rms_norm = None
 
-_ENABLED = _gemv is not None and os.environ.get("TUNEX_GEMV", "1") != "0"
-
 
 def enabled() -> bool:
-    """Whether the Rust GEMV is in use (``TUNEX_GEMV=0`` turns it off)."""
-    return _ENABLED
+    """Whether the Rust GEMV is in use (``TUNEX_GEMV=0`` turns it off; read at call time)."""
+    return _gemv is not None and settings.on("TUNEX_GEMV")
 
 
 def _host_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """float32 CPU tensors that autograd does not need to see."""
     return (
-        _ENABLED
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and registry.choose("decode_linear", registry.Facts("cpu", torch.float32, rows=1)) == "gemv"
     )
 
 

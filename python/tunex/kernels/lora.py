@@ -20,16 +20,16 @@ The matmuls run on cuBLAS (CUDA) or, for float32 on the CPU, oneDNN (``_dispatch
 8-25% faster than the MKL sgemm behind torch.mm on these shapes); on CUDA the 4-bit dequantization inside
 the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
 kernel of lora_triton.py, whose counter-based mask never exists as a tensor; on the CPU the Rust
-kernel (tunex._native.dropout_f32) plays that part, ten times faster than torch's bernoulli_.
+kernel (tunex._native.dropout_f32) plays that part, faster than torch's bernoulli_.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from tunex.kernels import registry
 from tunex.kernels._dispatch import (
     compute_dtype,
     frozen_product_dtype,
@@ -40,7 +40,7 @@ from tunex.kernels._dispatch import (
     no_autocast,
     use_triton,
 )
-from tunex.kernels.arena import kept_copy, kept_empty
+from tunex.runtime.arena import kept_copy, kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout
@@ -75,14 +75,20 @@ class _Dropout:
     def __init__(self, x2: torch.Tensor, p: float, triton: bool):
         self.p, self.keep, self.seed = p, None, 0
         self.kind = (
-            "none" if p == 0 else "triton" if triton else "native" if native_f32(_native_dropout, x2) else "torch"
+            "none"
+            if p == 0
+            else "triton"
+            if triton
+            else "native"
+            if native_f32("dropout", _native_dropout, x2)
+            else "torch"
         )
         if self.kind in ("triton", "native"):
             self.seed = _draw_seed()
         elif self.kind == "torch":
             self.keep = _keep_mask(x2, p)
         # the adapter products with this mask fused in (tunex._native.lora_*_f32): float32 CPU only
-        self.fused = fused_enabled and self.kind in ("none", "native") and native_f32(_native_down, x2)
+        self.fused = self.kind in ("none", "native") and registry.choose("lora_linear", _facts(x2)) == "fused-native"
 
     def __call__(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """dropout(t) with this call's mask: the forward on x, the backward on a gradient."""
@@ -114,8 +120,9 @@ def _dropped_triton(x2: torch.Tensor, p: float, seed: int, inplace: bool = False
     return lora_triton.dropout(x2, p, seed, out=x2 if inplace else None)
 
 
-# Switched off with TUNEX_FUSED_LORA=0 (an escape hatch, and how A/B runs compare); tests flip it.
-fused_enabled = os.environ.get("TUNEX_FUSED_LORA", "1") != "0"
+def _facts(x2: torch.Tensor) -> registry.Facts:
+    # the fused kernels do not use Triton: a CPU call with backend "torch" keeps the Triton row out
+    return registry.Facts(x2.device.type, x2.dtype, grad=torch.is_grad_enabled(), backend="torch")
 
 
 def _draw_seed() -> int:
@@ -285,7 +292,7 @@ def lora_linear(
         x_recompute: a zero-argument callable returning x again, bit for bit (e.g. RMSNorm of a
             residual that its own node keeps anyway): then x is not saved, and backward calls it
             once for the adapter's gradient. Saves one activation per adapted projection.
-        kept: the caller keeps the output until backward (tunex.kernels.arena): it is made with
+        kept: the caller keeps the output until backward (tunex.runtime.arena): it is made with
             ``kept_empty``, so during CPU training it lives in the model's activation arena.
 
     Returns:

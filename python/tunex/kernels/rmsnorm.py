@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import as_rows, host_array, native_f32, use_triton
-from tunex.kernels.arena import kept_empty
+from tunex.runtime.arena import kept_empty
 
 # One Triton program holds a whole row in registers; wider rows use the torch path.
 MAX_TRITON_COLS = 65536
@@ -46,7 +46,7 @@ except ImportError:  # an extension built before the kernels existed
 
 
 def _forward_torch(x2: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if native_f32(_native_forward, x2, w):  # one Rust pass per row (torch: six passes)
+    if native_f32("rmsnorm", _native_forward, x2, w):  # one Rust pass per row (torch: six passes)
         x2, w = x2.contiguous(), w.detach().contiguous()
         y = torch.empty_like(x2)
         rstd = kept_empty((x2.shape[0],), torch.float32, x2.device)  # saved for backward
@@ -59,7 +59,7 @@ def _forward_torch(x2: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch
 
 
 def _backward_torch(dy: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, need_dw: bool = True):
-    if native_f32(_native_backward, dy, x2, w, rstd):
+    if native_f32("rmsnorm", _native_backward, dy, x2, w, rstd):
         dy, x2, w = dy.contiguous(), x2.contiguous(), w.detach().contiguous()
         dx = torch.empty_like(x2)
         dw = torch.zeros_like(w) if need_dw else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import host_array, host_span, native_f32, use_triton
-from tunex.kernels.arena import kept_empty
+from tunex.runtime.arena import kept_empty
 
 try:
     from tunex._native import rope_f32 as _native_rope
@@ -103,7 +103,7 @@ def _rotate(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, backward: b
         from tunex.kernels import rope_triton
 
         return rope_triton.rotate(x, cos4[:, 0], sin4[:, 0], backward)
-    if native_f32(_native_rope, x, cos4, sin4):
+    if native_f32("rope", _native_rope, x, cos4, sin4):
         return _rotate_native(x, cos4, sin4, backward)
     return _rotate_torch(x, cos4, sin4, backward)
 

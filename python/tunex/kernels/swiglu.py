@@ -28,7 +28,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if native_f32(_native_forward, gate):
+    if native_f32("swiglu", _native_forward, gate):
         y = torch.empty_like(gate)
         _native_forward(host_flat(gate), host_flat(up), host_flat(y))
         return y
@@ -36,7 +36,7 @@ def _forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_torch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    if native_f32(_native_backward, gate, dy):
+    if native_f32("swiglu", _native_backward, gate, dy):
         d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
         _native_backward(host_flat(dy), host_flat(gate), host_flat(up), host_flat(d_gate), host_flat(d_up))
         return d_gate, d_up

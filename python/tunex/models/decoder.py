@@ -9,6 +9,11 @@ so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection 
 ``nn.Linear`` (tunex.kernels.gemv.Linear: decoding one token on the CPU runs a multi-core Rust
 GEMV) that LoRA or NF4 layers can replace.
 
+This file is the model's math only. How it runs (the activation arena and lean backward rebuilds
+of CPU training, checkpointing and offload, the decode path) is the runtime's (tunex.runtime): the
+layers call its hooks (norm, rope, project, swiglu, add, attention, rebuild, run_layers), and the
+kernels behind them are the kernel registry's choice.
+
 Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
 attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
 the same logits as its documents run one by one.
@@ -17,15 +22,13 @@ the same logits as its documents run one by one.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tunex.kernels import offloaded_checkpoint, rms_norm, rope, swiglu
-from tunex.kernels.arena import ActivationArena, keeping, kept_add, kept_causal_attention
-from tunex.kernels.gemv import Linear, linear, linear_many, rms_norm_row
+from tunex import runtime as runtimes
+from tunex.kernels import rms_norm, swiglu
+from tunex.kernels.gemv import Linear, linear
 from tunex.models.config import ModelConfig
 
 
@@ -35,19 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # the kernel's backward keeps less memory
-            return rms_norm(x, self.weight, self.eps)
-        one_row = rms_norm_row(x, self.weight, self.eps)  # decoding on the CPU: one native call
-        if one_row is not None:
-            return one_row
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inference RoPE in plain ops: x (B, H, T, D), cos/sin (B, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def forward(self, x: torch.Tensor, rt=None) -> torch.Tensor:
+        return (rt or runtimes.default()).norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
@@ -123,18 +115,15 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None, rt=None):
+        rt = rt or runtimes.default()
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
+        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
         q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
-        if torch.is_grad_enabled():
-            q, k = rope(q, k, cos, sin)
-        else:  # fewer dispatches per decoded token than the autograd kernel
-            cos4, sin4 = cos[:, None], sin[:, None]  # (B, 1, T, D)
-            q, k = _rotate(q, cos4, sin4), _rotate(k, cos4, sin4)
+        q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
         causal = mask is None and t > 1
@@ -143,9 +132,7 @@ class Attention(nn.Module):
             # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
             gqa = False
-        y = kept_causal_attention(q, k, v) if causal and q.shape[2] == k.shape[2] else None
-        if y is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = rt.attention(q, k, v, mask, causal, gqa)
 
         def merge_heads(t: torch.Tensor) -> torch.Tensor:
             # (B, H, T, D) -> (B, T, C): a view when y lies in (B, T, H, D) order (the training
@@ -153,7 +140,7 @@ class Attention(nn.Module):
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
         if again is not None:  # attention keeps y for its backward; the copy need not be kept too
-            (out,) = _project((self.o_proj,), merge_heads(y), _Again(lambda: _no_grad(merge_heads, y), 1))
+            (out,) = rt.project((self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1))
             return out
         return self.o_proj(merge_heads(y))
 
@@ -165,17 +152,18 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x, again=None):
+    def forward(self, x, again=None, rt=None):
+        rt = rt or runtimes.default()
         if torch.is_grad_enabled():
-            gate, up = _project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
-            hidden = swiglu(gate, up)
+            gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
+            hidden = rt.swiglu(gate, up)
             if again is None:
                 return self.down_proj(hidden)
             # SwiGLU keeps gate and up for its backward: rebuild the product from them
-            (out,) = _project((self.down_proj,), hidden, _Again(lambda: _no_grad(swiglu, gate, up), 1))
+            (out,) = rt.project((self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1))
             return out
-        gate, up = linear_many(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = rt.project((self.gate_proj, self.up_proj), x)
+        return self.down_proj(rt.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -186,57 +174,35 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, lean: bool = False):
+    def forward(self, x, cos, sin, mask, cache, lean: bool = False, rt=None):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
         keep anyway (normed residuals, attention output, SwiGLU product) instead of saving them."""
-        x = kept_add(
+        rt = rt or runtimes.default()
+        x = rt.add(
             x,
             self.self_attn(
-                self.input_layernorm(x),
+                self.input_layernorm(x, rt),
                 cos,
                 sin,
                 mask,
                 cache,
-                again=_renorm(self.input_layernorm, x, 3) if lean else None,
+                again=self._renorm(rt, self.input_layernorm, x, 3) if lean else None,
+                rt=rt,
             ),
         )
-        return kept_add(
+        return rt.add(
             x,
             self.mlp(
-                self.post_attention_layernorm(x), again=_renorm(self.post_attention_layernorm, x, 2) if lean else None
+                self.post_attention_layernorm(x, rt),
+                again=self._renorm(rt, self.post_attention_layernorm, x, 2) if lean else None,
+                rt=rt,
             ),
         )
 
-
-class _Again:
-    """An input rebuilt in backward for ``uses`` adapted projections: built once, dropped after the last."""
-
-    def __init__(self, build, uses: int):
-        self.build, self.uses, self.value = build, uses, None
-
-    def __call__(self) -> torch.Tensor:
-        value = self.value if self.value is not None else self.build()
-        self.uses -= 1
-        self.value = value if self.uses > 0 else None
-        return value
-
-
-def _no_grad(fn, *tensors, **kwargs):
-    with torch.no_grad():
-        return fn(*(t.detach() for t in tensors), **kwargs)
-
-
-def _renorm(norm: RMSNorm, x: torch.Tensor, uses: int) -> _Again:
-    # the same kernel as the forward, so the same bits
-    return _Again(lambda: _no_grad(rms_norm, x, norm.weight, eps=norm.eps), uses)
-
-
-def _project(modules, x, again: _Again | None, kept: tuple[bool, ...] | None = None):
-    """``[m(x) for m in modules]``; adapted layers get ``again`` and then do not save x, and make
-    the outputs marked ``kept`` (kept for backward by the next node) in the activation arena."""
-    if again is not None and all(getattr(m, "recomputes_input", False) for m in modules):
-        return [m(x, x_recompute=again, kept=k) for m, k in zip(modules, kept or (False,) * len(modules))]
-    return linear_many(x, modules)
+    @staticmethod
+    def _renorm(rt, norm: RMSNorm, x: torch.Tensor, uses: int):
+        # the same kernel as the forward, so the same bits
+        return rt.rebuild(rms_norm, x, norm.weight, eps=norm.eps, uses=uses)
 
 
 def attention_mask(
@@ -292,6 +258,8 @@ class DecoderModel(nn.Module):
         self.gradient_checkpointing = False
         # with checkpointing on, keep each layer's input in pinned CPU memory until backward
         self.offload_checkpoints = False
+        # how the model runs (arena, rebuilds, decode path: tunex.runtime); None: the default
+        self.runtime = None
 
     def forward(self, input_ids, position_ids=None, cache: KVCache | None = None):
         b, t = input_ids.shape
@@ -308,31 +276,11 @@ class DecoderModel(nn.Module):
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
         mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
-        training = self.training and torch.is_grad_enabled()
-        checkpointing = self.gradient_checkpointing and training
-        with keeping(self._activation_arena(x) if training and not checkpointing else None):
-            for layer in self.layers:
-                if checkpointing:
-                    if self.offload_checkpoints:
-                        x = offloaded_checkpoint(layer, x, cos, sin, mask, cache)
-                    else:
-                        x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, mask, cache, lean=training)
+        rt = self.runtime or runtimes.default()
+        x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += t
-        return self.norm(x)
-
-    def _activation_arena(self, x: torch.Tensor) -> ActivationArena | None:
-        """The arena for this training forward's kept CPU tensors (see tunex.kernels.arena), begun;
-        None on other devices or with ``TUNEX_ARENA=0``."""
-        if x.device.type != "cpu" or os.environ.get("TUNEX_ARENA", "1") == "0":
-            return None
-        arena = self.__dict__.get("_arena")
-        if arena is None:
-            arena = self.__dict__["_arena"] = ActivationArena(x.device)
-        arena.begin()
-        return arena
+        return self.norm(x, rt)
 
 
 class TiedHead:

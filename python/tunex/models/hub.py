@@ -35,8 +35,10 @@ DONE_MARK = ".tunex-complete"
 
 def cache_root() -> Path:
     """tunex's cache folder: $TUNEX_CACHE, else $XDG_CACHE_HOME/tunex, else ~/.cache/tunex."""
-    if os.environ.get("TUNEX_CACHE"):
-        return Path(os.environ["TUNEX_CACHE"])
+    from tunex import settings
+
+    if settings.get("TUNEX_CACHE"):
+        return Path(settings.get("TUNEX_CACHE"))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tunex"
 

@@ -130,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 and GRAD_CHUNKS > 1
                 and hidden.shape[0] > rows
                 and _dispatch.onednn_fits(hidden, weight)
-                and _native_f32(_native_xent, hidden)
+                and _native_f32("cross_entropy", _native_xent, hidden)
             )
             else None
         )
@@ -143,7 +143,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             safe = torch.where(valid, y, torch.zeros_like(y))
             want_grad = need_h or need_w or need_b
             weight_row = valid.to(logits.dtype) / denom
-            if _native_f32(_native_xent, logits) and logits.is_contiguous():
+            if _native_f32("cross_entropy", _native_xent, logits) and logits.is_contiguous():
                 # one Rust pass set per row: log-sum-exp, the label's logit and the gradient (in
                 # place, or into the gathering buffer)
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))

@@ -2,6 +2,7 @@
 //! call the core, convert the error once (errors.rs).
 
 pub mod errors;
+pub mod info;
 pub mod kernels;
 pub mod merge;
 pub mod peft;

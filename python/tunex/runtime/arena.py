@@ -1,10 +1,10 @@
-"""Host memory for CPU training: an activation arena and glibc malloc settings.
+"""The activation arena of CPU training (host memory for the tensors a step keeps for backward).
 
 Why: a training step on the CPU allocates the tensors it keeps for backward (residuals, rotated
-queries/keys, the MLP's gate and up: ~20 MB per layer of SmolLM2 at 1024 tokens) interleaved with
+queries/keys, the MLP's gate and up) interleaved with
 short-lived temporaries of the same sizes. glibc's heap places the kept ones wherever a hole fits,
-the temporaries fill the rest, and by the backward the heap holds the kept tensors plus as much
-again in holes it cannot reuse: measured, a 0.9 GB peak of live memory cost a 1.8 GB heap.
+the temporaries fill the rest, and by the backward the heap holds the kept tensors plus about as
+much again in holes it cannot reuse.
 
 :class:`ActivationArena` takes the kept tensors out of the heap. One model owns one arena; its
 forward calls :meth:`ActivationArena.begin`, then every tensor made through :func:`kept_empty` inside
@@ -15,17 +15,13 @@ use count is back to the block's own), so a tensor someone still holds is never 
 arena then gives up the block (it is freed when its last view goes) and starts a new one. After the
 first step the block is one piece sized to the step, so no page is faulted in again.
 
-:func:`tune_malloc` makes glibc keep freed heap memory instead of returning it to the kernel and
-faulting it in again next step (~200k page faults per SmolLM2 step otherwise).
+:func:`tunex.runtime.malloc.tune_malloc` keeps the rest of the heap mapped between steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
-import os
 import threading
 from collections.abc import Iterator
 
@@ -221,31 +217,3 @@ def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     ):
         return None
     return _KeptAttention.apply(q, k, v, native)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_tuned = False
-
-
-def tune_malloc() -> bool:
-    """Keep freed heap memory for reuse in this process (glibc only; once per process).
-
-    glibc's defaults return the top of the heap to the kernel whenever 64 MB or more are free there
-    and map every block over 32 MB fresh; a training step frees and reallocates its activations
-    each step, so each step faulted in ~0.8 GB of zeroed pages again. With a fixed mmap threshold
-    of 32 MB and a 1 GB trim threshold the heap stays mapped. The peak is unchanged (it is the same
-    heap at its largest). ``TUNEX_MALLOC_TUNE=0`` leaves glibc alone. Returns whether it applied.
-    """
-    global _tuned
-    if _tuned:
-        return True
-    if os.environ.get("TUNEX_MALLOC_TUNE", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _tuned

@@ -1,0 +1,323 @@
+"""Which implementation of each op runs: one table, one function that chooses.
+
+Each op lists its implementations in priority order; each implementation has a condition (a pure
+predicate over the call's :class:`Facts`: device, dtype, grad mode, autocast, the requested
+backend, shape facts, settings switches, whether a native export exists, whether triton is
+importable) and a sentence saying when it applies. :func:`choose` returns the first whose condition
+holds; :func:`explain` says, for every implementation, whether it was chosen and, if not, why.
+
+The op modules (rmsnorm.py, attention.py, ...) implement; they ask :func:`choose` which path to
+take. Switches are read through :mod:`tunex.settings` at call time, so ``monkeypatch.setenv`` or
+``settings.override`` changes the next call. With ``TUNEX_REQUIRE_NATIVE=1`` an implementation
+that applies except that the built extension lacks its native export is an error (naming the
+export) instead of a silent fall back to the next implementation.
+
+Conditions are pure, so ``tunex doctor`` can evaluate them for facts of a machine it is not on
+(the CUDA rows on a CPU box).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tunex import settings
+from tunex.errors import TunexError
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+class Facts:
+    """What the choice of an implementation depends on, for one call.
+
+    ``head_dim``, ``rows``, ``cols``, ``macs`` and ``shape_ok`` are the shape facts an op's
+    conditions look at (None: unknown, which a condition treats as met; ``tunex doctor`` passes
+    representative values). ``backend`` is the kernel's ``backend=`` argument.
+    """
+
+    __slots__ = ("device", "dtype", "grad", "autocast", "backend", "head_dim", "rows", "cols", "macs", "shape_ok")
+
+    def __init__(
+        self,
+        device: str,
+        dtype: torch.dtype,
+        *,
+        grad: bool = False,
+        autocast: bool = False,
+        backend: str = "auto",
+        head_dim: int | None = None,
+        rows: int | None = None,
+        cols: int | None = None,
+        macs: int | None = None,
+        shape_ok: bool = True,
+    ):
+        self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
+        self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
+
+    @classmethod
+    def of(cls, t: torch.Tensor, backend: str = "auto", **shape) -> Facts:
+        """The facts of a call on tensor ``t`` now (grad mode, autocast for its device)."""
+        device = t.device.type
+        return cls(
+            device,
+            t.dtype,
+            grad=torch.is_grad_enabled(),
+            autocast=torch.is_autocast_enabled(device),
+            backend=backend,
+            **shape,
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"Facts({fields})"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op: its name, when it applies (a sentence and a predicate) and
+    the native export it needs (None: none)."""
+
+    name: str
+    when: str
+    condition: Callable[[Facts], bool]
+    native: str | None = None
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``, triton's own variable)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _native_module():
+    try:
+        from tunex import _native
+    except ImportError:
+        return None
+    return _native
+
+
+def has_native(export: str) -> bool:
+    """Whether the built extension has the native export ``export``."""
+    mod = _native_module()
+    return mod is not None and hasattr(mod, export)
+
+
+def native(export: str):
+    """The native export ``export``, or None when the built extension lacks it."""
+    mod = _native_module()
+    return None if mod is None else getattr(mod, export, None)
+
+
+def triton_wanted(f: Facts) -> bool:
+    """Whether a kernel call with these facts runs its Triton path.
+
+    ``backend="auto"`` follows ``TUNEX_KERNELS``: auto means Triton for CUDA tensors when triton is
+    importable. Asking for Triton where it cannot run is an error, not a silent fallback.
+
+    Raises:
+        ValueError: the backend is not one of BACKENDS, or Triton was asked for where it cannot run.
+    """
+    backend = f.backend
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        try:
+            backend = settings.get("TUNEX_KERNELS")
+        except TunexError as e:
+            raise ValueError(str(e)) from None
+        if backend == "auto":
+            return f.device == "cuda" and triton_available()
+    if backend == "torch":
+        return False
+    if not triton_available():
+        raise ValueError(
+            "the Triton kernel backend was requested but triton is not installed; install triton or use backend='torch'"
+        )
+    if f.device != "cuda" and not interpreting():
+        raise ValueError(
+            "the Triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 "
+            "(set before the first kernel call) to run triton's interpreter on CPU"
+        )
+    return True
+
+
+def _cpu_f32(f: Facts) -> bool:
+    return f.device == "cpu" and f.dtype == torch.float32
+
+
+def _ok(value, test) -> bool:
+    return value is None or test(value)
+
+
+# oneDNN's matmul as torch ships it; None where torch was built without oneDNN.
+ONEDNN_LINEAR = (
+    getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
+# Products below this many multiply-adds stay on torch.mm: the call through torch.ops costs more
+# than oneDNN's faster kernel saves on a small product.
+ONEDNN_MIN_MACS = 1 << 21
+MAX_TRITON_COLS = 65536  # widest row the Triton RMSNorm keeps in one program
+_onednn_broken = False  # set when a oneDNN build failed at run time on this machine
+
+
+def onednn_failed() -> None:
+    """Record that oneDNN's matmul failed here: torch.mm from now on in this process."""
+    global _onednn_broken
+    _onednn_broken = True
+
+
+def _native_cpu(name: str, export: str, extra: str = "", cond: Callable[[Facts], bool] | None = None) -> Impl:
+    when = f"float32 CPU tensors{extra} (needs the native export {export})"
+    return Impl(name, when, (lambda f: _cpu_f32(f) and cond(f)) if cond else _cpu_f32, export)
+
+
+_TRITON = Impl("triton", "CUDA tensors with triton importable (TUNEX_KERNELS / backend= may force it)", triton_wanted)
+
+
+def _torch(what: str = "torch") -> Impl:
+    return Impl(what, "always", lambda f: True)
+
+
+OPS: dict[str, tuple[Impl, ...]] = {
+    "rmsnorm": (
+        Impl(
+            "triton",
+            f"as triton, rows of at most {MAX_TRITON_COLS} elements",
+            lambda f: triton_wanted(f) and _ok(f.cols, lambda c: c <= MAX_TRITON_COLS),
+        ),
+        _native_cpu("native", "rms_norm_forward_f32"),
+        _torch(),
+    ),
+    "rope": (_TRITON, _native_cpu("native", "rope_f32"), _torch()),
+    "attention": (
+        Impl(
+            "native",
+            "float32 CPU training (grad on), head dim a multiple of 16, whole query-head groups, "
+            "TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
+            lambda f: (
+                _cpu_f32(f)
+                and f.grad
+                and f.shape_ok
+                and _ok(f.head_dim, lambda d: d % 16 == 0)
+                and settings.on("TUNEX_NATIVE_ATTENTION")
+            ),
+            "attention_forward_f32",
+        ),
+        Impl("sdpa", "always (torch's scaled_dot_product_attention)", lambda f: True),
+    ),
+    "swiglu": (_TRITON, _native_cpu("native", "swiglu_forward_f32"), _torch()),
+    "lora_linear": (
+        Impl("triton", "as triton, with dropout > 0 (the fused dropout)", lambda f: triton_wanted(f) and f.shape_ok),
+        _native_cpu(
+            "fused-native",
+            "lora_down_f32",
+            ", dropout none or native, TUNEX_FUSED_LORA=1",
+            lambda f: settings.on("TUNEX_FUSED_LORA"),
+        ),
+        _torch("torch"),
+    ),
+    "cross_entropy": (_TRITON, _native_cpu("native", "cross_entropy_f32"), _torch("torch-chunked")),
+    "dropout": (_TRITON, _native_cpu("native", "dropout_f32"), _torch("torch-bernoulli")),
+    "decode_linear": (
+        _native_cpu(
+            "gemv",
+            "gemv_f32",
+            ", one row of input, no autograd, contiguous weight, TUNEX_GEMV=1",
+            lambda f: not f.grad and f.shape_ok and _ok(f.rows, lambda r: r == 1) and settings.on("TUNEX_GEMV"),
+        ),
+        Impl(
+            "onednn",
+            "float32 CPU, several rows, as matmul_f32's oneDNN row",
+            lambda f: _cpu_f32(f) and _ok(f.rows, lambda r: r > 1) and onednn_applies(f),
+        ),
+        _torch("F.linear"),
+    ),
+    "nf4_dequant": (_TRITON, _torch()),
+    "matmul_f32": (
+        Impl(
+            "onednn",
+            f"float32 2-D CPU products of at least {ONEDNN_MIN_MACS} multiply-adds outside autograd, torch built "
+            "with oneDNN, TUNEX_ONEDNN=1",
+            lambda f: _cpu_f32(f) and not f.grad and onednn_applies(f),
+        ),
+        _torch("torch.mm"),
+    ),
+}
+
+
+def onednn_applies(f: Facts) -> bool:
+    """oneDNN's matmul is present, has not failed here, is switched on, and the product is big enough."""
+    return f.shape_ok and onednn_allows(f.macs)
+
+
+def onednn_allows(macs: int | None) -> bool:
+    """:func:`onednn_applies` for a product of ``macs`` multiply-adds (the per-call form, no Facts)."""
+    return (
+        ONEDNN_LINEAR is not None
+        and not _onednn_broken
+        and (macs is None or macs >= ONEDNN_MIN_MACS)
+        and settings.on("TUNEX_ONEDNN")
+    )
+
+
+def _missing(impl: Impl) -> bool:
+    return impl.native is not None and not has_native(impl.native)
+
+
+def choose(op: str, facts: Facts) -> str:
+    """The name of the implementation of ``op`` that runs for ``facts``: the first whose
+    condition holds and whose native export (if any) is built.
+
+    Raises:
+        TunexError: TUNEX_REQUIRE_NATIVE=1 and the chosen implementation's native export is missing.
+        ValueError: a backend was forced where it cannot run (see :func:`triton_wanted`).
+    """
+    for impl in OPS[op]:
+        if impl.condition(facts):
+            if impl.native is not None and not has_native(impl.native):
+                if settings.on("TUNEX_REQUIRE_NATIVE"):
+                    raise TunexError(
+                        f"{op}: the {impl.name} implementation applies but the built tunex._native lacks "
+                        f"{impl.native}; rebuild the extension (maturin develop --release) or unset TUNEX_REQUIRE_NATIVE"
+                    )
+                continue
+            return impl.name
+    raise AssertionError(f"{op}: no implementation applies to {facts!r}")  # the last one always applies
+
+
+def explain(op: str, facts: Facts) -> list[tuple[str, str]]:
+    """(implementation, verdict) for each implementation of ``op`` in priority order: "chosen",
+    "not reached" (after the chosen one), or why it was not chosen."""
+    out, chosen = [], None
+    for impl in OPS[op]:
+        if chosen is not None:
+            out.append((impl.name, "not reached"))
+            continue
+        try:
+            holds = impl.condition(facts)
+        except ValueError as e:
+            out.append((impl.name, f"error: {e}"))
+            continue
+        if not holds:
+            out.append((impl.name, f"condition not met: {impl.when}"))
+        elif _missing(impl):
+            out.append((impl.name, f"native export {impl.native} missing from the built extension"))
+        else:
+            chosen = impl.name
+            out.append((impl.name, "chosen"))
+    return out
