@@ -257,7 +257,6 @@ def test_saved_activations_match_a_real_decoder_layer(tmp_path):
         return t
 
     from tunex import settings
-    from tunex.kernels import attention
 
     def count(native: bool) -> int:
         saved.clear()
