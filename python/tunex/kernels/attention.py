@@ -28,11 +28,8 @@ except ImportError:  # an extension built before the kernel existed
     _native_forward = _native_backward = None
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the native kernel takes these (B, H, T, D) / (B, Hkv, T, D) tensors: float32 on the
-    CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head, and
-    the registry's choice for the call (``TUNEX_NATIVE_ATTENTION``, grad mode)."""
-    shape_ok = (
+def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
         and k.shape == v.shape
         and k.shape[1] > 0
@@ -40,8 +37,24 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[0] == k.shape[0]
         and q.shape[2:] == k.shape[2:]
     )
-    facts = registry.Facts.of(q, head_dim=q.shape[-1], shape_ok=shape_ok)
-    return registry.choose("attention", facts) == "native"
+
+
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool) -> str:
+    """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
+    now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena) or
+    "sdpa". ``causal``: causal attention of the queries over as many keys (no mask, no cache);
+    ``arena``: an activation arena is active."""
+    facts = registry.Facts.of(
+        q, head_dim=q.shape[-1], shape_ok=_shape_ok(q, k, v), causal=causal and q.shape[2] == k.shape[2], arena=arena
+    )
+    return registry.choose("attention", facts)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the native kernel takes these causal (B, H, T, D) / (B, Hkv, T, D) tensors: float32
+    on the CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head,
+    and the registry's choice for the call (``TUNEX_NATIVE_ATTENTION``, grad mode)."""
+    return choose(q, k, v, causal=True, arena=False) == "native"
 
 
 def _strided(t: torch.Tensor):

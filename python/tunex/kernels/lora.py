@@ -40,7 +40,7 @@ from tunex.kernels._dispatch import (
     no_autocast,
     use_triton,
 )
-from tunex.runtime.arena import kept_copy, kept_empty
+from tunex.kernels.kept import kept_copy, kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout

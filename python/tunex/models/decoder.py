@@ -5,9 +5,9 @@ Pre-norm transformer: RMSNorm -> attention with rotary positions (grouped-query 
 config values (biases, rope scaling, tied embeddings); see config.py.
 
 Module and parameter names are the HF Llama ones (``model.layers.0.self_attn.q_proj.weight``...),
-so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is an
-``nn.Linear`` (tunex.kernels.gemv.Linear: decoding one token on the CPU runs a multi-core Rust
-GEMV) that LoRA or NF4 layers can replace.
+so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is a plain
+``nn.Linear`` that LoRA or NF4 layers can replace, and every projection runs through the runtime's
+``project`` hook (which may run it as a multi-core Rust GEMV when decoding one token on the CPU).
 
 This file is the model's math only. How it runs (the activation arena and lean backward rebuilds
 of CPU training, checkpointing and offload, the decode path) is the runtime's (tunex.runtime): the
@@ -28,7 +28,6 @@ from torch import nn
 
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
-from tunex.kernels.gemv import Linear, linear
 from tunex.models.config import ModelConfig
 
 
@@ -110,10 +109,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None, rt=None):
         rt = rt or runtimes.default()
@@ -139,31 +138,29 @@ class Attention(nn.Module):
             # kernel's kept output), else a copy
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
-        if again is not None:  # attention keeps y for its backward; the copy need not be kept too
-            (out,) = rt.project((self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1))
-            return out
-        return self.o_proj(merge_heads(y))
+        # with ``again``, attention keeps y for its backward and the merged copy need not be kept too
+        (out,) = rt.project(
+            (self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1) if again is not None else None
+        )
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
-        if torch.is_grad_enabled():
-            gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
-            hidden = rt.swiglu(gate, up)
-            if again is None:
-                return self.down_proj(hidden)
-            # SwiGLU keeps gate and up for its backward: rebuild the product from them
-            (out,) = rt.project((self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1))
-            return out
-        gate, up = rt.project((self.gate_proj, self.up_proj), x)
-        return self.down_proj(rt.swiglu(gate, up))
+        gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
+        hidden = rt.swiglu(gate, up)
+        # with ``again``, SwiGLU keeps gate and up for its backward: rebuild the product from them
+        (out,) = rt.project(
+            (self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1) if again is not None else None
+        )
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -290,6 +287,8 @@ class TiedHead:
     (``model.embed_tokens.weight``) as in HF checkpoints, and LoRA's "all-linear" skips it.
     """
 
+    plain_linear = True  # a plain product: the runtime's project hook may run it as one
+
     def __init__(self, embedding: nn.Embedding):
         self.embedding = embedding
 
@@ -300,7 +299,7 @@ class TiedHead:
     bias = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.embedding.weight)
+        return torch.nn.functional.linear(x, self.embedding.weight)
 
 
 class CausalLM(nn.Module):
@@ -317,7 +316,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, cache)
@@ -328,7 +327,8 @@ class CausalLM(nn.Module):
         h = self.hidden_states(input_ids, position_ids, cache)
         if last_only:  # generation needs the next-token logits only
             h = h[:, -1:]
-        return self.lm_head(h)
+        (logits,) = (self.model.runtime or runtimes.default()).project((self.lm_head,), h)
+        return logits
 
     @property
     def gradient_checkpointing(self) -> bool:
