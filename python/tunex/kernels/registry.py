@@ -43,7 +43,8 @@ class Facts:
     conditions look at (None: unknown, which a condition treats as met, except ``rows == 1`` for
     the one-row decode paths; ``tunex doctor`` passes representative values). ``causal``: causal
     attention of the queries over as many keys (None: unknown). ``arena``: an activation arena is
-    active (tunex.runtime.arena). ``backend`` is the kernel's ``backend=`` argument.
+    active (tunex.runtime.arena). ``docs``: the rows are packed documents, each attending inside
+    itself (tunex.kernels.attention.Documents). ``backend`` is the kernel's ``backend=`` argument.
     """
 
     __slots__ = (
@@ -59,6 +60,7 @@ class Facts:
         "shape_ok",
         "causal",
         "arena",
+        "docs",
     )
 
     def __init__(
@@ -76,10 +78,11 @@ class Facts:
         shape_ok: bool = True,
         causal: bool | None = None,
         arena: bool = False,
+        docs: bool = False,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
-        self.causal, self.arena = causal, arena
+        self.causal, self.arena, self.docs = causal, arena, docs
 
     @classmethod
     def of(cls, t: torch.Tensor, backend: str = "auto", **shape) -> Facts:
@@ -249,7 +252,8 @@ OPS: dict[str, tuple[Impl, ...]] = {
     "attention": (
         Impl(
             "native",
-            "float32 CPU training (grad on), causal over as many keys, head dim a multiple of 16, whole "
+            "float32 CPU training (grad on), causal over as many keys (packed documents too: attention "
+            "inside each, costing the sum of their squared lengths), head dim a multiple of 16, whole "
             "query-head groups, TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
             lambda f: (
                 _cpu_f32(f)
@@ -263,17 +267,22 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "flash-kept",
-            "float32 CPU training (grad on), causal over as many keys, inside the activation arena: torch's "
-            "CPU flash attention op with its output and log-sum-exp kept in the arena",
+            "float32 CPU training (grad on), causal over as many keys, one document per row, inside the "
+            "activation arena: torch's CPU flash attention op with its output and log-sum-exp kept there",
             lambda f: (
                 _cpu_f32(f)
                 and bool(f.grad)
                 and f.causal is not False
+                and not f.docs
                 and f.arena
                 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
             ),
         ),
-        Impl("sdpa", "always (torch's scaled_dot_product_attention)", lambda f: True),
+        Impl(
+            "sdpa",
+            "always (torch's scaled_dot_product_attention; packed documents as a dense block-diagonal mask)",
+            lambda f: True,
+        ),
     ),
     "swiglu": (
         _plain("silu(gate) * up in torch ops"),

@@ -15,8 +15,10 @@ layers call its hooks (norm, rope, project, swiglu, add, attention, rebuild, run
 kernels behind them are the kernel registry's choice.
 
 Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
-attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
-the same logits as its documents run one by one.
+attention then stays inside each document, so a packed row gives the same logits as its documents
+run one by one. The layers get the documents' spans (tunex.kernels.attention.Documents) where a
+mask would go; the native CPU kernel attends inside each span (cost: the sum of the documents'
+squared lengths), other implementations get the block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
+from tunex.kernels.attention import Documents
 from tunex.models.config import ModelConfig
 
 
@@ -125,7 +128,7 @@ class Attention(nn.Module):
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
-        causal = mask is None and t > 1
+        causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
         gqa = h != kv
         if gqa and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
@@ -272,7 +275,11 @@ class DecoderModel(nn.Module):
             cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in cache.rope)
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
-        mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
+        window = self.cfg.sliding_window
+        docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
+        # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
+        # attention builds one only for an implementation that needs it)
+        mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:

@@ -36,6 +36,9 @@ class Plain:
         return x + y
 
     def attention(self, q, k, v, mask, causal, gqa):
+        """``mask``: a boolean tensor, packed documents (tunex.kernels.attention.Documents) or None."""
+        if isinstance(mask, attention_kernel.Documents):
+            mask = mask.dense()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
@@ -81,10 +84,18 @@ class Standard(Plain):
         return kept_add(x, y)
 
     def attention(self, q, k, v, mask, causal, gqa):
-        impl = attention_kernel.choose(q, k, v, causal=causal and mask is None, arena=arena.active() is not None)
+        docs = mask if isinstance(mask, attention_kernel.Documents) else None
+        impl = attention_kernel.choose(
+            q,
+            k,
+            v,
+            causal=causal or (docs is not None and q.shape[2] > 1),
+            arena=arena.active() is not None,
+            docs=docs is not None,
+        )
         if impl != "sdpa":
-            return kept_attention(q, k, v, native=impl == "native")
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            return kept_attention(q, k, v, impl == "native", docs)
+        return super().attention(q, k, v, mask, causal, gqa)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
         return rebuild.again(fn, *tensors, uses=uses, **kwargs)
