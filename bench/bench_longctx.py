@@ -260,7 +260,9 @@ def main() -> None:
         whos = ["tunex", "tunex-dense", "hf"] if length <= DENSE_MAX else ["tunex", "hf"]
         r = run_shape(whos, length, batch, os.path.abspath(folder), args.steps)
         ours, dense, hf = r.get("tunex", {}), r.get("tunex-dense", {}), r.get("hf", {})
-        rss = f"{ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if "peak_rss_mb" in ours and "peak_rss_mb" in hf else "n/a"
+        rss = (
+            f"{ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if "peak_rss_mb" in ours and "peak_rss_mb" in hf else "n/a"
+        )
         rows.append(
             f"| {length} x {batch} | {_speed(ours)} | {_rss(ours)} | {_speed(dense)} | {_rss(dense)} | "
             f"{_ratio(ours, dense) if dense else '-'} | {_speed(hf)} | {_rss(hf)} | {_ratio(ours, hf)} | {rss} |"
