@@ -121,3 +121,22 @@ def test_packed_training_never_builds_a_dense_mask(monkeypatch):
                 alone = model(ids[b : b + 1, start : start + n])
                 torch.testing.assert_close(logits[b : b + 1, start : start + n].detach(), alone, rtol=1e-4, atol=1e-4)
                 start += n
+
+
+def test_cuda_packs_run_sdpa_per_document():
+    """On CUDA the registry picks SDPA on each document (no (T, T) mask); the function itself is
+    device-agnostic, so its answer is checked here on the CPU against the per-document oracle."""
+    facts = registry.Facts("cuda", torch.bfloat16, grad=True, causal=True, docs=True, head_dim=64)
+    assert registry.choose("attention", facts) == "sdpa-docs"
+    assert registry.choose("attention", registry.Facts("cuda", torch.bfloat16, grad=True, causal=True)) == "sdpa"
+    torch.manual_seed(2)
+    lengths = [[4, 1, 11], [9, 7]]
+    q = torch.randn(2, 4, 16, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 16, requires_grad=True) for _ in range(2))
+    docs = Documents.of(_positions(lengths))
+    got = attention.sdpa_per_document(q, k, v, docs, True)
+    want = _per_document(q, k, v, lengths, True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

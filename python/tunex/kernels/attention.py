@@ -69,6 +69,24 @@ class Documents:
         return (same & torch.ones(self.seq, self.seq, dtype=torch.bool, device=self.device).tril())[:, None]
 
 
+def sdpa_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
+    """Causal attention inside each of ``docs``: torch's SDPA on each document's slice (its flash or
+    memory-efficient kernel, no mask), the results concatenated back into (B, H, T, D)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for row, start, length in docs.spans:
+        sl = slice(start, start + length)
+        rows[row].append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[row : row + 1, :, sl],
+                k[row : row + 1, :, sl],
+                v[row : row + 1, :, sl],
+                is_causal=True,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
+
+
 def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
@@ -82,8 +100,8 @@ def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool, docs: bool = False) -> str:
     """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
-    now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena) or
-    "sdpa". ``causal``: causal attention of the queries over as many keys (no mask, no cache; with
+    now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
+    "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa". ``causal``: causal attention of the queries over as many keys (no mask, no cache; with
     ``docs`` inside each packed document); ``arena``: an activation arena is active."""
     facts = registry.Facts.of(
         q,

@@ -279,6 +279,11 @@ OPS: dict[str, tuple[Impl, ...]] = {
             ),
         ),
         Impl(
+            "sdpa-docs",
+            "CUDA, packed documents: torch's SDPA on each document (its flash kernel, no (T, T) mask)",
+            lambda f: f.device == "cuda" and f.docs,
+        ),
+        Impl(
             "sdpa",
             "always (torch's scaled_dot_product_attention; packed documents as a dense block-diagonal mask)",
             lambda f: True,

@@ -93,6 +93,8 @@ class Standard(Plain):
             arena=arena.active() is not None,
             docs=docs is not None,
         )
+        if impl == "sdpa-docs":
+            return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)
         if impl != "sdpa":
             return kept_attention(q, k, v, impl == "native", docs)
         return super().attention(q, k, v, mask, causal, gqa)
