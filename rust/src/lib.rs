@@ -34,6 +34,7 @@
 //! stack; both return only after every thread has let go of it, including when a part panics
 //! (`part::run` stops the panic where it happens). See their SAFETY comments.
 
+pub mod adamw8bit;
 pub mod adapter;
 pub mod attention;
 pub mod dropout;
@@ -70,6 +71,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::peft::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;
+    py::optim::register(m)?;
     py::info::register(m)?;
     Ok(())
 }
