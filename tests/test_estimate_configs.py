@@ -1,7 +1,7 @@
 """``tunex estimate`` for the shipped 7B/8B QLoRA configs, pinned against a count written out here
 from the models' published shapes (not by calling tunex.estimate), for each memory option:
-float32 adapters with AdamW, bf16 adapters with 8-bit AdamW, plus offloaded checkpoints, plus the
-paged optimizer. The GiB figures are the ones docs/GPU.md shows."""
+float32 or bf16 adapters, AdamW or 8-bit AdamW (paged or not), checkpoints on the GPU or
+offloaded. The GiB figures are the ones docs/GPU.md shows."""
 
 from __future__ import annotations
 
@@ -21,8 +21,15 @@ SHAPES = {
     "qwen2_7b_instruct_qlora_alpaca_e3": (3584, 18944, 28, 28, 4, 152064, True),
     "llama3_8b_instruct_qlora_alpaca_e3": (4096, 14336, 32, 32, 8, 128256, False),
 }
+# the 70B class (docs/GPU.md's table): llama2_7b_qlora_alpaca_e3's settings with --preset NAME
+SHAPES_70B = {
+    "llama2-70b": (8192, 28672, 80, 64, 8, 32000, False),
+    "qwen2-72b": (8192, 29568, 80, 64, 8, 152064, True),
+}
 OPTIONS = {
     "fp32 adapters, adamw": [],
+    "bf16 adapters, adamw": ["train.adapter_dtype=bfloat16"],
+    "bf16 adapters, adamw, offloaded checkpoints": ["train.adapter_dtype=bfloat16", "train.offload_checkpoints=true"],
     "bf16 adapters, adamw_8bit": ["train.adapter_dtype=bfloat16", "train.optimizer=adamw_8bit"],
     "+ offloaded checkpoints": [
         "train.adapter_dtype=bfloat16",
@@ -37,11 +44,11 @@ OPTIONS = {
 }
 # predicted peaks in GiB (docs/GPU.md), one column per OPTIONS entry
 GIB = {
-    "llama2_7b_qlora_alpaca_e3": (6.99, 5.51, 5.04, 4.74),
-    "mistral_7b_qlora_alpaca_e3": (7.43, 5.87, 5.40, 5.09),
-    "internlm2_chat_7b_qlora_oasst1_e3": (8.35, 6.80, 6.33, 6.01),
-    "qwen2_7b_instruct_qlora_alpaca_e3": (8.64, 7.14, 6.79, 6.49),
-    "llama3_8b_instruct_qlora_alpaca_e3": (8.90, 7.34, 6.87, 6.56),
+    "llama2_7b_qlora_alpaca_e3": (6.99, 6.40, 5.93, 5.51, 5.04, 4.74),
+    "mistral_7b_qlora_alpaca_e3": (7.43, 6.81, 6.34, 5.87, 5.40, 5.09),
+    "internlm2_chat_7b_qlora_oasst1_e3": (8.35, 7.73, 7.26, 6.80, 6.33, 6.01),
+    "qwen2_7b_instruct_qlora_alpaca_e3": (8.64, 8.04, 7.69, 7.14, 6.79, 6.49),
+    "llama3_8b_instruct_qlora_alpaca_e3": (8.90, 8.27, 7.81, 7.34, 6.87, 6.56),
 }
 
 
@@ -52,7 +59,7 @@ def nf4_bytes(n: int) -> int:
 
 
 def hand_count(name: str, adapter_bytes: int, optimizer: str, offload: bool) -> int:
-    h, i, layers, heads, kv_heads, vocab, bias = SHAPES[name]
+    h, i, layers, heads, kv_heads, vocab, bias = {**SHAPES, **SHAPES_70B}[name]
     q, kv, r, tokens = heads * 128, kv_heads * 128, 64, 2048
     mats = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of the 7 linears
     weights = layers * sum(nf4_bytes(a * b) for a, b in mats)
@@ -95,6 +102,34 @@ def test_builtin_7b_estimates_match_the_hand_count(name):
         want = hand_count(name, 2 if overrides else 4, optimizer, "train.offload_checkpoints=true" in overrides)
         assert got == want, label
         assert round(got / 2**30, 2) == GIB[name][column], label
+
+
+# (adapter dtype, optimizer, offloaded checkpoints) -> GiB per 70B-class preset
+ROWS_70B = {
+    ("float32", "adamw", False): (50.10, 54.85),
+    ("bfloat16", "adamw", False): (47.01, 51.71),
+    ("float32", "adamw_8bit", False): (45.49, 50.16),
+    ("bfloat16", "adamw_8bit", False): (42.40, 47.03),
+    ("bfloat16", "adamw_8bit", True): (39.97, 44.59),
+    ("bfloat16", "paged_adamw_8bit", True): (38.40, 43.00),
+}
+
+
+@pytest.mark.parametrize("column,preset", list(enumerate(SHAPES_70B)))
+def test_70b_class_estimates_match_the_hand_count(column, preset):
+    from tunex.estimate import PRESETS
+
+    # the published parameter counts: Llama-2-70B 68,976,648,192; Qwen2-72B 72.71 B
+    published = {"llama2-70b": 68.976648192, "qwen2-72b": 72.71}[preset]
+    assert round(PRESETS[preset].params() / 1e9, 9 if preset == "llama2-70b" else 2) == published
+    for (dtype, optimizer, offload), gib in ROWS_70B.items():
+        overrides = [f"train.adapter_dtype={dtype}", f"train.optimizer={optimizer}"]
+        overrides += ["train.offload_checkpoints=true"] if offload else []
+        args = ["estimate", "llama2_7b_qlora_alpaca_e3", "--preset", preset, "--json"]
+        result = CliRunner().invoke(cli, args + [a for o in overrides for a in ("-o", o)], catch_exceptions=False)
+        got = json.loads(result.output)["peak_bytes"]
+        assert got == hand_count(preset, 4 if dtype == "float32" else 2, optimizer, offload)
+        assert round(got / 2**30, 2) == gib[column], (dtype, optimizer, offload)
 
 
 def test_the_goal_7b_qlora_under_6_gib():

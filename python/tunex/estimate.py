@@ -92,7 +92,8 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
 
-# Shapes of the models behind the shipped 7B/8B configs (from their published config.json files).
+# Shapes of the models behind the shipped 7B/8B configs and of the 70B-class models (from their
+# published config.json files).
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
@@ -100,6 +101,8 @@ PRESETS: dict[str, ModelShape] = {
     "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
     "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
+    "llama2-70b": ModelShape(8192, 28672, 80, 64, 8, 128, 32000),
+    "qwen2-72b": ModelShape(8192, 29568, 80, 64, 8, 128, 152064, attention_bias=True),
 }
 HUB_PRESETS = {
     "meta-llama/llama-2-7b-hf": "llama2-7b",
@@ -112,6 +115,10 @@ HUB_PRESETS = {
     "qwen/qwen2-7b-instruct": "qwen2-7b",
     "mistralai/mistral-7b-v0.1": "mistral-7b",
     "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+    "meta-llama/llama-2-70b-hf": "llama2-70b",
+    "meta-llama/llama-2-70b-chat-hf": "llama2-70b",
+    "qwen/qwen2-72b": "qwen2-72b",
+    "qwen/qwen2-72b-instruct": "qwen2-72b",
 }
 
 
