@@ -117,10 +117,71 @@ pub fn nearest_code(map: &[f32; CODES], x: f32) -> u8 {
     pick as u8
 }
 
+/// Sign and exponent buckets of the finder: exponents from 2^-25 to 2^0, each split into
+/// 2^[`SPLIT_BITS`] mantissa ranges; smaller magnitudes share the lowest bucket.
+const SPLIT_BITS: u32 = 5;
+const EXPONENTS: u32 = 26;
+const LOWEST: u32 = 127 - 25;
+const BUCKETS: usize = (2 * EXPONENTS as usize) << SPLIT_BITS;
+
+/// The bucket of `x` (|x| < 2): its sign, exponent (clamped below) and top mantissa bits.
+#[inline(always)]
+fn bucket(x: f32) -> usize {
+    let bits = x.to_bits();
+    let exponent = (bits >> 23) & 0xff;
+    let e = exponent.clamp(LOWEST, LOWEST + EXPONENTS - 1) - LOWEST;
+    let m = if exponent < LOWEST { 0 } else { (bits >> (23 - SPLIT_BITS)) & ((1 << SPLIT_BITS) - 1) };
+    ((((bits >> 31) * EXPONENTS + e) << SPLIT_BITS) | m) as usize
+}
+
+/// [`nearest_code`] by table: per bucket of `x`'s float bits, the last entry at or below every
+/// value of the bucket, from which a short scan (a few entries: the dynamic maps' densest steps
+/// are a few per bucket) reaches the last entry at or below `x`. The same result as the binary
+/// search, whose data-dependent branches mispredict on every other step for random values.
+struct Finder<'a> {
+    map: &'a [f32; CODES],
+    start: [u8; BUCKETS],
+}
+
+impl<'a> Finder<'a> {
+    fn new(map: &'a [f32; CODES]) -> Self {
+        let mut start = [0u8; BUCKETS];
+        for (k, s) in start.iter_mut().enumerate() {
+            let negative = k >> SPLIT_BITS >= EXPONENTS as usize;
+            let e = ((k >> SPLIT_BITS) % EXPONENTS as usize) as i32;
+            let m = (k & ((1 << SPLIT_BITS) - 1)) as f32;
+            let unit = 2f32.powi(e + LOWEST as i32 - 127);
+            let step = unit / (1 << SPLIT_BITS) as f32;
+            // the bucket's magnitudes lie in [low, high): exact powers of two times small integers
+            let low = if e == 0 { 0.0 } else { unit + m * step };
+            let high = unit + (m + 1.0) * step;
+            let least = if negative { -high } else { low };
+            *s = map.partition_point(|&v| v <= least).saturating_sub(1) as u8;
+        }
+        Finder { map, start }
+    }
+
+    #[inline(always)]
+    fn nearest(&self, x: f32) -> u8 {
+        if x.is_nan() || x.abs() >= 2.0 {
+            return nearest_code(self.map, x); // outside the buckets (or NaN): the plain search
+        }
+        let map = self.map;
+        let mut lo = self.start[bucket(x)] as usize;
+        while lo < CODES - 1 && map[lo + 1] <= x {
+            lo += 1;
+        }
+        let lo = lo.min(CODES - 2);
+        let pick = if x - map[lo] <= map[lo + 1] - x { lo } else { lo + 1 };
+        pick as u8
+    }
+}
+
 /// `m`'s code, moved one step towards `m`'s sign when the nearest code has the other sign.
 #[inline(always)]
-fn signed_code(map: &[f32; CODES], x: f32, m: f32) -> u8 {
-    let c = nearest_code(map, x);
+fn signed_code(finder: &Finder<'_>, x: f32, m: f32) -> u8 {
+    let map = finder.map;
+    let c = finder.nearest(x);
     if map[c as usize].is_sign_negative() == m.is_sign_negative() {
         c
     } else if m.is_sign_negative() {
@@ -158,12 +219,12 @@ fn block<W: Weight>(
     c2: &mut [u8],
     a1: &mut f32,
     a2: &mut f32,
-    maps: (&[f32; CODES], &[f32; CODES]),
+    finders: (&Finder<'_>, &Finder<'_>),
     h: &Hyper,
     first: u64,
     seed: u64,
 ) {
-    let (signed, unsigned) = maps;
+    let (signed, unsigned) = (finders.0.map, finders.1.map);
     let (old1, old2) = (*a1, *a2);
     let mut m = [0f32; BLOCK];
     let mut v = [0f32; BLOCK];
@@ -186,8 +247,8 @@ fn block<W: Weight>(
     for j in 0..p.len() {
         let x1 = if max1 > 0.0 { m[j] / max1 } else { 0.0 };
         let x2 = if max2 > 0.0 { v[j] / max2 } else { 0.0 };
-        c1[j] = signed_code(signed, x1, m[j]);
-        c2[j] = nearest_code(unsigned, x2);
+        c1[j] = signed_code(finders.0, x1, m[j]);
+        c2[j] = finders.1.nearest(x2);
     }
 }
 
@@ -209,8 +270,9 @@ fn run<W: Weight>(p: &mut [W], g: &[W], state: State<'_>, maps: &Maps<'_>, h: &H
             )));
         }
     }
-    let tables = (table("signed (m)", maps.signed)?, table("unsigned (v)", maps.unsigned)?);
+    let (signed, unsigned) = (table("signed (m)", maps.signed)?, table("unsigned (v)", maps.unsigned)?);
     hyper_ok(h)?;
+    let finders = (&Finder::new(signed), &Finder::new(unsigned));
     let part = BLOCKS_PER_PART.checked_mul(BLOCK).ok_or_else(|| Error::arg("adamw_8bit: part size overflows"))?;
     // Each part owns disjoint chunks of every buffer; the mutex only hands a part its own chunks
     // (never contended), so the split needs no unsafe code.
@@ -232,7 +294,7 @@ fn run<W: Weight>(p: &mut [W], g: &[W], state: State<'_>, maps: &Maps<'_>, h: &H
             .zip(a1.iter_mut().zip(a2.iter_mut()));
         for (b, (((p, g), (c1, c2)), (a1, a2))) in chunks.enumerate() {
             let first = start + (b * BLOCK) as u64;
-            block(p, g, c1, c2, a1, a2, tables, h, first, seed);
+            block(p, g, c1, c2, a1, a2, finders, h, first, seed);
         }
     });
     assert!(ok, "a part of the adamw_8bit step panicked");
@@ -284,6 +346,53 @@ mod tests {
             let c = nearest_code(&map, x) as usize;
             let best = (0..CODES).map(|i| (map[i] - x).abs()).fold(f32::INFINITY, f32::min);
             assert_eq!((map[c] - x).abs(), best, "x = {x}");
+        }
+    }
+
+    /// bitsandbytes' dynamic map construction (signed or not), for the finder test.
+    fn dynamic_map(signed: bool) -> [f32; CODES] {
+        let mut v = vec![0f32, 1.0];
+        for k in 0..7 {
+            let steps = if signed { 1 << k } else { 2 << k };
+            for j in 0..steps {
+                let edge = |i: i32| 0.1 + 0.9 * i as f32 / steps as f32;
+                let mid = (edge(j) + edge(j + 1)) / 2.0 * 10f32.powi(k - 6);
+                v.push(mid);
+                if signed {
+                    v.push(-mid);
+                }
+            }
+        }
+        v.sort_by(f32::total_cmp);
+        v.try_into().unwrap()
+    }
+
+    #[test]
+    fn the_finder_agrees_with_the_binary_search() {
+        let mut tables = vec![dynamic_map(true), dynamic_map(false)];
+        tables.push(signed_map().try_into().unwrap());
+        let mut lumpy: [f32; CODES] = unsigned_map().try_into().unwrap();
+        lumpy[200..].fill(0.9); // repeated entries
+        tables.push(lumpy);
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state
+        };
+        for map in &tables {
+            let finder = Finder::new(map);
+            let mut xs: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 2.0, -3.0, 1e-30, -1e-30, f32::NAN];
+            xs.extend(
+                map.iter().flat_map(|&v| [v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().max(1) - 1)]),
+            );
+            for _ in 0..200_000 {
+                let r = next();
+                let magnitude = 10f32.powf(-9.0 * (r >> 40) as f32 / (1u64 << 24) as f32);
+                xs.push(if r & 1 == 1 { -magnitude } else { magnitude });
+            }
+            for &x in &xs {
+                assert_eq!(finder.nearest(x), nearest_code(map, x), "x = {x:e}");
+            }
         }
     }
 
