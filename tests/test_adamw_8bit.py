@@ -352,3 +352,19 @@ def test_step_scalars_are_the_float64_values():
     assert s[5] == pytest.approx(2e-4 / (1 - 0.9**3), rel=1e-15)
     assert s[6] == pytest.approx(1 / math.sqrt(1 - 0.999**3), rel=1e-15)
     assert s[7] == 1 - 2e-4 * 0.01
+
+
+def test_a_missing_native_step_falls_back_to_torch_or_fails_under_the_switch(monkeypatch):
+    from tunex import _native
+    from tunex.errors import TunexError
+
+    if hasattr(_native, "adamw_8bit_step_f32"):
+        monkeypatch.delattr(_native, "adamw_8bit_step_f32")
+    n = 300
+    maps = (dynamic_map(True), dynamic_map(False))
+    args = (torch.zeros(n), torch.ones(n), *_fresh_state(n), maps, step_scalars(1e-3, 0.9, 0.999, 1e-8, 0.0, 1), 0)
+    monkeypatch.setenv("TUNEX_REQUIRE_NATIVE", "0")
+    assert blockwise_step(*args) == "torch"
+    monkeypatch.setenv("TUNEX_REQUIRE_NATIVE", "1")
+    with pytest.raises(TunexError, match="no adamw_8bit_step_f32"):
+        blockwise_step(*args)
