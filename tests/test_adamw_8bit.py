@@ -368,3 +368,18 @@ def test_a_missing_native_step_falls_back_to_torch_or_fails_under_the_switch(mon
     monkeypatch.setenv("TUNEX_REQUIRE_NATIVE", "1")
     with pytest.raises(TunexError, match="no adamw_8bit_step_f32"):
         blockwise_step(*args)
+
+
+def test_bf16_rounding_follows_the_given_seed_not_the_process_seed():
+    """Data-parallel ranks seed torch apart (dropout); given train.seed, their replicas round alike."""
+    w0 = torch.randn(8192).to(torch.bfloat16)
+    g = torch.randn(8192).to(torch.bfloat16)
+    out = []
+    for process_seed, seed in ((1, 7), (2, 7), (2, None)):
+        torch.manual_seed(process_seed)
+        p = torch.nn.Parameter(w0.clone())
+        p.grad = g.clone()
+        AdamW8bit([p], lr=1e-3, seed=seed).step()
+        out.append(p.detach())
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(out[1], out[2])

@@ -46,7 +46,7 @@ def _negative(x):
     return (x.to(tl.uint32, bitcast=True) >> 31) == 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key"])  # a key of 1 would otherwise become a constant
 def _adamw_8bit(
     P,
     G,

@@ -15,8 +15,8 @@ As in bitsandbytes: tensors under ``min_8bit_size`` elements (4096) keep float32
 non-finite gradient element gets zero moments and leaves its weight unchanged; a moment code of m
 never has the other sign than m. Weight decay comes before the Adam update (torch's AdamW order).
 bf16 weights are rounded stochastically (as in BF16AdamW) with a counter-based draw of (seed,
-element index), the seed derived from (``torch.initial_seed()``, step, parameter index), so a
-resumed run steps exactly as the uninterrupted one.
+element index), the seed derived from (the run's seed, step, parameter index), so a resumed run
+steps exactly as the uninterrupted one.
 
 ``paged=True`` (``paged_adamw_8bit``): the 8-bit state lives in host memory (pinned when the
 parameters are on CUDA) and each parameter's state is copied to one reused device buffer for its
@@ -196,6 +196,8 @@ def step_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay
 class AdamW8bit(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam with 8-bit blockwise moments (see the module docstring).
 
+    ``seed`` (default ``torch.initial_seed()``) seeds the bf16 rounding draws; the trainer passes
+    ``train.seed``, so data-parallel ranks (seeded apart for dropout) round their replicas alike.
     State per parameter: ``step`` (float32 scalar tensor) and either ``state1``/``state2`` (uint8
     codes of m and v, the parameter's shape) with ``absmax1``/``absmax2`` (float32, one per 256
     elements), or, under ``min_8bit_size`` elements, float32 ``exp_avg``/``exp_avg_sq``. The state
@@ -214,9 +216,10 @@ class AdamW8bit(torch.optim.Optimizer):
         paged: bool = False,
         min_8bit_size: int = MIN_8BIT_SIZE,
         backend: str = "auto",
+        seed: int | None = None,
     ):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.paged, self.min_8bit_size, self.backend = paged, min_8bit_size, backend
+        self.paged, self.min_8bit_size, self.backend, self.seed = paged, min_8bit_size, backend, seed
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.last_paths: set[str] = set()  # the paths the last step took (tests read it)
@@ -245,7 +248,8 @@ class AdamW8bit(torch.optim.Optimizer):
         return state
 
     def _seed(self, step: int, index: int) -> int:
-        return (torch.initial_seed() * 1_000_003 + step * 65_537 + index) % (1 << 63)
+        base = torch.initial_seed() if self.seed is None else self.seed
+        return (base * 1_000_003 + step * 65_537 + index) % (1 << 63)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader casts floating state to the parameter's dtype and device; the absmax and

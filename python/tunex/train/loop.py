@@ -174,7 +174,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
     optimizer = build_optimizer(
-        params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay, bf16_adapters=bf16, kind=cfg.train.optimizer
+        params,
+        cfg.train.lr,
+        cfg.train.betas,
+        cfg.train.weight_decay,
+        bf16_adapters=bf16,
+        kind=cfg.train.optimizer,
+        seed=cfg.train.seed,  # the same bf16 rounding on every rank (dropout is seeded per rank)
     )
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
     scaler = grad_scaler(cfg, device)

@@ -18,6 +18,7 @@ def build_optimizer(
     weight_decay: float,
     bf16_adapters: bool = False,
     kind: str = "adamw",
+    seed: int | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer ``train.optimizer`` names over ``params``.
 
@@ -26,7 +27,8 @@ def build_optimizer(
     path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster.
     ``bf16_adapters``: bf16 parameters, stepped by ``BF16AdamW`` (float32 moments, stochastic
     rounding of the weight). ``"adamw_8bit"`` / ``"paged_adamw_8bit"``: ``AdamW8bit`` (8-bit
-    blockwise moments; paged: kept in host memory), for float32 and bf16 parameters alike.
+    blockwise moments; paged: kept in host memory), for float32 and bf16 parameters alike;
+    ``seed`` seeds its bf16 rounding (None: ``torch.initial_seed()``).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -48,6 +50,7 @@ def build_optimizer(
             weight_decay=weight_decay,
             paged=kind == "paged_adamw_8bit",
             min_8bit_size=adamw_8bit.MIN_8BIT_SIZE,
+            seed=seed,
         )
     if bf16_adapters:  # train.adapter_dtype = "bfloat16": float32 moments, stochastic rounding
         from tunex.train.bf16_adamw import BF16AdamW
