@@ -10,6 +10,9 @@ first optimizer step, inside gradient accumulation):
 * adapter and its gradients in the adapter's dtype (``train.adapter_dtype``: fp32 by default,
   or bf16), AdamW's two moments in fp32 (bf16 adapters are stepped by BF16AdamW, which keeps
   fp32 moments); for a full fine-tune all four in the weights' dtype for every parameter;
+  ``train.optimizer = "adamw_8bit"``: one byte per moment and element plus one fp32 absmax per
+  256 elements for each tensor of at least 4096 elements (smaller ones keep fp32 moments);
+  ``"paged_adamw_8bit"``: only the largest tensor's 8-bit state (the reused device buffer);
 * activations: with gradient checkpointing one (tokens, hidden) checkpoint per layer plus one
   recomputed layer; without it every layer's saved tensors (see ``_saved_per_token``);
 * the largest transient: either the chunked cross-entropy's logits at the end of forward, or the
@@ -33,6 +36,10 @@ NESTED_BLOCKSIZE = 256
 # Tokens per chunk of tunex.kernels.chunked_cross_entropy (its DEFAULT_CHUNK), the loss tunex
 # trains with on CUDA; repeated here so the estimate needs no torch import (a test keeps them equal).
 CE_CHUNK_TOKENS = 1024
+# tunex.train.adamw_8bit's BLOCK and MIN_8BIT_SIZE (bitsandbytes' values), repeated for the same
+# reason; a test keeps them equal.
+OPTIM_BLOCK = 256
+OPTIM_MIN_8BIT = 4096
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -85,7 +92,8 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
 
-# Shapes of the models behind the shipped 7B/8B configs (from their published config.json files).
+# Shapes of the models behind the shipped 7B/8B configs and of the 70B-class models (from their
+# published config.json files).
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
@@ -93,6 +101,8 @@ PRESETS: dict[str, ModelShape] = {
     "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
     "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
+    "llama2-70b": ModelShape(8192, 28672, 80, 64, 8, 128, 32000),
+    "qwen2-72b": ModelShape(8192, 29568, 80, 64, 8, 128, 152064, attention_bias=True),
 }
 HUB_PRESETS = {
     "meta-llama/llama-2-7b-hf": "llama2-7b",
@@ -105,6 +115,10 @@ HUB_PRESETS = {
     "qwen/qwen2-7b-instruct": "qwen2-7b",
     "mistralai/mistral-7b-v0.1": "mistral-7b",
     "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+    "meta-llama/llama-2-70b-hf": "llama2-70b",
+    "meta-llama/llama-2-70b-chat-hf": "llama2-70b",
+    "qwen/qwen2-72b": "qwen2-72b",
+    "qwen/qwen2-72b-instruct": "qwen2-72b",
 }
 
 
@@ -211,6 +225,7 @@ class Plan:
     batch: int = 1
     dtype_bytes: int = 2  # compute dtype: bf16
     adapter_bytes: int = 4  # train.adapter_dtype: adapter weights and grads (AdamW's moments stay fp32)
+    optimizer: str = "adamw"  # train.optimizer: adamw | adamw_8bit | paged_adamw_8bit
     r: int = 64
     target_modules: str | list[str] = "all-linear"
     dropout: float = 0.1
@@ -237,6 +252,8 @@ def plan_from_config(cfg, **overrides) -> Plan:
         blocksize=cfg.method.blocksize,
         double_quant=cfg.method.double_quant,
         checkpointing=cfg.train.gradient_checkpointing,
+        offload_checkpoints=cfg.train.offload_checkpoints,
+        optimizer=cfg.train.optimizer,
         dora=cfg.method.use_dora,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -278,6 +295,40 @@ def adapted_linears(shape: ModelShape, target: str | list[str]) -> list[tuple[st
     linears = shape.linears()
     hits = select([f"model.layers.0.{n}" for n, _, _ in linears], target)
     return [row for row, hit in zip(linears, hits) if hit]
+
+
+def trainable_tensors(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> list[int]:
+    """The element count of every trainable tensor (what the optimizer keeps state for)."""
+    if plan.kind != "full":
+        per_layer = []
+        for _, fan_in, fan_out in adapted:
+            per_layer += [plan.r * fan_in, fan_out * plan.r] + ([fan_out] if plan.dora else [])
+        return per_layer * shape.layers
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = [fan_in * fan_out for _, fan_in, fan_out in shape.linears()] + [h, h]
+    per_layer += [q, kv, kv] if shape.attention_bias else []
+    per_layer += [h] if shape.o_bias else []
+    per_layer += [i, i, h] if shape.mlp_bias else []
+    embeds = [shape.vocab * h] * (1 if shape.tie_embeddings else 2)
+    return per_layer * shape.layers + embeds + [h]
+
+
+def optimizer_bytes(tensors: list[int], plan: Plan, moment_bytes: int) -> tuple[str, int]:
+    """(name, device bytes) of the optimizer state for trainable tensors of these sizes; float
+    moments take ``moment_bytes`` each."""
+    if plan.optimizer == "adamw":
+        return "optimizer (AdamW m, v)", 2 * moment_bytes * sum(tensors)
+
+    def quantized(n: int) -> int:  # two 1-byte codes per element, two fp32 absmax per block
+        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_BLOCK)
+
+    small = sum(8 * n for n in tensors if n < OPTIM_MIN_8BIT)  # float32 moments, on the device
+    big = [quantized(n) for n in tensors if n >= OPTIM_MIN_8BIT]
+    tables = 2 * 256 * 4 if big else 0
+    if plan.optimizer == "paged_adamw_8bit":
+        return "optimizer (paged: one tensor's 8-bit m, v)", small + max(big, default=0) + tables
+    return "optimizer (8-bit m, v + absmax)", small + sum(big) + tables
 
 
 def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> int:
@@ -332,7 +383,8 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     if plan.kind != "full":  # a full fine-tune trains the weights themselves
         est.parts["adapter"] = trainable * t
     est.parts["gradients"] = trainable * t
-    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * (c if plan.kind == "full" else 4)
+    name, state = optimizer_bytes(trainable_tensors(shape, plan, adapted), plan, c if plan.kind == "full" else 4)
+    est.parts[name] = state
 
     h, vocab = shape.hidden, shape.vocab
     checkpoint = tokens * h * c
@@ -377,7 +429,8 @@ def format_estimate(est: Estimate) -> str:
         f"{est.trainable / 1e6:.2f} M trainable",
         f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
-        + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else ""),
+        + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else "")
+        + f", optimizer {p.optimizer}",
         "",
     ]
     for name, value in est.parts.items():
@@ -423,9 +476,16 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
             ("gradient checkpointing on (train.gradient_checkpointing = true)", replace(plan, checkpointing=True))
         )
     elif not plan.offload_checkpoints:
-        options.append(("checkpoints offloaded to CPU memory", replace(plan, offload_checkpoints=True)))
+        options.append(
+            (
+                "checkpoints offloaded to CPU memory (train.offload_checkpoints = true)",
+                replace(plan, offload_checkpoints=True),
+            )
+        )
     if plan.kind != "full" and plan.adapter_bytes > 2:
         options.append(('bf16 adapters (train.adapter_dtype = "bfloat16")', replace(plan, adapter_bytes=2)))
+    if plan.optimizer == "adamw":
+        options.append(('8-bit AdamW (train.optimizer = "adamw_8bit")', replace(plan, optimizer="adamw_8bit")))
     if plan.kind == "lora":
         options.append(('QLoRA (method.kind = "qlora")', replace(plan, kind="qlora")))
     if plan.kind != "full" and plan.r > 8:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunex.errors import TunexError
 from tunex.peft import apply_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +78,7 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
         apply_lora(
             model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
         )
-        # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW)
+        # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW or AdamW8bit)
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         for p in model.parameters():
             if p.requires_grad and p.dtype != adapter:
@@ -85,13 +86,23 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     return model
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
     """Recompute each decoder layer's activations in backward (the model's own switch).
 
     Dropout masks are reproduced in the recomputation (the RNG state is preserved), so results
-    equal a run without checkpointing.
+    equal a run without checkpointing. ``offload`` (``train.offload_checkpoints``): each layer's
+    checkpointed input waits for backward in (pinned) CPU memory instead of on the GPU
+    (tunex.runtime.offload.offloaded_checkpoint), the same gradients.
     """
     model.gradient_checkpointing = True
+    if offload:
+        decoder = getattr(model, "model", None)
+        if decoder is None or not hasattr(decoder, "offload_checkpoints"):
+            raise TunexError(
+                f"train.offload_checkpoints: {type(model).__name__} is not a tunex decoder, which is what "
+                "offloads checkpoints; set train.offload_checkpoints = false"
+            )
+        decoder.offload_checkpoints = True
 
 
 def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:

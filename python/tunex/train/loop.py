@@ -167,13 +167,21 @@ def train(
     on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env) == "fsdp" else None
     model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
     step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
-    optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay, bf16_adapters=bf16)
+    optimizer = build_optimizer(
+        params,
+        cfg.train.lr,
+        cfg.train.betas,
+        cfg.train.weight_decay,
+        bf16_adapters=bf16,
+        kind=cfg.train.optimizer,
+        seed=cfg.train.seed,  # the same bf16 rounding on every rank (dropout is seeded per rank)
+    )
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
     scaler = grad_scaler(cfg, device)
 
