@@ -338,6 +338,26 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         _torch(),
     ),
+    "adamw_8bit": (
+        Impl(
+            "triton",
+            "as triton, fewer than 2^32 elements per parameter",
+            lambda f: triton_wanted(f) and _ok(f.rows, lambda n: n < 2**32),
+        ),
+        Impl(
+            "native",
+            "float32 CPU parameters, backend not torch (needs adamw_8bit_step_f32)",
+            lambda f: _cpu_f32(f) and f.backend != "torch",
+            "adamw_8bit_step_f32",
+        ),
+        Impl(
+            "native-bf16",
+            "bfloat16 CPU parameters, backend not torch (needs adamw_8bit_step_bf16)",
+            lambda f: f.device == "cpu" and f.dtype == torch.bfloat16 and f.backend != "torch",
+            "adamw_8bit_step_bf16",
+        ),
+        _torch(),
+    ),
     "matmul_f32": (
         Impl(
             "onednn",
@@ -382,7 +402,7 @@ def choose(op: str, facts: Facts) -> str:
             if impl.native is not None and not has_native(impl.native):
                 if settings.on("TUNEX_REQUIRE_NATIVE"):
                     raise TunexError(
-                        f"{op}: the {impl.name} implementation applies but the built tunex._native lacks "
+                        f"{op}: the {impl.name} implementation applies but the built tunex._native has no "
                         f"{impl.native}; rebuild the extension (maturin develop --release) or unset TUNEX_REQUIRE_NATIVE"
                     )
                 continue

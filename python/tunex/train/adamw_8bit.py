@@ -29,7 +29,6 @@ import math
 
 import torch
 
-from tunex import settings
 from tunex.errors import TunexError
 from tunex.kernels import registry
 from tunex.train.bf16_adamw import stochastic_round_bf16
@@ -166,23 +165,16 @@ def blockwise_step(
     Raises:
         TunexError: the Rust step is missing from the built extension and TUNEX_REQUIRE_NATIVE=1.
     """
-    if registry.triton_wanted(registry.Facts(p.device.type, p.dtype, backend=backend)) and p.numel() < 2**32:
+    impl = registry.choose("adamw_8bit", registry.Facts(p.device.type, p.dtype, backend=backend, rows=p.numel()))
+    if impl == "triton":
         from tunex.kernels import adamw_8bit_triton
 
         adamw_8bit_triton.step(p, g, codes, absmax, maps, scalars, stream_key(seed))
-        return "triton"
-    if backend != "torch" and p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16):
-        export = "adamw_8bit_step_f32" if p.dtype == torch.float32 else "adamw_8bit_step_bf16"
-        if registry.has_native(export):
-            _step_native(p, g, codes, absmax, maps, scalars, seed)
-            return "native"
-        if settings.on("TUNEX_REQUIRE_NATIVE"):
-            raise TunexError(
-                f"the built tunex extension has no {export} (the 8-bit AdamW step); rebuild it "
-                "(maturin develop --release) or unset TUNEX_REQUIRE_NATIVE"
-            )
-    _step_torch(p, g, codes, absmax, maps, scalars, seed)
-    return "torch"
+    elif impl in ("native", "native-bf16"):
+        _step_native(p, g, codes, absmax, maps, scalars, seed)
+    else:
+        _step_torch(p, g, codes, absmax, maps, scalars, seed)
+    return "native" if impl == "native-bf16" else impl
 
 
 def step_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, t: int) -> tuple:
