@@ -36,17 +36,49 @@ FAMILIES = {
     "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
     "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    # Qwen2.5's small models: tied head, one kv head, theta 1e6, YaRN as its model cards suggest
+    "qwen2_5": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            num_key_value_heads=1,
+            rope_theta=1000000.0,
+            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+    ),
+    # Qwen3: q/k norms, an explicit head dim wider than hidden / heads
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1000000.0)),
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(max_position_embeddings=12, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    ),
+    "llama_yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 16,
+                "beta_slow": 2,
+            }
+        ),
+    ),
 }
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers model of ``family`` (eval mode); biases and norm weights are moved off
     their zero/one initialisation, which would hide a bug in how they are applied."""
     import transformers
 
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+    config = getattr(transformers, cfg_cls)(**{**BASE, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

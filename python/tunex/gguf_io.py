@@ -243,6 +243,11 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     folder = resolve_model_path(model_dir)
     cfg = read_config(folder)
+    if cfg.family not in ARCH_OF_FAMILY:
+        raise FormatError(
+            f"{folder}/config.json: model_type {cfg.family!r} cannot be exported to GGUF yet "
+            f"(tunex writes {', '.join(ARCH_OF_FAMILY)})"
+        )
     arch = ARCH_OF_FAMILY[cfg.family]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

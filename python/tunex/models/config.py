@@ -16,7 +16,16 @@ from typing import Any
 
 from tunex.errors import FormatError
 
-FAMILIES = ("llama", "mistral", "qwen2", "internlm2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# the keys each rope scaling kind reads from config.json's rope_scaling (besides rope_type)
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings", "long_factor", "short_factor"),
+}
 
 
 @dataclass
@@ -25,7 +34,8 @@ class ModelConfig:
 
     ``family`` is the checkpoint's model_type (SmolLM2 is ``llama`` with tied embeddings).
     ``qkv_bias``/``o_bias``: Qwen2 has biases on q/k/v only; Llama's ``attention_bias`` and
-    InternLM2's ``bias`` put them on all four projections.
+    InternLM2's ``bias`` put them on all four projections. ``qk_norm``: Qwen3 normalises each
+    query and key head (``self_attn.q_norm`` / ``k_norm``, RMSNorm over the head dim) before RoPE.
     """
 
     family: str
@@ -48,6 +58,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head before RoPE
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
@@ -60,6 +71,27 @@ class ModelConfig:
         d = asdict(self)
         d.pop("raw")
         return d
+
+
+def rope_kind(cfg: ModelConfig) -> str:
+    """The rope scaling kind of ``cfg`` ("default" without scaling)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _check_rope(scaling: dict | None, source: str) -> None:
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_KINDS:
+        raise FormatError(
+            f"{source}: rope_scaling type {kind!r} is not supported (expected one of {', '.join(ROPE_KINDS[1:])})"
+        )
+    missing = [k for k in ROPE_KEYS.get(kind, ()) if scaling.get(k) is None]
+    if missing:
+        raise FormatError(f"{source}: rope_scaling of type {kind!r} lacks {', '.join(map(repr, missing))}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
 
 
 def _need(raw: dict, key: str, source: str) -> Any:
@@ -85,6 +117,12 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         theta = theta if theta is not None else params.get("rope_theta")
         if params.get("rope_type", "default") != "default":
             scaling = params
+    if scaling and "original_max_position_embeddings" not in scaling and raw.get("original_max_position_embeddings"):
+        # Phi-3 keeps it beside rope_scaling
+        scaling = {**scaling, "original_max_position_embeddings": raw["original_max_position_embeddings"]}
+    _check_rope(scaling, source)
+    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
     return ModelConfig(
         family=family,
@@ -109,6 +147,7 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
         sliding_window=raw.get("sliding_window") if family == "mistral" else None,
+        qk_norm=family == "qwen3",
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )

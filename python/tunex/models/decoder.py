@@ -29,7 +29,7 @@ from torch import nn
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
 from tunex.kernels.gemv import Linear, linear
-from tunex.models.config import ModelConfig
+from tunex.models.config import ModelConfig, rope_kind
 
 
 class RMSNorm(nn.Module):
@@ -45,18 +45,21 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (D/2,) for ``seq_len`` positions, and the cos/sin scale.
 
-    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length)
-    and ``llama3`` (Llama 3.1's frequency-band rescaling).
+    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length),
+    ``llama3`` (Llama 3.1's frequency-band rescaling), ``yarn`` (Qwen2.5's long-context setting:
+    interpolated low and extrapolated high frequencies with a linear ramp between, and a cos/sin
+    scale) and ``longrope`` (Phi-3's per-frequency factors, the long set past the trained length).
     """
     dim, base = cfg.head_dim, cfg.rope_theta
     scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = float(scaling.get("factor", 1.0))
+    kind = rope_kind(cfg)
+    factor = float(scaling.get("factor") or 1.0)
     if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
         grow = factor * seq_len / cfg.max_position_embeddings - (factor - 1)
         base = base * grow ** (dim / (dim - 2))
     steps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
     inv_freq = 1.0 / (base ** (steps / dim))
+    scale = 1.0
     if kind == "linear":
         inv_freq = inv_freq / factor
     elif kind == "llama3":
@@ -68,11 +71,49 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
-    elif kind not in ("default", "linear", "dynamic"):
-        raise ValueError(
-            f"config.json: rope_scaling type {kind!r} is not supported (expected linear, dynamic or llama3)"
-        )
-    return inv_freq, 1.0
+    elif kind == "yarn":
+        inv_freq, scale = _yarn(cfg, scaling, inv_freq, device)
+    elif kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factors = scaling["long_factor"] if seq_len > old_len else scaling["short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
+        ratio = scaling.get("factor") or cfg.max_position_embeddings / old_len
+        scale = scaling.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(old_len))
+    return inv_freq, float(scale)
+
+
+def _yarn(cfg: ModelConfig, scaling: dict, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than ``beta_slow`` times over the
+    trained length are interpolated (divided by the factor), those turning more than ``beta_fast``
+    times are kept, a linear ramp over the dimensions between; cos/sin are scaled by
+    ``0.1 * ln(factor) + 1`` unless the config gives ``attention_factor`` (or ``mscale``s)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / old_len
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    scale = scaling.get("attention_factor")
+    if scale is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        scale = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:  # the dimension whose frequency turns `turns` times over old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as trained), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, scale
 
 
 def rope_tables(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -114,14 +155,21 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None, rt=None):
         rt = rt or runtimes.default()
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
-        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
+        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))
+        q, k = q.view(b, t, h, d), k.view(b, t, kv, d)
+        if self.cfg.qk_norm:  # Qwen3: each head normalised before RoPE
+            q, k = self.q_norm(q, rt), self.k_norm(k, rt)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
@@ -242,8 +290,8 @@ def _document_mask(position_ids: torch.Tensor | None, t: int, past: int, device)
 
 
 def _static_rope(cfg: ModelConfig) -> bool:
-    scaling = cfg.rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type")) != "dynamic"
+    """Whether the rope tables depend on the positions only (not on the sequence's length)."""
+    return rope_kind(cfg) not in ("dynamic", "longrope")
 
 
 class DecoderModel(nn.Module):

