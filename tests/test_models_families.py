@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NEW = ["llama3", "llama_yarn", "qwen2_5", "qwen3"]
+NEW = ["llama3", "llama_yarn", "qwen2_5", "qwen3", "gemma2", "gemma3"]
 IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 12, 40, 3, 77]])
 
 
@@ -121,3 +121,24 @@ def test_gguf_export_of_a_family_gguf_lacks_here_is_refused_before_writing(tmp_p
     with pytest.raises(FormatError, match="model_type 'qwen3' cannot be exported to GGUF"):
         hf_to_gguf(tmp_path / "m", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_gemma3_config_as_transformers_4_wrote_it_loads_the_same_model(tmp_path):
+    """Hub checkpoints of Gemma 3 spell the local base, the global scaling and the layer pattern as
+    transformers 4 did (rope_local_base_freq, rope_scaling, sliding_window_pattern)."""
+    import json
+
+    hf = hf_model("gemma3")
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    assert raw.pop("layer_types") == ["sliding_attention", "full_attention", "sliding_attention"]
+    raw.update(
+        rope_theta=params["full_attention"]["rope_theta"],
+        rope_local_base_freq=params["sliding_attention"]["rope_theta"],
+        rope_scaling={"rope_type": "linear", "factor": params["full_attention"]["factor"]},
+        sliding_window_pattern=2,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(IDS), hf(IDS).logits, atol=1e-4, rtol=1e-4)

@@ -16,7 +16,8 @@ from typing import Any
 
 from tunex.errors import FormatError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # the keys each rope scaling kind reads from config.json's rope_scaling (besides rope_type)
 ROPE_KEYS = {
@@ -58,7 +59,15 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None
-    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query and key head before RoPE
+    # Gemma 2 / 3 (models/gemma.py): each layer's kind ("sliding_attention" / "full_attention"),
+    # the RoPE base of the sliding layers, tanh soft-capping of attention scores and of the logits,
+    # and the attention scale's denominator (scores are q.k / sqrt(query_pre_attn_scalar))
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
@@ -124,6 +133,10 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
         raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
+    gemma = _gemma_options(raw, source) if family in GEMMA else {}
+    if family == "gemma3_text":
+        theta, scaling = gemma.pop("rope_theta"), gemma.pop("rope_scaling")
+        _check_rope(scaling, source)
     return ModelConfig(
         family=family,
         vocab_size=int(_need(raw, "vocab_size", source)),
@@ -146,11 +159,55 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         pad_token_id=raw.get("pad_token_id"),
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
-        sliding_window=raw.get("sliding_window") if family == "mistral" else None,
-        qk_norm=family == "qwen3",
+        sliding_window=raw.get("sliding_window") if family in ("mistral", *GEMMA) else None,
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        **gemma,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )
+
+
+def _gemma_options(raw: dict, source: str) -> dict:
+    """Gemma 2 / Gemma 3 text settings of config.json (both the layout transformers 4 wrote and the
+    nested ``rope_parameters`` of transformers 5)."""
+    family = raw["model_type"]
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise FormatError(
+            f"{source}: hidden_activation {act!r} is not supported for {family} (expected gelu_pytorch_tanh)"
+        )
+    n = int(_need(raw, "num_hidden_layers", source))
+    types = raw.get("layer_types")
+    if types is None:  # every `pattern`-th layer attends globally, the others in a window
+        pattern = 2 if family == "gemma2" else int(raw.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise FormatError(
+            f"{source}: layer_types must list 'sliding_attention' or 'full_attention' for each of {n} layers"
+        )
+    if "sliding_attention" in types:
+        _need(raw, "sliding_window", source)
+    if raw.get("use_bidirectional_attention"):
+        raise FormatError(f"{source}: use_bidirectional_attention (an embedding model) is not supported")
+    out = dict(
+        layer_types=list(types),
+        attn_softcap=raw.get("attn_logit_softcapping"),
+        final_softcap=raw.get("final_logit_softcapping"),
+        query_pre_attn_scalar=float(_need(raw, "query_pre_attn_scalar", source)),
+    )
+    if family == "gemma2":
+        return out
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # transformers >= 5
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        theta, local_theta = full.get("rope_theta", 1_000_000.0), local.get("rope_theta", 10_000.0)
+        scaling = full if full.get("rope_type", "default") != "default" else None
+        if local.get("rope_type", "default") != "default":
+            raise FormatError(f"{source}: rope scaling on the sliding layers is not supported")
+    else:
+        theta, local_theta = raw.get("rope_theta", 1_000_000.0), raw.get("rope_local_base_freq", 10_000.0)
+        scaling = raw.get("rope_scaling") or None  # the global layers' only
+    return {**out, "rope_theta": theta, "rope_local_theta": float(local_theta), "rope_scaling": scaling}
 
 
 def read_config(folder: Path) -> ModelConfig:

@@ -362,6 +362,12 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
+        self._tie_or_make_head(cfg)
+
+    # tanh soft-capping of the logits (Gemma 2), which a trainer's loss must apply too
+    logit_softcap: float | None = None
+
+    def _tie_or_make_head(self, cfg: ModelConfig) -> None:
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:
