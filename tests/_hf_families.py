@@ -79,6 +79,25 @@ FAMILIES = {
             },
         ),
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=7, pad_token_id=0)),
+    # Phi-3.5 / Phi-3-128k: LongRoPE (short factors up to 16 positions, long ones past them)
+    "phi3_longrope": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            pad_token_id=0,
+            max_position_embeddings=64,
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
+                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0],
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
     "llama_linear": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "llama_dynamic": (
         "LlamaConfig",

@@ -49,7 +49,9 @@ def test_state_dict_keys_are_the_checkpoint_keys(pair):
         keys = set(f.keys())
     assert set(ours.state_dict()) == keys
     assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    assert isinstance(ours.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # LoRA and NF4 replace it
+    attn = ours.model.layers[0].self_attn
+    q = attn.qkv_proj if ours.config.fused_qkv else attn.q_proj  # Phi-3's is fused, as in its checkpoints
+    assert isinstance(q, torch.nn.Linear)  # LoRA and NF4 replace it
 
 
 def test_kv_cache_greedy_matches_transformers_generate(pair):

@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NEW = ["llama3", "llama_yarn", "qwen2_5", "qwen3", "gemma2", "gemma3"]
+NEW = ["llama3", "llama_yarn", "qwen2_5", "qwen3", "gemma2", "gemma3", "phi3", "phi3_longrope"]
 IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 12, 40, 3, 77]])
 
 

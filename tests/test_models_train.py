@@ -61,7 +61,7 @@ def adapted_pair(tmp_path, family: str):
         if p.requires_grad
     }
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(mine) == set(theirs) and len(mine) == 2 * 7 * ours.config.num_layers
+    assert set(mine) == set(theirs) and len(mine) == 2 * (4 if ours.config.fused_qkv else 7) * ours.config.num_layers
     with torch.no_grad():
         for name, p in mine.items():
             assert bool(theirs[name].abs().sum() > 0)

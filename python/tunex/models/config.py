@@ -16,7 +16,7 @@ from typing import Any
 
 from tunex.errors import FormatError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2", "gemma2", "gemma3_text", "phi3")
 GEMMA = ("gemma2", "gemma3_text")
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # the keys each rope scaling kind reads from config.json's rope_scaling (besides rope_type)
@@ -60,6 +60,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query and key head before RoPE
+    # Phi-3: q/k/v in one projection (self_attn.qkv_proj) and gate/up in one (mlp.gate_up_proj)
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     # Gemma 2 / 3 (models/gemma.py): each layer's kind ("sliding_attention" / "full_attention"),
     # the RoPE base of the sliding layers, tanh soft-capping of attention scores and of the logits,
     # and the attention scale's denominator (scores are q.k / sqrt(query_pre_attn_scalar))
@@ -126,6 +129,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         theta = theta if theta is not None else params.get("rope_theta")
         if params.get("rope_type", "default") != "default":
             scaling = params
+    if family == "phi3" and scaling and scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
+        scaling = {**scaling, "rope_type": "longrope"}  # Phi-3's names for its LongRoPE, as transformers reads them
     if scaling and "original_max_position_embeddings" not in scaling and raw.get("original_max_position_embeddings"):
         # Phi-3 keeps it beside rope_scaling
         scaling = {**scaling, "original_max_position_embeddings": raw["original_max_position_embeddings"]}
@@ -134,6 +139,9 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
     gemma = _gemma_options(raw, source) if family in GEMMA else {}
+    act = raw.get("hidden_act") or "silu"
+    if family not in GEMMA and act not in ("silu", "swish"):
+        raise FormatError(f"{source}: hidden_act {act!r} is not supported for {family} (expected silu)")
     if family == "gemma3_text":
         theta, scaling = gemma.pop("rope_theta"), gemma.pop("rope_scaling")
         _check_rope(scaling, source)
@@ -159,7 +167,9 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         pad_token_id=raw.get("pad_token_id"),
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
-        sliding_window=raw.get("sliding_window") if family in ("mistral", *GEMMA) else None,
+        sliding_window=raw.get("sliding_window") if family in ("mistral", "phi3", *GEMMA) else None,
+        fused_qkv=family == "phi3",
+        fused_gate_up=family == "phi3",
         qk_norm=family in ("qwen3", "gemma3_text"),
         **gemma,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),

@@ -151,9 +151,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        if cfg.fused_qkv:  # Phi-3: one projection, rows q then k then v (LoRA adapts it whole, as PEFT)
+            self.qkv_proj = Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+            self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+            self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -163,8 +166,12 @@ class Attention(nn.Module):
         rt = rt or runtimes.default()
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
-        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))
+        if self.cfg.fused_qkv:
+            (qkv,) = rt.project((self.qkv_proj,), x, again, kept=(True,))
+            q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+        else:
+            qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
+            q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))
         q, k = q.view(b, t, h, d), k.view(b, t, kv, d)
         if self.cfg.qk_norm:  # Qwen3: each head normalised before RoPE
             q, k = self.q_norm(q, rt), self.k_norm(k, rt)
@@ -196,21 +203,32 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # Phi-3: one projection, the gate's rows then the up rows
+            self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def _gate_up(self, rt, x, again=None, kept=None):
+        if self.fused:
+            (both,) = rt.project((self.gate_up_proj,), x, again, kept=kept and (True,))
+            gate, up = both.chunk(2, dim=-1)
+            return gate.contiguous(), up.contiguous()  # the kernels take whole rows
+        return rt.project((self.gate_proj, self.up_proj), x, again, kept=kept)
 
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
         if torch.is_grad_enabled():
-            gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
+            gate, up = self._gate_up(rt, x, again, kept=(True, True))
             hidden = rt.swiglu(gate, up)
             if again is None:
                 return self.down_proj(hidden)
             # SwiGLU keeps gate and up for its backward: rebuild the product from them
             (out,) = rt.project((self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1))
             return out
-        gate, up = rt.project((self.gate_proj, self.up_proj), x)
+        gate, up = self._gate_up(rt, x)
         return self.down_proj(rt.swiglu(gate, up))
 
 
@@ -221,6 +239,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # how many projections read each normed input (a rebuild serves them all)
+        self.qkv_uses = 1 if cfg.fused_qkv else 3
+        self.gate_up_uses = 1 if cfg.fused_gate_up else 2
 
     def forward(self, x, cos, sin, mask, cache, lean: bool = False, rt=None):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
@@ -234,7 +255,7 @@ class DecoderLayer(nn.Module):
                 sin,
                 mask,
                 cache,
-                again=self._renorm(rt, self.input_layernorm, x, 3) if lean else None,
+                again=self._renorm(rt, self.input_layernorm, x, self.qkv_uses) if lean else None,
                 rt=rt,
             ),
         )
@@ -242,7 +263,7 @@ class DecoderLayer(nn.Module):
             x,
             self.mlp(
                 self.post_attention_layernorm(x, rt),
-                again=self._renorm(rt, self.post_attention_layernorm, x, 2) if lean else None,
+                again=self._renorm(rt, self.post_attention_layernorm, x, self.gate_up_uses) if lean else None,
                 rt=rt,
             ),
         )
