@@ -220,6 +220,21 @@ def _gemma_options(raw: dict, source: str) -> dict:
     return {**out, "rope_theta": theta, "rope_local_theta": float(local_theta), "rope_scaling": scaling}
 
 
+def check_tokenizer_fits(tokenizer, cfg: ModelConfig, folder, tokenizer_source=None) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows (its ids would index
+    past the embedding). A larger embedding (padded vocabularies) is fine.
+
+    Raises:
+        FormatError: naming both sizes and both sources.
+    """
+    n = int(tokenizer.vocab_size)
+    if n > cfg.vocab_size:
+        raise FormatError(
+            f"{tokenizer_source or folder}: the tokenizer has {n} tokens but the model's embedding "
+            f"({Path(folder) / 'config.json'} vocab_size) has {cfg.vocab_size} rows; use the model's own tokenizer"
+        )
+
+
 def read_config(folder: Path) -> ModelConfig:
     """The model config of an HF folder, or of a config.json-style file given directly."""
     folder = Path(folder)

@@ -261,6 +261,12 @@ def new_model(cfg: ModelConfig) -> CausalLM:
     return CausalLM(cfg)
 
 
+def meta_model(cfg: ModelConfig) -> CausalLM:
+    """The model of ``cfg`` on the meta device (module names and shapes, no memory, no weights)."""
+    with _no_init():
+        return new_model(cfg)
+
+
 def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None) -> CausalLM:
     """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
 

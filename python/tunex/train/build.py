@@ -46,6 +46,30 @@ def autocast(train_dtype: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def preflight(cfg: Any, tokenizer) -> None:
+    """What can be checked before any data is tokenized or file written: the model's config.json
+    (a known architecture, every key its family needs), the tokenizer fitting the embedding, and the
+    LoRA targets matching modules of the model (built on the meta device: no weights read).
+
+    Raises:
+        FormatError / TunexError: one line naming the file or key, what was expected and the fix.
+    """
+    from tunex.errors import ConfigError, TunexError
+    from tunex.models import read_config, resolve_model_path
+    from tunex.models.config import check_tokenizer_fits
+    from tunex.models.loading import meta_model
+    from tunex.peft import select_targets
+
+    folder = resolve_model_path(cfg.model.path)
+    model_cfg = read_config(folder)
+    check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
+    if cfg.method.kind != "full":
+        try:
+            select_targets(meta_model(model_cfg), cfg.method.target_modules)
+        except ConfigError as e:
+            raise TunexError(f"{cfg.source}: method.target_modules: {e.problems[0]}") from None
+
+
 def build_model(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     """Load ``cfg.model`` and make exactly the part ``cfg.method`` trains require grad.
 
