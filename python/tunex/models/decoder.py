@@ -29,7 +29,7 @@ from torch import nn
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
 from tunex.kernels.gemv import Linear, linear
-from tunex.models.config import ModelConfig, rope_kind
+from tunex.models.config import ROPE_KINDS, ModelConfig, rope_kind
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +53,8 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
     dim, base = cfg.head_dim, cfg.rope_theta
     scaling = cfg.rope_scaling or {}
     kind = rope_kind(cfg)
+    if kind not in ROPE_KINDS:  # read_config refuses these; a ModelConfig made by hand may not
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (expected one of {', '.join(ROPE_KINDS[1:])})")
     factor = float(scaling.get("factor") or 1.0)
     if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
         grow = factor * seq_len / cfg.max_position_embeddings - (factor - 1)
