@@ -144,21 +144,26 @@ def make_hf(tmp_path_factory, family: str):
     return out, model
 
 
+def fuse_grouped(q, k, v, heads: int, kv: int, d: int) -> torch.Tensor:
+    """q/k/v rows in InternLM2's fused wqkv order: per kv head, its query heads, then k, then v."""
+    per = heads // kv
+    rows = []
+    for g in range(kv):
+        for j in range(per):
+            rows.append(q[(g * per + j) * d : (g * per + j + 1) * d])
+        rows.append(k[g * d : (g + 1) * d])
+        rows.append(v[g * d : (g + 1) * d])
+    return torch.cat(rows)
+
+
 def internlm2_checkpoint(hf_state: dict, heads: int, kv: int, d: int) -> dict:
     """Build InternLM2's fused layout from Llama weights, written from its published description:
     wqkv rows are grouped per kv head as [q heads of the group..., k, v]."""
     out = {}
-    per = heads // kv
     for name, t in hf_state.items():
         if ".self_attn.q_proj." in name:
             q, k, v = (hf_state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj"))
-            rows = []
-            for g in range(kv):
-                for j in range(per):
-                    rows.append(q[(g * per + j) * d : (g * per + j + 1) * d])
-                rows.append(k[g * d : (g + 1) * d])
-                rows.append(v[g * d : (g + 1) * d])
-            out[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat(rows)
+            out[name.replace("self_attn.q_proj", "attention.wqkv")] = fuse_grouped(q, k, v, heads, kv, d)
         elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
             continue
         else:

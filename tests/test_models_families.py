@@ -142,3 +142,70 @@ def test_gemma3_config_as_transformers_4_wrote_it_loads_the_same_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path)(IDS), hf(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_internlm2_lora_on_the_fused_wqkv_exports_merges_and_reloads_under_its_own_names(tmp_path):
+    """InternLM2 keeps its fused wqkv (rows grouped per kv head), so LoRA adapts it whole, as PEFT on
+    an InternLM2 model does, and the adapter carries InternLM2's names (wqkv, wo, w1, w2, w3). The
+    oracle is the Llama the checkpoint was made from, with PEFT LoRAs on q, k and v that share the
+    fused adapter's A and take their B rows from its B."""
+    from _hf_families import fuse_grouped, make_internlm2
+    from safetensors import safe_open
+    from tunex.models.adapter import apply_adapter
+    from tunex.models.config import to_checkpoint_names, tunex_targets
+
+    _, hf = make_internlm2(tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    cfg = ours.config
+    names = apply_lora(ours, tunex_targets(["wqkv", "wo", "w1", "w2", "w3"], cfg), 4, 8.0)
+    assert len(names) == 5 * cfg.num_layers and "model.layers.1.self_attn.qkv_proj" in names
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    state = trainable_state_dict(ours)
+    method = type("M", (), dict(target_modules="all-linear", alpha=8.0, dropout=0.0, r=4, use_dora=False))()
+    method.use_rslora = False
+    export_adapter(to_checkpoint_names(state, cfg), method, tmp_path / "adapter", dtype=torch.float32)
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.attention.wqkv.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.feed_forward.w2.lora_B.weight" in keys
+    assert not any("self_attn" in k or "mlp." in k for k in keys)
+
+    pm = peft_model(hf)  # LoRA on the Llama's every linear; its weights are set from tunex's below
+    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = fuse_grouped(
+        torch.arange(h * d), torch.arange(kv * d) + h * d, torch.arange(kv * d) + (h + kv) * d, h, kv, d
+    )
+    peft_params = {n.replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, t in state.items():
+            target = "base_model.model." + name
+            if ".qkv_proj." not in name:
+                peft_params[target].copy_(t)
+                continue
+            stacked = torch.empty_like(t) if "lora_B" in name else t
+            if "lora_B" in name:
+                stacked[rows] = t  # fused row i is stacked row rows[i]
+            parts = (stacked[: h * d], stacked[h * d : (h + kv) * d], stacked[(h + kv) * d :])
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                peft_params[target.replace("qkv_proj", proj)].copy_(t if "lora_A" in name else part)
+        expected_unmerged = pm(IDS).logits
+        expected = pm.merge_and_unload()(IDS).logits
+
+    reloaded = load_model(tmp_path / "base")
+    assert len(apply_adapter(reloaded, tmp_path / "adapter")) == 5 * cfg.num_layers
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS), expected_unmerged, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reloaded(IDS), expected_unmerged, atol=1e-4, rtol=1e-4)
+    result = CliRunner().invoke(
+        cli,
+        ["convert", "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), "-q"],
+    )
+    assert result.exit_code == 0, result.output
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert "model.layers.0.attention.wqkv.weight" in set(f.keys())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "merged")(IDS), expected, atol=1e-4, rtol=1e-4)

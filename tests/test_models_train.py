@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _hf_families import BASE, FAMILIES, hf_model, make_internlm2
+from _hf_families import BASE, FAMILIES, fuse_grouped, hf_model, make_internlm2
 from conftest import require_native
 from tunex.dist.wrap import LossModule
 from tunex.kernels import registry
@@ -46,26 +46,72 @@ def _pair(tmp_path, family: str):
     return load_model(tmp_path / family), hf
 
 
+class _Same:
+    """A tunex adapter parameter whose PEFT counterpart is one parameter."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def value(self):
+        return self.p
+
+    def grad(self):
+        return self.p.grad
+
+
+class _FusedQKV:
+    """InternLM2's LoRA on the fused wqkv (grouped rows) against PEFT's LoRAs on the Llama's q, k
+    and v: one A shared by the three (their A gradients add up) and B = their B rows in wqkv's order."""
+
+    def __init__(self, parts, cfg, kind: str):
+        self.parts, self.kind = parts, kind
+        self.shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+    def _join(self, tensors):
+        return sum(tensors) if self.kind == "lora_A" else fuse_grouped(*tensors, *self.shape)
+
+    def value(self):
+        return self._join([p for p in self.parts]) / (3 if self.kind == "lora_A" else 1)
+
+    def grad(self):
+        return self._join([p.grad for p in self.parts])
+
+
 def adapted_pair(tmp_path, family: str):
     """tunex and PEFT models with LoRA on every linear (not the head), both holding PEFT's random
-    non-zero initial A and B, in training mode; and a map tunex name -> PEFT parameter."""
+    non-zero initial A and B, in training mode; and a map tunex name -> its PEFT counterpart."""
     ours, hf = _pair(tmp_path, family)
     ref = peft.get_peft_model(
         hf,
         peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False),
     )
     apply_lora(ours, "all-linear", R, ALPHA)
-    theirs = {
+    peft_params = {
         n.removeprefix("base_model.model.").replace(".default", ""): p
         for n, p in ref.named_parameters()
         if p.requires_grad
     }
+    theirs = {n: _Same(p) for n, p in peft_params.items()}
+    if ours.config.qkv_grouped:
+        for name in [n for n in peft_params if ".self_attn.q_proj." in n]:
+            parts = [peft_params[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
+            kind = "lora_A" if ".lora_A." in name else "lora_B"
+            if kind == "lora_A":  # one A for the three
+                with torch.no_grad():
+                    parts[1].copy_(parts[0])
+                    parts[2].copy_(parts[0])
+            theirs[name.replace("q_proj", "qkv_proj")] = _FusedQKV(parts, ours.config, kind)
+            for x in ("q_proj", "k_proj", "v_proj"):
+                del theirs[name.replace("q_proj", x)]
     mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(mine) == set(theirs) and len(mine) == 2 * (4 if ours.config.fused_qkv else 7) * ours.config.num_layers
+    c = ours.config
+    per_layer = (1 if c.fused_qkv else 3) + 1 + (1 if c.fused_gate_up else 2) + 1  # adapted linears
+    assert set(mine) == set(theirs) and len(mine) == 2 * per_layer * c.num_layers
     with torch.no_grad():
         for name, p in mine.items():
-            assert bool(theirs[name].abs().sum() > 0)
-            p.copy_(theirs[name])
+            value = theirs[name].value()
+            assert bool(value.abs().sum() > 0)
+            p.copy_(value)
     return ours.train(), ref.train(), mine, theirs
 
 
@@ -85,7 +131,7 @@ def _spy_choices(monkeypatch) -> dict[str, set[str]]:
 def _check_grads(mine, theirs):
     for name, p in mine.items():
         assert p.grad is not None, name
-        expected = theirs[name].grad
+        expected = theirs[name].grad()
         scale = float(expected.abs().max())
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
 

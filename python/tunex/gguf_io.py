@@ -235,7 +235,7 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     import torch
 
     from tunex.gguf_vocab import add_tokenizer_to_gguf
-    from tunex.models.config import read_config, to_tunex_names
+    from tunex.models.config import read_config, to_llama_names
     from tunex.models.hub import resolve_model_path
     from tunex.models.loading import read_checkpoint
 
@@ -287,7 +287,7 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     if (folder / "tokenizer.json").is_file():
         add_tokenizer_to_gguf(writer, folder)
     for ckpt_name, tensor in read_checkpoint(folder):
-        for name, t in to_tunex_names(ckpt_name, tensor, cfg):
+        for name, t in to_llama_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             w = t.float().numpy()

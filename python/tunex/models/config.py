@@ -60,8 +60,11 @@ class ModelConfig:
     pad_token_id: int | None = None
     sliding_window: int | None = None
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query and key head before RoPE
-    # Phi-3: q/k/v in one projection (self_attn.qkv_proj) and gate/up in one (mlp.gate_up_proj)
+    # Phi-3: q/k/v in one projection (self_attn.qkv_proj, rows q then k then v) and gate/up in one
+    # (mlp.gate_up_proj); InternLM2's wqkv is self_attn.qkv_proj too, its rows grouped per kv head
+    # (``qkv_grouped``: see split_wqkv)
     fused_qkv: bool = False
+    qkv_grouped: bool = False
     fused_gate_up: bool = False
     # Gemma 2 / 3 (models/gemma.py): each layer's kind ("sliding_attention" / "full_attention"),
     # the RoPE base of the sliding layers, tanh soft-capping of attention scores and of the logits,
@@ -168,7 +171,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
         sliding_window=raw.get("sliding_window") if family in ("mistral", "phi3", *GEMMA) else None,
-        fused_qkv=family == "phi3",
+        fused_qkv=family in ("phi3", "internlm2"),
+        qkv_grouped=family == "internlm2",
         fused_gate_up=family == "phi3",
         qk_norm=family in ("qwen3", "gemma3_text"),
         **gemma,
@@ -254,6 +258,7 @@ def read_config(folder: Path) -> ModelConfig:
 # A fragment starting with "." is replaced anywhere; others are name prefixes.
 _INTERNLM2_NAMES = (
     ("model.tok_embeddings.", "model.embed_tokens."),
+    (".attention.wqkv.", ".self_attn.qkv_proj."),
     ("output.", "lm_head."),
     (".attention.wo.", ".self_attn.o_proj."),
     (".feed_forward.w1.", ".mlp.gate_proj."),
@@ -275,7 +280,6 @@ def _rename(name: str, reverse: bool) -> str:
 
 
 _WQKV = re.compile(r"^(model\.layers\.\d+)\.attention\.wqkv\.(weight|bias)$")
-_QKV = re.compile(r"^(model\.layers\.\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
 
 def split_wqkv(fused, cfg: ModelConfig) -> tuple[Any, Any, Any]:
@@ -294,18 +298,17 @@ def split_wqkv(fused, cfg: ModelConfig) -> tuple[Any, Any, Any]:
     return q, k, v
 
 
-def fuse_wqkv(q, k, v, cfg: ModelConfig):
-    """The inverse of :func:`split_wqkv`."""
-    import torch
-
-    groups, per, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    tail = tuple(q.shape[1:])
-    parts = [q.reshape(groups, per, d, *tail), k.reshape(groups, 1, d, *tail), v.reshape(groups, 1, d, *tail)]
-    return torch.cat(parts, dim=1).reshape(groups * (per + 2) * d, *tail)
-
-
 def to_tunex_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]:
-    """One checkpoint tensor -> the (tunex name, tensor) pairs it becomes (usually one)."""
+    """One checkpoint tensor -> the (tunex name, tensor) pairs it becomes (one: InternLM2's names
+    are mapped, its fused ``wqkv`` stays fused as ``self_attn.qkv_proj``)."""
+    if cfg.family != "internlm2":
+        return [(name, tensor)]
+    return [(_rename(name, reverse=False), tensor)]
+
+
+def to_llama_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """One checkpoint tensor -> Llama-layout (name, tensor) pairs: InternLM2's fused ``wqkv`` split
+    into q/k/v (for formats that know the Llama layout only, as GGUF export)."""
     if cfg.family != "internlm2":
         return [(name, tensor)]
     m = _WQKV.match(name)
@@ -316,16 +319,28 @@ def to_tunex_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]
 
 
 def to_checkpoint_names(state: dict, cfg: ModelConfig) -> dict:
-    """A tunex state dict -> the family's own checkpoint names and layout (for export)."""
+    """A tunex state dict (weights, or adapter tensors named by module) -> the family's own
+    checkpoint names (for export; InternLM2's ``wqkv``, ``wo``, ``w1``...)."""
     if cfg.family != "internlm2":
         return dict(state)
-    out, qkv = {}, {}
-    for name, tensor in state.items():
-        m = _QKV.match(name)
-        if m:
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = tensor
-            continue
-        out[_rename(name, reverse=True)] = tensor
-    for (prefix, kind), parts in qkv.items():
-        out[f"{prefix}.attention.wqkv.{kind}"] = fuse_wqkv(parts["q"], parts["k"], parts["v"], cfg)
-    return out
+    return {_rename(name, reverse=True): tensor for name, tensor in state.items()}
+
+
+def to_tunex_module(name: str, cfg: ModelConfig) -> str:
+    """A module (or tensor) name of the family's checkpoints -> tunex's (for adapters written
+    against the family's own names, as PEFT writes them)."""
+    if cfg.family != "internlm2":
+        return name
+    return _rename(name + ".", reverse=False)[:-1]  # the fragments end in "." (a module name does not)
+
+
+# InternLM2's own module names -> tunex's, for LoRA target_modules written the InternLM2 way
+_INTERNLM2_TARGETS = {"wqkv": "qkv_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def tunex_targets(target, cfg: ModelConfig):
+    """``target_modules`` naming the family's own modules -> tunex's module names (a list only:
+    a regex or "all-linear" passes through)."""
+    if cfg.family != "internlm2" or not isinstance(target, list):
+        return target
+    return [_INTERNLM2_TARGETS.get(t, t) for t in target]

@@ -170,7 +170,11 @@ class Attention(nn.Module):
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         if self.cfg.fused_qkv:
             (qkv,) = rt.project((self.qkv_proj,), x, again, kept=(True,))
-            q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+            if self.cfg.qkv_grouped:  # InternLM2: per kv head, its query heads, then k, then v
+                g = qkv.view(b, t, kv, h // kv + 2, d)
+                q, k, v = g[:, :, :, : h // kv].reshape(b, t, h * d), g[:, :, :, -2], g[:, :, :, -1]
+            else:
+                q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
         else:
             qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
             q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))

@@ -56,7 +56,7 @@ def preflight(cfg: Any, tokenizer) -> None:
     """
     from tunex.errors import ConfigError, TunexError
     from tunex.models import read_config, resolve_model_path
-    from tunex.models.config import check_tokenizer_fits
+    from tunex.models.config import check_tokenizer_fits, tunex_targets
     from tunex.models.loading import meta_model
     from tunex.peft import select_targets
 
@@ -65,7 +65,7 @@ def preflight(cfg: Any, tokenizer) -> None:
     check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
     if cfg.method.kind != "full":
         try:
-            select_targets(meta_model(model_cfg), cfg.method.target_modules)
+            select_targets(meta_model(model_cfg), tunex_targets(cfg.method.target_modules, model_cfg))
         except ConfigError as e:
             raise TunexError(f"{cfg.source}: method.target_modules: {e.problems[0]}") from None
 
@@ -98,9 +98,10 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     if method.kind == "full":
         model.requires_grad_(True)
     else:
-        apply_lora(
-            model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
-        )
+        from tunex.models.config import tunex_targets
+
+        targets = tunex_targets(method.target_modules, model.config)  # InternLM2's own names too
+        apply_lora(model, targets, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora)
         # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW)
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         for p in model.parameters():
