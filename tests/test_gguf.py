@@ -26,7 +26,14 @@ def tiny(tmp_path_factory, kind: str):
     import transformers
 
     torch.manual_seed(0)
-    if kind == "qwen2":
+    if kind == "qwen3":  # q/k norms; head dim 128 as in every released Qwen3 (wider than hidden / heads
+        # here; transformers' GGUF loader assumes 128)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**BASE, head_dim=128)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+    elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BASE)).eval()
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -44,7 +51,7 @@ def tiny(tmp_path_factory, kind: str):
 IDS = torch.tensor([[5, 9, 13, 2, 77, 31, 8, 40]])
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
 def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
@@ -56,7 +63,7 @@ def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (kind == "tied")
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
 def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path, kind):
     import transformers
 

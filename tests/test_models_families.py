@@ -117,8 +117,8 @@ def test_gguf_export_of_a_family_gguf_lacks_here_is_refused_before_writing(tmp_p
     from tunex.errors import FormatError
     from tunex.gguf_io import hf_to_gguf
 
-    hf_model("qwen3").save_pretrained(tmp_path / "m")
-    with pytest.raises(FormatError, match="model_type 'qwen3' cannot be exported to GGUF"):
+    hf_model("gemma2").save_pretrained(tmp_path / "m")
+    with pytest.raises(FormatError, match="model_type 'gemma2' cannot be exported to GGUF"):
         hf_to_gguf(tmp_path / "m", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 

@@ -32,9 +32,12 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2"}
+ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the config carries them
 # Llama 3.1 / 3.2 rope scaling; GGUF keeps only the resulting per-frequency factors, so the
 # parameters are recovered by matching those factors against the published settings.
@@ -87,8 +90,8 @@ def _field(reader, key: str, default=None):
 
 def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected llama or qwen2)")
+    if arch not in HF_CLASS:
+        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected {', '.join(HF_CLASS)})")
 
     def need(key: str):
         value = _field(reader, f"{arch}.{key}")
@@ -104,7 +107,7 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
         or hidden // heads
     )
     config = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [HF_CLASS[arch]],
         "model_type": arch,
         "hidden_act": "silu",
         "vocab_size": vocab,
@@ -123,7 +126,7 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         config.update(attention_bias=False, mlp_bias=False)
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in ("linear", "yarn"):
