@@ -209,3 +209,54 @@ def test_internlm2_lora_on_the_fused_wqkv_exports_merges_and_reloads_under_its_o
         assert "model.layers.0.attention.wqkv.weight" in set(f.keys())
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged")(IDS), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3"])
+def test_train_pth_to_hf_merge_chat_end_to_end(tmp_path, family):
+    """`tunex train` (the real loop: packed data, LoRA on every linear, the soft-capped loss for
+    Gemma 2), then `convert pth_to_hf`, whose adapter PEFT loads onto the transformers model with
+    tunex's logits, then `convert merge` (transformers reads the merged folder with PEFT's merged
+    logits) and `tunex chat` on it."""
+    from test_train_helpers import make_data, make_tokenizer, write_config
+
+    model = tmp_path / "m"
+    vocab = make_tokenizer(model)
+    hf_model(family, vocab_size=vocab, eos_token_id=2, bos_token_id=None, pad_token_id=0).save_pretrained(model)
+    cfg = write_config(
+        tmp_path / "c.toml", model, make_data(tmp_path / "d", "instruct"), "lora", "openai", tmp_path / "w"
+    )
+    cfg.write_text(cfg.read_text().replace("dropout = 0.05", "dropout = 0.0"))
+    run = CliRunner().invoke(cli, ["train", str(cfg), "-o", "train.max_steps=4", "-o", "save.save_steps=4"])
+    assert run.exit_code == 0, run.output
+    pth = tmp_path / "w" / "iter_4.pth"
+    result = CliRunner().invoke(cli, ["convert", "pth_to_hf", str(cfg), str(pth), str(tmp_path / "a"), "--fp32"])
+    assert result.exit_code == 0, result.output
+
+    ids = torch.randint(0, vocab, (2, 13), generator=torch.Generator().manual_seed(7))
+    ours = load_model(model)
+    from tunex.config import load_config
+
+    m = load_config(cfg).method
+    apply_lora(ours, m.target_modules, m.r, m.alpha, m.dropout, m.use_rslora, m.use_dora)
+    ours.load_state_dict(torch.load(pth, weights_only=True)["model"], strict=False)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(ids).logits
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+        theirs = pm(ids).logits
+        torch.testing.assert_close(ours.eval()(ids), theirs, atol=1e-4, rtol=1e-4)
+        assert (plain - theirs).abs().max() > 1e-3  # training moved the adapter
+        merged_expected = pm.merge_and_unload()(ids).logits
+    result = CliRunner().invoke(
+        cli, ["convert", "merge", str(model), str(tmp_path / "a"), str(tmp_path / "merged"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, merged_expected, atol=1e-4, rtol=1e-4)
+    chat = CliRunner().invoke(
+        cli,
+        ["chat", str(tmp_path / "merged"), "--prompt", "Who wrote Hamlet?", "--temperature", "0"]
+        + ["--max-new-tokens", "4", "--no-streamer"],
+    )
+    assert chat.exit_code == 0 and chat.output.count("\n") == 1, chat.output
