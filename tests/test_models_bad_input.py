@@ -85,6 +85,13 @@ def test_unsupported_rope_scaling_is_named(tmp_path):
         load_model(tmp_path)
 
 
+def test_qwen_sliding_window_layers_are_refused(tmp_path):
+    hf_model("qwen3").save_pretrained(tmp_path)
+    edit_config(tmp_path, use_sliding_window=True)
+    with pytest.raises(FormatError, match="use_sliding_window true .* is not supported"):
+        load_model(tmp_path)
+
+
 def test_tokenizer_larger_than_the_embedding(setup):
     root, model, data = setup
     from tunex.tokenizer import load_tokenizer

@@ -142,6 +142,11 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
     gemma = _gemma_options(raw, source) if family in GEMMA else {}
+    if family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        raise FormatError(
+            f"{source}: use_sliding_window true (windowed attention in the upper layers) is not supported; "
+            "the released Qwen2/Qwen3 models set it false"
+        )
     act = raw.get("hidden_act") or "silu"
     if family not in GEMMA and act not in ("silu", "swish"):
         raise FormatError(f"{source}: hidden_act {act!r} is not supported for {family} (expected silu)")
