@@ -33,6 +33,10 @@ def tiny(tmp_path_factory, kind: str):
             for n, p in model.named_parameters():
                 if "norm" in n:
                     p.add_(torch.randn_like(p) * 0.1)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj; Phi-3's vocabulary size, as transformers'
+        # GGUF loader falls back to its default pad id (32000) without a tokenizer in the file
+        config = transformers.Phi3Config(**{**BASE, "vocab_size": 32064}, pad_token_id=32000)
+        model = transformers.Phi3ForCausalLM(config).eval()
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BASE)).eval()
         with torch.no_grad():
@@ -51,7 +55,7 @@ def tiny(tmp_path_factory, kind: str):
 IDS = torch.tensor([[5, 9, 13, 2, 77, 31, 8, 40]])
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3"])
 def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
@@ -63,7 +67,7 @@ def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (kind == "tied")
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3"])
 def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path, kind):
     import transformers
 
@@ -266,3 +270,15 @@ def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):
     ids = torch.arange(40)[None] % 96
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "m")(ids), load_model(back)(ids))
+
+
+def test_phi3_sliding_window_survives_the_round_trip(tmp_path):
+    import transformers
+
+    config = transformers.Phi3Config(**BASE, pad_token_id=0, sliding_window=7)
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "m")
+    hf_to_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    back = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["sliding_window"] == 7
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(back)(IDS), load_model(tmp_path / "m")(IDS))

@@ -35,9 +35,27 @@ LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
 }
+# Phi-3 keeps q/k/v and gate/up fused, as its HF checkpoints do (llama.cpp's ffn_up holds gate then up)
+PHI3_LAYER_NAMES = {
+    **{k: v for k, v in LAYER_NAMES.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCH_OF_FAMILY = {
+    "llama": "llama",
+    "mistral": "llama",
+    "internlm2": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+}
+HF_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the config carries them
 # Llama 3.1 / 3.2 rope scaling; GGUF keeps only the resulting per-frequency factors, so the
 # parameters are recovered by matching those factors against the published settings.
@@ -63,20 +81,25 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _layer_names(arch: str) -> dict[str, str]:
+    return PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     base, _, kind = gguf_name.rpartition(".")
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m[2] in LAYER_NAMES:
-        return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{kind}"
+    names = _layer_names(arch)
+    if m and m[2] in names:
+        return f"model.layers.{m[1]}.{names[m[2]]}.{kind}"
     if base in TOP_NAMES:
         return f"{TOP_NAMES[base]}.{kind}"
     return None
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, arch: str = "llama") -> str:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m:
-        inverse = {v: k for k, v in LAYER_NAMES.items()}
+        inverse = {v: k for k, v in _layer_names(arch).items()}
         return f"blk.{m[1]}.{inverse[m[2]]}.{m[3]}"
     base, _, kind = name.rpartition(".")
     inverse = {v: k for k, v in TOP_NAMES.items()}
@@ -128,6 +151,9 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
     }
     if arch in ("llama", "qwen3"):
         config.update(attention_bias=False, mlp_bias=False)
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    if arch == "phi3" and window:
+        config["sliding_window"] = int(window)
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in ("linear", "yarn"):
         if kind != "linear":
@@ -190,7 +216,7 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer)."""
+    """Convert a llama / qwen2 / qwen3 / phi3 GGUF file to an fp32 HF folder (config, weights, tokenizer)."""
     import gguf
     import torch
 
@@ -209,7 +235,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     for t in reader.tensors:
         if t.name in SKIP:
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, config["model_type"])
         if name is None:
             raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -233,7 +259,7 @@ OUTTYPES = ("f32", "f16", "q8_0")
 
 
 def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
-    """Write an HF folder (llama, mistral, qwen2, internlm2) as one GGUF file."""
+    """Write an HF folder (llama, mistral, internlm2 as llama; qwen2, qwen3, phi3) as one GGUF file."""
     import gguf
     import torch
 
@@ -268,6 +294,8 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if arch == "phi3" and cfg.sliding_window:
+        writer.add_sliding_window(int(cfg.sliding_window))
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -300,12 +328,12 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
                 w = permute_qk(w, cfg.num_kv_heads)
             w = np.ascontiguousarray(w)
             if w.ndim == 1 or outtype == "f32":
-                writer.add_tensor(gguf_name(name), w.astype(np.float32))
+                writer.add_tensor(gguf_name(name, arch), w.astype(np.float32))
             elif outtype == "f16" or w.shape[-1] % 32:
-                writer.add_tensor(gguf_name(name), w.astype(np.float16))
+                writer.add_tensor(gguf_name(name, arch), w.astype(np.float16))
             else:
                 q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(gguf_name(name, arch), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
