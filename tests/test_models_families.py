@@ -113,13 +113,16 @@ def test_greedy_chat_equals_transformers_generate(tmp_path, family):
     assert result.output == expected + "\n"
 
 
-def test_gguf_export_of_a_family_gguf_lacks_here_is_refused_before_writing(tmp_path):
+def test_gguf_export_of_what_gguf_cannot_say_is_refused_before_writing(tmp_path):
     from tunex.errors import FormatError
     from tunex.gguf_io import hf_to_gguf
 
-    hf_model("gemma2").save_pretrained(tmp_path / "m")
-    with pytest.raises(FormatError, match="model_type 'gemma2' cannot be exported to GGUF"):
+    hf_model("gemma2").save_pretrained(tmp_path / "m")  # query_pre_attn_scalar 24, head dim 16
+    with pytest.raises(FormatError, match="query_pre_attn_scalar 24 differs from head_dim 16 cannot be written"):
         hf_to_gguf(tmp_path / "m", tmp_path / "out.gguf")
+    hf_model("phi3_longrope").save_pretrained(tmp_path / "p")
+    with pytest.raises(FormatError, match="rope scaling 'longrope' cannot be written to GGUF"):
+        hf_to_gguf(tmp_path / "p", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 
 
