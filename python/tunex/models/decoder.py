@@ -5,9 +5,9 @@ Pre-norm transformer: RMSNorm -> attention with rotary positions (grouped-query 
 config values (biases, rope scaling, tied embeddings); see config.py.
 
 Module and parameter names are the HF Llama ones (``model.layers.0.self_attn.q_proj.weight``...),
-so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is an
-``nn.Linear`` (tunex.kernels.gemv.Linear: decoding one token on the CPU runs a multi-core Rust
-GEMV) that LoRA or NF4 layers can replace.
+so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is a plain
+``nn.Linear`` that LoRA or NF4 layers can replace, and every projection runs through the runtime's
+``project`` hook (which may run it as a multi-core Rust GEMV when decoding one token on the CPU).
 
 This file is the model's math only. How it runs (the activation arena and lean backward rebuilds
 of CPU training, checkpointing and offload, the decode path) is the runtime's (tunex.runtime): the
@@ -15,8 +15,10 @@ layers call its hooks (norm, rope, project, swiglu, add, attention, rebuild, run
 kernels behind them are the kernel registry's choice.
 
 Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
-attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
-the same logits as its documents run one by one.
+attention then stays inside each document, so a packed row gives the same logits as its documents
+run one by one. The layers get the documents' spans (tunex.kernels.attention.Documents) where a
+mask would go; the native CPU kernel attends inside each span (cost: the sum of the documents'
+squared lengths), other implementations get the block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
-from tunex.kernels.gemv import Linear, linear
+from tunex.kernels.attention import Documents
 from tunex.models.config import ROPE_KINDS, ModelConfig, rope_kind
 
 
@@ -154,12 +156,12 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if cfg.fused_qkv:  # Phi-3: one projection, rows q then k then v (LoRA adapts it whole, as PEFT)
-            self.qkv_proj = Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.qkv_bias)
+            self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.qkv_bias)
         else:
-            self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-            self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-            self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+            self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -187,7 +189,7 @@ class Attention(nn.Module):
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
-        causal = mask is None and t > 1
+        causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
         gqa = h != kv
         if gqa and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
@@ -200,10 +202,11 @@ class Attention(nn.Module):
             # kernel's kept output), else a copy
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
-        if again is not None:  # attention keeps y for its backward; the copy need not be kept too
-            (out,) = rt.project((self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1))
-            return out
-        return self.o_proj(merge_heads(y))
+        # with ``again``, attention keeps y for its backward and the merged copy need not be kept too
+        (out,) = rt.project(
+            (self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1) if again is not None else None
+        )
+        return out
 
 
 class MLP(nn.Module):
@@ -211,11 +214,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fused = cfg.fused_gate_up
         if self.fused:  # Phi-3: one projection, the gate's rows then the up rows
-            self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         else:
-            self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-            self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def _gate_up(self, rt, x, again=None, kept=None):
         if self.fused:
@@ -226,16 +229,13 @@ class MLP(nn.Module):
 
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
-        if torch.is_grad_enabled():
-            gate, up = self._gate_up(rt, x, again, kept=(True, True))
-            hidden = rt.swiglu(gate, up)
-            if again is None:
-                return self.down_proj(hidden)
-            # SwiGLU keeps gate and up for its backward: rebuild the product from them
-            (out,) = rt.project((self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1))
-            return out
-        gate, up = self._gate_up(rt, x)
-        return self.down_proj(rt.swiglu(gate, up))
+        gate, up = self._gate_up(rt, x, again, kept=(True, True))
+        hidden = rt.swiglu(gate, up)
+        # with ``again``, SwiGLU keeps gate and up for its backward: rebuild the product from them
+        (out,) = rt.project(
+            (self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1) if again is not None else None
+        )
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -350,7 +350,11 @@ class DecoderModel(nn.Module):
             cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in cache.rope)
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
-        mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
+        window = self.cfg.sliding_window
+        docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
+        # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
+        # attention builds one only for an implementation that needs it)
+        mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:
@@ -365,6 +369,8 @@ class TiedHead:
     (``model.embed_tokens.weight``) as in HF checkpoints, and LoRA's "all-linear" skips it.
     """
 
+    plain_linear = True  # a plain product: the runtime's project hook may run it as one
+
     def __init__(self, embedding: nn.Embedding):
         self.embedding = embedding
 
@@ -375,7 +381,7 @@ class TiedHead:
     bias = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.embedding.weight)
+        return torch.nn.functional.linear(x, self.embedding.weight)
 
 
 class CausalLM(nn.Module):
@@ -398,7 +404,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, cache)
@@ -409,7 +415,8 @@ class CausalLM(nn.Module):
         h = self.hidden_states(input_ids, position_ids, cache)
         if last_only:  # generation needs the next-token logits only
             h = h[:, -1:]
-        return self.lm_head(h)
+        (logits,) = (self.model.runtime or runtimes.default()).project((self.lm_head,), h)
+        return logits
 
     @property
     def gradient_checkpointing(self) -> bool:

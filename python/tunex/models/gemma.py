@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunex import runtime as runtimes
+from tunex.kernels.attention import Documents
 from tunex.models.config import ModelConfig
 from tunex.models.decoder import (
     MLP,
@@ -98,7 +99,8 @@ class GemmaAttention(Attention):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if self.cfg.attn_softcap:
-            y = softcapped_attention(q, k, v, mask, self.scale, self.cfg.attn_softcap)
+            dense = mask.dense() if isinstance(mask, Documents) else mask
+            y = softcapped_attention(q, k, v, dense, self.scale, self.cfg.attn_softcap)
         else:
             q = q * (self.scale * math.sqrt(d))  # the hook scales by 1/sqrt(d)
             causal, gqa = mask is None and t > 1, h != kv
@@ -106,14 +108,16 @@ class GemmaAttention(Attention):
                 k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
                 gqa = False
             y = rt.attention(q, k, v, mask, causal, gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, h * d))
+        (out,) = rt.project((self.o_proj,), y.transpose(1, 2).reshape(b, t, h * d))
+        return out
 
 
 class GemmaMLP(MLP):
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
         gate, up = rt.project((self.gate_proj, self.up_proj), x)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        (out,) = rt.project((self.down_proj,), F.gelu(gate, approximate="tanh") * up)
+        return out
 
 
 class GemmaLayer(nn.Module):
@@ -165,7 +169,12 @@ class GemmaModel(DecoderModel):
         for kind in {_kind(self.cfg, i) for i in range(self.cfg.num_layers)}:
             cos[kind], sin[kind] = rope_tables(self.rope[kind], position_ids, x.dtype)
             window = self.cfg.sliding_window if kind == "sliding" else None
-            mask[kind] = attention_mask(given, t, past, input_ids.device, window)
+            if given is not None and past == 0 and (window is None or t <= window):
+                mask[kind] = Documents.of(given)  # packed rows: the documents' spans (None when unpacked)
+            else:
+                mask[kind] = None
+            if mask[kind] is None:
+                mask[kind] = attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:
