@@ -58,23 +58,28 @@ class ModelShape:
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     o_bias: bool = False  # output-projection bias (InternLM2's and Llama's bias switches)
     mlp_bias: bool = False
+    fused_qkv: bool = False  # one q/k/v projection (Phi-3's qkv_proj, InternLM2's wqkv)
+    fused_gate_up: bool = False  # one gate/up projection (Phi-3's gate_up_proj)
+    qk_norm: bool = False  # per-head q/k RMSNorm weights (Qwen3, Gemma 3)
+    norms_per_layer: int = 2  # Gemma's sandwich norms: 4
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(module name relative to a layer, in_features, out_features) of one decoder layer.
 
-        Names are tunex's (HF Llama's); tunex.models splits InternLM2's fused wqkv into q/k/v and
-        renames its w1/w3/w2 to gate/up/down, so one layout serves every family.
+        Names are tunex's (HF Llama's; InternLM2's w1/w3/w2/wo are renamed gate/up/down/o and its
+        wqkv is ``self_attn.qkv_proj``), so one layout serves every family; fused projections are
+        one linear each, as LoRA adapts them.
         """
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [
-            ("self_attn.q_proj", h, q),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", q, h),
-            ("mlp.gate_proj", h, i),
-            ("mlp.up_proj", h, i),
-            ("mlp.down_proj", i, h),
-        ]
+        attn = (
+            [("self_attn.qkv_proj", h, q + 2 * kv)]
+            if self.fused_qkv
+            else [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv)]
+        )
+        mlp = (
+            [("mlp.gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("mlp.gate_proj", h, i), ("mlp.up_proj", h, i)]
+        )
+        return [*attn, ("self_attn.o_proj", q, h), *mlp, ("mlp.down_proj", i, h)]
 
     def linear_params(self) -> int:
         return self.layers * sum(i * o for _, i, o in self.linears())
@@ -82,7 +87,8 @@ class ModelShape:
     def other_params(self) -> int:
         """Embeddings, head, norms and biases: everything that is not a decoder linear weight."""
         embed = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
+        norms = self.layers * (self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0))
+        norms += self.hidden
         per_layer = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         per_layer += self.hidden if self.o_bias else 0
         per_layer += 2 * self.intermediate + self.hidden if self.mlp_bias else 0
@@ -97,12 +103,16 @@ class ModelShape:
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
-    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544),
+    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544, fused_qkv=True),
     "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
     "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
     "llama2-70b": ModelShape(8192, 28672, 80, 64, 8, 128, 32000),
     "qwen2-72b": ModelShape(8192, 29568, 80, 64, 8, 128, 152064, attention_bias=True),
+    "qwen3-8b": ModelShape(4096, 12288, 36, 32, 8, 128, 151936, qk_norm=True),
+    "gemma2-9b": ModelShape(3584, 14336, 42, 16, 8, 256, 256000, tie_embeddings=True, norms_per_layer=4),
+    "gemma3-1b": ModelShape(1152, 6912, 26, 4, 1, 256, 262144, tie_embeddings=True, qk_norm=True, norms_per_layer=4),
+    "phi3-mini": ModelShape(3072, 8192, 32, 32, 32, 96, 32064, fused_qkv=True, fused_gate_up=True),
 }
 HUB_PRESETS = {
     "meta-llama/llama-2-7b-hf": "llama2-7b",
@@ -119,13 +129,24 @@ HUB_PRESETS = {
     "meta-llama/llama-2-70b-chat-hf": "llama2-70b",
     "qwen/qwen2-72b": "qwen2-72b",
     "qwen/qwen2-72b-instruct": "qwen2-72b",
+    "meta-llama/llama-3.1-8b": "llama3-8b",
+    "meta-llama/llama-3.1-8b-instruct": "llama3-8b",
+    "qwen/qwen2.5-7b": "qwen2-7b",
+    "qwen/qwen2.5-7b-instruct": "qwen2-7b",
+    "qwen/qwen3-8b": "qwen3-8b",
+    "google/gemma-2-9b": "gemma2-9b",
+    "google/gemma-2-9b-it": "gemma2-9b",
+    "google/gemma-3-1b-pt": "gemma3-1b",
+    "google/gemma-3-1b-it": "gemma3-1b",
+    "microsoft/phi-3-mini-4k-instruct": "phi3-mini",
+    "microsoft/phi-3.5-mini-instruct": "phi3-mini",
 }
 
 
 def shape_from_config_json(path: str | Path) -> ModelShape:
     """Read a ModelShape from an HF config.json (a file, or a folder holding one), interpreted by
     tunex.models' own config reader, so the estimate sees the model the loader would build."""
-    from tunex.models.config import read_config
+    from tunex.models.config import GEMMA, read_config
 
     cfg = read_config(Path(path))
     return ModelShape(
@@ -140,6 +161,10 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
         attention_bias=cfg.qkv_bias,
         o_bias=cfg.o_bias,
         mlp_bias=cfg.mlp_bias,
+        fused_qkv=cfg.fused_qkv,
+        fused_gate_up=cfg.fused_gate_up,
+        qk_norm=cfg.qk_norm,
+        norms_per_layer=4 if cfg.family in GEMMA else 2,
     )
 
 

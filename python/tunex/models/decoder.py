@@ -31,7 +31,7 @@ from torch import nn
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
 from tunex.kernels.attention import Documents
-from tunex.models.config import ModelConfig
+from tunex.models.config import ROPE_KINDS, ModelConfig, rope_kind
 
 
 class RMSNorm(nn.Module):
@@ -47,18 +47,23 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (D/2,) for ``seq_len`` positions, and the cos/sin scale.
 
-    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length)
-    and ``llama3`` (Llama 3.1's frequency-band rescaling).
+    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length),
+    ``llama3`` (Llama 3.1's frequency-band rescaling), ``yarn`` (Qwen2.5's long-context setting:
+    interpolated low and extrapolated high frequencies with a linear ramp between, and a cos/sin
+    scale) and ``longrope`` (Phi-3's per-frequency factors, the long set past the trained length).
     """
     dim, base = cfg.head_dim, cfg.rope_theta
     scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = float(scaling.get("factor", 1.0))
+    kind = rope_kind(cfg)
+    if kind not in ROPE_KINDS:  # read_config refuses these; a ModelConfig made by hand may not
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (expected one of {', '.join(ROPE_KINDS[1:])})")
+    factor = float(scaling.get("factor") or 1.0)
     if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
         grow = factor * seq_len / cfg.max_position_embeddings - (factor - 1)
         base = base * grow ** (dim / (dim - 2))
     steps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
     inv_freq = 1.0 / (base ** (steps / dim))
+    scale = 1.0
     if kind == "linear":
         inv_freq = inv_freq / factor
     elif kind == "llama3":
@@ -70,11 +75,49 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
-    elif kind not in ("default", "linear", "dynamic"):
-        raise ValueError(
-            f"config.json: rope_scaling type {kind!r} is not supported (expected linear, dynamic or llama3)"
-        )
-    return inv_freq, 1.0
+    elif kind == "yarn":
+        inv_freq, scale = _yarn(cfg, scaling, inv_freq, device)
+    elif kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factors = scaling["long_factor"] if seq_len > old_len else scaling["short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
+        ratio = scaling.get("factor") or cfg.max_position_embeddings / old_len
+        scale = scaling.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(old_len))
+    return inv_freq, float(scale)
+
+
+def _yarn(cfg: ModelConfig, scaling: dict, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than ``beta_slow`` times over the
+    trained length are interpolated (divided by the factor), those turning more than ``beta_fast``
+    times are kept, a linear ramp over the dimensions between; cos/sin are scaled by
+    ``0.1 * ln(factor) + 1`` unless the config gives ``attention_factor`` (or ``mscale``s)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / old_len
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    scale = scaling.get("attention_factor")
+    if scale is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        scale = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:  # the dimension whose frequency turns `turns` times over old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as trained), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, scale
 
 
 def rope_tables(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -112,18 +155,36 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        if cfg.fused_qkv:  # Phi-3: one projection, rows q then k then v (LoRA adapts it whole, as PEFT)
+            self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None, rt=None):
         rt = rt or runtimes.default()
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
-        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.cfg.fused_qkv:
+            (qkv,) = rt.project((self.qkv_proj,), x, again, kept=(True,))
+            if self.cfg.qkv_grouped:  # InternLM2: per kv head, its query heads, then k, then v
+                g = qkv.view(b, t, kv, h // kv + 2, d)
+                q, k, v = g[:, :, :, : h // kv].reshape(b, t, h * d), g[:, :, :, -2], g[:, :, :, -1]
+            else:
+                q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+        else:
+            qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
+            q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))
+        q, k = q.view(b, t, h, d), k.view(b, t, kv, d)
+        if self.cfg.qk_norm:  # Qwen3: each head normalised before RoPE
+            q, k = self.q_norm(q, rt), self.k_norm(k, rt)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
@@ -151,13 +212,24 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # Phi-3: one projection, the gate's rows then the up rows
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def _gate_up(self, rt, x, again=None, kept=None):
+        if self.fused:
+            (both,) = rt.project((self.gate_up_proj,), x, again, kept=kept and (True,))
+            gate, up = both.chunk(2, dim=-1)
+            return gate.contiguous(), up.contiguous()  # the kernels take whole rows
+        return rt.project((self.gate_proj, self.up_proj), x, again, kept=kept)
 
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
-        gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
+        gate, up = self._gate_up(rt, x, again, kept=(True, True))
         hidden = rt.swiglu(gate, up)
         # with ``again``, SwiGLU keeps gate and up for its backward: rebuild the product from them
         (out,) = rt.project(
@@ -173,6 +245,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # how many projections read each normed input (a rebuild serves them all)
+        self.qkv_uses = 1 if cfg.fused_qkv else 3
+        self.gate_up_uses = 1 if cfg.fused_gate_up else 2
 
     def forward(self, x, cos, sin, mask, cache, lean: bool = False, rt=None):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
@@ -186,7 +261,7 @@ class DecoderLayer(nn.Module):
                 sin,
                 mask,
                 cache,
-                again=self._renorm(rt, self.input_layernorm, x, 3) if lean else None,
+                again=self._renorm(rt, self.input_layernorm, x, self.qkv_uses) if lean else None,
                 rt=rt,
             ),
         )
@@ -194,7 +269,7 @@ class DecoderLayer(nn.Module):
             x,
             self.mlp(
                 self.post_attention_layernorm(x, rt),
-                again=self._renorm(rt, self.post_attention_layernorm, x, 2) if lean else None,
+                again=self._renorm(rt, self.post_attention_layernorm, x, self.gate_up_uses) if lean else None,
                 rt=rt,
             ),
         )
@@ -242,8 +317,8 @@ def _document_mask(position_ids: torch.Tensor | None, t: int, past: int, device)
 
 
 def _static_rope(cfg: ModelConfig) -> bool:
-    scaling = cfg.rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type")) != "dynamic"
+    """Whether the rope tables depend on the positions only (not on the sequence's length)."""
+    return rope_kind(cfg) not in ("dynamic", "longrope")
 
 
 class DecoderModel(nn.Module):
@@ -320,6 +395,12 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
+        self._tie_or_make_head(cfg)
+
+    # tanh soft-capping of the logits (Gemma 2), which a trainer's loss must apply too
+    logit_softcap: float | None = None
+
+    def _tie_or_make_head(self, cfg: ModelConfig) -> None:
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:

@@ -47,6 +47,30 @@ def autocast(train_dtype: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def preflight(cfg: Any, tokenizer) -> None:
+    """What can be checked before any data is tokenized or file written: the model's config.json
+    (a known architecture, every key its family needs), the tokenizer fitting the embedding, and the
+    LoRA targets matching modules of the model (built on the meta device: no weights read).
+
+    Raises:
+        FormatError / TunexError: one line naming the file or key, what was expected and the fix.
+    """
+    from tunex.errors import ConfigError, TunexError
+    from tunex.models import read_config, resolve_model_path
+    from tunex.models.config import check_tokenizer_fits, tunex_targets
+    from tunex.models.loading import meta_model
+    from tunex.peft import select_targets
+
+    folder = resolve_model_path(cfg.model.path)
+    model_cfg = read_config(folder)
+    check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
+    if cfg.method.kind != "full":
+        try:
+            select_targets(meta_model(model_cfg), tunex_targets(cfg.method.target_modules, model_cfg))
+        except ConfigError as e:
+            raise TunexError(f"{cfg.source}: method.target_modules: {e.problems[0]}") from None
+
+
 def build_model(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     """Load ``cfg.model`` and make exactly the part ``cfg.method`` trains require grad.
 
@@ -75,9 +99,10 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     if method.kind == "full":
         model.requires_grad_(True)
     else:
-        apply_lora(
-            model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
-        )
+        from tunex.models.config import tunex_targets
+
+        targets = tunex_targets(method.target_modules, model.config)  # InternLM2's own names too
+        apply_lora(model, targets, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora)
         # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW or AdamW8bit)
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         for p in model.parameters():

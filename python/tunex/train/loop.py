@@ -29,7 +29,7 @@ from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.train import checkpoint
-from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device
+from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
 from tunex.train.optim import build_optimizer, build_scheduler
@@ -149,6 +149,7 @@ def train(
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
+    preflight(cfg, tokenizer)  # bad model, tokenizer or targets: an error before anything is written
     # The tokenized-data cache sits next to the work dirs, so runs of one config share it.
     cache = cfg.data.cache_dir or str(work.parent / ".cache")
     # one process per node tokenizes into the cache first (its writes are atomic renames, so
