@@ -46,7 +46,7 @@ OPTIONS = {
 GIB = {
     "llama2_7b_qlora_alpaca_e3": (6.99, 6.40, 5.93, 5.51, 5.04, 4.74),
     "mistral_7b_qlora_alpaca_e3": (7.43, 6.81, 6.34, 5.87, 5.40, 5.09),
-    "internlm2_chat_7b_qlora_oasst1_e3": (8.35, 7.73, 7.26, 6.80, 6.33, 6.01),
+    "internlm2_chat_7b_qlora_oasst1_e3": (8.10, 7.54, 7.07, 6.70, 6.23, 5.95),
     "qwen2_7b_instruct_qlora_alpaca_e3": (8.64, 8.04, 7.69, 7.14, 6.79, 6.49),
     "llama3_8b_instruct_qlora_alpaca_e3": (8.90, 8.27, 7.81, 7.34, 6.87, 6.56),
 }
@@ -58,10 +58,16 @@ def nf4_bytes(n: int) -> int:
     return n // 2 + n // 64 + 4 * math.ceil(n / 64 / 256) + 1024 + 4 + 64
 
 
+# InternLM2's wqkv is one projection (tunex keeps it fused, and LoRA adapts it whole as PEFT does)
+FUSED_QKV = {"internlm2_chat_7b_qlora_oasst1_e3"}
+
+
 def hand_count(name: str, adapter_bytes: int, optimizer: str, offload: bool) -> int:
     h, i, layers, heads, kv_heads, vocab, bias = {**SHAPES, **SHAPES_70B}[name]
     q, kv, r, tokens = heads * 128, kv_heads * 128, 64, 2048
     mats = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of the 7 linears
+    if name in FUSED_QKV:
+        mats = [(h, q + 2 * kv), (q, h), (h, i), (h, i), (i, h)]
     weights = layers * sum(nf4_bytes(a * b) for a, b in mats)
     others = 2 * vocab * h + (2 * layers + 1) * h + (layers * (q + 2 * kv) if bias else 0)
     weights += 2 * others  # bf16
@@ -74,7 +80,7 @@ def hand_count(name: str, adapter_bytes: int, optimizer: str, offload: bool) -> 
         per = [2 * n + 8 * math.ceil(n / 256) for n in tensors]  # all >= 4096 elements
         static += (max(per) if optimizer == "paged_adamw_8bit" else sum(per)) + 2 * 256 * 4
     checkpoints = (2 if offload else layers) * tokens * h * 2
-    saved = (3 * h + 3 * q + 2 * kv + 3 * i + 7 * r) * 2 + 4 * (2 + heads)
+    saved = (3 * h + 3 * q + 2 * kv + 3 * i + len(mats) * r) * 2 + 4 * (2 + heads)
     backward = (
         checkpoints + tokens * h * 2 + tokens * saved + tokens * (3 * i + 2 * h) * 2 + 2 * max(a * b for a, b in mats)
     )
