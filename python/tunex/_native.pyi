@@ -68,6 +68,19 @@ class SafeMap:
     def path(self) -> str: ...
     def data(self) -> _np.ndarray: ...
 
+# partial outputs (rust/src/py/partial.rs)
+def partial_path(target: _Path, tag: str) -> str:
+    """``.{name}.tunex-{tag}.{owner token}`` beside ``target``."""
+
+def sweep_partials(folder: _Path) -> list[str]:
+    """Remove the partials in ``folder`` whose owner is provably dead; returns their paths."""
+
+def partial_fate(name: str) -> str | None:
+    """ "alive", "dead" or "foreign" for a partial's file name; None when it is not one."""
+
+def publish(work: _Path, target: _Path, overwrite: bool = False) -> None:
+    """Rename the finished partial ``work`` to ``target`` in one step and fsync the parent."""
+
 # merge (rust/src/py/merge.rs)
 def merge_lora(
     base: _Path,

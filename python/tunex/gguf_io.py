@@ -155,13 +155,6 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
     )
 
 
-def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
-    """Write an HF weights folder through tunex's Rust shard writer (``{"format": "pt"}`` metadata)."""
-    from tunex.io.sharded import save_sharded
-
-    save_sharded(state, out_dir, max_shard_size=max_shard_size)
-
-
 def _open(path: Path):
     import gguf
 
@@ -187,9 +180,24 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer)."""
+    """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer).
+
+    The folder is built beside ``out_dir`` and renamed into place whole (an existing ``out_dir`` is
+    replaced in one step). Tensors are dequantized one at a time straight into the Rust shard
+    writer, so memory holds about one fp32 tensor plus the pages of the memory-mapped GGUF.
+    """
+    from tunex.io.atomic import atomic_folder
+
+    with atomic_folder(out_dir, overwrite=True) as tmp:
+        build_hf_folder(gguf_path, tmp)
+    return Path(out_dir)
+
+
+def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """:func:`gguf_to_hf` into ``out_dir`` as it is (created if missing; the caller makes it atomic)."""
     import gguf
-    import torch
+
+    from tunex.io.sharded import stream_sharded
 
     path, out = Path(gguf_path), Path(out_dir)
     reader = _open(path)
@@ -202,27 +210,32 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if scaling is not None:
         config["rope_scaling"] = scaling
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    state = {}
+    tensors = []
     for t in reader.tensors:
         if t.name in SKIP:
             continue
         name = hf_name(t.name)
         if name is None:
             raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
-        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, heads)
-        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, kv)
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owns its memory
+        tensors.append((name, t))
+    specs = [(name, "F32", [int(d) for d in reversed(t.shape)]) for name, t in tensors]  # GGUF: fastest-first
+
+    def dequantized():
+        for (name, t), (_, _, shape) in zip(tensors, specs):
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+            if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
+                w = unpermute_qk(w, heads)
+            elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
+                w = unpermute_qk(w, kv)
+            yield name, np.ascontiguousarray(w, dtype=np.float32)
+
     out.mkdir(parents=True, exist_ok=True)
     if "tokenizer.ggml.model" in reader.fields:  # GGUFs without a vocabulary exist (tests, LoRA)
         _write_tokenizer(reader, out, config.get("max_position_embeddings"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_weights(state, out)
+    stream_sharded(out, specs, dequantized())
     return out
 
 
@@ -232,12 +245,10 @@ OUTTYPES = ("f32", "f16", "q8_0")
 def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
     """Write an HF folder (llama, mistral, qwen2, internlm2) as one GGUF file."""
     import gguf
-    import torch
 
-    from tunex.gguf_vocab import add_tokenizer_to_gguf
-    from tunex.models.config import read_config, to_tunex_names
+    from tunex.io.atomic import atomic_path
+    from tunex.models.config import read_config
     from tunex.models.hub import resolve_model_path
-    from tunex.models.loading import read_checkpoint
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
@@ -245,8 +256,19 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     cfg = read_config(folder)
     arch = ARCH_OF_FAMILY[cfg.family]
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), arch)
+    with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype)
+    return out
+
+
+def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
+    import gguf
+    import torch
+
+    from tunex.gguf_vocab import add_tokenizer_to_gguf
+    from tunex.models.config import to_tunex_names
+    from tunex.models.loading import read_checkpoint
+
     writer.add_name(folder.name)
     writer.add_block_count(cfg.num_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -302,4 +324,3 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out

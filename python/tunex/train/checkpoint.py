@@ -67,16 +67,13 @@ def save(work_dir: str | os.PathLike, step: int, payload: dict[str, Any], keep: 
 
     ``keep`` = 0 keeps every checkpoint.
     """
+    from tunex.io.atomic import atomic_file
+
     folder = Path(work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"iter_{step}.pth"
-    tmp = folder / f".iter_{step}.pth.tmp"
     data = {"format": FORMAT, "version": VERSION, "step": step, **payload}
-    with open(tmp, "wb") as f:
+    with atomic_file(target) as f:
         torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
     if keep > 0:
         prune(folder, keep)
     return target

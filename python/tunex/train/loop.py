@@ -28,6 +28,7 @@ from tunex.dist.metrics import reduce_step
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
+from tunex.io.atomic import write_text
 from tunex.train import checkpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device
 from tunex.train.hooks import EvalChatHook
@@ -194,9 +195,11 @@ def train(
 
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        write_text(work / "config.toml", cfg.to_toml())
     metrics = MetricsWriter(work, resume_step=step, enabled=is_main)
     progress = TrainProgress(total, step, enabled=is_main)
+    if metrics.notice:
+        progress.echo(metrics.notice)
     template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
     hook = EvalChatHook(model, tokenizer, template, cfg.eval, work if is_main else None, progress.echo)
     if is_main:
