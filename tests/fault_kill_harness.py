@@ -158,6 +158,26 @@ def writers(root: Path) -> dict:
         torch.manual_seed(0)
         checkpoint.save(out.parent, 7, {"model": {f"w{i}": torch.randn(512, 512) for i in range(8)}}, keep=0)
 
+    import torch
+
+    # built here, once (one torch thread, so the forks inherit no thread pool): each forked run
+    # goes straight to writing
+    torch.manual_seed(0)
+    lm = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    opt = torch.optim.AdamW(lm.parameters())
+    lm(torch.randn(2, 512)).sum().backward()
+    opt.step()
+
+    def sharded_checkpoint(out):
+        import random
+
+        from tunex.dist.ckpt import save_sharded
+        from tunex.dist.env import DistEnv
+
+        random.seed(0)
+        torch.manual_seed(0)
+        save_sharded(out.parent, 7, lm, opt, {"data": {"micro_batches": 7}}, keep=0, env=DistEnv())
+
     def config_text(out):
         from tunex.io.atomic import write_text
 
@@ -172,6 +192,7 @@ def writers(root: Path) -> dict:
         "gguf_to_hf": (gguf_to_hf, "from_gguf"),
         "hf_to_gguf": (hf_to_gguf, "out.gguf"),
         "train_checkpoint": (train_checkpoint, "work/iter_7.pth"),
+        "sharded_checkpoint": (sharded_checkpoint, "work/iter_7.shards"),
         "config_text": (config_text, "text/config.toml"),
     }
     return {name: (root / "outs" / name / rel, fn) for name, (fn, rel) in table.items()}
@@ -215,9 +236,11 @@ def main() -> None:
     # imported here so that a forked run starts writing at once (importing starts no threads)
     import gguf  # noqa: F401
     import transformers  # noqa: F401
+    import tunex.dist.ckpt  # noqa: F401
     import tunex.gguf_io  # noqa: F401
     import tunex.merge  # noqa: F401
     import tunex.quant.checkpoint  # noqa: F401
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: F401
     from tunex.config import load_config
     from tunex.train.export import checkpoint_as_adapter
 

@@ -4,6 +4,7 @@ rank slices of the batch stream, checkpoint listing with sharded folders."""
 from __future__ import annotations
 
 import datetime
+import json
 
 import pytest
 import torch
@@ -150,20 +151,75 @@ def test_torchrun_command_line():
 
 def test_checkpoint_listing_includes_sharded_folders(tmp_path):
     checkpoint.save(tmp_path, 2, {"x": torch.zeros(1)}, keep=0)
-    (tmp_path / "iter_4.dcp").mkdir()
-    (tmp_path / "iter_4.dcp" / ".metadata").write_bytes(b"")
-    (tmp_path / "iter_6.dcp").write_text("a file, not a checkpoint folder")
+    (tmp_path / "iter_4.shards").mkdir()
+    (tmp_path / "iter_4.shards" / "manifest.json").write_text("{}")
+    (tmp_path / "iter_6.shards").write_text("a file, not a checkpoint folder")
     assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [2, 4]
-    assert checkpoint.resolve_resume("auto", tmp_path).name == "iter_4.dcp"
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "iter_4.shards"
     checkpoint.prune(tmp_path, 1)
-    assert [p.name for _, p in checkpoint.checkpoints(tmp_path)] == ["iter_4.dcp"]
+    assert [p.name for _, p in checkpoint.checkpoints(tmp_path)] == ["iter_4.shards"]
 
 
 def test_unfinished_sharded_checkpoint_is_named(tmp_path):
     from tunex.errors import FormatError
 
+    folder = tmp_path / "iter_4.shards"
+    folder.mkdir()
+    with pytest.raises(FormatError, match="iter_4.shards: a checkpoint folder without manifest.json"):
+        checkpoint.load(folder)
+
+
+def _tiny_run(seed: int, steps: int = 1):
+    torch.manual_seed(seed)
+    lm = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3, bias=False))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    for _ in range(steps):
+        lm(torch.randn(4, 6)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return lm, optimizer
+
+
+def test_sharded_checkpoint_holds_no_pickle_and_restores_exactly(tmp_path):
+    """The .shards format (here written by one process): JSON + safetensors only, read back as the
+    same weights, optimizer state, scheduler state and RNG, into a fresh model."""
+    from tunex.dist import ckpt
+
+    lm, optimizer = _tiny_run(0)
+    meta = {"scheduler": {"base_lrs": [0.01], "last_epoch": 1}, "data": {"micro_batches": 8}, "method": "full"}
+    torch.manual_seed(5)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(5)
+    path = ckpt.save_sharded(tmp_path, 1, lm, optimizer, meta, keep=0, env=DistEnv())
+    assert path.name == "iter_1.shards"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank_0.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["iter_1.shards"], "no partial left"
+    json.loads((path / "manifest.json").read_text())  # plain JSON
+    loaded = checkpoint.load(path)
+    assert loaded["step"] == 1 and loaded["data"] == {"micro_batches": 8} and loaded["world_size"] == 1
+    for k, v in lm.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    fresh, fresh_opt = _tiny_run(1, steps=0)  # as a resumed run builds them
+    ckpt.restore(path, None, fresh, fresh_opt, "full")
+    for a, b in zip(fresh.parameters(), lm.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(fresh_opt.state.values(), optimizer.state.values()):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(fresh_opt.param_groups[0]["betas"]) == [0.8, 0.9]
+    torch.manual_seed(0)
+    ckpt.restore_rng(ckpt.read_meta(path), DistEnv(), seed=0, step=1)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_torch_distributed_checkpoint_folders_are_refused_naming_the_pickle(tmp_path):
+    from tunex.errors import FormatError
+
     folder = tmp_path / "iter_4.dcp"
     folder.mkdir()
-    (folder / ".metadata").write_bytes(b"")
-    with pytest.raises(FormatError, match="iter_4.dcp: a checkpoint folder without meta.pt"):
-        checkpoint.load(folder)
+    (folder / ".metadata").write_bytes(b"\x80\x04 a pickle")
+    (folder / "meta.pt").write_bytes(b"")
+    from tunex.dist.ckpt import read_meta
+
+    for read in (checkpoint.load, read_meta):
+        with pytest.raises(FormatError, match=r"iter_4.dcp: a torch.distributed.checkpoint folder; .*pickle"):
+            read(folder)

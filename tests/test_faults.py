@@ -51,6 +51,7 @@ def test_sigkill_at_random_points_leaves_every_output_absent_or_whole_and_the_ne
         "gguf_to_hf",
         "hf_to_gguf",
         "train_checkpoint",
+        "sharded_checkpoint",
         "config_text",
     }
     for name, r in report.items():
