@@ -171,6 +171,26 @@ def _write_tokenizer(reader, out: Path, context_length: int | None) -> None:
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+ROWS_PER_CHUNK = 4096  # dequantized at a time: gguf's temporaries stay a few MB, not a few tensors
+
+
+def _dequantized(t, shape: list[int]) -> np.ndarray:
+    """GGUF tensor ``t`` as a float32 array of ``shape`` (HF order), dequantized in row chunks into
+    one preallocated array so that the peak is about one fp32 tensor."""
+    import gguf
+
+    data = t.data
+    if data.ndim < 2 or len(shape) < 2:
+        return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+    out = np.empty(shape, dtype=np.float32)
+    rows = out.reshape(-1, shape[-1])
+    flat = data.reshape(-1, data.shape[-1])
+    for i in range(0, flat.shape[0], ROWS_PER_CHUNK):
+        part = gguf.quants.dequantize(flat[i : i + ROWS_PER_CHUNK], t.tensor_type)
+        rows[i : i + part.shape[0]] = part.reshape(part.shape[0], -1)
+    return out
+
+
 def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write only tokenizer.json and tokenizer_config.json rebuilt from a GGUF file's metadata."""
     out = Path(out_dir)
@@ -222,7 +242,7 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
     def dequantized():
         for (name, t), (_, _, shape) in zip(tensors, specs):
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+            w = _dequantized(t, shape)
             if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
                 w = unpermute_qk(w, heads)
             elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
@@ -298,29 +318,75 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
 
         scaled, _ = rope_inv_freq(cfg, 1)
         plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+        rope_freqs = (plain / scaled).numpy().astype(np.float32)
     elif kind not in (None, "default"):
         raise FormatError(f"{folder}/config.json: rope scaling {kind!r} cannot be written to GGUF")
     if (folder / "tokenizer.json").is_file():
         add_tokenizer_to_gguf(writer, folder)
+
+    def tensors():
+        """(GGUF name, array) one at a time, in file order, read from the checkpoint as needed."""
+        if kind == "llama3":
+            yield "rope_freqs.weight", rope_freqs
+        for ckpt_name, tensor in read_checkpoint(folder):
+            for name, t in to_tunex_names(ckpt_name, tensor, cfg):
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                yield gguf_name(name), _gguf_array(name, t, cfg, arch, outtype)
+
+    # The header lists every tensor's shape and type before the data: a first pass reads only the
+    # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
+    # so memory holds one tensor however large the model is.
+    for name, shape, kind_of in _gguf_layout(folder, cfg, outtype, kind == "llama3"):
+        if kind_of == "q8_0":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            block, size = gguf.GGML_QUANT_SIZES[q8]
+            byte_shape = [*shape[:-1], shape[-1] // block * size]
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q8)
+        else:
+            dtype = np.dtype(np.float32 if kind_of == "f32" else np.float16)
+            writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _name, array in tensors():
+        writer.write_tensor_data(array)
+        del array
+    writer.close()
+
+
+def _tensor_kind(shape: tuple[int, ...], outtype: str) -> str:
+    if len(shape) == 1 or outtype == "f32":
+        return "f32"
+    return "f16" if outtype == "f16" or shape[-1] % 32 else "q8_0"
+
+
+def _gguf_layout(folder: Path, cfg, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
+    """(GGUF name, shape, "f32" | "f16" | "q8_0") of every tensor :func:`hf_to_gguf` writes, in order."""
+    from tunex.models.config import to_tunex_names
+    from tunex.models.loading import read_checkpoint
+
+    layout = [("rope_freqs.weight", [cfg.head_dim // 2], "f32")] if rope_freqs else []
     for ckpt_name, tensor in read_checkpoint(folder):
         for name, t in to_tunex_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            w = t.float().numpy()
-            if arch == "llama" and name.endswith("q_proj.weight"):
-                w = permute_qk(w, cfg.num_heads)
-            elif arch == "llama" and name.endswith("k_proj.weight"):
-                w = permute_qk(w, cfg.num_kv_heads)
-            w = np.ascontiguousarray(w)
-            if w.ndim == 1 or outtype == "f32":
-                writer.add_tensor(gguf_name(name), w.astype(np.float32))
-            elif outtype == "f16" or w.shape[-1] % 32:
-                writer.add_tensor(gguf_name(name), w.astype(np.float16))
-            else:
-                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(gguf_name(name), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            layout.append((gguf_name(name), list(t.shape), _tensor_kind(tuple(t.shape), outtype)))
+    return layout
+
+
+def _gguf_array(name: str, t, cfg, arch: str, outtype: str) -> np.ndarray:
+    import gguf
+
+    w = t.float().numpy()
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        w = permute_qk(w, cfg.num_heads)
+    elif arch == "llama" and name.endswith("k_proj.weight"):
+        w = permute_qk(w, cfg.num_kv_heads)
+    w = np.ascontiguousarray(w)
+    kind = _tensor_kind(w.shape, outtype)
+    if kind == "f32":
+        return w.astype(np.float32)
+    if kind == "f16":
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
