@@ -215,7 +215,6 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """:func:`gguf_to_hf` into ``out_dir`` as it is (created if missing; the caller makes it atomic)."""
-    import gguf
 
     from tunex.io.sharded import stream_sharded
 
