@@ -34,12 +34,13 @@ def take(stream, n: int) -> list[list[int]]:
     return [next(stream)["input_ids"][:, 0].tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 4])
 def test_ranks_split_the_lone_stream_into_equal_global_steps(world):
-    ds, per_epoch, accum = Items(), 5, 2  # batch 2 -> 5 micro-batches per epoch
-    lone = take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch), 4 * world * accum)
+    ds, accum = Items(), 2
+    # a lone run with accumulation world x accum has the same global batch: the same stream
+    lone = take(rank_micro_batches(ds, 2, seed=3, consumed=0, grad_accum=world * accum), 4 * world * accum)
     per_rank = [
-        take(rank_micro_batches(ds, 2, seed=3, consumed=0, per_epoch=per_epoch, rank=r, world_size=world), 4 * accum)
+        take(rank_micro_batches(ds, 2, seed=3, consumed=0, rank=r, world_size=world, grad_accum=accum), 4 * accum)
         for r in range(world)
     ]
     for step in range(4):
@@ -50,15 +51,40 @@ def test_ranks_split_the_lone_stream_into_equal_global_steps(world):
     assert lone[:5] != lone[5:10] and sorted(i for mb in lone[:5] for i in mb) == list(range(10))
 
 
-def test_resume_by_global_micro_batch_on_another_world_size():
+def step_sequences(batch_size: int, accum: int, world: int, steps: int, seed: int = 3, consumed: int = 0):
+    """The set of sequences each optimizer step trains on, over all ranks."""
+    streams = [
+        rank_micro_batches(Items(), batch_size, seed, consumed, rank=r, world_size=world, grad_accum=accum)
+        for r in range(world)
+    ]
+    per_rank = [take(s, steps * accum) for s in streams]
+    return [
+        sorted(i for r in range(world) for mb in per_rank[r][k * accum : (k + 1) * accum] for i in mb)
+        for k in range(steps)
+    ]
+
+
+def test_the_data_order_depends_on_the_global_batch_only():
+    """batch_size x grad_accum x world_size = 4 split four ways: the same sequences at every step,
+    across epoch boundaries (10 items, 4 per step) and after a resume with another split."""
+    want = step_sequences(4, 1, 1, steps=7)
+    for split in [(2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 4, 1)]:
+        assert step_sequences(*split, steps=7) == want, split
+    assert all(len(s) == 4 for s in want) and want[0] != want[1]
+    # resumed after 3 steps (12 sequences) with another split: the steps continue unchanged
+    assert step_sequences(1, 2, 2, steps=4, consumed=12) == want[3:]
+    assert step_sequences(8, 1, 1, steps=2) != [want[0] + want[1], want[2] + want[3]], "a new global batch"
+
+
+def test_resume_by_sequence_on_another_world_size():
     ds = Items()
-    lone = take(rank_micro_batches(ds, 2, seed=0, consumed=0, per_epoch=5), 12)
-    # 2 ranks resuming after 6 global micro-batches (e.g. 3 steps of a lone run with accumulation 2)
-    r0 = take(rank_micro_batches(ds, 2, seed=0, consumed=6, per_epoch=5, rank=0, world_size=2), 3)
-    r1 = take(rank_micro_batches(ds, 2, seed=0, consumed=6, per_epoch=5, rank=1, world_size=2), 3)
+    lone = take(rank_micro_batches(ds, 2, seed=0, consumed=0, grad_accum=2), 12)
+    # 2 ranks resuming after 12 sequences (3 steps of a lone run with batch 2 and accumulation 2)
+    r0 = take(rank_micro_batches(ds, 2, seed=0, consumed=12, rank=0, world_size=2), 3)
+    r1 = take(rank_micro_batches(ds, 2, seed=0, consumed=12, rank=1, world_size=2), 3)
     assert r0 == lone[6::2] and r1 == lone[7::2]
     with pytest.raises(ValueError, match="outside world size"):
-        next(rank_micro_batches(ds, 2, seed=0, consumed=0, per_epoch=5, rank=2, world_size=2))
+        next(rank_micro_batches(ds, 2, seed=0, consumed=0, rank=2, world_size=2))
 
 
 def test_global_batch_and_steps():
