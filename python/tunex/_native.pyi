@@ -47,7 +47,7 @@ class ShardWriter:
     ) -> None: ...
     def write(self, name: str, data: _U8) -> None: ...
     def finish(self, extra_files: list[tuple[_Path, str]] = ...) -> dict[str, Any]:
-        """Keys: files, tensors, data_bytes, file_bytes."""
+        """Keys: files, tensors, data_bytes, file_bytes, io (how the files were written)."""
     def abort(self) -> None: ...
 
 class SafeReader:
@@ -95,7 +95,7 @@ def merge_lora(
     progress: Callable[[str, int, int, int, int], object] | None = None,
     fsync: bool = True,
 ) -> dict[str, Any]:
-    """Keys: tensors, merged, replaced, bytes_written, files, seconds. ``progress(name, done, total,
+    """Keys: tensors, merged, replaced, bytes_written, files, seconds, io. ``progress(name, done, total,
     bytes_done, bytes_total)`` is called per tensor; an exception it raises stops the merge."""
 
 def merge_plan(

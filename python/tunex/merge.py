@@ -47,6 +47,7 @@ class MergeReport:
     bytes_written: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    io: str = ""  # how the shards were written: "direct I/O" or "buffered writes (why)"
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -202,6 +203,7 @@ def merge(
         bytes_written=r["bytes_written"],
         seconds=time.perf_counter() - start,
         files=list(r["files"]),
+        io=r.get("io", ""),
     )
 
 

@@ -87,6 +87,11 @@ impl OutputDir {
         self.durable
     }
 
+    /// The temporary folder files are written in (on the target's filesystem).
+    pub fn work(&self) -> &Path {
+        &self.work
+    }
+
     /// The final location.
     pub fn target(&self) -> &Path {
         &self.target
