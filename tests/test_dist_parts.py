@@ -249,3 +249,28 @@ def test_torch_distributed_checkpoint_folders_are_refused_naming_the_pickle(tmp_
     for read in (checkpoint.load, read_meta):
         with pytest.raises(FormatError, match=r"iter_4.dcp: a torch.distributed.checkpoint folder; .*pickle"):
             read(folder)
+
+
+def test_damaged_sharded_checkpoints_are_named_errors(tmp_path):
+    from tunex.dist import ckpt
+    from tunex.errors import FormatError
+
+    lm, optimizer = _tiny_run(0)
+    path = ckpt.save_sharded(tmp_path, 1, lm, optimizer, {"method": "full"}, keep=0, env=DistEnv())
+    manifest = json.loads((path / "manifest.json").read_text())
+    cases = {
+        "not readable JSON": "{",
+        "not a tunex sharded checkpoint": json.dumps({**manifest, "format": "x"}),
+        "checkpoint version 9": json.dumps({**manifest, "version": 9}),
+        "rank_1.safetensors is missing": json.dumps({**manifest, "world_size": 2}),
+        "world_size 0 is not a positive integer": json.dumps({**manifest, "world_size": 0}),
+    }
+    for expected, text in cases.items():
+        (path / "manifest.json").write_text(text)
+        with pytest.raises(FormatError, match=expected):
+            checkpoint.load(path)
+    key = next(k for k, v in manifest["tensors"].items() if v["shape"])
+    bad = {**manifest, "tensors": {**manifest["tensors"], key: {"shape": [1, 2, 3], "rows": None}}}
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(FormatError, match=f"tensor {key!r} has shape"):
+        checkpoint.load(path)
