@@ -13,8 +13,10 @@ interleaved pairs: row ``(h, i, j)`` of shape (heads, 2, D/2) moves to ``(h, j, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,10 +160,21 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
 def _open(path: Path):
     import gguf
 
-    try:
+    with untrusted(path):
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+
+@contextlib.contextmanager
+def untrusted(path: Path) -> Iterator[None]:
+    """Whatever a damaged GGUF file makes the `gguf` reader raise (IndexError, struct errors,
+    ValueError, ...) becomes one FormatError naming the file; I/O errors stay OSErrors."""
+    try:
+        yield
+    except (FormatError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise FormatError(f"{path}: not a readable GGUF file ({detail})") from exc
 
 
 def _write_tokenizer(reader, out: Path, context_length: int | None) -> None:
@@ -208,7 +221,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """
     from tunex.io.atomic import atomic_folder
 
-    with atomic_folder(out_dir, overwrite=True) as tmp:
+    with atomic_folder(out_dir, overwrite=True) as tmp, untrusted(Path(gguf_path)):
         build_hf_folder(gguf_path, tmp)
     return Path(out_dir)
 
