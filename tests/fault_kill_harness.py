@@ -34,6 +34,8 @@ def _child(fn) -> int:
         except BaseException as e:  # noqa: BLE001 - reported through the exit code
             sys.stderr.write(f"child failed: {type(e).__name__}: {e}\n")
             code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     return pid
 
@@ -227,6 +229,55 @@ def complete_view(name: str, out: Path):
     return {"tensors": sorted(values), "runs": len(set(values.values()))}
 
 
+def train_kills(root: Path, seed: int, kills: int) -> dict:
+    """A LoRA run of 10 steps (a checkpoint every step) killed at a random point, then resumed with
+    ``--resume auto`` until done, must log exactly the uninterrupted run's steps."""
+    from test_train_helpers import make_data, make_tiny_model, write_config
+    from tunex.config import load_config
+    from tunex.train import checkpoint
+    from tunex.train.loop import train
+    from tunex.train.metrics import read_metrics
+
+    model, data = make_tiny_model(root / "tm"), make_data(root / "td", "instruct")
+    cfg_path = write_config(
+        root / "t.toml", model, data, "lora", "openai", root / "runs" / "ref", max_steps=10, save_steps=1
+    )
+
+    def run_train(work: Path, resume: str | None = None):
+        def go():
+            if resume:  # keep what the run says (its first line names the checkpoint it resumed from)
+                work.mkdir(parents=True, exist_ok=True)
+                fd = os.open(work.parent / f"{work.name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 2)  # the progress line and its messages go to stderr
+                os.environ["COLUMNS"] = "1000"  # one line each, paths unbroken
+            train(load_config(cfg_path), work_dir=str(work), resume=resume)
+
+        return go
+
+    took = run(run_train(root / "runs" / "ref"))
+    curve = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(root / "runs" / "ref")]
+    rng = random.Random(seed)
+    problems, landed = [], 0
+    for i in range(kills):
+        work = root / "runs" / f"k{i}"
+        pid = _child(run_train(work))
+        time.sleep(rng.uniform(0.1, 1.0) * took)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        landed += len(read_metrics(work)) < len(curve)
+        saved = checkpoint.latest(work)
+        run(run_train(work, "auto"))
+        said = (work.parent / f"{work.name}.log").read_text()
+        if saved is not None and f"resumed from {saved} at step" not in said:
+            problems.append(f"kill {i}: the run did not resume from {saved}")
+        got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(work)]
+        if got != curve:
+            problems.append(f"kill {i}: the resumed run logged {got[:3]}... instead of {curve[:3]}...")
+        if partials(work):
+            problems.append(f"kill {i}: partials left after the resumed run: {partials(work)}")
+    return {"kills": kills, "seconds": round(took, 3), "killed_mid_run": landed, "problems": problems}
+
+
 def main() -> None:
     root, seed, kills = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     only = set(sys.argv[4:])
@@ -252,6 +303,8 @@ def main() -> None:
     run(make_adapter)
     rng = random.Random(seed)
     report = {}
+    if not only or "train" in only:
+        report["train"] = train_kills(root, seed, max(1, kills // 4))
     for name, (out, fn) in writers(root).items():
         if only and name not in only:
             continue
