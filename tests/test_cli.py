@@ -69,7 +69,7 @@ def test_list_cfg_pattern_is_case_insensitive_substring(runner):
 
 
 def test_list_cfg_typo_gives_closest_names(runner):
-    result = runner.invoke(cli, ["list-cfg", "--pattern", "qlroa"])
+    result = runner.invoke(cli, ["list-cfg", "--pattern", "smolm2_qlroa"])
     assert result.exit_code == 0
     assert "closest names" in result.output
     assert "smollm2_135m_instruct_qlora_chatterbot" in result.output

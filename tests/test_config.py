@@ -173,3 +173,22 @@ def test_docs_config_reference_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
     assert doc.read_text().strip() == describe().strip(), "regenerate: python -m tunex.config > docs/CONFIG.md"
+
+
+def test_optimizer_and_offload_checkpoint_keys():
+    from tunex.errors import ConfigError
+
+    base = {"model": {"path": "x"}, "data": {"path": "-"}}
+    cfg = validate({**base, "train": {"optimizer": "paged_adamw_8bit", "offload_checkpoints": True}})
+    assert (cfg.train.optimizer, cfg.train.offload_checkpoints) == ("paged_adamw_8bit", True)
+    assert validate(base).train.offload_checkpoints is False
+    with pytest.raises(ConfigError, match=r"train.offload_checkpoints: expected true or false, got 'yes'"):
+        validate({**base, "train": {"offload_checkpoints": "yes"}})
+    with pytest.raises(
+        ConfigError, match="train.offload_checkpoints: expected false when train.gradient_checkpointing"
+    ):
+        validate({**base, "train": {"offload_checkpoints": True, "gradient_checkpointing": False}})
+    with pytest.raises(
+        ConfigError, match=r"train.optimizer: expected one of 'adamw', 'adamw_8bit', 'paged_adamw_8bit', got 'lion'"
+    ):
+        validate({**base, "train": {"optimizer": "lion"}})

@@ -146,17 +146,21 @@ def test_resolve_shape_sources(tiny_dir, tmp_path):
         {"model_type": "qwen2"},  # q/k/v biases
         {"model_type": "internlm2", "bias": True},  # biases on q/k/v/o
         {"mlp_bias": True, "tie_word_embeddings": True},
+        {"model_type": "qwen3", "head_dim": 32},  # q/k norms
+        {"model_type": "phi3"},  # fused qkv_proj and gate_up_proj
+        {"model_type": "gemma2", "query_pre_attn_scalar": 16, "sliding_window": 8},  # sandwich norms
+        {"model_type": "gemma3_text", "query_pre_attn_scalar": 16, "sliding_window": 8},  # and q/k norms
     ],
 )
 def test_parameter_count_matches_the_model_built_on_meta(tmp_path, extra):
     import torch
     from tunex.models.config import config_from_hf
-    from tunex.models.decoder import CausalLM
+    from tunex.models.loading import new_model
 
     raw = {**TINY, **extra}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with torch.device("meta"):
-        model = CausalLM(config_from_hf(raw))
+        model = new_model(config_from_hf(raw))
     linear = sum(
         m.weight.numel()
         for n, m in model.named_modules()

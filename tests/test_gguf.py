@@ -26,7 +26,27 @@ def tiny(tmp_path_factory, kind: str):
     import transformers
 
     torch.manual_seed(0)
-    if kind == "qwen2":
+    if kind == "qwen3":  # q/k norms; head dim 128 as in every released Qwen3 (wider than hidden / heads
+        # here; transformers' GGUF loader assumes 128)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**BASE, head_dim=128)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+    elif kind in ("gemma2", "gemma3"):  # head dim = query_pre_attn_scalar = 256, transformers' defaults for
+        # what its GGUF loader does not read (soft-caps, layer pattern, local RoPE base); norms off one
+        cls = "Gemma2" if kind == "gemma2" else "Gemma3Text"
+        config = getattr(transformers, f"{cls}Config")(**BASE, head_dim=256, sliding_window=5, pad_token_id=0)
+        model = getattr(transformers, f"{cls.replace('Text', '')}ForCausalLM")(config).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+    elif kind == "phi3":  # fused qkv_proj and gate_up_proj; Phi-3's vocabulary size, as transformers'
+        # GGUF loader falls back to its default pad id (32000) without a tokenizer in the file
+        config = transformers.Phi3Config(**{**BASE, "vocab_size": 32064}, pad_token_id=32000)
+        model = transformers.Phi3ForCausalLM(config).eval()
+    elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BASE)).eval()
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -44,7 +64,7 @@ def tiny(tmp_path_factory, kind: str):
 IDS = torch.tensor([[5, 9, 13, 2, 77, 31, 8, 40]])
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
@@ -52,11 +72,16 @@ def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     a, b = load_model(folder), load_model(back)
     assert set(a.state_dict()) == set(b.state_dict())
     for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
-    assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (kind == "tied")
+        if kind.startswith("gemma") and k.endswith("norm.weight"):  # stored as 1 + w: fp32 rounding
+            torch.testing.assert_close(v, b.state_dict()[k], atol=1e-7, rtol=0)
+        else:
+            assert torch.equal(v, b.state_dict()[k]), k
+    assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (
+        kind in ("tied", "gemma2", "gemma3")
+    )
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_transformers_reads_our_gguf_like_the_original(tmp_path_factory, tmp_path, kind):
     import transformers
 
@@ -259,3 +284,24 @@ def test_llama3_rope_scaling_survives_the_round_trip(tmp_path):
     ids = torch.arange(40)[None] % 96
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "m")(ids), load_model(back)(ids))
+
+
+def test_phi3_sliding_window_survives_the_round_trip(tmp_path):
+    import transformers
+
+    config = transformers.Phi3Config(**BASE, pad_token_id=0, sliding_window=7)
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "m")
+    hf_to_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    back = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["sliding_window"] == 7
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(back)(IDS), load_model(tmp_path / "m")(IDS))
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_imports_with_its_soft_caps_windows_and_rope_bases(tmp_path_factory, tmp_path, kind):
+    folder, hf = tiny(tmp_path_factory, kind)
+    hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    back = load_model(gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), hf(IDS).logits, atol=1e-4, rtol=1e-4)

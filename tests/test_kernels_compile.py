@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from tunex.kernels import cross_entropy_triton as C, lora_triton as L, rmsnorm_triton as R, rope_triton as P
     from tunex.kernels import swiglu_triton as S
+    from tunex.kernels import adamw_8bit_triton as A
     from tunex.kernels._dispatch import warps_for
 
     def build(fn, sig, const, cc, warps=4):
@@ -51,6 +52,12 @@ SCRIPT = textwrap.dedent("""
                            "ignore_index": "i32"}, {"BLOCK_V": C.MAX_BLOCK_V, "FLOOR": C._FLOOR}, cc,
               warps_for(C.MAX_BLOCK_V))
         build(L._dropout, {"X": p(), "Y": p(), "n": "i32", "p": "fp32", "seed": "i64"}, {"BLOCK": L.BLOCK}, cc)
+        scalars = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "step_size", "inv_sqrt_bc2",
+                   "decay")
+        for key in ("i32", "u32"):  # a Python int key arrives as either, by its value
+            build(A._adamw_8bit, {"P": p(), "G": p(), "C1": "*u8", "C2": "*u8", "A1": "*fp32", "A2": "*fp32",
+                                  "MAP1": "*fp32", "MAP2": "*fp32", "n": "i32", **{k: "fp32" for k in scalars},
+                                  "key": key}, {"ROUND_BF16": dt == "bf16", "BLOCK": A.BLOCK}, cc, 2)
     print("compiled")
 """)
 

@@ -52,7 +52,7 @@ def test_linear_matches_torch(rows, cols, bias):
 
 
 def test_linear_many_matches_each_layer():
-    layers = [gemv.Linear(80, n, bias=n == 16) for n in (64, 16, 16)]
+    layers = [torch.nn.Linear(80, n, bias=n == 16) for n in (64, 16, 16)]
     x = torch.randn(1, 1, 80)
     with torch.inference_mode():
         outs = gemv.linear_many(x, layers)
@@ -148,7 +148,7 @@ def test_decode_threads_restores_the_thread_count():
 def test_the_native_kernels_leave_storages_resizable():
     # FSDP2 frees unsharded parameters by resizing their storage to zero; Tensor.numpy() would
     # forbid that for good, so inputs and parameters reach Rust through DLPack views
-    layer = gemv.Linear(32, 16, bias=True)
+    layer = torch.nn.Linear(32, 16, bias=True)
     x, w = torch.randn(1, 32), torch.randn(32)
     with torch.inference_mode():
         gemv.linear(x, layer.weight, layer.bias)
@@ -180,7 +180,7 @@ def test_an_unmerged_adapter_decodes_through_the_gemv_with_the_same_output(monke
     from tunex.peft import LoRALinear
 
     torch.manual_seed(0)
-    layer = LoRALinear(gemv.Linear(96, 200, bias=True), r=8, alpha=16.0, dropout=0.1).eval()
+    layer = LoRALinear(torch.nn.Linear(96, 200, bias=True), r=8, alpha=16.0, dropout=0.1).eval()
     torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
     x = torch.randn(1, 1, 96)
     with torch.inference_mode():

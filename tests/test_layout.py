@@ -109,3 +109,26 @@ def test_model_files_import_no_memory_or_decode_machinery():
         "tunex.runtime.arena.kept_add",
         "tunex.runtime.offload",
     ]
+
+
+def test_kernels_do_not_import_the_runtime():
+    """Layering: the runtime composes kernels, never the reverse (kernels allocate kept tensors
+    through tunex.kernels.kept, where the runtime's arena plugs in)."""
+    offenders = []
+    for path in sorted((PACKAGE / "kernels").rglob("*.py")):
+        for name in _imports(ast.parse(path.read_text(), str(path))):
+            if name == "tunex.runtime" or name.startswith("tunex.runtime."):
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not offenders, "; ".join(offenders)
+
+
+def test_only_the_registry_reads_the_kernel_switches():
+    """The switches that pick an implementation are read in the registry's conditions only."""
+    kernel_switches = ("TUNEX_GEMV", "TUNEX_ONEDNN", "TUNEX_NATIVE_ATTENTION", "TUNEX_FUSED_LORA", "TUNEX_KERNELS")
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name in ("registry.py", "settings.py") or "commands" in path.parts:
+            continue
+        text = path.read_text()
+        offenders += [f"{path.relative_to(PACKAGE)} reads {n}" for n in kernel_switches if f'"{n}"' in text]
+    assert not offenders, "; ".join(offenders)

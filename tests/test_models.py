@@ -6,56 +6,11 @@ import json
 
 import pytest
 import torch
+from _hf_families import BASE, FAMILIES, internlm2_checkpoint, make_hf
 from tunex.errors import FormatError
 from tunex.models import generate, load_model, to_checkpoint_names
 
 TOL = 1e-4
-BASE = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-FAMILIES = {
-    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
-    "llama3": (
-        "LlamaConfig",
-        "LlamaForCausalLM",
-        dict(
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
-    ),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
-    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
-    "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=1)),
-}
-
-
-def make_hf(tmp_path_factory, family: str):
-    import transformers
-
-    cfg_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(**{**BASE, **extra})
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # qwen2's zero-initialised biases would hide a bias bug
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    out = tmp_path_factory.mktemp(family)
-    model.save_pretrained(out)
-    return out, model
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -94,7 +49,9 @@ def test_state_dict_keys_are_the_checkpoint_keys(pair):
         keys = set(f.keys())
     assert set(ours.state_dict()) == keys
     assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    assert isinstance(ours.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # LoRA and NF4 replace it
+    attn = ours.model.layers[0].self_attn
+    q = attn.qkv_proj if ours.config.fused_qkv else attn.q_proj  # Phi-3's is fused, as in its checkpoints
+    assert isinstance(q, torch.nn.Linear)  # LoRA and NF4 replace it
 
 
 def test_kv_cache_greedy_matches_transformers_generate(pair):
@@ -113,37 +70,6 @@ def test_kv_cache_greedy_matches_transformers_generate(pair):
     assert generate(ours, prompt, max_new_tokens=12) == expected
 
 
-def _internlm2_checkpoint(hf_state: dict, heads: int, kv: int, d: int) -> dict:
-    """Build InternLM2's fused layout from Llama weights, written from its published description:
-    wqkv rows are grouped per kv head as [q heads of the group..., k, v]."""
-    out = {}
-    per = heads // kv
-    for name, t in hf_state.items():
-        if ".self_attn.q_proj." in name:
-            q, k, v = (hf_state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj"))
-            rows = []
-            for g in range(kv):
-                for j in range(per):
-                    rows.append(q[(g * per + j) * d : (g * per + j + 1) * d])
-                rows.append(k[g * d : (g + 1) * d])
-                rows.append(v[g * d : (g + 1) * d])
-            out[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat(rows)
-        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            continue
-        else:
-            renamed = (
-                name.replace("model.embed_tokens", "model.tok_embeddings")
-                .replace("self_attn.o_proj", "attention.wo")
-                .replace("mlp.gate_proj", "feed_forward.w1")
-                .replace("mlp.up_proj", "feed_forward.w3")
-                .replace("mlp.down_proj", "feed_forward.w2")
-                .replace("input_layernorm", "attention_norm")
-                .replace("post_attention_layernorm", "ffn_norm")
-            )
-            out["output.weight" if name == "lm_head.weight" else renamed] = t
-    return out
-
-
 def test_internlm2_fused_layout_loads_as_llama_and_exports_back(tmp_path):
     import transformers
     from safetensors.torch import save_file
@@ -153,7 +79,7 @@ def test_internlm2_fused_layout_loads_as_llama_and_exports_back(tmp_path):
         **{**BASE, "num_attention_heads": 8, "num_key_value_heads": 2}, rope_theta=10000.0
     )
     hf = transformers.LlamaForCausalLM(config).eval()
-    ckpt = _internlm2_checkpoint({k: v.contiguous() for k, v in hf.state_dict().items()}, 8, 2, 8)
+    ckpt = internlm2_checkpoint({k: v.contiguous() for k, v in hf.state_dict().items()}, 8, 2, 8)
     save_file(ckpt, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(
         json.dumps(

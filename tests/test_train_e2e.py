@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from test_train_helpers import QA, make_data, make_tiny_model, write_config
 from tunex.cli import cli
 from tunex.config import load_config
+from tunex.errors import TunexError
 from tunex.train import checkpoint
 from tunex.train.loop import TrainingDiverged, train
 from tunex.train.metrics import read_metrics
@@ -112,10 +113,23 @@ def test_cpu_bf16_training_follows_the_float32_run(tmp_path, models, kind, ckpt)
     assert sum(ours[-2:]) < 0.9 * sum(ours[:2])
 
 
-@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
-def test_resume_continues_exactly(tmp_path, models, adapter_dtype):
+@pytest.mark.parametrize(
+    "adapter_dtype,optimizer",
+    [
+        ("float32", "adamw"),
+        ("bfloat16", "adamw"),
+        ("float32", "adamw_8bit"),
+        ("bfloat16", "adamw_8bit"),
+        ("float32", "paged_adamw_8bit"),
+    ],
+)
+def test_resume_continues_exactly(tmp_path, models, adapter_dtype, optimizer, monkeypatch):
+    if optimizer != "adamw":  # the tiny model's adapters are under 4096 elements: quantize them all
+        from tunex.train import adamw_8bit
+
+        monkeypatch.setattr(adamw_8bit, "MIN_8BIT_SIZE", 0)
     data = make_data(tmp_path / "d", "instruct")
-    extra = {"max_steps": 10, "save_steps": 3, "adapter_dtype": adapter_dtype}
+    extra = {"max_steps": 10, "save_steps": 3, "adapter_dtype": adapter_dtype, "optimizer": optimizer}
     full_cfg = write_config(tmp_path / "a.toml", models["tied"], data, "lora", "openai", tmp_path / "a", **extra)
     cfg_a = load_config(full_cfg)
     train(cfg_a)
@@ -131,6 +145,41 @@ def test_resume_continues_exactly(tmp_path, models, adapter_dtype):
     wa = torch.load(tmp_path / "a" / "iter_10.pth", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "iter_10.pth", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if optimizer != "adamw":  # the checkpoint holds the 8-bit state
+        state = torch.load(tmp_path / "b" / "iter_10.pth", weights_only=True)["optimizer"]["state"]
+        assert state and all(s["state1"].dtype == torch.uint8 for s in state.values())
+
+
+def test_offloaded_checkpoints_train_like_plain_checkpointing(tmp_path, models):
+    """train.offload_checkpoints = true: the losses and gradient norms of plain gradient
+    checkpointing (the checkpoints only wait elsewhere), and the model's switch is on."""
+    from tunex.train.build import build_model, enable_gradient_checkpointing
+
+    data = make_data(tmp_path / "d", "instruct")
+    curves = {}
+    for offload in (False, True):
+        cfg = write_config(
+            tmp_path / f"{offload}.toml",
+            models["tied"],
+            data,
+            "lora",
+            "openai",
+            tmp_path / str(offload),
+            max_steps=4,
+            gradient_checkpointing=True,
+            offload_checkpoints=offload,
+        )
+        loaded = load_config(cfg)
+        train(loaded)
+        curves[offload] = [v for r in read_metrics(tmp_path / str(offload)) for v in (r["loss"], r["grad_norm"])]
+    # the recomputation's float32 sums may associate differently: equal to float32 rounding
+    assert curves[True] == pytest.approx(curves[False], rel=1e-5)
+    assert curves[True][-2] < curves[True][0]  # the loss fell
+    model = build_model(loaded, torch.device("cpu"))
+    enable_gradient_checkpointing(model, offload=True)
+    assert model.model.offload_checkpoints and model.gradient_checkpointing
+    with pytest.raises(TunexError, match="train.offload_checkpoints"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), offload=True)
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, models):

@@ -161,8 +161,10 @@ def attention_forward_f32(
     lse: _F32,
     shape: tuple[int, int, int, int, int],
     scale: float,
+    docs: list[tuple[int, int, int]] | None = None,
 ) -> None:
-    """Causal attention; ``shape`` is (B, H, Hkv, T, D); ``lse`` (B, H, T) gets the rows' log-sum-exp."""
+    """Causal attention; ``shape`` is (B, H, Hkv, T, D); ``lse`` (B, H, T) gets the rows' log-sum-exp.
+    ``docs``: (row, start, length) of the packed documents tiling the rows; attention stays inside each."""
 
 def attention_backward_f32(
     dout: _Strided,
@@ -176,9 +178,37 @@ def attention_backward_f32(
     dv: _Strided,
     shape: tuple[int, int, int, int, int],
     scale: float,
+    docs: list[tuple[int, int, int]] | None = None,
 ) -> None: ...
 def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
     """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""
 
 def lora_grad_a_f32(dh: _F32, x: _F32, cols: int, seed: int, p: float, d_a: _F32) -> None: ...
 def lora_add_up_f32(dx: _F32, dh: _F32, a: _F32, cols: int, seed: int, p: float) -> None: ...
+
+# optimizer steps (rust/src/py/optim.rs)
+_Scalars = tuple[float, float, float, float, float, float, float, float]
+
+def adamw_8bit_step_f32(
+    param: _F32,
+    grad: _F32,
+    codes: tuple[_U8, _U8],
+    absmax: tuple[_F32, _F32],
+    maps: tuple[_F32, _F32],
+    scalars: _Scalars,
+) -> None:
+    """One 8-bit blockwise AdamW step in place: ``codes`` (m, v) one byte per element, ``absmax``
+    (m, v) one float32 per 256 elements, ``maps`` the (signed, unsigned) 256-entry code tables,
+    ``scalars`` as tunex.train.adamw_8bit.step_scalars returns them."""
+
+def adamw_8bit_step_bf16(
+    param: _np.ndarray,
+    grad: _np.ndarray,
+    codes: tuple[_U8, _U8],
+    absmax: tuple[_F32, _F32],
+    maps: tuple[_F32, _F32],
+    scalars: _Scalars,
+    seed: int,
+) -> None:
+    """``adamw_8bit_step_f32`` for bf16 ``param`` and ``grad`` passed as int16 views of their bits;
+    the new weight is rounded to bf16 stochastically with the draws of ``seed``."""

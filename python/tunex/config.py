@@ -133,6 +133,7 @@ def _betas(v: Any) -> list[float]:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
 
@@ -204,6 +205,18 @@ class TrainConfig:
         _one_of("float32", "bfloat16"),
         "LoRA/QLoRA adapter weights and gradients; bfloat16 halves them, AdamW keeps float32 moments "
         "and rounds the weight stochastically",
+    )
+    optimizer: str = _setting(
+        "adamw",
+        _one_of(*OPTIMIZERS),
+        "adamw: float32 moments (8 bytes per trainable parameter); adamw_8bit: 8-bit blockwise moments "
+        "(2 bytes + one float32 absmax per 256); paged_adamw_8bit: the 8-bit moments in host memory, "
+        "copied to the GPU one parameter at a time",
+    )
+    offload_checkpoints: bool = _setting(
+        False,
+        _flag,
+        "with gradient checkpointing, keep each layer's checkpointed input in (pinned) CPU memory until backward",
     )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
@@ -319,6 +332,11 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
 
 
 def _check_across(cfg: Config, problems: list[str]) -> None:
+    if cfg.train.offload_checkpoints and not cfg.train.gradient_checkpointing:
+        problems.append(
+            "train.offload_checkpoints: expected false when train.gradient_checkpointing is false "
+            "(only checkpoints are offloaded); turn gradient checkpointing on or offloading off"
+        )
     if cfg.method.kind == "qlora" and cfg.train.dtype == "float16" and cfg.method.compute_dtype == "bfloat16":
         problems.append("method.compute_dtype: expected float16 or auto when train.dtype is float16, got 'bfloat16'")
     if isinstance(cfg.method.target_modules, str) and cfg.method.target_modules != "all-linear":

@@ -10,6 +10,9 @@ first optimizer step, inside gradient accumulation):
 * adapter and its gradients in the adapter's dtype (``train.adapter_dtype``: fp32 by default,
   or bf16), AdamW's two moments in fp32 (bf16 adapters are stepped by BF16AdamW, which keeps
   fp32 moments); for a full fine-tune all four in the weights' dtype for every parameter;
+  ``train.optimizer = "adamw_8bit"``: one byte per moment and element plus one fp32 absmax per
+  256 elements for each tensor of at least 4096 elements (smaller ones keep fp32 moments);
+  ``"paged_adamw_8bit"``: only the largest tensor's 8-bit state (the reused device buffer);
 * activations: with gradient checkpointing one (tokens, hidden) checkpoint per layer plus one
   recomputed layer; without it every layer's saved tensors (see ``_saved_per_token``);
 * the largest transient: either the chunked cross-entropy's logits at the end of forward, or the
@@ -33,6 +36,10 @@ NESTED_BLOCKSIZE = 256
 # Tokens per chunk of tunex.kernels.chunked_cross_entropy (its DEFAULT_CHUNK), the loss tunex
 # trains with on CUDA; repeated here so the estimate needs no torch import (a test keeps them equal).
 CE_CHUNK_TOKENS = 1024
+# tunex.train.adamw_8bit's BLOCK and MIN_8BIT_SIZE (bitsandbytes' values), repeated for the same
+# reason; a test keeps them equal.
+OPTIM_BLOCK = 256
+OPTIM_MIN_8BIT = 4096
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -51,23 +58,28 @@ class ModelShape:
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     o_bias: bool = False  # output-projection bias (InternLM2's and Llama's bias switches)
     mlp_bias: bool = False
+    fused_qkv: bool = False  # one q/k/v projection (Phi-3's qkv_proj, InternLM2's wqkv)
+    fused_gate_up: bool = False  # one gate/up projection (Phi-3's gate_up_proj)
+    qk_norm: bool = False  # per-head q/k RMSNorm weights (Qwen3, Gemma 3)
+    norms_per_layer: int = 2  # Gemma's sandwich norms: 4
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(module name relative to a layer, in_features, out_features) of one decoder layer.
 
-        Names are tunex's (HF Llama's); tunex.models splits InternLM2's fused wqkv into q/k/v and
-        renames its w1/w3/w2 to gate/up/down, so one layout serves every family.
+        Names are tunex's (HF Llama's; InternLM2's w1/w3/w2/wo are renamed gate/up/down/o and its
+        wqkv is ``self_attn.qkv_proj``), so one layout serves every family; fused projections are
+        one linear each, as LoRA adapts them.
         """
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [
-            ("self_attn.q_proj", h, q),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", q, h),
-            ("mlp.gate_proj", h, i),
-            ("mlp.up_proj", h, i),
-            ("mlp.down_proj", i, h),
-        ]
+        attn = (
+            [("self_attn.qkv_proj", h, q + 2 * kv)]
+            if self.fused_qkv
+            else [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv)]
+        )
+        mlp = (
+            [("mlp.gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("mlp.gate_proj", h, i), ("mlp.up_proj", h, i)]
+        )
+        return [*attn, ("self_attn.o_proj", q, h), *mlp, ("mlp.down_proj", i, h)]
 
     def linear_params(self) -> int:
         return self.layers * sum(i * o for _, i, o in self.linears())
@@ -75,7 +87,8 @@ class ModelShape:
     def other_params(self) -> int:
         """Embeddings, head, norms and biases: everything that is not a decoder linear weight."""
         embed = self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
+        norms = self.layers * (self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0))
+        norms += self.hidden
         per_layer = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         per_layer += self.hidden if self.o_bias else 0
         per_layer += 2 * self.intermediate + self.hidden if self.mlp_bias else 0
@@ -85,14 +98,21 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
 
-# Shapes of the models behind the shipped 7B/8B configs (from their published config.json files).
+# Shapes of the models behind the shipped 7B/8B configs and of the 70B-class models (from their
+# published config.json files).
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape(4096, 11008, 32, 32, 32, 128, 32000),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
-    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544),
+    "internlm2-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 92544, fused_qkv=True),
     "qwen2-7b": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, attention_bias=True),
     "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
     "smollm2-135m": ModelShape(576, 1536, 30, 9, 3, 64, 49152, tie_embeddings=True),
+    "llama2-70b": ModelShape(8192, 28672, 80, 64, 8, 128, 32000),
+    "qwen2-72b": ModelShape(8192, 29568, 80, 64, 8, 128, 152064, attention_bias=True),
+    "qwen3-8b": ModelShape(4096, 12288, 36, 32, 8, 128, 151936, qk_norm=True),
+    "gemma2-9b": ModelShape(3584, 14336, 42, 16, 8, 256, 256000, tie_embeddings=True, norms_per_layer=4),
+    "gemma3-1b": ModelShape(1152, 6912, 26, 4, 1, 256, 262144, tie_embeddings=True, qk_norm=True, norms_per_layer=4),
+    "phi3-mini": ModelShape(3072, 8192, 32, 32, 32, 96, 32064, fused_qkv=True, fused_gate_up=True),
 }
 HUB_PRESETS = {
     "meta-llama/llama-2-7b-hf": "llama2-7b",
@@ -105,13 +125,28 @@ HUB_PRESETS = {
     "qwen/qwen2-7b-instruct": "qwen2-7b",
     "mistralai/mistral-7b-v0.1": "mistral-7b",
     "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
+    "meta-llama/llama-2-70b-hf": "llama2-70b",
+    "meta-llama/llama-2-70b-chat-hf": "llama2-70b",
+    "qwen/qwen2-72b": "qwen2-72b",
+    "qwen/qwen2-72b-instruct": "qwen2-72b",
+    "meta-llama/llama-3.1-8b": "llama3-8b",
+    "meta-llama/llama-3.1-8b-instruct": "llama3-8b",
+    "qwen/qwen2.5-7b": "qwen2-7b",
+    "qwen/qwen2.5-7b-instruct": "qwen2-7b",
+    "qwen/qwen3-8b": "qwen3-8b",
+    "google/gemma-2-9b": "gemma2-9b",
+    "google/gemma-2-9b-it": "gemma2-9b",
+    "google/gemma-3-1b-pt": "gemma3-1b",
+    "google/gemma-3-1b-it": "gemma3-1b",
+    "microsoft/phi-3-mini-4k-instruct": "phi3-mini",
+    "microsoft/phi-3.5-mini-instruct": "phi3-mini",
 }
 
 
 def shape_from_config_json(path: str | Path) -> ModelShape:
     """Read a ModelShape from an HF config.json (a file, or a folder holding one), interpreted by
     tunex.models' own config reader, so the estimate sees the model the loader would build."""
-    from tunex.models.config import read_config
+    from tunex.models.config import GEMMA, read_config
 
     cfg = read_config(Path(path))
     return ModelShape(
@@ -126,6 +161,10 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
         attention_bias=cfg.qkv_bias,
         o_bias=cfg.o_bias,
         mlp_bias=cfg.mlp_bias,
+        fused_qkv=cfg.fused_qkv,
+        fused_gate_up=cfg.fused_gate_up,
+        qk_norm=cfg.qk_norm,
+        norms_per_layer=4 if cfg.family in GEMMA else 2,
     )
 
 
@@ -211,6 +250,7 @@ class Plan:
     batch: int = 1
     dtype_bytes: int = 2  # compute dtype: bf16
     adapter_bytes: int = 4  # train.adapter_dtype: adapter weights and grads (AdamW's moments stay fp32)
+    optimizer: str = "adamw"  # train.optimizer: adamw | adamw_8bit | paged_adamw_8bit
     r: int = 64
     target_modules: str | list[str] = "all-linear"
     dropout: float = 0.1
@@ -237,6 +277,8 @@ def plan_from_config(cfg, **overrides) -> Plan:
         blocksize=cfg.method.blocksize,
         double_quant=cfg.method.double_quant,
         checkpointing=cfg.train.gradient_checkpointing,
+        offload_checkpoints=cfg.train.offload_checkpoints,
+        optimizer=cfg.train.optimizer,
         dora=cfg.method.use_dora,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -278,6 +320,40 @@ def adapted_linears(shape: ModelShape, target: str | list[str]) -> list[tuple[st
     linears = shape.linears()
     hits = select([f"model.layers.0.{n}" for n, _, _ in linears], target)
     return [row for row, hit in zip(linears, hits) if hit]
+
+
+def trainable_tensors(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> list[int]:
+    """The element count of every trainable tensor (what the optimizer keeps state for)."""
+    if plan.kind != "full":
+        per_layer = []
+        for _, fan_in, fan_out in adapted:
+            per_layer += [plan.r * fan_in, fan_out * plan.r] + ([fan_out] if plan.dora else [])
+        return per_layer * shape.layers
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = [fan_in * fan_out for _, fan_in, fan_out in shape.linears()] + [h, h]
+    per_layer += [q, kv, kv] if shape.attention_bias else []
+    per_layer += [h] if shape.o_bias else []
+    per_layer += [i, i, h] if shape.mlp_bias else []
+    embeds = [shape.vocab * h] * (1 if shape.tie_embeddings else 2)
+    return per_layer * shape.layers + embeds + [h]
+
+
+def optimizer_bytes(tensors: list[int], plan: Plan, moment_bytes: int) -> tuple[str, int]:
+    """(name, device bytes) of the optimizer state for trainable tensors of these sizes; float
+    moments take ``moment_bytes`` each."""
+    if plan.optimizer == "adamw":
+        return "optimizer (AdamW m, v)", 2 * moment_bytes * sum(tensors)
+
+    def quantized(n: int) -> int:  # two 1-byte codes per element, two fp32 absmax per block
+        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_BLOCK)
+
+    small = sum(8 * n for n in tensors if n < OPTIM_MIN_8BIT)  # float32 moments, on the device
+    big = [quantized(n) for n in tensors if n >= OPTIM_MIN_8BIT]
+    tables = 2 * 256 * 4 if big else 0
+    if plan.optimizer == "paged_adamw_8bit":
+        return "optimizer (paged: one tensor's 8-bit m, v)", small + max(big, default=0) + tables
+    return "optimizer (8-bit m, v + absmax)", small + sum(big) + tables
 
 
 def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]]) -> int:
@@ -332,7 +408,8 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     if plan.kind != "full":  # a full fine-tune trains the weights themselves
         est.parts["adapter"] = trainable * t
     est.parts["gradients"] = trainable * t
-    est.parts["optimizer (AdamW m, v)"] = 2 * trainable * (c if plan.kind == "full" else 4)
+    name, state = optimizer_bytes(trainable_tensors(shape, plan, adapted), plan, c if plan.kind == "full" else 4)
+    est.parts[name] = state
 
     h, vocab = shape.hidden, shape.vocab
     checkpoint = tokens * h * c
@@ -377,7 +454,8 @@ def format_estimate(est: Estimate) -> str:
         f"{est.trainable / 1e6:.2f} M trainable",
         f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
-        + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else ""),
+        + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else "")
+        + f", optimizer {p.optimizer}",
         "",
     ]
     for name, value in est.parts.items():
@@ -423,9 +501,16 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
             ("gradient checkpointing on (train.gradient_checkpointing = true)", replace(plan, checkpointing=True))
         )
     elif not plan.offload_checkpoints:
-        options.append(("checkpoints offloaded to CPU memory", replace(plan, offload_checkpoints=True)))
+        options.append(
+            (
+                "checkpoints offloaded to CPU memory (train.offload_checkpoints = true)",
+                replace(plan, offload_checkpoints=True),
+            )
+        )
     if plan.kind != "full" and plan.adapter_bytes > 2:
         options.append(('bf16 adapters (train.adapter_dtype = "bfloat16")', replace(plan, adapter_bytes=2)))
+    if plan.optimizer == "adamw":
+        options.append(('8-bit AdamW (train.optimizer = "adamw_8bit")', replace(plan, optimizer="adamw_8bit")))
     if plan.kind == "lora":
         options.append(('QLoRA (method.kind = "qlora")', replace(plan, kind="qlora")))
     if plan.kind != "full" and plan.r > 8:

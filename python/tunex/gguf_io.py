@@ -34,9 +34,45 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Phi-3 keeps q/k/v and gate/up fused, as its HF checkpoints do (llama.cpp's ffn_up holds gate then up)
+PHI3_LAYER_NAMES = {
+    **{k: v for k, v in LAYER_NAMES.items() if k not in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
+# Gemma 2 / 3: the sandwich norms (llama.cpp's ffn_norm is the norm before the MLP)
+GEMMA_LAYER_NAMES = {
+    **{k: v for k, v in LAYER_NAMES.items() if k != "ffn_norm"},
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "internlm2": "llama", "qwen2": "qwen2"}
+ARCH_OF_FAMILY = {
+    "llama": "llama",
+    "mistral": "llama",
+    "internlm2": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
+HF_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+MODEL_TYPE = {"gemma3": "gemma3_text"}  # GGUF architecture -> config.json model_type, where they differ
+# Gemma's RMSNorm weights are stored as the offset from one in HF checkpoints and as the scale in
+# GGUF (llama.cpp adds one when converting; transformers' GGUF loader takes it off again)
+GEMMA_ARCHS = ("gemma2", "gemma3")
 SKIP = {"rope_freqs.weight"}  # llama.cpp's precomputed llama3 factors; the config carries them
 # Llama 3.1 / 3.2 rope scaling; GGUF keeps only the resulting per-frequency factors, so the
 # parameters are recovered by matching those factors against the published settings.
@@ -62,20 +98,27 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def _layer_names(arch: str) -> dict[str, str]:
+    if arch in GEMMA_ARCHS:
+        return GEMMA_LAYER_NAMES
+    return PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     base, _, kind = gguf_name.rpartition(".")
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m[2] in LAYER_NAMES:
-        return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{kind}"
+    names = _layer_names(arch)
+    if m and m[2] in names:
+        return f"model.layers.{m[1]}.{names[m[2]]}.{kind}"
     if base in TOP_NAMES:
         return f"{TOP_NAMES[base]}.{kind}"
     return None
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, arch: str = "llama") -> str:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m:
-        inverse = {v: k for k, v in LAYER_NAMES.items()}
+        inverse = {v: k for k, v in _layer_names(arch).items()}
         return f"blk.{m[1]}.{inverse[m[2]]}.{m[3]}"
     base, _, kind = name.rpartition(".")
     inverse = {v: k for k, v in TOP_NAMES.items()}
@@ -89,8 +132,8 @@ def _field(reader, key: str, default=None):
 
 def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected llama or qwen2)")
+    if arch not in HF_CLASS:
+        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected {', '.join(HF_CLASS)})")
 
     def need(key: str):
         value = _field(reader, f"{arch}.{key}")
@@ -106,9 +149,9 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
         or hidden // heads
     )
     config = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "model_type": arch,
-        "hidden_act": "silu",
+        "architectures": [HF_CLASS[arch]],
+        "model_type": MODEL_TYPE.get(arch, arch),
+        "hidden_act": "gelu_pytorch_tanh" if arch in GEMMA_ARCHS else "silu",
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -125,8 +168,24 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         config.update(attention_bias=False, mlp_bias=False)
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    if arch in ("phi3", *GEMMA_ARCHS) and window:
+        config["sliding_window"] = int(window)
+    if arch in GEMMA_ARCHS:
+        # llama.cpp scales scores by 1/sqrt(head dim): the query_pre_attn_scalar tunex exports
+        config.update(query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh")
+    if arch == "gemma2":
+        config.update(
+            attn_logit_softcapping=_field(reader, "gemma2.attn_logit_softcapping"),
+            final_logit_softcapping=_field(reader, "gemma2.final_logit_softcapping"),
+        )
+    if arch == "gemma3":
+        # the sliding layers' base is llama.cpp's fixed 10000; every 6th layer is global unless the
+        # file says otherwise
+        pattern = _field(reader, "gemma3.attention.sliding_window_pattern", 6)
+        config.update(rope_local_base_freq=10000.0, sliding_window_pattern=int(pattern))
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in ("linear", "yarn"):
         if kind != "linear":
@@ -213,7 +272,8 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama/qwen2 GGUF file to an fp32 HF folder (config, weights, tokenizer).
+    """Convert a llama / qwen2 / qwen3 / phi3 / gemma2 / gemma3 GGUF file to an fp32 HF folder
+    (config, weights, tokenizer).
 
     The folder is built beside ``out_dir`` and renamed into place whole (an existing ``out_dir`` is
     replaced in one step). Tensors are dequantized one at a time straight into the Rust shard
@@ -228,7 +288,6 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """:func:`gguf_to_hf` into ``out_dir`` as it is (created if missing; the caller makes it atomic)."""
-
     from tunex.io.sharded import stream_sharded
 
     path, out = Path(gguf_path), Path(out_dir)
@@ -238,6 +297,7 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if embd is None:
         raise FormatError(f"{path}: no token_embd.weight tensor; not a decoder GGUF")
     config = _config_from_gguf(reader, path, "output.weight" not in names, int(embd.shape[-1]))
+    arch = _field(reader, "general.architecture")
     scaling = _llama3_scaling(reader, config, path)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -246,7 +306,7 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     for t in reader.tensors:
         if t.name in SKIP:
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
         tensors.append((name, t))
@@ -255,6 +315,8 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     def dequantized():
         for (name, t), (_, _, shape) in zip(tensors, specs):
             w = _dequantized(t, shape)
+            if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+                w = w - 1.0  # GGUF stores Gemma's norm scale; HF the offset from one
             if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
                 w = unpermute_qk(w, heads)
             elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
@@ -274,8 +336,24 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
 OUTTYPES = ("f32", "f16", "q8_0")
 
 
+def _check_gemma_for_gguf(cfg, folder: Path) -> None:
+    """What GGUF (llama.cpp's reading of it) cannot say about a Gemma model: refused, one line."""
+    problem = None
+    if cfg.query_pre_attn_scalar != cfg.head_dim:
+        problem = f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g} differs from head_dim {cfg.head_dim}"
+    elif cfg.family == "gemma3_text":
+        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.num_layers)]
+        if cfg.layer_types != pattern:
+            problem = "layer_types other than every 6th layer global"
+        elif cfg.rope_local_theta != 10000.0:
+            problem = f"rope_local_base_freq {cfg.rope_local_theta:g} (llama.cpp uses 10000)"
+    if problem:
+        raise FormatError(f"{folder}/config.json: {problem} cannot be written to GGUF")
+
+
 def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
-    """Write an HF folder (llama, mistral, qwen2, internlm2) as one GGUF file."""
+    """Write an HF folder (llama, mistral, internlm2 as llama; qwen2, qwen3, phi3, gemma2, gemma3 text)
+    as one GGUF file."""
     import gguf
 
     from tunex.io.atomic import atomic_path
@@ -286,7 +364,14 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     folder = resolve_model_path(model_dir)
     cfg = read_config(folder)
+    if cfg.family not in ARCH_OF_FAMILY:
+        raise FormatError(
+            f"{folder}/config.json: model_type {cfg.family!r} cannot be exported to GGUF yet "
+            f"(tunex writes {', '.join(ARCH_OF_FAMILY)})"
+        )
     arch = ARCH_OF_FAMILY[cfg.family]
+    if arch in GEMMA_ARCHS:
+        _check_gemma_for_gguf(cfg, folder)
     out = Path(out_path)
     with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
         _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype)
@@ -298,7 +383,7 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     import torch
 
     from tunex.gguf_vocab import add_tokenizer_to_gguf
-    from tunex.models.config import to_tunex_names
+    from tunex.models.config import to_llama_names
     from tunex.models.loading import read_checkpoint
 
     writer.add_name(folder.name)
@@ -314,6 +399,13 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if arch in ("phi3", *GEMMA_ARCHS) and cfg.sliding_window:
+        writer.add_sliding_window(int(cfg.sliding_window))
+    if arch in GEMMA_ARCHS:
+        if cfg.attn_softcap:
+            writer.add_attn_logit_softcapping(float(cfg.attn_softcap))
+        if cfg.final_softcap:
+            writer.add_final_logit_softcapping(float(cfg.final_softcap))
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -341,15 +433,15 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
         if kind == "llama3":
             yield "rope_freqs.weight", rope_freqs
         for ckpt_name, tensor in read_checkpoint(folder):
-            for name, t in to_tunex_names(ckpt_name, tensor, cfg):
+            for name, t in to_llama_names(ckpt_name, tensor, cfg):
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                yield gguf_name(name), _gguf_array(name, t, cfg, arch, outtype)
+                yield gguf_name(name, arch), _gguf_array(name, t, cfg, arch, outtype)
 
     # The header lists every tensor's shape and type before the data: a first pass reads only the
     # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
     # so memory holds one tensor however large the model is.
-    for name, shape, kind_of in _gguf_layout(folder, cfg, outtype, kind == "llama3"):
+    for name, shape, kind_of in _gguf_layout(folder, cfg, arch, outtype, kind == "llama3"):
         if kind_of == "q8_0":
             q8 = gguf.GGMLQuantizationType.Q8_0
             block, size = gguf.GGML_QUANT_SIZES[q8]
@@ -373,17 +465,17 @@ def _tensor_kind(shape: tuple[int, ...], outtype: str) -> str:
     return "f16" if outtype == "f16" or shape[-1] % 32 else "q8_0"
 
 
-def _gguf_layout(folder: Path, cfg, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
+def _gguf_layout(folder: Path, cfg, arch: str, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
     """(GGUF name, shape, "f32" | "f16" | "q8_0") of every tensor :func:`hf_to_gguf` writes, in order."""
-    from tunex.models.config import to_tunex_names
+    from tunex.models.config import to_llama_names
     from tunex.models.loading import read_checkpoint
 
     layout = [("rope_freqs.weight", [cfg.head_dim // 2], "f32")] if rope_freqs else []
     for ckpt_name, tensor in read_checkpoint(folder):
-        for name, t in to_tunex_names(ckpt_name, tensor, cfg):
+        for name, t in to_llama_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            layout.append((gguf_name(name), list(t.shape), _tensor_kind(tuple(t.shape), outtype)))
+            layout.append((gguf_name(name, arch), list(t.shape), _tensor_kind(tuple(t.shape), outtype)))
     return layout
 
 
@@ -391,6 +483,8 @@ def _gguf_array(name: str, t, cfg, arch: str, outtype: str) -> np.ndarray:
     import gguf
 
     w = t.float().numpy()
+    if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+        w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale
     if arch == "llama" and name.endswith("q_proj.weight"):
         w = permute_qk(w, cfg.num_heads)
     elif arch == "llama" and name.endswith("k_proj.weight"):

@@ -62,7 +62,11 @@ SWITCHES: dict[str, Switch] = {
             "python",
         ),
         Switch(
-            "TUNEX_GEMV", "1", ON_OFF, "0: decoding one token on the CPU uses torch instead of the Rust GEMV", "python"
+            "TUNEX_GEMV",
+            "1",
+            ON_OFF,
+            "0: decoding one token on the CPU uses torch instead of the Rust GEMV and one-row RMSNorm",
+            "python",
         ),
         Switch(
             "TUNEX_ARENA",

@@ -647,6 +647,145 @@ pub fn backward(
     Ok(())
 }
 
+// ---- packed batches: attention inside each document ----
+
+/// One document of a packed batch: row `batch`, positions `start..start + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub batch: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Checks that `spans` tile every row of `d` (in row order, each row's documents back to back from
+/// position 0 to T, none empty); returns the number of positions they cover (B x T).
+fn check_spans(spans: &[Span], d: &Dims) -> Result<usize> {
+    let (mut row, mut pos) = (0usize, 0usize);
+    for (i, s) in spans.iter().enumerate() {
+        if pos == d.seq {
+            (row, pos) = (row + 1, 0);
+        }
+        let end = s.start.checked_add(s.len);
+        if s.batch != row || s.start != pos || s.len == 0 || end.is_none_or(|e| e > d.seq) {
+            return Err(bad(format!(
+                "document {i} is (row {}, start {}, length {}); expected row {row} from position {pos}: \
+                 the documents must tile each of the {} rows of {} positions in order, none empty",
+                s.batch, s.start, s.len, d.batch, d.seq
+            )));
+        }
+        pos += s.len;
+    }
+    if d.batch > 0 && d.seq > 0 && (row + 1 != d.batch || pos != d.seq) {
+        return Err(bad(format!(
+            "the documents end at row {row}, position {pos}; expected them to tile all {} rows of {} positions",
+            d.batch, d.seq
+        )));
+    }
+    crate::error::product("attention: B x T", &[d.batch, d.seq])
+}
+
+/// `x` from document `s` on: a (1, heads, s.len, D) operand with `x`'s strides. `x` was checked for
+/// the whole (B, heads, T, D) shape and `s` lies inside it, so the offset is within `x`.
+fn doc_offset(strides: Strides, s: &Span) -> usize {
+    at(strides, s.batch, 0, s.start)
+}
+
+fn doc_input<'a>(x: Input<'a>, s: &Span) -> Input<'a> {
+    Input { data: &x.data[doc_offset(x.strides, s)..], strides: x.strides }
+}
+
+fn doc_dims(d: &Dims, s: &Span) -> Dims {
+    Dims { batch: 1, seq: s.len, ..*d }
+}
+
+/// [`forward`] of a packed batch whose rows hold several documents: each query attends causally
+/// to the keys of its own document only (cost: the sum of the documents' squared lengths, not
+/// T^2 per row). `lse` holds H x len values per document, in `spans` order (B x H x T in all).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_docs(
+    q: Input<'_>,
+    k: Input<'_>,
+    v: Input<'_>,
+    out: Output<'_>,
+    lse: &mut [f32],
+    d: Dims,
+    spans: &[Span],
+    scale: f32,
+) -> Result<()> {
+    check_dims(&d)?;
+    check_in("q", &q, d.q())?;
+    check_in("k", &k, d.kv())?;
+    check_in("v", &v, d.kv())?;
+    check_out("out", &out, d.q())?;
+    check_lse(lse.len(), &d)?;
+    check_spans(spans, &d)?;
+    if d.heads == 0 {
+        return Ok(());
+    }
+    let mut done = 0;
+    for s in spans {
+        let n = d.heads * s.len; // <= B x H x T: checked by check_dims
+        let doc = |x| doc_input(x, s);
+        let o = Output { data: &mut out.data[doc_offset(out.strides, s)..], strides: out.strides };
+        forward(doc(q), doc(k), doc(v), o, &mut lse[done..done + n], doc_dims(&d, s), scale)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// The gradients of [`forward_docs`] (as [`backward`] is of [`forward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_docs(
+    dout: Input<'_>,
+    q: Input<'_>,
+    k: Input<'_>,
+    v: Input<'_>,
+    out: Input<'_>,
+    lse: &[f32],
+    dq: Output<'_>,
+    dk: Output<'_>,
+    dv: Output<'_>,
+    d: Dims,
+    spans: &[Span],
+    scale: f32,
+) -> Result<()> {
+    check_dims(&d)?;
+    for (name, t) in [("dout", &dout), ("q", &q), ("out", &out)] {
+        check_in(name, t, d.q())?;
+    }
+    check_in("k", &k, d.kv())?;
+    check_in("v", &v, d.kv())?;
+    check_out("dq", &dq, d.q())?;
+    check_out("dk", &dk, d.kv())?;
+    check_out("dv", &dv, d.kv())?;
+    check_lse(lse.len(), &d)?;
+    check_spans(spans, &d)?;
+    if d.heads == 0 {
+        return Ok(());
+    }
+    let mut done = 0;
+    for s in spans {
+        let n = d.heads * s.len;
+        let doc = |x| doc_input(x, s);
+        let (dqo, dko, dvo) = (doc_offset(dq.strides, s), doc_offset(dk.strides, s), doc_offset(dv.strides, s));
+        backward(
+            doc(dout),
+            doc(q),
+            doc(k),
+            doc(v),
+            doc(out),
+            &lse[done..done + n],
+            Output { data: &mut dq.data[dqo..], strides: dq.strides },
+            Output { data: &mut dk.data[dko..], strides: dk.strides },
+            Output { data: &mut dv.data[dvo..], strides: dv.strides },
+            doc_dims(&d, s),
+            scale,
+        )?;
+        done += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,5 +977,109 @@ mod tests {
         assert!(out.iter().all(|&v| v == 0.0));
         call(dims, &x, &mut out, &mut lse).unwrap();
         assert!(out.iter().all(|&v| (v - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn documents_attend_inside_themselves_only() {
+        let (b, h, hkv, t, dim) = (2, 2, 1, 23, 16);
+        let dims = Dims { batch: b, heads: h, kv_heads: hkv, seq: t, dim };
+        let docs =
+            [(0, 0, 1), (0, 1, 9), (0, 10, 13), (1, 0, 23)].map(|(batch, start, len)| Span { batch, start, len });
+        let scale = 0.25;
+        let (qs, kvs) = (dense(h, t, dim), dense(hkv, t, dim));
+        let (q, dout) = (values(b * h * t * dim, 7), values(b * h * t * dim, 13));
+        let (k, v) = (values(b * hkv * t * dim, 11), values(b * hkv * t * dim, 5));
+        let mut out = vec![f32::NAN; q.len()];
+        let mut lse = vec![f32::NAN; b * h * t];
+        fn input(x: &[f32], s: Strides) -> Input<'_> {
+            Input { data: x, strides: s }
+        }
+        forward_docs(
+            input(&q, qs),
+            input(&k, kvs),
+            input(&v, kvs),
+            Output { data: &mut out, strides: qs },
+            &mut lse,
+            dims,
+            &docs,
+            scale,
+        )
+        .unwrap();
+        let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
+        backward_docs(
+            input(&dout, qs),
+            input(&q, qs),
+            input(&k, kvs),
+            input(&v, kvs),
+            input(&out, qs),
+            &lse,
+            Output { data: &mut dq, strides: qs },
+            Output { data: &mut dk, strides: kvs },
+            Output { data: &mut dv, strides: kvs },
+            dims,
+            &docs,
+            scale,
+        )
+        .unwrap();
+        let mut done = 0;
+        for doc in &docs {
+            let (bi, n) = (doc.batch, doc.len);
+            let (mut dk_want, mut dv_want) = (vec![0f64; n * dim], vec![0f64; n * dim]);
+            for hi in 0..h {
+                let head = |x: &[f32], s: Strides, hh: usize| -> Vec<f64> {
+                    (0..n).flat_map(|i| x[at(s, bi, hh, doc.start + i)..][..dim].iter().map(|&y| y as f64)).collect()
+                };
+                let (o, l, gq, gk, gv) = reference(
+                    &head(&q, qs, hi),
+                    &head(&k, kvs, 0),
+                    &head(&v, kvs, 0),
+                    &head(&dout, qs, hi),
+                    n,
+                    dim,
+                    0.25,
+                );
+                for i in 0..n {
+                    close(lse[done + hi * n + i], l[i], "lse");
+                    for x in 0..dim {
+                        close(out[at(qs, bi, hi, doc.start + i) + x], o[i * dim + x], "out");
+                        close(dq[at(qs, bi, hi, doc.start + i) + x], gq[i * dim + x], "dq");
+                        dk_want[i * dim + x] += gk[i * dim + x];
+                        dv_want[i * dim + x] += gv[i * dim + x];
+                    }
+                }
+            }
+            for i in 0..n * dim {
+                close(dk[at(kvs, bi, 0, doc.start) + i], dk_want[i], "dk");
+                close(dv[at(kvs, bi, 0, doc.start) + i], dv_want[i], "dv");
+            }
+            done += h * n;
+        }
+    }
+
+    #[test]
+    fn documents_that_do_not_tile_the_rows_are_errors_and_write_nothing() {
+        let dims = Dims { batch: 1, heads: 1, kv_heads: 1, seq: 4, dim: 16 };
+        let s = dense(1, 4, 16);
+        let x = vec![1f32; 64];
+        let (mut out, mut lse) = (vec![0f32; 64], vec![0f32; 4]);
+        for docs in [
+            vec![(0, 0, 3)],            // short of the row
+            vec![(0, 0, 2), (0, 3, 1)], // a gap
+            vec![(0, 0, 2), (0, 1, 3)], // an overlap
+            vec![(0, 0, 0), (0, 0, 4)], // an empty document
+            vec![(0, 0, 4), (1, 0, 4)], // a row that is not there
+            vec![(0, 2, usize::MAX)],   // start + length overflows
+        ] {
+            let docs: Vec<Span> = docs.into_iter().map(|(batch, start, len)| Span { batch, start, len }).collect();
+            let input = Input { data: &x, strides: s };
+            let r =
+                forward_docs(input, input, input, Output { data: &mut out, strides: s }, &mut lse, dims, &docs, 0.25);
+            let m = match r {
+                Err(Error::InvalidArgument(m)) => m,
+                other => panic!("expected an error for {docs:?}, got {other:?}"),
+            };
+            assert!(m.starts_with("attention: ") && m.contains("tile"), "{m}");
+        }
+        assert!(out.iter().all(|&v| v == 0.0) && lse.iter().all(|&v| v == 0.0));
     }
 }

@@ -17,7 +17,7 @@
 //!   inside a training step it moves off rayon: 4-bit dequantization to f32 runs on the OpenMP
 //!   team when there is one, and 8-bit dequantization of a small absmax stays on the caller.
 //! - **the OpenMP team of the process** (`omp`: RMSNorm, RoPE, attention, SwiGLU, cross-entropy,
-//!   dropout, LoRA, and 4-bit dequantization to f32 during training): these kernels run between
+//!   dropout, LoRA, the 8-bit AdamW step, and 4-bit dequantization to f32 during training): these kernels run between
 //!   torch's own CPU ops in a training step, and torch's OpenMP threads are then awake and own the
 //!   cores. Running on that same team (libgomp's `GOMP_parallel`, looked up at run time so the
 //!   crate links no OpenMP) avoids a second pool contending for the cores: a rayon version made the
@@ -34,6 +34,7 @@
 //! stack; both return only after every thread has let go of it, including when a part panics
 //! (`part::run` stops the panic where it happens). See their SAFETY comments.
 
+pub mod adamw8bit;
 pub mod adapter;
 pub mod attention;
 pub mod dropout;
@@ -72,6 +73,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::peft::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;
+    py::optim::register(m)?;
     py::info::register(m)?;
     Ok(())
 }

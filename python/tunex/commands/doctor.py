@@ -37,7 +37,7 @@ def representative(op: str, column: str, mode: str):
 
     # matmul_f32 runs inside autograd Functions (and no-grad code): grad mode is off there in training too
     train = mode == "train" and op != "matmul_f32"
-    rows = 1 if mode == "inference" and op == "decode_linear" else _TOKENS
+    rows = 1 if mode == "inference" else _TOKENS  # inference: a decode step, one token per row
     device = "cuda" if column == "cuda" else "cpu"
     if column == "cuda":
         dtype = torch.bfloat16
@@ -51,6 +51,7 @@ def representative(op: str, column: str, mode: str):
         grad=train,
         autocast=column != "cpu-fp32",
         head_dim=_HEAD_DIM,
+        arena=train and device == "cpu",  # CPU training runs inside the activation arena
         rows=rows,
         cols=_HIDDEN,
         macs=rows * _HIDDEN * _HIDDEN,
@@ -181,7 +182,7 @@ def _gib(n: int) -> str:
 
 def _print(rep: dict) -> None:
     echo = click.echo
-    echo("kernels (registry choice; train / inference):")
+    echo("kernels (registry choice; train / inference, decoding one token):")
     width = max(len(op) for op in rep["ops"])
     echo(f"  {'op':<{width}}  " + "  ".join(f"{c:<28}" for c in COLUMNS))
     for op, cols in rep["ops"].items():

@@ -23,17 +23,22 @@ def register(cli: click.Group, convert: click.Group) -> None:
     "--preset",
     default=None,
     metavar="NAME",
-    help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, smollm2-135m.",
+    help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, smollm2-135m, "
+    "llama2-70b, qwen2-72b.",
 )
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default data.max_length).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (default train.batch_size).")
 @click.option("--checkpointing/--no-checkpointing", default=None, help="Override train.gradient_checkpointing.")
-@click.option("--offload-checkpoints", is_flag=True, help="Assume checkpoints live in pinned CPU memory.")
+@click.option(
+    "--offload-checkpoints",
+    is_flag=True,
+    help="Assume checkpoints live in pinned CPU memory (as train.offload_checkpoints = true does).",
+)
 @click.option(
     "--adapter-dtype",
     type=click.Choice(["float32", "bfloat16"]),
     default=None,
-    help="dtype of LoRA adapters, their gradients and AdamW moments (tunex trains float32).",
+    help="dtype of LoRA adapters and their gradients (train.adapter_dtype; AdamW's moments stay float32).",
 )
 @click.option(
     "-o",

@@ -34,11 +34,14 @@ class LossModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
-        from tunex.train.loss import linear_cross_entropy, shifted
+        from tunex.train.loss import linear_cross_entropy, shifted, softcapped_cross_entropy
 
         hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T, H)
         weight, bias = output_head(self.lm)
         h, y = shifted(hidden, labels)
+        cap = getattr(self.lm, "logit_softcap", None)
+        if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
+            return softcapped_cross_entropy(h, weight, y, bias, cap)
         return linear_cross_entropy(h, weight, y, bias)
 
 

@@ -1,9 +1,10 @@
-"""GPU kernels with CPU fallbacks.
+"""The kernels: one module per op, each with its backends.
 
-Each kernel is a torch reference, an autograd function with a hand-derived backward, and (except
-the LoRA linear, whose matmuls belong to cuBLAS) a Triton implementation. Calls pick Triton for CUDA
-tensors and torch elsewhere; ``backend=`` or ``TUNEX_KERNELS`` override that (see _dispatch.py).
-Triton is imported only when a Triton path actually runs.
+``<op>.py`` holds the op's torch reference (the tests' oracle), its autograd Function with a
+hand-derived backward, and its torch and native (Rust, ``tunex._native``) paths; ``<op>_triton.py``
+holds the Triton path, imported only when it runs. Which implementation runs for a call is the
+registry's choice (registry.py: every op's implementations, their conditions, ``choose``), which
+``tunex doctor`` prints. Kernels allocate the tensors they keep for backward through kept.py.
 """
 
 from __future__ import annotations

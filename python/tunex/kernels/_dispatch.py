@@ -102,7 +102,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-_CPU_F32 = registry.Facts("cpu", torch.float32, backend="torch")  # past the Triton row: the CPU paths
+# inside a chosen kernel (grad None: grad mode does not decide), past the Triton row: the CPU paths
+_CPU_F32 = registry.Facts("cpu", torch.float32, backend="torch")
 
 
 def native_f32(op: str, kernel, *tensors: torch.Tensor) -> bool:
@@ -143,17 +144,24 @@ def host_flat(t: torch.Tensor):
 _ONEDNN_LINEAR = registry.ONEDNN_LINEAR
 
 
-def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w.T`` is a product for oneDNN: both float32 2-D CPU tensors that fit, of at
-    least registry.ONEDNN_MIN_MACS multiply-adds, oneDNN present and not switched off (``TUNEX_ONEDNN``)."""
-    return (
-        x.dim() == 2
-        and w.dim() == 2
-        and x.shape[1] == w.shape[1]
-        and x.shape[0] * x.shape[1] * w.shape[0] >= registry.ONEDNN_MIN_MACS  # cheapest test first
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
-        and registry.onednn_allows(None)
+def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool) -> registry.Facts:
+    """The registry's facts for ``x @ w.T`` (op matmul_f32); ``grad``: autograd on."""
+    cpu_f32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
+    shape_ok = x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1]
+    return registry.Facts(
+        "cpu" if cpu_f32 else x.device.type,
+        torch.float32 if cpu_f32 else x.dtype,
+        grad=grad,
+        macs=x.shape[0] * x.shape[1] * w.shape[0] if shape_ok else 0,
+        shape_ok=shape_ok,
     )
+
+
+def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the registry runs ``x @ w.T`` outside autograd through oneDNN: both float32 2-D CPU
+    tensors that fit, of at least registry.ONEDNN_MIN_MACS multiply-adds, oneDNN present and not
+    switched off (``TUNEX_ONEDNN``)."""
+    return registry.choose("matmul_f32", matmul_facts(x, w, grad=False)) == "onednn"
 
 
 def matmul_nt(
@@ -166,8 +174,7 @@ def matmul_nt(
     the caller's to give up: the torch path accumulates into it and returns it.
     """
     if (
-        not torch.is_grad_enabled()
-        and onednn_fits(x, w)
+        registry.choose("matmul_f32", matmul_facts(x, w, grad=torch.is_grad_enabled())) == "onednn"
         and (bias is None or bias.dtype == torch.float32)
         and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0])))
     ):

@@ -28,11 +28,67 @@ except ImportError:  # an extension built before the kernel existed
     _native_forward = _native_backward = None
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the native kernel takes these (B, H, T, D) / (B, Hkv, T, D) tensors: float32 on the
-    CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head, and
-    the registry's choice for the call (``TUNEX_NATIVE_ATTENTION``, grad mode)."""
-    shape_ok = (
+class Documents:
+    """The documents packed in the rows of a batch: ``spans`` lists (row, start, length) in order,
+    tiling every row; a query attends causally inside its own document only.
+
+    Passed where a model passes its attention mask: the native kernel takes the spans (cost: the sum
+    of the documents' squared lengths); other implementations take :meth:`dense`, the boolean
+    (B, 1, T, T) block-diagonal causal mask.
+    """
+
+    __slots__ = ("spans", "batch", "seq", "device")
+
+    def __init__(self, spans: list[tuple[int, int, int]], batch: int, seq: int, device):
+        self.spans, self.batch, self.seq, self.device = spans, batch, seq, device
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> Documents | None:
+        """The documents of (B, T) ``position_ids`` in which a position that does not follow its
+        left neighbour by +1 starts a new document; None when no row has more than one."""
+        b, t = position_ids.shape
+        if t < 2:
+            return None
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+        if int(starts.sum()) == b:
+            return None
+        spans = []
+        for row, cols in enumerate(starts.cpu().tolist()):
+            first = [i for i, s in enumerate(cols) if s]
+            spans += [(row, s, e - s) for s, e in zip(first, first[1:] + [t])]
+        return cls(spans, b, t, position_ids.device)
+
+    def dense(self) -> torch.Tensor:
+        """The boolean (B, 1, T, T) mask: key j visible to query i when both lie in one document, j <= i."""
+        doc = torch.empty(self.batch, self.seq, dtype=torch.int64)
+        for i, (row, start, length) in enumerate(self.spans):
+            doc[row, start : start + length] = i
+        doc = doc.to(self.device)
+        same = doc[:, :, None] == doc[:, None, :]
+        return (same & torch.ones(self.seq, self.seq, dtype=torch.bool, device=self.device).tril())[:, None]
+
+
+def sdpa_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
+    """Causal attention inside each of ``docs``: torch's SDPA on each document's slice (its flash or
+    memory-efficient kernel, no mask), the results concatenated back into (B, H, T, D)."""
+    rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
+    for row, start, length in docs.spans:
+        sl = slice(start, start + length)
+        rows[row].append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[row : row + 1, :, sl],
+                k[row : row + 1, :, sl],
+                v[row : row + 1, :, sl],
+                is_causal=True,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
+
+
+def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
         and k.shape == v.shape
         and k.shape[1] > 0
@@ -40,8 +96,29 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[0] == k.shape[0]
         and q.shape[2:] == k.shape[2:]
     )
-    facts = registry.Facts.of(q, head_dim=q.shape[-1], shape_ok=shape_ok)
-    return registry.choose("attention", facts) == "native"
+
+
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool, docs: bool = False) -> str:
+    """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
+    now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
+    "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa". ``causal``: causal attention of the queries over as many keys (no mask, no cache; with
+    ``docs`` inside each packed document); ``arena``: an activation arena is active."""
+    facts = registry.Facts.of(
+        q,
+        head_dim=q.shape[-1],
+        shape_ok=_shape_ok(q, k, v),
+        causal=causal and q.shape[2] == k.shape[2],
+        arena=arena,
+        docs=docs,
+    )
+    return registry.choose("attention", facts)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the native kernel takes these causal (B, H, T, D) / (B, Hkv, T, D) tensors: float32
+    on the CPU, a head dim that is a multiple of 16, whole groups of query heads per key/value head,
+    and the registry's choice for the call (``TUNEX_NATIVE_ATTENTION``, grad mode)."""
+    return choose(q, k, v, causal=True, arena=False) == "native"
 
 
 def _strided(t: torch.Tensor):
@@ -58,22 +135,37 @@ def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int]:
     return b, h, k.shape[1], t, d
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    docs: Documents | None = None,
+) -> None:
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) into ``out`` (B, H, T, D, any
-    layout that gives each element its own slot, head dim contiguous) and ``lse`` (B, H, T)
-    contiguous: each row's log-sum-exp of the scaled scores. Check :func:`applies` first."""
+    layout that gives each element its own slot, head dim contiguous) and ``lse`` (B x H x T
+    values, contiguous): each row's log-sum-exp of the scaled scores. With ``docs``, inside each
+    document only (``lse`` then holds H x length values per document). Check :func:`choose` first."""
     q, k, v = (_dense_last(t.detach()) for t in (q, k, v))
     if out.numel() == 0:
         return
-    _native_forward(
-        _strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), 1.0 / math.sqrt(q.shape[-1])
-    )
+    spans = None if docs is None else docs.spans
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    _native_forward(_strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), scale, spans)
 
 
 def backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    docs: Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`forward`, given what it wrote (``out``, ``lse``) for the same q, k, v.
+    """(dq, dk, dv) of :func:`forward`, given what it wrote (``out``, ``lse``) for the same q, k, v
+    and ``docs``.
     dq and dv come in (B, T, heads, D) order under their (B, heads, T, D) shapes: the layouts of
     the projections they flow back into."""
     dout, q, k, v, out = (_dense_last(t.detach()) for t in (dout, q, k, v, out))
@@ -94,5 +186,6 @@ def backward(
             _strided(dv),
             (b, h, hkv, t, d),
             1.0 / math.sqrt(d),
+            None if docs is None else docs.spans,
         )
     return dq, dk, dv

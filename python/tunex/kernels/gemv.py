@@ -7,10 +7,12 @@ short of what the memory delivers; the Rust GEMV splits the rows across all core
 Fresh outputs are handed to Rust as ``.numpy()`` views; inputs and parameters as DLPack views
 (``host_array``), which leave their storages resizable (FSDP2 resizes parameter storages).
 
-``linear`` takes that path only where it is exact in kind (float32 on the CPU, no autograd, one row
-of input, contiguous weight). Several float32 CPU rows (prefill, training) go through oneDNN's
-matmul (``_dispatch.matmul_nt``; with autograd, in a Function whose input gradient runs there too),
-and everything else through ``F.linear``; the results agree with ``F.linear`` to float32 rounding.
+``linear`` takes that path where the kernel registry's decode_linear row chooses it (float32 on the
+CPU, no autograd, one row of input, contiguous weight). Bigger float32 CPU products (prefill,
+training) go through oneDNN's matmul (``_dispatch.matmul_nt``; with autograd, in a Function whose
+input gradient runs there too), and everything else through ``F.linear``; the results agree with
+``F.linear`` to float32 rounding. Model code reaches these through the runtime's ``project`` hook
+(tunex.runtime), which hands plain ``nn.Linear`` layers to :func:`linear_many`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunex import settings
 from tunex.kernels import registry
-from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt, onednn_fits
+from tunex.kernels._dispatch import compute_dtype, host_array, matmul_nt
 
 try:
     from tunex._native import gemv_f32 as _gemv
@@ -30,29 +31,49 @@ except ImportError:  # an extension built before the kernels existed
 
 
 def enabled() -> bool:
-    """Whether the Rust GEMV is in use (``TUNEX_GEMV=0`` turns it off; read at call time)."""
-    return _gemv is not None and settings.on("TUNEX_GEMV")
-
-
-def _host_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """float32 CPU tensors that autograd does not need to see."""
-    return (
-        x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and registry.choose("decode_linear", registry.Facts("cpu", torch.float32, rows=1)) == "gemv"
-    )
-
-
-def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear(x, weight)`` runs the Rust GEMV (else ``F.linear``)."""
-    return _host_ready(x, weight) and weight.dim() == 2 and x.numel() == weight.shape[1] and weight.is_contiguous()
+    """Whether one-row float32 CPU products run the Rust GEMV (the registry's decode_linear row:
+    ``TUNEX_GEMV``, the built extension)."""
+    return registry.choose("decode_linear", registry.Facts("cpu", torch.float32, grad=False, rows=1)) == "gemv"
 
 
 def _bias_ok(bias: torch.Tensor | None) -> bool:
     return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+
+
+def _records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_facts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> registry.Facts:
+    """The registry's facts for ``F.linear(x, weight, bias)`` (op decode_linear)."""
+    cpu_f32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, weight))
+    rows = _rows(x)
+    shape_ok = (
+        weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and _bias_ok(bias)
+        and (rows != 1 or weight.is_contiguous())
+    )
+    return registry.Facts(
+        "cpu" if cpu_f32 else x.device.type,
+        torch.float32 if cpu_f32 else x.dtype,
+        grad=_records(x, weight, bias),
+        autocast=x.is_floating_point() and compute_dtype(x) != x.dtype,
+        rows=rows,
+        macs=rows * x.shape[-1] * weight.shape[0] if shape_ok else 0,
+        shape_ok=shape_ok,
+    )
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` runs the Rust GEMV."""
+    return registry.choose("decode_linear", linear_facts(x, weight)) == "gemv"
 
 
 def _gemv_many(x: torch.Tensor, products) -> list[torch.Tensor]:
@@ -68,12 +89,19 @@ def _gemv_many(x: torch.Tensor, products) -> list[torch.Tensor]:
     return outs
 
 
+def plain(module) -> bool:
+    """Whether ``module`` is a plain linear layer (``nn.Linear`` itself, or an object marked
+    ``plain_linear``, such as a tied output head) whose product :func:`linear` may run."""
+    return type(module) is torch.nn.Linear or getattr(module, "plain_linear", False)
+
+
 def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
-    """``[layer(x) for layer in layers]`` for plain linear layers sharing one input (q/k/v,
-    gate/up): one multi-core pass when ``x`` is a single float32 row on the CPU."""
-    if not all(type(m) is Linear and gemv_applies(x, m.weight) and _bias_ok(m.bias) for m in layers):
-        return [m(x) for m in layers]
-    return _gemv_many(x, [(m.weight, m.bias) for m in layers])
+    """``[layer(x) for layer in layers]`` for layers sharing one input (q/k/v, gate/up): plain
+    linear layers through :func:`linear`, in one multi-core GEMV pass when the registry chooses
+    the GEMV for every one of them; other layers (LoRA, NF4) as they are."""
+    if all(plain(m) and registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) == "gemv" for m in layers):
+        return _gemv_many(x, [(m.weight, m.bias) for m in layers])
+    return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
 
 
 class _DenseLinear(torch.autograd.Function):
@@ -98,37 +126,42 @@ class _DenseLinear(torch.autograd.Function):
 
 
 def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``linear`` runs a multi-row float32 CPU product through oneDNN."""
-    return (
-        x.dim() >= 2
-        and (bias is None or bias.dtype == torch.float32)
-        and compute_dtype(x) == torch.float32
-        and onednn_fits(x.reshape(-1, x.shape[-1]), weight)
-    )
+    """Whether ``linear`` runs a float32 CPU product through oneDNN."""
+    return registry.choose("decode_linear", linear_facts(x, weight, bias)) == "onednn"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: through the multi-core Rust GEMV when ``x`` is one float32 row,
-    through oneDNN when it is several float32 CPU rows, else torch's own."""
-    if gemv_applies(x, weight) and _bias_ok(bias):
+    """``F.linear(x, weight, bias)`` by the registry's decode_linear row: the multi-core Rust GEMV
+    for one float32 row without autograd, oneDNN for bigger float32 CPU products, else torch's own."""
+    impl = registry.choose("decode_linear", linear_facts(x, weight, bias))
+    if impl == "gemv":
         return _gemv_many(x, [(weight, bias)])[0]
-    if dense_applies(x, weight, bias):  # without autograd (prefill) the Function only runs forward
+    if impl == "onednn":  # without autograd (prefill) the Function only runs forward
         return _DenseLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
+def norm_facts(x: torch.Tensor, weight: torch.Tensor, grad: bool) -> registry.Facts:
+    """The registry's facts for an RMSNorm of ``x`` by ``weight`` (op rmsnorm); ``grad``: autograd on."""
+    return registry.Facts.of(
+        x,
+        grad=grad,
+        rows=_rows(x),
+        cols=x.shape[-1] if x.dim() else None,
+        shape_ok=weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() == x.shape[-1],
+    )
+
+
 def rms_norm_row(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of one float32 CPU row in one native call (a dozen torch ops' dispatch otherwise),
-    or None where that does not apply."""
-    if not (_host_ready(x, weight) and x.shape[-1] == x.numel()):
+    or None where the registry does not choose that (its rmsnorm row "native-row")."""
+    if registry.choose("rmsnorm", norm_facts(x, weight, _records(x, weight))) != "native-row":
         return None
+    return rms_norm_row_native(x, weight, eps)
+
+
+def rms_norm_row_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The "native-row" RMSNorm (the caller asked the registry)."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _rms_norm(host_array(x.contiguous().view(-1)), host_array(weight.contiguous()), eps, out.view(-1).numpy())
     return out
-
-
-class Linear(torch.nn.Linear):
-    """``nn.Linear`` whose one-token CPU forward runs the Rust GEMV (training is unchanged)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)

@@ -16,8 +16,8 @@ With g = dy (tokens, out):
     dB = s * g.T @ h            dh = s * g @ B
     dA = dh.T @ dropout(x)      dx = g @ W + dropout_backward(dh @ A)
 
-The matmuls run on cuBLAS (CUDA) or, for float32 on the CPU, oneDNN (``_dispatch.matmul_nt``:
-8-25% faster than the MKL sgemm behind torch.mm on these shapes); on CUDA the 4-bit dequantization inside
+The matmuls run on cuBLAS (CUDA) or, for float32 on the CPU, oneDNN (``_dispatch.matmul_nt``,
+faster than the MKL sgemm behind torch.mm on these shapes: see BENCHMARKS.md); on CUDA the 4-bit dequantization inside
 the base callable is the Triton kernel of tunex.kernels.nf4_dequant, and the dropout is the Triton
 kernel of lora_triton.py, whose counter-based mask never exists as a tensor; on the CPU the Rust
 kernel (tunex._native.dropout_f32) plays that part, faster than torch's bernoulli_.
@@ -40,7 +40,7 @@ from tunex.kernels._dispatch import (
     no_autocast,
     use_triton,
 )
-from tunex.runtime.arena import kept_copy, kept_empty
+from tunex.kernels.kept import kept_copy, kept_empty
 
 try:
     from tunex._native import dropout_f32 as _native_dropout

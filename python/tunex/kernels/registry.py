@@ -34,19 +34,41 @@ BACKENDS = ("auto", "triton", "torch")
 class Facts:
     """What the choice of an implementation depends on, for one call.
 
+    ``grad``: True when autograd records the call, False when it does not (no-grad code, decoding),
+    None when the question comes from inside a kernel that has already been chosen, where grad
+    mode does not decide (its forward and its backward rebuild must take the same path). Rows
+    that apply only without autograd test ``grad is False``.
+
     ``head_dim``, ``rows``, ``cols``, ``macs`` and ``shape_ok`` are the shape facts an op's
-    conditions look at (None: unknown, which a condition treats as met; ``tunex doctor`` passes
-    representative values). ``backend`` is the kernel's ``backend=`` argument.
+    conditions look at (None: unknown, which a condition treats as met, except ``rows == 1`` for
+    the one-row decode paths; ``tunex doctor`` passes representative values). ``causal``: causal
+    attention of the queries over as many keys (None: unknown). ``arena``: an activation arena is
+    active (tunex.runtime.arena). ``docs``: the rows are packed documents, each attending inside
+    itself (tunex.kernels.attention.Documents). ``backend`` is the kernel's ``backend=`` argument.
     """
 
-    __slots__ = ("device", "dtype", "grad", "autocast", "backend", "head_dim", "rows", "cols", "macs", "shape_ok")
+    __slots__ = (
+        "device",
+        "dtype",
+        "grad",
+        "autocast",
+        "backend",
+        "head_dim",
+        "rows",
+        "cols",
+        "macs",
+        "shape_ok",
+        "causal",
+        "arena",
+        "docs",
+    )
 
     def __init__(
         self,
         device: str,
         dtype: torch.dtype,
         *,
-        grad: bool = False,
+        grad: bool | None = None,
         autocast: bool = False,
         backend: str = "auto",
         head_dim: int | None = None,
@@ -54,22 +76,21 @@ class Facts:
         cols: int | None = None,
         macs: int | None = None,
         shape_ok: bool = True,
+        causal: bool | None = None,
+        arena: bool = False,
+        docs: bool = False,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
+        self.causal, self.arena, self.docs = causal, arena, docs
 
     @classmethod
     def of(cls, t: torch.Tensor, backend: str = "auto", **shape) -> Facts:
-        """The facts of a call on tensor ``t`` now (grad mode, autocast for its device)."""
+        """The facts of a call on tensor ``t`` now (grad mode unless ``grad=`` is given, autocast
+        for its device) and the given shape facts."""
         device = t.device.type
-        return cls(
-            device,
-            t.dtype,
-            grad=torch.is_grad_enabled(),
-            autocast=torch.is_autocast_enabled(device),
-            backend=backend,
-            **shape,
-        )
+        shape.setdefault("grad", torch.is_grad_enabled())
+        return cls(device, t.dtype, autocast=torch.is_autocast_enabled(device), backend=backend, **shape)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
@@ -193,8 +214,27 @@ def _torch(what: str = "torch") -> Impl:
     return Impl(what, "always", lambda f: True)
 
 
+def _no_grad(f: Facts) -> bool:
+    return f.grad is False
+
+
+def _one_row(f: Facts) -> bool:
+    return f.grad is False and f.rows == 1 and f.shape_ok
+
+
+def _plain(what: str) -> Impl:
+    return Impl("plain", f"without autograd: {what}", _no_grad)
+
+
 OPS: dict[str, tuple[Impl, ...]] = {
     "rmsnorm": (
+        _native_cpu(
+            "native-row",
+            "rms_norm_f32",
+            ", one row without autograd (decoding), TUNEX_GEMV=1",
+            lambda f: _one_row(f) and settings.on("TUNEX_GEMV"),
+        ),
+        _plain("torch's F.rms_norm (the lean backward of the kernels below buys nothing there)"),
         Impl(
             "triton",
             f"as triton, rows of at most {MAX_TRITON_COLS} elements",
@@ -203,25 +243,66 @@ OPS: dict[str, tuple[Impl, ...]] = {
         _native_cpu("native", "rms_norm_forward_f32"),
         _torch(),
     ),
-    "rope": (_TRITON, _native_cpu("native", "rope_f32"), _torch()),
+    "rope": (
+        _plain("rotate-half in torch ops (fewer dispatches per decoded token than the autograd kernel)"),
+        _TRITON,
+        _native_cpu("native", "rope_f32"),
+        _torch(),
+    ),
     "attention": (
         Impl(
             "native",
-            "float32 CPU training (grad on), head dim a multiple of 16, whole query-head groups, "
-            "TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
+            "float32 CPU training (grad on), causal over as many keys (packed documents too: attention "
+            "inside each, costing the sum of their squared lengths), head dim a multiple of 16, whole "
+            "query-head groups, TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
             lambda f: (
                 _cpu_f32(f)
-                and f.grad
+                and bool(f.grad)
+                and f.causal is not False
                 and f.shape_ok
                 and _ok(f.head_dim, lambda d: d % 16 == 0)
                 and settings.on("TUNEX_NATIVE_ATTENTION")
             ),
             "attention_forward_f32",
         ),
-        Impl("sdpa", "always (torch's scaled_dot_product_attention)", lambda f: True),
+        Impl(
+            "flash-kept",
+            "float32 CPU training (grad on), causal over as many keys, one document per row, inside the "
+            "activation arena: torch's CPU flash attention op with its output and log-sum-exp kept there",
+            lambda f: (
+                _cpu_f32(f)
+                and bool(f.grad)
+                and f.causal is not False
+                and not f.docs
+                and f.arena
+                and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            ),
+        ),
+        Impl(
+            "sdpa-docs",
+            "CUDA, packed documents: torch's SDPA on each document (its flash kernel, no (T, T) mask)",
+            lambda f: f.device == "cuda" and f.docs,
+        ),
+        Impl(
+            "sdpa",
+            "always (torch's scaled_dot_product_attention; packed documents as a dense block-diagonal mask)",
+            lambda f: True,
+        ),
     ),
-    "swiglu": (_TRITON, _native_cpu("native", "swiglu_forward_f32"), _torch()),
+    "swiglu": (
+        _plain("silu(gate) * up in torch ops"),
+        _TRITON,
+        _native_cpu("native", "swiglu_forward_f32"),
+        _torch(),
+    ),
     "lora_linear": (
+        _native_cpu(
+            "gemv",
+            "gemv_f32",
+            ", one row without autograd, an unmerged adapter over a dense base in eval mode (chat "
+            "--adapter): the base through the Rust GEMV and the adapter in two small products, TUNEX_GEMV=1",
+            lambda f: _one_row(f) and settings.on("TUNEX_GEMV"),
+        ),
         Impl("triton", "as triton, with dropout > 0 (the fused dropout)", lambda f: triton_wanted(f) and f.shape_ok),
         _native_cpu(
             "fused-native",
@@ -237,17 +318,46 @@ OPS: dict[str, tuple[Impl, ...]] = {
         _native_cpu(
             "gemv",
             "gemv_f32",
-            ", one row of input, no autograd, contiguous weight, TUNEX_GEMV=1",
-            lambda f: not f.grad and f.shape_ok and _ok(f.rows, lambda r: r == 1) and settings.on("TUNEX_GEMV"),
+            ", one row of input without autograd, contiguous weight, TUNEX_GEMV=1",
+            lambda f: _one_row(f) and settings.on("TUNEX_GEMV"),
         ),
         Impl(
             "onednn",
-            "float32 CPU, several rows, as matmul_f32's oneDNN row",
-            lambda f: _cpu_f32(f) and _ok(f.rows, lambda r: r > 1) and onednn_applies(f),
+            "float32 CPU outside autocast, as matmul_f32's oneDNN row (forward and input gradient)",
+            lambda f: _cpu_f32(f) and not f.autocast and onednn_applies(f),
         ),
         _torch("F.linear"),
     ),
-    "nf4_dequant": (_TRITON, _torch()),
+    "nf4_dequant": (
+        _TRITON,
+        Impl(
+            "native",
+            "CPU weights, any float output dtype (needs dequantize_4bit)",
+            lambda f: f.device == "cpu",
+            "dequantize_4bit",
+        ),
+        _torch(),
+    ),
+    "adamw_8bit": (
+        Impl(
+            "triton",
+            "as triton, fewer than 2^32 elements per parameter",
+            lambda f: triton_wanted(f) and _ok(f.rows, lambda n: n < 2**32),
+        ),
+        Impl(
+            "native",
+            "float32 CPU parameters, backend not torch (needs adamw_8bit_step_f32)",
+            lambda f: _cpu_f32(f) and f.backend != "torch",
+            "adamw_8bit_step_f32",
+        ),
+        Impl(
+            "native-bf16",
+            "bfloat16 CPU parameters, backend not torch (needs adamw_8bit_step_bf16)",
+            lambda f: f.device == "cpu" and f.dtype == torch.bfloat16 and f.backend != "torch",
+            "adamw_8bit_step_bf16",
+        ),
+        _torch(),
+    ),
     "matmul_f32": (
         Impl(
             "onednn",
@@ -292,7 +402,7 @@ def choose(op: str, facts: Facts) -> str:
             if impl.native is not None and not has_native(impl.native):
                 if settings.on("TUNEX_REQUIRE_NATIVE"):
                     raise TunexError(
-                        f"{op}: the {impl.name} implementation applies but the built tunex._native lacks "
+                        f"{op}: the {impl.name} implementation applies but the built tunex._native has no "
                         f"{impl.native}; rebuild the extension (maturin develop --release) or unset TUNEX_REQUIRE_NATIVE"
                     )
                 continue

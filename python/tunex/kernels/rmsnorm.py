@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import as_rows, host_array, native_f32, use_triton
-from tunex.runtime.arena import kept_empty
+from tunex.kernels.kept import kept_empty
 
 # One Triton program holds a whole row in registers; wider rows use the torch path.
 MAX_TRITON_COLS = 65536

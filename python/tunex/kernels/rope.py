@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from tunex.kernels._dispatch import host_array, host_span, native_f32, use_triton
-from tunex.runtime.arena import kept_empty
+from tunex.kernels.kept import kept_empty
 
 try:
     from tunex._native import rope_f32 as _native_rope

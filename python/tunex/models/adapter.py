@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
+from tunex.models.config import ModelConfig, to_tunex_module
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$|^(.+)\.lora_magnitude_vector(?:\.[^.]+)?$")
@@ -74,6 +75,10 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             parts.setdefault(module, {})[m[2] or "magnitude"] = tensor
         else:
             extra[name] = tensor
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, ModelConfig):  # adapters name the family's own modules (InternLM2's wqkv...)
+        parts = {to_tunex_module(m, cfg): p for m, p in parts.items()}
+        extra = {to_tunex_module(n, cfg): t for n, t in extra.items()}
     known = dict(model.named_modules())
     names = sorted(parts)
     for module in names:

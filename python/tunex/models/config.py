@@ -16,7 +16,17 @@ from typing import Any
 
 from tunex.errors import FormatError
 
-FAMILIES = ("llama", "mistral", "qwen2", "internlm2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2", "gemma2", "gemma3_text", "phi3")
+GEMMA = ("gemma2", "gemma3_text")
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# the keys each rope scaling kind reads from config.json's rope_scaling (besides rope_type)
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings", "long_factor", "short_factor"),
+}
 
 
 @dataclass
@@ -25,7 +35,8 @@ class ModelConfig:
 
     ``family`` is the checkpoint's model_type (SmolLM2 is ``llama`` with tied embeddings).
     ``qkv_bias``/``o_bias``: Qwen2 has biases on q/k/v only; Llama's ``attention_bias`` and
-    InternLM2's ``bias`` put them on all four projections.
+    InternLM2's ``bias`` put them on all four projections. ``qk_norm``: Qwen3 normalises each
+    query and key head (``self_attn.q_norm`` / ``k_norm``, RMSNorm over the head dim) before RoPE.
     """
 
     family: str
@@ -48,6 +59,21 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query and key head before RoPE
+    # Phi-3: q/k/v in one projection (self_attn.qkv_proj, rows q then k then v) and gate/up in one
+    # (mlp.gate_up_proj); InternLM2's wqkv is self_attn.qkv_proj too, its rows grouped per kv head
+    # (``qkv_grouped``: see split_wqkv)
+    fused_qkv: bool = False
+    qkv_grouped: bool = False
+    fused_gate_up: bool = False
+    # Gemma 2 / 3 (models/gemma.py): each layer's kind ("sliding_attention" / "full_attention"),
+    # the RoPE base of the sliding layers, tanh soft-capping of attention scores and of the logits,
+    # and the attention scale's denominator (scores are q.k / sqrt(query_pre_attn_scalar))
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
@@ -60,6 +86,27 @@ class ModelConfig:
         d = asdict(self)
         d.pop("raw")
         return d
+
+
+def rope_kind(cfg: ModelConfig) -> str:
+    """The rope scaling kind of ``cfg`` ("default" without scaling)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _check_rope(scaling: dict | None, source: str) -> None:
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_KINDS:
+        raise FormatError(
+            f"{source}: rope_scaling type {kind!r} is not supported (expected one of {', '.join(ROPE_KINDS[1:])})"
+        )
+    missing = [k for k in ROPE_KEYS.get(kind, ()) if scaling.get(k) is None]
+    if missing:
+        raise FormatError(f"{source}: rope_scaling of type {kind!r} lacks {', '.join(map(repr, missing))}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
 
 
 def _need(raw: dict, key: str, source: str) -> Any:
@@ -85,7 +132,27 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         theta = theta if theta is not None else params.get("rope_theta")
         if params.get("rope_type", "default") != "default":
             scaling = params
+    if family == "phi3" and scaling and scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
+        scaling = {**scaling, "rope_type": "longrope"}  # Phi-3's names for its LongRoPE, as transformers reads them
+    if scaling and "original_max_position_embeddings" not in scaling and raw.get("original_max_position_embeddings"):
+        # Phi-3 keeps it beside rope_scaling
+        scaling = {**scaling, "original_max_position_embeddings": raw["original_max_position_embeddings"]}
+    _check_rope(scaling, source)
+    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
+    gemma = _gemma_options(raw, source) if family in GEMMA else {}
+    if family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        raise FormatError(
+            f"{source}: use_sliding_window true (windowed attention in the upper layers) is not supported; "
+            "the released Qwen2/Qwen3 models set it false"
+        )
+    act = raw.get("hidden_act") or "silu"
+    if family not in GEMMA and act not in ("silu", "swish"):
+        raise FormatError(f"{source}: hidden_act {act!r} is not supported for {family} (expected silu)")
+    if family == "gemma3_text":
+        theta, scaling = gemma.pop("rope_theta"), gemma.pop("rope_scaling")
+        _check_rope(scaling, source)
     return ModelConfig(
         family=family,
         vocab_size=int(_need(raw, "vocab_size", source)),
@@ -108,10 +175,73 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         pad_token_id=raw.get("pad_token_id"),
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
-        sliding_window=raw.get("sliding_window") if family == "mistral" else None,
+        sliding_window=raw.get("sliding_window") if family in ("mistral", "phi3", *GEMMA) else None,
+        fused_qkv=family in ("phi3", "internlm2"),
+        qkv_grouped=family == "internlm2",
+        fused_gate_up=family == "phi3",
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        **gemma,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )
+
+
+def _gemma_options(raw: dict, source: str) -> dict:
+    """Gemma 2 / Gemma 3 text settings of config.json (both the layout transformers 4 wrote and the
+    nested ``rope_parameters`` of transformers 5)."""
+    family = raw["model_type"]
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise FormatError(
+            f"{source}: hidden_activation {act!r} is not supported for {family} (expected gelu_pytorch_tanh)"
+        )
+    n = int(_need(raw, "num_hidden_layers", source))
+    types = raw.get("layer_types")
+    if types is None:  # every `pattern`-th layer attends globally, the others in a window
+        pattern = 2 if family == "gemma2" else int(raw.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+        raise FormatError(
+            f"{source}: layer_types must list 'sliding_attention' or 'full_attention' for each of {n} layers"
+        )
+    if "sliding_attention" in types:
+        _need(raw, "sliding_window", source)
+    if raw.get("use_bidirectional_attention"):
+        raise FormatError(f"{source}: use_bidirectional_attention (an embedding model) is not supported")
+    out = dict(
+        layer_types=list(types),
+        attn_softcap=raw.get("attn_logit_softcapping"),
+        final_softcap=raw.get("final_logit_softcapping"),
+        query_pre_attn_scalar=float(_need(raw, "query_pre_attn_scalar", source)),
+    )
+    if family == "gemma2":
+        return out
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # transformers >= 5
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        theta, local_theta = full.get("rope_theta", 1_000_000.0), local.get("rope_theta", 10_000.0)
+        scaling = full if full.get("rope_type", "default") != "default" else None
+        if local.get("rope_type", "default") != "default":
+            raise FormatError(f"{source}: rope scaling on the sliding layers is not supported")
+    else:
+        theta, local_theta = raw.get("rope_theta", 1_000_000.0), raw.get("rope_local_base_freq", 10_000.0)
+        scaling = raw.get("rope_scaling") or None  # the global layers' only
+    return {**out, "rope_theta": theta, "rope_local_theta": float(local_theta), "rope_scaling": scaling}
+
+
+def check_tokenizer_fits(tokenizer, cfg: ModelConfig, folder, tokenizer_source=None) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows (its ids would index
+    past the embedding). A larger embedding (padded vocabularies) is fine.
+
+    Raises:
+        FormatError: naming both sizes and both sources.
+    """
+    n = int(tokenizer.vocab_size)
+    if n > cfg.vocab_size:
+        raise FormatError(
+            f"{tokenizer_source or folder}: the tokenizer has {n} tokens but the model's embedding "
+            f"({Path(folder) / 'config.json'} vocab_size) has {cfg.vocab_size} rows; use the model's own tokenizer"
+        )
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -156,6 +286,7 @@ def _check_sizes(cfg: ModelConfig, path: Path) -> None:
 # A fragment starting with "." is replaced anywhere; others are name prefixes.
 _INTERNLM2_NAMES = (
     ("model.tok_embeddings.", "model.embed_tokens."),
+    (".attention.wqkv.", ".self_attn.qkv_proj."),
     ("output.", "lm_head."),
     (".attention.wo.", ".self_attn.o_proj."),
     (".feed_forward.w1.", ".mlp.gate_proj."),
@@ -177,7 +308,6 @@ def _rename(name: str, reverse: bool) -> str:
 
 
 _WQKV = re.compile(r"^(model\.layers\.\d+)\.attention\.wqkv\.(weight|bias)$")
-_QKV = re.compile(r"^(model\.layers\.\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
 
 def split_wqkv(fused, cfg: ModelConfig) -> tuple[Any, Any, Any]:
@@ -196,18 +326,17 @@ def split_wqkv(fused, cfg: ModelConfig) -> tuple[Any, Any, Any]:
     return q, k, v
 
 
-def fuse_wqkv(q, k, v, cfg: ModelConfig):
-    """The inverse of :func:`split_wqkv`."""
-    import torch
-
-    groups, per, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    tail = tuple(q.shape[1:])
-    parts = [q.reshape(groups, per, d, *tail), k.reshape(groups, 1, d, *tail), v.reshape(groups, 1, d, *tail)]
-    return torch.cat(parts, dim=1).reshape(groups * (per + 2) * d, *tail)
-
-
 def to_tunex_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]:
-    """One checkpoint tensor -> the (tunex name, tensor) pairs it becomes (usually one)."""
+    """One checkpoint tensor -> the (tunex name, tensor) pairs it becomes (one: InternLM2's names
+    are mapped, its fused ``wqkv`` stays fused as ``self_attn.qkv_proj``)."""
+    if cfg.family != "internlm2":
+        return [(name, tensor)]
+    return [(_rename(name, reverse=False), tensor)]
+
+
+def to_llama_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """One checkpoint tensor -> Llama-layout (name, tensor) pairs: InternLM2's fused ``wqkv`` split
+    into q/k/v (for formats that know the Llama layout only, as GGUF export)."""
     if cfg.family != "internlm2":
         return [(name, tensor)]
     m = _WQKV.match(name)
@@ -218,16 +347,28 @@ def to_tunex_names(name: str, tensor, cfg: ModelConfig) -> list[tuple[str, Any]]
 
 
 def to_checkpoint_names(state: dict, cfg: ModelConfig) -> dict:
-    """A tunex state dict -> the family's own checkpoint names and layout (for export)."""
+    """A tunex state dict (weights, or adapter tensors named by module) -> the family's own
+    checkpoint names (for export; InternLM2's ``wqkv``, ``wo``, ``w1``...)."""
     if cfg.family != "internlm2":
         return dict(state)
-    out, qkv = {}, {}
-    for name, tensor in state.items():
-        m = _QKV.match(name)
-        if m:
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = tensor
-            continue
-        out[_rename(name, reverse=True)] = tensor
-    for (prefix, kind), parts in qkv.items():
-        out[f"{prefix}.attention.wqkv.{kind}"] = fuse_wqkv(parts["q"], parts["k"], parts["v"], cfg)
-    return out
+    return {_rename(name, reverse=True): tensor for name, tensor in state.items()}
+
+
+def to_tunex_module(name: str, cfg: ModelConfig) -> str:
+    """A module (or tensor) name of the family's checkpoints -> tunex's (for adapters written
+    against the family's own names, as PEFT writes them)."""
+    if cfg.family != "internlm2":
+        return name
+    return _rename(name + ".", reverse=False)[:-1]  # the fragments end in "." (a module name does not)
+
+
+# InternLM2's own module names -> tunex's, for LoRA target_modules written the InternLM2 way
+_INTERNLM2_TARGETS = {"wqkv": "qkv_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def tunex_targets(target, cfg: ModelConfig):
+    """``target_modules`` naming the family's own modules -> tunex's module names (a list only:
+    a regex or "all-linear" passes through)."""
+    if cfg.family != "internlm2" or not isinstance(target, list):
+        return target
+    return [_INTERNLM2_TARGETS.get(t, t) for t in target]

@@ -5,9 +5,9 @@ Pre-norm transformer: RMSNorm -> attention with rotary positions (grouped-query 
 config values (biases, rope scaling, tied embeddings); see config.py.
 
 Module and parameter names are the HF Llama ones (``model.layers.0.self_attn.q_proj.weight``...),
-so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is an
-``nn.Linear`` (tunex.kernels.gemv.Linear: decoding one token on the CPU runs a multi-core Rust
-GEMV) that LoRA or NF4 layers can replace.
+so HF checkpoints, LoRA targets and PEFT adapter keys line up. Every projection is a plain
+``nn.Linear`` that LoRA or NF4 layers can replace, and every projection runs through the runtime's
+``project`` hook (which may run it as a multi-core Rust GEMV when decoding one token on the CPU).
 
 This file is the model's math only. How it runs (the activation arena and lean backward rebuilds
 of CPU training, checkpointing and offload, the decode path) is the runtime's (tunex.runtime): the
@@ -15,8 +15,10 @@ layers call its hooks (norm, rope, project, swiglu, add, attention, rebuild, run
 kernels behind them are the kernel registry's choice.
 
 Packed sequences: ``position_ids`` that restart (any step other than +1) start a new document;
-attention then stays inside each document (a block-diagonal causal mask), so a packed row gives
-the same logits as its documents run one by one.
+attention then stays inside each document, so a packed row gives the same logits as its documents
+run one by one. The layers get the documents' spans (tunex.kernels.attention.Documents) where a
+mask would go; the native CPU kernel attends inside each span (cost: the sum of the documents'
+squared lengths), other implementations get the block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from torch import nn
 
 from tunex import runtime as runtimes
 from tunex.kernels import rms_norm, swiglu
-from tunex.kernels.gemv import Linear, linear
-from tunex.models.config import ModelConfig
+from tunex.kernels.attention import Documents
+from tunex.models.config import ROPE_KINDS, ModelConfig, rope_kind
 
 
 class RMSNorm(nn.Module):
@@ -45,18 +47,23 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (D/2,) for ``seq_len`` positions, and the cos/sin scale.
 
-    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length)
-    and ``llama3`` (Llama 3.1's frequency-band rescaling).
+    Supports no scaling, ``linear``, ``dynamic`` (NTK, grows the base past the trained length),
+    ``llama3`` (Llama 3.1's frequency-band rescaling), ``yarn`` (Qwen2.5's long-context setting:
+    interpolated low and extrapolated high frequencies with a linear ramp between, and a cos/sin
+    scale) and ``longrope`` (Phi-3's per-frequency factors, the long set past the trained length).
     """
     dim, base = cfg.head_dim, cfg.rope_theta
     scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = float(scaling.get("factor", 1.0))
+    kind = rope_kind(cfg)
+    if kind not in ROPE_KINDS:  # read_config refuses these; a ModelConfig made by hand may not
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (expected one of {', '.join(ROPE_KINDS[1:])})")
+    factor = float(scaling.get("factor") or 1.0)
     if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
         grow = factor * seq_len / cfg.max_position_embeddings - (factor - 1)
         base = base * grow ** (dim / (dim - 2))
     steps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
     inv_freq = 1.0 / (base ** (steps / dim))
+    scale = 1.0
     if kind == "linear":
         inv_freq = inv_freq / factor
     elif kind == "llama3":
@@ -68,11 +75,49 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv_freq = torch.where(medium, smoothed, scaled)
-    elif kind not in ("default", "linear", "dynamic"):
-        raise ValueError(
-            f"config.json: rope_scaling type {kind!r} is not supported (expected linear, dynamic or llama3)"
-        )
-    return inv_freq, 1.0
+    elif kind == "yarn":
+        inv_freq, scale = _yarn(cfg, scaling, inv_freq, device)
+    elif kind == "longrope":
+        old_len = scaling["original_max_position_embeddings"]
+        factors = scaling["long_factor"] if seq_len > old_len else scaling["short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
+        ratio = scaling.get("factor") or cfg.max_position_embeddings / old_len
+        scale = scaling.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if ratio <= 1.0 else math.sqrt(1 + math.log(ratio) / math.log(old_len))
+    return inv_freq, float(scale)
+
+
+def _yarn(cfg: ModelConfig, scaling: dict, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): frequencies that turn fewer than ``beta_slow`` times over the
+    trained length are interpolated (divided by the factor), those turning more than ``beta_fast``
+    times are kept, a linear ramp over the dimensions between; cos/sin are scaled by
+    ``0.1 * ln(factor) + 1`` unless the config gives ``attention_factor`` (or ``mscale``s)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / old_len
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    scale = scaling.get("attention_factor")
+    if scale is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        scale = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(turns: float) -> float:  # the dimension whose frequency turns `turns` times over old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as trained), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, scale
 
 
 def rope_tables(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -110,23 +155,41 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.fused_qkv:  # Phi-3: one projection, rows q then k then v (LoRA adapts it whole, as PEFT)
+            self.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kv) * d, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, again=None, rt=None):
         rt = rt or runtimes.default()
         b, t, _ = x.shape
         h, kv, d = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
-        q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(False, False, True))
-        q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.cfg.fused_qkv:
+            (qkv,) = rt.project((self.qkv_proj,), x, again, kept=(True,))
+            if self.cfg.qkv_grouped:  # InternLM2: per kv head, its query heads, then k, then v
+                g = qkv.view(b, t, kv, h // kv + 2, d)
+                q, k, v = g[:, :, :, : h // kv].reshape(b, t, h * d), g[:, :, :, -2], g[:, :, :, -1]
+            else:
+                q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+        else:
+            qk_kept = self.cfg.qk_norm  # the q/k norms keep their inputs for backward
+            q, k, v = rt.project((self.q_proj, self.k_proj, self.v_proj), x, again, kept=(qk_kept, qk_kept, True))
+        q, k = q.view(b, t, h, d), k.view(b, t, kv, d)
+        if self.cfg.qk_norm:  # Qwen3: each head normalised before RoPE
+            q, k = self.q_norm(q, rt), self.k_norm(k, rt)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
-        causal = mask is None and t > 1
+        causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
         gqa = h != kv
         if gqa and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
@@ -139,31 +202,40 @@ class Attention(nn.Module):
             # kernel's kept output), else a copy
             return t.transpose(1, 2).reshape(b, t.shape[2], h * d)
 
-        if again is not None:  # attention keeps y for its backward; the copy need not be kept too
-            (out,) = rt.project((self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1))
-            return out
-        return self.o_proj(merge_heads(y))
+        # with ``again``, attention keeps y for its backward and the merged copy need not be kept too
+        (out,) = rt.project(
+            (self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1) if again is not None else None
+        )
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # Phi-3: one projection, the gate's rows then the up rows
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def _gate_up(self, rt, x, again=None, kept=None):
+        if self.fused:
+            (both,) = rt.project((self.gate_up_proj,), x, again, kept=kept and (True,))
+            gate, up = both.chunk(2, dim=-1)
+            return gate.contiguous(), up.contiguous()  # the kernels take whole rows
+        return rt.project((self.gate_proj, self.up_proj), x, again, kept=kept)
 
     def forward(self, x, again=None, rt=None):
         rt = rt or runtimes.default()
-        if torch.is_grad_enabled():
-            gate, up = rt.project((self.gate_proj, self.up_proj), x, again, kept=(True, True))
-            hidden = rt.swiglu(gate, up)
-            if again is None:
-                return self.down_proj(hidden)
-            # SwiGLU keeps gate and up for its backward: rebuild the product from them
-            (out,) = rt.project((self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1))
-            return out
-        gate, up = rt.project((self.gate_proj, self.up_proj), x)
-        return self.down_proj(rt.swiglu(gate, up))
+        gate, up = self._gate_up(rt, x, again, kept=(True, True))
+        hidden = rt.swiglu(gate, up)
+        # with ``again``, SwiGLU keeps gate and up for its backward: rebuild the product from them
+        (out,) = rt.project(
+            (self.down_proj,), hidden, rt.rebuild(swiglu, gate, up, uses=1) if again is not None else None
+        )
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -173,6 +245,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # how many projections read each normed input (a rebuild serves them all)
+        self.qkv_uses = 1 if cfg.fused_qkv else 3
+        self.gate_up_uses = 1 if cfg.fused_gate_up else 2
 
     def forward(self, x, cos, sin, mask, cache, lean: bool = False, rt=None):
         """``lean``: adapted projections rebuild their inputs in backward from tensors other nodes
@@ -186,7 +261,7 @@ class DecoderLayer(nn.Module):
                 sin,
                 mask,
                 cache,
-                again=self._renorm(rt, self.input_layernorm, x, 3) if lean else None,
+                again=self._renorm(rt, self.input_layernorm, x, self.qkv_uses) if lean else None,
                 rt=rt,
             ),
         )
@@ -194,7 +269,7 @@ class DecoderLayer(nn.Module):
             x,
             self.mlp(
                 self.post_attention_layernorm(x, rt),
-                again=self._renorm(rt, self.post_attention_layernorm, x, 2) if lean else None,
+                again=self._renorm(rt, self.post_attention_layernorm, x, self.gate_up_uses) if lean else None,
                 rt=rt,
             ),
         )
@@ -242,8 +317,8 @@ def _document_mask(position_ids: torch.Tensor | None, t: int, past: int, device)
 
 
 def _static_rope(cfg: ModelConfig) -> bool:
-    scaling = cfg.rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type")) != "dynamic"
+    """Whether the rope tables depend on the positions only (not on the sequence's length)."""
+    return rope_kind(cfg) not in ("dynamic", "longrope")
 
 
 class DecoderModel(nn.Module):
@@ -275,7 +350,11 @@ class DecoderModel(nn.Module):
             cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in cache.rope)
         else:
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
-        mask = attention_mask(given, t, past, input_ids.device, self.cfg.sliding_window)
+        window = self.cfg.sliding_window
+        docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
+        # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
+        # attention builds one only for an implementation that needs it)
+        mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:
@@ -290,6 +369,8 @@ class TiedHead:
     (``model.embed_tokens.weight``) as in HF checkpoints, and LoRA's "all-linear" skips it.
     """
 
+    plain_linear = True  # a plain product: the runtime's project hook may run it as one
+
     def __init__(self, embedding: nn.Embedding):
         self.embedding = embedding
 
@@ -300,7 +381,7 @@ class TiedHead:
     bias = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.embedding.weight)
+        return torch.nn.functional.linear(x, self.embedding.weight)
 
 
 class CausalLM(nn.Module):
@@ -314,10 +395,16 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
+        self._tie_or_make_head(cfg)
+
+    # tanh soft-capping of the logits (Gemma 2), which a trainer's loss must apply too
+    logit_softcap: float | None = None
+
+    def _tie_or_make_head(self, cfg: ModelConfig) -> None:
         if cfg.tie_word_embeddings:
             object.__setattr__(self, "lm_head", TiedHead(self.model.embed_tokens))
         else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def hidden_states(self, input_ids, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, cache)
@@ -328,7 +415,8 @@ class CausalLM(nn.Module):
         h = self.hidden_states(input_ids, position_ids, cache)
         if last_only:  # generation needs the next-token logits only
             h = h[:, -1:]
-        return self.lm_head(h)
+        (logits,) = (self.model.runtime or runtimes.default()).project((self.lm_head,), h)
+        return logits
 
     @property
     def gradient_checkpointing(self) -> bool:

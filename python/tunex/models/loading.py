@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import ModelConfig, read_config, to_tunex_names
+from tunex.models.config import GEMMA, ModelConfig, read_config, to_tunex_names
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
@@ -251,6 +251,22 @@ def _as_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
+def new_model(cfg: ModelConfig) -> CausalLM:
+    """The model class of ``cfg``'s family, built (weights uninitialised on the meta device when
+    called under ``_no_init``)."""
+    if cfg.family in GEMMA:
+        from tunex.models.gemma import GemmaCausalLM
+
+        return GemmaCausalLM(cfg)
+    return CausalLM(cfg)
+
+
+def meta_model(cfg: ModelConfig) -> CausalLM:
+    """The model of ``cfg`` on the meta device (module names and shapes, no memory, no weights)."""
+    with _no_init():
+        return new_model(cfg)
+
+
 def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None) -> CausalLM:
     """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
 
@@ -270,7 +286,7 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
     cfg: ModelConfig = read_config(folder)
     dtype = _as_dtype(dtype)
     with _no_init():
-        model = CausalLM(cfg)
+        model = new_model(cfg)
     unexpected: list[str] = []
 
     def finish_layer(index: int) -> None:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunex.kernels import lora_linear
-from tunex.kernels.gemv import gemv_applies, linear
+from tunex.kernels import lora_linear, registry
+from tunex.kernels.gemv import linear, linear_facts
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -116,13 +116,7 @@ class LoRALinear(nn.Module):
     recomputes_input = True
 
     def forward(self, x: torch.Tensor, x_recompute=None, kept: bool = False) -> torch.Tensor:
-        if (
-            not self.training
-            and self.lora_magnitude_vector is None
-            and self.base_layer is None
-            and gemv_applies(x, self.weight)
-            and not torch.is_grad_enabled()
-        ):
+        if self._decodes(x):
             # Decoding one token on the CPU with the adapter unmerged (chat --adapter, the eval
             # hook): the multi-core GEMV for the base, two small products for the adapter.
             # (bf16 adapters, train.adapter_dtype, are cast to x's dtype; a no-op otherwise)
@@ -152,6 +146,15 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight
         lora = F.linear(F.linear(dropped.to(a.dtype), a), b) * self.scaling  # (..., out)
         return out + self._dora_term(x, dropped, out, lora).to(out.dtype)
+
+    def _decodes(self, x: torch.Tensor) -> bool:
+        """Whether the registry's lora_linear row is "gemv" for ``x``: one float32 CPU row without
+        autograd through an unmerged adapter over a dense base, in eval mode, no DoRA."""
+        if self.training or self.lora_magnitude_vector is not None or self.base_layer is not None:
+            return False
+        facts = linear_facts(x, self.weight, self.bias)
+        facts.grad = torch.is_grad_enabled()
+        return registry.choose("lora_linear", facts) == "gemv"
 
     def _dora_term(self, x: torch.Tensor, dropped: torch.Tensor, out: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """DoRA's correction on top of the base output, as PEFT computes it.

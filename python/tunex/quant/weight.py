@@ -17,6 +17,7 @@ import math
 import torch
 
 from tunex import _native
+from tunex.kernels import registry
 from tunex.quant.codebooks import NESTED_BLOCKSIZE, check_quant_type, code, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -226,7 +227,7 @@ def dequantize(
     dtype = qw.dtype if dtype is None else dtype
     dtype_name = _float_dtype_name(dtype, "the requested output")
     absmax = qw.absmax_f32()
-    if qw.device.type != "cpu":
+    if registry.choose("nf4_dequant", registry.Facts(qw.device.type, dtype)) != "native":
         if out is not None:
             raise ValueError("out= is supported for CPU weights only")
         from tunex.kernels.nf4_dequant import dequantize_4bit

@@ -9,11 +9,12 @@ torch ops. :class:`Standard`, every model's default, composes the rest (both in 
     arena.py    the activation arena of CPU training (kept tensors in one reused block)
     rebuild.py  lean backward rebuilds: adapted projections recompute their inputs in backward
     offload.py  activation checkpointing with the checkpoints in (pinned) CPU memory
-    decode.py   the decode path: one-row native RMSNorm and GEMV without autograd
+    decode.py   the decode path: the registry's no-autograd implementations (one-row native
+                RMSNorm, plain RoPE and SwiGLU); projections reach the GEMV via ``project``
     malloc.py   glibc malloc settings for CPU training (applied by tunex.dist.wrap)
 
-Which kernel implements an op (Triton, native, torch) is the kernel registry's choice
-(tunex.kernels.registry), not the runtime's.
+Which implementation runs for an op (Triton, native, torch, or the decode path's) is the kernel
+registry's choice (tunex.kernels.registry), not the runtime's: each hook asks it.
 """
 
 from __future__ import annotations

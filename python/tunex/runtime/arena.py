@@ -22,13 +22,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator
 
 import torch
 
+from tunex.kernels import kept
+from tunex.kernels.kept import kept_copy, kept_empty
+
+__all__ = [
+    "ActivationArena",
+    "keeping",
+    "kept_add",
+    "kept_attention",
+    "kept_causal_attention",
+    "kept_copy",
+    "kept_empty",
+]
+
 _ALIGN = 64  # bytes: a cache line, and enough for any dtype's view
-_local = threading.local()
 
 
 def _use_count(block: torch.Tensor) -> int | None:
@@ -106,31 +117,15 @@ class ActivationArena:
 
 @contextlib.contextmanager
 def keeping(arena: ActivationArena | None) -> Iterator[None]:
-    """Within the block, :func:`kept_empty` takes CPU tensors from ``arena`` (None: no arena)."""
-    before = getattr(_local, "arena", None)
-    _local.arena = arena
-    try:
+    """Within the block, the kernels' kept tensors (:func:`tunex.kernels.kept.kept_empty`) come
+    from ``arena`` (None: no arena)."""
+    with kept.using(arena):
         yield
-    finally:
-        _local.arena = before
 
 
-def kept_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` for a tensor that will be kept for backward: from the active arena when
-    there is one and the tensor is on its device, else a plain allocation."""
-    arena = getattr(_local, "arena", None)
-    if arena is None or torch.device(device) != arena.device:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return arena.empty(tuple(shape), dtype)
-
-
-def kept_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` moved into arena memory when an arena is active on its device (a copy; ``t`` is
-    then the caller's to drop), else ``t`` itself. For results that an op can only return fresh."""
-    arena = getattr(_local, "arena", None)
-    if arena is None or t.device != arena.device:
-        return t
-    return arena.empty(tuple(t.shape), t.dtype).copy_(t)
+def active() -> ActivationArena | None:
+    """The arena in use on this thread, or None."""
+    return kept.active()
 
 
 class _KeptAdd(torch.autograd.Function):
@@ -145,7 +140,7 @@ class _KeptAdd(torch.autograd.Function):
 
 def kept_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a + b`` (same shape and dtype) into arena memory when an arena is active."""
-    if getattr(_local, "arena", None) is None or a.shape != b.shape or a.dtype != b.dtype:
+    if kept.active() is None or a.shape != b.shape or a.dtype != b.dtype:
         return a + b
     return _KeptAdd.apply(a, b)
 
@@ -161,15 +156,15 @@ class _KeptAttention(torch.autograd.Function):
     already in the order the kernels read (both take strided outputs and gradients)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs) -> torch.Tensor:
         b, h, t, d = q.shape
         kept_out = kept_empty((b, t, h, d), q.dtype, q.device).transpose(1, 2)
-        ctx.native = native
-        if native:  # tunex.kernels.attention.applies said so
+        ctx.native, ctx.docs = native, docs
+        if native:  # the registry chose tunex.kernels.attention
             from tunex.kernels import attention
 
             kept_lse = kept_empty((b, h, t), torch.float32, q.device)
-            attention.forward(q, k, v, kept_out, kept_lse)
+            attention.forward(q, k, v, kept_out, kept_lse, docs)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
             kept_out.copy_(out)
@@ -183,11 +178,12 @@ class _KeptAttention(torch.autograd.Function):
         if ctx.native:
             from tunex.kernels import attention
 
-            return (*attention.backward(grad, q, k, v, out, lse), None)
+            return (*attention.backward(grad, q, k, v, out, lse, ctx.docs), None, None)
         return (
             *torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True
             ),
+            None,
             None,
         )
 
@@ -200,20 +196,18 @@ def _kept_like(t: torch.Tensor) -> torch.Tensor:
     return view.copy_(t)
 
 
+def kept_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs=None) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values for float32 CPU
+    training, its saved tensors in the active arena (if any): tunex's Rust kernel when ``native``
+    (inside each of ``docs``, a tunex.kernels.attention.Documents, when given), else torch's CPU
+    flash attention op. The registry's "attention" row chooses which (or sdpa)."""
+    return _KeptAttention.apply(q, k, v, native, docs)
+
+
 def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values for training, with
-    its saved tensors in the active arena (if any). None where it does not apply: then the caller
-    runs scaled_dot_product_attention. It applies to float32 CPU tensors, with autograd on, when
-    tunex's Rust kernel takes the shapes (also without an arena, as under gradient checkpointing),
-    or when an arena is active and torch has its CPU flash attention op."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or not torch.is_grad_enabled():
-        return None
+    """:func:`kept_attention` where the registry chooses one of its two implementations for these
+    tensors (with or without an active arena), else None: then the caller runs sdpa."""
     from tunex.kernels import attention
 
-    native = attention.applies(q, k, v)
-    if not native and (
-        getattr(_local, "arena", None) is None
-        or not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    ):
-        return None
-    return _KeptAttention.apply(q, k, v, native)
+    impl = attention.choose(q, k, v, causal=True, arena=active() is not None)
+    return None if impl == "sdpa" else kept_attention(q, k, v, impl == "native")

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from tunex import settings
-from tunex.kernels import rms_norm, rope, swiglu
-from tunex.runtime import decode, rebuild
-from tunex.runtime.arena import ActivationArena, keeping, kept_add, kept_causal_attention
+from tunex.kernels import attention as attention_kernel
+from tunex.kernels import registry, rms_norm, rope, swiglu
+from tunex.kernels.gemv import norm_facts
+from tunex.runtime import arena, decode, rebuild
+from tunex.runtime.arena import ActivationArena, keeping, kept_add, kept_attention
 from tunex.runtime.offload import offloaded_checkpoint
 
 
@@ -19,22 +21,24 @@ class Plain:
     """Just the math, in torch ops: no arena, no rebuilds, no native decode path."""
 
     def norm(self, x, weight, eps):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return decode.plain_norm(x, weight, eps)
 
     def rope(self, q, k, cos, sin):
-        cos4, sin4 = cos[:, None], sin[:, None]
-        return decode.rotate_half(q, cos4, sin4), decode.rotate_half(k, cos4, sin4)
+        return decode.plain_rope(q, k, cos, sin)
 
     def project(self, modules, x, rebuild=None, kept=None):
         return [m(x) for m in modules]
 
     def swiglu(self, gate, up):
-        return F.silu(gate) * up
+        return decode.plain_swiglu(gate, up)
 
     def add(self, x, y):
         return x + y
 
     def attention(self, q, k, v, mask, causal, gqa):
+        """``mask``: a boolean tensor, packed documents (tunex.kernels.attention.Documents) or None."""
+        if isinstance(mask, attention_kernel.Documents):
+            mask = mask.dense()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
@@ -51,35 +55,49 @@ class Plain:
 
 
 class Standard(Plain):
-    """The default: registry-chosen kernels with autograd; the activation arena and lean rebuilds
-    in CPU training; the native decode path without autograd; offloaded checkpoints when asked."""
+    """The default: every op as the kernel registry chooses it (tunex.kernels.registry): the
+    autograd kernels with grad on, the decode path's implementations without; the activation arena
+    and lean rebuilds in CPU training; offloaded checkpoints when asked."""
 
     def norm(self, x, weight, eps):
-        if torch.is_grad_enabled():  # the kernel's backward keeps less memory
-            return rms_norm(x, weight, eps)
-        return decode.norm(x, weight, eps)
+        impl = registry.choose("rmsnorm", norm_facts(x, weight, torch.is_grad_enabled()))
+        if impl in decode.NORM:
+            return decode.NORM[impl](x, weight, eps)
+        return rms_norm(x, weight, eps)  # the kernel takes its triton/native/torch row itself
 
     def rope(self, q, k, cos, sin):
-        if torch.is_grad_enabled():
-            return rope(q, k, cos, sin)
-        return super().rope(q, k, cos, sin)  # fewer dispatches per decoded token than the autograd kernel
+        impl = registry.choose("rope", registry.Facts.of(q, head_dim=q.shape[-1]))
+        if impl in decode.ROPE:
+            return decode.ROPE[impl](q, k, cos, sin)
+        return rope(q, k, cos, sin)
 
     def project(self, modules, x, rebuild=None, kept=None):
         return rebuild_project(modules, x, rebuild, kept)
 
     def swiglu(self, gate, up):
-        if torch.is_grad_enabled():
-            return swiglu(gate, up)
-        return F.silu(gate) * up
+        impl = registry.choose("swiglu", registry.Facts.of(gate))
+        if impl in decode.SWIGLU:
+            return decode.SWIGLU[impl](gate, up)
+        return swiglu(gate, up)
 
     def add(self, x, y):
         return kept_add(x, y)
 
     def attention(self, q, k, v, mask, causal, gqa):
-        y = kept_causal_attention(q, k, v) if causal and q.shape[2] == k.shape[2] else None
-        if y is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        return y
+        docs = mask if isinstance(mask, attention_kernel.Documents) else None
+        impl = attention_kernel.choose(
+            q,
+            k,
+            v,
+            causal=causal or (docs is not None and q.shape[2] > 1),
+            arena=arena.active() is not None,
+            docs=docs is not None,
+        )
+        if impl == "sdpa-docs":
+            return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)
+        if impl != "sdpa":
+            return kept_attention(q, k, v, impl == "native", docs)
+        return super().attention(q, k, v, mask, causal, gqa)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
         return rebuild.again(fn, *tensors, uses=uses, **kwargs)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunex.errors import TunexError
 from tunex.peft import apply_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +47,30 @@ def autocast(train_dtype: str, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def preflight(cfg: Any, tokenizer) -> None:
+    """What can be checked before any data is tokenized or file written: the model's config.json
+    (a known architecture, every key its family needs), the tokenizer fitting the embedding, and the
+    LoRA targets matching modules of the model (built on the meta device: no weights read).
+
+    Raises:
+        FormatError / TunexError: one line naming the file or key, what was expected and the fix.
+    """
+    from tunex.errors import ConfigError, TunexError
+    from tunex.models import read_config, resolve_model_path
+    from tunex.models.config import check_tokenizer_fits, tunex_targets
+    from tunex.models.loading import meta_model
+    from tunex.peft import select_targets
+
+    folder = resolve_model_path(cfg.model.path)
+    model_cfg = read_config(folder)
+    check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
+    if cfg.method.kind != "full":
+        try:
+            select_targets(meta_model(model_cfg), tunex_targets(cfg.method.target_modules, model_cfg))
+        except ConfigError as e:
+            raise TunexError(f"{cfg.source}: method.target_modules: {e.problems[0]}") from None
+
+
 def build_model(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     """Load ``cfg.model`` and make exactly the part ``cfg.method`` trains require grad.
 
@@ -74,10 +99,11 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     if method.kind == "full":
         model.requires_grad_(True)
     else:
-        apply_lora(
-            model, method.target_modules, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora
-        )
-        # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW)
+        from tunex.models.config import tunex_targets
+
+        targets = tunex_targets(method.target_modules, model.config)  # InternLM2's own names too
+        apply_lora(model, targets, method.r, method.alpha, method.dropout, method.use_rslora, method.use_dora)
+        # adapters in float32 (default) or bf16 (train.adapter_dtype; stepped by BF16AdamW or AdamW8bit)
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         for p in model.parameters():
             if p.requires_grad and p.dtype != adapter:
@@ -85,13 +111,23 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     return model
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
     """Recompute each decoder layer's activations in backward (the model's own switch).
 
     Dropout masks are reproduced in the recomputation (the RNG state is preserved), so results
-    equal a run without checkpointing.
+    equal a run without checkpointing. ``offload`` (``train.offload_checkpoints``): each layer's
+    checkpointed input waits for backward in (pinned) CPU memory instead of on the GPU
+    (tunex.runtime.offload.offloaded_checkpoint), the same gradients.
     """
     model.gradient_checkpointing = True
+    if offload:
+        decoder = getattr(model, "model", None)
+        if decoder is None or not hasattr(decoder, "offload_checkpoints"):
+            raise TunexError(
+                f"train.offload_checkpoints: {type(model).__name__} is not a tunex decoder, which is what "
+                "offloads checkpoints; set train.offload_checkpoints = false"
+            )
+        decoder.offload_checkpoints = True
 
 
 def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:

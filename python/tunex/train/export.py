@@ -50,7 +50,8 @@ def convert_checkpoint(
     kind = _method_of(state, cfg, pth)
     dtype = torch.float32 if fp32 else torch.float16
     if kind in ("lora", "qlora"):
-        export_adapter(state["model"], cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
+        adapter = _checkpoint_named(cfg, state["model"])
+        export_adapter(adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
         return "a PEFT adapter"
     write_full_model(cfg, state["model"], Path(out), dtype, max_shard_size)
     return "a HF model"
@@ -111,5 +112,18 @@ def checkpoint_as_adapter(cfg: Any, pth: str | os.PathLike, out: str | os.PathLi
             f"{pth}: a full fine-tune has no adapter to merge; use `tunex convert pth_to_hf` to write the model"
         )
     return export_adapter(
-        state["model"], cfg.method, out, base_model=cfg.model.path, dtype=torch.float32, source=str(pth)
+        _checkpoint_named(cfg, state["model"]),
+        cfg.method,
+        out,
+        base_model=cfg.model.path,
+        dtype=torch.float32,
+        source=str(pth),
     )
+
+
+def _checkpoint_named(cfg: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors under the base model family's own module names (InternLM2's ``wqkv``, ``wo``,
+    ``w1``...), as PEFT names them on that model, so the adapter loads there and merges into it."""
+    from tunex.models import read_config, resolve_model_path, to_checkpoint_names
+
+    return to_checkpoint_names(adapter, read_config(resolve_model_path(cfg.model.path)))

@@ -30,7 +30,7 @@ from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharde
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
 from tunex.train import checkpoint
-from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device
+from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
 from tunex.train.optim import build_optimizer, build_scheduler
@@ -149,6 +149,7 @@ def train(
 
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
+    preflight(cfg, tokenizer)  # bad model, tokenizer or targets: an error before anything is written
     # The tokenized-data cache sits next to the work dirs, so runs of one config share it.
     cache = cfg.data.cache_dir or str(work.parent / ".cache")
     # one process per node tokenizes into the cache first (its writes are atomic renames, so
@@ -167,13 +168,21 @@ def train(
     on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env) == "fsdp" else None
     model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
     step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
-    optimizer = build_optimizer(params, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay, bf16_adapters=bf16)
+    optimizer = build_optimizer(
+        params,
+        cfg.train.lr,
+        cfg.train.betas,
+        cfg.train.weight_decay,
+        bf16_adapters=bf16,
+        kind=cfg.train.optimizer,
+        seed=cfg.train.seed,  # the same bf16 rounding on every rank (dropout is seeded per rank)
+    )
     scheduler = build_scheduler(optimizer, total, cfg.train.warmup_ratio, cfg.train.scheduler)
     scaler = grad_scaler(cfg, device)
 

@@ -235,6 +235,18 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(h, weight, bias, y, float(denom), int(chunk_elements), grad_wanted)
 
 
+def softcapped_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, cap: float
+) -> torch.Tensor:
+    """Mean cross-entropy of the soft-capped logits ``cap * tanh((hidden @ weight.T + bias) / cap)``
+    (Gemma 2) over the labels that are not -100, in fp32; the logits are made whole, not chunked."""
+    logits = F.linear(hidden, weight, bias).float()
+    logits = torch.tanh(logits / cap) * cap
+    y = labels.reshape(-1).to(logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / max(int((y != IGNORE_INDEX).sum()), 1)
+
+
 def shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Align position t's hidden state with token t+1 (causal LM labels given at input positions)."""
     return hidden[:, :-1], labels[:, 1:]

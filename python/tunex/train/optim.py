@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule: linear warmup, then cosine, linear or constant (XTuner's
+"""AdamW (float32 or 8-bit moments) and the learning-rate schedule: linear warmup, then cosine, linear or constant (XTuner's
 default is 3% warmup then cosine to zero)."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import torch
 
+from tunex.config import OPTIMIZERS
+
 
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
@@ -15,15 +17,41 @@ def build_optimizer(
     betas: tuple[float, float],
     weight_decay: float,
     bf16_adapters: bool = False,
+    kind: str = "adamw",
+    seed: int | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``params``, using torch's fused kernel where it takes them (plain tensors all on
+    """The optimizer ``train.optimizer`` names over ``params``.
+
+    ``kind="adamw"``: AdamW, using torch's fused kernel where it takes them (plain tensors all on
     CUDA or all on the CPU; on the CPU too it is the faster step) and the multi-tensor (foreach)
     path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster.
     ``bf16_adapters``: bf16 parameters, stepped by ``BF16AdamW`` (float32 moments, stochastic
-    rounding of the weight)."""
+    rounding of the weight). ``"adamw_8bit"`` / ``"paged_adamw_8bit"``: ``AdamW8bit`` (8-bit
+    blockwise moments; paged: kept in host memory), for float32 and bf16 parameters alike;
+    ``seed`` seeds its bf16 rounding (None: ``torch.initial_seed()``).
+    """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: method.kind selects nothing to train")
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer: expected one of {', '.join(map(repr, OPTIMIZERS))}, got {kind!r}")
+    if kind != "adamw":
+        from tunex.train import adamw_8bit
+
+        if not all(type(p.data) is torch.Tensor for p in params):
+            raise ValueError(
+                f"train.optimizer: {kind!r} steps plain tensors, not FSDP2 shards (a full fine-tune under "
+                "torchrun); use 'adamw' there"
+            )
+        return adamw_8bit.AdamW8bit(
+            params,
+            lr=lr,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            paged=kind == "paged_adamw_8bit",
+            min_8bit_size=adamw_8bit.MIN_8BIT_SIZE,
+            seed=seed,
+        )
     if bf16_adapters:  # train.adapter_dtype = "bfloat16": float32 moments, stochastic rounding
         from tunex.train.bf16_adamw import BF16AdamW
 

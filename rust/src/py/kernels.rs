@@ -4,7 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::prelude::*;
 
-use crate::attention::{self, Dims, Input, Output};
+use crate::attention::{self, Dims, Input, Output, Span};
 use crate::infer::{self, Gemv};
 use crate::rope::{self, Shape, Strides};
 use crate::{dropout, lora, rmsnorm, swiglu, xent};
@@ -294,10 +294,17 @@ fn output<'a>(what: &str, t: &'a mut StridedMut<'_>) -> PyResult<Output<'a>> {
     Ok(Output { data: slice_mut(what, t.0.as_slice_mut())?, strides: s })
 }
 
+fn spans(docs: Option<Vec<(usize, usize, usize)>>) -> Option<Vec<Span>> {
+    docs.map(|d| d.into_iter().map(|(batch, start, len)| Span { batch, start, len }).collect())
+}
+
 /// Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) into `out` (B, H, T, D), each a
 /// flat span with the element strides of its (batch, head, pos) axes; `lse` (B, H, T) contiguous
-/// gets the rows' log-sum-exp. `shape` is (B, H, Hkv, T, D).
+/// gets the rows' log-sum-exp. `shape` is (B, H, Hkv, T, D). `docs`: (row, start, length) of the
+/// documents packed in the rows, tiling them in order: each query then attends inside its own
+/// document only, and `lse` holds H x length values per document in `docs` order.
 #[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, shape, scale, docs=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_f32(
     py: Python<'_>,
@@ -308,16 +315,23 @@ fn attention_forward_f32(
     mut lse: PyReadwriteArray1<'_, f32>,
     shape: (usize, usize, usize, usize, usize),
     scale: f32,
+    docs: Option<Vec<(usize, usize, usize)>>,
 ) -> PyResult<()> {
     let (q, k, v) = (input("q", &q)?, input("k", &k)?, input("v", &v)?);
     let out = output("out", &mut out)?;
     let lse = slice_mut("lse", lse.as_slice_mut())?;
-    py.detach(|| attention::forward(q, k, v, out, lse, dims(shape), scale))?;
+    let docs = spans(docs);
+    py.detach(|| match docs {
+        Some(docs) => attention::forward_docs(q, k, v, out, lse, dims(shape), &docs, scale),
+        None => attention::forward(q, k, v, out, lse, dims(shape), scale),
+    })?;
     Ok(())
 }
 
-/// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D).
+/// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D);
+/// `docs` as given to the forward.
 #[pyfunction]
+#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, shape, scale, docs=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_f32(
     py: Python<'_>,
@@ -332,11 +346,16 @@ fn attention_backward_f32(
     mut dv: StridedMut<'_>,
     shape: (usize, usize, usize, usize, usize),
     scale: f32,
+    docs: Option<Vec<(usize, usize, usize)>>,
 ) -> PyResult<()> {
     let (dout, q, k) = (input("dout", &dout)?, input("q", &q)?, input("k", &k)?);
     let (v, out, lse) = (input("v", &v)?, input("out", &out)?, slice("lse", lse.as_slice())?);
     let (dq, dk, dv) = (output("dq", &mut dq)?, output("dk", &mut dk)?, output("dv", &mut dv)?);
-    py.detach(|| attention::backward(dout, q, k, v, out, lse, dq, dk, dv, dims(shape), scale))?;
+    let (d, docs) = (dims(shape), spans(docs));
+    py.detach(|| match docs {
+        Some(docs) => attention::backward_docs(dout, q, k, v, out, lse, dq, dk, dv, d, &docs, scale),
+        None => attention::backward(dout, q, k, v, out, lse, dq, dk, dv, d, scale),
+    })?;
     Ok(())
 }
 

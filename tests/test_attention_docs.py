@@ -1,0 +1,142 @@
+"""Packed documents attend inside themselves (varlen attention): the native CPU kernel over the
+documents' spans against torch's SDPA run on each document separately, forward and backward; the
+model's packed training path takes it with no (T, T) mask; the other paths get the dense mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import require_native
+from tunex import settings
+from tunex.kernels import attention, registry
+from tunex.kernels.attention import Documents
+from tunex.runtime import arena
+from tunex.runtime.compose import Plain, Standard
+
+
+def _positions(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([[i for n in row for i in range(n)] for row in lengths_per_row])
+
+
+def _per_document(q, k, v, lengths_per_row, gqa):
+    """torch SDPA on each document alone: the oracle."""
+    rows = []
+    for b, lengths in enumerate(lengths_per_row):
+        outs, start = [], 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], is_causal=True, enable_gqa=gqa
+                )
+            )
+            start += n
+        rows.append(torch.cat(outs, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def test_documents_from_position_ids():
+    docs = Documents.of(_positions([[3, 1, 4], [8]]))
+    assert docs.spans == [(0, 0, 3), (0, 3, 1), (0, 4, 4), (1, 0, 8)]
+    assert Documents.of(_positions([[8], [8]])) is None  # one document per row: plain causal
+    dense = docs.dense()[0, 0]
+    assert dense[4, 3].item() is False and dense[5, 4].item() is True and dense[2, 0].item() is True
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("lengths", [[[1, 20, 13, 6], [40]], [[7, 1, 1, 31], [2, 38]]])
+def test_native_documents_match_sdpa_per_document(kv_heads, lengths):
+    require_native("attention_forward_f32")
+    torch.manual_seed(0)
+    b, h, t, d = 2, 4, 40, 32
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    grad = torch.randn(b, h, t, d)
+    want = _per_document(q, k, v, lengths, kv_heads != h)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    docs = Documents.of(_positions(lengths))
+    rt = Standard()
+    assert attention.choose(q, k, v, causal=True, arena=False, docs=True) == "native"
+    with arena.keeping(arena.ActivationArena()):
+        got = rt.attention(q, k, v, docs, False, kv_heads != h)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), want_grads):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+    # the plain runtime (and any sdpa fallback) uses the dense block-diagonal mask: same answer
+    torch.testing.assert_close(Plain().attention(q, k, v, docs, False, kv_heads != h), want, rtol=2e-5, atol=2e-5)
+
+
+def test_packed_documents_without_the_native_kernel_fall_back_to_the_dense_mask():
+    torch.manual_seed(1)
+    lengths = [[5, 11]]
+    q, k, v = (torch.randn(1, 2, 16, 16, requires_grad=True) for _ in range(3))
+    docs = Documents.of(_positions(lengths))
+    with settings.override(TUNEX_NATIVE_ATTENTION="0"):
+        facts = registry.Facts("cpu", torch.float32, grad=True, causal=True, arena=True, docs=True)
+        assert registry.choose("attention", facts) == "sdpa"  # torch's flash op cannot take documents
+        with arena.keeping(arena.ActivationArena()):
+            got = Standard().attention(q, k, v, docs, False, False)
+    torch.testing.assert_close(got, _per_document(q, k, v, lengths, False), rtol=2e-5, atol=2e-5)
+
+
+def test_packed_training_never_builds_a_dense_mask(monkeypatch):
+    """The model's packed forward in training takes the spans; the dense mask is never made."""
+    require_native("attention_forward_f32")
+    from tunex.models.config import ModelConfig
+    from tunex.models.decoder import CausalLM
+
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = CausalLM(cfg).train()
+    lengths = [[3, 9, 1, 11], [24]]
+    ids = torch.randint(0, 64, (2, 24))
+    pos = _positions(lengths)
+
+    def no_dense(self):
+        raise AssertionError("a dense (T, T) mask was built")
+
+    monkeypatch.setattr(Documents, "dense", no_dense)
+    logits = model(ids, pos)
+    logits.square().mean().backward()
+    monkeypatch.undo()
+    # the same logits as each document run alone
+    with torch.no_grad():
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = model(ids[b : b + 1, start : start + n])
+                torch.testing.assert_close(logits[b : b + 1, start : start + n].detach(), alone, rtol=1e-4, atol=1e-4)
+                start += n
+
+
+def test_cuda_packs_run_sdpa_per_document():
+    """On CUDA the registry picks SDPA on each document (no (T, T) mask); the function itself is
+    device-agnostic, so its answer is checked here on the CPU against the per-document oracle."""
+    facts = registry.Facts("cuda", torch.bfloat16, grad=True, causal=True, docs=True, head_dim=64)
+    assert registry.choose("attention", facts) == "sdpa-docs"
+    assert registry.choose("attention", registry.Facts("cuda", torch.bfloat16, grad=True, causal=True)) == "sdpa"
+    torch.manual_seed(2)
+    lengths = [[4, 1, 11], [9, 7]]
+    q = torch.randn(2, 4, 16, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 16, requires_grad=True) for _ in range(2))
+    docs = Documents.of(_positions(lengths))
+    got = attention.sdpa_per_document(q, k, v, docs, True)
+    want = _per_document(q, k, v, lengths, True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
