@@ -100,8 +100,8 @@ def test_full_fsdp_equals_one_process_and_resumes_across_world_sizes(setup):
     lone(cfgs["full"], ref)  # 6 steps, iter_3.pth and iter_6.pth
     # 2 processes (FSDP2) for 3 steps: a sharded checkpoint, each rank's part in its own file
     torchrun(str(cfgs["full"]), "--work-dir", str(two), "--max-steps", "3", *TWO, "-o", NO_DROPOUT)
-    sharded = two / "iter_3.dcp"
-    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    sharded = two / "iter_3.shards"
+    assert sorted(p.name for p in sharded.glob("*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
     # ... resumed by one process without a process group: the curve continues as if never split
     lone(cfgs["full"], two, resume=str(sharded))
     assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
@@ -109,7 +109,7 @@ def test_full_fsdp_equals_one_process_and_resumes_across_world_sizes(setup):
     torchrun(str(cfgs["full"]), "--work-dir", str(back), "--resume", str(ref / "iter_3.pth"), *TWO, "-o", NO_DROPOUT)
     assert_same_curve(read_metrics(ref), read_metrics(back), [4, 5, 6])
     # a sharded checkpoint reads as the same dict as a .pth (what `tunex convert` needs)
-    full = checkpoint.load(back / "iter_6.dcp")
+    full = checkpoint.load(back / "iter_6.shards")
     want = torch.load(ref / "iter_6.pth", weights_only=True)
     assert full["step"] == 6 and full["method"] == "full" and full["world_size"] == 2
     assert set(full["model"]) == set(want["model"])

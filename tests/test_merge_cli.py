@@ -160,3 +160,11 @@ def test_corrupt_base_is_a_format_error_naming_the_file(tmp_path):
     with pytest.raises(FormatError) as e:
         tunex.merge(base, ad, tmp_path / "o", device="cpu")
     assert "model.safetensors" in str(e.value) and "truncated" in str(e.value)
+
+
+def test_the_final_line_says_when_shards_were_written_buffered(tmp_path, monkeypatch):
+    base, ad = make_pair(tmp_path)
+    assert "buffered" not in invoke(str(base), str(ad), str(tmp_path / "a")).output
+    monkeypatch.setenv("TUNEX_DIRECT_IO", "0")
+    r = invoke(str(base), str(ad), str(tmp_path / "b"))
+    assert r.exit_code == 0 and r.output.strip().endswith("; buffered writes (TUNEX_DIRECT_IO=0)"), r.output

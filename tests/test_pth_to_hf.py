@@ -141,3 +141,18 @@ def test_merge_of_a_checkpoint_needs_its_config(tmp_path, trained):
     _, pth, model_dir = trained
     result = CliRunner().invoke(cli, ["convert", "merge", str(model_dir), str(pth), str(tmp_path / "m")])
     assert result.exit_code == 2 and "--config" in result.output
+
+
+def test_an_output_folder_holding_other_files_is_refused_not_replaced(tmp_path, trained):
+    cfg, pth, _ = trained
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds 'notes.txt', which is not part of a PEFT adapter folder"):
+        convert_checkpoint(load_config(cfg), pth, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    convert_checkpoint(load_config(cfg), pth, out)  # an empty folder, or a previous adapter, is replaced
+    convert_checkpoint(load_config(cfg), pth, out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]

@@ -98,3 +98,18 @@ def test_bad_input_is_refused_before_writing(tmp_path):
     with pytest.raises(TypeError, match="metadata"):
         save_sharded({"a": torch.zeros(1)}, tmp_path / "o", metadata={"k": 1})
     assert not (tmp_path / "o").exists()
+
+
+def test_large_writes_say_how_they_were_written_and_leave_no_probe(tmp_path, monkeypatch):
+    """Outputs of 64 MiB and more probe once per filesystem whether O_DIRECT is slower than
+    buffered writes there; the summary says which way the bytes went, the probe leaves nothing."""
+    big = {f"t{i}": torch.zeros(1024, 4096) for i in range(4)}  # 64 MiB
+    summary = save_sharded(big, tmp_path / "a")
+    assert summary["io"] == "direct I/O" or summary["io"].startswith("buffered writes ("), summary["io"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.safetensors"]
+    monkeypatch.setenv("TUNEX_DIRECT_IO", "0")
+    assert save_sharded(big, tmp_path / "b")["io"] == "buffered writes (TUNEX_DIRECT_IO=0)"
+    assert save_sharded({"x": torch.ones(2)}, tmp_path / "c")["io"] == "buffered writes (TUNEX_DIRECT_IO=0)"
+    monkeypatch.delenv("TUNEX_DIRECT_IO")
+    assert save_sharded({"x": torch.ones(2)}, tmp_path / "d")["io"] == "direct I/O", "small writes never probe"

@@ -47,7 +47,7 @@ class ShardWriter:
     ) -> None: ...
     def write(self, name: str, data: _U8) -> None: ...
     def finish(self, extra_files: list[tuple[_Path, str]] = ...) -> dict[str, Any]:
-        """Keys: files, tensors, data_bytes, file_bytes."""
+        """Keys: files, tensors, data_bytes, file_bytes, io (how the files were written)."""
     def abort(self) -> None: ...
 
 class SafeReader:
@@ -68,6 +68,19 @@ class SafeMap:
     def path(self) -> str: ...
     def data(self) -> _np.ndarray: ...
 
+# partial outputs (rust/src/py/partial.rs)
+def partial_path(target: _Path, tag: str) -> str:
+    """``.{name}.tunex-{tag}.{owner token}`` beside ``target``."""
+
+def sweep_partials(folder: _Path) -> list[str]:
+    """Remove the partials in ``folder`` whose owner is provably dead; returns their paths."""
+
+def partial_fate(name: str) -> str | None:
+    """ "alive", "dead" or "foreign" for a partial's file name; None when it is not one."""
+
+def publish(work: _Path, target: _Path, overwrite: bool = False) -> None:
+    """Rename the finished partial ``work`` to ``target`` in one step and fsync the parent."""
+
 # merge (rust/src/py/merge.rs)
 def merge_lora(
     base: _Path,
@@ -82,7 +95,7 @@ def merge_lora(
     progress: Callable[[str, int, int, int, int], object] | None = None,
     fsync: bool = True,
 ) -> dict[str, Any]:
-    """Keys: tensors, merged, replaced, bytes_written, files, seconds. ``progress(name, done, total,
+    """Keys: tensors, merged, replaced, bytes_written, files, seconds, io. ``progress(name, done, total,
     bytes_done, bytes_total)`` is called per tensor; an exception it raises stops the merge."""
 
 def merge_plan(

@@ -8,7 +8,6 @@ Command modules import torch and friends inside their functions, so ``tunex --he
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -109,8 +108,9 @@ def copy_cfg(name: str, save_path: Path, force: bool) -> None:
         target = save_path
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists; pass --force to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    from tunex.io.atomic import write_bytes
+
+    write_bytes(target, source.read_bytes())
     click.echo(f"copied {source.name} to {target}")
 
 

@@ -13,8 +13,10 @@ interleaved pairs: row ``(h, i, j)`` of shape (heads, 2, D/2) moves to ``(h, j, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -214,20 +216,24 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
     )
 
 
-def write_weights(state: dict, out_dir: Path, max_shard_size: str | int = "2GB") -> None:
-    """Write an HF weights folder through tunex's Rust shard writer (``{"format": "pt"}`` metadata)."""
-    from tunex.io.sharded import save_sharded
-
-    save_sharded(state, out_dir, max_shard_size=max_shard_size)
-
-
 def _open(path: Path):
     import gguf
 
-    try:
+    with untrusted(path):
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise FormatError(f"{path}: not a readable GGUF file: {exc}") from exc
+
+
+@contextlib.contextmanager
+def untrusted(path: Path) -> Iterator[None]:
+    """Whatever a damaged GGUF file makes the `gguf` reader raise (IndexError, struct errors,
+    ValueError, ...) becomes one FormatError naming the file; I/O errors stay OSErrors."""
+    try:
+        yield
+    except (FormatError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise FormatError(f"{path}: not a readable GGUF file ({detail})") from exc
 
 
 def _write_tokenizer(reader, out: Path, context_length: int | None) -> None:
@@ -235,6 +241,26 @@ def _write_tokenizer(reader, out: Path, context_length: int | None) -> None:
 
     for name, content in tokenizer_files_from_gguf(reader, context_length).items():
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+ROWS_PER_CHUNK = 4096  # dequantized at a time: gguf's temporaries stay a few MB, not a few tensors
+
+
+def _dequantized(t, shape: list[int]) -> np.ndarray:
+    """GGUF tensor ``t`` as a float32 array of ``shape`` (HF order), dequantized in row chunks into
+    one preallocated array so that the peak is about one fp32 tensor."""
+    import gguf
+
+    data = t.data
+    if data.ndim < 2 or len(shape) < 2:
+        return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+    out = np.empty(shape, dtype=np.float32)
+    rows = out.reshape(-1, shape[-1])
+    flat = data.reshape(-1, data.shape[-1])
+    for i in range(0, flat.shape[0], ROWS_PER_CHUNK):
+        part = gguf.quants.dequantize(flat[i : i + ROWS_PER_CHUNK], t.tensor_type)
+        rows[i : i + part.shape[0]] = part.reshape(part.shape[0], -1)
+    return out
 
 
 def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -247,9 +273,22 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a llama / qwen2 / qwen3 / phi3 / gemma2 / gemma3 GGUF file to an fp32 HF folder
-    (config, weights, tokenizer)."""
-    import gguf
-    import torch
+    (config, weights, tokenizer).
+
+    The folder is built beside ``out_dir`` and renamed into place whole (an existing ``out_dir`` is
+    replaced in one step). Tensors are dequantized one at a time straight into the Rust shard
+    writer, so memory holds about one fp32 tensor plus the pages of the memory-mapped GGUF.
+    """
+    from tunex.io.atomic import atomic_folder
+
+    with atomic_folder(out_dir, overwrite=True) as tmp, untrusted(Path(gguf_path)):
+        build_hf_folder(gguf_path, tmp)
+    return Path(out_dir)
+
+
+def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """:func:`gguf_to_hf` into ``out_dir`` as it is (created if missing; the caller makes it atomic)."""
+    from tunex.io.sharded import stream_sharded
 
     path, out = Path(gguf_path), Path(out_dir)
     reader = _open(path)
@@ -263,29 +302,34 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if scaling is not None:
         config["rope_scaling"] = scaling
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    state = {}
+    tensors = []
     for t in reader.tensors:
         if t.name in SKIP:
             continue
         name = hf_name(t.name, arch)
         if name is None:
             raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
-        if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
-            w = w - 1.0
-        if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, heads)
-        elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, kv)
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owns its memory
+        tensors.append((name, t))
+    specs = [(name, "F32", [int(d) for d in reversed(t.shape)]) for name, t in tensors]  # GGUF: fastest-first
+
+    def dequantized():
+        for (name, t), (_, _, shape) in zip(tensors, specs):
+            w = _dequantized(t, shape)
+            if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+                w = w - 1.0  # GGUF stores Gemma's norm scale; HF the offset from one
+            if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
+                w = unpermute_qk(w, heads)
+            elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
+                w = unpermute_qk(w, kv)
+            yield name, np.ascontiguousarray(w, dtype=np.float32)
+
     out.mkdir(parents=True, exist_ok=True)
     if "tokenizer.ggml.model" in reader.fields:  # GGUFs without a vocabulary exist (tests, LoRA)
         _write_tokenizer(reader, out, config.get("max_position_embeddings"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_weights(state, out)
+    stream_sharded(out, specs, dequantized())
     return out
 
 
@@ -311,12 +355,10 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     """Write an HF folder (llama, mistral, internlm2 as llama; qwen2, qwen3, phi3, gemma2, gemma3 text)
     as one GGUF file."""
     import gguf
-    import torch
 
-    from tunex.gguf_vocab import add_tokenizer_to_gguf
-    from tunex.models.config import read_config, to_llama_names
+    from tunex.io.atomic import atomic_path
+    from tunex.models.config import read_config
     from tunex.models.hub import resolve_model_path
-    from tunex.models.loading import read_checkpoint
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
@@ -331,8 +373,19 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     if arch in GEMMA_ARCHS:
         _check_gemma_for_gguf(cfg, folder)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), arch)
+    with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype)
+    return out
+
+
+def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
+    import gguf
+    import torch
+
+    from tunex.gguf_vocab import add_tokenizer_to_gguf
+    from tunex.models.config import to_llama_names
+    from tunex.models.loading import read_checkpoint
+
     writer.add_name(folder.name)
     writer.add_block_count(cfg.num_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -369,32 +422,77 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
 
         scaled, _ = rope_inv_freq(cfg, 1)
         plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+        rope_freqs = (plain / scaled).numpy().astype(np.float32)
     elif kind not in (None, "default"):
         raise FormatError(f"{folder}/config.json: rope scaling {kind!r} cannot be written to GGUF")
     if (folder / "tokenizer.json").is_file():
         add_tokenizer_to_gguf(writer, folder)
+
+    def tensors():
+        """(GGUF name, array) one at a time, in file order, read from the checkpoint as needed."""
+        if kind == "llama3":
+            yield "rope_freqs.weight", rope_freqs
+        for ckpt_name, tensor in read_checkpoint(folder):
+            for name, t in to_llama_names(ckpt_name, tensor, cfg):
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                yield gguf_name(name, arch), _gguf_array(name, t, cfg, arch, outtype)
+
+    # The header lists every tensor's shape and type before the data: a first pass reads only the
+    # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
+    # so memory holds one tensor however large the model is.
+    for name, shape, kind_of in _gguf_layout(folder, cfg, arch, outtype, kind == "llama3"):
+        if kind_of == "q8_0":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            block, size = gguf.GGML_QUANT_SIZES[q8]
+            byte_shape = [*shape[:-1], shape[-1] // block * size]
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q8)
+        else:
+            dtype = np.dtype(np.float32 if kind_of == "f32" else np.float16)
+            writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _name, array in tensors():
+        writer.write_tensor_data(array)
+        del array
+    writer.close()
+
+
+def _tensor_kind(shape: tuple[int, ...], outtype: str) -> str:
+    if len(shape) == 1 or outtype == "f32":
+        return "f32"
+    return "f16" if outtype == "f16" or shape[-1] % 32 else "q8_0"
+
+
+def _gguf_layout(folder: Path, cfg, arch: str, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
+    """(GGUF name, shape, "f32" | "f16" | "q8_0") of every tensor :func:`hf_to_gguf` writes, in order."""
+    from tunex.models.config import to_llama_names
+    from tunex.models.loading import read_checkpoint
+
+    layout = [("rope_freqs.weight", [cfg.head_dim // 2], "f32")] if rope_freqs else []
     for ckpt_name, tensor in read_checkpoint(folder):
         for name, t in to_llama_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            w = t.float().numpy()
-            if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
-                w = w + 1.0
-            if arch == "llama" and name.endswith("q_proj.weight"):
-                w = permute_qk(w, cfg.num_heads)
-            elif arch == "llama" and name.endswith("k_proj.weight"):
-                w = permute_qk(w, cfg.num_kv_heads)
-            w = np.ascontiguousarray(w)
-            if w.ndim == 1 or outtype == "f32":
-                writer.add_tensor(gguf_name(name, arch), w.astype(np.float32))
-            elif outtype == "f16" or w.shape[-1] % 32:
-                writer.add_tensor(gguf_name(name, arch), w.astype(np.float16))
-            else:
-                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(gguf_name(name, arch), q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+            layout.append((gguf_name(name, arch), list(t.shape), _tensor_kind(tuple(t.shape), outtype)))
+    return layout
+
+
+def _gguf_array(name: str, t, cfg, arch: str, outtype: str) -> np.ndarray:
+    import gguf
+
+    w = t.float().numpy()
+    if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+        w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        w = permute_qk(w, cfg.num_heads)
+    elif arch == "llama" and name.endswith("k_proj.weight"):
+        w = permute_qk(w, cfg.num_kv_heads)
+    w = np.ascontiguousarray(w)
+    kind = _tensor_kind(w.shape, outtype)
+    if kind == "f32":
+        return w.astype(np.float32)
+    if kind == "f16":
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)

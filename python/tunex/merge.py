@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from tunex import _native
 from tunex.errors import DataError
+from tunex.io.atomic import scratch_folder
 from tunex.io.hf import bin_to_safetensors, missing, non_weight_files, require_dir, weight_format
 from tunex.units import parse_size
 
@@ -47,6 +47,7 @@ class MergeReport:
     bytes_written: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    io: str = ""  # how the shards were written: "direct I/O" or "buffered writes (why)"
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -164,9 +165,9 @@ def merge(
     dev = _resolve_device(device)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Scratch (a converted legacy .bin base can be as large as the model) lives next to the output,
-    # on the filesystem that must have room for the result anyway.
-    with tempfile.TemporaryDirectory(prefix=".tunex-merge-", dir=out_dir.parent) as scratch:
-        tmp = Path(scratch)
+    # on the filesystem that must have room for the result anyway; owner-stamped, so a killed
+    # merge's is swept by the next writer there.
+    with scratch_folder(out_dir) as tmp:
         weights = _adapter_weights(adapter_dir, tmp)
         if weight_format(base_dir) == "bin":
             (tmp / "base").mkdir()
@@ -202,6 +203,7 @@ def merge(
         bytes_written=r["bytes_written"],
         seconds=time.perf_counter() - start,
         files=list(r["files"]),
+        io=r.get("io", ""),
     )
 
 

@@ -86,6 +86,7 @@ def merge_on_device(
         "replaced": replaced,
         "bytes_written": summary["file_bytes"],
         "files": summary["files"],
+        "io": summary["io"],
     }
 
 

@@ -44,6 +44,7 @@ pub mod lora;
 pub mod merge;
 pub mod omp;
 mod part;
+pub mod partial;
 pub mod quant;
 pub mod rmsnorm;
 pub mod rope;
@@ -68,6 +69,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::units::register(m)?;
     py::safetensors::register(m)?;
     py::merge::register(m)?;
+    py::partial::register(m)?;
     py::peft::register(m)?;
     py::quant::register(m)?;
     py::kernels::register(m)?;

@@ -114,5 +114,6 @@ def merge_cmd(
     click.echo(
         f"merged {report.merged} of {report.tensors} tensors ({report.replaced} replaced) on "
         f"{report.device} in {report.seconds:.1f}s: {len(report.files)} file(s), "
-        f"{_size(report.bytes_written)} -> {save_path}"
+        f"{_size(report.bytes_written)} -> {save_path}" + (f"; {report.io}" if report.io.startswith("buffered") else "")
+        # a probe turned O_DIRECT off (or TUNEX_DIRECT_IO=0): say so
     )

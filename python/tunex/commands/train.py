@@ -21,7 +21,7 @@ def register(cli: click.Group, convert: click.Group) -> None:
     "--resume",
     default=None,
     metavar="auto|PATH",
-    help="Continue from a checkpoint (iter_N.pth or iter_N.dcp): 'auto' = the newest one in the work dir.",
+    help="Continue from a checkpoint (iter_N.pth or iter_N.shards): 'auto' = the newest one in the work dir.",
 )
 @click.option(
     "-o",

@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tunex.data import formats as F
 from tunex.data import sources as S
 from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, Prepared, tokenizer_fingerprint
 from tunex.errors import DataError, TunexError
+from tunex.io.atomic import partial_path, publish, sweep, write_text
 
 BATCH = 512  # samples per tokenizer call: enough for the Rust side to spread over threads
 
@@ -286,7 +286,9 @@ def _build_into(
     progress: Callable[[int, int], None] | None,
 ) -> Store:
     cache_root = folder.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
+    sweep(cache_root)  # stores of killed builders
+    tmp = partial_path(folder)
+    tmp.mkdir()
     try:
         meta = _write(tmp, chunks, recipe, num_workers, progress)
         meta.update(
@@ -299,8 +301,8 @@ def _build_into(
             raise DataError(_empty_message(paths, meta))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished the same store first: use theirs
+            publish(tmp, folder)
+        except FileExistsError:  # another process finished the same store first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -352,17 +354,7 @@ def _store_name(content: str, recipe_id: str) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # unique per writer (threads share a pid): mkstemp, then rename over the target
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
+    write_text(path, text)  # partial names are unique per call, so threads of one pid never collide
 
 
 def _encoded_chunks(chunks: list[S.Chunk], recipe: Recipe, num_workers: int) -> Iterator[tuple[Encoded, int]]:

@@ -7,7 +7,7 @@ so nothing is copied on the way; Rust writes them straight into the planned shar
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tunex import _native
@@ -75,6 +75,35 @@ def save_sharded(
     try:
         for name, tensor in state_dict.items():
             writer.write(name, byte_view(tensor))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def stream_sharded(
+    out_dir: str | os.PathLike,
+    specs: list[tuple[str, str, list[int]]],
+    tensors: Iterable[tuple[str, Any]],
+    max_shard_size: str | int = "2GB",
+    *,
+    prefix: str = "model",
+    fsync: bool = True,
+) -> dict:
+    """:func:`save_sharded` for tensors produced one at a time: ``specs`` lists (name, safetensors
+    dtype, shape) up front (the shard plan needs every size), then ``tensors`` yields (name, array)
+    in that order, each a torch tensor or a numpy array, dropped once written. Memory holds one
+    tensor, whatever the model's size."""
+    import numpy as np
+
+    writer = _native.ShardWriter(
+        os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], prefix, "into", False, fsync
+    )
+    try:
+        for name, tensor in tensors:
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8) if isinstance(tensor, np.ndarray) else None
+            writer.write(name, byte_view(tensor) if data is None else data)
+            del tensor, data
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -254,7 +254,30 @@ def read_config(folder: Path) -> ModelConfig:
         raise FormatError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
     if not isinstance(raw, dict):
         raise FormatError(f"{path}: expected a JSON object")
-    return config_from_hf(raw, str(path))
+    try:
+        cfg = config_from_hf(raw, str(path))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as exc:
+        if isinstance(exc, FormatError):
+            raise
+        # a value of the wrong type or range (a list for a size, zero heads, ...)
+        raise FormatError(f"{path}: a value does not fit its key ({type(exc).__name__}: {exc})") from exc
+    _check_sizes(cfg, path)
+    return cfg
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+def _check_sizes(cfg: ModelConfig, path: Path) -> None:
+    """Sizes the model is built from must be positive, and heads must share key/value heads evenly."""
+    for name in _SIZES:
+        if getattr(cfg, name) <= 0:
+            raise FormatError(f"{path}: {name} = {getattr(cfg, name)}; expected a positive integer")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise FormatError(
+            f"{path}: num_attention_heads = {cfg.num_heads} is not a multiple of num_key_value_heads = "
+            f"{cfg.num_kv_heads}"
+        )
 
 
 # ---- weight names -------------------------------------------------------------------------------

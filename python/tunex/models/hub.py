@@ -23,10 +23,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from tunex.io.atomic import is_partial, partial_path, publish, sweep, write_text
 from tunex.pkgpath import local_path, package_file  # noqa: F401 (package_file: re-exported)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -128,9 +128,7 @@ def _read_mark(entry: Path) -> dict | None:
 
 
 def _write_mark(entry: Path, mark: dict) -> None:
-    tmp = entry / f"{DONE_MARK}.{os.getpid()}"
-    tmp.write_text(json.dumps(mark, indent=1) + "\n")
-    os.replace(tmp, entry / DONE_MARK)
+    write_text(entry / DONE_MARK, json.dumps(mark, indent=1) + "\n")
 
 
 STALE_TEMP_S = 24 * 3600  # a conversion folder this old was left by a crashed or killed process
@@ -141,10 +139,13 @@ def _prune(root: Path, keep: Path, moved: str) -> None:
     entry, entries none of whose source files still exist as recorded (a deleted venv, an edited
     file), folders of an older cache layout, and conversions abandoned long ago."""
     now = time.time()
+    sweep(root)  # conversions of killed processes
     for entry in root.iterdir():
         if entry == keep or not entry.is_dir():
             continue
-        if "." in entry.name:  # a conversion in progress (mkdtemp sibling), or one a crash left
+        if is_partial(entry.name):  # a conversion in progress, or another host's
+            continue
+        if "." in entry.name:  # a temporary folder of an older tunex (no owner recorded)
             try:
                 abandoned = now - entry.stat().st_mtime > STALE_TEMP_S
             except OSError:
@@ -199,8 +200,10 @@ def _convert(gguf_path: Path, out: Path, mark: dict) -> dict:
     from tunex.gguf_io import gguf_to_hf
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    # convert into a temporary sibling and rename: a crash never leaves a half folder in the cache
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    sweep(out.parent)
+    # convert into an owner-stamped sibling and rename: a crash never leaves a half folder in the
+    # cache, and the next conversion sweeps what a killed one left
+    tmp = partial_path(out)
     try:
         gguf_to_hf(gguf_path, tmp)
         _write_mark(tmp, mark)
@@ -209,7 +212,10 @@ def _convert(gguf_path: Path, out: Path, mark: dict) -> dict:
             return finished
         if out.exists():  # a folder without a mark: never finished
             shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            publish(tmp, out)
+        except FileExistsError:  # another process finished the same conversion meanwhile
+            return _read_mark(out) or mark
         return mark
     finally:
         if tmp.exists():

@@ -94,21 +94,25 @@ def adapter_config(method: Any, modules: list[str], base_model: str, rank: int |
 ONE_FILE = 1 << 62
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
+
+
 def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict) -> Path:
-    """Write a PEFT adapter folder (created if missing); files are replaced atomically.
+    """Write a PEFT adapter folder as a whole: built beside ``out_dir`` and renamed into place, so
+    the config and weights always belong together. A previous adapter there is replaced in one
+    step; a folder holding anything else is refused.
 
     ``adapter_model.safetensors`` (one file, ``{"format": "pt"}`` metadata) goes through tunex's
-    Rust shard writer, which writes it under a temporary name and renames it into place.
+    Rust shard writer.
     """
+    from tunex.io.atomic import atomic_folder, replaceable
     from tunex.io.sharded import save_sharded
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_sharded(dict(tensors), out, max_shard_size=ONE_FILE, prefix="adapter_model")
-    cfg_file = out / "adapter_config.json"
-    tmp = cfg_file.with_name(cfg_file.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, cfg_file)
+    replaceable(out, lambda name: name in ADAPTER_FILES, "a PEFT adapter folder")
+    with atomic_folder(out, overwrite=True) as tmp:
+        save_sharded(dict(tensors), tmp, max_shard_size=ONE_FILE, prefix="adapter_model")
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tunex import _native
+from tunex.io.atomic import scratch_folder
 from tunex.io.dtypes import to_safetensors, to_torch
 from tunex.io.hf import SAFETENSORS_INDEX, bin_files, load_bin, non_weight_files, require_dir, weight_format
 from tunex.io.safetensors import SafetensorsFile
@@ -173,8 +173,8 @@ def quantize_checkpoint(
         )
 
     config["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype)
-    with tempfile.TemporaryDirectory(prefix="tunex-quantize-") as tmp:
-        new_config = Path(tmp) / "config.json"
+    with scratch_folder(Path(out_dir)) as tmp:
+        new_config = tmp / "config.json"
         new_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         extra = [(str(new_config), "config.json")]
         extra += [(str(p), p.name) for p in non_weight_files(folder) if p.name != "config.json"]

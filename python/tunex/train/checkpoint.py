@@ -21,8 +21,10 @@ from tunex.errors import FormatError
 
 FORMAT = "tunex-train-checkpoint"
 VERSION = 1
-# iter_N.pth files; iter_N.dcp folders are the sharded checkpoints of FSDP runs (tunex.dist.ckpt)
-_NAME = re.compile(r"^iter_(\d+)\.(pth|dcp)$")
+# iter_N.pth files; iter_N.shards folders are the sharded checkpoints of FSDP runs (tunex.dist.ckpt);
+# iter_N.dcp folders (torch.distributed.checkpoint, older tunex) are listed so that resuming from one
+# is refused with a reason instead of silently starting over
+_NAME = re.compile(r"^iter_(\d+)\.(pth|shards|dcp)$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,7 +48,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every ``iter_N.pth`` file and ``iter_N.dcp`` folder in ``work_dir``, oldest first."""
+    """(step, path) of every ``iter_N.pth`` file and ``iter_N.shards`` (or legacy ``.dcp``) folder in
+    ``work_dir``, oldest first."""
     found = []
     folder = Path(work_dir)
     if folder.is_dir():
@@ -67,16 +70,13 @@ def save(work_dir: str | os.PathLike, step: int, payload: dict[str, Any], keep: 
 
     ``keep`` = 0 keeps every checkpoint.
     """
+    from tunex.io.atomic import atomic_file
+
     folder = Path(work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"iter_{step}.pth"
-    tmp = folder / f".iter_{step}.pth.tmp"
     data = {"format": FORMAT, "version": VERSION, "step": step, **payload}
-    with open(tmp, "wb") as f:
+    with atomic_file(target) as f:
         torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
     if keep > 0:
         prune(folder, keep)
     return target
@@ -131,7 +131,7 @@ def resolve_resume(resume: str | None, work_dir: str | os.PathLike) -> Path | No
     p = Path(resume)
     if not (p.is_file() or p.is_dir()):
         raise FileNotFoundError(
-            f"--resume {resume}: no such checkpoint file or iter_N.dcp folder "
+            f"--resume {resume}: no such checkpoint file or iter_N.shards folder "
             f"(use --resume auto to take the newest one in {work_dir})"
         )
     return p

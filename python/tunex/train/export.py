@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tunex.errors import FormatError
+from tunex.io.atomic import atomic_folder, replaceable
 from tunex.peft import export_adapter
 from tunex.train import checkpoint
 
@@ -71,16 +72,23 @@ def write_full_model(
     tied = config.get("tie_word_embeddings", False)
     if tied or _shares_storage(tensors, "lm_head.weight", "model.embed_tokens.weight"):
         tensors.pop("lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
-    save_sharded(tensors, out, max_shard_size=max_shard_size)
     tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else base
-    for name in MODEL_SIDE_FILES:
-        source = (base if name in ("config.json", "generation_config.json") else tokenizer_dir) / name
-        if source.is_file() and name != "config.json":
-            shutil.copyfile(source, out / name)
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    replaceable(out, is_model_file, "a HF model folder")
+    with atomic_folder(out, overwrite=True) as tmp:  # the folder appears whole, or not at all
+        save_sharded(tensors, tmp, max_shard_size=max_shard_size)
+        for name in MODEL_SIDE_FILES:
+            source = (base if name in ("config.json", "generation_config.json") else tokenizer_dir) / name
+            if source.is_file() and name != "config.json":
+                shutil.copyfile(source, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def is_model_file(name: str) -> bool:
+    """A file a HF model folder written by tunex holds (what replacing it may delete)."""
+    weights = name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+    return weights or name in MODEL_SIDE_FILES
 
 
 def _is_weight(key: str) -> bool:

@@ -28,6 +28,7 @@ from tunex.dist.metrics import reduce_step
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
+from tunex.io.atomic import write_text
 from tunex.train import checkpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
@@ -77,12 +78,11 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=False)
 
 
-def _batches(
-    dataset: Any, cfg: Any, consumed: int, per_epoch: int, rank: int = 0, world: int = 1
-) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches from global position ``consumed`` on, epoch after epoch (each
-    epoch reshuffled; every rank computes the same order and takes its slice of it)."""
-    return rank_micro_batches(dataset, cfg.train.batch_size, cfg.train.seed, consumed, per_epoch, rank, world)
+def _batches(dataset: Any, cfg: Any, consumed: int, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches from sequence ``consumed`` of the run's stream on, epoch after
+    epoch (each epoch reshuffled; the order depends on the global batch only)."""
+    t = cfg.train
+    return rank_micro_batches(dataset, t.batch_size, t.seed, consumed, rank, world, t.grad_accum)
 
 
 def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
@@ -196,16 +196,18 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        step, consumed = int(state["step"]), int(state["data"]["micro_batches"])
+        step, consumed = int(state["step"]), _sequences(state["data"], cfg.train.batch_size)
         dist_ckpt.restore_rng(state, env, cfg.train.seed, step)
     elif env.rank > 0:  # own dropout masks per rank; rank 0 keeps the lone run's stream
         seed_all(rank_seed(cfg.train.seed, env.rank))
 
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        write_text(work / "config.toml", cfg.to_toml())
     metrics = MetricsWriter(work, resume_step=step, enabled=is_main)
     progress = TrainProgress(total, step, enabled=is_main)
+    if metrics.notice:
+        progress.echo(metrics.notice)
     template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
     hook = EvalChatHook(model, tokenizer, template, cfg.eval, work if is_main else None, progress.echo)
     if is_main:
@@ -219,7 +221,7 @@ def train(
 
     saved: Path | None = resume_from
     loss_value = float("nan")
-    batches = _batches(dataset, cfg, consumed, per_epoch, env.rank, world)
+    batches = _batches(dataset, cfg, consumed, env.rank, world)
     model.train()
     try:
         while step < last:
@@ -250,14 +252,14 @@ def train(
                 scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            consumed += accum * world  # counted in global micro-batches: resumable on any world size
+            consumed += global_batch(cfg.train.batch_size, accum, world)  # sequences: resumable on any split
             elapsed = time.perf_counter() - started
             record = {
                 "step": step,
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "epoch": consumed / per_epoch,
+                "epoch": consumed / len(dataset),
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed,
                 "time_s": elapsed,
@@ -267,7 +269,7 @@ def train(
             if step % cfg.save.save_steps == 0 or step == last:
                 meta = {
                     "scheduler": scheduler.state_dict(),
-                    "data": {"micro_batches": consumed},
+                    "data": {"sequences": consumed, "micro_batches": consumed // cfg.train.batch_size},
                     "config": cfg.to_dict(),
                     "method": cfg.method.kind,
                 }
@@ -306,6 +308,14 @@ def train(
     # last evaluation aborted at exit now and then ("terminate called without an active exception")
     barrier(env)
     return TrainResult(steps=step, last_loss=loss_value, checkpoint=saved, work_dir=work, is_main=is_main)
+
+
+def _sequences(data: dict[str, Any], batch_size: int) -> int:
+    """Sequences a checkpoint's run had trained on (older checkpoints count micro-batches of the
+    run's batch size)."""
+    if "sequences" in data:
+        return int(data["sequences"])
+    return int(data["micro_batches"]) * batch_size
 
 
 def _batches_per_epoch(dataset: Any, cfg: Any) -> int:

@@ -9,22 +9,34 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunex.io.atomic import write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(work_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of ``work_dir/metrics.jsonl`` (empty list when there is none)."""
-    path = Path(work_dir) / METRICS_FILE
+    """Every record of ``work_dir/metrics.jsonl`` (empty list when there is none); a last line cut
+    short by a crash (no newline, not JSON) is left out."""
+    return _read(Path(work_dir) / METRICS_FILE)[0]
+
+
+def _read(path: Path) -> tuple[list[dict[str, Any]], int | None]:
+    """(records, the line number of a torn last line or None)."""
     if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        return [], None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records, torn = [], None
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
-    return records
+                if number == len(lines):  # the last line has no newline: a write cut short
+                    torn = number
+                    break
+                raise ValueError(f"{path}:{number}: not a JSON line ({e}); fix or delete that line") from None
+    return records, torn
 
 
 class MetricsWriter:
@@ -35,11 +47,17 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(work_dir) / METRICS_FILE
         self._tb = None
+        self.notice: str | None = None  # said once on resume when a torn last line was dropped
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(work_dir) if r.get("step", 0) <= resume_step] if resume_step else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        kept: list[dict[str, Any]] = []
+        if resume_step:
+            records, torn = _read(self.path)
+            kept = [r for r in records if r.get("step", 0) <= resume_step]
+            if torn is not None:
+                self.notice = f"{self.path}:{torn}: dropped a line cut short by the crash of the previous run"
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package

@@ -44,6 +44,8 @@ pub struct MergeReport {
     pub bytes_written: u64,
     pub files: Vec<String>,
     pub seconds: f64,
+    /// How the shards were written (see `WriteSummary::io`).
+    pub io: String,
 }
 
 /// Where a merge stands, for progress bars. Returning `false` from the callback cancels the merge.
@@ -102,6 +104,7 @@ pub fn merge(
     dir.commit("model")?;
     report.tensors = summary.tensors;
     report.bytes_written = summary.file_bytes;
+    report.io = summary.io;
     report.files = summary.files;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)

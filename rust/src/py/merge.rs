@@ -79,6 +79,7 @@ fn merge_lora<'py>(
     d.set_item("bytes_written", r.bytes_written)?;
     d.set_item("files", r.files)?;
     d.set_item("seconds", r.seconds)?;
+    d.set_item("io", r.io)?;
     Ok(d)
 }
 

@@ -6,6 +6,7 @@ pub mod info;
 pub mod kernels;
 pub mod merge;
 pub mod optim;
+pub mod partial;
 pub mod peft;
 pub mod quant;
 pub mod safetensors;

@@ -22,6 +22,7 @@ pub(crate) fn summary_dict<'py>(py: Python<'py>, s: &WriteSummary) -> PyResult<B
     d.set_item("tensors", s.tensors)?;
     d.set_item("data_bytes", s.data_bytes)?;
     d.set_item("file_bytes", s.file_bytes)?;
+    d.set_item("io", s.io.clone())?;
     Ok(d)
 }
 

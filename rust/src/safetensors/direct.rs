@@ -9,17 +9,110 @@
 //! buffers in flight). Filesystems without O_DIRECT (tmpfs, some overlays) refuse it with EINVAL;
 //! the file then continues as an ordinary buffered write. The unaligned tail of the file is
 //! written after O_DIRECT is switched off.
+//!
+//! O_DIRECT is not always the faster path: on some filesystems (network mounts, some overlays and
+//! FUSE ones) it is allowed but each direct write is slower than a buffered write plus its fsync.
+//! Before a large write, [`choose`] probes the target folder's filesystem once per process: one
+//! block written each way, timed with its sync. Direct I/O is kept only where it is not slower,
+//! and the writer's summary says which way the bytes went and why.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{mpsc, Mutex};
+use std::path::Path;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Alignment of buffer addresses, lengths and file offsets for O_DIRECT (covers 512 B and 4 KiB
 /// logical blocks).
 const ALIGN: usize = 4096;
 /// Bytes gathered before each write: large enough that the per-write latency amortizes.
 const CHUNK: usize = 16 << 20;
+
+/// Bytes the probe writes each way.
+const PROBE: usize = 4 << 20;
+/// Direct writes are kept unless they take this much longer than buffered ones (noise margin).
+const SLOWER: f64 = 1.25;
+
+/// How a writer's files are written, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirectChoice {
+    /// O_DIRECT where the filesystem takes it (the default; small writes never probe).
+    Direct,
+    /// Buffered writes; the reason, for the writer's final message.
+    Buffered(String),
+}
+
+impl DirectChoice {
+    pub fn describe(&self) -> String {
+        match self {
+            DirectChoice::Direct => "direct I/O".to_string(),
+            DirectChoice::Buffered(why) => format!("buffered writes ({why})"),
+        }
+    }
+}
+
+fn timed_write(path: &Path, block: &Block, direct: bool) -> io::Result<f64> {
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    if direct && !set_direct(&file, true) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let start = Instant::now();
+    file.write_all(block.bytes(PROBE))?;
+    file.sync_data()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn probe(dir: &Path) -> DirectChoice {
+    let block = Block::new();
+    let name = |tag: &str| crate::partial::partial_path(&dir.join("direct-io-probe"), tag);
+    let (Ok(a), Ok(b)) = (name("probe"), name("probe")) else {
+        return DirectChoice::Direct;
+    };
+    let direct = timed_write(&a, &block, true);
+    let buffered = timed_write(&b, &block, false);
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    verdict(direct, buffered)
+}
+
+/// The probe's timings (seconds for one block, sync included) -> the choice.
+fn verdict(direct: io::Result<f64>, buffered: io::Result<f64>) -> DirectChoice {
+    match (direct, buffered) {
+        (Err(_), _) => DirectChoice::Buffered("the filesystem refuses O_DIRECT".to_string()),
+        (Ok(d), Ok(b)) if d > SLOWER * b => DirectChoice::Buffered(format!(
+            "O_DIRECT was slower here: {:.0} ms against {:.0} ms buffered for a 4 MiB probe",
+            d * 1e3,
+            b * 1e3
+        )),
+        _ => DirectChoice::Direct,
+    }
+}
+
+/// How to write an output into `dir`: `TUNEX_DIRECT_IO=0` says buffered; otherwise, for a
+/// `large` output, the probe's verdict for `dir`'s filesystem, measured once per process and
+/// filesystem (a small one never probes).
+pub fn choose(dir: &Path, large: bool) -> DirectChoice {
+    if !crate::settings::direct_io() {
+        return DirectChoice::Buffered("TUNEX_DIRECT_IO=0".to_string());
+    }
+    if !large {
+        return DirectChoice::Direct;
+    }
+    static SEEN: OnceLock<Mutex<HashMap<u64, DirectChoice>>> = OnceLock::new();
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else { return DirectChoice::Direct };
+    let seen = SEEN.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(c) = seen.lock().ok().and_then(|m| m.get(&dev).cloned()) {
+        return c;
+    }
+    let choice = probe(dir);
+    if let Ok(mut m) = seen.lock() {
+        m.insert(dev, choice.clone());
+    }
+    choice
+}
 
 /// A CHUNK-sized window at an aligned address inside its own allocation.
 struct Block {
@@ -81,7 +174,12 @@ impl DirectFile {
     /// Wrap a freshly created, empty file opened for writing; turn O_DIRECT on if allowed.
     /// `TUNEX_DIRECT_IO=0` keeps ordinary buffered writes.
     pub fn new(file: File) -> DirectFile {
-        if !(crate::settings::direct_io() && set_direct(&file, true)) {
+        Self::with_choice(file, true)
+    }
+
+    /// [`DirectFile::new`], buffered when `direct` is false (a probe found O_DIRECT slower).
+    pub fn with_choice(file: File, direct: bool) -> DirectFile {
+        if !(direct && crate::settings::direct_io() && set_direct(&file, true)) {
             return DirectFile { block: Block::new(), filled: 0, io: None, file: Some(file) };
         }
         let (tx, rx) = mpsc::sync_channel::<(Block, usize)>(1);
@@ -198,6 +296,23 @@ fn set_direct(_file: &File, _on: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_keeps_direct_io_unless_it_is_refused_or_slower() {
+        assert_eq!(verdict(Ok(0.010), Ok(0.009)), DirectChoice::Direct, "within the noise margin");
+        assert_eq!(verdict(Ok(0.010), Err(io::Error::other("x"))), DirectChoice::Direct);
+        let slow = verdict(Ok(0.030), Ok(0.010));
+        assert!(matches!(&slow, DirectChoice::Buffered(why) if why.contains("30 ms against 10 ms")), "{slow:?}");
+        let refused = verdict(Err(io::Error::from_raw_os_error(libc::EINVAL)), Ok(0.01));
+        assert_eq!(refused.describe(), "buffered writes (the filesystem refuses O_DIRECT)");
+    }
+
+    #[test]
+    fn choosing_leaves_no_probe_file_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let _ = choose(root.path(), true);
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
 
     fn roundtrip(sizes: &[usize], env_off: bool) {
         let dir = tempfile::tempdir().unwrap();

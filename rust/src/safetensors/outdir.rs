@@ -1,11 +1,13 @@
 //! Atomic output folders: everything is written into a hidden temporary folder next to (or inside)
 //! the target and only moved into place once every file is complete and fsynced. A failed or killed
-//! write leaves no target that looks complete; a failed one also removes its temporary folder.
+//! write leaves no target that looks complete; a failed one also removes its temporary folder, and
+//! a killed one's is removed by the next writer into the same folder (`crate::partial`).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::partial;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -26,11 +28,7 @@ pub struct OutputDir {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    // Directory fsync makes the renames durable; some filesystems refuse to open a directory for
-    // it, and on those the rename is all we can do.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    partial::sync_dir(dir);
     Ok(())
 }
 
@@ -42,7 +40,8 @@ fn name_of(path: &Path) -> Result<String> {
 
 impl OutputDir {
     /// Prepare to create `target` as a whole new folder. Refuses an existing target unless
-    /// `overwrite`; the old one is replaced only at commit.
+    /// `overwrite`; the old one is replaced only at commit. Partials of dead writers beside the
+    /// target are removed first.
     pub fn new_folder(target: &Path, overwrite: bool) -> Result<OutputDir> {
         if target.exists() && !overwrite {
             return Err(Error::io(
@@ -53,27 +52,26 @@ impl OutputDir {
                 ),
             ));
         }
-        let name = name_of(target)?;
+        name_of(target)?;
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).at(&parent)?;
-        let work = parent.join(format!(".{name}.tunex-partial-{}", std::process::id()));
+        partial::sweep(&parent);
+        let work = partial::partial_path(target, "partial")?;
         Self::fresh(target, work, Mode::NewFolder { overwrite })
     }
 
-    /// Prepare to add weight files to `target` (created if missing).
+    /// Prepare to add weight files to `target` (created if missing), sweeping dead partials in it.
     pub fn into_folder(target: &Path) -> Result<OutputDir> {
         fs::create_dir_all(target).at(target)?;
-        let work = target.join(format!(".tunex-partial-{}", std::process::id()));
+        partial::sweep(target);
+        let work = partial::partial_path(&target.join("weights"), "partial")?;
         Self::fresh(target, work, Mode::IntoFolder)
     }
 
     fn fresh(target: &Path, work: PathBuf, mode: Mode) -> Result<OutputDir> {
-        if work.exists() {
-            fs::remove_dir_all(&work).at(&work)?;
-        }
         fs::create_dir(&work).at(&work)?;
         Ok(OutputDir { target: target.to_path_buf(), work, mode, files: Vec::new(), committed: false, durable: true })
     }
@@ -87,6 +85,11 @@ impl OutputDir {
 
     pub fn durable(&self) -> bool {
         self.durable
+    }
+
+    /// The temporary folder files are written in (on the target's filesystem).
+    pub fn work(&self) -> &Path {
+        &self.work
     }
 
     /// The final location.
@@ -128,22 +131,19 @@ impl OutputDir {
         }
         match self.mode {
             Mode::NewFolder { overwrite } => {
-                let parent = self.work.parent().map(Path::to_path_buf).unwrap_or_default();
-                let mut old = None;
-                if overwrite && fs::symlink_metadata(&self.target).is_ok() {
-                    let aside = parent.join(format!(".{}.tunex-old-{}", name_of(&self.target)?, std::process::id()));
-                    fs::rename(&self.target, &aside).at(&self.target)?;
-                    old = Some(aside);
-                }
-                fs::rename(&self.work, &self.target).at(&self.target)?;
+                partial::publish(&self.work, &self.target, overwrite)?;
                 self.committed = true;
-                sync_dir(&parent)?;
-                if let Some(old) = old {
-                    let gone = if old.is_dir() { fs::remove_dir_all(&old) } else { fs::remove_file(&old) };
-                    gone.at(&old)?;
-                }
             }
             Mode::IntoFolder => {
+                // The old index goes first (then the old shards), so a kill between the renames
+                // below leaves shards without an index (an error to load), never a mix of two
+                // checkpoints that loads.
+                let index = self.target.join(format!("{stale_prefix}.safetensors.index.json"));
+                match fs::remove_file(&index) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&index, e)),
+                    _ => {}
+                }
+                sync_dir(&self.target)?;
                 self.remove_stale(stale_prefix)?;
                 for name in &self.files {
                     let (from, to) = (self.work.join(name), self.target.join(name));

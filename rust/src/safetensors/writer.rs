@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use super::direct::DirectFile;
+use super::direct::{choose, DirectChoice, DirectFile};
 use super::dtype::Dtype;
 use super::header::build_header;
 use super::index::index_json;
@@ -83,6 +83,8 @@ pub struct WriteSummary {
     pub data_bytes: u64,
     /// Bytes on disk across the weight files, headers included.
     pub file_bytes: u64,
+    /// How the files were written ("direct I/O", or "buffered writes (why)").
+    pub io: String,
 }
 
 pub struct ShardedWriter {
@@ -98,9 +100,14 @@ pub struct ShardedWriter {
     file: Option<(PathBuf, DirectFile)>,
     remaining: Option<u64>,
     summary: WriteSummary,
+    /// Whether shard files try O_DIRECT (a probe may turn it off for large outputs).
+    direct: bool,
     syncer: Option<Syncer>,
     unsynced: u64,
 }
+
+/// Outputs from this size on probe whether O_DIRECT is worth it on their filesystem.
+const PROBE_FROM: u64 = 64 << 20;
 
 impl ShardedWriter {
     /// Plan the shards of `specs` (written in this order) under `max_shard_size` bytes.
@@ -126,6 +133,8 @@ impl ShardedWriter {
         let sizes = specs.iter().map(TensorSpec::nbytes).collect::<Result<Vec<_>>>()?;
         let shards = plan_shards(&sizes, max_shard_size);
         let names = shard_file_names(prefix, shards.len());
+        // Only an output large enough to use O_DIRECT's chunks pays for the probe.
+        let choice = choose(out.work(), sizes.iter().sum::<u64>() >= PROBE_FROM);
         Ok(ShardedWriter {
             out,
             specs,
@@ -138,7 +147,8 @@ impl ShardedWriter {
             shard: 0,
             file: None,
             remaining: None,
-            summary: WriteSummary::default(),
+            summary: WriteSummary { io: choice.describe(), ..WriteSummary::default() },
+            direct: choice == DirectChoice::Direct,
             syncer: None,
             unsynced: 0,
         })
@@ -160,7 +170,7 @@ impl ShardedWriter {
             self.specs[range].iter().map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice())).collect();
         let (header, _) = build_header(&entries, &self.metadata);
         let (path, file) = self.out.create(&self.names[self.shard])?;
-        let mut w = DirectFile::new(file);
+        let mut w = DirectFile::with_choice(file, self.direct);
         w.write_all(&header).at(&path)?;
         self.summary.file_bytes += header.len() as u64;
         self.file = Some((path, w));
