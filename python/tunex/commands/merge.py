@@ -43,6 +43,12 @@ def _size(n: float) -> str:
     default=None,
     help="Output dtype of floating tensors [default: the base's].",
 )
+@click.option(
+    "--prompt-template",
+    default=None,
+    help="Chat template the adapter was trained with (auto = the base's own, or a built-in name): its "
+    "end-of-turn token joins eos_token_id in generation_config.json [default: auto, or the --config run's].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace SAVE_PATH if it exists.")
 @click.option(
     "--fsync/--no-fsync",
@@ -66,6 +72,7 @@ def merge_cmd(
     device: str,
     is_clip: bool,
     dtype: str | None,
+    prompt_template: str | None,
     overwrite: bool,
     fsync: bool,
     safe_serialization: bool,
@@ -107,6 +114,7 @@ def merge_cmd(
             dtype=dtype,
             device=device,
             is_clip=is_clip,
+            template=prompt_template or "auto",
             overwrite=overwrite,
             progress=progress,
             fsync=fsync,

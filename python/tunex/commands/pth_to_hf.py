@@ -48,6 +48,8 @@ def _accept_checkpoints_in_merge(convert: click.Group) -> None:
         from tunex.train.export import checkpoint_as_adapter
 
         cfg = load_config(config)
+        if kwargs.get("prompt_template") is None:  # the end-of-turn token the run trained
+            kwargs["prompt_template"] = cfg.data.template
         if not Path(kwargs["base"]).is_dir():
             kwargs["base"] = resolve_model_path(str(kwargs["base"]))
         with tempfile.TemporaryDirectory(prefix="tunex-adapter-") as tmp:

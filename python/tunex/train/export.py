@@ -60,7 +60,8 @@ def convert_checkpoint(
 def write_full_model(
     cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_size: str | int
 ) -> None:
-    """A full fine-tune's weights as a HF folder: shards + index, config.json, tokenizer files."""
+    """A full fine-tune's weights as a HF folder: shards + index, config.json, generation_config.json,
+    tokenizer files."""
     from tunex import save_sharded
     from tunex.models import read_config, resolve_model_path, to_checkpoint_names
 
@@ -82,6 +83,10 @@ def write_full_model(
             source = (base if name in ("config.json", "generation_config.json") else tokenizer_dir) / name
             if source.is_file() and name != "config.json":
                 shutil.copyfile(source, tmp / name)
+        from tunex.io.generation import write_generation_config
+
+        # eos_token_id with the end-of-turn token the run trained (transformers' generate stops there)
+        write_generation_config(tmp, base, tokenizer_dir, cfg.data.template)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
