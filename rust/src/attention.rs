@@ -122,6 +122,31 @@ fn check_lse(len: usize, d: &Dims) -> Result<()> {
     Ok(())
 }
 
+/// The operand checks of a forward call (after [`check_dims`]).
+fn check_forward(q: &Input<'_>, k: &Input<'_>, v: &Input<'_>, out: &Output<'_>, lse: usize, d: &Dims) -> Result<()> {
+    check_in("q", q, d.q())?;
+    check_in("k", k, d.kv())?;
+    check_in("v", v, d.kv())?;
+    check_out("out", out, d.q())?;
+    check_lse(lse, d)
+}
+
+/// The operand checks of a backward call (after [`check_dims`]): inputs dout, q, k, v, out and
+/// outputs dq, dk, dv.
+fn check_backward(inputs: [&Input<'_>; 5], lse: usize, outputs: [&Output<'_>; 3], d: &Dims) -> Result<()> {
+    let [dout, q, k, v, out] = inputs;
+    for (name, t) in [("dout", dout), ("q", q), ("out", out)] {
+        check_in(name, t, d.q())?;
+    }
+    check_in("k", k, d.kv())?;
+    check_in("v", v, d.kv())?;
+    let [dq, dk, dv] = outputs;
+    check_out("dq", dq, d.q())?;
+    check_out("dk", dk, d.kv())?;
+    check_out("dv", dv, d.kv())?;
+    check_lse(lse, d)
+}
+
 fn at(s: Strides, b: usize, h: usize, t: usize) -> usize {
     b * s.batch + h * s.head + t * s.pos
 }
@@ -471,11 +496,7 @@ pub fn forward(
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
-    check_in("q", &q, d.q())?;
-    check_in("k", &k, d.kv())?;
-    check_in("v", &v, d.kv())?;
-    check_out("out", &out, d.q())?;
-    check_lse(lse.len(), &d)?;
+    check_forward(&q, &k, &v, &out, lse.len(), &d)?;
     let mut kt = vec![0f32; d.batch * d.kv_heads * d.dim * d.padded()];
     pack_transposed(&k, &d, &mut kt)?;
     let (os, dst, lse) = (out.strides, Shared::new(out.data), Shared::new(lse));
@@ -589,15 +610,7 @@ pub fn backward(
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
-    for (name, t) in [("dout", &dout), ("q", &q), ("out", &out)] {
-        check_in(name, t, d.q())?;
-    }
-    check_in("k", &k, d.kv())?;
-    check_in("v", &v, d.kv())?;
-    check_out("dq", &dq, d.q())?;
-    check_out("dk", &dk, d.kv())?;
-    check_out("dv", &dv, d.kv())?;
-    check_lse(lse.len(), &d)?;
+    check_backward([&dout, &q, &k, &v, &out], lse.len(), [&dq, &dk, &dv], &d)?;
     let block = d.dim * d.padded();
     let mut kt = vec![0f32; d.batch * d.kv_heads * block];
     let mut vt = vec![0f32; d.batch * d.kv_heads * block];
@@ -713,11 +726,7 @@ pub fn forward_docs(
     scale: f32,
 ) -> Result<()> {
     check_dims(&d)?;
-    check_in("q", &q, d.q())?;
-    check_in("k", &k, d.kv())?;
-    check_in("v", &v, d.kv())?;
-    check_out("out", &out, d.q())?;
-    check_lse(lse.len(), &d)?;
+    check_forward(&q, &k, &v, &out, lse.len(), &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
         return Ok(());
@@ -750,15 +759,7 @@ pub fn backward_docs(
     scale: f32,
 ) -> Result<()> {
     check_dims(&d)?;
-    for (name, t) in [("dout", &dout), ("q", &q), ("out", &out)] {
-        check_in(name, t, d.q())?;
-    }
-    check_in("k", &k, d.kv())?;
-    check_in("v", &v, d.kv())?;
-    check_out("dq", &dq, d.q())?;
-    check_out("dk", &dk, d.kv())?;
-    check_out("dv", &dv, d.kv())?;
-    check_lse(lse.len(), &d)?;
+    check_backward([&dout, &q, &k, &v, &out], lse.len(), [&dq, &dk, &dv], &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
         return Ok(());

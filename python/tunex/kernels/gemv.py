@@ -99,9 +99,12 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]`` for layers sharing one input (q/k/v, gate/up): plain
     linear layers through :func:`linear`, in one multi-core GEMV pass when the registry chooses
     the GEMV for every one of them; other layers (LoRA, NF4) as they are."""
-    if all(plain(m) and registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) == "gemv" for m in layers):
+    if not all(plain(m) for m in layers):
+        return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
+    impls = [registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) for m in layers]
+    if all(impl == "gemv" for impl in impls):
         return _gemv_many(x, [(m.weight, m.bias) for m in layers])
-    return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
+    return [_run(impl, x, m.weight, m.bias) for impl, m in zip(impls, layers)]
 
 
 class _DenseLinear(torch.autograd.Function):
@@ -133,7 +136,11 @@ def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by the registry's decode_linear row: the multi-core Rust GEMV
     for one float32 row without autograd, oneDNN for bigger float32 CPU products, else torch's own."""
-    impl = registry.choose("decode_linear", linear_facts(x, weight, bias))
+    return _run(registry.choose("decode_linear", linear_facts(x, weight, bias)), x, weight, bias)
+
+
+def _run(impl: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the decode_linear implementation ``impl`` the registry chose."""
     if impl == "gemv":
         return _gemv_many(x, [(weight, bias)])[0]
     if impl == "onednn":  # without autograd (prefill) the Function only runs forward

@@ -31,7 +31,7 @@ import torch
 
 from tunex.errors import TunexError
 from tunex.kernels import registry
-from tunex.train.bf16_adamw import stochastic_round_bf16
+from tunex.train.bf16_adamw import float_moment_step, stochastic_round_bf16
 
 BLOCK = 256  # elements per absmax block, as in bitsandbytes' blockwise optimizers
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments (bitsandbytes' min_8bit_size)
@@ -326,16 +326,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def _float_step(p: torch.Tensor, state: dict, hyper: tuple, t: int, seed: int) -> None:
         """A small tensor's step with float32 moments (bitsandbytes' 32-bit path for tensors under
         min_8bit_size); bf16 weights rounded stochastically."""
-        lr, beta1, beta2, eps, wd = hyper
-        g = p.grad.float()
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-        w = p.float()
-        if wd:
-            w.mul_(1 - lr * wd)
-        w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        w = float_moment_step(p, state["exp_avg"], state["exp_avg_sq"], *hyper, t)
         if p.dtype == torch.bfloat16:
             generator = torch.Generator(device=p.device).manual_seed(seed)
             p.copy_(stochastic_round_bf16(w, generator))

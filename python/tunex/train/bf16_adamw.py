@@ -24,6 +24,29 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     return out.to(torch.bfloat16)
 
 
+def float_moment_step(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    wd: float,
+    t: float,
+) -> torch.Tensor:
+    """AdamW step ``t`` (1-based) of ``p`` with float32 moments ``m``, ``v`` (updated in place):
+    the new weight in float32, for the caller to write back (rounded to p's dtype its own way)."""
+    g = p.grad.float()
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+    w = p.float()
+    if wd:
+        w.mul_(1 - lr * wd)
+    return w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (the torch AdamW step) over bf16 parameters with float32 moments
     and stochastic rounding of the updated weight. State per parameter: ``step`` (float32 scalar
@@ -74,15 +97,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = float(state["step"])
-                g = p.grad.float()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
-                w = p.float()
-                if wd:
-                    w.mul_(1 - lr * wd)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+                w = float_moment_step(p, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, t)
                 if p.dtype == torch.bfloat16:
                     p.copy_(stochastic_round_bf16(w, self._generator(p.device, int(t), index)))
                 else:
