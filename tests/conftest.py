@@ -26,6 +26,8 @@ ORACLES = (
     "openai",  # the client test_serve.py talks to `tunex serve` with
     "starlette",  # tunex[serve]
     "uvicorn",
+    "wandb",  # tunex[wandb]
+    "mlflow",  # tunex[mlflow]
 )
 
 

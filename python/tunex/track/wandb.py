@@ -19,9 +19,8 @@ class WandbTracker:
             name=name,
             dir=str(work_dir),
             config=config,
-            id=run_id or wandb.util.generate_id(),
+            id=run_id,
             resume="allow" if run_id else None,
-            reinit="create_new",
         )
         self.run_id = self.run.id
         self.rows: list[list[Any]] = []
