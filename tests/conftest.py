@@ -28,6 +28,7 @@ ORACLES = (
     "uvicorn",
     "wandb",  # tunex[wandb]
     "mlflow",  # tunex[mlflow]
+    "selenium",  # drives chromium in tests/test_board.py
 )
 
 
