@@ -220,3 +220,22 @@ def test_eval_data_in_another_format(tmp_path, model):
         args += ["-o", o]
     figures = json.loads(run_cli(*args).strip().splitlines()[-1])
     assert figures["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+
+
+def test_eval_command_errors(tmp_path, model):
+    data = make_data(tmp_path / "d", "instruct")
+    cfg_path = write_config(tmp_path / "c.toml", model, data, "lora", "openai", tmp_path / "w", max_steps=1)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["eval", str(model)])
+    assert result.exit_code == 2 and "--data is needed when CFG_OR_MODEL is a model" in result.output
+    result = runner.invoke(cli, ["eval", str(cfg_path)])
+    assert result.exit_code == 2 and "sets neither eval.data nor eval.split: give --data" in result.output
+    train(load_config(cfg_path))
+    result = runner.invoke(
+        cli, ["eval", str(model), "--data", str(data), "--adapter", str(tmp_path / "w" / "iter_1.pth")]
+    )
+    assert result.exit_code == 2 and "a training checkpoint needs the config that trained it" in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = runner.invoke(cli, ["eval", str(model), "--data", str(empty), "--format", "openai"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "empty.jsonl" in result.output

@@ -93,10 +93,17 @@ def open_trackers(cfg: Any, work_dir: Path, resumed: bool, enabled: bool = True)
     config = cfg.to_dict()
     ids = _read_ids(work_dir) if resumed else {}
     opened: list[Any] = []
-    if "tensorboard" in log.backends or importlib.util.find_spec("tensorboard") is not None:
+    if "tensorboard" in log.backends:
         from tunex.track.tensorboard import TensorBoardTracker
 
         opened.append(TensorBoardTracker(work_dir, config))
+    elif importlib.util.find_spec("tensorboard") is not None:
+        try:  # not asked for: a TensorBoard that fails to start is left out, as it always was
+            from tunex.track.tensorboard import TensorBoardTracker
+
+            opened.append(TensorBoardTracker(work_dir, config))
+        except Exception:  # noqa: BLE001 - optional
+            pass
     if "wandb" in log.backends:
         from tunex.track.wandb import WandbTracker
 
