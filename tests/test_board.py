@@ -5,6 +5,7 @@ shown, and the page follows a run as lines are added. Screenshots go to test-art
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -77,11 +78,10 @@ def test_routes_read_the_work_dirs(runs, board):
 
 
 def _browser():
-    from tunex import settings
-
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        if settings.on("TUNEX_REQUIRE_ORACLES"):
+        # .ci/run installs them, so CI always runs this test; a developer's machine may lack them
+        if os.environ.get("CI"):
             pytest.fail("chromium and chromedriver are needed: apt-get install chromium chromium-driver")
         pytest.skip("no chromium/chromedriver (apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
