@@ -239,3 +239,18 @@ def test_eval_command_errors(tmp_path, model):
     empty.write_text("")
     result = runner.invoke(cli, ["eval", str(model), "--data", str(empty), "--format", "openai"])
     assert result.exit_code == 1 and result.output.startswith("error: ") and "empty.jsonl" in result.output
+
+
+def test_eval_qlora_config_with_its_exported_adapter(tmp_path, model):
+    """A QLoRA run's PEFT export evaluated through the config sits on the same 4-bit base as the
+    training checkpoint: the same figure either way."""
+    pytest.importorskip("tunex.quant")
+    data = make_data(tmp_path / "d", "instruct")
+    work = tmp_path / "w"
+    cfg_path = write_config(tmp_path / "c.toml", model, data, "qlora", "openai", work, max_steps=3, lr=2e-2)
+    train(load_config(cfg_path))
+    run_cli("convert", "pth_to_hf", str(cfg_path), str(work / "iter_3.pth"), str(tmp_path / "adapter"), "--fp32")
+    base = ["eval", str(cfg_path), "--data", str(data), "--json"]
+    by_pth = json.loads(run_cli(*base, "--adapter", str(work / "iter_3.pth")).strip().splitlines()[-1])
+    by_peft = json.loads(run_cli(*base, "--adapter", str(tmp_path / "adapter")).strip().splitlines()[-1])
+    assert by_peft["eval_loss"] == pytest.approx(by_pth["eval_loss"], rel=1e-4)

@@ -151,7 +151,17 @@ def _load(cfg, model_path: str, adapter: Path | None, dev):
         lm = build_model(cfg, dev)
         load_trainable(lm, checkpoint.load(adapter)["model"], adapter)
         return tokenizer, lm
-    lm = load_model(folder, dtype=weights_dtype(cfg.model.dtype if cfg else "auto", dev), device=dev)
+    quantize = None
+    if cfg is not None and cfg.method.kind == "qlora":  # the 4-bit base the adapter was trained on
+        from tunex.quant import NF4Linear
+
+        m = cfg.method
+        compute = weights_dtype(m.compute_dtype, dev)
+
+        def quantize(name, linear):
+            return NF4Linear.from_linear(linear, m.quant_type, m.blocksize, m.double_quant, compute)
+
+    lm = load_model(folder, dtype=weights_dtype(cfg.model.dtype if cfg else "auto", dev), device=dev, quantize=quantize)
     if adapter is not None:
         from tunex.models.adapter import apply_adapter
 
