@@ -238,7 +238,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     prompts: list[str] = _setting(XTUNER_EVAL_PROMPTS, _text_list, "prompts answered by the eval hook")
-    every_n_steps: int = _setting(500, _integer(0), "run the eval hook every N steps; 0 = only at the end")
+    every_n_steps: int = _setting(
+        500, _integer(0), "answer the prompts and measure the held-out loss every N steps; 0 = only at the end"
+    )
     max_new_tokens: int = _setting(128, _integer(1), "tokens generated per eval prompt")
     system: str = _setting("", _text, "system prompt for eval prompts")
     data: str | list[str] = _setting(
@@ -262,7 +264,8 @@ class SaveConfig:
     best_metric: str = _setting(
         "",
         _one_of(*BEST_METRICS),
-        "keep the checkpoint of the best held-out evaluation as best.pth (never pruned); empty = off",
+        "eval_loss or eval_perplexity: keep the checkpoint of the best held-out evaluation as best.pth "
+        "(never pruned); empty = off",
     )
 
 
