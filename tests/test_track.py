@@ -162,3 +162,28 @@ def test_bad_backends_are_config_errors(tmp_path, model):
             load_config(cfg, [f"log.backends={value}"])
     with pytest.raises(ConfigError, match="log.project: expected a string"):
         load_config(cfg, ["log.project=3"])
+
+
+def test_a_diverged_run_is_marked_failed(tmp_path, model):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from tunex.train.loop import TrainingDiverged, train
+
+    work = tmp_path / "runs" / "work"
+    cfg = write_config(
+        tmp_path / "c.toml",
+        model,
+        make_data(tmp_path / "d", "pretrain"),
+        "full",
+        "pretrain",
+        work,
+        max_steps=20,
+        lr=1e30,
+        max_norm=0.0,
+    )
+    with pytest.raises(TrainingDiverged):
+        train(load_config(cfg, ['log.backends=["mlflow"]', 'log.project="diverged"']))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("diverged").experiment_id])
+    assert run.info.status == "FAILED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == len(read_metrics(work))

@@ -75,9 +75,10 @@ class Trackers:
             for t in self.trackers:
                 t.log_answers(step, answers)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End every tracker's run, marked failed when training stopped on an error."""
         for t in self.trackers:
-            t.close()
+            t.close(failed)
 
 
 def open_trackers(cfg: Any, work_dir: Path, resumed: bool, enabled: bool = True) -> Trackers:

@@ -72,5 +72,5 @@ class MlflowTracker:
         rows["answer"] = [a["answer"] for a in answers]
         self.client.log_table(self.run_id, data=rows, artifact_file=TABLE)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

@@ -33,5 +33,5 @@ class TensorBoardTracker:
     def log_answers(self, step: int, answers: list[dict[str, Any]]) -> None:
         self.writer.add_text("eval/answers", _markdown_table(answers), step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()

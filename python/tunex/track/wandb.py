@@ -33,5 +33,5 @@ class WandbTracker:
         table = self._wandb.Table(columns=["step", "prompt", "answer"], data=[list(r) for r in self.rows])
         self.run.log({"eval/answers": table}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._file.close()
-        if self.trackers is not None:
-            self.trackers.close()
+        if self.trackers is not None:  # called from the loop's `finally`: an error in flight = a failed run
+            self.trackers.close(failed=sys.exc_info()[0] is not None)
 
 
 def plot_loss(work_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
