@@ -233,6 +233,38 @@ def test_a_full_disk_or_read_only_folder_is_one_line_and_leaves_nothing(merge_in
     shutil.rmtree(folder)
 
 
+def test_every_writer_on_a_full_or_read_only_filesystem_raises_one_line_naming_it_and_leaves_nothing(tmp_path):
+    """All ten writers of the kill suite (fault_kill_harness.py --full-and-read-only) into a 64 KiB
+    tmpfs and a read-only tmpfs (as root; else a file-size limit and a folder mode 0555): each
+    raises an OSError whose one-line message names its output, leaves its output folder empty and
+    changes no input."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "fault_kill_harness.py"), str(tmp_path), "0", "0", "--full-and-read-only"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report.pop("inputs_unchanged") is True
+    names = {key.split("/")[0] for key in report}
+    assert len(names) == 10 and len(report) == 20, sorted(report)
+    ran = {key: r for key, r in report.items() if "skipped" not in r}
+    assert len(ran) >= 10, report  # the full-disk case runs everywhere
+    expect = {
+        "full": ("No space left on device", "too large", "a full disk?"),
+        "read-only": ("Read-only file system", "Permission denied"),
+    }
+    for key, r in ran.items():
+        fault = key.split("/")[1]
+        assert r["oserror"], (key, r)
+        message = r["message"]
+        assert "\n" not in message and Path(r["out"]).name in message, (key, message)
+        assert any(e in message for e in expect[fault]), (key, message)
+        assert r["left"] == [], (key, r["left"])
+
+
 def test_a_torn_last_metrics_line_is_dropped_on_resume_and_said_once(tmp_path):
     from tunex.train.metrics import MetricsWriter, read_metrics
 
@@ -254,3 +286,4 @@ def test_sweep_never_fails_a_writer_and_ignores_other_names(tmp_path):
     (tmp_path / ".x.tunex-partial-123").mkdir()  # an older tunex's partial: no owner, left alone
     assert atomic.sweep(tmp_path) == []
     assert atomic.sweep(tmp_path / "missing") == []
+
