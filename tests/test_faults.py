@@ -387,3 +387,37 @@ def test_a_two_process_sharded_checkpoint_killed_mid_save_is_absent_and_resume_c
         for key in ("loss", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
     assert [p.name for p in work.iterdir() if ".tunex-" in p.name] == [], "the dead run's partial stayed"
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_the_data_cache_on_a_full_or_read_only_filesystem_is_one_line_and_leaves_no_store(tmp_path, fault):
+    """Tokenizing into a cache folder on a 64 KiB tmpfs (or a read-only one): one OSError line naming
+    the cache, and no store (complete or partial) left behind; the run without the fault then builds
+    it. Needs root and tmpfs mounts."""
+    from test_train_helpers import make_tokenizer
+    from tunex.config import DataConfig
+    from tunex.data import build_dataset
+    from tunex.tokenizer import load_tokenizer
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    make_tokenizer(tmp_path / "tok")
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 40}) + "\n") * 300)
+    cfg = DataConfig(path=str(data), format="pretrain", template="auto", max_length=64, pack_to_max_length=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    options = "size=64k" if fault == "full" else "ro,size=64k"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(cache)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount here")
+    try:
+        with pytest.raises(OSError) as raised:
+            build_dataset(cfg, load_tokenizer(tmp_path / "tok"), seed=0, cache_dir=str(cache))
+        left = [p for p in cache.iterdir() if p.is_dir() and p.name != "content"]
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    message = str(raised.value)
+    assert "\n" not in message and str(cache) in message, message
+    assert ("No space left" if fault == "full" else "Read-only") in message, message
+    assert left == [], left  # the content memo and the lock file are no store
+    assert len(build_dataset(cfg, load_tokenizer(tmp_path / "tok"), seed=0, cache_dir=str(cache))) > 0
