@@ -218,6 +218,11 @@ class TrainConfig:
         _flag,
         "with gradient checkpointing, keep each layer's checkpointed input in (pinned) CPU memory until backward",
     )
+    router_aux_loss_coef: float = _setting(
+        0.0,
+        _number(0),
+        "MoE models: weight of the routers' load-balancing loss added to the loss; 0 = off",
+    )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
 

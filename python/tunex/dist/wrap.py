@@ -41,8 +41,12 @@ class LossModule(nn.Module):
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)
         if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
-            return softcapped_cross_entropy(h, weight, y, bias, cap)
-        return linear_cross_entropy(h, weight, y, bias)
+            loss = softcapped_cross_entropy(h, weight, y, bias, cap)
+        else:
+            loss = linear_cross_entropy(h, weight, y, bias)
+        aux = getattr(self.lm, "router_aux_loss", None)  # MoE models: the routers' load-balancing loss
+        extra = aux() if callable(aux) else None
+        return loss if extra is None else loss + extra
 
 
 def _fsdp():

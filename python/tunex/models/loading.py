@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import GEMMA, ModelConfig, read_config, to_tunex_names
+from tunex.models.config import GEMMA, MOE, ModelConfig, read_config, to_tunex_names
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
@@ -185,7 +185,12 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device) -> 
 def _layer_linears(model: CausalLM, index: int) -> list[tuple[str, nn.Module]]:
     layer = model.model.layers[index]
     prefix = f"model.layers.{index}."
-    return [(prefix + n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    # routers (models/moe.py) stay dense: a few rows whose rounding would move every token's experts
+    return [
+        (prefix + n, m)
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and not getattr(m, "router", False)
+    ]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -258,6 +263,10 @@ def new_model(cfg: ModelConfig) -> CausalLM:
         from tunex.models.gemma import GemmaCausalLM
 
         return GemmaCausalLM(cfg)
+    if cfg.family in MOE:
+        from tunex.models.moe import MoECausalLM
+
+        return MoECausalLM(cfg)
     return CausalLM(cfg)
 
 

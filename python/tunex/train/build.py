@@ -96,6 +96,13 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
     # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
     model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize)
+    if cfg.train.router_aux_loss_coef:
+        if not hasattr(model, "router_aux_loss"):
+            raise TunexError(
+                f"train.router_aux_loss_coef: {model.config.family} has no router (only mixture-of-experts "
+                "models do); set train.router_aux_loss_coef = 0"
+            )
+        model.router_aux_loss_coef = cfg.train.router_aux_loss_coef
     if method.kind == "full":
         model.requires_grad_(True)
     else:
