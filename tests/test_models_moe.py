@@ -418,3 +418,66 @@ def test_estimate_of_the_mixtral_config_reports_experts_and_active_parameters():
     assert result.exit_code == 0, result.output
     assert "46.703 B params" in result.output and "8 experts, 2 per token" in result.output
     assert "12.880 B active params" in result.output
+
+
+# ---- tunex train end to end -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_train_with_the_load_balancing_loss_then_pth_to_hf_and_merge(tmp_path, kind):
+    """`tunex train` on a tiny Mixtral with train.router_aux_loss_coef, then the adapter in PEFT's
+    per-expert names and `convert merge`; the same key on a dense model is a one-line error."""
+    import json
+
+    from click.testing import CliRunner
+    from test_train_helpers import make_data, make_tiny_model, make_tokenizer, write_config
+    from tunex.cli import cli
+    from tunex.train.metrics import read_metrics
+
+    folder = tmp_path / "mixtral"
+    vocab = make_tokenizer(folder)
+    moe_model("mixtral", vocab_size=vocab, eos_token_id=2, bos_token_id=None, pad_token_id=0).save_pretrained(folder)
+    work = tmp_path / "work"
+    cfg = write_config(
+        tmp_path / "c.toml",
+        folder,
+        make_data(tmp_path / "d", "pretrain"),
+        kind,
+        "pretrain",
+        work,
+        lr=2e-2,
+        max_steps=8,
+        router_aux_loss_coef=0.02,
+        gradient_checkpointing=True,
+    )
+    result = CliRunner().invoke(cli, ["train", str(cfg)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    losses = [r["loss"] for r in read_metrics(work)]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(cli, ["convert", "pth_to_hf", str(cfg), str(work / "iter_8.pth"), str(out)])
+    assert result.exit_code == 0, result.output
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight" in keys
+    assert not any(".gate." in k for k in keys)  # the routers are not adapted
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+    result = CliRunner().invoke(cli, ["convert", "merge", str(folder), str(out), str(tmp_path / "merged"), "-q"])
+    assert result.exit_code == 0, result.output
+
+    dense = make_tiny_model(tmp_path / "llama")
+    cfg = write_config(
+        tmp_path / "d.toml",
+        dense,
+        make_data(tmp_path / "d", "pretrain"),
+        kind,
+        "pretrain",
+        tmp_path / "w2",
+        router_aux_loss_coef=0.02,
+    )
+    result = CliRunner().invoke(cli, ["train", str(cfg)])
+    assert result.exit_code != 0
+    assert "train.router_aux_loss_coef: llama has no router" in result.output
+    assert not (tmp_path / "w2").exists()
