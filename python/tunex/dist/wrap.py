@@ -40,7 +40,7 @@ class LossModule(nn.Module):
         weight, bias = output_head(self.lm)
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)
-        if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
+        if cap:  # soft-capped logits (Gemma 2): chunk by chunk, then torch's cross-entropy
             loss = softcapped_cross_entropy(h, weight, y, bias, cap)
         else:
             loss = linear_cross_entropy(h, weight, y, bias)
