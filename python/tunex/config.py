@@ -146,6 +146,11 @@ class ModelConfig:
     path: str = _setting(REQUIRED, _nonempty_text, "HF model folder, GGUF file, or a downloaded hub snapshot")
     dtype: str = _setting("auto", _one_of(*DTYPES), "weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     tokenizer: str = _setting("", _text, "tokenizer folder; empty = the model's own")
+    backend: str = _setting(
+        "auto",
+        _one_of("auto", "tunex", "transformers"),
+        "auto = tunex's decoder for its families, transformers (pip install 'tunex[hf]') for other architectures",
+    )
 
 
 @dataclass

@@ -99,6 +99,7 @@ class ModelConfig:
     sparse_layers: list[bool] | None = None
     router_aux_loss_coef: float = 0.0
     torch_dtype: str | None = None
+    backend: str = "tunex"  # which model runs it (an HFConfig says "transformers": models/hf_backend.py)
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
     @property
@@ -145,7 +146,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     if family not in FAMILIES:
         raise FormatError(
             f"{source}: model_type {family!r} is not supported; tunex loads "
-            f"{', '.join(FAMILIES)} (SmolLM2 and TinyLlama are llama)"
+            f'{", ".join(FAMILIES)} (SmolLM2 and TinyLlama are llama); model.backend = "auto" runs other '
+            "architectures through transformers (pip install 'tunex[hf]')"
         )
     heads = int(_need(raw, "num_attention_heads", source))
     hidden = int(_need(raw, "hidden_size", source))
