@@ -11,9 +11,10 @@ The llama-family layer of decoder.py with its MLP replaced by a sparse block:
   ``sigmoid(shared_expert_gate(x))``; Qwen layers listed in ``mlp_only_layers`` (or off the
   ``decoder_sparse_step``) keep a dense MLP.
 
-Experts run grouped: the (token, slot) pairs are sorted by expert, and each expert takes its rows
-in one product per projection (gathered with ``index_select``, added back with ``index_add_``), so
-the work is one loop over the experts, never over tokens. Every expert projection is a plain
+Experts run grouped: the (token, slot) pairs are sorted by expert, the rows gathered once in that
+order (``index_select``), each expert takes its run of them in one product per projection, and
+the weighted outputs go back to their rows in one ``index_add_``: one loop over the experts,
+never over tokens. Every expert projection is a plain
 ``nn.Linear`` under the checkpoint's own name (Mixtral ``block_sparse_moe.experts.3.w1``, Qwen
 ``mlp.experts.3.gate_proj``), so checkpoints load without renaming, QLoRA packs the experts like
 any linear, and LoRA adapts each expert's projections under the names PEFT gives them. The
@@ -158,26 +159,18 @@ def grouped_experts(experts, x: torch.Tensor, weights: torch.Tensor, chosen: tor
     """sum over each row's k slots of ``weight * expert(row)``, expert by expert.
 
     The N*k (row, slot) pairs are sorted by expert (stable, so each expert's rows stay in order);
-    each expert with any rows runs once on all of them (gathered), and its weighted outputs are
-    added into their rows.
+    the rows are gathered once in that order, each expert with any rows runs once on its run of
+    them, and the weighted outputs go back to their rows in one ``index_add_``.
     """
     k = chosen.shape[1]
     flat_ids = chosen.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     rows = order // k  # the row of each sorted pair
-    slot_weights = weights.reshape(-1)[order]
     counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
-    out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        idx = rows[start : start + n]
-        y = experts[e](x.index_select(0, idx), rt=rt)
-        y = (y * slot_weights[start : start + n, None]).to(out.dtype)
-        out.index_add_(0, idx, y)
-        start += n
-    return out
+    parts = x.index_select(0, rows).split(counts)
+    ys = torch.cat([experts[e](part, rt=rt) for e, part in enumerate(parts) if counts[e]])
+    ys = ys * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, rows, ys.to(x.dtype))
 
 
 class MoELayer(DecoderLayer):
