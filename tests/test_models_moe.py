@@ -260,13 +260,27 @@ def _batch(seed: int):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["lean", "checkpointing"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_loss_and_grads_match_peft(tmp_path, family, checkpointing):
-    require_native(*NATIVE)
+def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpointing):
+    from tunex.kernels import registry
+
+    require_native(*NATIVE, "cross_entropy_f32")
     ours, ref, pairs = adapted_pair(tmp_path, family)
     ours.gradient_checkpointing = checkpointing
     ids, labels = _batch(5)
+    chosen: dict[str, set[str]] = {}
+    real = registry.choose
+
+    def spy(op, facts):
+        name = real(op, facts)
+        chosen.setdefault(op, set()).add(name)
+        return name
+
+    monkeypatch.setattr(registry, "choose", spy)
     loss = LossModule(ours)(ids, labels, None)
     loss.backward()
+    # the native CPU kernels ran (the experts' adapted projections and SwiGLU included)
+    for op, impl in {"rmsnorm": "native", "rope": "native", "swiglu": "native", "lora_linear": "fused-native"}.items():
+        assert impl in chosen.get(op, set()), (op, chosen.get(op))
     expected = ref(input_ids=ids, labels=labels).loss
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
