@@ -465,6 +465,13 @@ def test_qlora_packs_experts_and_keeps_routers_dense(tmp_path):
     names = apply_lora(model, "all-linear", 4, 8.0)
     assert "model.layers.0.mlp.experts.3.down_proj" in names
     assert not any(n.endswith(".gate") or n.endswith("shared_expert_gate") for n in names)
+    from tunex.quant.checkpoint import is_quantized_weight  # `tunex quantize` keeps routers dense too
+
+    for name in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight"):
+        assert not is_quantized_weight(name, torch.float32, (4, 64))
+    assert not is_quantized_weight("model.layers.3.block_sparse_moe.gate.weight", torch.float32, (8, 64))
+    assert is_quantized_weight("model.layers.3.block_sparse_moe.experts.1.w1.weight", torch.float32, (32, 64))
+    assert is_quantized_weight("model.layers.0.mlp.gate_proj.weight", torch.float32, (32, 64))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.no_grad():  # NF4 rounding moves the logits a little, not the routing of most tokens
         assert float((model(ids) - hf(ids).logits).abs().mean()) < 0.05
