@@ -209,3 +209,18 @@ def test_loss_and_gradients_match_transformers_with_and_without_checkpointing(tm
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_targets_matching_nothing_list_the_backend_models_linears(tmp_path):
+    """preflight builds the transformers model on the meta device (no weights read) to match targets."""
+    from tunex.errors import ConfigError
+    from tunex.models.hf_backend import model_config
+    from tunex.models.loading import meta_model
+    from tunex.peft import select_targets
+
+    make_neox(tmp_path / "m")
+    model = meta_model(model_config(tmp_path / "m"))
+    assert next(model.parameters()).is_meta
+    assert "gpt_neox.layers.1.attention.query_key_value" in select_targets(model, "all-linear")
+    with pytest.raises(ConfigError, match="query_key_value"):
+        select_targets(model, ["q_proj"])
