@@ -32,11 +32,11 @@ class LossModule(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None) -> torch.Tensor:
+                position_ids: torch.Tensor | None, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
         from tunex.train.loss import linear_cross_entropy, shifted, softcapped_cross_entropy
 
-        hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T, H)
+        hidden = forward_hidden(self.lm, input_ids, position_ids, pixel_values)  # (B, T, H)
         weight, bias = output_head(self.lm)
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)

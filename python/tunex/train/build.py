@@ -130,8 +130,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         decoder.offload_checkpoints = True
 
 
-def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) of a tunex causal LM."""
+def forward_hidden(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None, pixel_values=None
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of a tunex causal LM (a LLaVA model takes the batch's
+    images too)."""
+    if pixel_values is not None:
+        return model.hidden_states(input_ids, position_ids, pixel_values=pixel_values)
     return model.hidden_states(input_ids, position_ids)
 
 
