@@ -78,6 +78,14 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     linears are quantized to NF4/FP4 while loading, adapters on top. Adapters are kept in fp32
     whatever the base dtype, so the optimizer's updates are not lost to bf16 rounding.
     """
+    from tunex.train.multimodal import build_llava, is_multimodal
+
+    if is_multimodal(cfg):  # [vision]: tower + projector around the LLM this function builds
+        return build_llava(cfg, device, _build_llm, load_device)
+    return _build_llm(cfg, device, load_device)
+
+
+def _build_llm(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     from tunex.models import load_model, resolve_model_path
 
     method = cfg.method

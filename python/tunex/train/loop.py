@@ -33,6 +33,7 @@ from tunex.train import checkpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
+from tunex.train.multimodal import build_image_dataset, is_multimodal
 from tunex.train.optim import build_optimizer, build_scheduler
 from tunex.train.progress import TrainProgress
 
@@ -61,7 +62,7 @@ def seed_everything(seed: int) -> None:
 
 def trainable_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: everything for a full fine-tune, else the adapters."""
-    if kind == "full":
+    if kind == "full" and not hasattr(model, "vision_tower"):  # LLaVA: the trained part only, never the tower
         return {k: v for k, v in model.state_dict().items()}
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -101,9 +102,10 @@ def _micro_step(
     labels = batch["labels"].to(device)
     positions = batch.get("position_ids")
     positions = positions.to(device) if positions is not None else None
+    images = {"pixel_values": batch["pixel_values"].to(device)} if "pixel_values" in batch else {}  # LLaVA
     with gradient_sync(step_module, last):
         with autocast(cfg.train.dtype, device):
-            loss = step_module(input_ids, labels, positions)
+            loss = step_module(input_ids, labels, positions, **images)
         (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
     return loss.detach(), int(input_ids.numel())
 
@@ -156,7 +158,10 @@ def train(
     # nodes sharing a file system may race safely); the node's other ranks then read the cache
     if env.local_rank != 0:
         barrier(env)
-    dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+    if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
+        dataset = build_image_dataset(cfg, tokenizer)
+    else:
+        dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
     if env.local_rank == 0:
         barrier(env)
     per_epoch = _batches_per_epoch(dataset, cfg)
