@@ -325,7 +325,8 @@ def hf_config(model: LlavaModel, text_config: dict, image_token_id: int | None =
     """config.json of the LLaVA folder for ``model`` (``text_config``: the LLM's own config.json)."""
     text = dict(text_config)
     text["vocab_size"] = int(model.language_model.model.embed_tokens.weight.shape[0])
-    vision = dict(model.vision_tower.config.raw)
+    tower = model.vision_tower.config
+    vision = dict(tower.raw)
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -334,7 +335,8 @@ def hf_config(model: LlavaModel, text_config: dict, image_token_id: int | None =
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True,
         "vision_feature_layer": model.select_layer,
-        "vision_feature_select_strategy": "full" if model.keep_class else "default",
+        # "default" drops the first feature: CLIP's class token (SigLIP has none)
+        "vision_feature_select_strategy": "full" if model.keep_class or not tower.has_class_token else "default",
         "text_config": text,
         "vision_config": vision,
         "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
