@@ -130,3 +130,20 @@ def test_finetune_needs_a_projector_checkpoint_that_exists(tmp_path, parts):
     cfg, _ = _cfg(tmp_path, parts, **{"vision.projector_checkpoint": str(tmp_path / "nothing")})
     with pytest.raises(TunexError, match="has no iter_N.pth; run the pretrain stage first"):
         train(cfg)
+
+
+def test_check_custom_dataset_and_log_dataset_show_image_spans(tmp_path, parts):
+    from click.testing import CliRunner
+    from tunex.cli import cli
+
+    _cfg(tmp_path, parts)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["check-custom-dataset", str(tmp_path / "c.toml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "16 tokens per image" in result.output and "every record is valid" in result.output
+    assert "image token spans (1; labels -100 there)" in result.output and "img_0_0.png" in result.output
+    assert "<image: 16 tokens at " in result.output
+    result = runner.invoke(cli, ["log-dataset", str(tmp_path / "c.toml"), "-n", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("<image: 16 tokens at ") == 4  # text and masked_text of 2 items
+    assert "[[" in result.output and ".png" in result.output

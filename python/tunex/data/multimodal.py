@@ -264,17 +264,29 @@ class ImageDataset:
     def samples(self, index: int) -> list[ImageSample]:
         return [self.data.samples[int(s)] for s in self.members[self.starts[index] : self.starts[index + 1]]]
 
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, position_ids) of item ``index`` (no image is decoded)."""
+        parts = self.samples(index)
+        return (
+            np.concatenate([s.ids for s in parts]),
+            np.concatenate([s.labels for s in parts]),
+            position_ids(np.asarray([len(s.ids) for s in parts])),
+        )
+
+    def images(self, index: int) -> list[str]:
+        return [p for s in self.samples(index) for p in s.images]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 
         from tunex.data.images import pixel_values
 
-        parts = self.samples(index)
+        ids, labels, pos = self.arrays(index)
         return {
-            "input_ids": torch.from_numpy(np.concatenate([s.ids for s in parts])),
-            "labels": torch.from_numpy(np.concatenate([s.labels for s in parts])),
-            "position_ids": torch.from_numpy(position_ids(np.asarray([len(s.ids) for s in parts]))),
-            "pixel_values": pixel_values([p for s in parts for p in s.images], self.processing, self.aspect),
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos),
+            "pixel_values": pixel_values(self.images(index), self.processing, self.aspect),
         }
 
 
@@ -283,3 +295,30 @@ def image_spans(ids: np.ndarray, image_token_id: int) -> list[tuple[int, int]]:
     is_image = np.concatenate(([False], np.asarray(ids) == image_token_id, [False]))
     edges = np.flatnonzero(is_image[1:] != is_image[:-1])
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def image_text(tokenizer: Any, ids: np.ndarray, image_token_id: int, labels: np.ndarray | None = None) -> str:
+    """``ids`` decoded with each image's positions shown as ``<image: N tokens at a..b>``; with
+    ``labels``, targets in [[ ]] and other text as is (what ``log-dataset`` prints)."""
+    out, pos = [], 0
+    for start, end in [*image_spans(ids, image_token_id), (len(ids), len(ids))]:
+        piece = ids[pos:start]
+        if labels is None:
+            out.append(tokenizer.decode(piece.tolist()))
+        else:
+            out.append(_marked(tokenizer, piece, labels[pos:start]))
+        if end > start:
+            out.append(f"<image: {end - start} tokens at {start}..{end}>")
+        pos = end
+    return "".join(out)
+
+
+def _marked(tokenizer: Any, ids: np.ndarray, labels: np.ndarray) -> str:
+    target = labels != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], target, [False])).astype(np.int8)))
+    text, pos = [], 0
+    for lo, hi in zip(edges[::2], edges[1::2]):
+        text += [tokenizer.decode(ids[pos:lo].tolist()), "[[", tokenizer.decode(ids[lo:hi].tolist()), "]]"]
+        pos = hi
+    text.append(tokenizer.decode(ids[pos:].tolist()))
+    return "".join(text)
