@@ -4,11 +4,16 @@ config) and images of coloured shapes with questions about them."""
 from __future__ import annotations
 
 import json
-import random
+import sys
 from pathlib import Path
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
-SHAPES = ("circle", "square", "triangle")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+# the task's images and records, and its tower, are the script's (the built-in shapes configs' data)
+from make_llava_shapes import COLOURS, QUESTIONS, SHAPES, answer, draw, make_shapes  # noqa: E402
+from make_llava_shapes import make_tower as shapes_tower  # noqa: E402
+
+__all__ = ["COLOURS", "QUESTIONS", "SHAPES", "answer", "draw", "make_shapes", "shapes_tower"]
 
 
 def make_tower(folder: Path, *, image_size: int = 32, patch_size: int = 8, layers: int = 2, seed: int = 0) -> Path:
@@ -46,82 +51,6 @@ def make_tower(folder: Path, *, image_size: int = 32, patch_size: int = 8, layer
         )
     )
     return folder
-
-
-def draw(colour: str, shape: str, size: tuple[int, int] = (40, 32), jitter: random.Random | None = None):
-    """A white image with one filled shape of ``colour`` near its centre."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    img = Image.new("RGB", size, (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    r = min(w, h) // 3
-    dx, dy = (jitter.randint(-2, 2), jitter.randint(-2, 2)) if jitter else (0, 0)
-    cx, cy = w // 2 + dx, h // 2 + dy
-    fill = COLOURS[colour]
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
-
-
-QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?"}
-
-
-def answer(kind: str, colour: str, shape: str) -> str:
-    return colour if kind == "colour" else shape
-
-
-def make_shapes(folder: Path, n: int, seed: int = 0, fmt: str = "llava") -> tuple[Path, list[dict]]:
-    """``n`` images of coloured shapes with one question each, as LLaVA JSON (or openai JSONL)
-    records; returns the data file and the (image, kind, colour, shape) truths."""
-    rng = random.Random(seed)
-    images = folder / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    records, truths = [], []
-    for i in range(n):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        kind = rng.choice(list(QUESTIONS))
-        name = f"img_{seed}_{i}.png"
-        draw(colour, shape, jitter=rng).save(images / name)
-        reply = answer(kind, colour, shape)
-        if fmt == "llava":
-            records.append(
-                {
-                    "id": str(i),
-                    "image": name,
-                    "conversations": [
-                        {"from": "human", "value": "<image>\n" + QUESTIONS[kind]},
-                        {"from": "gpt", "value": reply},
-                    ],
-                }
-            )
-        else:
-            records.append(
-                {
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "image_url", "image_url": {"url": name}},
-                                {"type": "text", "text": QUESTIONS[kind]},
-                            ],
-                        },
-                        {"role": "assistant", "content": reply},
-                    ]
-                }
-            )
-        truths.append({"image": images / name, "kind": kind, "colour": colour, "shape": shape})
-    if fmt == "llava":
-        path = folder / "data.json"
-        path.write_text(json.dumps(records))
-    else:
-        path = folder / "data.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path, truths
 
 
 def llava_config(path: Path, llm: Path, tower: Path, data: Path, work: Path, stage: str, **extra) -> Path:

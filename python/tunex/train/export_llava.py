@@ -85,9 +85,13 @@ def export_llava(cfg: Any, state: dict[str, Any], pth: Path, out: Path, dtype: t
     with atomic_folder(out, overwrite=True) as tmp:
         save_sharded(tensors, tmp, max_shard_size=max_shard_size)
         for name in MODEL_SIDE_FILES:
-            source = (base if name == "generation_config.json" else tokenizer_dir) / name
-            if source.is_file() and name != "config.json":
+            source = tokenizer_dir / name
+            if source.is_file() and name not in ("config.json", "generation_config.json"):
                 shutil.copyfile(source, tmp / name)
+        from tunex.io.generation import write_generation_config
+
+        # eos_token_id with the end-of-turn token the run trained (transformers' generate stops there)
+        write_generation_config(tmp, base, tokenizer_dir, cfg.data.template)
         _add_image_token(tmp, model.image_token_id)
         _write_processor(tmp, tower_dir, model, cfg.vision.image_aspect)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
