@@ -262,9 +262,9 @@ class VisionConfig:
     projector_checkpoint: str = _setting(
         "", _text, "finetune: the pretrain stage's iter_N.pth (or its work dir) whose projector this run starts from"
     )
-    tower_lora: bool = _setting(
-        False, _flag, "finetune: LoRA (method.r / alpha / dropout) on the tower's linear layers"
-    )
+    tower_lora: bool = _setting(False, _flag, "finetune: LoRA (method.dropout) on the tower's linear layers")
+    tower_lora_r: int = _setting(0, _integer(0, 4096), "the tower's LoRA rank; 0 = method.r")
+    tower_lora_alpha: float = _setting(0.0, _number(0), "the tower's LoRA alpha; 0 = method.alpha")
 
 
 @dataclass

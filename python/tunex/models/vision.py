@@ -106,10 +106,10 @@ def vision_config_from_hf(raw: dict, source: str = "config.json") -> VisionConfi
         raise FormatError(f"{source}: a vision config value is not a number: {exc}") from None
     if cfg.hidden_act not in ACTIVATIONS:
         raise FormatError(f"{source}: hidden_act {cfg.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
-    if cfg.hidden_size % cfg.num_heads or cfg.image_size % cfg.patch_size:
+    if cfg.hidden_size % cfg.num_heads or cfg.patch_size > cfg.image_size:
         raise FormatError(
             f"{source}: hidden_size {cfg.hidden_size} must divide by num_attention_heads {cfg.num_heads} "
-            f"and image_size {cfg.image_size} by patch_size {cfg.patch_size}"
+            f"and patch_size {cfg.patch_size} be at most image_size {cfg.image_size}"
         )
     return cfg
 

@@ -155,4 +155,6 @@ def _write_adapters(folder: Path, adapters: dict[str, torch.Tensor], cfg: Any, t
     if tower:
         method = copy.deepcopy(cfg.method)
         method.target_modules = "all-linear"
+        method.r = cfg.vision.tower_lora_r or method.r
+        method.alpha = cfg.vision.tower_lora_alpha or method.alpha
         export_adapter(tower, method, folder / "visual_encoder_adapter", base_model=str(tower_dir), dtype=torch.float32)

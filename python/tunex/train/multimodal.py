@@ -99,7 +99,8 @@ def build_llava(cfg: Any, device: torch.device, build_llm, load_device: torch.de
     tower = load_vision_tower(v.path, dtype=dtype, device=device)
     if v.tower_lora:
         m = cfg.method
-        apply_lora(tower, "all-linear", m.r, m.alpha, m.dropout, m.use_rslora, m.use_dora)
+        r, alpha = v.tower_lora_r or m.r, v.tower_lora_alpha or m.alpha
+        apply_lora(tower, "all-linear", r, alpha, m.dropout, m.use_rslora, m.use_dora)
         for p in tower.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
