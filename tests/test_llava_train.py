@@ -147,3 +147,25 @@ def test_check_custom_dataset_and_log_dataset_show_image_spans(tmp_path, parts):
     assert result.exit_code == 0, result.output
     assert result.output.count("<image: 16 tokens at ") == 4  # text and masked_text of 2 items
     assert "[[" in result.output and ".png" in result.output
+
+
+def test_qlora_finetune_exports_a_dense_llava(tmp_path, parts):
+    pytest.importorskip("tunex.quant")
+    from tunex.models.llava import load_llava
+    from tunex.train.export import convert_checkpoint
+
+    cfg, _ = _cfg(
+        tmp_path,
+        parts,
+        **{"method.kind": "qlora", "method.blocksize": 32, "method.compute_dtype": "float32", "train.max_steps": 2},
+    )
+    result = train(cfg)
+    out = tmp_path / "hf"
+    convert_checkpoint(cfg, result.checkpoint, out, fp32=True)
+    model = load_llava(out)
+    lora = {k: v for k, v in torch.load(result.checkpoint, weights_only=True)["model"].items() if "lora_" in k}
+    assert lora and (out / "llm_adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 2, 3] + [model.image_token_id] * 16 + [4, 5]])
+    with torch.no_grad():
+        logits = model(ids, pixel_values=torch.randn(1, 3, 32, 32))
+    assert logits.shape == (1, 21, model.language_model.lm_head.weight.shape[0]) and torch.isfinite(logits).all()

@@ -65,6 +65,10 @@ class LlavaModel(nn.Module):
         keep_class: bool = False,
     ):
         super().__init__()
+        from tunex.models.config import GEMMA
+
+        if language_model.config.family in GEMMA:  # its decoder scales the embeddings itself
+            raise FormatError(f"a LLaVA model's LLM cannot be {language_model.config.family} in tunex yet")
         self.vision_tower = tower
         self.multi_modal_projector = projector
         self.language_model = language_model

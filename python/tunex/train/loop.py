@@ -137,6 +137,8 @@ def train(
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
     world = env.world_size
+    if is_multimodal(cfg) and world > 1:
+        raise TunexError("[vision] runs train in one process for now; run tunex train without torchrun")
     if seed is not None:
         cfg.train.seed = seed
     device = pick_device(env.local_rank)
