@@ -140,3 +140,40 @@ def test_training_loss_and_lora_gradients_match_peft(tmp_path):
         ref = dict(hf.model.multi_modal_projector.named_parameters())[name]
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in ours.vision_tower.parameters())
+
+
+def test_siglip_tower_with_full_features_matches_transformers(tmp_path):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=SiglipVisionConfig(**TOWER),
+        text_config=LlamaConfig(**TEXT),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",  # SigLIP has no class token: every patch
+    )
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_llava(tmp_path)
+    assert ours.image_tokens == PATCHES
+    ids, pixels = prompt(1)[None], torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(ids, pixel_values=pixels), hf(input_ids=ids, pixel_values=pixels).logits, rtol=1e-4, atol=1e-4
+        )
+    # written back under transformers' names (what convert pth_to_hf writes), transformers reads the same model
+    import json
+
+    from safetensors.torch import save_file
+    from tunex.models.llava import hf_config, hf_state
+
+    out = tmp_path / "again"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in hf_state(ours).items()}, str(out / "model.safetensors"), {"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(ours, hf.config.text_config.to_dict())))
+    again = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixel_values=pixels), rtol=1e-4, atol=1e-4
+        )

@@ -259,8 +259,9 @@ def load_llava(path, *, dtype=torch.float32, device="cpu") -> LlavaModel:
         projector = Projector("mlp2x_gelu", vision_cfg.hidden_size, lm_cfg.hidden_size)
     tower_part, problems = [], []
     for name, tensor in read_checkpoint(folder):
-        if tower_state_name(name) is not None:
-            tower_part.append((name, tensor))
+        if name.startswith(("vision_tower.", "model.vision_tower.")):
+            if tower_state_name(name) is not None:  # None: SigLIP's pooling head, which LLaVA does not use
+                tower_part.append((name, tensor))
             continue
         target = _projector_name(name)
         if target is not None:
@@ -331,6 +332,8 @@ def hf_config(model: LlavaModel, text_config: dict, image_token_id: int | None =
     text["vocab_size"] = int(model.language_model.model.embed_tokens.weight.shape[0])
     tower = model.vision_tower.config
     vision = dict(tower.raw)
+    if tower.kind == "siglip":
+        vision["vision_use_head"] = False  # the export has no pooling head (LLaVA reads patch features)
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
