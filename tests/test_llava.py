@@ -70,10 +70,14 @@ def test_logits_match_transformers(tmp_path):
 
 
 def test_image_count_must_match_placeholders(tmp_path):
-    hf_llava(tmp_path)
+    hf = hf_llava(tmp_path)
     ours = load_llava(tmp_path)
     with pytest.raises(ValueError, match="32 image-token positions; 1 image"):
         ours(prompt(2)[None], pixel_values=torch.randn(1, 3, 32, 32))
+    # without images (a decoding step that produced the image token) it is a token, as in transformers
+    ids = torch.tensor([[5, IMAGE_ID, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_packed_rows_keep_samples_apart(tmp_path):

@@ -243,12 +243,22 @@ class ImageDataset:
     ``item["pixel_values"]`` is (N, 3, H, W) for the N images of the item in reading order.
     """
 
-    def __init__(self, data: ImageData, processing: Any, aspect: str, *, packed: bool, max_length: int, seed: int):
+    def __init__(
+        self,
+        data: ImageData,
+        processing: Any,
+        aspect: str,
+        *,
+        packed: bool,
+        max_length: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
         self.data, self.processing, self.aspect, self.packed = data, processing, aspect, packed
         lengths = np.asarray([len(s.ids) for s in data.samples], dtype=np.int64)
         n = len(lengths)
         if packed:
-            order = np.random.default_rng([seed, 0x5EED]).permutation(n)
+            order = np.random.default_rng([seed, 0x5EED]).permutation(n) if shuffle else None
             self.members, self.starts = pack(lengths, max_length, order)
         else:
             self.members, self.starts = np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64)

@@ -108,8 +108,10 @@ class LlavaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings (B, T, C) with the image features in the image-token positions."""
         table = self.language_model.model.embed_tokens
+        if pixel_values is None:  # decoding (or text): an image id is looked up as a token, as transformers does
+            return table(input_ids)
         is_image = input_ids == self.image_token_id  # (B, T)
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        n_images = int(pixel_values.shape[0])
         found = int(is_image.sum())
         if found != n_images * self.image_tokens:
             raise ValueError(

@@ -53,6 +53,7 @@ def build_image_dataset(cfg: Any, tokenizer: Any):
         packed=cfg.data.pack_to_max_length,
         max_length=cfg.data.max_length,
         seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle_before_pack,
     )
 
 
