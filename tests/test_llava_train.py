@@ -169,3 +169,15 @@ def test_qlora_finetune_exports_a_dense_llava(tmp_path, parts):
     with torch.no_grad():
         logits = model(ids, pixel_values=torch.randn(1, 3, 32, 32))
     assert logits.shape == (1, 21, model.language_model.lm_head.weight.shape[0]) and torch.isfinite(logits).all()
+
+
+def test_check_image_catches_truncated_jpegs(tmp_path):
+    from PIL import Image
+    from tunex.data.multimodal import check_image
+
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "a.jpg", quality=90)
+    raw = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(raw[: len(raw) // 2])
+    assert check_image(tmp_path / "a.jpg") is None
+    assert "truncated" in check_image(tmp_path / "b.jpg")
+    assert check_image(tmp_path / "none.jpg") == "image file not found"
