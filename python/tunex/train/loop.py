@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` micro-batches; each micro-batch's mean token loss is divided by
 ``grad_accum`` before backward. A step is logged to metrics.jsonl, checkpointed every
-``save_steps`` (and at the end), and the eval hook answers its prompts every ``every_n_steps``.
+``save_steps`` (and at the end), and the eval hook answers its prompts every ``every_n_steps``, when
+the held-out loss (tunex.train.evaluate) is measured too.
 A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches, dropout masks
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
@@ -30,7 +31,9 @@ from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharde
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
 from tunex.train import checkpoint
+from tunex.train.best import BestCheckpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
+from tunex.train.evaluate import build_eval_set, evaluate
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
 from tunex.train.multimodal import build_image_dataset, is_multimodal
@@ -161,9 +164,10 @@ def train(
     if env.local_rank != 0:
         barrier(env)
     if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
-        dataset = build_image_dataset(cfg, tokenizer)
+        dataset, held_out = build_image_dataset(cfg, tokenizer), None
     else:
         dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+        dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
     if env.local_rank == 0:
         barrier(env)
     per_epoch = _batches_per_epoch(dataset, cfg)
@@ -211,7 +215,11 @@ def train(
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
         write_text(work / "config.toml", cfg.to_toml())
-    metrics = MetricsWriter(work, resume_step=step, enabled=is_main)
+    from tunex.track import open_trackers
+
+    trackers = open_trackers(cfg, work, resumed=state is not None, enabled=is_main)
+    metrics = MetricsWriter(work, resume_step=step, enabled=is_main, trackers=trackers)
+    best = BestCheckpoint(work, cfg.save.best_metric, enabled=is_main)
     progress = TrainProgress(total, step, enabled=is_main)
     if metrics.notice:
         progress.echo(metrics.notice)
@@ -273,7 +281,15 @@ def train(
             }
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
-            if step % cfg.save.save_steps == 0 or step == last:
+            scores = None  # the held-out figures, before the checkpoint: a new best is saved now
+            if held_out is not None and _eval_due(cfg, step, last):
+                size = cfg.eval.batch_size or cfg.train.batch_size
+                scores = evaluate(model, held_out, size, device, cfg.train.dtype, env, sharded).record(step)
+                after_eval(step_module)
+                metrics.write(scores)
+                progress.echo(_eval_line(scores))
+            new_best = scores is not None and best.improves(scores)
+            if step % cfg.save.save_steps == 0 or step == last or new_best:
                 meta = {
                     "scheduler": scheduler.state_dict(),
                     "data": {"sequences": consumed, "micro_batches": consumed // cfg.train.batch_size},
@@ -299,9 +315,11 @@ def train(
                             },
                             cfg.save.save_total_limit,
                         )
+                if new_best:
+                    best.keep(saved, step, scores[cfg.save.best_metric])
             # FSDP2 ranks generate together (each forward gathers shards); DDP's rank 0 alone
             if (hook.due(step, total) or (step == last and cfg.eval.prompts)) and (is_main or sharded):
-                hook(step)
+                trackers.log_answers(step, hook(step))
                 after_eval(step_module)
     finally:
         progress.close()
@@ -315,6 +333,18 @@ def train(
     # last evaluation aborted at exit now and then ("terminate called without an active exception")
     barrier(env)
     return TrainResult(steps=step, last_loss=loss_value, checkpoint=saved, work_dir=work, is_main=is_main)
+
+
+def _eval_due(cfg: Any, step: int, last: int) -> bool:
+    every = cfg.eval.every_n_steps
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _eval_line(scores: dict[str, Any]) -> str:
+    return (
+        f"[eval step {scores['step']}] eval_loss {scores['eval_loss']:.4f}  "
+        f"eval_perplexity {scores['eval_perplexity']:.3f}  ({scores['eval_tokens']:,} target tokens)"
+    )
 
 
 def _sequences(data: dict[str, Any], batch_size: int) -> int:

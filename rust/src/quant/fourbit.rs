@@ -244,9 +244,10 @@ pub fn dequantize_4bit(
             out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
-                    let table = |s: f32| code.map(|c| f32_to_bf16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
-                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                    return unsafe {
+                        super::expand_x86::expand_u16_blocks(&code, blocksize, packed, absmax, out, f32_to_bf16)
+                    };
                 }
                 expand_bf16(&code, blocksize, packed, absmax, out)
             });
@@ -256,9 +257,10 @@ pub fn dequantize_4bit(
             out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
-                    let table = |s: f32| code.map(|c| f32_to_f16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
-                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                    return unsafe {
+                        super::expand_x86::expand_u16_blocks(&code, blocksize, packed, absmax, out, f32_to_f16)
+                    };
                 }
                 expand_f16(&code, blocksize, packed, absmax, out)
             });
