@@ -90,6 +90,8 @@ def test_vision_config_checks(tmp_path, parts):
         _cfg(tmp_path, parts, stage="pretrain", **{"vision.tower_lora": True})
     with pytest.raises(ConfigError, match="vision.projector: expected one of"):
         _cfg(tmp_path, parts, **{"vision.projector": "mlp3x"})
+    with pytest.raises(ConfigError, match=r"held-out evaluation of \[vision\] runs is not supported yet"):
+        _cfg(tmp_path, parts, **{"eval.split": 0.1})
 
 
 def test_pretrain_then_finetune(tmp_path, parts):
