@@ -25,14 +25,17 @@ from tunex.dist.env import DistEnv
 
 
 class LossModule(nn.Module):
-    """``forward(input_ids, labels, position_ids) -> mean token loss`` of a tunex causal LM."""
+    """``forward(input_ids, labels, position_ids, denom=None) -> token loss`` of a tunex causal LM:
+    the summed token loss over ``denom`` (None: over the batch's own target tokens, its mean).
+    A LLaVA model takes the batch's images too (``pixel_values``)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None, denom: float | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
         from tunex.train.loss import linear_cross_entropy, shifted, softcapped_cross_entropy
 
@@ -41,8 +44,8 @@ class LossModule(nn.Module):
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)
         if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
-            return softcapped_cross_entropy(h, weight, y, bias, cap)
-        return linear_cross_entropy(h, weight, y, bias)
+            return softcapped_cross_entropy(h, weight, y, bias, cap, denom)
+        return linear_cross_entropy(h, weight, y, bias, denom=denom)
 
 
 def _fsdp():

@@ -1,9 +1,12 @@
 """The training loop behind ``tunex train``: full, LoRA and QLoRA from one config.
 
-One optimizer step = ``grad_accum`` micro-batches; each micro-batch's mean token loss is divided by
-``grad_accum`` before backward. A step is logged to metrics.jsonl, checkpointed every
-``save_steps`` (and at the end), and the eval hook answers its prompts every ``every_n_steps``, when
-the held-out loss (tunex.train.evaluate) is measured too.
+One optimizer step = ``grad_accum`` micro-batches on each rank. The step's loss is the mean token
+loss over the whole global batch: each micro-batch's summed token loss is divided by the number of
+target tokens of all ranks' micro-batches of the step (counted before the first forward), so any
+split of a global batch gives the same loss and gradients, however unequally its micro-batches are
+filled (docs/TRAINING.md). A step is logged to metrics.jsonl, checkpointed every ``save_steps`` (and
+at the end), and the eval hook answers its prompts every ``every_n_steps``, when the held-out loss
+(tunex.train.evaluate) is measured too.
 A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches, dropout masks
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
@@ -25,7 +28,7 @@ import torch
 
 from tunex.dist import ckpt as dist_ckpt
 from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
-from tunex.dist.metrics import reduce_step
+from tunex.dist.metrics import reduce_step, step_targets
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
@@ -97,10 +100,20 @@ def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
 
 
 def _micro_step(
-    step_module, batch, device, cfg, accum: int, last: bool = True, scaler: torch.amp.GradScaler | None = None
+    step_module,
+    batch,
+    device,
+    cfg,
+    grad_scale: float,
+    last: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
+    denom: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch through the loss module (DDP/FSDP-wrapped or not);
-    gradients are reduced across ranks only on the step's ``last`` micro-batch."""
+    gradients are reduced across ranks only on the step's ``last`` micro-batch.
+
+    The loss is the micro-batch's summed token loss over ``denom`` (None: its own target tokens);
+    backward runs on it times ``grad_scale``. Returns (the loss, the micro-batch's tokens)."""
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     positions = batch.get("position_ids")
@@ -108,8 +121,9 @@ def _micro_step(
     images = {"pixel_values": batch["pixel_values"].to(device)} if "pixel_values" in batch else {}  # LLaVA
     with gradient_sync(step_module, last):
         with autocast(cfg.train.dtype, device):
-            loss = step_module(input_ids, labels, positions, **images)
-        (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
+            loss = step_module(input_ids, labels, positions, denom, **images)
+        scaled = loss * grad_scale if grad_scale != 1 else loss
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
     return loss.detach(), int(input_ids.numel())
 
 
@@ -245,12 +259,17 @@ def train(
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             tokens = 0
-            for micro in range(accum):
-                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
+            micro_batches = [next(batches) for _ in range(accum)]
+            # token-weighted: every token of the global batch weighs the same, whatever the split
+            denom = step_targets(env, [b["labels"] for b in micro_batches], device)
+            for micro, batch in enumerate(micro_batches):
+                last_micro = micro == accum - 1
+                # DDP and FSDP2 average gradients over ranks: times world undoes that
+                loss, n = _micro_step(step_module, batch, device, cfg, world, last_micro, scaler, denom)
                 loss_sum += loss
                 tokens += n
-            # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
-            loss_value, tokens = reduce_step(env, loss_sum, accum, tokens)
+            # the job's mean token loss and tokens (every rank gets them, so all stop together on NaN)
+            loss_value, tokens = reduce_step(env, loss_sum, tokens)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
                 raise TrainingDiverged(

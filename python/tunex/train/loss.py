@@ -223,11 +223,11 @@ def linear_cross_entropy(
             f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
             f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target"
         )
-    if h.is_cuda and bias is None and denom is None:
+    if h.is_cuda and bias is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
         from tunex.kernels import chunked_cross_entropy
 
-        return chunked_cross_entropy(h, weight, y)
+        return chunked_cross_entropy(h, weight, y, denom=denom)
     if denom is None:
         denom = float(max(int((y != IGNORE_INDEX).sum()), 1))
     # Under no_grad (evaluation) the gradients are not computed at all.
@@ -236,15 +236,27 @@ def linear_cross_entropy(
 
 
 def softcapped_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, cap: float
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    cap: float,
+    denom: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the soft-capped logits ``cap * tanh((hidden @ weight.T + bias) / cap)``
-    (Gemma 2) over the labels that are not -100, in fp32; the logits are made whole, not chunked."""
+    (Gemma 2) over the labels that are not -100, in fp32; the logits are made whole, not chunked.
+    ``denom``: what the summed loss is divided by instead of the count of those labels."""
     logits = F.linear(hidden, weight, bias).float()
     logits = torch.tanh(logits / cap) * cap
     y = labels.reshape(-1).to(logits.device)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / max(int((y != IGNORE_INDEX).sum()), 1)
+    return total / (denom if denom is not None else max(int((y != IGNORE_INDEX).sum()), 1))
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch's loss counts: labels (given at input positions, (B, T)) after the causal
+    shift that are not -100, as ``shifted`` aligns them."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
