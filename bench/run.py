@@ -42,7 +42,9 @@ def machine() -> str:
         pass
     policy = ""
     if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_FIFO:
-        policy = ", real-time FIFO scheduling (`chrt -f`: other jobs on the machine get the kernel's 5% real-time remainder)"
+        policy = (
+            ", real-time FIFO scheduling (`chrt -f`: other jobs on the machine get the kernel's 5% real-time remainder)"
+        )
     return f"{os.cpu_count()} cores, {cpu}{policy}"
 
 

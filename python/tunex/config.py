@@ -160,6 +160,11 @@ class ModelConfig:
     path: str = _setting(REQUIRED, _nonempty_text, "HF model folder, GGUF file, or a downloaded hub snapshot")
     dtype: str = _setting("auto", _one_of(*DTYPES), "weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     tokenizer: str = _setting("", _text, "tokenizer folder; empty = the model's own")
+    backend: str = _setting(
+        "auto",
+        _one_of("auto", "tunex", "transformers"),
+        "auto = tunex's decoder for its families, transformers (pip install 'tunex[hf]') for other architectures",
+    )
 
 
 @dataclass
@@ -237,6 +242,11 @@ class TrainConfig:
         False,
         _flag,
         "with gradient checkpointing, keep each layer's checkpointed input in (pinned) CPU memory until backward",
+    )
+    router_aux_loss_coef: float = _setting(
+        0.0,
+        _number(0),
+        "MoE models: weight of the routers' load-balancing loss added to the loss; 0 = off",
     )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 

@@ -80,8 +80,9 @@ def chat(
     """Chat with MODEL (HF folder, .gguf file, pkg://PACKAGE/FILE or a downloaded hub id)."""
     import torch
 
-    from tunex.models import GenerationConfig, generate_text, load_model, read_config, resolve_model_path
+    from tunex.models import GenerationConfig, generate_text, load_model, resolve_model_path
     from tunex.models.config import check_tokenizer_fits
+    from tunex.models.hf_backend import model_config
     from tunex.templates import get_template
     from tunex.tokenizer import load_tokenizer
 
@@ -104,7 +105,7 @@ def chat(
         raise click.UsageError(f"--image: {folder} is not a LLaVA folder (config.json model_type 'llava')")
     tokenizer = load_tokenizer(folder)
     if not llava:
-        check_tokenizer_fits(tokenizer, read_config(folder), folder)
+        check_tokenizer_fits(tokenizer, model_config(folder), folder)
     template = get_template(prompt_template, tokenizer, system=system)
     if llava:  # tower + projector + LLM (convert pth_to_hf of a [vision] run)
         from tunex.models.llava import load_llava

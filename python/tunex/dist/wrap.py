@@ -43,9 +43,17 @@ class LossModule(nn.Module):
         weight, bias = output_head(self.lm)
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)
-        if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
-            return softcapped_cross_entropy(h, weight, y, bias, cap, denom)
-        return linear_cross_entropy(h, weight, y, bias, denom=denom)
+        if cap:  # soft-capped logits (Gemma 2): chunk by chunk, then torch's cross-entropy
+            loss = softcapped_cross_entropy(h, weight, y, bias, cap, denom=denom)
+        else:
+            loss = linear_cross_entropy(h, weight, y, bias, denom=denom)
+        aux = getattr(self.lm, "router_aux_loss", None)  # MoE models: the routers' load-balancing loss
+        extra = aux() if callable(aux) else None
+        if extra is None:
+            return loss
+        if denom is not None:  # this micro-batch's share of the global batch's tokens: a token-weighted mean
+            extra = extra * (int((y != -100).sum()) / denom)
+        return loss + extra
 
 
 def _fsdp():

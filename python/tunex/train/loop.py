@@ -241,6 +241,9 @@ def train(
     hook = EvalChatHook(model, tokenizer, template, cfg.eval, work if is_main else None, progress.echo)
     if is_main:
         trainable = sum(p.numel() for p in params)
+        model_cfg = getattr(model, "config", None)  # which backend runs the model (model.backend)
+        if model_cfg is not None:
+            progress.echo(f"model: {model_cfg.family} on the {getattr(model_cfg, 'backend', 'tunex')} backend")
         progress.echo(
             f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
             f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
