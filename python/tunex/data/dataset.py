@@ -141,6 +141,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
             out[key][row, :n] = item[key]
         if n < width:
             out["position_ids"][row, n:] = torch.arange(width - n)
+    if "reference" in batch[0]:  # preference pairs' cached reference log-probs (tunex.train.reference)
+        out["reference"] = torch.stack([item["reference"] for item in batch])
     return out
 
 

@@ -29,7 +29,7 @@ from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
-from tunex.train import checkpoint
+from tunex.train import checkpoint, preference, reference
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
@@ -170,7 +170,13 @@ def train(
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
-    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
+    objective = preference.Objective.of(cfg)  # None for sft
+    make_loss = None if objective is None else (lambda lm: preference.PreferenceLoss(lm, objective))
+    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss)
+    pref_steps = None if objective is None else preference.PreferenceSteps(objective)
+    if objective is not None and objective.reference and cfg.method.kind == "full":
+        # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
+        dataset = reference.with_reference(dataset, model, cfg, device, env)
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
@@ -230,8 +236,9 @@ def train(
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             tokens = 0
+            micro_step = _micro_step if pref_steps is None else pref_steps.micro_step
             for micro in range(accum):
-                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
+                loss, n = micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
                 loss_sum += loss
                 tokens += n
             # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
@@ -264,6 +271,8 @@ def train(
                 "tokens_per_s": tokens / elapsed,
                 "time_s": elapsed,
             }
+            if pref_steps is not None:  # TRL's names: rewards/chosen, rewards/accuracies, logps/chosen, ...
+                record.update(pref_steps.step_metrics(env))
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
             if step % cfg.save.save_steps == 0 or step == last:
