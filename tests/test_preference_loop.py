@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_train_helpers import QA, make_tiny_model, write_config
 from tunex.config import load_config
 from tunex.train import reference
@@ -116,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_steps(setup, tmp_path):
     same_curves(curve(plain.save.work_dir), curve(ckpt.save.work_dir))
 
 
-@pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_two_gloo_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
     import os
 
