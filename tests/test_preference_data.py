@@ -237,7 +237,7 @@ def test_wrong_preference_combinations_are_config_errors(tmp_path):
     assert any(
         p.startswith("train.objective: 'orpo' trains on (chosen, rejected) pairs, but data.format") for p in problems
     )
-    assert any(p.startswith("preference.reference: orpo is reference-free") for p in problems)
+    assert any(p.startswith("preference.reference: orpo has no reference model") for p in problems)
     problems = config_problems(tmp_path, "", ['data.format="preference"'])
     assert any(
         p.startswith("data.format: 'preference' holds preference pairs, but train.objective is 'sft'") for p in problems

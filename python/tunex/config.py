@@ -145,7 +145,7 @@ DATA_FORMATS = (
     "chatterbot_pairs",
 )
 PREFERENCE_FORMATS = ("preference", "chatterbot_pairs")  # records of (prompt, chosen, rejected)
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
 
 
@@ -234,7 +234,8 @@ class TrainConfig:
         "sft",
         _one_of(*OBJECTIVES),
         "sft: next-token loss on the targets; dpo, ipo, orpo, simpo: preference objectives on "
-        "(chosen, rejected) pairs, set in [preference] (docs/PREFERENCE.md)",
+        "(chosen, rejected) pairs, set in [preference]; reward: a reward model (a scalar head on the "
+        "last token, Bradley-Terry loss) on the same pairs (docs/PREFERENCE.md)",
     )
 
 
@@ -425,12 +426,12 @@ def _check_preference(cfg: Config, problems: list[str]) -> None:
             "data.pack_to_max_length: expected false when data.format is a preference format "
             "(each pair is one row: chosen, then rejected); set data.pack_to_max_length = false"
         )
-    if objective in ("orpo", "simpo") and pref.reference == "model":
+    if objective in ("orpo", "simpo", "reward") and pref.reference == "model":
         problems.append(
-            f"preference.reference: {objective} is reference-free, got 'model'; set preference.reference "
+            f"preference.reference: {objective} has no reference model, got 'model'; set preference.reference "
             "to 'none' or 'auto' (or train.objective to 'dpo' or 'ipo')"
         )
-    if objective in ("ipo", "orpo") and pref.label_smoothing > 0:
+    if objective in ("ipo", "orpo", "reward") and pref.label_smoothing > 0:
         problems.append(
             f"preference.label_smoothing: {objective} has no label smoothing, got {pref.label_smoothing}; "
             "set it to 0 (it applies to dpo and simpo)"

@@ -171,7 +171,10 @@ def train(
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
     objective = preference.Objective.of(cfg)  # None for sft
-    make_loss = None if objective is None else (lambda lm: preference.PreferenceLoss(lm, objective))
+    if objective is not None and objective.name == "reward":  # a new trainable head, before wrapping
+        adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
+        preference.add_reward_head(model, None if cfg.method.kind == "full" else adapter)
+    make_loss = None if objective is None else (lambda lm: preference.loss_module(lm, objective))
     step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss)
     pref_steps = None if objective is None else preference.PreferenceSteps(objective)
     if objective is not None and objective.reference and cfg.method.kind == "full":

@@ -1,4 +1,5 @@
-"""Preference objectives (DPO, IPO, ORPO, SimPO) as functions of the policy's response log-probs.
+"""Preference objectives (DPO, IPO, ORPO, SimPO) as functions of the policy's response log-probs,
+and reward models (a scalar head on each side's last token, Bradley-Terry loss).
 
 A micro-batch row holds one pair: the chosen sample, then the rejected one, as two documents
 (``position_ids`` restart, so neither attends to the other) and padding after them. One forward
@@ -143,7 +144,7 @@ def pair_logps(tok: torch.Tensor, labels: torch.Tensor, docs: torch.Tensor) -> t
 
 @dataclass(frozen=True)
 class Objective:
-    name: str  # dpo | ipo | orpo | simpo
+    name: str  # dpo | ipo | orpo | simpo | reward
     beta: float
     label_smoothing: float
     gamma: float
@@ -324,4 +325,66 @@ class PreferenceSteps:
 
             dist.all_reduce(sums)
         pairs = max(float(sums[-1]), 1.0)
-        return {name: float(sums[i]) / pairs for i, name in enumerate(METRICS)}
+        names = METRICS[:4] if self.objective.name == "reward" else METRICS  # a reward model has no log-probs
+        return {name: float(sums[i]) / pairs for i, name in enumerate(names)}
+
+
+# ---- reward models ------------------------------------------------------------------------------------
+
+
+def add_reward_head(model: nn.Module, adapter_dtype: torch.dtype | None = None) -> nn.Module:
+    """Give ``model`` a trainable scalar head ``score`` (hidden -> 1, no bias), as transformers'
+    ``*ForSequenceClassification`` with ``num_labels = 1``. Initialised N(0, 0.02) from the
+    current RNG (seeded by the run); ``adapter_dtype``: its dtype next to frozen weights."""
+    hidden = model.config.hidden_size
+    like = model.model.embed_tokens.weight  # the weights' device and dtype
+    dtype = adapter_dtype or like.dtype
+    head = nn.Linear(hidden, 1, bias=False, device=like.device, dtype=dtype)
+    nn.init.normal_(head.weight, std=0.02)
+    head.weight.requires_grad_(True)
+    model.score = head
+    return model
+
+
+class RewardLoss(nn.Module):
+    """``forward(input_ids, labels, position_ids, reference=None) -> (loss, stats)``: the reward of
+    each side is ``score`` applied to its last token's final hidden state; the loss is
+    Bradley-Terry's ``-log sigmoid(r_chosen - r_rejected)``, the mean over the pairs."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def rewards(self, input_ids, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        from tunex.train.build import forward_hidden
+
+        hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T, H)
+        docs = documents(position_ids)
+        index = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+        last = [torch.where(docs == d, index, -1).amax(1) for d in (1, 2)]  # (B,) each
+        rows = torch.arange(len(hidden), device=hidden.device)
+        head = self.lm.score
+        return tuple(head(hidden[rows, at].to(head.weight.dtype)).squeeze(-1).float() for at in last)
+
+    def forward(self, input_ids, labels, position_ids, reference=None):
+        chosen, rejected = self.rewards(input_ids, position_ids)
+        loss = -F.logsigmoid(chosen - rejected).mean()
+        c, r = chosen.detach(), rejected.detach()
+        zero = torch.zeros((), device=c.device)
+        stats = torch.stack(
+            [
+                c.sum(),
+                r.sum(),
+                (c > r).float().sum(),
+                (c - r).sum(),
+                zero,
+                zero,
+                torch.tensor(float(len(c)), device=c.device),
+            ]
+        )
+        return loss, stats
+
+
+def loss_module(lm: nn.Module, objective: Objective) -> nn.Module:
+    """The module the loop trains through for ``objective``."""
+    return RewardLoss(lm) if objective.name == "reward" else PreferenceLoss(lm, objective)

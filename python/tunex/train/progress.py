@@ -60,7 +60,7 @@ def _preference_part(record: dict[str, Any]) -> str:
     """The preference objectives' metrics (TRL's names) for the log line, when the step has them."""
     if "rewards/accuracies" not in record:
         return ""
-    return (
-        f"  rewards/accuracies {record['rewards/accuracies']:.3f}  rewards/margins {record['rewards/margins']:.4f}"
-        f"  logps/chosen {record['logps/chosen']:.2f}  logps/rejected {record['logps/rejected']:.2f}"
-    )
+    text = f"  rewards/accuracies {record['rewards/accuracies']:.3f}  rewards/margins {record['rewards/margins']:.4f}"
+    if "logps/chosen" in record:
+        text += f"  logps/chosen {record['logps/chosen']:.2f}  logps/rejected {record['logps/rejected']:.2f}"
+    return text
