@@ -118,14 +118,16 @@ def test_gradient_checkpointing_gives_the_same_steps(setup, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "full"])  # DDP, reference with adapters off; FSDP2, the cached pass
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(setup, tmp_path, kind):
     import os
 
-    lone = config(setup, tmp_path / "a", "lora", "dpo", "method.dropout=0.0", "train.batch_size=1", max_steps=3)
+    extra = ["train.batch_size=1"] + (["method.dropout=0.0"] if kind == "lora" else [])
+    lone = config(setup, tmp_path / "a", kind, "dpo", *extra, max_steps=3)
     lone.train.grad_accum = 4
     train(lone)
     cfg_path = tmp_path / "two.toml"
-    two = config(setup, tmp_path / "b", "lora", "dpo", "method.dropout=0.0", "train.batch_size=1", max_steps=3)
+    two = config(setup, tmp_path / "b", kind, "dpo", *extra, max_steps=3)  # its own cache: computed by both ranks
     cfg_path.write_text(two.to_toml())
     env = dict(os.environ, OMP_NUM_THREADS="1", TUNEX_DIST_TIMEOUT="60", PYTHONUNBUFFERED="1")
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -135,3 +137,5 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(setup, tmp_path
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     same_curves(curve(lone.save.work_dir), curve(two.save.work_dir))
+    if kind == "full":
+        assert len(list((tmp_path / "b" / "cache").glob("*/reference-*.f32"))) == 1

@@ -180,6 +180,7 @@ def train(
     if objective is not None and objective.reference and cfg.method.kind == "full":
         # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
         dataset = reference.with_reference(dataset, model, cfg, device, env)
+        after_eval(step_module)  # FSDP2: reshard what the pass without backward left gathered
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
