@@ -129,6 +129,7 @@ def build_trl(folder: str, data: str):
         model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train() sets before its steps
     batch = next(iter(trainer.get_train_dataloader()))
     tokens = int(batch["attention_mask"].sum())
 
