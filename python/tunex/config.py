@@ -1,8 +1,9 @@
 """The TOML config schema of ``tunex train`` and its validator.
 
-A config has eight sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
-``[save]``, ``[log]`` and ``[vision]`` (multimodal runs only). Each section is a dataclass below; a
-field's metadata carries its check and its doc line, so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
+A config has nine sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
+``[save]``, ``[log]``, ``[vision]`` (multimodal runs only) and ``[preference]`` (read only by the
+preference objectives). Each section is a dataclass below; a field's metadata carries its check and
+its doc line, so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
 recipes (r=64, alpha=16, dropout 0.1, lr 2e-4, cosine with 3% warmup, batch 1 x accumulation 16,
 max_length 2048, packing on).
 
@@ -146,7 +147,19 @@ def _betas(v: Any) -> list[float]:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot", "llava")
+DATA_FORMATS = (
+    "alpaca",
+    "openai",
+    "sharegpt",
+    "pretrain",
+    "conversation",
+    "chatterbot",
+    "llava",
+    "preference",
+    "chatterbot_pairs",
+)
+PREFERENCE_FORMATS = ("preference", "chatterbot_pairs")  # records of (prompt, chosen, rejected)
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 BEST_METRICS = ("", "eval_loss", "eval_perplexity")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
@@ -249,6 +262,51 @@ class TrainConfig:
         "MoE models: weight of the routers' load-balancing loss added to the loss; 0 = off",
     )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
+    objective: str = _setting(
+        "sft",
+        _one_of(*OBJECTIVES),
+        "sft: next-token loss on the targets; dpo, ipo, orpo, simpo: preference objectives on "
+        "(chosen, rejected) pairs, set in [preference]; reward: a reward model (a scalar head on the "
+        "last token, Bradley-Terry loss) on the same pairs (docs/PREFERENCE.md)",
+    )
+
+
+def _auto_or_flag(v: Any) -> str | bool:
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise _Bad("'auto', true or false")
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = _setting(
+        0.1, _number(0, lo_open=True), "temperature of the preference loss (IPO: the regulariser tau; ORPO: lambda)"
+    )
+    label_smoothing: float = _setting(
+        0.0, _number(0, 0.5, hi_open=True), "dpo, simpo: probability that a pair's label is flipped (conservative DPO)"
+    )
+    gamma: float = _setting(0.5, _number(0), "simpo: target reward margin gamma (the loss uses gamma / beta)")
+    reference: str = _setting(
+        "auto",
+        _one_of("auto", "model", "none"),
+        "model: log-ratios against the frozen starting model (LoRA/QLoRA: adapters off; full: computed "
+        "once and cached beside the token cache); none: reference-free; auto = model for dpo and ipo, "
+        "none for orpo and simpo",
+    )
+    length_normalize: str | bool = _setting(
+        "auto",
+        _auto_or_flag,
+        "use the mean instead of the sum of a response's token log-probs; auto = true for ipo, orpo and "
+        "simpo, false for dpo",
+    )
+
+    def uses_reference(self, objective: str) -> bool:
+        return self.reference == "model" or (self.reference == "auto" and objective in ("dpo", "ipo"))
+
+    def normalizes(self, objective: str) -> bool:
+        if self.length_normalize == "auto":
+            return objective in ("ipo", "orpo", "simpo")
+        return bool(self.length_normalize)
 
 
 @dataclass
@@ -337,6 +395,7 @@ class Config:
     save: SaveConfig = field(default_factory=SaveConfig)
     log: LogConfig = field(default_factory=LogConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -365,6 +424,7 @@ SECTIONS: dict[str, type] = {
     "save": SaveConfig,
     "log": LogConfig,
     "vision": VisionConfig,
+    "preference": PreferenceConfig,
 }
 
 
@@ -479,6 +539,40 @@ def _check_eval(cfg: Config, problems: list[str]) -> None:
         problems.append(f"log.backends: {backend!r} needs the {backend} package; install it with {install}")
 
 
+def _check_preference(cfg: Config, problems: list[str]) -> None:
+    objective, fmt, pref = cfg.train.objective, cfg.data.format, cfg.preference
+    if objective != "sft" and fmt not in PREFERENCE_FORMATS:
+        problems.append(
+            f"train.objective: {objective!r} trains on (chosen, rejected) pairs, but data.format is {fmt!r}; "
+            f"set data.format to one of {', '.join(repr(f) for f in PREFERENCE_FORMATS)}"
+        )
+    if objective == "sft" and fmt in PREFERENCE_FORMATS:
+        problems.append(
+            f"data.format: {fmt!r} holds preference pairs, but train.objective is 'sft'; set train.objective "
+            f"to one of {', '.join(repr(o) for o in OBJECTIVES[1:])}"
+        )
+    if fmt in PREFERENCE_FORMATS and cfg.data.pack_to_max_length:
+        problems.append(
+            "data.pack_to_max_length: expected false when data.format is a preference format "
+            "(each pair is one row: chosen, then rejected); set data.pack_to_max_length = false"
+        )
+    if objective in ("orpo", "simpo", "reward") and pref.reference == "model":
+        problems.append(
+            f"preference.reference: {objective} has no reference model, got 'model'; set preference.reference "
+            "to 'none' or 'auto' (or train.objective to 'dpo' or 'ipo')"
+        )
+    if objective in ("ipo", "orpo", "reward") and pref.label_smoothing > 0:
+        problems.append(
+            f"preference.label_smoothing: {objective} has no label smoothing, got {pref.label_smoothing}; "
+            "set it to 0 (it applies to dpo and simpo)"
+        )
+    if objective != "sft" and (cfg.eval.data or cfg.eval.split):
+        problems.append(
+            f"eval.data / eval.split: the held-out loss is the next-token loss of sft runs, but train.objective "
+            f"is {objective!r}; leave eval.data and eval.split unset for preference objectives"
+        )
+
+
 def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -497,6 +591,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
     cfg = Config(**sections, source=source)
     _check_across(cfg, problems)
     _check_eval(cfg, problems)
+    _check_preference(cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -75,6 +75,7 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
     conversation, the rendered template ([[ ]] marks what is trained on), token ids with labels,
     and the first packed sequence. A malformed record stops the check with its file and line.
     """
+    from tunex.config import PREFERENCE_FORMATS
     from tunex.data.preview import first_stages, marked_text, sample_text, totals_table
 
     cfg, tokenizer = _load(config, overrides)
@@ -91,23 +92,33 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
     if stages is not None:
         _section(f"1. raw record ({stages.where})", json.dumps(stages.raw, ensure_ascii=False, indent=1))
         _section(f"2. after format mapping ({data.format})", sample_text(stages.sample))
-        if stages.rendered is not None:
+        if stages.rejected is not None:
+            for side in (stages, stages.rejected):
+                name = "chosen" if side is stages else "rejected"
+                _section(f"3. {name} after the template ([[target]])", marked_text(side.rendered, side.spans))
+        elif stages.rendered is not None:
             _section("3. after the template ([[target]])", marked_text(stages.rendered, stages.spans))
         else:
             _section(
                 "3. no template (pretraining: every token is a target, EOS ends each document)",
                 tokenizer.decode(stages.ids.tolist()),
             )
-        labels = [int(i) if m else -100 for i, m in zip(stages.ids.tolist(), stages.mask.tolist())]
-        _section(
-            f"4. token ids ({len(labels)} tokens, {sum(stages.mask.tolist())} targets)",
-            f"input_ids: {stages.ids.tolist()}\nlabels:    {labels}",
-        )
+        for side in (stages, stages.rejected):
+            if side is None:
+                continue
+            name = "" if stages.rejected is None else ("chosen " if side is stages else "rejected ")
+            labels = [int(i) if m else -100 for i, m in zip(side.ids.tolist(), side.mask.tolist())]
+            _section(
+                f"4. {name}token ids ({len(labels)} tokens, {sum(side.mask.tolist())} targets)",
+                f"input_ids: {side.ids.tolist()}\nlabels:    {labels}",
+            )
     first = ds.arrays(0)
     ids, pos = first[0], first[2]
     bounds = [int(i) for i in (pos == 0).nonzero()[0]] + [len(ids)]
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     kind = "packed sequence" if ds.packed else "sequence (packing off)"
+    if data.format in PREFERENCE_FORMATS:
+        kind = "pair (chosen, then rejected, as two documents of one row)"
     _section(f"5. first {kind}: {len(ids)} tokens, samples of {lengths} tokens", f"position_ids: {pos.tolist()}")
     rows = totals_table(ds.stats, data.max_length)
     width = max(len(k) for k, _ in rows)

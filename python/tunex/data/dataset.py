@@ -1,6 +1,7 @@
 """The training-side view of a tokenized store: items, batches, collation.
 
-An item is one packed sequence (or one sample when packing is off) as 1-D LongTensors
+An item is one packed sequence (or one sample when packing is off; for preference data, one pair:
+its chosen sample, then its rejected one, as two documents of one row) as 1-D LongTensors
 ``input_ids``, ``labels`` (-100 where not a target) and ``position_ids`` (restarting at 0 for each
 sample inside a packed sequence). Batches are deterministic functions of (seed, epoch), so resuming
 at batch N computes the same order and starts there: nothing is re-read or re-tokenized.
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tunex.data.pack import batch_order, pack, position_ids
-from tunex.data.store import Recipe, Store, build
+from tunex.data.store import PREFERENCE_FORMATS, Recipe, Store, build
 
 IGNORE_INDEX = -100
 
@@ -101,7 +102,11 @@ def build_dataset(
     n = len(store.lengths)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
-    if data_cfg.pack_to_max_length:
+    if data_cfg.format in PREFERENCE_FORMATS:  # item k: pair k's chosen (sample 2k), then rejected (2k+1)
+        ds = TokenDataset(
+            store, np.arange(n, dtype=np.int64), np.arange(0, n + 1, 2, dtype=np.int64), packed=False, pad_id=pad_id
+        )
+    elif data_cfg.pack_to_max_length:
         order = np.random.default_rng([seed, 0x5EED]).permutation(n) if data_cfg.shuffle_before_pack else None
         members, starts = pack(store.lengths, data_cfg.max_length, order)
         ds = TokenDataset(store, members, starts, packed=True, pad_id=pad_id)
@@ -138,6 +143,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
             out["position_ids"][row, n:] = torch.arange(width - n)
     if "pixel_values" in batch[0]:  # LLaVA items: every row's images, row by row
         out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
+    if "reference" in batch[0]:  # preference pairs' cached reference log-probs (tunex.train.reference)
+        out["reference"] = torch.stack([item["reference"] for item in batch])
     return out
 
 

@@ -43,6 +43,7 @@ class Encoded:
     lengths: np.ndarray  # int64 (S,)
     dropped: int = 0  # samples that ended up with no target
     truncated: int = 0  # samples cut at max_length
+    identical: int = 0  # preference pairs whose chosen and rejected render the same
 
 
 @dataclass

@@ -14,6 +14,8 @@ Formats (config ``data.format``):
     conversation  XTuner's {"conversation": [{"system"?, "input", "output"}]}
     pretrain      {"text": ...} (or a line of a .txt file)
     chatterbot    chatterbot-corpus: [q, a, (more turns...)] alternating user/assistant
+    preference    {"prompt"?, "chosen", "rejected"} (TRL's forms, XTuner's DPO records): tunex.data.preference
+    chatterbot_pairs  chatterbot-corpus made into preference pairs (tunex.data.preference)
 """
 
 from __future__ import annotations
@@ -197,6 +199,20 @@ def pretrain(record: Any) -> str:
     return _field(record, "text")
 
 
+def preference(record: Any) -> Any:
+    """(prompt, chosen, rejected) records -> a :class:`tunex.data.preference.Pair`."""
+    from tunex.data.preference import pair
+
+    return pair(record)
+
+
+def chatterbot_pairs(record: Any) -> Any:
+    """chatterbot-corpus conversations -> preference pairs (see :mod:`tunex.data.preference`)."""
+    from tunex.data.preference import chatterbot_pair
+
+    return chatterbot_pair(record)
+
+
 FORMATS: dict[str, Callable[[Any], Sample]] = {
     "alpaca": alpaca,
     "openai": openai,
@@ -204,6 +220,8 @@ FORMATS: dict[str, Callable[[Any], Sample]] = {
     "conversation": conversation,
     "pretrain": pretrain,
     "chatterbot": chatterbot,
+    "preference": preference,
+    "chatterbot_pairs": chatterbot_pairs,
 }
 
 

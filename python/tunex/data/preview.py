@@ -26,6 +26,7 @@ class Stages:
     spans: list[tuple[int, int]]  # target character spans of ``rendered``
     ids: np.ndarray
     mask: np.ndarray
+    rejected: Stages | None = None  # a preference pair's other side (this one is the chosen side)
 
 
 def first_stages(data_cfg: Any, tokenizer: Any) -> Stages | None:
@@ -37,16 +38,24 @@ def first_stages(data_cfg: Any, tokenizer: Any) -> Stages | None:
             enc = encoder.encode([sample])
             if not len(enc.lengths):
                 continue
+            place = where if isinstance(where, S.Where) else S.Where(chunk.file, line=where)
+            if hasattr(sample, "sides"):  # a preference pair: chosen, then rejected
+                views = [encoder.renderer(F.with_system(side, data_cfg.system)) for side in sample.sides()]
+                c, r = int(enc.lengths[0]), int(enc.lengths[1])
+                other = Stages(str(place), raw, sample, *views[1], enc.ids[c : c + r], enc.mask[c : c + r])
+                return Stages(str(place), raw, sample, *views[0], enc.ids[:c], enc.mask[:c], other)
             rendered, spans = None, []
             if not isinstance(sample, str):
                 rendered, spans = encoder.renderer(F.with_system(sample, data_cfg.system))
             n = int(enc.lengths[0])
-            place = where if isinstance(where, S.Where) else S.Where(chunk.file, line=where)
             return Stages(str(place), raw, sample, rendered, spans, enc.ids[:n], enc.mask[:n])
     return None
 
 
 def sample_text(sample: F.Sample) -> str:
+    if hasattr(sample, "sides"):  # a preference pair
+        parts = {"prompt": sample.prompt, "chosen": sample.chosen, "rejected": sample.rejected}
+        return "\n".join(f"{k}: " + json.dumps([m.as_dict() for m in v], ensure_ascii=False) for k, v in parts.items())
     if isinstance(sample, str):
         return json.dumps({"text": sample}, ensure_ascii=False)
     return "\n".join(json.dumps(m.as_dict(), ensure_ascii=False) for m in sample)
@@ -83,6 +92,7 @@ def totals_table(stats: dict, max_length: int) -> list[tuple[str, str]]:
         ("records", stats["records"]),
         ("dropped (no target)", stats["dropped"]),
         ("truncated at max_length", stats["truncated"]),
+        *([("chosen == rejected (pairs)", stats["identical_pairs"])] if "identical_pairs" in stats else []),
         ("samples", stats["samples"]),
         ("tokens", stats["tokens"]),
         ("target tokens", stats["target_tokens"]),

@@ -29,6 +29,7 @@ from tunex.pkgpath import local_path
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "pretrain": (".jsonl", ".json", ".txt"),
     "chatterbot": (".yml", ".yaml"),
+    "chatterbot_pairs": (".yml", ".yaml"),
 }
 JSON_SUFFIXES = (".jsonl", ".json")
 CHUNK_BYTES = 4 << 20  # a worker's unit of work: big enough to batch, small enough to balance

@@ -34,6 +34,7 @@ from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, Prepared, token
 from tunex.errors import DataError, TunexError
 from tunex.io.atomic import naming, partial_path, publish, sweep, write_text
 
+PREFERENCE_FORMATS = ("preference", "chatterbot_pairs")  # as tunex.config's
 BATCH = 512  # samples per tokenizer call: enough for the Rust side to spread over threads
 
 
@@ -53,10 +54,19 @@ class Recipe:
             from tunex.templates import get_template
 
             template = get_template(self.template_name, self.tokenizer, system=self.system)
+        if self.fmt in PREFERENCE_FORMATS:
+            from tunex.data.preference import PairEncoder
+
+            return PairEncoder(self.tokenizer, template=template, system=self.system, max_length=self.max_length)
         return Encoder(self.tokenizer, template=template, system=self.system, max_length=self.max_length)
 
     def fingerprint(self) -> str:
-        parts = [ENCODER_VERSION, self.fmt, str(self.max_length), tokenizer_fingerprint(self.tokenizer)]
+        parts = [
+            ENCODER_VERSION + _pair_version(self.fmt),
+            self.fmt,
+            str(self.max_length),
+            tokenizer_fingerprint(self.tokenizer),
+        ]
         if self.fmt != "pretrain":
             from tunex.templates import get_template
 
@@ -75,6 +85,14 @@ class Recipe:
                 rendered = repr([(x.text, x.is_target) for x in t.segments(probe[1:])])
             parts += [t.name, t.jinja_source or "", rendered, self.system]
         return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _pair_version(fmt: str) -> str:
+    if fmt not in PREFERENCE_FORMATS:
+        return ""
+    from tunex.data.preference import PAIR_VERSION
+
+    return "-pairs" + PAIR_VERSION
 
 
 @dataclass
@@ -220,6 +238,7 @@ def _concat(parts: Sequence[Encoded]) -> Encoded:
         np.concatenate([p.lengths for p in parts]),
         sum(p.dropped for p in parts),
         sum(p.truncated for p in parts),
+        sum(p.identical for p in parts),
     )
 
 
@@ -317,6 +336,8 @@ def _write(
     tmp: Path, chunks: list[S.Chunk], recipe: Recipe, num_workers: int, progress: Callable[[int, int], None] | None
 ) -> dict:
     totals = dict(records=0, dropped=0, truncated=0, samples=0, tokens=0, target_tokens=0)
+    if recipe.fmt in PREFERENCE_FORMATS:  # dropped and truncated count pairs
+        totals["identical_pairs"] = 0
     with (
         open(tmp / "ids.bin", "wb") as ids,
         open(tmp / "mask.bin", "wb") as mask,
@@ -329,6 +350,8 @@ def _write(
             totals["records"] += count
             totals["dropped"] += enc.dropped
             totals["truncated"] += enc.truncated
+            if "identical_pairs" in totals:
+                totals["identical_pairs"] += enc.identical
             totals["samples"] += len(enc.lengths)
             totals["tokens"] += len(enc.ids)
             totals["target_tokens"] += int(enc.mask.sum(dtype=np.int64))

@@ -117,20 +117,22 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
 
 
 def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
-                      train_dtype: str = "float32") -> nn.Module:
+                      train_dtype: str = "float32", make_loss: Any = None) -> nn.Module:
     """The module the loop calls for a micro-batch's loss (see the module docstring).
 
-    Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
-    sharded ones.
+    ``make_loss``: lm -> the loss module (default :class:`LossModule`; the preference objectives
+    pass theirs). Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces
+    them by sharded ones.
     """
+    make_loss = make_loss or LossModule
     if device.type == "cpu":  # the heap is kept mapped between steps instead of faulted in again
         from tunex.runtime.malloc import tune_malloc
 
         tune_malloc()
     how = strategy(kind, env)
     if how == "fsdp":
-        return LossModule(shard_full_model(lm, env, device, train_dtype))
-    loss = LossModule(lm)
+        return make_loss(shard_full_model(lm, env, device, train_dtype))
+    loss = make_loss(lm)
     if how == "single":
         return loss
     from torch.nn.parallel import DistributedDataParallel

@@ -53,6 +53,11 @@ def convert_checkpoint(
         from tunex.train.export_llava import export_llava
 
         return export_llava(cfg, state, pth, Path(out), dtype, max_shard_size)
+    if getattr(cfg.train, "objective", "sft") == "reward":  # a *ForSequenceClassification folder
+        from tunex.train.reward_export import write_reward_model
+
+        write_reward_model(cfg, state, kind, out, dtype, max_shard_size)
+        return "a HF reward model"
     if kind in ("lora", "qlora"):
         adapter = _checkpoint_named(cfg, state["model"])
         export_adapter(adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
@@ -62,10 +67,15 @@ def convert_checkpoint(
 
 
 def write_full_model(
-    cfg: Any, weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_size: str | int
+    cfg: Any,
+    weights: dict[str, torch.Tensor],
+    out: Path,
+    dtype: torch.dtype,
+    max_shard_size: str | int,
+    edit_config: Any = None,
 ) -> None:
     """A full fine-tune's weights as a HF folder: shards + index, config.json, generation_config.json,
-    tokenizer files."""
+    tokenizer files. ``edit_config(config, tokenizer)`` may change config.json first (reward models)."""
     from tunex import save_sharded
     from tunex.models import resolve_model_path, to_checkpoint_names
     from tunex.models.hf_backend import model_config
@@ -83,6 +93,10 @@ def write_full_model(
     tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else base
     config["torch_dtype"] = str(dtype).replace("torch.", "")
     config.pop("quantization_config", None)
+    if edit_config is not None:
+        from tunex.tokenizer import load_tokenizer
+
+        edit_config(config, load_tokenizer(tokenizer_dir))
     replaceable(out, is_model_file, "a HF model folder")
     with atomic_folder(out, overwrite=True) as tmp:  # the folder appears whole, or not at all
         save_sharded(tensors, tmp, max_shard_size=max_shard_size)

@@ -33,7 +33,7 @@ from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
-from tunex.train import checkpoint
+from tunex.train import checkpoint, preference, reference
 from tunex.train.best import BestCheckpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.evaluate import build_eval_set, evaluate
@@ -195,7 +195,17 @@ def train(
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
-    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
+    objective = preference.Objective.of(cfg)  # None for sft
+    if objective is not None and objective.name == "reward":  # a new trainable head, before wrapping
+        adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
+        preference.add_reward_head(model, None if cfg.method.kind == "full" else adapter)
+    make_loss = None if objective is None else (lambda lm: preference.loss_module(lm, objective))
+    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss)
+    pref_steps = None if objective is None else preference.PreferenceSteps(objective)
+    if objective is not None and objective.reference and cfg.method.kind == "full":
+        # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
+        dataset = reference.with_reference(dataset, model, cfg, device, env)
+        after_eval(step_module)  # FSDP2: reshard what the pass without backward left gathered
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
@@ -263,12 +273,17 @@ def train(
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             micro_batches = [next(batches) for _ in range(accum)]
-            # token-weighted: every token of the global batch weighs the same, whatever the split
-            denom = step_targets(env, [b["labels"] for b in micro_batches], device)
+            if pref_steps is None:
+                # token-weighted: every token of the global batch weighs the same, whatever the split
+                denom = step_targets(env, [b["labels"] for b in micro_batches], device)
             for micro, batch in enumerate(micro_batches):
                 last_micro = micro == accum - 1
-                # DDP and FSDP2 average gradients over ranks: times world undoes that
-                loss, n = _micro_step(step_module, batch, device, cfg, world, last_micro, scaler, denom)
+                if pref_steps is None:
+                    # DDP and FSDP2 average gradients over ranks: times world undoes that
+                    loss, n = _micro_step(step_module, batch, device, cfg, world, last_micro, scaler, denom)
+                else:  # the mean over the step's pairs (each micro-batch's pair mean; reduce_step sums ranks)
+                    loss, n = pref_steps.micro_step(step_module, batch, device, cfg, accum, last_micro, scaler)
+                    loss = loss / (accum * world)
                 loss_sum += loss
                 tokens += n
             # the job's mean token loss and tokens (every rank gets them, so all stop together on NaN)
@@ -301,6 +316,8 @@ def train(
                 "tokens_per_s": tokens / elapsed,
                 "time_s": elapsed,
             }
+            if pref_steps is not None:  # TRL's names: rewards/chosen, rewards/accuracies, logps/chosen, ...
+                record.update(pref_steps.step_metrics(env))
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
             scores = None  # the held-out figures, before the checkpoint: a new best is saved now

@@ -48,9 +48,19 @@ class TrainProgress:
         if log:
             self.echo(
                 f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s"
+                f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:.0f} tok/s" + _preference_part(record)
             )
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def _preference_part(record: dict[str, Any]) -> str:
+    """The preference objectives' metrics (TRL's names) for the log line, when the step has them."""
+    if "rewards/accuracies" not in record:
+        return ""
+    text = f"  rewards/accuracies {record['rewards/accuracies']:.3f}  rewards/margins {record['rewards/margins']:.4f}"
+    if "logps/chosen" in record:
+        text += f"  logps/chosen {record['logps/chosen']:.2f}  logps/rejected {record['logps/rejected']:.2f}"
+    return text
