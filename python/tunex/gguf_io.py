@@ -5,7 +5,10 @@ the other types `gguf` knows), undo llama.cpp's Q/K row permutation, rename to H
 config.json, the weights and a tokenizer rebuilt from the metadata.
 
 ``hf_to_gguf``: the reverse for merged models (llama.cpp is where many fine-tunes end up):
-``f32``, ``f16`` or ``q8_0`` (1-D tensors stay f32, as llama.cpp's converter keeps them).
+``f32``, ``f16``, ``bf16``, ``q8_0`` or the K-quant mixes ``q6_k``, ``q5_k_m`` and ``q4_k_m``
+(1-D tensors stay f32, as llama.cpp's converter keeps them). The block types are packed in Rust
+(``_native.quantize_ggml``) byte for byte as llama.cpp's reference quantizers pack them, and each
+tensor gets the type ``llama-quantize`` would give it (:func:`tensor_type`).
 
 llama.cpp permutes the rows of Q and K inside each head from HF's rotate-half layout to
 interleaved pairs: row ``(h, i, j)`` of shape (heads, 2, D/2) moves to ``(h, j, i)``.
@@ -333,7 +336,44 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+# outtype -> the block type of most 2-D weights (llama.cpp's default type of that file type)
+BASE_TYPE = {"q8_0": "q8_0", "q6_k": "q6_k", "q5_k_m": "q5_k", "q4_k_m": "q4_k"}
+BLOCK_ELEMS = {"q8_0": 32, "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+# llama.cpp's stand-in when a row is not whole 256-value blocks (then F16 when not whole 32s)
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str, n_layers: int, tied: bool) -> str:
+    """The GGUF type ("f32", "f16", "bf16" or a block type) of tensor ``name`` in an ``outtype`` file:
+    the choice ``llama-quantize`` makes without an importance matrix. 1-D tensors stay f32; the output
+    projection (the token embedding when tied) gets Q6_K; in the _M mixes attn_v and ffn_down of
+    :func:`_more_bits` layers get Q6_K and Phi-3's fused attn_qkv one step more; a row that is not
+    whole blocks falls back to Q5_0 / Q5_1 / Q8_0 and then to f16."""
+    if len(shape) == 1 or outtype == "f32":
+        return "f32"
+    if outtype in ("f16", "bf16"):
+        return outtype
+    kind = BASE_TYPE[outtype]
+    layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        kind = "q8_0" if shape[-1] % BLOCK_ELEMS[kind] else "q6_k" if kind != "q8_0" else kind
+    elif layer and outtype in ("q4_k_m", "q5_k_m"):
+        part = layer[2]
+        if part in ("attn_v", "ffn_down") and _more_bits(int(layer[1]), n_layers):
+            kind = "q6_k"
+        elif part == "attn_qkv":
+            kind = "q5_k" if outtype == "q4_k_m" else "q6_k"
+    if shape[-1] % BLOCK_ELEMS[kind]:
+        kind = K_FALLBACK.get(kind, kind)
+        if shape[-1] % BLOCK_ELEMS[kind]:
+            kind = "f16"
+    return kind
 
 
 def _check_gemma_for_gguf(cfg, folder: Path) -> None:
@@ -409,7 +449,11 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+        "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
     }[outtype]
     writer.add_file_type(file_type)
     scaling = cfg.rope_scaling or {}
@@ -436,17 +480,19 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
             for name, t in to_llama_names(ckpt_name, tensor, cfg):
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                yield gguf_name(name, arch), _gguf_array(name, t, cfg, arch, outtype)
+                gname = gguf_name(name, arch)
+                kind_of = tensor_type(gname, tuple(t.shape), outtype, cfg.num_layers, cfg.tie_word_embeddings)
+                yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of)
 
     # The header lists every tensor's shape and type before the data: a first pass reads only the
     # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
     # so memory holds one tensor however large the model is.
     for name, shape, kind_of in _gguf_layout(folder, cfg, arch, outtype, kind == "llama3"):
-        if kind_of == "q8_0":
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            block, size = gguf.GGML_QUANT_SIZES[q8]
+        if kind_of not in ("f32", "f16"):  # bf16 and the block types go as bytes of their GGML type
+            raw = gguf.GGMLQuantizationType[kind_of.upper()]
+            block, size = gguf.GGML_QUANT_SIZES[raw]
             byte_shape = [*shape[:-1], shape[-1] // block * size]
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q8)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw)
         else:
             dtype = np.dtype(np.float32 if kind_of == "f32" else np.float16)
             writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
@@ -459,14 +505,8 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     writer.close()
 
 
-def _tensor_kind(shape: tuple[int, ...], outtype: str) -> str:
-    if len(shape) == 1 or outtype == "f32":
-        return "f32"
-    return "f16" if outtype == "f16" or shape[-1] % 32 else "q8_0"
-
-
 def _gguf_layout(folder: Path, cfg, arch: str, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
-    """(GGUF name, shape, "f32" | "f16" | "q8_0") of every tensor :func:`hf_to_gguf` writes, in order."""
+    """(GGUF name, shape, :func:`tensor_type`) of every tensor :func:`hf_to_gguf` writes, in order."""
     from tunex.models.config import to_llama_names
     from tunex.models.loading import read_checkpoint
 
@@ -475,12 +515,15 @@ def _gguf_layout(folder: Path, cfg, arch: str, outtype: str, rope_freqs: bool) -
         for name, t in to_llama_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            layout.append((gguf_name(name, arch), list(t.shape), _tensor_kind(tuple(t.shape), outtype)))
+            gname = gguf_name(name, arch)
+            kind_of = tensor_type(gname, tuple(t.shape), outtype, cfg.num_layers, cfg.tie_word_embeddings)
+            layout.append((gname, list(t.shape), kind_of))
     return layout
 
 
-def _gguf_array(name: str, t, cfg, arch: str, outtype: str) -> np.ndarray:
-    import gguf
+def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str) -> np.ndarray:
+    """Tensor ``t`` (HF name ``name``) as the bytes or values GGUF stores for type ``kind``."""
+    import torch
 
     w = t.float().numpy()
     if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
@@ -489,10 +532,33 @@ def _gguf_array(name: str, t, cfg, arch: str, outtype: str) -> np.ndarray:
         w = permute_qk(w, cfg.num_heads)
     elif arch == "llama" and name.endswith("k_proj.weight"):
         w = permute_qk(w, cfg.num_kv_heads)
-    w = np.ascontiguousarray(w)
-    kind = _tensor_kind(w.shape, outtype)
+    w = np.ascontiguousarray(w, dtype=np.float32)
     if kind == "f32":
-        return w.astype(np.float32)
+        return w
     if kind == "f16":
         return w.astype(np.float16)
-    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    if kind == "bf16":  # torch rounds to nearest even, as gguf's and llama.cpp's converters do
+        return torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    return quantize_blocks(w, kind, gname)
+
+
+def _block_bytes(kind: str) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]][1]
+
+
+def quantize_blocks(w: np.ndarray, kind: str, name: str = "tensor") -> np.ndarray:
+    """Rows of float32 ``w`` (last dimension) packed as GGUF block type ``kind`` (``q8_0``, ``q5_0``,
+    ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k``), the bytes llama.cpp's reference quantizer writes; shape
+    ``(*w.shape[:-1], bytes per row)``. A row that is not whole blocks, or a NaN / inf, is a
+    ValueError naming ``name``."""
+    from tunex import _native
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim == 0 or kind not in BLOCK_ELEMS:
+        raise ValueError(f"{name}: expected an array of rows and a type of {', '.join(BLOCK_ELEMS)}; got {kind!r}")
+    cols = w.shape[-1]
+    out = np.empty((*w.shape[:-1], cols // BLOCK_ELEMS[kind] * _block_bytes(kind)), dtype=np.uint8)
+    _native.quantize_ggml(w.reshape(-1), cols, kind, name, out.reshape(-1))
+    return out

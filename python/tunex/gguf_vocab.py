@@ -48,11 +48,12 @@ def pre_tokenizer_for(pre: str) -> dict:
         return {"type": "Sequence", "pretokenizers": [_split(_LLAMA3_SPLIT), _byte_level(False)]}
     if pre in ("qwen2", "deepseek-r1-qwen"):
         return {"type": "Sequence", "pretokenizers": [_split(_QWEN2_SPLIT), _byte_level(False)]}
-    return _byte_level(True)  # gpt2 / default
+    return _byte_level(True)  # gpt-2 / default (and "gpt2", which older tunex exports wrote)
 
 
 def pre_name_of(pre_tokenizer: dict | None) -> str:
-    """The llama.cpp ``pre`` name for a tokenizer.json pre_tokenizer (inverse of pre_tokenizer_for)."""
+    """The llama.cpp ``pre`` name for a tokenizer.json pre_tokenizer (inverse of pre_tokenizer_for).
+    GPT-2's own split is ``gpt-2`` there: llama.cpp refuses a file whose ``pre`` it does not know."""
     text = json.dumps(pre_tokenizer or {})
     if '"individual_digits": true' in text:
         return "smollm"
@@ -60,7 +61,7 @@ def pre_name_of(pre_tokenizer: dict | None) -> str:
         return "llama-bpe"
     if "[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}|" in text:
         return "qwen2"
-    return "gpt2"
+    return "gpt-2"
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

