@@ -32,8 +32,9 @@ from tunex.io.atomic import write_text
 from tunex.train import checkpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.hooks import EvalChatHook
-from tunex.train.metrics import MetricsWriter, plot_loss
+from tunex.train.metrics import MetricsWriter
 from tunex.train.optim import build_optimizer, build_scheduler
+from tunex.train.plot import plot_loss
 from tunex.train.progress import StartupLog, TrainProgress, plural
 
 
