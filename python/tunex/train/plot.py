@@ -31,8 +31,8 @@ def smoothed(values: list[float], span: int) -> list[float]:
 
 
 def smoothing_span(n: int) -> int:
-    """Steps the smoothed curve averages over: about a tenth of the run, at least 2."""
-    return max(2, round(n / 10))
+    """Steps the smoothed curve averages over: about a fifth of the run, 3 to 50."""
+    return max(3, min(50, round(n / 5)))
 
 
 def _finite(record: dict[str, Any], key: str) -> bool:
