@@ -1,7 +1,7 @@
 """The TOML config schema of ``tunex train`` and its validator.
 
-A config has six sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]`` and
-``[save]``. Each section is a dataclass below; a field's metadata carries its check and its doc line,
+A config has seven sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
+``[save]`` and ``[log]``. Each section is a dataclass below; a field's metadata carries its check and its doc line,
 so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
 recipes (r=64, alpha=16, dropout 0.1, lr 2e-4, cosine with 3% warmup, batch 1 x accumulation 16,
 max_length 2048, packing on).
@@ -122,6 +122,18 @@ def _text_list(v: Any) -> list[str]:
     return list(v)
 
 
+def _optional_paths(v: Any) -> str | list[str]:
+    if v == "" or v == []:
+        return ""
+    return _text_or_list(v)
+
+
+def _backends(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(x in TRACKERS for x in v) or len(set(v)) != len(v):
+        raise _Bad("a list of distinct names from " + ", ".join(repr(t) for t in TRACKERS))
+    return list(v)
+
+
 def _betas(v: Any) -> list[float]:
     if (
         not isinstance(v, list)
@@ -135,6 +147,8 @@ def _betas(v: Any) -> list[float]:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+BEST_METRICS = ("", "eval_loss", "eval_perplexity")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
 
 
@@ -146,6 +160,11 @@ class ModelConfig:
     path: str = _setting(REQUIRED, _nonempty_text, "HF model folder, GGUF file, or a downloaded hub snapshot")
     dtype: str = _setting("auto", _one_of(*DTYPES), "weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     tokenizer: str = _setting("", _text, "tokenizer folder; empty = the model's own")
+    backend: str = _setting(
+        "auto",
+        _one_of("auto", "tunex", "transformers"),
+        "auto = tunex's decoder for its families, transformers (pip install 'tunex[hf]') for other architectures",
+    )
 
 
 @dataclass
@@ -218,15 +237,33 @@ class TrainConfig:
         _flag,
         "with gradient checkpointing, keep each layer's checkpointed input in (pinned) CPU memory until backward",
     )
+    router_aux_loss_coef: float = _setting(
+        0.0,
+        _number(0),
+        "MoE models: weight of the routers' load-balancing loss added to the loss; 0 = off",
+    )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
 
 @dataclass
 class EvalConfig:
     prompts: list[str] = _setting(XTUNER_EVAL_PROMPTS, _text_list, "prompts answered by the eval hook")
-    every_n_steps: int = _setting(500, _integer(0), "run the eval hook every N steps; 0 = only at the end")
+    every_n_steps: int = _setting(
+        500, _integer(0), "answer the prompts and measure the held-out loss every N steps; 0 = only at the end"
+    )
     max_new_tokens: int = _setting(128, _integer(1), "tokens generated per eval prompt")
     system: str = _setting("", _text, "system prompt for eval prompts")
+    data: str | list[str] = _setting(
+        "", _optional_paths, "held-out data file(s) or folder(s) for eval_loss / eval_perplexity; empty = none"
+    )
+    format: str = _setting("", _one_of("", *DATA_FORMATS), "record format of eval.data; empty = data.format")
+    split: float = _setting(
+        0.0,
+        _number(0, 1, hi_open=True),
+        "fraction of the training records held out for evaluation (the same records whatever the seed); "
+        "0 = none; not with eval.data",
+    )
+    batch_size: int = _setting(0, _integer(0), "sequences per held-out forward; 0 = train.batch_size")
 
 
 @dataclass
@@ -234,6 +271,29 @@ class SaveConfig:
     work_dir: str = _setting("", _text, "output folder; empty = work_dirs/<config name>")
     save_steps: int = _setting(500, _integer(1), "write iter_N.pth every N steps")
     save_total_limit: int = _setting(2, _integer(0), "checkpoints kept; 0 = keep all")
+    best_metric: str = _setting(
+        "",
+        _one_of(*BEST_METRICS),
+        "eval_loss or eval_perplexity: keep the checkpoint of the best held-out evaluation as best.pth "
+        "(never pruned); empty = off",
+    )
+
+
+@dataclass
+class LogConfig:
+    backends: list[str] = _setting(
+        [],
+        _backends,
+        "trackers: tensorboard, wandb, mlflow (each needs its package); TensorBoard files are also "
+        "written whenever the tensorboard package is installed",
+    )
+    project: str = _setting("", _text, "wandb project / MLflow experiment; empty = tunex")
+    run_name: str = _setting("", _text, "run name in the trackers; empty = the work dir's name")
+    tracking_uri: str = _setting(
+        "",
+        _text,
+        "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite:///<work dir's parent>/mlflow.db",
+    )
 
 
 @dataclass
@@ -244,6 +304,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -270,6 +331,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "save": SaveConfig,
+    "log": LogConfig,
 }
 
 
@@ -351,6 +413,19 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
             )
 
 
+def _check_eval(cfg: Config, problems: list[str]) -> None:
+    if cfg.eval.data and cfg.eval.split:
+        problems.append("eval.split: expected 0 when eval.data is set (held-out data comes from one of them)")
+    if cfg.save.best_metric and not (cfg.eval.data or cfg.eval.split):
+        problems.append(
+            f"save.best_metric: {cfg.save.best_metric!r} needs a held-out evaluation; set eval.data or eval.split"
+        )
+    from tunex.track import missing_packages
+
+    for backend, install in missing_packages(cfg.log.backends):
+        problems.append(f"log.backends: {backend!r} needs the {backend} package; install it with {install}")
+
+
 def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -368,6 +443,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
         sections[name] = _check_section(name, cls, raw.get(name, {}), problems)
     cfg = Config(**sections, source=source)
     _check_across(cfg, problems)
+    _check_eval(cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -72,8 +72,9 @@ def chat(
     """Chat with MODEL (HF folder, .gguf file, pkg://PACKAGE/FILE or a downloaded hub id)."""
     import torch
 
-    from tunex.models import GenerationConfig, generate_text, load_model, read_config, resolve_model_path
+    from tunex.models import GenerationConfig, generate_text, load_model, resolve_model_path
     from tunex.models.config import check_tokenizer_fits
+    from tunex.models.hf_backend import model_config
     from tunex.templates import get_template
     from tunex.tokenizer import load_tokenizer
 
@@ -90,7 +91,7 @@ def chat(
 
     folder = resolve_model_path(model)
     tokenizer = load_tokenizer(folder)
-    check_tokenizer_fits(tokenizer, read_config(folder), folder)
+    check_tokenizer_fits(tokenizer, model_config(folder), folder)
     template = get_template(prompt_template, tokenizer, system=system)
     lm = load_model(folder, dtype=dtype, device=device, quantize=quantize)
     if adapter is not None:

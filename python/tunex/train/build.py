@@ -56,14 +56,20 @@ def preflight(cfg: Any, tokenizer) -> None:
         FormatError / TunexError: one line naming the file or key, what was expected and the fix.
     """
     from tunex.errors import ConfigError, TunexError
-    from tunex.models import read_config, resolve_model_path
+    from tunex.models import resolve_model_path
     from tunex.models.config import check_tokenizer_fits, tunex_targets
+    from tunex.models.hf_backend import model_config
     from tunex.models.loading import meta_model
     from tunex.peft import select_targets
 
     folder = resolve_model_path(cfg.model.path)
-    model_cfg = read_config(folder)
+    model_cfg = model_config(folder, cfg.model.backend)
     check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
+    if cfg.train.router_aux_loss_coef and not model_cfg.num_experts:
+        raise TunexError(
+            f"{cfg.source}: train.router_aux_loss_coef: {model_cfg.family} has no router (only mixture-of-experts "
+            "models do); set train.router_aux_loss_coef = 0"
+        )
     if cfg.method.kind != "full":
         try:
             select_targets(meta_model(model_cfg), tunex_targets(cfg.method.target_modules, model_cfg))
@@ -95,7 +101,9 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
 
     # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
     # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
-    model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize)
+    model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize, backend=cfg.model.backend)
+    if cfg.train.router_aux_loss_coef:  # preflight refused it for models without routers
+        model.router_aux_loss_coef = cfg.train.router_aux_loss_coef
     if method.kind == "full":
         model.requires_grad_(True)
     else:
