@@ -547,16 +547,16 @@ def test_train_with_the_load_balancing_loss_then_pth_to_hf_and_merge(tmp_path, k
         "pretrain",
         work,
         lr=2e-2,
-        max_steps=8,
+        max_steps=12,
         router_aux_loss_coef=0.02,
         gradient_checkpointing=True,
     )
     result = CliRunner().invoke(cli, ["train", str(cfg)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     losses = [r["loss"] for r in read_metrics(work)]
-    assert len(losses) == 8 and sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    assert len(losses) == 12 and sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
     out = tmp_path / "hf"
-    result = CliRunner().invoke(cli, ["convert", "pth_to_hf", str(cfg), str(work / "iter_8.pth"), str(out)])
+    result = CliRunner().invoke(cli, ["convert", "pth_to_hf", str(cfg), str(work / "iter_12.pth"), str(out)])
     assert result.exit_code == 0, result.output
     from safetensors import safe_open
 

@@ -1,8 +1,8 @@
 """The TOML config schema of ``tunex train`` and its validator.
 
-A config has seven sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
-``[save]`` and ``[log]``. Each section is a dataclass below; a field's metadata carries its check and its doc line,
-so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
+A config has eight sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
+``[save]``, ``[log]`` and ``[vision]`` (multimodal runs only). Each section is a dataclass below; a
+field's metadata carries its check and its doc line, so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
 recipes (r=64, alpha=16, dropout 0.1, lr 2e-4, cosine with 3% warmup, batch 1 x accumulation 16,
 max_length 2048, packing on).
 
@@ -146,7 +146,7 @@ def _betas(v: Any) -> list[float]:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot")
+DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot", "llava")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 BEST_METRICS = ("", "eval_loss", "eval_perplexity")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
@@ -178,6 +178,12 @@ class DataConfig:
     shuffle_before_pack: bool = _setting(True, _flag, "shuffle samples before packing")
     num_workers: int = _setting(0, _integer(0, 256), "tokenizer worker processes; 0 = in process")
     cache_dir: str = _setting("", _text, "tokenized-data cache; empty = <work_dir>/../.cache")
+    image_folder: str = _setting(
+        "", _text, "[vision] runs: folder image paths are relative to; empty = the data file's"
+    )
+    skip_bad_images: bool = _setting(
+        False, _flag, "[vision] runs: skip (and count) records whose image is missing or undecodable instead of failing"
+    )
 
 
 @dataclass
@@ -297,6 +303,31 @@ class LogConfig:
 
 
 @dataclass
+class VisionConfig:
+    path: str = _setting("", _text, "vision tower: an HF CLIP / SigLIP folder; empty = a text-only run")
+    select_layer: int = _setting(
+        -2, _integer(-1000, 1000), "tower layer whose patch features the LLM sees (-2: LLaVA's)"
+    )
+    projector: str = _setting("mlp2x_gelu", _one_of("mlp2x_gelu", "linear"), "projector: LLaVA-1.5's MLP or one linear")
+    image_aspect: str = _setting(
+        "pad",
+        _one_of("pad", "resize"),
+        "pad: to a square with the mean colour first (LLaVA-1.5); resize: crop as the tower",
+    )
+    stage: str = _setting(
+        "finetune",
+        _one_of("pretrain", "finetune"),
+        "pretrain: only the projector trains (LLM and tower frozen); finetune: the projector and the LLM as [method] says",
+    )
+    projector_checkpoint: str = _setting(
+        "", _text, "finetune: the pretrain stage's iter_N.pth (or its work dir) whose projector this run starts from"
+    )
+    tower_lora: bool = _setting(False, _flag, "finetune: LoRA (method.dropout) on the tower's linear layers")
+    tower_lora_r: int = _setting(0, _integer(0, 4096), "the tower's LoRA rank; 0 = method.r")
+    tower_lora_alpha: float = _setting(0.0, _number(0), "the tower's LoRA alpha; 0 = method.alpha")
+
+
+@dataclass
 class Config:
     model: ModelConfig
     data: DataConfig
@@ -305,6 +336,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -332,6 +364,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "save": SaveConfig,
     "log": LogConfig,
+    "vision": VisionConfig,
 }
 
 
@@ -393,7 +426,27 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     return cls(**values)
 
 
+def _check_vision(cfg: Config, problems: list[str]) -> None:
+    v = cfg.vision
+    if not v.path:
+        if cfg.data.format == "llava":
+            problems.append("data.format: 'llava' needs a vision tower: set vision.path")
+        return
+    if cfg.data.format not in ("llava", "openai"):
+        problems.append(f"data.format: expected 'llava' or 'openai' with vision.path set, got {cfg.data.format!r}")
+    if cfg.eval.data or cfg.eval.split:
+        problems.append(
+            "eval.data / eval.split: held-out evaluation of [vision] runs is not supported yet; leave them unset"
+        )
+    if v.stage == "pretrain" and (v.tower_lora or v.projector_checkpoint):
+        problems.append(
+            "vision.stage: the pretrain stage trains the projector alone; tower_lora and projector_checkpoint "
+            "belong to the finetune stage"
+        )
+
+
 def _check_across(cfg: Config, problems: list[str]) -> None:
+    _check_vision(cfg, problems)
     if cfg.train.offload_checkpoints and not cfg.train.gradient_checkpointing:
         problems.append(
             "train.offload_checkpoints: expected false when train.gradient_checkpointing is false "

@@ -84,6 +84,14 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     linears are quantized to NF4/FP4 while loading, adapters on top. Adapters are kept in fp32
     whatever the base dtype, so the optimizer's updates are not lost to bf16 rounding.
     """
+    from tunex.train.multimodal import build_llava, is_multimodal
+
+    if is_multimodal(cfg):  # [vision]: tower + projector around the LLM this function builds
+        return build_llava(cfg, device, _build_llm, load_device)
+    return _build_llm(cfg, device, load_device)
+
+
+def _build_llm(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     from tunex.models import load_model, resolve_model_path
 
     method = cfg.method
@@ -138,8 +146,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         decoder.offload_checkpoints = True
 
 
-def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) of a tunex causal LM."""
+def forward_hidden(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None, pixel_values=None
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of a tunex causal LM (a LLaVA model takes the batch's
+    images too)."""
+    if pixel_values is not None:
+        return model.hidden_states(input_ids, position_ids, pixel_values=pixel_values)
     return model.hidden_states(input_ids, position_ids)
 
 

@@ -49,6 +49,10 @@ def convert_checkpoint(
     state = checkpoint.load(pth)
     kind = _method_of(state, cfg, pth)
     dtype = torch.float32 if fp32 else torch.float16
+    if getattr(cfg, "vision", None) is not None and cfg.vision.path:  # LLaVA: tower + projector + LLM
+        from tunex.train.export_llava import export_llava
+
+        return export_llava(cfg, state, pth, Path(out), dtype, max_shard_size)
     if kind in ("lora", "qlora"):
         adapter = _checkpoint_named(cfg, state["model"])
         export_adapter(adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))

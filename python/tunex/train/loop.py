@@ -39,6 +39,7 @@ from tunex.train.build import autocast, build_model, enable_gradient_checkpointi
 from tunex.train.evaluate import build_eval_set, evaluate
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter
+from tunex.train.multimodal import build_image_dataset, is_multimodal
 from tunex.train.optim import build_optimizer, build_scheduler
 from tunex.train.plot import plot_loss
 from tunex.train.progress import StartupLog, TrainProgress, plural
@@ -68,7 +69,7 @@ def seed_everything(seed: int) -> None:
 
 def trainable_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: everything for a full fine-tune, else the adapters."""
-    if kind == "full":
+    if kind == "full" and not hasattr(model, "vision_tower"):  # LLaVA: the trained part only, never the tower
         return {k: v for k, v in model.state_dict().items()}
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -118,9 +119,10 @@ def _micro_step(
     labels = batch["labels"].to(device)
     positions = batch.get("position_ids")
     positions = positions.to(device) if positions is not None else None
+    images = {"pixel_values": batch["pixel_values"].to(device)} if "pixel_values" in batch else {}  # LLaVA
     with gradient_sync(step_module, last):
         with autocast(cfg.train.dtype, device):
-            loss = step_module(input_ids, labels, positions, denom)
+            loss = step_module(input_ids, labels, positions, denom, **images)
         scaled = loss * grad_scale if grad_scale != 1 else loss
         (scaled if scaler is None else scaler.scale(scaled)).backward()
     return loss.detach(), int(input_ids.numel())
@@ -153,6 +155,8 @@ def train(
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
     world = env.world_size
+    if is_multimodal(cfg) and world > 1:
+        raise TunexError("[vision] runs train in one process for now; run tunex train without torchrun")
     if seed is not None:
         cfg.train.seed = seed
     device = pick_device(env.local_rank)
@@ -175,15 +179,21 @@ def train(
     # nodes sharing a file system may race safely); the node's other ranks then read the cache
     if env.local_rank != 0:
         barrier(env)
-    paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
-    startup.echo(f"reading {plural(len(paths), 'data path')} ({cfg.data.format}); tokenized data is cached in {cache}")
-    with startup.tokenizing() as shown:
-        dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache, progress=shown)
-    dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
+    if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
+        dataset, held_out = build_image_dataset(cfg, tokenizer), None
+    else:
+        paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+        startup.echo(
+            f"reading {plural(len(paths), 'data path')} ({cfg.data.format}); tokenized data is cached in {cache}"
+        )
+        with startup.tokenizing() as shown:
+            dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache, progress=shown)
+        dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
     if env.local_rank == 0:
         barrier(env)
-    held = f"; {plural(len(held_out), 'sequence')} held out for eval" if held_out is not None else ""
-    startup.echo(describe_data(dataset.stats, cfg.data.max_length) + held)
+    if hasattr(dataset, "stats"):  # tokenized text (an image dataset says nothing here)
+        held = f"; {plural(len(held_out), 'sequence')} held out for eval" if held_out is not None else ""
+        startup.echo(describe_data(dataset.stats, cfg.data.max_length) + held)
     per_epoch = _batches_per_epoch(dataset, cfg)
     accum = cfg.train.grad_accum
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(per_epoch, accum, world)
