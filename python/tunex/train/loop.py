@@ -191,7 +191,7 @@ def train(
         dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
     if env.local_rank == 0:
         barrier(env)
-    if hasattr(dataset, "stats"):  # tokenized text (an image dataset says nothing here)
+    if "sequences" in getattr(dataset, "stats", {}):  # tokenized text (an image dataset's stats differ)
         held = f"; {plural(len(held_out), 'sequence')} held out for eval" if held_out is not None else ""
         startup.echo(describe_data(dataset.stats, cfg.data.max_length) + held)
     per_epoch = _batches_per_epoch(dataset, cfg)
