@@ -75,6 +75,16 @@ def test_list_cfg_typo_gives_closest_names(runner):
     assert "smollm2_135m_instruct_qlora_chatterbot" in result.output
 
 
+def test_list_cfg_no_match_is_one_error_line(tmp_path):
+    out = subprocess.run([*_tunex_exe(), "list-cfg", "-p", "nomatch"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: no built-in config name contains 'nomatch'")
+    assert f"all {len(builtin_configs.names())}" in lines[0]
+
+
 def test_copy_cfg_into_directory(runner, tmp_path):
     result = runner.invoke(cli, ["copy-cfg", "smollm2_135m_instruct_lora_chatterbot", str(tmp_path)])
     assert result.exit_code == 0, result.output

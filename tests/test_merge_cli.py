@@ -58,7 +58,7 @@ def test_cli_merges_shards_and_copies_side_files(tmp_path):
     out = tmp_path / "merged"
     r = invoke(str(base), str(ad), str(out), "--max-shard-size", "3KB", "--no-fsync")
     assert r.exit_code == 0, r.output
-    assert "merged 3 of 7 tensors" in r.output
+    assert "merged the adapter into 3 of 7 tensors and copied 4 unchanged" in r.output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
@@ -168,3 +168,19 @@ def test_the_final_line_says_when_shards_were_written_buffered(tmp_path, monkeyp
     monkeypatch.setenv("TUNEX_DIRECT_IO", "0")
     r = invoke(str(base), str(ad), str(tmp_path / "b"))
     assert r.exit_code == 0 and r.output.strip().endswith("; buffered writes (TUNEX_DIRECT_IO=0)"), r.output
+
+
+def test_summary_says_in_words_what_the_merge_did():
+    from tunex.commands.merge import describe
+    from tunex.merge import MergeReport
+
+    report = MergeReport("out", "cpu", tensors=272, merged=208, replaced=2, bytes_written=2_500_000, seconds=1.25)
+    text = describe(report, Path("out"))
+    assert text.startswith("merged the adapter into 208 of 272 tensors and copied 62 unchanged; ")
+    assert "2 replaced by the adapter's saved modules" in text
+    assert "0 files, 2.5 MB -> out" in text
+    one = MergeReport("o", "cpu", tensors=3, merged=3, replaced=0, bytes_written=10, seconds=0.1, files=["a"])
+    assert (
+        describe(one, Path("o"))
+        == "merged the adapter into 3 of 3 tensors and copied 0 unchanged on cpu in 0.1s: 1 file, 10 B -> o"
+    )

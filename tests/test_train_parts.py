@@ -12,8 +12,9 @@ from conftest import require_native
 from tunex.errors import FormatError
 from tunex.train import checkpoint
 from tunex.train.loss import linear_cross_entropy
-from tunex.train.metrics import MetricsWriter, plot_loss, read_metrics
+from tunex.train.metrics import MetricsWriter, read_metrics
 from tunex.train.optim import build_optimizer, build_scheduler, lr_factor
+from tunex.train.plot import plot_loss
 
 
 @pytest.mark.parametrize("chunk", [7 * 50, 1 << 20])

@@ -88,10 +88,13 @@ def version() -> None:
 def list_cfg(pattern: str | None) -> None:
     """List the built-in configs."""
     found, exact = builtin_configs.find(pattern)
+    if not found:  # one line through TunexGroup: "error: ...", exit code 1
+        raise LookupError(
+            f"no built-in config name contains {pattern!r} or is spelled like it; "
+            f"`tunex list-cfg` lists all {len(builtin_configs.names())}"
+        )
     if not exact:
         click.echo(f"no config name contains {pattern!r}; closest names:", err=True)
-    if not found:
-        raise click.ClickException("no built-in configs found")
     click.echo("\n".join(found))
 
 

@@ -119,9 +119,21 @@ def merge_cmd(
             progress=progress,
             fsync=fsync,
         )
-    click.echo(
-        f"merged {report.merged} of {report.tensors} tensors ({report.replaced} replaced) on "
-        f"{report.device} in {report.seconds:.1f}s: {len(report.files)} file(s), "
-        f"{_size(report.bytes_written)} -> {save_path}" + (f"; {report.io}" if report.io.startswith("buffered") else "")
-        # a probe turned O_DIRECT off (or TUNEX_DIRECT_IO=0): say so
+    click.echo(describe(report, save_path))
+
+
+def describe(report, save_path: Path) -> str:
+    """One sentence saying what the merge did, e.g. "merged the adapter into 210 of 272 tensors and
+    copied 62 unchanged on cpu in 5.0s: 1 file, 538.1 MB -> merged"."""
+    unchanged = max(report.tensors - report.merged - report.replaced, 0)
+    files = len(report.files)
+    text = f"merged the adapter into {report.merged} of {report.tensors} tensors and copied {unchanged} unchanged"
+    if report.replaced:  # PEFT's modules_to_save: the adapter carries the whole tensor
+        text += f"; {report.replaced} replaced by the adapter's saved modules"
+    text += (
+        f" on {report.device} in {report.seconds:.1f}s: {files} file{'s' if files != 1 else ''}, "
+        f"{_size(report.bytes_written)} -> {save_path}"
     )
+    if report.io.startswith("buffered"):  # a probe turned O_DIRECT off (or TUNEX_DIRECT_IO=0): say so
+        text += f"; {report.io}"
+    return text

@@ -116,7 +116,7 @@ def _own_args(
     "-o", "--out", type=click.Path(path_type=Path), default=None, help="PNG file to write (default WORK_DIR/loss.png)."
 )
 def plot(work_dir: Path, out: Path | None) -> None:
-    """Draw the loss curve of a training run (WORK_DIR/metrics.jsonl) as a PNG."""
-    from tunex.train.metrics import plot_loss
+    """Draw a training run's curves (WORK_DIR/metrics.jsonl) as a PNG: loss per step, smoothed loss, eval loss and learning rate."""
+    from tunex.train.plot import plot_loss
 
     click.echo(f"wrote {plot_loss(work_dir, out)}")

@@ -38,10 +38,11 @@ from tunex.train.best import BestCheckpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
 from tunex.train.evaluate import build_eval_set, evaluate
 from tunex.train.hooks import EvalChatHook
-from tunex.train.metrics import MetricsWriter, plot_loss
+from tunex.train.metrics import MetricsWriter
 from tunex.train.multimodal import build_image_dataset, is_multimodal
 from tunex.train.optim import build_optimizer, build_scheduler
-from tunex.train.progress import TrainProgress
+from tunex.train.plot import plot_loss
+from tunex.train.progress import StartupLog, TrainProgress, plural
 
 
 class TrainingDiverged(TunexError):
@@ -168,6 +169,7 @@ def train(
         state = dist_ckpt.read_meta(resume_from) if resume_from.is_dir() else checkpoint.load(resume_from)
     seed_everything(cfg.train.seed)
 
+    startup = StartupLog(is_main)  # what happens before the first step, as it happens
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
     preflight(cfg, tokenizer)  # bad model, tokenizer or targets: an error before anything is written
@@ -180,10 +182,18 @@ def train(
     if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
         dataset, held_out = build_image_dataset(cfg, tokenizer), None
     else:
-        dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+        paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+        startup.echo(
+            f"reading {plural(len(paths), 'data path')} ({cfg.data.format}); tokenized data is cached in {cache}"
+        )
+        with startup.tokenizing() as shown:
+            dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache, progress=shown)
         dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
     if env.local_rank == 0:
         barrier(env)
+    if "sequences" in getattr(dataset, "stats", {}):  # tokenized text (an image dataset's stats differ)
+        held = f"; {plural(len(held_out), 'sequence')} held out for eval" if held_out is not None else ""
+        startup.echo(describe_data(dataset.stats, cfg.data.max_length) + held)
     per_epoch = _batches_per_epoch(dataset, cfg)
     accum = cfg.train.grad_accum
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(per_epoch, accum, world)
@@ -191,6 +201,7 @@ def train(
 
     # FSDP2 takes the model from the CPU layer by layer: no rank ever holds all of it on its GPU
     on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env) == "fsdp" else None
+    startup.echo(f"loading the model {cfg.model.path} ({cfg.model.dtype}) on {device}")
     model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
@@ -256,7 +267,7 @@ def train(
             progress.echo(f"model: {model_cfg.family} on the {getattr(model_cfg, 'backend', 'tunex')} backend")
         progress.echo(
             f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
-            f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
+            f"{accum} x {cfg.train.batch_size} sequences x {plural(world, 'process', 'processes')} = global batch "
             f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
             + (f"; resumed from {resume_from} at step {step}" if state else "")
         )
@@ -372,6 +383,21 @@ def train(
     # last evaluation aborted at exit now and then ("terminate called without an active exception")
     barrier(env)
     return TrainResult(steps=step, last_loss=loss_value, checkpoint=saved, work_dir=work, is_main=is_main)
+
+
+def describe_data(stats: dict[str, Any], max_length: int) -> str:
+    """One line on what tokenizing gave, e.g. "data: 395 records -> 395 samples (10,950 tokens
+    trained on) -> 93 sequences of up to 256 tokens, packed"."""
+    line = f"data: {plural(stats['records'], 'record')} -> {plural(stats['samples'], 'sample')}"
+    if "target_tokens" in stats:
+        line += f" ({stats['target_tokens']:,} tokens trained on)"
+    line += f" -> {plural(stats['sequences'], 'sequence')} of up to {max_length} tokens"
+    if stats.get("packed"):
+        line += ", packed"
+    dropped, truncated = stats.get("dropped", 0), stats.get("truncated", 0)
+    if dropped or truncated:
+        line += f"; {dropped} dropped, {truncated} truncated (see `tunex check-custom-dataset`)"
+    return line
 
 
 def _eval_due(cfg: Any, step: int, last: int) -> bool:

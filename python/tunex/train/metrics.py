@@ -1,11 +1,10 @@
 """Where training numbers go: ``work_dir/metrics.jsonl`` (one JSON object per optimizer step, and
-one per held-out evaluation), the trackers of ``[log]`` (tunex.track), a rich progress line, and the
-loss-curve PNG at the end."""
+one per held-out evaluation) and the trackers of ``[log]`` (tunex.track); the progress line is
+tunex.train.progress, loss.png tunex.train.plot."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -78,42 +77,3 @@ class MetricsWriter:
         self._file.close()
         if self.trackers is not None:  # called from the loop's `finally`: an error in flight = a failed run
             self.trackers.close(failed=sys.exc_info()[0] is not None)
-
-
-def plot_loss(work_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw the loss curve of ``work_dir/metrics.jsonl`` to ``loss.png`` (or ``out``).
-
-    Uses matplotlib when installed, else tunex's own small rasteriser (axes and the curve only).
-
-    Raises:
-        FileNotFoundError: when the folder has no metrics.jsonl with loss values.
-    """
-    points = [
-        (r["step"], r["loss"])
-        for r in read_metrics(work_dir)
-        if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
-    ]
-    if not points:
-        raise FileNotFoundError(
-            f"{Path(work_dir) / METRICS_FILE}: no loss values to plot (is this the work_dir of a `tunex train` run?)"
-        )
-    target = Path(out) if out else Path(work_dir) / "loss.png"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from tunex.train.png import line_plot_png
-
-        target.write_bytes(line_plot_png(points))
-        return target
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
-    return target

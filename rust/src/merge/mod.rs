@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::safetensors::{Dtype, OutputDir, SafeFile, ShardedWriter, TensorInfo};
 use math::{add_low_rank, dora_rescale, from_f32, merge_rows, to_f32, Layout, LowRank};
 pub use plan::MergePlan;
@@ -99,7 +99,7 @@ pub fn merge(
     computed?;
     let (mut dir, summary) = writer.finish()?;
     for (src, name) in &opts.extra_files {
-        copy_extra(&mut dir, src, name)?;
+        dir.copy_as(src, name)?;
     }
     dir.commit("model")?;
     report.tensors = summary.tensors;
@@ -215,12 +215,6 @@ fn compute_loop<'a>(
         }
     }
     Ok(())
-}
-
-fn copy_extra(dir: &mut OutputDir, src: &Path, name: &str) -> Result<()> {
-    let (dst, _) = dir.create(name)?;
-    std::fs::copy(src, &dst).at(src)?;
-    dir.sync_file(&dst)
 }
 
 /// Reusable buffers, grown to the largest merged tensor and kept.

@@ -93,9 +93,7 @@ impl ShardWriter {
         let summary = py.detach(move || -> Result<WriteSummary, Error> {
             let (mut dir, summary) = w.finish()?;
             for (src, name) in &extra_files {
-                let (dst, _) = dir.create(name)?;
-                std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
-                dir.sync_file(&dst)?;
+                dir.copy_as(src, name)?;
             }
             dir.commit(&prefix)?;
             Ok(summary)

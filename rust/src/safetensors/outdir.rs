@@ -109,8 +109,17 @@ impl OutputDir {
     /// Copy a non-weight file (config.json, tokenizer files) into the output under its own name.
     pub fn copy_in(&mut self, src: &Path) -> Result<()> {
         let name = name_of(src)?;
-        let (dst, _) = self.create(&name)?;
-        fs::copy(src, &dst).at(src)?;
+        self.copy_as(src, &name)
+    }
+
+    /// Copy the bytes of `src` into the output as `name`. Not its permission bits (`fs::copy` would
+    /// keep them): the copy gets the usual 0666 less the umask like every file written here, so a
+    /// private 0600 source (a download made through a temp file) does not make the output private.
+    pub fn copy_as(&mut self, src: &Path, name: &str) -> Result<()> {
+        let (dst, mut file) = self.create(name)?;
+        let mut from = File::open(src).at(src)?;
+        std::io::copy(&mut from, &mut file).at(src)?;
+        drop(file);
         self.sync_file(&dst)
     }
 
