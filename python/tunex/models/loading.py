@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import GEMMA, ModelConfig, read_config, to_tunex_names
+from tunex.models.config import GEMMA, ModelConfig, read_config, to_tunex_names, with_rope_scaling
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
@@ -267,7 +267,9 @@ def meta_model(cfg: ModelConfig) -> CausalLM:
         return new_model(cfg)
 
 
-def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None) -> CausalLM:
+def load_model(
+    path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None, rope_scaling: dict | None = None
+) -> CausalLM:
     """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
 
     Args:
@@ -277,13 +279,15 @@ def load_model(path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHoo
         quantize: optional hook ``(name, nn.Linear) -> nn.Module`` applied to every decoder linear
             right after its layer is loaded (e.g. an NF4 packer for QLoRA). The output head and the
             embeddings are never passed to it.
+        rope_scaling: a config.json-style rope_scaling replacing the checkpoint's (``model.rope_scaling``;
+            see :func:`tunex.models.config.with_rope_scaling`); None or empty: the checkpoint's own.
 
     Returns:
         A :class:`CausalLM` in eval mode; parameters have ``requires_grad=False`` (the trainer
         decides what trains).
     """
     folder = resolve_model_path(path)
-    cfg: ModelConfig = read_config(folder)
+    cfg: ModelConfig = with_rope_scaling(read_config(folder), rope_scaling)
     dtype = _as_dtype(dtype)
     with _no_init():
         model = new_model(cfg)
