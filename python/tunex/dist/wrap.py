@@ -106,8 +106,11 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
 
 
 def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
-                      train_dtype: str = "float32") -> nn.Module:
+                      train_dtype: str = "float32", sequence=None) -> nn.Module:
     """The module the loop calls for a micro-batch's loss (see the module docstring).
+
+    ``sequence``: a :class:`tunex.dist.sequence.SequenceGroup` for sequence parallelism (the loss
+    module then runs this rank's slice of each sequence); None: each rank its whole micro-batches.
 
     Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
     sharded ones.
@@ -117,9 +120,17 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
 
         tune_malloc()
     how = strategy(kind, env)
+
+    def loss_module(model: nn.Module) -> nn.Module:
+        if sequence is None:
+            return LossModule(model)
+        from tunex.dist.sequence import SequenceLossModule
+
+        return SequenceLossModule(model, sequence)
+
     if how == "fsdp":
-        return LossModule(shard_full_model(lm, env, device, train_dtype))
-    loss = LossModule(lm)
+        return loss_module(shard_full_model(lm, env, device, train_dtype))
+    loss = loss_module(lm)
     if how == "single":
         return loss
     from torch.nn.parallel import DistributedDataParallel

@@ -7,7 +7,8 @@ A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
 Under torchrun the same loop runs on every rank (tunex.dist): each rank trains on its slice of
-every global batch through DDP (adapters) or FSDP2 (full fine-tune); docs/SCALING.md.
+every global batch through DDP (adapters) or FSDP2 (full fine-tune); with ``train.sequence_parallel``
+groups of ranks share each micro-batch (tunex.dist.sequence); docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tunex.dist import ckpt as dist_ckpt
 from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
 from tunex.dist.metrics import reduce_step
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
+from tunex.dist.sequence import plan as plan_sequence
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
@@ -134,7 +136,9 @@ def train(
 
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
-    world = env.world_size
+    # sequence parallelism: groups of ranks share each micro-batch; data parallel over the groups
+    sequence = plan_sequence(env, cfg.train.sequence_parallel, cfg.source) if cfg.train.sequence_parallel > 1 else None
+    dp_rank, world = (sequence.dp_rank, sequence.dp_size) if sequence else (env.rank, env.world_size)
     if seed is not None:
         cfg.train.seed = seed
     device = pick_device(env.local_rank)
@@ -170,7 +174,7 @@ def train(
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
     # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
-    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype)
+    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, sequence)
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
     bf16 = cfg.method.kind != "full" and cfg.train.adapter_dtype == "bfloat16"
@@ -214,14 +218,15 @@ def train(
         trainable = sum(p.numel() for p in params)
         progress.echo(
             f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
-            f"{accum} x {cfg.train.batch_size} sequences x {world} processes = global batch "
-            f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
+            f"{accum} x {cfg.train.batch_size} sequences x {world} "
+            + (f"groups of {sequence.size} processes (each sequence split over a group)" if sequence else "processes")
+            + f" = global batch {global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
             + (f"; resumed from {resume_from} at step {step}" if state else "")
         )
 
     saved: Path | None = resume_from
     loss_value = float("nan")
-    batches = _batches(dataset, cfg, consumed, env.rank, world)
+    batches = _batches(dataset, cfg, consumed, dp_rank, world)
     model.train()
     try:
         while step < last:
@@ -233,7 +238,7 @@ def train(
             for micro in range(accum):
                 loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
                 loss_sum += loss
-                tokens += n
+                tokens += n if sequence is None or sequence.rank == 0 else 0  # a group counts its batch once
             # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
             loss_value, tokens = reduce_step(env, loss_sum, accum, tokens)
             if not math.isfinite(loss_value):
