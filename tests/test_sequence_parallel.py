@@ -2,7 +2,8 @@
 by torchrun: the loss and the LoRA gradients of packed batches (documents cut by the split, an odd
 length the ranks pad) equal one process running the same batches through the plain loss module,
 with and without gradient checkpointing, on 2 ranks and on 4 (2 data-parallel groups of 2); a
-``tunex train`` run with it logs the one-process curve; bad settings are named errors."""
+``tunex train`` run with it (LoRA through DDP, a full fine-tune through FSDP2) logs the one-process
+curve; bad settings are named errors."""
 
 from __future__ import annotations
 
@@ -110,19 +111,35 @@ def run_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sptrain")
     model = make_tiny_model(root / "model", tied=False)  # 4 heads, 2 kv heads
     data = make_data(root / "data", "pretrain")
-    cfg = write_config(
-        root / "lora.toml", model, data, "lora", "pretrain", root / "unused", max_steps=3, batch_size=1, grad_accum=2
-    )
-    return root, cfg
+    cfgs = {
+        kind: write_config(
+            root / f"{kind}.toml",
+            model,
+            data,
+            kind,
+            "pretrain",
+            root / "unused",
+            max_steps=3,
+            batch_size=1,
+            grad_accum=2,
+        )
+        for kind in ("lora", "full")
+    }
+    return root, cfgs["lora"], cfgs["full"]
 
 
-def test_tunex_train_with_sequence_parallel_logs_the_one_process_curve(run_setup):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_tunex_train_with_sequence_parallel_logs_the_one_process_curve(run_setup, kind):
+    """LoRA through DDP (gradient checkpointing on), a full fine-tune through FSDP2 (off)."""
     from tunex.train.loop import train
     from tunex.train.metrics import read_metrics
 
-    root, cfg = run_setup
-    options = ["method.dropout=0.0", "train.gradient_checkpointing=true"]
-    train(load_config(cfg, options), work_dir=str(root / "one"))
+    root, lora, full = run_setup
+    cfg = lora if kind == "lora" else full
+    options = ["method.dropout=0.0", f"train.gradient_checkpointing={'true' if kind == 'lora' else 'false'}"]
+    if kind == "full":
+        options.append("train.lr=3e-3")
+    train(load_config(cfg, options), work_dir=str(root / f"{kind}_one"))
     result = torchrun(
         2,
         "-m",
@@ -130,11 +147,11 @@ def test_tunex_train_with_sequence_parallel_logs_the_one_process_curve(run_setup
         "train",
         str(cfg),
         "--work-dir",
-        str(root / "two"),
+        str(root / f"{kind}_two"),
         *[x for o in [*options, "train.sequence_parallel=2"] for x in ("-o", o)],
     )
     assert "x 1 groups of 2 processes" in " ".join((result.stdout + result.stderr).split())
-    one, two = read_metrics(root / "one"), read_metrics(root / "two")
+    one, two = read_metrics(root / f"{kind}_one"), read_metrics(root / f"{kind}_two")
     assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         for key in ("loss", "grad_norm"):
@@ -149,7 +166,7 @@ def test_bad_settings_are_named_errors(run_setup, tmp_path):
     from tunex.tokenizer import load_tokenizer
     from tunex.train.build import preflight
 
-    root, cfg = run_setup
+    root, cfg, _ = run_setup
     with pytest.raises(ConfigError, match=r"data.max_length: expected a multiple of train.sequence_parallel = 3"):
         load_config(cfg, ["train.sequence_parallel=3"])
     with pytest.raises(ConfigError, match=r"train.sequence_parallel: expected an integer >= 1"):
