@@ -1,7 +1,7 @@
 """Sequence parallelism (``train.sequence_parallel``, Ulysses all-to-all) on gloo processes started
 by torchrun: the loss and the LoRA gradients of packed batches (documents cut by the split, an odd
 length the ranks pad) equal one process running the same batches through the plain loss module,
-with and without gradient checkpointing, on 2 ranks and on 4 (2 data-parallel groups of 2); a
+with and without gradient checkpointing, on 2 ranks and on 4 (2 data-parallel groups of 2, or one group of 4 over 2 key/value heads); a
 ``tunex train`` run with it (LoRA through DDP, a full fine-tune through FSDP2) logs the one-process
 curve; bad settings are named errors."""
 
@@ -90,6 +90,13 @@ def test_four_ranks_two_data_parallel_groups_of_two(tmp_path, gqa_model):
     check_equal(out, one_process(gqa_model, 2, False))
 
 
+def test_four_ranks_one_sequence_with_fewer_key_value_heads_than_ranks(tmp_path, gqa_model):
+    """4 ranks share each sequence, the model has 2 key/value heads: each is repeated for 2 ranks."""
+    out = tmp_path / "sp.pt"
+    torchrun(4, str(HERE / "_sp_worker.py"), str(gqa_model), str(out), "4", "0")
+    check_equal(out, one_process(gqa_model, 1, False))
+
+
 def test_padding_and_slicing_pieces():
     from tunex.dist.sequence import SequenceGroup, local_targets, pad_to_multiple
 
@@ -171,9 +178,13 @@ def test_bad_settings_are_named_errors(run_setup, tmp_path):
         load_config(cfg, ["train.sequence_parallel=3"])
     with pytest.raises(ConfigError, match=r"train.sequence_parallel: expected an integer >= 1"):
         load_config(cfg, ["train.sequence_parallel=0"])
-    four = load_config(cfg, ["train.sequence_parallel=4"])
-    with pytest.raises(TunexError, match=r"train.sequence_parallel = 4: expected a divisor of the model's 4 attention"):
-        preflight(four, load_tokenizer(four.model.path))
+    eight = load_config(cfg, ["train.sequence_parallel=8"])
+    with pytest.raises(TunexError, match=r"train.sequence_parallel = 8: expected a divisor of the model's 4 attention"):
+        preflight(eight, load_tokenizer(eight.model.path))
+    hf_model("llama2", hidden_size=96, num_attention_heads=6, num_key_value_heads=3).save_pretrained(tmp_path / "h")
+    with pytest.raises(TunexError, match=r"train.sequence_parallel = 2: .* its 3 key/value heads divide or are"):
+        check_model(read_config(tmp_path / "h"), 2)
+    check_model(read_config(tmp_path / "h"), 3)  # 6 query heads, 3 key/value heads: 3 ranks fit
     with pytest.raises(TunexError, match=r"train.sequence_parallel = 2: expected a divisor of the number of processes"):
         plan(DistEnv(rank=0, world_size=3), 2)
     with pytest.raises(TunexError, match=r"train.sequence_parallel = 2: expected a divisor of the number of processes"):

@@ -6,7 +6,8 @@ multiple of N tokens and runs the model on its own N-th of each sequence: embedd
 the output head and the loss see T / N tokens. Around attention, one all-to-all turns the (B, H,
 T/N, D) heads of the rank's slice into (B, H/N, T, D): H/N heads over the whole sequence, so each
 rank attends with its heads exactly as one process would; a second all-to-all turns the output
-back. Packed documents are found in the whole sequence's position ids (the decoder computes them
+back (with fewer key/value heads than ranks, each is repeated for the ranks whose query heads
+read it). Packed documents are found in the whole sequence's position ids (the decoder computes them
 before the layers are sliced), so attention stays inside each document wherever the cut falls.
 
 Loss: each rank sums the losses of its tokens and divides by the target count of the whole
@@ -73,18 +74,19 @@ def plan(env: DistEnv, size: int, source: str = "config") -> SequenceGroup:
 
 
 def check_model(model_cfg: Any, size: int, source: str = "config") -> None:
-    """Refuse a model the split cannot serve: heads (query and key/value) must divide among the
-    ``size`` ranks, and windowed attention (Mistral, Phi-3, Gemma) is not split.
+    """Refuse a model the split cannot serve: the query heads must divide among the ``size`` ranks,
+    the key/value heads too or divide ``size`` (then repeated), and windowed attention (Mistral,
+    Phi-3, Gemma) is not split.
 
     Raises:
         TunexError: naming ``train.sequence_parallel``, the model's numbers and the fix.
     """
     heads, kv = model_cfg.num_heads, model_cfg.num_kv_heads
-    if heads % size or kv % size:
+    if heads % size or (kv % size and size % kv):
         raise TunexError(
             f"{source}: train.sequence_parallel = {size}: expected a divisor of the model's {heads} attention "
-            f"heads and {kv} key/value heads (each rank attends with heads / {size} of them); pick one that "
-            "divides both"
+            f"heads that its {kv} key/value heads divide or are divided by (each rank attends with heads / {size} "
+            "query heads); pick another"
         )
     windowed = model_cfg.sliding_window is not None or model_cfg.layer_types is not None
     if windowed:
@@ -166,6 +168,8 @@ class SequenceParallel(Standard):
         if not isinstance(mask, _Sharded):
             return super().attention(q, k, v, mask, causal, gqa)
         group = self.sp.group
+        if k.shape[1] % self.sp.size:  # fewer key/value heads than ranks: each rank gets a copy of its group's
+            k, v = (t.repeat_interleave(self.sp.size // t.shape[1], dim=1) for t in (k, v))
         q, k, v = (heads_to_sequence(t, group) for t in (q, k, v))
         y = super().attention(q, k, v, mask.docs, mask.docs is None, gqa)
         return sequence_to_heads(y, group)
