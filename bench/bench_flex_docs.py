@@ -173,6 +173,12 @@ def main() -> None:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
 
+    if not torch.cuda.is_available():  # `python bench/run.py` (all benchmarks) on a machine without one
+        print(
+            "No CUDA device on the machine that ran this, so no table: `python bench/bench_flex_docs.py` on a "
+            "CUDA machine (about two minutes on one H200)."
+        )
+        return
     report(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     check(report)
     model(report)
