@@ -6,7 +6,9 @@ Usage: python bench/run.py [NAME ...]    (NAME = merge, quant, generate, data, t
 Each bench/bench_NAME.py runs tunex and its competitor side by side in one run and prints a markdown
 table to stdout. This runner replaces the section ``## NAME`` of BENCHMARKS.md with that table, the
 command that produced it, the date and the machine, and leaves the other sections as they were.
-Timings are never pass/fail: these machines are noisy, so read the ratios.
+Timings are never pass/fail: these machines are noisy, so read the ratios. On a machine shared with
+other jobs, run it as root under ``chrt -f 10`` (children inherit the policy): the benchmark then
+has the cores to itself but for the kernel's real-time throttling, and its section says so.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}"
+    policy = ""
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) == os.SCHED_FIFO:
+        policy = (
+            ", real-time FIFO scheduling (`chrt -f`: other jobs on the machine get the kernel's 5% real-time remainder)"
+        )
+    return f"{os.cpu_count()} cores, {cpu}{policy}"
 
 
 def run_one(name: str, args: list[str]) -> str:

@@ -3,7 +3,8 @@ oracle shares with it (the model with its LoRA init, the packed batches).
 
 ``python -m torch.distributed.run --nproc-per-node N tests/_sp_worker.py MODEL OUT SP CHECKPOINTING``:
 every rank trains one micro-batch per data-parallel group through DDP and the sequence-parallel
-loss module; rank 0 saves the job's mean loss and the LoRA gradients to OUT.
+loss module, as the training loop does (the loss token-weighted over all groups' targets, backward
+times the world size); rank 0 saves the job's loss and the LoRA gradients to OUT.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ def batch(index: int, vocab: int) -> dict[str, torch.Tensor]:
     labels[:, ::7] = -100  # some positions without a target
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENGTHS])
     labels[pos == 0] = -100  # no document's first token is a target (as the packer makes them)
+    labels[1, 30 : 30 + 4 * index] = -100  # the groups' target counts differ: the loss weighs tokens, not batches
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def main(model_dir: str, out: str, size: int, checkpointing: bool) -> None:
     from tunex.dist.env import init_distributed
+    from tunex.dist.metrics import step_targets
     from tunex.dist.sequence import plan
     from tunex.dist.wrap import wrap_for_training
 
@@ -56,13 +59,15 @@ def main(model_dir: str, out: str, size: int, checkpointing: bool) -> None:
     model.gradient_checkpointing = checkpointing
     step = wrap_for_training(model, "lora", env, torch.device("cpu"), "float32", group)
     b = batch(group.dp_rank, model.config.vocab_size)
-    loss = step(b["input_ids"], b["labels"], b["position_ids"])
-    loss.backward()
-    mean = loss.detach().clone()
-    torch.distributed.all_reduce(mean)
+    # as the loop: the global batch's target count (each group's once), backward times the world size
+    denom = step_targets(env, [b["labels"]] if group.rank == 0 else [], torch.device("cpu"))
+    loss = step(b["input_ids"], b["labels"], b["position_ids"], denom)
+    (loss * env.world_size).backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     if env.rank == 0:
-        torch.save({"loss": float(mean) / env.world_size, "grads": grads}, out)
+        torch.save({"loss": float(total), "grads": grads}, out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

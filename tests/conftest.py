@@ -26,6 +26,9 @@ ORACLES = (
     "openai",  # the client test_serve.py talks to `tunex serve` with
     "starlette",  # tunex[serve]
     "uvicorn",
+    "wandb",  # tunex[wandb]
+    "mlflow",  # tunex[mlflow]
+    "selenium",  # drives chromium in tests/test_board.py
 )
 
 

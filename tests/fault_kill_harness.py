@@ -8,6 +8,9 @@ folders, so it never holds a thread pool a fork would break. Each writer writes 
 path every time (every other kill after removing the last output, so a kill lands both in a new
 output and in the replacement of an old one), and the final run must sweep every partial the killed
 ones left. Prints one JSON object: per writer, the counts and every problem found.
+
+``python fault_kill_harness.py ROOT 0 0 --full-and-read-only [WRITER ...]`` runs each writer once into
+a full and once into a read-only filesystem instead, and prints what each raised and left behind.
 """
 
 from __future__ import annotations
@@ -278,9 +281,90 @@ def train_kills(root: Path, seed: int, kills: int) -> dict:
     return {"kills": kills, "seconds": round(took, 3), "killed_mid_run": landed, "problems": problems}
 
 
+def _mount(folder: Path, options: str) -> bool:
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def _umount(folder: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def _error_of(fn, out: Path, limit_size: bool) -> dict:
+    """Run ``fn(out)`` in a forked child; what it raised (type, message, whether an OSError)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        report = {"raised": None}
+        try:
+            if limit_size:  # no tmpfs to fill: a file-size limit (writes fail with EFBIG)
+                import resource
+
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+            fn(out)
+        except BaseException as e:  # noqa: BLE001 - the report is the point
+            report = {"raised": type(e).__name__, "message": str(e), "oserror": isinstance(e, OSError)}
+        with os.fdopen(write, "w") as f:
+            f.write(json.dumps(report))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(text) if text else {"raised": "the child died", "message": "", "oserror": False}
+
+
+def full_and_read_only(root: Path, only: set[str]) -> dict:
+    """Each writer into a full filesystem (a 64 KiB tmpfs; a file-size limit where none can be
+    mounted) and into a read-only one (a read-only tmpfs; a folder mode 0555 when not root): what
+    it raised, and what it left in its output folder. Inputs are hashed before and after."""
+    inputs = [root / "model", root / "ck", root / "adapter", root / "model.gguf"]
+
+    def hashes() -> dict:
+        return {str(p): digest(p) for p in inputs}
+
+    before = hashes()
+    report = {}
+    for name, (out, fn) in writers(root).items():
+        if only and name not in only:
+            continue
+        for fault in ("full", "read-only"):
+            folder = out.parent  # the writer's partials and output land here
+            folder.mkdir(parents=True, exist_ok=True)
+            how = "tmpfs"
+            mounted = _mount(folder, "size=64k" if fault == "full" else "ro,size=64k")
+            if not mounted:
+                if fault == "read-only" and os.geteuid() == 0:
+                    report[f"{name}/{fault}"] = {"skipped": "root without a read-only tmpfs"}
+                    continue
+                how = "rlimit" if fault == "full" else "mode 0555"
+                if fault == "read-only":
+                    os.chmod(folder, 0o555)
+            try:
+                result = _error_of(fn, out, limit_size=fault == "full" and not mounted)
+                left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+            finally:
+                if mounted:
+                    _umount(folder)
+                os.chmod(folder, 0o755)
+            report[f"{name}/{fault}"] = {**result, "how": how, "left": left, "out": str(out)}
+    report["inputs_unchanged"] = hashes() == before
+    return report
+
+
 def main() -> None:
     root, seed, kills = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     only = set(sys.argv[4:])
+    faults = "--full-and-read-only" in only
+    only.discard("--full-and-read-only")
     import torch
 
     torch.set_num_threads(1)
@@ -301,6 +385,9 @@ def main() -> None:
         checkpoint_as_adapter(load_config(root / "lora.toml"), root / "ck" / "iter_1.pth", root / "adapter")
 
     run(make_adapter)
+    if faults:
+        print(json.dumps(full_and_read_only(root, only)))
+        return
     rng = random.Random(seed)
     report = {}
     if not only or "train" in only:

@@ -171,3 +171,23 @@ def test_estimate_counts_bf16_adapters_with_fp32_moments():
     fp32 = estimate_memory(PRESETS["llama2-7b"], Plan(kind="qlora", adapter_bytes=4)).peak
     bf16 = estimate_memory(PRESETS["llama2-7b"], Plan(kind="qlora", adapter_bytes=2)).peak
     assert fp32 - bf16 == 2 * 2 * trainable  # adapter + gradients, 2 bytes each, all live at the peak
+
+
+def test_replicas_seeded_alike_round_alike_whatever_torch_seed():
+    """Data-parallel ranks step the same averaged gradients; with train.seed they stay identical even
+    though each process's torch seed differs (dropout is seeded per rank)."""
+    grads = [torch.randn(64, 32) * 1e-3 for _ in range(3)]
+    start = torch.randn(64, 32).to(torch.bfloat16)
+
+    def run(torch_seed: int, seed: int | None) -> torch.Tensor:
+        torch.manual_seed(torch_seed)
+        p = torch.nn.Parameter(start.clone())
+        opt = build_optimizer([p], 1e-3, (0.9, 0.999), 0.0, bf16_adapters=True, seed=seed)
+        for g in grads:
+            p.grad = g.to(torch.bfloat16)
+            opt.step()
+        return p.detach().clone()
+
+    assert torch.equal(run(1, seed=7), run(2, seed=7))
+    assert not torch.equal(run(1, seed=7), run(1, seed=8))  # the seed does decide the rounding
+    assert not torch.equal(run(1, seed=None), run(2, seed=None))  # unseeded: torch's per-process seed

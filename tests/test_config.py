@@ -54,7 +54,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 def test_unknown_section_suggests_the_closest(tmp_path):
     problems = problems_of(tmp_path, MINIMAL + "[trian]\nlr = 1.0\n")
     assert problems == [
-        "trian: unknown section; did you mean 'train'? (valid sections: model, data, method, train, eval, save)"
+        "trian: unknown section; did you mean 'train'? (valid sections: model, data, method, train, eval, save, log, vision)"
     ]
 
 

@@ -253,3 +253,72 @@ def test_hung_rank_times_out_instead_of_waiting_forever(tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - started < 100
     assert "rank      : 0" in result.stderr or "local_rank: 0" in result.stderr, result.stderr[-3000:]
+
+
+# sequences of about one length (unpacked data is batched by length) whose target tokens differ
+# several-fold: a long prompt with a one-word answer, or a short prompt with a long answer
+LONG = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine."
+UNEVEN = [
+    (LONG, "Yes."),
+    ("Go on.", LONG),
+    (LONG + " Where?", "Spain."),
+    ("Why?", LONG + " Bees."),
+    (LONG + " Who?", "Shakespeare."),
+    ("And?", LONG + " Honey."),
+    (LONG, "No."),
+    ("Well?", LONG),
+]
+SPLITS = {"4x1": ["train.batch_size=4", "train.grad_accum=1"], "1x4": ["train.batch_size=1", "train.grad_accum=4"]}
+
+
+def test_loss_is_token_weighted_across_splits(setup, tmp_path):
+    """One global batch of 4 split as 4 x accumulation 1, 1 x accumulation 4 and 2 gloo processes x
+    1 x accumulation 2, on chat data whose sequences hold very different numbers of target tokens:
+    the same losses at every step and the same adapter weights after 4 steps. The first step's loss
+    (B = 0: the base model's) equals transformers' mean token loss over the 4 sequences."""
+    import json
+
+    import transformers
+    from tunex.data import build_dataset
+    from tunex.dist.sampler import rank_micro_batches
+    from tunex.tokenizer import load_tokenizer
+    from tunex.train.loss import target_tokens
+
+    root, _ = setup
+    model = root / "model"
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in UNEVEN]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(
+        tmp_path / "c.toml", model, data, "lora", "openai", tmp_path / "unused", save_steps=4, max_steps=4, lr=2e-2
+    )
+    common = [NO_DROPOUT, "eval.prompts=[]"]
+    works = {name: tmp_path / name for name in ("4x1", "1x4", "2x1x2")}
+    for name, split in SPLITS.items():
+        train(load_config(cfg, [*split, *common]), work_dir=str(works[name]))
+    two = ["train.batch_size=1", "train.grad_accum=2", *common]
+    torchrun(str(cfg), "--work-dir", str(works["2x1x2"]), *[a for o in two for a in ("-o", o)])
+
+    # the first step's four sequences, one per micro-batch: deliberately unequal target counts
+    loaded = load_config(cfg, SPLITS["4x1"])
+    dataset = build_dataset(loaded.data, load_tokenizer(model), seed=0, cache_dir=str(tmp_path / "cache"))
+    (batch,) = [next(rank_micro_batches(dataset, 4, seed=0, consumed=0))]
+    counts = [target_tokens(batch["labels"][i : i + 1]) for i in range(4)]
+    assert max(counts) >= 3 * min(counts), counts  # a mean of micro-batch means would weigh them unequally
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        want = float(hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+
+    curves = {name: read_metrics(work) for name, work in works.items()}
+    assert abs(curves["4x1"][0]["loss"] - want) <= 1e-5 * want, (curves["4x1"][0]["loss"], want)
+    for name in ("1x4", "2x1x2"):
+        assert [r["step"] for r in curves[name]] == [1, 2, 3, 4]
+        for a, b in zip(curves["4x1"], curves[name]):
+            for key in ("loss", "grad_norm"):
+                assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (name, key, a, b)
+    ref = torch.load(works["4x1"] / "iter_4.pth", weights_only=True)["model"]
+    for name in ("1x4", "2x1x2"):
+        got = torch.load(works[name] / "iter_4.pth", weights_only=True)["model"]
+        assert set(got) == set(ref)
+        for k, v in ref.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")

@@ -233,6 +233,38 @@ def test_a_full_disk_or_read_only_folder_is_one_line_and_leaves_nothing(merge_in
     shutil.rmtree(folder)
 
 
+def test_every_writer_on_a_full_or_read_only_filesystem_raises_one_line_naming_it_and_leaves_nothing(tmp_path):
+    """All ten writers of the kill suite (fault_kill_harness.py --full-and-read-only) into a 64 KiB
+    tmpfs and a read-only tmpfs (as root; else a file-size limit and a folder mode 0555): each
+    raises an OSError whose one-line message names its output, leaves its output folder empty and
+    changes no input."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "fault_kill_harness.py"), str(tmp_path), "0", "0", "--full-and-read-only"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report.pop("inputs_unchanged") is True
+    names = {key.split("/")[0] for key in report}
+    assert len(names) == 10 and len(report) == 20, sorted(report)
+    ran = {key: r for key, r in report.items() if "skipped" not in r}
+    assert len(ran) >= 10, report  # the full-disk case runs everywhere
+    expect = {
+        "full": ("No space left on device", "too large", "a full disk?"),
+        "read-only": ("Read-only file system", "Permission denied"),
+    }
+    for key, r in ran.items():
+        fault = key.split("/")[1]
+        assert r["oserror"], (key, r)
+        message = r["message"]
+        assert "\n" not in message and Path(r["out"]).name in message, (key, message)
+        assert any(e in message for e in expect[fault]), (key, message)
+        assert r["left"] == [], (key, r["left"])
+
+
 def test_a_torn_last_metrics_line_is_dropped_on_resume_and_said_once(tmp_path):
     from tunex.train.metrics import MetricsWriter, read_metrics
 
@@ -254,3 +286,138 @@ def test_sweep_never_fails_a_writer_and_ignores_other_names(tmp_path):
     (tmp_path / ".x.tunex-partial-123").mkdir()  # an older tunex's partial: no owner, left alone
     assert atomic.sweep(tmp_path) == []
     assert atomic.sweep(tmp_path / "missing") == []
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    """A full fine-tune config for 2 gloo processes (FSDP2: iter_N.shards every step) and the
+    uninterrupted run's curve."""
+    import torch
+    from test_train_helpers import make_data, write_config
+    from tunex.train.metrics import read_metrics
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch without distributed")
+    root = tmp_path_factory.mktemp("dist_kill")
+    model = make_tiny_model(root / "model", tied=False)
+    data = make_data(root / "data", "pretrain")
+    cfg = write_config(
+        root / "full.toml", model, data, "full", "pretrain", root / "unused", save_steps=1, max_steps=4, batch_size=1
+    )
+    _torchrun_train(cfg, root / "ref")
+    return root, cfg, read_metrics(root / "ref")
+
+
+def _dist_env() -> dict[str, str]:
+    env = dict(_env(), OMP_NUM_THREADS="1", TUNEX_DIST_TIMEOUT="60", PYTHONUNBUFFERED="1", COLUMNS="1000")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NPROC_PER_NODE", "NNODES", "PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _torchrun(script: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *script]
+
+
+def _torchrun_train(cfg: Path, work: Path, *extra: str) -> str:
+    args = ["-m", "tunex", "train", str(cfg), "--work-dir", str(work), "-o", "eval.prompts=[]", *extra]
+    done = subprocess.run(_torchrun(args), env=_dist_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    "where,step,ranks",
+    [("shard", 2, "1"), ("shard", 3, "0,1"), ("publish", 2, "0")],
+    ids=["rank1-after-its-shard", "both-after-their-shards", "rank0-before-the-rename"],
+)
+def test_a_two_process_sharded_checkpoint_killed_mid_save_is_absent_and_resume_continues(
+    dist_run, tmp_path, where, step, ranks
+):
+    """2 gloo processes save iter_N.shards every step; the chosen ranks are SIGKILLed inside the save
+    of step STEP (after writing their shard file, or rank 0 just before the folder's one rename):
+    the job fails, iter_STEP.shards does not exist, every checkpoint there loads whole, and
+    ``--resume auto`` on 2 processes continues from iter_{STEP-1} with the uninterrupted curve and
+    sweeps the dead run's partial."""
+    import time
+
+    import torch
+    from tunex.train import checkpoint
+    from tunex.train.metrics import read_metrics
+
+    root, cfg, ref = dist_run
+    work, markers = tmp_path / "work", tmp_path / "markers"
+    markers.mkdir()
+    script = [str(HERE / "fault_dist_pause.py"), str(markers), where, str(step), ranks, "--"]
+    args = [str(cfg), "--work-dir", str(work), "-o", "eval.prompts=[]"]  # the script adds `train`
+    proc = subprocess.Popen(
+        _torchrun([*script, *args]), env=_dist_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        want = [markers / f"rank_{r}.pid" for r in ranks.split(",")]
+        deadline = time.monotonic() + 200
+        while not all(p.exists() for p in want) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(p.exists() for p in want), "the ranks never reached the pause point"
+        for p in want:
+            os.kill(int(p.read_text()), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, err[-2000:]
+    names = sorted(p.name for p in work.iterdir())
+    assert f"iter_{step}.shards" not in names, names
+    saved = checkpoint.checkpoints(work)
+    assert [s for s, _ in saved] == list(range(max(1, step - 2), step)), names  # save_total_limit = 2
+    for s, path in saved:  # every checkpoint that is there is whole
+        state = checkpoint.load(path)
+        assert state["step"] == s and state["world_size"] == 2 and state["model"], path
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    if "0" in ranks.split(","):  # rank 0 died holding the partial: the next save must sweep it
+        assert [p for p in names if ".tunex-partial" in p], names
+    # (when only rank 1 dies, rank 0's collective fails and it removes the partial itself)
+
+    said = _torchrun_train(cfg, work, "--resume", "auto")
+    assert f"resumed from {work / f'iter_{step - 1}.shards'} at step {step - 1}" in " ".join(said.split()), said
+    got = read_metrics(work)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+    assert [p.name for p in work.iterdir() if ".tunex-" in p.name] == [], "the dead run's partial stayed"
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_the_data_cache_on_a_full_or_read_only_filesystem_is_one_line_and_leaves_no_store(tmp_path, fault):
+    """Tokenizing into a cache folder on a 64 KiB tmpfs (or a read-only one): one OSError line naming
+    the cache, and no store (complete or partial) left behind; the run without the fault then builds
+    it. Needs root and tmpfs mounts."""
+    from test_train_helpers import make_tokenizer
+    from tunex.config import DataConfig
+    from tunex.data import build_dataset
+    from tunex.tokenizer import load_tokenizer
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    make_tokenizer(tmp_path / "tok")
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 40}) + "\n") * 300)
+    cfg = DataConfig(path=str(data), format="pretrain", template="auto", max_length=64, pack_to_max_length=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    options = "size=64k" if fault == "full" else "ro,size=64k"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(cache)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount here")
+    try:
+        with pytest.raises(OSError) as raised:
+            build_dataset(cfg, load_tokenizer(tmp_path / "tok"), seed=0, cache_dir=str(cache))
+        left = [p for p in cache.iterdir() if p.is_dir() and p.name != "content"]
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    message = str(raised.value)
+    assert "\n" not in message and str(cache) in message, message
+    assert ("No space left" if fault == "full" else "Read-only") in message, message
+    assert left == [], left  # the content memo and the lock file are no store
+    assert len(build_dataset(cfg, load_tokenizer(tmp_path / "tok"), seed=0, cache_dir=str(cache))) > 0

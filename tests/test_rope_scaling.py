@@ -155,3 +155,17 @@ def test_set_rope_scaling_keeps_the_file_layout():
     set_rope_scaling(gemma, s)
     assert gemma["rope_parameters"]["full_attention"] == {"rope_theta": 1e6, **s}
     assert gemma["rope_parameters"]["sliding_attention"] == {"rope_theta": 1e4}
+
+
+def test_the_transformers_backend_refuses_the_key(run):
+    """model.rope_scaling replaces the rope settings of tunex's own decoder; a model run through
+    transformers reads its own from config.json, so the key is refused rather than ignored."""
+    from tunex.tokenizer import load_tokenizer
+    from tunex.train.build import preflight
+
+    cfg = _cfg(run, 'model.backend="transformers"', 'model.rope_scaling={type="linear", factor=2.0}')
+    with pytest.raises(TunexError, match=r"model.rope_scaling: llama runs through the transformers backend"):
+        preflight(cfg, load_tokenizer(cfg.model.path))
+    with pytest.raises(ValueError, match=r"transformers backend"):
+        load_model(cfg.model.path, backend="transformers", rope_scaling=cfg.model.rope_scaling)
+    preflight(_cfg(run, 'model.backend="transformers"'), load_tokenizer(cfg.model.path))  # without the key: fine

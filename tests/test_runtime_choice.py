@@ -77,3 +77,46 @@ def test_attention_inside_the_arena_without_the_native_kernel_is_flash_kept(monk
         facts = registry.Facts("cpu", torch.float32, grad=True, head_dim=64, causal=True, arena=True)
         assert registry.choose("attention", facts) == "flash-kept"
         assert registry.choose("attention", registry.Facts("cpu", torch.float32, grad=True, arena=False)) == "sdpa"
+
+
+def test_pinned_block_answers_each_question_once_and_reads_switches_again_after(monkeypatch):
+    asked = []
+    real = registry._choose
+    monkeypatch.setattr(registry, "_choose", lambda op, f: (asked.append(op), real(op, f))[1])
+    f = registry.Facts("cpu", torch.float32, grad=False, rows=1)
+    with registry.pinned():
+        first = registry.choose("decode_linear", f)
+        with settings.override(TUNEX_GEMV="0"):  # read at the first call of the block: no effect inside
+            assert registry.choose("decode_linear", f) == first
+        with registry.pinned():  # nested: the outer block's answers
+            assert registry.choose("decode_linear", registry.Facts("cpu", torch.float32, grad=False, rows=1)) == first
+        registry.choose("decode_linear", registry.Facts("cpu", torch.float32, grad=False, rows=2))
+    assert asked == ["decode_linear", "decode_linear"]  # rows=1 once, rows=2 once
+    with settings.override(TUNEX_GEMV="0"):  # outside a block every call reads the switch
+        assert registry.choose("decode_linear", f) not in (first, "gemv")
+    assert len(asked) == 3
+
+
+def test_generate_pins_the_registry_and_gives_the_same_tokens(monkeypatch):
+    import contextlib
+    import importlib
+
+    from tunex.models import decoder
+    from tunex.models.config import config_from_hf
+
+    generate = importlib.import_module("tunex.models.generate")  # the module (tunex.models exports the function)
+
+    raw = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    raw.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = decoder.CausalLM(config_from_hf(raw)).eval()
+    asked = []
+    real = registry._choose
+    monkeypatch.setattr(registry, "_choose", lambda op, f: (asked.append(op), real(op, f))[1])
+    got = generate.generate(model, [1, 2, 3], max_new_tokens=12)
+    pinned = len(asked)
+    # unpinned, every decoded token asks every question again, for the same tokens
+    monkeypatch.setattr(generate.registry, "pinned", contextlib.nullcontext)
+    asked.clear()
+    assert generate.generate(model, [1, 2, 3], max_new_tokens=12) == got
+    assert len(asked) > 5 * pinned

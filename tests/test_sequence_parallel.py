@@ -53,16 +53,19 @@ def gqa_model(tmp_path_factory) -> Path:
 
 def one_process(folder: Path, groups: int, checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
     """The oracle: each data-parallel group's batch through the plain loss module in this process,
-    the losses and gradients averaged over the groups (what a data-parallel run steps with)."""
+    every token weighing the same: each batch's summed token loss over all the batches' target count
+    (what a data-parallel run steps with)."""
     from tunex.dist.wrap import LossModule
+    from tunex.train.loss import target_tokens
 
     model = lora_model(folder)
     model.gradient_checkpointing = checkpointing
     step = LossModule(model)
+    batches = [batch(g, model.config.vocab_size) for g in range(groups)]
+    denom = float(sum(target_tokens(b["labels"]) for b in batches))
     total = 0.0
-    for g in range(groups):
-        b = batch(g, model.config.vocab_size)
-        loss = step(b["input_ids"], b["labels"], b["position_ids"]) / groups
+    for b in batches:
+        loss = step(b["input_ids"], b["labels"], b["position_ids"], denom)
         loss.backward()
         total += float(loss.detach())
     return total, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -189,6 +192,11 @@ def test_bad_settings_are_named_errors(run_setup, tmp_path):
         plan(DistEnv(rank=0, world_size=3), 2)
     with pytest.raises(TunexError, match=r"train.sequence_parallel = 2: expected a divisor of the number of processes"):
         plan(DistEnv(), 2)
+    with pytest.raises(ConfigError, match=r"train.router_aux_loss_coef: expected 0 with train.sequence_parallel = 2"):
+        load_config(cfg, ["train.sequence_parallel=2", "train.router_aux_loss_coef=0.01"])
+    hf = load_config(cfg, ["train.sequence_parallel=2", 'model.backend="transformers"'])
+    with pytest.raises(TunexError, match=r"sequence_parallel = 2: llama runs through the transformers backend"):
+        preflight(hf, load_tokenizer(hf.model.path))
     hf_model("mistral_window").save_pretrained(tmp_path / "w")
     with pytest.raises(TunexError, match=r"mistral attends in sliding windows"):
         check_model(read_config(tmp_path / "w"), 2)

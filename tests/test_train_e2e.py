@@ -109,7 +109,9 @@ def test_cpu_bf16_training_follows_the_float32_run(tmp_path, models, kind, ckpt)
         curves[dtype] = [r["loss"] for r in read_metrics(tmp_path / dtype)]
     ours, exact = curves["bfloat16"], curves["float32"]
     assert ours != exact
-    assert all(abs(a - b) < 0.05 * b for a, b in zip(ours, exact)), (ours, exact)
+    # lr 2e-2 on a random model amplifies bf16's rounding over 8 steps: the largest step gap was
+    # 2.8-4.4% over seeds 0-3 with a mean of micro-batch means, 1.7-5.8% with the token-weighted loss
+    assert all(abs(a - b) < 0.07 * b for a, b in zip(ours, exact)), (ours, exact)
     assert sum(ours[-2:]) < 0.9 * sum(ours[:2])
 
 

@@ -1,8 +1,8 @@
 """The TOML config schema of ``tunex train`` and its validator.
 
-A config has six sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]`` and
-``[save]``. Each section is a dataclass below; a field's metadata carries its check and its doc line,
-so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
+A config has eight sections: ``[model]``, ``[data]``, ``[method]``, ``[train]``, ``[eval]``,
+``[save]``, ``[log]`` and ``[vision]`` (multimodal runs only). Each section is a dataclass below; a
+field's metadata carries its check and its doc line, so the schema, the defaults and the validation live in one place. Defaults follow XTuner's QLoRA
 recipes (r=64, alpha=16, dropout 0.1, lr 2e-4, cosine with 3% warmup, batch 1 x accumulation 16,
 max_length 2048, packing on).
 
@@ -122,6 +122,18 @@ def _text_list(v: Any) -> list[str]:
     return list(v)
 
 
+def _optional_paths(v: Any) -> str | list[str]:
+    if v == "" or v == []:
+        return ""
+    return _text_or_list(v)
+
+
+def _backends(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(x in TRACKERS for x in v) or len(set(v)) != len(v):
+        raise _Bad("a list of distinct names from " + ", ".join(repr(t) for t in TRACKERS))
+    return list(v)
+
+
 def _betas(v: Any) -> list[float]:
     if (
         not isinstance(v, list)
@@ -210,7 +222,9 @@ def _rope_scaling(v: Any) -> dict:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot")
+DATA_FORMATS = ("alpaca", "openai", "sharegpt", "pretrain", "conversation", "chatterbot", "llava")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+BEST_METRICS = ("", "eval_loss", "eval_perplexity")
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
 
 
@@ -229,6 +243,11 @@ class ModelConfig:
         'rope_scaling, type linear / dynamic / yarn / longrope / llama3, e.g. {type = "yarn", factor = 4.0}; '
         "{} = the checkpoint's own (docs/TRAINING.md)",
     )
+    backend: str = _setting(
+        "auto",
+        _one_of("auto", "tunex", "transformers"),
+        "auto = tunex's decoder for its families, transformers (pip install 'tunex[hf]') for other architectures",
+    )
 
 
 @dataclass
@@ -242,6 +261,12 @@ class DataConfig:
     shuffle_before_pack: bool = _setting(True, _flag, "shuffle samples before packing")
     num_workers: int = _setting(0, _integer(0, 256), "tokenizer worker processes; 0 = in process")
     cache_dir: str = _setting("", _text, "tokenized-data cache; empty = <work_dir>/../.cache")
+    image_folder: str = _setting(
+        "", _text, "[vision] runs: folder image paths are relative to; empty = the data file's"
+    )
+    skip_bad_images: bool = _setting(
+        False, _flag, "[vision] runs: skip (and count) records whose image is missing or undecodable instead of failing"
+    )
 
 
 @dataclass
@@ -307,15 +332,33 @@ class TrainConfig:
         "ranks that share each sequence (Ulysses: all-to-all over heads around attention); "
         "world size = data-parallel x this; 1 = off (docs/SCALING.md)",
     )
+    router_aux_loss_coef: float = _setting(
+        0.0,
+        _number(0),
+        "MoE models: weight of the routers' load-balancing loss added to the loss; 0 = off",
+    )
     log_steps: int = _setting(10, _integer(1), "log every N optimizer steps")
 
 
 @dataclass
 class EvalConfig:
     prompts: list[str] = _setting(XTUNER_EVAL_PROMPTS, _text_list, "prompts answered by the eval hook")
-    every_n_steps: int = _setting(500, _integer(0), "run the eval hook every N steps; 0 = only at the end")
+    every_n_steps: int = _setting(
+        500, _integer(0), "answer the prompts and measure the held-out loss every N steps; 0 = only at the end"
+    )
     max_new_tokens: int = _setting(128, _integer(1), "tokens generated per eval prompt")
     system: str = _setting("", _text, "system prompt for eval prompts")
+    data: str | list[str] = _setting(
+        "", _optional_paths, "held-out data file(s) or folder(s) for eval_loss / eval_perplexity; empty = none"
+    )
+    format: str = _setting("", _one_of("", *DATA_FORMATS), "record format of eval.data; empty = data.format")
+    split: float = _setting(
+        0.0,
+        _number(0, 1, hi_open=True),
+        "fraction of the training records held out for evaluation (the same records whatever the seed); "
+        "0 = none; not with eval.data",
+    )
+    batch_size: int = _setting(0, _integer(0), "sequences per held-out forward; 0 = train.batch_size")
 
 
 @dataclass
@@ -323,6 +366,54 @@ class SaveConfig:
     work_dir: str = _setting("", _text, "output folder; empty = work_dirs/<config name>")
     save_steps: int = _setting(500, _integer(1), "write iter_N.pth every N steps")
     save_total_limit: int = _setting(2, _integer(0), "checkpoints kept; 0 = keep all")
+    best_metric: str = _setting(
+        "",
+        _one_of(*BEST_METRICS),
+        "eval_loss or eval_perplexity: keep the checkpoint of the best held-out evaluation as best.pth "
+        "(never pruned); empty = off",
+    )
+
+
+@dataclass
+class LogConfig:
+    backends: list[str] = _setting(
+        [],
+        _backends,
+        "trackers: tensorboard, wandb, mlflow (each needs its package); TensorBoard files are also "
+        "written whenever the tensorboard package is installed",
+    )
+    project: str = _setting("", _text, "wandb project / MLflow experiment; empty = tunex")
+    run_name: str = _setting("", _text, "run name in the trackers; empty = the work dir's name")
+    tracking_uri: str = _setting(
+        "",
+        _text,
+        "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite:///<work dir's parent>/mlflow.db",
+    )
+
+
+@dataclass
+class VisionConfig:
+    path: str = _setting("", _text, "vision tower: an HF CLIP / SigLIP folder; empty = a text-only run")
+    select_layer: int = _setting(
+        -2, _integer(-1000, 1000), "tower layer whose patch features the LLM sees (-2: LLaVA's)"
+    )
+    projector: str = _setting("mlp2x_gelu", _one_of("mlp2x_gelu", "linear"), "projector: LLaVA-1.5's MLP or one linear")
+    image_aspect: str = _setting(
+        "pad",
+        _one_of("pad", "resize"),
+        "pad: to a square with the mean colour first (LLaVA-1.5); resize: crop as the tower",
+    )
+    stage: str = _setting(
+        "finetune",
+        _one_of("pretrain", "finetune"),
+        "pretrain: only the projector trains (LLM and tower frozen); finetune: the projector and the LLM as [method] says",
+    )
+    projector_checkpoint: str = _setting(
+        "", _text, "finetune: the pretrain stage's iter_N.pth (or its work dir) whose projector this run starts from"
+    )
+    tower_lora: bool = _setting(False, _flag, "finetune: LoRA (method.dropout) on the tower's linear layers")
+    tower_lora_r: int = _setting(0, _integer(0, 4096), "the tower's LoRA rank; 0 = method.r")
+    tower_lora_alpha: float = _setting(0.0, _number(0), "the tower's LoRA alpha; 0 = method.alpha")
 
 
 @dataclass
@@ -333,6 +424,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -359,6 +452,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "save": SaveConfig,
+    "log": LogConfig,
+    "vision": VisionConfig,
 }
 
 
@@ -422,6 +517,25 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     return cls(**values)
 
 
+def _check_vision(cfg: Config, problems: list[str]) -> None:
+    v = cfg.vision
+    if not v.path:
+        if cfg.data.format == "llava":
+            problems.append("data.format: 'llava' needs a vision tower: set vision.path")
+        return
+    if cfg.data.format not in ("llava", "openai"):
+        problems.append(f"data.format: expected 'llava' or 'openai' with vision.path set, got {cfg.data.format!r}")
+    if cfg.eval.data or cfg.eval.split:
+        problems.append(
+            "eval.data / eval.split: held-out evaluation of [vision] runs is not supported yet; leave them unset"
+        )
+    if v.stage == "pretrain" and (v.tower_lora or v.projector_checkpoint):
+        problems.append(
+            "vision.stage: the pretrain stage trains the projector alone; tower_lora and projector_checkpoint "
+            "belong to the finetune stage"
+        )
+
+
 def _check_across(cfg: Config, problems: list[str]) -> None:
     sp = cfg.train.sequence_parallel
     if sp > 1 and cfg.data.max_length % sp:
@@ -429,6 +543,13 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
             f"data.max_length: expected a multiple of train.sequence_parallel = {sp} (each rank takes "
             f"max_length / {sp} tokens), got {cfg.data.max_length}"
         )
+    if sp > 1 and cfg.train.router_aux_loss_coef:
+        problems.append(
+            f"train.router_aux_loss_coef: expected 0 with train.sequence_parallel = {sp} (the routers' "
+            "load-balancing loss is not computed over a sequence split across ranks); set it to 0 or "
+            "train.sequence_parallel = 1"
+        )
+    _check_vision(cfg, problems)
     if cfg.train.offload_checkpoints and not cfg.train.gradient_checkpointing:
         problems.append(
             "train.offload_checkpoints: expected false when train.gradient_checkpointing is false "
@@ -448,6 +569,19 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
             )
 
 
+def _check_eval(cfg: Config, problems: list[str]) -> None:
+    if cfg.eval.data and cfg.eval.split:
+        problems.append("eval.split: expected 0 when eval.data is set (held-out data comes from one of them)")
+    if cfg.save.best_metric and not (cfg.eval.data or cfg.eval.split):
+        problems.append(
+            f"save.best_metric: {cfg.save.best_metric!r} needs a held-out evaluation; set eval.data or eval.split"
+        )
+    from tunex.track import missing_packages
+
+    for backend, install in missing_packages(cfg.log.backends):
+        problems.append(f"log.backends: {backend!r} needs the {backend} package; install it with {install}")
+
+
 def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -465,6 +599,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> Config:
         sections[name] = _check_section(name, cls, raw.get(name, {}), problems)
     cfg = Config(**sections, source=source)
     _check_across(cfg, problems)
+    _check_eval(cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg

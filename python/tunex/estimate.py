@@ -62,6 +62,14 @@ class ModelShape:
     fused_gate_up: bool = False  # one gate/up projection (Phi-3's gate_up_proj)
     qk_norm: bool = False  # per-head q/k RMSNorm weights (Qwen3, Gemma 3)
     norms_per_layer: int = 2  # Gemma's sandwich norms: 4
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; every layer MoE): experts per layer, experts
+    # per token, each expert's intermediate size, Qwen2-MoE's shared expert, and the checkpoint's
+    # naming ("mixtral": block_sparse_moe.experts.N.w1/w3/w2, else mlp.experts.N.gate/up/down_proj)
+    experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate: int = 0
+    shared_intermediate: int = 0
+    moe_names: str = ""
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(module name relative to a layer, in_features, out_features) of one decoder layer.
@@ -76,10 +84,50 @@ class ModelShape:
             if self.fused_qkv
             else [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv)]
         )
+        if self.experts:
+            return [*attn, ("self_attn.o_proj", q, h), *self._expert_linears()]
         mlp = (
             [("mlp.gate_up_proj", h, 2 * i)] if self.fused_gate_up else [("mlp.gate_proj", h, i), ("mlp.up_proj", h, i)]
         )
         return [*attn, ("self_attn.o_proj", q, h), *mlp, ("mlp.down_proj", i, h)]
+
+    def _expert_linears(self) -> list[tuple[str, int, int]]:
+        h, m = self.hidden, self.moe_intermediate
+        block, (g, u, d) = (
+            ("block_sparse_moe", ("w1", "w3", "w2"))
+            if self.moe_names == "mixtral"
+            else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        )
+        rows = []
+        for e in range(self.experts):
+            rows += [(f"{block}.experts.{e}.{g}", h, m), (f"{block}.experts.{e}.{u}", h, m)]
+            rows.append((f"{block}.experts.{e}.{d}", m, h))
+        if self.shared_intermediate:
+            si = self.shared_intermediate
+            rows += [(f"{block}.shared_expert.{n}", h, si) for n in (g, u)] + [(f"{block}.shared_expert.{d}", si, h)]
+        return rows
+
+    def router_params(self) -> int:
+        """Per layer: the router (hidden -> experts) and Qwen2-MoE's shared-expert gate (hidden -> 1)."""
+        if not self.experts:
+            return 0
+        return self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)
+
+    @property
+    def ffn_width(self) -> int:
+        """Intermediate activations one token makes in a layer's MLP: the k experts' (and the shared
+        expert's) for MoE."""
+        if self.experts:
+            return self.experts_per_tok * self.moe_intermediate + self.shared_intermediate
+        return self.intermediate
+
+    def active_params(self) -> int:
+        """Parameters one token uses (MoE: its k experts of each layer, not all of them)."""
+        if not self.experts:
+            return self.params()
+        h, m = self.hidden, self.moe_intermediate
+        idle = self.layers * (self.experts - self.experts_per_tok) * 3 * h * m
+        return self.params() - idle
 
     def linear_params(self) -> int:
         return self.layers * sum(i * o for _, i, o in self.linears())
@@ -92,6 +140,7 @@ class ModelShape:
         per_layer = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attention_bias else 0
         per_layer += self.hidden if self.o_bias else 0
         per_layer += 2 * self.intermediate + self.hidden if self.mlp_bias else 0
+        per_layer += self.router_params()
         return embed + norms + self.layers * per_layer
 
     def params(self) -> int:
@@ -113,6 +162,26 @@ PRESETS: dict[str, ModelShape] = {
     "gemma2-9b": ModelShape(3584, 14336, 42, 16, 8, 256, 256000, tie_embeddings=True, norms_per_layer=4),
     "gemma3-1b": ModelShape(1152, 6912, 26, 4, 1, 256, 262144, tie_embeddings=True, qk_norm=True, norms_per_layer=4),
     "phi3-mini": ModelShape(3072, 8192, 32, 32, 32, 96, 32064, fused_qkv=True, fused_gate_up=True),
+    "mixtral-8x7b": ModelShape(
+        4096, 14336, 32, 32, 8, 128, 32000, experts=8, experts_per_tok=2, moe_intermediate=14336, moe_names="mixtral"
+    ),
+    "qwen1.5-moe-a2.7b": ModelShape(
+        2048,
+        5632,
+        24,
+        16,
+        16,
+        128,
+        151936,
+        attention_bias=True,
+        experts=60,
+        experts_per_tok=4,
+        moe_intermediate=1408,
+        shared_intermediate=5632,
+    ),
+    "qwen3-30b-a3b": ModelShape(
+        2048, 6144, 48, 32, 4, 128, 151936, qk_norm=True, experts=128, experts_per_tok=8, moe_intermediate=768
+    ),
 }
 HUB_PRESETS = {
     "meta-llama/llama-2-7b-hf": "llama2-7b",
@@ -140,6 +209,11 @@ HUB_PRESETS = {
     "google/gemma-3-1b-it": "gemma3-1b",
     "microsoft/phi-3-mini-4k-instruct": "phi3-mini",
     "microsoft/phi-3.5-mini-instruct": "phi3-mini",
+    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
+    "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
+    "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b",
+    "qwen/qwen1.5-moe-a2.7b-chat": "qwen1.5-moe-a2.7b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
 }
 
 
@@ -149,6 +223,11 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
     from tunex.models.config import GEMMA, read_config
 
     cfg = read_config(Path(path))
+    if cfg.num_experts and not all(cfg.sparse_layers):
+        raise ValueError(
+            f"{path}: the estimate assumes every layer is MoE; this model has dense layers (mlp_only_layers / "
+            "decoder_sparse_step)"
+        )
     return ModelShape(
         hidden=cfg.hidden_size,
         intermediate=cfg.intermediate_size,
@@ -165,6 +244,11 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
         fused_gate_up=cfg.fused_gate_up,
         qk_norm=cfg.qk_norm,
         norms_per_layer=4 if cfg.family in GEMMA else 2,
+        experts=cfg.num_experts,
+        experts_per_tok=cfg.experts_per_tok,
+        moe_intermediate=cfg.moe_intermediate_size,
+        shared_intermediate=cfg.shared_expert_intermediate_size,
+        moe_names="mixtral" if cfg.family == "mixtral" else "",
     )
 
 
@@ -337,6 +421,7 @@ def trainable_tensors(shape: ModelShape, plan: Plan, adapted: list[tuple[str, in
     per_layer += [q, kv, kv] if shape.attention_bias else []
     per_layer += [h] if shape.o_bias else []
     per_layer += [i, i, h] if shape.mlp_bias else []
+    per_layer += [shape.experts * h] + ([h] if shape.shared_intermediate else []) if shape.experts else []
     embeds = [shape.vocab * h] * (1 if shape.tie_embeddings else 2)
     return per_layer * shape.layers + embeds + [h]
 
@@ -370,12 +455,18 @@ def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int
     tensors a real tunex decoder layer saves and checks this sum.
     """
     c = plan.dtype_bytes
-    h, i = shape.hidden, shape.intermediate
+    h, i = shape.hidden, shape.ffn_width
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # n1, n2, h1 | q_rot, SDPA's output, o_proj's copy of it | k_rot, v | gate, up, act
     elems = 3 * h + 3 * q + 2 * kv + 3 * i
     extra = 4 * (2 + shape.heads)
-    if plan.kind != "full":
+    if shape.experts:  # each of a token's k experts keeps its gathered input; fp32 router probabilities
+        elems += shape.experts_per_tok * h
+        extra += 4 * shape.experts
+    if plan.kind != "full" and shape.experts:  # a token passes k of each expert linear's E copies
+        per_expert = [n for n, _, _ in adapted if ".experts." in n]
+        elems += plan.r * (len(adapted) - len(per_expert) + len(per_expert) * shape.experts_per_tok // shape.experts)
+    elif plan.kind != "full":
         elems += plan.r * len(adapted)
         if not plan.fused_lora and plan.dropout > 0:
             extra += sum(fan_in * (c + 1) for _, fan_in, _ in adapted)
@@ -437,7 +528,7 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
         stored_name: stored,
         "hidden gradient": tokens * h * c,
         "recomputed layer": layer_recompute,
-        "layer backward gradients": tokens * (3 * shape.intermediate + 2 * h) * c,
+        "layer backward gradients": tokens * (3 * shape.ffn_width + 2 * h) * c,
         "dequantized weight": dequant,
     }
     est.phases = {"end of forward (loss)": ce, "backward of the last layer": backward}
@@ -455,7 +546,14 @@ def format_estimate(est: Estimate) -> str:
     lines = [
         f"model: {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/"
         f"{s.kv_heads}, vocab {s.vocab}; {est.params / 1e9:.3f} B params, "
-        f"{est.trainable / 1e6:.2f} M trainable",
+        f"{est.trainable / 1e6:.2f} M trainable"
+        + (
+            f"; {s.experts} experts, {s.experts_per_tok} per token (intermediate {s.moe_intermediate}"
+            + (f", shared expert {s.shared_intermediate}" if s.shared_intermediate else "")
+            + f"), {s.active_params() / 1e9:.3f} B active params, routers {s.router_params() * s.layers / 1e6:.2f} M"
+            if s.experts
+            else ""
+        ),
         f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
         + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else "")

@@ -114,15 +114,21 @@ pub(crate) fn by_rows(rows: usize, width: usize, task: &(dyn Fn(usize, usize) + 
 /// A mutable slice shared by parts that write disjoint ranges of it. Each kernel makes it from a
 /// `&mut` slice that it does not touch again until its parts are joined, so the memory outlives
 /// the parts and nothing but them touches it meanwhile.
-#[derive(Clone, Copy)]
-pub(crate) struct Shared(*mut f32, usize);
+pub(crate) struct Shared<T = f32>(*mut T, usize);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
 // SAFETY: a `Shared` only hands out elements through `range` and `ptr`, whose callers promise that
 // no two parts touch one element, so sending or sharing it between threads races on nothing.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-impl Shared {
-    pub(crate) fn new(s: &mut [f32]) -> Self {
+impl<T> Shared<T> {
+    pub(crate) fn new(s: &mut [T]) -> Self {
         Shared(s.as_mut_ptr(), s.len())
     }
 
@@ -132,7 +138,7 @@ impl Shared {
     /// # Safety
     /// While the returned slice lives, no other part reads or writes any element of `start..end`.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [f32] {
+    pub(crate) unsafe fn range(&self, start: usize, end: usize) -> &mut [T] {
         assert!(start <= end && end <= self.1, "part range {start}..{end} is outside a slice of {}", self.1);
         // SAFETY: `start..end` lies inside the slice (checked just above), which outlives the
         // parts (see the type's doc); the caller promises this part alone touches it.
@@ -145,7 +151,7 @@ impl Shared {
     /// # Safety
     /// Every element written through the pointer lies inside the slice, and no other part touches
     /// it meanwhile.
-    pub(crate) unsafe fn ptr(&self, start: usize) -> *mut f32 {
+    pub(crate) unsafe fn ptr(&self, start: usize) -> *mut T {
         assert!(start < self.1, "part offset {start} is outside a slice of {}", self.1);
         // SAFETY: `start` is inside the slice (checked just above).
         unsafe { self.0.add(start) }

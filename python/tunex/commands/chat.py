@@ -52,6 +52,13 @@ HELP_LINE = "(type EXIT to quit, RESET to start a new conversation; an empty lin
     help="auto = bfloat16 on CUDA, float32 on CPU.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="An image for the first message (repeatable; MODEL must be a LLaVA folder).",
+)
 def chat(
     model: str,
     adapter: Path | None,
@@ -68,12 +75,14 @@ def chat(
     prompts: tuple[str, ...],
     dtype: str,
     device: str,
+    images: tuple[Path, ...] = (),
 ) -> None:
     """Chat with MODEL (HF folder, .gguf file, pkg://PACKAGE/FILE or a downloaded hub id)."""
     import torch
 
-    from tunex.models import GenerationConfig, generate_text, load_model, read_config, resolve_model_path
+    from tunex.models import GenerationConfig, generate_text, load_model, resolve_model_path
     from tunex.models.config import check_tokenizer_fits
+    from tunex.models.hf_backend import model_config
     from tunex.templates import get_template
     from tunex.tokenizer import load_tokenizer
 
@@ -88,11 +97,23 @@ def chat(
         def quantize(name, linear):
             return NF4Linear.from_linear(linear)
 
+    from tunex.models.llava import is_llava_folder
+
     folder = resolve_model_path(model)
+    llava = is_llava_folder(folder)
+    if images and not llava:
+        raise click.UsageError(f"--image: {folder} is not a LLaVA folder (config.json model_type 'llava')")
     tokenizer = load_tokenizer(folder)
-    check_tokenizer_fits(tokenizer, read_config(folder), folder)
+    if not llava:
+        check_tokenizer_fits(tokenizer, model_config(folder), folder)
     template = get_template(prompt_template, tokenizer, system=system)
-    lm = load_model(folder, dtype=dtype, device=device, quantize=quantize)
+    if llava:  # tower + projector + LLM (convert pth_to_hf of a [vision] run)
+        from tunex.models.llava import load_llava
+
+        lm = load_llava(folder, dtype=dtype, device=device)
+        pixels = _pixel_values(folder, images)
+    else:
+        lm = load_model(folder, dtype=dtype, device=device, quantize=quantize)
     if adapter is not None:
         from tunex.models.adapter import apply_adapter
 
@@ -109,12 +130,24 @@ def chat(
     settings.check()
 
     messages: list[dict] = [{"role": "system", "content": system}] if system and template.builtin is None else []
+    if not llava:
+        pixels = None
 
     def answer(text: str) -> None:
+        if llava and not any(m["role"] == "user" for m in messages):  # the images go with the first message
+            from tunex.models.llava_generate import with_image_placeholders
+
+            text = with_image_placeholders(text, 0 if pixels is None else int(pixels.shape[0]))
         messages.append({"role": "user", "content": text})
         prompt = template.render(messages, add_generation_prompt=True)
         streamer = None if no_streamer else (lambda piece: click.echo(piece, nl=False))
-        reply = generate_text(lm, tokenizer, prompt, settings, streamer=streamer)
+        if llava:
+            from tunex.models.llava_generate import generate_llava_text
+
+            # every turn's prompt holds the first message's images again
+            reply = generate_llava_text(lm, tokenizer, prompt, pixels, settings, streamer=streamer)
+        else:
+            reply = generate_text(lm, tokenizer, prompt, settings, streamer=streamer)
         click.echo("" if streamer else reply)
         messages.append({"role": "assistant", "content": reply})
 
@@ -138,3 +171,14 @@ def chat(
             continue
         if command:
             answer(text)
+
+
+def _pixel_values(folder: Path, images: tuple[Path, ...]):
+    """The images' pixel values as the LLaVA folder's image processor makes them (None without images)."""
+    if not images:
+        return None
+    from tunex.data.images import pixel_values
+    from tunex.models.llava_generate import folder_processing
+
+    processing, aspect = folder_processing(folder)
+    return pixel_values(images, processing, aspect)

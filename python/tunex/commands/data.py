@@ -79,6 +79,9 @@ def check_custom_dataset(config: str, overrides: tuple[str, ...], cache_dir: str
 
     cfg, tokenizer = _load(config, overrides)
     data = cfg.data
+    if getattr(cfg, "vision", None) is not None and cfg.vision.path:
+        _check_image_dataset(cfg, tokenizer)
+        return
     click.echo(
         f"data: {data.path}  format: {data.format}  template: "
         f"{'-' if data.format == 'pretrain' else data.template}  max_length: {data.max_length}\n"
@@ -133,17 +136,65 @@ def log_dataset(
     if num < 1 or start < 0:
         raise click.BadParameter("--num must be >= 1 and --start >= 0")
     cfg, tokenizer = _load(config, overrides)
-    ds = _build(cfg, tokenizer, cache_dir)
+    image_id = None
+    if getattr(cfg, "vision", None) is not None and cfg.vision.path:  # LLaVA data: images checked, in memory
+        from tunex.train.multimodal import build_image_dataset, image_token_layout
+
+        ds, image_id = build_image_dataset(cfg, tokenizer), image_token_layout(cfg, tokenizer)[0]
+    else:
+        ds = _build(cfg, tokenizer, cache_dir)
     if start >= len(ds):
         raise click.BadParameter(f"--start {start}: the dataset has {len(ds)} items", param_hint="--start")
     for index in range(start, min(start + num, len(ds))):
         ids, labels, _ = ds.arrays(index)
         click.echo(click.style(f"== item {index} of {len(ds)} ({len(ids)} tokens) ==", bold=True))
-        if show in ("text", "all"):
+        if image_id is not None:  # image positions as spans, targets in [[ ]]
+            from tunex.data.multimodal import image_text
+
+            if show in ("text", "all"):
+                _section("text", image_text(tokenizer, ids, image_id))
+            if show in ("masked_text", "all"):
+                _section("masked_text ([[target]])", image_text(tokenizer, ids, image_id, labels))
+            _section("images", "\n".join(ds.images(index)))
+        elif show in ("text", "all"):
             _section("text", tokenizer.decode(ids.tolist()))
-        if show in ("masked_text", "all"):
+        if image_id is None and show in ("masked_text", "all"):
             _section("masked_text", masked_text(tokenizer, ids, labels))
         if show in ("input_ids", "all"):
             _section("input_ids", str(ids.tolist()))
         if show in ("labels", "all"):
             _section("labels", str(labels.tolist()))
+
+
+def _check_image_dataset(cfg, tokenizer) -> None:
+    """check-custom-dataset of a [vision] config: every record and image checked, the first sample
+    with its image token spans, totals."""
+    from tunex.data.multimodal import image_spans, image_text
+    from tunex.train.multimodal import build_image_dataset, image_token_layout
+
+    data = cfg.data
+    image_id, per_image = image_token_layout(cfg, tokenizer)
+    click.echo(
+        f"data: {data.path}  format: {data.format}  template: {data.template}  max_length: {data.max_length}\n"
+        f"images: {data.image_folder or '(next to the data files)'}  {per_image} tokens per image "
+        f"(token id {image_id})\n"
+    )
+    ds = build_image_dataset(cfg, tokenizer)  # reads, checks (decodes every image) and encodes every record
+    sample = ds.data.samples[0]
+    _section("1. first sample ([[target]])", image_text(tokenizer, sample.ids, image_id, sample.labels))
+    spans = image_spans(sample.ids, image_id)
+    _section(
+        f"2. image token spans ({len(spans)}; labels -100 there)",
+        "\n".join(f"{a}..{b}  {path}" for (a, b), path in zip(spans, sample.images)) or "(text only)",
+    )
+    ids, _, pos = ds.arrays(0)
+    bounds = [int(i) for i in (pos == 0).nonzero()[0]] + [len(ids)]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    kind = "packed sequence" if ds.packed else "sequence (packing off)"
+    _section(f"3. first {kind}: {len(ids)} tokens, samples of {lengths} tokens", f"images: {len(ds.images(0))}")
+    stats = ds.stats
+    rows = [(k, str(stats[k])) for k in ("records", "samples", "images", "bad_images", "dropped", "tokens")]
+    rows += [("target tokens", str(stats["target_tokens"])), ("sequences", str(stats["sequences"]))]
+    width = max(len(k) for k, _ in rows)
+    _section("totals", "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    click.echo(click.style("every record is valid", fg="green"))

@@ -105,6 +105,11 @@ def estimate(
         adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None,
     )
     est = estimate_memory(shape, plan)
+    vision = None
+    if getattr(cfg, "vision", None) is not None and cfg.vision.path:  # LLaVA: tower, projector, image tokens
+        from tunex.estimate_vision import add_to_estimate
+
+        vision = add_to_estimate(est, cfg, plan.dtype_bytes)
     if as_json:
         out = {
             "peak_bytes": est.peak,
@@ -117,8 +122,14 @@ def estimate(
         }
         if budget_bytes is not None:
             out["fits"] = device_need(est) <= budget_bytes
+        if vision is not None:
+            out["vision"] = vision.as_dict()
         click.echo(json.dumps(out, indent=2))
         return
+    if vision is not None:
+        from tunex.estimate_vision import describe
+
+        click.echo(describe(vision, cfg))
     click.echo(format_estimate(est))
     if budget_bytes is not None:
         click.echo("")

@@ -136,6 +136,8 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
             out[key][row, :n] = item[key]
         if n < width:
             out["position_ids"][row, n:] = torch.arange(width - n)
+    if "pixel_values" in batch[0]:  # LLaVA items: every row's images, row by row
+        out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
     return out
 
 

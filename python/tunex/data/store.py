@@ -32,7 +32,7 @@ from tunex.data import formats as F
 from tunex.data import sources as S
 from tunex.data.encode import ENCODER_VERSION, Encoded, Encoder, Prepared, tokenizer_fingerprint
 from tunex.errors import DataError, TunexError
-from tunex.io.atomic import partial_path, publish, sweep, write_text
+from tunex.io.atomic import naming, partial_path, publish, sweep, write_text
 
 BATCH = 512  # samples per tokenizer call: enough for the Rust side to spread over threads
 
@@ -304,9 +304,12 @@ def _build_into(
             publish(tmp, folder)
         except FileExistsError:  # another process finished the same store first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = naming(e, folder)  # a full disk's failed write names the store it was for
+        if named is e:
+            raise
+        raise named from e
     return Store.open(folder)
 
 

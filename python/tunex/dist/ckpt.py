@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +151,7 @@ def save_sharded(
     env: DistEnv,
 ) -> Path:
     """Write ``iter_{step}.shards`` collectively (every rank calls this); returns its path."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     from tunex.io.atomic import partial_path, publish, sweep
-    from tunex.io.sharded import save_sharded as write_shards
     from tunex.train.checkpoint import prune
 
     folder = Path(work_dir)
@@ -166,6 +164,37 @@ def save_sharded(
         tmp = partial_path(target)
         tmp.mkdir()
     tmp = Path(broadcast_object(env, None if tmp is None else str(tmp)))
+    try:
+        _write_rank(tmp, target, step, lm, optimizer, meta, rng, env)
+        if env.is_main:
+            publish(tmp, target, overwrite=True)
+    except BaseException:
+        if env.is_main:  # a failed write (a full disk) leaves no partial behind; a killed one is swept
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if env.is_main and keep > 0:
+        prune(folder, keep)
+    barrier(env)
+    return target
+
+
+def _write_rank(
+    tmp: Path,
+    target: Path,
+    step: int,
+    lm: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    rng: dict[str, Any],
+    env: DistEnv,
+) -> None:
+    """This rank's part of ``save_sharded`` into the partial folder ``tmp``: its shard file, and on
+    rank 0 the manifest; returns once every rank's file is in place."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from tunex.io.atomic import naming
+    from tunex.io.sharded import save_sharded as write_shards
+
     model_sd, optim_sd = get_state_dict(lm, optimizer)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode({"model": model_sd, "optimizer": optim_sd}, "", tensors)
@@ -199,14 +228,11 @@ def save_sharded(
             "state": skeleton,
             "meta": meta_skeleton,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+        try:
+            (tmp / MANIFEST).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise naming(e, target) from e
     barrier(env)  # every rank's file is in place
-    if env.is_main:
-        publish(tmp, target, overwrite=True)
-        if keep > 0:
-            prune(folder, keep)
-    barrier(env)
-    return target
 
 
 def _manifest(p: Path) -> dict[str, Any]:

@@ -10,12 +10,14 @@ back (with fewer key/value heads than ranks, each is repeated for the ranks whos
 read it). Packed documents are found in the whole sequence's position ids (the decoder computes them
 before the layers are sliced), so attention stays inside each document wherever the cut falls.
 
-Loss: each rank sums the losses of its tokens and divides by the target count of the whole
-micro-batch (every rank has all the labels), so the group's sum is the one-process loss. The
-returned value is that share times N (:func:`group_loss`): averaged over the group it is the
-micro-batch loss, and DDP's or FSDP2's gradient mean over all world ranks then equals the sum over
-the group (every rank's share flows back through the all-to-alls into every other rank's tokens)
-averaged over the data-parallel ranks, which is the one-process gradient of the same batches.
+Loss: each rank sums the losses of its tokens and divides by ``denom``, the target count of the
+step's global batch (tunex.dist.metrics.step_targets, which counts each group's micro-batches once:
+every rank of a group holds the same labels), so the shares of all ranks add up to the global
+batch's token-mean loss. Backward runs on the share times the world size (the loop's
+``grad_scale``): every rank's share flows back through the all-to-alls into the other ranks'
+tokens, so the sum of the group's gradients is the gradient of the group's shares, and DDP's or
+FSDP2's mean over all world ranks, times the world size, is the one-process gradient of the
+global batch's token-mean loss.
 """
 
 from __future__ import annotations
@@ -75,12 +77,20 @@ def plan(env: DistEnv, size: int, source: str = "config") -> SequenceGroup:
 
 def check_model(model_cfg: Any, size: int, source: str = "config") -> None:
     """Refuse a model the split cannot serve: the query heads must divide among the ``size`` ranks,
-    the key/value heads too or divide ``size`` (then repeated), and windowed attention (Mistral,
-    Phi-3, Gemma) is not split.
+    the key/value heads too or divide ``size`` (then repeated), windowed attention (Mistral,
+    Phi-3, Gemma) is not split, and neither is a transformers-backend model's attention.
 
     Raises:
         TunexError: naming ``train.sequence_parallel``, the model's numbers and the fix.
     """
+    from tunex.models.config import ModelConfig
+
+    if not isinstance(model_cfg, ModelConfig):
+        raise TunexError(
+            f"{source}: train.sequence_parallel = {size}: {model_cfg.family} runs through the transformers backend, "
+            "whose attention sequence parallelism does not split (tunex's own decoder only); set "
+            "train.sequence_parallel = 1"
+        )
     heads, kv = model_cfg.num_heads, model_cfg.num_kv_heads
     if heads % size or (kv % size and size % kv):
         raise TunexError(
@@ -204,17 +214,11 @@ def local_targets(labels: torch.Tensor, group: SequenceGroup) -> tuple[torch.Ten
     return shifted[:, group.rank * part : (group.rank + 1) * part], max(count, 1)
 
 
-def group_loss(share: torch.Tensor, size: int) -> torch.Tensor:
-    """What a rank returns for backward and logging: its share of the micro-batch loss (its tokens'
-    summed loss over the whole batch's target count) times the group size. The mean over the group
-    is the micro-batch loss, and the gradient mean that DDP/FSDP2 take over all ranks becomes the
-    sum over each group, averaged over the data-parallel groups."""
-    return share * size
-
-
 class SequenceLossModule(torch.nn.Module):
     """:class:`tunex.dist.wrap.LossModule` for sequence parallelism: ``forward(input_ids, labels,
-    position_ids)`` of the group's whole micro-batch -> this rank's :func:`group_loss`."""
+    position_ids, denom=None)`` of the group's whole micro-batch -> this rank's share of the loss:
+    its tokens' summed loss over ``denom`` (None: over the micro-batch's own target tokens, so the
+    group's shares add up to its mean)."""
 
     def __init__(self, lm: torch.nn.Module, group: SequenceGroup) -> None:
         super().__init__()
@@ -226,7 +230,13 @@ class SequenceLossModule(torch.nn.Module):
         self.runtime = SequenceParallel(group)
         decoder.runtime = self.runtime
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        denom: float | None = None,
+    ) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
         from tunex.train.loss import linear_cross_entropy
 
@@ -235,5 +245,4 @@ class SequenceLossModule(torch.nn.Module):
             hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T/N, C): this rank's slice
         weight, bias = output_head(self.lm)
         targets, count = local_targets(labels, self.sp)
-        share = linear_cross_entropy(hidden, weight, targets, bias, denom=float(count))
-        return group_loss(share, self.sp.size)
+        return linear_cross_entropy(hidden, weight, targets, bias, denom=float(count) if denom is None else denom)

@@ -25,24 +25,35 @@ from tunex.dist.env import DistEnv
 
 
 class LossModule(nn.Module):
-    """``forward(input_ids, labels, position_ids) -> mean token loss`` of a tunex causal LM."""
+    """``forward(input_ids, labels, position_ids, denom=None) -> token loss`` of a tunex causal LM:
+    the summed token loss over ``denom`` (None: over the batch's own target tokens, its mean).
+    A LLaVA model takes the batch's images too (``pixel_values``)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None) -> torch.Tensor:
+                position_ids: torch.Tensor | None, denom: float | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
         from tunex.train.loss import linear_cross_entropy, shifted, softcapped_cross_entropy
 
-        hidden = forward_hidden(self.lm, input_ids, position_ids)  # (B, T, H)
+        hidden = forward_hidden(self.lm, input_ids, position_ids, pixel_values)  # (B, T, H)
         weight, bias = output_head(self.lm)
         h, y = shifted(hidden, labels)
         cap = getattr(self.lm, "logit_softcap", None)
-        if cap:  # soft-capped logits (Gemma 2): the whole logits, then plain cross-entropy
-            return softcapped_cross_entropy(h, weight, y, bias, cap)
-        return linear_cross_entropy(h, weight, y, bias)
+        if cap:  # soft-capped logits (Gemma 2): chunk by chunk, then torch's cross-entropy
+            loss = softcapped_cross_entropy(h, weight, y, bias, cap, denom=denom)
+        else:
+            loss = linear_cross_entropy(h, weight, y, bias, denom=denom)
+        aux = getattr(self.lm, "router_aux_loss", None)  # MoE models: the routers' load-balancing loss
+        extra = aux() if callable(aux) else None
+        if extra is None:
+            return loss
+        if denom is not None:  # this micro-batch's share of the global batch's tokens: a token-weighted mean
+            extra = extra * (int((y != -100).sum()) / denom)
+        return loss + extra
 
 
 def _fsdp():

@@ -71,6 +71,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def naming(error: BaseException, target: Path) -> BaseException:
+    """``error`` as it is when it names a file; an OSError that names none (a failed ``write`` or
+    ``close``: ENOSPC, EFBIG, EIO) as the same error naming ``target``, in one line."""
+    if not isinstance(error, OSError) or error.filename is not None:
+        return error
+    if error.errno is None:  # a short write (numpy's tofile): the disk filled up or a size limit hit
+        return OSError(f"{error} while writing {target} (a full disk?); nothing was written there")
+    reason = error.strerror or str(error)
+    return OSError(error.errno, f"{reason} while writing {target}; nothing was written there", str(target))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a partial path beside ``path`` for a writer that opens files by name; once the body
@@ -88,9 +99,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        named = naming(e, target)
+        if named is e:
+            raise
+        raise named from e
     _fsync_dir(target.parent)
 
 
@@ -142,9 +156,12 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, fsync: 
     try:
         yield tmp
         publish(tmp, out, overwrite=overwrite, fsync=fsync)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        named = naming(e, out)
+        if named is e:
+            raise
+        raise named from e
 
 
 def replaceable(target: Path, ours: Callable[[str], bool], what: str) -> None:
@@ -175,6 +192,11 @@ def scratch_folder(beside: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except BaseException as e:
+        named = naming(e, near)  # a write into the scratch that failed names the output it was for
+        if named is e:
+            raise
+        raise named from e
     finally:
         _remove(tmp)
 
@@ -185,6 +207,7 @@ __all__ = [
     "atomic_path",
     "fsync_tree",
     "is_partial",
+    "naming",
     "partial_path",
     "publish",
     "replaceable",

@@ -71,6 +71,7 @@ def save_sharded(
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
         meta[key] = value
+    made = not os.path.exists(out_dir)
     writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into", False, fsync)
     try:
         for name, tensor in state_dict.items():
@@ -78,6 +79,7 @@ def save_sharded(
         return writer.finish()
     except BaseException:
         writer.abort()
+        _drop_if_made(out_dir, made)
         raise
 
 
@@ -96,6 +98,7 @@ def stream_sharded(
     tensor, whatever the model's size."""
     import numpy as np
 
+    made = not os.path.exists(out_dir)
     writer = _native.ShardWriter(
         os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], prefix, "into", False, fsync
     )
@@ -107,4 +110,15 @@ def stream_sharded(
         return writer.finish()
     except BaseException:
         writer.abort()
+        _drop_if_made(out_dir, made)
         raise
+
+
+def _drop_if_made(out_dir: str | os.PathLike, made: bool) -> None:
+    """After a failed write, remove the output folder the writer created, if it is empty: a full
+    disk leaves nothing behind."""
+    if made:
+        try:
+            os.rmdir(out_dir)
+        except OSError:
+            pass

@@ -101,7 +101,12 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
     the GEMV for every one of them; other layers (LoRA, NF4) as they are."""
     if not all(plain(m) for m in layers):
         return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
-    impls = [registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) for m in layers]
+    # Inside a pinned block (generate) the layers' facts are gathered once per input shape.
+    grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
+    key = ("linear_many", x.shape, x.dtype, x.device, x.requires_grad, grad, autocast, *map(id, layers))
+    impls = registry.remembered(
+        key, lambda: [registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) for m in layers]
+    )
     if all(impl == "gemv" for impl in impls):
         return _gemv_many(x, [(m.weight, m.bias) for m in layers])
     return [_run(impl, x, m.weight, m.bias) for impl, m in zip(impls, layers)]

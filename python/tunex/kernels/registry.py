@@ -14,13 +14,19 @@ export) instead of a silent fall back to the next implementation.
 
 Conditions are pure, so ``tunex doctor`` can evaluate them for facts of a machine it is not on
 (the CUDA rows on a CPU box).
+
+Inside :func:`pinned` (a generate call's decode loop) each distinct question is answered once and
+the answer remembered until the block ends: a decoded token asks the same few hundred questions
+as the one before it, and switches are then read once per generate call instead of every time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +101,24 @@ class Facts:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
         return f"Facts({fields})"
+
+    def key(self) -> tuple:
+        """Every fact, as a hashable tuple (equal tuples: the same choice)."""
+        return (
+            self.device,
+            self.dtype,
+            self.grad,
+            self.autocast,
+            self.backend,
+            self.head_dim,
+            self.rows,
+            self.cols,
+            self.macs,
+            self.shape_ok,
+            self.causal,
+            self.arena,
+            self.docs,
+        )
 
 
 @dataclass(frozen=True)
@@ -414,14 +438,58 @@ def _missing(impl: Impl) -> bool:
     return impl.native is not None and not has_native(impl.native)
 
 
+_memo = threading.local()  # .answers: the pinned block's remembered choices (absent or None: none)
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Within the block, each distinct choice is made once and remembered (per thread; a nested
+    block shares the outer one's answers). Switches and the built extension are read at the first
+    call of each kind, so a switch changed inside the block takes effect at the next block."""
+    if getattr(_memo, "answers", None) is not None:
+        yield
+        return
+    _memo.answers = {}
+    try:
+        yield
+    finally:
+        _memo.answers = None
+
+
+def remembered(key: Hashable, decide: Callable[[], object]):
+    """``decide()``, remembered under ``key`` inside a :func:`pinned` block (every call outside
+    one). For callers whose facts cost more to gather than their own cheap key (the decode path's
+    projections: one key per input shape and set of layers); ``decide`` asks :func:`choose`."""
+    answers = getattr(_memo, "answers", None)
+    if answers is None:
+        return decide()
+    try:
+        return answers[key]
+    except KeyError:
+        answer = answers[key] = decide()
+        return answer
+
+
 def choose(op: str, facts: Facts) -> str:
     """The name of the implementation of ``op`` that runs for ``facts``: the first whose
-    condition holds and whose native export (if any) is built.
+    condition holds and whose native export (if any) is built (remembered inside :func:`pinned`).
 
     Raises:
         TunexError: TUNEX_REQUIRE_NATIVE=1 and the chosen implementation's native export is missing.
         ValueError: a backend was forced where it cannot run (see :func:`triton_wanted`).
     """
+    answers = getattr(_memo, "answers", None)
+    if answers is None:
+        return _choose(op, facts)
+    key = (op, *facts.key())
+    try:
+        return answers[key]
+    except KeyError:
+        answer = answers[key] = _choose(op, facts)
+        return answer
+
+
+def _choose(op: str, facts: Facts) -> str:
     for impl in OPS[op]:
         if impl.condition(facts):
             if impl.native is not None and not has_native(impl.native):

@@ -16,8 +16,21 @@ from typing import Any
 
 from tunex.errors import FormatError
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2", "gemma2", "gemma3_text", "phi3")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "internlm2",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)
 GEMMA = ("gemma2", "gemma3_text")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # mixture-of-experts families (models/moe.py)
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # the keys each rope scaling kind reads from config.json's rope_scaling (besides rope_type)
 ROPE_KEYS = {
@@ -74,7 +87,19 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
+    # mixture of experts (models/moe.py): experts per MoE layer, experts each token goes to, each
+    # expert's intermediate size, Qwen2-MoE's shared expert, whether the top-k routing weights are
+    # renormalised to sum to one, which layers are MoE (the others a dense MLP of intermediate_size)
+    # and config.json's load-balancing coefficient (applied only when training asks for it)
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: list[bool] | None = None
+    router_aux_loss_coef: float = 0.0
     torch_dtype: str | None = None
+    backend: str = "tunex"  # which model runs it (an HFConfig says "transformers": models/hf_backend.py)
     raw: dict = field(default_factory=dict, repr=False)  # the config.json it came from
 
     @property
@@ -161,7 +186,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     if family not in FAMILIES:
         raise FormatError(
             f"{source}: model_type {family!r} is not supported; tunex loads "
-            f"{', '.join(FAMILIES)} (SmolLM2 and TinyLlama are llama)"
+            f'{", ".join(FAMILIES)} (SmolLM2 and TinyLlama are llama); model.backend = "auto" runs other '
+            "architectures through transformers (pip install 'tunex[hf]')"
         )
     heads = int(_need(raw, "num_attention_heads", source))
     hidden = int(_need(raw, "hidden_size", source))
@@ -182,7 +208,8 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
     bias = bool(raw.get("bias" if family == "internlm2" else "attention_bias", False))
     gemma = _gemma_options(raw, source) if family in GEMMA else {}
-    if family in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+    moe = _moe_options(raw, source) if family in MOE else {}
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
         raise FormatError(
             f"{source}: use_sliding_window true (windowed attention in the upper layers) is not supported; "
             "the released Qwen2/Qwen3 models set it false"
@@ -207,7 +234,7 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         rope_scaling=scaling,
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=True if family == "qwen2" else bias,
+        qkv_bias=True if family == "qwen2" else bool(raw.get("qkv_bias", True)) if family == "qwen2_moe" else bias,
         o_bias=bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
         bos_token_id=raw.get("bos_token_id"),
@@ -215,14 +242,46 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         pad_token_id=raw.get("pad_token_id"),
         # Mistral attends to the last `sliding_window` tokens only (Qwen2's windows stay off: its
         # released models set use_sliding_window false)
-        sliding_window=raw.get("sliding_window") if family in ("mistral", "phi3", *GEMMA) else None,
+        sliding_window=raw.get("sliding_window") if family in ("mistral", "mixtral", "phi3", *GEMMA) else None,
         fused_qkv=family in ("phi3", "internlm2"),
         qkv_grouped=family == "internlm2",
         fused_gate_up=family == "phi3",
-        qk_norm=family in ("qwen3", "gemma3_text"),
+        qk_norm=family in ("qwen3", "gemma3_text", "qwen3_moe"),
         **gemma,
+        **moe,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
+    )
+
+
+def _moe_options(raw: dict, source: str) -> dict:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE settings of config.json."""
+    family = raw["model_type"]
+    n = int(_need(raw, "num_hidden_layers", source))
+    key = "num_local_experts" if family == "mixtral" or "num_experts" not in raw else "num_experts"
+    experts = int(_need(raw, key, source))
+    top_k = int(_need(raw, "num_experts_per_tok", source))
+    if experts <= 0 or not 0 < top_k <= experts:
+        raise FormatError(
+            f"{source}: {key} = {experts} and num_experts_per_tok = {top_k}; expected 0 < num_experts_per_tok <= {key}"
+        )
+    if float(raw.get("router_jitter_noise") or 0.0) != 0.0:
+        raise FormatError(f"{source}: router_jitter_noise != 0 (noise on the router's input) is not supported")
+    if family == "mixtral":  # every layer MoE, experts as wide as intermediate_size, top-k renormalised
+        inter, sparse, norm = int(_need(raw, "intermediate_size", source)), [True] * n, True
+    else:  # Qwen: every decoder_sparse_step-th layer is MoE unless listed in mlp_only_layers
+        inter, norm = int(_need(raw, "moe_intermediate_size", source)), bool(raw.get("norm_topk_prob", False))
+        step, dense = int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
+        sparse = [i not in dense and (i + 1) % step == 0 for i in range(n)]
+    shared = int(_need(raw, "shared_expert_intermediate_size", source)) if family == "qwen2_moe" else 0
+    return dict(
+        num_experts=experts,
+        experts_per_tok=top_k,
+        moe_intermediate_size=inter,
+        shared_expert_intermediate_size=shared,
+        norm_topk_prob=norm,
+        sparse_layers=sparse,
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef") or 0.0),
     )
 
 

@@ -336,10 +336,11 @@ class DecoderModel(nn.Module):
         # how the model runs (arena, rebuilds, decode path: tunex.runtime); None: the default
         self.runtime = None
 
-    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None, embeds=None):
+        """``embeds``: the input embeddings (B, T, C) when not the tokens' own (LLaVA's image features)."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, C)
         given = position_ids
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)

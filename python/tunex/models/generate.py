@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunex.kernels import registry
 from tunex.kernels.gemv import enabled as gemv_enabled
 
 
@@ -121,7 +122,7 @@ def generate(
     cache = model.new_cache(1, ids.numel() + cfg.max_new_tokens)
     logits = model(ids[None], cache=cache, last_only=True)[0, -1].float()  # (V,)
     seen, out = ids, []
-    with decode_threads(device):
+    with decode_threads(device), registry.pinned():  # each token asks the registry the same questions
         for step in range(cfg.max_new_tokens):
             scores = process_logits(logits.clone(), seen, cfg)
             if cfg.temperature == 0:

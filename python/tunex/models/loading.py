@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import GEMMA, ModelConfig, read_config, to_tunex_names, with_rope_scaling
+from tunex.models.config import GEMMA, MOE, ModelConfig, read_config, to_tunex_names, with_rope_scaling
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
@@ -185,7 +185,12 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device) -> 
 def _layer_linears(model: CausalLM, index: int) -> list[tuple[str, nn.Module]]:
     layer = model.model.layers[index]
     prefix = f"model.layers.{index}."
-    return [(prefix + n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    # routers (models/moe.py) stay dense: a few rows whose rounding would move every token's experts
+    return [
+        (prefix + n, m)
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and not getattr(m, "router", False)
+    ]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -258,17 +263,31 @@ def new_model(cfg: ModelConfig) -> CausalLM:
         from tunex.models.gemma import GemmaCausalLM
 
         return GemmaCausalLM(cfg)
+    if cfg.family in MOE:
+        from tunex.models.moe import MoECausalLM
+
+        return MoECausalLM(cfg)
     return CausalLM(cfg)
 
 
 def meta_model(cfg: ModelConfig) -> CausalLM:
     """The model of ``cfg`` on the meta device (module names and shapes, no memory, no weights)."""
+    if getattr(cfg, "backend", "tunex") == "transformers":  # an HFConfig (models/hf_backend.py)
+        from tunex.models.hf_backend import meta_hf_model
+
+        return meta_hf_model(cfg)
     with _no_init():
         return new_model(cfg)
 
 
 def load_model(
-    path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None, rope_scaling: dict | None = None
+    path,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    quantize: QuantizeHook | None = None,
+    backend: str = "auto",
+    rope_scaling: dict | None = None,
 ) -> CausalLM:
     """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
 
@@ -279,16 +298,29 @@ def load_model(
         quantize: optional hook ``(name, nn.Linear) -> nn.Module`` applied to every decoder linear
             right after its layer is loaded (e.g. an NF4 packer for QLoRA). The output head and the
             embeddings are never passed to it.
+        backend: ``model.backend``: "auto" (tunex's decoder for its families, transformers for other
+            architectures), "tunex" or "transformers" (see tunex.models.hf_backend).
         rope_scaling: a config.json-style rope_scaling replacing the checkpoint's (``model.rope_scaling``;
             see :func:`tunex.models.config.with_rope_scaling`); None or empty: the checkpoint's own.
+            tunex's decoder only: a transformers-backend model with one raises ValueError.
 
     Returns:
         A :class:`CausalLM` in eval mode; parameters have ``requires_grad=False`` (the trainer
         decides what trains).
     """
     folder = resolve_model_path(path)
-    cfg: ModelConfig = with_rope_scaling(read_config(folder), rope_scaling)
     dtype = _as_dtype(dtype)
+    if backend != "tunex":
+        from tunex.models.hf_backend import choose_backend, load_hf_model
+
+        if choose_backend(folder, backend) == "transformers":
+            if rope_scaling:
+                raise ValueError(
+                    f"{folder}: rope_scaling replaces the rope settings of tunex's own decoder; this model runs "
+                    "through the transformers backend, which reads its rope_scaling from config.json"
+                )
+            return load_hf_model(folder, dtype=dtype, device=device, quantize=quantize)
+    cfg: ModelConfig = with_rope_scaling(read_config(folder), rope_scaling)
     with _no_init():
         model = new_model(cfg)
     unexpected: list[str] = []

@@ -2,7 +2,7 @@
 
 ``target_modules`` follows PEFT: a list of names matches a module whose full name equals an entry
 or ends with ``.<entry>``; a string other than ``"all-linear"`` is a regex that must match the whole
-module name; ``"all-linear"`` is every linear layer except the output head.
+module name; ``"all-linear"`` is every linear layer except the output head (and the routers of MoE models).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def select_targets(model: nn.Module, target: str | list[str]) -> list[str]:
     """
     linears = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     if target == "all-linear":
-        chosen = [n for n, m in linears if not _is_output_head(n, m, model)]
+        # the head and the MoE routers (tunex.models.moe.Router) are left alone, as PEFT leaves them
+        chosen = [n for n, m in linears if not _is_output_head(n, m, model) and not getattr(m, "router", False)]
     else:
         chosen = [n for (n, _), hit in zip(linears, select([n for n, _ in linears], target)) if hit]
     if not chosen:

@@ -37,9 +37,20 @@ from tunex.units import parse_size
 _DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
+# the routers of mixture-of-experts layers stay dense, as QLoRA training keeps them (tunex.models.moe)
+_ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")
+
+
 def is_quantized_weight(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-    """A decoder-layer linear weight: 2-D ``.weight`` under ``layers.N.`` in a float dtype."""
-    return name.endswith(".weight") and bool(_DECODER_LAYER.search(name)) and len(shape) == 2 and dtype in FLOAT_DTYPES
+    """A decoder-layer linear weight: 2-D ``.weight`` under ``layers.N.`` in a float dtype (not a
+    MoE router)."""
+    return (
+        name.endswith(".weight")
+        and bool(_DECODER_LAYER.search(name))
+        and len(shape) == 2
+        and dtype in FLOAT_DTYPES
+        and not name.endswith(_ROUTERS)
+    )
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str = "bfloat16") -> dict:

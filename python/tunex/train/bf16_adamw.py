@@ -52,18 +52,30 @@ class BF16AdamW(torch.optim.Optimizer):
     and stochastic rounding of the updated weight. State per parameter: ``step`` (float32 scalar
     tensor), ``exp_avg`` and ``exp_avg_sq`` (float32), so ``state_dict`` round-trips through a
     checkpoint like torch's AdamW. The rounding noise of parameter ``i`` at step ``t`` is drawn from a
-    generator seeded with (``torch.initial_seed()``, ``t``, ``i``), so a run resumed from a checkpoint
-    (with the same seed) rounds exactly as the uninterrupted one."""
+    generator seeded with (``seed``, ``t``, ``i``), so a run resumed from a checkpoint (with the same
+    seed) rounds exactly as the uninterrupted one, and data-parallel replicas, which step the same
+    averaged gradients, round alike and stay identical. ``seed`` None: ``torch.initial_seed()``
+    (which differs per process unless every process seeds torch alike)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int | None = None,
+    ):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._seed = seed
 
     def _generator(self, device: torch.device, step: int, index: int) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         g = self._generators[device]
-        g.manual_seed((torch.initial_seed() * 1_000_003 + step * 65_537 + index) % (1 << 63))
+        seed = torch.initial_seed() if self._seed is None else self._seed
+        g.manual_seed((seed * 1_000_003 + step * 65_537 + index) % (1 << 63))
         return g
 
     def load_state_dict(self, state_dict: dict) -> None:

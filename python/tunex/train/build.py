@@ -65,6 +65,11 @@ def preflight(cfg: Any, tokenizer) -> None:
     model_cfg = model_config(cfg)
     check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
     check_context(cfg, model_cfg)
+    if cfg.train.router_aux_loss_coef and not model_cfg.num_experts:
+        raise TunexError(
+            f"{cfg.source}: train.router_aux_loss_coef: {model_cfg.family} has no router (only mixture-of-experts "
+            "models do); set train.router_aux_loss_coef = 0"
+        )
     if cfg.train.sequence_parallel > 1:
         from tunex.dist.sequence import check_model
 
@@ -77,17 +82,27 @@ def preflight(cfg: Any, tokenizer) -> None:
 
 
 def model_config(cfg: Any):
-    """The model's config (tunex.models.ModelConfig) as the run trains it: the checkpoint's
-    config.json with ``model.rope_scaling`` in place of its own rope scaling.
+    """The model's config as the run trains it: for tunex's own decoder its
+    :class:`tunex.models.ModelConfig` with ``model.rope_scaling`` in place of the checkpoint's rope
+    scaling; for the transformers backend (``model.backend``) its ``HFConfig``, which takes no
+    ``model.rope_scaling``.
 
     Raises:
         TunexError: a ``model.rope_scaling`` this model cannot take, naming the key.
     """
     from tunex.errors import FormatError
-    from tunex.models import read_config, resolve_model_path
-    from tunex.models.config import with_rope_scaling
+    from tunex.models import resolve_model_path
+    from tunex.models.config import ModelConfig, with_rope_scaling
+    from tunex.models.hf_backend import model_config as backend_config
 
-    model_cfg = read_config(resolve_model_path(cfg.model.path))
+    model_cfg = backend_config(resolve_model_path(cfg.model.path), cfg.model.backend)
+    if not isinstance(model_cfg, ModelConfig):
+        if cfg.model.rope_scaling:
+            raise TunexError(
+                f"{cfg.source}: model.rope_scaling: {model_cfg.family} runs through the transformers backend, "
+                "which reads its rope scaling from config.json; set rope_scaling there and model.rope_scaling = {}"
+            )
+        return model_cfg
     try:
         return with_rope_scaling(model_cfg, cfg.model.rope_scaling, f"{cfg.source}: model.rope_scaling")
     except FormatError as e:
@@ -96,11 +111,14 @@ def model_config(cfg: Any):
 
 def check_context(cfg: Any, model_cfg) -> None:
     """Warn when ``data.max_length`` is longer than the context the model's RoPE settings are made
-    for (positions past it are untrained), naming the key that extends it."""
+    for (positions past it are untrained), naming the key that extends it. tunex's own decoder only
+    (a transformers-backend model's rope settings are transformers')."""
     import warnings
 
-    from tunex.models.config import rope_context
+    from tunex.models.config import ModelConfig, rope_context
 
+    if not isinstance(model_cfg, ModelConfig):
+        return
     limit = rope_context(model_cfg)
     if cfg.data.max_length > limit:
         warnings.warn(
@@ -118,6 +136,14 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     linears are quantized to NF4/FP4 while loading, adapters on top. Adapters are kept in fp32
     whatever the base dtype, so the optimizer's updates are not lost to bf16 rounding.
     """
+    from tunex.train.multimodal import build_llava, is_multimodal
+
+    if is_multimodal(cfg):  # [vision]: tower + projector around the LLM this function builds
+        return build_llava(cfg, device, _build_llm, load_device)
+    return _build_llm(cfg, device, load_device)
+
+
+def _build_llm(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
     from tunex.models import load_model, resolve_model_path
 
     method = cfg.method
@@ -136,8 +162,15 @@ def build_model(cfg: Any, device: torch.device, load_device: torch.device | None
     # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
     # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
     model = load_model(
-        path, dtype=dtype, device=load_device or device, quantize=quantize, rope_scaling=cfg.model.rope_scaling
+        path,
+        dtype=dtype,
+        device=load_device or device,
+        quantize=quantize,
+        backend=cfg.model.backend,
+        rope_scaling=cfg.model.rope_scaling,
     )
+    if cfg.train.router_aux_loss_coef:  # preflight refused it for models without routers
+        model.router_aux_loss_coef = cfg.train.router_aux_loss_coef
     if method.kind == "full":
         model.requires_grad_(True)
     else:
@@ -172,8 +205,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         decoder.offload_checkpoints = True
 
 
-def forward_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) of a tunex causal LM."""
+def forward_hidden(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None, pixel_values=None
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of a tunex causal LM (a LLaVA model takes the batch's
+    images too)."""
+    if pixel_values is not None:
+        return model.hidden_states(input_ids, position_ids, pixel_values=pixel_values)
     return model.hidden_states(input_ids, position_ids)
 
 

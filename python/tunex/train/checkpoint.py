@@ -65,6 +65,24 @@ def latest(work_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+class _KeepsWriteErrors:
+    """A file's ``write`` and ``flush`` for torch.save, keeping the OSError a failed write raised:
+    torch.save reports it as a RuntimeError that names no file and no reason."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save(work_dir: str | os.PathLike, step: int, payload: dict[str, Any], keep: int) -> Path:
     """Write ``iter_{step}.pth`` atomically (temp file, fsync, rename) and prune to ``keep`` files.
 
@@ -76,7 +94,13 @@ def save(work_dir: str | os.PathLike, step: int, payload: dict[str, Any], keep: 
     target = folder / f"iter_{step}.pth"
     data = {"format": FORMAT, "version": VERSION, "step": step, **payload}
     with atomic_file(target) as f:
-        torch.save(data, f)
+        sink = _KeepsWriteErrors(f)
+        try:
+            torch.save(data, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None  # the disk's error (ENOSPC, EFBIG), not torch's wrapper of it
     if keep > 0:
         prune(folder, keep)
     return target

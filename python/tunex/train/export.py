@@ -49,6 +49,10 @@ def convert_checkpoint(
     state = checkpoint.load(pth)
     kind = _method_of(state, cfg, pth)
     dtype = torch.float32 if fp32 else torch.float16
+    if getattr(cfg, "vision", None) is not None and cfg.vision.path:  # LLaVA: tower + projector + LLM
+        from tunex.train.export_llava import export_llava
+
+        return export_llava(cfg, state, pth, Path(out), dtype, max_shard_size)
     if kind in ("lora", "qlora"):
         adapter = _checkpoint_named(cfg, state["model"])
         export_adapter(adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
@@ -63,12 +67,15 @@ def write_full_model(
     """A full fine-tune's weights as a HF folder: shards + index, config.json, generation_config.json,
     tokenizer files."""
     from tunex import save_sharded
-    from tunex.models import read_config, resolve_model_path, to_checkpoint_names
+    from tunex.models import resolve_model_path, to_checkpoint_names
+    from tunex.models.hf_backend import model_config
 
     base = Path(resolve_model_path(cfg.model.path))
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     # tunex's module layout -> the family's own names (InternLM2's fused wqkv, ...)
-    named = to_checkpoint_names({k: v for k, v in weights.items() if _is_weight(k)}, read_config(base))
+    named = to_checkpoint_names(
+        {k: v for k, v in weights.items() if _is_weight(k)}, model_config(base, cfg.model.backend)
+    )
     tensors = {k: v.to(dtype).contiguous() for k, v in named.items()}
     tied = config.get("tie_word_embeddings", False)
     if tied or _shares_storage(tensors, "lm_head.weight", "model.embed_tokens.weight"):
@@ -147,6 +154,7 @@ def checkpoint_as_adapter(cfg: Any, pth: str | os.PathLike, out: str | os.PathLi
 def _checkpoint_named(cfg: Any, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adapter tensors under the base model family's own module names (InternLM2's ``wqkv``, ``wo``,
     ``w1``...), as PEFT names them on that model, so the adapter loads there and merges into it."""
-    from tunex.models import read_config, resolve_model_path, to_checkpoint_names
+    from tunex.models import resolve_model_path, to_checkpoint_names
+    from tunex.models.hf_backend import model_config
 
-    return to_checkpoint_names(adapter, read_config(resolve_model_path(cfg.model.path)))
+    return to_checkpoint_names(adapter, model_config(resolve_model_path(cfg.model.path), cfg.model.backend))

@@ -1,8 +1,12 @@
 """The training loop behind ``tunex train``: full, LoRA and QLoRA from one config.
 
-One optimizer step = ``grad_accum`` micro-batches; each micro-batch's mean token loss is divided by
-``grad_accum`` before backward. A step is logged to metrics.jsonl, checkpointed every
-``save_steps`` (and at the end), and the eval hook answers its prompts every ``every_n_steps``.
+One optimizer step = ``grad_accum`` micro-batches on each rank. The step's loss is the mean token
+loss over the whole global batch: each micro-batch's summed token loss is divided by the number of
+target tokens of all ranks' micro-batches of the step (counted before the first forward), so any
+split of a global batch gives the same loss and gradients, however unequally its micro-batches are
+filled (docs/TRAINING.md). A step is logged to metrics.jsonl, checkpointed every ``save_steps`` (and
+at the end), and the eval hook answers its prompts every ``every_n_steps``, when the held-out loss
+(tunex.train.evaluate) is measured too.
 A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches, dropout masks
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
@@ -25,16 +29,19 @@ import torch
 
 from tunex.dist import ckpt as dist_ckpt
 from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
-from tunex.dist.metrics import reduce_step
+from tunex.dist.metrics import reduce_step, step_targets
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.sequence import plan as plan_sequence
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
 from tunex.train import checkpoint
+from tunex.train.best import BestCheckpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
+from tunex.train.evaluate import build_eval_set, evaluate
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter, plot_loss
+from tunex.train.multimodal import build_image_dataset, is_multimodal
 from tunex.train.optim import build_optimizer, build_scheduler
 from tunex.train.progress import TrainProgress
 
@@ -63,7 +70,7 @@ def seed_everything(seed: int) -> None:
 
 def trainable_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of the model: everything for a full fine-tune, else the adapters."""
-    if kind == "full":
+    if kind == "full" and not hasattr(model, "vision_tower"):  # LLaVA: the trained part only, never the tower
         return {k: v for k, v in model.state_dict().items()}
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -95,18 +102,30 @@ def grad_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
 
 
 def _micro_step(
-    step_module, batch, device, cfg, accum: int, last: bool = True, scaler: torch.amp.GradScaler | None = None
+    step_module,
+    batch,
+    device,
+    cfg,
+    grad_scale: float,
+    last: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
+    denom: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward of one micro-batch through the loss module (DDP/FSDP-wrapped or not);
-    gradients are reduced across ranks only on the step's ``last`` micro-batch."""
+    gradients are reduced across ranks only on the step's ``last`` micro-batch.
+
+    The loss is the micro-batch's summed token loss over ``denom`` (None: its own target tokens);
+    backward runs on it times ``grad_scale``. Returns (the loss, the micro-batch's tokens)."""
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     positions = batch.get("position_ids")
     positions = positions.to(device) if positions is not None else None
+    images = {"pixel_values": batch["pixel_values"].to(device)} if "pixel_values" in batch else {}  # LLaVA
     with gradient_sync(step_module, last):
         with autocast(cfg.train.dtype, device):
-            loss = step_module(input_ids, labels, positions)
-        (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
+            loss = step_module(input_ids, labels, positions, denom, **images)
+        scaled = loss * grad_scale if grad_scale != 1 else loss
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
     return loss.detach(), int(input_ids.numel())
 
 
@@ -136,6 +155,8 @@ def train(
 
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
+    if is_multimodal(cfg) and env.world_size > 1:
+        raise TunexError("[vision] runs train in one process for now; run tunex train without torchrun")
     # sequence parallelism: groups of ranks share each micro-batch; data parallel over the groups
     sequence = plan_sequence(env, cfg.train.sequence_parallel, cfg.source) if cfg.train.sequence_parallel > 1 else None
     dp_rank, world = (sequence.dp_rank, sequence.dp_size) if sequence else (env.rank, env.world_size)
@@ -160,7 +181,11 @@ def train(
     # nodes sharing a file system may race safely); the node's other ranks then read the cache
     if env.local_rank != 0:
         barrier(env)
-    dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+    if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
+        dataset, held_out = build_image_dataset(cfg, tokenizer), None
+    else:
+        dataset = build_dataset(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache)
+        dataset, held_out = build_eval_set(cfg, tokenizer, dataset, cache)  # eval.data, or eval.split of the data
     if env.local_rank == 0:
         barrier(env)
     per_epoch = _batches_per_epoch(dataset, cfg)
@@ -208,7 +233,11 @@ def train(
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
         write_text(work / "config.toml", cfg.to_toml())
-    metrics = MetricsWriter(work, resume_step=step, enabled=is_main)
+    from tunex.track import open_trackers
+
+    trackers = open_trackers(cfg, work, resumed=state is not None, enabled=is_main)
+    metrics = MetricsWriter(work, resume_step=step, enabled=is_main, trackers=trackers)
+    best = BestCheckpoint(work, cfg.save.best_metric, enabled=is_main)
     progress = TrainProgress(total, step, enabled=is_main)
     if metrics.notice:
         progress.echo(metrics.notice)
@@ -216,6 +245,9 @@ def train(
     hook = EvalChatHook(model, tokenizer, template, cfg.eval, work if is_main else None, progress.echo)
     if is_main:
         trainable = sum(p.numel() for p in params)
+        model_cfg = getattr(model, "config", None)  # which backend runs the model (model.backend)
+        if model_cfg is not None:
+            progress.echo(f"model: {model_cfg.family} on the {getattr(model_cfg, 'backend', 'tunex')} backend")
         progress.echo(
             f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
             f"{accum} x {cfg.train.batch_size} sequences x {world} "
@@ -235,12 +267,20 @@ def train(
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             tokens = 0
-            for micro in range(accum):
-                loss, n = _micro_step(step_module, next(batches), device, cfg, accum, micro == accum - 1, scaler)
+            micro_batches = [next(batches) for _ in range(accum)]
+            # token-weighted: every token of the global batch weighs the same, whatever the split; the
+            # ranks of a sequence group hold the same labels, so only the group's first counts them
+            counted = sequence is None or sequence.rank == 0
+            denom = step_targets(env, [b["labels"] for b in micro_batches] if counted else [], device)
+            for micro, batch in enumerate(micro_batches):
+                last_micro = micro == accum - 1
+                # DDP and FSDP2 average gradients over all ranks: times the world size undoes that (with
+                # sequence parallelism too: a group's ranks' gradients add up to its batch's, see dist.sequence)
+                loss, n = _micro_step(step_module, batch, device, cfg, env.world_size, last_micro, scaler, denom)
                 loss_sum += loss
                 tokens += n if sequence is None or sequence.rank == 0 else 0  # a group counts its batch once
-            # the job's mean loss and tokens (every rank gets them, so all stop together on NaN)
-            loss_value, tokens = reduce_step(env, loss_sum, accum, tokens)
+            # the job's mean token loss and tokens (every rank gets them, so all stop together on NaN)
+            loss_value, tokens = reduce_step(env, loss_sum, tokens)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {saved}" if saved else "no checkpoint was written yet"
                 raise TrainingDiverged(
@@ -271,7 +311,15 @@ def train(
             }
             metrics.write(record)
             progress.update(record, total, log=step % cfg.train.log_steps == 0 or step == last)
-            if step % cfg.save.save_steps == 0 or step == last:
+            scores = None  # the held-out figures, before the checkpoint: a new best is saved now
+            if held_out is not None and _eval_due(cfg, step, last):
+                size = cfg.eval.batch_size or cfg.train.batch_size
+                scores = evaluate(model, held_out, size, device, cfg.train.dtype, env, sharded).record(step)
+                after_eval(step_module)
+                metrics.write(scores)
+                progress.echo(_eval_line(scores))
+            new_best = scores is not None and best.improves(scores)
+            if step % cfg.save.save_steps == 0 or step == last or new_best:
                 meta = {
                     "scheduler": scheduler.state_dict(),
                     "data": {"sequences": consumed, "micro_batches": consumed // cfg.train.batch_size},
@@ -297,9 +345,11 @@ def train(
                             },
                             cfg.save.save_total_limit,
                         )
+                if new_best:
+                    best.keep(saved, step, scores[cfg.save.best_metric])
             # FSDP2 ranks generate together (each forward gathers shards); DDP's rank 0 alone
             if (hook.due(step, total) or (step == last and cfg.eval.prompts)) and (is_main or sharded):
-                hook(step)
+                trackers.log_answers(step, hook(step))
                 after_eval(step_module)
     finally:
         progress.close()
@@ -313,6 +363,18 @@ def train(
     # last evaluation aborted at exit now and then ("terminate called without an active exception")
     barrier(env)
     return TrainResult(steps=step, last_loss=loss_value, checkpoint=saved, work_dir=work, is_main=is_main)
+
+
+def _eval_due(cfg: Any, step: int, last: int) -> bool:
+    every = cfg.eval.every_n_steps
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _eval_line(scores: dict[str, Any]) -> str:
+    return (
+        f"[eval step {scores['step']}] eval_loss {scores['eval_loss']:.4f}  "
+        f"eval_perplexity {scores['eval_perplexity']:.3f}  ({scores['eval_tokens']:,} target tokens)"
+    )
 
 
 def _sequences(data: dict[str, Any], batch_size: int) -> int:

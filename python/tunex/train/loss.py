@@ -223,11 +223,11 @@ def linear_cross_entropy(
             f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
             f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target"
         )
-    if h.is_cuda and bias is None and denom is None:
+    if h.is_cuda and bias is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
         from tunex.kernels import chunked_cross_entropy
 
-        return chunked_cross_entropy(h, weight, y)
+        return chunked_cross_entropy(h, weight, y, denom=denom)
     if denom is None:
         denom = float(max(int((y != IGNORE_INDEX).sum()), 1))
     # Under no_grad (evaluation) the gradients are not computed at all.
@@ -236,15 +236,51 @@ def linear_cross_entropy(
 
 
 def softcapped_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None, cap: float
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    cap: float,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    denom: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the soft-capped logits ``cap * tanh((hidden @ weight.T + bias) / cap)``
-    (Gemma 2) over the labels that are not -100, in fp32; the logits are made whole, not chunked."""
-    logits = F.linear(hidden, weight, bias).float()
+    (Gemma 2) over the labels that are not -100, in fp32. ``denom``: what the summed loss is divided
+    by instead of the count of those labels.
+
+    The rows go in chunks of about ``chunk_elements`` logits; with autograd each chunk is
+    checkpointed (its logits are made again in backward), so no more than one chunk of logits
+    exists at a time instead of the whole (tokens, vocab) matrix.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    rows = max(1, chunk_elements // weight.shape[0])
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    total = None
+    for start in range(0, h.shape[0], rows):
+        part_h, part_y = h[start : start + rows], y[start : start + rows]
+        if grad:
+            part = torch.utils.checkpoint.checkpoint(
+                _softcapped_sum, part_h, weight, bias, part_y, cap, use_reentrant=False
+            )
+        else:
+            part = _softcapped_sum(part_h, weight, bias, part_y, cap)
+        total = part if total is None else total + part
+    if total is None:  # no rows
+        total = h.new_zeros((), dtype=torch.float32)
+    return total / (denom if denom is not None else max(int((y != IGNORE_INDEX).sum()), 1))
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch's loss counts: labels (given at input positions, (B, T)) after the causal
+    shift that are not -100, as ``shifted`` aligns them."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _softcapped_sum(h, weight, bias, y, cap: float) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
     logits = torch.tanh(logits / cap) * cap
-    y = labels.reshape(-1).to(logits.device)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / max(int((y != IGNORE_INDEX).sum()), 1)
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def shifted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

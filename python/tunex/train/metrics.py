@@ -1,11 +1,13 @@
-"""Where training numbers go: ``work_dir/metrics.jsonl`` (one JSON object per optimizer step),
-TensorBoard when it is installed, a rich progress line, and the loss-curve PNG at the end."""
+"""Where training numbers go: ``work_dir/metrics.jsonl`` (one JSON object per optimizer step, and
+one per held-out evaluation), the trackers of ``[log]`` (tunex.track), a rich progress line, and the
+loss-curve PNG at the end."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,12 @@ class MetricsWriter:
     """Appends step records to metrics.jsonl; on resume first drops records past the resumed step,
     so the file reads as if the run had never stopped."""
 
-    def __init__(self, work_dir: str | os.PathLike, resume_step: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self, work_dir: str | os.PathLike, resume_step: int = 0, enabled: bool = True, trackers: Any = None
+    ) -> None:
         self.enabled = enabled
         self.path = Path(work_dir) / METRICS_FILE
-        self._tb = None
+        self.trackers = trackers  # tunex.track.Trackers: TensorBoard, wandb, MLflow
         self.notice: str | None = None  # said once on resume when a torn last line was dropped
         if not enabled:
             return
@@ -59,29 +63,21 @@ class MetricsWriter:
                 self.notice = f"{self.path}:{torn}: dropped a line cut short by the crash of the previous run"
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-            self._tb = SummaryWriter(str(Path(work_dir) / "tensorboard"))
-        except Exception:  # noqa: BLE001 - TensorBoard is optional
-            self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self.trackers is not None:
+            self.trackers.log_metrics(record)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.trackers is not None:  # called from the loop's `finally`: an error in flight = a failed run
+            self.trackers.close(failed=sys.exc_info()[0] is not None)
 
 
 def plot_loss(work_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -28,7 +28,7 @@ def build_optimizer(
     ``bf16_adapters``: bf16 parameters, stepped by ``BF16AdamW`` (float32 moments, stochastic
     rounding of the weight). ``"adamw_8bit"`` / ``"paged_adamw_8bit"``: ``AdamW8bit`` (8-bit
     blockwise moments; paged: kept in host memory), for float32 and bf16 parameters alike;
-    ``seed`` seeds its bf16 rounding (None: ``torch.initial_seed()``).
+    ``seed`` seeds the bf16 rounding of both (None: ``torch.initial_seed()``).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -55,7 +55,7 @@ def build_optimizer(
     if bf16_adapters:  # train.adapter_dtype = "bfloat16": float32 moments, stochastic rounding
         from tunex.train.bf16_adamw import BF16AdamW
 
-        return BF16AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return BF16AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, seed=seed)
     plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor shards (FSDP2)
     one_device = all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params)
     if plain and one_device:

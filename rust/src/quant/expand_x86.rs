@@ -5,21 +5,29 @@
 
 use std::arch::x86_64::*;
 
-/// Expand every block of `packed` into `out` with the per-block table `table(absmax)`.
+/// Expand every block of `packed` into `out` with the per-block table `round(code[k] * absmax)`.
 /// The caller checks that the CPU has AVX2 (`crate::simd::has_avx2`).
+///
+/// The table is built in a plain loop here, where AVX2 is enabled and `round` (an
+/// `#[inline(always)]` conversion) vectorizes: built out of line (an `array::map` LLVM chose not
+/// to inline), its 16 scalar roundings per 64-element block cost as much as the expansion itself.
 ///
 /// # Safety
 /// AVX2 must be available.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn expand_u16_blocks(
+    code: &[f32; 16],
     blocksize: usize,
     packed: &[u8],
     absmax: &[f32],
     out: &mut [u16],
-    table: impl Fn(f32) -> [u16; 16],
+    round: impl Fn(f32) -> u16,
 ) {
     for ((out, packed), &scale) in out.chunks_mut(blocksize).zip(packed.chunks(blocksize / 2)).zip(absmax) {
-        let values = table(scale);
+        let mut values = [0u16; 16];
+        for (value, &c) in values.iter_mut().zip(code) {
+            *value = round(c * scale);
+        }
         let steps = (out.len() / 32).min(packed.len() / 16);
         // SAFETY: AVX2 is enabled for this function; every load reads 16 bytes at 16 * i with
         // i < steps <= packed.len() / 16, every store writes 32 u16 at 32 * i < out.len() - 31.
@@ -32,13 +40,19 @@ pub(crate) unsafe fn expand_u16_blocks(
 /// AVX2 must be available, `packed` must hold whole 16-byte steps and `out` 32 values per step.
 #[target_feature(enable = "avx2")]
 unsafe fn expand_steps(values: &[u16; 16], packed: &[u8], out: &mut [u16]) {
-    let lo_bytes: [u8; 16] = std::array::from_fn(|k| values[k] as u8);
-    let hi_bytes: [u8; 16] = std::array::from_fn(|k| (values[k] >> 8) as u8);
     // SAFETY (whole body): AVX2 is enabled; loads and stores stay inside the slices, whose lengths
     // are 16 * steps and 32 * steps (unaligned loads/stores are used throughout).
     unsafe {
-        let lo_table = _mm256_broadcastsi128_si256(_mm_loadu_si128(lo_bytes.as_ptr().cast()));
-        let hi_table = _mm256_broadcastsi128_si256(_mm_loadu_si128(hi_bytes.as_ptr().cast()));
+        // The table's low and high bytes, split in registers. The table is read as the two 16-byte
+        // halves it was just written in: one wider load across both stores cannot take the data
+        // from the store buffer and stalls every block (it halved the bf16 rate).
+        let first = _mm_loadu_si128(values.as_ptr().cast());
+        let second = _mm_loadu_si128(values.as_ptr().add(8).cast());
+        let byte = _mm_set1_epi16(0xff);
+        let lo = _mm_packus_epi16(_mm_and_si128(first, byte), _mm_and_si128(second, byte));
+        let hi = _mm_packus_epi16(_mm_srli_epi16(first, 8), _mm_srli_epi16(second, 8));
+        let lo_table = _mm256_broadcastsi128_si256(lo);
+        let hi_table = _mm256_broadcastsi128_si256(hi);
         let nibble = _mm_set1_epi8(0x0f);
         for (i, chunk) in packed.chunks_exact(16).enumerate() {
             let bytes = _mm_loadu_si128(chunk.as_ptr().cast());

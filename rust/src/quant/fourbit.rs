@@ -207,12 +207,10 @@ pub fn dequantize_4bit(
     let code = quant_type.code();
     let misfit = |_| Error::arg("output buffer is not aligned to its element size; pass a fresh tensor");
     let blocks_per_task = (TASK_ELEMS / blocksize).max(1);
-    let task_elems = blocks_per_task * blocksize;
-    let tasks = packed.par_chunks(task_elems / 2).zip(absmax.par_chunks(blocks_per_task));
     match dtype {
         FloatDtype::F32 => {
             let out: &mut [f32] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            let expand = |out: &mut [f32], packed: &[u8], absmax: &[f32]| {
+            by_tasks(out, packed, absmax, blocksize, blocks_per_task, |out, packed, absmax| {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512 F/BW/VL (checked just above).
@@ -221,50 +219,65 @@ pub fn dequantize_4bit(
                     };
                 }
                 expand_f32(&code, blocksize, packed, absmax, out)
-            };
-            if omp::available() {
-                // Training dequantizes every weight twice a step, between two oneDNN products on
-                // torch's OpenMP team: the same team does this too, so no second pool wakes up.
-                let shared = Shared::new(out);
-                let ok = omp::run(absmax.len().div_ceil(blocks_per_task), &|t| {
-                    let (b0, b1) = (t * blocks_per_task, ((t + 1) * blocks_per_task).min(absmax.len()));
-                    let (e0, e1) = (b0 * blocksize, (b1 * blocksize).min(n));
-                    // SAFETY: part t alone writes elements e0..e1.
-                    expand(unsafe { shared.range(e0, e1) }, &packed[e0 / 2..e1.div_ceil(2)], &absmax[b0..b1]);
-                });
-                assert!(ok, "a part of the 4-bit dequantization panicked");
-            } else {
-                out.par_chunks_mut(task_elems)
-                    .zip(tasks)
-                    .for_each(|(out, (packed, absmax))| expand(out, packed, absmax));
-            }
+            });
         }
         FloatDtype::BF16 => {
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
+            by_tasks(out, packed, absmax, blocksize, blocks_per_task, |out, packed, absmax| {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
-                    let table = |s: f32| code.map(|c| f32_to_bf16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
-                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                    return unsafe {
+                        super::expand_x86::expand_u16_blocks(&code, blocksize, packed, absmax, out, f32_to_bf16)
+                    };
                 }
                 expand_bf16(&code, blocksize, packed, absmax, out)
             });
         }
         FloatDtype::F16 => {
             let out: &mut [u16] = bytemuck::try_cast_slice_mut(out).map_err(misfit)?;
-            out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| {
+            by_tasks(out, packed, absmax, blocksize, blocks_per_task, |out, packed, absmax| {
                 #[cfg(target_arch = "x86_64")]
                 if crate::simd::has_avx2() {
-                    let table = |s: f32| code.map(|c| f32_to_f16(c * s));
                     // SAFETY: the CPU has AVX2 (checked just above).
-                    return unsafe { super::expand_x86::expand_u16_blocks(blocksize, packed, absmax, out, table) };
+                    return unsafe {
+                        super::expand_x86::expand_u16_blocks(&code, blocksize, packed, absmax, out, f32_to_f16)
+                    };
                 }
                 expand_f16(&code, blocksize, packed, absmax, out)
             });
         }
     }
     Ok(())
+}
+
+/// `expand(out, packed, absmax)` over parts of `blocks_per_task` whole blocks. On torch's OpenMP
+/// team when the process has one: a dequantization runs between torch ops (QLoRA: between two
+/// products), whose team would otherwise still be spinning on the cores that a second pool's
+/// threads need. Else on rayon's pool.
+fn by_tasks<T: Send>(
+    out: &mut [T],
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    blocks_per_task: usize,
+    expand: impl Fn(&mut [T], &[u8], &[f32]) + Sync,
+) {
+    let n = out.len();
+    if omp::available() {
+        let shared = Shared::new(out);
+        let ok = omp::run(absmax.len().div_ceil(blocks_per_task), &|t| {
+            let (b0, b1) = (t * blocks_per_task, ((t + 1) * blocks_per_task).min(absmax.len()));
+            let (e0, e1) = (b0 * blocksize, (b1 * blocksize).min(n));
+            // SAFETY: part t alone writes elements e0..e1.
+            expand(unsafe { shared.range(e0, e1) }, &packed[e0 / 2..e1.div_ceil(2)], &absmax[b0..b1]);
+        });
+        assert!(ok, "a part of the 4-bit dequantization panicked");
+    } else {
+        let task_elems = blocks_per_task * blocksize;
+        let tasks = packed.par_chunks(task_elems / 2).zip(absmax.par_chunks(blocks_per_task));
+        out.par_chunks_mut(task_elems).zip(tasks).for_each(|(out, (packed, absmax))| expand(out, packed, absmax));
+    }
 }
 
 multiversion! {
