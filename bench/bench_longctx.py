@@ -19,7 +19,7 @@ Throughput counts real tokens only (no pack or pad filler), so all contenders do
 step. Ratios are per round (tunex's step time against the other's in the same round): median and
 range over the rounds.
 
-Usage: python bench/bench_longctx.py [--steps N]
+Usage: python bench/bench_longctx.py [--steps N] [--shapes 256x4,2048x1]
 """
 
 from __future__ import annotations
@@ -230,6 +230,11 @@ def _rss(d: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--shapes",
+        default=",".join(f"{n}x{b}" for n, b in SHAPES),
+        help="packed length x batch, comma-separated (default: %(default)s)",
+    )
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -246,7 +251,7 @@ def main() -> None:
         "| RSS ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for length, batch in SHAPES:
+    for length, batch in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
         whos = ["tunex", "tunex-dense", "hf"] if length <= DENSE_MAX else ["tunex", "hf"]
         r = run_shape(whos, length, batch, os.path.abspath(folder), args.steps)
         ours, dense, hf = r.get("tunex", {}), r.get("tunex-dense", {}), r.get("hf", {})

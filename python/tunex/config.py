@@ -43,7 +43,7 @@ def _setting(default: Any, check: Check, doc: str) -> Any:
     if default is REQUIRED:
         return field(default=None, metadata={"check": check, "doc": doc, "required": True})
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: list(default), metadata={"check": check, "doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata={"check": check, "doc": doc})
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
@@ -145,6 +145,82 @@ def _betas(v: Any) -> list[float]:
     return [float(x) for x in v]
 
 
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# model.rope_scaling: the kinds, the keys each requires and the keys each may set (as config.json's rope_scaling)
+ROPE_SCALING_KINDS = ("linear", "dynamic", "yarn", "longrope", "llama3")
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("long_factor", "short_factor"),
+}
+_ROPE_OPTIONAL = {
+    "linear": (),
+    "dynamic": (),
+    "yarn": (
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+    "llama3": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings", "factor", "attention_factor"),
+}
+
+
+def _rope_scaling(v: Any) -> dict:
+    """A rope_scaling table as config.json spells it (``type`` or ``rope_type``, and the kind's
+    keys), normalised to ``rope_type``; empty: the checkpoint's own."""
+    if not isinstance(v, dict):
+        raise _Bad('a table such as {type = "yarn", factor = 4.0}, or {} for the checkpoint\'s own')
+    if not v:
+        return {}
+    if "type" in v and "rope_type" in v and v["type"] != v["rope_type"]:
+        raise _Bad("one of 'type' and 'rope_type', not two different kinds")
+    kind = v.get("rope_type", v.get("type"))
+    if kind not in ROPE_SCALING_KINDS:
+        raise _Bad(f"a 'type' of {', '.join(map(repr, ROPE_SCALING_KINDS))} (got type {kind!r})")
+    allowed = {"type", "rope_type", *_ROPE_REQUIRED[kind], *_ROPE_OPTIONAL[kind]}
+    unknown = sorted(set(v) - allowed)
+    if unknown:
+        raise _Bad(f"only the keys {', '.join(sorted(allowed))} for type {kind!r} (unknown: {', '.join(unknown)})")
+    missing = [k for k in _ROPE_REQUIRED[kind] if k not in v]
+    if missing:
+        raise _Bad(f"the keys {', '.join(_ROPE_REQUIRED[kind])} for type {kind!r} (missing: {', '.join(missing)})")
+    out: dict[str, Any] = {"rope_type": kind}
+    for key, value in v.items():
+        if key in ("type", "rope_type"):
+            continue
+        if key in ("long_factor", "short_factor"):
+            if not isinstance(value, list) or not value or not all(_positive_number(x) for x in value):
+                raise _Bad(f"{key} as a non-empty list of positive numbers (one per rotary frequency)")
+            out[key] = [float(x) for x in value]
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                raise _Bad("truncate as true or false")
+            out[key] = value
+        elif key == "original_max_position_embeddings":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _Bad("original_max_position_embeddings as an integer >= 1 (the trained context length)")
+            out[key] = value
+        else:
+            if not _positive_number(value):
+                raise _Bad(f"{key} as a positive number")
+            out[key] = float(value)
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise _Bad("high_freq_factor > low_freq_factor")
+    if kind != "longrope" and out["factor"] < 1.0:
+        raise _Bad(f"factor >= 1 (how many times the trained context; got {out['factor']})")
+    return out
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 DATA_FORMATS = (
@@ -173,6 +249,13 @@ class ModelConfig:
     path: str = _setting(REQUIRED, _nonempty_text, "HF model folder, GGUF file, or a downloaded hub snapshot")
     dtype: str = _setting("auto", _one_of(*DTYPES), "weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
     tokenizer: str = _setting("", _text, "tokenizer folder; empty = the model's own")
+    rope_scaling: dict = _setting(
+        {},
+        _rope_scaling,
+        "RoPE scaling to train beyond the native length, replacing the checkpoint's: a table as config.json's "
+        'rope_scaling, type linear / dynamic / yarn / longrope / llama3, e.g. {type = "yarn", factor = 4.0}; '
+        "{} = the checkpoint's own (docs/TRAINING.md)",
+    )
     backend: str = _setting(
         "auto",
         _one_of("auto", "tunex", "transformers"),
@@ -255,6 +338,12 @@ class TrainConfig:
         False,
         _flag,
         "with gradient checkpointing, keep each layer's checkpointed input in (pinned) CPU memory until backward",
+    )
+    sequence_parallel: int = _setting(
+        1,
+        _integer(1),
+        "ranks that share each sequence (Ulysses: all-to-all over heads around attention); "
+        "world size = data-parallel x this; 1 = off (docs/SCALING.md)",
     )
     router_aux_loss_coef: float = _setting(
         0.0,
@@ -437,6 +526,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
@@ -506,6 +597,18 @@ def _check_vision(cfg: Config, problems: list[str]) -> None:
 
 
 def _check_across(cfg: Config, problems: list[str]) -> None:
+    sp = cfg.train.sequence_parallel
+    if sp > 1 and cfg.data.max_length % sp:
+        problems.append(
+            f"data.max_length: expected a multiple of train.sequence_parallel = {sp} (each rank takes "
+            f"max_length / {sp} tokens), got {cfg.data.max_length}"
+        )
+    if sp > 1 and cfg.train.router_aux_loss_coef:
+        problems.append(
+            f"train.router_aux_loss_coef: expected 0 with train.sequence_parallel = {sp} (the routers' "
+            "load-balancing loss is not computed over a sequence split across ranks); set it to 0 or "
+            "train.sequence_parallel = 1"
+        )
     _check_vision(cfg, problems)
     if cfg.train.offload_checkpoints and not cfg.train.gradient_checkpointing:
         problems.append(
@@ -565,6 +668,11 @@ def _check_preference(cfg: Config, problems: list[str]) -> None:
         problems.append(
             f"preference.label_smoothing: {objective} has no label smoothing, got {pref.label_smoothing}; "
             "set it to 0 (it applies to dpo and simpo)"
+        )
+    if objective != "sft" and cfg.train.sequence_parallel > 1:
+        problems.append(
+            f"train.sequence_parallel: {objective!r} runs each (chosen, rejected) pair whole on one rank, got "
+            f"{cfg.train.sequence_parallel}; set train.sequence_parallel = 1 for preference objectives"
         )
     if objective != "sft" and (cfg.eval.data or cfg.eval.split):
         problems.append(

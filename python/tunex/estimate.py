@@ -344,6 +344,7 @@ class Plan:
     offload_checkpoints: bool = False
     fused_lora: bool = True  # tunex.kernels.lora_linear: no dropped copy of x is saved
     dora: bool = False
+    sequence_parallel: int = 1  # train.sequence_parallel: each rank holds seq_len / this tokens of a sequence
 
 
 def plan_from_config(cfg, **overrides) -> Plan:
@@ -364,6 +365,7 @@ def plan_from_config(cfg, **overrides) -> Plan:
         offload_checkpoints=cfg.train.offload_checkpoints,
         optimizer=cfg.train.optimizer,
         dora=cfg.method.use_dora,
+        sequence_parallel=cfg.train.sequence_parallel,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Plan(**values)
@@ -474,7 +476,9 @@ def _saved_per_token(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int
 def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     """Predict the peak of ``torch.cuda.max_memory_allocated`` for one training step of ``plan``."""
     c, layers = plan.dtype_bytes, shape.layers
-    tokens = plan.seq_len * plan.batch
+    # with sequence parallelism a rank keeps its slice of each sequence (attention sees the whole
+    # sequence with heads / N heads: the same bytes per token)
+    tokens = plan.seq_len * plan.batch // plan.sequence_parallel
     adapted = adapted_linears(shape, plan.target_modules) if plan.kind != "full" else []
     if plan.kind != "full" and not adapted:
         raise ValueError(

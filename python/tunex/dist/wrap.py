@@ -117,12 +117,16 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
 
 
 def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
-                      train_dtype: str = "float32", make_loss: Any = None) -> nn.Module:
+                      train_dtype: str = "float32", make_loss: Any = None, sequence=None) -> nn.Module:
     """The module the loop calls for a micro-batch's loss (see the module docstring).
 
     ``make_loss``: lm -> the loss module (default :class:`LossModule`; the preference objectives
-    pass theirs). Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces
-    them by sharded ones.
+    pass theirs). ``sequence``: a :class:`tunex.dist.sequence.SequenceGroup` for sequence
+    parallelism (the loss module then runs this rank's slice of each sequence); None: each rank its
+    whole micro-batches.
+
+    Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
+    sharded ones.
     """
     make_loss = make_loss or LossModule
     if device.type == "cpu":  # the heap is kept mapped between steps instead of faulted in again
@@ -130,9 +134,19 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
 
         tune_malloc()
     how = strategy(kind, env)
+
+    def loss_module(model: nn.Module) -> nn.Module:
+        if sequence is None:
+            return make_loss(model)
+        if make_loss is not LossModule:  # refused at config load (preference objectives split no sequences)
+            raise ValueError("sequence parallelism runs the token loss only, not a preference objective's loss")
+        from tunex.dist.sequence import SequenceLossModule
+
+        return SequenceLossModule(model, sequence)
+
     if how == "fsdp":
-        return make_loss(shard_full_model(lm, env, device, train_dtype))
-    loss = make_loss(lm)
+        return loss_module(shard_full_model(lm, env, device, train_dtype))
+    loss = loss_module(lm)
     if how == "single":
         return loss
     from torch.nn.parallel import DistributedDataParallel

@@ -59,12 +59,16 @@ class Documents:
             spans += [(row, s, e - s) for s, e in zip(first, first[1:] + [t])]
         return cls(spans, b, t, position_ids.device)
 
-    def dense(self) -> torch.Tensor:
-        """The boolean (B, 1, T, T) mask: key j visible to query i when both lie in one document, j <= i."""
+    def ids(self) -> torch.Tensor:
+        """(B, T) int64 on the documents' device: each token's document index (unique over the batch)."""
         doc = torch.empty(self.batch, self.seq, dtype=torch.int64)
         for i, (row, start, length) in enumerate(self.spans):
             doc[row, start : start + length] = i
-        doc = doc.to(self.device)
+        return doc.to(self.device)
+
+    def dense(self) -> torch.Tensor:
+        """The boolean (B, 1, T, T) mask: key j visible to query i when both lie in one document, j <= i."""
+        doc = self.ids()
         same = doc[:, :, None] == doc[:, None, :]
         return (same & torch.ones(self.seq, self.seq, dtype=torch.bool, device=self.device).tril())[:, None]
 
@@ -87,6 +91,49 @@ def sdpa_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: D
     return torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)
 
 
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch.nn.attention.flex_attention, torch >= 2.5)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_flex_compiled = None
+
+
+def _flex(device: torch.device):
+    """FlexAttention for ``device``: compiled on CUDA (the fused Triton kernel, one per shape; eager
+    FlexAttention would build the scores whole), the eager function elsewhere (a reference)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _flex_compiled is None:
+        # dynamic: packed batches vary in length (collate pads to the longest row), and one
+        # compilation per length would soon pass torch.compile's recompilation limit
+        _flex_compiled = torch.compile(flex_attention, dynamic=True)
+    return _flex_compiled
+
+
+def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
+    """Causal attention inside each of ``docs`` in one FlexAttention call over (B, H, T, D): a block
+    mask made from the tokens' document ids skips the blocks no query of a document sees, so the
+    cost follows the documents' squared lengths, with no per-document launches."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = docs.ids()
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+
+    b, t = docs.batch, docs.seq
+    block = create_block_mask(same_document_causal, b, None, t, t, device=q.device, _compile=q.is_cuda)
+    return _flex(q.device)(q, k, v, block_mask=block, enable_gqa=gqa)
+
+
 def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
@@ -98,11 +145,13 @@ def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool, docs: bool = False) -> str:
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool, docs: int = 0) -> str:
     """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
     now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
-    "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa". ``causal``: causal attention of the queries over as many keys (no mask, no cache; with
-    ``docs`` inside each packed document); ``arena``: an activation arena is active."""
+    "flex-docs" (:func:`flex_per_document`), "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa".
+    ``causal``: causal attention of the queries over as many keys (no mask, no cache; with ``docs``
+    inside each packed document); ``arena``: an activation arena is active; ``docs``: how many
+    packed documents the rows hold (0: none)."""
     facts = registry.Facts.of(
         q,
         head_dim=q.shape[-1],

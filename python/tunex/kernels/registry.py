@@ -49,8 +49,8 @@ class Facts:
     conditions look at (None: unknown, which a condition treats as met, except ``rows == 1`` for
     the one-row decode paths; ``tunex doctor`` passes representative values). ``causal``: causal
     attention of the queries over as many keys (None: unknown). ``arena``: an activation arena is
-    active (tunex.runtime.arena). ``docs``: the rows are packed documents, each attending inside
-    itself (tunex.kernels.attention.Documents). ``backend`` is the kernel's ``backend=`` argument.
+    active (tunex.runtime.arena). ``docs``: how many packed documents the rows hold, each attending
+    inside itself (tunex.kernels.attention.Documents; 0 or False: none). ``backend`` is the kernel's ``backend=`` argument.
     """
 
     __slots__ = (
@@ -84,7 +84,7 @@ class Facts:
         shape_ok: bool = True,
         causal: bool | None = None,
         arena: bool = False,
-        docs: bool = False,
+        docs: int = 0,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
@@ -199,6 +199,18 @@ def triton_wanted(f: Facts) -> bool:
     return True
 
 
+# packed documents per batch from which FlexAttention's one call beats SDPA launched on each document
+# on CUDA (bench/bench_flex_docs.py: fewer, longer documents favour SDPA's flash kernel per document)
+FLEX_MIN_DOCUMENTS = 32
+
+
+@functools.cache
+def _flex_available() -> bool:
+    from tunex.kernels.attention import flex_available
+
+    return flex_available()
+
+
 def _cpu_f32(f: Facts) -> bool:
     return f.device == "cpu" and f.dtype == torch.float32
 
@@ -300,6 +312,19 @@ OPS: dict[str, tuple[Impl, ...]] = {
                 and not f.docs
                 and f.arena
                 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            ),
+        ),
+        Impl(
+            "flex-docs",
+            f"CUDA, packed batches of at least {FLEX_MIN_DOCUMENTS} documents, a power-of-two head dim of 16 or "
+            "more, triton: one compiled FlexAttention call with a block mask of the documents (no per-document "
+            "launches)",
+            lambda f: (
+                f.device == "cuda"
+                and f.docs >= FLEX_MIN_DOCUMENTS
+                and _ok(f.head_dim, lambda d: d >= 16 and d & (d - 1) == 0)
+                and triton_available()
+                and _flex_available()
             ),
         ),
         Impl(

@@ -134,6 +134,46 @@ def _check_rope(scaling: dict | None, source: str) -> None:
         raise FormatError(f"{source}: partial_rotary_factor != 1 (rotary on part of each head) is not supported")
 
 
+def with_rope_scaling(cfg: ModelConfig, scaling: dict | None, source: str = "model.rope_scaling") -> ModelConfig:
+    """``cfg`` with its rope scaling replaced by ``scaling`` (a config.json-style rope_scaling; empty
+    or None: ``cfg`` unchanged). A kind that reads the trained length (llama3, yarn, longrope) gets the
+    checkpoint's ``max_position_embeddings`` unless it names ``original_max_position_embeddings``,
+    as transformers fills it in.
+
+    Raises:
+        FormatError: naming ``source``: an unsupported kind, a missing key, LongRoPE factors that do
+            not give one value per rotary frequency (head_dim / 2).
+    """
+    if not scaling:
+        return cfg
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("llama3", "yarn", "longrope"):
+        scaling.setdefault("original_max_position_embeddings", cfg.max_position_embeddings)
+    _check_rope(scaling, source)
+    if kind == "longrope":
+        for key in ("long_factor", "short_factor"):
+            if len(scaling[key]) != cfg.head_dim // 2:
+                raise FormatError(
+                    f"{source}: {key} has {len(scaling[key])} values; this model's rotary frequencies need "
+                    f"head_dim / 2 = {cfg.head_dim // 2}"
+                )
+    import dataclasses
+
+    return dataclasses.replace(cfg, rope_scaling=scaling)
+
+
+def rope_context(cfg: ModelConfig) -> int:
+    """The context length ``cfg``'s rope settings are made for: ``max_position_embeddings``, or the
+    trained length times the factor of a scaling that stretches it."""
+    scaling = cfg.rope_scaling or {}
+    kind = rope_kind(cfg)
+    if kind in ("default", "longrope"):
+        return cfg.max_position_embeddings
+    old = int(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+    return max(cfg.max_position_embeddings, int(old * float(scaling.get("factor") or 1.0)))
+
+
 def _need(raw: dict, key: str, source: str) -> Any:
     if key not in raw:
         raise FormatError(f"{source}: missing key {key!r} (needed for a {raw.get('model_type')} model)")

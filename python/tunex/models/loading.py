@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import GEMMA, MOE, ModelConfig, read_config, to_tunex_names
+from tunex.models.config import GEMMA, MOE, ModelConfig, read_config, to_tunex_names, with_rope_scaling
 from tunex.models.decoder import CausalLM
 from tunex.models.hub import resolve_model_path
 
@@ -281,7 +281,13 @@ def meta_model(cfg: ModelConfig) -> CausalLM:
 
 
 def load_model(
-    path, *, dtype=torch.float32, device="cpu", quantize: QuantizeHook | None = None, backend: str = "auto"
+    path,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    quantize: QuantizeHook | None = None,
+    backend: str = "auto",
+    rope_scaling: dict | None = None,
 ) -> CausalLM:
     """Load a model folder (or GGUF / pkg:// / hub snapshot; see ``resolve_model_path``).
 
@@ -294,6 +300,9 @@ def load_model(
             embeddings are never passed to it.
         backend: ``model.backend``: "auto" (tunex's decoder for its families, transformers for other
             architectures), "tunex" or "transformers" (see tunex.models.hf_backend).
+        rope_scaling: a config.json-style rope_scaling replacing the checkpoint's (``model.rope_scaling``;
+            see :func:`tunex.models.config.with_rope_scaling`); None or empty: the checkpoint's own.
+            tunex's decoder only: a transformers-backend model with one raises ValueError.
 
     Returns:
         A :class:`CausalLM` in eval mode; parameters have ``requires_grad=False`` (the trainer
@@ -305,8 +314,13 @@ def load_model(
         from tunex.models.hf_backend import choose_backend, load_hf_model
 
         if choose_backend(folder, backend) == "transformers":
+            if rope_scaling:
+                raise ValueError(
+                    f"{folder}: rope_scaling replaces the rope settings of tunex's own decoder; this model runs "
+                    "through the transformers backend, which reads its rope_scaling from config.json"
+                )
             return load_hf_model(folder, dtype=dtype, device=device, quantize=quantize)
-    cfg: ModelConfig = read_config(folder)
+    cfg: ModelConfig = with_rope_scaling(read_config(folder), rope_scaling)
     with _no_init():
         model = new_model(cfg)
     unexpected: list[str] = []

@@ -91,10 +91,12 @@ class Standard(Plain):
             v,
             causal=causal or (docs is not None and q.shape[2] > 1),
             arena=arena.active() is not None,
-            docs=docs is not None,
+            docs=0 if docs is None else len(docs.spans),
         )
         if impl == "sdpa-docs":
             return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)
+        if impl == "flex-docs":
+            return attention_kernel.flex_per_document(q, k, v, docs, gqa)
         if impl != "sdpa":
             return kept_attention(q, k, v, impl == "native", docs)
         return super().attention(q, k, v, mask, causal, gqa)

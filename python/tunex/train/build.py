@@ -58,23 +58,75 @@ def preflight(cfg: Any, tokenizer) -> None:
     from tunex.errors import ConfigError, TunexError
     from tunex.models import resolve_model_path
     from tunex.models.config import check_tokenizer_fits, tunex_targets
-    from tunex.models.hf_backend import model_config
     from tunex.models.loading import meta_model
     from tunex.peft import select_targets
 
     folder = resolve_model_path(cfg.model.path)
-    model_cfg = model_config(folder, cfg.model.backend)
+    model_cfg = model_config(cfg)
     check_tokenizer_fits(tokenizer, model_cfg, folder, cfg.model.tokenizer)
+    check_context(cfg, model_cfg)
     if cfg.train.router_aux_loss_coef and not model_cfg.num_experts:
         raise TunexError(
             f"{cfg.source}: train.router_aux_loss_coef: {model_cfg.family} has no router (only mixture-of-experts "
             "models do); set train.router_aux_loss_coef = 0"
         )
+    if cfg.train.sequence_parallel > 1:
+        from tunex.dist.sequence import check_model
+
+        check_model(model_cfg, cfg.train.sequence_parallel, cfg.source)
     if cfg.method.kind != "full":
         try:
             select_targets(meta_model(model_cfg), tunex_targets(cfg.method.target_modules, model_cfg))
         except ConfigError as e:
             raise TunexError(f"{cfg.source}: method.target_modules: {e.problems[0]}") from None
+
+
+def model_config(cfg: Any):
+    """The model's config as the run trains it: for tunex's own decoder its
+    :class:`tunex.models.ModelConfig` with ``model.rope_scaling`` in place of the checkpoint's rope
+    scaling; for the transformers backend (``model.backend``) its ``HFConfig``, which takes no
+    ``model.rope_scaling``.
+
+    Raises:
+        TunexError: a ``model.rope_scaling`` this model cannot take, naming the key.
+    """
+    from tunex.errors import FormatError
+    from tunex.models import resolve_model_path
+    from tunex.models.config import ModelConfig, with_rope_scaling
+    from tunex.models.hf_backend import model_config as backend_config
+
+    model_cfg = backend_config(resolve_model_path(cfg.model.path), cfg.model.backend)
+    if not isinstance(model_cfg, ModelConfig):
+        if cfg.model.rope_scaling:
+            raise TunexError(
+                f"{cfg.source}: model.rope_scaling: {model_cfg.family} runs through the transformers backend, "
+                "which reads its rope scaling from config.json; set rope_scaling there and model.rope_scaling = {}"
+            )
+        return model_cfg
+    try:
+        return with_rope_scaling(model_cfg, cfg.model.rope_scaling, f"{cfg.source}: model.rope_scaling")
+    except FormatError as e:
+        raise TunexError(str(e)) from None
+
+
+def check_context(cfg: Any, model_cfg) -> None:
+    """Warn when ``data.max_length`` is longer than the context the model's RoPE settings are made
+    for (positions past it are untrained), naming the key that extends it. tunex's own decoder only
+    (a transformers-backend model's rope settings are transformers')."""
+    import warnings
+
+    from tunex.models.config import ModelConfig, rope_context
+
+    if not isinstance(model_cfg, ModelConfig):
+        return
+    limit = rope_context(model_cfg)
+    if cfg.data.max_length > limit:
+        warnings.warn(
+            f"{cfg.source}: data.max_length = {cfg.data.max_length} is longer than the {limit} positions the "
+            f'model\'s RoPE settings cover; set model.rope_scaling (e.g. {{type = "yarn", factor = '
+            f"{-(-cfg.data.max_length // limit)}.0}}) to extend the context (docs/TRAINING.md)",
+            stacklevel=2,
+        )
 
 
 def build_model(cfg: Any, device: torch.device, load_device: torch.device | None = None) -> nn.Module:
@@ -109,7 +161,14 @@ def _build_llm(cfg: Any, device: torch.device, load_device: torch.device | None 
 
     # load_device: for FSDP2 the weights stay on the CPU (memory maps when the file's dtype is the
     # weights' dtype) and fully_shard moves one layer at a time to the GPU as it shards it
-    model = load_model(path, dtype=dtype, device=load_device or device, quantize=quantize, backend=cfg.model.backend)
+    model = load_model(
+        path,
+        dtype=dtype,
+        device=load_device or device,
+        quantize=quantize,
+        backend=cfg.model.backend,
+        rope_scaling=cfg.model.rope_scaling,
+    )
     if cfg.train.router_aux_loss_coef:  # preflight refused it for models without routers
         model.router_aux_loss_coef = cfg.train.router_aux_loss_coef
     if method.kind == "full":

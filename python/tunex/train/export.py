@@ -92,6 +92,8 @@ def write_full_model(
         tensors.pop("lm_head.weight", None)
     tokenizer_dir = Path(cfg.model.tokenizer) if cfg.model.tokenizer else base
     config["torch_dtype"] = str(dtype).replace("torch.", "")
+    if cfg.model.rope_scaling:  # the scaling the run trained with (model.rope_scaling)
+        set_rope_scaling(config, cfg.model.rope_scaling)
     config.pop("quantization_config", None)
     if edit_config is not None:
         from tunex.tokenizer import load_tokenizer
@@ -109,6 +111,22 @@ def write_full_model(
         # eos_token_id with the end-of-turn token the run trained (transformers' generate stops there)
         write_generation_config(tmp, base, tokenizer_dir, cfg.data.template)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def set_rope_scaling(config: dict, scaling: dict) -> None:
+    """Put ``scaling`` (config.json's rope_scaling) into a config.json dict in the layout it uses:
+    ``rope_scaling``, or transformers 5's nested ``rope_parameters`` (Gemma 3's global layers')."""
+    params = config.get("rope_parameters")
+
+    def with_theta(theta) -> dict:
+        return {**({} if theta is None else {"rope_theta": theta}), **scaling}
+
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params["full_attention"] = with_theta(params["full_attention"].get("rope_theta"))
+    elif isinstance(params, dict):
+        config["rope_parameters"] = with_theta(params.get("rope_theta", config.get("rope_theta")))
+    else:
+        config["rope_scaling"] = dict(scaling)
 
 
 def is_model_file(name: str) -> bool:

@@ -11,7 +11,8 @@ A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
 Under torchrun the same loop runs on every rank (tunex.dist): each rank trains on its slice of
-every global batch through DDP (adapters) or FSDP2 (full fine-tune); docs/SCALING.md.
+every global batch through DDP (adapters) or FSDP2 (full fine-tune); with ``train.sequence_parallel``
+groups of ranks share each micro-batch (tunex.dist.sequence); docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tunex.dist import ckpt as dist_ckpt
 from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
 from tunex.dist.metrics import reduce_step, step_targets
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
+from tunex.dist.sequence import plan as plan_sequence
 from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
@@ -154,9 +156,11 @@ def train(
 
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
-    world = env.world_size
-    if is_multimodal(cfg) and world > 1:
+    if is_multimodal(cfg) and env.world_size > 1:
         raise TunexError("[vision] runs train in one process for now; run tunex train without torchrun")
+    # sequence parallelism: groups of ranks share each micro-batch; data parallel over the groups
+    sequence = plan_sequence(env, cfg.train.sequence_parallel, cfg.source) if cfg.train.sequence_parallel > 1 else None
+    dp_rank, world = (sequence.dp_rank, sequence.dp_size) if sequence else (env.rank, env.world_size)
     if seed is not None:
         cfg.train.seed = seed
     device = pick_device(env.local_rank)
@@ -211,7 +215,7 @@ def train(
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         preference.add_reward_head(model, None if cfg.method.kind == "full" else adapter)
     make_loss = None if objective is None else (lambda lm: preference.loss_module(lm, objective))
-    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss)
+    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss, sequence)
     pref_steps = None if objective is None else preference.PreferenceSteps(objective)
     if objective is not None and objective.reference and cfg.method.kind == "full":
         # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
@@ -267,14 +271,19 @@ def train(
             progress.echo(f"model: {model_cfg.family} on the {getattr(model_cfg, 'backend', 'tunex')} backend")
         progress.echo(
             f"{cfg.method.kind}: {trainable:,} trainable parameters; {total} steps of "
-            f"{accum} x {cfg.train.batch_size} sequences x {plural(world, 'process', 'processes')} = global batch "
-            f"{global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
+            f"{accum} x {cfg.train.batch_size} sequences x "
+            + (
+                f"{world} groups of {sequence.size} processes (each sequence split over a group)"
+                if sequence
+                else plural(world, "process", "processes")
+            )
+            + f" = global batch {global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
             + (f"; resumed from {resume_from} at step {step}" if state else "")
         )
 
     saved: Path | None = resume_from
     loss_value = float("nan")
-    batches = _batches(dataset, cfg, consumed, env.rank, world)
+    batches = _batches(dataset, cfg, consumed, dp_rank, world)
     model.train()
     try:
         while step < last:
@@ -284,19 +293,22 @@ def train(
             loss_sum = torch.zeros((), device=device)
             tokens = 0
             micro_batches = [next(batches) for _ in range(accum)]
+            # token-weighted: every token of the global batch weighs the same, whatever the split; the
+            # ranks of a sequence group hold the same labels, so only the group's first counts them
+            counted = sequence is None or sequence.rank == 0
             if pref_steps is None:
-                # token-weighted: every token of the global batch weighs the same, whatever the split
-                denom = step_targets(env, [b["labels"] for b in micro_batches], device)
+                denom = step_targets(env, [b["labels"] for b in micro_batches] if counted else [], device)
             for micro, batch in enumerate(micro_batches):
                 last_micro = micro == accum - 1
                 if pref_steps is None:
-                    # DDP and FSDP2 average gradients over ranks: times world undoes that
-                    loss, n = _micro_step(step_module, batch, device, cfg, world, last_micro, scaler, denom)
+                    # DDP and FSDP2 average gradients over all ranks: times the world size undoes that (with
+                    # sequence parallelism too: a group's ranks' gradients add up to its batch's, see dist.sequence)
+                    loss, n = _micro_step(step_module, batch, device, cfg, env.world_size, last_micro, scaler, denom)
                 else:  # the mean over the step's pairs (each micro-batch's pair mean; reduce_step sums ranks)
                     loss, n = pref_steps.micro_step(step_module, batch, device, cfg, accum, last_micro, scaler)
                     loss = loss / (accum * world)
                 loss_sum += loss
-                tokens += n
+                tokens += n if sequence is None or sequence.rank == 0 else 0  # a group counts its batch once
             # the job's mean token loss and tokens (every rank gets them, so all stop together on NaN)
             loss_value, tokens = reduce_step(env, loss_sum, tokens)
             if not math.isfinite(loss_value):
