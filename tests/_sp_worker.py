@@ -57,7 +57,7 @@ def main(model_dir: str, out: str, size: int, checkpointing: bool) -> None:
     group = plan(env, size)
     model = lora_model(model_dir)
     model.gradient_checkpointing = checkpointing
-    step = wrap_for_training(model, "lora", env, torch.device("cpu"), "float32", group)
+    step = wrap_for_training(model, "lora", env, torch.device("cpu"), "float32", sequence=group)
     b = batch(group.dp_rank, model.config.vocab_size)
     # as the loop: the global batch's target count (each group's once), backward times the world size
     denom = step_targets(env, [b["labels"]] if group.rank == 0 else [], torch.device("cpu"))

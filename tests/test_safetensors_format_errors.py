@@ -53,8 +53,11 @@ def refusal(args: list[str]) -> str:
     result = CliRunner().invoke(cli, args)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1, result.output
-    assert len(lines) == 1, result.output
-    return lines[0]
+    # one error line, the last; before it only the start-up lines `tunex train` prints (what it reads, loads)
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert not any("Traceback" in line for line in lines), result.output
+    return errors[0]
 
 
 def test_chat_train_and_merge_refuse_overlapping_offsets_with_one_message(overlapping, tmp_path):

@@ -45,12 +45,19 @@ class RecordError(ValueError):
     """A record does not have the shape its format needs (message says which field, what was expected)."""
 
 
+def fields_present(record: dict) -> str:
+    """The record's field names for an error line: as they are, or quoted with escapes where a
+    name holds a line break or another unprintable character (the message stays one line)."""
+    names = [str(k) if str(k).isprintable() else repr(str(k)) for k in record]
+    return ", ".join(names) or "none"
+
+
 def _field(record: Any, name: str, *, required: bool = True, default: str = "") -> str:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object with field {name!r}, got {_kind(record)}")
     if name not in record or record[name] is None:
         if required:
-            raise RecordError(f"missing field {name!r} (fields present: {', '.join(map(str, record)) or 'none'})")
+            raise RecordError(f"missing field {name!r} (fields present: {fields_present(record)})")
         return default
     value = record[name]
     if not isinstance(value, str):
@@ -62,7 +69,7 @@ def _list_field(record: Any, name: str) -> list:
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object with field {name!r}, got {_kind(record)}")
     if name not in record:
-        raise RecordError(f"missing field {name!r} (fields present: {', '.join(map(str, record)) or 'none'})")
+        raise RecordError(f"missing field {name!r} (fields present: {fields_present(record)})")
     value = record[name]
     if not isinstance(value, list):
         raise RecordError(f"field {name!r}: expected a list, got {_kind(value)}")

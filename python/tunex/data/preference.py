@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tunex.data.encode import Encoded, Encoder, Prepared
-from tunex.data.formats import ROLES, Conversation, Message, RecordError, _kind, with_system
+from tunex.data.formats import ROLES, Conversation, Message, RecordError, _kind, fields_present, with_system
 
 PAIR_VERSION = "1"  # bump when the encoded pairs of the same inputs change
 
@@ -75,7 +75,7 @@ def _messages(value: Any, name: str, *, response: bool) -> Conversation:
 
 def _required(record: dict, name: str) -> Any:
     if record.get(name) is None:
-        raise RecordError(f"missing field {name!r} (fields present: {', '.join(map(str, record)) or 'none'})")
+        raise RecordError(f"missing field {name!r} (fields present: {fields_present(record)})")
     return record[name]
 
 
