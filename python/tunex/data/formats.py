@@ -115,23 +115,29 @@ def alpaca(record: Any) -> Conversation:
     return tuple(turns)
 
 
+def role_and_content(m: Any, where: str) -> tuple[str, str]:
+    """A chat message's role (one of ROLES) and string content, checked; ``where`` names it in errors."""
+    if not isinstance(m, dict):
+        raise RecordError(f"{where}: expected an object with 'role' and 'content', got {_kind(m)}")
+    role = m.get("role")
+    if role not in ROLES:
+        raise RecordError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+    content = m.get("content")
+    if not isinstance(content, str):
+        raise RecordError(
+            f"{where}.content: expected a string, got {_kind(content)}"
+            if "content" in m
+            else f"{where}: missing field 'content'"
+        )
+    return role, content
+
+
 def openai(record: Any) -> Conversation:
     messages = record if isinstance(record, list) else _list_field(record, "messages")
     turns = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError(f"{where}: expected an object with 'role' and 'content', got {_kind(m)}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise RecordError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise RecordError(
-                f"{where}.content: expected a string, got {_kind(content)}"
-                if "content" in m
-                else f"{where}: missing field 'content'"
-            )
+        role, content = role_and_content(m, where)
         loss = m.get("loss", role == "assistant")
         if not isinstance(loss, bool):
             raise RecordError(f"{where}.loss: expected true or false, got {loss!r}")

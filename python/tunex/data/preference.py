@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from tunex.data.encode import Encoded, Encoder, Prepared
-from tunex.data.formats import ROLES, Conversation, Message, RecordError, _kind, fields_present, with_system
+from tunex.data.formats import (
+    Conversation,
+    Message,
+    RecordError,
+    _kind,
+    fields_present,
+    role_and_content,
+    with_system,
+)
 
 PAIR_VERSION = "1"  # bump when the encoded pairs of the same inputs change
 
@@ -56,19 +64,7 @@ def _messages(value: Any, name: str, *, response: bool) -> Conversation:
         raise RecordError(f"field {name!r}: expected a string or a list of messages, got {_kind(value)}")
     out = []
     for i, m in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError(f"{where}: expected an object with 'role' and 'content', got {_kind(m)}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise RecordError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise RecordError(
-                f"{where}.content: expected a string, got {_kind(content)}"
-                if "content" in m
-                else f"{where}: missing field 'content'"
-            )
+        role, content = role_and_content(m, f"{name}[{i}]")
         out.append(Message(role, content, response and role == "assistant"))
     return tuple(out)
 
