@@ -254,9 +254,9 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
     """Read a ModelShape from a GGUF file's metadata (the tensors are not read)."""
-    from gguf import GGUFReader
+    from tunex.gguf_io import read_gguf
 
-    reader = GGUFReader(str(path))
+    reader = read_gguf(path)
 
     def value(key: str):
         f = reader.fields.get(key)
@@ -267,6 +267,8 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
 
     arch = value("general.architecture")
     heads = value(f"{arch}.attention.head_count")
+    if heads <= 0:
+        raise ValueError(f"{path}: GGUF metadata {arch}.attention.head_count is {heads}; expected a positive count")
     hidden = value(f"{arch}.embedding_length")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size")

@@ -219,11 +219,13 @@ def _llama3_scaling(reader, config: dict, path: Path) -> dict | None:
     )
 
 
-def _open(path: Path):
-    import gguf
+def read_gguf(path: str | Path):
+    """A reader of the GGUF file ``path`` (metadata parsed, tensors memory-mapped); a damaged file
+    is one FormatError naming it, never an allocation its counts ask for (tunex.gguf_checked)."""
+    from tunex.gguf_checked import open_gguf
 
-    with untrusted(path):
-        return gguf.GGUFReader(str(path))
+    with untrusted(Path(path)):
+        return open_gguf(path)
 
 
 @contextlib.contextmanager
@@ -270,7 +272,7 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write only tokenizer.json and tokenizer_config.json rebuilt from a GGUF file's metadata."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(_open(Path(gguf_path)), out, None)
+    _write_tokenizer(read_gguf(gguf_path), out, None)
     return out
 
 
@@ -294,7 +296,7 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     from tunex.io.sharded import stream_sharded
 
     path, out = Path(gguf_path), Path(out_dir)
-    reader = _open(path)
+    reader = read_gguf(path)
     names = {t.name for t in reader.tensors}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
