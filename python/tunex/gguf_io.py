@@ -326,7 +326,9 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
                 w = unpermute_qk(w, heads)
             elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
                 w = unpermute_qk(w, kv)
-            yield name, np.ascontiguousarray(w, dtype=np.float32)
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            yield name, w
+            del w  # before the next tensor is dequantized: one in memory at a time, not two
 
     out.mkdir(parents=True, exist_ok=True)
     if "tokenizer.ggml.model" in reader.fields:  # GGUFs without a vocabulary exist (tests, LoRA)
