@@ -11,6 +11,8 @@ ones left. Prints one JSON object: per writer, the counts and every problem foun
 
 ``python fault_kill_harness.py ROOT 0 0 --full-and-read-only [WRITER ...]`` runs each writer once into
 a full and once into a read-only filesystem instead, and prints what each raised and left behind.
+``--race`` runs each writer twice at once into one new output, and prints what each run raised and
+whether the output is whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -68,8 +71,16 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+PARTIAL = re.compile(r"\.tunex-(partial|scratch|old|probe)\b")
+
+
 def partials(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".tunex-" in p.name)
+    return sorted(p.name for p in folder.iterdir() if PARTIAL.search(p.name))
+
+
+def partials_under(out: Path) -> list[str]:
+    """Partials anywhere inside an output folder (the data cache's content memo has its own)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if PARTIAL.search(p.name)) if out.is_dir() else []
 
 
 def build_inputs(root: Path) -> None:
@@ -95,6 +106,10 @@ def build_inputs(root: Path) -> None:
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(model, safe_serialization=True)
     data = make_data(root / "d", "pretrain")
+    # for the data cache: enough text that tokenizing it takes a while (kills land inside the build)
+    words = "the quick brown fox jumps over the lazy dog and keeps running through the long grass"
+    lines = [json.dumps({"text": f"{i} {words} " * 30}) + "\n" for i in range(400)]
+    (root / "cache_data.jsonl").write_text("".join(lines))
     write_config(root / "full.toml", model, data, "full", "pretrain", root / "w")
     write_config(root / "lora.toml", model, data, "lora", "pretrain", root / "w")
 
@@ -188,6 +203,34 @@ def writers(root: Path) -> dict:
 
         write_text(out, "".join(f"key_{i} = {i}\n" for i in range(200_000)))
 
+    # the GGUF cache: `model.gguf` given as a model path converts into $TUNEX_CACHE/gguf/HASH
+    from tunex.models.hub import gguf_cache_dir
+
+    os.environ["TUNEX_CACHE"] = str(root / "outs" / "gguf_cache")  # the forked runs inherit it
+
+    def gguf_cache(out):
+        from tunex.models.hub import resolve_model_path
+
+        if resolve_model_path(root / "model.gguf") != out:
+            raise RuntimeError(f"the GGUF cache is not at {out}")
+
+    def data_cache(out):
+        from tunex.config import DataConfig
+        from tunex.data import build_dataset
+        from tunex.tokenizer import load_tokenizer
+
+        cfg = DataConfig(path=str(root / "cache_data.jsonl"), format="pretrain", template="auto", max_length=64)
+        build_dataset(cfg, load_tokenizer(root / "model"), seed=0, cache_dir=str(out))
+
+    def metrics(out):
+        from tunex.train.metrics import MetricsWriter, read_metrics
+
+        done = len(read_metrics(out.parent))  # resume after the steps a killed run logged
+        writer = MetricsWriter(out.parent, resume_step=done)
+        for step in range(done + 1, METRICS_STEPS + 1):
+            writer.write({"step": step, "loss": 1.0 / step, "note": "x" * 100})
+        writer.close()
+
     table = {
         "merge": (merge, "merged"),
         "save_sharded": (save_sharded, "sharded"),
@@ -199,6 +242,9 @@ def writers(root: Path) -> dict:
         "train_checkpoint": (train_checkpoint, "work/iter_7.pth"),
         "sharded_checkpoint": (sharded_checkpoint, "work/iter_7.shards"),
         "config_text": (config_text, "text/config.toml"),
+        "gguf_cache": (gguf_cache, gguf_cache_dir(root / "model.gguf").relative_to(root / "outs" / "gguf_cache")),
+        "metrics": (metrics, "work/metrics.jsonl"),
+        "data_cache": (data_cache, "cache"),  # the whole cache folder: its store, content memo and lock
     }
     return {name: (root / "outs" / name / rel, fn) for name, (fn, rel) in table.items()}
 
@@ -220,10 +266,35 @@ def first_values(folder: Path) -> dict[str, float]:
     return values
 
 
+METRICS_STEPS = 20_000
+
+
+def metrics_view(out: Path) -> dict | None:
+    """metrics.jsonl as the steps of its whole lines; a torn or unparsable line is reported."""
+    if not out.exists():
+        return None
+    text = out.read_text()
+    if text and not text.endswith("\n"):
+        return {"torn": text.rsplit("\n", 1)[-1][:80]}
+    try:
+        steps = [json.loads(line)["step"] for line in text.splitlines()]
+    except (ValueError, KeyError) as e:
+        return {"torn": str(e)}
+    return {"steps": len(steps)} if steps == list(range(1, len(steps) + 1)) else {"torn": "steps out of order"}
+
+
 def complete_view(name: str, out: Path):
     """What a reader sees at ``out``: None (nothing written) or a value equal for equal outputs.
     save_sharded lands files in an existing folder: only a folder with an index counts, and its
-    tensors must all come from one run (equal values)."""
+    tensors must all come from one run (equal values). metrics.jsonl is appended to: any run's
+    whole lines, steps 1..N. The data cache: the store folders in it (a lone one, or none)."""
+    if name == "metrics":
+        return metrics_view(out)
+    if name == "data_cache":
+        if not out.is_dir():
+            return None
+        stores = [p for p in out.iterdir() if p.is_dir() and p.name != "content" and ".tunex-" not in p.name]
+        return {p.name: digest(p) for p in stores} or None
     if name != "save_sharded":
         return digest(out)
     if not (out / "model.safetensors.index.json").exists():
@@ -296,8 +367,8 @@ def _umount(folder: Path) -> None:
     subprocess.run(["umount", str(folder)], check=True)
 
 
-def _error_of(fn, out: Path, limit_size: bool) -> dict:
-    """Run ``fn(out)`` in a forked child; what it raised (type, message, whether an OSError)."""
+def _start(fn, out: Path, limit_size: bool = False) -> tuple[int, int]:
+    """Start ``fn(out)`` in a forked child that reports what it raised; (pid, the report's pipe)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -316,10 +387,40 @@ def _error_of(fn, out: Path, limit_size: bool) -> dict:
             f.write(json.dumps(report))
         os._exit(0)
     os.close(write)
+    return pid, read
+
+
+def _collect(pid: int, read: int) -> dict:
+    """What the child of :func:`_start` raised (type, message, whether an OSError)."""
     with os.fdopen(read) as f:
         text = f.read()
     os.waitpid(pid, 0)
     return json.loads(text) if text else {"raised": "the child died", "message": "", "oserror": False}
+
+
+def _error_of(fn, out: Path, limit_size: bool) -> dict:
+    """Run ``fn(out)`` in a forked child; what it raised (type, message, whether an OSError)."""
+    return _collect(*_start(fn, out, limit_size))
+
+
+def race(root: Path, only: set[str]) -> dict:
+    """Each writer twice at once into the same new output (after a reference run): what each run
+    raised, whether the output is then whole (equal to the reference) and the partials left."""
+    report = {}
+    for name, (out, fn) in writers(root).items():
+        # a run appends only to its own work_dir's metrics.jsonl; save_sharded lands files one by one
+        # in a folder its caller owns (pth_to_hf builds that folder whole, so it races safely)
+        if only and name not in only or name in ("metrics", "save_sharded"):
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run(lambda: fn(out))
+        reference = complete_view(name, out)
+        remove(out)
+        started = [_start(fn, out) for _ in range(2)]
+        results = [_collect(*s) for s in started]
+        left = partials(out.parent) + partials_under(out)
+        report[name] = {"runs": results, "whole": complete_view(name, out) == reference, "left": left, "out": str(out)}
+    return report
 
 
 def full_and_read_only(root: Path, only: set[str]) -> dict:
@@ -334,7 +435,7 @@ def full_and_read_only(root: Path, only: set[str]) -> dict:
     before = hashes()
     report = {}
     for name, (out, fn) in writers(root).items():
-        if only and name not in only:
+        if only and name not in only or name == "data_cache":  # test_faults.py has its own (root only)
             continue
         for fault in ("full", "read-only"):
             folder = out.parent  # the writer's partials and output land here
@@ -351,6 +452,8 @@ def full_and_read_only(root: Path, only: set[str]) -> dict:
             try:
                 result = _error_of(fn, out, limit_size=fault == "full" and not mounted)
                 left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+                if name == "metrics":  # an append log keeps the lines written before the disk filled
+                    result["lines"] = metrics_view(out)
             finally:
                 if mounted:
                     _umount(folder)
@@ -363,8 +466,8 @@ def full_and_read_only(root: Path, only: set[str]) -> dict:
 def main() -> None:
     root, seed, kills = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     only = set(sys.argv[4:])
-    faults = "--full-and-read-only" in only
-    only.discard("--full-and-read-only")
+    faults, racing = "--full-and-read-only" in only, "--race" in only
+    only -= {"--full-and-read-only", "--race"}
     import torch
 
     torch.set_num_threads(1)
@@ -387,6 +490,9 @@ def main() -> None:
     run(make_adapter)
     if faults:
         print(json.dumps(full_and_read_only(root, only)))
+        return
+    if racing:
+        print(json.dumps(race(root, only)))
         return
     rng = random.Random(seed)
     report = {}
@@ -414,12 +520,14 @@ def main() -> None:
                 seen["absent"] += 1
             elif view == reference:
                 seen["complete"] += 1
+            elif name == "metrics" and "torn" not in view:
+                seen["whole_lines"] = seen.get("whole_lines", 0) + 1  # appends stopped between lines
             else:
-                problems.append(f"kill {i}: a half or mixed output at {out}")
-            left = set(partials(folder)) | (set(partials(out)) if out.is_dir() else set())
+                problems.append(f"kill {i}: a half or mixed output at {out}: {view}")
+            left = set(partials(folder)) | set(partials_under(out))
             seen["partials_left"] += bool(left)
         run(lambda: fn(out))
-        after = partials(folder) + (partials(out) if out.is_dir() else [])
+        after = partials(folder) + partials_under(out)
         if after:
             problems.append(f"partials left after the final run: {after}")
         if complete_view(name, out) != reference:

@@ -32,7 +32,8 @@ def _env() -> dict[str, str]:
 
 def test_sigkill_at_random_points_leaves_every_output_absent_or_whole_and_the_next_run_sweeps(tmp_path):
     """20 seeded kills per writer (fault_kill_harness.py); each output is absent or byte-equal to a
-    complete run's (save_sharded: all tensors of one run), and a run after the kills leaves no partial."""
+    complete run's (save_sharded: all tensors of one run; metrics.jsonl: whole lines of steps 1..N),
+    and a run after the kills leaves no partial."""
     done = subprocess.run(
         [sys.executable, str(HERE / "fault_kill_harness.py"), str(tmp_path), "22", str(KILLS)],
         capture_output=True,
@@ -53,13 +54,18 @@ def test_sigkill_at_random_points_leaves_every_output_absent_or_whole_and_the_ne
         "train_checkpoint",
         "sharded_checkpoint",
         "config_text",
+        "gguf_cache",
+        "metrics",
+        "data_cache",
         "train",
     }
     train = report.pop("train")  # 5 runs killed at random points, each resumed to the end
     assert train["problems"] == [] and train["kills"] == KILLS // 4 and train["killed_mid_run"] >= 1, train
     for name, r in report.items():
         assert r["problems"] == [], (name, r["problems"])
-        assert r["complete"] + r["absent"] == r["kills"] == KILLS, (name, r)
+        # metrics.jsonl is appended to: a kill leaves the whole lines of steps 1..N, never a torn one
+        assert r["complete"] + r["absent"] + r.get("whole_lines", 0) == r["kills"] == KILLS, (name, r)
+    assert report["metrics"]["whole_lines"] >= 1, report["metrics"]  # some kills landed mid-append
     # the kills do land inside writes: many leave partials for the next run to sweep
     assert sum(r["partials_left"] for r in report.values()) >= KILLS, report
 
@@ -109,6 +115,32 @@ def test_two_writers_of_one_new_folder_one_wins_whole_the_other_errors(tmp_path)
                 (second / "b").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "the loser's partial is removed"
+
+
+def test_every_writer_run_twice_at_once_into_one_output_leaves_it_whole(tmp_path):
+    """Each writer of the kill suite (fault_kill_harness.py --race; not save_sharded, whose caller
+    owns the folder, nor the metrics appends) started twice at once into one new output: each run
+    succeeds (replacing the other's output in one step) or raises a one-line FileExistsError naming
+    the output, one at least succeeds, and the output is then whole (equal to a lone run's) with no
+    partial left."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / "fault_kill_harness.py"), str(tmp_path), "0", "0", "--race"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 11, sorted(report)
+    for name, r in report.items():
+        assert r["whole"] and r["left"] == [], (name, r)
+        assert any(run["raised"] is None for run in r["runs"]), (name, r["runs"])
+        for run in r["runs"]:
+            if run["raised"] is not None:
+                message = run["message"]
+                assert run["raised"] == "FileExistsError" and "already exists" in message, (name, run)
+                assert "\n" not in message and r["out"] in message, (name, run)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +266,10 @@ def test_a_full_disk_or_read_only_folder_is_one_line_and_leaves_nothing(merge_in
 
 
 def test_every_writer_on_a_full_or_read_only_filesystem_raises_one_line_naming_it_and_leaves_nothing(tmp_path):
-    """All ten writers of the kill suite (fault_kill_harness.py --full-and-read-only) into a 64 KiB
-    tmpfs and a read-only tmpfs (as root; else a file-size limit and a folder mode 0555): each
-    raises an OSError whose one-line message names its output, leaves its output folder empty and
+    """All twelve writers of the kill suite (fault_kill_harness.py --full-and-read-only) into a 64
+    KiB tmpfs and a read-only tmpfs (as root; else a file-size limit and a folder mode 0555): each
+    raises an OSError whose one-line message names its output (not a hidden partial), leaves its
+    output folder empty (metrics.jsonl: the whole lines appended before the disk filled) and
     changes no input."""
     done = subprocess.run(
         [sys.executable, str(HERE / "fault_kill_harness.py"), str(tmp_path), "0", "0", "--full-and-read-only"],
@@ -249,9 +282,9 @@ def test_every_writer_on_a_full_or_read_only_filesystem_raises_one_line_naming_i
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report.pop("inputs_unchanged") is True
     names = {key.split("/")[0] for key in report}
-    assert len(names) == 10 and len(report) == 20, sorted(report)
+    assert len(names) == 12 and len(report) == 24, sorted(report)
     ran = {key: r for key, r in report.items() if "skipped" not in r}
-    assert len(ran) >= 10, report  # the full-disk case runs everywhere
+    assert len(ran) >= 12, report  # the full-disk case runs everywhere
     expect = {
         "full": ("No space left on device", "too large", "a full disk?"),
         "read-only": ("Read-only file system", "Permission denied"),
@@ -260,9 +293,12 @@ def test_every_writer_on_a_full_or_read_only_filesystem_raises_one_line_naming_i
         fault = key.split("/")[1]
         assert r["oserror"], (key, r)
         message = r["message"]
-        assert "\n" not in message and Path(r["out"]).name in message, (key, message)
+        assert "\n" not in message and r["out"] in message and ".tunex-" not in message, (key, message)
         assert any(e in message for e in expect[fault]), (key, message)
-        assert r["left"] == [], (key, r["left"])
+        if key == "metrics/full":  # the lines before the failed append stay, whole
+            assert r["left"] == ["metrics.jsonl"] and r["lines"]["steps"] >= 1, (key, r)
+        else:
+            assert r["left"] == [], (key, r["left"])
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume_and_said_once(tmp_path):

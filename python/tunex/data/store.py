@@ -307,8 +307,8 @@ def _build_into(
     cache_root = folder.parent
     sweep(cache_root)  # stores of killed builders
     tmp = partial_path(folder)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         meta = _write(tmp, chunks, recipe, num_workers, progress)
         meta.update(
             files=[str(f) for f in files],

@@ -151,7 +151,7 @@ def save_sharded(
     env: DistEnv,
 ) -> Path:
     """Write ``iter_{step}.shards`` collectively (every rank calls this); returns its path."""
-    from tunex.io.atomic import partial_path, publish, sweep
+    from tunex.io.atomic import errors_naming, make_partial_dir, partial_path, publish, sweep
     from tunex.train.checkpoint import prune
 
     folder = Path(work_dir)
@@ -162,16 +162,17 @@ def save_sharded(
         folder.mkdir(parents=True, exist_ok=True)
         sweep(folder)
         tmp = partial_path(target)
-        tmp.mkdir()
+        make_partial_dir(tmp, target)
     tmp = Path(broadcast_object(env, None if tmp is None else str(tmp)))
-    try:
-        _write_rank(tmp, target, step, lm, optimizer, meta, rng, env)
-        if env.is_main:
-            publish(tmp, target, overwrite=True)
-    except BaseException:
-        if env.is_main:  # a failed write (a full disk) leaves no partial behind; a killed one is swept
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with errors_naming(target):  # a full disk names the checkpoint, not the hidden partial it hit
+        try:
+            _write_rank(tmp, target, step, lm, optimizer, meta, rng, env)
+            if env.is_main:
+                publish(tmp, target, overwrite=True)
+        except BaseException:
+            if env.is_main:  # a failed write (a full disk) leaves no partial behind; a killed one is swept
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if env.is_main and keep > 0:
         prune(folder, keep)
     barrier(env)

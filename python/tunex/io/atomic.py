@@ -41,8 +41,8 @@ def is_partial(name: str) -> bool:
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
+    else:  # on a read-only filesystem even a missing name fails with EROFS: never mask the cause
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
@@ -71,15 +71,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _inside_partial(filename: Any) -> bool:
+    try:
+        return any(is_partial(part) for part in Path(os.fsdecode(filename)).parts)
+    except TypeError:
+        return False
+
+
 def naming(error: BaseException, target: Path) -> BaseException:
-    """``error`` as it is when it names a file; an OSError that names none (a failed ``write`` or
-    ``close``: ENOSPC, EFBIG, EIO) as the same error naming ``target``, in one line."""
-    if not isinstance(error, OSError) or error.filename is not None:
+    """``error`` as it is when it names a file the user knows; an OSError that names none (a failed
+    ``write`` or ``close``: ENOSPC, EFBIG, EIO) or only a hidden partial (creating it in a read-only
+    folder) as the same error naming ``target``, in one line."""
+    if not isinstance(error, OSError):
+        return error
+    if error.filename is not None and not _inside_partial(error.filename):
         return error
     if error.errno is None:  # a short write (numpy's tofile): the disk filled up or a size limit hit
         return OSError(f"{error} while writing {target} (a full disk?); nothing was written there")
     reason = error.strerror or str(error)
+    if error.filename is not None or ".tunex-" in reason:  # its text names a partial the user never sees
+        reason = os.strerror(error.errno)
     return OSError(error.errno, f"{reason} while writing {target}; nothing was written there", str(target))
+
+
+@contextlib.contextmanager
+def errors_naming(target: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an error of the body as :func:`naming` words it for ``target``."""
+    try:
+        yield
+    except BaseException as e:
+        named = naming(e, Path(target))
+        if named is e:
+            raise
+        raise named from e
+
+
+def make_partial_dir(tmp: Path, target: Path) -> None:
+    """mkdir ``tmp``; a failure (a read-only or full folder) names ``target``, not the partial."""
+    with errors_naming(target):
+        tmp.mkdir()
 
 
 @contextlib.contextmanager
@@ -152,7 +182,7 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, fsync: 
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep(out.parent)
     tmp = partial_path(out)
-    tmp.mkdir()
+    make_partial_dir(tmp, out)
     try:
         yield tmp
         publish(tmp, out, overwrite=overwrite, fsync=fsync)
@@ -189,7 +219,7 @@ def scratch_folder(beside: str | os.PathLike) -> Iterator[Path]:
     near.parent.mkdir(parents=True, exist_ok=True)
     sweep(near.parent)
     tmp = partial_path(near, "scratch")
-    tmp.mkdir()
+    make_partial_dir(tmp, near)
     try:
         yield tmp
     except BaseException as e:
@@ -205,8 +235,10 @@ __all__ = [
     "atomic_file",
     "atomic_folder",
     "atomic_path",
+    "errors_naming",
     "fsync_tree",
     "is_partial",
+    "make_partial_dir",
     "naming",
     "partial_path",
     "publish",

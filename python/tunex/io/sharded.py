@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tunex import _native
+from tunex.io.atomic import errors_naming
 from tunex.io.dtypes import to_safetensors
 from tunex.units import parse_size
 
@@ -72,15 +73,16 @@ def save_sharded(
             raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
         meta[key] = value
     made = not os.path.exists(out_dir)
-    writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into", False, fsync)
-    try:
-        for name, tensor in state_dict.items():
-            writer.write(name, byte_view(tensor))
-        return writer.finish()
-    except BaseException:
-        writer.abort()
-        _drop_if_made(out_dir, made)
-        raise
+    with errors_naming(out_dir):  # a full disk names the output, not the hidden partial it hit
+        writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into", False, fsync)
+        try:
+            for name, tensor in state_dict.items():
+                writer.write(name, byte_view(tensor))
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            _drop_if_made(out_dir, made)
+            raise
 
 
 def stream_sharded(
@@ -99,19 +101,22 @@ def stream_sharded(
     import numpy as np
 
     made = not os.path.exists(out_dir)
-    writer = _native.ShardWriter(
-        os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], prefix, "into", False, fsync
-    )
-    try:
-        for name, tensor in tensors:
-            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8) if isinstance(tensor, np.ndarray) else None
-            writer.write(name, byte_view(tensor) if data is None else data)
-            del tensor, data
-        return writer.finish()
-    except BaseException:
-        writer.abort()
-        _drop_if_made(out_dir, made)
-        raise
+    with errors_naming(out_dir):
+        writer = _native.ShardWriter(
+            os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], prefix, "into", False, fsync
+        )
+        try:
+            for name, tensor in tensors:
+                data = (
+                    np.ascontiguousarray(tensor).reshape(-1).view(np.uint8) if isinstance(tensor, np.ndarray) else None
+                )
+                writer.write(name, byte_view(tensor) if data is None else data)
+                del tensor, data
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            _drop_if_made(out_dir, made)
+            raise
 
 
 def _drop_if_made(out_dir: str | os.PathLike, made: bool) -> None:

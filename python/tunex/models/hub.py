@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tunex.io.atomic import is_partial, partial_path, publish, sweep, write_text
+from tunex.io.atomic import is_partial, naming, partial_path, publish, sweep, write_text
 from tunex.pkgpath import local_path, package_file  # noqa: F401 (package_file: re-exported)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -217,6 +217,11 @@ def _convert(gguf_path: Path, out: Path, mark: dict) -> dict:
         except FileExistsError:  # another process finished the same conversion meanwhile
             return _read_mark(out) or mark
         return mark
+    except OSError as e:  # a full or read-only cache: name the cache folder, not the hidden partial
+        named = naming(e, out)
+        if named is e:
+            raise
+        raise named from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -60,20 +60,36 @@ class MetricsWriter:
             kept = [r for r in records if r.get("step", 0) <= resume_step]
             if torn is not None:
                 self.notice = f"{self.path}:{torn}: dropped a line cut short by the crash of the previous run"
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_text(self.path, text)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = len(text.encode("utf-8"))  # the whole lines so far
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line. A failed append (a full disk) is cut off again, so the file holds only
+        whole lines, and raised as one OSError naming the file."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        try:
+            done = 0
+            while done < len(line):  # a full disk can take part of it, then fail
+                done += os.write(self._fd, line[done:])
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass  # then read_metrics and the next resume drop the torn line
+            step = record.get("step", "?")
+            reason = e.strerror or str(e)
+            raise OSError(e.errno, f"{reason} while appending step {step} to {self.path}", str(self.path)) from e
+        self._size += len(line)
         if self.trackers is not None:
             self.trackers.log_metrics(record)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        os.close(self._fd)
         if self.trackers is not None:  # called from the loop's `finally`: an error in flight = a failed run
             self.trackers.close(failed=sys.exc_info()[0] is not None)
