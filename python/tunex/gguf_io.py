@@ -347,8 +347,8 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama / qwen2 / qwen3 / phi3 / gemma2 / gemma3 GGUF file to an fp32 HF folder
-    (config, weights, tokenizer).
+    """Convert a llama (with experts: Mixtral) / qwen2 / qwen3 / qwen2moe / qwen3moe / phi3 / gemma2 /
+    gemma3 GGUF file to an fp32 HF folder (config, weights, tokenizer).
 
     The folder is built beside ``out_dir`` and renamed into place whole (an existing ``out_dir`` is
     replaced in one step). Tensors are dequantized one at a time straight into the Rust shard
