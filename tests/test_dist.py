@@ -4,6 +4,7 @@ across world sizes, and a killed rank fails the job."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
             grad_accum=2,
             lr=3e-3 if kind == "full" else 2e-2,
         )
-        for kind in ("full", "lora")
+        for kind in ("full", "lora", "qlora")
     }
     return root, cfgs
 
@@ -149,6 +150,49 @@ def test_lora_ddp_equals_one_process_and_resumes_on_one(setup):
     assert_same_curve(read_metrics(ref), read_metrics(again), [4, 5, 6])
     # rank 0 alone wrote the run's files
     assert (two / "loss.png").is_file() and len((two / "eval.jsonl").read_text().splitlines()) == 1
+
+
+def test_qlora_fsdp_equals_one_process_resumes_and_converts(setup):
+    """QLoRA sharded by FSDP2 (train.fsdp): the NF4 base and the adapters split over 2 gloo processes
+    train the one-process curve and adapters; its iter_N.shards (adapters only) resumes on 2 processes
+    and on one, and `pth_to_hf` of it writes the adapter the lone run's .pth converts to."""
+    from safetensors.torch import load_file
+    from tunex.train.export import convert_checkpoint
+
+    root, cfgs = setup
+    cfg = cfgs["qlora"]
+    ref, two, again = root / "qlora_ref", root / "qlora_two", root / "qlora_again"
+    fsdp = ["-o", "train.fsdp=true", "-o", NO_DROPOUT]
+    lone(cfg, ref)  # 6 steps, iter_3.pth and iter_6.pth
+    first = torchrun(str(cfg), "--work-dir", str(two), "--max-steps", "3", *TWO, *fsdp)
+    said = " ".join((first.stdout + first.stderr).split())
+    # every q/k/v/o/gate/up/down base of the 2 layers is split by whole quantization blocks
+    assert "sharded over 2 processes; 14 of 14 NF4 base layers sharded by quantization blocks" in said, said[-2000:]
+    sharded = two / "iter_3.shards"
+    assert sorted(p.name for p in sharded.glob("*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
+    layout = json.loads((sharded / "manifest.json").read_text())["tensors"]
+    weights = {k: v for k, v in layout.items() if k.startswith("/model/")}
+    assert weights and all(".lora_" in k for k in weights)  # adapters only: the frozen base stays out
+    assert all(v["rows"] is not None and sum(v["rows"]) == v["shape"][0] for v in weights.values())
+    # the same 2 processes resume it (RNG streams continue), and one process does too
+    torchrun(str(cfg), "--work-dir", str(two), "--resume", str(sharded), *TWO, *fsdp)
+    assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
+    lone(cfg, again, resume=str(sharded))
+    assert_same_curve(read_metrics(ref), read_metrics(again), [4, 5, 6])
+    got = checkpoint.load(two / "iter_6.shards")
+    want = torch.load(ref / "iter_6.pth", weights_only=True)
+    assert got["method"] == "qlora" and got["world_size"] == 2 and set(got["model"]) == set(want["model"])
+    for k, v in want["model"].items():
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # pth_to_hf reads the folder as it reads a .pth
+    loaded = load_config(cfg)
+    convert_checkpoint(loaded, two / "iter_6.shards", root / "qlora_hf_two", fp32=True)
+    convert_checkpoint(loaded, ref / "iter_6.pth", root / "qlora_hf_ref", fp32=True)
+    a = load_file(root / "qlora_hf_two" / "adapter_model.safetensors")
+    b = load_file(root / "qlora_hf_ref" / "adapter_model.safetensors")
+    assert set(a) == set(b) and len(a) == 28
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_torchrun_world_size_one_is_the_plain_run(setup, monkeypatch):
@@ -276,8 +320,6 @@ def test_loss_is_token_weighted_across_splits(setup, tmp_path):
     1 x accumulation 2, on chat data whose sequences hold very different numbers of target tokens:
     the same losses at every step and the same adapter weights after 4 steps. The first step's loss
     (B = 0: the base model's) equals transformers' mean token loss over the 4 sequences."""
-    import json
-
     import transformers
     from tunex.data import build_dataset
     from tunex.dist.sampler import rank_micro_batches
