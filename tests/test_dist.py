@@ -195,6 +195,28 @@ def test_qlora_fsdp_equals_one_process_resumes_and_converts(setup):
         torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_qlora_fsdp_with_bf16_adapters_follows_the_lone_bf16_curve(setup):
+    """bf16 adapters (BF16AdamW: fp32 moments, stochastic rounding) on FSDP2 shards: each rank steps
+    its rows, so the rounding noise is drawn per shard and the curve follows the lone bf16 run's
+    within bf16 rounding (not bit for bit); the moments are saved as float32 DTensor shards."""
+    root, cfgs = setup
+    cfg = cfgs["qlora"]
+    ref, two = root / "qlora_bf16_ref", root / "qlora_bf16_two"
+    bf16 = "train.adapter_dtype=bfloat16"
+    train(load_config(cfg, [*ONE, NO_DROPOUT, bf16]), work_dir=str(ref))
+    torchrun(str(cfg), "--work-dir", str(two), *TWO, "-o", NO_DROPOUT, "-o", bf16, "-o", "train.fsdp=true")
+    a, b = read_metrics(ref), read_metrics(two)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)  # the base model's loss: no update yet
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=0.02), (x, y)
+    assert b[-1]["loss"] < 0.7 * b[0]["loss"]
+    saved = checkpoint.load(two / "iter_6.shards")
+    assert all(v.dtype == torch.bfloat16 for v in saved["model"].values())
+    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
 def test_torchrun_world_size_one_is_the_plain_run(setup, monkeypatch):
     root, cfgs = setup
     plain, one = root / "plain", root / "one"
