@@ -454,8 +454,8 @@ def child_tunex(
         backend = "nccl" if device.type == "cuda" else "gloo"
         shard_full_model(model, DistEnv(0, 0, 1, backend), device, cfg.train.dtype, adapters=True)
         loss_module = LossModule(model)
-        done, layers = nf4_layers(model)
-        print(f"FSDP2: {done} of {layers} NF4 base layers sharded by blocks", file=sys.stderr)
+        done, layers, mine, every = nf4_layers(model)
+        print(f"FSDP2: {done} of {layers} NF4 base layers sharded by blocks ({mine} of {every} bytes)", file=sys.stderr)
     load_s = time.perf_counter() - started
     model.train()
     bf16 = adapter_dtype == "bfloat16"

@@ -166,8 +166,15 @@ def test_qlora_fsdp_equals_one_process_resumes_and_converts(setup):
     lone(cfg, ref)  # 6 steps, iter_3.pth and iter_6.pth
     first = torchrun(str(cfg), "--work-dir", str(two), "--max-steps", "3", *TWO, *fsdp)
     said = " ".join((first.stdout + first.stderr).split())
-    # every q/k/v/o/gate/up/down base of the 2 layers is split by whole quantization blocks
-    assert "sharded over 2 processes; 14 of 14 NF4 base layers sharded by quantization blocks" in said, said[-2000:]
+    # every q/k/v/o/gate/up/down base of the 2 layers is split by whole quantization blocks: of the
+    # 2 x (32x32 q, o + 16x32 k, v + 64x32 gate, up, down) elements' codes (1/2 byte) and absmax
+    # (1 byte per 32-element block), each rank holds half
+    elements = 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)
+    total = elements // 2 + elements // 32
+    want = (
+        f"14 of 14 NF4 base layers sharded by quantization blocks (this process holds {total // 2:,} of their {total:,}"
+    )
+    assert "sharded over 2 processes; " + want in said, said[-2000:]
     sharded = two / "iter_3.shards"
     assert sorted(p.name for p in sharded.glob("*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
     layout = json.loads((sharded / "manifest.json").read_text())["tensors"]

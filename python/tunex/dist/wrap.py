@@ -110,12 +110,20 @@ def shard_nf4_bases(lm: nn.Module) -> None:
             m.shard_by_blocks()
 
 
-def nf4_layers(lm: nn.Module) -> tuple[int, int]:
-    """(NF4 base layers sharded by blocks, all NF4 base layers) of ``lm``."""
+def nf4_layers(lm: nn.Module) -> tuple[int, int, int, int]:
+    """(NF4 base layers sharded by blocks, all NF4 base layers, bytes of the sharded layers' codes
+    and absmax this rank holds, bytes of them all) of ``lm``."""
     from tunex.quant import NF4Linear
 
     layers = [m for m in lm.modules() if isinstance(m, NF4Linear)]
-    return sum(m.sharded_by_blocks for m in layers), len(layers)
+    sharded = [m for m in layers if m.sharded_by_blocks]
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    mine = sum(nbytes(local_tensor(m.weight)) + nbytes(local_tensor(m.absmax)) for m in sharded)
+    every = sum(nbytes(m.weight) + nbytes(m.absmax) for m in sharded)  # a DTensor counts its global shape
+    return len(sharded), len(layers), mine, every
 
 
 def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str,

@@ -291,8 +291,13 @@ def train(
             + (f"; resumed from {resume_from} at step {step}" if state else "")
         )
         if sharded and cfg.method.kind != "full":  # train.fsdp
-            done, layers = nf4_layers(model)
-            nf4 = f"; {done} of {layers} NF4 base layers sharded by quantization blocks" if layers else ""
+            done, layers, mine, every = nf4_layers(model)
+            nf4 = (
+                f"; {done} of {layers} NF4 base layers sharded by quantization blocks (this process holds "
+                f"{mine:,} of their {every:,} bytes of codes and absmax)"
+                if layers
+                else ""
+            )
             progress.echo(f"FSDP2: the frozen base and the adapters are sharded over {env.world_size} processes{nf4}")
 
     saved: Path | None = resume_from
