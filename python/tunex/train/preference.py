@@ -115,7 +115,12 @@ def token_logps(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
     rows = max(1, CHUNK_ROWS_ELEMENTS // max(weight.shape[0], 1))
-    return _TokenLogps.apply(h, weight, bias, y, cap or None, rows).view(labels.shape)
+    counted = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    if counted.numel() == y.numel():
+        return _TokenLogps.apply(h, weight, bias, y, cap or None, rows).view(labels.shape)
+    # the head's products on the counted rows only (prompts and padding are a third or more of a pair)
+    picked = _TokenLogps.apply(h.index_select(0, counted), weight, bias, y[counted], cap or None, rows)
+    return picked.new_zeros(y.shape).index_copy(0, counted, picked).view(labels.shape)
 
 
 def documents(position_ids: torch.Tensor) -> torch.Tensor:
