@@ -408,9 +408,8 @@ def race(root: Path, only: set[str]) -> dict:
     raised, whether the output is then whole (equal to the reference) and the partials left."""
     report = {}
     for name, (out, fn) in writers(root).items():
-        # a run appends only to its own work_dir's metrics.jsonl; save_sharded lands files one by one
-        # in a folder its caller owns (pth_to_hf builds that folder whole, so it races safely)
-        if only and name not in only or name in ("metrics", "save_sharded"):
+        # a run appends only to its own work_dir's metrics.jsonl
+        if only and name not in only or name == "metrics":
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         run(lambda: fn(out))

@@ -6,8 +6,10 @@ so nothing is copied on the way; Rust writes them straight into the planned shar
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from tunex import _native
@@ -73,7 +75,7 @@ def save_sharded(
             raise TypeError(f"metadata must map strings to strings; got {key!r}: {value!r}")
         meta[key] = value
     made = not os.path.exists(out_dir)
-    with errors_naming(out_dir):  # a full disk names the output, not the hidden partial it hit
+    with _writing_into(out_dir, prefix), errors_naming(out_dir):  # a full disk names the output
         writer = _native.ShardWriter(os.fspath(out_dir), specs, limit, list(meta.items()), prefix, "into", False, fsync)
         try:
             for name, tensor in state_dict.items():
@@ -101,7 +103,7 @@ def stream_sharded(
     import numpy as np
 
     made = not os.path.exists(out_dir)
-    with errors_naming(out_dir):
+    with _writing_into(out_dir, prefix), errors_naming(out_dir):
         writer = _native.ShardWriter(
             os.fspath(out_dir), specs, parse_size(max_shard_size), [("format", "pt")], prefix, "into", False, fsync
         )
@@ -117,6 +119,27 @@ def stream_sharded(
             writer.abort()
             _drop_if_made(out_dir, made)
             raise
+
+
+@contextlib.contextmanager
+def _writing_into(out_dir: str | os.PathLike, prefix: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` itself (flock on the folder: no lock file left in it)
+    while shards land in it one by one: a second writer into the same folder at the same time fails
+    at once, naming the folder, instead of mixing its shards with the first one's."""
+    with errors_naming(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"{os.fspath(out_dir)}: another process is writing {prefix} shards into this folder right now; "
+                "wait for it to finish or write to another folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _drop_if_made(out_dir: str | os.PathLike, made: bool) -> None:
