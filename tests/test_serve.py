@@ -417,3 +417,54 @@ def test_smollm2_end_to_end(files):
     result = CliRunner().invoke(cli, [*args, "--temperature", "0"], catch_exceptions=False)
     assert reply + "\n" == result.output
     assert "Paris" in reply
+
+
+def test_jobs_decoded_together_answer_as_each_alone(files):
+    """The batched worker (jobs of three models, greedy and seeded sampling, stop strings, joining
+    while others run) against each job run alone through `generate` (Engine.run, tunex chat's loop)."""
+    import threading
+
+    from tunex.serve.engine import Engine, Job
+
+    engine = Engine.load(str(files["model"]), {"a": files["a"], "b": files["b"]}, max_batch=6)
+    assert engine.max_batch == 6
+    specs = []
+    for i, text in enumerate(PROMPTS * 3):
+        model = (None, "a", "b")[i % 3]
+        sampling = dict(temperature=0.8, top_p=0.9, seed=i) if i % 4 == 1 else dict(temperature=0)
+        stop = [" the"] if i % 5 == 2 else []
+        specs.append((engine.chat_prompt([{"role": "user", "content": text}]), model, 4 + i % 7, sampling, stop))
+
+    def job(spec, emit=lambda kind, value: None):
+        prompt, model, max_tokens, sampling, stop = spec
+        return Job(prompt, model, max_tokens, stop=stop, chat=True, emit=emit, **sampling)
+
+    alone = [engine.run(job(spec)) for spec in specs]
+    assert len({r.text for r in alone}) > 6
+    got: dict[int, list] = {i: [] for i in range(len(specs))}
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(kind, value):
+            got[i].append((kind, value))
+            if kind != "text":
+                done.release()
+
+        return emit
+
+    for i, spec in enumerate(specs[:8]):  # queued before the worker starts: they begin together
+        engine.submit(job(spec, emitter(i)))
+    engine.start()
+    try:
+        for i, spec in enumerate(specs[8:], 8):  # the rest join while the first ones run
+            engine.submit(job(spec, emitter(i)))
+        for _ in specs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert engine.most_rows > 1
+    for i, want in enumerate(alone):
+        *pieces, (kind, result) = got[i]
+        assert kind == "done", got[i]
+        assert result == want, (i, specs[i][1:])
+        assert "".join(v for k, v in pieces if k == "text") == want.text

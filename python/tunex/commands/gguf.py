@@ -42,11 +42,26 @@ def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
     "type as llama.cpp's llama-quantize does.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT_FILE if it exists.")
-def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool) -> None:
+@click.option(
+    "--modelfile",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write an Ollama Modelfile here (FROM OUT_FILE, the chat template, stop words, system prompt).",
+)
+def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool, modelfile: Path | None) -> None:
     """Write the HF model MODEL_DIR (e.g. a merged fine-tune) as the GGUF file OUT_FILE."""
     from tunex.gguf_io import hf_to_gguf
+    from tunex.ollama import modelfile_of, write_text
 
     if out_file.exists() and not overwrite:
         raise FileExistsError(f"{out_file} exists; pass --overwrite to replace it")
+    text = None
+    if modelfile is not None:
+        if modelfile.exists() and not overwrite:
+            raise FileExistsError(f"{modelfile} exists; pass --overwrite to replace it")
+        text = modelfile_of(model_dir, out_file, modelfile)  # a template Ollama cannot take fails before the export
     path = hf_to_gguf(model_dir, out_file, outtype)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {outtype})")
+    if text is not None:
+        write_text(modelfile, text)
+        click.echo(f"wrote {modelfile} (ollama create NAME -f {modelfile})")

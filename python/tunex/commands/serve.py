@@ -57,6 +57,13 @@ def _adapter(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     help="auto = bfloat16 on CUDA, float32 on CPU.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Most requests decoded together in one step (1: one at a time, the others queued).",
+)
 def serve(
     model: str,
     adapters: dict[str, str],
@@ -67,6 +74,7 @@ def serve(
     prompt_template: str,
     dtype: str,
     device: str,
+    max_batch: int,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health). Requests pick the base model or an adapter by name in `model`."""
@@ -83,7 +91,9 @@ def serve(
     from tunex.serve.engine import Engine, as_device_dtype
 
     device, dtype = as_device_dtype(device, dtype)
-    engine = Engine.load(model, adapters, name=name, prompt_template=prompt_template, dtype=dtype, device=device)
+    engine = Engine.load(
+        model, adapters, name=name, prompt_template=prompt_template, dtype=dtype, device=device, max_batch=max_batch
+    )
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log = logging.getLogger("tunex.serve")

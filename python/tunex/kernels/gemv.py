@@ -17,6 +17,10 @@ input gradient runs there too), and everything else through ``F.linear``; the re
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +32,37 @@ try:
     from tunex._native import rms_norm_f32 as _rms_norm
 except ImportError:  # an extension built before the kernels existed
     _gemv = _rms_norm = None
+try:
+    from tunex._native import gemv_rows_f32 as _gemv_rows
+except ImportError:  # an extension built before several-row decoding
+    _gemv_rows = None
+
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def token_rows() -> Iterator[None]:
+    """Inside the block (on this thread), every row of an input is a token of its own sequence
+    (several sequences decoded in one step): the registry is asked as for one row, and the GEMV and
+    the one-row RMSNorm run each row exactly as alone, so a token's bits do not depend on what it
+    is batched with. Needs an extension with ``gemv_rows_f32`` (:func:`rows_supported`)."""
+    if not rows_supported():
+        raise RuntimeError("token_rows needs tunex._native.gemv_rows_f32: rebuild the extension")
+    before = getattr(_mode, "rows", False)
+    _mode.rows = True
+    try:
+        yield
+    finally:
+        _mode.rows = before
+
+
+def rows_supported() -> bool:
+    """Whether the built extension decodes several rows in one GEMV (:func:`token_rows`)."""
+    return _gemv_rows is not None
+
+
+def _token_rows() -> bool:
+    return getattr(_mode, "rows", False)
 
 
 def enabled() -> bool:
@@ -41,7 +76,9 @@ def _bias_ok(bias: torch.Tensor | None) -> bool:
 
 
 def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    """Rows of ``x`` as the registry counts them: inside :func:`token_rows`, each row stands alone."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return min(rows, 1) if _token_rows() else rows
 
 
 def _records(*tensors: torch.Tensor | None) -> bool:
@@ -79,13 +116,15 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _gemv_many(x: torch.Tensor, products) -> list[torch.Tensor]:
     """``[F.linear(x, w, b) for w, b in products]`` in one native call (checked by the caller)."""
     outs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32) for w, _ in products]
-    _gemv(
-        host_array(x.contiguous().view(-1)),
-        [
-            (host_array(w.view(-1)), None if b is None else host_array(b.contiguous()), o.view(-1).numpy())
-            for (w, b), o in zip(products, outs)
-        ],
-    )
+    arrays = [
+        (host_array(w.view(-1)), None if b is None else host_array(b.contiguous()), o.view(-1).numpy())
+        for (w, b), o in zip(products, outs)
+    ]
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 1
+    if rows > 1:  # several sequences' tokens (token_rows): each weight read once for all of them
+        _gemv_rows(host_array(x.contiguous().view(-1)), rows, arrays)
+    else:
+        _gemv(host_array(x.contiguous().view(-1)), arrays)
     return outs
 
 
@@ -103,7 +142,7 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
         return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
     # Inside a pinned block (generate) the layers' facts are gathered once per input shape.
     grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
-    key = ("linear_many", x.shape, x.dtype, x.device, x.requires_grad, grad, autocast, *map(id, layers))
+    key = ("linear_many", x.shape, x.dtype, x.device, x.requires_grad, grad, autocast, _token_rows(), *map(id, layers))
     impls = registry.remembered(
         key, lambda: [registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) for m in layers]
     )

@@ -24,6 +24,7 @@ squared lengths), other implementations get the block-diagonal causal mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -149,6 +150,56 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def next_positions(self, cfg: ModelConfig, b: int, t: int, dtype: torch.dtype, device):
+        """cos and sin (B, T, D) of the next ``t`` positions, and their attention mask (None: plain causal)."""
+        past = self.length
+        if _static_rope(cfg):
+            if self.rope is None:  # once per generation instead of once per token
+                self.rope = rope_tables(cfg, torch.arange(self.max_len, device=device)[None], dtype)
+            cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in self.rope)
+        else:
+            cos, sin = rope_tables(cfg, torch.arange(past, past + t, device=device)[None].expand(b, -1), dtype)
+        return cos, sin, attention_mask(None, t, past, device, cfg.sliding_window)
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+class RowCaches:
+    """Several sequences decoded together, one new token each (continuous batching): row i of the
+    batch is sequence i with its own :class:`KVCache`, so its own length, rotary positions and
+    attention; every row computes what it computes decoded alone.
+
+    ``update`` returns each row's keys and values as :class:`Rows`, over which the attention runs
+    row by row (the projections, norms and element-wise ops run on all rows at once).
+    """
+
+    def __init__(self, caches: Sequence[KVCache]):
+        self.caches = list(caches)
+        self.masks: list[torch.Tensor | None] = [None] * len(self.caches)
+
+    def next_positions(self, cfg: ModelConfig, b: int, t: int, dtype: torch.dtype, device):
+        if b != len(self.caches):
+            raise ValueError(f"RowCaches: {b} rows for {len(self.caches)} caches")
+        each = [c.next_positions(cfg, 1, t, dtype, device) for c in self.caches]
+        self.masks = [m for _, _, m in each]
+        return torch.cat([c for c, _, _ in each]), torch.cat([s for _, s, _ in each]), None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Rows, Rows]:
+        kv = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
+        return Rows([a for a, _ in kv], self.masks), Rows([b for _, b in kv], self.masks)
+
+    def advance(self, t: int) -> None:
+        for c in self.caches:
+            c.advance(t)
+
+
+class Rows:
+    """One row's keys (or values) per sequence of a :class:`RowCaches` step, and each row's mask."""
+
+    def __init__(self, tensors: list[torch.Tensor], masks: list[torch.Tensor | None]):
+        self.tensors, self.masks = tensors, masks
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -190,12 +241,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
         causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
-        gqa = h != kv
-        if gqa and mask is not None and q.is_cuda:
-            # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
-            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-            gqa = False
-        y = rt.attention(q, k, v, mask, causal, gqa)
+        if isinstance(k, Rows):  # sequences decoded together (RowCaches): each row over its own cache
+            rows = zip(k.tensors, v.tensors, k.masks)
+            y = torch.cat([self._attend(rt, q[i : i + 1], ki, vi, m, False) for i, (ki, vi, m) in enumerate(rows)])
+        else:
+            y = self._attend(rt, q, k, v, mask, causal)
 
         def merge_heads(t: torch.Tensor) -> torch.Tensor:
             # (B, H, T, D) -> (B, T, C): a view when y lies in (B, T, H, D) order (the training
@@ -207,6 +257,15 @@ class Attention(nn.Module):
             (self.o_proj,), merge_heads(y), rt.rebuild(merge_heads, y, uses=1) if again is not None else None
         )
         return out
+
+    def _attend(self, rt, q, k, v, mask, causal):
+        gqa = self.cfg.num_heads != self.cfg.num_kv_heads
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them
+            group = self.cfg.num_heads // self.cfg.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            gqa = False
+        return rt.attention(q, k, v, mask, causal, gqa)
 
 
 class MLP(nn.Module):
@@ -339,27 +398,24 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, position_ids=None, cache: KVCache | None = None, embeds=None):
         """``embeds``: the input embeddings (B, T, C) when not the tokens' own (LLaVA's image features)."""
         b, t = input_ids.shape
-        past = cache.length if cache is not None else 0
         x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, C)
-        given = position_ids
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)
-        if cache is not None and given is None and _static_rope(self.cfg):
-            if cache.rope is None:  # once per generation instead of once per token
-                every = torch.arange(cache.max_len, device=input_ids.device)[None]
-                cache.rope = rope_tables(self.cfg, every, x.dtype)
-            cos, sin = (table[:, past : past + t].expand(b, -1, -1) for table in cache.rope)
+        if cache is not None and position_ids is None:  # the cache's next positions (each row's own: RowCaches)
+            cos, sin, mask = cache.next_positions(self.cfg, b, t, x.dtype, input_ids.device)
         else:
+            past = cache.length if cache is not None else 0
+            given = position_ids
+            if position_ids is None:
+                position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
-        window = self.cfg.sliding_window
-        docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
-        # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
-        # attention builds one only for an implementation that needs it)
-        mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
+            window = self.cfg.sliding_window
+            docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
+            # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
+            # attention builds one only for an implementation that needs it)
+            mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         return self.norm(x, rt)
 
 

@@ -40,7 +40,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
     """The ASGI app serving ``engine``; with ``api_key`` every /v1 route needs ``Authorization: Bearer KEY``."""
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "queued": engine.pending()})
+        return JSONResponse({"status": "ok", "queued": engine.pending(), "running": engine.running()})
 
     async def models(request: Request) -> Response:
         created = int(time.time())

@@ -1,11 +1,18 @@
 """The serving engine: one model, its LoRA adapters on the shared base, and a worker that runs jobs.
 
-Jobs run one at a time, first come first served, on one worker thread: a request's tokens are
-exactly what it would get alone (no batch-dependent numerics), and no two requests ever share a
-KV cache or an adapter. Adapters stay unmerged: each is a set of :class:`tunex.peft.LoRALinear`
-layers whose ``weight`` is the base layer's own tensor (no copy of the base), swapped into the
-model before a job of that adapter runs (a few hundred attribute sets; jobs of the same adapter in
-a row swap nothing).
+The worker decodes the running jobs together (continuous batching): each step makes one token for
+every running job in one forward per adapter, whose projections read each weight once for all of
+them; a new job joins between steps (after its own prompt pass), a finished or cancelled one
+leaves. Every row of a step computes exactly what it computes decoded alone (its own KV cache and
+positions, attention row by row, the GEMV and norms bit for bit per row: tunex.kernels.gemv's
+``token_rows``), so a request's tokens never depend on what else runs. Models where that cannot be
+guaranteed (not the llama-family decoder in float32 on the CPU with the Rust GEMV, or widths the
+element-wise kernels would split differently) run their jobs one at a time, first come first
+served, as does ``max_batch=1``.
+
+Adapters stay unmerged: each is a set of :class:`tunex.peft.LoRALinear` layers whose ``weight`` is
+the base layer's own tensor (no copy of the base), swapped into the model before a forward of that
+adapter's jobs (a few hundred attribute sets; none while the adapter stays).
 
 A job reports through its ``emit(kind, value)`` callback, called on the worker thread: ``"text"``
 with each new piece of reply text (stop strings held back until they cannot start one), then
@@ -128,7 +135,17 @@ class Engine:
     ``name`` is what requests call the base model; adapters are called by their own names.
     """
 
-    def __init__(self, model, tokenizer, template, name: str, adapters: dict[str, str | Path] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template,
+        name: str,
+        adapters: dict[str, str | Path] | None = None,
+        max_batch: int = 16,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 (1: one job at a time), got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -142,6 +159,12 @@ class Engine:
         self.context_length = int(model.config.max_position_embeddings)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._running = 0
+        self.most_rows = 0  # the most jobs one forward has decoded together so far
+        why = _why_not_batched(model)
+        if why is not None and max_batch > 1:
+            log.info("tunex serve: jobs run one at a time: %s", why)
+        self.max_batch = max_batch if why is None else 1
 
     @classmethod
     def load(
@@ -153,6 +176,7 @@ class Engine:
         prompt_template: str = "auto",
         dtype: str = "float32",
         device: str = "cpu",
+        max_batch: int = 16,
     ) -> Engine:
         from tunex.models import load_model, resolve_model_path
         from tunex.templates import get_template
@@ -162,7 +186,7 @@ class Engine:
         tokenizer = load_tokenizer(folder)
         template = get_template(prompt_template, tokenizer)
         lm = load_model(folder, dtype=dtype, device=device)
-        return cls(lm, tokenizer, template, name or default_name(model), adapters)
+        return cls(lm, tokenizer, template, name or default_name(model), adapters, max_batch)
 
     # ---- what requests may ask for --------------------------------------------------------------
 
@@ -235,9 +259,20 @@ class Engine:
         self._queue.put(job)
 
     def pending(self) -> int:
+        """Jobs waiting for the worker."""
         return self._queue.qsize()
 
+    def running(self) -> int:
+        """Jobs the worker is decoding."""
+        return self._running
+
     def _work(self) -> None:
+        if self.max_batch == 1:
+            self._work_alone()
+        else:
+            self._work_batched()
+
+    def _work_alone(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
@@ -245,6 +280,7 @@ class Engine:
             if job.cancelled.is_set():
                 log.info("tunex serve: a job was cancelled before it started (its client went away)")
                 continue
+            self._running = 1
             try:
                 result = self.run(job)
             except _Cancelled:
@@ -253,52 +289,122 @@ class Engine:
                 log.exception("tunex serve: a job failed")
                 job.emit("error", exc)
                 continue
+            finally:
+                self._running = 0
             job.emit("done", result)
 
-    def run(self, job: Job) -> JobResult:
-        """Run ``job`` on the calling thread (the worker's loop calls this)."""
-        from tunex.models.generate import stop_settings
+    @torch.inference_mode()
+    def _work_batched(self) -> None:
+        from tunex.kernels import registry
+        from tunex.models.generate import decode_threads
 
-        words = list(job.stop) + (list(self.template.stop_words) if job.chat else [])
-        stop_ids, stops = stop_settings(self.tokenizer, words, self.eos_ids)
-        hold = max((len(s) for s in stops), default=1) - 1
-        out: list[int] = []
-        state = {"sent": 0, "text": "", "stopped": False}
+        device = next(self.model.parameters()).device
+        running: list[_Sequence] = []
+        stopping = False
+        while running or not stopping:
+            # join: new jobs take their prompt pass (as generate does it, outside the decode threads)
+            while not stopping and len(running) < self.max_batch:
+                try:
+                    job = self._queue.get(block=not running)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                elif job.cancelled.is_set():
+                    log.info("tunex serve: a job was cancelled before it started (its client went away)")
+                else:
+                    seq = self._begin(job)
+                    if seq is not None:
+                        running.append(seq)
+                self._running = len(running)
+            # decode until a queued job can join
+            with decode_threads(device), registry.pinned():
+                while running and (stopping or len(running) >= self.max_batch or self._queue.empty()):
+                    running = self._step(running)
+                    self._running = len(running)
 
-        def on_token(token: int) -> None:
-            if job.cancelled.is_set():
-                raise _Cancelled
-            out.append(token)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # a multi-byte character is still being spelled out
-                return
-            cut = _first_stop(text, stops, max(0, state["sent"] - hold))
-            if cut is not None:
-                text = text[:cut]
-            safe = len(text) if cut is not None else len(text) - hold
-            if safe > state["sent"]:
-                job.emit("text", text[state["sent"] : safe])
-                state["sent"] = safe
-            state["text"] = text
-            if cut is not None:
-                state["stopped"] = True
-                raise _Stopped
-
+    def _begin(self, job: Job) -> _Sequence | None:
+        """``job``'s prompt pass; None when it failed or ended at once (its result emitted)."""
         try:
-            self.generate_ids(job, stop_ids, on_token)
+            seq = _Sequence(self, job)
+            self.bank.use(job.adapter)
+            cache = self.model.new_cache(1, len(job.prompt_ids) + job.max_tokens)
+            ids = torch.as_tensor(job.prompt_ids, dtype=torch.long, device=seq.seen.device)
+            seq.cache = cache
+            seq.logits = self.model(ids[None], cache=cache, last_only=True)[0, -1].float()
+            return seq
+        except Exception as exc:
+            log.exception("tunex serve: a job failed")
+            job.emit("error", exc)
+            return None
+
+    def _step(self, running: list[_Sequence]) -> list[_Sequence]:
+        """One token for every running job: choose it from the job's logits, then one forward per
+        adapter for the jobs that go on. Returns the jobs still running."""
+        from tunex.kernels.gemv import token_rows
+        from tunex.models.decoder import RowCaches
+
+        going: dict[str | None, list[tuple[_Sequence, torch.Tensor]]] = {}
+        for seq in running:
+            token = seq.next_token()
+            if token is not None:
+                going.setdefault(seq.job.adapter, []).append((seq, token))
+        left = []
+        for adapter, group in going.items():
+            singles = adapter is not None and not self._adapter_rows_exact(adapter)
+            batches = [[item] for item in group] if singles else [group]
+            for batch in batches:
+                seqs = [seq for seq, _ in batch]
+                try:
+                    self.bank.use(adapter)
+                    if len(batch) == 1:  # generate's own call
+                        seq, token = batch[0]
+                        logits = self.model(token.view(1, 1), cache=seq.cache, last_only=True)[:, -1]
+                    else:
+                        self.most_rows = max(self.most_rows, len(batch))
+                        tokens = torch.stack([token for _, token in batch]).view(-1, 1)
+                        with token_rows():
+                            caches = RowCaches([seq.cache for seq in seqs])
+                            logits = self.model(tokens, cache=caches, last_only=True)[:, -1]
+                except Exception as exc:  # the forward of these jobs failed: each gets the error
+                    log.exception("tunex serve: a decode step failed")
+                    for seq in seqs:
+                        seq.job.emit("error", exc)
+                    continue
+                for i, seq in enumerate(seqs):
+                    seq.logits = logits[i].float()
+                left.extend(seqs)
+        order = {id(seq): i for i, seq in enumerate(running)}
+        return sorted(left, key=lambda seq: order[id(seq)])
+
+    def _adapter_rows_exact(self, adapter: str) -> bool:
+        """Whether ``adapter``'s layers decode several rows exactly as one (the registry's
+        one-row GEMV path of LoRALinear: a dense base, no DoRA, eval mode)."""
+        from tunex.peft import LoRALinear
+
+        known = self.__dict__.setdefault("_rows_exact", {})
+        if adapter not in known:
+            known[adapter] = all(
+                type(layer) is LoRALinear
+                and layer.base_layer is None
+                and layer.lora_magnitude_vector is None
+                and not layer.training
+                and _widths_ok(layer.out_features)
+                for layer in self.bank.layers[adapter].values()
+            )
+        return known[adapter]
+
+    def run(self, job: Job) -> JobResult:
+        """Run ``job`` alone on the calling thread (the one-at-a-time worker calls this)."""
+        reply = _Reply(self, job)
+        try:
+            self.generate_ids(job, reply.stop_ids, reply.push)
         except _Stopped:
             pass
         except _Cancelled:
-            log.info("tunex serve: a job was cancelled after %d tokens (its client went away)", len(out))
+            log.info("tunex serve: a job was cancelled after %d tokens (its client went away)", len(reply.out))
             raise
-        if not state["stopped"]:
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            cut = _first_stop(text, stops, 0)
-            state["text"] = text if cut is None else text[:cut]
-            if len(state["text"]) > state["sent"]:
-                job.emit("text", state["text"][state["sent"] :])
-        finish = "stop" if state["stopped"] or len(out) < job.max_tokens else "length"
-        return JobResult(state["text"], len(job.prompt_ids), len(out), finish)
+        return reply.result()
 
     def generate_ids(self, job: Job, stop_ids: list[int], on_token: Callable[[int], None]) -> None:
         """Decode ``job`` token by token into ``on_token`` (which may raise to end the job early)."""
@@ -313,6 +419,141 @@ class Engine:
         )
         self.bank.use(job.adapter)
         generate(self.model, job.prompt_ids, settings, streamer=on_token)
+
+
+class _Reply:
+    """A job's reply as its tokens come: the text is emitted once it cannot turn into a stop string."""
+
+    def __init__(self, engine: Engine, job: Job):
+        from tunex.models.generate import stop_settings
+
+        self.job, self.tokenizer = job, engine.tokenizer
+        words = list(job.stop) + (list(engine.template.stop_words) if job.chat else [])
+        self.stop_ids, self.stops = stop_settings(engine.tokenizer, words, engine.eos_ids)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.out: list[int] = []
+        self.sent, self.text, self.stopped = 0, "", False
+
+    def push(self, token: int) -> None:
+        """Take the next token; raises _Cancelled (the client went away) or _Stopped (a stop string)."""
+        if self.job.cancelled.is_set():
+            raise _Cancelled
+        self.out.append(token)
+        text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is still being spelled out
+            return
+        cut = _first_stop(text, self.stops, max(0, self.sent - self.hold))
+        if cut is not None:
+            text = text[:cut]
+        safe = len(text) if cut is not None else len(text) - self.hold
+        if safe > self.sent:
+            self.job.emit("text", text[self.sent : safe])
+            self.sent = safe
+        self.text = text
+        if cut is not None:
+            self.stopped = True
+            raise _Stopped
+
+    def result(self) -> JobResult:
+        """The finished reply (the text still held back emitted first)."""
+        if not self.stopped:
+            text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+            cut = _first_stop(text, self.stops, 0)
+            self.text = text if cut is None else text[:cut]
+            if len(self.text) > self.sent:
+                self.job.emit("text", self.text[self.sent :])
+        finish = "stop" if self.stopped or len(self.out) < self.job.max_tokens else "length"
+        return JobResult(self.text, len(self.job.prompt_ids), len(self.out), finish)
+
+
+class _Sequence:
+    """A running job of the batched worker: its KV cache, its next-token logits, its sampler, and
+    the token-by-token loop of tunex.models.generate.generate, one step at a time."""
+
+    def __init__(self, engine: Engine, job: Job):
+        from tunex.models.generate import GenerationConfig
+
+        self.job = job
+        self.reply = _Reply(engine, job)
+        self.config = GenerationConfig(
+            max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed
+        )
+        self.config.check()
+        device = next(engine.model.parameters()).device
+        self.generator = None
+        if self.config.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
+        self.stop_ids = set(self.reply.stop_ids)
+        self.seen = torch.as_tensor(job.prompt_ids, dtype=torch.long, device=device)
+        self.cache = None
+        self.logits: torch.Tensor | None = None
+
+    def next_token(self) -> torch.Tensor | None:
+        """The next token from the logits, emitted; None when the job is over (its result or error
+        emitted, or it was cancelled)."""
+        from tunex.models.generate import process_logits
+
+        job = self.job
+        try:
+            scores = process_logits(self.logits.clone(), self.seen, self.config)
+            if self.config.temperature == 0:
+                token = scores.argmax()
+            else:
+                token = torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[0]
+            t = int(token)
+            if t not in self.stop_ids:
+                self.reply.push(t)
+                if len(self.reply.out) < job.max_tokens:
+                    self.seen = torch.cat((self.seen, token.view(1)))
+                    return token
+        except _Stopped:
+            pass
+        except _Cancelled:
+            log.info("tunex serve: a job was cancelled after %d tokens (its client went away)", len(self.reply.out))
+            return None
+        except Exception as exc:  # a request never takes the server down
+            log.exception("tunex serve: a job failed")
+            job.emit("error", exc)
+            return None
+        try:
+            result = self.reply.result()
+        except Exception as exc:
+            log.exception("tunex serve: a job failed")
+            job.emit("error", exc)
+            return None
+        job.emit("done", result)
+        return None
+
+
+def _widths_ok(*widths: int) -> bool:
+    """Whether rows of these widths start on a fresh vector of torch's element-wise CPU loops
+    (which finish a tensor's tail with scalar code): then every element takes the same path in a
+    batch as alone. 32 floats covers AVX2's and AVX-512's unrolled pairs of vectors."""
+    return all(w % 32 == 0 for w in widths)
+
+
+def _why_not_batched(model) -> str | None:
+    """Why ``model``'s jobs cannot be decoded together bit-exactly (None: they can)."""
+    from tunex.kernels import gemv
+    from tunex.models.decoder import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm
+
+    if type(model) is not CausalLM or type(model.model) is not DecoderModel:
+        return f"{type(model).__name__} is not the llama-family decoder"
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return f"batched decoding is exact on the CPU in float32 only (the model is {p.dtype} on {p.device.type})"
+    if not (gemv.enabled() and gemv.rows_supported()):
+        return "the Rust GEMV is off (TUNEX_GEMV=0) or the built extension lacks gemv_rows_f32"
+    known = (CausalLM, DecoderModel, DecoderLayer, Attention, MLP, RMSNorm, nn.Linear, nn.Embedding, nn.ModuleList)
+    other = sorted({type(m).__name__ for m in model.modules() if type(m) not in known})
+    if other:
+        return f"layers other than the plain decoder's ({', '.join(other)})"
+    cfg = model.config
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    if not _widths_ok(*widths):
+        return f"widths {widths} are not all multiples of 32"
+    return None
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:

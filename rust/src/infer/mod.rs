@@ -11,32 +11,43 @@ pub mod pool;
 /// Lanes summed independently: 4 AVX2 registers, so the adds do not wait on each other.
 const LANES: usize = 32;
 
+/// `dot(row, x)` summed in `LANES` independent lanes, reduced pairwise, then the tail: every
+/// product of [`rows_dot`] adds in this one order, whatever the number of input rows, so a token's
+/// outputs do not depend on what it is batched with.
+#[inline(always)]
+fn dot(row: &[f32], x: &[f32]) -> f32 {
+    let main = x.len() - x.len() % LANES;
+    let mut acc = [0f32; LANES];
+    for (chunk, xs) in row[..main].chunks_exact(LANES).zip(x[..main].chunks_exact(LANES)) {
+        for j in 0..LANES {
+            acc[j] += chunk[j] * xs[j];
+        }
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+    }
+    let mut s = acc[0];
+    for (a, b) in row[main..].iter().zip(&x[main..]) {
+        s += a * b;
+    }
+    s
+}
+
 multiversion! {
-    /// `y[r] = dot(w[r, :], x) (+ bias[r])` for the rows in `w` (row-major, `x.len()` columns).
-    fn rows_dot(w: &[f32], x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-        let cols = x.len();
-        let main = cols - cols % LANES;
-        for (r, out) in y.iter_mut().enumerate() {
-            let row = &w[r * cols..(r + 1) * cols];
-            let mut acc = [0f32; LANES];
-            for (chunk, xs) in row[..main].chunks_exact(LANES).zip(x[..main].chunks_exact(LANES)) {
-                for j in 0..LANES {
-                    acc[j] += chunk[j] * xs[j];
-                }
+    /// `y[i * stride + r] = dot(w[r, :], x[i, :]) (+ bias[r])` for the rows `r` of `w` (row-major,
+    /// `cols` columns) and the `n = x.len() / cols` rows `i` of `x`; each weight row is read from
+    /// memory once for all of `x`'s rows.
+    fn rows_dot(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
+        let n = x.len() / cols;
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            let b = bias.map_or(0.0, |b| b[r]);
+            for i in 0..n {
+                y[i * stride + r] = dot(row, &x[i * cols..(i + 1) * cols]) + b;
             }
-            // pairwise reduction of the lanes, then the tail
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for j in 0..width {
-                    acc[j] += acc[j + width];
-                }
-            }
-            let mut s = acc[0];
-            for (a, b) in row[main..].iter().zip(&x[main..]) {
-                s += a * b;
-            }
-            *out = s + bias.map_or(0.0, |b| b[r]);
         }
     }
 }
@@ -55,9 +66,28 @@ const SPLIT_BYTES: usize = 64 * 1024;
 /// `y = w @ x (+ bias)` for every product in `batch`, all of the same input `x`: the rows of all
 /// of them are split into one set of parts, so q/k/v (or gate/up) cost one fork-join, not three.
 pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
-    let cols = x.len();
+    gemv_rows_f32(x, 1, batch)
+}
+
+/// [`gemv_f32`] for `n` inputs at once (`x` holds `n` row-major rows; each product's `y` holds `n`
+/// rows of outputs): each weight is read once for all of them (decoding several sequences in one
+/// step), and every output is bit for bit what [`gemv_f32`] gives for its input row alone.
+pub fn gemv_rows_f32(x: &[f32], n: usize, batch: &mut [Gemv<'_>]) -> Result<()> {
+    if n == 0 || !x.len().is_multiple_of(n) {
+        return Err(Error::InvalidArgument(format!(
+            "gemv: an input of {} values does not hold {n} whole rows (expected a positive row count that divides it)",
+            x.len()
+        )));
+    }
+    let cols = x.len() / n;
     for (i, g) in batch.iter().enumerate() {
-        let rows = g.y.len();
+        if !g.y.len().is_multiple_of(n) {
+            return Err(Error::InvalidArgument(format!(
+                "gemv: output {i} has {} values, expected {n} rows of the same length",
+                g.y.len()
+            )));
+        }
+        let rows = g.y.len() / n;
         // checked: a wrapped product must not match the weight's length
         if rows.checked_mul(cols) != Some(g.w.len()) {
             let want = rows.checked_mul(cols).map_or("more than fit in a usize".to_string(), |n| n.to_string());
@@ -75,10 +105,11 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
             }
         }
     }
-    let rows: usize = batch.iter().map(|g| g.y.len()).sum();
+    let rows: usize = batch.iter().map(|g| g.y.len() / n).sum();
     if cols == 0 {
         for g in batch.iter_mut() {
-            g.y.iter_mut().enumerate().for_each(|(r, o)| *o = g.bias.map_or(0.0, |b| b[r]));
+            let out_rows = g.y.len() / n;
+            g.y.iter_mut().enumerate().for_each(|(r, o)| *o = g.bias.map_or(0.0, |b| b[r % out_rows]));
         }
         return Ok(());
     }
@@ -91,7 +122,8 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
     };
     if parts == 1 {
         for g in batch.iter_mut() {
-            rows_dot(g.w, x, g.bias, g.y);
+            let out_rows = g.y.len() / n;
+            rows_dot(g.w, x, cols, g.bias, g.y, out_rows);
         }
         return Ok(());
     }
@@ -102,25 +134,38 @@ pub fn gemv_f32(x: &[f32], batch: &mut [Gemv<'_>]) -> Result<()> {
         batch
             .iter_mut()
             .map(|g| {
-                let n = g.y.len();
-                let item = (first, n, g.w, g.bias, SendPtr(g.y.as_mut_ptr()));
-                first += n;
+                let m = g.y.len() / n;
+                let item = (first, m, g.w, g.bias, SendPtr(g.y.as_mut_ptr()));
+                first += m;
                 item
             })
             .collect()
     };
     let ok = pool::run(parts, &|p| {
         let (lo, hi) = (p * rows / parts, (p + 1) * rows / parts);
-        for &(first, n, w, bias, ref y) in &outs {
-            let (a, b) = (lo.max(first), hi.min(first + n));
+        let mut staged = Vec::new();
+        for &(first, m, w, bias, ref y) in &outs {
+            let (a, b) = (lo.max(first), hi.min(first + m));
             if a >= b {
                 continue;
             }
             let (a, b) = (a - first, b - first);
-            // SAFETY: parts cover disjoint row ranges, each within this output's `n` rows, and
-            // the outputs outlive `pool::run`, which returns only after every part finished.
-            let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(a), b - a) };
-            rows_dot(&w[a * cols..b * cols], x, bias.map(|v| &v[a..b]), out);
+            let (w, bias) = (&w[a * cols..b * cols], bias.map(|v| &v[a..b]));
+            if n == 1 {
+                // SAFETY: parts cover disjoint row ranges, each within this output's `m` rows, and
+                // the outputs outlive `pool::run`, which returns only after every part finished.
+                let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(a), b - a) };
+                rows_dot(w, x, cols, bias, out, b - a);
+            } else {
+                // the part's columns of each output row are strided: computed here, then copied
+                staged.clear();
+                staged.resize(n * (b - a), 0.0);
+                rows_dot(w, x, cols, bias, &mut staged, b - a);
+                for (i, src) in staged.chunks_exact(b - a).enumerate() {
+                    // SAFETY: as above; row i's columns [a, b) lie inside its `m` values.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), y.0.add(i * m + a), b - a) };
+                }
+            }
         }
     });
     if ok {
@@ -209,6 +254,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn several_rows_give_each_row_its_own_bits() {
+        for &(rows, cols, n) in &[(7, 33, 3), (576, 576, 16), (4099, 513, 5), (64, 64, 1), (3, 0, 2), (130, 1537, 2)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let b: Vec<f32> = (0..rows).map(|i| i as f32 / 3.0).collect();
+            let w2 = vec![0.25f32; 5 * cols];
+            let mut y = vec![f32::NAN; n * rows];
+            let mut y2 = vec![f32::NAN; n * 5];
+            let mut batch = [Gemv { w: &w, bias: Some(&b), y: &mut y }, Gemv { w: &w2, bias: None, y: &mut y2 }];
+            gemv_rows_f32(&x, n, &mut batch).unwrap();
+            for i in 0..n {
+                let mut one = vec![f32::NAN; rows];
+                let mut one2 = vec![f32::NAN; 5];
+                let xi = &x[i * cols..(i + 1) * cols];
+                gemv_f32(
+                    xi,
+                    &mut [Gemv { w: &w, bias: Some(&b), y: &mut one }, Gemv { w: &w2, bias: None, y: &mut one2 }],
+                )
+                .unwrap();
+                let got: Vec<u32> = y[i * rows..(i + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{rows}x{cols}, row {i} of {n}");
+                let got2: Vec<u32> = y2[i * 5..(i + 1) * 5].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got2, one2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
+        let mut y = vec![0.0; 6];
+        assert!(gemv_rows_f32(&[0.0; 5], 2, &mut [Gemv { w: &[0.0; 6], bias: None, y: &mut y }]).is_err());
+        assert!(gemv_rows_f32(&[0.0; 4], 0, &mut [Gemv { w: &[0.0; 6], bias: None, y: &mut y }]).is_err());
+        assert!(gemv_rows_f32(&[0.0; 4], 2, &mut [Gemv { w: &[0.0; 6], bias: None, y: &mut y[..5] }]).is_err());
     }
 
     #[test]

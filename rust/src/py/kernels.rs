@@ -38,6 +38,30 @@ fn gemv_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut products: Vec<Prod
     Ok(())
 }
 
+/// [`gemv_f32`] for `n` input rows at once: `x` holds the rows, each `out` the `n` rows of its
+/// outputs; every output row is bit for bit what `gemv_f32` gives for its input row alone.
+#[pyfunction]
+fn gemv_rows_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    n: usize,
+    mut products: Vec<Product<'_>>,
+) -> PyResult<()> {
+    let x = slice("x", x.as_slice())?;
+    let mut batch = Vec::with_capacity(products.len());
+    for (w, b, out) in products.iter_mut() {
+        let w = slice("weight", w.as_slice())?;
+        let bias = match b {
+            Some(b) => Some(slice("bias", b.as_slice())?),
+            None => None,
+        };
+        let y = slice_mut("out", out.as_slice_mut())?;
+        batch.push(Gemv { w, bias, y });
+    }
+    py.detach(|| infer::gemv_rows_f32(x, n, &mut batch))?;
+    Ok(())
+}
+
 /// `out = x / sqrt(mean(x^2) + eps) * weight` over rows of `len(weight)` values.
 #[pyfunction]
 fn rms_norm_f32(
@@ -361,6 +385,7 @@ fn attention_backward_f32(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(gemv_rows_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rms_norm_backward_f32, m)?)?;
