@@ -255,6 +255,23 @@ def test_wrong_preference_combinations_are_config_errors(tmp_path):
     ]
 
 
+def test_held_out_pairs_and_their_best_metric_are_checked_against_the_objective(tmp_path):
+    pairs = ['data.format="preference"', "data.pack_to_max_length=false", 'train.objective="dpo"']
+    cfg = load(tmp_path, "", [*pairs, "eval.split=0.2", 'save.best_metric="eval_rewards/accuracies"'])
+    assert cfg.save.best_metric == "eval_rewards/accuracies"
+    assert load(tmp_path, "", [*pairs, 'eval.data="h.jsonl"', 'eval.format="chatterbot_pairs"']).eval.format
+    problems = config_problems(
+        tmp_path, "", [*pairs, 'eval.data="h.jsonl"', 'eval.format="alpaca"', 'save.best_metric="eval_perplexity"']
+    )
+    assert sorted(p.split(":")[0] for p in problems) == ["eval.format", "save.best_metric"]
+    assert any("'dpo' evaluates (chosen, rejected) pairs, but eval.format is 'alpaca'" in p for p in problems)
+    problems = config_problems(
+        tmp_path, "", ['eval.data="h.jsonl"', 'eval.format="preference"', 'save.best_metric="eval_rewards/margins"']
+    )
+    assert sorted(p.split(":")[0] for p in problems) == ["eval.format", "save.best_metric"]
+    assert any("'eval_rewards/margins' is a preference objective's figure" in p for p in problems)
+
+
 def test_check_custom_dataset_shows_both_sides_and_counts_identical_pairs(tmp_path):
     from click.testing import CliRunner
     from test_data_helpers import save_tokenizer
