@@ -80,6 +80,16 @@ def test_conversational_xtuner_form_trains_only_the_responses():
             "hello",
             "go",
         ),
+        (  # UltraFeedback's form: a prompt string, and sides that hold the whole conversation again
+            {
+                "prompt": "hi",
+                "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go"}],
+            },
+            [("user", "hi")],
+            "hello",
+            "go",
+        ),
         (  # standard: the shared words
             {"chosen": "The sky is blue.", "rejected": "The sky is green."},
             [("user", "The sky is")],
