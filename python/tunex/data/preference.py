@@ -45,7 +45,7 @@ from tunex.data.formats import (
     with_system,
 )
 
-PAIR_VERSION = "1"  # bump when the encoded pairs of the same inputs change
+PAIR_VERSION = "2"  # bump when the encoded pairs of the same inputs change
 
 
 @dataclass(frozen=True, slots=True)
