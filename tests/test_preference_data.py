@@ -303,3 +303,9 @@ def test_check_custom_dataset_shows_both_sides_and_counts_identical_pairs(tmp_pa
     assert "3. rejected after the template" in out and "[[bad<|im_end|>]]" in out
     assert "4. rejected token ids" in out
     assert re.search(r"chosen == rejected \(pairs\) +1\n", out), out
+
+    # log-dataset: a row as the model gets it, the chosen side then the rejected one, each with its targets
+    logged = CliRunner().invoke(cli, ["log-dataset", str(cfg), "--show", "masked_text", "-n", "1"])
+    assert logged.exit_code == 0, logged.output
+    assert "== item 0 of 2" in logged.output and "item 1" not in logged.output
+    assert re.search(r"\[-100 x\d+\]good<\|im_end\|>\[-100 x\d+\]bad<\|im_end\|>\[-100 x1\]", logged.output)
