@@ -89,6 +89,8 @@ def eval_(
     cfg = load_config(target, overrides) if _is_config(target) else None
     if cfg is None and overrides:
         raise click.UsageError("-o/--cfg-options needs a config as CFG_OR_MODEL")
+    if cfg is None and adapter is not None and adapter.is_file():
+        raise click.UsageError(f"--adapter {adapter}: a training checkpoint needs the config that trained it")
     model_path = cfg.model.path if cfg else target
     objective = Objective.of(cfg) if cfg else None
     if objective is not None and objective.name == "reward" and not (adapter is not None and adapter.is_file()):
@@ -168,9 +170,7 @@ def _load(cfg, model_path: str, adapter: Path | None, dev, before_checkpoint=Non
     from tunex.train.build import weights_dtype
 
     folder = resolve_model_path(model_path)
-    if adapter is not None and adapter.is_file():
-        if cfg is None:
-            raise click.UsageError(f"--adapter {adapter}: a training checkpoint needs the config that trained it")
+    if adapter is not None and adapter.is_file():  # a training checkpoint (with its config: checked above)
         from tunex.train import checkpoint
         from tunex.train.build import build_model
         from tunex.train.loop import load_trainable
