@@ -4,6 +4,7 @@ gradient checkpointing, and 2 processes over gloo against one process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -162,6 +163,13 @@ def test_held_out_pairs_give_trl_named_eval_metrics_and_the_best_checkpoint(setu
     best = read_best(work)
     assert best["metric"] == metric and best["value"] == max(values)
     assert best["step"] == evals[values.index(max(values))]["step"] and (work / "best.pth").is_file()
+    if importlib.util.find_spec("tensorboard") is not None:  # written whenever the package is installed
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(work / "tensorboard"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("eval/rewards/accuracies")] == pytest.approx(values)
+        assert [e.step for e in events.Scalars("train/rewards/accuracies")] == [1, 2, 3, 4, 5, 6]
 
     # the last figures again: the final checkpoint on the held-out pairs, in one batch
     _, held = held_out_and_trained(cfg)
