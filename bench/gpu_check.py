@@ -10,12 +10,17 @@
    batch 1, bf16 compute, AdamW: tunex, and transformers+PEFT+bitsandbytes when importable. Each runs
    in its own subprocess so ``torch.cuda.max_memory_allocated`` is its own. ``tunex estimate``'s
    prediction for the same plan is printed next to tunex's measured peak.
+3. The memory options, each a tunex run of its own (``--runs``, in this order by default): fp32
+   adapters + AdamW (the baseline's settings), bf16 adapters + 8-bit AdamW (issue 23's goal
+   settings), bf16 adapters + AdamW with the model sharded by FSDP2 as ``train.fsdp`` does (one
+   process: the NF4 codes and absmax laid out by blocks, gathered by NCCL before each layer), and
+   bf16 adapters + paged 8-bit AdamW. A run that would start after ``--budget`` is skipped.
 
 Prints one markdown table. Budget: under 8 minutes on one H200 (most of it writing and loading the
 13.5 GB checkpoint). ``--tiny`` runs the same code on a 2-layer model (CPU allowed, kernels through
 triton's interpreter) to check the script itself.
 
-Usage: python bench/gpu_check.py [--tiny] [--steps N] [--no-baseline] [--keep DIR]
+Usage: python bench/gpu_check.py [--tiny] [--steps N] [--no-baseline] [--keep DIR] [--runs SPECS] [--out FILE]
 """
 
 from __future__ import annotations
@@ -57,6 +62,27 @@ TINY = {
 }
 LORA = {"r": 64, "alpha": 16, "dropout": 0.1}
 WARMUP = 2
+# tunex runs: ADAPTER_DTYPE:OPTIMIZER[:fsdp], the first measured plain, offloaded and plain again
+RUNS = "float32:adamw,bfloat16:adamw_8bit,bfloat16:adamw:fsdp,bfloat16:paged_adamw_8bit"
+
+
+def parse_runs(text: str) -> list[tuple[str, str, bool]]:
+    """``--runs``: (adapter dtype, optimizer, FSDP2) per comma-separated ADAPTER_DTYPE:OPTIMIZER[:fsdp]."""
+    runs = []
+    for spec in filter(None, (s.strip() for s in text.split(","))):
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "fsdp"):
+            raise SystemExit(f"--runs: {spec!r} is not ADAPTER_DTYPE:OPTIMIZER[:fsdp] (e.g. bfloat16:adamw_8bit)")
+        if parts[0] not in ("float32", "bfloat16") or parts[1] not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+            raise SystemExit(f"--runs: {spec!r}: float32|bfloat16 : adamw|adamw_8bit|paged_adamw_8bit")
+        runs.append((parts[0], parts[1], len(parts) == 3))
+    return runs
+
+
+def run_name(adapter_dtype: str, optimizer: str, fsdp: bool) -> str:
+    tag = "" if adapter_dtype == "float32" else f", {adapter_dtype} adapters"
+    tag += "" if optimizer == "adamw" else f", {optimizer}"
+    return "tunex" + tag + (", FSDP2 (1 process)" if fsdp else "")
 
 
 # ---- 1. kernels -----------------------------------------------------------------------------------
@@ -359,7 +385,29 @@ def profile_step(step, device, title: str) -> None:
     print(f"--- profile of one step, {title} ---\n{table}", file=sys.stderr)
 
 
-def child_tunex(folder: str, seq: int, steps: int, device_name: str, adapter_dtype: str = "float32") -> dict:
+def _one_process_group(device) -> None:
+    """A process group of one (NCCL on CUDA, gloo on the CPU), for FSDP2 without torchrun."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def child_tunex(
+    folder: str,
+    seq: int,
+    steps: int,
+    device_name: str,
+    adapter_dtype: str = "float32",
+    optimizer: str = "adamw",
+    fsdp: bool = False,
+    again: bool = True,
+) -> dict:
     import torch
     from tunex.config import validate
     from tunex.train.build import autocast, build_model, enable_gradient_checkpointing
@@ -387,28 +435,46 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str, adapter_dty
                 "batch_size": 1,
                 "grad_accum": 1,
                 "adapter_dtype": adapter_dtype,
+                "optimizer": optimizer,
+                "fsdp": fsdp,
             },
         }
     )
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = build_model(cfg, device)
-    load_s = time.perf_counter() - started
+    # train.fsdp: built on the host, then FSDP2 moves each layer's shards to the device (as the trainer does)
+    model = build_model(cfg, device, load_device=torch.device("cpu") if fsdp else None)
     enable_gradient_checkpointing(model)
+    loss_module = None
+    if fsdp:
+        from tunex.dist.env import DistEnv
+        from tunex.dist.wrap import LossModule, nf4_layers, shard_full_model
+
+        _one_process_group(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        shard_full_model(model, DistEnv(0, 0, 1, backend), device, cfg.train.dtype, adapters=True)
+        loss_module = LossModule(model)
+        done, layers, mine, every = nf4_layers(model)
+        print(f"FSDP2: {done} of {layers} NF4 base layers sharded by blocks ({mine} of {every} bytes)", file=sys.stderr)
+    load_s = time.perf_counter() - started
     model.train()
     bf16 = adapter_dtype == "bfloat16"
-    opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0, bf16_adapters=bf16)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2's shards
+    opt = build_optimizer(params, 2e-4, (0.9, 0.999), 0.0, bf16_adapters=bf16, kind=optimizer, seed=0)
     x = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
     positions = torch.arange(seq, device=device)[None]
 
     def step():  # what the trainer's micro-step does, without its data and distributed plumbing
         with autocast(cfg.train.dtype, device):
-            hidden, labels = shifted(model.hidden_states(x, positions), x)
-            loss = linear_cross_entropy(hidden, model.lm_head.weight, labels)
+            if loss_module is not None:  # the trainer's FSDP2 path: the root gathers around hidden_states
+                loss = loss_module(x, x, positions)
+            else:
+                hidden, labels = shifted(model.hidden_states(x, positions), x)
+                loss = linear_cross_entropy(hidden, model.lm_head.weight, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     plain = {**_measure(step, device, seq, steps), "load_s": load_s}
     profile_step(step, device, "plain checkpoints")
@@ -416,10 +482,12 @@ def child_tunex(folder: str, seq: int, steps: int, device_name: str, adapter_dty
     offloaded = {**_measure(step, device, seq, steps), "load_s": load_s}
     profile_step(step, device, "offloaded checkpoints")
     offloaded.pop("load_peak", None)
+    if not again:
+        return {"plain": plain, "offloaded": offloaded}
     model.model.offload_checkpoints = False  # plain again: does the order of the runs matter?
-    again = {**_measure(step, device, seq, steps), "load_s": load_s}
-    again.pop("load_peak", None)
-    return {"plain": plain, "offloaded": offloaded, "again": again}
+    repeat = {**_measure(step, device, seq, steps), "load_s": load_s}
+    repeat.pop("load_peak", None)
+    return {"plain": plain, "offloaded": offloaded, "again": repeat}
 
 
 def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
@@ -470,7 +538,16 @@ def child_hf(folder: str, seq: int, steps: int, device_name: str) -> dict:
 
 
 def run_child(
-    which: str, folder: Path, seq: int, steps: int, device: str, timeout: float, adapter_dtype: str = "float32"
+    which: str,
+    folder: Path,
+    seq: int,
+    steps: int,
+    device: str,
+    timeout: float,
+    adapter_dtype: str = "float32",
+    optimizer: str = "adamw",
+    fsdp: bool = False,
+    again: bool = True,
 ) -> dict:
     cmd = [
         sys.executable,
@@ -487,7 +564,10 @@ def run_child(
         device,
         "--adapter-dtype",
         adapter_dtype,
+        "--optimizer",
+        optimizer,
     ]
+    cmd += (["--fsdp"] if fsdp else []) + ([] if again else ["--no-again"])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -499,13 +579,24 @@ def run_child(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def estimate_peak(config: dict, seq: int, offload: bool) -> int:
+def estimate_peak(
+    config: dict, seq: int, offload: bool, adapter_dtype: str = "float32", optimizer: str = "adamw"
+) -> int:
     from tunex.estimate import Plan, estimate_memory, shape_from_config_json
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         shape = shape_from_config_json(tmp)
-    plan = Plan(kind="qlora", seq_len=seq, batch=1, r=LORA["r"], dropout=LORA["dropout"], offload_checkpoints=offload)
+    plan = Plan(
+        kind="qlora",
+        seq_len=seq,
+        batch=1,
+        r=LORA["r"],
+        dropout=LORA["dropout"],
+        offload_checkpoints=offload,
+        adapter_bytes=2 if adapter_dtype == "bfloat16" else 4,
+        optimizer=optimizer,
+    )
     return estimate_memory(shape, plan).peak
 
 
@@ -522,18 +613,35 @@ def main() -> None:
     )
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel rows")
     ap.add_argument(
+        "--runs",
+        default=RUNS,
+        help="tunex runs, comma-separated ADAPTER_DTYPE:OPTIMIZER[:fsdp] (default %(default)s)",
+    )
+    ap.add_argument(
         "--adapter-dtypes",
-        default="float32",
-        help="comma-separated train.adapter_dtype values, one tunex run each (float32, bfloat16)",
+        default=None,
+        help="comma-separated train.adapter_dtype values, one AdamW tunex run each (instead of --runs)",
     )
     ap.add_argument("--adapter-dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
+    ap.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-again", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["tunex", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.child == "tunex":
-            got = child_tunex(args.folder, args.seq, args.steps, args.device, args.adapter_dtype)
+            got = child_tunex(
+                args.folder,
+                args.seq,
+                args.steps,
+                args.device,
+                args.adapter_dtype,
+                args.optimizer,
+                args.fsdp,
+                again=not args.no_again,
+            )
         else:
             got = child_hf(args.folder, args.seq, args.steps, args.device)
         print(json.dumps(got))
@@ -541,6 +649,10 @@ def main() -> None:
 
     import torch
 
+    if args.adapter_dtypes:
+        runs = [(dtype.strip(), "adamw", False) for dtype in args.adapter_dtypes.split(",") if dtype.strip()]
+    else:
+        runs = parse_runs(args.runs)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cpu":
         if not args.tiny:
@@ -589,20 +701,36 @@ def main() -> None:
         started = time.perf_counter()
         write_checkpoint(folder, config)
         print(f"random checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        children = [("tunex", "tunex", a) for a in args.adapter_dtypes.split(",")]
-        children += [] if args.no_baseline else [("hf", "transformers+PEFT+bnb", "float32")]
-        for which, name, adapter_dtype in children:
+        # the first tunex run, then the baseline (the same settings), then the other memory options
+        children = [("tunex", run_name(*run), run) for run in runs[:1]]
+        children += [] if args.no_baseline else [("hf", "transformers+PEFT+bnb", ("float32", "adamw", False))]
+        children += [("tunex", run_name(*run), run) for run in runs[1:]]
+        for k, (which, name, (adapter_dtype, optimizer, fsdp)) in enumerate(children):
             left = deadline - time.monotonic()
             if left < 30:
                 results[name] = {"error": f"skipped: the {args.budget:.0f} s budget was spent"}
                 continue
-            got = run_child(which, folder, seq, args.steps, device_name, timeout=left, adapter_dtype=adapter_dtype)
+            got = run_child(
+                which,
+                folder,
+                seq,
+                args.steps,
+                device_name,
+                timeout=left,
+                adapter_dtype=adapter_dtype,
+                optimizer=optimizer,
+                fsdp=fsdp,
+                again=k == 0,
+            )
             if which == "tunex":
-                tag = "" if adapter_dtype == "float32" else f", {adapter_dtype} adapters"
-                results["tunex" + tag] = got.get("plain", got)
-                results[f"tunex{tag}, offloaded checkpoints"] = got.get("offloaded", got)
+                plan = {"adapter_dtype": adapter_dtype, "optimizer": optimizer, "fsdp": fsdp}
+                results[name] = {**got.get("plain", got), "plan": {**plan, "offload": False}}
+                results[f"{name}, offloaded checkpoints"] = {
+                    **got.get("offloaded", got),
+                    "plan": {**plan, "offload": True},
+                }
                 if "again" in got:
-                    results[f"tunex{tag} (plain, measured again after the offloaded run)"] = got["again"]
+                    results[f"{name} (plain, measured again after the offloaded run)"] = got["again"]
             else:
                 results[name] = got
             report()
@@ -632,13 +760,19 @@ def table(header: str, rows: list[list[str]], results: dict[str, dict], config: 
             f"| train {name} | loss {r['loss']:.3f}, load {r['load_s']:.0f} s{load} | {r['tokens_per_s']:.0f} tok/s "
             f"| {gib('peak_allocated')} | {gib('peak_reserved')} | {ratio} |"
         )
-    for name, offload in (("tunex", False), ("tunex, offloaded checkpoints", True)):
+    for name, r in results.items():
+        plan = r.get("plan")
+        if plan is None:
+            continue
+        if plan["fsdp"]:  # one process under FSDP2 holds its whole model twice (shards + gathered root/layers)
+            lines.append(f"| tunex estimate, {name} | not modelled | the estimate models FSDP2 over 2+ GPUs | | | |")
+            continue
         try:
-            predicted = estimate_peak(config, seq, offload)
+            predicted = estimate_peak(config, seq, plan["offload"], plan["adapter_dtype"], plan["optimizer"])
         except Exception as exc:
             lines.append(f"| tunex estimate, {name} | error | {type(exc).__name__}: {exc} | | | |")
             continue
-        measured = results.get(name, {}).get("peak_allocated")
+        measured = r.get("peak_allocated")
         vs = f" (measured {measured / 2**30:.2f} GiB: {measured / predicted:.2f}x)" if measured else ""
         lines.append(f"| tunex estimate, {name} | predicted peak | {predicted / 2**30:.2f} GiB{vs} | | | |")
     return "\n".join(lines) + "\n"

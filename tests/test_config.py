@@ -192,3 +192,22 @@ def test_optimizer_and_offload_checkpoint_keys():
         ConfigError, match=r"train.optimizer: expected one of 'adamw', 'adamw_8bit', 'paged_adamw_8bit', got 'lion'"
     ):
         validate({**base, "train": {"optimizer": "lion"}})
+
+
+def test_fsdp_key_and_what_it_refuses():
+    from tunex.errors import ConfigError
+
+    base = {"model": {"path": "x"}, "data": {"path": "-"}}
+    assert validate(base).train.fsdp is False
+    assert validate({**base, "train": {"fsdp": True}}).train.fsdp is True
+    assert validate({**base, "method": {"kind": "full"}, "train": {"fsdp": True}}).train.fsdp  # always sharded
+    for train, match in (
+        ({"optimizer": "adamw_8bit"}, r"train.optimizer: 'adamw_8bit' steps plain tensors, not the FSDP2 shards"),
+        ({"sequence_parallel": 2}, r"train.sequence_parallel: expected 1 with train.fsdp = true"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            validate({**base, "train": {"fsdp": True, **train}})
+    with pytest.raises(ConfigError, match=r"train.fsdp: expected false for \[vision\] runs"):
+        validate(
+            {**base, "vision": {"path": "tower"}, "data": {"path": "-", "format": "llava"}, "train": {"fsdp": True}}
+        )

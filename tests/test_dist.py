@@ -4,6 +4,7 @@ across world sizes, and a killed rank fails the job."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
             grad_accum=2,
             lr=3e-3 if kind == "full" else 2e-2,
         )
-        for kind in ("full", "lora")
+        for kind in ("full", "lora", "qlora")
     }
     return root, cfgs
 
@@ -149,6 +150,78 @@ def test_lora_ddp_equals_one_process_and_resumes_on_one(setup):
     assert_same_curve(read_metrics(ref), read_metrics(again), [4, 5, 6])
     # rank 0 alone wrote the run's files
     assert (two / "loss.png").is_file() and len((two / "eval.jsonl").read_text().splitlines()) == 1
+
+
+def test_qlora_fsdp_equals_one_process_resumes_and_converts(setup):
+    """QLoRA sharded by FSDP2 (train.fsdp): the NF4 base and the adapters split over 2 gloo processes
+    train the one-process curve and adapters; its iter_N.shards (adapters only) resumes on 2 processes
+    and on one, and `pth_to_hf` of it writes the adapter the lone run's .pth converts to."""
+    from safetensors.torch import load_file
+    from tunex.train.export import convert_checkpoint
+
+    root, cfgs = setup
+    cfg = cfgs["qlora"]
+    ref, two, again = root / "qlora_ref", root / "qlora_two", root / "qlora_again"
+    fsdp = ["-o", "train.fsdp=true", "-o", NO_DROPOUT]
+    lone(cfg, ref)  # 6 steps, iter_3.pth and iter_6.pth
+    first = torchrun(str(cfg), "--work-dir", str(two), "--max-steps", "3", *TWO, *fsdp)
+    said = " ".join((first.stdout + first.stderr).split())
+    # every q/k/v/o/gate/up/down base of the 2 layers is split by whole quantization blocks: of the
+    # 2 x (32x32 q, o + 16x32 k, v + 64x32 gate, up, down) elements' codes (1/2 byte) and absmax
+    # (1 byte per 32-element block), each rank holds half
+    elements = 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)
+    total = elements // 2 + elements // 32
+    want = (
+        f"14 of 14 NF4 base layers sharded by quantization blocks (this process holds {total // 2:,} of their {total:,}"
+    )
+    assert "sharded over 2 processes; " + want in said, said[-2000:]
+    sharded = two / "iter_3.shards"
+    assert sorted(p.name for p in sharded.glob("*.safetensors")) == ["rank_0.safetensors", "rank_1.safetensors"]
+    layout = json.loads((sharded / "manifest.json").read_text())["tensors"]
+    weights = {k: v for k, v in layout.items() if k.startswith("/model/")}
+    assert weights and all(".lora_" in k for k in weights)  # adapters only: the frozen base stays out
+    assert all(v["rows"] is not None and sum(v["rows"]) == v["shape"][0] for v in weights.values())
+    # the same 2 processes resume it (RNG streams continue), and one process does too
+    torchrun(str(cfg), "--work-dir", str(two), "--resume", str(sharded), *TWO, *fsdp)
+    assert_same_curve(read_metrics(ref), read_metrics(two), list(range(1, 7)))
+    lone(cfg, again, resume=str(sharded))
+    assert_same_curve(read_metrics(ref), read_metrics(again), [4, 5, 6])
+    got = checkpoint.load(two / "iter_6.shards")
+    want = torch.load(ref / "iter_6.pth", weights_only=True)
+    assert got["method"] == "qlora" and got["world_size"] == 2 and set(got["model"]) == set(want["model"])
+    for k, v in want["model"].items():
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # pth_to_hf reads the folder as it reads a .pth
+    loaded = load_config(cfg)
+    convert_checkpoint(loaded, two / "iter_6.shards", root / "qlora_hf_two", fp32=True)
+    convert_checkpoint(loaded, ref / "iter_6.pth", root / "qlora_hf_ref", fp32=True)
+    a = load_file(root / "qlora_hf_two" / "adapter_model.safetensors")
+    b = load_file(root / "qlora_hf_ref" / "adapter_model.safetensors")
+    assert set(a) == set(b) and len(a) == 28
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_qlora_fsdp_with_bf16_adapters_follows_the_lone_bf16_curve(setup):
+    """bf16 adapters (BF16AdamW: fp32 moments, stochastic rounding) on FSDP2 shards: each rank steps
+    its rows, so the rounding noise is drawn per shard and the curve follows the lone bf16 run's
+    within bf16 rounding (not bit for bit); the moments are saved as float32 DTensor shards."""
+    root, cfgs = setup
+    cfg = cfgs["qlora"]
+    ref, two = root / "qlora_bf16_ref", root / "qlora_bf16_two"
+    bf16 = "train.adapter_dtype=bfloat16"
+    train(load_config(cfg, [*ONE, NO_DROPOUT, bf16]), work_dir=str(ref))
+    torchrun(str(cfg), "--work-dir", str(two), *TWO, "-o", NO_DROPOUT, "-o", bf16, "-o", "train.fsdp=true")
+    a, b = read_metrics(ref), read_metrics(two)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)  # the base model's loss: no update yet
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=0.02), (x, y)
+    assert b[-1]["loss"] < 0.7 * b[0]["loss"]
+    saved = checkpoint.load(two / "iter_6.shards")
+    assert all(v.dtype == torch.bfloat16 for v in saved["model"].values())
+    moments = [s["exp_avg"] for s in saved["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
 
 
 def test_torchrun_world_size_one_is_the_plain_run(setup, monkeypatch):
@@ -276,8 +349,6 @@ def test_loss_is_token_weighted_across_splits(setup, tmp_path):
     1 x accumulation 2, on chat data whose sequences hold very different numbers of target tokens:
     the same losses at every step and the same adapter weights after 4 steps. The first step's loss
     (B = 0: the base model's) equals transformers' mean token loss over the 4 sequences."""
-    import json
-
     import transformers
     from tunex.data import build_dataset
     from tunex.dist.sampler import rank_micro_batches

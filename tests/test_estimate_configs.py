@@ -200,3 +200,72 @@ def test_a_preference_row_holds_both_sides_in_the_estimate():
     )
     doubled = str(2 * dpo.data.max_length)
     assert _estimate_json(dpo.name)["peak_bytes"] == _estimate_json(sft.name, "--seq-len", doubled)["peak_bytes"]
+
+
+def sharded_hand_count(name: str, gpus: int, adapter_bytes: int, offload: bool) -> int:
+    """One GPU's peak of QLoRA under FSDP2 (train.fsdp) over ``gpus``, written out: its rows of each
+    NF4 weight's codes and 8-bit absmax (one 64-element block per row: 32 bytes of codes + 1 of
+    absmax), the replicated nested absmax and code tables, its rows of the bf16 norms, biases,
+    embeddings and head plus the root (embeddings, head, final norm) gathered whole, its rows of
+    lora_A (r, in) and lora_B (out, r), their gradients and fp32 AdamW moments; on top of one
+    process's activations, whole layers gathered: the last one at the loss, two in backward, with
+    one layer's unsharded adapter gradients."""
+    h, i, layers, heads, kv_heads, vocab, bias = SHAPES_70B[name]
+    q, kv, r = heads * 128, kv_heads * 128, 64
+    mats = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    ceil = lambda n: -(-n // gpus)  # noqa: E731 - FSDP2's rows per rank
+    nf4 = 0
+    for a, b in mats:
+        blocks = a * b // 64
+        nf4 += ceil(blocks) * (32 + 1) + 4 * math.ceil(blocks / 256) + 1024 + 4 + 64
+    small = 2 * h + ((q + 2 * kv) if bias else 0)  # norms and q/k/v biases of a layer, bf16
+    weights = layers * (nf4 + 2 * ceil(small)) + 2 * (2 * ceil(vocab) * h + ceil(h))
+    root = 2 * (2 * vocab * h + h)
+    local = layers * sum(ceil(r) * a + ceil(b) * r for a, b in mats)
+    static = weights + root + 2 * local * adapter_bytes + 8 * local
+    layer_adapters = sum(r * a + b * r for a, b in mats)
+    whole = sum(nf4_bytes(a * b) for a, b in mats) + 2 * small + layer_adapters * adapter_bytes
+    one = hand_count(name, adapter_bytes, "adamw", offload)  # one process: its static part taken out
+    weights_1 = layers * sum(nf4_bytes(a * b) for a, b in mats) + 2 * (2 * vocab * h + (2 * layers + 1) * h)
+    weights_1 += 2 * layers * (q + 2 * kv) if bias else 0
+    trainable = layers * layer_adapters
+    activations = one - (weights_1 + 2 * trainable * adapter_bytes + 8 * trainable)
+    tokens = 2048
+    checkpoints = (2 if offload else layers) * tokens * h * 2
+    loss = checkpoints + 2 * tokens * h * 2 + 1024 * vocab * 2
+    backward = activations  # the larger phase of one process (backward for these shapes)
+    assert backward > loss
+    return static + max(backward + 2 * whole + layer_adapters * adapter_bytes, loss + whole)
+
+
+# one GPU's predicted peak (GiB) under FSDP2, by GPUs, for (adapter dtype, offloaded checkpoints)
+ROWS_FSDP = {
+    ("float32", False): {2: (28.91, 34.99), 4: (17.36, 22.27), 8: (11.59, 15.90)},
+    ("bfloat16", False): {2: (27.31, 33.37), 4: (16.53, 21.42), 8: (11.15, 15.45)},
+    ("bfloat16", True): {2: (24.87, 30.93), 4: (14.10, 18.98), 8: (8.71, 13.01)},
+}
+
+
+@pytest.mark.parametrize("column,preset", list(enumerate(SHAPES_70B)))
+def test_70b_class_qlora_fsdp_estimates_match_the_hand_count(column, preset):
+    for (dtype, offload), by_gpus in ROWS_FSDP.items():
+        for gpus, gib in by_gpus.items():
+            args = ["estimate", "llama2_7b_qlora_alpaca_e3", "--preset", preset, "--json", "--gpus", str(gpus)]
+            args += ["-o", "train.fsdp=true", "-o", f"train.adapter_dtype={dtype}"]
+            args += ["-o", "train.offload_checkpoints=true"] if offload else []
+            result = CliRunner().invoke(cli, args, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            got = json.loads(result.output)["peak_bytes"]
+            assert got == sharded_hand_count(preset, gpus, 4 if dtype == "float32" else 2, offload), (dtype, gpus)
+            assert round(got / 2**30, 2) == gib[column], (dtype, offload, gpus, got / 2**30)
+
+
+def test_gpus_needs_fsdp_adapters_and_adamw():
+    base = ["estimate", "llama2_7b_qlora_alpaca_e3", "--preset", "llama2-70b", "--gpus", "8"]
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code != 0 and "train.fsdp = true" in result.output
+    result = CliRunner().invoke(cli, [*base, "-o", "train.fsdp=true", "-o", "train.optimizer=adamw_8bit"])
+    assert result.exit_code != 0 and "train.optimizer" in result.output
+    # one GPU: the plain estimate whatever train.fsdp says (a one-process run has no wrapper)
+    one = CliRunner().invoke(cli, [*base[:-2], "--json", "-o", "train.fsdp=true"]).output
+    assert json.loads(one)["peak_bytes"] == hand_count("llama2-70b", 4, "adamw", False)

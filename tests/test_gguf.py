@@ -22,6 +22,21 @@ BASE = dict(
 )
 
 
+# the mixtures of experts: (transformers class prefix, config); Qwen3-MoE renormalises the top k
+# (llama.cpp's qwen3moe always does), Qwen2-MoE has its shared expert and does not
+MOE = {
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        "Qwen2Moe",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    ),
+    "qwen3_moe": (
+        "Qwen3Moe",
+        dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=32, norm_topk_prob=True),
+    ),
+}
+
+
 def tiny(tmp_path_factory, kind: str):
     import transformers
 
@@ -46,6 +61,16 @@ def tiny(tmp_path_factory, kind: str):
         # GGUF loader falls back to its default pad id (32000) without a tokenizer in the file
         config = transformers.Phi3Config(**{**BASE, "vocab_size": 32064}, pad_token_id=32000)
         model = transformers.Phi3ForCausalLM(config).eval()
+    elif kind in MOE:  # random routers of unit scale: routing decided by clear margins
+        cls, extra = MOE[kind]
+        model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**BASE, **extra))
+        model = model.eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith((".gate.weight", "shared_expert_gate.weight")):
+                    p.normal_()
+                elif "norm" in n or n.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BASE)).eval()
         with torch.no_grad():
@@ -64,7 +89,7 @@ def tiny(tmp_path_factory, kind: str):
 IDS = torch.tensor([[5, 9, 13, 2, 77, 31, 8, 40]])
 
 
-@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "tied", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", *MOE])
 def test_f32_round_trip_is_exact(tmp_path_factory, tmp_path, kind):
     folder, hf = tiny(tmp_path_factory, kind)
     hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
@@ -305,3 +330,78 @@ def test_gemma_imports_with_its_soft_caps_windows_and_rope_bases(tmp_path_factor
     back = load_model(gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back"))
     with torch.no_grad():
         torch.testing.assert_close(back(IDS), hf(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(MOE))
+def test_moe_experts_are_stacked_and_come_back_as_the_original_model(tmp_path_factory, tmp_path, kind):
+    """Each layer's experts become llama.cpp's 3-D ffn_{gate,up,down}_exps (experts, rows, columns),
+    the routers ffn_gate_inp (f32 in every file type); the metadata counts the experts; the model
+    read back gives transformers' logits."""
+    import gguf
+
+    folder, hf = tiny(tmp_path_factory, kind)
+    path = hf_to_gguf(folder, tmp_path / "m.gguf", "f16")
+    reader = gguf.GGUFReader(str(path))
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[kind]
+    cfg = hf.config
+    experts = cfg.num_local_experts if kind == "mixtral" else cfg.num_experts
+    inter = cfg.intermediate_size if kind == "mixtral" else cfg.moe_intermediate_size
+    field = lambda key: reader.fields[f"{arch}.{key}"].contents()  # noqa: E731
+    assert (field("expert_count"), field("expert_used_count")) == (experts, cfg.num_experts_per_tok)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (experts, inter, BASE["hidden_size"])
+    assert shapes["blk.1.ffn_up_exps.weight"] == (experts, inter, BASE["hidden_size"])
+    assert shapes["blk.1.ffn_down_exps.weight"] == (experts, BASE["hidden_size"], inter)
+    assert shapes["blk.1.ffn_gate_inp.weight"] == (experts, BASE["hidden_size"])
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "F16"
+    if kind == "qwen2_moe":
+        assert field("expert_shared_feed_forward_length") == cfg.shared_expert_intermediate_size
+        assert field("expert_feed_forward_length") == inter
+        assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (1, BASE["hidden_size"])
+        assert tensors["blk.0.ffn_gate_inp_shexp.weight"].tensor_type.name == "F32"
+        assert shapes["blk.0.ffn_down_shexp.weight"] == (BASE["hidden_size"], cfg.shared_expert_intermediate_size)
+    # expert 2 of layer 1 is slice 2 of the stack (f16 rounding of the checkpoint's values)
+    prefix, gate = ("block_sparse_moe.experts", "w1") if kind == "mixtral" else ("mlp.experts", "gate_proj")
+    back = gguf_to_hf(path, tmp_path / "back")
+    ours = load_model(back)
+    expert = ours.get_submodule(f"model.layers.1.{prefix}.2.{gate}").weight
+    from safetensors.torch import load_file
+
+    original = load_file(folder / "model.safetensors")[f"model.layers.1.{prefix}.2.{gate}.weight"]
+    torch.testing.assert_close(expert, original.half().float(), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), hf(IDS).logits, atol=2e-2, rtol=0)
+
+
+def test_moe_exports_llama_cpp_cannot_run_are_refused_before_writing(tmp_path_factory, tmp_path):
+    """llama.cpp's qwen2moe / qwen3moe make every layer MoE and hard-code the renormalisation."""
+    import transformers
+
+    cases = [
+        ("qwen2_moe", dict(mlp_only_layers=[1]), r"dense MLP layers \[1\]"),
+        ("qwen2_moe", dict(norm_topk_prob=True), "norm_topk_prob true .*never renormalises"),
+        ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob false .*always renormalises"),
+    ]
+    for i, (kind, change, message) in enumerate(cases):
+        cls, extra = MOE[kind]
+        config = getattr(transformers, f"{cls}Config")(**BASE, **{**extra, **change})
+        getattr(transformers, f"{cls}ForCausalLM")(config).save_pretrained(tmp_path / str(i))
+        with pytest.raises(FormatError, match=f"config.json: {message}.* cannot be written to GGUF"):
+            hf_to_gguf(tmp_path / str(i), tmp_path / "out.gguf")
+        assert not (tmp_path / "out.gguf").exists()
+
+
+def test_moe_export_with_an_expert_missing_names_it(tmp_path_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny(tmp_path_factory, "mixtral")
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    (tmp_path / "m").mkdir()
+    save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "m" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(FormatError, match=r"lacks experts \[3\] of blk\.1\.ffn_down_exps.*num_experts 4"):
+        hf_to_gguf(tmp_path / "m", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

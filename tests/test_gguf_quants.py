@@ -117,6 +117,32 @@ def test_tensor_types_follow_llama_quantize():
     assert tensor_type("blk.1.attn_q.weight", (96, 40), "q4_k_m", 2, tied=False) == "f16"
 
 
+def test_moe_tensor_types_follow_llama_quantize():
+    """llama-quantize's MoE rules: the routers stay f32 (also in f16 files, as llama.cpp's converter
+    writes them), the experts' and shared expert's ffn_down follow ffn_down's layer mix, and 8
+    experts (Mixtral) put attn_k / attn_v in Q8_0 and, in Q4_K_M, attn_output in Q5_K."""
+
+    def t(name, shape, outtype="q4_k_m", experts=8):
+        return tensor_type(name, shape, outtype, 32, tied=False, experts=experts)
+
+    for outtype in ("f16", "bf16", "q8_0", "q4_k_m"):
+        assert t("blk.3.ffn_gate_inp.weight", (8, 4096), outtype) == "f32"
+        assert t("blk.3.ffn_gate_inp_shexp.weight", (1, 4096), outtype, experts=60) == "f32"
+    assert t("blk.3.ffn_gate_exps.weight", (8, 14336, 4096), "f16") == "f16"
+    assert [t(f"blk.{i}.ffn_down_exps.weight", (8, 4096, 14336)) for i in (3, 4, 6)] == ["q6_k", "q4_k", "q6_k"]
+    assert t("blk.4.ffn_down_shexp.weight", (2048, 5632), experts=60) == "q4_k"
+    assert t("blk.6.ffn_down_shexp.weight", (2048, 5632), experts=60) == "q6_k"
+    assert t("blk.4.ffn_up_exps.weight", (8, 14336, 4096)) == "q4_k"
+    for outtype in ("q8_0", "q6_k", "q5_k_m", "q4_k_m"):
+        assert t("blk.4.attn_k.weight", (1024, 4096), outtype) == "q8_0"
+        assert t("blk.4.attn_v.weight", (1024, 4096), outtype) == "q8_0"
+    assert t("blk.4.attn_output.weight", (4096, 4096)) == "q5_k"
+    assert t("blk.4.attn_output.weight", (4096, 4096), "q5_k_m") == "q5_k"
+    assert t("blk.4.attn_output.weight", (4096, 4096), experts=60) == "q4_k"
+    assert t("blk.4.attn_v.weight", (1024, 4096), experts=60) == "q4_k"
+    assert t("blk.4.attn_k.weight", (1024, 4096), experts=60) == "q4_k"
+
+
 # ---- llama.cpp's own ggml, where llama-cpp-python is installed ---------------------------------
 
 

@@ -111,6 +111,123 @@ def test_quantized_export_logits_match_tunex_on_its_weights(tiny, tmp_path, outt
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8  # random logits: near-ties flip
 
 
+# The newer families tunex exports, llama.cpp's way of running each being the oracle: the mixtures of
+# experts (Mixtral as llama with stacked experts, qwen2moe with its shared expert, qwen3moe) and the
+# dense families beyond llama / qwen2 (not Phi-3: llama.cpp's phi3 vocabulary loader wants Phi-3's
+# own special tokens, which SmolLM2's vocabulary lacks). (transformers class prefix, config beyond SHAPE)
+FAMILIES = {
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        "Qwen2Moe",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=512),
+    ),
+    "qwen3_moe": (
+        "Qwen3Moe",
+        dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=256, head_dim=64, norm_topk_prob=True),
+    ),
+    "qwen3": ("Qwen3", dict(head_dim=64)),
+    "gemma2": ("Gemma2", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, pad_token_id=2)),
+    "gemma3": ("Gemma3Text", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, pad_token_id=2)),
+}
+F32 = 0  # ggml's type id of f32, for llama.cpp's KV cache
+SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=256,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory, smollm2):
+    """(folder, transformers model) of a random model of the family with SmolLM2's tokenizer: larger
+    weights than the init's, routers of unit scale (routing by clear margins), norms and biases off
+    their init."""
+    import transformers
+
+    cls, extra = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{cls}Config")(**SHAPE, **extra)
+    model = getattr(transformers, f"{cls.replace('Text', '')}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith((".gate.weight", "shared_expert_gate.weight")):
+                p.normal_()
+            elif p.ndim == 2:
+                p.mul_(4.0)
+            else:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    return request.param, folder, model
+
+
+def test_new_families_f32_export_gives_transformers_logits_in_llama_cpp(family, tmp_path):
+    name, folder, hf = family
+    path = hf_to_gguf(folder, tmp_path / "m.gguf", "f32")
+    with torch.no_grad():
+        want = hf(torch.tensor([IDS])).logits[0].numpy()
+    # with an f32 KV cache (llama.cpp's default is f16) nothing is rounded on either side but
+    # Gemma's GELU, which ggml takes from an f16 table
+    theirs = _logits(_llama(path, type_k=F32, type_v=F32), IDS)
+    tol = 1e-3 if name.startswith("gemma") else 1e-4
+    np.testing.assert_allclose(theirs, want, atol=tol * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q4_k_m"])
+def test_new_families_quantized_export_matches_tunex_on_its_weights(family, tmp_path, outtype):
+    """As for llama: llama.cpp on the file against tunex on the file's weights read back (the
+    experts unstacked by gguf_to_hf)."""
+    name, folder, _ = family
+    path = hf_to_gguf(folder, tmp_path / "m.gguf", outtype)
+    with torch.no_grad():
+        ours = load_model(gguf_to_hf(path, tmp_path / "back"))(torch.tensor([IDS]))[0].numpy()
+    theirs = _logits(_llama(path, type_k=F32, type_v=F32), IDS)
+    scale = np.abs(ours).max()
+    bound = 0.03 if outtype == "f16" else 0.07
+    error = np.abs(theirs - ours).max(-1) / scale  # per token
+    if outtype == "f16" or name not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        assert error.max() < bound, (outtype, error)
+    else:  # a token whose routing is a near-tie may take other experts when llama.cpp rounds its
+        # activations to 8 bits (Q8_K); every other token stays within the bound
+        assert (error < bound).mean() >= 0.8, (outtype, error)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("experts", [8, 4])
+def test_moe_quantized_tensor_types_are_llama_quantizes(tmp_path, experts):
+    """tunex's q4_k_m file against llama.cpp's own llama-quantize of tunex's f16 file: every tensor
+    gets the same type (8 experts: Mixtral's special rules; 4: a Qwen2-MoE with its shared expert)."""
+    import ctypes
+
+    import gguf
+    import transformers
+
+    shape = {**SHAPE, "vocab_size": 512, "num_hidden_layers": 8}  # llama-quantize reads no vocabulary
+    if experts == 8:
+        config = transformers.MixtralConfig(**shape, num_local_experts=8, num_experts_per_tok=2)
+        transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "m")
+    else:
+        extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
+        config = transformers.Qwen2MoeConfig(**shape, **extra, shared_expert_intermediate_size=512)
+        transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "m")
+    source = hf_to_gguf(tmp_path / "m", tmp_path / "f16.gguf", "f16")
+    ours = hf_to_gguf(tmp_path / "m", tmp_path / "ours.gguf", "q4_k_m")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = 15, 2  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    types = [{t.name: t.tensor_type.name for t in gguf.GGUFReader(str(p)).tensors} for p in (ours, theirs)]
+    assert types[0] == types[1]
+    assert types[0]["blk.0.ffn_down_exps.weight"] == "Q6_K" and types[0]["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
 @pytest.fixture(scope="module")
 def smollm2_exports(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")

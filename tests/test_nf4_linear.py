@@ -188,3 +188,47 @@ def test_memory_and_compute_dtype():
     assert y.dtype == torch.float32
     w = tq.dequantize(bf.qweight, torch.bfloat16)
     assert torch.equal(y, torch.nn.functional.linear(x.bfloat16(), w, bf.bias.bfloat16()).float())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_shard_by_blocks_lays_out_one_block_per_row_and_changes_no_value(double_quant):
+    """train.fsdp's layout: codes (blocks, blocksize / 2) and absmax (blocks,) as frozen parameters,
+    so FSDP2's dim-0 shards hold whole blocks with their scales; the same bits, outputs and state
+    dict as the buffers, and a float32 absmax (no double quant) survives a dtype cast."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    layer = tq.NF4Linear.from_linear(linear, blocksize=32, double_quant=double_quant)
+    flat = layer.qweight
+    x = torch.randn(3, 96)
+    want, want_sd = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    assert not layer.sharded_by_blocks and layer.shard_by_blocks() and layer.sharded_by_blocks
+    blocks = 96 * 40 // 32
+    assert dict(layer.named_parameters())["weight"].shape == (blocks, 16)
+    assert dict(layer.named_parameters())["absmax"].shape == (blocks,)
+    assert not any(p.requires_grad for n, p in layer.named_parameters() if n in ("weight", "absmax"))
+    # a rank's rows of codes and absmax are the same blocks: row k of each is block k
+    assert torch.equal(layer.weight[5], flat.packed.view(-1)[5 * 16 : 6 * 16])
+    assert torch.equal(layer.absmax[5], flat.absmax[5])
+    assert torch.equal(layer.dequantize(), tq.dequantize(flat, torch.float32))
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    # FSDP2 frees and reallocates the storage it gathers a layer into: reading it must leave it resizable
+    for name in ("weight", "absmax"):
+        getattr(layer, name).data = getattr(layer, name).data.clone()  # fresh storage, as FSDP2's
+    layer(x).sum()
+    for name in ("weight", "absmax"):
+        storage = getattr(layer, name).untyped_storage()
+        storage.resize_(storage.nbytes())
+    got_sd = layer.state_dict()  # still bitsandbytes' flat layout
+    assert set(got_sd) == set(want_sd) and all(torch.equal(got_sd[k].view(-1), v.view(-1)) for k, v in want_sd.items())
+    assert not layer.shard_by_blocks()  # once only
+    layer.to(torch.bfloat16)
+    assert layer.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
+    assert isinstance(layer.absmax, torch.nn.Parameter) and torch.equal(
+        layer.dequantize(), tq.dequantize(flat, torch.float32)
+    )
+
+
+def test_shard_by_blocks_leaves_a_weight_of_partial_blocks_replicated():
+    layer = tq.NF4Linear.from_linear(torch.nn.Linear(33, 3), blocksize=32)  # 99 elements: 3 blocks and 3 more
+    assert not layer.shard_by_blocks() and not layer.sharded_by_blocks
+    assert "weight" in dict(layer.named_buffers())

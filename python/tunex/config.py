@@ -346,6 +346,13 @@ class TrainConfig:
         "ranks that share each sequence (Ulysses: all-to-all over heads around attention); "
         "world size = data-parallel x this; 1 = off (docs/SCALING.md)",
     )
+    fsdp: bool = _setting(
+        False,
+        _flag,
+        "LoRA/QLoRA on several processes: shard the frozen base (QLoRA: its NF4 codes and absmax), the "
+        "adapters and their optimizer state with FSDP2 instead of a DDP replica per process, for a base "
+        "too large for one device (a full fine-tune is always sharded); docs/SCALING.md",
+    )
     router_aux_loss_coef: float = _setting(
         0.0,
         _number(0),
@@ -615,6 +622,7 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
             "train.sequence_parallel = 1"
         )
     _check_vision(cfg, problems)
+    _check_fsdp(cfg, problems)
     if cfg.train.offload_checkpoints and not cfg.train.gradient_checkpointing:
         problems.append(
             "train.offload_checkpoints: expected false when train.gradient_checkpointing is false "
@@ -632,6 +640,28 @@ def _check_across(cfg: Config, problems: list[str]) -> None:
                 f"method.target_modules: expected 'all-linear', a list or a valid regex, got "
                 f"{cfg.method.target_modules!r} ({e})"
             )
+
+
+def _check_fsdp(cfg: Config, problems: list[str]) -> None:
+    """What adapter runs sharded by FSDP2 (``train.fsdp``) do not combine with yet."""
+    t = cfg.train
+    if not t.fsdp or cfg.method.kind == "full":
+        return
+    if t.optimizer != "adamw":
+        problems.append(
+            f"train.optimizer: {t.optimizer!r} steps plain tensors, not the FSDP2 shards of train.fsdp = true; "
+            "use 'adamw' or set train.fsdp = false"
+        )
+    if t.sequence_parallel > 1:
+        problems.append(
+            "train.sequence_parallel: expected 1 with train.fsdp = true (not combined yet); set one of them off"
+        )
+    if t.objective != "sft":
+        problems.append(
+            f"train.objective: {t.objective!r} with train.fsdp = true is not supported yet; use DDP (train.fsdp = false)"
+        )
+    if cfg.vision.path:
+        problems.append("train.fsdp: expected false for [vision] runs (vision.path is set); set train.fsdp = false")
 
 
 def _check_eval(cfg: Config, problems: list[str]) -> None:

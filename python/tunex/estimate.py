@@ -25,7 +25,7 @@ typically 5-15% above the allocated peak).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tunex.pkgpath import local_path
@@ -347,6 +347,8 @@ class Plan:
     dora: bool = False
     sequence_parallel: int = 1  # train.sequence_parallel: each rank holds seq_len / this tokens of a sequence
     pair_rows: bool = False  # preference data: a row holds a pair's chosen and rejected sides, each <= max_length
+    fsdp: bool = False  # train.fsdp: LoRA/QLoRA sharded by FSDP2 (modelled per GPU when gpus > 1)
+    gpus: int = 1  # processes (one GPU each) the FSDP2 shards are spread over
 
 
 def plan_from_config(cfg, **overrides) -> Plan:
@@ -372,6 +374,7 @@ def plan_from_config(cfg, **overrides) -> Plan:
         optimizer=cfg.train.optimizer,
         dora=cfg.method.use_dora,
         sequence_parallel=cfg.train.sequence_parallel,
+        fsdp=cfg.train.fsdp,
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Plan(**values)
@@ -384,6 +387,50 @@ def quantized_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     if double_quant:
         return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + NESTED_CODE_BYTES + 4 + NF4_CODE_BYTES
     return packed + 4 * blocks + NF4_CODE_BYTES
+
+
+def sharded_quantized_bytes(numel: int, blocksize: int, double_quant: bool, gpus: int) -> int:
+    """One GPU's bytes of a 4-bit weight sharded by FSDP2 over ``gpus`` (``NF4Linear.shard_by_blocks``):
+    ceil(blocks / gpus) rows of packed codes and of absmax; the nested absmax and the code tables
+    replicated. A weight that is not whole blocks stays replicated."""
+    blocks, rem = divmod(numel, blocksize)
+    if rem or gpus == 1:
+        return quantized_bytes(numel, blocksize, double_quant)
+    rows = -(-blocks // gpus)
+    if double_quant:
+        nested = 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + NESTED_CODE_BYTES + 4
+        return rows * blocksize // 2 + rows + nested + NF4_CODE_BYTES
+    return rows * blocksize // 2 + 4 * rows + NF4_CODE_BYTES
+
+
+def _rows(rows: int, cols: int, gpus: int) -> int:
+    """Elements of one GPU's dim-0 shard of a (rows, cols) tensor (FSDP2 pads rows to ceil(rows / gpus))."""
+    return -(-rows // gpus) * cols
+
+
+def _layer_frozen_bytes(shape: ModelShape, plan: Plan, gpus: int) -> int:
+    """One GPU's bytes of one decoder layer's frozen weights under FSDP2 (gpus=1: the whole layer)."""
+    c = plan.dtype_bytes
+    if plan.kind == "qlora":
+        total = sum(
+            sharded_quantized_bytes(i * o, plan.blocksize, plan.double_quant, gpus) for _, i, o in shape.linears()
+        )
+    else:
+        total = sum(_rows(o, i, gpus) for _, i, o in shape.linears()) * c
+    other = (shape.other_params() - _root_params(shape)) // shape.layers  # norms, biases, routers
+    return total + -(-other // gpus) * c
+
+
+def _root_params(shape: ModelShape) -> int:
+    """Parameters of FSDP2's root unit: the embeddings, the head (unless tied) and the final norm."""
+    return shape.vocab * shape.hidden * (1 if shape.tie_embeddings else 2) + shape.hidden
+
+
+def _layer_adapter_elems(shape: ModelShape, plan: Plan, adapted: list[tuple[str, int, int]], gpus: int) -> int:
+    """One GPU's elements of one decoder layer's adapters: A (r, in) and B (out, r) by rows."""
+    return sum(
+        _rows(plan.r, i, gpus) + _rows(o, plan.r, gpus) + (_rows(o, 1, gpus) if plan.dora else 0) for _, i, o in adapted
+    )
 
 
 @dataclass
@@ -491,6 +538,15 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
             f"method.target_modules {plan.target_modules!r} selects none of "
             f"{', '.join(n for n, _, _ in shape.linears())}"
         )
+    sharded = plan.gpus > 1
+    if sharded and (plan.kind == "full" or not plan.fsdp):
+        raise ValueError(
+            f"{plan.gpus} GPUs: per-GPU memory over several GPUs is modelled for LoRA/QLoRA sharded by FSDP2 "
+            "(train.fsdp = true); a DDP process holds what one process holds (estimate without the GPU "
+            "count), and a full fine-tune's FSDP2 sharding is not modelled"
+        )
+    if sharded and plan.optimizer != "adamw":
+        raise ValueError(f"train.optimizer {plan.optimizer!r} does not step FSDP2 shards (train.fsdp); use 'adamw'")
     params = shape.params()
     if plan.kind == "full":
         trainable = params
@@ -506,6 +562,9 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     est = Estimate(shape, plan, params, trainable)
     est.parts = {"weights": weights}
     t = c if plan.kind == "full" else plan.adapter_bytes
+    if sharded:
+        _estimate_sharded(est, adapted)
+        return est
     if plan.kind != "full":  # a full fine-tune trains the weights themselves
         est.parts["adapter"] = trainable * t
     est.parts["gradients"] = trainable * t
@@ -542,6 +601,39 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> Estimate:
     return est
 
 
+def _estimate_sharded(est: Estimate, adapted: list[tuple[str, int, int]]) -> None:
+    """The parts and phases of one GPU of an adapter run sharded by FSDP2 over ``plan.gpus``.
+
+    Resident: this GPU's shards of the frozen base (NF4 codes and absmax by blocks, the rest by
+    rows), of the adapters, their gradients and AdamW moments, and the root unit (embeddings, head,
+    final norm) gathered whole, as FSDP2 keeps the root's parameters from forward to the end of
+    backward. Transient: whole decoder layers gathered (at the loss the last layer, which is not
+    resharded after forward; in backward the layer being recomputed and the previous one prefetched)
+    and one layer's unsharded adapter gradients before their reduce-scatter. Activations are those
+    of one process (each rank runs its own micro-batches).
+    """
+    shape, plan = est.shape, est.plan
+    n, c, t, layers = plan.gpus, plan.dtype_bytes, plan.adapter_bytes, shape.layers
+    embeds = (1 if shape.tie_embeddings else 2) * _rows(shape.vocab, shape.hidden, n) + _rows(shape.hidden, 1, n)
+    est.parts = {
+        "weights (this GPU's shards)": layers * _layer_frozen_bytes(shape, plan, n) + embeds * c,
+        "gathered embeddings, head, norm": _root_params(shape) * c,
+    }
+    local = layers * _layer_adapter_elems(shape, plan, adapted, n)
+    est.parts["adapter (shards)"] = local * t
+    est.parts["gradients (shards)"] = local * t
+    est.parts["optimizer (AdamW m, v; shards)"] = 8 * local
+    whole = _layer_frozen_bytes(shape, plan, 1) + _layer_adapter_elems(shape, plan, adapted, 1) * t
+    # the phases of one process, plus what FSDP2 gathers
+    single = estimate_memory(shape, replace(plan, gpus=1))
+    est.phases = {phase: dict(items) for phase, items in single.phases.items()}
+    est.phases["end of forward (loss)"]["gathered layer (FSDP2)"] = whole
+    backward = est.phases["backward of the last layer"]
+    backward["gathered layers (2, FSDP2)"] = 2 * whole
+    backward["unsharded layer adapter gradients"] = _layer_adapter_elems(shape, plan, adapted, 1) * t
+    est.peak_phase = max(est.phases, key=lambda k: sum(est.phases[k].values()))
+
+
 def format_estimate(est: Estimate) -> str:
     """A plain-text table of the estimate in GiB."""
 
@@ -564,7 +656,8 @@ def format_estimate(est: Estimate) -> str:
         f"{8 * p.dtype_bytes}-bit compute, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
         + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else "")
-        + f", optimizer {p.optimizer}",
+        + f", optimizer {p.optimizer}"
+        + (f"; FSDP2 over {p.gpus} GPUs, per GPU" if p.gpus > 1 else ""),
         "",
     ]
     for name, value in est.parts.items():
@@ -596,8 +689,6 @@ def device_need(est: Estimate) -> int:
 def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
     """Lines saying whether ``plan`` fits a device of ``budget`` bytes and, if not, which single
     changes would (each re-estimated, not guessed)."""
-    from dataclasses import replace
-
     est = estimate_memory(shape, plan)
     need = device_need(est)
     gib = 2**30
@@ -618,10 +709,12 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
         )
     if plan.kind != "full" and plan.adapter_bytes > 2:
         options.append(('bf16 adapters (train.adapter_dtype = "bfloat16")', replace(plan, adapter_bytes=2)))
-    if plan.optimizer == "adamw":
+    if plan.optimizer == "adamw" and plan.gpus == 1:  # 8-bit AdamW does not step FSDP2 shards
         options.append(('8-bit AdamW (train.optimizer = "adamw_8bit")', replace(plan, optimizer="adamw_8bit")))
     if plan.kind == "lora":
         options.append(('QLoRA (method.kind = "qlora")', replace(plan, kind="qlora")))
+    if plan.gpus > 1:
+        options.append((f"{2 * plan.gpus} GPUs (FSDP2 shards)", replace(plan, gpus=2 * plan.gpus)))
     if plan.kind != "full" and plan.r > 8:
         options.append((f"rank {plan.r // 2} (method.r)", replace(plan, r=plan.r // 2)))
     if plan.seq_len > 256:

@@ -53,13 +53,37 @@ GEMMA_LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Mixtures of experts: the routers (llama.cpp's ffn_gate_inp; Mixtral is llama's architecture with
+# experts) and Qwen2-MoE's shared expert; the experts' projections are stacked, see EXPERTS
+MIXTRAL_LAYER_NAMES = {**LAYER_NAMES, "ffn_gate_inp": "block_sparse_moe.gate"}
+QWEN_MOE_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
+# GGUF keeps each layer's experts as one 3-D tensor per projection, (experts, rows, columns) in HF
+# order; the checkpoints hold one 2-D tensor per expert under `<prefix>.<expert>.<projection>`
+EXPERTS = {
+    "llama": ("block_sparse_moe.experts", {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}),
+    "qwen2moe": ("mlp.experts", {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}),
+}
+EXPERTS["qwen3moe"] = EXPERTS["qwen2moe"]
+# llama.cpp keeps the routers in f32 whatever the file type (its converter writes them so and
+# llama-quantize leaves them alone)
+ROUTER = re.compile(r"blk\.\d+\.ffn_gate_inp(_shexp)?\.weight")
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 ARCH_OF_FAMILY = {
     "llama": "llama",
     "mistral": "llama",
     "internlm2": "llama",
+    "mixtral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
@@ -68,11 +92,14 @@ HF_CLASS = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
-MODEL_TYPE = {"gemma3": "gemma3_text"}  # GGUF architecture -> config.json model_type, where they differ
+# GGUF architecture -> config.json model_type, where they differ (llama with experts is Mixtral)
+MODEL_TYPE = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 # Gemma's RMSNorm weights are stored as the offset from one in HF checkpoints and as the scale in
 # GGUF (llama.cpp adds one when converting; transformers' GGUF loader takes it off again)
 GEMMA_ARCHS = ("gemma2", "gemma3")
@@ -104,7 +131,32 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 def _layer_names(arch: str) -> dict[str, str]:
     if arch in GEMMA_ARCHS:
         return GEMMA_LAYER_NAMES
-    return PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
+    if arch in ("qwen2moe", "qwen3moe"):
+        return QWEN_MOE_LAYER_NAMES
+    return {"phi3": PHI3_LAYER_NAMES, "llama": MIXTRAL_LAYER_NAMES}.get(arch, LAYER_NAMES)
+
+
+def expert_of(name: str, arch: str) -> tuple[str, int] | None:
+    """(GGUF name of the stacked tensor, expert index) of one expert's projection (HF name); None for
+    any other tensor."""
+    if arch not in EXPERTS:
+        return None
+    prefix, parts = EXPERTS[arch]
+    m = re.fullmatch(rf"model\.layers\.(\d+)\.{re.escape(prefix)}\.(\d+)\.(\w+)\.weight", name)
+    inverse = {v: k for k, v in parts.items()}
+    if not m or m[3] not in inverse:
+        return None
+    return f"blk.{m[1]}.{inverse[m[3]]}.weight", int(m[2])
+
+
+def expert_names(gguf_name: str, arch: str, experts: int) -> list[str] | None:
+    """The HF names of the ``experts`` 2-D tensors stacked in GGUF tensor ``gguf_name``; None when it
+    is not an expert stack."""
+    m = re.fullmatch(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight", gguf_name)
+    if not m or arch not in EXPERTS:
+        return None
+    prefix, parts = EXPERTS[arch]
+    return [f"model.layers.{m[1]}.{prefix}.{e}.{parts[m[2]]}.weight" for e in range(experts)]
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
@@ -171,8 +223,28 @@ def _config_from_gguf(reader, path: Path, tied: bool, vocab: int) -> dict:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
-    if arch in ("llama", "qwen3"):
+    experts = int(_field(reader, f"{arch}.expert_count") or 0)
+    if arch == "llama" and experts:  # Mixtral: llama's layers with a mixture of experts for the MLP
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral")
+    elif arch in ("llama", "qwen3", "qwen3moe"):
         config.update(attention_bias=False, mlp_bias=False)
+    if experts:
+        config.update(num_experts_per_tok=int(need("expert_used_count")), router_aux_loss_coef=0.0)
+        config["num_local_experts" if arch == "llama" else "num_experts"] = experts
+    if arch in ("qwen2moe", "qwen3moe"):
+        # every layer MoE, and the routing weights renormalised as llama.cpp's graphs do (Qwen2-MoE
+        # never, Qwen3-MoE always)
+        config.update(
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=arch == "qwen3moe",
+        )
+    if arch == "qwen2moe":
+        config.update(
+            shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")),
+            qkv_bias=any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
+        )
     window = _field(reader, f"{arch}.attention.sliding_window")
     if arch in ("phi3", *GEMMA_ARCHS) and window:
         config["sliding_window"] = int(window)
@@ -275,8 +347,8 @@ def gguf_tokenizer_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama / qwen2 / qwen3 / phi3 / gemma2 / gemma3 GGUF file to an fp32 HF folder
-    (config, weights, tokenizer).
+    """Convert a llama (with experts: Mixtral) / qwen2 / qwen3 / qwen2moe / qwen3moe / phi3 / gemma2 /
+    gemma3 GGUF file to an fp32 HF folder (config, weights, tokenizer).
 
     The folder is built beside ``out_dir`` and renamed into place whole (an existing ``out_dir`` is
     replaced in one step). Tensors are dequantized one at a time straight into the Rust shard
@@ -305,24 +377,39 @@ def build_hf_folder(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if scaling is not None:
         config["rope_scaling"] = scaling
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    tensors = []
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    tensors = []  # (HF names, GGUF tensor, HF shape, stacked): an expert stack is one tensor per expert
     for t in reader.tensors:
         if t.name in SKIP:
+            continue
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF: fastest-first
+        names = expert_names(t.name, arch, experts) if experts else None
+        if names is not None:
+            if len(shape) != 3 or shape[0] != experts:
+                raise FormatError(f"{path}: tensor {t.name!r} has shape {shape}; expected ({experts}, rows, columns)")
+            tensors.append((names, t, shape, True))
             continue
         name = hf_name(t.name, arch)
         if name is None:
             raise FormatError(f"{path}: tensor {t.name!r} has no HF counterpart in a {config['model_type']} model")
-        tensors.append((name, t))
-    specs = [(name, "F32", [int(d) for d in reversed(t.shape)]) for name, t in tensors]  # GGUF: fastest-first
+        if name.endswith("shared_expert_gate.weight") and len(shape) == 1:
+            shape = [1, shape[0]]  # a router to one output: HF keeps its row dimension
+        tensors.append(([name], t, shape, False))
+    specs = [(name, "F32", shape[1:] if stacked else shape) for names, _, shape, stacked in tensors for name in names]
 
     def dequantized():
-        for (name, t), (_, _, shape) in zip(tensors, specs):
+        for names, t, shape, stacked in tensors:
             w = _dequantized(t, shape)
+            if stacked:  # the experts, one by one
+                for name, part in zip(names, w):
+                    yield name, np.ascontiguousarray(part, dtype=np.float32)
+                continue
+            name = names[0]
             if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
                 w = w - 1.0  # GGUF stores Gemma's norm scale; HF the offset from one
-            if config["model_type"] == "llama" and name.endswith("q_proj.weight"):
+            if arch == "llama" and name.endswith("q_proj.weight"):
                 w = unpermute_qk(w, heads)
-            elif config["model_type"] == "llama" and name.endswith("k_proj.weight"):
+            elif arch == "llama" and name.endswith("k_proj.weight"):
                 w = unpermute_qk(w, kv)
             yield name, np.ascontiguousarray(w, dtype=np.float32)
 
@@ -349,23 +436,29 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], outtype: str, n_layers: int, tied: bool) -> str:
+def tensor_type(name: str, shape: tuple[int, ...], outtype: str, n_layers: int, tied: bool, experts: int = 0) -> str:
     """The GGUF type ("f32", "f16", "bf16" or a block type) of tensor ``name`` in an ``outtype`` file:
-    the choice ``llama-quantize`` makes without an importance matrix. 1-D tensors stay f32; the output
-    projection (the token embedding when tied) gets Q6_K; in the _M mixes attn_v and ffn_down of
-    :func:`_more_bits` layers get Q6_K and Phi-3's fused attn_qkv one step more; a row that is not
-    whole blocks falls back to Q5_0 / Q5_1 / Q8_0 and then to f16."""
-    if len(shape) == 1 or outtype == "f32":
+    the choice ``llama-quantize`` makes without an importance matrix. 1-D tensors and the MoE
+    routers stay f32; the output projection (the token embedding when tied) gets Q6_K; in the _M
+    mixes attn_v and ffn_down (the experts' and shared expert's too) of :func:`_more_bits` layers
+    get Q6_K and Phi-3's fused attn_qkv one step more; a model of exactly 8 ``experts`` (Mixtral's
+    special case in llama.cpp) gets Q8_0 for attn_k and attn_v and, in q4_k_m, Q5_K for
+    attn_output; a row that is not whole blocks falls back to Q5_0 / Q5_1 / Q8_0 and then to f16."""
+    if len(shape) == 1 or outtype == "f32" or ROUTER.fullmatch(name):
         return "f32"
     if outtype in ("f16", "bf16"):
         return outtype
     kind = BASE_TYPE[outtype]
     layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    part = layer[2] if layer else None
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         kind = "q8_0" if shape[-1] % BLOCK_ELEMS[kind] else "q6_k" if kind != "q8_0" else kind
+    elif experts == 8 and part in ("attn_k", "attn_v"):
+        kind = "q8_0"
+    elif experts == 8 and part == "attn_output" and outtype == "q4_k_m":
+        kind = "q5_k"
     elif layer and outtype in ("q4_k_m", "q5_k_m"):
-        part = layer[2]
-        if part in ("attn_v", "ffn_down") and _more_bits(int(layer[1]), n_layers):
+        if (part == "attn_v" or part.startswith("ffn_down")) and _more_bits(int(layer[1]), n_layers):
             kind = "q6_k"
         elif part == "attn_qkv":
             kind = "q5_k" if outtype == "q4_k_m" else "q6_k"
@@ -391,9 +484,26 @@ def _check_gemma_for_gguf(cfg, folder: Path) -> None:
         raise FormatError(f"{folder}/config.json: {problem} cannot be written to GGUF")
 
 
+def _check_moe_for_gguf(cfg, folder: Path) -> None:
+    """What llama.cpp's MoE architectures cannot say: dense MLP layers between the MoE layers, and
+    a top-k renormalisation other than the one its graph hard-codes (Qwen2-MoE never renormalises,
+    Qwen3-MoE always; Mixtral always does, as tunex's model)."""
+    problem = None
+    if not all(cfg.sparse_layers):
+        dense = [i for i, sparse in enumerate(cfg.sparse_layers) if not sparse]
+        problem = f"dense MLP layers {dense} (mlp_only_layers / decoder_sparse_step; llama.cpp makes every layer MoE)"
+    elif cfg.family in ("qwen2_moe", "qwen3_moe") and cfg.norm_topk_prob != (cfg.family == "qwen3_moe"):
+        problem = (
+            f"norm_topk_prob {str(cfg.norm_topk_prob).lower()} (llama.cpp's {ARCH_OF_FAMILY[cfg.family]} "
+            f"{'always' if cfg.family == 'qwen3_moe' else 'never'} renormalises the routing weights)"
+        )
+    if problem:
+        raise FormatError(f"{folder}/config.json: {problem} cannot be written to GGUF")
+
+
 def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
-    """Write an HF folder (llama, mistral, internlm2 as llama; qwen2, qwen3, phi3, gemma2, gemma3 text)
-    as one GGUF file."""
+    """Write an HF folder (llama, mistral, internlm2 and mixtral as llama; qwen2, qwen3, qwen2_moe,
+    qwen3_moe, phi3, gemma2, gemma3 text) as one GGUF file."""
     import gguf
 
     from tunex.io.atomic import atomic_path
@@ -412,6 +522,8 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
     arch = ARCH_OF_FAMILY[cfg.family]
     if arch in GEMMA_ARCHS:
         _check_gemma_for_gguf(cfg, folder)
+    if cfg.num_experts:
+        _check_moe_for_gguf(cfg, folder)
     out = Path(out_path)
     with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
         _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype)
@@ -423,8 +535,6 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     import torch
 
     from tunex.gguf_vocab import add_tokenizer_to_gguf
-    from tunex.models.config import to_llama_names
-    from tunex.models.loading import read_checkpoint
 
     writer.add_name(folder.name)
     writer.add_block_count(cfg.num_layers)
@@ -441,6 +551,13 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
     writer.add_vocab_size(cfg.vocab_size)
     if arch in ("phi3", *GEMMA_ARCHS) and cfg.sliding_window:
         writer.add_sliding_window(int(cfg.sliding_window))
+    if cfg.num_experts:
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.experts_per_tok)
+        if arch != "llama":  # Mixtral's experts are intermediate_size wide (feed_forward_length)
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if arch in GEMMA_ARCHS:
         if cfg.attn_softcap:
             writer.add_attn_logit_softcapping(float(cfg.attn_softcap))
@@ -476,13 +593,10 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
         """(GGUF name, array) one at a time, in file order, read from the checkpoint as needed."""
         if kind == "llama3":
             yield "rope_freqs.weight", rope_freqs
-        for ckpt_name, tensor in read_checkpoint(folder):
-            for name, t in to_llama_names(ckpt_name, tensor, cfg):
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                gname = gguf_name(name, arch)
-                kind_of = tensor_type(gname, tuple(t.shape), outtype, cfg.num_layers, cfg.tie_word_embeddings)
-                yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of)
+        for gname, name, t in _export_tensors(folder, cfg, arch):
+            shape = (len(t), *t[0].shape) if isinstance(t, list) else tuple(t.shape)
+            kind_of = tensor_type(gname, shape, outtype, cfg.num_layers, cfg.tie_word_embeddings, cfg.num_experts)
+            yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of)
 
     # The header lists every tensor's shape and type before the data: a first pass reads only the
     # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
@@ -507,24 +621,64 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
 
 def _gguf_layout(folder: Path, cfg, arch: str, outtype: str, rope_freqs: bool) -> list[tuple[str, list[int], str]]:
     """(GGUF name, shape, :func:`tensor_type`) of every tensor :func:`hf_to_gguf` writes, in order."""
+    layout = [("rope_freqs.weight", [cfg.head_dim // 2], "f32")] if rope_freqs else []
+    for gname, _name, t in _export_tensors(folder, cfg, arch):
+        shape = [len(t), *t[0].shape] if isinstance(t, list) else list(t.shape)
+        kind_of = tensor_type(gname, tuple(shape), outtype, cfg.num_layers, cfg.tie_word_embeddings, cfg.num_experts)
+        layout.append((gname, shape, kind_of))
+    return layout
+
+
+def _export_tensors(folder: Path, cfg, arch: str) -> Iterator[tuple[str, str, object]]:
+    """(GGUF name, HF name, tensor) of every tensor GGUF gets, in checkpoint order. A layer's experts
+    come as one entry, (stack name, the first expert's HF name, the experts' tensors in expert order),
+    once the checkpoint has given all of them (the tensors are views of its memory maps: nothing is
+    read until converted). An expert missing or shaped unlike the others is a FormatError."""
     from tunex.models.config import to_llama_names
     from tunex.models.loading import read_checkpoint
 
-    layout = [("rope_freqs.weight", [cfg.head_dim // 2], "f32")] if rope_freqs else []
+    pending: dict[str, dict[int, tuple[str, object]]] = {}
     for ckpt_name, tensor in read_checkpoint(folder):
         for name, t in to_llama_names(ckpt_name, tensor, cfg):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            gname = gguf_name(name, arch)
-            kind_of = tensor_type(gname, tuple(t.shape), outtype, cfg.num_layers, cfg.tie_word_embeddings)
-            layout.append((gname, list(t.shape), kind_of))
-    return layout
+            expert = expert_of(name, arch) if cfg.num_experts else None
+            if expert is None:
+                yield gguf_name(name, arch), name, t
+                continue
+            gname, index = expert
+            group = pending.setdefault(gname, {})
+            group[index] = (name, t)
+            if len(group) < cfg.num_experts:
+                continue
+            del pending[gname]
+            members = [group.get(e) for e in range(cfg.num_experts)]
+            if any(m is None for m in members):  # an index past num_experts took a place
+                raise FormatError(
+                    f"{folder}: expert tensors of {gname} are numbered {sorted(group)}; "
+                    f"config.json has num_experts {cfg.num_experts}"
+                )
+            shapes = {tuple(t.shape) for _, t in members}
+            if len(shapes) > 1:
+                raise FormatError(
+                    f"{folder}: the experts of {gname} ({members[0][0]}, ...) differ in shape: {sorted(shapes)}"
+                )
+            yield gname, members[0][0], [t for _, t in members]
+    for gname, group in pending.items():
+        missing = sorted(set(range(cfg.num_experts)) - set(group))
+        raise FormatError(
+            f"{folder}: the checkpoint lacks experts {missing} of {gname} ({next(iter(group.values()))[0]}, ...); "
+            f"config.json has num_experts {cfg.num_experts}"
+        )
 
 
 def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str) -> np.ndarray:
-    """Tensor ``t`` (HF name ``name``) as the bytes or values GGUF stores for type ``kind``."""
+    """Tensor ``t`` (HF name ``name``; a list of tensors: the experts, stacked) as the bytes or values
+    GGUF stores for type ``kind``."""
     import torch
 
+    if isinstance(t, list):
+        return np.stack([_gguf_array(name, gname, x, cfg, arch, kind) for x in t])
     w = t.float().numpy()
     if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
         w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale

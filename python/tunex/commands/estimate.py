@@ -46,6 +46,12 @@ def register(cli: click.Group, convert: click.Group) -> None:
     help="dtype of LoRA adapters and their gradients (train.adapter_dtype; AdamW's moments stay float32).",
 )
 @click.option(
+    "--gpus",
+    type=int,
+    default=None,
+    help="GPUs the run is sharded over (train.fsdp = true, LoRA/QLoRA): predicts one GPU's peak.",
+)
+@click.option(
     "-o",
     "--cfg-options",
     "overrides",
@@ -69,6 +75,7 @@ def estimate(
     checkpointing: bool | None,
     offload_checkpoints: bool,
     adapter_dtype: str | None,
+    gpus: int | None,
     overrides: tuple[str, ...],
     budget: str | None,
     as_json: bool,
@@ -92,7 +99,7 @@ def estimate(
     )
     from tunex.units import parse_size
 
-    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--gpus", gpus)):
         if value is not None and value < 1:
             raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
     try:
@@ -108,8 +115,12 @@ def estimate(
         checkpointing=checkpointing,
         offload_checkpoints=offload_checkpoints or None,
         adapter_bytes=DTYPE_BYTES[adapter_dtype] if adapter_dtype else None,
+        gpus=gpus,
     )
-    est = estimate_memory(shape, plan)
+    try:
+        est = estimate_memory(shape, plan)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus" if gpus and gpus > 1 else "CONFIG") from None
     vision = None
     if getattr(cfg, "vision", None) is not None and cfg.vision.path:  # LLaVA: tower, projector, image tokens
         from tunex.estimate_vision import add_to_estimate

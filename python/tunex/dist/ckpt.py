@@ -12,9 +12,10 @@ renamed into place whole once every rank's file and the manifest are on disk.
 Folders written by torch.distributed.checkpoint (``iter_N.dcp``, older tunex) are refused: their
 metadata is a pickle, and reading it can run code from whoever made the folder.
 
-Adapter runs (DDP) keep writing ``iter_N.pth`` from rank 0: their trainable state is replicated
+Adapter runs under DDP keep writing ``iter_N.pth`` from rank 0: their trainable state is replicated
 on every rank, so there is nothing to shard, and the .pth (read with ``weights_only=True``) is what
-``tunex convert`` reads. Both formats resume on any world size; ``tunex.train.checkpoint.load``
+``tunex convert`` reads. Adapter runs sharded by FSDP2 (``train.fsdp``) write ``iter_N.shards``
+with the adapters and their optimizer state only (the frozen base is never saved). Both formats resume on any world size; ``tunex.train.checkpoint.load``
 reads an ``iter_N.shards`` folder as the same dict as a .pth (for converting it).
 """
 
@@ -190,12 +191,16 @@ def _write_rank(
 ) -> None:
     """This rank's part of ``save_sharded`` into the partial folder ``tmp``: its shard file, and on
     rank 0 the manifest; returns once every rank's file is in place."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
 
     from tunex.io.atomic import naming
     from tunex.io.sharded import save_sharded as write_shards
 
-    model_sd, optim_sd = get_state_dict(lm, optimizer)
+    if meta.get("method", "full") == "full":
+        model_sd, optim_sd = get_state_dict(lm, optimizer)
+    else:  # adapters (train.fsdp): the trainable shards only, never the frozen base (nor its NF4 state)
+        model_sd = {n: p.detach() for n, p in lm.named_parameters() if p.requires_grad}
+        optim_sd = get_optimizer_state_dict(lm, optimizer)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode({"model": model_sd, "optimizer": optim_sd}, "", tensors)
     mine, rows = {}, {}

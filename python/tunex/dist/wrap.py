@@ -11,6 +11,13 @@ parameter shards), and the loss needs the output head, which lives outside the d
 - Full fine-tune: FSDP2 (``fully_shard``) on each decoder layer, then on the model as root:
   parameters, gradients and AdamW state are sharded across ranks (ZeRO-3-like). On CUDA a
   MixedPrecisionPolicy gathers parameters in the compute dtype and reduces gradients in fp32.
+- LoRA / QLoRA with ``train.fsdp``: the same FSDP2 units over the frozen base too, for models whose
+  base does not fit one device. A QLoRA base's packed NF4 codes and absmax become frozen uint8 (or
+  float32) parameters one quantization block per row (``NF4Linear.shard_by_blocks``), so each rank
+  holds whole blocks with their scales; the codebooks and double-quant state stay replicated
+  buffers. No MixedPrecisionPolicy: parameters are gathered as stored (a policy would cast a float32
+  absmax to bf16) and gradients reduced in the adapters' dtype, as DDP does; the compute dtype comes
+  from autocast and the NF4 layer's dequantization, as in a DDP run.
 """
 from __future__ import annotations
 
@@ -67,11 +74,11 @@ def _fsdp():
     return api
 
 
-def strategy(kind: str, env: DistEnv) -> str:
-    """"single", "ddp" (adapters) or "fsdp" (full fine-tune)."""
+def strategy(kind: str, env: DistEnv, fsdp: bool = False) -> str:
+    """"single", "ddp" (adapters) or "fsdp" (full fine-tune, or adapters with ``train.fsdp``)."""
     if not env.enabled:
         return "single"
-    return "fsdp" if kind == "full" else "ddp"
+    return "fsdp" if kind == "full" or fsdp else "ddp"
 
 
 def _frozen_names(module: nn.Module) -> list[str]:
@@ -93,14 +100,47 @@ def mixed_precision(train_dtype: str, device: torch.device):
     return _fsdp().MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
 
-def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str) -> nn.Module:
-    """FSDP2 on every decoder layer, then the root; ``hidden_states`` counts as a forward."""
+def shard_nf4_bases(lm: nn.Module) -> None:
+    """Lay out every NF4 base layer's codes and absmax for FSDP2 (``NF4Linear.shard_by_blocks``;
+    a weight that is not whole blocks stays a replicated buffer)."""
+    from tunex.quant import NF4Linear
+
+    for m in lm.modules():
+        if isinstance(m, NF4Linear):
+            m.shard_by_blocks()
+
+
+def nf4_layers(lm: nn.Module) -> tuple[int, int, int, int]:
+    """(NF4 base layers sharded by blocks, all NF4 base layers, bytes of the sharded layers' codes
+    and absmax this rank holds, bytes of them all) of ``lm``."""
+    from tunex.quant import NF4Linear
+
+    layers = [m for m in lm.modules() if isinstance(m, NF4Linear)]
+    sharded = [m for m in layers if m.sharded_by_blocks]
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    mine = sum(nbytes(local_tensor(m.weight)) + nbytes(local_tensor(m.absmax)) for m in sharded)
+    every = sum(nbytes(m.weight) + nbytes(m.absmax) for m in sharded)  # a DTensor counts its global shape
+    return len(sharded), len(layers), mine, every
+
+
+def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str,
+                     adapters: bool = False) -> nn.Module:
+    """FSDP2 on every decoder layer, then the root; ``hidden_states`` counts as a forward.
+
+    ``adapters``: a LoRA / QLoRA model (``train.fsdp``): NF4 bases are laid out by blocks first and
+    no MixedPrecisionPolicy is used (see the module docstring).
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     api = _fsdp()
+    if adapters:
+        shard_nf4_bases(lm)
     mesh = init_device_mesh(device.type, (env.world_size,))
     options: dict[str, Any] = {"mesh": mesh}
-    policy = mixed_precision(train_dtype, device)
+    policy = None if adapters else mixed_precision(train_dtype, device)
     if policy is not None:
         options["mp_policy"] = policy
     layers = _decoder_layers(lm)
@@ -117,13 +157,14 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
 
 
 def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
-                      train_dtype: str = "float32", make_loss: Any = None, sequence=None) -> nn.Module:
+                      train_dtype: str = "float32", make_loss: Any = None, sequence=None,
+                      fsdp: bool = False) -> nn.Module:
     """The module the loop calls for a micro-batch's loss (see the module docstring).
 
     ``make_loss``: lm -> the loss module (default :class:`LossModule`; the preference objectives
     pass theirs). ``sequence``: a :class:`tunex.dist.sequence.SequenceGroup` for sequence
     parallelism (the loss module then runs this rank's slice of each sequence); None: each rank its
-    whole micro-batches.
+    whole micro-batches. ``fsdp``: ``train.fsdp`` (adapter runs sharded by FSDP2 instead of DDP).
 
     Collect the optimizer's parameters from ``lm`` *after* this call: FSDP2 replaces them by
     sharded ones.
@@ -133,7 +174,7 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
         from tunex.runtime.malloc import tune_malloc
 
         tune_malloc()
-    how = strategy(kind, env)
+    how = strategy(kind, env, fsdp)
 
     def loss_module(model: nn.Module) -> nn.Module:
         if sequence is None:
@@ -145,7 +186,7 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
         return SequenceLossModule(model, sequence)
 
     if how == "fsdp":
-        return loss_module(shard_full_model(lm, env, device, train_dtype))
+        return loss_module(shard_full_model(lm, env, device, train_dtype, adapters=kind != "full"))
     loss = loss_module(lm)
     if how == "single":
         return loss

@@ -8,6 +8,12 @@ the bias, if someone unfroze it), never to the packed weight. LoRA adapters wrap
 
 The state dict is bitsandbytes' ``Linear4bit`` layout (``weight``, ``bias``, ``weight.absmax``, ...;
 see ``tunex.quant.serialize``), so either library loads the other's.
+
+For FSDP2 (``train.fsdp``), ``shard_by_blocks`` turns the packed codes and the per-block absmax into
+frozen parameters with one quantization block per row, (blocks, blocksize / 2) and (blocks,), so
+that FSDP2's dim-0 sharding gives every rank whole blocks together with their own scales; the
+codebooks and the double-quantization state (one float32 per 256 blocks, and the offset) stay
+replicated buffers. See docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class NF4Linear(nn.Module):
     # -- the quantized weight, kept as buffers so .to(device) and buffers() see it -------------
     def _set_weight(self, qw: QuantizedWeight) -> None:
         self.quant_type, self.blocksize, self.weight_dtype = qw.quant_type, qw.blocksize, qw.dtype
+        for name in ("weight", "absmax"):  # a new weight comes in bitsandbytes' flat layout, as buffers
+            self._parameters.pop(name, None)
         self.register_buffer("weight", qw.packed, persistent=True)
         self.register_buffer("absmax", qw.absmax, persistent=False)
         self.register_buffer("quant_map", qw.code, persistent=False)
@@ -105,6 +113,31 @@ class NF4Linear(nn.Module):
         self.register_buffer("nested_quant_map", None if nested is None else nested.code, persistent=False)
         self.nested_offset = None if nested is None else nested.offset
         self.nested_blocksize = None if nested is None else nested.blocksize
+
+    def shard_by_blocks(self) -> bool:
+        """Make the packed codes and the absmax frozen parameters laid out one quantization block per
+        row, for FSDP2 to shard along dim 0 (it shards parameters, never buffers): codes (blocks,
+        blocksize / 2) uint8 and absmax (blocks,), so a rank's rows of both are the same whole
+        blocks. False (and nothing changes) when the weight does not split into whole blocks.
+
+        The layout changes no values: ``qweight`` reads both back flat, and the state dict keeps
+        bitsandbytes' layout. Under a MixedPrecisionPolicy FSDP2 leaves the uint8 tensors alone but
+        would cast a float32 absmax (no double quant) to the compute dtype, so adapter runs shard
+        without one (``tunex.dist.wrap``).
+        """
+        blocks, rem = divmod(self.out_features * self.in_features, self.blocksize)
+        if rem or not blocks or self.sharded_by_blocks:
+            return False
+        for name, shape in (("weight", (blocks, self.blocksize // 2)), ("absmax", (blocks,))):
+            tensor = self._buffers.pop(name)
+            self._non_persistent_buffers_set.discard(name)
+            self.register_parameter(name, nn.Parameter(tensor.reshape(shape), requires_grad=False))
+        return True
+
+    @property
+    def sharded_by_blocks(self) -> bool:
+        """Whether ``shard_by_blocks`` made the codes and absmax parameters (for FSDP2)."""
+        return "weight" in self._parameters
 
     @property
     def qweight(self) -> QuantizedWeight:
@@ -116,9 +149,9 @@ class NF4Linear(nn.Module):
                 offset=self.nested_offset,
                 blocksize=self.nested_blocksize,
             )
-        return QuantizedWeight(
-            packed=self.weight,
-            absmax=self.absmax,
+        return QuantizedWeight(  # flat views: the layout of shard_by_blocks reads back as bitsandbytes'
+            packed=self.weight.reshape(-1, 1),
+            absmax=self.absmax.reshape(-1),
             shape=torch.Size((self.out_features, self.in_features)),
             dtype=self.weight_dtype,
             quant_type=self.quant_type,
@@ -130,16 +163,23 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would cast the float32 absmax and codebooks and corrupt them;
         # the quantization state only follows the device that `fn` moves tensors to.
-        state = {name: self._buffers.pop(name) for name in _STATE_BUFFERS}
+        # (after shard_by_blocks the codes and absmax are frozen parameters: the same applies to them)
+        state = {
+            name: (where, where.pop(name))
+            for name in _STATE_BUFFERS
+            for where in (self._parameters if name in self._parameters else self._buffers,)
+        }
         try:
             super()._apply(fn, recurse)
-            device = fn(torch.empty(0, dtype=torch.uint8, device=state["weight"].device)).device
+            device = fn(torch.empty(0, dtype=torch.uint8, device=state["weight"][1].device)).device
         finally:
-            for name, tensor in state.items():
-                self._buffers[name] = tensor
-        for name, tensor in state.items():
-            if tensor is not None:
-                self._buffers[name] = tensor.to(device)
+            for name, (where, tensor) in state.items():
+                where[name] = tensor
+        for name, (where, tensor) in state.items():
+            if isinstance(tensor, nn.Parameter):
+                where[name] = nn.Parameter(tensor.to(device), requires_grad=False)
+            elif tensor is not None:
+                where[name] = tensor.to(device)
         return self
 
     def resolved_compute_dtype(self) -> torch.dtype:
@@ -149,7 +189,8 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out_features, in_features) weight in ``dtype`` (default: the compute dtype)."""
-        return dequantize(self.qweight, dtype or self.resolved_compute_dtype())
+        # after shard_by_blocks FSDP2 owns the storage, which must stay resizable
+        return dequantize(self.qweight, dtype or self.resolved_compute_dtype(), keep_resizable=self.sharded_by_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # under CPU autocast the product runs in bf16, the output returns to x's float32

@@ -92,11 +92,11 @@ class QuantizedWeight:
             self, packed=self.packed.to(device), absmax=self.absmax.to(device), code=self.code.to(device), nested=nested
         )
 
-    def absmax_f32(self) -> torch.Tensor:
+    def absmax_f32(self, *, keep_resizable: bool = False) -> torch.Tensor:
         """The per-block scales as float32, restoring them from the double-quantized form if needed."""
         if self.nested is None:
             return self.absmax
-        return restore_absmax(self.absmax, self.nested)
+        return restore_absmax(self.absmax, self.nested, keep_resizable=keep_resizable)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self, dtype)
@@ -121,6 +121,18 @@ def _float_dtype_name(dtype: torch.dtype, what: str) -> str:
 def _as_bytes(t: torch.Tensor):
     """A writable uint8 numpy view sharing ``t``'s (contiguous, CPU) memory."""
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _input_array(t: torch.Tensor, keep_resizable: bool):
+    """A numpy view of the contiguous CPU tensor ``t`` for the Rust core to read. ``Tensor.numpy()``
+    marks ``t``'s storage as never resizable again, which breaks FSDP2: it frees and reallocates
+    the storage of the all-gathered parameters it hands to a layer (an NF4 base sharded by
+    ``train.fsdp``); a DLPack view leaves the storage as it was."""
+    if keep_resizable:
+        import numpy as np
+
+        return np.from_dlpack(t)
+    return t.numpy()
 
 
 def quantize(
@@ -183,13 +195,14 @@ def compress_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, NestedAbsmax]:
     return codes, NestedAbsmax(absmax=scales, code=dmap, offset=offset)
 
 
-def restore_absmax(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Tensor:
-    """Float32 absmax from its double-quantized form (two roundings: scale, then add the offset)."""
+def restore_absmax(codes: torch.Tensor, nested: NestedAbsmax, *, keep_resizable: bool = False) -> torch.Tensor:
+    """Float32 absmax from its double-quantized form (two roundings: scale, then add the offset).
+    ``keep_resizable``: see ``_input_array`` (FSDP2's gathered codes)."""
     if codes.device.type != "cpu":
         return restore_absmax_torch(codes, nested)
     out = torch.empty(codes.numel(), dtype=torch.float32)
     _native.dequantize_blockwise_8bit(
-        codes.contiguous().view(-1).numpy(),
+        _input_array(codes.contiguous().view(-1), keep_resizable),
         nested.absmax.contiguous().numpy(),
         nested.code.contiguous().numpy(),
         nested.blocksize,
@@ -210,7 +223,11 @@ def restore_absmax_torch(codes: torch.Tensor, nested: NestedAbsmax) -> torch.Ten
 
 
 def dequantize(
-    qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+    qw: QuantizedWeight,
+    dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    keep_resizable: bool = False,
 ) -> torch.Tensor:
     """The float tensor ``qw`` stands for, as bitsandbytes' ``dequantize_4bit`` computes it:
     ``code[nibble] * absmax[block]`` in float32, rounded to ``dtype`` (default: the original dtype).
@@ -221,12 +238,14 @@ def dequantize(
         out: optional contiguous CPU tensor of ``qw.shape`` to write into (its dtype is used);
             reusing one buffer across calls saves the page faults of a fresh allocation, which on
             a CPU cost more than the dequantization itself.
+        keep_resizable: ``qw``'s tensors are FSDP2's gathered parameters, whose storage must stay
+            resizable (see ``_input_array``).
     """
     if out is not None:
         dtype = out.dtype
     dtype = qw.dtype if dtype is None else dtype
     dtype_name = _float_dtype_name(dtype, "the requested output")
-    absmax = qw.absmax_f32()
+    absmax = qw.absmax_f32(keep_resizable=keep_resizable)
     if registry.choose("nf4_dequant", registry.Facts(qw.device.type, dtype)) != "native":
         if out is not None:
             raise ValueError("out= is supported for CPU weights only")
@@ -240,8 +259,8 @@ def dequantize(
             f"out must be a contiguous CPU tensor of shape {tuple(qw.shape)}, got {tuple(out.shape)} on {out.device}"
         )
     _native.dequantize_4bit(
-        qw.packed.contiguous().view(-1).numpy(),
-        absmax.contiguous().numpy(),
+        _input_array(qw.packed.contiguous().view(-1), keep_resizable),
+        _input_array(absmax.contiguous(), keep_resizable),
         qw.quant_type,
         qw.blocksize,
         qw.numel,

@@ -34,10 +34,11 @@ def float_moment_step(
     eps: float,
     wd: float,
     t: float,
+    grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AdamW step ``t`` (1-based) of ``p`` with float32 moments ``m``, ``v`` (updated in place):
     the new weight in float32, for the caller to write back (rounded to p's dtype its own way)."""
-    g = p.grad.float()
+    g = (p.grad if grad is None else grad).float()
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
@@ -45,6 +46,11 @@ def float_moment_step(
     if wd:
         w.mul_(1 - lr * wd)
     return w.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (its storage), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class BF16AdamW(torch.optim.Optimizer):
@@ -109,9 +115,12 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = float(state["step"])
-                w = float_moment_step(p, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, t)
+                # FSDP2 (train.fsdp): each rank steps its own rows; the moments stay DTensors like p,
+                # so a checkpoint gathers them, and the rounding noise is drawn per rank's rows
+                w_p, g, m, v = (_local(x) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                w = float_moment_step(w_p, m, v, lr, beta1, beta2, eps, wd, t, grad=g)
                 if p.dtype == torch.bfloat16:
-                    p.copy_(stochastic_round_bf16(w, self._generator(p.device, int(t), index)))
+                    w_p.copy_(stochastic_round_bf16(w, self._generator(w_p.device, int(t), index)))
                 else:
-                    p.copy_(w)
+                    w_p.copy_(w)
         return loss

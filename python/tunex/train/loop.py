@@ -32,7 +32,15 @@ from tunex.dist.env import barrier, init_distributed, rank_seed, seed_all
 from tunex.dist.metrics import reduce_step, step_targets
 from tunex.dist.sampler import global_batch, rank_micro_batches, steps_per_epoch
 from tunex.dist.sequence import plan as plan_sequence
-from tunex.dist.wrap import after_eval, clip_gradients, gradient_sync, is_sharded, strategy, wrap_for_training
+from tunex.dist.wrap import (
+    after_eval,
+    clip_gradients,
+    gradient_sync,
+    is_sharded,
+    nf4_layers,
+    strategy,
+    wrap_for_training,
+)
 from tunex.errors import TunexError
 from tunex.io.atomic import write_text
 from tunex.train import checkpoint, preference, reference
@@ -205,18 +213,20 @@ def train(
     last = min(total, stop_after) if stop_after else total
 
     # FSDP2 takes the model from the CPU layer by layer: no rank ever holds all of it on its GPU
-    on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env) == "fsdp" else None
+    on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env, cfg.train.fsdp) == "fsdp" else None
     startup.echo(f"loading the model {cfg.model.path} ({cfg.model.dtype}) on {device}")
     model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=cfg.train.offload_checkpoints)
-    # alone: the loss module; adapters: DDP over the trainable part; full: FSDP2 shards
+    # alone: the loss module; adapters: DDP over the trainable part (train.fsdp: FSDP2); full: FSDP2 shards
     objective = preference.Objective.of(cfg)  # None for sft
     if objective is not None and objective.name == "reward":  # a new trainable head, before wrapping
         adapter = torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32
         preference.add_reward_head(model, None if cfg.method.kind == "full" else adapter)
     make_loss = None if objective is None else (lambda lm: preference.loss_module(lm, objective))
-    step_module = wrap_for_training(model, cfg.method.kind, env, device, cfg.train.dtype, make_loss, sequence)
+    step_module = wrap_for_training(
+        model, cfg.method.kind, env, device, cfg.train.dtype, make_loss, sequence, fsdp=cfg.train.fsdp
+    )
     pref_steps = None if objective is None else preference.PreferenceSteps(objective)
     if objective is not None and objective.reference and cfg.method.kind == "full":
         # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
@@ -283,6 +293,15 @@ def train(
             + f" = global batch {global_batch(cfg.train.batch_size, accum, world)}; work dir {work}"
             + (f"; resumed from {resume_from} at step {step}" if state else "")
         )
+        if sharded and cfg.method.kind != "full":  # train.fsdp
+            done, layers, mine, every = nf4_layers(model)
+            nf4 = (
+                f"; {done} of {layers} NF4 base layers sharded by quantization blocks (this process holds "
+                f"{mine:,} of their {every:,} bytes of codes and absmax)"
+                if layers
+                else ""
+            )
+            progress.echo(f"FSDP2: the frozen base and the adapters are sharded over {env.world_size} processes{nf4}")
 
     saved: Path | None = resume_from
     loss_value = float("nan")
