@@ -166,6 +166,42 @@ def test_optimizer_parts_small_tensors_paged_and_advice():
     assert plan.offload_checkpoints and plan.optimizer == "adamw_8bit"
 
 
+PREFERENCE_7B = [
+    "internlm2_chat_7b_dpo_qlora_varlenattn",
+    "internlm2_chat_7b_orpo_qlora_varlenattn_ultrafeedback_e5",
+    "llama3_8b_instruct_reward_full_varlenattn_ultrafeedback",
+]
+
+
+def _estimate_json(*args: str) -> dict:
+    result = CliRunner().invoke(cli, ["estimate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("name", PREFERENCE_7B)
+def test_xtuner_named_preference_configs_copy_load_and_estimate(name, tmp_path):
+    result = CliRunner().invoke(cli, ["copy-cfg", name, str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(tmp_path / f"{name}_copy.toml")
+    assert cfg.train.objective in name and not cfg.data.pack_to_max_length
+    assert _estimate_json(name)["peak_bytes"] > 0
+
+
+def test_a_preference_row_holds_both_sides_in_the_estimate():
+    """A DPO row is a pair's chosen then rejected side (each up to data.max_length): the DPO config's
+    estimate is that of the SFT config with the same model and method at twice the tokens."""
+    dpo = load_config("internlm2_chat_7b_dpo_qlora_varlenattn")
+    sft = load_config("internlm2_chat_7b_qlora_oasst1_e3")
+    assert (dpo.model.path.removesuffix("-sft"), dpo.method, dpo.train.batch_size) == (
+        sft.model.path,
+        sft.method,
+        sft.train.batch_size,
+    )
+    doubled = str(2 * dpo.data.max_length)
+    assert _estimate_json(dpo.name)["peak_bytes"] == _estimate_json(sft.name, "--seq-len", doubled)["peak_bytes"]
+
+
 def sharded_hand_count(name: str, gpus: int, adapter_bytes: int, offload: bool) -> int:
     """One GPU's peak of QLoRA under FSDP2 (train.fsdp) over ``gpus``, written out: its rows of each
     NF4 weight's codes and 8-bit absmax (one 64-element block per row: 32 bytes of codes + 1 of

@@ -52,3 +52,47 @@ def test_eval_under_two_processes_equals_one(tmp_path, kind):
     assert best["step"] == read_best(ref)["step"]
     name = "best.shards" if kind == "full" else "best.pth"
     assert checkpoint.load(two / name)["step"] == best["step"]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])  # DDP splits the eval batches; FSDP2 ranks run them together
+def test_preference_eval_under_two_processes_equals_one(tmp_path, kind):
+    import json
+
+    from test_train_helpers import QA
+    from tunex.train.preference import METRICS
+
+    model = make_tiny_model(tmp_path / "model", tied=False)
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": q, "chosen": a, "rejected": " ".join(reversed(a.split()))} for q, a in QA]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write_config(
+        tmp_path / "c.toml",
+        model,
+        data,
+        kind,
+        "preference",
+        tmp_path / "unused",
+        save_steps=3,
+        max_steps=4,
+        batch_size=1,
+        grad_accum=2,
+        lr=3e-3 if kind == "full" else 2e-2,
+    )
+    # three held-out pairs in batches of one: the ranks' shares differ (2 and 1)
+    pref = ['train.objective="dpo"', "eval.split=0.5", "eval.every_n_steps=2", "eval.batch_size=1"]
+    pref.append('save.best_metric="eval_rewards/margins"')
+    ref, two = tmp_path / "ref", tmp_path / "two"
+    train(load_config(cfg, [*ONE, NO_DROPOUT, *pref]), work_dir=str(ref))
+    options = [x for o in pref for x in ("-o", o)]
+    torchrun(str(cfg), "--work-dir", str(two), *TWO, "-o", NO_DROPOUT, *options)
+    evals = {w: [r for r in read_metrics(w) if "eval_loss" in r] for w in (ref, two)}
+    assert [r["step"] for r in evals[two]] == [2, 4] == [r["step"] for r in evals[ref]]
+    for a, b in zip(evals[ref], evals[two]):
+        assert b["eval_pairs"] == a["eval_pairs"] == 3
+        # the two runs' weights differ by float rounding: 1e-5 of a side's log-prob (~100 nats), times beta
+        # (0.1) for the rewards; the loss and the accuracies barely move
+        slack = 1e-5 * max(1.0, abs(a["eval_logps/chosen"]), abs(a["eval_logps/rejected"]))
+        for key in ("eval_loss", *(f"eval_{m}" for m in METRICS)):
+            tol = slack if key.startswith("eval_logps") else 0.1 * slack if key.startswith("eval_rewards") else 1e-5
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=tol), key
+    assert read_best(two)["step"] == read_best(ref)["step"]

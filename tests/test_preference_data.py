@@ -80,6 +80,16 @@ def test_conversational_xtuner_form_trains_only_the_responses():
             "hello",
             "go",
         ),
+        (  # UltraFeedback's form: a prompt string, and sides that hold the whole conversation again
+            {
+                "prompt": "hi",
+                "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go"}],
+            },
+            [("user", "hi")],
+            "hello",
+            "go",
+        ),
         (  # standard: the shared words
             {"chosen": "The sky is blue.", "rejected": "The sky is green."},
             [("user", "The sky is")],
@@ -255,6 +265,23 @@ def test_wrong_preference_combinations_are_config_errors(tmp_path):
     ]
 
 
+def test_held_out_pairs_and_their_best_metric_are_checked_against_the_objective(tmp_path):
+    pairs = ['data.format="preference"', "data.pack_to_max_length=false", 'train.objective="dpo"']
+    cfg = load(tmp_path, "", [*pairs, "eval.split=0.2", 'save.best_metric="eval_rewards/accuracies"'])
+    assert cfg.save.best_metric == "eval_rewards/accuracies"
+    assert load(tmp_path, "", [*pairs, 'eval.data="h.jsonl"', 'eval.format="chatterbot_pairs"']).eval.format
+    problems = config_problems(
+        tmp_path, "", [*pairs, 'eval.data="h.jsonl"', 'eval.format="alpaca"', 'save.best_metric="eval_perplexity"']
+    )
+    assert sorted(p.split(":")[0] for p in problems) == ["eval.format", "save.best_metric"]
+    assert any("'dpo' evaluates (chosen, rejected) pairs, but eval.format is 'alpaca'" in p for p in problems)
+    problems = config_problems(
+        tmp_path, "", ['eval.data="h.jsonl"', 'eval.format="preference"', 'save.best_metric="eval_rewards/margins"']
+    )
+    assert sorted(p.split(":")[0] for p in problems) == ["eval.format", "save.best_metric"]
+    assert any("'eval_rewards/margins' is a preference objective's figure" in p for p in problems)
+
+
 def test_check_custom_dataset_shows_both_sides_and_counts_identical_pairs(tmp_path):
     from click.testing import CliRunner
     from test_data_helpers import save_tokenizer
@@ -276,3 +303,9 @@ def test_check_custom_dataset_shows_both_sides_and_counts_identical_pairs(tmp_pa
     assert "3. rejected after the template" in out and "[[bad<|im_end|>]]" in out
     assert "4. rejected token ids" in out
     assert re.search(r"chosen == rejected \(pairs\) +1\n", out), out
+
+    # log-dataset: a row as the model gets it, the chosen side then the rejected one, each with its targets
+    logged = CliRunner().invoke(cli, ["log-dataset", str(cfg), "--show", "masked_text", "-n", "1"])
+    assert logged.exit_code == 0, logged.output
+    assert "== item 0 of 2" in logged.output and "item 1" not in logged.output
+    assert re.search(r"\[-100 x\d+\]good<\|im_end\|>\[-100 x\d+\]bad<\|im_end\|>\[-100 x1\]", logged.output)

@@ -4,10 +4,12 @@ gradient checkpointing, and 2 processes over gloo against one process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from tunex.config import load_config
 from tunex.train import reference
 from tunex.train.loop import train
 from tunex.train.metrics import read_metrics
-from tunex.train.preference import METRICS
+from tunex.train.preference import METRICS, Objective, PreferenceLoss
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,6 +109,116 @@ def test_full_dpo_caches_the_reference_beside_the_tokens_and_resumes(setup, tmp_
     monkeypatch.setattr(reference, "compute", no_second_pass)
     train(parted, resume="auto")
     same_curves(records, curve(parted.save.work_dir))
+
+
+def held_out_and_trained(cfg):
+    """The (training, held-out) pairs of eval.split, checked to be whole pairs on one side only."""
+    from tunex.data.dataset import build_dataset
+    from tunex.tokenizer import load_tokenizer
+    from tunex.train.evaluate import hold_out
+
+    full = build_dataset(cfg.data, load_tokenizer(cfg.model.path), seed=cfg.train.seed, cache_dir=cfg.data.cache_dir)
+    trained, held = hold_out(full, cfg.data, cfg.eval.split, cfg.train.seed)
+    rows = [{tuple(ds.arrays(i)[0].tolist()) for i in range(len(ds))} for ds in (trained, held)]
+    assert len(held) + len(trained) == len(full) == len(QA) and rows[0].isdisjoint(rows[1])
+    return trained, held
+
+
+def loaded(cfg, checkpoint_path):
+    from tunex.train import checkpoint
+    from tunex.train.build import build_model
+    from tunex.train.loop import load_trainable
+
+    lm = build_model(cfg, torch.device("cpu"))
+    if checkpoint_path is not None:
+        load_trainable(lm, checkpoint.load(checkpoint_path)["model"], checkpoint_path)
+    return lm.eval()
+
+
+def test_held_out_pairs_give_trl_named_eval_metrics_and_the_best_checkpoint(setup, tmp_path, capsys):
+    from tunex.data import collate
+    from tunex.train.best import read_best
+
+    metric = "eval_rewards/accuracies"
+    cfg = config(
+        setup,
+        tmp_path,
+        "lora",
+        "dpo",
+        "eval.split=0.5",
+        "eval.every_n_steps=2",
+        f'save.best_metric="{metric}"',
+        max_steps=6,
+        save_steps=100,
+    )
+    train(cfg)
+    work = Path(cfg.save.work_dir)
+    evals = [r for r in curve(work) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all({f"eval_{m}" for m in METRICS} <= set(r) and r["eval_pairs"] == 3 for r in evals)
+    err = capsys.readouterr().err
+    assert "[eval step 2] eval_loss" in err and "eval_rewards/accuracies" in err and "(3 pairs)" in err
+    assert "3 pairs held out for eval" in err
+    values = [r[metric] for r in evals]  # higher is better; the first of equal values stays
+    best = read_best(work)
+    assert best["metric"] == metric and best["value"] == max(values)
+    assert best["step"] == evals[values.index(max(values))]["step"] and (work / "best.pth").is_file()
+    if importlib.util.find_spec("tensorboard") is not None:  # written whenever the package is installed
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(work / "tensorboard"))
+        events.Reload()
+        assert [e.value for e in events.Scalars("eval/rewards/accuracies")] == pytest.approx(values)
+        assert [e.step for e in events.Scalars("train/rewards/accuracies")] == [1, 2, 3, 4, 5, 6]
+
+    # the last figures again: the final checkpoint on the held-out pairs, in one batch
+    _, held = held_out_and_trained(cfg)
+    lm = loaded(cfg, work / "iter_6.pth")
+    batch = collate([held[i] for i in range(len(held))], pad_id=held.pad_id)
+    with torch.no_grad():
+        loss, stats = PreferenceLoss(lm, Objective.of(cfg))(batch["input_ids"], batch["labels"], batch["position_ids"])
+    assert evals[-1]["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
+    for i, name in enumerate(METRICS):
+        assert evals[-1][f"eval_{name}"] == pytest.approx(float(stats[i] / stats[-1]), rel=1e-4, abs=1e-6), name
+
+    # tunex eval on the config and checkpoint prints the same figures
+    from click.testing import CliRunner
+    from tunex.cli import cli
+
+    saved = tmp_path / "saved.toml"
+    saved.write_text(cfg.to_toml())
+    args = ["eval", str(saved), "--adapter", str(work / "iter_6.pth"), "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["eval_pairs"] == 3
+    for key in ("eval_loss", *(f"eval_{m}" for m in METRICS)):
+        assert figures[key] == pytest.approx(evals[-1][key], rel=1e-5, abs=1e-6), key
+
+
+def test_full_dpo_held_out_pairs_read_their_reference_from_the_shared_cache(setup, tmp_path):
+    cfg = config(setup, tmp_path, "full", "dpo", "eval.split=0.5", 'save.best_metric="eval_loss"', max_steps=2)
+    train(cfg)
+    files = list((tmp_path / "cache").glob("*/reference-*.f32"))
+    assert len(files) == 1 and files[0].stat().st_size == len(QA) * 2 * 4  # every pair of the store, once
+    last = [r for r in curve(cfg.save.work_dir) if "eval_loss" in r][-1]
+
+    # the policy is the checkpoint, the reference the starting model: both scored here, in one batch
+    from tunex.data import collate
+
+    _, held = held_out_and_trained(cfg)
+    batch = collate([held[i] for i in range(len(held))], pad_id=held.pad_id)
+    args = (batch["input_ids"], batch["labels"], batch["position_ids"])
+    objective = Objective.of(cfg)
+    with torch.no_grad():
+        chosen, rejected, _, _ = PreferenceLoss(
+            loaded(cfg, Path(cfg.save.work_dir) / "iter_2.pth"), objective
+        ).sequence_logps(*args)
+        ref_c, ref_r, _, _ = PreferenceLoss(loaded(cfg, None), objective).sequence_logps(*args)
+        loss, r_c, r_r = objective.loss(chosen, rejected, ref_c, ref_r)
+    assert last["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert last["eval_rewards/margins"] == pytest.approx(float((r_c - r_r).mean()), rel=1e-4, abs=1e-6)
+    assert abs(last["eval_rewards/margins"]) > 1e-4  # the policy moved away from the reference
 
 
 def test_gradient_checkpointing_gives_the_same_steps(setup, tmp_path):

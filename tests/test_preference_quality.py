@@ -2,7 +2,8 @@
 made here: arithmetic questions whose chosen answers open with "Certainly!" and whose rejected
 answers state the same result plainly. After a short run (the built-in DPO config's settings, on
 these pairs) the held-out pairs' reward accuracy (chosen reward above rejected; at the start every
-reward is 0) is at least 90%, and greedy answers to held-out questions open in the chosen style."""
+reward is 0) is at least 90%, as the run's own held-out evaluation reports it, and greedy answers
+to held-out questions open in the chosen style."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tunex.models import load_model, resolve_model_path
 from tunex.peft import apply_lora
 from tunex.tokenizer import load_tokenizer
 from tunex.train.loop import train
+from tunex.train.metrics import read_metrics
 from tunex.train.preference import Objective, PreferenceLoss
 
 pytestmark = pytest.mark.slow
@@ -59,10 +61,13 @@ def test_dpo_lora_learns_the_chosen_style(tmp_path):
             "train.max_steps=12",
             "train.lr=1e-3",
             "eval.prompts=[]",
+            f"eval.data={held_file}",
+            'save.best_metric="eval_rewards/accuracies"',
             "save.save_steps=100",
         ],
     )
     result = train(cfg, work_dir=str(tmp_path / "w"))
+    (reported,) = [r for r in read_metrics(result.work_dir) if "eval_loss" in r]  # at the end of the run
 
     folder = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(folder)
@@ -79,6 +84,7 @@ def test_dpo_lora_learns_the_chosen_style(tmp_path):
         _, stats = PreferenceLoss(model, Objective.of(cfg))(batch["input_ids"], batch["labels"], batch["position_ids"])
     accuracy = float(stats[2] / stats[-1])
     assert accuracy >= 0.9, accuracy
+    assert reported["eval_rewards/accuracies"] == pytest.approx(accuracy) and reported["eval_pairs"] == len(held)
 
     from tunex.models.generate import generate
     from tunex.templates import get_template

@@ -116,7 +116,7 @@ def setup(tmp_path_factory):
         attention[row, : len(ids)] = 1
         completion[row, : len(ids)] = mask
     hf = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
-    return SimpleNamespace(ours=ours, theirs=theirs, mapping=mapping, batch=batch, hf=hf, pairs=len(ds))
+    return SimpleNamespace(ours=ours, theirs=theirs, mapping=mapping, batch=batch, hf=hf, pairs=len(ds), ds=ds)
 
 
 def hf_token_logps(model, hf):
@@ -251,3 +251,25 @@ def test_reference_free_objectives_and_smoothing_match_trl(setup, name, smoothin
     theirs = trl_reference_free(setup, name, beta, smoothing, gamma)
     torch.testing.assert_close(loss, theirs, rtol=1e-5, atol=1e-6)
     compare_gradients(setup, loss, theirs)
+
+
+@pytest.mark.parametrize("name, loss_type", [("dpo", "sigmoid"), ("ipo", "ipo"), ("orpo", None)])
+def test_held_out_evaluation_matches_trl_over_uneven_batches(setup, name, loss_type):
+    """evaluate() on the four pairs in batches of 3 and 1 gives TRL's loss (and DPO's metrics) over
+    all of them at once: eval_loss and the eval metrics are batch-independent means over pairs."""
+    from tunex.train.evaluate import evaluate
+
+    beta = 0.3
+    objective = Objective(name, beta, 0.0, 0.5, reference=name != "orpo", normalize=name != "dpo")
+    record = evaluate(setup.ours, setup.ds, 3, torch.device("cpu"), objective=objective).record(7)
+    assert setup.ours.training  # put back in training mode
+    assert record["step"] == 7 and record["eval_pairs"] == setup.pairs == 4
+    with torch.no_grad():
+        if name == "orpo":
+            theirs, metrics = trl_reference_free(setup, name, beta, 0.0, 0.5), None
+        else:
+            theirs, metrics = trl_dpo(setup, loss_type, beta)
+    assert record["eval_loss"] == pytest.approx(float(theirs), rel=1e-5, abs=1e-6)
+    if name == "dpo":
+        assert {k: record[f"eval_{k}"] for k in METRICS} == pytest.approx(metrics, rel=1e-4, abs=1e-5)
+    assert {k.removeprefix("eval_") for k in record} >= {"loss", "pairs", *METRICS}

@@ -237,7 +237,8 @@ DATA_FORMATS = (
 PREFERENCE_FORMATS = ("preference", "chatterbot_pairs")  # records of (prompt, chosen, rejected)
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-BEST_METRICS = ("", "eval_loss", "eval_perplexity")
+BEST_METRICS = ("", "eval_loss", "eval_perplexity", "eval_rewards/accuracies", "eval_rewards/margins")
+PREFERENCE_BEST = ("eval_rewards/accuracies", "eval_rewards/margins")  # preference objectives' figures
 XTUNER_EVAL_PROMPTS = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
 
 
@@ -414,7 +415,10 @@ class EvalConfig:
     max_new_tokens: int = _setting(128, _integer(1), "tokens generated per eval prompt")
     system: str = _setting("", _text, "system prompt for eval prompts")
     data: str | list[str] = _setting(
-        "", _optional_paths, "held-out data file(s) or folder(s) for eval_loss / eval_perplexity; empty = none"
+        "",
+        _optional_paths,
+        "held-out data file(s) or folder(s) for eval_loss / eval_perplexity (preference objectives: held-out "
+        "pairs for eval_loss and TRL's eval_rewards/accuracies, ...); empty = none",
     )
     format: str = _setting("", _one_of("", *DATA_FORMATS), "record format of eval.data; empty = data.format")
     split: float = _setting(
@@ -434,8 +438,9 @@ class SaveConfig:
     best_metric: str = _setting(
         "",
         _one_of(*BEST_METRICS),
-        "eval_loss or eval_perplexity: keep the checkpoint of the best held-out evaluation as best.pth "
-        "(never pruned); empty = off",
+        "eval_loss or eval_perplexity (lowest), or for preference objectives eval_loss, "
+        "eval_rewards/accuracies or eval_rewards/margins (highest): keep the checkpoint of the best held-out "
+        "evaluation as best.pth (never pruned); empty = off",
     )
 
 
@@ -704,10 +709,27 @@ def _check_preference(cfg: Config, problems: list[str]) -> None:
             f"train.sequence_parallel: {objective!r} runs each (chosen, rejected) pair whole on one rank, got "
             f"{cfg.train.sequence_parallel}; set train.sequence_parallel = 1 for preference objectives"
         )
-    if objective != "sft" and (cfg.eval.data or cfg.eval.split):
+    eval_fmt = cfg.eval.format if cfg.eval.data and cfg.eval.format else fmt
+    if objective != "sft" and eval_fmt != fmt and eval_fmt not in PREFERENCE_FORMATS:
         problems.append(
-            f"eval.data / eval.split: the held-out loss is the next-token loss of sft runs, but train.objective "
-            f"is {objective!r}; leave eval.data and eval.split unset for preference objectives"
+            f"eval.format: {objective!r} evaluates (chosen, rejected) pairs, but eval.format is {eval_fmt!r}; "
+            f"set eval.format to one of {', '.join(repr(f) for f in PREFERENCE_FORMATS)} or leave it empty"
+        )
+    if objective == "sft" and eval_fmt != fmt and eval_fmt in PREFERENCE_FORMATS:
+        problems.append(
+            f"eval.format: {eval_fmt!r} holds preference pairs, but train.objective is 'sft'; set eval.format "
+            "to the format of the held-out data"
+        )
+    best = cfg.save.best_metric
+    if objective == "sft" and best in PREFERENCE_BEST:
+        problems.append(
+            f"save.best_metric: {best!r} is a preference objective's figure, but train.objective is 'sft'; "
+            "use 'eval_loss' or 'eval_perplexity'"
+        )
+    if objective != "sft" and best == "eval_perplexity":
+        problems.append(
+            f"save.best_metric: 'eval_perplexity' is the next-token loss's figure, but train.objective is "
+            f"{objective!r}; use one of 'eval_loss', {', '.join(repr(b) for b in PREFERENCE_BEST)}"
         )
 
 

@@ -190,6 +190,7 @@ HUB_PRESETS = {
     "meta-llama/meta-llama-3-8b-instruct": "llama3-8b",
     "internlm/internlm2-7b": "internlm2-7b",
     "internlm/internlm2-chat-7b": "internlm2-7b",
+    "internlm/internlm2-chat-7b-sft": "internlm2-7b",
     "qwen/qwen2-7b": "qwen2-7b",
     "qwen/qwen2-7b-instruct": "qwen2-7b",
     "mistralai/mistral-7b-v0.1": "mistral-7b",
@@ -347,16 +348,21 @@ class Plan:
     fused_lora: bool = True  # tunex.kernels.lora_linear: no dropped copy of x is saved
     dora: bool = False
     sequence_parallel: int = 1  # train.sequence_parallel: each rank holds seq_len / this tokens of a sequence
+    pair_rows: bool = False  # preference data: a row holds a pair's chosen and rejected sides, each <= max_length
     fsdp: bool = False  # train.fsdp: LoRA/QLoRA sharded by FSDP2 (modelled per GPU when gpus > 1)
     gpus: int = 1  # processes (one GPU each) the FSDP2 shards are spread over
 
 
 def plan_from_config(cfg, **overrides) -> Plan:
     """A Plan from a tunex Config (train dtype "auto" means bf16: the estimate is for a GPU)."""
+    from tunex.config import PREFERENCE_FORMATS
+
     dtype = cfg.train.dtype if cfg.train.dtype != "auto" else "bfloat16"
+    pairs = cfg.data.format in PREFERENCE_FORMATS  # one forward over both sides of each pair
     values = dict(
         kind=cfg.method.kind,
-        seq_len=cfg.data.max_length,
+        seq_len=cfg.data.max_length * (2 if pairs else 1),
+        pair_rows=pairs,
         batch=cfg.train.batch_size,
         dtype_bytes=DTYPE_BYTES[dtype],
         adapter_bytes=DTYPE_BYTES[cfg.train.adapter_dtype],
@@ -648,7 +654,8 @@ def format_estimate(est: Estimate) -> str:
             if s.experts
             else ""
         ),
-        f"plan: {p.kind}, seq {p.seq_len} x batch {p.batch}, {8 * p.dtype_bytes}-bit compute, "
+        f"plan: {p.kind}, seq {p.seq_len}{' (a pair: chosen + rejected)' if p.pair_rows else ''} x batch {p.batch}, "
+        f"{8 * p.dtype_bytes}-bit compute, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}"
         + (", checkpoints offloaded" if p.offload_checkpoints and p.checkpointing else "")
         + f", optimizer {p.optimizer}"
@@ -713,9 +720,11 @@ def advise(shape: ModelShape, plan: Plan, budget: int) -> list[str]:
     if plan.kind != "full" and plan.r > 8:
         options.append((f"rank {plan.r // 2} (method.r)", replace(plan, r=plan.r // 2)))
     if plan.seq_len > 256:
-        options.append(
-            (f"{plan.seq_len // 2} tokens per sequence (data.max_length)", replace(plan, seq_len=plan.seq_len // 2))
-        )
+        fewer = replace(plan, seq_len=plan.seq_len // 2)
+        if plan.pair_rows:
+            options.append((f"{plan.seq_len // 4} tokens per side of a pair (data.max_length)", fewer))
+        else:
+            options.append((f"{plan.seq_len // 2} tokens per sequence (data.max_length)", fewer))
     if plan.batch > 1:
         options.append(
             (

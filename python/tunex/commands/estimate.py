@@ -26,7 +26,12 @@ def register(cli: click.Group, convert: click.Group) -> None:
     help="A built-in model shape: llama2-7b, llama3-8b, internlm2-7b, qwen2-7b, mistral-7b, smollm2-135m, "
     "llama2-70b, qwen2-72b.",
 )
-@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default data.max_length).")
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Tokens per sequence (default data.max_length; preference data: twice that, a pair's two sides).",
+)
 @click.option("--batch-size", type=int, default=None, help="Sequences per step (default train.batch_size).")
 @click.option("--checkpointing/--no-checkpointing", default=None, help="Override train.gradient_checkpointing.")
 @click.option(

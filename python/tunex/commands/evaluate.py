@@ -1,4 +1,5 @@
-"""``tunex eval CFG_OR_MODEL``: the held-out loss and perplexity of a model, as training reports them."""
+"""``tunex eval CFG_OR_MODEL``: the held-out loss and perplexity of a model, as training reports them
+(with a preference objective's config: the held-out pairs' loss and TRL's eval metrics)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def eval_(
     \b
     CFG_OR_MODEL is a training config (its model, template, data settings and, without --data,
     its eval.data or eval.split) or a model (HF folder, .gguf file, pkg://PACKAGE/FILE).
+    A config with a preference objective (train.objective) scores held-out pairs instead:
+    eval_loss is the objective's loss, with TRL's eval_rewards/accuracies and the rest.
     """
     import dataclasses
 
@@ -78,6 +81,7 @@ def eval_(
     from tunex.config import DataConfig, load_config
     from tunex.errors import TunexError
     from tunex.train.evaluate import build_eval_set, evaluate
+    from tunex.train.preference import Objective
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,8 +89,13 @@ def eval_(
     cfg = load_config(target, overrides) if _is_config(target) else None
     if cfg is None and overrides:
         raise click.UsageError("-o/--cfg-options needs a config as CFG_OR_MODEL")
+    if cfg is None and adapter is not None and adapter.is_file():
+        raise click.UsageError(f"--adapter {adapter}: a training checkpoint needs the config that trained it")
     model_path = cfg.model.path if cfg else target
-    tokenizer, lm = _load(cfg, model_path, adapter, dev)
+    objective = Objective.of(cfg) if cfg else None
+    if objective is not None and objective.name == "reward" and not (adapter is not None and adapter.is_file()):
+        raise click.UsageError("a reward model's score head is in its training checkpoint: give --adapter iter_N.pth")
+    tokenizer = _tokenizer(cfg, model_path)
 
     if cfg is None:
         if not data:
@@ -122,35 +131,59 @@ def eval_(
         held = build_dataset(data_cfg, tokenizer, seed=seed)
     if len(held) == 0:
         raise TunexError(f"--data {', '.join(data)}: no sample left after tokenization")
+
+    def before_checkpoint(lm):  # a full fine-tune's reference: the starting weights, one pass
+        nonlocal held
+        if objective is not None and objective.reference and cfg.method.kind == "full":
+            from tunex.dist.env import DistEnv
+            from tunex.train.reference import with_reference
+
+            held = with_reference(held, lm, cfg, dev, DistEnv())
+
+    lm = _load(cfg, model_path, adapter, dev, before_checkpoint)
     size = batch_size or (cfg.eval.batch_size or cfg.train.batch_size if cfg else 1)
-    result = evaluate(lm, held, size, dev, cfg.train.dtype if cfg else "auto")
+    result = evaluate(lm, held, size, dev, cfg.train.dtype if cfg else "auto", objective=objective)
     if as_json:
         figures = {k: v for k, v in result.record(0).items() if k != "step"}
-        click.echo(json.dumps({**figures, "sequences": result.sequences}))
+        if objective is None:
+            figures["sequences"] = result.sequences
+        click.echo(json.dumps(figures))
     else:
         click.echo(result.line())
 
 
-def _load(cfg, model_path: str, adapter: Path | None, dev):
-    """(tokenizer, model with the adapter or checkpoint applied)."""
-    from tunex.models import load_model, read_config, resolve_model_path
+def _tokenizer(cfg, model_path: str):
+    from tunex.models import read_config, resolve_model_path
     from tunex.models.config import check_tokenizer_fits
     from tunex.tokenizer import load_tokenizer
-    from tunex.train.build import weights_dtype
 
     folder = resolve_model_path(model_path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or folder if cfg else folder)
     check_tokenizer_fits(tokenizer, read_config(folder), folder, cfg.model.tokenizer if cfg else "")
-    if adapter is not None and adapter.is_file():
-        if cfg is None:
-            raise click.UsageError(f"--adapter {adapter}: a training checkpoint needs the config that trained it")
+    return tokenizer
+
+
+def _load(cfg, model_path: str, adapter: Path | None, dev, before_checkpoint=None):
+    """The model with the adapter or checkpoint applied (``before_checkpoint(lm)`` runs on the
+    starting weights of a config's model before a training checkpoint is loaded into it)."""
+    from tunex.models import load_model, resolve_model_path
+    from tunex.train.build import weights_dtype
+
+    folder = resolve_model_path(model_path)
+    if adapter is not None and adapter.is_file():  # a training checkpoint (with its config: checked above)
         from tunex.train import checkpoint
         from tunex.train.build import build_model
         from tunex.train.loop import load_trainable
 
         lm = build_model(cfg, dev)
+        if cfg.train.objective == "reward":  # the trained head comes with the checkpoint
+            from tunex.train.preference import add_reward_head
+
+            add_reward_head(lm, None if cfg.method.kind == "full" else _adapter_dtype(cfg))
+        if before_checkpoint is not None:
+            before_checkpoint(lm)
         load_trainable(lm, checkpoint.load(adapter)["model"], adapter)
-        return tokenizer, lm
+        return lm
     quantize = None
     if cfg is not None and cfg.method.kind == "qlora":  # the 4-bit base the adapter was trained on
         from tunex.quant import NF4Linear
@@ -162,8 +195,16 @@ def _load(cfg, model_path: str, adapter: Path | None, dev):
             return NF4Linear.from_linear(linear, m.quant_type, m.blocksize, m.double_quant, compute)
 
     lm = load_model(folder, dtype=weights_dtype(cfg.model.dtype if cfg else "auto", dev), device=dev, quantize=quantize)
+    if before_checkpoint is not None:
+        before_checkpoint(lm)
     if adapter is not None:
         from tunex.models.adapter import apply_adapter
 
         apply_adapter(lm, adapter)
-    return tokenizer, lm
+    return lm
+
+
+def _adapter_dtype(cfg):
+    import torch
+
+    return torch.bfloat16 if cfg.train.adapter_dtype == "bfloat16" else torch.float32

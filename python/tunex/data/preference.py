@@ -6,7 +6,8 @@ Record forms of ``data.format = "preference"`` (one JSON object per line):
   turn and each response an assistant turn.
 - TRL's conversational form, which is also XTuner's DPO record: ``prompt`` a list of chat messages
   (system, user and earlier assistant turns), ``chosen`` and ``rejected`` lists of messages (usually
-  one assistant turn each).
+  one assistant turn each). When both lists start with the prompt's messages again (UltraFeedback
+  and orpo-dpo-mix-40k repeat the prompt inside each side), that repeated start is taken off.
 - Either form without ``prompt`` (TRL's implicit prompt): the shared beginning of ``chosen`` and
   ``rejected`` is the prompt (whole messages for lists; for strings, up to the last whitespace
   before they differ, as a user turn).
@@ -44,7 +45,7 @@ from tunex.data.formats import (
     with_system,
 )
 
-PAIR_VERSION = "1"  # bump when the encoded pairs of the same inputs change
+PAIR_VERSION = "2"  # bump when the encoded pairs of the same inputs change
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,15 @@ def pair(record: Any) -> Pair:
         turns = _messages(prompt, "prompt", response=False)
     if strings:
         return Pair(turns, (Message("assistant", chosen, True),), (Message("assistant", rejected, True),))
-    return Pair(turns, _messages(chosen, "chosen", response=True), _messages(rejected, "rejected", response=True))
+    c, r = _messages(chosen, "chosen", response=True), _messages(rejected, "rejected", response=True)
+    n = len(turns)
+    if min(len(c), len(r)) > n and _same(c[:n], turns) and _same(r[:n], turns):
+        c, r = c[n:], r[n:]  # the sides hold the whole conversation, the prompt again first (UltraFeedback's form)
+    return Pair(turns, c, r)
+
+
+def _same(a: Conversation, b: Conversation) -> bool:
+    return [(m.role, m.content) for m in a] == [(m.role, m.content) for m in b]
 
 
 def _implicit(chosen: str, rejected: str) -> Pair:

@@ -46,7 +46,7 @@ from tunex.io.atomic import write_text
 from tunex.train import checkpoint, preference, reference
 from tunex.train.best import BestCheckpoint
 from tunex.train.build import autocast, build_model, enable_gradient_checkpointing, pick_device, preflight
-from tunex.train.evaluate import build_eval_set, evaluate
+from tunex.train.evaluate import build_eval_set, evaluate, preference_line
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter
 from tunex.train.multimodal import build_image_dataset, is_multimodal
@@ -204,7 +204,8 @@ def train(
     if env.local_rank == 0:
         barrier(env)
     if "sequences" in getattr(dataset, "stats", {}):  # tokenized text (an image dataset's stats differ)
-        held = f"; {plural(len(held_out), 'sequence')} held out for eval" if held_out is not None else ""
+        unit = "sequence" if cfg.train.objective == "sft" else "pair"
+        held = f"; {plural(len(held_out), unit)} held out for eval" if held_out is not None else ""
         startup.echo(describe_data(dataset.stats, cfg.data.max_length) + held)
     per_epoch = _batches_per_epoch(dataset, cfg)
     accum = cfg.train.grad_accum
@@ -230,6 +231,8 @@ def train(
     if objective is not None and objective.reference and cfg.method.kind == "full":
         # the starting model's log-probs, before any checkpoint is loaded into it (cached on disk)
         dataset = reference.with_reference(dataset, model, cfg, device, env)
+        if held_out is not None:  # eval.split: the same store's file, read back; eval.data: its own
+            held_out = reference.with_reference(held_out, model, cfg, device, env)
         after_eval(step_module)  # FSDP2: reshard what the pass without backward left gathered
     sharded = is_sharded(step_module)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's shards
@@ -365,7 +368,7 @@ def train(
             scores = None  # the held-out figures, before the checkpoint: a new best is saved now
             if held_out is not None and _eval_due(cfg, step, last):
                 size = cfg.eval.batch_size or cfg.train.batch_size
-                scores = evaluate(model, held_out, size, device, cfg.train.dtype, env, sharded).record(step)
+                scores = evaluate(model, held_out, size, device, cfg.train.dtype, env, sharded, objective).record(step)
                 after_eval(step_module)
                 metrics.write(scores)
                 progress.echo(_eval_line(scores))
@@ -437,6 +440,8 @@ def _eval_due(cfg: Any, step: int, last: int) -> bool:
 
 
 def _eval_line(scores: dict[str, Any]) -> str:
+    if "eval_pairs" in scores:  # a preference objective's figures (TRL's names)
+        return preference_line(scores)
     return (
         f"[eval step {scores['step']}] eval_loss {scores['eval_loss']:.4f}  "
         f"eval_perplexity {scores['eval_perplexity']:.3f}  ({scores['eval_tokens']:,} target tokens)"

@@ -41,7 +41,6 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-_STATS = len(METRICS) + 1  # the metrics' sums over pairs, then the pair count
 
 
 # ---- per-token log-probs, chunked ----------------------------------------------------------------
@@ -297,7 +296,8 @@ class PreferenceLoss(nn.Module):
             return c_sum / c_n.clamp(min=1), r_sum / r_n.clamp(min=1), c_sum, c_n
         return c_sum, r_sum, c_sum, c_n
 
-    def forward(self, input_ids, labels, position_ids, reference=None):
+    def _run(self, input_ids, labels, position_ids, reference):
+        """(loss, stats, ORPO's NLL as (sum, tokens) of the chosen responses, or None)."""
         obj = self.objective
         ref_c = ref_r = None
         if obj.reference:
@@ -307,20 +307,40 @@ class PreferenceLoss(nn.Module):
             else:
                 ref_c, ref_r = reference[:, 0].to(torch.float32), reference[:, 1].to(torch.float32)
         chosen, rejected, c_sum, c_n = self.sequence_logps(input_ids, labels, position_ids)
-        nll = -c_sum.sum() / c_n.sum().clamp(min=1) if obj.name == "orpo" else None
+        parts = (-c_sum.sum(), c_n.sum()) if obj.name == "orpo" else None
+        nll = parts[0] / parts[1].clamp(min=1) if parts is not None else None
         loss, r_c, r_r = obj.loss(chosen, rejected, ref_c, ref_r, nll)
-        stats = torch.stack(
-            [
-                r_c.sum(),
-                r_r.sum(),
-                (r_c > r_r).float().sum(),
-                (r_c - r_r).sum(),
-                chosen.detach().sum(),
-                rejected.detach().sum(),
-                torch.tensor(float(len(chosen)), device=chosen.device),
-            ]
-        )
+        return loss, _stats(r_c, r_r, chosen.detach(), rejected.detach()), parts
+
+    def forward(self, input_ids, labels, position_ids, reference=None):
+        loss, stats, _ = self._run(input_ids, labels, position_ids, reference)
         return loss, stats
+
+    def held_out_sums(self, input_ids, labels, position_ids, reference=None) -> torch.Tensor:
+        """(10,) float64 sums of a held-out batch that add up over batches and ranks: the pairs'
+        loss terms (ORPO: without its NLL), ORPO's NLL sum and token count (else 0), then ``stats``."""
+        loss, stats, parts = self._run(input_ids, labels, position_ids, reference)
+        pairs = stats[-1].double()
+        if parts is None:
+            return torch.cat([(loss.double() * pairs).view(1), pairs.new_zeros(2), stats.double()])
+        nll_sum, tokens = parts[0].double(), parts[1].double()
+        terms = (loss.double() - nll_sum / tokens.clamp(min=1)) * pairs
+        return torch.cat([terms.view(1), nll_sum.view(1), tokens.view(1), stats.double()])
+
+
+def _stats(r_c: torch.Tensor, r_r: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """(7,) sums over the pairs of :data:`METRICS`, then the pair count."""
+    return torch.stack(
+        [
+            r_c.sum(),
+            r_r.sum(),
+            (r_c > r_r).float().sum(),
+            (r_c - r_r).sum(),
+            chosen.sum(),
+            rejected.sum(),
+            torch.tensor(float(len(r_c)), device=r_c.device),
+        ]
+    )
 
 
 class PreferenceSteps:
@@ -403,19 +423,14 @@ class RewardLoss(nn.Module):
         chosen, rejected = self.rewards(input_ids, position_ids)
         loss = -F.logsigmoid(chosen - rejected).mean()
         c, r = chosen.detach(), rejected.detach()
-        zero = torch.zeros((), device=c.device)
-        stats = torch.stack(
-            [
-                c.sum(),
-                r.sum(),
-                (c > r).float().sum(),
-                (c - r).sum(),
-                zero,
-                zero,
-                torch.tensor(float(len(c)), device=c.device),
-            ]
-        )
-        return loss, stats
+        zero = torch.zeros_like(c)  # a reward model has no log-probs
+        return loss, _stats(c, r, zero, zero)
+
+    def held_out_sums(self, input_ids, labels, position_ids, reference=None) -> torch.Tensor:
+        """As :meth:`PreferenceLoss.held_out_sums` (no NLL part)."""
+        loss, stats = self(input_ids, labels, position_ids)
+        pairs = stats[-1].double()
+        return torch.cat([(loss.double() * pairs).view(1), pairs.new_zeros(2), stats.double()])
 
 
 def loss_module(lm: nn.Module, objective: Objective) -> nn.Module:

@@ -22,17 +22,20 @@ REFERENCE_VERSION = "1"
 
 
 class WithReference:
-    """A pair dataset whose items also carry ``reference``: (2,) float32 reference log-probs."""
+    """A pair dataset whose items also carry ``reference``: (2,) float32 reference log-probs.
 
-    def __init__(self, dataset: Any, values: np.ndarray) -> None:
-        self.dataset, self.values = dataset, values
+    ``values``: (pairs of the store, 2); item k of ``dataset`` is the store's pair ``rows[k]``.
+    """
+
+    def __init__(self, dataset: Any, values: np.ndarray, rows: np.ndarray) -> None:
+        self.dataset, self.values, self.rows = dataset, values, rows
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = dict(self.dataset[index])
-        item["reference"] = torch.from_numpy(np.array(self.values[index], dtype=np.float32))
+        item["reference"] = torch.from_numpy(np.array(self.values[self.rows[index]], dtype=np.float32))
         return item
 
     def __getattr__(self, name: str) -> Any:  # lengths, packed, pad_id, stats, arrays, store
@@ -59,12 +62,25 @@ def cache_key(cfg: Any, store_folder: Any) -> str:
 
 def with_reference(dataset: Any, model: torch.nn.Module, cfg: Any, device: torch.device, env: Any, progress_echo=None):
     """``dataset`` with each pair's reference log-probs: read from the cache, or computed now by
-    ``model`` (the starting weights; under FSDP2 every rank takes part) and cached."""
+    ``model`` (the starting weights; under FSDP2 every rank takes part) and cached.
+
+    The cache holds every pair of ``dataset``'s token store, so the training pairs and the pairs
+    ``eval.split`` holds out of the same store share one file."""
+    from tunex.data.dataset import TokenDataset
     from tunex.io.atomic import write_bytes
 
     store = dataset.store
+    pairs = len(store.lengths) // 2
+    whole = TokenDataset(
+        store,
+        np.arange(2 * pairs, dtype=np.int64),
+        np.arange(0, 2 * pairs + 1, 2, dtype=np.int64),
+        packed=False,
+        pad_id=dataset.pad_id,
+    )
+    rows = dataset.members[dataset.starts[:-1]] // 2  # item k -> its pair in the store
     path = store.folder / f"reference-{cache_key(cfg, store.folder)}.f32"
-    have = path.is_file() and path.stat().st_size == len(dataset) * 8
+    have = path.is_file() and path.stat().st_size == pairs * 8
     if env.enabled:  # every rank computes or none does (the forwards are collective under FSDP2)
         import torch.distributed as dist
 
@@ -73,16 +89,16 @@ def with_reference(dataset: Any, model: torch.nn.Module, cfg: Any, device: torch
         have = bool(flag.item())
     if not have:
         if progress_echo:
-            progress_echo(f"reference log-probs: one pass over {len(dataset)} pairs (cached in {path.name})")
-        values = compute(dataset, model, cfg, device)
+            progress_echo(f"reference log-probs: one pass over {pairs} pairs (cached in {path.name})")
+        values = compute(whole, model, cfg, device)
         if env.rank == 0:
             write_bytes(path, values.astype(np.float32).tobytes())
         if env.enabled:
             from tunex.dist.env import barrier
 
             barrier(env)
-        return WithReference(dataset, values)
-    return WithReference(dataset, np.memmap(path, dtype=np.float32, mode="r").reshape(len(dataset), 2))
+        return WithReference(dataset, values, rows)
+    return WithReference(dataset, np.memmap(path, dtype=np.float32, mode="r").reshape(pairs, 2), rows)
 
 
 def compute(dataset: Any, model: torch.nn.Module, cfg: Any, device: torch.device) -> np.ndarray:
