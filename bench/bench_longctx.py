@@ -76,6 +76,23 @@ def documents(batch) -> list[tuple[int, int, int]]:
     return docs.spans if docs is not None else [(r, 0, t) for r in range(b)]
 
 
+def padded_documents(batch):
+    """The documents of a collated packed batch as a padded batch, one per row: (input ids, labels
+    with -100 on the padding, attention mask)."""
+    import torch
+
+    spans = documents(batch)
+    width = max(n for _, _, n in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long)
+    labels = torch.full((len(spans), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.long)
+    for i, (row, start, n) in enumerate(spans):
+        ids[i, :n] = batch["input_ids"][row, start : start + n]
+        labels[i, :n] = batch["labels"][row, start : start + n]
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
 def build_tunex(batch):
     import torch
     from tunex.config import validate
@@ -116,15 +133,7 @@ def build_hf(batch, folder: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    spans = documents(batch)
-    width = max(n for _, _, n in spans)
-    ids = torch.zeros(len(spans), width, dtype=torch.long)
-    labels = torch.full((len(spans), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(spans), width, dtype=torch.long)
-    for i, (row, start, n) in enumerate(spans):
-        ids[i, :n] = batch["input_ids"][row, start : start + n]
-        labels[i, :n] = batch["labels"][row, start : start + n]
-        mask[i, :n] = 1
+    ids, labels, mask = padded_documents(batch)
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     m = get_peft_model(
         m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")

@@ -89,7 +89,7 @@ def build_hf(kind: str, folder: str):
     """transformers + PEFT (train mode, dropout on) on the packed batch's conversations as a padded
     batch, one conversation per row."""
     import torch
-    from bench_longctx import documents
+    from bench_longctx import padded_documents
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -113,16 +113,7 @@ def build_hf(kind: str, folder: str):
     )
     m.train()  # from_pretrained returns the model in eval mode: LoRA dropout would be off
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
-    batch, _ = packed()
-    spans = documents(batch)
-    width = max(n for _, _, n in spans)
-    ids = torch.zeros(len(spans), width, dtype=torch.long)
-    labels = torch.full((len(spans), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(spans), width, dtype=torch.long)
-    for i, (row, start, n) in enumerate(spans):
-        ids[i, :n] = batch["input_ids"][row, start : start + n]
-        labels[i, :n] = batch["labels"][row, start : start + n]
-        mask[i, :n] = 1
+    ids, labels, mask = padded_documents(packed()[0])
 
     def step():
         with precision:
