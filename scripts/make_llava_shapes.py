@@ -73,6 +73,13 @@ def make_tower(
     state = {k: v.contiguous() for k, v in tower.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), {"format": "pt"})
     (folder / "config.json").write_text(json.dumps({**raw, "architectures": ["CLIPVisionModel"]}, indent=2))
+    write_clip_preprocessor(folder, image_size)
+    return folder
+
+
+def write_clip_preprocessor(folder: Path, image_size: int) -> None:
+    """``folder``/preprocessor_config.json of a CLIP image processor: short side to ``image_size``,
+    center crop, CLIP's mean/std."""
     (folder / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -92,7 +99,6 @@ def make_tower(
             indent=2,
         )
     )
-    return folder
 
 
 def draw(colour: str, shape: str, size: tuple[int, int] = (40, 32), jitter: random.Random | None = None):

@@ -119,13 +119,39 @@ FAMILIES = {
     ),
 }
 
+# the mixture-of-experts families (test_models_moe.py), on the same base sizes
+MOE = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # a shared expert, a dense middle layer (mlp_only_layers), top-k not renormalised
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    # q/k norms, a head dim wider than hidden / heads, top-k renormalised, 5 experts top-3
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=32, norm_topk_prob=True),
+    ),
+}
+
 
 def hf_model(family: str, seed: int = 0, **overrides):
-    """A random transformers model of ``family`` (eval mode); biases and norm weights are moved off
-    their zero/one initialisation, which would hide a bug in how they are applied."""
+    """A random transformers model of ``family`` (of FAMILIES or MOE; eval mode); biases and norm
+    weights are moved off their zero/one initialisation, which would hide a bug in how they are
+    applied. MoE routers get unit-scale weights, so routing is decided by clear margins (no
+    near-ties for rounding to flip)."""
     import transformers
 
-    cfg_cls, model_cls, extra = FAMILIES[family]
+    cfg_cls, model_cls, extra = MOE[family] if family in MOE else FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, cfg_cls)(**{**BASE, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
@@ -133,6 +159,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif family in MOE and (name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight")):
+                p.normal_()
     return model
 
 

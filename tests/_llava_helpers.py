@@ -10,7 +10,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # the task's images and records, and its tower, are the script's (the built-in shapes configs' data)
-from make_llava_shapes import COLOURS, QUESTIONS, SHAPES, answer, draw, make_shapes  # noqa: E402
+from make_llava_shapes import (  # noqa: E402
+    COLOURS,
+    QUESTIONS,
+    SHAPES,
+    answer,
+    draw,
+    make_shapes,
+    write_clip_preprocessor,
+)
 from make_llava_shapes import make_tower as shapes_tower  # noqa: E402
 
 __all__ = ["COLOURS", "QUESTIONS", "SHAPES", "answer", "draw", "make_shapes", "shapes_tower"]
@@ -32,24 +40,7 @@ def make_tower(folder: Path, *, image_size: int = 32, patch_size: int = 8, layer
         patch_size=patch_size,
     )
     CLIPVisionModel(cfg).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": image_size},
-                "resample": 3,
-                "do_center_crop": True,
-                "crop_size": {"height": image_size, "width": image_size},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_convert_rgb": True,
-            }
-        )
-    )
+    write_clip_preprocessor(folder, image_size)
     return folder
 
 

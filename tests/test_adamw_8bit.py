@@ -13,6 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the Tri
 
 import pytest
 import torch
+from _memorise import memorise
 from conftest import has_native
 from tunex.train import adamw_8bit
 from tunex.train.adamw_8bit import AdamW8bit, blockwise_step, dynamic_map, step_scalars
@@ -279,45 +280,11 @@ def test_small_updates_survive_bf16_rounding():
     assert abs(float(p.detach().double().mean()) - (1.0 - steps * lr)) < 0.1 * steps * lr
 
 
-def _memorise(kind: str, adapter_dtype: torch.dtype) -> tuple[float, torch.optim.Optimizer]:
-    """Fit 64 random key -> value pairs through LoRA adapters on a frozen random 2-layer MLP (as
-    tests/test_bf16_adamw.py does); returns the recall and the optimizer."""
-    from tunex.peft.lora import LoRALinear
-
-    torch.manual_seed(0)
-    n, d, vocab = 64, 48, 64
-    keys = torch.randn(n, d)
-    values = torch.randperm(vocab)[:n]
-    layers = torch.nn.ModuleList([LoRALinear(torch.nn.Linear(d, d), r=8, alpha=16) for _ in range(2)])
-    head = LoRALinear(torch.nn.Linear(d, vocab), r=8, alpha=16)
-    params = []
-    for m in (*layers, head):
-        for p in (m.lora_A.weight, m.lora_B.weight):
-            p.data = p.data.to(adapter_dtype)
-            params.append(p)
-    bf16 = adapter_dtype == torch.bfloat16
-    opt = build_optimizer(params, 1e-2, (0.9, 0.999), 0.0, bf16_adapters=bf16, kind=kind)
-
-    def forward():
-        x = keys
-        for m in layers:
-            x = torch.relu(m(x)) + x
-        return head(x)
-
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(forward(), values)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return float((forward().argmax(-1) == values).float().mean()), opt
-
-
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
 def test_8bit_adamw_memorises_like_float32_adamw(monkeypatch, adapter_dtype):
-    float_recall, _ = _memorise("adamw", torch.float32)
+    float_recall, _ = memorise(torch.float32, bf16_adapters=False, kind="adamw")
     monkeypatch.setattr(adamw_8bit, "MIN_8BIT_SIZE", 0)  # the adapters here are tiny: quantize them all
-    recall, opt = _memorise("adamw_8bit", adapter_dtype)
+    recall, opt = memorise(adapter_dtype, bf16_adapters=adapter_dtype == torch.bfloat16, kind="adamw_8bit")
     assert isinstance(opt, AdamW8bit)
     assert all("state1" in s for s in opt.state.values())
     assert float_recall >= 0.95

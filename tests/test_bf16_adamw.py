@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from _memorise import memorise
 from tunex.train.bf16_adamw import BF16AdamW, stochastic_round_bf16
 from tunex.train.optim import build_optimizer
 
@@ -116,42 +117,9 @@ def test_build_optimizer_and_config_select_it():
         validate({**base, "train": {"adapter_dtype": "float16"}})
 
 
-def _memorise(adapter_dtype: torch.dtype, bf16_adapters: bool) -> float:
-    """Fit 64 random key -> value pairs through LoRA adapters on a frozen random 2-layer MLP;
-    returns the recall (fraction of keys whose argmax is their value)."""
-    from tunex.peft.lora import LoRALinear
-
-    torch.manual_seed(0)
-    n, d, vocab = 64, 48, 64
-    keys = torch.randn(n, d)
-    values = torch.randperm(vocab)[:n]
-    layers = torch.nn.ModuleList([LoRALinear(torch.nn.Linear(d, d), r=8, alpha=16) for _ in range(2)])
-    head = LoRALinear(torch.nn.Linear(d, vocab), r=8, alpha=16)
-    params = []
-    for m in (*layers, head):
-        for p in (m.lora_A.weight, m.lora_B.weight):
-            p.data = p.data.to(adapter_dtype)
-            params.append(p)
-    opt = build_optimizer(params, 1e-2, (0.9, 0.999), 0.0, bf16_adapters=bf16_adapters)
-
-    def forward():
-        x = keys
-        for m in layers:
-            x = torch.relu(m(x)) + x
-        return head(x)
-
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(forward(), values)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        return float((forward().argmax(-1) == values).float().mean())
-
-
 def test_bf16_adapters_memorise_like_float32_adamw():
-    float_recall = _memorise(torch.float32, bf16_adapters=False)
-    bf16_recall = _memorise(torch.bfloat16, bf16_adapters=True)
+    float_recall, _ = memorise(torch.float32, bf16_adapters=False)
+    bf16_recall, _ = memorise(torch.bfloat16, bf16_adapters=True)
     assert float_recall >= 0.95
     assert bf16_recall >= float_recall - 0.03
 

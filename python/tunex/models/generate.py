@@ -173,10 +173,26 @@ def generate_text(
     **settings,
 ) -> str:
     """Generate from a rendered prompt string; return the reply text without stop words."""
+    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **settings})
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return generate_reply(model, tokenizer, prompt_ids, cfg, model.config.eos_token_ids, streamer=streamer)
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    cfg: GenerationConfig,
+    eos_ids: Sequence[int],
+    *,
+    streamer: Callable[[str], None] | None = None,
+) -> str:
+    """Generate after ``prompt_ids``, stopping at ``cfg``'s stop ids and words, ``eos_ids`` and the
+    tokenizer's eos; stream the text pieces to ``streamer``; return the reply without stop words.
+    Writes the split stop settings into ``cfg`` (callers pass their own copy)."""
     from tunex.tokenizer import StreamDecoder
 
-    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **settings})
-    ids, words = stop_settings(tokenizer, cfg.stop_words, list(cfg.stop_token_ids) + model.config.eos_token_ids)
+    ids, words = stop_settings(tokenizer, cfg.stop_words, list(cfg.stop_token_ids) + list(eos_ids))
     cfg.stop_token_ids, cfg.stop_words = ids, words
     decoder = StreamDecoder(tokenizer)
     emit = None
@@ -187,7 +203,6 @@ def generate_text(
             if piece:
                 streamer(piece)
 
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     new = generate(model, prompt_ids, cfg, tokenizer=tokenizer, streamer=emit)
     text = tokenizer.decode(new, skip_special_tokens=True)
     for w in words:

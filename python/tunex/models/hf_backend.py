@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from tunex.errors import FormatError
-from tunex.models.config import FAMILIES, read_config
+from tunex.models.config import FAMILIES, read_config, read_config_json
 
 BACKENDS = ("auto", "tunex", "transformers")
 INSTALL = "pip install 'tunex[hf]'"
@@ -58,17 +57,6 @@ class HFConfig:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _raw_config(folder: Path) -> tuple[Path, dict]:
-    path = folder / "config.json" if folder.is_dir() else folder
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from exc
-    if not isinstance(raw, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return path, raw
-
-
 def _transformers():
     try:
         import transformers
@@ -92,7 +80,7 @@ def choose_backend(folder, backend: str = "auto") -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"model.backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    path, raw = _raw_config(Path(folder))
+    path, raw = read_config_json(folder)
     model_type = raw.get("model_type")
     if backend == "tunex" or (backend == "auto" and model_type in FAMILIES):
         return "tunex"
@@ -124,7 +112,7 @@ def model_config(folder, backend: str = "auto"):
 def _hf_config(folder: Path) -> HFConfig:
     from transformers import AutoConfig
 
-    _, raw = _raw_config(folder)
+    _, raw = read_config_json(folder)
     hf = AutoConfig.from_pretrained(folder)
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     return HFConfig(

@@ -49,28 +49,12 @@ def generate_llava_text(
     streamer: Callable[[str], None] | None = None,
 ) -> str:
     """Generate from a rendered prompt holding one ``<image>`` per image of ``pixel_values``."""
-    from tunex.models.generate import GenerationConfig, generate, stop_settings
-    from tunex.tokenizer import StreamDecoder
+    from tunex.models.generate import GenerationConfig, generate_reply
 
     cfg = GenerationConfig(**(config.__dict__ if config else {}))
-    ids, words = stop_settings(tokenizer, cfg.stop_words, list(cfg.stop_token_ids) + model.config.eos_token_ids)
-    cfg.stop_token_ids, cfg.stop_words = ids, words
-    decoder = StreamDecoder(tokenizer)
-    emit = None
-    if streamer is not None:
-
-        def emit(token: int) -> None:
-            piece = decoder.push(token)
-            if piece:
-                streamer(piece)
-
     prompt_ids = expand_image_tokens(
         tokenizer.encode(prompt, add_special_tokens=False), model.image_token_id, model.image_tokens
     )
-    new = generate(model.with_images(pixel_values), prompt_ids, cfg, tokenizer=tokenizer, streamer=emit)
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    for w in words:
-        cut = text.find(w)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+    return generate_reply(
+        model.with_images(pixel_values), tokenizer, prompt_ids, cfg, model.config.eos_token_ids, streamer=streamer
+    )
