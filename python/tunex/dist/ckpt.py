@@ -296,7 +296,9 @@ def _full_state(p: Path) -> dict[str, Any]:
             pieces = [files[r].get(key) for r, n in enumerate(lay["rows"]) if n]
             t = torch.cat(pieces, 0) if pieces else torch.empty(shape)
         if tuple(t.shape) != shape and not (shape == () and t.numel() == 1):
-            raise FormatError(f"{p}: tensor {key!r} has shape {tuple(t.shape)} in the rank files, the manifest says {shape}")
+            raise FormatError(
+                f"{p}: tensor {key!r} has shape {tuple(t.shape)} in the rank files, the manifest says {shape}"
+            )
         tensors[key] = t.reshape(shape)
     return _decode(manifest["state"], tensors, p)
 
@@ -308,8 +310,9 @@ def load_consolidated(path: str | os.PathLike) -> dict[str, Any]:
     return {**read_meta(p), **_full_state(p)}
 
 
-def restore(path: Path, state: dict[str, Any] | None, lm: nn.Module, optimizer: torch.optim.Optimizer,
-            kind: str) -> None:
+def restore(
+    path: Path, state: dict[str, Any] | None, lm: nn.Module, optimizer: torch.optim.Optimizer, kind: str
+) -> None:
     """Load a checkpoint's weights and optimizer state into a live model, FSDP2-sharded or plain.
 
     Args:
@@ -319,15 +322,16 @@ def restore(path: Path, state: dict[str, Any] | None, lm: nn.Module, optimizer: 
         optimizer: built over ``lm``'s trainable parameters in their order.
         kind: the config's method.kind.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     full = StateDictOptions(full_state_dict=True, strict=kind == "full")
     if state is None:
         meta = read_meta(path)
         if meta.get("method", kind) != kind:
-            raise FormatError(f"{path}: written by a {meta.get('method')} run but the config says "
-                              f"method.kind = {kind!r}; resume with the config that wrote it")
+            raise FormatError(
+                f"{path}: written by a {meta.get('method')} run but the config says "
+                f"method.kind = {kind!r}; resume with the config that wrote it"
+            )
         saved = _full_state(check_folder(path))
         set_model_state_dict(lm, saved["model"], options=full)
         set_optimizer_state_dict(lm, optimizer, saved["optimizer"], options=full)

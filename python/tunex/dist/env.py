@@ -9,6 +9,7 @@ The backend follows the device: NCCL when the worker has a CUDA device, gloo on 
 collective waits at most ``TUNEX_DIST_TIMEOUT`` seconds (default 600), so a rank that dies or hangs
 brings the others down with an error instead of a silent, endless wait.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -61,8 +62,10 @@ def _int_var(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise TunexError(f"environment variable {name}={raw!r}: expected an integer "
-                         "(torchrun sets it; unset it to train in one process)") from None
+        raise TunexError(
+            f"environment variable {name}={raw!r}: expected an integer "
+            "(torchrun sets it; unset it to train in one process)"
+        ) from None
 
 
 def read_env() -> DistEnv:
@@ -71,8 +74,10 @@ def read_env() -> DistEnv:
     rank = _int_var("RANK", 0)
     local = _int_var("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
-        raise TunexError(f"environment: RANK={rank} WORLD_SIZE={world} is not a valid rank; "
-                         "expected 0 <= RANK < WORLD_SIZE (launch with torchrun, or unset both)")
+        raise TunexError(
+            f"environment: RANK={rank} WORLD_SIZE={world} is not a valid rank; "
+            "expected 0 <= RANK < WORLD_SIZE (launch with torchrun, or unset both)"
+        )
     return DistEnv(rank=rank, local_rank=local, world_size=world)
 
 
@@ -109,8 +114,10 @@ def init_distributed(use_cuda: bool | None = None) -> DistEnv:
     if not env.enabled:
         return env
     if not dist.is_available():
-        raise TunexError(f"WORLD_SIZE={env.world_size} but this torch build has no torch.distributed; "
-                         "install a torch with distributed support or launch one process")
+        raise TunexError(
+            f"WORLD_SIZE={env.world_size} but this torch build has no torch.distributed; "
+            "install a torch with distributed support or launch one process"
+        )
     backend = pick_backend(use_cuda)
     if dist.is_initialized():
         return DistEnv(env.rank, env.local_rank, env.world_size, dist.get_backend())

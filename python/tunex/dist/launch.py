@@ -11,6 +11,7 @@ The launcher settings come from the command line or, as with XTuner, from the en
 A process torchrun started (it has LOCAL_RANK set) never relaunches, so ``torchrun -m tunex train
 CFG`` works the same, and one process on one node is the plain run without a launcher.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,9 @@ def _positive(name: str, raw: str | int | None, default: int, lo: int = 1) -> in
     return value
 
 
-def plan_launch(nproc_per_node: int | None = None, nnodes: int | None = None,
-                environ: dict[str, str] | None = None) -> LaunchPlan | None:
+def plan_launch(
+    nproc_per_node: int | None = None, nnodes: int | None = None, environ: dict[str, str] | None = None
+) -> LaunchPlan | None:
     """The torchrun job to start, or None to train in this process.
 
     Command-line values win over the environment variables; None when already under torchrun or
@@ -67,10 +69,14 @@ def plan_launch(nproc_per_node: int | None = None, nnodes: int | None = None,
     env = os.environ if environ is None else environ
     if under_torchrun(env):
         return None
-    nproc = _positive("--nproc-per-node" if nproc_per_node is not None else "NPROC_PER_NODE",
-                      nproc_per_node if nproc_per_node is not None else env.get("NPROC_PER_NODE"), 1)
-    nodes = _positive("--nnodes" if nnodes is not None else "NNODES",
-                      nnodes if nnodes is not None else env.get("NNODES"), 1)
+    nproc = _positive(
+        "--nproc-per-node" if nproc_per_node is not None else "NPROC_PER_NODE",
+        nproc_per_node if nproc_per_node is not None else env.get("NPROC_PER_NODE"),
+        1,
+    )
+    nodes = _positive(
+        "--nnodes" if nnodes is not None else "NNODES", nnodes if nnodes is not None else env.get("NNODES"), 1
+    )
     node_rank = _positive("NODE_RANK", env.get("NODE_RANK"), 0, lo=0)
     if node_rank >= nodes:
         raise TunexError(f"NODE_RANK={node_rank}: expected 0 .. {nodes - 1} for NNODES={nodes}")
@@ -88,8 +94,16 @@ def torchrun_argv(plan: LaunchPlan, tunex_args: list[str], python: str | None = 
     if plan.nnodes == 1 and plan.port is None:
         argv.append("--standalone")  # a free local port: several one-node jobs may share a machine
     else:
-        argv += ["--nnodes", str(plan.nnodes), "--node-rank", str(plan.node_rank),
-                 "--master-addr", plan.addr, "--master-port", str(plan.port or DEFAULT_PORT)]
+        argv += [
+            "--nnodes",
+            str(plan.nnodes),
+            "--node-rank",
+            str(plan.node_rank),
+            "--master-addr",
+            plan.addr,
+            "--master-port",
+            str(plan.port or DEFAULT_PORT),
+        ]
     return argv + ["-m", "tunex", *tunex_args]
 
 

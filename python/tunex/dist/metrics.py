@@ -1,6 +1,7 @@
 """One step's numbers for the whole job: every rank trains on its own micro-batches, the log shows
 the global step (mean token loss over all ranks' micro-batches, and all ranks' tokens, from which
 the loop's tokens/s is the job's throughput: ranks run in lockstep, so rank 0's step time is the job's)."""
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,8 @@ def reduce_step(env: DistEnv, loss_sum: torch.Tensor, tokens: int) -> tuple[floa
     import torch.distributed as dist
 
     dev = loss_sum.device
-    sums = torch.stack([loss_sum.detach().double().reshape(()),
-                        torch.tensor(float(tokens), dtype=torch.float64, device=dev)])
+    sums = torch.stack(
+        [loss_sum.detach().double().reshape(()), torch.tensor(float(tokens), dtype=torch.float64, device=dev)]
+    )
     dist.all_reduce(sums)
     return float(sums[0]), int(sums[1])

@@ -12,9 +12,11 @@ at every step.
 The position in the stream is counted in sequences, so a run resumes at a global step whatever the
 world size or split it is resumed with. Only a rank's own micro-batches are read and collated.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +45,9 @@ def sequence_stream(dataset: Any, global_size: int, seed: int, start: int = 0) -
         epoch, offset = epoch + 1, 0
 
 
-def rank_micro_batches(dataset: Any, batch_size: int, seed: int, consumed: int, rank: int = 0,
-                       world_size: int = 1, grad_accum: int = 1) -> Iterator[dict[str, Any]]:
+def rank_micro_batches(
+    dataset: Any, batch_size: int, seed: int, consumed: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1
+) -> Iterator[dict[str, Any]]:
     """This rank's micro-batches from sequence ``consumed`` of the stream on, without end.
 
     Args:

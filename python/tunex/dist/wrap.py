@@ -19,11 +19,13 @@ parameter shards), and the loss needs the output head, which lives outside the d
   absmax to bf16) and gradients reduced in the adapters' dtype, as DDP does; the compute dtype comes
   from autocast and the NF4 layer's dequantization, as in a DDP run.
 """
+
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,9 +42,14 @@ class LossModule(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None, denom: float | None = None,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        denom: float | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from tunex.train.build import forward_hidden, output_head
         from tunex.train.loss import linear_cross_entropy, shifted, softcapped_cross_entropy
 
@@ -75,7 +82,7 @@ def _fsdp():
 
 
 def strategy(kind: str, env: DistEnv, fsdp: bool = False) -> str:
-    """"single", "ddp" (adapters) or "fsdp" (full fine-tune, or adapters with ``train.fsdp``)."""
+    """ "single", "ddp" (adapters) or "fsdp" (full fine-tune, or adapters with ``train.fsdp``)."""
     if not env.enabled:
         return "single"
     return "fsdp" if kind == "full" or fsdp else "ddp"
@@ -126,8 +133,9 @@ def nf4_layers(lm: nn.Module) -> tuple[int, int, int, int]:
     return len(sharded), len(layers), mine, every
 
 
-def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str,
-                     adapters: bool = False) -> nn.Module:
+def shard_full_model(
+    lm: nn.Module, env: DistEnv, device: torch.device, train_dtype: str, adapters: bool = False
+) -> nn.Module:
     """FSDP2 on every decoder layer, then the root; ``hidden_states`` counts as a forward.
 
     ``adapters``: a LoRA / QLoRA model (``train.fsdp``): NF4 bases are laid out by blocks first and
@@ -156,9 +164,16 @@ def shard_full_model(lm: nn.Module, env: DistEnv, device: torch.device, train_dt
     return lm
 
 
-def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.device,
-                      train_dtype: str = "float32", make_loss: Any = None, sequence=None,
-                      fsdp: bool = False) -> nn.Module:
+def wrap_for_training(
+    lm: nn.Module,
+    kind: str,
+    env: DistEnv,
+    device: torch.device,
+    train_dtype: str = "float32",
+    make_loss: Any = None,
+    sequence=None,
+    fsdp: bool = False,
+) -> nn.Module:
     """The module the loop calls for a micro-batch's loss (see the module docstring).
 
     ``make_loss``: lm -> the loss module (default :class:`LossModule`; the preference objectives
@@ -192,8 +207,7 @@ def wrap_for_training(lm: nn.Module, kind: str, env: DistEnv, device: torch.devi
         return loss
     from torch.nn.parallel import DistributedDataParallel
 
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        loss, _frozen_names(loss))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, _frozen_names(loss))
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
     # every buffer is in the ignore list too, so DDP has no buffers to sync before forward
     return DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False)
