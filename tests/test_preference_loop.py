@@ -87,6 +87,34 @@ def test_lora_resume_continues_exactly(setup, tmp_path, objective):
     same_curves(curve(whole.save.work_dir), curve(parted.save.work_dir))
 
 
+def test_lora_dpo_killed_mid_run_resumes_with_the_same_curve(setup, tmp_path):
+    """``tunex train`` of a DPO LoRA run killed with SIGKILL after its first checkpoint, then run
+    again with ``--resume auto``: the logged curve equals an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    whole = config(setup, tmp_path / "a", "lora", "dpo", max_steps=30, save_steps=3)
+    train(whole)
+    cfg = config(setup, tmp_path / "b", "lora", "dpo", max_steps=30, save_steps=3)
+    work = Path(cfg.save.work_dir)
+    path = next((tmp_path / "b").glob("*.toml"))
+    command = [sys.executable, "-m", "tunex", "train", str(path), "-o", 'train.objective="dpo"', "-o"]
+    command += ["eval.every_n_steps=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 300
+    while not (work / "iter_3.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (work / "iter_30.pth").exists()
+    done = subprocess.run([*command, "--resume", "auto"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_curves(curve(whole.save.work_dir), curve(work))
+
+
 def test_full_dpo_caches_the_reference_beside_the_tokens_and_resumes(setup, tmp_path, monkeypatch):
     whole = config(setup, tmp_path / "a", "full", "dpo", max_steps=4, save_steps=2)
     train(whole)
