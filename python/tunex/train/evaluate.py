@@ -53,9 +53,9 @@ class EvalResult:
 
 
 def change_line(records: list[dict[str, Any]]) -> str | None:
-    """How the held-out figures moved over a run, from metrics.jsonl's ``records``: "held-out loss
-    3.41 -> 2.60, perplexity 30.3 -> 13.5 (step 0 -> step 23, 1,234 target tokens)"; None with
-    fewer than two evaluations."""
+    """How the held-out figures moved over a run, from metrics.jsonl's ``records`` (the first and the
+    last evaluation), e.g. "held-out loss 2.00 -> 1.00, perplexity 7.4 -> 2.7 (step 0 -> step 9,
+    1,234 target tokens)"; None with fewer than two evaluations."""
     evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float)) and "step" in r]
     if len(evals) < 2:
         return None
