@@ -20,7 +20,7 @@ Both write the same metadata keys for the synthetic models and the tensors are c
 
 Each conversion runs in a fresh process; the two run interleaved, alternating which goes first in
 each round, and each ratio is taken within a round and reported as the median and range over the
-rounds. Peak RSS is ``ru_maxrss`` over the process's RSS after its imports; anonymous memory
+rounds. Peak RSS is the process's peak (VmHWM, reset after its imports) over its RSS after the imports; anonymous memory
 (RssAnon, sampled every 2 ms) leaves out the pages of memory-mapped inputs, which the kernel can
 drop at will. Bounded memory shows as the same figures for 4 and 16 layers.
 """
@@ -40,22 +40,26 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 CHILD = r"""
-import json, resource, sys, threading, time
+import json, sys, threading, time
 import gguf, numpy, torch  # noqa: F401
 from tunex import gguf_io
 import gguf_baseline as baseline
 
-def anon():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
+        if line.startswith(key):
             return int(line.split()[1])
+def anon():
+    return status("RssAnon:")
 peak, stop = [anon()], []
 def sample():
     while not stop:
         peak[0] = max(peak[0], anon())
         time.sleep(0.002)
 threading.Thread(target=sample, daemon=True).start()
-base, base_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, anon()
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the RSS after the imports
+    f.write("5")
+base, base_anon = status("VmRSS:"), anon()
 start = time.perf_counter()
 who, what, src, dst = sys.argv[1:5]
 if who == "tunex" and what == "to_hf":
@@ -68,7 +72,7 @@ else:
     baseline.hf_to_gguf_q8_0(src, dst)
 seconds = time.perf_counter() - start
 stop.append(1)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss = status("VmHWM:")
 print(json.dumps({"rss": (rss - base) / 1024, "anon": (peak[0] - base_anon) / 1024, "s": seconds}))
 """
 

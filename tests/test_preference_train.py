@@ -6,6 +6,7 @@ odds-ratio loss. Losses, metrics and every LoRA gradient must agree."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from types import SimpleNamespace
@@ -35,14 +36,18 @@ def test_token_logps_values_and_gradients_match_log_softmax():
     y = torch.randint(0, 50, (2, 7))
     y[0, :3] = -100
     g = torch.randn(2, 7)
-    for cap in (None, 5.0):
-        got = token_logps(h, w, y, b, cap)
-        z = F.linear(h, w, b)
+    # a trained head (full fine-tune: logits recomputed in backward) and a frozen one (LoRA: the
+    # hidden state's gradient direction kept from forward)
+    for cap, frozen in itertools.product((None, 5.0), (False, True)):
+        head = (w.detach(), b.detach()) if frozen else (w, b)
+        got = token_logps(h, *head[:1], y, head[1], cap)
+        z = F.linear(h, *head)
         z = torch.tanh(z / cap) * cap if cap else z
         want = torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        ours = torch.autograd.grad((got * g).sum(), (h, w, b))
-        theirs = torch.autograd.grad((want * g).sum(), (h, w, b))
+        wrt = (h,) if frozen else (h, w, b)
+        ours = torch.autograd.grad((got * g).sum(), wrt)
+        theirs = torch.autograd.grad((want * g).sum(), wrt)
         for a, c in zip(ours, theirs):
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 

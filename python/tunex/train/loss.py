@@ -223,6 +223,13 @@ def linear_cross_entropy(
             f"cross-entropy: label {int(y[at])} at flat position {at} is outside the "
             f"vocabulary 0..{weight.shape[0]}; use -100 for positions without a target"
         )
+    counted = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    if counted.numel() < y.numel():
+        # Ignored rows add nothing and get a zero gradient: the head's products run on the counted
+        # rows only (prompts, system turns and padding are often a third of a batch or more).
+        if denom is None:
+            denom = float(max(counted.numel(), 1))
+        h, y = h.index_select(0, counted), y.index_select(0, counted)
     if h.is_cuda and bias is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
         from tunex.kernels import chunked_cross_entropy

@@ -53,23 +53,49 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ca
 
 
 class _TokenLogps(torch.autograd.Function):
-    """log softmax(h @ W.T + b)[label] per row; chunks of rows, logits recomputed in backward."""
+    """log softmax(h @ W.T + b)[label] per row, in chunks of rows.
+
+    With a frozen head (LoRA, QLoRA) forward also keeps each row's d logp / d h, which needs no
+    incoming gradient: ``W[label] - softmax @ W`` (times the soft-cap's derivative when capped), one
+    (rows, H) tensor; backward only scales it. A trained head (full fine-tune) needs the logits
+    again for its own gradient: backward recomputes them chunk by chunk.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cap, rows):
+    def forward(ctx, hidden, weight, bias, labels, cap, rows, grad_wanted):
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, torch.zeros_like(labels))
+        head_trained = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
+        direct = grad_wanted and ctx.needs_input_grad[0] and not head_trained
+        slope = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if direct else None
         for start in range(0, hidden.shape[0], rows):
             z = _logits(hidden[start : start + rows], weight, bias, cap)
-            picked = z.gather(1, safe[start : start + rows, None]).squeeze(1)
-            out[start : start + rows] = (picked - torch.logsumexp(z, dim=1)) * valid[start : start + rows]
-        ctx.save_for_backward(hidden, weight, bias, safe, valid)
-        ctx.cap, ctx.rows = cap, rows
+            y = safe[start : start + rows, None]
+            picked = z.gather(1, y).squeeze(1)
+            lse = torch.logsumexp(z, dim=1)
+            out[start : start + rows] = (picked - lse) * valid[start : start + rows]
+            if slope is not None:
+                at_label = weight[y.squeeze(1)].float()
+                if cap:  # through cap * tanh(raw / cap): times 1 - tanh^2 (z is the capped logit)
+                    p = torch.exp(z - lse[:, None]).mul_(1 - (z / cap) ** 2)
+                    at_label.mul_((1 - (picked / cap) ** 2)[:, None])
+                else:
+                    p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                pushed = (p.to(weight.dtype) @ weight).float()
+                slope[start : start + rows] = (at_label - pushed) * valid[start : start + rows, None]
+        if slope is not None:
+            ctx.save_for_backward(slope)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, safe, valid)
+        ctx.direct, ctx.cap, ctx.rows = slope is not None, cap, rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.direct:
+            (slope,) = ctx.saved_tensors
+            return slope * grad_out.float()[:, None], None, None, None, None, None, None
         hidden, weight, bias, safe, valid = ctx.saved_tensors
         cap, rows = ctx.cap, ctx.rows
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -94,7 +120,7 @@ class _TokenLogps(torch.autograd.Function):
                 grad_b += g.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def token_logps(
@@ -115,7 +141,14 @@ def token_logps(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
     rows = max(1, CHUNK_ROWS_ELEMENTS // max(weight.shape[0], 1))
-    return _TokenLogps.apply(h, weight, bias, y, cap or None, rows).view(labels.shape)
+    counted = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    if counted.numel() == y.numel():
+        return _TokenLogps.apply(h, weight, bias, y, cap or None, rows, torch.is_grad_enabled()).view(labels.shape)
+    # the head's products on the counted rows only (prompts and padding are a third or more of a pair)
+    picked = _TokenLogps.apply(
+        h.index_select(0, counted), weight, bias, y[counted], cap or None, rows, torch.is_grad_enabled()
+    )
+    return picked.new_zeros(y.shape).index_copy(0, counted, picked).view(labels.shape)
 
 
 def documents(position_ids: torch.Tensor) -> torch.Tensor:
