@@ -182,6 +182,72 @@ def test_resume_keeps_eval_lines_and_best(tmp_path, model):
         assert cut[1] == whole[1]
 
 
+def test_at_start_evaluates_the_starting_model_once(tmp_path, model):
+    """eval.at_start: a step-0 evaluation of the starting model (the figure `tunex eval` gives the
+    base model), answers at step 0, no checkpoint or best for it, the run's steps unchanged, and a
+    resumed run does not evaluate step 0 again."""
+    data = make_data(tmp_path / "d", "instruct")
+    runs, outputs = {}, {}
+    for name in ("plain", "start", "cut"):
+        work = tmp_path / name
+        cfg_path = write_config(tmp_path / f"{name}.toml", model, data, "lora", "openai", work, lr=5e-2, max_steps=8)
+        extra = [] if name == "plain" else ["-o", "eval.at_start=true"]
+        if name == "cut":
+            outputs[name] = _train_cli(cfg_path, *extra, "--max-steps", "4")
+            outputs[name] += _train_cli(cfg_path, *extra, "--resume", "auto")
+        else:
+            outputs[name] = _train_cli(cfg_path, *extra)
+        runs[name] = read_metrics(work)
+    evals = {name: [r for r in records if "eval_loss" in r] for name, records in runs.items()}
+    assert [r["step"] for r in evals["plain"]] == [4, 8]
+    assert [r["step"] for r in evals["start"]] == [0, 4, 8]
+    assert [r["step"] for r in evals["cut"]] == [0, 4, 8]
+    assert outputs["cut"].count("[eval step 0] eval_loss") == 1
+    start = evals["start"][0]
+    assert f"[eval step 0] eval_loss {start['eval_loss']:.4f}" in outputs["start"]
+    # the baseline is the untrained model's: `tunex eval` of the config without an adapter
+    cfg_args = ["eval", str(tmp_path / "start.toml"), "--json", "-o", "eval.split=0.34"]
+    figures = json.loads(run_cli(*cfg_args).strip().splitlines()[-1])
+    assert start["eval_loss"] == pytest.approx(figures["eval_loss"], rel=1e-5)
+    assert start["eval_tokens"] == figures["eval_tokens"]
+    end = evals["start"][-1]  # `tunex train` ends with how the held-out figures moved
+    assert (
+        f"held-out loss {start['eval_loss']:.2f} -> {end['eval_loss']:.2f}, perplexity "
+        f"{start['eval_perplexity']:.1f} -> {end['eval_perplexity']:.1f} (step 0 -> step 8, "
+        f"{end['eval_tokens']:,} target tokens)"
+    ) in outputs["start"]
+    # evaluating first changes nothing of the run: the same steps, losses and later figures
+    steps = {name: [(r["step"], r["loss"]) for r in records if "loss" in r] for name, records in runs.items()}
+    assert steps["start"] == steps["plain"] and [s for s, _ in steps["start"]] == list(range(1, 9))
+    for later, plain in zip(evals["start"][1:], evals["plain"]):
+        assert later["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+    for name in ("start", "cut"):
+        answers = [json.loads(line) for line in (tmp_path / name / "eval.jsonl").read_text().splitlines()]
+        assert [a["step"] for a in answers] == [0, 4, 8] and answers[0]["prompt"] == QA[0][0]
+        assert read_best(tmp_path / name)["step"] in (4, 8)  # step 0 has no checkpoint: never the best
+        assert not (tmp_path / name / "iter_0.pth").exists()
+    with pytest.raises(ConfigError, match="eval.at_start: expected true or false, got 'yes'"):
+        load_config(tmp_path / "plain.toml", ['eval.at_start="yes"'])
+
+
+def test_change_line():
+    rec = [{"step": 1, "loss": 3.0}, {"step": 0, "eval_loss": 2.0, "eval_perplexity": math.exp(2.0)}]
+    assert evaluate.change_line(rec) is None  # one evaluation: nothing moved
+    rec.append({"step": 9, "eval_loss": 1.0, "eval_perplexity": math.exp(1.0), "eval_tokens": 1234})
+    assert evaluate.change_line(rec) == (
+        "held-out loss 2.00 -> 1.00, perplexity 7.4 -> 2.7 (step 0 -> step 9, 1,234 target tokens)"
+    )
+    rec.append({"step": 10, "eval_loss": 900.0, "eval_perplexity": math.inf})
+    assert evaluate.change_line(rec).startswith(
+        "held-out loss 2.00 -> 900.00, perplexity 7.4 -> inf (step 0 -> step 10)"
+    )
+    pairs = [{"step": 0, "eval_loss": 0.6931, "eval_rewards/accuracies": 0.5, "eval_pairs": 8}]
+    pairs.append({"step": 6, "eval_loss": 0.2, "eval_rewards/accuracies": 0.875, "eval_pairs": 8})
+    assert evaluate.change_line(pairs) == (
+        "held-out loss 0.693 -> 0.200, reward accuracy 0.500 -> 0.875 (step 0 -> step 6, 8 pairs)"
+    )
+
+
 def test_eval_config_errors(tmp_path, model):
     data = make_data(tmp_path / "d", "instruct")
     cfg_path = write_config(tmp_path / "c.toml", model, data, "lora", "openai", tmp_path / "w")

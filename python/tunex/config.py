@@ -428,6 +428,12 @@ class EvalConfig:
         "0 = none; not with eval.data",
     )
     batch_size: int = _setting(0, _integer(0), "sequences per held-out forward; 0 = train.batch_size")
+    at_start: bool = _setting(
+        False,
+        _flag,
+        "also evaluate before the first step (logged as step 0): the starting model's held-out loss and "
+        "answers, a baseline for the run's; not when resuming",
+    )
 
 
 @dataclass

@@ -90,6 +90,12 @@ def train(
         shutdown()
     if result.is_main:
         click.echo(f"done: {result.steps} steps, last loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
+        from tunex.train.evaluate import change_line
+        from tunex.train.metrics import read_metrics
+
+        moved = change_line(read_metrics(result.work_dir))
+        if moved:  # the first and the last held-out evaluation (eval.at_start: the starting model's)
+            click.echo(moved)
 
 
 def _own_args(

@@ -92,6 +92,32 @@ def preference_line(record: dict[str, Any], with_step: bool = True) -> str:
     return text + f"  ({record['eval_pairs']:,} pairs)"
 
 
+def change_line(records: list[dict[str, Any]]) -> str | None:
+    """How the held-out figures moved over a run, from metrics.jsonl's ``records`` (the first and the
+    last evaluation), e.g. "held-out loss 2.00 -> 1.00, perplexity 7.4 -> 2.7 (step 0 -> step 9,
+    1,234 target tokens)"; None with fewer than two evaluations."""
+    evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float)) and "step" in r]
+    if len(evals) < 2:
+        return None
+    first, last = evals[0], evals[-1]
+    if "eval_rewards/accuracies" in last and "eval_rewards/accuracies" in first:  # a preference run
+        return (
+            f"held-out loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}, reward accuracy "
+            f"{first['eval_rewards/accuracies']:.3f} -> {last['eval_rewards/accuracies']:.3f} "
+            f"(step {first['step']} -> step {last['step']}, {last.get('eval_pairs', 0):,} pairs)"
+        )
+    tokens = f", {last['eval_tokens']:,} target tokens" if isinstance(last.get("eval_tokens"), int) else ""
+    return (
+        f"held-out loss {first['eval_loss']:.2f} -> {last['eval_loss']:.2f}, perplexity "
+        f"{_perplexity(first):.1f} -> {_perplexity(last):.1f} "
+        f"(step {first['step']} -> step {last['step']}{tokens})"
+    )
+
+
+def _perplexity(record: dict[str, Any]) -> float:
+    return EvalResult(float(record["eval_loss"]), 0, 0).perplexity
+
+
 def eval_data_config(cfg: Any) -> Any:
     """The DataConfig of ``eval.data``: the training data's settings with the eval files and format
     (no shuffling: the order does not change the figure)."""

@@ -6,7 +6,7 @@ target tokens of all ranks' micro-batches of the step (counted before the first 
 split of a global batch gives the same loss and gradients, however unequally its micro-batches are
 filled (docs/TRAINING.md). A step is logged to metrics.jsonl, checkpointed every ``save_steps`` (and
 at the end), and the eval hook answers its prompts every ``every_n_steps``, when the held-out loss
-(tunex.train.evaluate) is measured too.
+(tunex.train.evaluate) is measured too; with ``eval.at_start`` both also run before the first step.
 A run stopped after step k and resumed from ``iter_k.pth`` sees the same batches, dropout masks
 and optimizer state as the uninterrupted run, so its metrics are the same.
 
@@ -308,6 +308,16 @@ def train(
     batches = _batches(dataset, cfg, consumed, dp_rank, world)
     model.train()
     try:
+        if cfg.eval.at_start and step == 0:  # the starting model's figures: the baseline (no checkpoint, not a best)
+            if held_out is not None:
+                size = cfg.eval.batch_size or cfg.train.batch_size
+                scores = evaluate(model, held_out, size, device, cfg.train.dtype, env, sharded).record(0)
+                after_eval(step_module)
+                metrics.write(scores)
+                progress.echo(_eval_line(scores))
+            if cfg.eval.prompts and (is_main or sharded):
+                trackers.log_answers(0, hook(0))
+                after_eval(step_module)
         while step < last:
             step += 1
             started = time.perf_counter()
