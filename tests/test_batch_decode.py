@@ -5,35 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kernels_gemv import tiny_model as gemv_tiny_model
 from tunex import _native
 from tunex.kernels import gemv
-from tunex.models.config import config_from_hf
 from tunex.models.decoder import CausalLM, RowCaches
 from tunex.models.generate import decode_threads
 
 pytestmark = pytest.mark.skipif(not gemv.rows_supported(), reason="the built extension lacks gemv_rows_f32")
 
-TINY = dict(
-    model_type="llama",
-    vocab_size=320,
-    hidden_size=96,
-    intermediate_size=192,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-
 
 def tiny_model(**extra) -> CausalLM:
-    torch.manual_seed(0)
-    model = CausalLM(config_from_hf({**TINY, **extra})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model
+    """test_kernels_gemv's tiny llama, with widths that are multiples of 32 (batched decoding needs them)."""
+    return gemv_tiny_model(**{"vocab_size": 320, "intermediate_size": 192, "max_position_embeddings": 256, **extra})
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,8 @@ fn slice_mut<'a>(what: &str, s: Result<&'a mut [f32], numpy::AsSliceError>) -> P
 
 type Product<'py> = (PyReadonlyArray1<'py, f32>, Option<PyReadonlyArray1<'py, f32>>, PyReadwriteArray1<'py, f32>);
 
-/// `out = weight @ x (+ bias)` for each `(weight, bias, out)` in `products`, all of the same `x`;
-/// each weight is the flat row-major (len(out), len(x)) matrix.
-#[pyfunction]
-fn gemv_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut products: Vec<Product<'_>>) -> PyResult<()> {
-    let x = slice("x", x.as_slice())?;
+/// The checked slices of each `(weight, bias, out)` product.
+fn gemv_batch<'a>(products: &'a mut [Product<'_>]) -> PyResult<Vec<Gemv<'a>>> {
     let mut batch = Vec::with_capacity(products.len());
     for (w, b, out) in products.iter_mut() {
         let w = slice("weight", w.as_slice())?;
@@ -34,6 +31,15 @@ fn gemv_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut products: Vec<Prod
         let y = slice_mut("out", out.as_slice_mut())?;
         batch.push(Gemv { w, bias, y });
     }
+    Ok(batch)
+}
+
+/// `out = weight @ x (+ bias)` for each `(weight, bias, out)` in `products`, all of the same `x`;
+/// each weight is the flat row-major (len(out), len(x)) matrix.
+#[pyfunction]
+fn gemv_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>, mut products: Vec<Product<'_>>) -> PyResult<()> {
+    let x = slice("x", x.as_slice())?;
+    let mut batch = gemv_batch(&mut products)?;
     py.detach(|| infer::gemv_f32(x, &mut batch))?;
     Ok(())
 }
@@ -48,16 +54,7 @@ fn gemv_rows_f32(
     mut products: Vec<Product<'_>>,
 ) -> PyResult<()> {
     let x = slice("x", x.as_slice())?;
-    let mut batch = Vec::with_capacity(products.len());
-    for (w, b, out) in products.iter_mut() {
-        let w = slice("weight", w.as_slice())?;
-        let bias = match b {
-            Some(b) => Some(slice("bias", b.as_slice())?),
-            None => None,
-        };
-        let y = slice_mut("out", out.as_slice_mut())?;
-        batch.push(Gemv { w, bias, y });
-    }
+    let mut batch = gemv_batch(&mut products)?;
     py.detach(|| infer::gemv_rows_f32(x, n, &mut batch))?;
     Ok(())
 }
