@@ -7,8 +7,10 @@ so nothing is copied on the way; Rust writes them straight into the planned shar
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
+import hashlib
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -123,23 +125,30 @@ def stream_sharded(
 
 @contextlib.contextmanager
 def _writing_into(out_dir: str | os.PathLike, prefix: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``out_dir`` itself (flock on the folder: no lock file left in it)
-    while shards land in it one by one: a second writer into the same folder at the same time fails
-    at once, naming the folder, instead of mixing its shards with the first one's."""
+    """Hold a lock on (``out_dir``, ``prefix``) while shards land in the folder one by one: a second
+    writer of the same shards into the same folder at the same time fails at once, naming the
+    folder, instead of mixing its shards with the first one's. Writers of other prefixes (the ranks
+    of a sharded checkpoint) share the folder freely. The lock is a bound abstract Unix socket named
+    after the folder's device and inode and the prefix: no file is left in the folder, and the
+    kernel releases it when its process dies, even by SIGKILL."""
     with errors_naming(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        where = os.stat(out_dir)
+    key = hashlib.sha1(f"{where.st_dev}:{where.st_ino}:{prefix}".encode()).hexdigest()
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock.bind(f"\0tunex-shards-{key}")
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
             raise FileExistsError(
                 f"{os.fspath(out_dir)}: another process is writing {prefix} shards into this folder right now; "
                 "wait for it to finish or write to another folder"
             ) from None
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.close()
 
 
 def _drop_if_made(out_dir: str | os.PathLike, made: bool) -> None:
