@@ -357,7 +357,7 @@ def test_loss_is_token_weighted_across_splits(setup, tmp_path):
     """One global batch of 4 split as batch_size x grad_accum x processes = 4x1x1, 1x4x1, 2x2x1, and
     on 2 gloo processes 1x2x2 and 2x1x2, on chat data whose sequences hold very different numbers of
     target tokens: the same sequences (tunex.dist.sampler), so the same losses and gradient norms at
-    every step, and (one sequence per micro-batch) the same adapter weights after 4 steps. The first
+    every step, and the same adapter weights after 4 steps (to 1/2000 of an Adam step). The first
     step's loss (B = 0: the base model's) equals transformers' mean token loss over the 4 sequences."""
     import transformers
     from tunex.data import build_dataset
@@ -399,11 +399,12 @@ def test_loss_is_token_weighted_across_splits(setup, tmp_path):
             for key in ("loss", "grad_norm"):
                 assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (name, key, a, b)
     ref = torch.load(works["4x1x1"] / "iter_4.pth", weights_only=True)["model"]
-    # the weights after 4 AdamW steps, for the splits of one sequence per micro-batch (the original
-    # pair): with micro-batches of 2 (padded, summed in another order) one LoRA A element of 2x2x1
-    # drifted past rtol 1e-5 in a run here, while its losses and gradient norms matched
-    for name in ("1x4x1", "1x2x2"):
+    # the weights after 4 AdamW steps, for every split. Adam divides by the root of its second
+    # moment, so an element whose gradient is near zero turns float rounding (products grouped by
+    # another micro-batch size) into a visible step: one LoRA A element moved 3.8e-6 here while
+    # every loss and gradient norm matched. atol 1e-5 is 1/2000 of one step at lr 2e-2.
+    for name in ("1x4x1", "1x2x2", "2x2x1", "2x1x2"):
         got = torch.load(works[name] / "iter_4.pth", weights_only=True)["model"]
         assert set(got) == set(ref)
         for k, v in ref.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
