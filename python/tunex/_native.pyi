@@ -122,6 +122,10 @@ def quantize_ggml(src: _F32, row_len: int, ggml_type: str, name: str, out: _U8) 
 def gemv_f32(x: _F32, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:
     """``out = weight @ x (+ bias)`` for each ``(weight, bias, out)``; weight is flat row-major."""
 
+def gemv_rows_f32(x: _F32, n: int, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:
+    """:func:`gemv_f32` for ``n`` input rows at once (``x`` holds them, each ``out`` its ``n`` output
+    rows); every output row is bit for bit what ``gemv_f32`` gives for its row alone."""
+
 def rms_norm_f32(x: _F32, weight: _F32, eps: float, out: _F32) -> None: ...
 def rms_norm_forward_f32(x: _F32, weight: _F32, eps: float, out: _F32, rstd: _F32) -> None: ...
 def rms_norm_backward_f32(dy: _F32, x: _F32, weight: _F32, rstd: _F32, dx: _F32, dw: _F32 | None = None) -> None: ...
