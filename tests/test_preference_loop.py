@@ -7,8 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,10 +93,6 @@ def test_lora_resume_continues_exactly(setup, tmp_path, objective):
 def test_lora_dpo_killed_mid_run_resumes_with_the_same_curve(setup, tmp_path):
     """``tunex train`` of a DPO LoRA run killed with SIGKILL after its first checkpoint, then run
     again with ``--resume auto``: the logged curve equals an uninterrupted run's."""
-    import os
-    import signal
-    import time
-
     whole = config(setup, tmp_path / "a", "lora", "dpo", max_steps=30, save_steps=3)
     train(whole)
     cfg = config(setup, tmp_path / "b", "lora", "dpo", max_steps=30, save_steps=3)

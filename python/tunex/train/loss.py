@@ -227,8 +227,6 @@ def linear_cross_entropy(
     if counted.numel() < y.numel():
         # Ignored rows add nothing and get a zero gradient: the head's products run on the counted
         # rows only (prompts, system turns and padding are often a third of a batch or more).
-        if denom is None:
-            denom = float(max(counted.numel(), 1))
         h, y = h.index_select(0, counted), y.index_select(0, counted)
     if h.is_cuda and bias is None:
         # the Triton kernel of tunex.kernels does the per-chunk softmax gradient in one pass
