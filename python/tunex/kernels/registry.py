@@ -407,6 +407,16 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         _torch(),
     ),
+    "moe_experts": (
+        Impl(
+            "grouped",
+            "with autograd, every expert projection a frozen linear, a LoRA adapter (no DoRA) over one or a "
+            "frozen 4-bit layer, no bias: routing, SwiGLU experts and the weighted sum as one autograd node "
+            "(tunex.kernels.moe: rows sorted by expert once, inverse-permutation gathers both ways)",
+            lambda f: bool(f.grad),
+        ),
+        _torch("loop"),
+    ),
     "matmul_f32": (
         Impl(
             "onednn",

@@ -148,7 +148,7 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         record = self.stats.on and self.training and torch.is_grad_enabled()
         weights, chosen = self.route(flat, record)
-        out = grouped_experts(self.experts, flat, weights, chosen, rt)
+        out = rt.experts(self.experts, flat, weights, chosen, grouped_experts)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat, rt=rt)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tunex import settings
 from tunex.kernels import attention as attention_kernel
+from tunex.kernels import moe as moe_kernel
 from tunex.kernels import registry, rms_norm, rope, swiglu
 from tunex.kernels.gemv import norm_facts
 from tunex.runtime import arena, decode, rebuild
@@ -34,6 +35,11 @@ class Plain:
 
     def add(self, x, y):
         return x + y
+
+    def experts(self, experts, x, weights, chosen, loop):
+        """A sparse block's experts on the rows ``x`` (N, H) routed by ``chosen`` (N, k) with
+        ``weights`` (N, k): ``loop(experts, x, weights, chosen, self)``, the model's own loop."""
+        return loop(experts, x, weights, chosen, self)
 
     def attention(self, q, k, v, mask, causal, gqa):
         """``mask``: a boolean tensor, packed documents (tunex.kernels.attention.Documents) or None."""
@@ -82,6 +88,13 @@ class Standard(Plain):
 
     def add(self, x, y):
         return kept_add(x, y)
+
+    def experts(self, experts, x, weights, chosen, loop):
+        impl = registry.choose("moe_experts", registry.Facts.of(x))
+        projections = moe_kernel.expert_projections(experts) if impl == "grouped" else None
+        if projections is None:
+            return loop(experts, x, weights, chosen, self)
+        return moe_kernel.grouped_swiglu_experts(x, weights, chosen, projections)
 
     def attention(self, q, k, v, mask, causal, gqa):
         docs = mask if isinstance(mask, attention_kernel.Documents) else None

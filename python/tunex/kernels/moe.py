@@ -1,0 +1,278 @@
+"""Mixture-of-experts SwiGLU experts as one autograd node: dispatch, the experts and the combine.
+
+``out[t] = sum_j weights[t, j] * expert_{chosen[t, j]}(x[t])`` with each expert
+``down(silu(gate(x)) * up(x))``, for the N*k (row, slot) pairs of a top-k routing.
+
+The pairs are sorted by expert once (a stable argsort of the expert ids: a permutation ``order``
+of the N*k pairs, and its inverse ``inv``). Forward:
+
+    xs = x[order // k]                    (S, H)  rows in expert order, one gather
+    ys[run_e] = expert_e(xs[run_e])       (S, H)  one product per projection per expert with rows,
+                                                  written into one buffer (no cat)
+    out = sum_j w[:, j] * ys[inv].view(N, k, H)[:, j]     un-permuted by a gather, the k slots summed
+
+Backward (G = dout rows in expert order, one gather):
+
+    d_w[pair] = <G, ys>[inv]                      the routing weights' gradient (to the router)
+    dys = G * w_sorted;  per expert: down, SwiGLU and gate/up backwards; the gate and up input
+    gradients accumulate into one product's output
+    dx = dxs[inv].view(N, k, H).sum(1)            the inverse permutation again: a gather, no scatter-add
+
+Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
+LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
+adapters of every expert get their gradients from this node. Saved: the sorted rows (only when a
+gate/up adapter needs them), each expert's gate and up pre-activations, the adapters' (rows, r)
+products and the expert outputs ys; SwiGLU's output is rebuilt in backward where the down adapter
+needs it. float32 CPU products run oneDNN (``matmul_nt``), SwiGLU tunex's native kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tunex.kernels._dispatch import compute_dtype, frozen_product_dtype, matmul_nt, matmul_nt_in, no_autocast
+from tunex.kernels.lora import _dense, _Dropout
+from tunex.kernels.swiglu import _backward_torch as _swiglu_backward
+from tunex.kernels.swiglu import _forward_torch as _swiglu_forward
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One expert projection: ``base`` (the frozen (out, in) weight, or a callable returning it in
+    the dtype it is given) and an optional adapter (``lora_a`` (r, in), ``lora_b`` (out, r),
+    ``scaling``, ``dropout`` probability)."""
+
+    base: torch.Tensor | Callable[[torch.dtype], torch.Tensor]
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scaling: float = 1.0
+    dropout: float = 0.0
+
+
+def projection_of(module: torch.nn.Module) -> Projection | None:
+    """The :class:`Projection` of an expert's linear layer, or None where the grouped node does not
+    run it: a plain ``nn.Linear`` with a frozen weight, a LoRA layer (tunex.peft.LoRALinear: its
+    ``lora_A``/``lora_B``, no DoRA) over a frozen dense or 4-bit base, or a frozen 4-bit layer
+    (``dequantize``); none of them with a bias."""
+    if getattr(module, "bias", None) is not None:
+        return None
+    if type(module) is torch.nn.Linear:
+        return None if module.weight.requires_grad else Projection(module.weight)
+    lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    if lora_a is not None and lora_b is not None:
+        if getattr(module, "lora_magnitude_vector", None) is not None:
+            return None  # DoRA keeps its own path
+        base_layer = getattr(module, "base_layer", None)
+        if base_layer is None:
+            if module.weight.requires_grad:
+                return None
+            base = module.weight
+        else:
+            if getattr(base_layer, "bias", None) is not None or any(p.requires_grad for p in base_layer.parameters()):
+                return None
+            base = base_layer.dequantize
+        drop = module.lora_dropout
+        p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and module.training else 0.0
+        return Projection(base, lora_a.weight, lora_b.weight, float(module.scaling), p)
+    if callable(getattr(module, "dequantize", None)) and not any(p.requires_grad for p in module.parameters()):
+        return Projection(module.dequantize)
+    return None
+
+
+def expert_projections(experts: Sequence) -> list[tuple[Projection, Projection, Projection]] | None:
+    """(gate, up, down) projections of every expert (``expert.projections()`` gives the layers in
+    that order), or None when any layer is not one :func:`projection_of` takes."""
+    out = []
+    for expert in experts:
+        projs = tuple(projection_of(m) for m in expert.projections())
+        if any(p is None for p in projs):
+            return None
+        out.append(projs)
+    return out
+
+
+class _Run:
+    """The dtypes and triton flag of one call, shared by its projections."""
+
+    def __init__(self, x: torch.Tensor):
+        self.dtype = compute_dtype(x)
+        # CPU autocast: the frozen bases' products in bf16, all else in x's float32 (as lora_linear)
+        self.base_dtype = frozen_product_dtype(x)
+        if self.base_dtype is not None:
+            self.dtype = x.dtype
+        self.triton = x.device.type == "cuda"
+
+    def weight(self, proj: Projection) -> torch.Tensor:
+        return _dense(proj.base, self.base_dtype or self.dtype)
+
+    def forward(self, proj: Projection, x2: torch.Tensor):
+        """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, saved adapter state (h, dropout) or None)."""
+        y = matmul_nt_in(x2, self.weight(proj), self.base_dtype)
+        if proj.lora_a is None:
+            return y, None
+        drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
+        h = matmul_nt(drop(x2), proj.lora_a.to(self.dtype))  # (n, r)
+        y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
+        return y, (h, drop)
+
+    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None):
+        """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g."""
+        d_a = d_b = d_lora = None
+        if proj.lora_a is not None:
+            h, drop = saved
+            a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
+            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
+            d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
+            add = d_lora if add is None else add.add_(d_lora)
+        return matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+
+
+def _sort_pairs(chosen: torch.Tensor, num_experts: int):
+    """(order, inverse, rows in expert order, per-expert counts) of the (row, slot) pairs."""
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, inv, order // chosen.shape[1], counts
+
+
+class _Saved:
+    """The tensors one call keeps for backward, all through ``ctx.save_for_backward`` (so saved-tensor
+    hooks, activation checkpointing and offload see every one), addressed by index."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor | None] = []
+
+    def put(self, t: torch.Tensor | None) -> int:
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def put_state(self, state):
+        """An adapter's (h, dropout) as (index of h, index of the mask, dropout without its mask)."""
+        if state is None:
+            return None
+        h, drop = state
+        mask, drop.keep = drop.keep, None
+        return self.put(h), self.put(mask), drop
+
+
+def _state(tensors, saved):
+    if saved is None:
+        return None
+    h, mask, drop = saved
+    drop.keep = tensors[mask]
+    return tensors[h], drop
+
+
+class GroupedSwiGLUExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, chosen, projections, *adapters):
+        run = _Run(x)
+        with no_autocast(x):
+            return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections)
+
+    @staticmethod
+    def _forward(ctx, run, x, weights, chosen, projections):
+        n, hidden = x.shape
+        k = chosen.shape[1]
+        order, inv, rows, counts = _sort_pairs(chosen, len(projections))
+        xs = x.to(run.dtype).index_select(0, rows)  # (S, H) in expert order
+        ys = torch.empty(xs.shape, dtype=run.dtype, device=x.device)  # (S, H) expert outputs, unweighted
+        keep = _Saved()
+        layout, start = [], 0
+        for (gate, up, down), count in zip(projections, counts):
+            if not count:
+                layout.append(None)
+                continue
+            xe = xs[start : start + count]
+            g, g_state = run.forward(gate, xe)  # (n_e, I)
+            u, u_state = run.forward(up, xe)
+            y, d_state = run.forward(down, _swiglu_forward(g, u))  # (n_e, H)
+            ys[start : start + count].copy_(y)
+            del y
+            states = tuple(keep.put_state(s) for s in (g_state, u_state, d_state))
+            layout.append((start, count, keep.put(g), keep.put(u), *states))
+            start += count
+        out = (ys.index_select(0, inv) * weights.reshape(-1, 1)).view(n, k, hidden).sum(1)  # (N, H)
+        keep_xs = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
+        ctx.save_for_backward(xs if keep_xs else None, ys, order, inv, rows, weights, *keep.tensors)
+        ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        with no_autocast(dout):
+            return GroupedSwiGLUExperts._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        xs, ys, order, inv, rows, weights, *tensors = ctx.saved_tensors
+        run, k = ctx.run, ctx.k
+        need_x, need_w = ctx.needs_input_grad[:2]
+        n, hidden = dout.shape
+        grads = dout.to(run.dtype).index_select(0, rows)  # (S, H) in expert order
+        d_w = None
+        if need_w:  # d_w[pair] = <dout[row], ys[pair]>
+            d_w = torch.linalg.vecdot(grads, ys).index_select(0, inv).view(n, k).to(weights.dtype)
+        del ys
+        grads.mul_(weights.reshape(-1)[order].to(run.dtype).unsqueeze(1))  # d ys
+        dxs = torch.empty_like(grads) if need_x else None
+        adapter_grads = []
+        for (gate, up, down), entry in zip(ctx.projections, ctx.layout):
+            if entry is None:  # no rows: its adapters get no gradient (as when the expert is not called)
+                adapter_grads += [None, None] * sum(p.lora_a is not None for p in (gate, up, down))
+                continue
+            start, count, gi, ui, g_saved, u_saved, d_saved = entry
+            g, u, run_rows = tensors[gi], tensors[ui], slice(start, start + count)
+            d_act, d_a_down, d_b_down = run.backward(
+                down, grads[run_rows], _state(tensors, d_saved), lambda: _swiglu_forward(g, u)
+            )
+            d_g, d_u = _swiglu_backward(d_act, g, u)
+            del d_act
+
+            def xe():
+                return xs[run_rows]
+
+            dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe)
+            dx, d_a_up, d_b_up = run.backward(up, d_u, _state(tensors, u_saved), xe, add=dx)
+            if dxs is not None:
+                dxs[run_rows].copy_(dx)
+            for proj, da, db in ((gate, d_a_gate, d_b_gate), (up, d_a_up, d_b_up), (down, d_a_down, d_b_down)):
+                if proj.lora_a is not None:
+                    adapter_grads += [da, db]
+        d_x = None
+        if dxs is not None:
+            d_x = dxs.index_select(0, inv).view(n, k, hidden).sum(1).to(ctx.x_dtype)
+        return (d_x, d_w, None, None, *adapter_grads)
+
+
+def grouped_swiglu_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    chosen: torch.Tensor,
+    projections: Sequence[tuple[Projection, Projection, Projection]],
+) -> torch.Tensor:
+    """``sum_j weights[:, j] * expert_{chosen[:, j]}(x)`` for SwiGLU experts, as one autograd node.
+
+    Args:
+        x: (N, H) rows.
+        weights: (N, k) routing weights (gradient flows to them: the router's).
+        chosen: (N, k) expert ids in ``[0, len(projections))``.
+        projections: per expert its (gate, up, down) :class:`Projection` (see :func:`expert_projections`).
+
+    Returns:
+        (N, H) tensor in x's dtype. Gradients flow to x, weights and every adapter, never to a base.
+    """
+    if x.dim() != 2 or chosen.shape != weights.shape or chosen.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"grouped_swiglu_experts: x {tuple(x.shape)} must be (N, H) and weights {tuple(weights.shape)}, "
+            f"chosen {tuple(chosen.shape)} both (N, k)"
+        )
+    adapters = [t for trio in projections for p in trio if p.lora_a is not None for t in (p.lora_a, p.lora_b)]
+    return GroupedSwiGLUExperts.apply(x, weights, chosen, tuple(projections), *adapters)
