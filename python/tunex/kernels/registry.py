@@ -415,7 +415,7 @@ OPS: dict[str, tuple[Impl, ...]] = {
             "(tunex.kernels.moe: rows sorted by expert once, inverse-permutation gathers both ways)",
             lambda f: bool(f.grad),
         ),
-        _torch("loop"),
+        Impl("loop", "always: each expert through its own layers (models/moe.py grouped_experts)", lambda f: True),
     ),
     "matmul_f32": (
         Impl(

@@ -11,10 +11,11 @@ The llama-family layer of decoder.py with its MLP replaced by a sparse block:
   ``sigmoid(shared_expert_gate(x))``; Qwen layers listed in ``mlp_only_layers`` (or off the
   ``decoder_sparse_step``) keep a dense MLP.
 
-Experts run grouped: the (token, slot) pairs are sorted by expert, the rows gathered once in that
-order (``index_select``), each expert takes its run of them in one product per projection, and
-the weighted outputs go back to their rows in one ``index_add_``: one loop over the experts,
-never over tokens. Every expert projection is a plain
+Experts run grouped through the runtime's ``experts`` hook: in training (Standard runtime) as
+one autograd node, tunex.kernels.moe; otherwise :func:`grouped_experts`: the (token, slot) pairs
+are sorted by expert, the rows gathered once in that order (``index_select``), each expert takes
+its run of them in one product per projection, and the weighted outputs go back to their rows in
+one ``index_add_``: one loop over the experts, never over tokens. Every expert projection is a plain
 ``nn.Linear`` under the checkpoint's own name (Mixtral ``block_sparse_moe.experts.3.w1``, Qwen
 ``mlp.experts.3.gate_proj``), so checkpoints load without renaming, QLoRA packs the experts like
 any linear, and LoRA adapts each expert's projections under the names PEFT gives them. The
