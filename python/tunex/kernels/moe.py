@@ -33,8 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
-from tunex.kernels._dispatch import compute_dtype, frozen_product_dtype, matmul_nt, matmul_nt_in, no_autocast
-from tunex.kernels.lora import _dense, _Dropout
+from tunex.kernels._dispatch import (
+    compute_dtype,
+    frozen_product_dtype,
+    host_flat,
+    matmul_nt,
+    matmul_nt_in,
+    no_autocast,
+    use_triton,
+)
+from tunex.kernels.lora import _dense, _Dropout, _native_add_up, _native_down, _native_grad_a
 from tunex.kernels.swiglu import _backward_torch as _swiglu_backward
 from tunex.kernels.swiglu import _forward_torch as _swiglu_forward
 
@@ -103,7 +111,7 @@ class _Run:
         self.base_dtype = frozen_product_dtype(x)
         if self.base_dtype is not None:
             self.dtype = x.dtype
-        self.triton = x.device.type == "cuda"
+        self.triton = use_triton(x)  # the adapters' dropout: Triton's seeded mask on CUDA
 
     def weight(self, proj: Projection) -> torch.Tensor:
         return _dense(proj.base, self.base_dtype or self.dtype)
@@ -114,7 +122,13 @@ class _Run:
         if proj.lora_a is None:
             return y, None
         drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
-        h = matmul_nt(drop(x2), proj.lora_a.to(self.dtype))  # (n, r)
+        a = proj.lora_a.to(self.dtype)
+        if drop.fused:  # h = dropout(x) @ A.T in one pass over x (tunex.kernels.lora's native kernels)
+            a = a.contiguous()
+            h = torch.empty((x2.shape[0], a.shape[0]), dtype=self.dtype, device=x2.device)
+            _native_down(host_flat(x2), x2.shape[1], host_flat(a), drop.seed, drop.p, host_flat(h))
+        else:
+            h = matmul_nt(drop(x2), a)  # (n, r)
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
@@ -126,6 +140,13 @@ class _Run:
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
             d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
             dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
+            if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
+                d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
+                x = x2()
+                _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
+                dx = matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add)
+                _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
+                return dx, d_a.to(proj.lora_a.dtype), d_b
             d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
             d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
