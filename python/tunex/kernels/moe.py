@@ -204,7 +204,10 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
         k = chosen.shape[1]
         order, inv, rows, counts = _sort_pairs(chosen, len(projections))
         xs = x.to(run.dtype).index_select(0, rows)  # (S, H) in expert order
-        ys = torch.empty(xs.shape, dtype=run.dtype, device=x.device)  # (S, H) expert outputs, unweighted
+        # the gate/up adapters' gradients need xs in backward; without them each expert's outputs
+        # (S, H, unweighted) overwrite its rows once its gate and up products have read them
+        keep_xs = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
+        ys = torch.empty(xs.shape, dtype=run.dtype, device=x.device) if keep_xs else xs
         keep = _Saved()
         layout, start = [], 0
         for (gate, up, down), count in zip(projections, counts):
@@ -221,7 +224,6 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             layout.append((start, count, keep.put(g), keep.put(u), *states))
             start += count
         out = (ys.index_select(0, inv) * weights.reshape(-1, 1)).view(n, k, hidden).sum(1)  # (N, H)
-        keep_xs = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
         ctx.save_for_backward(xs if keep_xs else None, ys, order, inv, rows, weights, *keep.tensors)
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
         return out.to(x.dtype)
@@ -243,7 +245,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             d_w = torch.linalg.vecdot(grads, ys).index_select(0, inv).view(n, k).to(weights.dtype)
         del ys
         grads.mul_(weights.reshape(-1)[order].to(run.dtype).unsqueeze(1))  # d ys
-        dxs = torch.empty_like(grads) if need_x else None
+        dxs = grads if need_x else None  # each expert's input gradient replaces its rows once read
         adapter_grads = []
         for (gate, up, down), entry in zip(ctx.projections, ctx.layout):
             if entry is None:  # no rows: its adapters get no gradient (as when the expert is not called)
