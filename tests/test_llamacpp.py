@@ -1,8 +1,8 @@
 """llama.cpp itself (llama-cpp-python, a test-only dependency) loads tunex's GGUF exports: a tiny
 random model's logits match tunex's on the same weights (exactly in f32, within the rounding of
 llama.cpp's quantized activations otherwise), the real SmolLM2's f16 export answers a chat as tunex
-does and stops at the end-of-turn token, and llama.cpp's perplexity on a fixed text stays close to
-the f16 export's for q8_0 and the K-quant mixes."""
+does and stops at the end-of-turn token, and llama.cpp's perplexity on real dialogue stays within 2% of
+the f16 export's for q8_0 and q6_k, and no worse than llama.cpp's own quantizer for the 4/5-bit mixes."""
 
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ TEXT = (
 
 
 def _llama(path, **kw):
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, logits_all=True, verbose=False, seed=0, **kw
-    )
+    kw = {"n_ctx": 512, **kw}
+    return llama_cpp.Llama(model_path=str(path), n_threads=2, n_batch=512, logits_all=True, verbose=False, seed=0, **kw)
 
 
 def _logits(llm, ids: list[int]) -> np.ndarray:
@@ -248,20 +247,57 @@ def test_smollm2_chat_is_tunex_chat_and_stops_at_end_of_turn(smollm2, smollm2_ex
     assert choice["finish_reason"] == "stop"  # the end-of-turn token ended it, not max_tokens
 
 
-def _perplexity(path, ids: list[int]) -> float:
-    logits = _logits(_llama(path), ids).astype(np.float64)
+def _perplexity(path, ids: list[int], **kw) -> float:
+    logits = _logits(_llama(path, **kw), ids).astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     return math.exp(-np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
 
 
-def test_smollm2_k_quant_perplexity_within_2_percent_of_f16(smollm2, smollm2_exports):
-    ids = load_tokenizer(smollm2).encode(TEXT, add_special_tokens=False)
-    ppl = {t: _perplexity(p, ids) for t, p in smollm2_exports.items()}
-    # q8_0 and q6_k stay within 2% of f16; the 4- and 5-bit mixes of this 135M model (whose 576-wide
-    # rows fall back to Q5_0 / Q5_1, as in llama.cpp) lose more: measured 7% and 10%
-    for t, bound in (("q8_0", 1.02), ("q6_k", 1.02), ("q5_k_m", 1.12), ("q4_k_m", 1.12)):
-        assert ppl[t] <= ppl["f16"] * bound, json.dumps(ppl)
+def _corpus_ids(tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of real dialogue: every chatterbot-corpus conversation, one per line."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(importlib.util.find_spec("chatterbot_corpus").origin).parent / "data" / "english"
+    lines = []
+    for f in sorted(folder.glob("*.yml")):
+        lines += [" ".join(str(turn) for turn in c) for c in yaml.safe_load(f.read_text())["conversations"]]
+    ids = tokenizer.encode("\n".join(lines), add_special_tokens=False)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+# llama.cpp's file types (llama_ftype) of the 5- and 4-bit mixes
+FTYPES = {"q5_k_m": 17, "q4_k_m": 15}
+
+
+def test_smollm2_quant_perplexity_against_f16_and_llama_cpp_own_quantizer(smollm2, smollm2_exports, tmp_path):
+    """Perplexity of each export in llama.cpp over 2048 tokens of real dialogue. q8_0 and q6_k stay
+    within 2% of f16. This 135M model's 576-wide rows are not whole 256-value K-quant blocks, so most
+    of its q5_k_m / q4_k_m tensors fall back to Q5_0 / Q5_1 (as llama.cpp's quantizer does): those
+    two mixes lose about 8% here, llama.cpp's own quantizer as much. So they are held to llama.cpp's
+    own quantization (llama_model_quantize) of the same f16 file: no worse by more than 1%, and
+    within 12% of f16."""
+    import ctypes
+
+    ids = _corpus_ids(load_tokenizer(smollm2), 2048)
+    ppl = {t: _perplexity(p, ids, n_ctx=2048) for t, p in smollm2_exports.items()}
+    theirs = {}
+    for t, ftype in FTYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 2
+        out = tmp_path / f"llama-{t}.gguf"
+        source = str(smollm2_exports["f16"]).encode()
+        assert llama_cpp.llama_model_quantize(source, str(out).encode(), ctypes.byref(params)) == 0
+        theirs[t] = _perplexity(out, ids, n_ctx=2048)
+    said = json.dumps({"tunex": ppl, "llama.cpp": theirs})
+    for t in ("q8_0", "q6_k"):
+        assert ppl[t] <= ppl["f16"] * 1.02, said
+    for t in FTYPES:
+        assert ppl[t] <= theirs[t] * 1.01 and ppl[t] <= ppl["f16"] * 1.12, said
 
 
 def test_a_plain_gpt2_byte_level_tokenizer_loads_in_llama_cpp(tiny, tmp_path):
