@@ -110,10 +110,17 @@ def test_quantized_export_logits_match_tunex_on_its_weights(tiny, tmp_path, outt
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8  # random logits: near-ties flip
 
 
+# Phi-3's special tokens beyond SmolLM2's vocabulary: llama.cpp's vocabulary loader sets attributes
+# on "<unk>", "<s>", "</s>" and "<|endoftext|>" by name (a lookup that fails when one is missing) for
+# every model whose general.name contains "phi3" or "phi-3", and the chat tokens come with them
+PHI3_TOKENS = ["<unk>", "<s>", "</s>", "<|assistant|>", *(f"<|placeholder{i}|>" for i in range(1, 7))]
+PHI3_TOKENS += ["<|system|>", "<|end|>", "<|user|>"]
+SMOLLM2_VOCAB = 49152
+
 # The newer families tunex exports, llama.cpp's way of running each being the oracle: the mixtures of
 # experts (Mixtral as llama with stacked experts, qwen2moe with its shared expert, qwen3moe) and the
-# dense families beyond llama / qwen2 (not Phi-3: llama.cpp's phi3 vocabulary loader wants Phi-3's
-# own special tokens, which SmolLM2's vocabulary lacks). (transformers class prefix, config beyond SHAPE)
+# dense families beyond llama / qwen2 (Phi-3 with SmolLM2's tokenizer plus PHI3_TOKENS). (transformers
+# class prefix, config beyond SHAPE)
 FAMILIES = {
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2_moe": (
@@ -127,6 +134,7 @@ FAMILIES = {
     "qwen3": ("Qwen3", dict(head_dim=64)),
     "gemma2": ("Gemma2", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, pad_token_id=2)),
     "gemma3": ("Gemma3Text", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, pad_token_id=2)),
+    "phi3": ("Phi3", dict(vocab_size=SMOLLM2_VOCAB + len(PHI3_TOKENS), sliding_window=64, pad_token_id=2)),
 }
 F32 = 0  # ggml's type id of f32, for llama.cpp's KV cache
 SHAPE = dict(
@@ -150,7 +158,7 @@ def family(request, tmp_path_factory, smollm2):
 
     cls, extra = FAMILIES[request.param]
     torch.manual_seed(0)
-    config = getattr(transformers, f"{cls}Config")(**SHAPE, **extra)
+    config = getattr(transformers, f"{cls}Config")(**{**SHAPE, **extra})
     model = getattr(transformers, f"{cls.replace('Text', '')}ForCausalLM")(config).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -164,7 +172,20 @@ def family(request, tmp_path_factory, smollm2):
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2 / name, folder / name)
+    if request.param == "phi3":
+        _add_special_tokens(folder / "tokenizer.json", PHI3_TOKENS)
     return request.param, folder, model
+
+
+def _add_special_tokens(file, tokens: list[str]) -> None:
+    """Append ``tokens`` to a tokenizer.json as special added tokens, with ids after its vocabulary."""
+    data = json.loads(file.read_text())
+    first = len(data["model"]["vocab"])
+    assert first == SMOLLM2_VOCAB and not {a["content"] for a in data["added_tokens"]} & set(tokens)
+    for i, content in enumerate(tokens):
+        flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+        data["added_tokens"].append({"id": first + i, "content": content, **flags})
+    file.write_text(json.dumps(data))
 
 
 def test_new_families_f32_export_gives_transformers_logits_in_llama_cpp(family, tmp_path):
