@@ -10,8 +10,9 @@ all in train mode with dropout on, taking turns step by step (only one computes 
 - ``tunex``: the default path: the packed documents' spans go to the native attention kernel,
   which attends inside each document (varlen attention).
 - ``tunex-dense``: the same run with ``TUNEX_NATIVE_ATTENTION=0``: attention through torch's SDPA
-  with the block-diagonal (B, 1, T, T) mask, the packed path before varlen attention (256 and
-  2048 only: at 8192 the mask path needs minutes per step here).
+  with the block-diagonal (B, 1, T, T) mask, the packed path before varlen attention (256 x 4 and
+  2048 x 1 only: at 8192 the mask path needs minutes per step here, and at 2048 x 4 the score
+  matrices it keeps for backward do not fit in 24 GB).
 - ``hf``: transformers + PEFT on the same conversations as a padded batch (one conversation per
   row, padding masked), as users without packing run them (256 x 4 only: its padded batch of the
   256 x 4 pack's conversations peaks near 10 GB here, and a 2048-token pack's was OOM-killed on this
@@ -48,7 +49,10 @@ ALL_TOPICS = (
     "politics psychology science sports trivia".split()
 )
 SHAPES = ((256, 4), (2048, 1), (2048, 4), (8192, 1))
-DENSE_MAX = 2048  # the dense-mask contender's longest pack (at 8192 its mask path needs minutes per step)
+# the dense-mask contender's largest attention: batch x length^2 of the 2048 x 1 row (at 8192 x 1 its
+# mask path needs minutes per step; at 2048 x 4 the score matrices it keeps for backward, about 18 GB,
+# were OOM-killed on this 24 GB machine)
+DENSE_MAX = 2048**2
 HF_MAX = 256  # transformers+PEFT's longest pack (its padded batch of a 2048-token pack's conversations OOMs)
 NATIVE_POSITIONS = 8192  # SmolLM2's max_position_embeddings
 
@@ -115,7 +119,7 @@ def build_tunex(batch, checkpointing: bool = False, rope_scaling: dict | None = 
     from tunex.config import validate
     from tunex.dist.env import init_distributed
     from tunex.dist.wrap import wrap_for_training
-    from tunex.train.build import build_model
+    from tunex.train.build import build_model, enable_gradient_checkpointing
     from tunex.train.loop import _micro_step
     from tunex.train.optim import build_optimizer
 
@@ -130,6 +134,8 @@ def build_tunex(batch, checkpointing: bool = False, rope_scaling: dict | None = 
         }
     )
     model = build_model(cfg, torch.device("cpu"))
+    if checkpointing:  # as the training loop does
+        enable_gradient_checkpointing(model)
     step_module = wrap_for_training(model, "lora", init_distributed(), torch.device("cpu"), "float32")
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
@@ -216,7 +222,7 @@ def run_long(length: int) -> None:
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         f"\nOne document of {r['length']} tokens ({r['tokens']} with labels; every chatterbot-corpus topic's conversations, "
-        "continued from the start, positions 0..N-1), LoRA as above with gradient checkpointing and linear RoPE scaling "
+        "continued from the start, positions 0..N-1): SmolLM2-135M, LoRA r=16 alpha=32 all-linear dropout 0.05, AdamW, fp32, with gradient checkpointing and linear RoPE scaling "
         f"{max(1.0, length / NATIVE_POSITIONS):g}x: tunex alone, one step (the first).\n"
     )
     print("| document | step seconds | tokens/s | CPU seconds | peak RSS MB | after building MB | loss |")
@@ -280,13 +286,20 @@ def main() -> None:
     folder = str(resolve_model_path(MODEL))
     load_before = os.getloadavg()[0]
     rows = [
-        "| packed length x batch | tunex tokens/s | tunex peak RSS MB | of it, activations MB | dense-mask tokens/s "
+        "| packed length x batch | real tokens per step | tunex tokens/s | tunex peak RSS MB | of it, activations MB | dense-mask tokens/s "
         "| dense-mask peak RSS MB | tunex vs dense mask | transformers+PEFT (padded) tokens/s | its peak RSS MB "
         "| tunex vs transformers+PEFT | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for length, batch in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
-        whos = ["tunex"] + (["tunex-dense"] if length <= DENSE_MAX else []) + (["hf"] if length <= HF_MAX else [])
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",") if shape]
+    if args.long:  # first: its worker needs the most memory, with nothing else alive
+        run_long(args.long)
+    for length, batch in shapes:
+        whos = (
+            ["tunex"]
+            + (["tunex-dense"] if batch * length**2 <= DENSE_MAX else [])
+            + (["hf"] if length <= HF_MAX else [])
+        )
         r = run_shape(whos, length, batch, os.path.abspath(folder), args.steps)
         ours, dense, hf = r.get("tunex", {}), r.get("tunex-dense", {}), r.get("hf", {})
         rss = (
@@ -295,9 +308,11 @@ def main() -> None:
             else ("n/a" if hf else "-")
         )
         rows.append(
-            f"| {length} x {batch} | {_speed(ours)} | {_rss(ours)} | {_activations(ours)} | {_speed(dense)} | {_rss(dense)} | "
+            f"| {length} x {batch} | {ours.get('tokens', '-')} | {_speed(ours)} | {_rss(ours)} | {_activations(ours)} | {_speed(dense)} | {_rss(dense)} | "
             f"{_ratio(ours, dense) if dense else '-'} | {_speed(hf)} | {_rss(hf)} | {_ratio(ours, hf) if hf else '-'} | {rss} |"
         )
+    if not shapes:  # --shapes "" (only --long)
+        return
     print(
         "SmolLM2-135M, LoRA r=16 alpha=32 all-linear dropout 0.05 (train mode on all sides), AdamW, fp32 on "
         "the CPU, the quick start's chatterbot conversations packed by tunex (real tokens counted; "
@@ -306,8 +321,6 @@ def main() -> None:
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
     )
     print("\n".join(rows))
-    if args.long:
-        run_long(args.long)
 
 
 if __name__ == "__main__":

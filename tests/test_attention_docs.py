@@ -19,16 +19,24 @@ def _positions(lengths_per_row: list[list[int]]) -> torch.Tensor:
     return torch.tensor([[i for n in row for i in range(n)] for row in lengths_per_row])
 
 
-def _per_document(q, k, v, lengths_per_row, gqa):
-    """torch SDPA on each document alone: the oracle."""
+def _per_document(q, k, v, lengths_per_row, gqa, window=None):
+    """torch SDPA on each document alone: the oracle. ``window``: each document's mask lets query i
+    see keys j with i - window < j <= i (transformers' sliding-window mask, built here from indices)."""
     rows = []
     for b, lengths in enumerate(lengths_per_row):
         outs, start = [], 0
         for n in lengths:
             sl = slice(start, start + n)
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+            mask = None if window is None else (j <= i) & (j > i - window)
             outs.append(
                 F.scaled_dot_product_attention(
-                    q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], is_causal=True, enable_gqa=gqa
+                    q[b : b + 1, :, sl],
+                    k[b : b + 1, :, sl],
+                    v[b : b + 1, :, sl],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    enable_gqa=gqa,
                 )
             )
             start += n
@@ -168,3 +176,125 @@ def test_cuda_packs_of_many_documents_run_flex_attention(monkeypatch):
     docs = Documents.of(_positions(lengths))
     got = attention.flex_per_document(q, k, v, docs, True)
     torch.testing.assert_close(got, _per_document(q, k, v, lengths, True), rtol=1e-5, atol=1e-5)
+
+
+# documents of odd lengths and of length 1; windows of one key, shorter than some documents and
+# longer than all of them
+WINDOWED = [[[1, 20, 13, 6], [40]], [[7, 1, 1, 31], [2, 38]]]
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("lengths", WINDOWED)
+def test_native_sliding_window_matches_sdpa_per_document(lengths, kv_heads, window):
+    """float32: the native kernel (forward and backward) through the runtime, as training runs it."""
+    require_native("attention_forward_f32")
+    torch.manual_seed(4)
+    b, h, t, d = 2, 4, 40, 32
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    grad = torch.randn(b, h, t, d)
+    gqa = kv_heads != h
+    want = _per_document(q, k, v, lengths, gqa, window)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    docs = Documents.of(_positions(lengths)).windowed(window)
+    longest = max(n for row in lengths for n in row)
+    assert docs.window == (window if window < longest else None)  # a window no document exceeds is none
+    assert attention.choose(q, k, v, causal=True, arena=True, docs=len(docs.spans), window=docs.window) == "native"
+    with arena.keeping(arena.ActivationArena()):
+        got = Standard().attention(q, k, v, docs, False, gqa)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), want_grads):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+    # the dense fallback (the plain runtime, sdpa) and SDPA on each document give the same
+    torch.testing.assert_close(Plain().attention(q, k, v, docs, False, gqa), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(attention.sdpa_per_document(q, k, v, docs, gqa), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window_over_whole_rows_runs_the_kernel_without_spans(window, monkeypatch):
+    """An unpacked batch longer than the window: one document per row, the kernel called once over
+    the batch (no spans), forward and backward against SDPA with transformers' mask."""
+    require_native("attention_forward_f32")
+    torch.manual_seed(5)
+    b, h, t, d = 2, 2, 37, 16
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, h, t, d)
+    docs = Documents.rows(b, t, q.device).windowed(window)
+    assert docs.window == window and docs.whole_rows()
+    calls = []
+    native_forward = attention._native_forward
+    monkeypatch.setattr(attention, "_native_forward", lambda *a: calls.append(a[-2:]) or native_forward(*a))
+    with arena.keeping(arena.ActivationArena()):
+        got = Standard().attention(q, k, v, docs, False, False)
+    assert calls == [(None, window)]
+    want = _per_document(q, k, v, [[t]] * b, False, window)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+    assert docs.dense().shape == (1, 1, t, t)  # rows of one document share one banded mask
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("lengths", WINDOWED)
+def test_sliding_window_in_bfloat16_matches_sdpa_per_document(lengths, window):
+    """bfloat16 (not the native kernel's: the CPU falls back to SDPA with the dense mask; CUDA takes
+    SDPA per document or FlexAttention): each path against the per-document oracle in bfloat16,
+    forward and backward."""
+    torch.manual_seed(6)
+    b, h, t, d = 2, 4, 40, 16
+    q = torch.randn(b, h, t, d, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, 2, t, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(b, h, t, d, dtype=torch.bfloat16)
+    docs = Documents.of(_positions(lengths)).windowed(window)
+    want = _per_document(q, k, v, lengths, True, window)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    assert attention.choose(q, k, v, causal=True, arena=False, docs=len(docs.spans), window=window) == "sdpa"
+    paths = {"dense": lambda: Standard().attention(q, k, v, docs, False, True)}
+    paths["sdpa-docs"] = lambda: attention.sdpa_per_document(q, k, v, docs, True)
+    for name, run in paths.items():
+        got = run()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=name)
+        for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), want_grads):
+            torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.skipif(not attention.flex_available(), reason="torch without FlexAttention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sliding_windows_run_flex_attention(monkeypatch, dtype):
+    """On CUDA, documents longer than their window take FlexAttention with the window in its block
+    mask (however few they are); its forward is checked here eagerly on the CPU against SDPA on
+    each document (FlexAttention has no CPU backward)."""
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+
+    def impl(docs, window):
+        facts = registry.Facts("cuda", torch.bfloat16, grad=True, causal=True, docs=docs, head_dim=64, window=window)
+        return registry.choose("attention", facts)
+
+    assert impl(2, 8) == "flex-docs" and impl(2, None) == "sdpa-docs"
+    assert registry.Facts("cuda", torch.bfloat16, window=8).key()[-1] == 8  # part of the question asked
+    torch.manual_seed(7)
+    lengths = [[4, 1, 11, 30, 82], [9, 7, 112]]
+    q = torch.randn(2, 4, 128, 16, dtype=dtype)
+    k, v = (torch.randn(2, 2, 128, 16, dtype=dtype) for _ in range(2))
+    for window in (1, 8, 50):
+        docs = Documents.of(_positions(lengths)).windowed(window)
+        got = attention.flex_per_document(q, k, v, docs, True)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, _per_document(q, k, v, lengths, True, window), rtol=tol, atol=tol)
+
+
+def test_windowed_documents_dense_mask_is_transformers_band():
+    """The dense fallback's mask: inside each document, key j visible from query i when
+    i - window < j <= i (transformers' masking_utils convention), and nothing across documents."""
+    docs = Documents.of(_positions([[5, 3], [8]])).windowed(2)
+    dense = docs.dense()
+    assert dense.shape == (2, 1, 8, 8)
+    row0 = dense[0, 0]
+    assert row0[4, 3] and row0[4, 4] and not row0[4, 2]  # the window: itself and one before
+    assert row0[5, 5] and not row0[5, 4]  # the second document starts at 5
+    assert row0[7, 6] and not row0[7, 5]
+    assert not dense[1, 0, 3, 1] and dense[1, 0, 3, 2]
+    assert Documents.of(_positions([[5, 3]])).windowed(5).window is None  # no document is longer

@@ -150,7 +150,7 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
         "lora_linear": "fused-native",
         "cross_entropy": "native",
     }
-    if ours.config.sliding_window is not None:  # a banded mask: torch's SDPA takes it
+    if ours.config.attn_softcap:  # soft-capped scores: attention in torch ops, no kernel hook
         del expected_impls["attention"]
     if ours.config.family in GEMMA:  # a GELU gate, not SwiGLU
         del expected_impls["swiglu"]
@@ -168,6 +168,7 @@ def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, monkeyp
     ours, ref, mine, theirs = adapted_pair(tmp_path, family)
     ids, labels, pos, docs = packed_documents(BASE["vocab_size"])
     chosen = spy_kernel_choices(monkeypatch)
+    dense = _count_dense_masks(monkeypatch)
     loss = LossModule(ours)(ids, labels, pos)
     loss.backward()
     expected = documents_loss(ref, docs)
@@ -175,3 +176,30 @@ def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, monkeyp
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     _check_grads(mine, theirs)
     assert "native" in chosen["rmsnorm"] and "fused-native" in chosen["lora_linear"]
+    if not ours.config.attn_softcap:  # sliding windows (shorter than some documents) too: the spans only
+        assert chosen["attention"] == {"native"} and dense == []
+
+
+def _count_dense_masks(monkeypatch) -> list:
+    """The masks the model builds from now on in this test: Documents.dense and the banded
+    attention_mask (one entry per call)."""
+    from tunex.kernels.attention import Documents
+    from tunex.models import decoder, gemma
+
+    calls = []
+    real_dense, real_mask = Documents.dense, decoder.attention_mask
+
+    def dense(self):
+        calls.append("dense")
+        return real_dense(self)
+
+    def mask(*args, **kwargs):
+        made = real_mask(*args, **kwargs)
+        if made is not None:
+            calls.append("attention_mask")
+        return made
+
+    monkeypatch.setattr(Documents, "dense", dense)
+    for module in (decoder, gemma):
+        monkeypatch.setattr(module, "attention_mask", mask)
+    return calls

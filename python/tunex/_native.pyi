@@ -168,9 +168,11 @@ def attention_forward_f32(
     shape: tuple[int, int, int, int, int],
     scale: float,
     docs: list[tuple[int, int, int]] | None = None,
+    window: int | None = None,
 ) -> None:
     """Causal attention; ``shape`` is (B, H, Hkv, T, D); ``lse`` (B, H, T) gets the rows' log-sum-exp.
-    ``docs``: (row, start, length) of the packed documents tiling the rows; attention stays inside each."""
+    ``docs``: (row, start, length) of the packed documents tiling the rows; attention stays inside each.
+    ``window``: query i sees keys j with i - window < j <= i only (a causal sliding window)."""
 
 def attention_backward_f32(
     dout: _Strided,
@@ -185,6 +187,7 @@ def attention_backward_f32(
     shape: tuple[int, int, int, int, int],
     scale: float,
     docs: list[tuple[int, int, int]] | None = None,
+    window: int | None = None,
 ) -> None: ...
 def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
     """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""

@@ -14,6 +14,10 @@
 //! SmolLM2 layer at batch 4) this is about twice as fast as torch's CPU flash attention, whose
 //! tiles of scores and probabilities go through memory between small GEMM calls.
 //!
+//! A causal sliding window (query i sees keys j with i - window < j <= i: Mistral's, Phi-3's, the
+//! local layers of Gemma) narrows each tile to the columns its rows see, from the first one down
+//! to a whole vector, so a window's cost follows the window, not T.
+//!
 //! Grouped heads: each query head's dK and dV are summed over the rows of its own part, then the
 //! heads of a group are added in head order. Every output element has one fixed order of
 //! operations (multiply-adds in index order; row sums over 16 lanes combined by one fixed pairing),
@@ -438,7 +442,7 @@ fn pack_transposed(x: &Input<'_>, d: &Dims, out: &mut [f32]) -> Result<()> {
 multiversion512! {
     #[allow(clippy::too_many_arguments)]
     fn forward_head(q: Input<'_>, kt: &[f32], v: Input<'_>, out: &Shared, os: Strides, lse: &Shared, d: Dims,
-                    b: usize, h: usize, scale: f32) {
+                    b: usize, h: usize, scale: f32, window: usize) {
         let (t, dim, tp) = (d.seq, d.dim, d.padded());
         let kvh = h / d.group();
         let wide = wide_tiles();
@@ -449,24 +453,30 @@ multiversion512! {
         for i0 in (0..t).step_by(MR) {
             let m = MR.min(t - i0);
             let last = i0 + m; // columns the tile's last row sees
+            // the first column the tile's first row sees, down to whole vectors: the tile's scores
+            // cover columns c0..last, kept from column 0 of s (c0 = 0 without a window)
+            let c0 = first_key(i0, window) / LANES * LANES;
             let q0 = at(q.strides, b, h, i0);
-            // SAFETY: rows i0..last of q, columns 0..round16(last) <= tp of kt, rows of s.
+            // SAFETY: rows i0..last of q, columns c0..round16(last) <= tp of kt, rows of s.
             unsafe {
-                rows(wide, m, last.div_ceil(LANES) * LANES, dim, q.data[q0..].as_ptr(), q.strides.pos, 1, kt.as_ptr(), tp,
-                     s.as_mut_ptr(), tp, false);
+                rows(wide, m, last.div_ceil(LANES) * LANES - c0, dim, q.data[q0..].as_ptr(), q.strides.pos, 1,
+                     kt.as_ptr().add(c0), tp, s.as_mut_ptr(), tp, false);
             }
             for r in 0..m {
                 let i = i0 + r;
-                let row = &mut s[r * tp..r * tp + last.max((i + 1).div_ceil(LANES) * LANES)];
-                let top = row_max(&row[..=i]) * scale;
-                l[r] = exp_row(row, i + 1, scale, top);
+                let row = &mut s[r * tp..r * tp + last.max((i + 1).div_ceil(LANES) * LANES) - c0];
+                let lo = first_key(i, window) - c0; // keys before it lie outside the window
+                row[..lo].fill(0.0);
+                let top = row_max(&row[lo..=i - c0]) * scale;
+                l[r] = exp_row(&mut row[lo..], i + 1 - c0 - lo, scale, top);
                 let li = (b * d.heads + h) * t + i;
                 // SAFETY: lse element (b, h, i) belongs to this part.
                 unsafe { lse.range(li, li + 1)[0] = top + l[r].ln() };
             }
-            // SAFETY: rows 0..last of v (token stride), columns 0..dim; m rows of o.
+            // SAFETY: rows c0..last of v (token stride), columns 0..dim; m rows of o.
             unsafe {
-                rows(wide, m, dim, last, s.as_ptr(), tp, 1, v.data[v0..].as_ptr(), v.strides.pos, o.as_mut_ptr(), dim, false);
+                rows(wide, m, dim, last - c0, s.as_ptr(), tp, 1, v.data[v0 + c0 * v.strides.pos..].as_ptr(),
+                     v.strides.pos, o.as_mut_ptr(), dim, false);
             }
             for r in 0..m {
                 let inv = 1.0 / l[r];
@@ -481,8 +491,29 @@ multiversion512! {
     }
 }
 
+/// The first key query `i` sees under a causal window of `window` keys (itself included):
+/// `i + 1 - window`, or 0. Without a window, `window` is `usize::MAX`.
+#[inline(always)]
+fn first_key(i: usize, window: usize) -> usize {
+    (i + 1).saturating_sub(window)
+}
+
+/// The window of a call as the kernels take it (`usize::MAX`: none); a window of no keys is an error.
+fn window_keys(window: Option<usize>) -> Result<usize> {
+    match window {
+        Some(0) => {
+            Err(bad("window 0; expected a positive number of keys each query sees (itself included), or none".into()))
+        }
+        Some(w) => Ok(w),
+        None => Ok(usize::MAX),
+    }
+}
+
 /// `out` = causal attention of `q` over `k`, `v`; `lse` (B, H, T) contiguous gets each row's
 /// log-sum-exp of the scaled scores (what [`backward`] needs besides the inputs and `out`).
+/// `window`: a causal sliding window, query i seeing keys j with i - window < j <= i (cost
+/// proportional to the window, not to T); None: all keys j <= i.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: Input<'_>,
     k: Input<'_>,
@@ -491,8 +522,10 @@ pub fn forward(
     lse: &mut [f32],
     d: Dims,
     scale: f32,
+    window: Option<usize>,
 ) -> Result<()> {
     check_dims(&d)?;
+    let window = window_keys(window)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
@@ -505,7 +538,7 @@ pub fn forward(
         let (b, h) = (part / d.heads, part % d.heads);
         let kvh = h / d.group();
         let kt = &kt[(b * d.kv_heads + kvh) * block..][..block];
-        forward_head(q, kt, v, &dst, os, &lse, d, b, h, scale);
+        forward_head(q, kt, v, &dst, os, &lse, d, b, h, scale, window);
     });
     ok.then_some(()).ok_or_else(|| bad("a part of the forward panicked".into()))
 }
@@ -527,7 +560,7 @@ struct Saved<'a> {
 multiversion512! {
     #[allow(clippy::too_many_arguments)]
     fn backward_head(s: Saved<'_>, dq: &Shared, dqs: Strides, dk: &mut [f32], dv: &mut [f32], d: Dims, b: usize,
-                     h: usize, scale: f32) {
+                     h: usize, scale: f32, window: usize) {
         let (t, dim, tp) = (d.seq, d.dim, d.padded());
         let kvh = h / d.group();
         let wide = wide_tiles();
@@ -543,25 +576,37 @@ multiversion512! {
         let (qp, kp, op) = (q.data[q0..].as_ptr(), k.data[k0..].as_ptr(), dout.data[o0..].as_ptr());
         let (qs, ks, dos) = (q.strides.pos, k.strides.pos, dout.strides.pos);
         for blk in (0..t).step_by(BLOCK) {
-            let end = t.min(blk + BLOCK); // rows blk..end; they see columns 0..end
+            let end = t.min(blk + BLOCK); // rows blk..end; they see columns first_key(blk)..end
+            // the block's keys from the first its first row sees, down to a multiple of both MR and
+            // the vector width (BLOCK is one): p and ds hold columns cb.. from their column 0
+            let kb = first_key(blk, window);
+            let cb = kb / BLOCK * BLOCK;
             for i0 in (blk..end).step_by(MR) {
                 let m = MR.min(end - i0);
                 let last = i0 + m;
+                let c0 = first_key(i0, window) / LANES * LANES; // this tile's columns: c0..n
                 let n = last.div_ceil(LANES) * LANES;
-                let r0 = (i0 - blk) * tp;
-                // SAFETY (all four products): rows i0..last of q / dout / dq, columns 0..n <= tp of the
-                // packed kt / vt, rows 0..last of k, and rows of this part's p / ds.
+                let r0 = (i0 - blk) * tp + c0 - cb;
+                // SAFETY (all four products): rows i0..last of q / dout / dq, columns c0..n <= tp of the
+                // packed kt / vt, rows c0..last of k, and rows of this part's p / ds.
                 unsafe {
-                    rows(wide, m, n, dim, qp.add(i0 * qs), qs, 1, s.kt.as_ptr(), tp, p.as_mut_ptr().add(r0), tp, false);
-                    rows(wide, m, n, dim, op.add(i0 * dos), dos, 1, s.vt.as_ptr(), tp, ds.as_mut_ptr().add(r0), tp, false);
+                    rows(wide, m, n - c0, dim, qp.add(i0 * qs), qs, 1, s.kt.as_ptr().add(c0), tp, p.as_mut_ptr().add(r0),
+                         tp, false);
+                    rows(wide, m, n - c0, dim, op.add(i0 * dos), dos, 1, s.vt.as_ptr().add(c0), tp,
+                         ds.as_mut_ptr().add(r0), tp, false);
                 }
                 for r in 0..m {
                     let i = i0 + r;
-                    let width = end.max((i + 1).div_ceil(LANES) * LANES); // <= n: computed columns
-                    let pr = &mut p[r0 + r * tp..r0 + r * tp + width];
-                    exp_row(pr, i + 1, scale, lse[i]);
-                    let dr = &mut ds[r0 + r * tp..r0 + r * tp + width];
-                    // P is zero past the diagonal, so dS is too (dP there is finite: computed)
+                    let row0 = (i0 - blk + r) * tp;
+                    // the columns read below (up to end); exp_row zeroes those past the row's own
+                    let width = end.max((i + 1).div_ceil(LANES) * LANES) - cb;
+                    let pr = &mut p[row0..row0 + width];
+                    let lo = first_key(i, window) - cb; // keys before it lie outside the window
+                    pr[..lo].fill(0.0);
+                    exp_row(&mut pr[lo..], i + 1 - cb - lo, scale, lse[i]);
+                    let dr = &mut ds[row0..row0 + width];
+                    // P is zero outside the window and past the diagonal, so dS is too (dP there is
+                    // finite: computed, or left from an earlier block)
                     for (g, &pv) in dr.iter_mut().zip(pr.iter()) {
                         *g = if pv == 0.0 { 0.0 } else { pv * (*g - delta[i]) * scale };
                     }
@@ -569,16 +614,19 @@ multiversion512! {
                 let dst = at(dqs, b, h, i0);
                 // SAFETY: dq's layout is dense (checked): its rows (b, h, i0..last) are this part's.
                 unsafe {
-                    rows(wide, m, dim, last, ds.as_ptr().add(r0), tp, 1, kp, ks, dq.ptr(dst), dqs.pos, false);
+                    rows(wide, m, dim, last - c0, ds.as_ptr().add(r0), tp, 1, kp.add(c0 * ks), ks, dq.ptr(dst), dqs.pos,
+                         false);
                 }
             }
-            // dK[j] += sum_i dS[i, j] Q[i] and dV[j] += sum_i P[i, j] dO[i] over this block's rows i >= j
-            for j0 in (0..end).step_by(MR) {
+            // dK[j] += sum_i dS[i, j] Q[i] and dV[j] += sum_i P[i, j] dO[i] over this block's rows
+            // i >= j that see key j (i < j + window)
+            for j0 in (kb / MR * MR..end).step_by(MR) {
                 let m = MR.min(end - j0);
                 let first = blk.max(j0);
-                let (a, kd) = ((first - blk) * tp + j0, end - first);
-                // SAFETY: columns j0..j0+m of rows first..end of p / ds (zero above the diagonal),
-                // rows first..end of q / dout, rows j0..j0+m of dk / dv.
+                let stop = end.min((j0 + m - 1).saturating_add(window));
+                let (a, kd) = ((first - blk) * tp + j0 - cb, stop - first);
+                // SAFETY: columns j0..j0+m of rows first..stop of p / ds (zero outside the window and
+                // above the diagonal), rows first..stop of q / dout, rows j0..j0+m of dk / dv.
                 unsafe {
                     rows(wide, m, dim, kd, ds.as_ptr().add(a), 1, tp, qp.add(first * qs), qs, dk.as_mut_ptr().add(j0 * dim),
                          dim, true);
@@ -591,7 +639,7 @@ multiversion512! {
 }
 
 /// The gradients of [`forward`]: `dq` (B, H, T, D), `dk` and `dv` (B, Hkv, T, D), overwritten.
-/// `out` and `lse` are what the forward wrote for the same `q`, `k`, `v`.
+/// `out` and `lse` are what the forward wrote for the same `q`, `k`, `v` and `window`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dout: Input<'_>,
@@ -605,8 +653,10 @@ pub fn backward(
     dv: Output<'_>,
     d: Dims,
     scale: f32,
+    window: Option<usize>,
 ) -> Result<()> {
     check_dims(&d)?;
+    let window = window_keys(window)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
@@ -630,7 +680,7 @@ pub fn backward(
         // SAFETY: part `part` owns head (b, h) of the per-head sums.
         let (dk, dv) =
             unsafe { (dks.range(part * head, (part + 1) * head), dvs.range(part * head, (part + 1) * head)) };
-        backward_head(saved, &dq, dqs, dk, dv, d, b, h, scale);
+        backward_head(saved, &dq, dqs, dk, dv, d, b, h, scale, window);
     });
     if !ok {
         return Err(bad("a part of the backward panicked".into()));
@@ -713,7 +763,8 @@ fn doc_dims(d: &Dims, s: &Span) -> Dims {
 
 /// [`forward`] of a packed batch whose rows hold several documents: each query attends causally
 /// to the keys of its own document only (cost: the sum of the documents' squared lengths, not
-/// T^2 per row). `lse` holds H x len values per document, in `spans` order (B x H x T in all).
+/// T^2 per row; with a `window`, of their lengths times the window). `lse` holds H x len values
+/// per document, in `spans` order (B x H x T in all).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_docs(
     q: Input<'_>,
@@ -724,8 +775,10 @@ pub fn forward_docs(
     d: Dims,
     spans: &[Span],
     scale: f32,
+    window: Option<usize>,
 ) -> Result<()> {
     check_dims(&d)?;
+    window_keys(window)?;
     check_forward(&q, &k, &v, &out, lse.len(), &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
@@ -736,13 +789,13 @@ pub fn forward_docs(
         let n = d.heads * s.len; // <= B x H x T: checked by check_dims
         let doc = |x| doc_input(x, s);
         let o = Output { data: &mut out.data[doc_offset(out.strides, s)..], strides: out.strides };
-        forward(doc(q), doc(k), doc(v), o, &mut lse[done..done + n], doc_dims(&d, s), scale)?;
+        forward(doc(q), doc(k), doc(v), o, &mut lse[done..done + n], doc_dims(&d, s), scale, window)?;
         done += n;
     }
     Ok(())
 }
 
-/// The gradients of [`forward_docs`] (as [`backward`] is of [`forward`]).
+/// The gradients of [`forward_docs`] (as [`backward`] is of [`forward`]), for the same `window`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_docs(
     dout: Input<'_>,
@@ -757,8 +810,10 @@ pub fn backward_docs(
     d: Dims,
     spans: &[Span],
     scale: f32,
+    window: Option<usize>,
 ) -> Result<()> {
     check_dims(&d)?;
+    window_keys(window)?;
     check_backward([&dout, &q, &k, &v, &out], lse.len(), [&dq, &dk, &dv], &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
@@ -781,6 +836,7 @@ pub fn backward_docs(
             Output { data: &mut dv.data[dvo..], strides: dv.strides },
             doc_dims(&d, s),
             scale,
+            window,
         )?;
         done += n;
     }
@@ -799,8 +855,9 @@ mod tests {
         Strides { batch: h * t * d, head: t * d, pos: d }
     }
 
-    /// Plain f64 attention for one (b, h): (out, lse, dq, dk, dv) with dk, dv for this head only.
-    #[allow(clippy::type_complexity)]
+    /// Plain f64 attention for one (b, h): (out, lse, dq, dk, dv) with dk, dv for this head only;
+    /// query i sees keys j <= i, and with a window only those with i - j < window.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn reference(
         q: &[f64],
         k: &[f64],
@@ -809,17 +866,19 @@ mod tests {
         t: usize,
         d: usize,
         scale: f64,
+        window: Option<usize>,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut p = vec![0f64; t * t];
         let mut lse = vec![0f64; t];
         for i in 0..t {
+            let seen: Vec<usize> = (0..=i).filter(|&j| window.is_none_or(|w| i - j < w)).collect();
             let s: Vec<f64> =
-                (0..=i).map(|j| (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale).collect();
+                seen.iter().map(|&j| (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale).collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             lse[i] = m + z.ln();
-            for j in 0..=i {
-                p[i * t + j] = (s[j] - lse[i]).exp();
+            for (&j, &sj) in seen.iter().zip(&s) {
+                p[i * t + j] = (sj - lse[i]).exp();
             }
         }
         let mm = |a: &dyn Fn(usize, usize) -> f64, b: &dyn Fn(usize, usize) -> f64, n: usize, kd: usize| -> Vec<f64> {
@@ -854,6 +913,34 @@ mod tests {
     fn forward_and_backward_match_a_plain_f64_reference() {
         // grouped heads, a head dim of more than one tile width, T not a multiple of the tiles
         for (b, h, hkv, t, dim) in [(2, 4, 2, 53, 80), (1, 3, 3, 7, 16), (1, 2, 1, 1, 32), (1, 1, 1, 100, 64)] {
+            check_against_reference(b, h, hkv, t, dim, None);
+        }
+    }
+
+    #[test]
+    fn sliding_windows_match_a_plain_f64_reference() {
+        // windows of one key, inside a tile, across tiles, blocks and vector widths, and longer than T;
+        // T past two backward blocks so a block's first key is not 0
+        for window in [1, 2, 5, 16, 17, 47, 48, 49, 97, 200] {
+            for (b, h, hkv, t, dim) in [(1, 2, 1, 150, 32), (2, 4, 2, 53, 80), (1, 1, 1, 7, 16), (1, 1, 1, 1, 16)] {
+                check_against_reference(b, h, hkv, t, dim, Some(window));
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_of_no_keys_is_an_error() {
+        let (s, x) = (dense(1, 2, 16), vec![1f32; 32]);
+        let (mut out, mut lse) = (vec![0f32; 32], vec![0f32; 2]);
+        let input = Input { data: &x, strides: s };
+        let dims = Dims { batch: 1, heads: 1, kv_heads: 1, seq: 2, dim: 16 };
+        let r = forward(input, input, input, Output { data: &mut out, strides: s }, &mut lse, dims, 0.25, Some(0));
+        assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.starts_with("attention: window 0")));
+        assert!(out.iter().all(|&v| v == 0.0));
+    }
+
+    fn check_against_reference(b: usize, h: usize, hkv: usize, t: usize, dim: usize, window: Option<usize>) {
+        {
             let dims = Dims { batch: b, heads: h, kv_heads: hkv, seq: t, dim };
             let scale = 1.0 / (dim as f32).sqrt();
             // q and dout in (B, T, H, D) order, as the training layer hands them over
@@ -871,6 +958,7 @@ mod tests {
                 &mut lse,
                 dims,
                 scale,
+                window,
             )
             .unwrap();
             let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
@@ -886,6 +974,7 @@ mod tests {
                 Output { data: &mut dv, strides: kvs },
                 dims,
                 scale,
+                window,
             )
             .unwrap();
             let mut dk_want = vec![0f64; k.len()];
@@ -904,6 +993,7 @@ mod tests {
                         t,
                         dim,
                         scale as f64,
+                        window,
                     );
                     for i in 0..t {
                         close(lse[(bi * h + hi) * t + i], l[i], "lse");
@@ -917,10 +1007,10 @@ mod tests {
                 }
             }
             for (i, (&g, &w)) in dk.iter().zip(&dk_want).enumerate() {
-                close(g, w, &format!("dk[{i}] of {b}x{h}x{hkv}x{t}x{dim}"));
+                close(g, w, &format!("dk[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}"));
             }
             for (i, (&g, &w)) in dv.iter().zip(&dv_want).enumerate() {
-                close(g, w, &format!("dv[{i}] of {b}x{h}x{hkv}x{t}x{dim}"));
+                close(g, w, &format!("dv[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}"));
             }
         }
     }
@@ -932,7 +1022,7 @@ mod tests {
         let (mut out, mut lse) = (vec![0f32; 16], vec![0f32; 1]);
         let call = |dims: Dims, qs: Strides, out: &mut [f32], lse: &mut [f32]| {
             let input = Input { data: &x, strides: qs };
-            forward(input, input, input, Output { data: out, strides: s }, lse, dims, 0.25)
+            forward(input, input, input, Output { data: out, strides: s }, lse, dims, 0.25, None)
         };
         let message = |r: Result<()>| match r {
             Err(Error::InvalidArgument(m)) => m,
@@ -968,6 +1058,7 @@ mod tests {
                 lse,
                 dims,
                 0.25,
+                None,
             )
         };
         assert!(call(Dims { dim: 12, ..dims }, &x, &mut out, &mut lse).is_err());
@@ -982,6 +1073,13 @@ mod tests {
 
     #[test]
     fn documents_attend_inside_themselves_only() {
+        // windows: of one key, shorter than some documents, longer than all
+        for window in [None, Some(1), Some(4), Some(30)] {
+            documents_match_the_reference(window);
+        }
+    }
+
+    fn documents_match_the_reference(window: Option<usize>) {
         let (b, h, hkv, t, dim) = (2, 2, 1, 23, 16);
         let dims = Dims { batch: b, heads: h, kv_heads: hkv, seq: t, dim };
         let docs =
@@ -1004,6 +1102,7 @@ mod tests {
             dims,
             &docs,
             scale,
+            window,
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
@@ -1020,6 +1119,7 @@ mod tests {
             dims,
             &docs,
             scale,
+            window,
         )
         .unwrap();
         let mut done = 0;
@@ -1038,6 +1138,7 @@ mod tests {
                     n,
                     dim,
                     0.25,
+                    window,
                 );
                 for i in 0..n {
                     close(lse[done + hi * n + i], l[i], "lse");
@@ -1073,8 +1174,17 @@ mod tests {
         ] {
             let docs: Vec<Span> = docs.into_iter().map(|(batch, start, len)| Span { batch, start, len }).collect();
             let input = Input { data: &x, strides: s };
-            let r =
-                forward_docs(input, input, input, Output { data: &mut out, strides: s }, &mut lse, dims, &docs, 0.25);
+            let r = forward_docs(
+                input,
+                input,
+                input,
+                Output { data: &mut out, strides: s },
+                &mut lse,
+                dims,
+                &docs,
+                0.25,
+                None,
+            );
             let m = match r {
                 Err(Error::InvalidArgument(m)) => m,
                 other => panic!("expected an error for {docs:?}, got {other:?}"),

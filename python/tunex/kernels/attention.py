@@ -30,17 +30,35 @@ except ImportError:  # an extension built before the kernel existed
 
 class Documents:
     """The documents packed in the rows of a batch: ``spans`` lists (row, start, length) in order,
-    tiling every row; a query attends causally inside its own document only.
+    tiling every row; a query attends causally inside its own document only, and with a ``window``
+    (a sliding-window layer: Mistral, Gemma, Phi-3) to the ``window`` latest keys of it only, itself
+    included: key j is visible from query i when i - window < j <= i, as transformers masks them.
 
     Passed where a model passes its attention mask: the native kernel takes the spans (cost: the sum
-    of the documents' squared lengths); other implementations take :meth:`dense`, the boolean
-    (B, 1, T, T) block-diagonal causal mask.
+    of the documents' squared lengths, or of their lengths times the window); other implementations
+    take :meth:`dense`, the boolean block-diagonal causal mask (B or 1, 1, T, T).
     """
 
-    __slots__ = ("spans", "batch", "seq", "device")
+    __slots__ = ("spans", "batch", "seq", "device", "window")
 
-    def __init__(self, spans: list[tuple[int, int, int]], batch: int, seq: int, device):
-        self.spans, self.batch, self.seq, self.device = spans, batch, seq, device
+    def __init__(self, spans: list[tuple[int, int, int]], batch: int, seq: int, device, window: int | None = None):
+        self.spans, self.batch, self.seq, self.device, self.window = spans, batch, seq, device, window
+
+    @classmethod
+    def rows(cls, batch: int, seq: int, device, window: int | None = None) -> Documents:
+        """One document per row (an unpacked batch), for a sliding window without a (T, T) mask."""
+        return cls([(row, 0, seq) for row in range(batch)], batch, seq, device, window)
+
+    def windowed(self, window: int) -> Documents:
+        """These documents seen through a causal sliding window of ``window`` keys (themselves when
+        none is longer than the window: it hides nothing then)."""
+        if all(length <= window for _, _, length in self.spans):
+            return self
+        return Documents(self.spans, self.batch, self.seq, self.device, window)
+
+    def whole_rows(self) -> bool:
+        """Whether each row holds one document (the spans then add nothing to the window)."""
+        return len(self.spans) == self.batch
 
     @classmethod
     def of(cls, position_ids: torch.Tensor) -> Documents | None:
@@ -67,24 +85,37 @@ class Documents:
         return doc.to(self.device)
 
     def dense(self) -> torch.Tensor:
-        """The boolean (B, 1, T, T) mask: key j visible to query i when both lie in one document, j <= i."""
+        """The boolean (B, 1, T, T) mask: key j visible to query i when both lie in one document and
+        i - window < j <= i; (1, 1, T, T) when each row holds one document."""
+        visible = _band(self.seq, self.window, self.device)
+        if self.whole_rows():
+            return visible[None, None]
         doc = self.ids()
         same = doc[:, :, None] == doc[:, None, :]
-        return (same & torch.ones(self.seq, self.seq, dtype=torch.bool, device=self.device).tril())[:, None]
+        return (same & visible)[:, None]
+
+
+def _band(n: int, window: int | None, device) -> torch.Tensor:
+    """The boolean (n, n) causal mask, key j visible to query i when i - window < j <= i."""
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return causal if window is None or n <= window else causal.triu(1 - window)
 
 
 def sdpa_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
     """Causal attention inside each of ``docs``: torch's SDPA on each document's slice (its flash or
-    memory-efficient kernel, no mask), the results concatenated back into (B, H, T, D)."""
+    memory-efficient kernel, no mask; a document longer than the window takes its own banded
+    (length, length) mask), the results concatenated back into (B, H, T, D)."""
     rows: list[list[torch.Tensor]] = [[] for _ in range(q.shape[0])]
     for row, start, length in docs.spans:
         sl = slice(start, start + length)
+        banded = docs.window is not None and length > docs.window
         rows[row].append(
             torch.nn.functional.scaled_dot_product_attention(
                 q[row : row + 1, :, sl],
                 k[row : row + 1, :, sl],
                 v[row : row + 1, :, sl],
-                is_causal=True,
+                attn_mask=_band(length, docs.window, q.device) if banded else None,
+                is_causal=not banded,
                 enable_gqa=gqa,
             )
         )
@@ -120,8 +151,9 @@ def _flex(device: torch.device):
 
 def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
     """Causal attention inside each of ``docs`` in one FlexAttention call over (B, H, T, D): a block
-    mask made from the tokens' document ids skips the blocks no query of a document sees, so the
-    cost follows the documents' squared lengths, with no per-document launches."""
+    mask made from the tokens' document ids (and the sliding window, if any) skips the blocks no
+    query of a document sees, so the cost follows the documents' squared lengths (or their lengths
+    times the window), with no per-document launches."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     doc = docs.ids()
@@ -129,8 +161,12 @@ def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: D
     def same_document_causal(b, h, q_idx, kv_idx):
         return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
 
+    def same_document_window(b, h, q_idx, kv_idx):
+        return same_document_causal(b, h, q_idx, kv_idx) & (q_idx - kv_idx < docs.window)
+
     b, t = docs.batch, docs.seq
-    block = create_block_mask(same_document_causal, b, None, t, t, device=q.device, _compile=q.is_cuda)
+    visible = same_document_causal if docs.window is None else same_document_window
+    block = create_block_mask(visible, b, None, t, t, device=q.device, _compile=q.is_cuda)
     return _flex(q.device)(q, k, v, block_mask=block, enable_gqa=gqa)
 
 
@@ -145,13 +181,22 @@ def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, arena: bool, docs: int = 0) -> str:
+def choose(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    arena: bool,
+    docs: int = 0,
+    window: int | None = None,
+) -> str:
     """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
     now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
     "flex-docs" (:func:`flex_per_document`), "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa".
     ``causal``: causal attention of the queries over as many keys (no mask, no cache; with ``docs``
     inside each packed document); ``arena``: an activation arena is active; ``docs``: how many
-    packed documents the rows hold (0: none)."""
+    packed documents the rows hold (0: none); ``window``: their sliding window (None: none)."""
     facts = registry.Facts.of(
         q,
         head_dim=q.shape[-1],
@@ -159,6 +204,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, a
         causal=causal and q.shape[2] == k.shape[2],
         arena=arena,
         docs=docs,
+        window=window,
     )
     return registry.choose("attention", facts)
 
@@ -179,6 +225,14 @@ def _dense_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _spans(docs: Documents | None) -> tuple[list[tuple[int, int, int]] | None, int | None]:
+    """The kernel's ``docs`` and ``window`` arguments: no spans for rows of one document each (one
+    call over the whole batch; the log-sum-exps lie in the same order either way)."""
+    if docs is None:
+        return None, None
+    return (None if docs.whole_rows() else docs.spans), docs.window
+
+
 def _shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int]:
     b, h, t, d = q.shape
     return b, h, k.shape[1], t, d
@@ -195,13 +249,16 @@ def forward(
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) into ``out`` (B, H, T, D, any
     layout that gives each element its own slot, head dim contiguous) and ``lse`` (B x H x T
     values, contiguous): each row's log-sum-exp of the scaled scores. With ``docs``, inside each
-    document only (``lse`` then holds H x length values per document). Check :func:`choose` first."""
+    document only (``lse`` then holds H x length values per document), through their sliding window
+    if they have one. Check :func:`choose` first."""
     q, k, v = (_dense_last(t.detach()) for t in (q, k, v))
     if out.numel() == 0:
         return
-    spans = None if docs is None else docs.spans
     scale = 1.0 / math.sqrt(q.shape[-1])
-    _native_forward(_strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), scale, spans)
+    spans, window = _spans(docs)
+    _native_forward(
+        _strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), scale, spans, window
+    )
 
 
 def backward(
@@ -235,6 +292,6 @@ def backward(
             _strided(dv),
             (b, h, hkv, t, d),
             1.0 / math.sqrt(d),
-            None if docs is None else docs.spans,
+            *_spans(docs),
         )
     return dq, dk, dv

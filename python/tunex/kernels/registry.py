@@ -50,7 +50,9 @@ class Facts:
     the one-row decode paths; ``tunex doctor`` passes representative values). ``causal``: causal
     attention of the queries over as many keys (None: unknown). ``arena``: an activation arena is
     active (tunex.runtime.arena). ``docs``: how many packed documents the rows hold, each attending
-    inside itself (tunex.kernels.attention.Documents; 0 or False: none). ``backend`` is the kernel's ``backend=`` argument.
+    inside itself (tunex.kernels.attention.Documents; 0 or False: none). ``window``: the causal
+    sliding window those documents are seen through, where one is longer than it (None: none).
+    ``backend`` is the kernel's ``backend=`` argument.
     """
 
     __slots__ = (
@@ -67,6 +69,7 @@ class Facts:
         "causal",
         "arena",
         "docs",
+        "window",
     )
 
     def __init__(
@@ -85,10 +88,11 @@ class Facts:
         causal: bool | None = None,
         arena: bool = False,
         docs: int = 0,
+        window: int | None = None,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
-        self.causal, self.arena, self.docs = causal, arena, docs
+        self.causal, self.arena, self.docs, self.window = causal, arena, docs, window
 
     @classmethod
     def of(cls, t: torch.Tensor, backend: str = "auto", **shape) -> Facts:
@@ -118,6 +122,7 @@ class Facts:
             self.causal,
             self.arena,
             self.docs,
+            self.window,
         )
 
 
@@ -289,8 +294,9 @@ OPS: dict[str, tuple[Impl, ...]] = {
         Impl(
             "native",
             "float32 CPU training (grad on), causal over as many keys (packed documents too: attention "
-            "inside each, costing the sum of their squared lengths), head dim a multiple of 16, whole "
-            "query-head groups, TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
+            "inside each, costing the sum of their squared lengths; a sliding window: their lengths times "
+            "the window), head dim a multiple of 16, whole query-head groups, TUNEX_NATIVE_ATTENTION=1 "
+            "(needs attention_forward_f32)",
             lambda f: (
                 _cpu_f32(f)
                 and bool(f.grad)
@@ -316,12 +322,12 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "flex-docs",
-            f"CUDA, packed batches of at least {FLEX_MIN_DOCUMENTS} documents, a power-of-two head dim of 16 or "
-            "more, triton: one compiled FlexAttention call with a block mask of the documents (no per-document "
-            "launches)",
+            f"CUDA, packed batches of at least {FLEX_MIN_DOCUMENTS} documents or documents longer than a sliding "
+            "window, a power-of-two head dim of 16 or more, triton: one compiled FlexAttention call with a block "
+            "mask of the documents and the window (no per-document launches, no banded mask per document)",
             lambda f: (
                 f.device == "cuda"
-                and f.docs >= FLEX_MIN_DOCUMENTS
+                and (f.docs >= FLEX_MIN_DOCUMENTS or (bool(f.docs) and f.window is not None))
                 and _ok(f.head_dim, lambda d: d >= 16 and d & (d - 1) == 0)
                 and triton_available()
                 and _flex_available()
@@ -329,7 +335,8 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "sdpa-docs",
-            "CUDA, packed documents: torch's SDPA on each document (its flash kernel, no (T, T) mask)",
+            "CUDA, packed documents: torch's SDPA on each document (its flash kernel, no (T, T) mask; a "
+            "document longer than a sliding window with its own banded mask)",
             lambda f: f.device == "cuda" and f.docs,
         ),
         Impl(

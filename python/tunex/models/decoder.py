@@ -18,7 +18,9 @@ Packed sequences: ``position_ids`` that restart (any step other than +1) start a
 attention then stays inside each document, so a packed row gives the same logits as its documents
 run one by one. The layers get the documents' spans (tunex.kernels.attention.Documents) where a
 mask would go; the native CPU kernel attends inside each span (cost: the sum of the documents'
-squared lengths), other implementations get the block-diagonal causal mask.
+squared lengths), other implementations get the block-diagonal causal mask. A sliding window
+(Mistral, Phi-3) shorter than the rows travels with the spans the same way (each row one span when
+unpacked), so the kernel's cost follows the window and no banded (T, T) mask is built in training.
 """
 
 from __future__ import annotations
@@ -339,6 +341,22 @@ class DecoderLayer(nn.Module):
         return rt.rebuild(rms_norm, x, norm.weight, eps=norm.eps, uses=uses)
 
 
+def documents(
+    position_ids: torch.Tensor | None, b: int, t: int, past: int, device, window: int | None = None
+) -> Documents | None:
+    """What the layers attend by instead of a mask, where no earlier positions are cached: the
+    packed documents of (B, T) ``position_ids`` (see Documents.of), seen through the sliding
+    ``window`` (each row one document if it holds no more) when the rows are longer than it; None
+    when neither applies (plain causal attention) or with ``past`` positions (then
+    :func:`attention_mask`)."""
+    if past:
+        return None
+    docs = Documents.of(position_ids) if position_ids is not None else None
+    if window is None or t <= window:
+        return docs
+    return (docs or Documents.rows(b, t, device)).windowed(window)
+
+
 def attention_mask(
     position_ids: torch.Tensor | None, t: int, past: int, device, window: int | None = None
 ) -> torch.Tensor | None:
@@ -408,9 +426,10 @@ class DecoderModel(nn.Module):
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, -1)
             cos, sin = rope_tables(self.cfg, position_ids, x.dtype)
             window = self.cfg.sliding_window
-            docs = Documents.of(given) if given is not None and past == 0 and (window is None or t <= window) else None
-            # packed rows attend inside their documents: the spans, not a (T, T) mask (the runtime's
-            # attention builds one only for an implementation that needs it)
+            # packed rows attend inside their documents, windowed layers inside their window: the
+            # spans, not a (T, T) mask (the runtime's attention builds one only for an implementation
+            # that needs it)
+            docs = documents(given, b, t, past, input_ids.device, window)
             mask = docs if docs is not None else attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()
         x = rt.run_layers(self, x, cos, sin, mask, cache)

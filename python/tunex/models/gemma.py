@@ -39,6 +39,7 @@ from tunex.models.decoder import (
     KVCache,
     RMSNorm,
     attention_mask,
+    documents,
     rope_tables,
 )
 
@@ -169,10 +170,8 @@ class GemmaModel(DecoderModel):
         for kind in {_kind(self.cfg, i) for i in range(self.cfg.num_layers)}:
             cos[kind], sin[kind] = rope_tables(self.rope[kind], position_ids, x.dtype)
             window = self.cfg.sliding_window if kind == "sliding" else None
-            if given is not None and past == 0 and (window is None or t <= window):
-                mask[kind] = Documents.of(given)  # packed rows: the documents' spans (None when unpacked)
-            else:
-                mask[kind] = None
+            # packed rows and sliding layers longer than their window: spans, no (T, T) mask
+            mask[kind] = documents(given, b, t, past, input_ids.device, window)
             if mask[kind] is None:
                 mask[kind] = attention_mask(given, t, past, input_ids.device, window)
         rt = self.runtime or runtimes.default()

@@ -105,6 +105,7 @@ class Standard(Plain):
             causal=causal or (docs is not None and q.shape[2] > 1),
             arena=arena.active() is not None,
             docs=0 if docs is None else len(docs.spans),
+            window=None if docs is None else docs.window,
         )
         if impl == "sdpa-docs":
             return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)

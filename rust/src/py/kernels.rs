@@ -323,9 +323,10 @@ fn spans(docs: Option<Vec<(usize, usize, usize)>>) -> Option<Vec<Span>> {
 /// flat span with the element strides of its (batch, head, pos) axes; `lse` (B, H, T) contiguous
 /// gets the rows' log-sum-exp. `shape` is (B, H, Hkv, T, D). `docs`: (row, start, length) of the
 /// documents packed in the rows, tiling them in order: each query then attends inside its own
-/// document only, and `lse` holds H x length values per document in `docs` order.
+/// document only, and `lse` holds H x length values per document in `docs` order. `window`: a
+/// causal sliding window of that many keys (query i sees keys j with i - window < j <= i).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, shape, scale, docs=None))]
+#[pyo3(signature = (q, k, v, out, lse, shape, scale, docs=None, window=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_f32(
     py: Python<'_>,
@@ -337,22 +338,23 @@ fn attention_forward_f32(
     shape: (usize, usize, usize, usize, usize),
     scale: f32,
     docs: Option<Vec<(usize, usize, usize)>>,
+    window: Option<usize>,
 ) -> PyResult<()> {
     let (q, k, v) = (input("q", &q)?, input("k", &k)?, input("v", &v)?);
     let out = output("out", &mut out)?;
     let lse = slice_mut("lse", lse.as_slice_mut())?;
     let docs = spans(docs);
     py.detach(|| match docs {
-        Some(docs) => attention::forward_docs(q, k, v, out, lse, dims(shape), &docs, scale),
-        None => attention::forward(q, k, v, out, lse, dims(shape), scale),
+        Some(docs) => attention::forward_docs(q, k, v, out, lse, dims(shape), &docs, scale, window),
+        None => attention::forward(q, k, v, out, lse, dims(shape), scale, window),
     })?;
     Ok(())
 }
 
 /// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D);
-/// `docs` as given to the forward.
+/// `docs` and `window` as given to the forward.
 #[pyfunction]
-#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, shape, scale, docs=None))]
+#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, shape, scale, docs=None, window=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_f32(
     py: Python<'_>,
@@ -368,14 +370,15 @@ fn attention_backward_f32(
     shape: (usize, usize, usize, usize, usize),
     scale: f32,
     docs: Option<Vec<(usize, usize, usize)>>,
+    window: Option<usize>,
 ) -> PyResult<()> {
     let (dout, q, k) = (input("dout", &dout)?, input("q", &q)?, input("k", &k)?);
     let (v, out, lse) = (input("v", &v)?, input("out", &out)?, slice("lse", lse.as_slice())?);
     let (dq, dk, dv) = (output("dq", &mut dq)?, output("dk", &mut dk)?, output("dv", &mut dv)?);
     let (d, docs) = (dims(shape), spans(docs));
     py.detach(|| match docs {
-        Some(docs) => attention::backward_docs(dout, q, k, v, out, lse, dq, dk, dv, d, &docs, scale),
-        None => attention::backward(dout, q, k, v, out, lse, dq, dk, dv, d, scale),
+        Some(docs) => attention::backward_docs(dout, q, k, v, out, lse, dq, dk, dv, d, &docs, scale, window),
+        None => attention::backward(dout, q, k, v, out, lse, dq, dk, dv, d, scale, window),
     })?;
     Ok(())
 }
