@@ -90,8 +90,16 @@ def test_vision_config_checks(tmp_path, parts):
         _cfg(tmp_path, parts, stage="pretrain", **{"vision.tower_lora": True})
     with pytest.raises(ConfigError, match="vision.projector: expected one of"):
         _cfg(tmp_path, parts, **{"vision.projector": "mlp3x"})
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel: expected 1 for \[vision\] runs"):
+        _cfg(tmp_path, parts, **{"train.sequence_parallel": 2})
     with pytest.raises(ConfigError, match=r"eval.format: expected 'llava', 'openai' or empty"):
         _cfg(tmp_path, parts, **{"eval.data": "x.json", "eval.format": "alpaca"})
+    from click.testing import CliRunner
+    from tunex.cli import cli
+
+    _cfg(tmp_path, parts, **{"eval.split": 0.25})
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "c.toml")])
+    assert result.exit_code == 2 and "held-out loss is measured while it trains" in result.output
 
 
 def test_pretrain_then_finetune(tmp_path, parts):

@@ -604,6 +604,11 @@ def _check_vision(cfg: Config, problems: list[str]) -> None:
         return
     if cfg.data.format not in ("llava", "openai"):
         problems.append(f"data.format: expected 'llava' or 'openai' with vision.path set, got {cfg.data.format!r}")
+    if cfg.train.sequence_parallel > 1:
+        problems.append(
+            "train.sequence_parallel: expected 1 for [vision] runs (vision.path is set): a sequence's image "
+            "features are not split across ranks; use data parallelism (--nproc-per-node) instead"
+        )
     if cfg.eval.format not in ("", "llava", "openai"):
         problems.append(
             f"eval.format: expected 'llava', 'openai' or empty (data.format) with vision.path set, got {cfg.eval.format!r}"
