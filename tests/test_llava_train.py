@@ -281,7 +281,7 @@ def test_two_processes_train_the_lone_curve(tmp_path, parts):
     data = tmp_path / "d" / "data.json"
     records = json.loads(data.read_text())
     turns = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]
-    data.write_text(json.dumps([*records[:3], {"id": "text", "conversations": turns}, *records[3:]]))
+    data.write_text(json.dumps([{"id": "text", "conversations": turns}, *records]))  # trained on (not held out)
     settings = {"vision.tower_lora": True, "train.max_steps": 3, "train.batch_size": 1, "eval.split": 0.25}
     path = llava_config(tmp_path / "c.toml", parts["llm"], parts["tower"], data, tmp_path / "w", "finetune", **settings)
     lone = train(load_config(path, ["train.grad_accum=4"]), work_dir=str(tmp_path / "one"))
