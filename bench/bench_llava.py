@@ -81,7 +81,8 @@ def batch(image_id: int):
 def build_tunex(folder: str):
     import torch
     from tunex.config import validate
-    from tunex.dist.wrap import LossModule
+    from tunex.dist.env import init_distributed
+    from tunex.dist.wrap import wrap_for_training
     from tunex.models.llava import load_llava
     from tunex.peft import apply_lora
     from tunex.train.loop import _micro_step
@@ -96,7 +97,8 @@ def build_tunex(folder: str):
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], 2e-4, (0.9, 0.999), 0.0)
     ids, labels, pixels = batch(model.image_token_id)
     data = {"input_ids": ids, "labels": labels, "pixel_values": pixels}
-    step_module = LossModule(model)
+    # as `tunex train` wraps it (alone: the loss module, with the CPU's malloc settings)
+    step_module = wrap_for_training(model, "lora", init_distributed(), torch.device("cpu"), "float32")
 
     def step():
         loss, _ = _micro_step(step_module, data, torch.device("cpu"), cfg, 1)

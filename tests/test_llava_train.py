@@ -17,7 +17,7 @@ from tunex.tokenizer import load_tokenizer
 from tunex.train import checkpoint
 from tunex.train.loop import train
 from tunex.train.metrics import read_metrics
-from tunex.train.multimodal import build_image_dataset
+from tunex.train.multimodal import build_image_dataset, build_image_datasets
 
 pytest.importorskip("transformers")
 
@@ -90,8 +90,16 @@ def test_vision_config_checks(tmp_path, parts):
         _cfg(tmp_path, parts, stage="pretrain", **{"vision.tower_lora": True})
     with pytest.raises(ConfigError, match="vision.projector: expected one of"):
         _cfg(tmp_path, parts, **{"vision.projector": "mlp3x"})
-    with pytest.raises(ConfigError, match=r"held-out evaluation of \[vision\] runs is not supported yet"):
-        _cfg(tmp_path, parts, **{"eval.split": 0.1})
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel: expected 1 for \[vision\] runs"):
+        _cfg(tmp_path, parts, **{"train.sequence_parallel": 2})
+    with pytest.raises(ConfigError, match=r"eval.format: expected 'llava', 'openai' or empty"):
+        _cfg(tmp_path, parts, **{"eval.data": "x.json", "eval.format": "alpaca"})
+    from click.testing import CliRunner
+    from tunex.cli import cli
+
+    _cfg(tmp_path, parts, **{"eval.split": 0.25})
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "c.toml")])
+    assert result.exit_code == 2 and "held-out loss is measured while it trains" in result.output
 
 
 def test_pretrain_then_finetune(tmp_path, parts):
@@ -183,3 +191,109 @@ def test_check_image_catches_truncated_jpegs(tmp_path):
     assert check_image(tmp_path / "a.jpg") is None
     assert "truncated" in check_image(tmp_path / "b.jpg")
     assert check_image(tmp_path / "none.jpg") == "image file not found"
+
+
+def _oracle_eval(cfg, state, items) -> tuple[float, int]:
+    """(mean target-token NLL, target tokens) of ``items`` under the run's model with the checkpoint's
+    trainable state, from the model's full logits and torch's cross-entropy, one item at a time."""
+    from tunex.train.build import build_model
+    from tunex.train.loop import load_trainable
+
+    model = build_model(cfg, torch.device("cpu"))
+    load_trainable(model, state, "iter")
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for item in items:
+            logits = model(item["input_ids"][None], item["position_ids"][None], pixel_values=item["pixel_values"])
+            y = item["labels"][1:]
+            nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], y, reduction="sum", ignore_index=-100))
+            count += int((y != -100).sum())
+    return nll / count, count
+
+
+def test_held_out_split_is_fixed_disjoint_and_evaluated(tmp_path, parts):
+    """eval.split holds out whole samples (the same whatever train.seed), never trained on; the
+    loop's eval_loss at the end equals the model's own full-logits loss on them, and the one at step
+    0 (eval.at_start) is the baseline the run improves on."""
+    from tunex.data.images import pixel_values
+
+    extra = {"eval.split": 0.34, "eval.at_start": True, "train.max_steps": 3, "data.pack_to_max_length": True}
+    cfg, _ = _cfg(tmp_path, parts, n=6, **{**extra, "data.max_length": 128})
+    tok = load_tokenizer(parts["llm"])
+    every = [s.images[0] for s in build_image_dataset(cfg, tok).data.samples]
+    splits = []
+    for seed in (0, 7):
+        cfg.train.seed = seed
+        trained, held = build_image_datasets(cfg, tok)
+        splits.append(sorted(p for i in range(len(held)) for p in held.images(i)))
+        trained_images = [p for i in range(len(trained)) for p in trained.images(i)]
+        assert len(splits[-1]) == 2 and not set(splits[-1]) & set(trained_images)
+        assert sorted(splits[-1] + trained_images) == sorted(every)
+    assert splits[0] == splits[1]
+    cfg.train.seed = 0
+    result = train(cfg)
+    evals = [r for r in read_metrics(result.work_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    _, held = build_image_datasets(cfg, tok)
+    items = [
+        {
+            "input_ids": torch.from_numpy(s.ids),
+            "labels": torch.from_numpy(s.labels),
+            "position_ids": torch.arange(len(s.ids)),
+            "pixel_values": pixel_values(s.images, held.processing, held.aspect),
+        }
+        for i in range(len(held))
+        for s in held.samples(i)
+    ]
+    state = torch.load(result.checkpoint, weights_only=True)["model"]
+    loss, tokens = _oracle_eval(cfg, state, items)
+    assert evals[-1]["eval_tokens"] == tokens == evals[0]["eval_tokens"]
+    assert abs(evals[-1]["eval_loss"] - loss) <= 1e-4 * max(1.0, loss), (evals[-1], loss)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_eval_data_of_a_vision_run(tmp_path, parts):
+    """eval.data: its own records and images, read as the training data is; every sample evaluated."""
+    held_data, truths = make_shapes(tmp_path / "held", 3, seed=5)
+    records = json.loads(held_data.read_text())
+    for record, truth in zip(records, truths):  # data.image_folder is the training data's
+        record["image"] = str(truth["image"])
+    held_data.write_text(json.dumps(records))
+    cfg, _ = _cfg(tmp_path, parts, **{"eval.data": str(held_data), "train.max_steps": 2})
+    tok = load_tokenizer(parts["llm"])
+    trained, held = build_image_datasets(cfg, tok)
+    assert len(trained) == 6 and len(held) == 3
+    assert all(p.startswith(str(tmp_path / "held")) for i in range(3) for p in held.images(i))
+    result = train(cfg)
+    (scores,) = [r for r in read_metrics(result.work_dir) if "eval_loss" in r]
+    want = sum(int((held.arrays(i)[1][1:] != -100).sum()) for i in range(3))
+    assert scores["step"] == 2 and scores["eval_tokens"] == want and np.isfinite(scores["eval_loss"])
+
+
+def test_two_processes_train_the_lone_curve(tmp_path, parts):
+    """torchrun with 2 gloo processes (DDP over the projector and the LLM's and tower's adapters) trains
+    the one-process curve of the same global batch: losses, gradient norms, held-out losses and the
+    final trainable weights. One record has no image, so some micro-batches leave the projector unused."""
+    from test_dist import TOL, assert_same_curve, torchrun
+
+    cfg, _ = _cfg(tmp_path, parts, n=8)
+    data = tmp_path / "d" / "data.json"
+    records = json.loads(data.read_text())
+    turns = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]
+    data.write_text(json.dumps([{"id": "text", "conversations": turns}, *records]))  # trained on (not held out)
+    settings = {"vision.tower_lora": True, "train.max_steps": 3, "train.batch_size": 1, "eval.split": 0.25}
+    path = llava_config(tmp_path / "c.toml", parts["llm"], parts["tower"], data, tmp_path / "w", "finetune", **settings)
+    lone = train(load_config(path, ["train.grad_accum=4"]), work_dir=str(tmp_path / "one"))
+    torchrun(str(path), "--work-dir", str(tmp_path / "two"), "-o", "train.grad_accum=2")
+    one, two = read_metrics(lone.work_dir), read_metrics(tmp_path / "two")
+    assert_same_curve([r for r in one if "loss" in r], [r for r in two if "loss" in r], [1, 2, 3])
+    held_one, held_two = ([r for r in m if "eval_loss" in r] for m in (one, two))
+    assert [r["step"] for r in held_two] == [3] and held_one[0]["eval_tokens"] == held_two[0]["eval_tokens"]
+    assert abs(held_one[0]["eval_loss"] - held_two[0]["eval_loss"]) <= TOL * max(1.0, held_one[0]["eval_loss"])
+    want = torch.load(lone.checkpoint, weights_only=True)["model"]
+    got = torch.load(tmp_path / "two" / "iter_3.pth", weights_only=True)
+    assert got["world_size"] == 2 and set(got["model"]) == set(want)
+    assert any(k.startswith("vision_tower.") for k in want) and any(k.startswith("multi_modal") for k in want)
+    for k, v in want.items():
+        torch.testing.assert_close(got["model"][k], v, rtol=1e-4, atol=1e-5)

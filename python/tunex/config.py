@@ -598,14 +598,20 @@ def _check_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
 def _check_vision(cfg: Config, problems: list[str]) -> None:
     v = cfg.vision
     if not v.path:
-        if cfg.data.format == "llava":
-            problems.append("data.format: 'llava' needs a vision tower: set vision.path")
+        for key, fmt in (("data.format", cfg.data.format), ("eval.format", cfg.eval.format)):
+            if fmt == "llava":
+                problems.append(f"{key}: 'llava' needs a vision tower: set vision.path")
         return
     if cfg.data.format not in ("llava", "openai"):
         problems.append(f"data.format: expected 'llava' or 'openai' with vision.path set, got {cfg.data.format!r}")
-    if cfg.eval.data or cfg.eval.split:
+    if cfg.train.sequence_parallel > 1:
         problems.append(
-            "eval.data / eval.split: held-out evaluation of [vision] runs is not supported yet; leave them unset"
+            "train.sequence_parallel: expected 1 for [vision] runs (vision.path is set): a sequence's image "
+            "features are not split across ranks; use data parallelism (--nproc-per-node) instead"
+        )
+    if cfg.eval.format not in ("", "llava", "openai"):
+        problems.append(
+            f"eval.format: expected 'llava', 'openai' or empty (data.format) with vision.path set, got {cfg.eval.format!r}"
         )
     if v.stage == "pretrain" and (v.tower_lora or v.projector_checkpoint):
         problems.append(

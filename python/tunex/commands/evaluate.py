@@ -87,6 +87,11 @@ def eval_(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     cfg = load_config(target, overrides) if _is_config(target) else None
+    if cfg is not None and cfg.vision.path:
+        raise click.UsageError(
+            f"{cfg.source}: a [vision] config's held-out loss is measured while it trains (eval.split / eval.data "
+            "with eval.every_n_steps); tunex eval scores text models"
+        )
     if cfg is None and overrides:
         raise click.UsageError("-o/--cfg-options needs a config as CFG_OR_MODEL")
     if cfg is None and adapter is not None and adapter.is_file():

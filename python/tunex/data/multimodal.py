@@ -54,6 +54,21 @@ class ImageData:
     samples: list[ImageSample]
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def subset(self, indices) -> ImageData:
+        """The samples at ``indices`` (in that order), their counts in ``stats`` (records read and
+        skipped stay the whole data's)."""
+        samples = [self.samples[int(i)] for i in indices]
+        return ImageData(samples, {**self.stats, **_counts(samples)})
+
+
+def _counts(samples: list[ImageSample]) -> dict[str, int]:
+    return {
+        "samples": len(samples),
+        "images": sum(len(s.images) for s in samples),
+        "tokens": int(sum(len(s.ids) for s in samples)),
+        "target_tokens": int(sum(int((s.labels != IGNORE_INDEX).sum()) for s in samples)),
+    }
+
 
 def _image_list(value: Any, where: str) -> list[str]:
     if value is None:
@@ -232,10 +247,7 @@ def read_image_data(data_cfg: Any, tokenizer: Any, template: Any, image_token_id
             stats["images"] += len(paths)
     if not samples:
         raise DataError(f"{data_cfg.path}: no usable sample ({stats})")
-    stats["samples"] = len(samples)
-    stats["tokens"] = int(sum(len(s.ids) for s in samples))
-    stats["target_tokens"] = int(sum(int((s.labels != IGNORE_INDEX).sum()) for s in samples))
-    return ImageData(samples, stats)
+    return ImageData(samples, {**stats, **_counts(samples)})
 
 
 class ImageDataset:

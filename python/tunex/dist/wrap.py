@@ -18,6 +18,9 @@ parameter shards), and the loss needs the output head, which lives outside the d
   buffers. No MixedPrecisionPolicy: parameters are gathered as stored (a policy would cast a float32
   absmax to bf16) and gradients reduced in the adapters' dtype, as DDP does; the compute dtype comes
   from autocast and the NF4 layer's dequantization, as in a DDP run.
+- A LLaVA model (``[vision]``), whatever the method: DDP over its trainable part (projector, adapters
+  or the whole LLM); a micro-batch without images leaves the projector unused, which DDP is told to
+  look for.
 """
 
 from __future__ import annotations
@@ -81,10 +84,16 @@ def _fsdp():
     return api
 
 
-def strategy(kind: str, env: DistEnv, fsdp: bool = False) -> str:
-    """ "single", "ddp" (adapters) or "fsdp" (full fine-tune, or adapters with ``train.fsdp``)."""
+def strategy(kind: str, env: DistEnv, fsdp: bool = False, multimodal: bool = False) -> str:
+    """ "single", "ddp" (adapters) or "fsdp" (full fine-tune, or adapters with ``train.fsdp``).
+
+    ``multimodal``: a LLaVA model (``[vision]``), which trains under DDP whatever the method: each
+    process holds the whole model (FSDP2's units are decoder layers of a plain LM).
+    """
     if not env.enabled:
         return "single"
+    if multimodal:
+        return "ddp"
     return "fsdp" if kind == "full" or fsdp else "ddp"
 
 
@@ -189,7 +198,8 @@ def wrap_for_training(
         from tunex.runtime.malloc import tune_malloc
 
         tune_malloc()
-    how = strategy(kind, env, fsdp)
+    multimodal = getattr(lm, "vision_tower", None) is not None
+    how = strategy(kind, env, fsdp, multimodal)
 
     def loss_module(model: nn.Module) -> nn.Module:
         if sequence is None:
@@ -209,8 +219,10 @@ def wrap_for_training(
 
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, _frozen_names(loss))
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    # A LLaVA model's projector (and tower adapters) take no part in a micro-batch without images:
+    # DDP then has to find them unused (left without a gradient where no rank used them, as alone).
     # every buffer is in the ignore list too, so DDP has no buffers to sync before forward
-    return DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False)
+    return DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=multimodal)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -143,15 +143,7 @@ def hold_out(dataset: Any, data_cfg: Any, fraction: float, seed: int) -> tuple[A
     store = dataset.store
     pairs = data_cfg.format in PREFERENCE_FORMATS  # items are whole pairs: samples 2k and 2k+1
     n = len(store.lengths) // 2 if pairs else len(store.lengths)
-    k = max(1, round(fraction * n))
-    if k >= n:
-        what = "pairs" if pairs else "records"
-        raise TunexError(
-            f"eval.split = {fraction}: the data has {n} {what}, holding out {k} leaves none to train on; "
-            "lower eval.split or give eval.data"
-        )
-    held = np.sort(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:k]).astype(np.int64)
-    kept = np.setdiff1d(np.arange(n, dtype=np.int64), held)
+    kept, held = split_indices(n, fraction, "pairs" if pairs else "records")
     pad = dataset.pad_id
     if pairs:
         return _pairs(store, kept, pad), _pairs(store, held, pad)
@@ -167,6 +159,23 @@ def hold_out(dataset: Any, data_cfg: Any, fraction: float, seed: int) -> tuple[A
         train = TokenDataset(store, kept, np.arange(len(kept) + 1, dtype=np.int64), packed=False, pad_id=pad)
         test = TokenDataset(store, held, np.arange(len(held) + 1, dtype=np.int64), packed=False, pad_id=pad)
     return train, test
+
+
+def split_indices(n: int, fraction: float, what: str = "records") -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) sorted indices of ``n`` items: ``round(fraction * n)`` (at least one) held
+    out, chosen by :data:`HOLDOUT_SEED` alone.
+
+    Raises:
+        TunexError: when the split would leave no item to train on.
+    """
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise TunexError(
+            f"eval.split = {fraction}: the data has {n} {what}, holding out {k} leaves none to train on; "
+            "lower eval.split or give eval.data"
+        )
+    held = np.sort(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:k]).astype(np.int64)
+    return np.setdiff1d(np.arange(n, dtype=np.int64), held), held
 
 
 def _pairs(store: Any, pairs: np.ndarray, pad_id: int) -> Any:
@@ -193,14 +202,17 @@ def build_eval_set(cfg: Any, tokenizer: Any, dataset: Any, cache_dir: str | None
 
 
 def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, int]:
-    """(summed NLL of the batch's target tokens, their number) under ``model`` (a tunex causal LM)."""
+    """(summed NLL of the batch's target tokens, their number) under ``model`` (a tunex causal LM, or
+    a LLaVA model given the batch's ``pixel_values``)."""
     from tunex.train.build import forward_hidden, output_head
     from tunex.train.loss import IGNORE_INDEX, linear_cross_entropy, shifted, softcapped_cross_entropy
 
     ids = batch["input_ids"].to(device)
     positions = batch.get("position_ids")
     positions = positions.to(device) if positions is not None else None
-    hidden = forward_hidden(model, ids, positions)  # (B, T, H)
+    pixels = batch.get("pixel_values")  # a LLaVA model's images (tunex.data.multimodal)
+    pixels = pixels.to(device) if pixels is not None else None
+    hidden = forward_hidden(model, ids, positions, pixels)  # (B, T, H)
     weight, bias = output_head(model)
     h, y = shifted(hidden, batch["labels"].to(device))
     count = int((y != IGNORE_INDEX).sum())

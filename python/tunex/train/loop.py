@@ -49,7 +49,7 @@ from tunex.train.build import autocast, build_model, enable_gradient_checkpointi
 from tunex.train.evaluate import build_eval_set, evaluate, preference_line
 from tunex.train.hooks import EvalChatHook
 from tunex.train.metrics import MetricsWriter
-from tunex.train.multimodal import build_image_dataset, is_multimodal
+from tunex.train.multimodal import build_image_datasets, is_multimodal
 from tunex.train.optim import build_optimizer, build_scheduler
 from tunex.train.plot import plot_loss
 from tunex.train.progress import StartupLog, TrainProgress, plural
@@ -164,8 +164,6 @@ def train(
 
     env = init_distributed()  # a lone process (WORLD_SIZE unset or 1) joins no process group
     is_main = env.is_main
-    if is_multimodal(cfg) and env.world_size > 1:
-        raise TunexError("[vision] runs train in one process for now; run tunex train without torchrun")
     # sequence parallelism: groups of ranks share each micro-batch; data parallel over the groups
     sequence = plan_sequence(env, cfg.train.sequence_parallel, cfg.source) if cfg.train.sequence_parallel > 1 else None
     dp_rank, world = (sequence.dp_rank, sequence.dp_size) if sequence else (env.rank, env.world_size)
@@ -192,7 +190,7 @@ def train(
     if env.local_rank != 0:
         barrier(env)
     if is_multimodal(cfg):  # images: read, checked and tokenized in memory (tunex.data.multimodal)
-        dataset, held_out = build_image_dataset(cfg, tokenizer), None
+        dataset, held_out = build_image_datasets(cfg, tokenizer)  # eval.data, or eval.split of the samples
     else:
         paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
         startup.echo(
@@ -213,7 +211,9 @@ def train(
     last = min(total, stop_after) if stop_after else total
 
     # FSDP2 takes the model from the CPU layer by layer: no rank ever holds all of it on its GPU
-    on_cpu = torch.device("cpu") if strategy(cfg.method.kind, env, cfg.train.fsdp) == "fsdp" else None
+    on_cpu = (
+        torch.device("cpu") if strategy(cfg.method.kind, env, cfg.train.fsdp, is_multimodal(cfg)) == "fsdp" else None
+    )
     startup.echo(f"loading the model {cfg.model.path} ({cfg.model.dtype}) on {device}")
     model = build_model(cfg, device, load_device=on_cpu)
     if cfg.train.gradient_checkpointing:

@@ -37,24 +37,48 @@ def image_token_layout(cfg: Any, tokenizer: Any) -> tuple[int, int]:
 
 def build_image_dataset(cfg: Any, tokenizer: Any):
     """The run's :class:`tunex.data.multimodal.ImageDataset` (records read, images checked, tokenized)."""
+    return build_image_datasets(cfg, tokenizer, held_out=False)[0]
+
+
+def build_image_datasets(cfg: Any, tokenizer: Any, held_out: bool = True) -> tuple[Any, Any | None]:
+    """(training dataset, held-out dataset or None) of a ``[vision]`` run, as ``cfg.eval`` says:
+    ``eval.data`` read as the training data is (its own records and images), or ``eval.split``: whole
+    samples held out as the text path holds out records (:func:`tunex.train.evaluate.split_indices`,
+    the same samples whatever ``train.seed``). The held-out items keep their order (no shuffling).
+    ``held_out=False``: the training data alone, all of it.
+    """
     from tunex.data.images import read_processing
-    from tunex.data.multimodal import ImageDataset, read_image_data
+    from tunex.data.multimodal import ImageData, ImageDataset, read_image_data
     from tunex.models import resolve_model_path
     from tunex.templates import get_template
+    from tunex.train.evaluate import eval_data_config, split_indices
 
     image_id, per_image = image_token_layout(cfg, tokenizer)
     template = get_template(cfg.data.template, tokenizer, system=cfg.data.system)
-    data = read_image_data(cfg.data, tokenizer, template, image_id, per_image)
     processing = read_processing(resolve_model_path(cfg.vision.path))
-    return ImageDataset(
-        data,
-        processing,
-        cfg.vision.image_aspect,
-        packed=cfg.data.pack_to_max_length,
-        max_length=cfg.data.max_length,
-        seed=cfg.train.seed,
-        shuffle=cfg.data.shuffle_before_pack,
-    )
+
+    def read(data_cfg):
+        return read_image_data(data_cfg, tokenizer, template, image_id, per_image)
+
+    def dataset(data: ImageData, shuffle: bool) -> ImageDataset:
+        return ImageDataset(
+            data,
+            processing,
+            cfg.vision.image_aspect,
+            packed=cfg.data.pack_to_max_length,
+            max_length=cfg.data.max_length,
+            seed=cfg.train.seed,
+            shuffle=shuffle,
+        )
+
+    shuffle = cfg.data.shuffle_before_pack
+    if held_out and cfg.eval.data:
+        return dataset(read(cfg.data), shuffle), dataset(read(eval_data_config(cfg)), False)
+    data = read(cfg.data)
+    if held_out and cfg.eval.split > 0:
+        kept, held = split_indices(len(data.samples), cfg.eval.split, "samples")
+        return dataset(data.subset(kept), shuffle), dataset(data.subset(held), False)
+    return dataset(data, shuffle), None
 
 
 def projector_state(path: str | Path) -> dict[str, torch.Tensor]:
