@@ -282,10 +282,12 @@ def test_smollm2_q8_0_export_is_gguf_py_bytes_and_differs_from_tunex_at_near_tie
         ours = model(torch.tensor([ids]))[0].numpy()[len(prompt) - 1 :]
     theirs = _logits(_llama(smollm2_exports["q8_0"]), ids)[len(prompt) - 1 :]
     scale = np.abs(ours).max()
-    assert np.abs(theirs - ours).max() < 0.08 * scale, np.abs(theirs - ours).max() / scale  # measured 0.057
+    # measured 0.032; the 8-bit rounding alone moves logits by up to 2 (0.08 of the largest) when its input
+    # moves by one part in a million
+    assert np.abs(theirs - ours).max() < 0.08 * scale, np.abs(theirs - ours).max() / scale
     rows = np.arange(len(ours))
     gap = ours[rows, ours.argmax(-1)] - ours[rows, theirs.argmax(-1)]  # 0 where both pick the same token
-    assert (gap < 0.25).all(), gap  # a flip only where tunex's top two are within a quarter of a logit
+    assert (gap < 0.25).all(), gap  # a flip only where tunex's top two are within a quarter of a logit (0.14)
     assert (gap == 0).mean() >= 0.75, gap
 
 
