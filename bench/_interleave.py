@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,15 @@ from collections.abc import Callable
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def serve_steps(step: Callable[[], object], ready: dict | None = None) -> None:
@@ -95,7 +105,15 @@ def take_turns(
 
 
 def last_error(proc: subprocess.Popen) -> str:
-    """Stop a failed worker; the last line of its stderr (at most 120 characters)."""
+    """Stop a failed worker; the signal that killed it (the kernel's OOM killer sends SIGKILL), else
+    the last line of its stderr (at most 120 characters)."""
+    try:
+        code = proc.wait(timeout=5)  # it closed its stdout: exiting, or killed
+    except subprocess.TimeoutExpired:
+        code = None
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     proc.kill()
     proc.wait()
     proc.errors.seek(0)

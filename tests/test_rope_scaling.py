@@ -6,6 +6,7 @@ fine-tune's exported config.json carries the scaling; a max_length past the RoPE
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -142,7 +143,7 @@ def test_full_export_writes_the_scaling_into_config_json(run):
 
 
 def test_set_rope_scaling_keeps_the_file_layout():
-    from tunex.train.export import set_rope_scaling
+    from tunex.models.config import set_rope_scaling
 
     s = {"rope_type": "yarn", "factor": 4.0}
     old = {"rope_theta": 1e6}
@@ -169,3 +170,65 @@ def test_the_transformers_backend_refuses_the_key(run):
     with pytest.raises(ValueError, match=r"transformers backend"):
         load_model(cfg.model.path, backend="transformers", rope_scaling=cfg.model.rope_scaling)
     preflight(_cfg(run, 'model.backend="transformers"'), load_tokenizer(cfg.model.path))  # without the key: fine
+
+
+def test_a_lora_adapter_carries_the_scaling_into_merge_and_chat(run):
+    """PEFT's adapter folder has no place for the base's rope_scaling; tunex keeps it beside the
+    adapter (tunex_base_config.json), so the merged folder's config.json has it and the merged model
+    equals the oracle: transformers + PEFT on the base with that scaling in its config.json."""
+    peft = pytest.importorskip("peft")
+    from tunex.merge import merge
+    from tunex.models.adapter import apply_adapter
+    from tunex.train.export import convert_checkpoint
+    from tunex.train.loop import train
+
+    root, model, data = run
+    path = write_config(root / "c.toml", model, data, "lora", "pretrain", root / "work", max_steps=2, batch_size=1)
+    cfg = load_config(path, ['model.rope_scaling={type="linear", factor=2.0}', "eval.prompts=[]", "method.dropout=0.0"])
+    result = train(cfg)
+    said = convert_checkpoint(cfg, result.checkpoint, root / "adapter", fp32=True)
+    assert "tunex_base_config.json" in said
+    assert json.loads((root / "adapter" / "tunex_base_config.json").read_text())["rope_scaling"]["factor"] == 2.0
+    merge(model, root / "adapter", root / "merged")
+    written = json.loads((root / "merged" / "config.json").read_text())
+    scaling = written.get("rope_scaling") or written.get("rope_parameters")
+    assert scaling["rope_type"] == "linear" and scaling["factor"] == 2.0
+
+    scaled_base = root / "scaled-base"  # the oracle's base: the checkpoint with the scaling in config.json
+    shutil.copytree(model, scaled_base)
+    base_config = json.loads((scaled_base / "config.json").read_text())
+    base_config["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (scaled_base / "config.json").write_text(json.dumps(base_config))
+    oracle = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(scaled_base), root / "adapter"
+    ).eval()
+    ids = torch.arange(3, 300).remainder(250)[None]  # past the 256 native positions
+    with torch.no_grad():
+        expected = oracle(ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(root / "merged").eval()
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        # tunex chat --adapter: the base loaded with the adapter's scaling, the adapter unmerged
+        from tunex.io.hf import base_config_changes
+
+        lm = load_model(model, rope_scaling=base_config_changes(root / "adapter")["rope_scaling"])
+        apply_adapter(lm, root / "adapter")
+        torch.testing.assert_close(lm(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{", r"not valid JSON"),
+        ("[1]", r"expected a JSON object of config.json keys, got list"),
+        ('{"rope_theta": 5}', r"unknown key 'rope_theta'; expected only rope_scaling"),
+        ('{"rope_scaling": 2}', r"rope_scaling must be a JSON object, got int"),
+    ],
+)
+def test_a_bad_base_config_side_file_is_named(tmp_path, text, words):
+    from tunex.errors import FormatError
+    from tunex.io.hf import base_config_changes
+
+    (tmp_path / "tunex_base_config.json").write_text(text)
+    with pytest.raises(FormatError, match=rf"tunex_base_config.json: {words}"):
+        base_config_changes(tmp_path)
+    assert base_config_changes(tmp_path / "absent") == {}

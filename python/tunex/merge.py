@@ -18,7 +18,7 @@ from typing import Any
 from tunex import _native
 from tunex.errors import DataError
 from tunex.io.atomic import scratch_folder
-from tunex.io.hf import bin_to_safetensors, missing, non_weight_files, require_dir, weight_format
+from tunex.io.hf import base_config_changes, bin_to_safetensors, missing, non_weight_files, require_dir, weight_format
 from tunex.units import parse_size
 
 ProgressFn = Callable[[str, int, int, int, int], Any]
@@ -93,9 +93,13 @@ def _adapter_weights(adapter: Path, tmp: Path) -> Path:
     return tmp / "adapter_model.safetensors"
 
 
-def _extra_files(base: Path, is_clip: bool, dtype: str | None, tmp: Path, template: str) -> list[tuple[str, str]]:
-    """(source, name) of every non-weight file to copy; config.json rewritten if the dtype changes,
-    generation_config.json with the end-of-turn token of the chat ``template`` the adapter trained."""
+def _extra_files(
+    base: Path, is_clip: bool, dtype: str | None, tmp: Path, template: str, changes: dict
+) -> list[tuple[str, str]]:
+    """(source, name) of every non-weight file to copy; config.json rewritten if the dtype changes or
+    the adapter's run changed base config keys (``changes``: its tunex_base_config.json, e.g. the
+    rope_scaling it trained with), generation_config.json with the end-of-turn token of the chat
+    ``template`` the adapter trained."""
     pairs = []
     if not is_clip and (base / "config.json").is_file():
         from tunex.io.generation import FILE, write_generation_config
@@ -104,11 +108,15 @@ def _extra_files(base: Path, is_clip: bool, dtype: str | None, tmp: Path, templa
     for f in non_weight_files(base, is_clip):
         if pairs and f.name == pairs[0][1]:
             continue
-        if f.name == "config.json" and dtype is not None:
+        if f.name == "config.json" and (dtype is not None or changes):
             config = json.loads(f.read_text(encoding="utf-8"))
-            for key in ("torch_dtype", "dtype"):
+            for key in ("torch_dtype", "dtype") if dtype is not None else ():
                 if key in config or key == "torch_dtype":
                     config[key] = _CONFIG_DTYPE[dtype]
+            if "rope_scaling" in changes:
+                from tunex.models.config import set_rope_scaling
+
+                set_rope_scaling(config, changes["rope_scaling"])
             patched = tmp / "config.json"
             patched.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             f = patched
@@ -185,7 +193,7 @@ def merge(
             weights_dir = bin_to_safetensors(base_dir, tmp / "base")
         else:
             weights_dir = base_dir
-        extra = _extra_files(base_dir, is_clip, out_dtype, tmp, template)
+        extra = _extra_files(base_dir, is_clip, out_dtype, tmp, template, base_config_changes(adapter_dir))
         if dev == "cpu":
             r = _native.merge_lora(
                 str(weights_dir),

@@ -113,7 +113,11 @@ def chat(
         lm = load_llava(folder, dtype=dtype, device=device)
         pixels = _pixel_values(folder, images)
     else:
-        lm = load_model(folder, dtype=dtype, device=device, quantize=quantize)
+        from tunex.io.hf import base_config_changes
+
+        # an adapter trained with model.rope_scaling runs on the base with that scaling, as it trained
+        rope = base_config_changes(adapter).get("rope_scaling") if adapter is not None else None
+        lm = load_model(folder, dtype=dtype, device=device, quantize=quantize, rope_scaling=rope)
     if adapter is not None:
         from tunex.models.adapter import apply_adapter
 

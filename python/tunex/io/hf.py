@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunex.errors import FormatError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -127,3 +129,33 @@ def non_weight_files(folder: str | os.PathLike, is_clip: bool = False) -> list[P
         and not f.name.endswith(_WEIGHT_SUFFIXES)
         and f.name not in (SAFETENSORS_INDEX, BIN_INDEX)
     )
+
+
+# The base config.json keys a LoRA run changed (model.rope_scaling), written beside PEFT's files in the
+# adapter folder (tunex.peft.export): PEFT has no place for them; merge and chat apply them.
+BASE_CONFIG_CHANGES = "tunex_base_config.json"
+# The keys a run may change on its base's config.json (each a JSON object).
+_CHANGEABLE = ("rope_scaling",)
+
+
+def base_config_changes(adapter_dir: str | os.PathLike) -> dict:
+    """The base config.json keys the adapter's run changed (``{}`` when it changed none).
+
+    Raises:
+        FormatError: naming the file: not a JSON object, an unknown key, or a value of the wrong kind.
+    """
+    path = Path(adapter_dir) / BASE_CONFIG_CHANGES
+    if not path.is_file():
+        return {}
+    try:
+        changes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e}); re-export the adapter with `tunex convert pth_to_hf`") from e
+    if not isinstance(changes, dict):
+        raise FormatError(f"{path}: expected a JSON object of config.json keys, got {type(changes).__name__}")
+    for key, value in changes.items():
+        if key not in _CHANGEABLE:
+            raise FormatError(f"{path}: unknown key {key!r}; expected only {', '.join(_CHANGEABLE)}")
+        if not isinstance(value, dict):
+            raise FormatError(f"{path}: {key} must be a JSON object, got {type(value).__name__}")
+    return changes

@@ -481,3 +481,19 @@ def tunex_targets(target, cfg: ModelConfig):
     if cfg.family != "internlm2" or not isinstance(target, list):
         return target
     return [_INTERNLM2_TARGETS.get(t, t) for t in target]
+
+
+def set_rope_scaling(config: dict, scaling: dict) -> None:
+    """Put ``scaling`` (config.json's rope_scaling) into a config.json dict in the layout it uses:
+    ``rope_scaling``, or transformers 5's nested ``rope_parameters`` (Gemma 3's global layers')."""
+    params = config.get("rope_parameters")
+
+    def with_theta(theta) -> dict:
+        return {**({} if theta is None else {"rope_theta": theta}), **scaling}
+
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params["full_attention"] = with_theta(params["full_attention"].get("rope_theta"))
+    elif isinstance(params, dict):
+        config["rope_parameters"] = with_theta(params.get("rope_theta", config.get("rope_theta")))
+    else:
+        config["rope_scaling"] = dict(scaling)

@@ -4,6 +4,11 @@ An adapter folder holds ``adapter_config.json`` (indent 2, sorted keys) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r, in),
 ``...lora_B.weight`` (out, r) and, for DoRA, ``...lora_magnitude_vector`` (out,). The adapter name
 ("default") is not part of the saved keys.
+
+A run that changed the base model's ``config.json`` (``model.rope_scaling``) also writes
+``tunex_base_config.json``: the keys to set on the base's config.json, as config.json spells them.
+PEFT has no place for them; ``tunex convert merge`` writes them into the merged config.json and
+``tunex chat --adapter`` loads the base with them (:func:`base_config_changes`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 from tunex.errors import FormatError
+from tunex.io.hf import BASE_CONFIG_CHANGES
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
@@ -94,16 +100,25 @@ def adapter_config(method: Any, modules: list[str], base_model: str, rank: int |
 ONE_FILE = 1 << 62
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+    BASE_CONFIG_CHANGES,
+)
 
 
-def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict) -> Path:
+def write_adapter(
+    out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict, base_changes: dict | None = None
+) -> Path:
     """Write a PEFT adapter folder as a whole: built beside ``out_dir`` and renamed into place, so
     the config and weights always belong together. A previous adapter there is replaced in one
     step; a folder holding anything else is refused.
 
     ``adapter_model.safetensors`` (one file, ``{"format": "pt"}`` metadata) goes through tunex's
-    Rust shard writer.
+    Rust shard writer. ``base_changes``: config.json keys the run changed on the base, written to
+    ``tunex_base_config.json`` (nothing when empty).
     """
     from tunex.io.atomic import atomic_folder, replaceable
     from tunex.io.sharded import save_sharded
@@ -113,6 +128,9 @@ def write_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     with atomic_folder(out, overwrite=True) as tmp:
         save_sharded(dict(tensors), tmp, max_shard_size=ONE_FILE, prefix="adapter_model")
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if base_changes:
+            text = json.dumps(base_changes, indent=2, sort_keys=True) + "\n"
+            (tmp / BASE_CONFIG_CHANGES).write_text(text, encoding="utf-8")
     return out
 
 
@@ -123,9 +141,12 @@ def export_adapter(
     base_model: str = "",
     dtype: torch.dtype | None = torch.float16,
     source: str = "<state dict>",
+    rope_scaling: dict | None = None,
 ) -> Path:
-    """tunex adapter state (module-named keys) -> PEFT adapter folder at ``out_dir``."""
+    """tunex adapter state (module-named keys) -> PEFT adapter folder at ``out_dir``; ``rope_scaling``:
+    the run's ``model.rope_scaling`` (kept in ``tunex_base_config.json``)."""
     tensors = peft_tensors(state, dtype, source)
     modules = adapter_modules(state)
     rank = int(state[f"{modules[0]}.lora_A.weight"].shape[0])
-    return write_adapter(out_dir, tensors, adapter_config(method, modules, base_model, rank))
+    changes = {"rope_scaling": dict(rope_scaling)} if rope_scaling else None
+    return write_adapter(out_dir, tensors, adapter_config(method, modules, base_model, rank), changes)

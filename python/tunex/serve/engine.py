@@ -95,6 +95,13 @@ class AdapterBank:
 
         if name in self.layers:
             raise ValueError(f"--adapter {name}: that name is given twice")
+        from tunex.io.hf import base_config_changes
+
+        if base_config_changes(folder).get("rope_scaling"):
+            raise TunexError(
+                f"{folder}: the adapter trained with model.rope_scaling (tunex_base_config.json), which the shared "
+                "base does not have; merge it (tunex convert merge) and serve the merged model"
+            )
         _, tensors = read_adapter(folder)
         extra = [k for k in tensors if not _LORA_KEY.match(k[len(PREFIX) :] if k.startswith(PREFIX) else k)]
         if extra:

@@ -13,6 +13,7 @@ import torch
 
 from tunex.errors import FormatError
 from tunex.io.atomic import atomic_folder, replaceable
+from tunex.models.config import set_rope_scaling
 from tunex.peft import export_adapter
 from tunex.train import checkpoint
 
@@ -60,7 +61,12 @@ def convert_checkpoint(
         return "a HF reward model"
     if kind in ("lora", "qlora"):
         adapter = _checkpoint_named(cfg, state["model"])
-        export_adapter(adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth))
+        rope = cfg.model.rope_scaling
+        export_adapter(
+            adapter, cfg.method, out, base_model=cfg.model.path, dtype=dtype, source=str(pth), rope_scaling=rope
+        )
+        if rope:  # PEFT keeps no base config; tunex's merge and chat read the side file
+            return "a PEFT adapter, with the run's model.rope_scaling in tunex_base_config.json (PEFT users: set it on the base's config.json)"
         return "a PEFT adapter"
     write_full_model(cfg, state["model"], Path(out), dtype, max_shard_size)
     return "a HF model"
@@ -113,22 +119,6 @@ def write_full_model(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def set_rope_scaling(config: dict, scaling: dict) -> None:
-    """Put ``scaling`` (config.json's rope_scaling) into a config.json dict in the layout it uses:
-    ``rope_scaling``, or transformers 5's nested ``rope_parameters`` (Gemma 3's global layers')."""
-    params = config.get("rope_parameters")
-
-    def with_theta(theta) -> dict:
-        return {**({} if theta is None else {"rope_theta": theta}), **scaling}
-
-    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
-        params["full_attention"] = with_theta(params["full_attention"].get("rope_theta"))
-    elif isinstance(params, dict):
-        config["rope_parameters"] = with_theta(params.get("rope_theta", config.get("rope_theta")))
-    else:
-        config["rope_scaling"] = dict(scaling)
-
-
 def is_model_file(name: str) -> bool:
     """A file a HF model folder written by tunex holds (what replacing it may delete)."""
     weights = name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
@@ -162,6 +152,7 @@ def checkpoint_as_adapter(cfg: Any, pth: str | os.PathLike, out: str | os.PathLi
         base_model=cfg.model.path,
         dtype=torch.float32,
         source=str(pth),
+        rope_scaling=cfg.model.rope_scaling,
     )
 
 
