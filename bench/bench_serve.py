@@ -3,8 +3,10 @@
 clients, `tunex serve` vs transformers' generate behind the same HTTP layer.
 
 Both servers are the same starlette app and job queue (tunex.serve.app, tunex.serve.engine), each
-in its own process on the same fp32 folder; only the generation differs: tunex's decoder, or
-transformers' ``model.generate`` with a streamer. The clients (threads in this process) send greedy
+in its own process on the same fp32 folder; only the generation differs: tunex's decoder with the
+engine's continuous batching (up to 16 running jobs decoded together, one token each per step), or
+transformers' ``model.generate`` with a streamer, one job at a time (the engine batches only its
+own decoder; ``generate`` takes one request's prompt per call). The clients (threads in this process) send greedy
 chat completions of ``--max-tokens`` new tokens; each client sends ``--requests`` requests in turn.
 Within a round every client count runs on both servers, alternating which goes first; the ratio
 is per round, reported as the median and the range over the rounds.
@@ -208,8 +210,9 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct fp32, CPU, {os.cpu_count()} cores; greedy chat completions of up to "
         f"{args.max_tokens} new tokens, each client sending {args.requests} requests in turn; {args.rounds} rounds, "
-        f"interleaved; both servers are tunex.serve's HTTP layer and queue, the generation is tunex's or "
-        f"transformers' generate; replies identical: {'yes' if same else 'NO'}; machine load average {avg}\n"
+        f"interleaved; both servers are tunex.serve's HTTP layer and queue, the generation is tunex's decoder "
+        f"(continuous batching, up to 16 jobs per step) or transformers' generate (one job at a time); "
+        f"replies identical: {'yes' if same else 'NO'}; machine load average {avg}\n"
     )
     print(
         "| clients | tunex req/s | transformers req/s | tunex tokens/s | transformers tokens/s "

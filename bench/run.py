@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run benchmark scripts and record their tables in BENCHMARKS.md.
 
-Usage: python bench/run.py [NAME ...]    (NAME = merge, quant, generate, data, train, ...; none = all)
+Usage: python bench/run.py [NAME ...]    (NAME = merge, quant, generate, data, train, gguf, kquant, serve, ...; none = all)
 
 Each bench/bench_NAME.py runs tunex and its competitor side by side in one run and prints a markdown
 table to stdout. This runner replaces the section ``## NAME`` of BENCHMARKS.md with that table, the
