@@ -52,16 +52,21 @@ def test_documents_from_position_ids():
     assert dense[4, 3].item() is False and dense[5, 4].item() is True and dense[2, 0].item() is True
 
 
+def _qkv_grad(b: int, h: int, kv_heads: int, t: int, d: int):
+    """Random q (b, h, t, d), k and v (b, kv_heads, t, d) needing gradients, and an output gradient."""
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
+    return q, k, v, torch.randn(b, h, t, d)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("lengths", [[[1, 20, 13, 6], [40]], [[7, 1, 1, 31], [2, 38]]])
 def test_native_documents_match_sdpa_per_document(kv_heads, lengths):
     require_native("attention_forward_f32")
     torch.manual_seed(0)
     b, h, t, d = 2, 4, 40, 32
-    q = torch.randn(b, h, t, d, requires_grad=True)
-    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    grad = torch.randn(b, h, t, d)
+    q, k, v, grad = _qkv_grad(b, h, kv_heads, t, d)
     want = _per_document(q, k, v, lengths, kv_heads != h)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     docs = Documents.of(_positions(lengths))
@@ -191,10 +196,7 @@ def test_native_sliding_window_matches_sdpa_per_document(lengths, kv_heads, wind
     require_native("attention_forward_f32")
     torch.manual_seed(4)
     b, h, t, d = 2, 4, 40, 32
-    q = torch.randn(b, h, t, d, requires_grad=True)
-    k = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    v = torch.randn(b, kv_heads, t, d, requires_grad=True)
-    grad = torch.randn(b, h, t, d)
+    q, k, v, grad = _qkv_grad(b, h, kv_heads, t, d)
     gqa = kv_heads != h
     want = _per_document(q, k, v, lengths, gqa, window)
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
