@@ -219,3 +219,28 @@ def test_rejects_mismatched_shapes():
         moe_kernel.grouped_swiglu_experts(
             torch.zeros(5, 3), torch.zeros(5, 2), torch.zeros(4, 2, dtype=torch.long), [(proj,) * 3]
         )
+
+
+def test_expert_products_stay_off_onednn(monkeypatch):
+    """An expert's rows change from step to step; oneDNN builds and caches a kernel per product shape
+    (measured on the bench's Mixtral shape: each step slower and the process growing by hundreds of
+    MB), so the node's products run torch's matmul while a fixed-shape product of the same size
+    still takes oneDNN."""
+    from tunex.kernels import _dispatch
+
+    big = dict(grad=False, macs=1 << 24, shape_ok=True)
+    if registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, **big)) != "onednn":
+        pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
+    assert registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, shape_varies=True, **big)) == "torch.mm"
+    calls = []
+    real = _dispatch._ONEDNN_LINEAR
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
+    _, ours = blocks()
+    adapt(ours)
+    x = steered_rows().requires_grad_()
+    ours(x, rt=Standard()).sum().backward()
+    assert calls == []
+    with torch.no_grad():  # the same call, of a shape that recurs, does (as inside autograd Functions)
+        _dispatch.matmul_nt(torch.randn(64, H), torch.randn(32, H))
+    assert len(calls) == 1

@@ -73,12 +73,13 @@ def matmul_nt_in(
     *,
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
+    shape_varies: bool = False,
 ) -> torch.Tensor:
     """``matmul_nt`` with the product computed in ``dtype`` (``w`` already in it; None: x's dtype)
     and rounded to it, the result (and ``bias``, ``add``) in x's dtype."""
     if dtype is None or dtype == x.dtype:
-        return matmul_nt(x, w, bias=bias, add=add)
-    y = matmul_nt(x.to(dtype), w).to(x.dtype)
+        return matmul_nt(x, w, bias=bias, add=add, shape_varies=shape_varies)
+    y = matmul_nt(x.to(dtype), w, shape_varies=shape_varies).to(x.dtype)
     if bias is not None:
         y.add_(bias)
     return y if add is None else y.add_(add)
@@ -144,8 +145,9 @@ def host_flat(t: torch.Tensor):
 _ONEDNN_LINEAR = registry.ONEDNN_LINEAR
 
 
-def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool) -> registry.Facts:
-    """The registry's facts for ``x @ w.T`` (op matmul_f32); ``grad``: autograd on."""
+def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool, shape_varies: bool = False) -> registry.Facts:
+    """The registry's facts for ``x @ w.T`` (op matmul_f32); ``grad``: autograd on; ``shape_varies``:
+    the product's shape changes from step to step (see registry.Facts)."""
     cpu_f32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
     shape_ok = x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1]
     return registry.Facts(
@@ -154,6 +156,7 @@ def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool) -> registry.Facts
         grad=grad,
         macs=x.shape[0] * x.shape[1] * w.shape[0] if shape_ok else 0,
         shape_ok=shape_ok,
+        shape_varies=shape_varies,
     )
 
 
@@ -165,16 +168,22 @@ def onednn_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def matmul_nt(
-    x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    shape_varies: bool = False,
 ) -> torch.Tensor:
-    """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd.
+    """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd. ``shape_varies``: a shape
+    that changes from step to step, which stays off oneDNN (see the registry's matmul_f32 row).
 
     float32 CPU tensors (any strides) go through oneDNN when the registry's matmul_f32 row chooses it, else torch; only for
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
     the caller's to give up: the torch path accumulates into it and returns it.
     """
     if (
-        registry.choose("matmul_f32", matmul_facts(x, w, grad=torch.is_grad_enabled())) == "onednn"
+        registry.choose("matmul_f32", matmul_facts(x, w, torch.is_grad_enabled(), shape_varies)) == "onednn"
         and (bias is None or bias.dtype == torch.float32)
         and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0])))
     ):

@@ -23,7 +23,9 @@ LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernel
 adapters of every expert get their gradients from this node. Saved: the sorted rows (only when a
 gate/up adapter needs them), each expert's gate and up pre-activations, the adapters' (rows, r)
 products and the expert outputs ys; SwiGLU's output is rebuilt in backward where the down adapter
-needs it. float32 CPU products run oneDNN (``matmul_nt``), SwiGLU tunex's native kernels.
+needs it. The products' shapes follow each expert's share of the batch, new each step, so they run
+torch's matmul, never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
+that grows by hundreds of MB); SwiGLU runs tunex's native kernels.
 """
 
 from __future__ import annotations
@@ -102,6 +104,16 @@ def expert_projections(experts: Sequence) -> list[tuple[Projection, Projection, 
     return out
 
 
+def _mm(x: torch.Tensor, w: torch.Tensor, **kw) -> torch.Tensor:
+    """``matmul_nt`` of a product whose shape varies from step to step (an expert's rows)."""
+    return matmul_nt(x, w, shape_varies=True, **kw)
+
+
+def _mm_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None, **kw) -> torch.Tensor:
+    """``matmul_nt_in`` of a product whose shape varies from step to step (an expert's rows)."""
+    return matmul_nt_in(x, w, dtype, shape_varies=True, **kw)
+
+
 class _Run:
     """The dtypes and triton flag of one call, shared by its projections."""
 
@@ -118,7 +130,7 @@ class _Run:
 
     def forward(self, proj: Projection, x2: torch.Tensor):
         """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, saved adapter state (h, dropout) or None)."""
-        y = matmul_nt_in(x2, self.weight(proj), self.base_dtype)
+        y = _mm_in(x2, self.weight(proj), self.base_dtype)
         if proj.lora_a is None:
             return y, None
         drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
@@ -128,7 +140,7 @@ class _Run:
             h = torch.empty((x2.shape[0], a.shape[0]), dtype=self.dtype, device=x2.device)
             _native_down(host_flat(x2), x2.shape[1], host_flat(a), drop.seed, drop.p, host_flat(h))
         else:
-            h = matmul_nt(drop(x2), a)  # (n, r)
+            h = _mm(drop(x2), a)  # (n, r)
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
@@ -138,19 +150,19 @@ class _Run:
         if proj.lora_a is not None:
             h, drop = saved
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
-            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
-            dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
+            d_b = _mm(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = _mm(g, b.t()).mul_(s)  # (n, r)
             if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
                 _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
-                dx = matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add)
+                dx = _mm_in(g, self.weight(proj).t(), self.base_dtype, add=add)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
-            d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
-            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
+            d_a = _mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_lora = drop(_mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
-        return matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+        return _mm_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
 
 
 def _sort_pairs(chosen: torch.Tensor, num_experts: int):

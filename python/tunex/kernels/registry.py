@@ -52,6 +52,7 @@ class Facts:
     active (tunex.runtime.arena). ``docs``: how many packed documents the rows hold, each attending
     inside itself (tunex.kernels.attention.Documents; 0 or False: none). ``window``: the causal
     sliding window those documents are seen through, where one is longer than it (None: none).
+    ``shape_varies``: the call's shape changes from step to step (an expert's share of a batch).
     ``backend`` is the kernel's ``backend=`` argument.
     """
 
@@ -70,6 +71,7 @@ class Facts:
         "arena",
         "docs",
         "window",
+        "shape_varies",
     )
 
     def __init__(
@@ -89,10 +91,12 @@ class Facts:
         arena: bool = False,
         docs: int = 0,
         window: int | None = None,
+        shape_varies: bool = False,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
         self.causal, self.arena, self.docs, self.window = causal, arena, docs, window
+        self.shape_varies = shape_varies
 
     @classmethod
     def of(cls, t: torch.Tensor, backend: str = "auto", **shape) -> Facts:
@@ -123,6 +127,7 @@ class Facts:
             self.arena,
             self.docs,
             self.window,
+            self.shape_varies,
         )
 
 
@@ -427,9 +432,10 @@ OPS: dict[str, tuple[Impl, ...]] = {
     "matmul_f32": (
         Impl(
             "onednn",
-            f"float32 2-D CPU products of at least {ONEDNN_MIN_MACS} multiply-adds outside autograd, torch built "
-            "with oneDNN, TUNEX_ONEDNN=1",
-            lambda f: _cpu_f32(f) and not f.grad and onednn_applies(f),
+            f"float32 2-D CPU products of at least {ONEDNN_MIN_MACS} multiply-adds outside autograd whose shape "
+            "recurs (oneDNN builds and caches a kernel per shape: an expert's share of a batch, new each step, "
+            "costs a build and grows the cache), torch built with oneDNN, TUNEX_ONEDNN=1",
+            lambda f: _cpu_f32(f) and not f.grad and not f.shape_varies and onednn_applies(f),
         ),
         _torch("torch.mm"),
     ),
