@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +243,43 @@ def test_optimizer_takes_the_fused_kernel_on_the_cpu_with_the_same_step():
         plain.step()
     for p, r in zip(ps, ref):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_optimizer_steps_as_torch_without_importing_dynamo():
+    # torch.optim's wrappers import torch._dynamo (~150 MB resident) on first use; the CPU AdamW
+    # must not, and must step bit for bit as torch's fused AdamW, state dict round trip included
+    code = """
+import copy, sys, torch
+from tunex.train.optim import EagerAdamW, build_optimizer
+torch.manual_seed(0)
+ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+opt = build_optimizer(ps, 1e-2, (0.9, 0.999), 0.1)
+assert type(opt) is EagerAdamW and opt.defaults["fused"] is True
+grads = [[torch.randn_like(p) for p in ps] for _ in range(4)]
+for g in grads[:2]:
+    for p, gi in zip(ps, g):
+        p.grad = gi.clone()
+    opt.step()
+    opt.zero_grad()
+assert all(p.grad is None for p in ps)
+copies = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+resumed = build_optimizer(copies, 1e-2, (0.9, 0.999), 0.1)
+resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+assert "torch._dynamo" not in sys.modules, "the CPU AdamW imported torch._dynamo"
+ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+torch_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, fused=True)
+torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+for g in grads[2:]:
+    for group in (ps, copies, ref):
+        for p, gi in zip(group, g):
+            p.grad = gi.clone()
+    opt.step()
+    resumed.step()
+    torch_opt.step()
+for p, c, r in zip(ps, copies, ref):
+    assert torch.equal(p, r) and torch.equal(c, r)
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

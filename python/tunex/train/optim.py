@@ -3,6 +3,7 @@ default is 3% warmup then cosine to zero)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -25,6 +26,7 @@ def build_optimizer(
     ``kind="adamw"``: AdamW, using torch's fused kernel where it takes them (plain tensors all on
     CUDA or all on the CPU; on the CPU too it is the faster step) and the multi-tensor (foreach)
     path elsewhere (sharded parameters): both are mathematically the plain AdamW step, only faster.
+    On the CPU it is :class:`EagerAdamW` (the same step, without importing ``torch._dynamo``).
     ``bf16_adapters``: bf16 parameters, stepped by ``BF16AdamW`` (float32 moments, stochastic
     rounding of the weight). ``"adamw_8bit"`` / ``"paged_adamw_8bit"``: ``AdamW8bit`` (8-bit
     blockwise moments; paged: kept in host memory), for float32 and bf16 parameters alike;
@@ -59,11 +61,37 @@ def build_optimizer(
     plain = all(type(p.data) is torch.Tensor for p in params)  # not DTensor shards (FSDP2)
     one_device = all(p.is_cuda for p in params) or all(p.device.type == "cpu" for p in params)
     if plain and one_device:
+        adamw = EagerAdamW if params[0].device.type == "cpu" else torch.optim.AdamW
         try:
-            return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
+            return adamw(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
         except RuntimeError:  # a dtype or device this torch's fused kernel does not take
             pass
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
+
+
+class EagerAdamW(torch.optim.AdamW):
+    """torch's AdamW whose methods run without torch's wrappers for ``torch.compile`` (what the CPU
+    training path builds).
+
+    torch wraps ``step``, ``zero_grad``, ``add_param_group``, ``state_dict`` and
+    ``load_state_dict`` in functions whose first call imports ``torch._dynamo``, and with it triton
+    and sympy: about 150 MB resident for the rest of the process, in a training process that
+    compiles nothing. Outside a compiled region those wrappers only forward the call (``step``'s
+    also turns autograd off, as here), so the update is torch's own, bit for bit; step hooks and
+    the profiler's step record still apply.
+    """
+
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return _ADAMW_STEP(self, closure)
+
+
+_ADAMW_STEP = inspect.unwrap(torch.optim.AdamW.step)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
