@@ -74,12 +74,14 @@ def matmul_nt_in(
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
     shape_varies: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``matmul_nt`` with the product computed in ``dtype`` (``w`` already in it; None: x's dtype)
     and rounded to it, the result (and ``bias``, ``add``) in x's dtype."""
     if dtype is None or dtype == x.dtype:
-        return matmul_nt(x, w, bias=bias, add=add, shape_varies=shape_varies)
-    y = matmul_nt(x.to(dtype), w, shape_varies=shape_varies).to(x.dtype)
+        return matmul_nt(x, w, bias=bias, add=add, shape_varies=shape_varies, out=out)
+    y = matmul_nt(x.to(dtype), w, shape_varies=shape_varies)
+    y = y.to(x.dtype) if out is None else out.copy_(y)
     if bias is not None:
         y.add_(bias)
     return y if add is None else y.add_(add)
@@ -174,9 +176,11 @@ def matmul_nt(
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
     shape_varies: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd. ``shape_varies``: a shape
     that changes from step to step, which stays off oneDNN (see the registry's matmul_f32 row).
+    ``out``: a contiguous (rows, out features) tensor the result is written into (not with ``add``).
 
     float32 CPU tensors (any strides) go through oneDNN when the registry's matmul_f32 row chooses it, else torch; only for
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
@@ -189,7 +193,8 @@ def matmul_nt(
     ):
         try:
             if add is None:
-                return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
+                y = _ONEDNN_LINEAR(x, w, bias, "none", [], "")
+                return y if out is None else out.copy_(y)
             return _ONEDNN_LINEAR.binary(x, add.contiguous(), w, bias, "add")
         except RuntimeError as e:  # a oneDNN build that cannot run here: torch's matmul from now on
             registry.onednn_failed()
@@ -199,6 +204,8 @@ def matmul_nt(
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if add is None and out is not None:
+        return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     if add is None:
         return torch.nn.functional.linear(x, w, bias)
     add.addmm_(x, w.t())

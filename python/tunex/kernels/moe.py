@@ -20,10 +20,13 @@ Backward (G = dout rows in expert order, one gather):
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
-adapters of every expert get their gradients from this node. Saved: the sorted rows (only when a
-gate/up adapter needs them), each expert's gate and up pre-activations, the adapters' (rows, r)
-products and the expert outputs ys; SwiGLU's output is rebuilt in backward where the down adapter
-needs it. The products' shapes follow each expert's share of the batch, new each step, so they run
+adapters of every expert get their gradients from this node. Saved: the input x (only when a
+gate/up adapter needs it: backward gathers each expert's rows from it again, half the size of the
+sorted rows), the gate and up pre-activations of all experts in one (S, I) block each, the
+adapters' (rows, r) products and the expert outputs ys (written over the sorted rows); SwiGLU's
+output is rebuilt in backward where the down adapter needs it. The three (S, ·) blocks are kept
+tensors (tunex.kernels.kept): in CPU training they lie in the runtime's activation arena, one size
+every step, instead of per-expert pieces of new sizes each step in the heap. The products' shapes follow each expert's share of the batch, new each step, so they run
 torch's matmul, never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
 that grows by hundreds of MB); SwiGLU runs tunex's native kernels.
 """
@@ -44,6 +47,7 @@ from tunex.kernels._dispatch import (
     no_autocast,
     use_triton,
 )
+from tunex.kernels.kept import kept_empty
 from tunex.kernels.lora import _dense, _Dropout, _native_add_up, _native_down, _native_grad_a
 from tunex.kernels.swiglu import _backward_torch as _swiglu_backward
 from tunex.kernels.swiglu import _forward_torch as _swiglu_forward
@@ -128,9 +132,10 @@ class _Run:
     def weight(self, proj: Projection) -> torch.Tensor:
         return _dense(proj.base, self.base_dtype or self.dtype)
 
-    def forward(self, proj: Projection, x2: torch.Tensor):
-        """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, saved adapter state (h, dropout) or None)."""
-        y = _mm_in(x2, self.weight(proj), self.base_dtype)
+    def forward(self, proj: Projection, x2: torch.Tensor, out: torch.Tensor | None = None):
+        """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, written into ``out`` when given, and the saved
+        adapter state (h, dropout) or None)."""
+        y = _mm_in(x2, self.weight(proj), self.base_dtype, out=out)
         if proj.lora_a is None:
             return y, None
         drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
@@ -163,6 +168,13 @@ class _Run:
             d_lora = drop(_mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
         return _mm_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+
+
+def _out_features(proj: Projection) -> int | None:
+    """The projection's output width where known without dequantizing its base."""
+    if isinstance(proj.base, torch.Tensor):
+        return proj.base.shape[0]
+    return None if proj.lora_b is None else proj.lora_b.shape[0]
 
 
 def _sort_pairs(chosen: torch.Tensor, num_experts: int):
@@ -215,28 +227,32 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
         n, hidden = x.shape
         k = chosen.shape[1]
         order, inv, rows, counts = _sort_pairs(chosen, len(projections))
-        xs = x.to(run.dtype).index_select(0, rows)  # (S, H) in expert order
-        # the gate/up adapters' gradients need xs in backward; without them each expert's outputs
-        # (S, H, unweighted) overwrite its rows once its gate and up products have read them
-        keep_xs = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
-        ys = torch.empty(xs.shape, dtype=run.dtype, device=x.device) if keep_xs else xs
+        # (S, H) in expert order; each expert's outputs (unweighted) overwrite its rows once its gate
+        # and up products have read them (backward gathers the gate/up adapters' inputs from x again)
+        ys = xs = torch.index_select(
+            x.to(run.dtype), 0, rows, out=kept_empty((rows.shape[0], hidden), run.dtype, x.device)
+        )
+        gates = ups = None  # (S, I) each, every expert's gate and up pre-activations: kept for backward
         keep = _Saved()
         layout, start = [], 0
         for (gate, up, down), count in zip(projections, counts):
             if not count:
                 layout.append(None)
                 continue
-            xe = xs[start : start + count]
-            g, g_state = run.forward(gate, xe)  # (n_e, I)
-            u, u_state = run.forward(up, xe)
-            y, d_state = run.forward(down, _swiglu_forward(g, u))  # (n_e, H)
-            ys[start : start + count].copy_(y)
-            del y
+            run_rows = slice(start, start + count)
+            xe = xs[run_rows]
+            if gates is None:  # one block each for all experts (the arena's when one is installed)
+                inter = _out_features(gate) or run.weight(gate).shape[0]
+                gates, ups = (kept_empty((xs.shape[0], inter), run.dtype, x.device) for _ in range(2))
+            g, g_state = run.forward(gate, xe, gates[run_rows])  # (n_e, I)
+            u, u_state = run.forward(up, xe, ups[run_rows])
+            _, d_state = run.forward(down, _swiglu_forward(g, u), ys[run_rows])  # (n_e, H)
             states = tuple(keep.put_state(s) for s in (g_state, u_state, d_state))
-            layout.append((start, count, keep.put(g), keep.put(u), *states))
+            layout.append((start, count, *states))
             start += count
         out = (ys.index_select(0, inv) * weights.reshape(-1, 1)).view(n, k, hidden).sum(1)  # (N, H)
-        ctx.save_for_backward(xs if keep_xs else None, ys, order, inv, rows, weights, *keep.tensors)
+        keep_x = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
+        ctx.save_for_backward(x if keep_x else None, ys, gates, ups, order, inv, rows, weights, *keep.tensors)
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
         return out.to(x.dtype)
 
@@ -247,7 +263,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        xs, ys, order, inv, rows, weights, *tensors = ctx.saved_tensors
+        x, ys, gates, ups, order, inv, rows, weights, *tensors = ctx.saved_tensors
         run, k = ctx.run, ctx.k
         need_x, need_w = ctx.needs_input_grad[:2]
         n, hidden = dout.shape
@@ -263,16 +279,21 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             if entry is None:  # no rows: its adapters get no gradient (as when the expert is not called)
                 adapter_grads += [None, None] * sum(p.lora_a is not None for p in (gate, up, down))
                 continue
-            start, count, gi, ui, g_saved, u_saved, d_saved = entry
-            g, u, run_rows = tensors[gi], tensors[ui], slice(start, start + count)
+            start, count, g_saved, u_saved, d_saved = entry
+            run_rows = slice(start, start + count)
+            g, u = gates[run_rows], ups[run_rows]
             d_act, d_a_down, d_b_down = run.backward(
                 down, grads[run_rows], _state(tensors, d_saved), lambda: _swiglu_forward(g, u)
             )
             d_g, d_u = _swiglu_backward(d_act, g, u)
             del d_act
 
-            def xe():
-                return xs[run_rows]
+            gathered = []
+
+            def xe():  # the gate and up adapters' input, gathered once when they ask
+                if not gathered:
+                    gathered.append(x.index_select(0, rows[run_rows]).to(run.dtype))
+                return gathered[0]
 
             dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe)
             dx, d_a_up, d_b_up = run.backward(up, d_u, _state(tensors, u_saved), xe, add=dx)
