@@ -244,3 +244,29 @@ def test_expert_products_stay_off_onednn(monkeypatch):
     with torch.no_grad():  # the same call, of a shape that recurs, does (as inside autograd Functions)
         _dispatch.matmul_nt(torch.randn(64, H), torch.randn(32, H))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_expert_products_stay_off_onednn_without_grad(monkeypatch, lora):
+    """Chat, serve and evaluation run the experts through the model's loop, not the autograd node;
+    its per-expert products change shape from call to call just the same, so they too take torch's
+    matmul, while the same layer's product outside the loop still takes oneDNN."""
+    from tunex.kernels import _dispatch
+
+    big = dict(grad=False, macs=1 << 24, shape_ok=True)
+    if registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, **big)) != "onednn":
+        pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
+    calls = []
+    real = _dispatch._ONEDNN_LINEAR
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
+    _, ours = blocks()
+    if lora:
+        adapt(ours)
+    ours.eval()
+    rt = Standard()
+    with torch.no_grad():
+        ours(steered_rows(), rt=rt)
+        assert calls == []
+        rt.project((ours.experts[0].w1,), torch.randn(64, H))  # outside the experts' loop
+    assert len(calls) == 1

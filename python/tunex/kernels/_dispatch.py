@@ -158,7 +158,7 @@ def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool, shape_varies: boo
         grad=grad,
         macs=x.shape[0] * x.shape[1] * w.shape[0] if shape_ok else 0,
         shape_ok=shape_ok,
-        shape_varies=shape_varies,
+        shape_varies=shape_varies or registry.shapes_vary(),
     )
 
 

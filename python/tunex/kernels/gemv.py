@@ -105,6 +105,7 @@ def linear_facts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         rows=rows,
         macs=rows * x.shape[-1] * weight.shape[0] if shape_ok else 0,
         shape_ok=shape_ok,
+        shape_varies=registry.shapes_vary(),
     )
 
 
@@ -142,7 +143,10 @@ def linear_many(x: torch.Tensor, layers) -> list[torch.Tensor]:
         return [linear(x, m.weight, m.bias) if plain(m) else m(x) for m in layers]
     # Inside a pinned block (generate) the layers' facts are gathered once per input shape.
     grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
-    key = ("linear_many", x.shape, x.dtype, x.device, x.requires_grad, grad, autocast, _token_rows(), *map(id, layers))
+    key = ("linear_many", x.shape, x.dtype, x.device, x.requires_grad, grad, autocast, _token_rows()) + (
+        registry.shapes_vary(),
+        *map(id, layers),
+    )
     impls = registry.remembered(
         key, lambda: [registry.choose("decode_linear", linear_facts(x, m.weight, m.bias)) for m in layers]
     )

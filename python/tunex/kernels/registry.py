@@ -384,8 +384,8 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "onednn",
-            "float32 CPU outside autocast, as matmul_f32's oneDNN row (forward and input gradient)",
-            lambda f: _cpu_f32(f) and not f.autocast and onednn_applies(f),
+            "float32 CPU outside autocast whose shape recurs, as matmul_f32's oneDNN row (forward and input gradient)",
+            lambda f: _cpu_f32(f) and not f.autocast and not f.shape_varies and onednn_applies(f),
         ),
         _torch("F.linear"),
     ),
@@ -477,6 +477,27 @@ def pinned() -> Iterator[None]:
         yield
     finally:
         _memo.answers = None
+
+
+_shapes = threading.local()  # .vary: inside varying_shapes()
+
+
+@contextlib.contextmanager
+def varying_shapes() -> Iterator[None]:
+    """Within the block, the products' row counts change from call to call (a mixture of experts'
+    per-expert rows, outside the grouped node: chat, serve, evaluation): the facts of the
+    products made inside say ``shape_varies`` (:func:`shapes_vary`), which keeps them off oneDNN."""
+    before = getattr(_shapes, "vary", False)
+    _shapes.vary = True
+    try:
+        yield
+    finally:
+        _shapes.vary = before
+
+
+def shapes_vary() -> bool:
+    """Whether this thread is inside :func:`varying_shapes`."""
+    return getattr(_shapes, "vary", False)
 
 
 def remembered(key: Hashable, decide: Callable[[], object]):

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from tunex import runtime as runtimes
+from tunex.kernels import registry
 from tunex.models.config import ModelConfig
 from tunex.models.decoder import MLP, Attention, CausalLM, DecoderLayer, DecoderModel, RMSNorm
 
@@ -161,7 +162,9 @@ def grouped_experts(experts, x: torch.Tensor, weights: torch.Tensor, chosen: tor
 
     The N*k (row, slot) pairs are sorted by expert (stable, so each expert's rows stay in order);
     the rows are gathered once in that order, each expert with any rows runs once on its run of
-    them, and the weighted outputs go back to their rows in one ``index_add_``.
+    them, and the weighted outputs go back to their rows in one ``index_add_``. The experts'
+    products run under ``registry.varying_shapes`` (torch's matmul, not oneDNN, as in the grouped
+    node; a one-row product still takes the GEMV).
     """
     k = chosen.shape[1]
     flat_ids = chosen.reshape(-1)
@@ -169,7 +172,8 @@ def grouped_experts(experts, x: torch.Tensor, weights: torch.Tensor, chosen: tor
     rows = order // k  # the row of each sorted pair
     counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
     parts = x.index_select(0, rows).split(counts)
-    ys = torch.cat([experts[e](part, rt=rt) for e, part in enumerate(parts) if counts[e]])
+    with registry.varying_shapes():  # each expert's rows: a new count each call, kept off oneDNN
+        ys = torch.cat([experts[e](part, rt=rt) for e, part in enumerate(parts) if counts[e]])
     ys = ys * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, rows, ys.to(x.dtype))
 
