@@ -65,12 +65,29 @@ def _chunk_logits(
 
 def _reused(name: str, shape: tuple[int, int]) -> torch.Tensor:
     """A float32 CPU buffer of ``shape``, one per thread and name, reused by every chunk and step
-    (a fresh one of tens of MB would be mapped and faulted in each time)."""
+    (a fresh one of tens of MB would be mapped and faulted in each time): the leading rows of the
+    largest one asked for so far with these columns."""
     buf = getattr(_scratch, name, None)
-    if buf is None or buf.shape != shape:
+    if buf is None or buf.shape[1] != shape[1] or buf.shape[0] < shape[0]:
+        buf = None  # the old one goes before the new one is made
+        setattr(_scratch, name, None)
         buf = torch.empty(shape)
         setattr(_scratch, name, buf)
-    return buf
+    return buf[: shape[0]]
+
+
+def _logits_into(
+    out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 logits of one chunk written into ``out`` (its rows of the gradient-gathering buffer,
+    where the native loss kernel turns them into their gradient in place: no chunk of logits
+    besides). ``low``: as in :func:`_chunk_logits`."""
+    if low is not None:
+        out.copy_(_dispatch.matmul_nt(h.to(low.dtype), low))
+        return out if bias is None else out.add_(bias.float())
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias.float(), h, weight.t(), out=out)
 
 
 def _softmax_grad_torch(
@@ -124,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         # gradients of several chunks gathered for one hidden-state product (native kernel, oneDNN)
         grads = (
-            _reused("grads", (GRAD_CHUNKS * rows, weight.shape[0]))
+            _reused("grads", (min(GRAD_CHUNKS * rows, hidden.shape[0]), weight.shape[0]))
             if (
                 need_h
                 and GRAD_CHUNKS > 1
@@ -138,7 +155,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows]
             y = labels[start : start + rows]
-            logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
+            if grads is None:
+                logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
+            else:
+                logits = _logits_into(grads[filled : filled + len(y)], h, weight, bias, low)
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
             want_grad = need_h or need_w or need_b
@@ -147,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # one Rust pass set per row: log-sum-exp, the label's logit and the gradient (in
                 # place, or into the gathering buffer)
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))
-                g = logits if grads is None else grads[filled : filled + len(y)]
+                g = logits  # the gradient in place (within the gathering buffer when there is one)
                 _native_xent(
                     _dispatch.host_flat(logits),
                     logits.shape[1],
@@ -156,7 +176,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     want_grad,
                     _dispatch.host_array(lse),
                     _dispatch.host_array(picked),
-                    None if grads is None else _dispatch.host_flat(g),
+                    None,
                 )
                 total += ((lse - picked) * valid).sum()
                 if not want_grad:
@@ -169,7 +189,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g = grads[filled : filled + len(y)].copy_(g)
             if need_h and grads is not None:
                 filled += len(y)
-                if filled + rows > grads.shape[0] or start + rows >= hidden.shape[0]:
+                following = min(rows, hidden.shape[0] - start - rows)  # the next chunk's rows (<= 0: none)
+                if following <= 0 or filled + following > grads.shape[0]:
                     grad_h[first : first + filled] = _dispatch.matmul_nt_in(grads[:filled], head.t(), low_dtype)
                     first, filled = first + filled, 0
             elif need_h:
