@@ -26,6 +26,18 @@ from collections.abc import Callable
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident set since it started (VmHWM where /proc has it).
+
+    Not ``ru_maxrss``: Linux carries a process's peak across fork and exec, so a worker started by a
+    parent holding 1.1 GB (the parent that built the benchmark's models) reported at least that
+    much however little it used itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
