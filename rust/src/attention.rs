@@ -21,7 +21,7 @@
 //! Soft-capping (Gemma 2): with a cap c the logits are `c tanh(S / c)` instead of S, capped before
 //! the causal / window / document masking (as transformers does), and the backward multiplies dS by
 //! `1 - tanh(S / c)^2`, recomputed from the scores it recomputes anyway. The cap is applied to each
-//! row of a tile after its product, so the uncapped path runs the same instructions as before.
+//! row of a tile after its product, in a branch of its own: uncapped rows take no per-element test.
 //!
 //! Grouped heads: each query head's dK and dV are summed over the rows of its own part, then the
 //! heads of a group are added in head order. Every output element has one fixed order of
@@ -416,7 +416,7 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// tanh for float32 in operations that vectorize: `(1 - e) / (1 + e)` with `e = exp(-2|x|)`, and
-/// below |x| = 1/4 (where `1 - e` would cancel) its Taylor series to x^9 (error under 1e-8).
+/// below |x| = 1/4 (where `1 - e` would cancel) its Taylor series to x^9 (truncated there by under 1e-8).
 #[inline(always)]
 fn tanh_f32(x: f32) -> f32 {
     let a = x.abs();
@@ -634,7 +634,8 @@ multiversion512! {
         }
         let mut p = vec![0f32; BLOCK * tp];
         let mut ds = vec![0f32; BLOCK * tp];
-        // with a cap: one row's d logit / d score (1 - tanh^2), zero where no key is seen
+        // with a cap: one row's d logit / d score (1 - tanh^2) at the keys it sees; the other columns
+        // hold an earlier row's (finite) values, multiplied by a zero P
         let mut slope = vec![0f32; if cap.is_some() { tp } else { 0 }];
         let (q0, k0, o0) = (at(q.strides, b, h, 0), at(k.strides, b, kvh, 0), at(dout.strides, b, h, 0));
         let (qp, kp, op) = (q.data[q0..].as_ptr(), k.data[k0..].as_ptr(), dout.data[o0..].as_ptr());
