@@ -136,6 +136,7 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt that is not trained on
     chosen = spy_kernel_choices(monkeypatch)
+    dense = _count_dense_masks(monkeypatch)
     loss = LossModule(ours)(ids, labels, None)
     loss.backward()
     expected = ref(input_ids=ids, labels=labels).loss
@@ -156,6 +157,7 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
         del expected_impls["cross_entropy"]
     for op, impl in expected_impls.items():
         assert impl in chosen.get(op, set()), (op, chosen.get(op))
+    assert dense == []  # sliding windows as the rows' spans, soft-capped logits in the kernel: no (T, T) mask
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
