@@ -18,6 +18,11 @@
 //! local layers of Gemma) narrows each tile to the columns its rows see, from the first one down
 //! to a whole vector, so a window's cost follows the window, not T.
 //!
+//! Soft-capping (Gemma 2): with a cap c the logits are `c tanh(S / c)` instead of S, capped before
+//! the causal / window / document masking (as transformers does), and the backward multiplies dS by
+//! `1 - tanh(S / c)^2`, recomputed from the scores it recomputes anyway. The cap is applied to each
+//! row of a tile after its product, in a branch of its own: uncapped rows take no per-element test.
+//!
 //! Grouped heads: each query head's dK and dV are summed over the rows of its own part, then the
 //! heads of a group are added in head order. Every output element has one fixed order of
 //! operations (multiply-adds in index order; row sums over 16 lanes combined by one fixed pairing),
@@ -410,6 +415,39 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     tree(s)
 }
 
+/// tanh for float32 in operations that vectorize: `(1 - e) / (1 + e)` with `e = exp(-2|x|)`, and
+/// below |x| = 1/4 (where `1 - e` would cancel) its Taylor series to x^9 (truncated there by under 1e-8).
+#[inline(always)]
+fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let e = exp_f32(-2.0 * a);
+    let far = (1.0 - e) / (1.0 + e);
+    let x2 = a * a;
+    let near = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))));
+    (if a < 0.25 { near } else { far }).copysign(x)
+}
+
+/// `row[j] = cap * tanh(row[j] * scale / cap)` (the soft-capped logits of raw dot products); with
+/// `grad`, also `grad[j] = 1 - tanh(..)^2`, the logits' derivative by the scaled scores.
+#[inline(always)]
+fn cap_row(row: &mut [f32], scale: f32, cap: f32, grad: Option<&mut [f32]>) {
+    let inner = scale / cap;
+    match grad {
+        None => {
+            for x in row.iter_mut() {
+                *x = cap * tanh_f32(*x * inner);
+            }
+        }
+        Some(g) => {
+            for (x, g) in row.iter_mut().zip(g.iter_mut()) {
+                let t = tanh_f32(*x * inner);
+                *x = cap * t;
+                *g = 1.0 - t * t;
+            }
+        }
+    }
+}
+
 // ---- packing: K^T and V^T per (batch, key head), (D, padded T) ----
 
 multiversion512! {
@@ -442,7 +480,7 @@ fn pack_transposed(x: &Input<'_>, d: &Dims, out: &mut [f32]) -> Result<()> {
 multiversion512! {
     #[allow(clippy::too_many_arguments)]
     fn forward_head(q: Input<'_>, kt: &[f32], v: Input<'_>, out: &Shared, os: Strides, lse: &Shared, d: Dims,
-                    b: usize, h: usize, scale: f32, window: usize) {
+                    b: usize, h: usize, scale: f32, window: usize, cap: Option<f32>) {
         let (t, dim, tp) = (d.seq, d.dim, d.padded());
         let kvh = h / d.group();
         let wide = wide_tiles();
@@ -467,8 +505,19 @@ multiversion512! {
                 let row = &mut s[r * tp..r * tp + last.max((i + 1).div_ceil(LANES) * LANES) - c0];
                 let lo = first_key(i, window) - c0; // keys before it lie outside the window
                 row[..lo].fill(0.0);
-                let top = row_max(&row[lo..=i - c0]) * scale;
-                l[r] = exp_row(&mut row[lo..], i + 1 - c0 - lo, scale, top);
+                let top = match cap {
+                    None => {
+                        let top = row_max(&row[lo..=i - c0]) * scale;
+                        l[r] = exp_row(&mut row[lo..], i + 1 - c0 - lo, scale, top);
+                        top
+                    }
+                    Some(c) => {
+                        cap_row(&mut row[lo..=i - c0], scale, c, None);
+                        let top = row_max(&row[lo..=i - c0]);
+                        l[r] = exp_row(&mut row[lo..], i + 1 - c0 - lo, 1.0, top);
+                        top
+                    }
+                };
                 let li = (b * d.heads + h) * t + i;
                 // SAFETY: lse element (b, h, i) belongs to this part.
                 unsafe { lse.range(li, li + 1)[0] = top + l[r].ln() };
@@ -509,10 +558,21 @@ fn window_keys(window: Option<usize>) -> Result<usize> {
     }
 }
 
+/// The soft-cap of a call, checked: positive and finite, or none.
+fn softcap_value(softcap: Option<f32>) -> Result<Option<f32>> {
+    match softcap {
+        Some(c) if !(c.is_finite() && c > 0.0) => {
+            Err(bad(format!("softcap {c}; expected a positive finite cap (logits c * tanh(scores / c)), or none")))
+        }
+        cap => Ok(cap),
+    }
+}
+
 /// `out` = causal attention of `q` over `k`, `v`; `lse` (B, H, T) contiguous gets each row's
 /// log-sum-exp of the scaled scores (what [`backward`] needs besides the inputs and `out`).
 /// `window`: a causal sliding window, query i seeing keys j with i - window < j <= i (cost
-/// proportional to the window, not to T); None: all keys j <= i.
+/// proportional to the window, not to T); None: all keys j <= i. `softcap`: Gemma 2's cap c, the
+/// logits being `c tanh(scale q.k / c)` (`lse` is then their log-sum-exp); None: `scale q.k`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     q: Input<'_>,
@@ -523,9 +583,11 @@ pub fn forward(
     d: Dims,
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<()> {
     check_dims(&d)?;
     let window = window_keys(window)?;
+    let cap = softcap_value(softcap)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
@@ -538,7 +600,7 @@ pub fn forward(
         let (b, h) = (part / d.heads, part % d.heads);
         let kvh = h / d.group();
         let kt = &kt[(b * d.kv_heads + kvh) * block..][..block];
-        forward_head(q, kt, v, &dst, os, &lse, d, b, h, scale, window);
+        forward_head(q, kt, v, &dst, os, &lse, d, b, h, scale, window, cap);
     });
     ok.then_some(()).ok_or_else(|| bad("a part of the forward panicked".into()))
 }
@@ -560,7 +622,7 @@ struct Saved<'a> {
 multiversion512! {
     #[allow(clippy::too_many_arguments)]
     fn backward_head(s: Saved<'_>, dq: &Shared, dqs: Strides, dk: &mut [f32], dv: &mut [f32], d: Dims, b: usize,
-                     h: usize, scale: f32, window: usize) {
+                     h: usize, scale: f32, window: usize, cap: Option<f32>) {
         let (t, dim, tp) = (d.seq, d.dim, d.padded());
         let kvh = h / d.group();
         let wide = wide_tiles();
@@ -572,6 +634,9 @@ multiversion512! {
         }
         let mut p = vec![0f32; BLOCK * tp];
         let mut ds = vec![0f32; BLOCK * tp];
+        // with a cap: one row's d logit / d score (1 - tanh^2) at the keys it sees; the other columns
+        // hold an earlier row's (finite) values, multiplied by a zero P
+        let mut slope = vec![0f32; if cap.is_some() { tp } else { 0 }];
         let (q0, k0, o0) = (at(q.strides, b, h, 0), at(k.strides, b, kvh, 0), at(dout.strides, b, h, 0));
         let (qp, kp, op) = (q.data[q0..].as_ptr(), k.data[k0..].as_ptr(), dout.data[o0..].as_ptr());
         let (qs, ks, dos) = (q.strides.pos, k.strides.pos, dout.strides.pos);
@@ -603,12 +668,24 @@ multiversion512! {
                     let pr = &mut p[row0..row0 + width];
                     let lo = first_key(i, window) - cb; // keys before it lie outside the window
                     pr[..lo].fill(0.0);
-                    exp_row(&mut pr[lo..], i + 1 - cb - lo, scale, lse[i]);
                     let dr = &mut ds[row0..row0 + width];
                     // P is zero outside the window and past the diagonal, so dS is too (dP there is
                     // finite: computed, or left from an earlier block)
-                    for (g, &pv) in dr.iter_mut().zip(pr.iter()) {
-                        *g = if pv == 0.0 { 0.0 } else { pv * (*g - delta[i]) * scale };
+                    match cap {
+                        None => {
+                            exp_row(&mut pr[lo..], i + 1 - cb - lo, scale, lse[i]);
+                            for (g, &pv) in dr.iter_mut().zip(pr.iter()) {
+                                *g = if pv == 0.0 { 0.0 } else { pv * (*g - delta[i]) * scale };
+                            }
+                        }
+                        Some(c) => {
+                            let sl = &mut slope[..width];
+                            cap_row(&mut pr[lo..=i - cb], scale, c, Some(&mut sl[lo..=i - cb]));
+                            exp_row(&mut pr[lo..], i + 1 - cb - lo, 1.0, lse[i]);
+                            for ((g, &pv), &f) in dr.iter_mut().zip(pr.iter()).zip(sl.iter()) {
+                                *g = if pv == 0.0 { 0.0 } else { pv * (*g - delta[i]) * scale * f };
+                            }
+                        }
                     }
                 }
                 let dst = at(dqs, b, h, i0);
@@ -639,7 +716,7 @@ multiversion512! {
 }
 
 /// The gradients of [`forward`]: `dq` (B, H, T, D), `dk` and `dv` (B, Hkv, T, D), overwritten.
-/// `out` and `lse` are what the forward wrote for the same `q`, `k`, `v` and `window`.
+/// `out` and `lse` are what the forward wrote for the same `q`, `k`, `v`, `window` and `softcap`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dout: Input<'_>,
@@ -654,9 +731,11 @@ pub fn backward(
     d: Dims,
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<()> {
     check_dims(&d)?;
     let window = window_keys(window)?;
+    let cap = softcap_value(softcap)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }
@@ -680,7 +759,7 @@ pub fn backward(
         // SAFETY: part `part` owns head (b, h) of the per-head sums.
         let (dk, dv) =
             unsafe { (dks.range(part * head, (part + 1) * head), dvs.range(part * head, (part + 1) * head)) };
-        backward_head(saved, &dq, dqs, dk, dv, d, b, h, scale, window);
+        backward_head(saved, &dq, dqs, dk, dv, d, b, h, scale, window, cap);
     });
     if !ok {
         return Err(bad("a part of the backward panicked".into()));
@@ -776,9 +855,11 @@ pub fn forward_docs(
     spans: &[Span],
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<()> {
     check_dims(&d)?;
     window_keys(window)?;
+    softcap_value(softcap)?;
     check_forward(&q, &k, &v, &out, lse.len(), &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
@@ -789,13 +870,14 @@ pub fn forward_docs(
         let n = d.heads * s.len; // <= B x H x T: checked by check_dims
         let doc = |x| doc_input(x, s);
         let o = Output { data: &mut out.data[doc_offset(out.strides, s)..], strides: out.strides };
-        forward(doc(q), doc(k), doc(v), o, &mut lse[done..done + n], doc_dims(&d, s), scale, window)?;
+        forward(doc(q), doc(k), doc(v), o, &mut lse[done..done + n], doc_dims(&d, s), scale, window, softcap)?;
         done += n;
     }
     Ok(())
 }
 
-/// The gradients of [`forward_docs`] (as [`backward`] is of [`forward`]), for the same `window`.
+/// The gradients of [`forward_docs`] (as [`backward`] is of [`forward`]), for the same `window` and
+/// `softcap`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_docs(
     dout: Input<'_>,
@@ -811,9 +893,11 @@ pub fn backward_docs(
     spans: &[Span],
     scale: f32,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> Result<()> {
     check_dims(&d)?;
     window_keys(window)?;
+    softcap_value(softcap)?;
     check_backward([&dout, &q, &k, &v, &out], lse.len(), [&dq, &dk, &dv], &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
@@ -837,6 +921,7 @@ pub fn backward_docs(
             doc_dims(&d, s),
             scale,
             window,
+            softcap,
         )?;
         done += n;
     }
@@ -856,7 +941,8 @@ mod tests {
     }
 
     /// Plain f64 attention for one (b, h): (out, lse, dq, dk, dv) with dk, dv for this head only;
-    /// query i sees keys j <= i, and with a window only those with i - j < window.
+    /// query i sees keys j <= i, and with a window only those with i - j < window. With a cap c the
+    /// logits are c tanh(s / c) of the scaled scores s, and dS picks up the factor 1 - tanh(s / c)^2.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn reference(
         q: &[f64],
@@ -867,13 +953,22 @@ mod tests {
         d: usize,
         scale: f64,
         window: Option<usize>,
+        cap: Option<f64>,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut p = vec![0f64; t * t];
+        let mut slope = vec![1f64; t * t];
         let mut lse = vec![0f64; t];
         for i in 0..t {
             let seen: Vec<usize> = (0..=i).filter(|&j| window.is_none_or(|w| i - j < w)).collect();
-            let s: Vec<f64> =
+            let mut s: Vec<f64> =
                 seen.iter().map(|&j| (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale).collect();
+            if let Some(c) = cap {
+                for (&j, sj) in seen.iter().zip(s.iter_mut()) {
+                    let th = (*sj / c).tanh();
+                    slope[i * t + j] = 1.0 - th * th;
+                    *sj = c * th;
+                }
+            }
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             lse[i] = m + z.ln();
@@ -896,7 +991,7 @@ mod tests {
             let delta: f64 = (0..d).map(|x| dout[i * d + x] * out[i * d + x]).sum();
             for j in 0..=i {
                 let dp: f64 = (0..d).map(|x| dout[i * d + x] * v[j * d + x]).sum();
-                ds[i * t + j] = p[i * t + j] * (dp - delta) * scale;
+                ds[i * t + j] = p[i * t + j] * (dp - delta) * slope[i * t + j] * scale;
             }
         }
         let dq = mm(&|i, j| ds[i * t + j], &|j, x| k[j * d + x], t, t);
@@ -913,7 +1008,7 @@ mod tests {
     fn forward_and_backward_match_a_plain_f64_reference() {
         // grouped heads, a head dim of more than one tile width, T not a multiple of the tiles
         for (b, h, hkv, t, dim) in [(2, 4, 2, 53, 80), (1, 3, 3, 7, 16), (1, 2, 1, 1, 32), (1, 1, 1, 100, 64)] {
-            check_against_reference(b, h, hkv, t, dim, None);
+            check_against_reference(b, h, hkv, t, dim, None, None);
         }
     }
 
@@ -923,9 +1018,58 @@ mod tests {
         // T past two backward blocks so a block's first key is not 0
         for window in [1, 2, 5, 16, 17, 47, 48, 49, 97, 200] {
             for (b, h, hkv, t, dim) in [(1, 2, 1, 150, 32), (2, 4, 2, 53, 80), (1, 1, 1, 7, 16), (1, 1, 1, 1, 16)] {
-                check_against_reference(b, h, hkv, t, dim, Some(window));
+                check_against_reference(b, h, hkv, t, dim, Some(window), None);
             }
         }
+    }
+
+    #[test]
+    fn soft_capped_scores_match_a_plain_f64_reference() {
+        // caps that bite hard (below the scores), moderately, and hardly at all; with and without windows
+        for cap in [0.3, 1.5, 50.0] {
+            for (b, h, hkv, t, dim, window) in [
+                (2, 4, 2, 53, 80, None),
+                (1, 2, 1, 150, 32, Some(17)),
+                (1, 1, 1, 7, 16, Some(2)),
+                (1, 1, 1, 1, 16, None),
+            ] {
+                check_against_reference(b, h, hkv, t, dim, window, Some(cap));
+            }
+        }
+    }
+
+    #[test]
+    fn tanh_matches_the_standard_library() {
+        let mut worst = 0f64;
+        for i in -40_000..=40_000 {
+            let x = i as f32 * 5e-4;
+            for y in [x, x * 1e-3, x * 40.0] {
+                let want = (y as f64).tanh();
+                worst = worst.max((tanh_f32(y) as f64 - want).abs() / want.abs().max(1e-30));
+            }
+        }
+        assert!(worst < 4e-7, "largest relative error {worst}");
+        assert_eq!(tanh_f32(1e30), 1.0);
+        assert_eq!(tanh_f32(-1e30), -1.0);
+        assert!(tanh_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn caps_that_are_not_positive_and_finite_are_errors_and_write_nothing() {
+        let (s, x) = (dense(1, 2, 16), vec![1f32; 32]);
+        let (mut out, mut lse) = (vec![0f32; 32], vec![0f32; 2]);
+        let input = Input { data: &x, strides: s };
+        let dims = Dims { batch: 1, heads: 1, kv_heads: 1, seq: 2, dim: 16 };
+        for cap in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let o = Output { data: &mut out, strides: s };
+            let r = forward(input, input, input, o, &mut lse, dims, 0.25, None, Some(cap));
+            assert!(matches!(&r, Err(Error::InvalidArgument(m)) if m.starts_with("attention: softcap")), "{r:?}");
+            let docs = [Span { batch: 0, start: 0, len: 2 }];
+            let o = Output { data: &mut out, strides: s };
+            let r = forward_docs(input, input, input, o, &mut lse, dims, &docs, 0.25, None, Some(cap));
+            assert!(matches!(&r, Err(Error::InvalidArgument(m)) if m.starts_with("attention: softcap")), "{r:?}");
+        }
+        assert!(out.iter().all(|&v| v == 0.0) && lse.iter().all(|&v| v == 0.0));
     }
 
     #[test]
@@ -934,12 +1078,21 @@ mod tests {
         let (mut out, mut lse) = (vec![0f32; 32], vec![0f32; 2]);
         let input = Input { data: &x, strides: s };
         let dims = Dims { batch: 1, heads: 1, kv_heads: 1, seq: 2, dim: 16 };
-        let r = forward(input, input, input, Output { data: &mut out, strides: s }, &mut lse, dims, 0.25, Some(0));
+        let r =
+            forward(input, input, input, Output { data: &mut out, strides: s }, &mut lse, dims, 0.25, Some(0), None);
         assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.starts_with("attention: window 0")));
         assert!(out.iter().all(|&v| v == 0.0));
     }
 
-    fn check_against_reference(b: usize, h: usize, hkv: usize, t: usize, dim: usize, window: Option<usize>) {
+    fn check_against_reference(
+        b: usize,
+        h: usize,
+        hkv: usize,
+        t: usize,
+        dim: usize,
+        window: Option<usize>,
+        cap: Option<f32>,
+    ) {
         {
             let dims = Dims { batch: b, heads: h, kv_heads: hkv, seq: t, dim };
             let scale = 1.0 / (dim as f32).sqrt();
@@ -959,6 +1112,7 @@ mod tests {
                 dims,
                 scale,
                 window,
+                cap,
             )
             .unwrap();
             let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
@@ -975,6 +1129,7 @@ mod tests {
                 dims,
                 scale,
                 window,
+                cap,
             )
             .unwrap();
             let mut dk_want = vec![0f64; k.len()];
@@ -994,6 +1149,7 @@ mod tests {
                         dim,
                         scale as f64,
                         window,
+                        cap.map(f64::from),
                     );
                     for i in 0..t {
                         close(lse[(bi * h + hi) * t + i], l[i], "lse");
@@ -1007,10 +1163,10 @@ mod tests {
                 }
             }
             for (i, (&g, &w)) in dk.iter().zip(&dk_want).enumerate() {
-                close(g, w, &format!("dk[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}"));
+                close(g, w, &format!("dk[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}, cap {cap:?}"));
             }
             for (i, (&g, &w)) in dv.iter().zip(&dv_want).enumerate() {
-                close(g, w, &format!("dv[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}"));
+                close(g, w, &format!("dv[{i}] of {b}x{h}x{hkv}x{t}x{dim}, window {window:?}, cap {cap:?}"));
             }
         }
     }
@@ -1022,7 +1178,7 @@ mod tests {
         let (mut out, mut lse) = (vec![0f32; 16], vec![0f32; 1]);
         let call = |dims: Dims, qs: Strides, out: &mut [f32], lse: &mut [f32]| {
             let input = Input { data: &x, strides: qs };
-            forward(input, input, input, Output { data: out, strides: s }, lse, dims, 0.25, None)
+            forward(input, input, input, Output { data: out, strides: s }, lse, dims, 0.25, None, None)
         };
         let message = |r: Result<()>| match r {
             Err(Error::InvalidArgument(m)) => m,
@@ -1059,6 +1215,7 @@ mod tests {
                 dims,
                 0.25,
                 None,
+                None,
             )
         };
         assert!(call(Dims { dim: 12, ..dims }, &x, &mut out, &mut lse).is_err());
@@ -1073,13 +1230,15 @@ mod tests {
 
     #[test]
     fn documents_attend_inside_themselves_only() {
-        // windows: of one key, shorter than some documents, longer than all
+        // windows: of one key, shorter than some documents, longer than all; with and without a cap
         for window in [None, Some(1), Some(4), Some(30)] {
-            documents_match_the_reference(window);
+            for cap in [None, Some(0.7)] {
+                documents_match_the_reference(window, cap);
+            }
         }
     }
 
-    fn documents_match_the_reference(window: Option<usize>) {
+    fn documents_match_the_reference(window: Option<usize>, cap: Option<f32>) {
         let (b, h, hkv, t, dim) = (2, 2, 1, 23, 16);
         let dims = Dims { batch: b, heads: h, kv_heads: hkv, seq: t, dim };
         let docs =
@@ -1103,6 +1262,7 @@ mod tests {
             &docs,
             scale,
             window,
+            cap,
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
@@ -1120,6 +1280,7 @@ mod tests {
             &docs,
             scale,
             window,
+            cap,
         )
         .unwrap();
         let mut done = 0;
@@ -1139,6 +1300,7 @@ mod tests {
                     dim,
                     0.25,
                     window,
+                    cap.map(f64::from),
                 );
                 for i in 0..n {
                     close(lse[done + hi * n + i], l[i], "lse");
@@ -1183,6 +1345,7 @@ mod tests {
                 dims,
                 &docs,
                 0.25,
+                None,
                 None,
             );
             let m = match r {
