@@ -76,20 +76,6 @@ def _reused(name: str, shape: tuple[int, int]) -> torch.Tensor:
     return buf[: shape[0]]
 
 
-def _logits_into(
-    out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor | None
-) -> torch.Tensor:
-    """fp32 logits of one chunk written into ``out`` (its rows of the gradient-gathering buffer,
-    where the native loss kernel turns them into their gradient in place: no chunk of logits
-    besides). ``low``: as in :func:`_chunk_logits`."""
-    if low is not None:
-        out.copy_(_dispatch.matmul_nt(h.to(low.dtype), low))
-        return out if bias is None else out.add_(bias.float())
-    if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias.float(), h, weight.t(), out=out)
-
-
 def _softmax_grad_torch(
     logits: torch.Tensor,
     safe: torch.Tensor,
@@ -155,10 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows]
             y = labels[start : start + rows]
-            if grads is None:
-                logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
-            else:
-                logits = _logits_into(grads[filled : filled + len(y)], h, weight, bias, low)
+            logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
             want_grad = need_h or need_w or need_b
@@ -167,7 +150,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # one Rust pass set per row: log-sum-exp, the label's logit and the gradient (in
                 # place, or into the gathering buffer)
                 lse, picked = torch.empty(len(y)), torch.empty(len(y))
-                g = logits  # the gradient in place (within the gathering buffer when there is one)
+                g = logits if grads is None else grads[filled : filled + len(y)]
                 _native_xent(
                     _dispatch.host_flat(logits),
                     logits.shape[1],
@@ -176,7 +159,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     want_grad,
                     _dispatch.host_array(lse),
                     _dispatch.host_array(picked),
-                    None,
+                    None if grads is None else _dispatch.host_flat(g),
                 )
                 total += ((lse - picked) * valid).sum()
                 if not want_grad:
