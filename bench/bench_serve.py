@@ -176,6 +176,9 @@ def transformers_cb_engine(folder: str):
             while (job := self._queue.get()) is not None:
                 if job.cancelled.is_set():
                     continue
+                if not self.manager.is_running():
+                    job.emit("error", RuntimeError("transformers' continuous batching loop stopped"))
+                    continue
                 reply, rid = _Reply(self, job), f"job-{count}"
                 count += 1
                 with self.lock:
@@ -202,9 +205,9 @@ def transformers_cb_engine(folder: str):
                 out = self.manager.get_result(timeout=0.1)
                 if out is None:
                     if not self.manager.is_running():
-                        for rid in list(self.live):
-                            job = self._drop(rid)[0]
-                            job.emit("error", RuntimeError("transformers' continuous batching loop stopped"))
+                        for entry in [self._drop(rid) for rid in list(self.live)]:
+                            if entry is not None:
+                                entry[0].emit("error", RuntimeError("transformers' continuous batching loop stopped"))
                         return
                     continue
                 with self.lock:
