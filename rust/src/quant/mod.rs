@@ -14,6 +14,8 @@ mod elem;
 mod expand_x86;
 mod fourbit;
 mod ggml;
+#[cfg(target_arch = "x86_64")]
+mod ggml_lanes;
 mod pages;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
