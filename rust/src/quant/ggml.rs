@@ -10,8 +10,9 @@
 //!
 //! The code here is the reference, block by block. Where the CPU has AVX2 or AVX-512 the K types'
 //! per-group searches run 16 groups at a time, one per vector lane, each lane doing this code's
-//! operations in this code's order (`ggml_lanes.rs`; `TUNEX_SIMD=portable` keeps the scalar code);
-//! tests compare the bytes of both.
+//! operations in this code's order (`ggml_lanes.rs`), and with AVX-512 Q8_0 runs hand-written
+//! vector code that also checks the values are finite (`ggml_q8_x86.rs`); `TUNEX_SIMD=portable`
+//! keeps the scalar code. Tests compare the bytes of both.
 //!
 //! Block layouts (bytes, little-endian), as `ggml-common.h` declares them:
 //! - Q8_0 (32 values, 34 B): fp16 d, 32 x i8.
@@ -26,10 +27,13 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::ggml_lanes as lanes;
+#[cfg(target_arch = "x86_64")]
+use super::ggml_q8_x86 as q8_x86;
 use crate::error::{Error, Result};
 
-/// Blocks one rayon task quantizes (a K-quant block is 256 values).
-const TASK_BLOCKS: usize = 256;
+/// Values one rayon task quantizes: 256 K-quant blocks, 2048 Q8_0 blocks (256 KB of input, so the
+/// pool's per-task cost stays small next to Q8_0's few instructions a block).
+const TASK_VALUES: usize = 1 << 16;
 
 /// ggml's floor under a group's largest magnitude: below it the group is all zeros.
 pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
@@ -91,6 +95,11 @@ impl GgmlType {
     /// Whole blocks of `x` packed into `out`, or false (and `out` unfinished) when a value is NaN
     /// or infinite.
     fn quantize_task(self, x: &[f32], out: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == GgmlType::Q8_0 && crate::simd::has_avx512() {
+            // SAFETY: the CPU reports every feature `q8_0_blocks_avx512` is compiled for.
+            return unsafe { q8_x86::q8_0_blocks_avx512(x, out) };
+        }
         // no early exit: the whole task's check vectorizes, and a bad value is rare
         if !x.iter().fold(true, |ok, v| ok & v.is_finite()) {
             return false;
@@ -168,8 +177,8 @@ pub fn quantize_ggml(x: &[f32], row_len: usize, ty: GgmlType, name: &str, out: &
         )));
     }
     let clean = x
-        .par_chunks(TASK_BLOCKS * ty.block_elems())
-        .zip(out.par_chunks_mut(TASK_BLOCKS * ty.block_bytes()))
+        .par_chunks(TASK_VALUES)
+        .zip(out.par_chunks_mut(TASK_VALUES / ty.block_elems() * ty.block_bytes()))
         .map(|(x, out)| ty.quantize_task(x, out))
         .all(|ok| ok);
     if clean {
@@ -210,7 +219,7 @@ fn round_away(f: f32) -> i32 {
     (f + 0.499_999_97f32.copysign(f)) as i32
 }
 
-fn q8_0_block(x: &[f32], out: &mut [u8]) {
+pub(super) fn q8_0_block(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
