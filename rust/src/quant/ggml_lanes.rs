@@ -27,10 +27,14 @@ fn each<T: Copy + Default>(f: impl Fn(usize) -> T) -> [T; LANES] {
     r
 }
 
-/// `if take { a } else { b }` per lane.
+/// `if take { a } else { b }` per lane, as a blend of bits (LLVM vectorizes the loops around a
+/// bit blend more reliably than around a branchy select).
 #[inline(always)]
 fn select(take: &[bool; LANES], a: &Fv, b: &Fv) -> Fv {
-    each(|k| if take[k] { a[k] } else { b[k] })
+    each(|k| {
+        let mask = (take[k] as u32).wrapping_neg();
+        f32::from_bits((a[k].to_bits() & mask) | (b[k].to_bits() & !mask))
+    })
 }
 
 /// `make_qkx2_quants` (rdelta 0.1) on 16 groups of 32 values, `x[i][lane]` with weights `w`:
@@ -49,7 +53,12 @@ fn qkx2_lanes(x: &[Fv; 32], w: &[Fv; 32], p: KSearch, levels: &mut [[u8; LANES];
     min = each(|k| if min[k] > 0.0 { 0.0 } else { min[k] });
     let flat = each(|k| max[k] == min[k]);
     let flat_min = min;
-    let level = |iscale: &Fv, min: &Fv, xi: &Fv| each(|k| nearest_int(iscale[k] * (xi[k] - min[k])).max(0).min(nmax));
+    // a plain function, not a closure: a closure LLVM does not inline is compiled without the
+    // target features of the function it sits in
+    #[inline(always)]
+    fn level(iscale: &Fv, min: &Fv, xi: &Fv, nmax: i32) -> [i32; LANES] {
+        each(|k| nearest_int(iscale[k] * (xi[k] - min[k])).max(0).min(nmax))
+    }
     let nmax_f = nmax as f32;
     // the levels kept so far are level(best_iscale, best_min, x): remade once at the end
     let mut best_iscale = each(|k| nmax_f / (max[k] - min[k]));
@@ -57,7 +66,7 @@ fn qkx2_lanes(x: &[Fv; 32], w: &[Fv; 32], p: KSearch, levels: &mut [[u8; LANES];
     let mut scale = each(|k| 1.0 / best_iscale[k]);
     let mut best_error = [0.0f32; LANES];
     for (xi, wi) in x.iter().zip(w) {
-        let q = level(&best_iscale, &min, xi);
+        let q = level(&best_iscale, &min, xi, nmax);
         best_error = each(|k| {
             let diff = scale[k] * q[k] as f32 + min[k] - xi[k];
             best_error[k] + wi[k] * (diff * diff)
@@ -69,7 +78,7 @@ fn qkx2_lanes(x: &[Fv; 32], w: &[Fv; 32], p: KSearch, levels: &mut [[u8; LANES];
         let iscale = each(|k| numerator / (max[k] - min[k]));
         let (mut sum_l, mut sum_l2, mut sum_xl) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
         for ((xi, wi), li) in x.iter().zip(w).zip(&mut laux) {
-            let q = level(&iscale, &min, xi);
+            let q = level(&iscale, &min, xi, nmax);
             *li = each(|k| q[k] as f32);
             sum_l = each(|k| sum_l[k] + wi[k] * li[k]);
             sum_l2 = each(|k| sum_l2[k] + wi[k] * li[k] * li[k]);
@@ -88,7 +97,7 @@ fn qkx2_lanes(x: &[Fv; 32], w: &[Fv; 32], p: KSearch, levels: &mut [[u8; LANES];
                 cur_error[k] + wi[k] * (diff * diff)
             });
         }
-        let take = each(|k| det[k] > 0.0 && cur_error[k] < best_error[k]);
+        let take = each(|k| (det[k] > 0.0) & (cur_error[k] < best_error[k]));
         best_iscale = select(&take, &iscale, &best_iscale);
         best_min = select(&take, &min, &best_min);
         best_error = select(&take, &cur_error, &best_error);
@@ -96,7 +105,7 @@ fn qkx2_lanes(x: &[Fv; 32], w: &[Fv; 32], p: KSearch, levels: &mut [[u8; LANES];
         min = select(&take, &this_min, &min);
     }
     for (xi, li) in x.iter().zip(levels) {
-        let q = level(&best_iscale, &best_min, xi);
+        let q = level(&best_iscale, &best_min, xi, nmax);
         *li = each(|k| if flat[k] { 0 } else { q[k] as u8 });
     }
     let scale = select(&flat, &[0.0; LANES], &scale);
@@ -117,8 +126,13 @@ fn qx_lanes(x: &[Fv; 16], levels: &mut [[u8; LANES]; 16]) -> Fv {
     }
     let zero = each(|k| amax[k] < GROUP_MAX_EPS);
     let nmax_f = NMAX as f32;
-    let level = |iscale: &Fv, xi: &Fv| each(|k| nearest_int(iscale[k] * xi[k]).clamp(-NMAX, NMAX - 1));
-    let sums = |iscale: &Fv| {
+    // plain functions, not closures (see qkx2_lanes)
+    #[inline(always)]
+    fn level(iscale: &Fv, xi: &Fv) -> [i32; LANES] {
+        each(|k| nearest_int(iscale[k] * xi[k]).clamp(-NMAX, NMAX - 1))
+    }
+    #[inline(always)]
+    fn sums(x: &[Fv; 16], iscale: &Fv) -> (Fv, Fv) {
         let (mut sumlx, mut suml2) = ([0.0f32; LANES], [0.0f32; LANES]);
         for xi in x {
             let q = level(iscale, xi);
@@ -130,16 +144,16 @@ fn qx_lanes(x: &[Fv; 16], levels: &mut [[u8; LANES]; 16]) -> Fv {
             }
         }
         (sumlx, suml2)
-    };
+    }
     let mut best_iscale = each(|k| -nmax_f / max[k]);
-    let (sumlx, suml2) = sums(&best_iscale);
+    let (sumlx, suml2) = sums(x, &best_iscale);
     let mut scale = each(|k| if suml2[k] != 0.0 { sumlx[k] / suml2[k] } else { 0.0 });
     let mut best = each(|k| scale[k] * sumlx[k]);
     for is in (-9..=9).filter(|&is| is != 0) {
         let numerator = nmax_f + 0.1 * is as f32;
         let iscale = each(|k| -numerator / max[k]);
-        let (sumlx, suml2) = sums(&iscale);
-        let take = each(|k| suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k]);
+        let (sumlx, suml2) = sums(x, &iscale);
+        let take = each(|k| (suml2[k] > 0.0) & (sumlx[k] * sumlx[k] > best[k] * suml2[k]));
         let this_scale = each(|k| sumlx[k] / suml2[k]);
         best_iscale = select(&take, &iscale, &best_iscale);
         best = select(&take, &each(|k| this_scale[k] * sumlx[k]), &best);
@@ -170,13 +184,21 @@ fn qk_blocks(ty: GgmlType, x: &[f32], out: &mut [u8]) {
             sum_x2 = each(|k| sum_x2[k] + xi[k] * xi[k]);
         }
         let av_x = each(|k| (sum_x2[k] / 32.0).sqrt());
-        let w: [Fv; 32] = std::array::from_fn(|i| each(|k| av_x[k] + xt[i][k].abs()));
+        let mut w = [[0.0f32; LANES]; 32];
+        for (wi, xi) in w.iter_mut().zip(&xt) {
+            *wi = each(|k| av_x[k] + xi[k].abs());
+        }
         let mut lv = [[0u8; LANES]; 32];
         let (scale, neg_min) = qkx2_lanes(&xt, &w, p, &mut lv);
         for (b, (xb, ob)) in x2.chunks_exact(256).zip(o2.chunks_exact_mut(bytes)).enumerate() {
-            let scales: [f32; 8] = std::array::from_fn(|j| scale[8 * b + j]);
-            let mins: [f32; 8] = std::array::from_fn(|j| neg_min[8 * b + j]);
-            let levels: [u8; 256] = std::array::from_fn(|v| lv[v % 32][8 * b + v / 32]);
+            let (mut scales, mut mins, mut levels) = ([0.0f32; 8], [0.0f32; 8], [0u8; 256]);
+            for j in 0..8 {
+                scales[j] = scale[8 * b + j];
+                mins[j] = neg_min[8 * b + j];
+                for (i, li) in lv.iter().enumerate() {
+                    levels[32 * j + i] = li[8 * b + j];
+                }
+            }
             k_finish(ty, xb, &scales, &mins, levels, ob);
         }
     }
@@ -186,10 +208,20 @@ fn qk_blocks(ty: GgmlType, x: &[f32], out: &mut [u8]) {
 #[inline(always)]
 fn q6_k_blocks(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(210)) {
-        let xt: [Fv; 16] = std::array::from_fn(|i| each(|g| xb[16 * g + i]));
+        let mut xt = [[0.0f32; LANES]; 16];
+        for (g, group) in xb.chunks_exact(16).enumerate() {
+            for (i, &v) in group.iter().enumerate() {
+                xt[i][g] = v;
+            }
+        }
         let mut lv = [[0u8; LANES]; 16];
         let scales = qx_lanes(&xt, &mut lv);
-        let levels: [u8; 256] = std::array::from_fn(|v| lv[v % 16][v / 16]);
+        let mut levels = [0u8; 256];
+        for (i, li) in lv.iter().enumerate() {
+            for (g, &l) in li.iter().enumerate() {
+                levels[16 * g + i] = l;
+            }
+        }
         q6_k_finish(xb, &scales, levels, ob);
     }
 }
