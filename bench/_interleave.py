@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -26,14 +25,20 @@ from collections.abc import Callable
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across fork and exec, so a worker started by a parent holding 1 GB would report at least 1 GB."""
+    return _status_mb("VmHWM:")
 
 
 def rss_mb() -> float:
     """This process's resident set now (VmRSS)."""
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     return float("nan")
 

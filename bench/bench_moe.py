@@ -7,6 +7,10 @@
    transformers. LoRA r=16 alpha=32, no dropout, AdamW, fp32, batch 4 x 256 random tokens, CPU.
    tunex adapts every linear ("all-linear": attention and each expert's w1/w3/w2); PEFT the same
    projections (attention by name, transformers 5's stacked experts through ``target_parameters``).
+   The same two models (vocabulary widened to the tokenizer's 49152) also train on what users run,
+   as bench_train.py measures the Llama family: the quick start's chatterbot conversations packed by
+   tunex's pipeline into 4 x 256, and transformers + PEFT on the same conversations as a padded
+   batch (one per row, padding masked); tokens/s count real tokens only, so both do the same work.
 2. Forward + backward of one MoE block (router + experts, frozen weights, gradient of the input)
    against transformers' ``MixtralSparseMoeBlock`` (as its model builds it) with the same weights,
    on the batch's 1024 tokens.
@@ -45,19 +49,31 @@ SHAPES = {
 }
 
 
-def make_model(family: str, folder: str) -> None:
+CHAT_VOCAB = 49152  # SmolLM2's tokenizer, which bench_longctx's packed conversations use
+
+
+def make_model(family: str, folder: str, vocab: int = VOCAB) -> None:
     import torch
     import transformers
 
     cfg_cls, model_cls, extra = SHAPES[family]
     torch.manual_seed(0)
     config = getattr(transformers, cfg_cls)(
-        **COMMON, **extra, **({"num_experts_per_tok": 2} if extra.get("num_local_experts") else {})
+        **{**COMMON, "vocab_size": vocab},
+        **extra,
+        **({"num_experts_per_tok": 2} if extra.get("num_local_experts") else {}),
     )
     getattr(transformers, model_cls)(config).save_pretrained(folder)
 
 
-def build_tunex(folder: str):
+def chat_batch():
+    """The quick start's conversations packed into B x T by tunex's pipeline, and their real tokens."""
+    from bench_longctx import packed_batch  # this script's folder is on sys.path
+
+    return packed_batch(T, B)
+
+
+def build_tunex(folder: str, data: str):
     import torch
     from tunex.config import validate
     from tunex.dist.env import init_distributed
@@ -79,8 +95,11 @@ def build_tunex(folder: str):
     step_module = wrap_for_training(model, "lora", init_distributed(), torch.device("cpu"), "float32")
     model.train()
     opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
-    x = torch.randint(0, VOCAB, (B, T))
-    batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(T).expand(B, T)}
+    if data == "chat":
+        batch, _ = chat_batch()
+    else:
+        x = torch.randint(0, VOCAB, (B, T))
+        batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(T).expand(B, T)}
 
     def step():
         loss, _ = _micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
@@ -91,7 +110,7 @@ def build_tunex(folder: str):
     return step
 
 
-def build_hf(folder: str):
+def build_hf(folder: str, data: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -109,10 +128,16 @@ def build_hf(folder: str):
     m = get_peft_model(m, lora)
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
-    x = torch.randint(0, VOCAB, (B, T))
+    if data == "chat":
+        from bench_longctx import padded_documents
+
+        x, labels, mask = padded_documents(chat_batch()[0])
+    else:
+        x = labels = torch.randint(0, VOCAB, (B, T))
+        mask = None
 
     def step():
-        out = m(input_ids=x, labels=x)
+        out = m(input_ids=x, attention_mask=mask, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -121,13 +146,15 @@ def build_hf(folder: str):
     return step
 
 
-def worker(who: str, folder: str) -> None:
-    serve_steps(build_tunex(folder) if who == "tunex" else build_hf(folder))
+def worker(who: str, folder: str, data: str) -> None:
+    """One contender in its own process, reporting the real tokens of its step."""
+    step = build_tunex(folder, data) if who == "tunex" else build_hf(folder, data)
+    serve_steps(step, {"tokens": chat_batch()[1] if data == "chat" else B * T})
 
 
-def train_pair(folder: str, rounds: int) -> dict:
+def train_pair(folder: str, rounds: int, data: str) -> dict:
     """Step seconds per round and peak RSS of tunex and transformers+PEFT, taking turns."""
-    return take_turns({who: [__file__, "--child", who, folder] for who in ("tunex", "hf")}, rounds)
+    return take_turns({who: [__file__, "--child", who, folder, data] for who in ("tunex", "hf")}, rounds)
 
 
 def ratio_cell(ours: list[float], theirs: list[float]) -> str:
@@ -136,8 +163,9 @@ def ratio_cell(ours: list[float], theirs: list[float]) -> str:
     return spread(ratios, 2, "x") if ratios else "n/a"
 
 
-def block_bench(rounds: int, tokens: int = B * T) -> tuple[list[float], list[float]]:
-    """Seconds per forward + backward of one MoE block: (tunex, transformers), round by round."""
+def block_bench(rounds: int, tokens: int = B * T) -> tuple[list[float], list[float], float]:
+    """Seconds per forward + backward of one MoE block: (tunex, transformers), round by round, and
+    the block's matmul floor (:func:`expert_matmul_floor`)."""
     import torch
     import transformers
     from tunex.models.config import config_from_hf
@@ -178,7 +206,39 @@ def block_bench(rounds: int, tokens: int = B * T) -> tuple[list[float], list[flo
     for _ in range(rounds):
         mine.append(run(ours))
         base.append(run(theirs))
-    return mine, base
+    with torch.no_grad():
+        chosen = (x[0] @ ours.gate.weight.T).topk(hf_cfg.num_experts_per_tok, dim=-1).indices
+    rows = torch.bincount(chosen.flatten(), minlength=hf_cfg.num_local_experts).tolist()
+    return mine, base, expert_matmul_floor(rows, hf_cfg.hidden_size, inter, rounds)
+
+
+def expert_matmul_floor(rows: list[int], hidden: int, inter: int, rounds: int) -> float:
+    """Seconds the block's forward + backward would take if it did nothing but its expert matmuls,
+    each on the faster of torch.mm (MKL) and oneDNN in this run: per expert, with its routed row
+    count, gate and up (hidden -> inter) and down (inter -> hidden) forward, and the three input
+    gradients in backward (frozen weights: no weight gradient). Both implementations do at least
+    these products, so baseline time / floor bounds the speed-up any fp32 implementation can show.
+    """
+    import torch
+    from tunex.kernels import _dispatch
+
+    engines = {"torch": lambda a, w: a @ w.T, "onednn": _dispatch.matmul_nt}
+    gate, down = torch.randn(inter, hidden), torch.randn(hidden, inter)
+    gate_t, down_t = gate.T.contiguous(), down.T.contiguous()  # (a @ w.T) with w.T: a @ w
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for name, mm in engines.items():
+            for _ in range(rounds + 1):
+                started = time.perf_counter()
+                for n in rows:
+                    xs = torch.randn(n, hidden)
+                    g, u = mm(xs, gate), mm(xs, gate)  # gate and up
+                    y = mm(g, down)  # down
+                    dh = mm(y, down_t)  # backward: gradient of the down product's input
+                    mm(dh, gate_t), mm(u, gate_t)  # ... and of the gate and up products' input
+                spent = time.perf_counter() - started
+                best[name] = min(best.get(name, spent), spent)
+    return min(best.values())
 
 
 def main() -> None:
@@ -187,7 +247,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
-        worker(*args.child[:2])
+        worker(*args.child[:3])
         return
     load_before = os.getloadavg()[0]
     rows = [
@@ -196,18 +256,21 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="tunex-bench-moe-") as tmp:
-        for family, label in (
-            ("mixtral", "MoE (Mixtral layout, 8 experts top-2, hidden 512, 4 layers) LoRA"),
-            ("qwen3", "Qwen3 (hidden 512, 4 layers) LoRA"),
+        for family, label, data in (
+            ("mixtral", "MoE (Mixtral layout, 8 experts top-2, hidden 512, 4 layers) LoRA", "random"),
+            ("qwen3", "Qwen3 (hidden 512, 4 layers) LoRA", "random"),
+            ("mixtral", "the MoE on the quick start's conversations (packed vs padded)", "chat"),
+            ("qwen3", "Qwen3 on the quick start's conversations (packed vs padded)", "chat"),
         ):
-            folder = os.path.join(tmp, family)
-            make_model(family, folder)
-            res = train_pair(folder, args.rounds)
+            folder = os.path.join(tmp, f"{family}-{data}")
+            if not os.path.isdir(folder):
+                make_model(family, folder, CHAT_VOCAB if data == "chat" else VOCAB)
+            res = train_pair(folder, args.rounds, data)
             ours, theirs = res.get("tunex", {}), res.get("hf", {})
 
             def tps(d):
                 return (
-                    f"{B * T * len(d['times']) / sum(d['times']):.0f}"
+                    f"{d['tokens'] * len(d['times']) / sum(d['times']):.0f}"
                     if d.get("times")
                     else f"n/a ({d.get('error', '?')})"
                 )
@@ -221,20 +284,31 @@ def main() -> None:
                 f"| {label} | {tps(ours)} | {tps(theirs)} | {ratio_cell(ours.get('times', []), theirs.get('times', []))} | "
                 f"{ours.get('peak_rss_mb', 0):.0f} | {theirs.get('peak_rss_mb', 0):.0f} | {rss} |"
             )
-    mine, base = block_bench(args.rounds)
+    mine, base, floor = block_bench(args.rounds)
     rows.append(
         f"| one MoE block forward + backward ({B * T} tokens) vs transformers' MixtralSparseMoeBlock | "
         f"{statistics.median(mine) * 1e3:.1f} ms | {statistics.median(base) * 1e3:.1f} ms | "
         f"{ratio_cell(mine, base)} | - | - | - |"
     )
+    block_floor = (
+        f"\nBlock matmul floor (the block's expert products alone, forward and input gradients, each engine's best "
+        f"of {args.rounds + 1}, the faster engine): {floor * 1e3:.1f} ms. tunex's block runs at "
+        f"{floor / statistics.median(mine):.0%} of it, transformers' at {floor / statistics.median(base):.0%}; "
+        f"the floor is {statistics.median(base) / floor:.2f}x the baseline, the largest speed-up any fp32 "
+        "implementation of the block could show here."
+    )
     print(
-        f"LoRA r=16 alpha=32 (no dropout), AdamW, fp32, batch {B} x {T} random tokens on the CPU, random weights. "
+        f"LoRA r=16 alpha=32 (no dropout), AdamW, fp32, batch {B} x {T} random tokens on the CPU, random weights; "
+        f"the last two training rows: the quick start's conversations ({chat_batch()[1]} real tokens) packed "
+        "into the same batch for tunex, as a padded batch (one per row) for transformers + PEFT, tokens/s of "
+        "real tokens (bench_train.py's method for the Llama family). "
         f"{args.rounds} rounds after a warm-up step; each training contender in its own process, taking turns "
         "step by step. Speed ratio: baseline time / tunex time per round, median and range. Baseline: "
         "transformers + PEFT (MoE experts through target_parameters). Machine load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
     )
     print("\n".join(rows))
+    print(block_floor)
 
 
 if __name__ == "__main__":

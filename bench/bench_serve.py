@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Serving SmolLM2-135M-Instruct on the CPU: requests/s and tokens/s for 1, 4 and 16 concurrent
-clients, `tunex serve` vs transformers' generate behind the same HTTP layer.
+clients, `tunex serve` vs two transformers servers behind the same HTTP layer.
 
-Both servers are the same starlette app and job queue (tunex.serve.app, tunex.serve.engine), each
+Every server is the same starlette app and job queue (tunex.serve.app, tunex.serve.engine), each
 in its own process on the same fp32 folder; only the generation differs: tunex's decoder with the
-engine's continuous batching (up to 16 running jobs decoded together, one token each per step), or
-transformers' ``model.generate`` with a streamer, one job at a time (the engine batches only its
-own decoder; ``generate`` takes one request's prompt per call). The clients (threads in this process) send greedy
-chat completions of ``--max-tokens`` new tokens; each client sends ``--requests`` requests in turn.
-Within a round every client count runs on both servers, alternating which goes first; the ratio
-is per round, reported as the median and the range over the rounds.
+engine's continuous batching (up to 16 running jobs decoded together, one token each per step);
+transformers' ``model.generate`` with a streamer, one job at a time (``generate`` takes one
+request's prompt per call); or transformers' own continuous batching (``init_continuous_batching``:
+a manager thread with a paged KV cache, fed by ``add_request`` with streaming, up to 16 requests per
+forward, greedy only). The clients (threads in this process) send greedy chat completions of
+``--max-tokens`` new tokens; each client sends ``--requests`` requests in turn. Within a round every
+client count runs on every server, rotating which goes first; the ratios are per round, reported
+as the median and the range over the rounds. Every reply to a question, at every load, is checked
+against tunex's greedy reply; the ones that differ are printed under the table.
 
 Usage: python bench/bench_serve.py [--rounds N] [--max-tokens N] [--requests N] [--clients 1,4,16]
-       python bench/bench_serve.py --serve tunex|transformers --port P   (one server; the bench's own use)
+                                   [--baselines transformers,transformers-cb]
+       python bench/bench_serve.py --serve KIND --port P   (one server, KIND tunex or a baseline; the bench's own use)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 
 from _interleave import spread  # this script's folder is on sys.path
 
@@ -54,7 +59,10 @@ def serve(kind: str, port: int) -> None:
 
     logging.getLogger("tunex.serve").setLevel(logging.WARNING)
     folder = str(resolve_model_path(GGUF))
-    engine = Engine.load(folder, name="smollm2") if kind == "tunex" else transformers_engine(folder)
+    if kind == "tunex":
+        engine = Engine.load(folder, name="smollm2")
+    else:
+        engine = (transformers_engine if kind == "transformers" else transformers_cb_engine)(folder)
     engine.start()
     uvicorn.run(create_app(engine), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -111,6 +119,128 @@ def transformers_engine(folder: str):
     return HFEngine(Holder(hf, read_config(folder)), tok, get_template("auto", tok), "smollm2")
 
 
+# transformers' continuous batching sizes its paged KV cache from free memory (on the CPU, 60% of the
+# machine's RAM) unless told: these fit 16 running jobs of up to 512 tokens each (32 pages of 256
+# tokens, all layers; 0.4 GB for SmolLM2-135M) and a prompt pass of up to 512 tokens per step.
+CB_JOBS, CB_BLOCKS, CB_BATCH_TOKENS = 16, 32, 512
+
+
+def transformers_cb_engine(folder: str):
+    """The serve engine with transformers' own continuous batching in place of tunex's decoder:
+    ``init_continuous_batching``'s manager (paged KV cache, up to CB_JOBS requests per forward,
+    sdpa attention: its flash switch is for half precision only) runs on its own thread; each job
+    is an ``add_request`` with streaming, whose outputs a router thread hands to the job's reply.
+    Greedy only (the manager's sampling settings are one for all requests)."""
+    import logging
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+    from tunex.models import read_config
+    from tunex.serve.engine import Engine, ServeError, _Cancelled, _Reply, _Stopped
+    from tunex.templates import get_template
+    from tunex.tokenizer import load_tokenizer
+
+    log = logging.getLogger("tunex.serve")
+
+    class Holder(torch.nn.Module):  # what Engine reads of a model: its config (eos ids, context)
+        def __init__(self, hf, config):
+            super().__init__()
+            self.hf, self.config = hf, config
+
+    class CBEngine(Engine):
+        def start(self) -> None:
+            eos = list(self.eos_ids)
+            settings = GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+            cb = ContinuousBatchingConfig(
+                num_blocks=CB_BLOCKS, max_batch_tokens=CB_BATCH_TOKENS, max_requests_per_batch=CB_JOBS
+            )
+            self.live: dict[str, tuple] = {}  # request id -> (job, reply, tokens of it seen so far)
+            self.lock = threading.Lock()
+            with torch.inference_mode():  # the manager's thread runs in its starter's inference mode
+                self.manager = self.model.hf.init_continuous_batching(
+                    generation_config=settings, continuous_batching_config=cb
+                )
+                self.manager.start()
+            threading.Thread(target=self._route, name="cb-router", daemon=True).start()
+            super().start()
+
+        def submit(self, job) -> None:
+            if job.temperature > 0:
+                raise ServeError("the transformers-cb bench engine serves greedy requests only", param="temperature")
+            super().submit(job)
+
+        def _work(self) -> None:  # the engine's worker: hands each queued job to the manager
+            count = 0
+            while (job := self._queue.get()) is not None:
+                if job.cancelled.is_set():
+                    continue
+                if not self.manager.is_running():
+                    job.emit("error", RuntimeError("transformers' continuous batching loop stopped"))
+                    continue
+                reply, rid = _Reply(self, job), f"job-{count}"
+                count += 1
+                with self.lock:
+                    self.live[rid] = (job, reply, [0])
+                if (
+                    self.manager.add_request(
+                        job.prompt_ids,
+                        request_id=rid,
+                        max_new_tokens=job.max_tokens,
+                        streaming=True,
+                        eos_token_id=reply.stop_ids,
+                    )
+                    is None
+                ):
+                    self._drop(rid)
+                    job.emit("error", RuntimeError("transformers' continuous batching manager refused the request"))
+
+        def _drop(self, rid: str):
+            with self.lock:
+                return self.live.pop(rid, None)
+
+        def _route(self) -> None:  # the manager's outputs (each the request's tokens so far) to the replies
+            while True:
+                out = self.manager.get_result(timeout=0.1)
+                if out is None:
+                    if not self.manager.is_running():
+                        for entry in [self._drop(rid) for rid in list(self.live)]:
+                            if entry is not None:
+                                entry[0].emit("error", RuntimeError("transformers' continuous batching loop stopped"))
+                        return
+                    continue
+                with self.lock:
+                    entry = self.live.get(out.request_id)
+                if entry is None:  # stopped or cancelled already
+                    continue
+                job, reply, seen = entry
+                if out.error is not None:
+                    self._drop(out.request_id)
+                    job.emit("error", RuntimeError(out.error))
+                    continue
+                new, seen[0] = out.generated_tokens[seen[0] :], len(out.generated_tokens)
+                try:
+                    for t in new:
+                        if t in reply.stop_ids:
+                            break
+                        reply.push(t)
+                except _Stopped:
+                    self.manager.cancel_request(out.request_id)
+                except _Cancelled:
+                    self.manager.cancel_request(out.request_id)
+                    self._drop(out.request_id)
+                    log.info("tunex serve: a job was cancelled after %d tokens", len(reply.out))
+                    continue
+                if reply.stopped or out.is_finished():
+                    self._drop(out.request_id)
+                    job.emit("done", reply.result())
+
+    tok = load_tokenizer(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return CBEngine(Holder(hf, read_config(folder)), tok, get_template("auto", tok), "smollm2")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -152,8 +282,9 @@ def ask(port: int, question: str, max_tokens: int) -> tuple[str, int]:
     return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"]
 
 
-def load(port: int, clients: int, requests: int, max_tokens: int) -> tuple[float, float, dict]:
-    """requests/s and tokens/s of ``clients`` threads each sending ``requests`` requests in turn."""
+def load(port: int, clients: int, requests: int, max_tokens: int) -> tuple[float, float, list[tuple[str, str]]]:
+    """requests/s and tokens/s of ``clients`` threads each sending ``requests`` requests in turn, and
+    the (question, reply) of every request."""
 
     def client(i: int) -> list[tuple[str, str, int]]:
         out = []
@@ -167,7 +298,17 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> tuple[float
         done = [x for part in pool.map(client, range(clients)) for x in part]
     seconds = time.perf_counter() - start_time
     tokens = sum(n for _, _, n in done)
-    return len(done) / seconds, tokens / seconds, {q: text for q, text, _ in done}
+    return len(done) / seconds, tokens / seconds, [(q, text) for q, text, _ in done]
+
+
+BASELINES = ("transformers", "transformers-cb")
+SHOWN = {
+    "transformers": "transformers' generate (one job at a time)",
+    "transformers-cb": (
+        f"transformers' continuous batching (init_continuous_batching's manager: paged KV cache, up to {CB_JOBS} "
+        "requests per forward)"
+    ),
+}
 
 
 def main() -> None:
@@ -176,7 +317,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends per measurement")
     ap.add_argument("--clients", default=",".join(map(str, CLIENTS)), help="client counts, comma-separated")
-    ap.add_argument("--serve", choices=["tunex", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baselines", default=",".join(BASELINES), help=f"servers tunex is measured against: {', '.join(BASELINES)}"
+    )
+    ap.add_argument("--serve", choices=["tunex", *BASELINES], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -184,8 +328,14 @@ def main() -> None:
         return
 
     clients = [int(c) for c in args.clients.split(",")]
-    servers = {kind: start(kind) for kind in ("tunex", "transformers")}
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or not baselines:
+        raise SystemExit(f"error: --baselines {args.baselines!r}: a comma-separated list of {', '.join(BASELINES)}")
+    servers = {}
     try:
+        for kind in ("tunex", *baselines):  # one at a time: no load overlaps another's
+            servers[kind] = start(kind)
         for _, port in servers.values():
             ask(port, QUESTIONS[0], 4)  # warm-up
         rps = {(k, c): [] for k in servers for c in clients}
@@ -194,39 +344,50 @@ def main() -> None:
         order = list(servers)
         for _ in range(args.rounds):
             for c in clients:
-                order.reverse()  # alternate who goes first: load from other jobs drifts
+                order = order[1:] + order[:1]  # rotate who goes first: load from other jobs drifts
                 for kind in order:
                     r, t, texts = load(servers[kind][1], c, args.requests, args.max_tokens)
                     rps[(kind, c)].append(r)
                     tps[(kind, c)].append(t)
-                    replies[kind].update(texts)
+                    for q, text in texts:
+                        replies[kind].setdefault(q, set()).add(text)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
 
-    same = replies["tunex"] == replies["transformers"]
+    # every reply to a question, on every server at every load, must be tunex's one greedy reply
+    differ = {b: [q for q in replies["tunex"] if replies[b].get(q) != replies["tunex"][q]] for b in baselines}
+    alone = all(len(texts) == 1 for texts in replies["tunex"].values())
+    checks = [
+        f"{b} {'yes' if not differ[b] else f'NO, on {len(differ[b])} of {len(replies[b])} questions'}"
+        for b in baselines
+    ]
+    if not alone:
+        checks.append("tunex's own replies to one question differ between loads")
     avg = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"SmolLM2-135M-Instruct fp32, CPU, {os.cpu_count()} cores; greedy chat completions of up to "
         f"{args.max_tokens} new tokens, each client sending {args.requests} requests in turn; {args.rounds} rounds, "
-        f"interleaved; both servers are tunex.serve's HTTP layer and queue, the generation is tunex's decoder "
-        f"(continuous batching, up to 16 jobs per step) or transformers' generate (one job at a time); "
-        f"replies identical: {'yes' if same else 'NO'}; machine load average {avg}\n"
+        f"interleaved; transformers {version('transformers')}; every server is tunex.serve's HTTP layer and queue, "
+        f"the generation is tunex's decoder "
+        f"(continuous batching, up to 16 jobs per step) or {' or '.join(SHOWN[b] for b in baselines)}; "
+        f"replies identical to tunex's: {'; '.join(checks)}; machine load average {avg}\n"
     )
-    print(
-        "| clients | tunex req/s | transformers req/s | tunex tokens/s | transformers tokens/s "
-        "| tunex tokens/s advantage, median (range) |"
-    )
-    print("|---|---|---|---|---|---|")
+    head = ["clients", "tunex req/s", *(f"{b} req/s" for b in baselines), "tunex tokens/s"]
+    head += [f"{b} tokens/s" for b in baselines]
+    head += [f"tunex tokens/s advantage over {b}, median (range)" for b in baselines]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    med = statistics.median
     for c in clients:
-        ratios = [a / b for a, b in zip(tps[("tunex", c)], tps[("transformers", c)])]
-        med = statistics.median
-        print(
-            f"| {c} | {med(rps[('tunex', c)]):.2f} | {med(rps[('transformers', c)]):.2f} "
-            f"| {med(tps[('tunex', c)]):.1f} | {med(tps[('transformers', c)]):.1f} "
-            f"| {spread(ratios, 2, 'x')} |"
-        )
+        row = [str(c), *(f"{med(rps[(k, c)]):.2f}" for k in servers), *(f"{med(tps[(k, c)]):.1f}" for k in servers)]
+        for b in baselines:
+            row.append(spread([a / x for a, x in zip(tps[("tunex", c)], tps[(b, c)])], 2, "x"))
+        print("| " + " | ".join(row) + " |")
+    for b in baselines:  # where a baseline's greedy replies part from tunex's
+        for q in differ[b]:
+            print(f"\n{b} differs on {q!r}:\n  tunex: {sorted(replies['tunex'][q])}\n  {b}: {sorted(replies[b][q])}")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,24 @@ def test_config_missing_a_key_the_family_needs(tmp_path, family, key):
     )
 
 
+@pytest.mark.parametrize("key", ["attn_logit_softcapping", "final_logit_softcapping"])
+@pytest.mark.parametrize("value", [0, -30.0, "50", True, float("inf"), float("nan")])
+def test_a_softcap_that_is_not_a_positive_finite_number_is_named(tmp_path, key, value):
+    hf_model("gemma2").save_pretrained(tmp_path)
+    edit_config(tmp_path, **{key: value})
+    with pytest.raises(FormatError) as info:
+        load_model(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: {key} = {value!r}; expected a positive finite number")
+    assert "null for no soft-capping" in message and "\n" not in message
+
+
+def test_a_null_softcap_is_none(tmp_path):
+    hf_model("gemma2").save_pretrained(tmp_path)
+    edit_config(tmp_path, attn_logit_softcapping=None)  # removed: as null, no soft-capping
+    assert load_model(tmp_path).config.attn_softcap is None
+
+
 def test_config_missing_a_key_stops_training(setup):
     root, model, data = setup
     edit_config(model, num_hidden_layers=None)

@@ -136,6 +136,7 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
     labels = ids.clone()
     labels[:, :5] = -100  # a prompt that is not trained on
     chosen = spy_kernel_choices(monkeypatch)
+    dense = _count_dense_masks(monkeypatch)
     loss = LossModule(ours)(ids, labels, None)
     loss.backward()
     expected = ref(input_ids=ids, labels=labels).loss
@@ -150,14 +151,13 @@ def test_lora_loss_and_grads_match_peft(tmp_path, monkeypatch, family, checkpoin
         "lora_linear": "fused-native",
         "cross_entropy": "native",
     }
-    if ours.config.attn_softcap:  # soft-capped scores: attention in torch ops, no kernel hook
-        del expected_impls["attention"]
     if ours.config.family in GEMMA:  # a GELU gate, not SwiGLU
         del expected_impls["swiglu"]
     if ours.logit_softcap:  # soft-capped logits: whole, then torch's cross-entropy
         del expected_impls["cross_entropy"]
     for op, impl in expected_impls.items():
         assert impl in chosen.get(op, set()), (op, chosen.get(op))
+    assert dense == []  # sliding windows as the rows' spans, soft-capped logits in the kernel: no (T, T) mask
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
@@ -176,8 +176,8 @@ def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, monkeyp
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     _check_grads(mine, theirs)
     assert "native" in chosen["rmsnorm"] and "fused-native" in chosen["lora_linear"]
-    if not ours.config.attn_softcap:  # sliding windows (shorter than some documents) too: the spans only
-        assert chosen["attention"] == {"native"} and dense == []
+    # sliding windows (shorter than some documents) and soft-capped logits too: the spans only
+    assert chosen["attention"] == {"native"} and dense == []
 
 
 def _count_dense_masks(monkeypatch) -> list:

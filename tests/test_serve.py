@@ -240,6 +240,31 @@ def test_stop_strings_end_the_reply_before_them(server, files, stream):
     assert finish == "stop" and usage.completion_tokens < 10
 
 
+def test_a_stop_word_ends_the_reply_however_the_reply_spells_it(server, files):
+    """A stop word that is one token alone ("France") also stops a reply spelling it with another
+    token (" France"), as the OpenAI API matches stop strings on the text."""
+    from tunex.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(files["model"])
+    full = chat_cli(files, "What is AI?", max_new=10)
+    spelled = tok.encode(full, add_special_tokens=False)
+    alone = [w for w in full.split()[1:] if len(tok.encode(w, add_special_tokens=False)) == 1]
+    words = [w for w in alone if tok.encode(w, add_special_tokens=False)[0] not in spelled]
+    assert words, (full, alone)  # the reply spells such a word with a different token
+    for stream in (False, True):
+        reply, finish, _ = ask(server.client(), "tiny", "What is AI?", stream=stream, temperature=0, stop=[words[0]])
+        assert reply == full[: full.index(words[0])]
+        assert finish == "stop"
+    from tunex.models import generate_text, load_model
+    from tunex.templates import get_template
+
+    template = get_template("auto", tok)
+    prompt = template.render([{"role": "user", "content": "What is AI?"}])
+    stops = [*template.stop_words, words[0]]
+    reply = generate_text(load_model(files["model"]), tok, prompt, max_new_tokens=10, stop_words=stops)
+    assert reply == full[: full.index(words[0])]  # tunex chat's generation stops there too
+
+
 def test_many_concurrent_requests_each_get_their_own_answer(server):
     client = server.client()
     cases = [(m, t, s) for m in ("tiny", "a", "b") for t in PROMPTS for s in (False, True)]

@@ -169,10 +169,12 @@ def attention_forward_f32(
     scale: float,
     docs: list[tuple[int, int, int]] | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Causal attention; ``shape`` is (B, H, Hkv, T, D); ``lse`` (B, H, T) gets the rows' log-sum-exp.
     ``docs``: (row, start, length) of the packed documents tiling the rows; attention stays inside each.
-    ``window``: query i sees keys j with i - window < j <= i only (a causal sliding window)."""
+    ``window``: query i sees keys j with i - window < j <= i only (a causal sliding window).
+    ``softcap``: the logits are ``softcap * tanh(scale * q.k / softcap)`` (Gemma 2), capped before masking."""
 
 def attention_backward_f32(
     dout: _Strided,
@@ -188,6 +190,7 @@ def attention_backward_f32(
     scale: float,
     docs: list[tuple[int, int, int]] | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> None: ...
 def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
     """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""

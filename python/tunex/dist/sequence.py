@@ -174,14 +174,14 @@ class SequenceParallel(Standard):
         x, cos, sin = (t[:, cut].contiguous() for t in (x, cos, sin))
         return super().run_layers(model, x, cos, sin, _Sharded(mask), cache)
 
-    def attention(self, q, k, v, mask, causal, gqa):
+    def attention(self, q, k, v, mask, causal, gqa, softcap=None):
         if not isinstance(mask, _Sharded):
-            return super().attention(q, k, v, mask, causal, gqa)
+            return super().attention(q, k, v, mask, causal, gqa, softcap)
         group = self.sp.group
         if k.shape[1] % self.sp.size:  # fewer key/value heads than ranks: each rank gets a copy of its group's
             k, v = (t.repeat_interleave(self.sp.size // t.shape[1], dim=1) for t in (k, v))
         q, k, v = (heads_to_sequence(t, group) for t in (q, k, v))
-        y = super().attention(q, k, v, mask.docs, mask.docs is None, gqa)
+        y = super().attention(q, k, v, mask.docs, mask.docs is None, gqa, softcap)
         return sequence_to_heads(y, group)
 
 

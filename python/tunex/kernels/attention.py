@@ -10,6 +10,9 @@ The tensors may lie in any layout with a contiguous head dim: the forward reads 
 the projection's (B, T, Hkv, D) layout and writes its output in (B, T, H, D) order, and the
 backward writes the query and value gradients in the projections' layouts, so no transposing copy
 follows on either side. ``TUNEX_NATIVE_ATTENTION=0`` falls back to torch's flash attention.
+
+Gemma 2 soft-caps its attention logits (``cap * tanh(scores / cap)``, before the mask): the kernel
+takes the cap; elsewhere :func:`softcapped` computes it in torch ops over the whole score matrix.
 """
 
 from __future__ import annotations
@@ -170,6 +173,28 @@ def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: D
     return _flex(q.device)(q, k, v, block_mask=block, enable_gqa=gqa)
 
 
+def softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, cap: float) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) whose logits are soft-capped before the
+    mask, as transformers' eager Gemma 2 attention does: ``cap * tanh(q.k / sqrt(D) / cap)``.
+    ``mask``: a boolean (B or 1, 1, T, S) mask of visible keys, :class:`Documents` (made dense) or
+    None (causal, the queries being the last T positions, when ``causal``). Builds the (T, S) scores
+    of every head: the fallback where the native kernel does not apply."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    scores = torch.tanh(scores / cap) * cap
+    if isinstance(mask, Documents):
+        mask = mask.dense()
+    t, s = q.shape[2], k.shape[2]
+    if mask is None and causal:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 def _shape_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in (q, k, v))
@@ -190,13 +215,16 @@ def choose(
     arena: bool,
     docs: int = 0,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> str:
     """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
     now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
-    "flex-docs" (:func:`flex_per_document`), "sdpa-docs" (:func:`sdpa_per_document`) or "sdpa".
+    "flex-docs" (:func:`flex_per_document`), "sdpa-docs" (:func:`sdpa_per_document`),
+    "softcap-eager" (:func:`softcapped`) or "sdpa".
     ``causal``: causal attention of the queries over as many keys (no mask, no cache; with ``docs``
     inside each packed document); ``arena``: an activation arena is active; ``docs``: how many
-    packed documents the rows hold (0: none); ``window``: their sliding window (None: none)."""
+    packed documents the rows hold (0: none); ``window``: their sliding window (None: none);
+    ``softcap``: the logits' soft-cap (None: none)."""
     facts = registry.Facts.of(
         q,
         head_dim=q.shape[-1],
@@ -205,6 +233,7 @@ def choose(
         arena=arena,
         docs=docs,
         window=window,
+        softcap=softcap,
     )
     return registry.choose("attention", facts)
 
@@ -245,19 +274,30 @@ def forward(
     out: torch.Tensor,
     lse: torch.Tensor,
     docs: Documents | None = None,
+    softcap: float | None = None,
 ) -> None:
     """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) into ``out`` (B, H, T, D, any
     layout that gives each element its own slot, head dim contiguous) and ``lse`` (B x H x T
-    values, contiguous): each row's log-sum-exp of the scaled scores. With ``docs``, inside each
-    document only (``lse`` then holds H x length values per document), through their sliding window
-    if they have one. Check :func:`choose` first."""
+    values, contiguous): each row's log-sum-exp of the scaled scores (soft-capped to
+    ``softcap * tanh(scores / softcap)`` when given). With ``docs``, inside each document only
+    (``lse`` then holds H x length values per document), through their sliding window if they have
+    one. Check :func:`choose` first."""
     q, k, v = (_dense_last(t.detach()) for t in (q, k, v))
     if out.numel() == 0:
         return
     scale = 1.0 / math.sqrt(q.shape[-1])
     spans, window = _spans(docs)
     _native_forward(
-        _strided(q), _strided(k), _strided(v), _strided(out), host_flat(lse), _shape(q, k), scale, spans, window
+        _strided(q),
+        _strided(k),
+        _strided(v),
+        _strided(out),
+        host_flat(lse),
+        _shape(q, k),
+        scale,
+        spans,
+        window,
+        softcap,
     )
 
 
@@ -269,9 +309,10 @@ def backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     docs: Documents | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of :func:`forward`, given what it wrote (``out``, ``lse``) for the same q, k, v
-    and ``docs``.
+    """(dq, dk, dv) of :func:`forward`, given what it wrote (``out``, ``lse``) for the same q, k, v,
+    ``docs`` and ``softcap``.
     dq and dv come in (B, T, heads, D) order under their (B, heads, T, D) shapes: the layouts of
     the projections they flow back into."""
     dout, q, k, v, out = (_dense_last(t.detach()) for t in (dout, q, k, v, out))
@@ -293,5 +334,6 @@ def backward(
             (b, h, hkv, t, d),
             1.0 / math.sqrt(d),
             *_spans(docs),
+            softcap,
         )
     return dq, dk, dv

@@ -52,6 +52,7 @@ class Facts:
     active (tunex.runtime.arena). ``docs``: how many packed documents the rows hold, each attending
     inside itself (tunex.kernels.attention.Documents; 0 or False: none). ``window``: the causal
     sliding window those documents are seen through, where one is longer than it (None: none).
+    ``softcap``: attention logits soft-capped as ``cap * tanh(scores / cap)`` (Gemma 2; None: none).
     ``shape_varies``: the call's shape changes from step to step (an expert's share of a batch).
     ``backend`` is the kernel's ``backend=`` argument.
     """
@@ -71,6 +72,7 @@ class Facts:
         "arena",
         "docs",
         "window",
+        "softcap",
         "shape_varies",
     )
 
@@ -91,11 +93,13 @@ class Facts:
         arena: bool = False,
         docs: int = 0,
         window: int | None = None,
+        softcap: float | None = None,
         shape_varies: bool = False,
     ):
         self.device, self.dtype, self.grad, self.autocast, self.backend = device, dtype, grad, autocast, backend
         self.head_dim, self.rows, self.cols, self.macs, self.shape_ok = head_dim, rows, cols, macs, shape_ok
         self.causal, self.arena, self.docs, self.window = causal, arena, docs, window
+        self.softcap = softcap
         self.shape_varies = shape_varies
 
     @classmethod
@@ -127,6 +131,7 @@ class Facts:
             self.arena,
             self.docs,
             self.window,
+            self.softcap,
             self.shape_varies,
         )
 
@@ -300,8 +305,8 @@ OPS: dict[str, tuple[Impl, ...]] = {
             "native",
             "float32 CPU training (grad on), causal over as many keys (packed documents too: attention "
             "inside each, costing the sum of their squared lengths; a sliding window: their lengths times "
-            "the window), head dim a multiple of 16, whole query-head groups, TUNEX_NATIVE_ATTENTION=1 "
-            "(needs attention_forward_f32)",
+            "the window; soft-capped logits too), head dim a multiple of 16, whole query-head groups, "
+            "TUNEX_NATIVE_ATTENTION=1 (needs attention_forward_f32)",
             lambda f: (
                 _cpu_f32(f)
                 and bool(f.grad)
@@ -315,12 +320,14 @@ OPS: dict[str, tuple[Impl, ...]] = {
         Impl(
             "flash-kept",
             "float32 CPU training (grad on), causal over as many keys, one document per row, inside the "
-            "activation arena: torch's CPU flash attention op with its output and log-sum-exp kept there",
+            "activation arena, no soft-capping: torch's CPU flash attention op with its output and log-sum-exp "
+            "kept there",
             lambda f: (
                 _cpu_f32(f)
                 and bool(f.grad)
                 and f.causal is not False
                 and not f.docs
+                and f.softcap is None
                 and f.arena
                 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
             ),
@@ -328,10 +335,12 @@ OPS: dict[str, tuple[Impl, ...]] = {
         Impl(
             "flex-docs",
             f"CUDA, packed batches of at least {FLEX_MIN_DOCUMENTS} documents or documents longer than a sliding "
-            "window, a power-of-two head dim of 16 or more, triton: one compiled FlexAttention call with a block "
-            "mask of the documents and the window (no per-document launches, no banded mask per document)",
+            "window, a power-of-two head dim of 16 or more, triton, no soft-capping: one compiled FlexAttention "
+            "call with a block mask of the documents and the window (no per-document launches, no banded mask "
+            "per document)",
             lambda f: (
                 f.device == "cuda"
+                and f.softcap is None
                 and (f.docs >= FLEX_MIN_DOCUMENTS or (bool(f.docs) and f.window is not None))
                 and _ok(f.head_dim, lambda d: d >= 16 and d & (d - 1) == 0)
                 and triton_available()
@@ -340,9 +349,15 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "sdpa-docs",
-            "CUDA, packed documents: torch's SDPA on each document (its flash kernel, no (T, T) mask; a "
-            "document longer than a sliding window with its own banded mask)",
-            lambda f: f.device == "cuda" and f.docs,
+            "CUDA, packed documents, no soft-capping: torch's SDPA on each document (its flash kernel, no "
+            "(T, T) mask; a document longer than a sliding window with its own banded mask)",
+            lambda f: f.device == "cuda" and f.docs and f.softcap is None,
+        ),
+        Impl(
+            "softcap-eager",
+            "soft-capped logits (Gemma 2) where the native kernel does not apply: torch ops over the whole "
+            "score matrix, packed documents and windows as a dense mask",
+            lambda f: f.softcap is not None,
         ),
         Impl(
             "sdpa",

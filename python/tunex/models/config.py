@@ -9,6 +9,7 @@ how config.json spells the sizes, which projections carry a bias, and how checkp
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -285,6 +286,20 @@ def _moe_options(raw: dict, source: str) -> dict:
     )
 
 
+def _softcap(raw: dict, key: str, source: str) -> float | None:
+    """The soft-cap ``key`` of config.json (c in ``c * tanh(x / c)``): None when absent or null."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    cap = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(cap) and cap > 0):
+        raise FormatError(
+            f"{source}: {key} = {value!r}; expected a positive finite number (the cap c of c * tanh(x / c)), "
+            "or null for no soft-capping"
+        )
+    return cap
+
+
 def _gemma_options(raw: dict, source: str) -> dict:
     """Gemma 2 / Gemma 3 text settings of config.json (both the layout transformers 4 wrote and the
     nested ``rope_parameters`` of transformers 5)."""
@@ -309,8 +324,8 @@ def _gemma_options(raw: dict, source: str) -> dict:
         raise FormatError(f"{source}: use_bidirectional_attention (an embedding model) is not supported")
     out = dict(
         layer_types=list(types),
-        attn_softcap=raw.get("attn_logit_softcapping"),
-        final_softcap=raw.get("final_logit_softcapping"),
+        attn_softcap=_softcap(raw, "attn_logit_softcapping", source),
+        final_softcap=_softcap(raw, "final_logit_softcapping", source),
         query_pre_attn_scalar=float(_need(raw, "query_pre_attn_scalar", source)),
     )
     if family == "gemma2":

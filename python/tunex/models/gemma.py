@@ -15,8 +15,9 @@
 Per layer kind the model computes one set of rotary tables and one mask, passed to every layer as
 dicts keyed by kind ("full" / "sliding"); each layer takes its own. Projections are the HF names
 (``model.layers.0.self_attn.q_proj``...), so checkpoints, LoRA targets and PEFT keys line up.
-Without soft-capping, attention runs through the runtime's attention hook (the queries are
-pre-scaled so its default 1/sqrt(head dim) gives Gemma's scale); with it, in torch ops here.
+Attention runs through the runtime's attention hook (the queries are pre-scaled so its default
+1/sqrt(head dim) gives Gemma's scale), Gemma 2's soft-cap passed along: the native CPU kernel takes
+it with the packed documents and the window as spans, other paths compute it in torch ops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunex import runtime as runtimes
-from tunex.kernels.attention import Documents
 from tunex.models.config import ModelConfig
 from tunex.models.decoder import (
     MLP,
@@ -59,23 +59,6 @@ def _kind(cfg: ModelConfig, layer: int) -> str:
     return "sliding" if cfg.layer_types[layer] == "sliding_attention" else "full"
 
 
-def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
-    """Attention whose scores are soft-capped before the softmax: q (B, H, T, D), k/v (B, Hkv, S, D),
-    mask (B or 1, 1, T, S) of allowed positions or None (causal when T > 1)."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
-    scores = torch.tanh(scores / cap) * cap
-    t, s = q.shape[2], k.shape[2]
-    if mask is None and t > 1:
-        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
 class GemmaAttention(Attention):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg, layer)
@@ -99,16 +82,12 @@ class GemmaAttention(Attention):
         q, k = rt.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.cfg.attn_softcap:
-            dense = mask.dense() if isinstance(mask, Documents) else mask
-            y = softcapped_attention(q, k, v, dense, self.scale, self.cfg.attn_softcap)
-        else:
-            q = q * (self.scale * math.sqrt(d))  # the hook scales by 1/sqrt(d)
-            causal, gqa = mask is None and t > 1, h != kv
-            if gqa and mask is not None and q.is_cuda:
-                k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
-                gqa = False
-            y = rt.attention(q, k, v, mask, causal, gqa)
+        q = q * (self.scale * math.sqrt(d))  # the hook scales by 1/sqrt(d)
+        causal, gqa = mask is None and t > 1, h != kv
+        if gqa and mask is not None and q.is_cuda:
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+            gqa = False
+        y = rt.attention(q, k, v, mask, causal, gqa, softcap=self.cfg.attn_softcap or None)
         (out,) = rt.project((self.o_proj,), y.transpose(1, 2).reshape(b, t, h * d))
         return out
 

@@ -150,11 +150,20 @@ def _ends_with_stop_word(tokenizer, ids: list[int], words: Sequence[str]) -> boo
 
 
 def stop_settings(tokenizer, words: Sequence[str], eos_ids: Sequence[int] = ()) -> tuple[list[int], list[str]]:
-    """Split stop words into single-token ids (checked cheaply) and strings checked on text."""
+    """Split stop words into token ids and strings checked on the text.
+
+    A word is an id only when it is one special token (such as ``<|im_end|>``), which the reply's
+    text never shows. Any other word is matched on the text, however the reply spells it: "France"
+    is one token alone, but a reply spells " France" with another."""
     ids, texts = list(eos_ids), []
     for w in words:
         enc = tokenizer.encode(w, add_special_tokens=False)
-        if len(enc) == 1 and tokenizer.decode(enc, skip_special_tokens=False) == w:
+        special = (
+            len(enc) == 1
+            and tokenizer.decode(enc, skip_special_tokens=False) == w
+            and not tokenizer.decode(enc, skip_special_tokens=True)
+        )
+        if special:
             ids.append(enc[0])
         else:
             texts.append(w)

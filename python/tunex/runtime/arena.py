@@ -156,15 +156,15 @@ class _KeptAttention(torch.autograd.Function):
     already in the order the kernels read (both take strided outputs and gradients)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs, softcap) -> torch.Tensor:
         b, h, t, d = q.shape
         kept_out = kept_empty((b, t, h, d), q.dtype, q.device).transpose(1, 2)
-        ctx.native, ctx.docs = native, docs
+        ctx.native, ctx.docs, ctx.softcap = native, docs, softcap
         if native:  # the registry chose tunex.kernels.attention
             from tunex.kernels import attention
 
             kept_lse = kept_empty((b, h, t), torch.float32, q.device)
-            attention.forward(q, k, v, kept_out, kept_lse, docs)
+            attention.forward(q, k, v, kept_out, kept_lse, docs, softcap)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
             kept_out.copy_(out)
@@ -178,11 +178,12 @@ class _KeptAttention(torch.autograd.Function):
         if ctx.native:
             from tunex.kernels import attention
 
-            return (*attention.backward(grad, q, k, v, out, lse, ctx.docs), None, None)
+            return (*attention.backward(grad, q, k, v, out, lse, ctx.docs, ctx.softcap), None, None, None)
         return (
             *torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad if grad.stride(-1) == 1 else grad.contiguous(), q, k, v, out, lse, 0.0, True
             ),
+            None,
             None,
             None,
         )
@@ -196,12 +197,17 @@ def _kept_like(t: torch.Tensor) -> torch.Tensor:
     return view.copy_(t)
 
 
-def kept_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs=None) -> torch.Tensor:
+def kept_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, docs=None, softcap: float | None = None
+) -> torch.Tensor:
     """Causal attention of (B, H, T, D) queries over (B, Hkv, T, D) keys/values for float32 CPU
     training, its saved tensors in the active arena (if any): tunex's Rust kernel when ``native``
-    (inside each of ``docs``, a tunex.kernels.attention.Documents, when given), else torch's CPU
-    flash attention op. The registry's "attention" row chooses which (or sdpa)."""
-    return _KeptAttention.apply(q, k, v, native, docs)
+    (inside each of ``docs``, a tunex.kernels.attention.Documents, when given; logits soft-capped by
+    ``softcap`` when given), else torch's CPU flash attention op (no cap). The registry's
+    "attention" row chooses which (or sdpa)."""
+    if softcap is not None and not native:
+        raise ValueError("kept_attention: soft-capped logits need the native kernel (torch's flash op has no cap)")
+    return _KeptAttention.apply(q, k, v, native, docs, softcap)
 
 
 def kept_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

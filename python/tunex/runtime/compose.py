@@ -41,8 +41,11 @@ class Plain:
         ``weights`` (N, k): ``loop(experts, x, weights, chosen, self)``, the model's own loop."""
         return loop(experts, x, weights, chosen, self)
 
-    def attention(self, q, k, v, mask, causal, gqa):
-        """``mask``: a boolean tensor, packed documents (tunex.kernels.attention.Documents) or None."""
+    def attention(self, q, k, v, mask, causal, gqa, softcap=None):
+        """``mask``: a boolean tensor, packed documents (tunex.kernels.attention.Documents) or None;
+        ``softcap``: the logits' soft-cap, ``softcap * tanh(scores / softcap)`` (Gemma 2), or None."""
+        if softcap is not None:
+            return attention_kernel.softcapped(q, k, v, mask, causal, softcap)
         if isinstance(mask, attention_kernel.Documents):
             mask = mask.dense()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
@@ -96,7 +99,7 @@ class Standard(Plain):
             return loop(experts, x, weights, chosen, self)
         return moe_kernel.grouped_swiglu_experts(x, weights, chosen, projections)
 
-    def attention(self, q, k, v, mask, causal, gqa):
+    def attention(self, q, k, v, mask, causal, gqa, softcap=None):
         docs = mask if isinstance(mask, attention_kernel.Documents) else None
         impl = attention_kernel.choose(
             q,
@@ -106,14 +109,17 @@ class Standard(Plain):
             arena=arena.active() is not None,
             docs=0 if docs is None else len(docs.spans),
             window=None if docs is None else docs.window,
+            softcap=softcap,
         )
+        if impl == "softcap-eager":
+            return attention_kernel.softcapped(q, k, v, mask, causal, softcap)
         if impl == "sdpa-docs":
             return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)
         if impl == "flex-docs":
             return attention_kernel.flex_per_document(q, k, v, docs, gqa)
         if impl != "sdpa":
-            return kept_attention(q, k, v, impl == "native", docs)
-        return super().attention(q, k, v, mask, causal, gqa)
+            return kept_attention(q, k, v, impl == "native", docs, softcap)
+        return super().attention(q, k, v, mask, causal, gqa, softcap)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
         return rebuild.again(fn, *tensors, uses=uses, **kwargs)

@@ -325,8 +325,9 @@ fn spans(docs: Option<Vec<(usize, usize, usize)>>) -> Option<Vec<Span>> {
 /// documents packed in the rows, tiling them in order: each query then attends inside its own
 /// document only, and `lse` holds H x length values per document in `docs` order. `window`: a
 /// causal sliding window of that many keys (query i sees keys j with i - window < j <= i).
+/// `softcap`: Gemma 2's cap c on the logits, `c tanh(scale q.k / c)`, before the masking.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, shape, scale, docs=None, window=None))]
+#[pyo3(signature = (q, k, v, out, lse, shape, scale, docs=None, window=None, softcap=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_f32(
     py: Python<'_>,
@@ -339,22 +340,23 @@ fn attention_forward_f32(
     scale: f32,
     docs: Option<Vec<(usize, usize, usize)>>,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> PyResult<()> {
     let (q, k, v) = (input("q", &q)?, input("k", &k)?, input("v", &v)?);
     let out = output("out", &mut out)?;
     let lse = slice_mut("lse", lse.as_slice_mut())?;
     let docs = spans(docs);
     py.detach(|| match docs {
-        Some(docs) => attention::forward_docs(q, k, v, out, lse, dims(shape), &docs, scale, window),
-        None => attention::forward(q, k, v, out, lse, dims(shape), scale, window),
+        Some(docs) => attention::forward_docs(q, k, v, out, lse, dims(shape), &docs, scale, window, softcap),
+        None => attention::forward(q, k, v, out, lse, dims(shape), scale, window, softcap),
     })?;
     Ok(())
 }
 
 /// The gradients of `attention_forward_f32` into dq (B, H, T, D), dk and dv (B, Hkv, T, D);
-/// `docs` and `window` as given to the forward.
+/// `docs`, `window` and `softcap` as given to the forward.
 #[pyfunction]
-#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, shape, scale, docs=None, window=None))]
+#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, shape, scale, docs=None, window=None, softcap=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_f32(
     py: Python<'_>,
@@ -371,14 +373,15 @@ fn attention_backward_f32(
     scale: f32,
     docs: Option<Vec<(usize, usize, usize)>>,
     window: Option<usize>,
+    softcap: Option<f32>,
 ) -> PyResult<()> {
     let (dout, q, k) = (input("dout", &dout)?, input("q", &q)?, input("k", &k)?);
     let (v, out, lse) = (input("v", &v)?, input("out", &out)?, slice("lse", lse.as_slice())?);
     let (dq, dk, dv) = (output("dq", &mut dq)?, output("dk", &mut dk)?, output("dv", &mut dv)?);
     let (d, docs) = (dims(shape), spans(docs));
     py.detach(|| match docs {
-        Some(docs) => attention::backward_docs(dout, q, k, v, out, lse, dq, dk, dv, d, &docs, scale, window),
-        None => attention::backward(dout, q, k, v, out, lse, dq, dk, dv, d, scale, window),
+        Some(docs) => attention::backward_docs(dout, q, k, v, out, lse, dq, dk, dv, d, &docs, scale, window, softcap),
+        None => attention::backward(dout, q, k, v, out, lse, dq, dk, dv, d, scale, window, softcap),
     })?;
     Ok(())
 }
