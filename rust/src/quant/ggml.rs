@@ -8,6 +8,12 @@
 //! `nearest_int`'s add-a-magic-number rounding, fp16 by round-to-nearest-even), since a different
 //! order changes a rounding here and there and with it a quantized value.
 //!
+//! The code here is the reference, block by block. Where the CPU has AVX2 or AVX-512 the K types'
+//! per-group searches run 16 groups at a time, one per vector lane, each lane doing this code's
+//! operations in this code's order (`ggml_lanes.rs`), and with AVX-512 Q8_0 runs hand-written
+//! vector code that also checks the values are finite (`ggml_q8_x86.rs`); `TUNEX_SIMD=portable`
+//! keeps the scalar code. Tests compare the bytes of both.
+//!
 //! Block layouts (bytes, little-endian), as `ggml-common.h` declares them:
 //! - Q8_0 (32 values, 34 B): fp16 d, 32 x i8.
 //! - Q5_0 (32 values, 22 B): fp16 d, u32 high bits, 16 B of low nibbles.
@@ -19,13 +25,18 @@
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::ggml_lanes as lanes;
+#[cfg(target_arch = "x86_64")]
+use super::ggml_q8_x86 as q8_x86;
 use crate::error::{Error, Result};
 
-/// Blocks one rayon task quantizes (a K-quant block is 256 values).
-const TASK_BLOCKS: usize = 256;
+/// Values one rayon task quantizes: 256 K-quant blocks, 2048 Q8_0 blocks (256 KB of input, so the
+/// pool's per-task cost stays small next to Q8_0's few instructions a block).
+const TASK_VALUES: usize = 1 << 16;
 
 /// ggml's floor under a group's largest magnitude: below it the group is all zeros.
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// A GGUF tensor type tunex writes with its own packing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,13 +92,52 @@ impl GgmlType {
         }
     }
 
+    /// Whole blocks of `x` packed into `out`, or false (and `out` unfinished) when a value is NaN
+    /// or infinite.
+    fn quantize_task(self, x: &[f32], out: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == GgmlType::Q8_0 && crate::simd::has_avx512() {
+            // SAFETY: the CPU reports every feature `q8_0_blocks_avx512` is compiled for.
+            return unsafe { q8_x86::q8_0_blocks_avx512(x, out) };
+        }
+        // no early exit: the whole task's check vectorizes, and a bad value is rare
+        if !x.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            return false;
+        }
+        self.quantize_blocks(x, out);
+        true
+    }
+
+    /// Whole blocks of `x` packed into `out`: the K types' searches run 16 groups at a time where
+    /// the CPU has AVX2 or AVX-512 (`ggml_lanes`, the same bytes), the rest block by block.
+    fn quantize_blocks(self, x: &[f32], out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K) && crate::simd::has_avx2() {
+            if crate::simd::has_avx512() {
+                // SAFETY: the CPU reports every feature `k_blocks_avx512` is compiled for.
+                unsafe { lanes::k_blocks_avx512(self, x, out) };
+            } else {
+                // SAFETY: the CPU reports every feature `k_blocks_avx2` is compiled for.
+                unsafe { lanes::k_blocks_avx2(self, x, out) };
+            }
+            return;
+        }
+        self.quantize_blocks_scalar(x, out);
+    }
+
+    /// [`Self::quantize_blocks`] one block at a time: ggml's reference code step for step.
+    pub(super) fn quantize_blocks_scalar(self, x: &[f32], out: &mut [u8]) {
+        for (xb, ob) in x.chunks_exact(self.block_elems()).zip(out.chunks_exact_mut(self.block_bytes())) {
+            self.quantize_block(xb, ob);
+        }
+    }
+
     fn quantize_block(self, x: &[f32], out: &mut [u8]) {
         match self {
             GgmlType::Q8_0 => q8_0_block(x, out),
             GgmlType::Q5_0 => q5_0_block(x, out),
             GgmlType::Q5_1 => q5_1_block(x, out),
-            GgmlType::Q4K => q4_k_block(x, out),
-            GgmlType::Q5K => q5_k_block(x, out),
+            GgmlType::Q4K | GgmlType::Q5K => qk_block(self, x, out),
             GgmlType::Q6K => q6_k_block(x, out),
         }
     }
@@ -126,20 +176,10 @@ pub fn quantize_ggml(x: &[f32], row_len: usize, ty: GgmlType, name: &str, out: &
             out.len()
         )));
     }
-    let (elems, bytes) = (ty.block_elems(), ty.block_bytes());
     let clean = x
-        .par_chunks(TASK_BLOCKS * elems)
-        .zip(out.par_chunks_mut(TASK_BLOCKS * bytes))
-        .map(|(x, out)| {
-            // no early exit: the whole task's check vectorizes, and a bad value is rare
-            if !x.iter().fold(true, |ok, v| ok & v.is_finite()) {
-                return false;
-            }
-            for (xb, ob) in x.chunks_exact(elems).zip(out.chunks_exact_mut(bytes)) {
-                ty.quantize_block(xb, ob);
-            }
-            true
-        })
+        .par_chunks(TASK_VALUES)
+        .zip(out.par_chunks_mut(TASK_VALUES / ty.block_elems() * ty.block_bytes()))
+        .map(|(x, out)| ty.quantize_task(x, out))
         .all(|ok| ok);
     if clean {
         return Ok(());
@@ -155,7 +195,7 @@ pub fn quantize_ggml(x: &[f32], row_len: usize, ty: GgmlType, name: &str, out: &
 /// ggml's `nearest_int`: round to nearest, ties to even, by adding 1.5 * 2^23 and reading the
 /// mantissa (exact for |f| < 2^22, the range every caller stays in).
 #[inline]
-fn nearest_int(f: f32) -> i32 {
+pub(super) fn nearest_int(f: f32) -> i32 {
     let v = f + 12_582_912.0f32;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
@@ -179,7 +219,7 @@ fn round_away(f: f32) -> i32 {
     (f + 0.499_999_97f32.copysign(f)) as i32
 }
 
-fn q8_0_block(x: &[f32], out: &mut [u8]) {
+pub(super) fn q8_0_block(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -321,15 +361,32 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
-/// The shared first half of Q4_K and Q5_K: per 32-value group a scale and a min (qkx2 search),
-/// both stored as 6 bits against the block's fp16 `d` and `dmin`; then every value requantized
-/// against the stored scales. Writes d, dmin and the 12 scale bytes to `head` (16 B) and returns
-/// the levels (0..=nmax).
-fn k_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8]) -> [u8; 256] {
+/// The search parameters of Q4_K and Q5_K: levels 0..=nmax, and `make_qkx2_quants`'s first
+/// rescaling offset and number of further steps.
+#[derive(Clone, Copy)]
+pub(super) struct KSearch {
+    pub nmax: i32,
+    pub rmin: f32,
+    pub nstep: i32,
+}
+
+impl KSearch {
+    pub fn of(ty: GgmlType) -> Self {
+        match ty {
+            GgmlType::Q5K => KSearch { nmax: 31, rmin: -0.5, nstep: 15 },
+            _ => KSearch { nmax: 15, rmin: -1.0, nstep: 20 },
+        }
+    }
+}
+
+/// A Q4_K or Q5_K block: per 32-value group a scale and a min (qkx2 search), both stored as 6 bits
+/// against the block's fp16 `d` and `dmin`; then every value requantized against the stored
+/// scales ([`k_finish`]).
+fn qk_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
+    let p = KSearch::of(ty);
     let mut levels = [0u8; 256];
     let mut scales = [0.0f32; 8];
     let mut mins = [0.0f32; 8];
-    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
     for j in 0..8 {
         let xs = &x[32 * j..32 * j + 32];
         let mut sum_x2 = 0.0f32;
@@ -338,9 +395,29 @@ fn k_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [
         }
         let av_x = (sum_x2 / 32.0).sqrt();
         let w: [f32; 32] = std::array::from_fn(|l| av_x + xs[l].abs());
-        let (scale, min) = make_qkx2_quants(xs, &w, nmax, rmin, 0.1, nstep, &mut levels[32 * j..32 * j + 32]);
+        let (scale, min) = make_qkx2_quants(xs, &w, p.nmax, p.rmin, 0.1, p.nstep, &mut levels[32 * j..32 * j + 32]);
         scales[j] = scale;
         mins[j] = min;
+    }
+    k_finish(ty, x, &scales, &mins, levels, out);
+}
+
+/// The second half of a Q4_K / Q5_K block from its groups' searched `scales`, `mins` and `levels`:
+/// writes d, dmin and the 12 bytes of 6-bit scales, requantizes every group whose stored scale is
+/// not zero, and packs the levels.
+#[inline(always)]
+pub(super) fn k_finish(
+    ty: GgmlType,
+    x: &[f32],
+    scales: &[f32; 8],
+    mins: &[f32; 8],
+    mut levels: [u8; 256],
+    out: &mut [u8],
+) {
+    let nmax = KSearch::of(ty).nmax;
+    let (head, rest) = out.split_at_mut(16);
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for (&scale, &min) in scales.iter().zip(mins) {
         if scale > max_scale {
             max_scale = scale;
         }
@@ -380,12 +457,15 @@ fn k_scales_and_levels(x: &[f32], nmax: i32, rmin: f32, nstep: i32, head: &mut [
             levels[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
         }
     }
-    levels
+    if ty == GgmlType::Q4K {
+        q4_k_pack(&levels, rest);
+    } else {
+        q5_k_pack(&levels, rest);
+    }
 }
 
-fn q4_k_block(x: &[f32], out: &mut [u8]) {
-    let (head, qs) = out.split_at_mut(16);
-    let levels = k_scales_and_levels(x, 15, -1.0, 20, head);
+/// Q4_K's 128 bytes of nibbles: the low nibbles hold groups 0, 2, 4, 6, the high ones 1, 3, 5, 7.
+fn q4_k_pack(levels: &[u8; 256], qs: &mut [u8]) {
     for (c, q) in qs.chunks_exact_mut(32).enumerate() {
         let base = 64 * c;
         for l in 0..32 {
@@ -394,9 +474,8 @@ fn q4_k_block(x: &[f32], out: &mut [u8]) {
     }
 }
 
-fn q5_k_block(x: &[f32], out: &mut [u8]) {
-    let (head, rest) = out.split_at_mut(16);
-    let levels = k_scales_and_levels(x, 31, -0.5, 15, head);
+/// Q5_K's 32 bytes of fifth bits and 128 bytes of nibbles.
+fn q5_k_pack(levels: &[u8; 256], rest: &mut [u8]) {
     let (qh, qs) = rest.split_at_mut(32);
     qh.fill(0);
     for (c, q) in qs.chunks_exact_mut(32).enumerate() {
@@ -473,10 +552,19 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
 fn q6_k_block(x: &[f32], out: &mut [u8]) {
     let mut levels = [0u8; 256];
     let mut scales = [0.0f32; 16];
-    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
     for ib in 0..16 {
-        let scale = make_qx_quants(&x[16 * ib..16 * ib + 16], 32, &mut levels[16 * ib..16 * ib + 16]);
-        scales[ib] = scale;
+        scales[ib] = make_qx_quants(&x[16 * ib..16 * ib + 16], 32, &mut levels[16 * ib..16 * ib + 16]);
+    }
+    q6_k_finish(x, &scales, levels, out);
+}
+
+/// The second half of a Q6_K block from its 16-value groups' searched `scales` and `levels`
+/// (plus 32): the 8-bit scales against the block's fp16 `d`, every group whose stored scale is not
+/// zero requantized, and the packing.
+#[inline(always)]
+pub(super) fn q6_k_finish(x: &[f32], scales: &[f32; 16], mut levels: [u8; 256], out: &mut [u8]) {
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for &scale in scales {
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = scale;

@@ -14,6 +14,10 @@ mod elem;
 mod expand_x86;
 mod fourbit;
 mod ggml;
+#[cfg(target_arch = "x86_64")]
+mod ggml_lanes;
+#[cfg(target_arch = "x86_64")]
+mod ggml_q8_x86;
 mod pages;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
