@@ -4,7 +4,7 @@
 //! with wide accumulators, so the cores together approach the bandwidth.
 
 use crate::error::{Error, Result};
-use crate::simd::multiversion;
+use crate::simd::{multiversion, multiversion512};
 
 pub mod pool;
 
@@ -144,17 +144,18 @@ fn rows_strip<const R: usize>(
 }
 
 multiversion! {
-    /// `y[i * stride + r] = dot(w[r, :], x[i, :]) (+ bias[r])` for the rows `r` of `w` (row-major,
-    /// `cols` columns) and the `n = x.len() / cols` rows `i` of `x`; each weight row is read from
-    /// memory once for all of `x`'s rows, in tiles of 2 rows by [`TILE_INPUTS`] inputs.
-    fn rows_dot(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
-        let n = x.len() / cols;
-        if n == 1 {
-            for (r, row) in w.chunks_exact(cols).enumerate() {
-                y[r] = dot(row, x) + bias.map_or(0.0, |b| b[r]);
-            }
-            return;
+    /// [`rows_dot`] for one input: `y[r] = dot(w[r, :], x) (+ bias[r])`, streaming the rows.
+    fn rows_dot_one(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            y[r] = dot(row, x) + bias.map_or(0.0, |b| b[r]);
         }
+    }
+}
+
+multiversion512! {
+    /// [`rows_dot`] for several inputs, in tiles of 2 rows by [`TILE_INPUTS`] inputs (AVX-512 where
+    /// the CPU has it: measured faster than AVX2 for these tiles, bits the same either way).
+    fn rows_dot_tiled(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
         let rows = w.len() / cols;
         let mut r = 0;
         while r + 2 <= rows {
@@ -164,6 +165,17 @@ multiversion! {
         if r < rows {
             rows_strip::<1>(w, x, cols, bias, y, stride, r);
         }
+    }
+}
+
+/// `y[i * stride + r] = dot(w[r, :], x[i, :]) (+ bias[r])` for the rows `r` of `w` (row-major,
+/// `cols` columns) and the `n = x.len() / cols` rows `i` of `x`; each weight row is read from
+/// memory once for all of `x`'s rows.
+fn rows_dot(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
+    if x.len() == cols {
+        rows_dot_one(w, x, cols, bias, y);
+    } else {
+        rows_dot_tiled(w, x, cols, bias, y, stride);
     }
 }
 
