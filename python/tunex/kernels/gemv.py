@@ -48,12 +48,8 @@ def token_rows() -> Iterator[None]:
     is batched with. Needs an extension with ``gemv_rows_f32`` (:func:`rows_supported`)."""
     if not rows_supported():
         raise RuntimeError("token_rows needs tunex._native.gemv_rows_f32: rebuild the extension")
-    before = getattr(_mode, "rows", False)
-    _mode.rows = True
-    try:
+    with registry.thread_flag(_mode, "rows"):
         yield
-    finally:
-        _mode.rows = before
 
 
 def rows_supported() -> bool:

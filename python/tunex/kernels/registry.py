@@ -498,16 +498,23 @@ _shapes = threading.local()  # .vary: inside varying_shapes()
 
 
 @contextlib.contextmanager
+def thread_flag(state: threading.local, name: str) -> Iterator[None]:
+    """``state.<name>`` is True on this thread within the block, and what it was after it."""
+    before = getattr(state, name, False)
+    setattr(state, name, True)
+    try:
+        yield
+    finally:
+        setattr(state, name, before)
+
+
+@contextlib.contextmanager
 def varying_shapes() -> Iterator[None]:
     """Within the block, the products' row counts change from call to call (a mixture of experts'
     per-expert rows, outside the grouped node: chat, serve, evaluation): the facts of the
     products made inside say ``shape_varies`` (:func:`shapes_vary`), which keeps them off oneDNN."""
-    before = getattr(_shapes, "vary", False)
-    _shapes.vary = True
-    try:
+    with thread_flag(_shapes, "vary"):
         yield
-    finally:
-        _shapes.vary = before
 
 
 def shapes_vary() -> bool:
