@@ -4,9 +4,7 @@
 use super::pack::pack_transposed;
 use super::row::{cap_row, dot, exp_row};
 use super::tile::{rows, wide_tiles};
-use super::{
-    at, bad, check_backward, check_dims, first_key, softcap_value, window_keys, Dims, Input, Output, BLOCK, LANES, MR,
-};
+use super::{at, bad, check_backward, check_options, first_key, Dims, Input, Output, BLOCK, LANES, MR};
 use crate::error::Result;
 use crate::omp::{self, Shared};
 use crate::rope::Strides;
@@ -138,9 +136,7 @@ pub fn backward(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_dims(&d)?;
-    let window = window_keys(window)?;
-    let cap = softcap_value(softcap)?;
+    let (window, cap) = check_options(&d, window, softcap)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }

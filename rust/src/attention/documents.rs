@@ -3,7 +3,7 @@
 
 use super::backward::backward;
 use super::forward::forward;
-use super::{at, bad, check_backward, check_dims, check_forward, softcap_value, window_keys, Dims, Input, Output};
+use super::{at, bad, check_backward, check_forward, check_options, Dims, Input, Output};
 use crate::error::Result;
 use crate::rope::Strides;
 
@@ -73,9 +73,7 @@ pub fn forward_docs(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_dims(&d)?;
-    window_keys(window)?;
-    softcap_value(softcap)?;
+    check_options(&d, window, softcap)?;
     check_forward(&q, &k, &v, &out, lse.len(), &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {
@@ -111,9 +109,7 @@ pub fn backward_docs(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_dims(&d)?;
-    window_keys(window)?;
-    softcap_value(softcap)?;
+    check_options(&d, window, softcap)?;
     check_backward([&dout, &q, &k, &v, &out], lse.len(), [&dq, &dk, &dv], &d)?;
     check_spans(spans, &d)?;
     if d.heads == 0 {

@@ -3,9 +3,7 @@
 use super::pack::pack_transposed;
 use super::row::{cap_row, exp_row, row_max};
 use super::tile::{rows, wide_tiles};
-use super::{
-    at, bad, check_dims, check_forward, first_key, softcap_value, window_keys, Dims, Input, Output, LANES, MR,
-};
+use super::{at, bad, check_forward, check_options, first_key, Dims, Input, Output, LANES, MR};
 use crate::error::Result;
 use crate::omp::{self, Shared};
 use crate::rope::Strides;
@@ -91,9 +89,7 @@ pub fn forward(
     window: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_dims(&d)?;
-    let window = window_keys(window)?;
-    let cap = softcap_value(softcap)?;
+    let (window, cap) = check_options(&d, window, softcap)?;
     if d.batch == 0 || d.heads == 0 || d.seq == 0 {
         return Ok(());
     }

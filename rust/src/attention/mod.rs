@@ -107,6 +107,13 @@ fn bad(why: String) -> Error {
     Error::InvalidArgument(format!("attention: {why}"))
 }
 
+/// The checks every entry point makes first, in this order: the dims ([`check_dims`]), the window
+/// ([`window_keys`]) and the cap ([`softcap_value`]); returns the window's keys and the cap.
+fn check_options(d: &Dims, window: Option<usize>, softcap: Option<f32>) -> Result<(usize, Option<f32>)> {
+    check_dims(d)?;
+    Ok((window_keys(window)?, softcap_value(softcap)?))
+}
+
 fn check_dims(d: &Dims) -> Result<()> {
     if d.dim == 0 || !d.dim.is_multiple_of(LANES) {
         return Err(bad(format!("head dim {}; expected a positive multiple of {LANES}", d.dim)));

@@ -23,6 +23,13 @@ fn dot(row: &[f32], x: &[f32]) -> f32 {
             acc[j] += chunk[j] * xs[j];
         }
     }
+    finish(&mut acc, &row[main..], &x[main..])
+}
+
+/// The end of [`dot`] (and of each output of [`dot_tile`]): the lanes reduced pairwise, then the
+/// tail's products added in order.
+#[inline(always)]
+fn finish(acc: &mut [f32; LANES], row_tail: &[f32], x_tail: &[f32]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -31,7 +38,7 @@ fn dot(row: &[f32], x: &[f32]) -> f32 {
         }
     }
     let mut s = acc[0];
-    for (a, b) in row[main..].iter().zip(&x[main..]) {
+    for (a, b) in row_tail.iter().zip(x_tail) {
         s += a * b;
     }
     s
@@ -74,19 +81,7 @@ fn dot_tile<const R: usize, const C: usize>(w: [&[f32]; R], x: [&[f32]; C], bias
     let mut out = [[0f32; C]; R];
     for r in 0..R {
         for i in 0..C {
-            let a = &mut acc[r][i];
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for j in 0..width {
-                    a[j] += a[j + width];
-                }
-            }
-            let mut s = a[0];
-            for (p, q) in w[r][main..].iter().zip(&x[i][main..]) {
-                s += p * q;
-            }
-            out[r][i] = s + bias[r];
+            out[r][i] = finish(&mut acc[r][i], &w[r][main..], &x[i][main..]) + bias[r];
         }
     }
     out
