@@ -221,21 +221,32 @@ def test_rejects_mismatched_shapes():
         )
 
 
-def test_expert_products_stay_off_onednn(monkeypatch):
+BIG = dict(grad=False, macs=1 << 24, shape_ok=True)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The input shapes of every oneDNN product made during the test (small ones qualifying too)."""
+    from tunex.kernels import _dispatch
+
+    if registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, **BIG)) != "onednn":
+        pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
+    calls = []
+    real = _dispatch._ONEDNN_LINEAR
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
+    return calls
+
+
+def test_expert_products_stay_off_onednn(onednn_calls):
     """An expert's rows change from step to step; oneDNN builds and caches a kernel per product shape
     (measured on the bench's Mixtral shape: each step slower and the process growing by hundreds of
     MB), so the node's products run torch's matmul while a fixed-shape product of the same size
     still takes oneDNN."""
     from tunex.kernels import _dispatch
 
-    big = dict(grad=False, macs=1 << 24, shape_ok=True)
-    if registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, **big)) != "onednn":
-        pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
-    assert registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, shape_varies=True, **big)) == "torch.mm"
-    calls = []
-    real = _dispatch._ONEDNN_LINEAR
-    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
-    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
+    calls = onednn_calls
+    assert registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, shape_varies=True, **BIG)) == "torch.mm"
     _, ours = blocks()
     adapt(ours)
     x = steered_rows().requires_grad_()
@@ -247,19 +258,11 @@ def test_expert_products_stay_off_onednn(monkeypatch):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_expert_products_stay_off_onednn_without_grad(monkeypatch, lora):
+def test_expert_products_stay_off_onednn_without_grad(onednn_calls, lora):
     """Chat, serve and evaluation run the experts through the model's loop, not the autograd node;
     its per-expert products change shape from call to call just the same, so they too take torch's
     matmul, while the same layer's product outside the loop still takes oneDNN."""
-    from tunex.kernels import _dispatch
-
-    big = dict(grad=False, macs=1 << 24, shape_ok=True)
-    if registry.choose("matmul_f32", registry.Facts("cpu", torch.float32, **big)) != "onednn":
-        pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
-    calls = []
-    real = _dispatch._ONEDNN_LINEAR
-    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
-    monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
+    calls = onednn_calls
     _, ours = blocks()
     if lora:
         adapt(ours)

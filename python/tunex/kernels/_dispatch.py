@@ -73,14 +73,13 @@ def matmul_nt_in(
     *,
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
-    shape_varies: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``matmul_nt`` with the product computed in ``dtype`` (``w`` already in it; None: x's dtype)
     and rounded to it, the result (and ``bias``, ``add``) in x's dtype."""
     if dtype is None or dtype == x.dtype:
-        return matmul_nt(x, w, bias=bias, add=add, shape_varies=shape_varies, out=out)
-    y = matmul_nt(x.to(dtype), w, shape_varies=shape_varies)
+        return matmul_nt(x, w, bias=bias, add=add, out=out)
+    y = matmul_nt(x.to(dtype), w)
     y = y.to(x.dtype) if out is None else out.copy_(y)
     if bias is not None:
         y.add_(bias)
@@ -147,9 +146,9 @@ def host_flat(t: torch.Tensor):
 _ONEDNN_LINEAR = registry.ONEDNN_LINEAR
 
 
-def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool, shape_varies: bool = False) -> registry.Facts:
-    """The registry's facts for ``x @ w.T`` (op matmul_f32); ``grad``: autograd on; ``shape_varies``:
-    the product's shape changes from step to step (see registry.Facts)."""
+def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool) -> registry.Facts:
+    """The registry's facts for ``x @ w.T`` (op matmul_f32); ``grad``: autograd on. Inside
+    ``registry.varying_shapes`` they say the product's shape changes from step to step."""
     cpu_f32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w))
     shape_ok = x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1]
     return registry.Facts(
@@ -158,7 +157,7 @@ def matmul_facts(x: torch.Tensor, w: torch.Tensor, grad: bool, shape_varies: boo
         grad=grad,
         macs=x.shape[0] * x.shape[1] * w.shape[0] if shape_ok else 0,
         shape_ok=shape_ok,
-        shape_varies=shape_varies or registry.shapes_vary(),
+        shape_varies=registry.shapes_vary(),
     )
 
 
@@ -175,19 +174,18 @@ def matmul_nt(
     *,
     bias: torch.Tensor | None = None,
     add: torch.Tensor | None = None,
-    shape_varies: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd. ``shape_varies``: a shape
-    that changes from step to step, which stays off oneDNN (see the registry's matmul_f32 row).
-    ``out``: a contiguous (rows, out features) tensor the result is written into (not with ``add``).
+    """``x @ w.T (+ bias) (+ add)`` for 2-D tensors, outside autograd. Inside
+    ``registry.varying_shapes`` (a shape that changes from step to step) it stays off oneDNN (see
+    the registry's matmul_f32 row). ``out``: a contiguous (rows, out features) tensor the result is written into (not with ``add``).
 
     float32 CPU tensors (any strides) go through oneDNN when the registry's matmul_f32 row chooses it, else torch; only for
     use inside autograd Functions and no-grad code (the oneDNN op has no derivative). ``add`` is
     the caller's to give up: the torch path accumulates into it and returns it.
     """
     if (
-        registry.choose("matmul_f32", matmul_facts(x, w, torch.is_grad_enabled(), shape_varies)) == "onednn"
+        registry.choose("matmul_f32", matmul_facts(x, w, torch.is_grad_enabled())) == "onednn"
         and (bias is None or bias.dtype == torch.float32)
         and (add is None or (add.dtype == torch.float32 and add.shape == (x.shape[0], w.shape[0])))
     ):

@@ -27,7 +27,7 @@ adapters' (rows, r) products and the expert outputs ys (written over the sorted 
 output is rebuilt in backward where the down adapter needs it. The three (S, ·) blocks are kept
 tensors (tunex.kernels.kept): in CPU training they lie in the runtime's activation arena, one size
 every step, instead of per-expert pieces of new sizes each step in the heap. The products' shapes follow each expert's share of the batch, new each step, so they run
-torch's matmul, never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
+torch's matmul (the node runs in ``registry.varying_shapes``), never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
 that grows by hundreds of MB); SwiGLU runs tunex's native kernels.
 """
 
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunex.kernels import registry
 from tunex.kernels._dispatch import (
     compute_dtype,
     frozen_product_dtype,
@@ -108,16 +109,6 @@ def expert_projections(experts: Sequence) -> list[tuple[Projection, Projection, 
     return out
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, **kw) -> torch.Tensor:
-    """``matmul_nt`` of a product whose shape varies from step to step (an expert's rows)."""
-    return matmul_nt(x, w, shape_varies=True, **kw)
-
-
-def _mm_in(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None, **kw) -> torch.Tensor:
-    """``matmul_nt_in`` of a product whose shape varies from step to step (an expert's rows)."""
-    return matmul_nt_in(x, w, dtype, shape_varies=True, **kw)
-
-
 class _Run:
     """The dtypes and triton flag of one call, shared by its projections."""
 
@@ -135,7 +126,7 @@ class _Run:
     def forward(self, proj: Projection, x2: torch.Tensor, out: torch.Tensor | None = None):
         """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, written into ``out`` when given, and the saved
         adapter state (h, dropout) or None)."""
-        y = _mm_in(x2, self.weight(proj), self.base_dtype, out=out)
+        y = matmul_nt_in(x2, self.weight(proj), self.base_dtype, out=out)
         if proj.lora_a is None:
             return y, None
         drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
@@ -145,7 +136,7 @@ class _Run:
             h = torch.empty((x2.shape[0], a.shape[0]), dtype=self.dtype, device=x2.device)
             _native_down(host_flat(x2), x2.shape[1], host_flat(a), drop.seed, drop.p, host_flat(h))
         else:
-            h = _mm(drop(x2), a)  # (n, r)
+            h = matmul_nt(drop(x2), a)  # (n, r)
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
@@ -155,19 +146,19 @@ class _Run:
         if proj.lora_a is not None:
             h, drop = saved
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
-            d_b = _mm(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
-            dh = _mm(g, b.t()).mul_(s)  # (n, r)
+            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
             if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
                 _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
-                dx = _mm_in(g, self.weight(proj).t(), self.base_dtype, add=add)
+                dx = matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
-            d_a = _mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
-            d_lora = drop(_mm(dh, a.t()), inplace=True)
+            d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
-        return _mm_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+        return matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
 
 
 def _out_features(proj: Projection) -> int | None:
@@ -219,7 +210,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, chosen, projections, *adapters):
         run = _Run(x)
-        with no_autocast(x):
+        with no_autocast(x), registry.varying_shapes():  # each expert's rows: a new count each step
             return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections)
 
     @staticmethod
@@ -258,7 +249,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        with no_autocast(dout):
+        with no_autocast(dout), registry.varying_shapes():
             return GroupedSwiGLUExperts._backward(ctx, dout)
 
     @staticmethod
