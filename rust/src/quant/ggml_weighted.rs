@@ -106,9 +106,9 @@ fn weighted_row(ty: GgmlType, x: &[f32], qw: &[f32], out: &mut [u8]) {
             for ((xb, qb), ob) in blocks {
                 let mut levels = [0u8; 256];
                 let mut scales = [0.0f32; 16];
-                for ib in 0..16 {
+                for (ib, scale) in scales.iter_mut().enumerate() {
                     let r = 16 * ib..16 * ib + 16;
-                    scales[ib] = make_qx_quants_weighted(&xb[r.clone()], &qb[r.clone()], 32, &mut levels[r]);
+                    *scale = make_qx_quants_weighted(&xb[r.clone()], &qb[r.clone()], 32, &mut levels[r]);
                 }
                 q6_k_finish(xb, &scales, levels, ob);
             }
