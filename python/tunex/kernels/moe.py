@@ -43,7 +43,6 @@ from tunex.kernels._dispatch import (
     compute_dtype,
     frozen_product_dtype,
     host_flat,
-    matmul_nt,
     matmul_nt_in,
     no_autocast,
     use_triton,
@@ -119,24 +118,49 @@ class _Run:
         if self.base_dtype is not None:
             self.dtype = x.dtype
         self.triton = use_triton(x)  # the adapters' dropout: Triton's seeded mask on CUDA
+        # The node's products and adapters differ in their sizes only: the registry's questions
+        # are asked once per call, sizes unknown (which a condition treats as met), not once per
+        # product (a few hundred per call). Where matmul_f32 then says torch.mm for every product
+        # (each expert's rows vary: see the module's docs), the products run it directly.
+        device, grad = x.device.type, torch.is_grad_enabled()
+        self.torch_mm = all(
+            registry.choose("matmul_f32", registry.Facts(device, dtype, grad=grad, shape_varies=True)) != "onednn"
+            for dtype in {self.dtype, self.base_dtype or self.dtype}
+        )
+        self.fused_row = (
+            registry.choose("lora_linear", registry.Facts(device, self.dtype, grad=grad, backend="torch"))
+            == "fused-native"
+        )
 
     def weight(self, proj: Projection) -> torch.Tensor:
         return _dense(proj.base, self.base_dtype or self.dtype)
 
+    def mm(self, x: torch.Tensor, w: torch.Tensor, *, out=None, add=None, base: bool = False) -> torch.Tensor:
+        """``x @ w.T`` written into ``out`` or added to ``add``, as ``matmul_nt`` computes it (``base``:
+        a frozen base's product, in ``base_dtype`` where that is set, as ``matmul_nt_in``)."""
+        low = self.base_dtype if base else None
+        if not self.torch_mm or (low is not None and low != x.dtype):
+            return matmul_nt_in(x, w, low, out=out, add=add)
+        if add is not None:
+            return add.addmm_(x, w.t())
+        if out is not None:
+            return torch.mm(x, w.t(), out=out)
+        return torch.nn.functional.linear(x, w)
+
     def forward(self, proj: Projection, x2: torch.Tensor, out: torch.Tensor | None = None):
         """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, written into ``out`` when given, and the saved
         adapter state (h, dropout) or None)."""
-        y = matmul_nt_in(x2, self.weight(proj), self.base_dtype, out=out)
+        y = self.mm(x2, self.weight(proj), out=out, base=True)
         if proj.lora_a is None:
             return y, None
-        drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
+        drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0, self.fused_row)
         a = proj.lora_a.to(self.dtype)
         if drop.fused:  # h = dropout(x) @ A.T in one pass over x (tunex.kernels.lora's native kernels)
             a = a.contiguous()
             h = torch.empty((x2.shape[0], a.shape[0]), dtype=self.dtype, device=x2.device)
             _native_down(host_flat(x2), x2.shape[1], host_flat(a), drop.seed, drop.p, host_flat(h))
         else:
-            h = matmul_nt(drop(x2), a)  # (n, r)
+            h = self.mm(drop(x2), a)  # (n, r)
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
@@ -146,19 +170,19 @@ class _Run:
         if proj.lora_a is not None:
             h, drop = saved
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
-            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
-            dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
+            d_b = self.mm(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = self.mm(g, b.t()).mul_(s)  # (n, r)
             if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
                 _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
-                dx = matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add)
+                dx = self.mm(g, self.weight(proj).t(), add=add, base=True)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
-            d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
-            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
+            d_a = self.mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_lora = drop(self.mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
-        return matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+        return self.mm(g, self.weight(proj).t(), add=add, base=True), d_a, d_b
 
 
 def _out_features(proj: Projection) -> int | None:
