@@ -10,12 +10,13 @@ of the N*k pairs, and its inverse ``inv``). Forward:
     ys[run_e] = expert_e(xs[run_e])       (S, H)  one product per projection per expert with rows,
                                                   written into one buffer (no cat)
     out = sum_j w[:, j] * ys[inv].view(N, k, H)[:, j]     un-permuted by a gather, the k slots summed
+                                                  (a batched (1, k) @ (k, H) product per row)
 
 Backward (G = dout rows in expert order, one gather):
 
     d_w[pair] = <G, ys>[inv]                      the routing weights' gradient (to the router)
     dys = G * w_sorted;  per expert: down, SwiGLU and gate/up backwards; the gate and up input
-    gradients accumulate into one product's output
+    gradients accumulate in the expert's rows of G (its dys read by then)
     dx = dxs[inv].view(N, k, H).sum(1)            the inverse permutation again: a gather, no scatter-add
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
@@ -164,8 +165,9 @@ class _Run:
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
-    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None):
-        """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g."""
+    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None, out=None):
+        """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g; dx
+        written into ``out`` when given (not with ``add``)."""
         d_a = d_b = d_lora = None
         if proj.lora_a is not None:
             h, drop = saved
@@ -176,13 +178,15 @@ class _Run:
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
                 _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
-                dx = self.mm(g, self.weight(proj).t(), add=add, base=True)
+                dx = self.mm(g, self.weight(proj).t(), add=add, out=out, base=True)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
             d_a = self.mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
             d_lora = drop(self.mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
-        return self.mm(g, self.weight(proj).t(), add=add, base=True), d_a, d_b
+            if out is not None:  # the product then adds to the adapter's part in place
+                add = out.copy_(add)
+        return self.mm(g, self.weight(proj).t(), add=add, out=None if add is not None else out, base=True), d_a, d_b
 
 
 def _out_features(proj: Projection) -> int | None:
@@ -265,7 +269,10 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             states = tuple(keep.put_state(s) for s in (g_state, u_state, d_state))
             layout.append((start, count, *states))
             start += count
-        out = (ys.index_select(0, inv) * weights.reshape(-1, 1)).view(n, k, hidden).sum(1)  # (N, H)
+        # each row's k outputs weighted and summed: one batched (1, k) @ (k, H) product per row
+        dtype = torch.promote_types(ys.dtype, weights.dtype)
+        out = torch.bmm(weights.view(n, 1, k).to(dtype), ys.index_select(0, inv).view(n, k, hidden).to(dtype))
+        out = out.view(n, hidden)  # (N, H)
         keep_x = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
         ctx.save_for_backward(x if keep_x else None, ys, gates, ups, order, inv, rows, weights, *keep.tensors)
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
@@ -310,10 +317,12 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
                     gathered.append(x.index_select(0, rows[run_rows]).to(run.dtype))
                 return gathered[0]
 
-            dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe)
+            # the input gradient goes straight into its rows of dxs (read above by the down backward)
+            into = None if dxs is None else dxs[run_rows]
+            dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe, out=into)
             dx, d_a_up, d_b_up = run.backward(up, d_u, _state(tensors, u_saved), xe, add=dx)
-            if dxs is not None:
-                dxs[run_rows].copy_(dx)
+            if into is not None and dx is not into:  # oneDNN's sum with an addend is a fresh tensor
+                into.copy_(dx)
             for proj, da, db in ((gate, d_a_gate, d_b_gate), (up, d_a_up, d_b_up), (down, d_a_down, d_b_down)):
                 if proj.lora_a is not None:
                     adapter_grads += [da, db]
