@@ -17,7 +17,7 @@ Backward (G = dout rows in expert order, one gather):
     d_w[pair] = <G, ys>[inv]                      the routing weights' gradient (to the router)
     dys = G * w_sorted;  per expert: down, SwiGLU and gate/up backwards; the gate and up input
     gradients accumulate in the expert's rows of G (its dys read by then)
-    dx = dxs[inv].view(N, k, H).sum(1)            the inverse permutation again: a gather, no scatter-add
+    dx = sum_j dxs[inv].view(N, k, H)[:, j]       the inverse permutation again: a gather per slot, no scatter-add
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
@@ -328,7 +328,12 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
                     adapter_grads += [da, db]
         d_x = None
         if dxs is not None:
-            d_x = dxs.index_select(0, inv).view(n, k, hidden).sum(1).to(ctx.x_dtype)
+            # each row's k slots gathered and added one slot at a time: no (N, k, H) copy to sum
+            slots = inv.view(n, k)
+            d_x = dxs.index_select(0, slots[:, 0])
+            for j in range(1, k):
+                d_x.add_(dxs.index_select(0, slots[:, j]))
+            d_x = d_x.to(ctx.x_dtype)
         return (d_x, d_w, None, None, *adapter_grads)
 
 
