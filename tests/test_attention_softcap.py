@@ -249,14 +249,21 @@ def test_compiled_flex_softcap_forward_on_the_cpu(monkeypatch):
     call against the float64 reference. Dynamo traces what it traces on CUDA: a Python-float cap in
     the score_mod fails there (a symbolic float under dynamic shapes), hence the cap tensor. (A
     sliding window's mask, capped or not, does not compile for the CPU in torch 2.15: inductor's C++
-    template emits an undeclared variable; CUDA's code comes from its Triton template instead.)"""
+    template emits an undeclared variable; CUDA's code comes from its Triton template instead.) A
+    batch of other lengths and documents reuses the compiled graph, as it must on CUDA, where each
+    recompilation costs seconds and torch.compile's limit on them falls back to eager."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(attention, "_flex", lambda device: attention._compiled_flex())
     torch.manual_seed(13)
-    lengths, cap = [[1, 20, 13, 6], [40]], 5.0
-    q, k, v = (t.detach() for t in _qkv_grad(2, 4, 2, 40, 16, scale=3.0)[:3])
-    got = attention.flex_softcapped(q, k, v, Documents.of(_positions(lengths)), True, cap)
-    want = _reference(q, k, v, lengths, cap)
-    torch.testing.assert_close(got, want.float(), rtol=2e-5, atol=2e-5)
+    graphs = []
+    for lengths in ([[1, 20, 13, 6], [40]], [[7, 30, 19], [3, 53]]):  # the second: other lengths, one graph
+        t = sum(lengths[0])
+        q, k, v = (x.detach() for x in _qkv_grad(2, 4, 2, t, 16, scale=3.0)[:3])
+        got = attention.flex_softcapped(q, k, v, Documents.of(_positions(lengths)), True, 5.0)
+        torch.testing.assert_close(got, _reference(q, k, v, lengths, 5.0).float(), rtol=2e-5, atol=2e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]  # new lengths, documents and closures: no recompilation
 
 
 def _kw(facts: registry.Facts) -> dict:
