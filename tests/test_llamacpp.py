@@ -337,7 +337,7 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
 
 # llama.cpp's file types (llama_ftype) of the 5- and 4-bit mixes
 FTYPES = {"q5_k_m": 17, "q4_k_m": 15}
-# the calibrated q4_k_m's bound against f16 (measured +3.3% in torch on the file's weights)
+# the calibrated q4_k_m's bound against f16 (measured +4.1% in llama.cpp, uncalibrated +7.9%)
 Q4_K_M_CALIBRATED = 1.05
 
 
