@@ -125,6 +125,29 @@ def test_cross_entropy_chunks_are_even_and_large_ones_keep_no_gradient_buffer(en
     assert loss._chunk_rows(50, 50 * 400) == 400
 
 
+def test_cross_entropy_lets_a_chunks_logits_go_before_the_next_chunks_are_made(engine, monkeypatch):
+    """At most one chunk of logits exists at a time: the last chunk's are dropped before the next
+    product runs (else the loss's peak held two chunks)."""
+    import weakref
+
+    monkeypatch.setattr(loss, "ONEDNN_CHUNK_ELEMENTS", 50 * 40)
+    alive_at_call = []
+    last = []
+    real = loss._chunk_logits
+
+    def spy(*args):
+        alive_at_call.append(bool(last) and last[-1]() is not None)
+        out = real(*args)
+        last.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(loss, "_chunk_logits", spy)
+    torch.manual_seed(5)
+    h = torch.randn(120, 16, requires_grad=True)
+    loss.linear_cross_entropy(h, torch.randn(50, 16), torch.randint(0, 50, (120,)), chunk_elements=50 * 40).backward()
+    assert alive_at_call == [False, False, False]
+
+
 def test_lora_gradients_agree_between_engines(monkeypatch):
     monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)
     torch.manual_seed(2)

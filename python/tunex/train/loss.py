@@ -153,6 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows]
             y = labels[start : start + rows]
+            logits = g = None  # the last chunk's logits go before this chunk's are made
             logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
