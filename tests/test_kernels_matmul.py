@@ -97,6 +97,57 @@ def test_float32_cross_entropy_matches_full_logits(engine, monkeypatch, grad_chu
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_cross_entropy_chunks_are_even_and_large_ones_keep_no_gradient_buffer(engine, monkeypatch):
+    """Rows spread evenly over the chunks the limit takes (600 rows at 400 a chunk: 300 + 300, not
+    400 + 200); chunks of GATHER_BELOW_ROWS rows or more take their gradient over their own logits,
+    with no buffer of several chunks' gradients kept between steps."""
+    monkeypatch.setattr(loss, "ONEDNN_CHUNK_ELEMENTS", 50 * 400)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 50 * 400)
+    monkeypatch.setattr(loss, "GATHER_BELOW_ROWS", 256)
+    monkeypatch.setattr(loss._scratch, "grads", None, raising=False)
+    chunks = []
+    real = loss._chunk_logits
+    monkeypatch.setattr(loss, "_chunk_logits", lambda h, *args: chunks.append(h.shape[0]) or real(h, *args))
+    torch.manual_seed(4)
+    h = torch.randn(600, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    y = torch.randint(0, 50, (600,))
+    ours = loss.linear_cross_entropy(h, w, y, chunk_elements=50 * 400)
+    ours.backward()
+    assert chunks == [300, 300]
+    assert getattr(loss._scratch, "grads", None) is None
+    ref_h = h.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ w.T, y)
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-4, atol=1e-6)
+    assert loss._chunk_rows(50, 50 * 7, 33) == 7  # 5 chunks of at most 7 rows: 7, 7, 7, 6, 6
+    assert loss._chunk_rows(50, 50 * 400) == 400
+
+
+def test_cross_entropy_lets_a_chunks_logits_go_before_the_next_chunks_are_made(engine, monkeypatch):
+    """At most one chunk of logits exists at a time: the last chunk's are dropped before the next
+    product runs (else the loss's peak held two chunks)."""
+    import weakref
+
+    monkeypatch.setattr(loss, "ONEDNN_CHUNK_ELEMENTS", 50 * 40)
+    alive_at_call = []
+    last = []
+    real = loss._chunk_logits
+
+    def spy(*args):
+        alive_at_call.append(bool(last) and last[-1]() is not None)
+        out = real(*args)
+        last.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(loss, "_chunk_logits", spy)
+    torch.manual_seed(5)
+    h = torch.randn(120, 16, requires_grad=True)
+    loss.linear_cross_entropy(h, torch.randn(50, 16), torch.randint(0, 50, (120,)), chunk_elements=50 * 40).backward()
+    assert alive_at_call == [False, False, False]
+
+
 def test_lora_gradients_agree_between_engines(monkeypatch):
     monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 0)
     torch.manual_seed(2)

@@ -34,10 +34,21 @@ ONEDNN_CHUNK_ELEMENTS = 7 << 20
 # faster at twice those rows: the native loss kernel writes the gradients of this many chunks into
 # one reused buffer, and one product serves them all. 1 turns that off.
 GRAD_CHUNKS = 2
+# ... where the chunks have fewer rows than this (a large vocabulary). From about 256 rows on the
+# product runs at its full rate on one chunk's gradients, written over its logits, and the buffer
+# (as large as GRAD_CHUNKS chunks of logits) is not needed.
+GATHER_BELOW_ROWS = 256
 
 
-def _chunk_rows(vocab: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(vocab, 1))
+def _chunk_rows(vocab: int, chunk_elements: int, total: int | None = None) -> int:
+    """Rows per chunk: as many as ``chunk_elements`` logits allow; with ``total`` rows, spread
+    evenly over the chunks that takes (1020 rows at 896 a chunk: 2 x 510, not 896 + 124), so the
+    largest chunk of logits is no larger than it has to be."""
+    rows = max(1, chunk_elements // max(vocab, 1))
+    if total:
+        chunks = -(-total // rows)
+        rows = -(-total // chunks)
+    return rows
 
 
 _scratch = threading.local()
@@ -118,7 +129,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_b = grad_wanted and bias is not None and ctx.needs_input_grad[2]
         if _dispatch.onednn_fits(hidden, weight):
             chunk_elements = min(chunk_elements, ONEDNN_CHUNK_ELEMENTS)
-        rows = _chunk_rows(weight.shape[0], chunk_elements)
+        rows = _chunk_rows(weight.shape[0], chunk_elements, hidden.shape[0])
         low = None if low_dtype is None else weight.to(low_dtype)  # the head in CPU autocast's dtype
         head = weight if low is None else low  # what the hidden-state gradient's product uses
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -131,6 +142,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if (
                 need_h
                 and GRAD_CHUNKS > 1
+                and rows < GATHER_BELOW_ROWS
                 and hidden.shape[0] > rows
                 and _dispatch.onednn_fits(hidden, weight)
                 and _native_f32("cross_entropy", _native_xent, hidden)
@@ -141,6 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows]
             y = labels[start : start + rows]
+            logits = g = None  # the last chunk's logits go before this chunk's are made
             logits = _chunk_logits(h, weight, bias, rows, low)  # (c, V) fp32, may be a reused buffer
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, torch.zeros_like(y))
