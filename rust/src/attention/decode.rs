@@ -28,6 +28,15 @@ pub struct Heads {
     pub dim: usize,
 }
 
+/// The step's new token of every sequence: its queries (sequences, heads, dim) and its key and
+/// value (sequences, kv_heads, dim), contiguous.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
 /// One sequence's cache, as the call sees it: the keys and values of all its layers (flat, the
 /// same layout each), the start of this layer's block of `kv_heads x capacity x dim` values,
 /// the block's `capacity` in positions, and the positions it holds already (`past`: the new
@@ -109,22 +118,20 @@ multiversion! {
     }
 }
 
-/// Decoding attention for `caches.len()` sequences: `q` (sequences, heads, dim) and the new keys
-/// and values `k_new`, `v_new` (sequences, kv_heads, dim), all contiguous; the new keys and values
-/// are written into each sequence's cache at position `past`, then `out` (sequences, heads, dim)
+/// Decoding attention for `caches.len()` sequences, their new tokens in `step`: the new keys and
+/// values are written into each sequence's cache at position `past`, then `out` (sequences, heads, dim)
 /// gets each query head's softmax(scale q.K^T) V over positions `0..=past` of its key/value head
 /// (with a `window`, over the `window` latest of them only). Does not change `past` (the caller
 /// advances its caches once every layer has run).
 pub fn decode(
-    q: &[f32],
-    k_new: &[f32],
-    v_new: &[f32],
+    step: Step<'_>,
     caches: &mut [Cache<'_>],
     out: &mut [f32],
     h: Heads,
     scale: f32,
     window: Option<usize>,
 ) -> Result<()> {
+    let Step { q, k: k_new, v: v_new } = step;
     check(q.len(), k_new.len(), v_new.len(), caches, out.len(), h)?;
     let window = window_keys(window)?;
     let (d, kvh) = (h.dim, h.kv_heads);

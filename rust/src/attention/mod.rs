@@ -48,7 +48,7 @@ mod tile;
 mod x86;
 
 pub use backward::backward;
-pub use decode::{decode, Cache, Heads};
+pub use decode::{decode, Cache, Heads, Step};
 pub use documents::{backward_docs, forward_docs, Span};
 pub use forward::forward;
 

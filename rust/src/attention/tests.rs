@@ -483,7 +483,8 @@ fn run_decode(
         .zip(seqs)
         .map(|((k, v), &(capacity, past))| Cache { k, v, offset: h.kv_heads * capacity * h.dim, capacity, past })
         .collect();
-    decode(&q, &k_new, &v_new, &mut caches, &mut out, h, 1.0 / (h.dim as f32).sqrt(), window).unwrap();
+    decode(Step { q: &q, k: &k_new, v: &v_new }, &mut caches, &mut out, h, 1.0 / (h.dim as f32).sqrt(), window)
+        .unwrap();
     (out, stores)
 }
 
@@ -539,7 +540,7 @@ fn decode_rows_equal_each_sequence_decoded_alone_bit_for_bit() {
         let mut alone = vec![0f32; per];
         let mut cache = [Cache { k: &mut k, v: &mut v, offset: h.kv_heads * capacity * h.dim, capacity, past }];
         let (qi, ki, vi) = (&q[i * per..(i + 1) * per], &k_new[i * kv..(i + 1) * kv], &v_new[i * kv..(i + 1) * kv]);
-        decode(qi, ki, vi, &mut cache, &mut alone, h, 1.0 / 8.0, None).unwrap();
+        decode(Step { q: qi, k: ki, v: vi }, &mut cache, &mut alone, h, 1.0 / 8.0, None).unwrap();
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&out[i * per..(i + 1) * per]), bits(&alone), "sequence {i}");
         assert_eq!((&k, &v), (&stores[i].0, &stores[i].1));
@@ -554,7 +555,7 @@ fn decode_refuses_bad_shapes_with_errors() {
         let (mut k, mut v) = (vec![0f32; store], vec![0f32; store]);
         let mut out = vec![0f32; q.len()];
         let mut caches = [Cache { k: &mut k, v: &mut v, offset, capacity: cap, past }];
-        decode(q, &kv, &kv, &mut caches, &mut out, h, 0.25, None).unwrap_err().to_string()
+        decode(Step { q, k: &kv, v: &kv }, &mut caches, &mut out, h, 0.25, None).unwrap_err().to_string()
     };
     assert!(call(Heads { dim: 12, ..h }, &q, 4, 0, 128, 0).contains("head dim 12"));
     assert!(call(Heads { kv_heads: 3, ..h }, &q, 4, 0, 128, 0).contains("4 query heads over 3"));
@@ -565,8 +566,8 @@ fn decode_refuses_bad_shapes_with_errors() {
     assert!(call(h, &q, usize::MAX, 0, 128, 0).contains("does not fit in a usize"));
     let (mut k, mut v) = (vec![0f32; 128], vec![0f32; 128]);
     let mut caches = [Cache { k: &mut k, v: &mut v, offset: 0, capacity: 4, past: 0 }];
-    let err = decode(&q, &kv, &kv, &mut caches, &mut vec![0f32; 64], h, 0.25, Some(0)).unwrap_err();
+    let err = decode(Step { q: &q, k: &kv, v: &kv }, &mut caches, &mut vec![0f32; 64], h, 0.25, Some(0)).unwrap_err();
     assert!(err.to_string().contains("window 0"));
     // no sequences: nothing to do
-    decode(&[], &[], &[], &mut [], &mut [], h, 0.25, None).unwrap();
+    decode(Step { q: &[], k: &[], v: &[] }, &mut [], &mut [], h, 0.25, None).unwrap();
 }

@@ -416,7 +416,8 @@ fn attention_decode_f32(
         rows.push(attention::Cache { k: ck, v: cv, offset: *offset, capacity: *capacity, past: *past });
     }
     let (heads, kv_heads, dim) = heads;
-    py.detach(|| attention::decode(q, k, v, &mut rows, out, attention::Heads { heads, kv_heads, dim }, scale, window))?;
+    let step = attention::Step { q, k, v };
+    py.detach(|| attention::decode(step, &mut rows, out, attention::Heads { heads, kv_heads, dim }, scale, window))?;
     Ok(())
 }
 
