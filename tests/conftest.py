@@ -93,6 +93,19 @@ def one_thread():
 
 
 @pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """Lets eager FlexAttention differentiate CPU tensors: torch refuses CPU inputs that need
+    gradients up front (its fused backward is CUDA's), though its eager backward, the dense math
+    that CUDA's eager mode runs too, is device-agnostic. The refusal sees detached inputs; every
+    other check of the device still runs. For testing a score_mod's and block mask's gradients on
+    the CPU, not the compiled kernel."""
+    import torch.nn.attention.flex_attention as flex
+
+    real = flex._validate_device
+    monkeypatch.setattr(flex, "_validate_device", lambda q, k, v: real(q.detach(), k.detach(), v.detach()))
+
+
+@pytest.fixture
 def tiny_lora_model():
     """A 2-layer llama (hidden 48, GQA 4/2 heads, tied head) with LoRA r=4 alpha=8 dropout 0.1 on
     every linear, B initialised nonzero so the adapters matter; in training mode."""

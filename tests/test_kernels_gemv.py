@@ -158,6 +158,26 @@ def test_the_native_kernels_leave_storages_resizable():
         t.detach().untyped_storage().resize_(0)
 
 
+def test_host_views_share_the_tensors_memory_and_leave_them_as_they_were():
+    # what the native kernels read and write: numpy views over the tensors' own memory
+    from tunex.kernels._dispatch import host_array, host_flat, host_span
+
+    p = torch.nn.Parameter(torch.arange(12.0).view(3, 4))  # requires grad: viewed detached
+    view = host_flat(p)
+    assert view.dtype == np.float32 and view.shape == (12,)
+    view[5] = -1.0
+    assert p[1, 1].item() == -1.0 and p.requires_grad
+    for t in (torch.arange(6, dtype=torch.int64), torch.randn(2, 3).half(), torch.randn(5, dtype=torch.float64)):
+        a = host_array(t)
+        assert a.shape == tuple(t.shape) and a.dtype == t.numpy().dtype
+        np.testing.assert_array_equal(a, t.numpy())
+    cols = torch.arange(20.0).view(4, 5)[:, 1:3]  # strided: host_span covers its storage from its first element
+    np.testing.assert_array_equal(host_span(cols), np.arange(1.0, 18.0, dtype=np.float32))
+    with pytest.raises(RuntimeError):
+        host_flat(cols)  # not contiguous: no flat view to write through
+    p.detach().untyped_storage().resize_(0)  # still resizable (FSDP2)
+
+
 def test_a_forked_child_runs_the_kernels_alone():
     # the helper threads do not survive fork(); the child must not wait for them
     import multiprocessing

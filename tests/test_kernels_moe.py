@@ -233,7 +233,17 @@ def onednn_calls(monkeypatch):
         pytest.skip("torch without oneDNN here, or TUNEX_ONEDNN=0")
     calls = []
     real = _dispatch._ONEDNN_LINEAR
-    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+        def binary(self, *a):  # the product with an addend (matmul_nt's ``add``)
+            calls.append(a[0].shape)
+            return real.binary(*a)
+
+    monkeypatch.setattr(_dispatch, "_ONEDNN_LINEAR", Spy())
     monkeypatch.setattr(registry, "ONEDNN_MIN_MACS", 1)  # the test's small products would qualify too
     return calls
 
@@ -273,3 +283,38 @@ def test_expert_products_stay_off_onednn_without_grad(onednn_calls, lora):
         assert calls == []
         rt.project((ours.experts[0].w1,), torch.randn(64, H))  # outside the experts' loop
     assert len(calls) == 1
+
+
+def test_the_node_asks_its_product_questions_once_per_call(monkeypatch):
+    """The node's products differ in their sizes only: it asks the registry's matmul_f32 and
+    lora_linear rows once per call (sizes unknown), not once per product of each expert."""
+    asked = []
+    real = registry.choose
+    monkeypatch.setattr(registry, "choose", lambda op, facts: (asked.append(op), real(op, facts))[1])
+    _, ours = blocks()
+    adapt(ours)
+    x = steered_rows().requires_grad_()
+    ours(x, rt=Standard()).sum().backward()
+    assert asked.count("matmul_f32") == 1
+    assert asked.count("lora_linear") == 1
+
+
+def test_the_node_follows_a_matmul_row_that_takes_onednn_for_its_products(onednn_calls, monkeypatch):
+    """Where the matmul_f32 row chose oneDNN for products whose shape varies, the node's products
+    would take it through the dispatcher (not torch.mm directly), with the same results."""
+    theirs, ours = blocks()
+    layers = adapt(ours)
+    params = [t for lora in layers for t in (lora.lora_A.weight, lora.lora_B.weight)]
+    x, probe = steered_rows(), torch.randn(ROWS, H)
+    out, dx, grads = run(lambda t: ours(t, rt=Standard()), x, probe, params)
+    assert onednn_calls == []
+    every = registry.Impl("onednn", "test: every float32 CPU product outside autograd", lambda f: f.grad is False)
+    monkeypatch.setitem(registry.OPS, "matmul_f32", (every, *registry.OPS["matmul_f32"][1:]))
+    out2, dx2, grads2 = run(lambda t: ours(t, rt=Standard()), x, probe, params)
+    assert len(onednn_calls) > 0
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx2, dx, rtol=1e-5, atol=1e-5)
+    for g, g2 in zip(grads, grads2):
+        assert (g is None) == (g2 is None)
+        if g is not None:
+            close(g2, g)

@@ -16,6 +16,7 @@ from _hf_families import BASE, FAMILIES, fuse_grouped, hf_model, make_internlm2
 from _model_checks import documents_loss, packed_documents, spy_kernel_choices
 from conftest import require_native
 from tunex.dist.wrap import LossModule
+from tunex.kernels import attention, registry
 from tunex.models import load_model
 from tunex.models.config import GEMMA
 from tunex.peft import apply_lora
@@ -178,6 +179,45 @@ def test_packed_lora_loss_and_grads_match_documents_one_by_one(tmp_path, monkeyp
     assert "native" in chosen["rmsnorm"] and "fused-native" in chosen["lora_linear"]
     # sliding windows (shorter than some documents) and soft-capped logits too: the spans only
     assert chosen["attention"] == {"native"} and dense == []
+
+
+@pytest.mark.skipif(not attention.flex_available(), reason="torch without FlexAttention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_gemma2_on_cudas_flex_softcap_path_matches_peft(tmp_path, monkeypatch, flex_backward_on_cpu, packed):
+    """Gemma 2's training step with its attention on the path CUDA takes: the registry answers
+    attention as for the same facts on CUDA (its conditions are pure), so every layer, global and
+    sliding, packed or not, runs flex_softcapped (FlexAttention eagerly on the CPU, with its eager
+    backward). Loss and LoRA gradients against transformers + PEFT (packed: on each document alone);
+    neither a dense mask nor the torch soft-cap ops are made."""
+    ours, ref, mine, theirs = adapted_pair(tmp_path, "gemma2")
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+    real = registry.choose
+
+    def as_on_cuda(op, facts):
+        if op == "attention":
+            facts = registry.Facts("cuda", facts.dtype, **{k: getattr(facts, k) for k in facts.__slots__[2:]})
+        return real(op, facts)
+
+    monkeypatch.setattr(registry, "choose", as_on_cuda)
+    chosen = spy_kernel_choices(monkeypatch)
+    dense = _count_dense_masks(monkeypatch)
+    monkeypatch.setattr(attention, "softcapped", lambda *a: pytest.fail("the dense soft-cap path ran"))
+    if packed:
+        ids, labels, pos, docs = packed_documents(BASE["vocab_size"])
+        loss = LossModule(ours)(ids, labels, pos)
+        expected = documents_loss(ref, docs)
+    else:
+        ids = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(5))
+        labels = ids.clone()
+        labels[:, :5] = -100
+        loss = LossModule(ours)(ids, labels, None)
+        expected = ref(input_ids=ids, labels=labels).loss
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    _check_grads(mine, theirs)
+    assert chosen["attention"] == {"flex-softcap"} and dense == []
 
 
 def _count_dense_masks(monkeypatch) -> list:

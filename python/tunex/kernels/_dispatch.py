@@ -10,6 +10,7 @@ triton's interpreter, which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -48,7 +49,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def no_autocast(x: torch.Tensor):
-    return torch.autocast(device_type=x.device.type, enabled=False)
+    """A block with autocast off for ``x``'s device (nothing to switch off when it is off already)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, enabled=False)
 
 
 def frozen_product_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -119,6 +124,29 @@ def native_f32(op: str, kernel, *tensors: torch.Tensor) -> bool:
     )
 
 
+_TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
+_TO_DLPACK_VERSIONED = getattr(torch._C, "_to_dlpack_versioned", None)
+
+
+class _CpuExport:
+    """A detached real CPU tensor as ``numpy.from_dlpack`` takes it, exported by torch's C exporter
+    directly: ``Tensor.__dlpack__`` checks streams and devices in Python first, which costs more
+    than the export itself, and the native kernels take a few hundred views per training step."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if max_version is None or max_version[0] < 1:
+            return _TO_DLPACK(self.tensor)
+        return _TO_DLPACK_VERSIONED(self.tensor)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # DLPack's kDLCPU, device 0
+
+
 def host_array(t: torch.Tensor):
     """A numpy view of a CPU tensor's data for tunex's native kernels, leaving its storage resizable.
 
@@ -128,7 +156,9 @@ def host_array(t: torch.Tensor):
     """
     import numpy as np
 
-    return np.from_dlpack(t.detach())
+    if _TO_DLPACK_VERSIONED is not None and t.device.type == "cpu" and not t.dtype.is_complex:
+        return np.from_dlpack(_CpuExport(t.detach() if t.requires_grad else t))
+    return np.from_dlpack(t.detach())  # torch's own checks and errors
 
 
 def host_span(t: torch.Tensor):

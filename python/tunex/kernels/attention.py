@@ -12,7 +12,8 @@ backward writes the query and value gradients in the projections' layouts, so no
 follows on either side. ``TUNEX_NATIVE_ATTENTION=0`` falls back to torch's flash attention.
 
 Gemma 2 soft-caps its attention logits (``cap * tanh(scores / cap)``, before the mask): the kernel
-takes the cap; elsewhere :func:`softcapped` computes it in torch ops over the whole score matrix.
+takes the cap; on CUDA :func:`flex_softcapped` applies it as FlexAttention's ``score_mod``;
+elsewhere :func:`softcapped` computes it in torch ops over the whole score matrix.
 """
 
 from __future__ import annotations
@@ -137,28 +138,40 @@ def flex_available() -> bool:
 _flex_compiled = None
 
 
-def _flex(device: torch.device):
-    """FlexAttention for ``device``: compiled on CUDA (the fused Triton kernel, one per shape; eager
-    FlexAttention would build the scores whole), the eager function elsewhere (a reference)."""
+def _compiled_flex():
+    """FlexAttention compiled with dynamic shapes (one for the process): on CUDA the fused Triton
+    kernel; inductor compiles it for the CPU too (forward only, slowly: the tests' check of it)."""
     global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda":
-        return flex_attention
     if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
         # dynamic: packed batches vary in length (collate pads to the longest row), and one
         # compilation per length would soon pass torch.compile's recompilation limit
         _flex_compiled = torch.compile(flex_attention, dynamic=True)
     return _flex_compiled
 
 
-def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
-    """Causal attention inside each of ``docs`` in one FlexAttention call over (B, H, T, D): a block
-    mask made from the tokens' document ids (and the sliding window, if any) skips the blocks no
-    query of a document sees, so the cost follows the documents' squared lengths (or their lengths
-    times the window), with no per-document launches."""
+def _flex(device: torch.device):
+    """FlexAttention for ``device``: compiled on CUDA (the fused Triton kernel, one per shape; eager
+    FlexAttention would build the scores whole), the eager function elsewhere (a reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _compiled_flex() if device.type == "cuda" else flex_attention
+
+
+def _block_mask(docs: Documents | None, t: int, device: torch.device):
+    """FlexAttention's block mask for causal attention of t queries over as many keys: inside each
+    of ``docs`` (by the tokens' document ids) and through their sliding window if they have one;
+    plain causal, shared by the batch, when ``docs`` is None. Built compiled on CUDA."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    compiled = device.type == "cuda"
+    if docs is None:
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        return create_block_mask(causal, None, None, t, t, device=device, _compile=compiled)
     doc = docs.ids()
 
     def same_document_causal(b, h, q_idx, kv_idx):
@@ -167,10 +180,48 @@ def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: D
     def same_document_window(b, h, q_idx, kv_idx):
         return same_document_causal(b, h, q_idx, kv_idx) & (q_idx - kv_idx < docs.window)
 
-    b, t = docs.batch, docs.seq
     visible = same_document_causal if docs.window is None else same_document_window
-    block = create_block_mask(visible, b, None, t, t, device=q.device, _compile=q.is_cuda)
+    return create_block_mask(visible, docs.batch, None, t, t, device=device, _compile=compiled)
+
+
+def flex_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, gqa: bool) -> torch.Tensor:
+    """Causal attention inside each of ``docs`` in one FlexAttention call over (B, H, T, D): a block
+    mask made from the tokens' document ids (and the sliding window, if any) skips the blocks no
+    query of a document sees, so the cost follows the documents' squared lengths (or their lengths
+    times the window), with no per-document launches."""
+    block = _block_mask(docs, docs.seq, q.device)
     return _flex(q.device)(q, k, v, block_mask=block, enable_gqa=gqa)
+
+
+_cap_tensors: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _softcap_mod(cap: float, device: torch.device):
+    """FlexAttention's ``score_mod`` for logits soft-capped to ``cap * tanh(score / cap)`` (the
+    score already scaled by 1/sqrt(D)). The cap is a 0-d tensor on ``device`` (one per cap): under
+    torch.compile with dynamic shapes a Python float in the closure becomes a symbolic float, which
+    FlexAttention refuses as a captured value."""
+    key = (cap, device)
+    c = _cap_tensors.get(key)
+    if c is None:
+        c = _cap_tensors[key] = torch.tensor(cap, dtype=torch.float32, device=device)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / c) * c
+
+    return softcap
+
+
+def flex_softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents | None, gqa: bool, cap: float
+) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D) whose logits are soft-capped
+    before the mask (Gemma 2, as :func:`softcapped`), in one FlexAttention call: the cap as its
+    ``score_mod``, the causal band, the packed ``docs`` and their sliding window (None: plain
+    causal) as its block mask, so neither a (T, T) mask nor the score matrix is built on CUDA
+    (compiled there; eager elsewhere, which has no backward on the CPU)."""
+    block = _block_mask(docs, q.shape[2], q.device)
+    return _flex(q.device)(q, k, v, score_mod=_softcap_mod(cap, q.device), block_mask=block, enable_gqa=gqa)
 
 
 def softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, cap: float) -> torch.Tensor:
@@ -219,8 +270,8 @@ def choose(
 ) -> str:
     """The registry's implementation of attention for these (B, H, T, D) / (B, Hkv, T, D) tensors
     now: "native" (this module), "flash-kept" (torch's CPU flash op, outputs in the arena),
-    "flex-docs" (:func:`flex_per_document`), "sdpa-docs" (:func:`sdpa_per_document`),
-    "softcap-eager" (:func:`softcapped`) or "sdpa".
+    "flex-docs" (:func:`flex_per_document`), "flex-softcap" (:func:`flex_softcapped`), "sdpa-docs"
+    (:func:`sdpa_per_document`), "softcap-eager" (:func:`softcapped`) or "sdpa".
     ``causal``: causal attention of the queries over as many keys (no mask, no cache; with ``docs``
     inside each packed document); ``arena``: an activation arena is active; ``docs``: how many
     packed documents the rows hold (0: none); ``window``: their sliding window (None: none);

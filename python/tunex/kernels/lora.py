@@ -72,7 +72,9 @@ class _Dropout:
     Seeded kinds (Triton, native) keep a seed and regenerate the mask; the torch kind keeps the mask.
     """
 
-    def __init__(self, x2: torch.Tensor, p: float, triton: bool):
+    def __init__(self, x2: torch.Tensor, p: float, triton: bool, fused_row: bool | None = None):
+        """``fused_row``: whether the registry's lora_linear row for ``x2`` is "fused-native", when
+        the caller has asked already (a node with many adapters on rows of one kind); None: ask."""
         self.p, self.keep, self.seed = p, None, 0
         self.kind = (
             "none"
@@ -88,7 +90,9 @@ class _Dropout:
         elif self.kind == "torch":
             self.keep = _keep_mask(x2, p)
         # the adapter products with this mask fused in (tunex._native.lora_*_f32): float32 CPU only
-        self.fused = self.kind in ("none", "native") and registry.choose("lora_linear", _facts(x2)) == "fused-native"
+        if fused_row is None:
+            fused_row = registry.choose("lora_linear", _facts(x2)) == "fused-native"
+        self.fused = self.kind in ("none", "native") and fused_row
 
     def __call__(self, t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """dropout(t) with this call's mask: the forward on x, the backward on a gradient."""

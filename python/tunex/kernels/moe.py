@@ -10,13 +10,14 @@ of the N*k pairs, and its inverse ``inv``). Forward:
     ys[run_e] = expert_e(xs[run_e])       (S, H)  one product per projection per expert with rows,
                                                   written into one buffer (no cat)
     out = sum_j w[:, j] * ys[inv].view(N, k, H)[:, j]     un-permuted by a gather, the k slots summed
+                                                  (a batched (1, k) @ (k, H) product per row)
 
 Backward (G = dout rows in expert order, one gather):
 
     d_w[pair] = <G, ys>[inv]                      the routing weights' gradient (to the router)
     dys = G * w_sorted;  per expert: down, SwiGLU and gate/up backwards; the gate and up input
-    gradients accumulate into one product's output
-    dx = dxs[inv].view(N, k, H).sum(1)            the inverse permutation again: a gather, no scatter-add
+    gradients accumulate in the expert's rows of G (its dys read by then)
+    dx = sum_j dxs[inv].view(N, k, H)[:, j]       the inverse permutation again: a gather per slot, no scatter-add
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
@@ -43,7 +44,6 @@ from tunex.kernels._dispatch import (
     compute_dtype,
     frozen_product_dtype,
     host_flat,
-    matmul_nt,
     matmul_nt_in,
     no_autocast,
     use_triton,
@@ -119,46 +119,74 @@ class _Run:
         if self.base_dtype is not None:
             self.dtype = x.dtype
         self.triton = use_triton(x)  # the adapters' dropout: Triton's seeded mask on CUDA
+        # The node's products and adapters differ in their sizes only: the registry's questions
+        # are asked once per call, sizes unknown (which a condition treats as met), not once per
+        # product (a few hundred per call). Where matmul_f32 then says torch.mm for every product
+        # (each expert's rows vary: see the module's docs), the products run it directly.
+        device, grad = x.device.type, torch.is_grad_enabled()
+        self.torch_mm = all(
+            registry.choose("matmul_f32", registry.Facts(device, dtype, grad=grad, shape_varies=True)) != "onednn"
+            for dtype in {self.dtype, self.base_dtype or self.dtype}
+        )
+        self.fused_row = (
+            registry.choose("lora_linear", registry.Facts(device, self.dtype, grad=grad, backend="torch"))
+            == "fused-native"
+        )
 
     def weight(self, proj: Projection) -> torch.Tensor:
         return _dense(proj.base, self.base_dtype or self.dtype)
 
+    def mm(self, x: torch.Tensor, w: torch.Tensor, *, out=None, add=None, base: bool = False) -> torch.Tensor:
+        """``x @ w.T`` written into ``out`` or added to ``add``, as ``matmul_nt`` computes it (``base``:
+        a frozen base's product, in ``base_dtype`` where that is set, as ``matmul_nt_in``)."""
+        low = self.base_dtype if base else None
+        if not self.torch_mm or (low is not None and low != x.dtype):
+            return matmul_nt_in(x, w, low, out=out, add=add)
+        if add is not None:
+            return add.addmm_(x, w.t())
+        if out is not None:
+            return torch.mm(x, w.t(), out=out)
+        return torch.nn.functional.linear(x, w)
+
     def forward(self, proj: Projection, x2: torch.Tensor, out: torch.Tensor | None = None):
         """(x2 @ W.T + s * drop(x2) @ A.T @ B.T, written into ``out`` when given, and the saved
         adapter state (h, dropout) or None)."""
-        y = matmul_nt_in(x2, self.weight(proj), self.base_dtype, out=out)
+        y = self.mm(x2, self.weight(proj), out=out, base=True)
         if proj.lora_a is None:
             return y, None
-        drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0)
+        drop = _Dropout(x2, proj.dropout, self.triton and proj.dropout > 0, self.fused_row)
         a = proj.lora_a.to(self.dtype)
         if drop.fused:  # h = dropout(x) @ A.T in one pass over x (tunex.kernels.lora's native kernels)
             a = a.contiguous()
             h = torch.empty((x2.shape[0], a.shape[0]), dtype=self.dtype, device=x2.device)
             _native_down(host_flat(x2), x2.shape[1], host_flat(a), drop.seed, drop.p, host_flat(h))
         else:
-            h = matmul_nt(drop(x2), a)  # (n, r)
+            h = self.mm(drop(x2), a)  # (n, r)
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
-    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None):
-        """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g."""
+    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None, out=None):
+        """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g; dx
+        written into ``out`` when given (not with ``add``)."""
         d_a = d_b = d_lora = None
         if proj.lora_a is not None:
             h, drop = saved
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
-            d_b = matmul_nt(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
-            dh = matmul_nt(g, b.t()).mul_(s)  # (n, r)
+            d_b = self.mm(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = self.mm(g, b.t()).mul_(s)  # (n, r)
             if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
                 _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
-                dx = matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add)
+                dx = self.mm(g, self.weight(proj).t(), add=add, out=out, base=True)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
-            d_a = matmul_nt(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
-            d_lora = drop(matmul_nt(dh, a.t()), inplace=True)
+            d_a = self.mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_lora = drop(self.mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
-        return matmul_nt_in(g, self.weight(proj).t(), self.base_dtype, add=add), d_a, d_b
+            if out is not None:  # the product then adds to the adapter's part in place
+                add = out.copy_(add)
+        return self.mm(g, self.weight(proj).t(), add=add, out=None if add is not None else out, base=True), d_a, d_b
 
 
 def _out_features(proj: Projection) -> int | None:
@@ -241,7 +269,10 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             states = tuple(keep.put_state(s) for s in (g_state, u_state, d_state))
             layout.append((start, count, *states))
             start += count
-        out = (ys.index_select(0, inv) * weights.reshape(-1, 1)).view(n, k, hidden).sum(1)  # (N, H)
+        # each row's k outputs weighted and summed: one batched (1, k) @ (k, H) product per row
+        dtype = torch.promote_types(ys.dtype, weights.dtype)
+        out = torch.bmm(weights.view(n, 1, k).to(dtype), ys.index_select(0, inv).view(n, k, hidden).to(dtype))
+        out = out.view(n, hidden)  # (N, H)
         keep_x = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
         ctx.save_for_backward(x if keep_x else None, ys, gates, ups, order, inv, rows, weights, *keep.tensors)
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
@@ -286,16 +317,23 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
                     gathered.append(x.index_select(0, rows[run_rows]).to(run.dtype))
                 return gathered[0]
 
-            dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe)
+            # the input gradient goes straight into its rows of dxs (read above by the down backward)
+            into = None if dxs is None else dxs[run_rows]
+            dx, d_a_gate, d_b_gate = run.backward(gate, d_g, _state(tensors, g_saved), xe, out=into)
             dx, d_a_up, d_b_up = run.backward(up, d_u, _state(tensors, u_saved), xe, add=dx)
-            if dxs is not None:
-                dxs[run_rows].copy_(dx)
+            if into is not None and dx is not into:  # oneDNN's sum with an addend is a fresh tensor
+                into.copy_(dx)
             for proj, da, db in ((gate, d_a_gate, d_b_gate), (up, d_a_up, d_b_up), (down, d_a_down, d_b_down)):
                 if proj.lora_a is not None:
                     adapter_grads += [da, db]
         d_x = None
         if dxs is not None:
-            d_x = dxs.index_select(0, inv).view(n, k, hidden).sum(1).to(ctx.x_dtype)
+            # each row's k slots gathered and added one slot at a time: no (N, k, H) copy to sum
+            slots = inv.view(n, k)
+            d_x = dxs.index_select(0, slots[:, 0])
+            for j in range(1, k):
+                d_x.add_(dxs.index_select(0, slots[:, j]))
+            d_x = d_x.to(ctx.x_dtype)
         return (d_x, d_w, None, None, *adapter_grads)
 
 

@@ -348,6 +348,21 @@ OPS: dict[str, tuple[Impl, ...]] = {
             ),
         ),
         Impl(
+            "flex-softcap",
+            "CUDA, soft-capped logits (Gemma 2), causal over as many keys (packed documents and a sliding "
+            "window too), a power-of-two head dim of 16 or more, triton: one compiled FlexAttention call whose "
+            "score_mod caps the logits and whose block mask holds the causal band, the documents and the window "
+            "(no (T, T) mask, no score matrix)",
+            lambda f: (
+                f.device == "cuda"
+                and f.softcap is not None
+                and f.causal is not False
+                and _ok(f.head_dim, lambda d: d >= 16 and d & (d - 1) == 0)
+                and triton_available()
+                and _flex_available()
+            ),
+        ),
+        Impl(
             "sdpa-docs",
             "CUDA, packed documents, no soft-capping: torch's SDPA on each document (its flash kernel, no "
             "(T, T) mask; a document longer than a sliding window with its own banded mask)",
@@ -355,8 +370,9 @@ OPS: dict[str, tuple[Impl, ...]] = {
         ),
         Impl(
             "softcap-eager",
-            "soft-capped logits (Gemma 2) where the native kernel does not apply: torch ops over the whole "
-            "score matrix, packed documents and windows as a dense mask",
+            "soft-capped logits (Gemma 2) where neither the native kernel nor FlexAttention applies (decoding "
+            "with a KV cache included): torch ops over the whole score matrix, packed documents and windows as "
+            "a dense mask",
             lambda f: f.softcap is not None,
         ),
         Impl(

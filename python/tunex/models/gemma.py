@@ -17,7 +17,8 @@ dicts keyed by kind ("full" / "sliding"); each layer takes its own. Projections 
 (``model.layers.0.self_attn.q_proj``...), so checkpoints, LoRA targets and PEFT keys line up.
 Attention runs through the runtime's attention hook (the queries are pre-scaled so its default
 1/sqrt(head dim) gives Gemma's scale), Gemma 2's soft-cap passed along: the native CPU kernel takes
-it with the packed documents and the window as spans, other paths compute it in torch ops.
+it with the packed documents and the window as spans, CUDA's FlexAttention as its score_mod with
+them in its block mask, other paths compute it in torch ops.
 """
 
 from __future__ import annotations

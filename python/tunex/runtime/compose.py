@@ -124,6 +124,8 @@ class Standard(Plain):
             return attention_kernel.sdpa_per_document(q, k, v, docs, gqa)
         if impl == "flex-docs":
             return attention_kernel.flex_per_document(q, k, v, docs, gqa)
+        if impl == "flex-softcap":
+            return attention_kernel.flex_softcapped(q, k, v, docs, gqa, softcap)
         if impl != "sdpa":
             return kept_attention(q, k, v, impl == "native", docs, softcap)
         return super().attention(q, k, v, mask, causal, gqa, softcap)
