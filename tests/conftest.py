@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The Triton kernels run on CPU tensors through triton's interpreter. triton picks interpreted or
+# compiled when a function is decorated, and decorates its own library (tl.sum, tl.max, tl.sigmoid,
+# tl.rand, ...) when triton is first imported. transformers, peft and bitsandbytes import triton, so
+# a test module that imports them at collection would fix the compiled library for the whole run if
+# the variable were set any later than here: pytest imports this file before any test module.
+os.environ["TRITON_INTERPRET"] = "1"
+
 # The oracles and offline assets the suite compares against. Tests skip politely without them for a
 # developer's partial setup, but scripts/test.sh (and so CI) sets TUNEX_REQUIRE_ORACLES=1: then a
 # missing one fails the run instead of turning whole test files into silent skips.

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the Triton kernels (ours, bitsandbytes')
 
 import pytest
 import torch

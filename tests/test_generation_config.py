@@ -18,8 +18,7 @@ from tunex.models.hub import package_file
 
 
 def _oracles():
-    """transformers and peft, imported only when a test runs: importing them at collection would
-    import triton before tests/test_kernels.py turns on triton's interpreter."""
+    """transformers and peft, imported only when a test runs (a skip names the missing one)."""
     return pytest.importorskip("transformers"), pytest.importorskip("peft")
 
 

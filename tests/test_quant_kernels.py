@@ -3,20 +3,13 @@ give exactly the bytes of the Rust CPU path, and the Triton kernel compiles for 
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 import textwrap
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of nf4_dequant_triton
-
 import pytest
 import torch
-
-if "tunex.kernels.nf4_dequant_triton" in sys.modules:
-    importlib.reload(sys.modules["tunex.kernels.nf4_dequant_triton"])  # rebuild in interpreter mode
-
 import tunex.quant as tq
 from tunex.kernels import _dispatch
 from tunex.kernels.nf4_dequant import dequantize_4bit

@@ -505,9 +505,20 @@ def _check_moe_for_gguf(cfg, folder: Path) -> None:
         raise FormatError(f"{folder}/config.json: {problem} cannot be written to GGUF")
 
 
-def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
+def hf_to_gguf(
+    model_dir: str | Path,
+    out_path: str | Path,
+    outtype: str = "f16",
+    calibration: str | Path | None = None,
+    importance: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write an HF folder (llama, mistral, internlm2 and mixtral as llama; qwen2, qwen3, qwen2_moe,
-    qwen3_moe, phi3, gemma2, gemma3 text) as one GGUF file."""
+    qwen3_moe, phi3, gemma2, gemma3 text) as one GGUF file. ``calibration``: a UTF-8 text file the
+    model is run over first to weigh each block type's search by its columns' activations
+    (llama.cpp's importance-matrix quantization; see tunex.gguf_imatrix); without it the blocks are
+    llama.cpp's reference quantizer's. ``importance``: the statistics themselves ({GGUF tensor
+    name: one value per input column}, what :func:`tunex.gguf_imatrix.collect_imatrix` returns), in
+    place of ``calibration``."""
     import gguf
 
     from tunex.io.atomic import atomic_path
@@ -528,13 +539,21 @@ def hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16"
         _check_gemma_for_gguf(cfg, folder)
     if cfg.num_experts:
         _check_moe_for_gguf(cfg, folder)
+    if calibration is not None and importance is not None:
+        raise ValueError("pass calibration (a text file) or importance (collected statistics), not both")
+    if calibration is not None:
+        from tunex.gguf_imatrix import collect_imatrix, read_calibration_text
+
+        read_calibration_text(calibration)  # a bad file fails before the model loads
+        if outtype in BASE_TYPE:
+            importance = collect_imatrix(folder, calibration)
     out = Path(out_path)
     with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
-        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype)
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype, importance)
     return out
 
 
-def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
+def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str, importance: dict | None = None) -> None:
     import gguf
     import torch
 
@@ -600,7 +619,8 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str) -> None:
         for gname, name, t in _export_tensors(folder, cfg, arch):
             shape = (len(t), *t[0].shape) if isinstance(t, list) else tuple(t.shape)
             kind_of = tensor_type(gname, shape, outtype, cfg.num_layers, cfg.tie_word_embeddings, cfg.num_experts)
-            yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of)
+            weights = (importance or {}).get(gname)
+            yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of, weights)
 
     # The header lists every tensor's shape and type before the data: a first pass reads only the
     # shapes (the checkpoint is memory-mapped), the second converts and writes one tensor at a time,
@@ -676,9 +696,9 @@ def _export_tensors(folder: Path, cfg, arch: str) -> Iterator[tuple[str, str, ob
         )
 
 
-def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str) -> np.ndarray:
+def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str, importance=None) -> np.ndarray:
     """Tensor ``t`` (HF name ``name``; a list of tensors: the experts, stacked) as the bytes or values
-    GGUF stores for type ``kind``."""
+    GGUF stores for type ``kind``; ``importance``: its columns' weights for the block search."""
     import torch
 
     if isinstance(t, list):
@@ -697,7 +717,7 @@ def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str) -> np.ndarr
         return w.astype(np.float16)
     if kind == "bf16":  # torch rounds to nearest even, as gguf's and llama.cpp's converters do
         return torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    return quantize_blocks(w, kind, gname)
+    return quantize_blocks(w, kind, gname, importance)
 
 
 def _block_bytes(kind: str) -> int:
@@ -706,11 +726,12 @@ def _block_bytes(kind: str) -> int:
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]][1]
 
 
-def quantize_blocks(w: np.ndarray, kind: str, name: str = "tensor") -> np.ndarray:
+def quantize_blocks(w: np.ndarray, kind: str, name: str = "tensor", importance=None) -> np.ndarray:
     """Rows of float32 ``w`` (last dimension) packed as GGUF block type ``kind`` (``q8_0``, ``q5_0``,
     ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k``), the bytes llama.cpp's reference quantizer writes; shape
-    ``(*w.shape[:-1], bytes per row)``. A row that is not whole blocks, or a NaN / inf, is a
-    ValueError naming ``name``."""
+    ``(*w.shape[:-1], bytes per row)``. With ``importance`` (one non-negative value per column) the
+    bytes llama.cpp writes with that importance matrix entry instead. A row that is not whole
+    blocks, a NaN / inf, or an importance of the wrong length is a ValueError naming ``name``."""
     from tunex import _native
 
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -718,5 +739,9 @@ def quantize_blocks(w: np.ndarray, kind: str, name: str = "tensor") -> np.ndarra
         raise ValueError(f"{name}: expected an array of rows and a type of {', '.join(BLOCK_ELEMS)}; got {kind!r}")
     cols = w.shape[-1]
     out = np.empty((*w.shape[:-1], cols // BLOCK_ELEMS[kind] * _block_bytes(kind)), dtype=np.uint8)
-    _native.quantize_ggml(w.reshape(-1), cols, kind, name, out.reshape(-1))
+    if importance is None:
+        _native.quantize_ggml(w.reshape(-1), cols, kind, name, out.reshape(-1))
+    else:
+        weights = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        _native.quantize_ggml_weighted(w.reshape(-1), cols, kind, name, weights, out.reshape(-1))
     return out

@@ -48,7 +48,17 @@ def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
     default=None,
     help="Also write an Ollama Modelfile here (FROM OUT_FILE, the chat template, stop words, system prompt).",
 )
-def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool, modelfile: Path | None) -> None:
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="UTF-8 text (e.g. the fine-tune's data, not the text you evaluate on) to run the model over "
+    "first: the quantized types weigh each weight's error by its input's activations, as llama.cpp "
+    "does with an importance matrix.",
+)
+def hf_to_gguf_cmd(
+    model_dir: str, out_file: Path, outtype: str, overwrite: bool, modelfile: Path | None, calibration: Path | None
+) -> None:
     """Write the HF model MODEL_DIR (e.g. a merged fine-tune) as the GGUF file OUT_FILE."""
     from tunex.gguf_io import hf_to_gguf
     from tunex.ollama import modelfile_of, write_text
@@ -60,7 +70,11 @@ def hf_to_gguf_cmd(model_dir: str, out_file: Path, outtype: str, overwrite: bool
         if modelfile.exists() and not overwrite:
             raise FileExistsError(f"{modelfile} exists; pass --overwrite to replace it")
         text = modelfile_of(model_dir, out_file, modelfile)  # a template Ollama cannot take fails before the export
-    path = hf_to_gguf(model_dir, out_file, outtype)
+    if calibration is not None:
+        from tunex.gguf_imatrix import read_calibration_text
+
+        read_calibration_text(calibration)  # a bad file fails before anything is written
+    path = hf_to_gguf(model_dir, out_file, outtype, calibration=calibration)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {outtype})")
     if text is not None:
         write_text(modelfile, text)

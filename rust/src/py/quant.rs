@@ -114,11 +114,32 @@ fn quantize_ggml(
     Ok(())
 }
 
+/// Quantize `src` as `quantize_ggml` does, with `importance` (one value per column of the rows)
+/// weighting each value's error: llama.cpp's search when it quantizes with an importance matrix.
+#[pyfunction]
+fn quantize_ggml_weighted(
+    py: Python<'_>,
+    src: PyReadonlyArray1<'_, f32>,
+    row_len: usize,
+    ggml_type: &str,
+    name: &str,
+    importance: PyReadonlyArray1<'_, f32>,
+    mut out: PyReadwriteArray1<'_, u8>,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let src = contiguous("src", src.as_slice())?;
+    let importance = contiguous("importance", importance.as_slice())?;
+    let out = contiguous_mut("out", out.as_slice_mut())?;
+    py.detach(|| quant::quantize_ggml_weighted(src, row_len, ty, name, importance, out))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_ggml, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_ggml_weighted, m)?)?;
     Ok(())
 }

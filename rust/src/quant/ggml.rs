@@ -201,7 +201,7 @@ pub(super) fn nearest_int(f: f32) -> i32 {
 }
 
 #[inline]
-fn fp16_bytes(x: f32) -> [u8; 2] {
+pub(super) fn fp16_bytes(x: f32) -> [u8; 2] {
     f16::from_f32(x).to_le_bytes()
 }
 
@@ -230,7 +230,7 @@ pub(super) fn q8_0_block(x: &[f32], out: &mut [u8]) {
 }
 
 /// The value of largest magnitude (the first of equals) and that magnitude.
-fn signed_absmax(x: &[f32]) -> (f32, f32) {
+pub(super) fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if amax < v.abs() {
@@ -242,7 +242,7 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 }
 
 /// Low nibbles of the two halves and the fifth bits of a 32-value Q5_0 / Q5_1 block.
-fn pack_q5(q: &[u8; 32], qh: &mut [u8], qs: &mut [u8]) {
+pub(super) fn pack_q5(q: &[u8; 32], qh: &mut [u8], qs: &mut [u8]) {
     let mut high = 0u32;
     for j in 0..16 {
         let (a, b) = (q[j], q[j + 16]);
@@ -286,7 +286,7 @@ fn q5_1_block(x: &[f32], out: &mut [u8]) {
 /// levels 0..=nmax in `l`, returns (scale, minus the offset). Tries `nstep + 1` rescalings
 /// `(rmin + rdelta * is + nmax) / (max - min)` and keeps the least weighted error.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     x: &[f32],
     w: &[f32; 32],
     nmax: i32,
@@ -406,16 +406,8 @@ fn qk_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
 /// writes d, dmin and the 12 bytes of 6-bit scales, requantizes every group whose stored scale is
 /// not zero, and packs the levels.
 #[inline(always)]
-pub(super) fn k_finish(
-    ty: GgmlType,
-    x: &[f32],
-    scales: &[f32; 8],
-    mins: &[f32; 8],
-    mut levels: [u8; 256],
-    out: &mut [u8],
-) {
-    let nmax = KSearch::of(ty).nmax;
-    let (head, rest) = out.split_at_mut(16);
+pub(super) fn k_finish(ty: GgmlType, x: &[f32], scales: &[f32; 8], mins: &[f32; 8], levels: [u8; 256], out: &mut [u8]) {
+    let head = &mut out[..16];
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
     for (&scale, &min) in scales.iter().zip(mins) {
         if scale > max_scale {
@@ -443,10 +435,28 @@ pub(super) fn k_finish(
             packed[j] |= (lm >> 4) << 6;
         }
     }
-    let d16 = fp16_round(max_scale / 63.0);
-    let dmin16 = fp16_round(max_min / 63.0);
-    head[..2].copy_from_slice(&fp16_bytes(max_scale / 63.0));
-    head[2..4].copy_from_slice(&fp16_bytes(max_min / 63.0));
+    k_store(ty, x, &six_bit, max_scale / 63.0, max_min / 63.0, levels, out);
+}
+
+/// The rest of a Q4_K / Q5_K block from its packed 12 bytes of scales (in `out[4..16]`), their
+/// values `six_bit` (scale, min) and the block's `d` and `dmin`: writes both as fp16, requantizes
+/// every group whose stored scale is not zero against the stored values, and packs the levels.
+#[inline(always)]
+pub(super) fn k_store(
+    ty: GgmlType,
+    x: &[f32],
+    six_bit: &[(u8, u8); 8],
+    d: f32,
+    dmin: f32,
+    mut levels: [u8; 256],
+    out: &mut [u8],
+) {
+    let nmax = KSearch::of(ty).nmax;
+    let (head, rest) = out.split_at_mut(16);
+    let d16 = fp16_round(d);
+    let dmin16 = fp16_round(dmin);
+    head[..2].copy_from_slice(&fp16_bytes(d));
+    head[2..4].copy_from_slice(&fp16_bytes(dmin));
     for (j, &(sc, m)) in six_bit.iter().enumerate() {
         let d = d16 * sc as f32;
         if d == 0.0 {
@@ -465,7 +475,7 @@ pub(super) fn k_finish(
 }
 
 /// Q4_K's 128 bytes of nibbles: the low nibbles hold groups 0, 2, 4, 6, the high ones 1, 3, 5, 7.
-fn q4_k_pack(levels: &[u8; 256], qs: &mut [u8]) {
+pub(super) fn q4_k_pack(levels: &[u8; 256], qs: &mut [u8]) {
     for (c, q) in qs.chunks_exact_mut(32).enumerate() {
         let base = 64 * c;
         for l in 0..32 {
@@ -475,7 +485,7 @@ fn q4_k_pack(levels: &[u8; 256], qs: &mut [u8]) {
 }
 
 /// Q5_K's 32 bytes of fifth bits and 128 bytes of nibbles.
-fn q5_k_pack(levels: &[u8; 256], rest: &mut [u8]) {
+pub(super) fn q5_k_pack(levels: &[u8; 256], rest: &mut [u8]) {
     let (qh, qs) = rest.split_at_mut(32);
     qh.fill(0);
     for (c, q) in qs.chunks_exact_mut(32).enumerate() {

@@ -1,6 +1,7 @@
 //! 4-bit (NF4 / FP4) block quantization, byte-identical to bitsandbytes, the 8-bit "dynamic"
 //! blockwise quantization bitsandbytes uses to compress the 4-bit absmax ("double quant"), and
-//! llama.cpp's GGUF block types (`ggml`: Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) byte-identical to ggml.
+//! llama.cpp's GGUF block types (`ggml`: Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) byte-identical to ggml,
+//! plain or importance-weighted (`ggml_weighted`).
 //!
 //! Everything here works on flat slices owned by the caller: the Python wrapper allocates the
 //! output tensors and lends their bytes, so nothing is copied on the way in or out.
@@ -18,6 +19,7 @@ mod ggml;
 mod ggml_lanes;
 #[cfg(target_arch = "x86_64")]
 mod ggml_q8_x86;
+mod ggml_weighted;
 mod pages;
 
 pub use blockwise8::{dequantize_blockwise_8bit, quantize_blockwise_8bit, DYNAMIC_CODE_LEN};
@@ -25,6 +27,7 @@ pub use codebook::QuantType;
 pub use elem::FloatDtype;
 pub use fourbit::{dequantize_4bit, quantize_4bit};
 pub use ggml::{ggml_packed_len, quantize_ggml, GgmlType};
+pub use ggml_weighted::quantize_ggml_weighted;
 
 use crate::error::{Error, Result};
 
