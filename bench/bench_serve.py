@@ -14,8 +14,12 @@ client count runs on every server, rotating which goes first; the ratios are per
 as the median and the range over the rounds. Every reply to a question, at every load, is checked
 against tunex's greedy reply; the ones that differ are printed under the table.
 
+The questions repeat (each client count asks the same ones, every round), so tunex's prompt cache
+(a request whose prompt and max_tokens were served before skips its prompt pass) answers most of
+them after the first load; ``--prompt-cache-mb 0`` turns it off, so every request runs its prompt pass.
+
 Usage: python bench/bench_serve.py [--rounds N] [--max-tokens N] [--requests N] [--clients 1,4,16]
-                                   [--baselines transformers,transformers-cb]
+                                   [--baselines transformers,transformers-cb] [--prompt-cache-mb N]
        python bench/bench_serve.py --serve KIND --port P   (one server, KIND tunex or a baseline; the bench's own use)
 """
 
@@ -49,7 +53,7 @@ QUESTIONS = [
 ]
 
 
-def serve(kind: str, port: int) -> None:
+def serve(kind: str, port: int, prompt_cache_mb: int | None) -> None:
     import logging
 
     import uvicorn
@@ -60,7 +64,8 @@ def serve(kind: str, port: int) -> None:
     logging.getLogger("tunex.serve").setLevel(logging.WARNING)
     folder = str(resolve_model_path(GGUF))
     if kind == "tunex":
-        engine = Engine.load(folder, name="smollm2")
+        cache = {} if prompt_cache_mb is None else {"prompt_cache_mb": prompt_cache_mb}
+        engine = Engine.load(folder, name="smollm2", **cache)
     else:
         engine = (transformers_engine if kind == "transformers" else transformers_cb_engine)(folder)
     engine.start()
@@ -247,9 +252,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str) -> tuple[subprocess.Popen, int]:
+def start(kind: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port)], stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -320,11 +326,17 @@ def main() -> None:
     ap.add_argument(
         "--baselines", default=",".join(BASELINES), help=f"servers tunex is measured against: {', '.join(BASELINES)}"
     )
+    ap.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=None,
+        help="tunex's prompt cache in MB (tunex serve --prompt-cache-mb; 0: off; default: tunex serve's default)",
+    )
     ap.add_argument("--serve", choices=["tunex", *BASELINES], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.prompt_cache_mb)
         return
 
     clients = [int(c) for c in args.clients.split(",")]
@@ -335,7 +347,8 @@ def main() -> None:
     servers = {}
     try:
         for kind in ("tunex", *baselines):  # one at a time: no load overlaps another's
-            servers[kind] = start(kind)
+            extra = [] if args.prompt_cache_mb is None else ["--prompt-cache-mb", str(args.prompt_cache_mb)]
+            servers[kind] = start(kind, extra if kind == "tunex" else [])
         for _, port in servers.values():
             ask(port, QUESTIONS[0], 4)  # warm-up
         rps = {(k, c): [] for k in servers for c in clients}
@@ -366,12 +379,20 @@ def main() -> None:
     if not alone:
         checks.append("tunex's own replies to one question differ between loads")
     avg = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    cache = (
+        "default size"
+        if args.prompt_cache_mb is None
+        else f"{args.prompt_cache_mb} MB"
+        if args.prompt_cache_mb
+        else "off"
+    )
     print(
         f"SmolLM2-135M-Instruct fp32, CPU, {os.cpu_count()} cores; greedy chat completions of up to "
         f"{args.max_tokens} new tokens, each client sending {args.requests} requests in turn; {args.rounds} rounds, "
         f"interleaved; transformers {version('transformers')}; every server is tunex.serve's HTTP layer and queue, "
         f"the generation is tunex's decoder "
-        f"(continuous batching, up to 16 jobs per step) or {' or '.join(SHOWN[b] for b in baselines)}; "
+        f"(continuous batching, up to 16 jobs per step; prompt cache {cache}) or "
+        f"{' or '.join(SHOWN[b] for b in baselines)}; "
         f"replies identical to tunex's: {'; '.join(checks)}; machine load average {avg}\n"
     )
     head = ["clients", "tunex req/s", *(f"{b} req/s" for b in baselines), "tunex tokens/s"]

@@ -493,3 +493,88 @@ def test_jobs_decoded_together_answer_as_each_alone(files):
         assert kind == "done", got[i]
         assert result == want, (i, specs[i][1:])
         assert "".join(v for k, v in pieces if k == "text") == want.text
+
+
+def test_a_repeated_prompt_reuses_its_prompt_pass_and_answers_as_alone(files):
+    """Jobs whose prompt (adapter and size) ran before start from a copy of that prompt pass: each
+    still answers, greedy and seeded sampling alike, exactly as it does run alone through generate."""
+    import threading
+
+    from tunex.serve.engine import Engine, Job
+
+    engine = Engine.load(str(files["model"]), {"a": files["a"]}, max_batch=4)
+    prompts = [engine.chat_prompt([{"role": "user", "content": text}]) for text in PROMPTS[:2]]
+    specs = [
+        (prompts[i % 2], (None, "a")[i // 4 % 2], dict(temperature=0.7, seed=i) if i % 3 == 0 else {})
+        for i in range(12)
+    ]
+
+    def job(spec, emit=lambda kind, value: None):
+        prompt, model, sampling = spec
+        return Job(prompt, model, 6, chat=True, emit=emit, **({"temperature": 0} | sampling))
+
+    alone = [engine.run(job(spec)) for spec in specs]
+    results: dict[int, object] = {}
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(kind, value):
+            if kind != "text":
+                results[i] = (kind, value)
+                done.release()
+
+        return emit
+
+    engine.start()
+    try:
+        for i, spec in enumerate(specs):
+            engine.submit(job(spec, emitter(i)))
+        for _ in specs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    # 4 distinct (prompt, adapter) pairs: the other 8 jobs reuse a stored prompt pass
+    assert engine.prompts.hits == len(specs) - 4
+    for i, want in enumerate(alone):
+        assert results[i] == ("done", want), i
+
+
+def test_the_prompt_cache_keeps_exact_copies_within_its_budget():
+    from tunex.serve.prompts import PromptCache
+
+    class Cache:  # what the prompt cache touches of a KVCache
+        def __init__(self, n):
+            self.k, self.v, self.length = torch.zeros(2, 1, 3, n, 16), torch.zeros(2, 1, 3, n, 16), 0
+
+        def advance(self, t):
+            self.length += t
+
+    def passed(seed, n=5, size=8):
+        cache = Cache(size)
+        g = torch.Generator().manual_seed(seed)
+        cache.k[:, :, :, :n], cache.v[:, :, :, :n] = (
+            torch.randn(2, 1, 3, n, 16, generator=g),
+            torch.randn(2, 1, 3, n, 16, generator=g),
+        )
+        cache.advance(n)
+        return cache, torch.randn(10, generator=g)
+
+    entry = 2 * 2 * 3 * 5 * 16 * 4 + 10 * 4  # keys and values of 5 positions, and the logits
+    prompts = PromptCache(2 * entry)
+    for seed in range(3):
+        cache, logits = passed(seed)
+        prompts.store(PromptCache.key(None, [seed], 8), cache, logits)
+    assert prompts.used == 2 * entry
+    assert prompts.restore(PromptCache.key(None, [0], 8), Cache(8)) is None  # the oldest one left
+    assert prompts.restore(PromptCache.key("a", [1], 8), Cache(8)) is None  # another adapter
+    assert prompts.restore(PromptCache.key(None, [1], 9), Cache(9)) is None  # another cache size
+    fresh = Cache(8)
+    got = prompts.restore(PromptCache.key(None, [1], 8), fresh)
+    want, logits = passed(1)
+    assert fresh.length == 5 and torch.equal(fresh.k, want.k) and torch.equal(fresh.v, want.v)
+    assert torch.equal(got, logits) and prompts.hits == 1
+    big, big_logits = passed(7, n=16, size=16)
+    prompts.store(PromptCache.key(None, [7], 16), big, big_logits)  # larger than the whole budget: not kept
+    assert prompts.used == 2 * entry
+    with pytest.raises(ValueError, match="budget"):
+        PromptCache(-1)

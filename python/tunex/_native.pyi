@@ -192,6 +192,21 @@ def attention_backward_f32(
     window: int | None = None,
     softcap: float | None = None,
 ) -> None: ...
+def attention_decode_f32(
+    q: _F32,
+    k: _F32,
+    v: _F32,
+    caches: list[tuple[_F32, _F32, int, int, int]],
+    out: _F32,
+    heads: tuple[int, int, int],
+    scale: float,
+) -> None:
+    """Decoding attention of N sequences: ``q`` (N, H, D), new keys/values ``k``, ``v`` (N, Hkv, D);
+    ``caches``: each sequence's (keys, values, offset, capacity, past) (its flat cache storage, where
+    this layer's (Hkv, capacity, D) block starts, the positions it holds); the new keys/values go to
+    position ``past`` and ``out`` (N, H, D) gets each head's attention over ``0..=past``.
+    ``heads`` is (H, Hkv, D)."""
+
 def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
     """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""
 

@@ -51,7 +51,9 @@ SWITCHES: dict[str, Switch] = {
             "TUNEX_NATIVE_ATTENTION",
             "1",
             ON_OFF,
-            "0: float32 CPU training attention uses torch's SDPA instead of tunex's Rust kernel",
+            "0: float32 CPU training attention uses torch's SDPA instead of tunex's Rust kernel, and decoding "
+            "stores each token's keys and values and runs the attention op per sequence instead of one Rust "
+            "call per layer",
             "python",
         ),
         Switch(

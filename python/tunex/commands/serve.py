@@ -64,6 +64,14 @@ def _adapter(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="Most requests decoded together in one step (1: one at a time, the others queued).",
 )
+@click.option(
+    "--prompt-cache-mb",
+    type=click.IntRange(0),
+    default=256,
+    show_default=True,
+    help="Memory for finished prompt passes: a request whose prompt (and max_tokens) was served before skips "
+    "its prompt pass (0: off).",
+)
 def serve(
     model: str,
     adapters: dict[str, str],
@@ -75,6 +83,7 @@ def serve(
     dtype: str,
     device: str,
     max_batch: int,
+    prompt_cache_mb: int,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health). Requests pick the base model or an adapter by name in `model`."""
@@ -92,7 +101,14 @@ def serve(
 
     device, dtype = as_device_dtype(device, dtype)
     engine = Engine.load(
-        model, adapters, name=name, prompt_template=prompt_template, dtype=dtype, device=device, max_batch=max_batch
+        model,
+        adapters,
+        name=name,
+        prompt_template=prompt_template,
+        dtype=dtype,
+        device=device,
+        max_batch=max_batch,
+        prompt_cache_mb=prompt_cache_mb,
     )
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -381,6 +381,29 @@ OPS: dict[str, tuple[Impl, ...]] = {
             lambda f: True,
         ),
     ),
+    "decode_attention": (
+        Impl(
+            "native",
+            "float32 CPU without autograd, one new token per sequence over its own KV cache (one sequence or "
+            "several decoded together), no mask, head dim a multiple of 16, whole query-head groups, "
+            "TUNEX_NATIVE_ATTENTION=1: one call per layer stores the new keys and values and attends, every "
+            "sequence by the same code alone or batched (needs attention_decode_f32)",
+            lambda f: (
+                _cpu_f32(f)
+                and f.grad is False
+                and f.shape_ok
+                and _ok(f.head_dim, lambda d: d % 16 == 0)
+                and settings.on("TUNEX_NATIVE_ATTENTION")
+            ),
+            "attention_decode_f32",
+        ),
+        Impl(
+            "attention",
+            "always: the cache stores the new keys and values, then the attention op's choice runs (sequences "
+            "decoded together: one call per sequence)",
+            lambda f: True,
+        ),
+    ),
     "swiglu": (
         _plain("silu(gate) * up in torch ops"),
         _TRITON,

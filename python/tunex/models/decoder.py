@@ -142,6 +142,7 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin for all positions
+        self._slot = None  # the decoding kernel's view of this cache (decode_slots), made once
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, Hkv, T, D) keys/values; return all so far (B, Hkv, L+T, D)."""
@@ -162,6 +163,18 @@ class KVCache:
         else:
             cos, sin = rope_tables(cfg, torch.arange(past, past + t, device=device)[None].expand(b, -1), dtype)
         return cos, sin, attention_mask(None, t, past, device, cfg.sliding_window)
+
+    def decode_slots(self) -> list | None:
+        """This cache as the decoding attention kernel takes it (tunex.kernels.decode_attention):
+        one slot, its next position this cache's length; None for a batch of several sequences."""
+        if self.k.shape[1] != 1:
+            return None
+        if self._slot is None:
+            from tunex.kernels.decode_attention import Slot
+
+            self._slot = Slot(self.k[:, 0], self.v[:, 0], self.max_len)
+        self._slot.past = self.length
+        return [self._slot]
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -190,6 +203,17 @@ class RowCaches:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Rows, Rows]:
         kv = [c.update(layer, k[i : i + 1], v[i : i + 1]) for i, c in enumerate(self.caches)]
         return Rows([a for a, _ in kv], self.masks), Rows([b for _, b in kv], self.masks)
+
+    def decode_slots(self) -> list | None:
+        """Each sequence's slot for the decoding attention kernel (see KVCache.decode_slots); None
+        when a cache is not one sequence's."""
+        slots = []
+        for c in self.caches:
+            slot = c.decode_slots()
+            if slot is None:
+                return None
+            slots.extend(slot)
+        return slots
 
     def advance(self, t: int) -> None:
         for c in self.caches:
@@ -240,14 +264,19 @@ class Attention(nn.Module):
         k = k.transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = rt.rope(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
-        causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
-        if isinstance(k, Rows):  # sequences decoded together (RowCaches): each row over its own cache
-            rows = zip(k.tensors, v.tensors, k.masks)
-            y = torch.cat([self._attend(rt, q[i : i + 1], ki, vi, m, False) for i, (ki, vi, m) in enumerate(rows)])
-        else:
-            y = self._attend(rt, q, k, v, mask, causal)
+        y, window = None, self.cfg.sliding_window
+        # decoding (a new token's mask can only be the sliding window's): the runtime may store and attend in one
+        if cache is not None and t == 1 and (mask is None or (window is not None and isinstance(mask, torch.Tensor))):
+            y = rt.cached_attention(q, k, v, cache, self.layer, window)  # (B, H, 1, D) or None
+        if y is None:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # (B, Hkv, L+T, D)
+            causal = mask is None and t > 1  # mask: None, a boolean tensor or packed Documents
+            if isinstance(k, Rows):  # sequences decoded together (RowCaches): each row over its own cache
+                rows = zip(k.tensors, v.tensors, k.masks)
+                y = torch.cat([self._attend(rt, q[i : i + 1], ki, vi, m, False) for i, (ki, vi, m) in enumerate(rows)])
+            else:
+                y = self._attend(rt, q, k, v, mask, causal)
 
         def merge_heads(t: torch.Tensor) -> torch.Tensor:
             # (B, H, T, D) -> (B, T, C): a view when y lies in (B, T, H, D) order (the training

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from tunex import settings
 from tunex.kernels import attention as attention_kernel
+from tunex.kernels import decode_attention, registry, rms_norm, rope, swiglu
 from tunex.kernels import moe as moe_kernel
-from tunex.kernels import registry, rms_norm, rope, swiglu
 from tunex.kernels.gemv import norm_facts
 from tunex.runtime import arena, decode, rebuild
 from tunex.runtime.arena import ActivationArena, keeping, kept_add, kept_attention
@@ -49,6 +49,13 @@ class Plain:
         if isinstance(mask, attention_kernel.Documents):
             mask = mask.dense()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+    def cached_attention(self, q, k, v, cache, layer, window=None):
+        """Decoding (one new token per sequence): store ``k``, ``v`` (B, Hkv, 1, D) in ``cache`` (a
+        KVCache or RowCaches) at ``layer`` and attend ``q`` (B, H, 1, D) over it (over its ``window``
+        latest positions, with a sliding window) in one go; None: not here, the caller updates the
+        cache and runs :meth:`attention` itself."""
+        return None
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
         return None
@@ -122,6 +129,12 @@ class Standard(Plain):
         if impl != "sdpa":
             return kept_attention(q, k, v, impl == "native", docs, softcap)
         return super().attention(q, k, v, mask, causal, gqa, softcap)
+
+    def cached_attention(self, q, k, v, cache, layer, window=None):
+        if not decode_attention.chosen(q, k.shape[1]):
+            return None
+        slots = cache.decode_slots()
+        return None if slots is None else decode_attention.attend(q, k, v, slots, layer, window)
 
     def rebuild(self, fn, *tensors, uses, **kwargs):
         return rebuild.again(fn, *tensors, uses=uses, **kwargs)

@@ -3,12 +3,13 @@
 The worker decodes the running jobs together (continuous batching): each step makes one token for
 every running job in one forward per adapter, whose projections read each weight once for all of
 them; a new job joins between steps (after its own prompt pass), a finished or cancelled one
-leaves. Every row of a step computes exactly what it computes decoded alone (its own KV cache and
-positions, attention row by row, the GEMV and norms bit for bit per row: tunex.kernels.gemv's
-``token_rows``), so a request's tokens never depend on what else runs. Models where that cannot be
-guaranteed (not the llama-family decoder in float32 on the CPU with the Rust GEMV, or widths the
-element-wise kernels would split differently) run their jobs one at a time, first come first
-served, as does ``max_batch=1``.
+leaves. A job whose prompt pass was run before (same adapter, prompt and cache size) starts from a
+copy of it (tunex.serve.prompts). Every row of a step computes exactly what it computes decoded
+alone (its own KV cache and positions, its attention by the same kernel call as alone, the GEMV
+and norms bit for bit per row: tunex.kernels.gemv's ``token_rows``), so a request's tokens never
+depend on what else runs. Models where that cannot be guaranteed (not the llama-family decoder in
+float32 on the CPU with the Rust GEMV, or widths the element-wise kernels would split
+differently) run their jobs one at a time, first come first served, as does ``max_batch=1``.
 
 Adapters stay unmerged: each is a set of :class:`tunex.peft.LoRALinear` layers whose ``weight`` is
 the base layer's own tensor (no copy of the base), swapped into the model before a forward of that
@@ -150,9 +151,15 @@ class Engine:
         name: str,
         adapters: dict[str, str | Path] | None = None,
         max_batch: int = 16,
+        prompt_cache_mb: int = 256,
     ):
+        from tunex.serve.prompts import PromptCache
+
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (1: one job at a time), got {max_batch}")
+        if prompt_cache_mb < 0:
+            raise ValueError(f"prompt_cache_mb must be >= 0 (0: no prompt cache), got {prompt_cache_mb}")
+        self.prompts = PromptCache(prompt_cache_mb << 20)
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -184,6 +191,7 @@ class Engine:
         dtype: str = "float32",
         device: str = "cpu",
         max_batch: int = 16,
+        prompt_cache_mb: int = 256,
     ) -> Engine:
         from tunex.models import load_model, resolve_model_path
         from tunex.templates import get_template
@@ -193,7 +201,7 @@ class Engine:
         tokenizer = load_tokenizer(folder)
         template = get_template(prompt_template, tokenizer)
         lm = load_model(folder, dtype=dtype, device=device)
-        return cls(lm, tokenizer, template, name or default_name(model), adapters, max_batch)
+        return cls(lm, tokenizer, template, name or default_name(model), adapters, max_batch, prompt_cache_mb)
 
     # ---- what requests may ask for --------------------------------------------------------------
 
@@ -331,14 +339,21 @@ class Engine:
                     self._running = len(running)
 
     def _begin(self, job: Job) -> _Sequence | None:
-        """``job``'s prompt pass; None when it failed or ended at once (its result emitted)."""
+        """``job``'s prompt pass (or the copy of an earlier one of the same prompt); None when it
+        failed."""
         try:
             seq = _Sequence(self, job)
-            self.bank.use(job.adapter)
-            cache = self.model.new_cache(1, len(job.prompt_ids) + job.max_tokens)
-            ids = torch.as_tensor(job.prompt_ids, dtype=torch.long, device=seq.seen.device)
+            size = len(job.prompt_ids) + job.max_tokens
+            cache = self.model.new_cache(1, size)
             seq.cache = cache
-            seq.logits = self.model(ids[None], cache=cache, last_only=True)[0, -1].float()
+            key = self.prompts.key(job.adapter, job.prompt_ids, size)
+            logits = self.prompts.restore(key, cache)
+            if logits is None:
+                self.bank.use(job.adapter)
+                ids = torch.as_tensor(job.prompt_ids, dtype=torch.long, device=seq.seen.device)
+                logits = self.model(ids[None], cache=cache, last_only=True)[0, -1]
+                self.prompts.store(key, cache, logits)
+            seq.logits = logits.float()
             return seq
         except Exception as exc:
             log.exception("tunex serve: a job failed")

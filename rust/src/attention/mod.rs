@@ -29,12 +29,14 @@
 //! so the bytes depend neither on the CPU's vector width nor on the number of threads.
 //!
 //! The files: [`forward`](fn@forward) and [`backward`](fn@backward) in `forward.rs` and `backward.rs`,
-//! the packed documents ([`forward_docs`], [`backward_docs`]) in `documents.rs`; below them the
+//! the packed documents ([`forward_docs`], [`backward_docs`]) in `documents.rs`, decoding (one new
+//! token per sequence over its own cache: [`decode`](fn@decode)) in `decode.rs`; below them the
 //! packing of K^T / V^T (`pack.rs`), the register tile (`tile.rs`, its AVX-512 form in `x86.rs`)
 //! and the row helpers: max, exponentials, dot product, soft-cap (`row.rs`). This file holds the
 //! shared types, sizes and argument checks.
 
 mod backward;
+mod decode;
 mod documents;
 mod forward;
 mod pack;
@@ -46,6 +48,7 @@ mod tile;
 mod x86;
 
 pub use backward::backward;
+pub use decode::{decode, Cache, Heads, Step};
 pub use documents::{backward_docs, forward_docs, Span};
 pub use forward::forward;
 

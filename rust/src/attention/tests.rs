@@ -423,3 +423,151 @@ fn documents_that_do_not_tile_the_rows_are_errors_and_write_nothing() {
     }
     assert!(out.iter().all(|&v| v == 0.0) && lse.iter().all(|&v| v == 0.0));
 }
+
+/// A sequence of a decode test: its cache (two layers, the call on layer 1), filled with values.
+fn decode_cache(h: Heads, capacity: usize, seed: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = 2 * h.kv_heads * capacity * h.dim;
+    (values(n, seed), values(n, seed + 13))
+}
+
+/// f64 attention of one sequence's query heads over positions 0..=past of layer 1 of its cache
+/// (the new key and value already at `past`), only the `window` latest with a window.
+#[allow(clippy::too_many_arguments)]
+fn decode_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    h: Heads,
+    capacity: usize,
+    past: usize,
+    window: Option<usize>,
+) -> Vec<f64> {
+    let first = window.map_or(0, |w| (past + 1).saturating_sub(w));
+    let (d, group) = (h.dim, h.heads / h.kv_heads);
+    let block = h.kv_heads * capacity * d;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f64; h.heads * d];
+    for head in 0..h.heads {
+        let base = block + (head / group) * capacity * d;
+        let s: Vec<f64> = (first..=past)
+            .map(|j| (0..d).map(|x| q[head * d + x] as f64 * k[base + j * d + x] as f64).sum::<f64>() * scale)
+            .collect();
+        let top = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - top).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for x in 0..d {
+            out[head * d + x] = (first..=past).map(|j| e[j - first] * v[base + j * d + x] as f64).sum::<f64>() / sum;
+        }
+    }
+    out
+}
+
+/// Runs one decode call over sequences with these (capacity, past) on layer 1; returns the output
+/// and the caches after the call.
+#[allow(clippy::type_complexity)]
+fn run_decode(
+    h: Heads,
+    seqs: &[(usize, usize)],
+    seed: usize,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
+    let n = seqs.len();
+    let q = values(n * h.heads * h.dim, seed + 1);
+    let k_new = values(n * h.kv_heads * h.dim, seed + 2);
+    let v_new = values(n * h.kv_heads * h.dim, seed + 3);
+    let mut stores: Vec<(Vec<f32>, Vec<f32>)> =
+        seqs.iter().enumerate().map(|(i, &(cap, _))| decode_cache(h, cap, seed + 5 * i)).collect();
+    let mut out = vec![f32::NAN; n * h.heads * h.dim];
+    let mut caches: Vec<Cache<'_>> = stores
+        .iter_mut()
+        .zip(seqs)
+        .map(|((k, v), &(capacity, past))| Cache { k, v, offset: h.kv_heads * capacity * h.dim, capacity, past })
+        .collect();
+    decode(Step { q: &q, k: &k_new, v: &v_new }, &mut caches, &mut out, h, 1.0 / (h.dim as f32).sqrt(), window)
+        .unwrap();
+    (out, stores)
+}
+
+#[test]
+fn decode_matches_a_float64_reference_over_awkward_lengths_and_heads() {
+    let seqs = [(5, 0), (3, 1), (40, 15), (17, 16), (64, 17), (50, 49), (300, 257)];
+    for (h, window) in [
+        (Heads { heads: 4, kv_heads: 2, dim: 16 }, None),
+        (Heads { heads: 3, kv_heads: 3, dim: 48 }, None),
+        (Heads { heads: 6, kv_heads: 1, dim: 32 }, Some(1)),
+        (Heads { heads: 9, kv_heads: 3, dim: 64 }, None),
+        (Heads { heads: 4, kv_heads: 2, dim: 16 }, Some(17)),
+    ] {
+        let (out, stores) = run_decode(h, &seqs, 7, window);
+        let n = seqs.len();
+        let k_new = values(n * h.kv_heads * h.dim, 9);
+        let v_new = values(n * h.kv_heads * h.dim, 10);
+        let q = values(n * h.heads * h.dim, 8);
+        for (i, (&(capacity, past), (k, v))) in seqs.iter().zip(&stores).enumerate() {
+            // the new key and value sit at `past` of layer 1; every other value is as it was
+            let (k0, v0) = decode_cache(h, capacity, 7 + 5 * i);
+            let block = h.kv_heads * capacity * h.dim;
+            for g in 0..h.kv_heads {
+                let at = block + (g * capacity + past) * h.dim;
+                let from = (i * h.kv_heads + g) * h.dim;
+                assert_eq!(&k[at..at + h.dim], &k_new[from..from + h.dim]);
+                assert_eq!(&v[at..at + h.dim], &v_new[from..from + h.dim]);
+            }
+            let changed = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+            assert!(changed(k, &k0) <= h.kv_heads * h.dim && changed(v, &v0) <= h.kv_heads * h.dim);
+            let want = decode_reference(&q[i * h.heads * h.dim..], k, v, h, capacity, past, window);
+            let got = &out[i * h.heads * h.dim..(i + 1) * h.heads * h.dim];
+            for (x, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 2e-5, "{h:?} seq {i} value {x}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_rows_equal_each_sequence_decoded_alone_bit_for_bit() {
+    // long enough that the batched call splits over the decode pool's threads
+    let h = Heads { heads: 9, kv_heads: 3, dim: 64 };
+    let seqs = [(400, 300), (20, 3), (512, 511), (64, 0), (300, 150)];
+    let (out, stores) = run_decode(h, &seqs, 3, None);
+    let per = h.heads * h.dim;
+    for (i, &(capacity, past)) in seqs.iter().enumerate() {
+        let q = values(seqs.len() * per, 4);
+        let k_new = values(seqs.len() * h.kv_heads * h.dim, 5);
+        let v_new = values(seqs.len() * h.kv_heads * h.dim, 6);
+        let (mut k, mut v) = decode_cache(h, capacity, 3 + 5 * i);
+        let kv = h.kv_heads * h.dim;
+        let mut alone = vec![0f32; per];
+        let mut cache = [Cache { k: &mut k, v: &mut v, offset: h.kv_heads * capacity * h.dim, capacity, past }];
+        let (qi, ki, vi) = (&q[i * per..(i + 1) * per], &k_new[i * kv..(i + 1) * kv], &v_new[i * kv..(i + 1) * kv]);
+        decode(Step { q: qi, k: ki, v: vi }, &mut cache, &mut alone, h, 1.0 / 8.0, None).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out[i * per..(i + 1) * per]), bits(&alone), "sequence {i}");
+        assert_eq!((&k, &v), (&stores[i].0, &stores[i].1));
+    }
+}
+
+#[test]
+fn decode_refuses_bad_shapes_with_errors() {
+    let h = Heads { heads: 4, kv_heads: 2, dim: 16 };
+    let (q, kv) = (vec![0f32; 64], vec![0f32; 32]);
+    let call = |h: Heads, q: &[f32], cap: usize, past: usize, store: usize, offset: usize| {
+        let (mut k, mut v) = (vec![0f32; store], vec![0f32; store]);
+        let mut out = vec![0f32; q.len()];
+        let mut caches = [Cache { k: &mut k, v: &mut v, offset, capacity: cap, past }];
+        decode(Step { q, k: &kv, v: &kv }, &mut caches, &mut out, h, 0.25, None).unwrap_err().to_string()
+    };
+    assert!(call(Heads { dim: 12, ..h }, &q, 4, 0, 128, 0).contains("head dim 12"));
+    assert!(call(Heads { kv_heads: 3, ..h }, &q, 4, 0, 128, 0).contains("4 query heads over 3"));
+    assert!(call(h, &q[..60], 4, 0, 128, 0).contains("q holds 60 values; expected 64"));
+    assert!(call(h, &q, 4, 4, 128, 0).contains("no room for the new token"));
+    assert!(call(h, &q, 4, 0, 127, 0).contains("cache 0's keys hold 127 values"));
+    assert!(call(h, &q, 4, 0, 128, usize::MAX).contains("does not fit"));
+    assert!(call(h, &q, usize::MAX, 0, 128, 0).contains("does not fit in a usize"));
+    let (mut k, mut v) = (vec![0f32; 128], vec![0f32; 128]);
+    let mut caches = [Cache { k: &mut k, v: &mut v, offset: 0, capacity: 4, past: 0 }];
+    let err = decode(Step { q: &q, k: &kv, v: &kv }, &mut caches, &mut vec![0f32; 64], h, 0.25, Some(0)).unwrap_err();
+    assert!(err.to_string().contains("window 0"));
+    // no sequences: nothing to do
+    decode(Step { q: &[], k: &[], v: &[] }, &mut [], &mut [], h, 0.25, None).unwrap();
+}

@@ -386,6 +386,41 @@ fn attention_backward_f32(
     Ok(())
 }
 
+type CacheArgs<'py> = (PyReadwriteArray1<'py, f32>, PyReadwriteArray1<'py, f32>, usize, usize, usize);
+
+/// Decoding attention: `q` (N, H, D) and the new keys and values `k`, `v` (N, Hkv, D), contiguous,
+/// for N sequences; `caches` holds each sequence's (keys, values, offset, capacity, past): its
+/// cache's flat key and value storage, where this layer's (Hkv, capacity, D) block starts, and
+/// how many positions it holds. The new keys and values go to position `past`; `out` (N, H, D)
+/// gets each head's attention over positions `0..=past` (the `window` latest of them, with one).
+/// `heads` is (H, Hkv, D).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, caches, out, heads, scale, window=None))]
+#[allow(clippy::too_many_arguments)]
+fn attention_decode_f32(
+    py: Python<'_>,
+    q: PyReadonlyArray1<'_, f32>,
+    k: PyReadonlyArray1<'_, f32>,
+    v: PyReadonlyArray1<'_, f32>,
+    mut caches: Vec<CacheArgs<'_>>,
+    mut out: PyReadwriteArray1<'_, f32>,
+    heads: (usize, usize, usize),
+    scale: f32,
+    window: Option<usize>,
+) -> PyResult<()> {
+    let (q, k, v) = (slice("q", q.as_slice())?, slice("k", k.as_slice())?, slice("v", v.as_slice())?);
+    let out = slice_mut("out", out.as_slice_mut())?;
+    let mut rows = Vec::with_capacity(caches.len());
+    for (ck, cv, offset, capacity, past) in caches.iter_mut() {
+        let (ck, cv) = (slice_mut("cache keys", ck.as_slice_mut())?, slice_mut("cache values", cv.as_slice_mut())?);
+        rows.push(attention::Cache { k: ck, v: cv, offset: *offset, capacity: *capacity, past: *past });
+    }
+    let (heads, kv_heads, dim) = heads;
+    let step = attention::Step { q, k, v };
+    py.detach(|| attention::decode(step, &mut rows, out, attention::Heads { heads, kv_heads, dim }, scale, window))?;
+    Ok(())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemv_f32, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_rows_f32, m)?)?;
@@ -400,6 +435,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rope_f32, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_decode_f32, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(lora_down_f32, m)?)?;
     m.add_function(wrap_pyfunction!(lora_grad_a_f32, m)?)?;
