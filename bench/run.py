@@ -74,6 +74,13 @@ def record(name: str, section: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:  # help, not a run: nothing is recorded
+        names = [a for a in argv if not a.startswith("-")]
+        if not names:
+            print(__doc__)
+        for name in names:
+            subprocess.run([sys.executable, str(BENCH / f"bench_{name}.py"), "--help"], check=False)
+        return
     names = [a for a in argv if not a.startswith("-")]
     extra = [a for a in argv if a.startswith("-")]
     if not names:
