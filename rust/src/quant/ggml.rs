@@ -509,16 +509,14 @@ pub(super) fn q5_k_pack(levels: &[u8; 256], rest: &mut [u8]) {
 /// ggml's `make_qx_quants` with `rmse_type` 1 and no importance weights (weights x^2), for Q6_K:
 /// signed levels -nmax..nmax-1 stored as level + nmax in `l`; returns the scale.
 fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
-    let (max, amax) = {
-        let (mut max, mut amax) = (0.0f32, 0.0f32);
-        for &v in x {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        (max, amax)
-    };
+    make_qx_quants_by(x, nmax, l, |_, v| v * v)
+}
+
+/// ggml's `make_qx_quants` (`rmse_type` 1) with the weight of value `i` given by `weight(i, x[i])`
+/// (x^2 without importance, the importance with it). Tries the scales `max / -(nmax + 0.1 is)`, is
+/// in -9..=9, and keeps the least-squares scale of the one that explains most of the weighted data.
+pub(super) fn make_qx_quants_by(x: &[f32], nmax: i32, l: &mut [u8], weight: impl Fn(usize, f32) -> f32) -> f32 {
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l[..x.len()].fill(0);
         return 0.0;
@@ -527,9 +525,9 @@ fn make_qx_quants(x: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v) as f32;
-            let w = v * v;
+            let w = weight(i, v);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }

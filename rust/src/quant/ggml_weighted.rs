@@ -17,8 +17,8 @@
 use rayon::prelude::*;
 
 use super::ggml::{
-    fp16_bytes, ggml_packed_len, k_store, make_qkx2_quants, nearest_int, pack_q5, q6_k_finish, q8_0_block, GgmlType,
-    KSearch, GROUP_MAX_EPS,
+    fp16_bytes, ggml_packed_len, k_store, make_qkx2_quants, make_qx_quants_by, nearest_int, pack_q5, q6_k_finish,
+    q8_0_block, GgmlType, KSearch, GROUP_MAX_EPS,
 };
 use crate::error::{Error, Result};
 
@@ -116,54 +116,9 @@ fn weighted_row(ty: GgmlType, x: &[f32], qw: &[f32], out: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qx_quants` (`rmse_type` 1) with weights `w`: signed levels -nmax..nmax-1 stored
-/// as level + nmax in `l`; returns the scale. Tries the scales `max / -(nmax + 0.1 is)`, is in
-/// -9..=9, and keeps the least-squares scale of the one that explains most of the weighted data.
+/// ggml's `make_qx_quants` (`rmse_type` 1) with weights `w` (see [`make_qx_quants_by`]).
 fn make_qx_quants_weighted(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8]) -> f32 {
-    let (mut max, mut amax) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
-        l[..x.len()].fill(0);
-        return 0.0;
-    }
-    let nmax_f = nmax as f32;
-    let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for (&v, &wi) in x.iter().zip(w) {
-            let q = level(iscale, v) as f32;
-            sumlx += wi * v * q;
-            suml2 += wi * q * q;
-        }
-        (sumlx, suml2)
-    };
-    let mut iscale = -nmax_f / max;
-    for (li, &v) in l.iter_mut().zip(x) {
-        *li = (level(iscale, v) + nmax) as u8;
-    }
-    let (sumlx, suml2) = sums(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmax_f + 0.1 * is as f32) / max;
-        let (sumlx, suml2) = sums(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (li, &v) in l.iter_mut().zip(x) {
-                *li = (level(iscale, v) + nmax) as u8;
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    scale
+    make_qx_quants_by(x, nmax, l, |i, _| w[i])
 }
 
 fn q5_0_weighted(x: &[f32], w: &[f32; 32], out: &mut [u8]) {
