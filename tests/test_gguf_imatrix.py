@@ -5,14 +5,14 @@ the statistics against a plain torch re-run of the model, and bad calibration fi
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from _ggml_oracle import ggml_quantize, load_ggml, qtype
+from _ggml_oracle import weights as corner_weights
 from click.testing import CliRunner
 from tunex.cli import cli
 from tunex.errors import FormatError
@@ -22,22 +22,9 @@ from tunex.gguf_io import hf_to_gguf, quantize_blocks
 KINDS = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
 
 
-def qtype(kind: str) -> gguf.GGMLQuantizationType:
-    return gguf.GGMLQuantizationType[kind.upper()]
-
-
 def weights(rows: int, cols: int, seed: int) -> np.ndarray:
-    """Weight-like rows and the blocks the searches branch on: all zero, constant, all positive,
-    all negative, tiny values, a grid of exact ties, an outlier."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
-    w[0, :256] = 0.0
-    w[1, :256] = 0.5
-    w[2, :256] = np.abs(w[2, :256]) + 0.01
-    w[3, :256] = -np.abs(w[3, :256]) - 0.01
-    w[4, :256] *= 1e-12
-    w[5, :256] = np.repeat(np.arange(-16, 16, dtype=np.float32) / 8, 8)
-    w[6, 7] = 3.0
+    """The corner-case rows of the plain tests, and a loud row (50 times the others)."""
+    w = corner_weights(rows, cols, seed)
     w[9] *= 50.0
     return w
 
@@ -53,27 +40,7 @@ def importance(cols: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ggml():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a test-only dependency) is not installed")
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
-    assert libs, "llama-cpp-python ships no libggml-base"
-    lib = ctypes.CDLL(str(libs[0]))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3, ctypes.c_void_p]
-    return lib
-
-
-def _ggml_quantize(lib, w: np.ndarray, kind: str, qw: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's quantizer: with ``qw`` (one value per column) what llama-quantize --imatrix runs."""
-    w = np.ascontiguousarray(w, np.float32)
-    rows, cols = w.shape
-    block, size = gguf.GGML_QUANT_SIZES[qtype(kind)]
-    out = np.zeros((rows, cols // block * size), np.uint8)
-    qw = None if qw is None else np.ascontiguousarray(qw, np.float32)
-    n = lib.ggml_quantize_chunk(
-        int(qtype(kind)), w.ctypes.data, out.ctypes.data, 0, rows, cols, None if qw is None else qw.ctypes.data
-    )
-    assert n == out.size
-    return out
+    return load_ggml()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -81,11 +48,11 @@ def test_weighted_bytes_equal_llama_cpp_quantizer_with_the_same_importance(ggml,
     for seed, cols in ((0, 1024), (1, 512)):
         w, qw = weights(32, cols, seed), importance(cols, seed + 10)
         ours = quantize_blocks(w, kind, "w", qw)
-        assert np.array_equal(ours, _ggml_quantize(ggml, w, kind, qw)), (kind, seed)
+        assert np.array_equal(ours, ggml_quantize(ggml, w, kind, qw)), (kind, seed)
     # uniform importance is still llama.cpp's weighted search (not its reference quantizer)
     w = weights(16, 512, 5)
     ones = np.ones(512, np.float32)
-    assert np.array_equal(quantize_blocks(w, kind, "w", ones), _ggml_quantize(ggml, w, kind, ones))
+    assert np.array_equal(quantize_blocks(w, kind, "w", ones), ggml_quantize(ggml, w, kind, ones))
 
 
 @pytest.mark.parametrize("kind", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
@@ -191,7 +158,7 @@ def test_calibrated_export_is_llama_cpps_weighted_quantization_of_the_same_weigh
     for t in blocks:
         assert t.tensor_type == plain[t.name].tensor_type, t.name
         w = np.asarray(f32[t.name].data, np.float32)
-        want = _ggml_quantize(ggml, w.reshape(-1, w.shape[-1]), t.tensor_type.name.lower(), imatrix[t.name])
+        want = ggml_quantize(ggml, w.reshape(-1, w.shape[-1]), t.tensor_type.name.lower(), imatrix[t.name])
         assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), t.name
         differ += not np.array_equal(np.asarray(t.data), np.asarray(plain[t.name].data))
     assert differ >= 2 * 6  # the weighting changed the blocks (Q8_0 takes none)

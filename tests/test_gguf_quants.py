@@ -5,36 +5,14 @@ llama-cpp-python's shared libraries) where that is installed."""
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import gguf
 import numpy as np
 import pytest
+from _ggml_oracle import ggml_dequantize, ggml_quantize, load_ggml, qtype, weights
 from tunex.gguf_io import BLOCK_ELEMS, quantize_blocks, tensor_type
 
 KINDS = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
 GGUF_QUANTIZES = ["q8_0", "q5_0", "q5_1"]  # the types gguf-py can quantize (it dequantizes all six)
-
-
-def qtype(kind: str) -> gguf.GGMLQuantizationType:
-    return gguf.GGMLQuantizationType[kind.upper()]
-
-
-def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Weight-like rows, plus the corner cases the quantizers branch on: an all-zero block, a constant
-    block, an all-positive and an all-negative block, a block of tiny values, values on exact ties,
-    a single outlier."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
-    w[0, :256] = 0.0
-    w[1, :256] = 0.5
-    w[2, :256] = np.abs(w[2, :256]) + 0.01
-    w[3, :256] = -np.abs(w[3, :256]) - 0.01
-    w[4, :256] *= 1e-12
-    w[5, :256] = np.repeat(np.arange(-16, 16, dtype=np.float32) / 8, 8)
-    w[6, 7] = 3.0
-    return w
 
 
 @pytest.mark.parametrize("kind", GGUF_QUANTIZES)
@@ -146,55 +124,9 @@ def test_moe_tensor_types_follow_llama_quantize():
 # ---- llama.cpp's own ggml, where llama-cpp-python is installed ---------------------------------
 
 
-class _Traits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
-
-
 @pytest.fixture(scope="module")
 def ggml():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a test-only dependency) is not installed")
-    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
-    assert libs, "llama-cpp-python ships no libggml-base"
-    lib = ctypes.CDLL(str(libs[0]))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    return lib
-
-
-def _ggml_quantize(lib, w: np.ndarray, kind: str) -> np.ndarray:
-    w = np.ascontiguousarray(w, np.float32)
-    rows, cols = w.shape
-    block, size = gguf.GGML_QUANT_SIZES[qtype(kind)]
-    out = np.zeros((rows, cols // block * size), np.uint8)
-    n = lib.ggml_quantize_chunk(int(qtype(kind)), w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
-    assert n == out.size
-    return out
-
-
-def _ggml_dequantize(lib, q: np.ndarray, kind: str, n: int) -> np.ndarray:
-    traits = lib.ggml_get_type_traits(int(qtype(kind))).contents
-    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
-    out = np.empty(n, np.float32)
-    to_float(np.ascontiguousarray(q).ctypes.data, out.ctypes.data, n)
-    return out
+    return load_ggml()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -202,14 +134,14 @@ def test_bytes_equal_llama_cpp_reference_quantizer(ggml, kind):
     w = weights(32, 1024, seed=2)
     w[9] *= 50.0  # rows of larger magnitude too
     ours = quantize_blocks(w, kind, "w")
-    assert np.array_equal(ours, _ggml_quantize(ggml, w, kind))
+    assert np.array_equal(ours, ggml_quantize(ggml, w, kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_cpp_dequantizes_our_blocks_as_gguf_does(ggml, kind):
     w = weights(8, 512, seed=3)
     q = quantize_blocks(w, kind, "w")
-    theirs = _ggml_dequantize(ggml, q, kind, w.size).reshape(w.shape)
+    theirs = ggml_dequantize(ggml, q, kind, w.size).reshape(w.shape)
     assert np.array_equal(theirs, gguf.quants.dequantize(q, qtype(kind)))
 
 
