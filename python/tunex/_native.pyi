@@ -118,6 +118,10 @@ def dequantize_blockwise_8bit(q: _U8, absmax: _F32, code: _F32, blocksize: int, 
 def quantize_ggml(src: _F32, row_len: int, ggml_type: str, name: str, out: _U8) -> None:
     """GGUF blocks (q8_0, q5_0, q5_1, q4_k, q5_k, q6_k) of float32 rows of ``row_len`` into ``out``."""
 
+def quantize_ggml_weighted(src: _F32, row_len: int, ggml_type: str, name: str, importance: _F32, out: _U8) -> None:
+    """:func:`quantize_ggml` with ``importance`` (``row_len`` non-negative values, one per column)
+    weighting each value's error: llama.cpp's searches when it quantizes with an importance matrix."""
+
 # compute kernels (rust/src/py/kernels.rs); float32 only
 def gemv_f32(x: _F32, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:
     """``out = weight @ x (+ bias)`` for each ``(weight, bias, out)``; weight is flat row-major."""
@@ -200,12 +204,13 @@ def attention_decode_f32(
     out: _F32,
     heads: tuple[int, int, int],
     scale: float,
+    window: int | None = None,
 ) -> None:
     """Decoding attention of N sequences: ``q`` (N, H, D), new keys/values ``k``, ``v`` (N, Hkv, D);
     ``caches``: each sequence's (keys, values, offset, capacity, past) (its flat cache storage, where
     this layer's (Hkv, capacity, D) block starts, the positions it holds); the new keys/values go to
-    position ``past`` and ``out`` (N, H, D) gets each head's attention over ``0..=past``.
-    ``heads`` is (H, Hkv, D)."""
+    position ``past`` and ``out`` (N, H, D) gets each head's attention over ``0..=past`` (the
+    ``window`` latest of them, with one). ``heads`` is (H, Hkv, D)."""
 
 def lora_down_f32(x: _F32, cols: int, a: _F32, seed: int, p: float, h: _F32) -> None:
     """``h = dropout(x) @ a^T`` with the dropout mask of ``seed`` fused in."""
