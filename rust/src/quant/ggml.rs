@@ -616,10 +616,11 @@ pub(super) fn q6_k_finish(x: &[f32], scales: &[f32; 16], mut levels: [u8; 256], 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn sample(n: usize, seed: u64) -> Vec<f32> {
+    /// Weight-like test values in about -0.1..0.1 from a seeded LCG.
+    pub(in crate::quant) fn sample(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

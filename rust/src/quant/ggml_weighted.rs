@@ -276,17 +276,8 @@ fn make_qp_quants(x: &[f32; 8], nmax: i32, l: &mut [u8; 8], w: &[f32; 8]) -> f32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::ggml::tests::sample;
     use crate::quant::quantize_ggml;
-
-    fn sample(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-            })
-            .collect()
-    }
 
     #[test]
     fn bad_importance_gets_one_line_errors_naming_the_tensor() {
