@@ -53,12 +53,16 @@ class PromptCache:
         """Keep a copy of the prompt pass just run into ``cache`` (its ``length`` positions) and its
         last ``logits``, if it fits in the budget (the least recently used entries leave for it)."""
         n = cache.length
-        size = 2 * cache.k[:, :, :, :n].numel() * cache.k.element_size() + logits.numel() * logits.element_size()
+        k, v = cache.k[:, :, :, :n], cache.v[:, :, :, :n]
+        size = _bytes(k, v, logits)
         if size > self.budget or key in self._entries:
             return
         while self.used + size > self.budget:
-            _, (k, v, lg) = self._entries.popitem(last=False)
-            self.used -= 2 * k.numel() * k.element_size() + lg.numel() * lg.element_size()
-        k, v = cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone()
-        self._entries[key] = (k, v, logits.clone())
+            _, entry = self._entries.popitem(last=False)
+            self.used -= _bytes(*entry)
+        self._entries[key] = (k.clone(), v.clone(), logits.clone())
         self.used += size
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
