@@ -55,8 +55,9 @@ def attend(
 ) -> torch.Tensor:
     """Attention of ``q`` (N, H, 1, D) for N sequences, each over its own cache ``slots[i]`` with its
     new key and value ``k``, ``v`` (N, Hkv, 1, D) written in first at position ``slots[i].past``
-    of ``layer`` (with a sliding ``window``, over its ``window`` latest positions only). Returns (N, H, 1, D) (a view of (N, 1, H, D) storage, the order the output
-    projection reads). Check :func:`chosen` first."""
+    of ``layer`` (with a sliding ``window``, over its ``window`` latest positions only). Returns
+    (N, H, 1, D), a view of (N, 1, H, D) storage (the order the output projection reads). Check
+    :func:`chosen` first."""
     n, h, _, d = q.shape
     out = torch.empty(n, 1, h, d, dtype=q.dtype, device=q.device)
     _native_decode(
