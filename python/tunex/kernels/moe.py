@@ -26,7 +26,7 @@ Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit o
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
 adapters of every expert get their gradients from this node. Saved: the input x (only when a
 gate/up adapter needs it: backward gathers each expert's rows from it again, half the size of the
-sorted rows), the gate and up pre-activations of all experts in one (S, I) block each and the
+sorted rows; not even that when the caller gives a rebuild of x, the decoder's lean norm), the gate and up pre-activations of all experts in one (S, I) block each and the
 adapters' (rows, r) products; SwiGLU's output is rebuilt in backward (for the routing weights'
 gradient and the down adapter). The two (S, I) blocks are kept
 tensors (tunex.kernels.kept): in CPU training they lie in the runtime's activation arena, one size
@@ -246,13 +246,13 @@ def _state(tensors, saved):
 
 class GroupedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, chosen, projections, *adapters):
+    def forward(ctx, x, weights, chosen, projections, again, *adapters):
         run = _Run(x)
         with no_autocast(x), registry.varying_shapes():  # each expert's rows: a new count each step
-            return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections)
+            return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections, again)
 
     @staticmethod
-    def _forward(ctx, run, x, weights, chosen, projections):
+    def _forward(ctx, run, x, weights, chosen, projections, again):
         n, hidden = x.shape
         k = chosen.shape[1]
         order, inv, rows, counts = _sort_pairs(chosen, len(projections))
@@ -283,7 +283,10 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
         out = torch.bmm(weights.view(n, 1, k).to(dtype), ys.index_select(0, inv).view(n, k, hidden).to(dtype))
         out = out.view(n, hidden)  # (N, H)
         keep_x = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
-        ctx.save_for_backward(x if keep_x else None, gates, ups, order, inv, rows, weights, *keep.tensors)
+        ctx.again = again if keep_x else None
+        ctx.save_for_backward(
+            x if keep_x and again is None else None, gates, ups, order, inv, rows, weights, *keep.tensors
+        )
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
         return out.to(x.dtype)
 
@@ -295,6 +298,9 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dout):
         x, gates, ups, order, inv, rows, weights, *tensors = ctx.saved_tensors
+        if ctx.again is not None:  # the rows rebuilt (the same bits), held through the experts' loop
+            x = ctx.again()
+            x = x.reshape(-1, x.shape[-1])
         run, k = ctx.run, ctx.k
         need_x, need_w = ctx.needs_input_grad[:2]
         n, hidden = dout.shape
@@ -344,7 +350,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             for j in range(1, k):
                 d_x.add_(dxs.index_select(0, slots[:, j]))
             d_x = d_x.to(ctx.x_dtype)
-        return (d_x, d_w, None, None, *adapter_grads)
+        return (d_x, d_w, None, None, None, *adapter_grads)
 
 
 def grouped_swiglu_experts(
@@ -352,6 +358,7 @@ def grouped_swiglu_experts(
     weights: torch.Tensor,
     chosen: torch.Tensor,
     projections: Sequence[tuple[Projection, Projection, Projection]],
+    again=None,
 ) -> torch.Tensor:
     """``sum_j weights[:, j] * expert_{chosen[:, j]}(x)`` for SwiGLU experts, as one autograd node.
 
@@ -360,6 +367,8 @@ def grouped_swiglu_experts(
         weights: (N, k) routing weights (gradient flows to them: the router's).
         chosen: (N, k) expert ids in ``[0, len(projections))``.
         projections: per expert its (gate, up, down) :class:`Projection` (see :func:`expert_projections`).
+        again: a rebuild of x in backward (tunex.runtime.rebuild.Again: rows of any leading shape,
+            the same values as x), which the node then calls instead of keeping x.
 
     Returns:
         (N, H) tensor in x's dtype. Gradients flow to x, weights and every adapter, never to a base.
@@ -370,4 +379,4 @@ def grouped_swiglu_experts(
             f"chosen {tuple(chosen.shape)} both (N, k)"
         )
     adapters = [t for trio in projections for p in trio if p.lora_a is not None for t in (p.lora_a, p.lora_b)]
-    return GroupedSwiGLUExperts.apply(x, weights, chosen, tuple(projections), *adapters)
+    return GroupedSwiGLUExperts.apply(x, weights, chosen, tuple(projections), again, *adapters)
