@@ -53,28 +53,37 @@ multiversion512! {
     }
 }
 
+/// One element of [`backward_weighted`]'s row: (the dot's term, d_gate, d_up), one sigmoid.
+#[inline(always)]
+fn weighted_element(d: f32, g: f32, u: f32, w: f32) -> (f32, f32, f32) {
+    let s = sigmoid(g);
+    let gs = g * s;
+    let dw = d * w;
+    (d * gs * u, dw * u * s * (1.0 + g * (1.0 - s)), dw * gs)
+}
+
 multiversion512! {
     fn backward_weighted_row(dy: &[f32], gate: &[f32], up: &[f32], w: f32, d_gate: &mut [f32], d_up: &mut [f32]) -> f32 {
-        // <dy, silu(gate) * up> in 16 lanes (one strict sum would not vectorize), then the
-        // gradients of w * dy
+        // one pass: the dot <dy, silu(gate) * up> in 16 lanes (one strict sum would not
+        // vectorize) beside the gradients of w * dy
         let mut lanes = [0.0f32; 16];
-        let (dc, gc, uc) = (dy.chunks_exact(16), gate.chunks_exact(16), up.chunks_exact(16));
-        let tail = dc.len() * 16;
-        for ((d, g), u) in dc.zip(gc).zip(uc) {
-            for (((acc, &d), &g), &u) in lanes.iter_mut().zip(d).zip(g).zip(u) {
-                *acc += d * g * sigmoid(g) * u;
+        let tail = dy.len() / 16 * 16;
+        let chunks = dy[..tail].chunks_exact(16).zip(gate[..tail].chunks_exact(16)).zip(up[..tail].chunks_exact(16));
+        let outs = d_gate[..tail].chunks_exact_mut(16).zip(d_up[..tail].chunks_exact_mut(16));
+        for (((d, g), u), (dg, du)) in chunks.zip(outs) {
+            for l in 0..16 {
+                let (dot, a, b) = weighted_element(d[l], g[l], u[l], w);
+                lanes[l] += dot;
+                dg[l] = a;
+                du[l] = b;
             }
         }
         let mut dot = lanes.iter().sum::<f32>();
-        for ((&d, &g), &u) in dy[tail..].iter().zip(&gate[tail..]).zip(&up[tail..]) {
-            dot += d * g * sigmoid(g) * u;
-        }
-        backward_seq(dy, gate, up, d_gate, d_up);
-        if w != 1.0 {
-            for (dg, du) in d_gate.iter_mut().zip(d_up.iter_mut()) {
-                *dg *= w;
-                *du *= w;
-            }
+        for i in tail..dy.len() {
+            let (t, a, b) = weighted_element(dy[i], gate[i], up[i], w);
+            dot += t;
+            d_gate[i] = a;
+            d_up[i] = b;
         }
         dot
     }
