@@ -113,6 +113,13 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def close_grad(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The input's gradient: equal up to float32 rounding, 1e-6 of its largest entry. transformers'
+    own float32 gradient is 1.6e-5 off its float64 one here (entries up to ~41), tunex's 2.5e-5 (it
+    takes the routing weights' gradient as <d act, act>, not <dout, expert output>)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
 def run(fn, x: torch.Tensor, probe: torch.Tensor, params=()):
     """(output, grad of x, grads of params) for the loss sum(fn(x) * probe)."""
     xi = x.clone().requires_grad_(True)
@@ -136,7 +143,7 @@ def test_frozen_block_forward_and_input_grad_match_transformers():
     out, dx, _ = run(lambda t: ours(t, rt=Standard()), x, probe)
     ref, ref_dx, _ = run(lambda t: theirs(t.unsqueeze(0)).squeeze(0), x, probe)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+    close_grad(dx, ref_dx)
     assert dx[:, :E].abs().sum() > 0  # the router's share of the input gradient is in it
 
 
@@ -148,7 +155,7 @@ def test_lora_block_grads_match_transformers_on_the_adapted_weights():
     out, dx, grads = run(lambda t: ours(t, rt=Standard()), x, probe, params)
     ref, ref_dx, ref_grads = run(lambda t: hf_with_adapters(theirs, ours, t), x, probe, params)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    close_grad(dx, ref_dx)
     for i, (g, ref_g) in enumerate(zip(grads, ref_grads)):
         expert = i // 6
         if expert == 7:  # no rows: no gradient, as when the loop does not call the expert
@@ -194,7 +201,7 @@ def test_dropout_and_4bit_experts_match_the_expert_loop(kind):
         results.append(run(lambda t, rt=rt: ours(t, rt=rt), x, probe, params))
     (out, dx, grads), (ref, ref_dx, ref_grads) = results
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    close_grad(dx, ref_dx)
     for g, ref_g in zip(grads, ref_grads):
         if ref_g is None:
             assert g is None

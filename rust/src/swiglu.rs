@@ -53,6 +53,42 @@ multiversion512! {
     }
 }
 
+/// One element of [`backward_weighted`]'s row: (the dot's term, d_gate, d_up), one sigmoid.
+#[inline(always)]
+fn weighted_element(d: f32, g: f32, u: f32, w: f32) -> (f32, f32, f32) {
+    let s = sigmoid(g);
+    let gs = g * s;
+    let dw = d * w;
+    (d * gs * u, dw * u * s * (1.0 + g * (1.0 - s)), dw * gs)
+}
+
+multiversion512! {
+    fn backward_weighted_row(dy: &[f32], gate: &[f32], up: &[f32], w: f32, d_gate: &mut [f32], d_up: &mut [f32]) -> f32 {
+        // one pass: the dot <dy, silu(gate) * up> in 16 lanes (one strict sum would not
+        // vectorize) beside the gradients of w * dy
+        let mut lanes = [0.0f32; 16];
+        let tail = dy.len() / 16 * 16;
+        let chunks = dy[..tail].chunks_exact(16).zip(gate[..tail].chunks_exact(16)).zip(up[..tail].chunks_exact(16));
+        let outs = d_gate[..tail].chunks_exact_mut(16).zip(d_up[..tail].chunks_exact_mut(16));
+        for (((d, g), u), (dg, du)) in chunks.zip(outs) {
+            for l in 0..16 {
+                let (dot, a, b) = weighted_element(d[l], g[l], u[l], w);
+                lanes[l] += dot;
+                dg[l] = a;
+                du[l] = b;
+            }
+        }
+        let mut dot = lanes.iter().sum::<f32>();
+        for i in tail..dy.len() {
+            let (t, a, b) = weighted_element(dy[i], gate[i], up[i], w);
+            dot += t;
+            d_gate[i] = a;
+            d_up[i] = b;
+        }
+        dot
+    }
+}
+
 fn same_len(what: &str, lens: &[usize]) -> Result<()> {
     if lens.iter().all(|&n| n == lens[0]) {
         Ok(())
@@ -78,6 +114,50 @@ pub fn backward(dy: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: 
     omp::for_ranges(dy.len(), &|a, b| {
         backward_seq(&dy[a..b], &gate[a..b], &up[a..b], unsafe { dg.range(a, b) }, unsafe { du.range(a, b) })
     });
+    Ok(())
+}
+
+/// The backward of rows `y_r = w_r * silu(gate_r) * up_r` (`w`: one weight per row, rows of
+/// `dy.len() / w.len()` values) for the upstream gradient `dy`: `d_gate`, `d_up` as [`backward`]
+/// gives them for `w_r * dy_r`, and `d_w_r = <dy_r, silu(gate_r) * up_r>` (the gradient of each
+/// row's weight). A mixture-of-experts block weights each (token, expert) row of its experts'
+/// outputs; this is that weight's gradient with the SwiGLU output rebuilt in the same pass instead
+/// of the weighted outputs kept from forward.
+pub fn backward_weighted(
+    dy: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    w: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    d_w: &mut [f32],
+) -> Result<()> {
+    same_len(
+        "weighted backward (dy, gate, up, d_gate, d_up)",
+        &[dy.len(), gate.len(), up.len(), d_gate.len(), d_up.len()],
+    )?;
+    same_len("weighted backward (w, d_w)", &[w.len(), d_w.len()])?;
+    let rows = w.len();
+    if !dy.len().is_multiple_of(rows) {
+        return Err(Error::InvalidArgument(format!(
+            "swiglu weighted backward: {} values do not split into {rows} rows (one weight per row)",
+            dy.len()
+        )));
+    }
+    let width = dy.len().checked_div(rows).unwrap_or(0);
+    let (dg, du, dw) = (Shared::new(d_gate), Shared::new(d_up), Shared::new(d_w));
+    let ok = omp::by_rows(rows, width, &|a, b| {
+        // SAFETY: rows a..b of each output are written by this part only.
+        let (dg, du) = unsafe { (dg.range(a * width, b * width), du.range(a * width, b * width)) };
+        let dw = unsafe { dw.range(a, b) };
+        for (i, r) in (a..b).enumerate() {
+            let (lo, hi) = (r * width, (r + 1) * width);
+            let at = i * width..(i + 1) * width;
+            dw[i] =
+                backward_weighted_row(&dy[lo..hi], &gate[lo..hi], &up[lo..hi], w[r], &mut dg[at.clone()], &mut du[at]);
+        }
+    });
+    assert!(ok, "a part of a parallel kernel panicked");
     Ok(())
 }
 
@@ -115,5 +195,31 @@ mod tests {
             assert!(close(dg[i], d * u * s * (1.0 + g * (1.0 - s))));
         }
         assert!(forward(&gate, &up[..3], &mut y).is_err());
+    }
+
+    #[test]
+    fn weighted_backward_scales_the_gradients_and_gives_each_rows_dot() {
+        // 3 rows of 37 values: a width with a tail past the 16 lanes
+        let n = 3 * 37;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 - 50.0) / 9.0).collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 2.0).collect();
+        let w = [0.25f32, 1.0, -2.0];
+        let (mut dg, mut du, mut dw) = (vec![0.0; n], vec![0.0; n], vec![0.0; 3]);
+        backward_weighted(&dy, &gate, &up, &w, &mut dg, &mut du, &mut dw).unwrap();
+        for r in 0..3 {
+            let mut dot = 0.0f64;
+            for i in r * 37..(r + 1) * 37 {
+                let (g, u, d) = (gate[i] as f64, up[i] as f64, dy[i] as f64 * w[r] as f64);
+                let s = 1.0 / (1.0 + (-g).exp());
+                let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs());
+                assert!(close(du[i], d * g * s));
+                assert!(close(dg[i], d * u * s * (1.0 + g * (1.0 - s))));
+                dot += dy[i] as f64 * g * s * u;
+            }
+            assert!((dw[r] as f64 - dot).abs() <= 1e-4 * (1.0 + dot.abs()), "row {r}: {} vs {dot}", dw[r]);
+        }
+        assert!(backward_weighted(&dy, &gate, &up, &w[..2], &mut dg, &mut du, &mut dw[..2]).is_err());
+        assert!(backward_weighted(&dy, &gate, &up, &w, &mut dg, &mut du, &mut dw[..2]).is_err());
     }
 }

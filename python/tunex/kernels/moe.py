@@ -12,20 +12,23 @@ of the N*k pairs, and its inverse ``inv``). Forward:
     out = sum_j w[:, j] * ys[inv].view(N, k, H)[:, j]     un-permuted by a gather, the k slots summed
                                                   (a batched (1, k) @ (k, H) product per row)
 
-Backward (G = dout rows in expert order, one gather):
+Backward (G = dout rows in expert order, one gather, unweighted):
 
-    d_w[pair] = <G, ys>[inv]                      the routing weights' gradient (to the router)
-    dys = G * w_sorted;  per expert: down, SwiGLU and gate/up backwards; the gate and up input
-    gradients accumulate in the expert's rows of G (its dys read by then)
+    per expert: the down backward on G gives d_act (for G, the adapter's gradients for w * G);
+    SwiGLU's weighted backward (one pass) rebuilds act = silu(g) * u, gives
+    d_w[pair] = <d_act, act> (= <G, ys>: the down projection's adjoint moved over, so ys is not
+    kept) and the gate/up gradients of w * d_act; the gate and up input gradients accumulate in
+    the expert's rows of G (read by then)
+    d_w = d_w_sorted[inv]                          the routing weights' gradient (to the router)
     dx = sum_j dxs[inv].view(N, k, H)[:, j]       the inverse permutation again: a gather per slot, no scatter-add
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
 adapters of every expert get their gradients from this node. Saved: the input x (only when a
 gate/up adapter needs it: backward gathers each expert's rows from it again, half the size of the
-sorted rows), the gate and up pre-activations of all experts in one (S, I) block each, the
-adapters' (rows, r) products and the expert outputs ys (written over the sorted rows); SwiGLU's
-output is rebuilt in backward where the down adapter needs it. The three (S, ·) blocks are kept
+sorted rows; not even that when the caller gives a rebuild of x, the decoder's lean norm), the gate and up pre-activations of all experts in one (S, I) block each and the
+adapters' (rows, r) products; SwiGLU's output is rebuilt in backward (for the routing weights'
+gradient and the down adapter). The two (S, I) blocks are kept
 tensors (tunex.kernels.kept): in CPU training they lie in the runtime's activation arena, one size
 every step, instead of per-expert pieces of new sizes each step in the heap. The products' shapes follow each expert's share of the batch, new each step, so they run
 torch's matmul (the node runs in ``registry.varying_shapes``), never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
@@ -50,8 +53,8 @@ from tunex.kernels._dispatch import (
 )
 from tunex.kernels.kept import kept_empty
 from tunex.kernels.lora import _dense, _Dropout, _native_add_up, _native_down, _native_grad_a
-from tunex.kernels.swiglu import _backward_torch as _swiglu_backward
 from tunex.kernels.swiglu import _forward_torch as _swiglu_forward
+from tunex.kernels.swiglu import backward_weighted as _swiglu_backward_weighted
 
 
 @dataclass(frozen=True)
@@ -165,23 +168,30 @@ class _Run:
         y.addmm_(h, proj.lora_b.to(self.dtype).T, alpha=proj.scaling)
         return y, (h, drop)
 
-    def backward(self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None, out=None):
+    def backward(
+        self, proj: Projection, g: torch.Tensor, saved, x2: Callable[[], torch.Tensor], add=None, out=None, rows_w=None
+    ):
         """(dx = g @ W + drop'(dh @ A) (+ add), dA, dB) for the projection's output gradient g; dx
-        written into ``out`` when given (not with ``add``)."""
+        written into ``out`` when given (not with ``add``). ``rows_w`` (n,): the output gradient is
+        ``rows_w[:, None] * g``; the adapter's gradients are for that one, dx is for g (the caller
+        weights it)."""
         d_a = d_b = d_lora = None
         if proj.lora_a is not None:
             h, drop = saved
             a, b, s = proj.lora_a.to(self.dtype), proj.lora_b.to(self.dtype), proj.scaling
-            d_b = self.mm(h.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
-            dh = self.mm(g, b.t()).mul_(s)  # (n, r)
+            rows_w = None if rows_w is None else rows_w.unsqueeze(1)
+            hw = h if rows_w is None else h * rows_w  # dB = s (w g)^T h = s g^T (w h)
+            d_b = self.mm(hw.t(), g.t()).mul_(s).t().to(proj.lora_b.dtype)  # (out, r)
+            dh = self.mm(g, b.t()).mul_(s)  # (n, r), for g
+            dh_w = dh if rows_w is None else dh * rows_w  # for w g: dA's
             if drop.fused:  # dh.T @ dropout(x) in one pass over x, and dx += dropout(dh @ A) below
                 d_a = torch.empty(a.shape, dtype=self.dtype, device=a.device)
                 x = x2()
-                _native_grad_a(host_flat(dh), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
+                _native_grad_a(host_flat(dh_w), host_flat(x), x.shape[1], drop.seed, drop.p, host_flat(d_a))
                 dx = self.mm(g, self.weight(proj).t(), add=add, out=out, base=True)
                 _native_add_up(host_flat(dx), host_flat(dh), host_flat(a.contiguous()), dx.shape[1], drop.seed, drop.p)
                 return dx, d_a.to(proj.lora_a.dtype), d_b
-            d_a = self.mm(dh.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
+            d_a = self.mm(dh_w.t(), drop(x2()).t()).to(proj.lora_a.dtype)  # (r, in)
             d_lora = drop(self.mm(dh, a.t()), inplace=True)
             add = d_lora if add is None else add.add_(d_lora)
             if out is not None:  # the product then adds to the adapter's part in place
@@ -236,21 +246,20 @@ def _state(tensors, saved):
 
 class GroupedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, chosen, projections, *adapters):
+    def forward(ctx, x, weights, chosen, projections, again, *adapters):
         run = _Run(x)
         with no_autocast(x), registry.varying_shapes():  # each expert's rows: a new count each step
-            return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections)
+            return GroupedSwiGLUExperts._forward(ctx, run, x, weights, chosen, projections, again)
 
     @staticmethod
-    def _forward(ctx, run, x, weights, chosen, projections):
+    def _forward(ctx, run, x, weights, chosen, projections, again):
         n, hidden = x.shape
         k = chosen.shape[1]
         order, inv, rows, counts = _sort_pairs(chosen, len(projections))
         # (S, H) in expert order; each expert's outputs (unweighted) overwrite its rows once its gate
-        # and up products have read them (backward gathers the gate/up adapters' inputs from x again)
-        ys = xs = torch.index_select(
-            x.to(run.dtype), 0, rows, out=kept_empty((rows.shape[0], hidden), run.dtype, x.device)
-        )
+        # and up products have read them. Not kept: backward gathers the gate/up adapters' inputs
+        # from x again and rebuilds the outputs' part in the routing weights' gradient from SwiGLU's.
+        ys = xs = torch.index_select(x.to(run.dtype), 0, rows)
         gates = ups = None  # (S, I) each, every expert's gate and up pre-activations: kept for backward
         keep = _Saved()
         layout, start = [], 0
@@ -274,7 +283,10 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
         out = torch.bmm(weights.view(n, 1, k).to(dtype), ys.index_select(0, inv).view(n, k, hidden).to(dtype))
         out = out.view(n, hidden)  # (N, H)
         keep_x = any(p[0].lora_a is not None or p[1].lora_a is not None for p in projections)
-        ctx.save_for_backward(x if keep_x else None, ys, gates, ups, order, inv, rows, weights, *keep.tensors)
+        ctx.again = again if keep_x else None
+        ctx.save_for_backward(
+            x if keep_x and again is None else None, gates, ups, order, inv, rows, weights, *keep.tensors
+        )
         ctx.run, ctx.projections, ctx.layout, ctx.k, ctx.x_dtype = run, projections, layout, k, x.dtype
         return out.to(x.dtype)
 
@@ -285,16 +297,19 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        x, ys, gates, ups, order, inv, rows, weights, *tensors = ctx.saved_tensors
+        x, gates, ups, order, inv, rows, weights, *tensors = ctx.saved_tensors
+        if ctx.again is not None:  # the rows rebuilt (the same bits), held through the experts' loop
+            x = ctx.again()
+            x = x.reshape(-1, x.shape[-1])
         run, k = ctx.run, ctx.k
         need_x, need_w = ctx.needs_input_grad[:2]
         n, hidden = dout.shape
-        grads = dout.to(run.dtype).index_select(0, rows)  # (S, H) in expert order
-        d_w = None
-        if need_w:  # d_w[pair] = <dout[row], ys[pair]>
-            d_w = torch.linalg.vecdot(grads, ys).index_select(0, inv).view(n, k).to(weights.dtype)
-        del ys
-        grads.mul_(weights.reshape(-1)[order].to(run.dtype).unsqueeze(1))  # d ys
+        # (S, H) in expert order, unweighted: each expert's down backward runs on it and its SwiGLU
+        # backward applies the pairs' weights and gives their gradient, <dout[row], ys[pair]> as
+        # <d act, act> (the down projection's adjoint moved over), with no outputs kept from forward
+        grads = dout.to(run.dtype).index_select(0, rows)
+        w_sorted = weights.reshape(-1)[order].to(run.dtype)
+        d_ws = torch.empty_like(w_sorted)
         dxs = grads if need_x else None  # each expert's input gradient replaces its rows once read
         adapter_grads = []
         for (gate, up, down), entry in zip(ctx.projections, ctx.layout):
@@ -303,11 +318,11 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
                 continue
             start, count, g_saved, u_saved, d_saved = entry
             run_rows = slice(start, start + count)
-            g, u = gates[run_rows], ups[run_rows]
+            g, u, w_e = gates[run_rows], ups[run_rows], w_sorted[run_rows]
             d_act, d_a_down, d_b_down = run.backward(
-                down, grads[run_rows], _state(tensors, d_saved), lambda: _swiglu_forward(g, u)
+                down, grads[run_rows], _state(tensors, d_saved), lambda: _swiglu_forward(g, u), rows_w=w_e
             )
-            d_g, d_u = _swiglu_backward(d_act, g, u)
+            d_g, d_u, d_ws[run_rows] = _swiglu_backward_weighted(d_act, g, u, w_e)
             del d_act
 
             gathered = []
@@ -326,6 +341,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             for proj, da, db in ((gate, d_a_gate, d_b_gate), (up, d_a_up, d_b_up), (down, d_a_down, d_b_down)):
                 if proj.lora_a is not None:
                     adapter_grads += [da, db]
+        d_w = d_ws.index_select(0, inv).view(n, k).to(weights.dtype) if need_w else None
         d_x = None
         if dxs is not None:
             # each row's k slots gathered and added one slot at a time: no (N, k, H) copy to sum
@@ -334,7 +350,7 @@ class GroupedSwiGLUExperts(torch.autograd.Function):
             for j in range(1, k):
                 d_x.add_(dxs.index_select(0, slots[:, j]))
             d_x = d_x.to(ctx.x_dtype)
-        return (d_x, d_w, None, None, *adapter_grads)
+        return (d_x, d_w, None, None, None, *adapter_grads)
 
 
 def grouped_swiglu_experts(
@@ -342,6 +358,7 @@ def grouped_swiglu_experts(
     weights: torch.Tensor,
     chosen: torch.Tensor,
     projections: Sequence[tuple[Projection, Projection, Projection]],
+    again=None,
 ) -> torch.Tensor:
     """``sum_j weights[:, j] * expert_{chosen[:, j]}(x)`` for SwiGLU experts, as one autograd node.
 
@@ -350,6 +367,8 @@ def grouped_swiglu_experts(
         weights: (N, k) routing weights (gradient flows to them: the router's).
         chosen: (N, k) expert ids in ``[0, len(projections))``.
         projections: per expert its (gate, up, down) :class:`Projection` (see :func:`expert_projections`).
+        again: a rebuild of x in backward (tunex.runtime.rebuild.Again: rows of any leading shape,
+            the same values as x), which the node then calls instead of keeping x.
 
     Returns:
         (N, H) tensor in x's dtype. Gradients flow to x, weights and every adapter, never to a base.
@@ -360,4 +379,4 @@ def grouped_swiglu_experts(
             f"chosen {tuple(chosen.shape)} both (N, k)"
         )
     adapters = [t for trio in projections for p in trio if p.lora_a is not None for t in (p.lora_a, p.lora_b)]
-    return GroupedSwiGLUExperts.apply(x, weights, chosen, tuple(projections), *adapters)
+    return GroupedSwiGLUExperts.apply(x, weights, chosen, tuple(projections), again, *adapters)

@@ -20,6 +20,10 @@ try:
     from tunex._native import swiglu_forward_f32 as _native_forward
 except ImportError:  # an extension built before the kernels existed
     _native_forward = _native_backward = None
+try:
+    from tunex._native import swiglu_backward_weighted_f32 as _native_backward_weighted
+except ImportError:
+    _native_backward_weighted = None
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -45,6 +49,29 @@ def _backward_torch(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     d_up = d * g * s
     d_gate = d * u * s * (1 + g * (1 - s))
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
+def backward_weighted(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor):
+    """The backward of rows ``w[r] * silu(gate[r]) * up[r]`` ((rows, width) tensors, ``w`` (rows,)):
+    (d_gate, d_up) for the upstream gradient ``w[:, None] * dy``, and d_w, each row's
+    ``<dy[r], silu(gate[r]) * up[r]>``, with the SwiGLU output rebuilt in the same pass (one on the CPU
+    in float32) instead of kept."""
+    if native_f32("swiglu", _native_backward_weighted, gate, dy, w) and dy.is_contiguous():
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        d_w = torch.empty_like(w)
+        _native_backward_weighted(
+            host_flat(dy),
+            host_flat(gate),
+            host_flat(up),
+            host_flat(w),
+            host_flat(d_gate),
+            host_flat(d_up),
+            host_flat(d_w),
+        )
+        return d_gate, d_up, d_w
+    d_w = torch.linalg.vecdot(dy.float(), torch.nn.functional.silu(gate.float()) * up.float()).to(w.dtype)
+    d_gate, d_up = _backward_torch(dy * w.unsqueeze(1).to(dy.dtype), gate, up)
+    return d_gate, d_up, d_w
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -144,13 +144,15 @@ class SparseMoE(nn.Module):
             self.stats.add(probs, chosen, self.num_experts)
         return (weights if self.fp32_weights else weights.to(x.dtype)), chosen
 
-    def forward(self, x: torch.Tensor, rt=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, again=None, rt=None) -> torch.Tensor:
+        """``again``: a lean rebuild of x (see MoELayer) for the experts' node, which then does not
+        keep x."""
         rt = rt or runtimes.default()
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         record = self.stats.on and self.training and torch.is_grad_enabled()
         weights, chosen = self.route(flat, record)
-        out = rt.experts(self.experts, flat, weights, chosen, grouped_experts)
+        out = rt.experts(self.experts, flat, weights, chosen, grouped_experts, again)
         if self.shared_expert is not None:
             shared = self.shared_expert(flat, rt=rt)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared
@@ -200,7 +202,10 @@ class MoELayer(DecoderLayer):
         block = getattr(self, self.ffn_name)
         h = self.post_attention_layernorm(x, rt)
         if self.sparse:
-            return rt.add(x, block(h, rt=rt))
+            # the experts' adapters rebuild the normed rows in backward (one rebuild for all of
+            # them) instead of the node keeping them; nothing else keeps them without a router adapter
+            again = self._renorm(rt, self.post_attention_layernorm, x, 1) if lean else None
+            return rt.add(x, block(h, again=again, rt=rt))
         again = self._renorm(rt, self.post_attention_layernorm, x, self.gate_up_uses) if lean else None
         return rt.add(x, block(h, again=again, rt=rt))
 

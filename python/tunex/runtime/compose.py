@@ -36,9 +36,11 @@ class Plain:
     def add(self, x, y):
         return x + y
 
-    def experts(self, experts, x, weights, chosen, loop):
+    def experts(self, experts, x, weights, chosen, loop, again=None):
         """A sparse block's experts on the rows ``x`` (N, H) routed by ``chosen`` (N, k) with
-        ``weights`` (N, k): ``loop(experts, x, weights, chosen, self)``, the model's own loop."""
+        ``weights`` (N, k): ``loop(experts, x, weights, chosen, self)``, the model's own loop.
+        ``again``: a lean rebuild of x (tunex.runtime.rebuild) the grouped node may take instead
+        of keeping x."""
         return loop(experts, x, weights, chosen, self)
 
     def attention(self, q, k, v, mask, causal, gqa, softcap=None):
@@ -99,12 +101,12 @@ class Standard(Plain):
     def add(self, x, y):
         return kept_add(x, y)
 
-    def experts(self, experts, x, weights, chosen, loop):
+    def experts(self, experts, x, weights, chosen, loop, again=None):
         impl = registry.choose("moe_experts", registry.Facts.of(x))
         projections = moe_kernel.expert_projections(experts) if impl == "grouped" else None
         if projections is None:
             return loop(experts, x, weights, chosen, self)
-        return moe_kernel.grouped_swiglu_experts(x, weights, chosen, projections)
+        return moe_kernel.grouped_swiglu_experts(x, weights, chosen, projections, again)
 
     def attention(self, q, k, v, mask, causal, gqa, softcap=None):
         docs = mask if isinstance(mask, attention_kernel.Documents) else None

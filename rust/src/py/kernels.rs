@@ -170,6 +170,29 @@ fn swiglu_backward_f32(
     Ok(())
 }
 
+/// The backward of rows `w_r * silu(gate_r) * up_r` (one weight per row): `d_gate`, `d_up` for
+/// the upstream gradient `w_r * dy_r` and `d_w_r = <dy_r, silu(gate_r) * up_r>`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn swiglu_backward_weighted_f32(
+    py: Python<'_>,
+    dy: PyReadonlyArray1<'_, f32>,
+    gate: PyReadonlyArray1<'_, f32>,
+    up: PyReadonlyArray1<'_, f32>,
+    w: PyReadonlyArray1<'_, f32>,
+    mut d_gate: PyReadwriteArray1<'_, f32>,
+    mut d_up: PyReadwriteArray1<'_, f32>,
+    mut d_w: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let (d, g, u) = (slice("dy", dy.as_slice())?, slice("gate", gate.as_slice())?, slice("up", up.as_slice())?);
+    let w = slice("w", w.as_slice())?;
+    let dg = slice_mut("d_gate", d_gate.as_slice_mut())?;
+    let du = slice_mut("d_up", d_up.as_slice_mut())?;
+    let dw = slice_mut("d_w", d_w.as_slice_mut())?;
+    py.detach(|| swiglu::backward_weighted(d, g, u, w, dg, du, dw))?;
+    Ok(())
+}
+
 /// Cross-entropy of a chunk of float32 logits (rows x vocab, flat), in place: `lse` and `picked`
 /// per row; with `grad`, the logits become `(softmax - onehot(label)) * weight` per row (with
 /// `grad_out`, that buffer does and the logits stay).
@@ -431,6 +454,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dropout_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_forward_f32, m)?)?;
     m.add_function(wrap_pyfunction!(swiglu_backward_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(swiglu_backward_weighted_f32, m)?)?;
     m.add_function(wrap_pyfunction!(dropout_inplace_f32, m)?)?;
     m.add_function(wrap_pyfunction!(cross_entropy_f32, m)?)?;
     m.add_function(wrap_pyfunction!(rope_f32, m)?)?;
