@@ -42,14 +42,21 @@ class _Mallinfo2(ctypes.Structure):
     ] + [("keepcost", ctypes.c_size_t)]
 
 
-def heap() -> str:
-    """glibc's heap: bytes in use, free but still mapped, in mmapped chunks (MB)."""
+def mallinfo() -> _Mallinfo2 | None:
+    """glibc's mallinfo2 (None elsewhere)."""
     try:
         fn = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
-        return "mallinfo2 n/a"
+        return None
     fn.restype = _Mallinfo2
-    m = fn()
+    return fn()
+
+
+def heap() -> str:
+    """glibc's heap: bytes in use, free but still mapped, in mmapped chunks (MB)."""
+    m = mallinfo()
+    if m is None:
+        return "mallinfo2 n/a"
     mb = 1 << 20
     return f"heap in use {m.uordblks / mb:.0f}, free {m.fordblks / mb:.0f}, mmapped {m.hblkhd / mb:.0f}"
 
@@ -135,7 +142,7 @@ def main() -> None:
         f"  modules loaded: {len(sys.modules)}; transformers {sum(m.startswith('transformers') for m in mods)}, "
         f"triton {sum(m.startswith('triton') for m in mods)}, peft {sum(m.startswith('peft') for m in mods)}"
     )
-    before = rss_mb()
+    before, at_import = rss_mb(), mallinfo()
     model, forward, opt = build(args.who, folder)
     print(f"model build (load, adapters, optimizer, batch): +{rss_mb() - before:.0f} MB -> {rss_mb():.0f} MB; {heap()}")
     if args.threads:
@@ -150,6 +157,7 @@ def main() -> None:
         peaks.append(peak_rss_mb())
         print(f"step {i}: peak {peaks[-1]:.0f} MB, after {rss_mb():.0f} MB, cpu {time.process_time() - started:.2f} s")
     print(f"peak RSS over the steps (what the bench reports): {max(peaks):.0f} MB")
+    summary(model, before, at_import, max(peaks))
     phases(model, forward, opt)
     if tmp is not None:
         tmp.cleanup()
@@ -202,6 +210,28 @@ def build(who: str, folder: str):
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
     return m, lambda: m(input_ids=x, labels=x).loss, opt
+
+
+def summary(model, imported_mb: float, at_import, peak_mb: float) -> None:
+    """The peak split into: the process after its imports, the model's weights (file-mapped or
+    copied, all of them are touched by a step), the activation arena, glibc's heap growth from the
+    imports to after the steps (mapped chunks other than the arena's blocks included: what a step
+    keeps between steps, its temporaries at their largest and the holes between them, as long as
+    glibc keeps the heap mapped, which tunex's malloc settings do) and the rest (code and
+    libraries' pages a step touches, thread stacks; with a heap that shrinks after the peak, as
+    transformers' does under glibc's defaults, that too)."""
+    weights = sum(t.numel() * t.element_size() for t in {*model.parameters(), *model.buffers()}) / 2**20
+    arena = getattr(getattr(model, "model", model), "__dict__", {}).get("_arena")
+    arena_mb = arena.reserved_bytes / 2**20 if arena is not None else 0.0
+    now = mallinfo()
+    heap_mb = 0.0
+    if now is not None and at_import is not None:
+        heap_mb = (now.arena + now.hblkhd - at_import.arena - at_import.hblkhd) / 2**20 - arena_mb
+    rest = peak_mb - imported_mb - weights - arena_mb - heap_mb
+    print(
+        f"  = imports {imported_mb:.0f} + weights {weights:.0f} + arena {arena_mb:.0f} + heap growth {heap_mb:.0f} "
+        f"+ rest {rest:.0f} MB"
+    )
 
 
 def phases(model, forward, opt) -> None:
