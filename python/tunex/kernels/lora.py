@@ -248,6 +248,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_a = matmul_nt(dh.t(), xd.t())  # (r, in)
                 del xd
             d_a = d_a.to(lora_a.dtype)
+            # a rebuilt input (the SwiGLU product: tokens x intermediate) goes before d_x is made
+            x2 = None
         if need_x:
             w = _dense(ctx.base_fn if ctx.base_fn is not None else weight, ctx.base_dtype or dtype)
             if drop.fused:  # g @ W, then + dropout(dh @ A) in one pass over it
