@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tunex.gguf_imatrix import CALIBRATION_CTX, CALIBRATION_TOKENS, _Collector, calibration_model
+from tunex.gguf_imatrix import CALIBRATION_CTX, CALIBRATION_TOKENS, calibration_model
 
 # H's diagonal is raised by this share of its mean before inversion (GPTQ's dampening): it keeps the
 # factorization stable where inputs are nearly collinear and bounds how far an error moves weights
 DAMP = 0.01
+# columns rounded between two matrix products of GPTQ's update (a divisor of every block size)
+LAZY = 32
 
 
 def gptq_blocks(
@@ -42,83 +44,99 @@ def gptq_blocks(
     what llama.cpp reads). Columns no calibration input reached (H's diagonal 0) are rounded
     without moving others. A NaN / inf, a Hessian of the wrong shape or not finite: ValueError
     naming ``name``."""
+    factor = inverse_factor(hessian, damp, name)
+    if importance is None:
+        importance = np.maximum(np.diagonal(hessian), 0.0)
+    return _round(w, kind, factor, importance, name)
+
+
+def inverse_factor(hessian: np.ndarray, damp: float = DAMP, name: str = "tensor"):
+    """GPTQ's factor of ``hessian`` (a float32 torch tensor): the upper Cholesky factor of
+    (H + damp * mean(diag H) * I)^-1, computed in float64. A column whose diagonal is 0 (no input
+    reached it) is cut loose (its row and column zeroed, diagonal 1) so its error moves nothing; the
+    dampening grows tenfold (up to five times) while the factorization fails. A Hessian not square
+    or not finite: ValueError naming ``name``."""
+    import torch
+
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"{name}: the Hessian is {h.shape}, expected a square matrix (one row per input column)")
+    if not np.isfinite(h).all():
+        raise ValueError(f"{name}: the Hessian holds NaN or inf; recollect it (the calibration run diverged)")
+    dead = ~(np.diagonal(h) > 0)
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    h = torch.from_numpy(h)
+    mean = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(5):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            # H^-1 = L^-T L^-1 (a triangular solve and a product: faster here than cholesky_inverse)
+            inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
+            upper, info = torch.linalg.cholesky_ex(inv_lower.T @ inv_lower, upper=True)
+            if int(info) == 0:
+                return upper.float()
+        damp *= 10
+    raise ValueError(f"{name}: the Hessian is not positive definite even dampened by {damp / 10:g} of its mean diagonal")
+
+
+def _round(w: np.ndarray, kind: str, u, importance, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gptq_blocks` with the :func:`inverse_factor` ``u`` of its Hessian."""
     import torch
 
     from tunex import _native
     from tunex.gguf_io import BLOCK_ELEMS, _block_bytes, quantize_blocks
 
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or kind not in BLOCK_ELEMS:
         raise ValueError(f"{name}: expected rows of weights and a type of {', '.join(BLOCK_ELEMS)}; got {kind!r}")
     rows, cols = w.shape
     n = BLOCK_ELEMS[kind]
     if cols % n:
         raise ValueError(f"{name}: rows of {cols} values are not whole {kind} blocks of {n}")
+    if tuple(u.shape) != (cols, cols):
+        raise ValueError(f"{name}: the Hessian is {tuple(u.shape)}, expected ({cols}, {cols}) for rows of {cols}")
     bad = np.flatnonzero(~np.isfinite(w))
     if bad.size:
         raise ValueError(f"{name} holds {w.flat[bad[0]]} at flat index {bad[0]}; GGUF quantization needs finite weights")
-    h = np.array(hessian, dtype=np.float64)
-    if h.shape != (cols, cols):
-        raise ValueError(f"{name}: the Hessian is {h.shape}, expected ({cols}, {cols}) for rows of {cols}")
-    if not np.isfinite(h).all():
-        raise ValueError(f"{name}: the Hessian holds NaN or inf; recollect it (the calibration run diverged)")
-    diag = np.diag(h).copy()
-    if importance is None:
-        importance = np.maximum(diag, 0.0)
     importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
-    dead = ~(diag > 0)
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    u = _inverse_factor(torch.from_numpy(h), damp, name).float()
     lo, hi = _native.ggml_level_range(kind)
-    block_bytes = _block_bytes(kind)
-    packed = np.empty((rows, cols // n * block_bytes), dtype=np.uint8)
-    values = np.empty((rows, cols), dtype=np.float32)
-    levels = np.empty((rows, n), dtype=np.int8)
-    wt = torch.from_numpy(w.copy())
+    size = _block_bytes(kind)
+    packed = np.empty((rows, cols // n * size), dtype=np.uint8)
+    # column-major copies: the loop reads and updates one input column (all rows) at a time
+    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    values = torch.empty((cols, rows), dtype=torch.float32)
+    levels = torch.empty((n, rows), dtype=torch.int8)
+    err = torch.empty((n, rows), dtype=torch.float32)
     a, b = np.empty((rows, n), np.float32), np.empty((rows, n), np.float32)
     with torch.no_grad():
         for g in range(0, cols, n):
             end = g + n
-            block = quantize_blocks(wt[:, g:end].numpy(), kind, name, importance[g:end])
+            # the block parameters: llama.cpp's weighted search on the weights as earlier errors left them
+            block = quantize_blocks(wt[g:end].T.numpy(), kind, name, importance[g:end])
             _native.ggml_grid(block.reshape(-1), n, kind, name, a.reshape(-1), b.reshape(-1))
-            at, bt = torch.from_numpy(a), torch.from_numpy(b)
-            err = torch.empty((rows, n), dtype=torch.float32)
-            for j in range(n):
-                c = g + j
-                col, scale, offset = wt[:, c], at[:, j], bt[:, j]
-                k = torch.where(scale != 0, torch.round((col + offset) / scale), 0.0).clamp_(lo, hi)
-                q = scale * k - offset
-                levels[:, j] = k.numpy()
-                values[:, c] = q.numpy()
-                e = (col - q) / u[c, c]
-                err[:, j] = e
-                if j + 1 < n:
-                    wt[:, c + 1 : end] -= e[:, None] * u[c, c + 1 : end][None, :]
-            if end < cols:
-                wt[:, end:] -= err @ u[g:end, end:]
-            _native.ggml_set_levels(levels.reshape(-1), n, kind, name, block.reshape(-1))
-            packed[:, g // n * block_bytes : end // n * block_bytes] = block
-    return packed, values
-
-
-def _inverse_factor(h, damp: float, name: str):
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float64; the dampening grows
-    tenfold (up to five times) while the factorization fails."""
-    import torch
-
-    mean = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for _ in range(5):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
-        damp *= 10
-    raise ValueError(f"{name}: the Hessian is not positive definite even dampened by {damp / 10:g} of its mean diagonal")
+            at, bt = torch.from_numpy(a.T.copy()), torch.from_numpy(b.T.copy())
+            # GPTQ's lazy batches: a column's error moves the rest of its run of LAZY columns at
+            # once, the columns after the run take the run's errors in one product
+            for r in range(g, end, LAZY):
+                stop = r + LAZY
+                for c in range(r, stop):
+                    j = c - g
+                    col, scale, offset = wt[c], at[j], bt[j]
+                    k = torch.where(scale != 0, torch.round((col + offset) / scale), 0.0).clamp_(lo, hi)
+                    q = scale * k - offset
+                    levels[j] = k
+                    values[c] = q
+                    torch.div(col - q, u[c, c], out=err[j])
+                    if c + 1 < stop:
+                        wt[c + 1 : stop].addr_(u[c, c + 1 : stop], err[j], alpha=-1.0)
+                if stop < cols:
+                    wt[stop:].addmm_(u[r:stop, stop:].T, err[r - g : stop - g], alpha=-1.0)
+            _native.ggml_set_levels(levels.T.contiguous().numpy().reshape(-1), n, kind, name, block.reshape(-1))
+            packed[:, g // n * size : end // n * size] = block
+    return packed, values.T.contiguous().numpy()
 
 
 class _Stop(Exception):
@@ -142,26 +160,34 @@ class _Inputs:
         raise _Stop
 
 
-class _HessianCollector(_Collector):
-    """:class:`tunex.gguf_imatrix._Collector` that also adds up x x^T of each named product's input
-    (one float64 sum shared by the products of one input: q / k / v, gate / up). Each window's
-    product runs in float32 (a window's few hundred rows), the sum over windows in float64."""
+class _HessianCollector:
+    """A runtime for one pass of one layer: the first named product not yet ``done`` that the layer
+    runs becomes the target (with the products that share its input: q / k / v, gate / up); its
+    input's x x^T is added up (a window's product in float32, the sum over windows in float64) and
+    the pass stops there (_Stop): the layer's later products wait for this one to be rounded."""
 
-    def __init__(self, names: dict[int, str]):
-        super().__init__(names)
-        self.hessians: dict[str, np.ndarray] = {}
+    def __init__(self, plain, names: dict[int, str], done: set[str]):
+        self._plain = plain
+        self.names = names
+        self.done = done
+        self.target: tuple[str, ...] | None = None
+        self.hessian = None
+        self.rows = 0
+
+    def __getattr__(self, name):
+        return getattr(self._plain, name)
 
     def project(self, modules, x, rebuild=None, kept=None):
-        named = [self.names[id(m)] for m in modules if id(m) in self.names]
-        if named:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            gram = (flat.T @ flat).double().numpy()
-            if named[0] not in self.hessians:
-                shared = np.zeros_like(gram)
-                for name in named:
-                    self.hessians[name] = shared
-            self.hessians[named[0]] += gram
-        return super().project(modules, x, rebuild, kept)
+        todo = tuple(self.names[id(m)] for m in modules if id(m) in self.names and self.names[id(m)] not in self.done)
+        if not todo:
+            return [m(x) for m in modules]
+        if self.target is None:
+            self.target = todo
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        gram = (flat.T @ flat).double().numpy()
+        self.hessian = gram if self.hessian is None else self.hessian + gram
+        self.rows += flat.shape[0]
+        raise _Stop
 
 
 def gptq_model(
@@ -179,7 +205,12 @@ def gptq_model(
     tensor's float32 values as GGUF stores them (None: not exported as one tensor, left to the
     caller); ``to_module(name, values)``: GGUF values back in the model module's layout. Returns
     ({GGUF name: packed bytes}, {GGUF name: mean square of each input column} of the other named
-    products: the head and what ``weights`` left out)."""
+    products: the head and what ``weights`` left out).
+
+    Within a layer the products are rounded in the order the layer runs them, each one's inputs
+    computed with the products before it already rounded (one partial pass of the layer per
+    input: q / k / v, the attention output, gate / up, down), then one full pass gives the next
+    layer's inputs."""
     import torch
 
     model, ids, names = calibration_model(model_dir, text_file, tokens)
@@ -201,23 +232,32 @@ def gptq_model(
     plain = inputs._plain
     with torch.no_grad():
         for layer in decoder.layers:
-            collector = _HessianCollector(names)
-            for x, cos, sin, mask in windows:
-                layer(x, cos, sin, mask, None, rt=collector)
             modules = {names[id(m)]: m for m in layer.modules() if id(m) in names}
-            for gname, module in modules.items():
-                if gname not in collector.hessians:
-                    continue
-                mean_square = collector.sums[gname] / collector.rows[gname]
-                w = weights(gname) if gname in kinds else None
-                if w is None:
-                    importance[gname] = mean_square.astype(np.float32)
-                    continue
-                packed[gname], values = gptq_blocks(w, kinds[gname], collector.hessians[gname], mean_square, gname, damp)
-                back = to_module(gname, values)
-                if tuple(back.shape) == tuple(module.weight.shape):
-                    module.weight.copy_(torch.from_numpy(back))
-            del collector
+            done: set[str] = set()
+            while True:
+                collector = _HessianCollector(plain, names, done)
+                for x, cos, sin, mask in windows:
+                    try:
+                        layer(x, cos, sin, mask, None, rt=collector)
+                    except _Stop:
+                        pass
+                if collector.target is None:
+                    break
+                mean_square = np.diag(collector.hessian) / collector.rows
+                factor = None
+                for gname in collector.target:
+                    done.add(gname)
+                    w = weights(gname) if gname in kinds else None
+                    if w is None:
+                        importance[gname] = mean_square.astype(np.float32)
+                        continue
+                    if factor is None:  # one per input: q / k / v share it
+                        factor = inverse_factor(collector.hessian, damp, gname)
+                    packed[gname], values = _round(w, kinds[gname], factor, mean_square, gname)
+                    back = to_module(gname, values)
+                    module = modules.get(gname)
+                    if module is not None and tuple(back.shape) == tuple(module.weight.shape):
+                        module.weight.copy_(torch.from_numpy(back))
             for window in windows:
                 window[0] = layer(*window, None, rt=plain)
         head = names.get(id(model.lm_head))

@@ -515,11 +515,13 @@ def hf_to_gguf(
 ) -> Path:
     """Write an HF folder (llama, mistral, internlm2 and mixtral as llama; qwen2, qwen3, qwen2_moe,
     qwen3_moe, phi3, gemma2, gemma3 text) as one GGUF file. ``calibration``: a UTF-8 text file the
-    model is run over first to weigh each block type's search by its columns' activations
-    (llama.cpp's importance-matrix quantization; see tunex.gguf_imatrix); without it the blocks are
-    llama.cpp's reference quantizer's. ``importance``: the statistics themselves ({GGUF tensor
-    name: one value per input column}, what :func:`tunex.gguf_imatrix.collect_imatrix` returns), in
-    place of ``calibration``."""
+    model is run over first; each layer's block-typed weights are then rounded by GPTQ against their
+    inputs over that text (tunex.gguf_gptq), or with ``gptq=False`` each block type's search is
+    only weighted by its columns' activations (llama.cpp's importance-matrix quantization, its bytes;
+    see tunex.gguf_imatrix). Without it the blocks are llama.cpp's reference quantizer's.
+    ``importance``: the statistics themselves ({GGUF tensor name: one value per input column}, what
+    :func:`tunex.gguf_imatrix.collect_imatrix` returns), in place of ``calibration``: the weighted
+    search."""
     import gguf
 
     from tunex.io.atomic import atomic_path

@@ -178,7 +178,7 @@ mod tests {
             ggml_set_levels(&own, 512, ty, "w", &mut again).unwrap();
             assert_eq!(again, packed, "{ty:?}");
             let (lo, hi) = level_range(ty);
-            let k: Vec<i8> = (0..1024).map(|i| (lo + (i * 7 + i / 3) as i32 % (hi - lo + 1)) as i8).collect();
+            let k: Vec<i8> = (0..1024).map(|i| (lo + (i * 7 + i / 3) % (hi - lo + 1)) as i8).collect();
             ggml_set_levels(&k, 512, ty, "w", &mut packed).unwrap();
             let back = decode(ty, &packed);
             for i in 0..1024 {
