@@ -79,7 +79,9 @@ def inverse_factor(hessian: np.ndarray, damp: float = DAMP, name: str = "tensor"
             if int(info) == 0:
                 return upper.float()
         damp *= 10
-    raise ValueError(f"{name}: the Hessian is not positive definite even dampened by {damp / 10:g} of its mean diagonal")
+    raise ValueError(
+        f"{name}: the Hessian is not positive definite even dampened by {damp / 10:g} of its mean diagonal"
+    )
 
 
 def _round(w: np.ndarray, kind: str, u, importance, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +102,9 @@ def _round(w: np.ndarray, kind: str, u, importance, name: str) -> tuple[np.ndarr
         raise ValueError(f"{name}: the Hessian is {tuple(u.shape)}, expected ({cols}, {cols}) for rows of {cols}")
     bad = np.flatnonzero(~np.isfinite(w))
     if bad.size:
-        raise ValueError(f"{name} holds {w.flat[bad[0]]} at flat index {bad[0]}; GGUF quantization needs finite weights")
+        raise ValueError(
+            f"{name} holds {w.flat[bad[0]]} at flat index {bad[0]}; GGUF quantization needs finite weights"
+        )
     importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
     lo, hi = _native.ggml_level_range(kind)
     size = _block_bytes(kind)

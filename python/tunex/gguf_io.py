@@ -564,7 +564,9 @@ def _gptq_tensors(folder: Path, cfg, arch: str, outtype: str, calibration) -> tu
     calibrated on ``calibration`` (tunex.gguf_gptq)."""
     from tunex.gguf_gptq import gptq_model
 
-    kinds = {name: kind for name, _shape, kind in _gguf_layout(folder, cfg, arch, outtype, False) if kind in BLOCK_ELEMS}
+    kinds = {
+        name: kind for name, _shape, kind in _gguf_layout(folder, cfg, arch, outtype, False) if kind in BLOCK_ELEMS
+    }
     # the checkpoint's tensors by GGUF name (views of its memory maps; experts come as lists: left out)
     tensors = {g: (name, t) for g, name, t in _export_tensors(folder, cfg, arch) if not isinstance(t, list)}
 
