@@ -47,14 +47,14 @@ def test_llama_cpp_reads_the_gptq_blocks_as_the_values_meant(ggml, kind):
     assert not np.array_equal(packed, plain)
 
 
-def _layer_inputs(folder, module: str, layer: int, text: str, skip: int) -> tuple[np.ndarray, np.ndarray]:
-    """(The inputs of ``module`` in SmolLM2's layer ``layer`` over 1024 tokens of ``text`` after
+def _layer_inputs(folder, module: str, layer: int, text: str, skip: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(The inputs of ``module`` in SmolLM2's layer ``layer`` over ``n`` tokens of ``text`` after
     the first ``skip``, from transformers; the module's weight)."""
     import transformers
     from tunex.tokenizer import load_tokenizer
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    ids = load_tokenizer(folder).encode(text, add_special_tokens=False)[skip : skip + 1024]
+    ids = load_tokenizer(folder).encode(text, add_special_tokens=False)[skip : skip + n]
     seen = []
     target = model.get_submodule(f"model.layers.{layer}.{module}")
     hook = target.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -89,14 +89,16 @@ def _dialogue() -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize(("module", "kind"), [("self_attn.q_proj", "q5_0"), ("mlp.down_proj", "q4_k")])
+@pytest.mark.parametrize(("module", "kind"), [("self_attn.q_proj", "q5_0"), ("mlp.down_proj", "q6_k")])
 def test_gptq_lowers_the_output_error_on_real_activations(ggml, smollm2, module, kind):
-    """SmolLM2's layer 4 inputs over 1024 tokens of real dialogue: ||(W - Q) X|| (X those inputs,
-    W X in float64 the reference) is lower with GPTQ than with the importance-weighted search alone,
-    and lower on the next 1024 tokens too (held out)."""
+    """SmolLM2's layer 4 inputs over 4096 tokens of real dialogue: ||(W - Q) X|| (X those inputs,
+    W X in float64 the reference) is lower with GPTQ than with the importance-weighted search alone
+    (measured 0.62 and 0.69 of it), and on the next 1024 tokens too (held out: 0.68 and 0.95). (Not Q4_K here:
+    this SmolLM2 is its Q4_1 release read back, whose 32-value 4-bit grid with offsets Q4_K's
+    search nearly reproduces; GPTQ then gains 2%.)"""
     text = _dialogue()
-    x, w = _layer_inputs(smollm2, module, 4, text, 0)
-    held_out, _ = _layer_inputs(smollm2, module, 4, text, 1024)
+    x, w = _layer_inputs(smollm2, module, 4, text, 0, 4096)
+    held_out, _ = _layer_inputs(smollm2, module, 4, text, 4096, 1024)
     _, gptq = gptq_blocks(w, kind, x.T @ x, name=module)
     plain = quantize_blocks(w, kind, importance=(x * x).mean(0))
     searched = ggml_dequantize(ggml, plain, kind, w.size).reshape(w.shape)
@@ -130,13 +132,13 @@ def test_columns_without_signal_and_singular_hessians_are_rounded():
     ("change", "message"),
     [
         ("nan_h", "Hessian holds NaN"),
-        ("shape_h", "expected (256, 256)"),
+        ("shape_h", r"expected \(256, 256\)"),
         ("nan_w", "flat index 33"),
         ("cols", "not whole q4_k blocks"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_the_tensor(change, message):
-    w = corner_weights(4, 256, 4)
+    w = corner_weights(8, 256, 4)
     h = np.eye(256)
     if change == "nan_h":
         h[3, 7] = np.nan
@@ -152,7 +154,7 @@ def test_bad_input_is_a_one_line_error_naming_the_tensor(change, message):
 
 
 def test_native_level_writes_refuse_bad_levels_and_lengths():
-    packed = quantize_blocks(corner_weights(2, 256, 5), "q4_k")
+    packed = quantize_blocks(corner_weights(8, 256, 5)[:2], "q4_k")
     before = packed.copy()
     levels = np.zeros(512, np.int8)
     levels[300] = 16
