@@ -151,7 +151,7 @@ def test_calibrated_export_is_llama_cpps_weighted_quantization_of_the_same_weigh
     imatrix = collect_imatrix(folder, text)
     plain = {t.name: t for t in gguf.GGUFReader(str(hf_to_gguf(folder, tmp_path / "plain.gguf", "q4_k_m"))).tensors}
     f32 = {t.name: t for t in gguf.GGUFReader(str(hf_to_gguf(folder, tmp_path / "f32.gguf", "f32"))).tensors}
-    path = hf_to_gguf(folder, tmp_path / "cal.gguf", "q4_k_m", calibration=text)
+    path = hf_to_gguf(folder, tmp_path / "cal.gguf", "q4_k_m", calibration=text, gptq=False)
     blocks = [t for t in gguf.GGUFReader(str(path)).tensors if t.tensor_type.name not in ("F32", "F16")]
     assert len(blocks) == 2 * 7 + 1
     differ = 0
@@ -186,12 +186,14 @@ def test_bad_calibration_file_is_one_error_line_naming_it(tiny, tmp_path, conten
     assert not out.exists()
 
 
-def test_cli_calibration_writes_the_weighted_file(tiny, tmp_path):
+@pytest.mark.parametrize("importance_only", [False, True])
+def test_cli_calibration_writes_the_weighted_file(tiny, tmp_path, importance_only):
+    """--calibration writes hf_to_gguf's GPTQ file, --importance-only its weighted-search file."""
     folder, text = tiny
     out = tmp_path / "m.gguf"
     args = ["convert", "hf_to_gguf", str(folder), str(out), "--outtype", "q5_k_m", "--calibration", str(text)]
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(cli, args + ["--importance-only"] * importance_only)
     assert result.exit_code == 0, result.output
-    want = hf_to_gguf(folder, tmp_path / "api.gguf", "q5_k_m", calibration=text)
+    want = hf_to_gguf(folder, tmp_path / "api.gguf", "q5_k_m", calibration=text, gptq=not importance_only)
     assert out.read_bytes() == want.read_bytes()
     shutil.rmtree(tmp_path, ignore_errors=True)

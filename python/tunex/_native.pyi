@@ -15,6 +15,7 @@ import numpy as _np
 _Path = str | os.PathLike[str]
 _F32 = _np.ndarray  # a contiguous float32 array
 _U8 = _np.ndarray  # a contiguous uint8 array (raw bytes)
+_I8 = _np.ndarray  # a contiguous int8 array
 _I64 = _np.ndarray  # a contiguous int64 array
 _Strides = tuple[int, int, int]  # element strides of the (batch, head, pos) axes; the last axis is contiguous
 _Strided = tuple[_F32, _Strides]
@@ -121,6 +122,17 @@ def quantize_ggml(src: _F32, row_len: int, ggml_type: str, name: str, out: _U8) 
 def quantize_ggml_weighted(src: _F32, row_len: int, ggml_type: str, name: str, importance: _F32, out: _U8) -> None:
     """:func:`quantize_ggml` with ``importance`` (``row_len`` non-negative values, one per column)
     weighting each value's error: llama.cpp's searches when it quantizes with an importance matrix."""
+
+def ggml_grid(packed: _U8, row_len: int, ggml_type: str, name: str, a: _F32, b: _F32) -> None:
+    """Each value's grid of the GGUF blocks in ``packed``: it reads back as ``a * k - b`` (in float32,
+    bit for bit llama.cpp's dequantization) for its level ``k``."""
+
+def ggml_set_levels(levels: _I8, row_len: int, ggml_type: str, name: str, packed: _U8) -> None:
+    """Writes ``levels`` (one per value, in :func:`ggml_level_range`) into the blocks of ``packed``,
+    keeping each block's parameters."""
+
+def ggml_level_range(ggml_type: str) -> tuple[int, int]:
+    """The lowest and highest level ``k`` of a value of ``ggml_type``."""
 
 # compute kernels (rust/src/py/kernels.rs); float32 only
 def gemv_f32(x: _F32, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:

@@ -79,12 +79,9 @@ class _Collector:
         return [m(x) for m in modules]
 
 
-def collect_imatrix(
-    model_dir: str | Path, text_file: str | Path, tokens: int = CALIBRATION_TOKENS, ctx: int = CALIBRATION_CTX
-) -> dict[str, np.ndarray]:
-    """{GGUF tensor name: float32 mean square of each input column} of the model's 2-D weights over
-    the first ``tokens`` tokens of ``text_file``, run in windows of ``ctx`` tokens."""
-    import torch
+def calibration_model(model_dir: str | Path, text_file: str | Path, tokens: int = CALIBRATION_TOKENS):
+    """(model in float32, eval mode; the first ``tokens`` token ids of ``text_file``; {id of each
+    2-D weight's module: its GGUF tensor name}) for a calibration run."""
     from torch import nn
 
     from tunex.gguf_io import ARCH_OF_FAMILY, gguf_name
@@ -106,8 +103,18 @@ def collect_imatrix(
                 names[id(module)] = gguf_name(f"{name}.weight", arch)
             except KeyError:  # a module GGUF names otherwise (experts, routers): packed unweighted
                 continue
-    head = model.lm_head
-    names[id(head)] = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
+    names[id(model.lm_head)] = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
+    return model, ids, names
+
+
+def collect_imatrix(
+    model_dir: str | Path, text_file: str | Path, tokens: int = CALIBRATION_TOKENS, ctx: int = CALIBRATION_CTX
+) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: float32 mean square of each input column} of the model's 2-D weights over
+    the first ``tokens`` tokens of ``text_file``, run in windows of ``ctx`` tokens."""
+    import torch
+
+    model, ids, names = calibration_model(model_dir, text_file, tokens)
     collector = _Collector(names)
     decoder = model.model
     saved, decoder.runtime = decoder.runtime, collector

@@ -511,14 +511,17 @@ def hf_to_gguf(
     outtype: str = "f16",
     calibration: str | Path | None = None,
     importance: dict[str, np.ndarray] | None = None,
+    gptq: bool = True,
 ) -> Path:
     """Write an HF folder (llama, mistral, internlm2 and mixtral as llama; qwen2, qwen3, qwen2_moe,
     qwen3_moe, phi3, gemma2, gemma3 text) as one GGUF file. ``calibration``: a UTF-8 text file the
-    model is run over first to weigh each block type's search by its columns' activations
-    (llama.cpp's importance-matrix quantization; see tunex.gguf_imatrix); without it the blocks are
-    llama.cpp's reference quantizer's. ``importance``: the statistics themselves ({GGUF tensor
-    name: one value per input column}, what :func:`tunex.gguf_imatrix.collect_imatrix` returns), in
-    place of ``calibration``."""
+    model is run over first; each layer's block-typed weights are then rounded by GPTQ against their
+    inputs over that text (tunex.gguf_gptq), or with ``gptq=False`` each block type's search is
+    only weighted by its columns' activations (llama.cpp's importance-matrix quantization, its bytes;
+    see tunex.gguf_imatrix). Without it the blocks are llama.cpp's reference quantizer's.
+    ``importance``: the statistics themselves ({GGUF tensor name: one value per input column}, what
+    :func:`tunex.gguf_imatrix.collect_imatrix` returns), in place of ``calibration``: the weighted
+    search."""
     import gguf
 
     from tunex.io.atomic import atomic_path
@@ -541,19 +544,47 @@ def hf_to_gguf(
         _check_moe_for_gguf(cfg, folder)
     if calibration is not None and importance is not None:
         raise ValueError("pass calibration (a text file) or importance (collected statistics), not both")
+    packed = None
     if calibration is not None:
         from tunex.gguf_imatrix import collect_imatrix, read_calibration_text
 
         read_calibration_text(calibration)  # a bad file fails before the model loads
-        if outtype in BASE_TYPE:
+        if outtype in BASE_TYPE and gptq:
+            packed, importance = _gptq_tensors(folder, cfg, arch, outtype, calibration)
+        elif outtype in BASE_TYPE:
             importance = collect_imatrix(folder, calibration)
     out = Path(out_path)
     with atomic_path(out) as tmp:  # written beside OUT and renamed: never a half GGUF under its name
-        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype, importance)
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch), folder, cfg, arch, outtype, importance, packed)
     return out
 
 
-def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str, importance: dict | None = None) -> None:
+def _gptq_tensors(folder: Path, cfg, arch: str, outtype: str, calibration) -> tuple[dict, dict]:
+    """(GGUF name: GPTQ-packed bytes, GGUF name: importance of the rest) of an ``outtype`` export
+    calibrated on ``calibration`` (tunex.gguf_gptq)."""
+    from tunex.gguf_gptq import gptq_model
+
+    kinds = {
+        name: kind for name, _shape, kind in _gguf_layout(folder, cfg, arch, outtype, False) if kind in BLOCK_ELEMS
+    }
+    # the checkpoint's tensors by GGUF name (views of its memory maps; experts come as lists: left out)
+    tensors = {g: (name, t) for g, name, t in _export_tensors(folder, cfg, arch) if not isinstance(t, list)}
+
+    def weights(gname: str):
+        if gname not in tensors or gname == "token_embd.weight":
+            return None
+        name, t = tensors[gname]
+        return _gguf_values(name, t, cfg, arch)
+
+    def to_module(gname: str, values: np.ndarray) -> np.ndarray:
+        return _model_values(tensors[gname][0], values, cfg, arch)
+
+    return gptq_model(folder, calibration, kinds, weights, to_module)
+
+
+def _write_gguf(
+    writer, folder: Path, cfg, arch: str, outtype: str, importance: dict | None = None, packed: dict | None = None
+) -> None:
     import gguf
     import torch
 
@@ -619,6 +650,9 @@ def _write_gguf(writer, folder: Path, cfg, arch: str, outtype: str, importance: 
         for gname, name, t in _export_tensors(folder, cfg, arch):
             shape = (len(t), *t[0].shape) if isinstance(t, list) else tuple(t.shape)
             kind_of = tensor_type(gname, shape, outtype, cfg.num_layers, cfg.tie_word_embeddings, cfg.num_experts)
+            if packed and gname in packed:
+                yield gname, packed.pop(gname)
+                continue
             weights = (importance or {}).get(gname)
             yield gname, _gguf_array(name, gname, t, cfg, arch, kind_of, weights)
 
@@ -703,14 +737,7 @@ def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str, importance=
 
     if isinstance(t, list):
         return np.stack([_gguf_array(name, gname, x, cfg, arch, kind) for x in t])
-    w = t.float().numpy()
-    if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
-        w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale
-    if arch == "llama" and name.endswith("q_proj.weight"):
-        w = permute_qk(w, cfg.num_heads)
-    elif arch == "llama" and name.endswith("k_proj.weight"):
-        w = permute_qk(w, cfg.num_kv_heads)
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    w = _gguf_values(name, t, cfg, arch)
     if kind == "f32":
         return w
     if kind == "f16":
@@ -718,6 +745,28 @@ def _gguf_array(name: str, gname: str, t, cfg, arch: str, kind: str, importance=
     if kind == "bf16":  # torch rounds to nearest even, as gguf's and llama.cpp's converters do
         return torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
     return quantize_blocks(w, kind, gname, importance)
+
+
+def _gguf_values(name: str, t, cfg, arch: str) -> np.ndarray:
+    """Tensor ``t`` (HF name ``name``) as the float32 values GGUF stores (llama's q / k rows
+    permuted, Gemma's norms as scales)."""
+    w = t.float().numpy()
+    if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
+        w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        w = permute_qk(w, cfg.num_heads)
+    elif arch == "llama" and name.endswith("k_proj.weight"):
+        w = permute_qk(w, cfg.num_kv_heads)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _model_values(name: str, w: np.ndarray, cfg, arch: str) -> np.ndarray:
+    """A 2-D weight's GGUF values ``w`` back in the layout of the model's module (HF name ``name``)."""
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        w = unpermute_qk(w, cfg.num_heads)
+    elif arch == "llama" and name.endswith("k_proj.weight"):
+        w = unpermute_qk(w, cfg.num_kv_heads)
+    return np.ascontiguousarray(w, dtype=np.float32)
 
 
 def _block_bytes(kind: str) -> int:

@@ -53,11 +53,25 @@ def gguf_to_hf_cmd(gguf_file: str, out_dir: Path, overwrite: bool) -> None:
     type=click.Path(path_type=Path),
     default=None,
     help="UTF-8 text (e.g. the fine-tune's data, not the text you evaluate on) to run the model over "
-    "first: the quantized types weigh each weight's error by its input's activations, as llama.cpp "
-    "does with an importance matrix.",
+    "first (up to 16384 tokens): each layer's weights are then rounded by GPTQ, one input column at a "
+    "time, later columns correcting the output error of earlier ones over that text, into the same "
+    "block types and file size. Costs a few passes of the model over the text plus the rounding "
+    "(SmolLM2-135M: minutes on a CPU).",
+)
+@click.option(
+    "--importance-only",
+    is_flag=True,
+    help="With --calibration: only weigh each block's search by the activations, without GPTQ "
+    "(the bytes llama.cpp's llama-quantize --imatrix writes; faster, a little less accurate).",
 )
 def hf_to_gguf_cmd(
-    model_dir: str, out_file: Path, outtype: str, overwrite: bool, modelfile: Path | None, calibration: Path | None
+    model_dir: str,
+    out_file: Path,
+    outtype: str,
+    overwrite: bool,
+    modelfile: Path | None,
+    calibration: Path | None,
+    importance_only: bool,
 ) -> None:
     """Write the HF model MODEL_DIR (e.g. a merged fine-tune) as the GGUF file OUT_FILE."""
     from tunex.gguf_io import hf_to_gguf
@@ -74,7 +88,9 @@ def hf_to_gguf_cmd(
         from tunex.gguf_imatrix import read_calibration_text
 
         read_calibration_text(calibration)  # a bad file fails before anything is written
-    path = hf_to_gguf(model_dir, out_file, outtype, calibration=calibration)
+    elif importance_only:
+        raise click.UsageError("--importance-only needs --calibration TEXT")
+    path = hf_to_gguf(model_dir, out_file, outtype, calibration=calibration, gptq=not importance_only)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {outtype})")
     if text is not None:
         write_text(modelfile, text)

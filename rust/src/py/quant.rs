@@ -134,6 +134,49 @@ fn quantize_ggml_weighted(
     Ok(())
 }
 
+/// Each value's grid of the `ggml_type` blocks in `packed` (rows of `row_len` values): the value
+/// reads back as `a * k - b` for its level `k` (see `ggml_level_range`).
+#[pyfunction]
+fn ggml_grid(
+    py: Python<'_>,
+    packed: PyReadonlyArray1<'_, u8>,
+    row_len: usize,
+    ggml_type: &str,
+    name: &str,
+    mut a: PyReadwriteArray1<'_, f32>,
+    mut b: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let packed = contiguous("packed", packed.as_slice())?;
+    let a = contiguous_mut("a", a.as_slice_mut())?;
+    let b = contiguous_mut("b", b.as_slice_mut())?;
+    py.detach(|| quant::ggml_grid(packed, row_len, ty, name, a, b))?;
+    Ok(())
+}
+
+/// Writes `levels` (one per value) into the `ggml_type` blocks of `packed`, keeping their parameters.
+#[pyfunction]
+fn ggml_set_levels(
+    py: Python<'_>,
+    levels: PyReadonlyArray1<'_, i8>,
+    row_len: usize,
+    ggml_type: &str,
+    name: &str,
+    mut packed: PyReadwriteArray1<'_, u8>,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let levels = contiguous("levels", levels.as_slice())?;
+    let packed = contiguous_mut("packed", packed.as_slice_mut())?;
+    py.detach(|| quant::ggml_set_levels(levels, row_len, ty, name, packed))?;
+    Ok(())
+}
+
+/// The (lowest, highest) level of a `ggml_type` value.
+#[pyfunction]
+fn ggml_level_range(ggml_type: &str) -> PyResult<(i32, i32)> {
+    Ok(quant::level_range(quant::GgmlType::parse(ggml_type)?))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
@@ -141,5 +184,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize_blockwise_8bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_ggml, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_ggml_weighted, m)?)?;
+    m.add_function(wrap_pyfunction!(ggml_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(ggml_set_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(ggml_level_range, m)?)?;
     Ok(())
 }

@@ -598,8 +598,19 @@ pub(super) fn q6_k_finish(x: &[f32], scales: &[f32; 16], mut levels: [u8; 256], 
             levels[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-32, 31) + 32) as u8;
         }
     }
+    q6_k_pack(&levels, out);
+    let tail = &mut out[192..];
+    for (t, s) in tail[..16].iter_mut().zip(sc) {
+        *t = s as u8;
+    }
+    tail[16..18].copy_from_slice(&d_bytes);
+}
+
+/// Q6_K's 128 bytes of low nibbles and 64 bytes of high bit pairs (`out[..192]`) from its levels
+/// (plus 32).
+pub(super) fn q6_k_pack(levels: &[u8; 256], out: &mut [u8]) {
     let (ql, rest) = out.split_at_mut(128);
-    let (qh, tail) = rest.split_at_mut(64);
+    let qh = &mut rest[..64];
     for half in 0..2 {
         let (j, ql, qh) = (128 * half, &mut ql[64 * half..64 * half + 64], &mut qh[32 * half..32 * half + 32]);
         for l in 0..32 {
@@ -609,10 +620,6 @@ pub(super) fn q6_k_finish(x: &[f32], scales: &[f32; 16], mut levels: [u8; 256], 
             qh[l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
         }
     }
-    for (t, s) in tail[..16].iter_mut().zip(sc) {
-        *t = s as u8;
-    }
-    tail[16..18].copy_from_slice(&d_bytes);
 }
 
 #[cfg(test)]
@@ -711,7 +718,7 @@ pub(super) mod tests {
 
     /// A plain decoder of the layouts (llama.cpp's dequantize_row_* read the same bytes; the Python
     /// tests compare against gguf's and llama.cpp's own dequantizers).
-    fn decode(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    pub(in crate::quant) fn decode(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
         let mut y = Vec::new();
         for b in bytes.chunks_exact(ty.block_bytes()) {
             match ty {
