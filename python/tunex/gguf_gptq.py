@@ -15,8 +15,8 @@ GGUF reader dequantizes them (tunex._native.ggml_grid / ggml_set_levels).
 The model is quantized layer by layer: each layer's inputs come from the layers before it with
 their weights already rounded (so a layer corrects for what earlier layers lost), its products are
 rounded in the order it runs them, each one's H collected over all calibration windows with the
-products before it already rounded, and its outputs feed the next layer. The embedding (a lookup), the output head and the MoE experts are packed with the
-importance-weighted search alone."""
+products before it already rounded, and its outputs feed the next layer. The embedding (a lookup),
+the output head and the MoE experts are packed with the importance-weighted search alone."""
 
 from __future__ import annotations
 

@@ -753,20 +753,27 @@ def _gguf_values(name: str, t, cfg, arch: str) -> np.ndarray:
     w = t.float().numpy()
     if arch in GEMMA_ARCHS and name.endswith("norm.weight"):
         w = w + 1.0  # HF stores Gemma's norm as the offset from one, GGUF the scale
-    if arch == "llama" and name.endswith("q_proj.weight"):
-        w = permute_qk(w, cfg.num_heads)
-    elif arch == "llama" and name.endswith("k_proj.weight"):
-        w = permute_qk(w, cfg.num_kv_heads)
+    heads = _rope_heads(name, cfg, arch)
+    if heads is not None:
+        w = permute_qk(w, heads)
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
 def _model_values(name: str, w: np.ndarray, cfg, arch: str) -> np.ndarray:
     """A 2-D weight's GGUF values ``w`` back in the layout of the model's module (HF name ``name``)."""
-    if arch == "llama" and name.endswith("q_proj.weight"):
-        w = unpermute_qk(w, cfg.num_heads)
-    elif arch == "llama" and name.endswith("k_proj.weight"):
-        w = unpermute_qk(w, cfg.num_kv_heads)
+    heads = _rope_heads(name, cfg, arch)
+    if heads is not None:
+        w = unpermute_qk(w, heads)
     return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _rope_heads(name: str, cfg, arch: str) -> int | None:
+    """The head count whose rows GGUF's llama layout permutes in weight ``name`` (q or k), else None."""
+    if arch == "llama" and name.endswith("q_proj.weight"):
+        return cfg.num_heads
+    if arch == "llama" and name.endswith("k_proj.weight"):
+        return cfg.num_kv_heads
+    return None
 
 
 def _block_bytes(kind: str) -> int:

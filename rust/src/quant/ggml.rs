@@ -419,23 +419,39 @@ pub(super) fn k_finish(ty: GgmlType, x: &[f32], scales: &[f32; 8], mins: &[f32; 
     }
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let packed = &mut head[4..16];
-    packed.fill(0);
-    let mut six_bit = [(0u8, 0u8); 8];
-    for j in 0..8 {
+    let six_bit: [(u8, u8); 8] = std::array::from_fn(|j| {
         let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
         let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-        six_bit[j] = (ls, lm);
+        (ls, lm)
+    });
+    put_scale_min_k4(&mut head[4..16], &six_bit);
+    k_store(ty, x, &six_bit, max_scale / 63.0, max_min / 63.0, levels, out);
+}
+
+/// A Q4_K / Q5_K block's 12 bytes of 6-bit (scale, min) pairs, one per 32-value group, packed as
+/// llama.cpp packs them (the first four whole, the high bits of the last four in their top bits).
+pub(super) fn put_scale_min_k4(packed: &mut [u8], six_bit: &[(u8, u8); 8]) {
+    packed[..12].fill(0);
+    for (j, &(s, m)) in six_bit.iter().enumerate() {
         if j < 4 {
-            packed[j] = ls;
-            packed[j + 4] = lm;
+            packed[j] = s;
+            packed[j + 4] = m;
         } else {
-            packed[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
-            packed[j - 4] |= (ls >> 4) << 6;
-            packed[j] |= (lm >> 4) << 6;
+            packed[j + 4] = (s & 0x0f) | ((m & 0x0f) << 4);
+            packed[j - 4] |= (s >> 4) << 6;
+            packed[j] |= (m >> 4) << 6;
         }
     }
-    k_store(ty, x, &six_bit, max_scale / 63.0, max_min / 63.0, levels, out);
+}
+
+/// Group `j`'s 6-bit (scale, min) read from a Q4_K / Q5_K block's 12 packed bytes `s`, as
+/// llama.cpp's `get_scale_min_k4` reads them.
+pub(super) fn scale_min_k4(s: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
 }
 
 /// The rest of a Q4_K / Q5_K block from its packed 12 bytes of scales (in `out[4..16]`), their
@@ -737,11 +753,7 @@ pub(super) mod tests {
                     let (d, dmin, s) = (h(b), h(&b[2..]), &b[4..16]);
                     let (qh, qs) = if ty == GgmlType::Q5K { (&b[16..48], &b[48..]) } else { (&b[..0], &b[16..]) };
                     for j in 0..8 {
-                        let (sc, m) = if j < 4 {
-                            (s[j] & 63, s[j + 4] & 63)
-                        } else {
-                            ((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
-                        };
+                        let (sc, m) = scale_min_k4(s, j);
                         for l in 0..32 {
                             let byte = qs[32 * (j / 2) + l];
                             let mut q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };

@@ -17,7 +17,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::ggml::{ggml_packed_len, pack_q5, q4_k_pack, q5_k_pack, q6_k_pack, GgmlType};
+use super::ggml::{ggml_packed_len, pack_q5, q4_k_pack, q5_k_pack, q6_k_pack, scale_min_k4, GgmlType};
 use crate::error::{Error, Result};
 
 /// The levels `k` a value of `ty` can take (see the module's documentation).
@@ -58,15 +58,6 @@ fn values_of(packed: &[u8], row_len: usize, ty: GgmlType, name: &str) -> Result<
 
 fn half(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
-/// A Q4_K / Q5_K block's 6-bit (scale, min) of group `j`, as llama.cpp's `get_scale_min_k4` reads them.
-fn scale_min_k4(s: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
-    }
 }
 
 /// Each value's `a` and `b` (see the module's documentation) of the blocks in `packed` (rows of

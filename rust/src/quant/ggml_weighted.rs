@@ -17,8 +17,8 @@
 use rayon::prelude::*;
 
 use super::ggml::{
-    fp16_bytes, ggml_packed_len, k_store, make_qkx2_quants, make_qx_quants_by, nearest_int, pack_q5, q6_k_finish,
-    q8_0_block, GgmlType, KSearch, GROUP_MAX_EPS,
+    fp16_bytes, ggml_packed_len, k_store, make_qkx2_quants, make_qx_quants_by, nearest_int, pack_q5, put_scale_min_k4,
+    q6_k_finish, q8_0_block, scale_min_k4, GgmlType, KSearch, GROUP_MAX_EPS,
 };
 use crate::error::{Error, Result};
 
@@ -166,27 +166,11 @@ fn k_weighted(ty: GgmlType, x: &[f32], qw: &[f32], out: &mut [u8]) {
     let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
     let d_block = make_qp_quants(&scales, 63, &mut ls, &sw);
     let m_block = make_qp_quants(&mins, 63, &mut lm, &sw);
-    let packed = &mut out[4..16];
-    packed.fill(0);
-    for j in 0..8 {
-        let (s, m) = if ty == GgmlType::Q5K { (ls[j].min(63), lm[j].min(63)) } else { (ls[j], lm[j]) };
-        if j < 4 {
-            packed[j] = s;
-            packed[j + 4] = m;
-        } else {
-            packed[j + 4] = (s & 0x0f) | ((m & 0x0f) << 4);
-            packed[j - 4] |= (s >> 4) << 6;
-            packed[j] |= (m >> 4) << 6;
-        }
-    }
+    let chosen: [(u8, u8); 8] =
+        std::array::from_fn(|j| if ty == GgmlType::Q5K { (ls[j].min(63), lm[j].min(63)) } else { (ls[j], lm[j]) });
+    put_scale_min_k4(&mut out[4..16], &chosen);
     // the values llama.cpp's get_scale_min_k4 reads back from the packed bytes
-    let six_bit: [(u8, u8); 8] = std::array::from_fn(|j| {
-        if j < 4 {
-            (packed[j] & 63, packed[j + 4] & 63)
-        } else {
-            ((packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
-        }
-    });
+    let six_bit: [(u8, u8); 8] = std::array::from_fn(|j| scale_min_k4(&out[4..16], j));
     k_store(ty, x, &six_bit, d_block, m_block, levels, out);
 }
 
