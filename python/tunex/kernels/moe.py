@@ -24,15 +24,17 @@ Backward (G = dout rows in expert order, one gather, unweighted):
 
 Each projection is a frozen base (a weight, or a callable dequantizing a 4-bit one) with an optional
 LoRA adapter (``dy = x W^T + s (drop(x) A^T) B^T``, the backward as tunex.kernels.lora's), so the
-adapters of every expert get their gradients from this node. Saved: the input x (only when a
-gate/up adapter needs it: backward gathers each expert's rows from it again, half the size of the
-sorted rows; not even that when the caller gives a rebuild of x, the decoder's lean norm), the gate and up pre-activations of all experts in one (S, I) block each and the
-adapters' (rows, r) products; SwiGLU's output is rebuilt in backward (for the routing weights'
-gradient and the down adapter). The two (S, I) blocks are kept
-tensors (tunex.kernels.kept): in CPU training they lie in the runtime's activation arena, one size
-every step, instead of per-expert pieces of new sizes each step in the heap. The products' shapes follow each expert's share of the batch, new each step, so they run
-torch's matmul (the node runs in ``registry.varying_shapes``), never oneDNN (which builds and caches a kernel per shape: slower here, and a cache
-that grows by hundreds of MB); SwiGLU runs tunex's native kernels.
+adapters of every expert get their gradients from this node. Saved: the input x (only when a gate/up
+adapter needs it: backward gathers each expert's rows from it again, half the size of the sorted
+rows; not even that when the caller gives a rebuild of x, the decoder's lean norm), the gate and up
+pre-activations of all experts in one (S, I) block each and the adapters' (rows, r) products;
+SwiGLU's output is rebuilt in backward (for the routing weights' gradient and the down adapter). The
+two (S, I) blocks are kept tensors (tunex.kernels.kept): in CPU training they lie in the runtime's
+activation arena, one size every step, instead of per-expert pieces of new sizes each step in the
+heap. The products' shapes follow each expert's share of the batch, new each step, so they run
+torch's matmul (the node runs in ``registry.varying_shapes``), never oneDNN (which builds and caches
+a kernel per shape: slower here, and a cache that grows by hundreds of MB); SwiGLU runs tunex's
+native kernels.
 """
 
 from __future__ import annotations
