@@ -73,13 +73,14 @@ def chat_batch():
     return packed_batch(T, B)
 
 
-def build_tunex(folder: str, data: str):
+def tunex_parts(folder: str, data: str):
+    """tunex's contender, built: (its config, the model, the module a step calls, the optimizer, the
+    batch). bench/train_memory.py builds the same."""
     import torch
     from tunex.config import validate
     from tunex.dist.env import init_distributed
     from tunex.dist.wrap import wrap_for_training
     from tunex.train.build import build_model
-    from tunex.train.loop import _micro_step
     from tunex.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -100,6 +101,14 @@ def build_tunex(folder: str, data: str):
     else:
         x = torch.randint(0, VOCAB, (B, T))
         batch = {"input_ids": x, "labels": x, "position_ids": torch.arange(T).expand(B, T)}
+    return cfg, model, step_module, opt, batch
+
+
+def build_tunex(folder: str, data: str):
+    import torch
+    from tunex.train.loop import _micro_step
+
+    cfg, _, step_module, opt, batch = tunex_parts(folder, data)
 
     def step():
         loss, _ = _micro_step(step_module, batch, torch.device("cpu"), cfg, 1)
@@ -110,7 +119,9 @@ def build_tunex(folder: str, data: str):
     return step
 
 
-def build_hf(folder: str, data: str):
+def hf_parts(folder: str, data: str):
+    """transformers + PEFT's contender, built: (the model, the optimizer, input ids, labels, attention
+    mask or None). bench/train_memory.py builds the same."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -135,6 +146,11 @@ def build_hf(folder: str, data: str):
     else:
         x = labels = torch.randint(0, VOCAB, (B, T))
         mask = None
+    return m, opt, x, labels, mask
+
+
+def build_hf(folder: str, data: str):
+    m, opt, x, labels, mask = hf_parts(folder, data)
 
     def step():
         out = m(input_ids=x, attention_mask=mask, labels=labels)

@@ -164,52 +164,15 @@ def main() -> None:
 
 
 def build(who: str, folder: str):
-    """bench_moe's worker for ``who`` (its model, adapters, optimizer and random batch): the model,
-    a forward returning the loss, and the optimizer."""
+    """bench_moe's worker for ``who`` on random tokens (bench_moe.tunex_parts / hf_parts): the
+    model, a forward returning the loss, and the optimizer."""
     import bench_moe
-    import torch
 
-    torch.manual_seed(0)
-    x = torch.randint(0, bench_moe.VOCAB, (bench_moe.B, bench_moe.T))
     if who == "tunex":
-        from tunex.config import validate
-        from tunex.dist.env import init_distributed
-        from tunex.dist.wrap import wrap_for_training
-        from tunex.train.build import build_model
-        from tunex.train.optim import build_optimizer
-
-        cfg = validate(
-            {
-                "model": {"path": folder, "dtype": "float32"},
-                "data": {"path": "-"},
-                "method": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                "train": {"dtype": "float32", "gradient_checkpointing": False, "batch_size": bench_moe.B},
-            }
-        )
-        model = build_model(cfg, torch.device("cpu"))
-        module = wrap_for_training(model, "lora", init_distributed(), torch.device("cpu"), "float32")
-        model.train()
-        opt = build_optimizer(model.parameters(), 2e-4, (0.9, 0.999), 0.0)
-        pos = torch.arange(bench_moe.T).expand(bench_moe.B, bench_moe.T)
-        return model, lambda: module(x, x, pos, None), opt
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    moe = m.config.model_type == "mixtral"
-    m = get_peft_model(
-        m,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"] if moe else "all-linear",
-            target_parameters=["experts.gate_up_proj", "experts.down_proj"] if moe else None,
-        ),
-    )
-    m.train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
-    return m, lambda: m(input_ids=x, labels=x).loss, opt
+        _, model, module, opt, batch = bench_moe.tunex_parts(folder, "random")
+        return model, lambda: module(batch["input_ids"], batch["labels"], batch["position_ids"], None), opt
+    m, opt, x, labels, _ = bench_moe.hf_parts(folder, "random")
+    return m, lambda: m(input_ids=x, labels=labels).loss, opt
 
 
 def summary(model, imported_mb: float, at_import, peak_mb: float) -> None:
