@@ -7,6 +7,8 @@ use crate::error::{Error, Result};
 use crate::simd::{multiversion, multiversion512};
 
 pub mod pool;
+#[cfg(target_arch = "x86_64")]
+mod rows_x86;
 
 /// Lanes summed independently: 4 AVX2 registers, so the adds do not wait on each other.
 const LANES: usize = 32;
@@ -169,9 +171,15 @@ multiversion512! {
 fn rows_dot(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
     if x.len() == cols {
         rows_dot_one(w, x, cols, bias, y);
-    } else {
-        rows_dot_tiled(w, x, cols, bias, y, stride);
+        return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() {
+        // SAFETY: the CPU has the kernel's features.
+        unsafe { rows_x86::rows_dot_avx512(w, x, cols, bias, y, stride) };
+        return;
+    }
+    rows_dot_tiled(w, x, cols, bias, y, stride);
 }
 
 /// One product of a batch: a row-major weight (`y.len()` rows of `x.len()` columns), its optional
@@ -434,16 +442,21 @@ mod tests {
                     for bias in [None, Some(b.as_slice())] {
                         let mut y = vec![f32::NAN; n * rows];
                         gemv_rows_f32(&x, n, &mut [Gemv { w: &w, bias, y: &mut y }]).unwrap();
+                        // the portable tiles too, which machines without AVX-512 run
+                        let mut portable = vec![f32::NAN; n * rows];
+                        rows_dot_tiled(&w, &x, cols, bias, &mut portable, rows);
                         for i in 0..n {
                             for r in 0..rows {
                                 let want = dot(&w[r * cols..(r + 1) * cols], &x[i * cols..(i + 1) * cols])
                                     + bias.map_or(0.0, |b| b[r]);
-                                assert_eq!(
-                                    y[i * rows + r].to_bits(),
-                                    want.to_bits(),
-                                    "{rows}x{cols}, n {n}, input {i}, row {r}, bias {}",
-                                    bias.is_some()
-                                );
+                                for (path, got) in [("chosen", &y), ("portable", &portable)] {
+                                    assert_eq!(
+                                        got[i * rows + r].to_bits(),
+                                        want.to_bits(),
+                                        "{path}: {rows}x{cols}, n {n}, input {i}, row {r}, bias {}",
+                                        bias.is_some()
+                                    );
+                                }
                             }
                         }
                     }
@@ -465,19 +478,8 @@ mod tests {
         }
     }
 
-    multiversion! {
-        /// The untiled loop `rows_dot` had before its tiles, kept to time against.
-        fn rows_dot_untiled(w: &[f32], x: &[f32], cols: usize, y: &mut [f32], stride: usize) {
-            let n = x.len() / cols;
-            for (r, row) in w.chunks_exact(cols).enumerate() {
-                for i in 0..n {
-                    y[i * stride + r] = dot(row, &x[i * cols..(i + 1) * cols]);
-                }
-            }
-        }
-    }
-
-    /// `cargo test --release -- --ignored --nocapture rows_dot_speed`: one thread, tiled vs untiled,
+    /// `cargo test --release -- --ignored --nocapture rows_dot_speed`: one thread, the path
+    /// `rows_dot` takes (the AVX-512 register tiles where the CPU has them) vs the portable tiles,
     /// alternating, on SmolLM2-135M's shapes; prints the best of each.
     #[test]
     #[ignore]
@@ -498,13 +500,13 @@ mod tests {
                     best_new = best_new.min(t.elapsed().as_secs_f64() / reps as f64);
                     let t = std::time::Instant::now();
                     for _ in 0..reps {
-                        rows_dot_untiled(&w, &x, cols, &mut y, rows);
+                        rows_dot_tiled(&w, &x, cols, None, &mut y, rows);
                     }
                     best_old = best_old.min(t.elapsed().as_secs_f64() / reps as f64);
                 }
                 let gflop = 2.0 * (rows * cols * n) as f64 / 1e9;
                 println!(
-                    "{rows}x{cols} n={n}: tiled {:.3} ms ({:.1} GFLOP/s), untiled {:.3} ms ({:.1} GFLOP/s), {:.2}x",
+                    "{rows}x{cols} n={n}: chosen {:.3} ms ({:.1} GFLOP/s), portable {:.3} ms ({:.1} GFLOP/s), {:.2}x",
                     best_new * 1e3,
                     gflop / best_new,
                     best_old * 1e3,
