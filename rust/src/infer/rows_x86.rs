@@ -78,22 +78,23 @@ unsafe fn pass<const R: usize, const C: usize>(
     acc
 }
 
+/// What every tile of one product reads: the weight (rows of `cols`), the inputs (rows of `cols`),
+/// the bias, and the distance between two inputs' outputs in `y`.
+struct Operands<'a> {
+    w: &'a [f32],
+    x: &'a [f32],
+    cols: usize,
+    bias: Option<&'a [f32]>,
+    stride: usize,
+}
+
 /// The outputs of weight rows `r..r + R` for inputs `i..i + C` into `y[(i + l) * stride + r + k]`.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `w` holds rows `r..r + R` and `x` rows `i..i + C` of `cols` values.
+/// The CPU has AVX-512F; `o.w` holds rows `r..r + R` and `o.x` rows `i..i + C`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const C: usize>(
-    w: &[f32],
-    x: &[f32],
-    cols: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    stride: usize,
-    r: usize,
-    i: usize,
-) {
+unsafe fn tile<const R: usize, const C: usize>(o: &Operands<'_>, y: &mut [f32], r: usize, i: usize) {
+    let (w, x, cols) = (o.w, o.x, o.cols);
     let main = cols - cols % 32;
     let mut wp = [w.as_ptr(); R];
     for (a, p) in wp.iter_mut().enumerate() {
@@ -103,7 +104,8 @@ unsafe fn tile<const R: usize, const C: usize>(
     for (l, p) in xp.iter_mut().enumerate() {
         *p = x[(i + l) * cols..].as_ptr();
     }
-    // SAFETY: AVX-512F as the caller vouches; the rows as it vouches.
+    // the first tile of a strip asks for the weights two strips on, which it will reach after
+    // this strip's other tiles (the hardware's own prefetch lags behind the tiles' eight streams)
     let next = (i == 0 && (r + 3 * R) * cols <= w.len()).then(|| {
         let mut p = wp;
         for q in p.iter_mut() {
@@ -111,51 +113,42 @@ unsafe fn tile<const R: usize, const C: usize>(
         }
         p
     });
+    // SAFETY: AVX-512F and the rows, as the caller vouches.
     let low = unsafe { pass::<R, C>(&wp, &xp, 0, main, next.as_ref()) };
     let high = unsafe { pass::<R, C>(&wp, &xp, 16, main, None) };
     for a in 0..R {
         let w_tail = &w[(r + a) * cols + main..(r + a + 1) * cols];
-        let b = bias.map_or(0.0, |b| b[r + a]);
+        let b = o.bias.map_or(0.0, |b| b[r + a]);
         for l in 0..C {
             let x_tail = &x[(i + l) * cols + main..(i + l + 1) * cols];
             // SAFETY: AVX-512F, as the caller vouches.
-            y[(i + l) * stride + r + a] = unsafe { reduce(low[a][l], high[a][l], w_tail, x_tail) } + b;
+            y[(i + l) * o.stride + r + a] = unsafe { reduce(low[a][l], high[a][l], w_tail, x_tail) } + b;
         }
     }
 }
 
-/// One strip of `R` weight rows starting at `r` against all `n` inputs, in `tiles` tiles of as
-/// equal widths as can be (at most `C`: the widest tile the caller chose `R` for).
+/// One strip of `R` weight rows starting at `r` against all inputs, in `tiles` tiles of as equal
+/// widths as can be (at most `C`: the widest tile the caller chose `R` for).
 ///
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn strip<const R: usize, const C: usize>(
-    w: &[f32],
-    x: &[f32],
-    cols: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    stride: usize,
-    r: usize,
-    tiles: usize,
-) {
-    let n = x.len() / cols;
+unsafe fn strip<const R: usize, const C: usize>(o: &Operands<'_>, y: &mut [f32], r: usize, tiles: usize) {
+    let n = o.x.len() / o.cols;
     let mut i = 0;
     for t in 0..tiles {
-        let width = (n - i) / (tiles - t);
+        let width = ((n - i) / (tiles - t)).min(C);
         // SAFETY (all calls): the tile covers input rows `i..i + width`, below `n`, and the strip.
-        match width.min(C) {
-            6 => unsafe { tile::<R, 6>(w, x, cols, bias, y, stride, r, i) },
-            5 => unsafe { tile::<R, 5>(w, x, cols, bias, y, stride, r, i) },
-            4 => unsafe { tile::<R, 4>(w, x, cols, bias, y, stride, r, i) },
-            3 => unsafe { tile::<R, 3>(w, x, cols, bias, y, stride, r, i) },
-            2 => unsafe { tile::<R, 2>(w, x, cols, bias, y, stride, r, i) },
-            1 => unsafe { tile::<R, 1>(w, x, cols, bias, y, stride, r, i) },
+        match width {
+            6 => unsafe { tile::<R, 6>(o, y, r, i) },
+            5 => unsafe { tile::<R, 5>(o, y, r, i) },
+            4 => unsafe { tile::<R, 4>(o, y, r, i) },
+            3 => unsafe { tile::<R, 3>(o, y, r, i) },
+            2 => unsafe { tile::<R, 2>(o, y, r, i) },
+            1 => unsafe { tile::<R, 1>(o, y, r, i) },
             _ => {}
         }
-        i += width.min(C);
+        i += width;
     }
 }
 
@@ -164,25 +157,16 @@ unsafe fn strip<const R: usize, const C: usize>(
 /// # Safety
 /// As [`tile`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn strips<const R: usize, const C: usize>(
-    w: &[f32],
-    x: &[f32],
-    cols: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    stride: usize,
-    tiles: usize,
-) {
-    let rows = w.len() / cols;
+unsafe fn strips<const R: usize, const C: usize>(o: &Operands<'_>, y: &mut [f32], tiles: usize) {
+    let rows = o.w.len() / o.cols;
     let mut r = 0;
     // SAFETY (all calls): the strips cover weight rows below `rows`.
     while r + R <= rows {
-        unsafe { strip::<R, C>(w, x, cols, bias, y, stride, r, tiles) };
+        unsafe { strip::<R, C>(o, y, r, tiles) };
         r += R;
     }
     while r < rows {
-        unsafe { strip::<1, C>(w, x, cols, bias, y, stride, r, tiles) };
+        unsafe { strip::<1, C>(o, y, r, tiles) };
         r += 1;
     }
 }
@@ -205,10 +189,11 @@ pub(super) unsafe fn rows_dot_avx512(
 ) {
     let n = x.len() / cols;
     let tiles = n.div_ceil(INPUTS);
+    let o = Operands { w, x, cols, bias, stride };
     // SAFETY (all calls): AVX-512 as vouched; the strips stay inside `w`, `x` and `y`.
     match n.div_ceil(tiles) {
-        1 | 2 => unsafe { strips::<8, 2>(w, x, cols, bias, y, stride, tiles) },
-        3 => unsafe { strips::<6, 3>(w, x, cols, bias, y, stride, tiles) },
-        _ => unsafe { strips::<ROWS, INPUTS>(w, x, cols, bias, y, stride, tiles) },
+        1 | 2 => unsafe { strips::<8, 2>(&o, y, tiles) },
+        3 => unsafe { strips::<6, 3>(&o, y, tiles) },
+        _ => unsafe { strips::<ROWS, INPUTS>(&o, y, tiles) },
     }
 }
