@@ -10,7 +10,8 @@ the columns of one block (32 values for Q8_0 / Q5_0 / Q5_1, a 256-value super-bl
 types) the block's parameters (d, dmin, the sub-block scales and mins) are chosen by llama.cpp's
 importance-weighted search on the block's weights as the earlier columns' errors left them; the
 columns are then rounded to that fixed grid, and the levels are written into those blocks, so any
-GGUF reader dequantizes them (tunex._native.ggml_grid / ggml_set_levels).
+GGUF reader dequantizes them (tunex._native.ggml_grid / ggml_set_levels; the column loop is
+tunex._native.ggml_gptq_run).
 
 The model is quantized layer by layer: each layer's inputs come from the layers before it with
 their weights already rounded (so a layer corrects for what earlier layers lost), its products are
@@ -106,7 +107,6 @@ def _round(w: np.ndarray, kind: str, u, importance, name: str) -> tuple[np.ndarr
             f"{name} holds {w.flat[bad[0]]} at flat index {bad[0]}; GGUF quantization needs finite weights"
         )
     importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
-    lo, hi = _native.ggml_level_range(kind)
     size = _block_bytes(kind)
     packed = np.empty((rows, cols // n * size), dtype=np.uint8)
     # column-major copies: the loop reads and updates one input column (all rows) at a time
@@ -121,23 +121,26 @@ def _round(w: np.ndarray, kind: str, u, importance, name: str) -> tuple[np.ndarr
             # the block parameters: llama.cpp's weighted search on the weights as earlier errors left them
             block = quantize_blocks(wt[g:end].T.numpy(), kind, name, importance[g:end])
             _native.ggml_grid(block.reshape(-1), n, kind, name, a.reshape(-1), b.reshape(-1))
-            at, bt = torch.from_numpy(a.T.copy()), torch.from_numpy(b.T.copy())
+            at, bt = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
             # GPTQ's lazy batches: a column's error moves the rest of its run of LAZY columns at
-            # once, the columns after the run take the run's errors in one product
+            # once (tunex._native.ggml_gptq_run), the columns after the run take the run's errors in
+            # one product
             for r in range(g, end, LAZY):
-                stop = r + LAZY
-                for c in range(r, stop):
-                    j = c - g
-                    col, scale, offset = wt[c], at[j], bt[j]
-                    k = torch.where(scale != 0, torch.round((col + offset) / scale), 0.0).clamp_(lo, hi)
-                    q = scale * k - offset
-                    levels[j] = k
-                    values[c] = q
-                    torch.div(col - q, u[c, c], out=err[j])
-                    if c + 1 < stop:
-                        wt[c + 1 : stop].addr_(u[c, c + 1 : stop], err[j], alpha=-1.0)
+                stop, j = r + LAZY, r - g
+                _native.ggml_gptq_run(
+                    wt[r:stop].numpy().reshape(-1),
+                    rows,
+                    at[j : j + LAZY].reshape(-1),
+                    bt[j : j + LAZY].reshape(-1),
+                    u[r:stop, r:stop].contiguous().numpy().reshape(-1),
+                    kind,
+                    name,
+                    levels[j : j + LAZY].numpy().reshape(-1),
+                    values[r:stop].numpy().reshape(-1),
+                    err[j : j + LAZY].numpy().reshape(-1),
+                )
                 if stop < cols:
-                    wt[stop:].addmm_(u[r:stop, stop:].T, err[r - g : stop - g], alpha=-1.0)
+                    wt[stop:].addmm_(u[r:stop, stop:].T, err[j : j + LAZY], alpha=-1.0)
             _native.ggml_set_levels(levels.T.contiguous().numpy().reshape(-1), n, kind, name, block.reshape(-1))
             packed[:, g // n * size : end // n * size] = block
     return packed, values.T.contiguous().numpy()
