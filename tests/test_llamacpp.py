@@ -390,7 +390,7 @@ def test_smollm2_calibrated_quants_perplexity(smollm2, smollm2_exports, tmp_path
     importance-only calibration's (llama.cpp's --imatrix quantization). The reference model here is
     SmolLM2's Q4_1 release read back, so its weights lie on a 4-bit grid of 32-value blocks with
     offsets: the weighted Q5_1 search (the bulk of q5_k_m here) lands on that grid, and q5_k_m loses
-    almost nothing either way (importance-only measured +0.4%, GPTQ +0.8%: GPTQ's updates move the
+    almost nothing either way (importance-only measured +0.4%, GPTQ +0.8 to 1.0%: GPTQ's updates move the
     weights off the grid). Q5_0 (the bulk of q4_k_m) has no offset; there GPTQ roughly halves the
     importance-only loss."""
     tok = load_tokenizer(smollm2)
