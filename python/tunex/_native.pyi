@@ -134,6 +134,16 @@ def ggml_set_levels(levels: _I8, row_len: int, ggml_type: str, name: str, packed
 def ggml_level_range(ggml_type: str) -> tuple[int, int]:
     """The lowest and highest level ``k`` of a value of ``ggml_type``."""
 
+def ggml_gptq_run(
+    w: _F32, rows: int, a: _F32, b: _F32, u: _F32, ggml_type: str, name: str, levels: _I8, values: _F32, err: _F32
+) -> None:
+    """GPTQ's column loop over one run of column-major weights ``w`` (columns of ``rows`` values) on
+    the fixed grid ``a * k - b`` (one ``a``, ``b`` per value, column-major): each column rounded
+    (``k = clamp(round((w + b) / a))``, ties to even), its value and its error divided by ``u``'s
+    diagonal written out, and that error moves the run's later columns of ``w`` by ``u`` (the
+    factor's rows of the run restricted to it, m x m row-major). Bad lengths, NaN / inf or a
+    diagonal not positive: ValueError naming ``name``, nothing written."""
+
 # compute kernels (rust/src/py/kernels.rs); float32 only
 def gemv_f32(x: _F32, products: list[tuple[_F32, _F32 | None, _F32]]) -> None:
     """``out = weight @ x (+ bias)`` for each ``(weight, bias, out)``; weight is flat row-major."""

@@ -171,6 +171,35 @@ fn ggml_set_levels(
     Ok(())
 }
 
+/// GPTQ's column loop over one run of column-major weights `w` (columns of `rows`) on a fixed
+/// grid: levels, values and scaled errors out, the run's later columns moved in place.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn ggml_gptq_run(
+    py: Python<'_>,
+    mut w: PyReadwriteArray1<'_, f32>,
+    rows: usize,
+    a: PyReadonlyArray1<'_, f32>,
+    b: PyReadonlyArray1<'_, f32>,
+    u: PyReadonlyArray1<'_, f32>,
+    ggml_type: &str,
+    name: &str,
+    mut levels: PyReadwriteArray1<'_, i8>,
+    mut values: PyReadwriteArray1<'_, f32>,
+    mut err: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let w = contiguous_mut("w", w.as_slice_mut())?;
+    let a = contiguous("a", a.as_slice())?;
+    let b = contiguous("b", b.as_slice())?;
+    let u = contiguous("u", u.as_slice())?;
+    let levels = contiguous_mut("levels", levels.as_slice_mut())?;
+    let values = contiguous_mut("values", values.as_slice_mut())?;
+    let err = contiguous_mut("err", err.as_slice_mut())?;
+    py.detach(|| quant::ggml_gptq_run(w, rows, a, b, u, ty, name, levels, values, err))?;
+    Ok(())
+}
+
 /// The (lowest, highest) level of a `ggml_type` value.
 #[pyfunction]
 fn ggml_level_range(ggml_type: &str) -> PyResult<(i32, i32)> {
@@ -187,5 +216,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ggml_grid, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_set_levels, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_level_range, m)?)?;
+    m.add_function(wrap_pyfunction!(ggml_gptq_run, m)?)?;
     Ok(())
 }

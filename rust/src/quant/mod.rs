@@ -2,7 +2,7 @@
 //! blockwise quantization bitsandbytes uses to compress the 4-bit absmax ("double quant"), and
 //! llama.cpp's GGUF block types (`ggml`: Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) byte-identical to ggml,
 //! plain or importance-weighted (`ggml_weighted`), and their blocks' grids with new levels written
-//! into them (`ggml_levels`, for error-compensated rounding).
+//! into them (`ggml_levels`) and GPTQ's column loop over them (`ggml_gptq`), for error-compensated rounding.
 //!
 //! Everything here works on flat slices owned by the caller: the Python wrapper allocates the
 //! output tensors and lends their bytes, so nothing is copied on the way in or out.
@@ -16,6 +16,7 @@ mod elem;
 mod expand_x86;
 mod fourbit;
 mod ggml;
+mod ggml_gptq;
 #[cfg(target_arch = "x86_64")]
 mod ggml_lanes;
 mod ggml_levels;
@@ -29,6 +30,7 @@ pub use codebook::QuantType;
 pub use elem::FloatDtype;
 pub use fourbit::{dequantize_4bit, quantize_4bit};
 pub use ggml::{ggml_packed_len, quantize_ggml, GgmlType};
+pub use ggml_gptq::ggml_gptq_run;
 pub use ggml_levels::{ggml_grid, ggml_set_levels, level_range};
 pub use ggml_weighted::quantize_ggml_weighted;
 
