@@ -150,8 +150,9 @@ multiversion! {
 }
 
 multiversion512! {
-    /// [`rows_dot`] for several inputs, in tiles of 2 rows by [`TILE_INPUTS`] inputs (AVX-512 where
-    /// the CPU has it: measured faster than AVX2 for these tiles, bits the same either way).
+    /// [`rows_dot`] for several inputs, in tiles of 2 rows by [`TILE_INPUTS`] inputs: what CPUs
+    /// without AVX-512 run (those with it take `rows_x86`'s register tiles; the tests run both,
+    /// and this one's AVX-512 build, against the one-row dot).
     fn rows_dot_tiled(w: &[f32], x: &[f32], cols: usize, bias: Option<&[f32]>, y: &mut [f32], stride: usize) {
         let rows = w.len() / cols;
         let mut r = 0;
