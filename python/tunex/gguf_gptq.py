@@ -192,9 +192,7 @@ _D_AT = {"q8_0": 0, "q5_0": 0, "q5_1": 0, "q4_k": 0, "q5_k": 0, "q6_k": 208}
 
 def _scaled(block: np.ndarray, kind: str, s: float) -> np.ndarray:
     """``block`` (one block per row) with its d multiplied by ``s`` (in float16); a d that would
-    overflow float16 is kept."""
-    if s == 1.0:
-        return block.copy()
+    overflow float16 is kept (``s`` 1: the same bytes)."""
     out = block.copy()
     at = _D_AT[kind]
     d = np.ascontiguousarray(out[:, at : at + 2]).view(np.float16)

@@ -201,12 +201,11 @@ class MoELayer(DecoderLayer):
         x = rt.add(x, self.self_attn(self.input_layernorm(x, rt), cos, sin, mask, cache, again=again, rt=rt))
         block = getattr(self, self.ffn_name)
         h = self.post_attention_layernorm(x, rt)
-        if self.sparse:
-            # the experts' adapters rebuild the normed rows in backward (one rebuild for all of
-            # them) instead of the node keeping them; nothing else keeps them without a router adapter
-            again = self._renorm(rt, self.post_attention_layernorm, x, 1) if lean else None
-            return rt.add(x, block(h, again=again, rt=rt))
-        again = self._renorm(rt, self.post_attention_layernorm, x, self.gate_up_uses) if lean else None
+        # the normed rows are rebuilt in backward instead of kept: a sparse block's experts node
+        # rebuilds them once for all its adapters (nothing else keeps them without a router
+        # adapter), a dense MLP once for each of gate and up
+        uses = 1 if self.sparse else self.gate_up_uses
+        again = self._renorm(rt, self.post_attention_layernorm, x, uses) if lean else None
         return rt.add(x, block(h, again=again, rt=rt))
 
 
