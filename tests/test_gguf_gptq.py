@@ -167,7 +167,7 @@ def test_native_level_writes_refuse_bad_levels_and_lengths():
     with pytest.raises(ValueError, match="offset"):
         _native.ggml_grid(packed.reshape(-1), 256, "q4_k", "w", a, b)
     with pytest.raises(ValueError, match="q3_k"):
-        _native.ggml_level_range("q3_k")
+        _native.ggml_scale_d(packed.reshape(-1), 256, "q3_k", "w", 0.9)
 
 
 @pytest.mark.parametrize(

@@ -128,11 +128,12 @@ def ggml_grid(packed: _U8, row_len: int, ggml_type: str, name: str, a: _F32, b: 
     bit for bit llama.cpp's dequantization) for its level ``k``."""
 
 def ggml_set_levels(levels: _I8, row_len: int, ggml_type: str, name: str, packed: _U8) -> None:
-    """Writes ``levels`` (one per value, in :func:`ggml_level_range`) into the blocks of ``packed``,
-    keeping each block's parameters."""
+    """Writes ``levels`` (one per value, in the type's range: Q8_0 -128..127, Q5_0 -16..15, Q5_1 and
+    Q5_K 0..31, Q4_K 0..15, Q6_K -32..31) into the blocks of ``packed``, keeping each block's parameters."""
 
-def ggml_level_range(ggml_type: str) -> tuple[int, int]:
-    """The lowest and highest level ``k`` of a value of ``ggml_type``."""
+def ggml_scale_d(packed: _U8, row_len: int, ggml_type: str, name: str, s: float) -> None:
+    """Multiplies every GGUF block's float16 ``d`` in ``packed`` by ``s`` in place (in float32, rounded
+    to float16; a block whose scaled d would overflow keeps its own); levels and the other parameters stay."""
 
 def ggml_gptq_run(
     w: _F32, rows: int, a: _F32, b: _F32, u: _F32, ggml_type: str, name: str, levels: _I8, values: _F32, err: _F32

@@ -135,7 +135,7 @@ fn quantize_ggml_weighted(
 }
 
 /// Each value's grid of the `ggml_type` blocks in `packed` (rows of `row_len` values): the value
-/// reads back as `a * k - b` for its level `k` (see `ggml_level_range`).
+/// reads back as `a * k - b` for its level `k` (the type's level range: `quant::ggml_levels::level_range`).
 #[pyfunction]
 fn ggml_grid(
     py: Python<'_>,
@@ -171,6 +171,22 @@ fn ggml_set_levels(
     Ok(())
 }
 
+/// Multiplies every block's f16 `d` in `packed` by `s` in place (a d that would overflow is kept).
+#[pyfunction]
+fn ggml_scale_d(
+    py: Python<'_>,
+    mut packed: PyReadwriteArray1<'_, u8>,
+    row_len: usize,
+    ggml_type: &str,
+    name: &str,
+    s: f32,
+) -> PyResult<()> {
+    let ty = quant::GgmlType::parse(ggml_type)?;
+    let packed = contiguous_mut("packed", packed.as_slice_mut())?;
+    py.detach(|| quant::ggml_scale_d(packed, row_len, ty, name, s))?;
+    Ok(())
+}
+
 /// GPTQ's column loop over one run of column-major weights `w` (columns of `rows`) on a fixed
 /// grid: levels, values and scaled errors out, the run's later columns moved in place.
 #[pyfunction]
@@ -200,12 +216,6 @@ fn ggml_gptq_run(
     Ok(())
 }
 
-/// The (lowest, highest) level of a `ggml_type` value.
-#[pyfunction]
-fn ggml_level_range(ggml_type: &str) -> PyResult<(i32, i32)> {
-    Ok(quant::level_range(quant::GgmlType::parse(ggml_type)?))
-}
-
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
@@ -215,7 +225,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_ggml_weighted, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_grid, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_set_levels, m)?)?;
-    m.add_function(wrap_pyfunction!(ggml_level_range, m)?)?;
+    m.add_function(wrap_pyfunction!(ggml_scale_d, m)?)?;
     m.add_function(wrap_pyfunction!(ggml_gptq_run, m)?)?;
     Ok(())
 }

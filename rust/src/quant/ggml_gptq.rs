@@ -78,27 +78,23 @@ pub fn ggml_gptq_run(
     // each task's slices: its rows of every column
     let tasks = rows.div_ceil(per);
     let mut parts: Vec<Task> = (0..tasks).map(|_| Task::default()).collect();
-    let columns = w
-        .chunks_mut(rows)
-        .zip(levels.chunks_mut(rows))
-        .zip(values.chunks_mut(rows))
-        .zip(err.chunks_mut(rows))
-        .zip(a.chunks(rows).zip(b.chunks(rows)));
-    for ((((w, k), q), e), (a, b)) in columns {
-        let pieces = w
-            .chunks_mut(per)
-            .zip(k.chunks_mut(per))
-            .zip(q.chunks_mut(per))
-            .zip(e.chunks_mut(per))
-            .zip(a.chunks(per).zip(b.chunks(per)));
-        for (task, ((((w, k), q), e), (a, b))) in parts.iter_mut().zip(pieces) {
-            task.w.push(w);
-            task.k.push(k);
-            task.q.push(q);
-            task.e.push(e);
-            task.a.push(a);
-            task.b.push(b);
-        }
+    for (t, piece) in pieces_mut(w, rows, per) {
+        parts[t].w.push(piece);
+    }
+    for (t, piece) in pieces_mut(levels, rows, per) {
+        parts[t].k.push(piece);
+    }
+    for (t, piece) in pieces_mut(values, rows, per) {
+        parts[t].q.push(piece);
+    }
+    for (t, piece) in pieces_mut(err, rows, per) {
+        parts[t].e.push(piece);
+    }
+    for (t, piece) in a.chunks(rows).flat_map(|column| column.chunks(per).enumerate()) {
+        parts[t].a.push(piece);
+    }
+    for (t, piece) in b.chunks(rows).flat_map(|column| column.chunks(per).enumerate()) {
+        parts[t].b.push(piece);
     }
     if tasks == 1 {
         run_rows(&mut parts[0], u, m, lo, hi);
@@ -117,6 +113,11 @@ struct Task<'a> {
     e: Vec<&'a mut [f32]>,
     a: Vec<&'a [f32]>,
     b: Vec<&'a [f32]>,
+}
+
+/// Every column's (`rows` values of `data`) pieces of `per` rows, each with the task it goes to.
+fn pieces_mut<T>(data: &mut [T], rows: usize, per: usize) -> impl Iterator<Item = (usize, &mut [T])> {
+    data.chunks_mut(rows).flat_map(move |column| column.chunks_mut(per).enumerate())
 }
 
 fn run_rows(t: &mut Task<'_>, u: &[f32], m: usize, lo: f32, hi: f32) {

@@ -140,6 +140,35 @@ pub fn ggml_set_levels(levels: &[i8], row_len: usize, ty: GgmlType, name: &str, 
     Ok(())
 }
 
+/// Where a block of `ty` keeps its f16 `d` (the scale every level multiplies): its byte offset.
+fn d_offset(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q6K => 208,
+        GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => 0,
+    }
+}
+
+/// Multiplies every block's `d` in `packed` (rows of `row_len` values of type `ty`) by `s`, in f32
+/// and rounded to f16 (to nearest, ties to even); a block whose scaled `d` would not be a finite
+/// f16 keeps its own. The levels and the other parameters (dmin, sub-block scales and mins) are
+/// left as they are, so afterwards each value's `a` of [`ggml_grid`] is the new `d` times its
+/// sub-block scale. Errors (`InvalidArgument` naming the tensor) when the bytes are not whole rows
+/// of blocks or `s` is not finite; `packed` is then left as it was.
+pub fn ggml_scale_d(packed: &mut [u8], row_len: usize, ty: GgmlType, name: &str, s: f32) -> Result<()> {
+    values_of(packed, row_len, ty, name)?;
+    if !s.is_finite() {
+        return Err(Error::arg(format!("tensor '{name}': the scale factor {s} is not a finite number")));
+    }
+    let at = d_offset(ty);
+    packed.par_chunks_mut(ty.block_bytes()).for_each(|blk| {
+        let scaled = f16::from_f32(half(&blk[at..]) * s);
+        if scaled.is_finite() {
+            blk[at..at + 2].copy_from_slice(&scaled.to_le_bytes());
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +205,46 @@ mod tests {
                 assert_eq!(back[i], a[i] * k[i] as f32 - b[i], "{ty:?} value {i}");
             }
         }
+    }
+
+    #[test]
+    fn a_scaled_d_scales_every_value_of_the_grid() {
+        let x = sample(1024, 11);
+        for ty in GgmlType::ALL {
+            let mut packed = vec![0u8; ggml_packed_len(x.len(), 512, ty, "w").unwrap()];
+            quantize_ggml(&x, 512, ty, "w", &mut packed).unwrap();
+            let (mut a, mut b) = (vec![0.0f32; 1024], vec![0.0f32; 1024]);
+            ggml_grid(&packed, 512, ty, "w", &mut a, &mut b).unwrap();
+            let mut scaled = packed.clone();
+            ggml_scale_d(&mut scaled, 512, ty, "w", 0.9).unwrap();
+            let (mut a2, mut b2) = (vec![0.0f32; 1024], vec![0.0f32; 1024]);
+            ggml_grid(&scaled, 512, ty, "w", &mut a2, &mut b2).unwrap();
+            assert_eq!(b2, b, "{ty:?}: the offsets stay");
+            let n = ty.block_elems();
+            for (i, (&new, &old)) in a2.iter().zip(&a).enumerate() {
+                // d read from the original block, scaled in f32, rounded to f16, times the sub-block scale
+                let d = half(&packed[i / n * ty.block_bytes() + d_offset(ty)..]);
+                let d2 = f16::from_f32(d * 0.9).to_f32();
+                let sub = if d == 0.0 { 0.0 } else { old / d };
+                assert_eq!(new, d2 * sub, "{ty:?} value {i}");
+            }
+            // only d's two bytes of each block change
+            let changed = packed.iter().zip(&scaled).enumerate().filter(|(_, (p, q))| p != q);
+            for (i, _) in changed {
+                let at = i % ty.block_bytes();
+                assert!((d_offset(ty)..d_offset(ty) + 2).contains(&at), "{ty:?} byte {at}");
+            }
+        }
+        // a d that would overflow f16 is kept; a bad factor or length is an error, nothing changed
+        let mut blk = vec![0u8; 34];
+        blk[..2].copy_from_slice(&f16::from_f32(60000.0).to_le_bytes());
+        ggml_scale_d(&mut blk, 32, GgmlType::Q8_0, "w", 2.0).unwrap();
+        assert_eq!(half(&blk), 60000.0);
+        let before = blk.clone();
+        let msg = ggml_scale_d(&mut blk, 32, GgmlType::Q8_0, "blk.0.attn_q.weight", f32::NAN).unwrap_err().to_string();
+        assert!(msg.contains("blk.0.attn_q.weight") && !msg.contains('\n'), "{msg}");
+        assert!(ggml_scale_d(&mut blk[..33], 32, GgmlType::Q8_0, "w", 1.0).is_err());
+        assert_eq!(blk, before);
     }
 
     #[test]

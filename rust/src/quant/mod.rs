@@ -31,7 +31,7 @@ pub use elem::FloatDtype;
 pub use fourbit::{dequantize_4bit, quantize_4bit};
 pub use ggml::{ggml_packed_len, quantize_ggml, GgmlType};
 pub use ggml_gptq::ggml_gptq_run;
-pub use ggml_levels::{ggml_grid, ggml_set_levels, level_range};
+pub use ggml_levels::{ggml_grid, ggml_scale_d, ggml_set_levels};
 pub use ggml_weighted::quantize_ggml_weighted;
 
 use crate::error::{Error, Result};
