@@ -5,6 +5,8 @@ Converted once per module through tunex's gguf_to_hf; transformers' own GGUF loa
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tunex.gguf_io import gguf_to_hf, hf_to_gguf
@@ -57,7 +59,14 @@ def test_weights_and_logits_match_transformers_gguf_loader(ours, hf, tok):
         assert torch.equal(value, theirs[name]), name
     ids = torch.tensor([chat_ids(tok, PROMPTS[0])])
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+        got, want = ours(ids).double(), hf(ids).logits.double()
+        exact = copy.deepcopy(hf).double()(ids).logits  # the same weights, float64 throughout
+    # float32 products may add in another order (tunex's big products run on oneDNN, transformers'
+    # on MKL, ~1.5x apart in rounding error on one product), so 30 layers of them end up ~1e-4 apart
+    # on logits of ~40: tunex's distance from the float64 result must stay within a few times
+    # transformers' own float32 distance from it
+    theirs = (want - exact).abs().max().item()
+    assert (got - exact).abs().max().item() <= 4 * theirs
 
 
 def test_greedy_tokens_identical_to_transformers_generate(ours, hf, tok):
