@@ -5,11 +5,20 @@
 # clones included); delete that folder to rebuild.
 set -euo pipefail
 version=0.3.36
-wheels=${TUNEX_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tunex/wheels}
+# Built for this CPU (llama.cpp's default -march=native) but without Intel AMX: on a CPU that has
+# it (Sapphire Rapids and later), this llama.cpp's AMX matrix products run tile instructions without
+# first asking Linux for the AMX register state (arch_prctl ARCH_REQ_XCOMP_PERM), and the process
+# dies with SIGILL on the first quantized product. Explicit -mno-amx-* win over -march=native in
+# GCC and clang whatever their order. Wheels built before this (with AMX) sat one folder up.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+wheels=${TUNEX_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tunex/wheels}/llama-cpp-no-amx
 mkdir -p "$wheels"
 if ! ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $version (llama.cpp from source, once) into $wheels"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+  CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
     python -m pip wheel -q --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$version"
 fi
 python -m pip install -q --find-links "$wheels" "llama-cpp-python==$version"
+# the cached build itself, even where pip holds an older build of the same version (an AMX one)
+python -m pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-"$version"-*.whl
