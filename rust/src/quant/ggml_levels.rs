@@ -184,14 +184,26 @@ mod tests {
             .collect()
     }
 
+    /// `x` quantized as `ty` in rows of 512, with each value's grid (a, b) read back.
+    fn packed_with_grid(x: &[f32], ty: GgmlType) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let mut packed = vec![0u8; ggml_packed_len(x.len(), 512, ty, "w").unwrap()];
+        quantize_ggml(x, 512, ty, "w", &mut packed).unwrap();
+        let (a, b) = grid(&packed, ty);
+        (packed, a, b)
+    }
+
+    fn grid(packed: &[u8], ty: GgmlType) -> (Vec<f32>, Vec<f32>) {
+        let n = packed.len() / ty.block_bytes() * ty.block_elems();
+        let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+        ggml_grid(packed, 512, ty, "w", &mut a, &mut b).unwrap();
+        (a, b)
+    }
+
     #[test]
     fn new_levels_read_back_as_a_times_k_minus_b() {
         let x = sample(1024, 5);
         for ty in GgmlType::ALL {
-            let mut packed = vec![0u8; ggml_packed_len(x.len(), 512, ty, "w").unwrap()];
-            quantize_ggml(&x, 512, ty, "w", &mut packed).unwrap();
-            let (mut a, mut b) = (vec![0.0f32; 1024], vec![0.0f32; 1024]);
-            ggml_grid(&packed, 512, ty, "w", &mut a, &mut b).unwrap();
+            let (mut packed, a, b) = packed_with_grid(&x, ty);
             // rewriting the quantizer's own levels leaves the bytes as they were
             let own = levels_of(ty, &packed, &a, &b);
             let mut again = packed.clone();
@@ -211,14 +223,10 @@ mod tests {
     fn a_scaled_d_scales_every_value_of_the_grid() {
         let x = sample(1024, 11);
         for ty in GgmlType::ALL {
-            let mut packed = vec![0u8; ggml_packed_len(x.len(), 512, ty, "w").unwrap()];
-            quantize_ggml(&x, 512, ty, "w", &mut packed).unwrap();
-            let (mut a, mut b) = (vec![0.0f32; 1024], vec![0.0f32; 1024]);
-            ggml_grid(&packed, 512, ty, "w", &mut a, &mut b).unwrap();
+            let (packed, a, b) = packed_with_grid(&x, ty);
             let mut scaled = packed.clone();
             ggml_scale_d(&mut scaled, 512, ty, "w", 0.9).unwrap();
-            let (mut a2, mut b2) = (vec![0.0f32; 1024], vec![0.0f32; 1024]);
-            ggml_grid(&scaled, 512, ty, "w", &mut a2, &mut b2).unwrap();
+            let (a2, b2) = grid(&scaled, ty);
             assert_eq!(b2, b, "{ty:?}: the offsets stay");
             let n = ty.block_elems();
             for (i, (&new, &old)) in a2.iter().zip(&a).enumerate() {
