@@ -176,16 +176,27 @@ class HFCausalLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> HFCache:
         return HFCache()
 
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing (the old names
+    # warn and go in v6); the old names serve the releases before the rename
     @property
     def gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.hf, "is_gradient_checkpointing", False))
+        hf = self.hf
+        if hasattr(type(hf), "is_activation_checkpointing"):
+            return bool(hf.is_activation_checkpointing)
+        return bool(getattr(hf, "is_gradient_checkpointing", False))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool) -> None:
-        if on:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf, kwargs = self.hf, {"use_reentrant": False}
+        renamed = hasattr(hf, "activation_checkpointing_enable")
+        if on and renamed:
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif on:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif renamed:
+            hf.activation_checkpointing_disable()
         else:
-            self.hf.gradient_checkpointing_disable()
+            hf.gradient_checkpointing_disable()
 
 
 def _head_check(model: HFCausalLM, folder: Path) -> None:
