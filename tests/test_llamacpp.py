@@ -339,7 +339,7 @@ def _corpus_ids(tokenizer, n: int) -> list[int]:
 FTYPES = {"q5_k_m": 17, "q4_k_m": 15}
 # the calibrated (GPTQ) q4_k_m's bound against f16: measured +1.2, 1.3 and 1.7% in llama.cpp (runs whose
 # float32 update order differed: GPTQ's rounding is chaotic in it, and 2048 tokens are a short text; on
-# three passages of other text the same runs rank differently, +2.2 to 3.3%), importance-only +4.1%,
+# three passages of other text the same runs rank differently, +2.3 to 3.3%), importance-only +4.1%,
 # uncalibrated +7.9%
 Q4_K_M_CALIBRATED = 1.03
 

@@ -176,27 +176,24 @@ class HFCausalLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> HFCache:
         return HFCache()
 
-    # transformers 5.x renamed gradient checkpointing to activation checkpointing (the old names
-    # warn and go in v6); the old names serve the releases before the rename
     @property
     def gradient_checkpointing(self) -> bool:
-        hf = self.hf
-        if hasattr(type(hf), "is_activation_checkpointing"):
-            return bool(hf.is_activation_checkpointing)
-        return bool(getattr(hf, "is_gradient_checkpointing", False))
+        return bool(getattr(self.hf, _checkpointing_name(self.hf, "is_gradient_checkpointing"), False))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool) -> None:
-        hf, kwargs = self.hf, {"use_reentrant": False}
-        renamed = hasattr(hf, "activation_checkpointing_enable")
-        if on and renamed:
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif on:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif renamed:
-            hf.activation_checkpointing_disable()
+        hf = self.hf
+        if on:  # the checkpointing kwargs come first under either name
+            getattr(hf, _checkpointing_name(hf, "gradient_checkpointing_enable"))({"use_reentrant": False})
         else:
-            hf.gradient_checkpointing_disable()
+            getattr(hf, _checkpointing_name(hf, "gradient_checkpointing_disable"))()
+
+
+def _checkpointing_name(hf: nn.Module, name: str) -> str:
+    """``name`` as the model's transformers spells it: transformers 5 renamed gradient checkpointing
+    to activation checkpointing (the old names warn and go in v6); releases before keep the old."""
+    renamed = name.replace("gradient", "activation")
+    return renamed if hasattr(type(hf), renamed) else name
 
 
 def _head_check(model: HFCausalLM, folder: Path) -> None:
