@@ -173,6 +173,21 @@ def train_pair(folder: str, rounds: int, data: str) -> dict:
     return take_turns({who: [__file__, "--child", who, folder, data] for who in ("tunex", "hf")}, rounds)
 
 
+def train_floor(label: str, folder: str, ours: list[float], theirs: list[float]) -> str:
+    """The random-token row's matmul floor (bench_train.matmul_floor, in a fresh process) against
+    both contenders' median step times, as a sentence."""
+    from bench_train import run_child  # this script's folder is on sys.path
+
+    floor = run_child(["floor", folder]).get("seconds")
+    if not floor:
+        return f"{label}: n/a"
+    mine, base = statistics.median(ours), statistics.median(theirs)
+    return (
+        f"{label} {B * T / floor:.0f} tokens/s, tunex at {floor / mine:.0%} of it, the baseline at "
+        f"{floor / base:.0%}: the floor is {base / floor:.2f}x the baseline"
+    )
+
+
 def ratio_cell(ours: list[float], theirs: list[float]) -> str:
     """median (min-max) over rounds of baseline time / tunex time."""
     ratios = [t / o for o, t in zip(ours, theirs)]
@@ -271,6 +286,7 @@ def main() -> None:
         "baseline peak RSS MB | RSS ratio |",
         "|---|---|---|---|---|---|---|",
     ]
+    floors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tunex-bench-moe-") as tmp:
         for family, label, data in (
             ("mixtral", "MoE (Mixtral layout, 8 experts top-2, hidden 512, 4 layers) LoRA", "random"),
@@ -300,6 +316,8 @@ def main() -> None:
                 f"| {label} | {tps(ours)} | {tps(theirs)} | {ratio_cell(ours.get('times', []), theirs.get('times', []))} | "
                 f"{ours.get('peak_rss_mb', 0):.0f} | {theirs.get('peak_rss_mb', 0):.0f} | {rss} |"
             )
+            if data == "random" and ours.get("times") and theirs.get("times"):
+                floors.append(train_floor(label.split(" (")[0], folder, ours["times"], theirs["times"]))
     mine, base, floor = block_bench(args.rounds)
     rows.append(
         f"| one MoE block forward + backward ({B * T} tokens) vs transformers' MixtralSparseMoeBlock | "
@@ -325,6 +343,13 @@ def main() -> None:
     )
     print("\n".join(rows))
     print(block_floor)
+    if floors:
+        print(
+            "\nTraining matmul floor of the random-token rows (the frozen-weight fp32 matmuls of one LoRA step "
+            "and nothing else, forward and input gradient, each shape on the faster of MKL and oneDNN, as "
+            "bench_train.py measures it; the MoE's routed experts counted as one dense product of top-2 x their "
+            "intermediate size, no slower than the eight smaller ones): " + "; ".join(floors) + "."
+        )
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ def matmul_floor(folder: str, rounds: int = 3) -> float:
     in this run.
 
     A LoRA step multiplies by every frozen weight twice per token (forward, and the input gradient in
-    backward), including the tied output head; no weight gradient. Neither contender can beat this
+    backward), including the output head; no weight gradient (attention's own products, the router
+    and the LoRA factors not counted). Neither contender can beat this
     on fp32 CPU matmuls, so it bounds the reachable speed-up: read the ratios against it.
     """
     import torch
@@ -152,9 +153,13 @@ def matmul_floor(folder: str, rounds: int = 3) -> float:
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
     c, i, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    kv = c // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    # a mixture of experts routes each token through num_experts_per_tok experts: counted as one dense
+    # product that wide, which is no slower than the experts' smaller products (so still a floor)
+    i *= cfg.get("num_experts_per_tok", 1) if cfg.get("num_local_experts") else 1
+    head = cfg.get("head_dim") or c // cfg["num_attention_heads"]
+    q, kv = head * cfg["num_attention_heads"], head * cfg["num_key_value_heads"]
     n = B * T
-    shapes = [(c, c), (kv, c), (kv, c), (c, c), (i, c), (i, c), (c, i)] * layers + [(v, c)]
+    shapes = [(q, c), (kv, c), (kv, c), (c, q), (i, c), (i, c), (c, i)] * layers + [(v, c)]
     counts = {shape: shapes.count(shape) for shape in set(shapes)}
     engines = {"torch": lambda a, w: a @ w.T, "onednn": _dispatch.matmul_nt}
     best: dict[tuple[int, int], float] = {}
