@@ -78,6 +78,45 @@ unsafe fn pass<const R: usize, const C: usize>(
     acc
 }
 
+/// [`pass`] for a tile of one input, both halves at once: lanes `0..16` and `16..32` of each
+/// 32-value chunk in their own registers, so each weight row streams through once, in order (two
+/// half passes left a one-input product at about half of what a core reads from cache). The same
+/// sums in the same order as the two passes.
+///
+/// # Safety
+/// As [`pass`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pass_one<const R: usize>(
+    wp: &[*const f32; R],
+    xp: *const f32,
+    main: usize,
+    next: Option<&[*const f32; R]>,
+) -> ([__m512; R], [__m512; R]) {
+    let zero = _mm512_setzero_ps();
+    let (mut low, mut high) = ([zero; R], [zero; R]);
+    let mut k = 0;
+    while k < main {
+        // SAFETY: 32 floats at an offset below `main` from the input's start.
+        let (xl, xh) = unsafe { (_mm512_loadu_ps(xp.add(k)), _mm512_loadu_ps(xp.add(k + 16))) };
+        if let Some(next) = next {
+            for p in next {
+                // a hint only, as in `pass`
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k + 16).cast());
+            }
+        }
+        for a in 0..R {
+            // SAFETY: as above, for a weight row.
+            let (wl, wh) = unsafe { (_mm512_loadu_ps(wp[a].add(k)), _mm512_loadu_ps(wp[a].add(k + 16))) };
+            low[a] = _mm512_add_ps(low[a], _mm512_mul_ps(wl, xl));
+            high[a] = _mm512_add_ps(high[a], _mm512_mul_ps(wh, xh));
+        }
+        k += 32;
+    }
+    (low, high)
+}
+
 /// What every tile of one product reads: the weight (rows of `cols`), the inputs (rows of `cols`),
 /// the bias, and the distance between two inputs' outputs in `y`.
 struct Operands<'a> {
@@ -113,9 +152,19 @@ unsafe fn tile<const R: usize, const C: usize>(o: &Operands<'_>, y: &mut [f32], 
         }
         p
     });
-    // SAFETY: AVX-512F and the rows, as the caller vouches.
-    let low = unsafe { pass::<R, C>(&wp, &xp, 0, main, next.as_ref()) };
-    let high = unsafe { pass::<R, C>(&wp, &xp, 16, main, None) };
+    let (low, high) = if C == 1 {
+        // SAFETY: AVX-512F and the rows, as the caller vouches.
+        let (lo, hi) = unsafe { pass_one::<R>(&wp, xp[0], main, next.as_ref()) };
+        let zero = _mm512_setzero_ps();
+        let (mut low, mut high) = ([[zero; C]; R], [[zero; C]; R]);
+        for a in 0..R {
+            (low[a][0], high[a][0]) = (lo[a], hi[a]);
+        }
+        (low, high)
+    } else {
+        // SAFETY: AVX-512F and the rows, as the caller vouches.
+        unsafe { (pass::<R, C>(&wp, &xp, 0, main, next.as_ref()), pass::<R, C>(&wp, &xp, 16, main, None)) }
+    };
     for a in 0..R {
         let w_tail = &w[(r + a) * cols + main..(r + a + 1) * cols];
         let b = o.bias.map_or(0.0, |b| b[r + a]);
