@@ -1,11 +1,13 @@
-//! The several-row GEMV ([`super::gemv_rows_f32`]) with AVX-512 registers written out: a tile of
-//! `R` weight rows by `C` input rows keeps its `R * C` accumulators in registers, where the
-//! portable tile (`super::dot_tile`) spills or is not vectorized for shapes past 2 x 3. Serving
-//! decodes up to 16 sequences per step, so this product is most of a step.
+//! The GEMV ([`super::gemv_rows_f32`], one input row or several) with AVX-512 registers written
+//! out: a tile of `R` weight rows by `C` input rows keeps its `R * C` accumulators in registers,
+//! where the portable tile (`super::dot_tile`) spills or is not vectorized for shapes past 2 x 3.
+//! Serving decodes up to 16 sequences per step, so this product is most of a step; decoding one
+//! sequence runs it with one input row.
 //!
 //! The bits are [`super::dot`]'s for every output: lane `j` of 32 sums `w[k + j] * x[k + j]` over
 //! the chunks `k` in order, as a multiply then an add (no fused multiply-add), lanes `0..16` in a
-//! first pass and `16..32` in a second (one register per output per pass); then the same pairwise
+//! first pass and `16..32` in a second (one register per output per pass; a tile of one input
+//! keeps both halves' registers in one pass, [`pass_one`]); then the same pairwise
 //! reduction (`j += j + 16`, `+ 8`, `+ 4`, `+ 2`, `+ 1`, done on registers), the tail's products in
 //! order, and the bias. A test compares every output with `gemv_f32`'s for its row alone.
 
