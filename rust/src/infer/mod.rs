@@ -17,7 +17,7 @@ const LANES: usize = 32;
 /// product of [`rows_dot`] adds in this one order, whatever the number of input rows, so a token's
 /// outputs do not depend on what it is batched with. The tests' oracle: the kernels below keep
 /// its order in register tiles.
-#[cfg(test)]
+#[cfg(any(test, doc))] // the docs of the kernels below link to it
 fn dot(row: &[f32], x: &[f32]) -> f32 {
     let main = x.len() - x.len() % LANES;
     let mut acc = [0f32; LANES];
